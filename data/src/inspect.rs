@@ -1,0 +1,293 @@
+//! `sigma data inspect` and `sigma data preview`: reports as values that
+//! print themselves; the binary decides the exit code from `healthy()`.
+
+use std::fmt;
+
+use crate::config::DataConfig;
+use crate::error::Result;
+use crate::loader::Dataset;
+use crate::manifest::{Manifest, Split};
+use crate::shard::ShardReader;
+use crate::store::block_on;
+use crate::tokenizer::{sha256_hex, Tokenizer};
+
+pub struct ShardHealth {
+    pub file: String,
+    pub problem: Option<String>,
+}
+
+pub struct InspectReport {
+    pub url: String,
+    pub manifest: Manifest,
+    pub shards: Vec<ShardHealth>,
+    pub tokenizer_problem: Option<String>,
+    pub verified_checksums: bool,
+}
+
+impl InspectReport {
+    pub fn healthy(&self) -> bool {
+        self.tokenizer_problem.is_none() && self.shards.iter().all(|s| s.problem.is_none())
+    }
+}
+
+/// Read a manifest and check every shard: present, right size, readable footer,
+/// row-group count, domain, and (with `verify`) the sha256 of the whole file.
+pub fn inspect(url: &str, verify: bool) -> Result<InspectReport> {
+    block_on(async {
+        let (manifest, dir) = Manifest::load(url).await?;
+        let mut shards = Vec::new();
+        for s in &manifest.shards {
+            let loc = dir.join(&s.file);
+            let problem = async {
+                let r = ShardReader::open(loc.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.file_size() != s.bytes {
+                    return Err(format!(
+                        "size {} bytes, manifest says {}",
+                        r.file_size(),
+                        s.bytes
+                    ));
+                }
+                if r.num_row_groups() != s.row_groups.len() {
+                    return Err(format!(
+                        "{} row groups, manifest says {}",
+                        r.num_row_groups(),
+                        s.row_groups.len()
+                    ));
+                }
+                if r.key_value("sigma.domain").as_deref() != Some(manifest.domain.as_str()) {
+                    return Err(format!(
+                        "domain {:?} in the file, manifest says {:?}",
+                        r.key_value("sigma.domain"),
+                        manifest.domain
+                    ));
+                }
+                if verify {
+                    let data = loc.get().await.map_err(|e| e.to_string())?;
+                    let h = sha256_hex(&data);
+                    if h != s.sha256 {
+                        return Err(format!("sha256 mismatch: file {h}, manifest {}", s.sha256));
+                    }
+                }
+                Ok(())
+            }
+            .await
+            .err();
+            shards.push(ShardHealth {
+                file: s.file.clone(),
+                problem,
+            });
+        }
+        let tok_url = dir.join(&manifest.tokenizer.file).url;
+        let tokenizer_problem = match Tokenizer::from_bytes(
+            &tok_url,
+            dir.join(&manifest.tokenizer.file).get().await?,
+        ) {
+            Ok(t) if t.sha256 != manifest.tokenizer.sha256 => {
+                Some(format!("{tok_url}: sha256 differs from the manifest's"))
+            }
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        Ok(InspectReport {
+            url: dir.url.clone(),
+            manifest,
+            shards,
+            tokenizer_problem,
+            verified_checksums: verify,
+        })
+    })
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 10_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+impl fmt::Display for InspectReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.manifest;
+        writeln!(f, "{}", self.url)?;
+        writeln!(f, "  domain      {}", m.domain)?;
+        writeln!(
+            f,
+            "  format      {} v{} ({})",
+            m.format, m.format_version, m.created_by
+        )?;
+        writeln!(
+            f,
+            "  tokenizer   vocab {}, eos {}, sha256 {}",
+            m.tokenizer.vocab_size,
+            m.tokenizer.eos_id,
+            &m.tokenizer.sha256[..16.min(m.tokenizer.sha256.len())]
+        )?;
+        writeln!(f, "  inputs      {}", m.inputs.join(", "))?;
+        for split in [Split::Train, Split::Valid] {
+            let t = m.totals(split);
+            let avg = if t.documents > 0 {
+                t.tokens / t.documents
+            } else {
+                0
+            };
+            writeln!(
+                f,
+                "  {:<11} {} docs, {} tokens (avg {avg}/doc), {} shards, {} row groups, {} bytes",
+                split.name(),
+                human(t.documents),
+                human(t.tokens),
+                t.shards,
+                t.row_groups,
+                human(t.bytes)
+            )?;
+        }
+        let bad: Vec<_> = self.shards.iter().filter(|s| s.problem.is_some()).collect();
+        let what = if self.verified_checksums {
+            "present, readable, sha256 verified"
+        } else {
+            "present and readable (checksums not verified: --verify)"
+        };
+        if bad.is_empty() {
+            writeln!(f, "  health      ok: {} shards {what}", self.shards.len())?;
+        } else {
+            writeln!(
+                f,
+                "  health      {} of {} shards have problems:",
+                bad.len(),
+                self.shards.len()
+            )?;
+            for s in bad {
+                writeln!(f, "    {}: {}", s.file, s.problem.as_deref().unwrap_or(""))?;
+            }
+        }
+        if let Some(p) = &self.tokenizer_problem {
+            writeln!(f, "  tokenizer problem: {p}")?;
+        }
+        Ok(())
+    }
+}
+
+pub struct StagePreview {
+    pub first_sample: u64,
+    pub samples: u64,
+    pub until_tokens: Option<u64>,
+    pub configured: Vec<f64>,
+    pub realized: Vec<u64>,
+}
+
+pub struct PreviewReport {
+    pub domains: Vec<String>,
+    pub epoch_tokens: Vec<u64>,
+    pub valid_samples: Vec<u64>,
+    pub stages: Vec<StagePreview>,
+    /// (global index, domain, decoded text)
+    pub examples: Vec<(u64, String, String)>,
+}
+
+/// Simulate up to `samples` samples of each stage and decode `show` samples.
+pub fn preview(cfg: &DataConfig, samples: u64, show: usize) -> Result<PreviewReport> {
+    let ds = Dataset::open_blocking(cfg)?;
+    let m = &ds.mixer;
+    let mut stages = Vec::new();
+    let mut c = m.start();
+    for (s, st) in m.stages.iter().enumerate() {
+        let first = m
+            .stage_ends
+            .get(s.wrapping_sub(1))
+            .copied()
+            .filter(|_| s > 0)
+            .unwrap_or(0);
+        let len = m.stage_ends[s].saturating_sub(first).min(samples);
+        // Jump to the stage start (replaying the deal) then count.
+        while c.index < first {
+            m.next(&mut c);
+        }
+        let mut realized = vec![0u64; ds.domains.len()];
+        for _ in 0..len {
+            realized[m.next(&mut c).0] += 1;
+        }
+        stages.push(StagePreview {
+            first_sample: first,
+            samples: len,
+            until_tokens: st.until_tokens,
+            configured: st.weights.clone(),
+            realized,
+        });
+    }
+    let tok = Tokenizer::load(&ds.tokenizer_url())?;
+    let mut examples = Vec::new();
+    for i in 0..show as u64 {
+        let s = block_on(ds.sample(i))?;
+        let text = tok.decode(&s.tokens, false)?;
+        examples.push((i, ds.domains[s.domain as usize].clone(), text));
+    }
+    Ok(PreviewReport {
+        epoch_tokens: (0..ds.domains.len()).map(|d| ds.epoch_tokens(d)).collect(),
+        valid_samples: (0..ds.domains.len())
+            .map(|d| ds.num_valid_samples(d))
+            .collect(),
+        domains: ds.domains.clone(),
+        stages,
+        examples,
+    })
+}
+
+impl fmt::Display for PreviewReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "domains:")?;
+        for (i, d) in self.domains.iter().enumerate() {
+            writeln!(
+                f,
+                "  {d:<12} {} training tokens per epoch, {} validation samples",
+                human(self.epoch_tokens[i]),
+                self.valid_samples[i]
+            )?;
+        }
+        for (s, st) in self.stages.iter().enumerate() {
+            let until = st
+                .until_tokens
+                .map(|t| format!("until {} tokens", human(t)))
+                .unwrap_or_else(|| "open-ended".into());
+            writeln!(
+                f,
+                "stage {s} ({until}), samples {}..{} simulated:",
+                st.first_sample,
+                st.first_sample + st.samples
+            )?;
+            writeln!(
+                f,
+                "  {:<12} {:>10} {:>10} {:>10}",
+                "domain", "configured", "realized", "samples"
+            )?;
+            for (i, d) in self.domains.iter().enumerate() {
+                let r = if st.samples > 0 {
+                    st.realized[i] as f64 / st.samples as f64
+                } else {
+                    0.0
+                };
+                writeln!(
+                    f,
+                    "  {d:<12} {:>10.4} {:>10.4} {:>10}",
+                    st.configured[i], r, st.realized[i]
+                )?;
+            }
+        }
+        for (i, d, text) in &self.examples {
+            let shown: String = text.chars().take(400).collect();
+            writeln!(
+                f,
+                "--- sample {i} ({d}) ---\n{shown}{}",
+                if text.chars().count() > 400 {
+                    " [...]"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,420 @@
+//! Where bytes live: local paths and `file://`, `s3://`, `gs://`, `az://` and
+//! `memory://` URLs, all through `object_store`. Local writes are atomic
+//! (temporary name, fsync, rename, fsync of the directory); object-store puts
+//! are atomic per object by the stores' own contract.
+//!
+//! Remote stores read their credentials and endpoints from the usual
+//! environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`). Retries are bounded
+//! (`SIGMA_STORE_RETRIES`, default 3; `SIGMA_STORE_TIMEOUT_S`, default 30) so an
+//! unreachable store ends in an error naming the URL instead of a long hang.
+
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use crate::error::{DataError, Result};
+
+/// A file or a directory-like prefix, local or in an object store.
+#[derive(Clone)]
+pub struct Location {
+    /// What the user wrote (or its join with a file name); used in messages.
+    pub url: String,
+    store: Arc<dyn ObjectStore>,
+    path: ObjPath,
+    /// Set for local paths: writes go through std::fs for fsync + rename.
+    local: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    STORES.get_or_init(Default::default)
+}
+
+/// The process-wide in-memory store behind `memory://NAME/...` URLs (tests).
+pub fn memory_store(name: &str) -> Arc<InMemory> {
+    let mut stores = memory_stores().lock().unwrap_or_else(|e| e.into_inner());
+    stores
+        .entry(name.to_string())
+        .or_insert_with(|| Arc::new(InMemory::new()))
+        .clone()
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        max_retries: env_u64("SIGMA_STORE_RETRIES", 3) as usize,
+        retry_timeout: Duration::from_secs(env_u64("SIGMA_STORE_TIMEOUT_S", 30)),
+        ..Default::default()
+    }
+}
+
+fn client_options() -> ClientOptions {
+    let t = env_u64("SIGMA_STORE_TIMEOUT_S", 30);
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(t.min(10)))
+        .with_timeout(Duration::from_secs(t.max(1) * 4))
+}
+
+/// True when `s` is a URL with a scheme sigma understands rather than a local path.
+pub fn is_url(s: &str) -> bool {
+    s.contains("://")
+}
+
+impl Location {
+    /// Parse a local path or URL. Local paths need not exist yet.
+    pub fn parse(s: &str) -> Result<Location> {
+        if !is_url(s) || s.starts_with("file://") {
+            let p = s.strip_prefix("file://").unwrap_or(s);
+            return Location::local(FsPath::new(p), s);
+        }
+        let url =
+            url::Url::parse(s).map_err(|e| DataError::store(s, format!("not a valid URL: {e}")))?;
+        let bucket = url.host_str().unwrap_or("").to_string();
+        let path = ObjPath::from_url_path(url.path()).map_err(|e| DataError::store(s, e))?;
+        let store: Arc<dyn ObjectStore> = match url.scheme() {
+            "memory" => memory_store(&bucket),
+            "s3" | "s3a" => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(&bucket)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options())
+                    .build()
+                    .map_err(|e| DataError::store(s, e))?,
+            ),
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&bucket)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options())
+                    .build()
+                    .map_err(|e| DataError::store(s, e))?,
+            ),
+            "az" | "abfs" | "azure" => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(s)
+                    .with_retry(retry_config())
+                    .with_client_options(client_options())
+                    .build()
+                    .map_err(|e| DataError::store(s, e))?,
+            ),
+            other => {
+                return Err(DataError::store(
+                    s,
+                    format!("unsupported scheme `{other}://` (use a path, file://, s3://, gs://, az:// or memory://)"),
+                ))
+            }
+        };
+        Ok(Location {
+            url: s.trim_end_matches('/').to_string(),
+            store,
+            path,
+            local: None,
+        })
+    }
+
+    fn local(p: &FsPath, shown: &str) -> Result<Location> {
+        let abs = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| DataError::io(p, e))?
+                .join(p)
+        };
+        let abs = normalize(&abs);
+        let path = ObjPath::from_absolute_path(&abs).map_err(|e| DataError::store(shown, e))?;
+        Ok(Location {
+            url: shown.trim_end_matches('/').to_string(),
+            store: local_store(),
+            path,
+            local: Some(abs),
+        })
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    pub fn local_path(&self) -> Option<&FsPath> {
+        self.local.as_deref()
+    }
+
+    /// The last path component (file name).
+    pub fn file_name(&self) -> String {
+        self.path.filename().unwrap_or("").to_string()
+    }
+
+    /// A child of this location.
+    pub fn join(&self, name: &str) -> Location {
+        let mut path = self.path.clone();
+        for part in name.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        Location {
+            url: format!("{}/{}", self.url, name),
+            store: self.store.clone(),
+            path,
+            local: self.local.as_ref().map(|l| l.join(name)),
+        }
+    }
+
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    pub fn object_path(&self) -> &ObjPath {
+        &self.path
+    }
+
+    pub async fn get(&self) -> Result<Bytes> {
+        if let Some(p) = &self.local {
+            let p = p.clone();
+            return tokio::task::spawn_blocking(move || {
+                std::fs::read(&p)
+                    .map(Bytes::from)
+                    .map_err(|e| DataError::io(p, e))
+            })
+            .await
+            .map_err(|e| DataError::Other(e.to_string()))?;
+        }
+        let r = self.store.get(&self.path).await.map_err(|e| self.err(e))?;
+        r.bytes().await.map_err(|e| self.err(e))
+    }
+
+    pub async fn get_range(&self, range: std::ops::Range<u64>) -> Result<Bytes> {
+        self.store
+            .get_range(&self.path, range)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Size in bytes, or None when the object does not exist.
+    pub async fn size(&self) -> Result<Option<u64>> {
+        match self.store.head(&self.path).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Write the whole object atomically.
+    pub async fn put_atomic(&self, data: Bytes) -> Result<()> {
+        if let Some(p) = &self.local {
+            let p = p.clone();
+            return tokio::task::spawn_blocking(move || write_atomic(&p, &data))
+                .await
+                .map_err(|e| DataError::Other(e.to_string()))?;
+        }
+        self.store
+            .put(&self.path, PutPayload::from(data))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Upload (or move, when both are local) a finished local file to this location.
+    pub async fn put_file(&self, file: &FsPath) -> Result<()> {
+        if let Some(p) = &self.local {
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+            }
+            std::fs::rename(file, p).map_err(|e| DataError::io(p, e))?;
+            return sync_dir(p.parent().unwrap_or(FsPath::new(".")));
+        }
+        let mut upload =
+            object_store::buffered::BufWriter::new(self.store.clone(), self.path.clone());
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| DataError::io(file, e))?;
+        tokio::io::copy(&mut f, &mut upload)
+            .await
+            .map_err(|e| DataError::store(&self.url, e))?;
+        tokio::io::AsyncWriteExt::shutdown(&mut upload)
+            .await
+            .map_err(|e| DataError::store(&self.url, e))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self) -> Result<()> {
+        match self.store.delete(&self.path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// All objects below this prefix, sorted by path, with their sizes.
+    pub async fn list(&self) -> Result<Vec<(Location, u64)>> {
+        if let Some(p) = &self.local {
+            if p.is_file() {
+                let len = std::fs::metadata(p).map_err(|e| DataError::io(p, e))?.len();
+                return Ok(vec![(self.clone(), len)]);
+            }
+            if !p.exists() {
+                return Ok(vec![]);
+            }
+        }
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.path))
+            .try_collect()
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<(Location, u64)> = metas
+            .into_iter()
+            .map(|m| {
+                let rel = m
+                    .location
+                    .as_ref()
+                    .strip_prefix(self.path.as_ref())
+                    .unwrap_or(m.location.as_ref());
+                (self.join(rel.trim_start_matches('/')), m.size)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.url.cmp(&b.0.url));
+        Ok(out)
+    }
+
+    fn err(&self, e: object_store::Error) -> DataError {
+        match e {
+            object_store::Error::NotFound { .. } => DataError::store(&self.url, "not found"),
+            e => DataError::store(&self.url, flatten(&e)),
+        }
+    }
+}
+
+fn local_store() -> Arc<dyn ObjectStore> {
+    static LOCAL: OnceLock<Arc<dyn ObjectStore>> = OnceLock::new();
+    LOCAL
+        .get_or_init(|| Arc::new(object_store::local::LocalFileSystem::new()))
+        .clone()
+}
+
+/// An error and its sources on one line.
+pub fn flatten(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn normalize(p: &FsPath) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Write `data` to `path` so that readers see either the old file or the whole new one.
+pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(FsPath::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+    f.write_all(data).map_err(|e| DataError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| DataError::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &FsPath) -> Result<()> {
+    let d = std::fs::File::open(dir).map_err(|e| DataError::io(dir, e))?;
+    d.sync_all().map_err(|e| DataError::io(dir, e))
+}
+
+/// A process-wide tokio runtime for the synchronous entry points (CLI commands).
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sigma-io")
+            .enable_all()
+            .build()
+            .expect("cannot start the tokio runtime")
+    })
+}
+
+/// Run a future to completion from synchronous code.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    runtime().block_on(f)
+}
+
+/// Expand inputs (paths, directories, globs, URLs, URL globs) to a sorted list
+/// of files with their sizes. A pattern that matches nothing is an error.
+pub async fn expand_inputs(inputs: &[String]) -> Result<Vec<(Location, u64)>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let wild = input.find(['*', '?', '[']);
+        let found: Vec<(Location, u64)> = match wild {
+            None => Location::parse(input)?.list().await?,
+            Some(pos) => {
+                let pattern = glob::Pattern::new(input)
+                    .map_err(|e| DataError::input(input, format!("bad glob: {e}")))?;
+                let base_str = &input[..input[..pos].rfind('/').map(|i| i + 1).unwrap_or(0)];
+                let base = Location::parse(if base_str.is_empty() { "." } else { base_str })?;
+                base.list()
+                    .await?
+                    .into_iter()
+                    .filter(|(l, _)| {
+                        let shown = if base_str.is_empty() {
+                            l.url.trim_start_matches("./").to_string()
+                        } else {
+                            l.url.clone()
+                        };
+                        pattern.matches(&shown)
+                    })
+                    .collect()
+            }
+        };
+        let found: Vec<_> = found
+            .into_iter()
+            .filter(|(l, _)| !l.file_name().starts_with('.'))
+            .collect();
+        if found.is_empty() {
+            return Err(DataError::input(
+                input,
+                "no input files found (check the path, glob or URL)",
+            ));
+        }
+        out.extend(found);
+    }
+    Ok(out)
+}

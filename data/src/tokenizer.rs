@@ -1,0 +1,196 @@
+//! Tokenizers: any HF `tokenizer.json` (for example Llama 3's), and training of
+//! a byte-level BPE with sigma's special tokens.
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{DataError, Result};
+use crate::store::{block_on, Location};
+
+/// Special tokens of tokenizers trained by sigma, in id order (ids 0, 1, 2).
+pub const EOS: &str = "<|endoftext|>";
+pub const BOS: &str = "<|begin_of_text|>";
+pub const PAD: &str = "<|pad|>";
+
+/// Names recognised as end-of-document tokens in foreign tokenizers, in order of preference.
+const EOS_NAMES: &[&str] = &[EOS, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>"];
+const BOS_NAMES: &[&str] = &[BOS, "<s>", "<bos>"];
+const PAD_NAMES: &[&str] = &[PAD, "<pad>", "<|finetune_right_pad_id|>"];
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Where it was loaded from (for messages).
+    pub url: String,
+    /// sha256 of the tokenizer.json bytes, hex.
+    pub sha256: String,
+    pub vocab_size: u32,
+    pub eos_id: u32,
+    pub bos_id: Option<u32>,
+    pub pad_id: Option<u32>,
+    /// The raw tokenizer.json (copied next to shards so they describe themselves).
+    pub json: bytes::Bytes,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tokenizer({}, vocab {}, sha256 {})",
+            self.url,
+            self.vocab_size,
+            &self.sha256[..12]
+        )
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+impl Tokenizer {
+    /// Load a tokenizer.json from a path or URL.
+    pub fn load(url: &str) -> Result<Tokenizer> {
+        block_on(Tokenizer::load_async(url))
+    }
+
+    pub async fn load_async(url: &str) -> Result<Tokenizer> {
+        let loc = Location::parse(url)?;
+        let json = loc.get().await.map_err(|e| DataError::Tokenizer {
+            path: url.into(),
+            message: e.to_string(),
+        })?;
+        Tokenizer::from_bytes(url, json)
+    }
+
+    pub fn from_bytes(url: &str, json: bytes::Bytes) -> Result<Tokenizer> {
+        let err = |m: String| DataError::Tokenizer {
+            path: url.into(),
+            message: m,
+        };
+        let inner = tokenizers::Tokenizer::from_bytes(&json)
+            .map_err(|e| err(format!("not a valid tokenizer.json: {e}")))?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos_id = find(EOS_NAMES).ok_or_else(|| {
+            err(format!(
+                "no end-of-document token; looked for {}",
+                EOS_NAMES.join(", ")
+            ))
+        })?;
+        Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true) as u32,
+            bos_id: find(BOS_NAMES),
+            pad_id: find(PAD_NAMES),
+            eos_id,
+            sha256: sha256_hex(&json),
+            url: url.to_string(),
+            inner,
+            json,
+        })
+    }
+
+    /// Token ids of `text`, without special tokens (documents get EOS at packing time).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.url.clone(),
+                message: format!("encoding failed: {e}"),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.url.clone(),
+                message: format!("decoding failed: {e}"),
+            })
+    }
+}
+
+/// Train a byte-level BPE on `docs` with EOS/BOS/PAD as ids 0/1/2; returns tokenizer.json bytes.
+pub fn train_bpe<I, S>(docs: I, vocab_size: u32, min_frequency: u64) -> Result<Vec<u8>>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{
+        AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+        TokenizerBuilder,
+    };
+
+    let err = |m: String| DataError::Tokenizer {
+        path: "<training>".into(),
+        message: m,
+    };
+    let min_vocab = 256 + 3;
+    if vocab_size < min_vocab as u32 {
+        return Err(DataError::config(
+            "--vocab-size",
+            format!(
+                "must be at least {min_vocab} (256 bytes + 3 special tokens), got {vocab_size}"
+            ),
+        ));
+    }
+    let specials = [EOS, BOS, PAD]
+        .iter()
+        .map(|s| AddedToken::from(*s, true))
+        .collect::<Vec<_>>();
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size as usize)
+        .min_frequency(min_frequency)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut tok = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+    .with_post_processor(Some(ByteLevel::new(false, true, true).into()))
+    .with_decoder(Some(ByteLevel::new(false, true, true).into()))
+    .build()
+    .map_err(|e| err(e.to_string()))?;
+    tok.train(&mut trainer, docs)
+        .map_err(|e| err(e.to_string()))?;
+    let tok: tokenizers::Tokenizer = tok.into();
+    let json = tok.to_string(false).map_err(|e| err(e.to_string()))?;
+    Ok(json.into_bytes())
+}
+
+/// `sigma data tokenizer train`: read documents from `inputs`, train, and write
+/// the tokenizer.json atomically. Returns the loaded result.
+pub fn train_from_inputs(
+    inputs: &[String],
+    text_field: &str,
+    vocab_size: u32,
+    output: &str,
+) -> Result<Tokenizer> {
+    let files = block_on(crate::store::expand_inputs(inputs))?;
+    let mut docs: Vec<String> = Vec::new();
+    for (f, _) in &files {
+        let mut emit = |d: crate::readers::Document| {
+            docs.push(d.text);
+            Ok(())
+        };
+        block_on(crate::readers::read_file(f, text_field, &mut emit))?;
+    }
+    if docs.is_empty() {
+        return Err(DataError::EmptyInputs {
+            inputs: inputs.join(", "),
+        });
+    }
+    let json = train_bpe(docs.iter(), vocab_size, 2)?;
+    let out = Location::parse(output)?;
+    block_on(out.put_atomic(json.clone().into()))?;
+    Tokenizer::from_bytes(output, json.into())
+}

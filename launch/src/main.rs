@@ -1,0 +1,41 @@
+//! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
+
+mod data_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sigma",
+    version,
+    about = "sigma: data pipeline and pre-training for SIGMA (DiffQKV) language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prepare, mix and inspect token data.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data { command } => data_cmd::run(command),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        let mut src = e.source();
+        while let Some(s) = src {
+            eprintln!("  caused by: {s}");
+            src = s.source();
+        }
+        std::process::exit(1);
+    }
+}
