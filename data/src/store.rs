@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use crate::error::{DataError, Result};
 
@@ -67,11 +67,11 @@ fn retry_config() -> RetryConfig {
     }
 }
 
-fn client_options() -> ClientOptions {
-    let t = env_u64("SIGMA_STORE_TIMEOUT_S", 30);
-    ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(t.min(10)))
-        .with_timeout(Duration::from_secs(t.max(1) * 4))
+/// Connect and request timeouts, applied on top of whatever the environment
+/// configured (so `AWS_ALLOW_HTTP` and friends keep working).
+fn timeouts() -> [(ClientConfigKey, String); 2] {
+    let t = env_u64("SIGMA_STORE_TIMEOUT_S", 30).max(1);
+    [(ClientConfigKey::ConnectTimeout, format!("{}s", t.min(10))), (ClientConfigKey::Timeout, format!("{}s", t * 4))]
 }
 
 /// True when `s` is a URL with a scheme sigma understands rather than a local path.
@@ -92,30 +92,24 @@ impl Location {
         let path = ObjPath::from_url_path(url.path()).map_err(|e| DataError::store(s, e))?;
         let store: Arc<dyn ObjectStore> = match url.scheme() {
             "memory" => memory_store(&bucket),
-            "s3" | "s3a" => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(&bucket)
-                    .with_retry(retry_config())
-                    .with_client_options(client_options())
-                    .build()
-                    .map_err(|e| DataError::store(s, e))?,
-            ),
-            "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(&bucket)
-                    .with_retry(retry_config())
-                    .with_client_options(client_options())
-                    .build()
-                    .map_err(|e| DataError::store(s, e))?,
-            ),
-            "az" | "abfs" | "azure" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(s)
-                    .with_retry(retry_config())
-                    .with_client_options(client_options())
-                    .build()
-                    .map_err(|e| DataError::store(s, e))?,
-            ),
+            "s3" | "s3a" => {
+                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+                let b = AmazonS3Builder::from_env().with_bucket_name(&bucket).with_retry(retry_config());
+                let b = timeouts().into_iter().fold(b, |b, (k, v)| b.with_config(AmazonS3ConfigKey::Client(k), v));
+                Arc::new(b.build().map_err(|e| DataError::store(s, e))?)
+            }
+            "gs" => {
+                use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+                let b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&bucket).with_retry(retry_config());
+                let b = timeouts().into_iter().fold(b, |b, (k, v)| b.with_config(GoogleConfigKey::Client(k), v));
+                Arc::new(b.build().map_err(|e| DataError::store(s, e))?)
+            }
+            "az" | "abfs" | "azure" => {
+                use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+                let b = MicrosoftAzureBuilder::from_env().with_url(s).with_retry(retry_config());
+                let b = timeouts().into_iter().fold(b, |b, (k, v)| b.with_config(AzureConfigKey::Client(k), v));
+                Arc::new(b.build().map_err(|e| DataError::store(s, e))?)
+            }
             other => {
                 return Err(DataError::store(
                     s,

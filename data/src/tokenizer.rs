@@ -66,8 +66,11 @@ impl Tokenizer {
             path: url.into(),
             message: m,
         };
-        let inner = tokenizers::Tokenizer::from_bytes(&json)
+        let mut inner = tokenizers::Tokenizer::from_bytes(&json)
             .map_err(|e| err(format!("not a valid tokenizer.json: {e}")))?;
+        // A document that literally contains "<|endoftext|>" must not get a real EOS
+        // in the middle: special tokens inside text are encoded as ordinary text.
+        inner.set_encode_special_tokens(true);
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos_id = find(EOS_NAMES).ok_or_else(|| {
             err(format!(

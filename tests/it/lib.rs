@@ -1,1 +1,167 @@
+//! Helpers shared by the integration tests: paths, running the `sigma` binary,
+//! sample shards prepared once per test process, and a loopback S3 server.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sigma_data::prepare::{prepare, PrepareOptions};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+pub fn sample(name: &str) -> String {
+    repo_root().join("data/sample").join(name).to_string_lossy().into_owned()
+}
+
+/// The `sigma` binary next to this test binary (target/<profile>/sigma).
+pub fn sigma_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let bin = dir.join("sigma");
+    assert!(bin.exists(), "{} not found: build it first (cargo build --release, as scripts/test.sh does)", bin.display());
+    bin
+}
+
+/// Run `sigma args...` with extra environment variables.
+pub fn sigma(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(sigma_bin());
+    c.args(args).current_dir(repo_root());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run sigma")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Assert a command failed cleanly: non-zero exit, no panic, stderr mentions every needle.
+pub fn assert_clean_failure(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stdout:\n{}\nstderr:\n{err}", stdout(o));
+    assert_eq!(o.status.code(), Some(1), "exit code; stderr:\n{err}");
+    assert!(!err.contains("panicked"), "panicked:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr should mention {n:?}:\n{err}");
+    }
+}
+
+/// A directory that lives for the whole test process.
+pub fn process_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path()
+}
+
+/// Shards for the three sample domains, prepared once per process with small
+/// row groups (so windows, epochs and ranged reads are exercised). The
+/// synthetic domain is kept small (120 documents) so tests cross its epochs.
+pub fn sample_shards() -> &'static Path {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let root = process_dir().join("shards");
+        let synth = process_dir().join("synthetic-small.jsonl");
+        sigma_data::synth::write(&synth, 7, 120).expect("synth");
+        for (domain, input) in [
+            ("general", sample("general.jsonl.zst")),
+            ("system", sample("system.jsonl.zst")),
+            ("synthetic", synth.to_string_lossy().into_owned()),
+        ] {
+            let mut o = PrepareOptions::new(vec![input], domain, &sample("tokenizer.json"), &root.join(domain).to_string_lossy());
+            o.row_group_tokens = 8192;
+            o.valid_fraction = 0.05;
+            prepare(&o).expect("prepare sample shards");
+        }
+        root
+    })
+}
+
+/// A `[data]` config over the sample shards.
+pub fn sample_config(extra: &str) -> String {
+    let root = sample_shards();
+    let mut s = String::from("[data]\nseq_len = 64\nseed = 5\nshuffle_window = 4\n");
+    s.push_str(extra);
+    for d in ["general", "system", "synthetic"] {
+        s.push_str(&format!("[[data.sources]]\nmanifest = {:?}\n", root.join(d).to_string_lossy()));
+    }
+    s
+}
+
+pub fn write_file(path: &Path, data: &[u8]) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, data).expect("write");
+}
+
+/// Python interpreter for test services: $SIGMA_PYTHON, else the repo's .venv, else python3.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("SIGMA_PYTHON") {
+        return p;
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    if venv.exists() {
+        return venv.to_string_lossy().into_owned();
+    }
+    "python3".into()
+}
+
+/// A moto S3 server on a loopback port, stopped on drop.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let child = Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto (scripts/setup.sh installs moto[server] into .venv)");
+        let s = S3Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto server did not start on port {port} (is moto[server] installed in {}?)", python());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    /// Create a bucket (moto accepts an unsigned PUT /bucket).
+    pub fn create_bucket(&self, bucket: &str) {
+        let mut c = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        write!(c, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).expect("send");
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).expect("read");
+        assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,1 +1,5 @@
+//! The one integration-test binary: topic modules share helpers from `sigma_tests`.
 
+mod data_errors;
+mod data_pipeline;
+mod data_s3;

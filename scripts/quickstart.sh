@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's main job, on the embedded sample data (data/sample/):
+#   1. set up (idempotent),
+#   2. prepare the three sample domains into tokenized shards (runs/sample-shards/),
+#   3. inspect them, preview the staged mixture of configs/sample-mix.toml,
+#   4. measure the loader on it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+sigma=target/release/sigma
+out=runs/sample-shards
+for d in general system synthetic; do
+  $sigma data prepare --input "data/sample/$d.jsonl.zst" --domain "$d" \
+    --tokenizer data/sample/tokenizer.json --output "$out/$d" \
+    --row-group-tokens 65536 --valid-fraction 0.05 --overwrite
+done
+for d in general system synthetic; do
+  $sigma data inspect "$out/$d" --verify
+done
+$sigma data preview --config configs/sample-mix.toml --show 2
+$sigma data bench --config configs/sample-mix.toml --global-batch 64 --batches 500

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up, run by both README commands: installs what is missing and
+# builds target/release/sigma. Safe to run again; does nothing that is done.
+#   - checks for the Rust toolchain (cargo)
+#   - creates the Python venv .venv (ignored by git) with the test services
+#     (moto[server], an S3-compatible server used by the object-store tests)
+#   - builds the sigma binary in release mode
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found. Install the Rust toolchain (https://rustup.rs) and re-run." >&2
+  exit 1
+fi
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "error: python3 not found. Install Python 3.10+ with venv and pip, then re-run." >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating Python venv in .venv"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import moto.server, flask' >/dev/null 2>&1; then
+  say "installing moto[server] into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6'
+fi
+
+say "building target/release/sigma"
+cargo build --release --locked --bin sigma
