@@ -2,9 +2,10 @@
 # Idempotent set-up, run by both README commands: installs what is missing and
 # builds target/release/sigma. Safe to run again; does nothing that is done.
 #   - checks for the Rust toolchain (cargo)
-#   - creates the Python venv .venv (ignored by git) with the test services
-#     (moto[server], an S3-compatible server used by the object-store tests)
-#   - builds the sigma binary in release mode
+#   - creates the Python venv .venv (ignored by git) with torch 2.11.0 (libtorch for
+#     tch; the CUDA build, which also runs on CPU-only machines) and the test
+#     services (moto[server], an S3-compatible server for the object-store tests)
+#   - builds the sigma binary in release mode against that libtorch
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,10 +24,16 @@ if [ ! -x .venv/bin/python ]; then
   say "creating Python venv in .venv"
   python3 -m venv .venv
 fi
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.11.0")' >/dev/null 2>&1; then
+  say "installing torch 2.11.0 into .venv (about 4.6 GB, a few minutes)"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.11.0
+fi
 if ! .venv/bin/python -c 'import moto.server, flask' >/dev/null 2>&1; then
   say "installing moto[server] into .venv"
   .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6'
 fi
 
+# tch's build finds libtorch through the python3 on PATH (LIBTORCH_USE_PYTORCH=1).
+export PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 say "building target/release/sigma"
 cargo build --release --locked --bin sigma

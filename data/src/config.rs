@@ -44,7 +44,7 @@ pub struct DataConfig {
     /// Ratios per domain (used when there are no stages).
     #[serde(default)]
     pub mixture: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageConfig>,
     /// Tokens per training sample; each sample is read as `seq_len + 1` tokens.
     pub seq_len: usize,

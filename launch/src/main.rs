@@ -1,6 +1,7 @@
 //! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
 
 mod data_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -22,12 +23,21 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
+    /// Train a model on one device.
+    Train(train_cmd::TrainArgs),
+    /// Inspect model configs.
+    Model {
+        #[command(subcommand)]
+        command: train_cmd::ModelCommand,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data { command } => data_cmd::run(command),
+        Command::Train(args) => train_cmd::train(args),
+        Command::Model { command } => train_cmd::model(command),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

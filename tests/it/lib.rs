@@ -165,3 +165,51 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Shards prepared exactly as scripts/quickstart.sh prepares them (the data the
+/// tiny config and its golden losses are defined on).
+pub fn quickstart_shards() -> &'static Path {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let root = process_dir().join("quickstart-shards");
+        for d in ["general", "system", "synthetic"] {
+            let mut o = PrepareOptions::new(vec![sample(&format!("{d}.jsonl.zst"))], d, &sample("tokenizer.json"), &root.join(d).to_string_lossy());
+            o.row_group_tokens = 65536;
+            o.valid_fraction = 0.05;
+            prepare(&o).expect("prepare quickstart shards");
+        }
+        root
+    })
+}
+
+/// `sigma train` arguments for configs/tiny.toml on the quickstart shards.
+pub fn tiny_train_args(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let root = quickstart_shards();
+    let sources: Vec<String> =
+        ["general", "system", "synthetic"].iter().map(|d| format!("{{manifest = {:?}}}", root.join(d).to_string_lossy())).collect();
+    let mut a: Vec<String> = vec!["train".into(), "--config".into(), "configs/tiny.toml".into(), "--quiet".into()];
+    for s in [
+        format!("train.steps={steps}"),
+        "train.log_every=1".into(),
+        format!("metrics.output_dir={:?}", out.to_string_lossy()),
+        format!("data.sources=[{}]", sources.join(", ")),
+    ] {
+        a.push("--set".into());
+        a.push(s);
+    }
+    for e in extra {
+        a.push("--set".into());
+        a.push(e.to_string());
+    }
+    a
+}
+
+/// Losses of the step records in a metrics.jsonl.
+pub fn losses(metrics: &Path) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .expect("metrics.jsonl")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect()
+}

@@ -3,3 +3,5 @@
 mod data_errors;
 mod data_pipeline;
 mod data_s3;
+mod model;
+mod train;

@@ -1,0 +1,471 @@
+//! The run config: typed sections, unknown keys rejected, `--set` overrides
+//! merged before validation, one `validate` that explains every bad combination.
+
+use serde::{Deserialize, Serialize};
+use sigma_data::DataConfig;
+
+use crate::error::{Result, TrainError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KCompression {
+    /// K heads have `qk_head_dim` dimensions.
+    None,
+    /// K is computed (and would be cached) at `k_dim`; a learned projection
+    /// shared by the K heads maps it to `qk_head_dim` before RoPE and the dot product.
+    Projected,
+    /// q and k both live in `k_dim`: the dot product itself is smaller.
+    Native,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_init_std() -> f64 {
+    0.02
+}
+fn default_kc() -> KCompression {
+    KCompression::None
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub num_layers: usize,
+    pub ffn_dim: usize,
+    pub num_q_heads: usize,
+    pub num_k_heads: usize,
+    pub num_v_heads: usize,
+    pub qk_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Width of the augmented-query MLP; 0 turns AugQ off.
+    #[serde(default)]
+    pub aug_q_dim: usize,
+    #[serde(default = "default_kc")]
+    pub k_compression: KCompression,
+    /// Per-head K dimension when `k_compression` is not "none".
+    #[serde(default)]
+    pub k_dim: Option<usize>,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub tie_embeddings: bool,
+    #[serde(default = "default_init_std")]
+    pub init_std: f64,
+}
+
+impl ModelConfig {
+    /// Dimension of the q·k dot product.
+    pub fn dot_dim(&self) -> usize {
+        match self.k_compression {
+            KCompression::Native => self.k_dim.unwrap_or(self.qk_head_dim),
+            _ => self.qk_head_dim,
+        }
+    }
+    /// Per-head dimension of K as computed from x (what a KV cache stores).
+    pub fn k_cache_dim(&self) -> usize {
+        match self.k_compression {
+            KCompression::None => self.qk_head_dim,
+            _ => self.k_dim.unwrap_or(self.qk_head_dim),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(TrainError::config(format!("model.{field}"), msg));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("num_layers", self.num_layers),
+            ("ffn_dim", self.ffn_dim),
+            ("num_q_heads", self.num_q_heads),
+            ("num_k_heads", self.num_k_heads),
+            ("num_v_heads", self.num_v_heads),
+            ("qk_head_dim", self.qk_head_dim),
+            ("v_head_dim", self.v_head_dim),
+        ] {
+            if v == 0 {
+                return bad(name, "must be positive".into());
+            }
+        }
+        if self.num_q_heads % self.num_k_heads != 0 {
+            return bad(
+                "num_k_heads",
+                format!(
+                    "num_q_heads ({}) must be divisible by num_k_heads ({}): each K head serves a contiguous group of query heads",
+                    self.num_q_heads, self.num_k_heads
+                ),
+            );
+        }
+        if self.num_q_heads % self.num_v_heads != 0 {
+            return bad(
+                "num_v_heads",
+                format!(
+                    "num_q_heads ({}) must be divisible by num_v_heads ({}): each V head serves a contiguous group of query heads",
+                    self.num_q_heads, self.num_v_heads
+                ),
+            );
+        }
+        if self.num_v_heads % self.num_k_heads != 0 && self.num_k_heads % self.num_v_heads != 0 {
+            return bad(
+                "num_k_heads",
+                format!(
+                    "one of num_k_heads ({}) and num_v_heads ({}) must divide the other so K and V groups nest",
+                    self.num_k_heads, self.num_v_heads
+                ),
+            );
+        }
+        if self.qk_head_dim % 2 != 0 {
+            return bad("qk_head_dim", format!("must be even for RoPE, got {}", self.qk_head_dim));
+        }
+        match (self.k_compression, self.k_dim) {
+            (KCompression::None, Some(d)) if d != self.qk_head_dim => {
+                return bad("k_dim", format!("is {d} but k_compression is \"none\"; set k_compression = \"projected\" or \"native\", or drop k_dim"))
+            }
+            (KCompression::None, _) => {}
+            (_, None) => return bad("k_dim", "required when k_compression is \"projected\" or \"native\"".into()),
+            (KCompression::Projected, Some(d)) if d >= self.qk_head_dim => {
+                return bad("k_dim", format!("{d} must be smaller than qk_head_dim ({}) to compress K", self.qk_head_dim))
+            }
+            (KCompression::Native, Some(d)) if d % 2 != 0 => return bad("k_dim", format!("must be even for RoPE, got {d}")),
+            _ => {}
+        }
+        if !(self.rope_theta > 0.0) {
+            return bad("rope_theta", format!("must be positive, got {}", self.rope_theta));
+        }
+        if !(self.norm_eps > 0.0) || !(self.init_std > 0.0) {
+            return bad("norm_eps", "norm_eps and init_std must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NanPolicy {
+    Skip,
+    Abort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 compute on GPU, fp32 on CPU.
+    Auto,
+    Fp32,
+    Bf16,
+}
+
+fn one() -> usize {
+    1
+}
+fn d_log() -> u64 {
+    10
+}
+fn d_eval_steps() -> u64 {
+    4
+}
+fn d_seed() -> u64 {
+    1234
+}
+fn d_nan() -> NanPolicy {
+    NanPolicy::Skip
+}
+fn d_device() -> DeviceChoice {
+    DeviceChoice::Auto
+}
+fn d_prec() -> Precision {
+    Precision::Auto
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub micro_batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum_steps: usize,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Validation every N steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Validation micro-batches per domain.
+    #[serde(default = "d_eval_steps")]
+    pub eval_steps: u64,
+    #[serde(default = "d_log")]
+    pub log_every: u64,
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// Linear batch-size ramp: accumulation steps grow from `batch_ramp_start_accum`
+    /// to `grad_accum_steps` over this many steps (0: no ramp).
+    #[serde(default)]
+    pub batch_ramp_steps: u64,
+    #[serde(default = "one")]
+    pub batch_ramp_start_accum: usize,
+    #[serde(default = "d_nan")]
+    pub nan_policy: NanPolicy,
+    #[serde(default = "d_device")]
+    pub device: DeviceChoice,
+    #[serde(default = "d_prec")]
+    pub precision: Precision,
+    /// Intra-op CPU threads (fixed for bit-reproducible CPU runs); default: all cores.
+    #[serde(default)]
+    pub cpu_threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Wsd,
+    Constant,
+}
+
+fn d_wd() -> f64 {
+    0.1
+}
+fn d_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn d_eps_adam() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_sched() -> Schedule {
+    Schedule::Cosine
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "d_sched")]
+    pub schedule: Schedule,
+    /// Final decay length of the WSD schedule (warmup, stable, decay).
+    #[serde(default)]
+    pub decay_steps: u64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// Apply weight decay to RMSNorm weights too (default: no).
+    #[serde(default)]
+    pub decay_norms: bool,
+    /// Apply weight decay to the embedding (and untied output head) too (default: no).
+    #[serde(default)]
+    pub decay_embeddings: bool,
+    #[serde(default = "d_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "d_eps_adam")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this value (0: off).
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    #[serde(default = "one")]
+    pub dp: usize,
+    #[serde(default = "one")]
+    pub tp: usize,
+    #[serde(default = "one")]
+    pub pp: usize,
+    #[serde(default)]
+    pub zero: u8,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { dp: 1, tp: 1, pp: 1, zero: 0 }
+    }
+}
+
+fn d_keep() -> usize {
+    3
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    #[serde(default)]
+    pub dir: Option<String>,
+    #[serde(default)]
+    pub every_steps: u64,
+    #[serde(default)]
+    pub every_minutes: f64,
+    #[serde(default = "d_keep")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub keep_every: u64,
+    #[serde(default, rename = "async")]
+    pub async_save: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { dir: None, every_steps: 0, every_minutes: 0.0, keep_last: d_keep(), keep_every: 0, async_save: false }
+    }
+}
+
+fn d_out() -> String {
+    "runs/train".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "d_out")]
+    pub output_dir: String,
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
+    /// Peak FLOP/s of one device for MFU; default: from the table of known GPUs.
+    #[serde(default)]
+    pub peak_flops: Option<f64>,
+    /// Write loss.png next to the metrics at the end.
+    #[serde(default = "default_true")]
+    pub plot: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { output_dir: d_out(), tensorboard: true, peak_flops: None, plot: true }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Apply `section.key=value` (value parsed as TOML, else taken as a string).
+pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
+    let (path, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| TrainError::config("--set", format!("`{spec}` is not section.key=value")))?;
+    let value: toml::Value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = path.trim().split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(TrainError::config("--set", format!("`{path}` must be section.key")));
+    }
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| TrainError::config("--set", format!("`{p}` in `{path}` is not a section")))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    pub fn parse(file: &str, text: &str, overrides: &[String]) -> Result<RunConfig> {
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| TrainError::config(file, e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let cfg: RunConfig = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::config(file, e.message().to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &str, overrides: &[String]) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::config(path, format!("cannot read: {e}")))?;
+        RunConfig::parse(path, &text, overrides)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let t = &self.train;
+        if t.steps == 0 || t.micro_batch_size == 0 || t.grad_accum_steps == 0 {
+            return Err(TrainError::config("train", "steps, micro_batch_size and grad_accum_steps must be positive"));
+        }
+        if t.batch_ramp_steps > 0 && (t.batch_ramp_start_accum == 0 || t.batch_ramp_start_accum > t.grad_accum_steps) {
+            return Err(TrainError::config(
+                "train.batch_ramp_start_accum",
+                format!("must be in 1..={} (train.grad_accum_steps)", t.grad_accum_steps),
+            ));
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0) || o.min_lr < 0.0 || o.min_lr > o.lr {
+            return Err(TrainError::config("optim.lr", format!("need 0 <= min_lr ({}) <= lr ({}), lr > 0", o.min_lr, o.lr)));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(TrainError::config("optim.betas", format!("each beta must be in [0, 1), got {:?}", o.betas)));
+        }
+        if o.schedule == Schedule::Wsd && o.decay_steps == 0 {
+            return Err(TrainError::config("optim.decay_steps", "required (> 0) for schedule = \"wsd\""));
+        }
+        if o.warmup_steps + if o.schedule == Schedule::Wsd { o.decay_steps } else { 0 } > t.steps {
+            return Err(TrainError::config(
+                "optim.warmup_steps",
+                format!("warmup ({}) plus WSD decay ({}) exceed train.steps ({})", o.warmup_steps, o.decay_steps, t.steps),
+            ));
+        }
+        let p = &self.parallel;
+        if p.dp * p.tp * p.pp != 1 || p.zero != 0 {
+            return Err(TrainError::config(
+                "parallel",
+                format!(
+                    "dp = {}, tp = {}, pp = {}, zero = {}: this build trains on one device (dp = tp = pp = 1, zero = 0); multi-device training comes with the distributed runtime",
+                    p.dp, p.tp, p.pp, p.zero
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Global batch (samples) at `step` (0-based), following the ramp.
+    pub fn accum_steps_at(&self, step: u64) -> usize {
+        let t = &self.train;
+        if t.batch_ramp_steps == 0 || step >= t.batch_ramp_steps {
+            return t.grad_accum_steps;
+        }
+        let (a, b) = (t.batch_ramp_start_accum as f64, t.grad_accum_steps as f64);
+        (a + (b - a) * step as f64 / t.batch_ramp_steps as f64).floor() as usize
+    }
+}

@@ -1,0 +1,19 @@
+//! sigma-trainer: config, the SIGMA model (single-device definition), the
+//! segment engine, AdamW over flat buffers, LR schedules, metrics and the
+//! training loop.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod plot;
+pub mod schedule;
+pub mod summary;
+pub mod train;
+
+pub use config::RunConfig;
+pub use error::{Result, TrainError};
+pub use model::Model;

@@ -1,0 +1,102 @@
+//! `sigma model summary`: parameters by component, training FLOPs per token
+//! and KV-cache bytes per token.
+//!
+//! FLOPs convention (Megatron's): a matmul of an m x k by k x n costs 2mkn;
+//! training is forward + backward = 3x forward. Per token:
+//! `6 * N_matmul + 3 * L * n_q * (dot_dim + v_head_dim) * T`, where `N_matmul`
+//! counts every weight used in a matmul (the output projection counts even
+//! when tied to the embedding; the embedding lookup does not) and the
+//! attention term is `6 * L * n_q * (dot_dim + v_head_dim) * T` halved for
+//! causal masking (a query sees on average T/2 keys). DiffQKV enters through
+//! the K/V projection sizes; AugQ through its three matmuls (it adds no
+//! attention or cache cost).
+
+use std::fmt;
+
+use crate::config::ModelConfig;
+use crate::model::param_specs;
+
+pub struct Summary {
+    pub components: Vec<(&'static str, i64)>,
+    pub params: i64,
+    pub matmul_params: i64,
+    pub flops_per_token: f64,
+    pub attention_flops_per_token: f64,
+    pub kv_cache_bytes_per_token: i64,
+    pub seq_len: usize,
+}
+
+fn component(name: &str) -> &'static str {
+    const PARTS: &[(&str, &str)] = &[
+        ("embed.", "embedding"),
+        (".attn.q_proj", "attention q_proj"),
+        (".attn.aug_q", "attention AugQ"),
+        (".attn.k_proj", "attention k_proj"),
+        (".attn.k_up", "attention k_up (K compression)"),
+        (".attn.v_proj", "attention v_proj"),
+        (".attn.o_proj", "attention o_proj"),
+        (".ffn.", "ffn (SwiGLU)"),
+        ("norm", "norms"),
+        ("lm_head", "lm_head (untied)"),
+    ];
+    PARTS.iter().find(|(k, _)| name.contains(k)).map(|&(_, v)| v).unwrap_or("other")
+}
+
+pub fn summarize(c: &ModelConfig, seq_len: usize) -> Summary {
+    let mut components: Vec<(&'static str, i64)> = Vec::new();
+    let mut matmul = 0;
+    for s in param_specs(c) {
+        let comp = component(&s.name);
+        match components.iter_mut().find(|(k, _)| *k == comp) {
+            Some(e) => e.1 += s.numel(),
+            None => components.push((comp, s.numel())),
+        }
+        if s.shape.len() == 2 && !s.name.starts_with("embed.") {
+            matmul += s.numel();
+        }
+    }
+    let head = (c.vocab_size * c.d_model) as i64;
+    if c.tie_embeddings {
+        matmul += head;
+    }
+    let params = components.iter().map(|c| c.1).sum();
+    let attn = 3.0 * c.num_layers as f64 * c.num_q_heads as f64 * (c.dot_dim() + c.v_head_dim) as f64 * seq_len as f64;
+    Summary {
+        components,
+        params,
+        matmul_params: matmul,
+        flops_per_token: 6.0 * matmul as f64 + attn,
+        attention_flops_per_token: attn,
+        kv_cache_bytes_per_token: (c.num_layers * (c.num_k_heads * c.k_cache_dim() + c.num_v_heads * c.v_head_dim) * 2) as i64,
+        seq_len,
+    }
+}
+
+fn h(n: f64) -> String {
+    match n {
+        n if n >= 1e12 => format!("{:.2} T", n / 1e12),
+        n if n >= 1e9 => format!("{:.3} B", n / 1e9),
+        n if n >= 1e6 => format!("{:.2} M", n / 1e6),
+        n if n >= 1e3 => format!("{:.1} K", n / 1e3),
+        n => format!("{n}"),
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "parameters by component:")?;
+        for (k, n) in &self.components {
+            writeln!(f, "  {k:<32} {:>12} ({:>5.1} %)", h(*n as f64), 100.0 * *n as f64 / self.params as f64)?;
+        }
+        writeln!(f, "  {:<32} {:>12} ({})", "total", h(self.params as f64), self.params)?;
+        writeln!(f, "matmul parameters (incl. output head): {}", h(self.matmul_params as f64))?;
+        writeln!(
+            f,
+            "training FLOPs per token at seq_len {}: {}FLOP (attention {}FLOP); Megatron convention, causal attention halved",
+            self.seq_len,
+            h(self.flops_per_token),
+            h(self.attention_flops_per_token)
+        )?;
+        writeln!(f, "KV cache per token (bf16, all layers): {} bytes", self.kv_cache_bytes_per_token)
+    }
+}

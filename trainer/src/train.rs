@@ -1,0 +1,265 @@
+//! The single-device training loop. `Trainer::build` wires the parts together
+//! (device, dataset, model, optimizer, loader, metrics); `Trainer::run` is the
+//! loop: gather a global batch of micro-batches, forward/backward each through
+//! the segment engine with the loss normalised by the global batch's target
+//! tokens, one AdamW step, log, validate.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use sigma_data::loader::LoaderOptions;
+use sigma_data::store::block_on;
+use sigma_data::{Batch, DataState, Dataset, Loader};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DeviceChoice, NanPolicy, Precision, RunConfig};
+use crate::engine;
+use crate::error::{Result, TrainError};
+use crate::metrics::{self, MetricsWriter};
+use crate::model::Model;
+use crate::optim::AdamW;
+use crate::schedule::lr_at;
+use crate::summary::summarize;
+
+pub struct Trainer {
+    pub cfg: RunConfig,
+    pub device: Device,
+    pub model: Model,
+    pub optim: AdamW,
+    pub dataset: Arc<Dataset>,
+    loader: Loader,
+    metrics: MetricsWriter,
+    pub device_name: String,
+    pub peak_flops: Option<f64>,
+    pub flops_per_token: f64,
+    pub progress: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Default)]
+pub struct TrainReport {
+    pub losses: Vec<f64>,
+    pub valid: BTreeMap<String, f64>,
+    pub tokens_per_s: f64,
+    pub mfu: Option<f64>,
+    pub skipped_steps: u64,
+    pub output_dir: PathBuf,
+    pub data_state: DataState,
+}
+
+fn pick_device(c: DeviceChoice) -> Result<Device> {
+    match c {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(TrainError::config(
+            "train.device",
+            "\"cuda\" requested but no CUDA device is usable (is the CUDA build of libtorch linked, and a GPU visible?)",
+        )),
+    }
+}
+
+/// Token ids of a batch as an int64 tensor [rows, seq_len + 1] on `device`.
+pub fn batch_tensor(b: &Batch, device: Device) -> Tensor {
+    let ids: Vec<i64> = b.tokens.iter().map(|&t| t as i64).collect();
+    Tensor::from_slice(&ids).view([b.rows as i64, (b.seq_len + 1) as i64]).to_device(device)
+}
+
+impl Trainer {
+    pub fn build(cfg: &RunConfig, progress: bool) -> Result<Trainer> {
+        if let Some(n) = cfg.train.cpu_threads {
+            tch::set_num_threads(n as i32);
+        }
+        let device = pick_device(cfg.train.device)?;
+        let mixed = match cfg.train.precision {
+            Precision::Auto => device.is_cuda(),
+            Precision::Bf16 => true,
+            Precision::Fp32 => false,
+        };
+        let dataset = Dataset::open_blocking(&cfg.data)?;
+        if (cfg.model.vocab_size as u32) < dataset.tokenizer.vocab_size {
+            return Err(TrainError::config(
+                "model.vocab_size",
+                format!(
+                    "{} is smaller than the tokenizer's vocabulary ({}) that prepared {}",
+                    cfg.model.vocab_size, dataset.tokenizer.vocab_size, cfg.data.sources[0].manifest
+                ),
+            ));
+        }
+        let out = PathBuf::from(&cfg.metrics.output_dir);
+        let metrics = MetricsWriter::create(&out, cfg.metrics.tensorboard)?;
+        sigma_data::store::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+        let model = Model::new(&cfg.model, cfg.train.seed, cfg.optim.decay_norms, cfg.optim.decay_embeddings, device, mixed);
+        let optim = AdamW::new(&cfg.optim, &model.params);
+        let loader = Loader::new(
+            dataset.clone(),
+            LoaderOptions { global_batch: cfg.train.micro_batch_size, dp_rank: 0, dp_size: 1, start: DataState::default() },
+        )?;
+        let device_name = match device {
+            Device::Cuda(i) => metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}")),
+            _ => "cpu".into(),
+        };
+        let peak_flops = cfg.metrics.peak_flops.or_else(|| metrics::peak_flops_for(&device_name));
+        Ok(Trainer {
+            flops_per_token: summarize(&cfg.model, cfg.data.seq_len).flops_per_token,
+            cfg: cfg.clone(),
+            device,
+            model,
+            optim,
+            dataset,
+            loader,
+            metrics,
+            device_name,
+            peak_flops,
+            progress,
+        })
+    }
+
+    /// Mean validation loss per domain (nats per token) over up to
+    /// `eval_steps * micro_batch_size` validation samples of each domain.
+    pub fn validate(&self) -> Result<BTreeMap<String, f64>> {
+        let mbs = self.cfg.train.micro_batch_size as u64;
+        let mut out = BTreeMap::new();
+        for (d, name) in self.dataset.domains.iter().enumerate() {
+            let n = (self.cfg.train.eval_steps * mbs).min(self.dataset.num_valid_samples(d));
+            if n == 0 {
+                continue;
+            }
+            let (mut sum, mut tokens) = (0.0, 0u64);
+            let mut j = 0;
+            while j < n {
+                let rows = mbs.min(n - j);
+                let mut ids: Vec<i64> = Vec::new();
+                for k in j..j + rows {
+                    let s = block_on(self.dataset.valid_sample(d, k))?;
+                    ids.extend(s.tokens.iter().map(|&t| t as i64));
+                }
+                let t = Tensor::from_slice(&ids).view([rows as i64, -1]).to_device(self.device);
+                sum += engine::loss_sum(&self.model, &t).double_value(&[]);
+                tokens += rows * self.cfg.data.seq_len as u64;
+                j += rows;
+            }
+            out.insert(name.clone(), sum / tokens as f64);
+        }
+        Ok(out)
+    }
+
+    /// Wait for the device (phase timings are wall-clock, so the GPU must be idle).
+    fn sync(&self) {
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    fn memory_record(&self) -> serde_json::Value {
+        match self.device {
+            Device::Cuda(i) => json!({"gpu_mib": metrics::gpu_memory_mib(i)}),
+            _ => json!({"peak_rss_bytes": metrics::peak_rss_bytes()}),
+        }
+    }
+
+    pub fn run(&mut self) -> Result<TrainReport> {
+        let c = self.cfg.clone();
+        let total = c.train.steps;
+        let bar = if self.progress {
+            let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}")
+                    .expect("template")
+                    .progress_chars("=> "),
+            );
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        let mut report = TrainReport { output_dir: self.metrics.dir.clone(), ..Default::default() };
+        let mut valid_curve: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+        let (mut interval_tokens, mut interval_time) = (0u64, 0.0f64);
+        let mut gpu_peak_mib = 0u64;
+        for step in 0..total {
+            let t0 = Instant::now();
+            let accum = c.accum_steps_at(step);
+            let batches: Vec<Batch> = (0..accum).map(|_| self.loader.next_batch()).collect::<std::result::Result<_, _>>()?;
+            let t_data = t0.elapsed().as_secs_f64();
+            let target_tokens: usize = batches.iter().map(|b| b.rows * b.seq_len).sum();
+            let scale = 1.0 / target_tokens as f64;
+            let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
+            for b in &batches {
+                let t = batch_tensor(b, self.device);
+                let l = engine::forward_backward(&self.model, &t, scale, c.train.activation_checkpointing);
+                loss_sum += l.to_kind(Kind::Double);
+            }
+            self.sync();
+            let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
+            let lr = lr_at(&c.optim, step, total);
+            let stats = self.optim.step(&self.model.params, lr);
+            self.sync();
+            let t_optim = t0.elapsed().as_secs_f64() - t_data - t_fwd_bwd;
+            let loss = loss_sum.double_value(&[]) / target_tokens as f64;
+            let dt = t0.elapsed().as_secs_f64();
+            interval_tokens += target_tokens as u64;
+            interval_time += dt;
+            report.losses.push(loss);
+            if !stats.applied || !loss.is_finite() {
+                report.skipped_steps += 1;
+                let msg = format!("step {step}: non-finite loss {loss} / grad norm {} ", stats.grad_norm);
+                if c.train.nan_policy == NanPolicy::Abort {
+                    return Err(TrainError::Other(format!("{msg}; aborting (train.nan_policy = \"abort\")")));
+                }
+                bar.println(format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")"));
+            }
+            let last = step + 1 == total;
+            if (step + 1) % c.train.log_every.max(1) == 0 || last {
+                let tps = interval_tokens as f64 / interval_time.max(1e-9);
+                let mfu = self.peak_flops.map(|p| tps * self.flops_per_token / p);
+                if let Device::Cuda(i) = self.device {
+                    gpu_peak_mib = gpu_peak_mib.max(metrics::gpu_memory_mib(i).unwrap_or(0));
+                }
+                let rec = json!({
+                    "step": step + 1,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": stats.grad_norm,
+                    "tokens_per_s": tps,
+                    "mfu": mfu,
+                    "global_batch_tokens": target_tokens,
+                    "step_time_s": dt,
+                    "phase_s": {"data": t_data, "forward_backward": t_fwd_bwd, "optimizer": t_optim},
+                    "skipped": !stats.applied,
+                    "memory": if self.device.is_cuda() { json!({"gpu_mib_peak": gpu_peak_mib}) } else { self.memory_record() },
+                });
+                self.metrics.log(step + 1, &rec)?;
+                bar.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {:.0} tok/s{}",
+                    tps,
+                    mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default()
+                ));
+                report.tokens_per_s = tps;
+                report.mfu = mfu;
+                interval_tokens = 0;
+                interval_time = 0.0;
+            }
+            bar.inc(1);
+            if (c.train.eval_every > 0 && (step + 1) % c.train.eval_every == 0) || last {
+                let v = self.validate()?;
+                for (k, l) in &v {
+                    valid_curve.entry(k.clone()).or_default().push((step + 1, *l));
+                }
+                self.metrics.log(step + 1, &json!({"step": step + 1, "val_loss": v}))?;
+                report.valid = v;
+            }
+        }
+        bar.finish_and_clear();
+        report.data_state = self.loader.state();
+        if c.metrics.plot {
+            let train: Vec<(u64, f64)> = report.losses.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u64 + 1, l)).collect();
+            let valid: Vec<(String, Vec<(u64, f64)>)> = valid_curve.into_iter().collect();
+            crate::plot::loss_png(&self.metrics.dir.join("loss.png"), &train, &valid)?;
+        }
+        Ok(report)
+    }
+}
