@@ -3,14 +3,14 @@
 # tokens/s, MFU, GPU memory and time per phase, for several micro-batch sizes with and
 # without activation checkpointing, and a GQA 16/16 model of equal width (no AugQ)
 # for comparison. Needs: target/release/sigma (built by scripts/setup.sh) and a python3
-# whose torch 2.11 (CUDA) provides libtorch. Writes $OUT (default runs/bench-train)/summary.txt.
+# whose torch 2.11 (CUDA) provides libtorch. Writes $BENCH_OUT (default runs/bench-train)/summary.txt.
 #   STEPS=8 ACCUM=2 scripts/bench-train-gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH=$torch_lib:${LD_LIBRARY_PATH:-}
 sigma=${SIGMA_BIN:-target/release/sigma}
-out=${OUT:-runs/bench-train}
+out=${BENCH_OUT:-runs/bench-train}
 steps=${STEPS:-8}
 accum=${ACCUM:-2}
 mkdir -p "$out"
