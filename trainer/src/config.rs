@@ -440,12 +440,6 @@ impl RunConfig {
         if o.schedule == Schedule::Wsd && o.decay_steps == 0 {
             return Err(TrainError::config("optim.decay_steps", "required (> 0) for schedule = \"wsd\""));
         }
-        if o.warmup_steps + if o.schedule == Schedule::Wsd { o.decay_steps } else { 0 } > t.steps {
-            return Err(TrainError::config(
-                "optim.warmup_steps",
-                format!("warmup ({}) plus WSD decay ({}) exceed train.steps ({})", o.warmup_steps, o.decay_steps, t.steps),
-            ));
-        }
         let p = &self.parallel;
         if p.dp * p.tp * p.pp != 1 || p.zero != 0 {
             return Err(TrainError::config(

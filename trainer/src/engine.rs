@@ -5,14 +5,17 @@
 //! Forward: run a segment, detach its output, hand a fresh leaf that requires
 //! grad to the next segment. With activation checkpointing, a block runs under
 //! `no_grad` and only its input is kept. Backward: walk the segments in
-//! reverse; backprop `(out * g).sum()` (the gradient of that sum with respect to
-//! `out` is exactly `g`), read the gradient of the segment's input leaf and
-//! pass it on; a checkpointed block first recomputes its forward from the
-//! stored input. Gradients accumulate into the parameters' `.grad`.
+//! reverse; differentiate `(out * g).sum()` (its gradient with respect to `out`
+//! is exactly `g`) with respect to the segment's parameters and its input leaf,
+//! add the parameter gradients into the flat gradient buffer, pass the input
+//! gradient on; a checkpointed block first recomputes its forward from the
+//! stored input. Parameters' `.grad` is never used: gradients exist once, in
+//! the flat buffer the optimizer reads.
 
 use tch::Tensor;
 
 use crate::model::Model;
+use crate::params::Params;
 
 /// The segments of a model, in execution order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,10 +36,30 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
+/// Differentiate scalar `root` with respect to the parameters `idx` (adding
+/// into `grads`, laid out like `params.flat`) and to `input` (returned).
+fn backprop(root: &Tensor, params: &Params, idx: &[usize], input: Option<&Tensor>, grads: &mut Tensor) -> Option<Tensor> {
+    let mut wrt: Vec<&Tensor> = idx.iter().map(|&i| &params.tensors[i]).collect();
+    if let Some(x) = input {
+        wrt.push(x);
+    }
+    let mut g = Tensor::run_backward(&[root], &wrt, false, false);
+    let input_grad = if input.is_some() { g.pop() } else { None };
+    tch::no_grad(|| {
+        for (&i, gi) in idx.iter().zip(&g) {
+            if gi.defined() {
+                let _ = grads.narrow(0, params.offsets[i], params.specs[i].numel()).g_add_(&gi.reshape([-1]));
+            }
+        }
+    });
+    input_grad
+}
+
 /// Forward and backward of one micro-batch. `tokens` is [b, t + 1]; inputs are
-/// `tokens[:, :-1]`, targets `tokens[:, 1:]`. The loss backpropagated is
-/// `sum of token losses * loss_scale`. Returns the (unscaled) loss sum, detached.
-pub fn forward_backward(model: &Model, tokens: &Tensor, loss_scale: f64, checkpoint: bool) -> Tensor {
+/// `tokens[:, :-1]`, targets `tokens[:, 1:]`. The gradient of
+/// `sum of token losses * loss_scale` is added into `grads` (flat, laid out like
+/// the parameters). Returns the (unscaled) loss sum, detached.
+pub fn forward_backward(model: &Model, tokens: &Tensor, loss_scale: f64, checkpoint: bool, grads: &mut Tensor) -> Tensor {
     let t = tokens.size()[1] - 1;
     let inputs = tokens.narrow(1, 0, t);
     let targets = tokens.narrow(1, 1, t);
@@ -56,22 +79,19 @@ pub fn forward_backward(model: &Model, tokens: &Tensor, loss_scale: f64, checkpo
     let loss_sum = model.head_loss_sum(&x, &targets);
 
     // Backward, segment by segment in reverse.
-    (&loss_sum * loss_scale).backward();
-    let mut g = x.grad();
+    let p = &model.params;
+    let mut g = backprop(&(&loss_sum * loss_scale), p, &model.segment_params(Segment::Head), Some(&x), grads).expect("input grad");
     for l in (0..nl).rev() {
         let out = match block_out[l].take() {
             Some(o) => o,
             None => model.block(l, &block_in[l]),
         };
-        (out * &g).sum(out_kind(&g)).backward();
-        g = block_in[l].grad();
+        let root = (out * &g).sum(g.kind());
+        g = backprop(&root, p, &model.segment_params(Segment::Block(l)), Some(&block_in[l]), grads).expect("input grad");
     }
-    (embed_out * &g).sum(out_kind(&g)).backward();
+    let root = (embed_out * &g).sum(g.kind());
+    backprop(&root, p, &model.segment_params(Segment::Embed), None, grads);
     loss_sum.detach()
-}
-
-fn out_kind(g: &Tensor) -> tch::Kind {
-    g.kind()
 }
 
 /// Sum of token losses without gradients (validation).

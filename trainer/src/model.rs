@@ -91,6 +91,26 @@ impl Model {
         self
     }
 
+    /// Indices (into `params`) of the parameters a segment uses.
+    pub fn segment_params(&self, seg: crate::engine::Segment) -> Vec<usize> {
+        use crate::engine::Segment;
+        let prefix = match seg {
+            Segment::Embed => "embed.".to_string(),
+            Segment::Block(l) => format!("layers.{l}."),
+            Segment::Head => String::new(),
+        };
+        let head_weight = if self.cfg.tie_embeddings { "embed.weight" } else { "lm_head.weight" };
+        (0..self.params.specs.len())
+            .filter(|&i| {
+                let n = &self.params.specs[i].name;
+                match seg {
+                    Segment::Head => n == "final_norm.weight" || n == head_weight,
+                    _ => n.starts_with(&prefix),
+                }
+            })
+            .collect()
+    }
+
     fn p(&self, name: &str) -> &Tensor {
         self.params.get(name)
     }

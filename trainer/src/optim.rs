@@ -31,10 +31,16 @@ impl AdamW {
         AdamW { cfg: cfg.clone(), grad: z(), exp_avg: z(), exp_avg_sq: z(), steps: 0 }
     }
 
-    /// Collect gradients from the parameters, clip, and update with learning rate `lr`.
-    /// A non-finite gradient norm leaves parameters and moments untouched.
+    /// Clip the accumulated flat gradient and update with learning rate `lr`, then
+    /// zero the gradient for the next step. A non-finite gradient norm leaves
+    /// parameters and moments untouched.
     pub fn step(&mut self, params: &Params, lr: f64) -> StepStats {
-        params.take_grads(&mut self.grad);
+        let stats = self.update(params, lr);
+        let _ = self.grad.zero_();
+        stats
+    }
+
+    fn update(&mut self, params: &Params, lr: f64) -> StepStats {
         tch::no_grad(|| {
             let norm = self.grad.norm().double_value(&[]);
             if !norm.is_finite() {

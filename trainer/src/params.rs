@@ -86,21 +86,4 @@ impl Params {
     pub fn numel(&self) -> i64 {
         self.flat.numel() as i64
     }
-
-    /// Copy every parameter's gradient into `out` (flat, same layout) and clear them.
-    /// A parameter without a gradient contributes zeros.
-    pub fn take_grads(&self, out: &mut Tensor) {
-        tch::no_grad(|| {
-            for (t, (s, &o)) in self.tensors.iter().zip(self.specs.iter().zip(&self.offsets)) {
-                let mut dst = out.narrow(0, o, s.numel());
-                let g = t.grad();
-                if g.defined() {
-                    dst.copy_(&g.view(-1));
-                    let _ = g.detach().zero_();
-                } else {
-                    let _ = dst.zero_();
-                }
-            }
-        });
-    }
 }

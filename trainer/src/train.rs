@@ -190,7 +190,7 @@ impl Trainer {
             let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
             for b in &batches {
                 let t = batch_tensor(b, self.device);
-                let l = engine::forward_backward(&self.model, &t, scale, c.train.activation_checkpointing);
+                let l = engine::forward_backward(&self.model, &t, scale, c.train.activation_checkpointing, &mut self.optim.grad);
                 loss_sum += l.to_kind(Kind::Double);
             }
             self.sync();
