@@ -30,13 +30,16 @@ run() {
     echo "$name: FAILED ($(( $(date +%s) - t0 )) s): $(grep -m1 -iE 'error|out of memory' "$out/$name.log" | cut -c1-200)"
   fi
 }
+gqa="--set model.num_k_heads=16 --set model.aug_q_dim=0"
 run sigma-mbs1          --set train.micro_batch_size=1
 run sigma-mbs2          --set train.micro_batch_size=2
 run sigma-mbs4          --set train.micro_batch_size=4
+run sigma-mbs8          --set train.micro_batch_size=8
 run sigma-mbs4-ac       --set train.micro_batch_size=4 --set train.activation_checkpointing=true
 run sigma-mbs8-ac       --set train.micro_batch_size=8 --set train.activation_checkpointing=true
-run gqa16-mbs2          --set train.micro_batch_size=2 --set model.num_k_heads=16 --set model.aug_q_dim=0
-run gqa16-mbs4-ac       --set train.micro_batch_size=4 --set model.num_k_heads=16 --set model.aug_q_dim=0 --set train.activation_checkpointing=true
+run gqa16-mbs4          --set train.micro_batch_size=4 $gqa
+run gqa16-mbs8          --set train.micro_batch_size=8 $gqa
+run gqa16-mbs8-ac       --set train.micro_batch_size=8 $gqa --set train.activation_checkpointing=true
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, os, statistics, sys
 out = sys.argv[1]
