@@ -316,3 +316,46 @@ pub fn write_parquet(path: &std::path::Path, column: &str, rows: &[&str]) {
     w.write(&batch).expect("write");
     w.close().expect("close");
 }
+
+/// A tokenizer.json laid out like Llama 3's: regex Split pre-tokenizer, byte-level
+/// without its own regex, `<|end_of_text|>` as end of document, a BOS template.
+fn llama3_style_tokenizer(path: &std::path::Path) {
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sample("tokenizer.json")).expect("read")).expect("json");
+    t["added_tokens"][0]["content"] = "<|end_of_text|>".into();
+    let vocab = t["model"]["vocab"].as_object_mut().expect("vocab");
+    let id = vocab.remove("<|endoftext|>").expect("eos in vocab");
+    vocab.insert("<|end_of_text|>".into(), id);
+    t["model"]["ignore_merges"] = true.into();
+    let pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    t["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
+    t["post_processor"] = serde_json::json!({"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [1], "tokens": ["<|begin_of_text|>"]}}}]});
+    std::fs::write(path, serde_json::to_vec(&t).expect("json")).expect("write");
+}
+
+#[test]
+fn a_llama3_style_tokenizer_works_for_prepare_and_loading() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tpath = dir.path().join("llama3-style.json");
+    llama3_style_tokenizer(&tpath);
+    let tok = Tokenizer::load(&tpath.to_string_lossy()).expect("load");
+    assert_eq!(tok.eos_id, 0, "EOS found under Llama 3's name");
+    assert_eq!(tok.bos_id, Some(1));
+    let text = "Run nvidia-smi -i 3 at 12345 o'clock, isn't it?\n\n  done";
+    let ids = tok.encode(text).expect("encode");
+    assert!(!ids.contains(&1), "no BOS added when encoding documents");
+    assert_eq!(tok.decode(&ids, false).expect("decode"), text);
+    let out = dir.path().join("out");
+    let o = PrepareOptions::new(vec![sample("synthetic.jsonl.zst")], "synthetic", &tpath.to_string_lossy(), &out.to_string_lossy());
+    let r = prepare(&o).expect("prepare with the Llama-3-style tokenizer");
+    assert_eq!(r.manifest.tokenizer.eos_id, 0);
+    let cfg = format!("[data]\nseq_len = 32\ntokenizer = {:?}\n[[data.sources]]\nmanifest = {:?}\n[data.mixture]\nsynthetic = 1.0\n", tpath.to_string_lossy(), out.to_string_lossy());
+    let ds = Dataset::open_blocking(&DataConfig::from_toml("c", &cfg).expect("cfg")).expect("open");
+    let s = block_on(ds.sample(0)).expect("sample");
+    assert_eq!(s.tokens.len(), 33);
+}

@@ -99,3 +99,33 @@ fn model_summary_counts_sigma_1_5b() {
     let g = sigma(&["model", "summary", "--config", "configs/sigma-1.5b.toml", "--set", "model.num_k_heads=16", "--set", "model.aug_q_dim=0"], &[]);
     assert!(stdout(&g).contains("106496 bytes"), "GQA 16/16: 26 x 2048 x 2 bytes\n{}", stdout(&g));
 }
+
+#[test]
+fn batch_ramp_grows_the_global_batch() {
+    let d = tempfile::tempdir().expect("tmp");
+    let o = run(&tiny_train_args(d.path(), 6, &["train.grad_accum_steps=4", "train.batch_ramp_steps=4", "train.batch_ramp_start_accum=1"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sizes: Vec<u64> = std::fs::read_to_string(d.path().join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("global_batch_tokens")?.as_u64())
+        .collect();
+    // 8 samples x 128 tokens per micro-batch; accumulation 1, 1, 2, 3, then 4.
+    assert_eq!(sizes, vec![1024, 1024, 2048, 3072, 4096, 4096]);
+}
+
+#[test]
+fn non_finite_updates_are_skipped_or_abort() {
+    let blowup = ["optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "optim.schedule=\"constant\""];
+    let d = tempfile::tempdir().expect("tmp");
+    let mut sets: Vec<&str> = blowup.to_vec();
+    sets.push("train.nan_policy=\"abort\"");
+    let o = run(&tiny_train_args(d.path(), 6, &sets));
+    assert_clean_failure(&o, &["non-finite", "aborting", "nan_policy"]);
+    let d2 = tempfile::tempdir().expect("tmp");
+    let o = run(&tiny_train_args(d2.path(), 6, &blowup));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("update skipped"), "{}", stderr(&o));
+    let text = std::fs::read_to_string(d2.path().join("metrics.jsonl")).expect("metrics");
+    assert!(text.contains("\"skipped\":true"), "{text}");
+}

@@ -210,7 +210,12 @@ impl Trainer {
                 if c.train.nan_policy == NanPolicy::Abort {
                     return Err(TrainError::Other(format!("{msg}; aborting (train.nan_policy = \"abort\")")));
                 }
-                bar.println(format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")"));
+                let warning = format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
+                if bar.is_hidden() {
+                    eprintln!("{warning}");
+                } else {
+                    bar.println(warning);
+                }
             }
             let last = step + 1 == total;
             if (step + 1) % c.train.log_every.max(1) == 0 || last {
