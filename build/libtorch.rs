@@ -16,10 +16,18 @@ fn main() {
         Ok(p) => PathBuf::from(p).join("lib"),
         Err(_) => {
             let out = Command::new("python3")
-                .args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"])
+                .args([
+                    "-c",
+                    "import torch, os; print(os.path.dirname(torch.__file__))",
+                ])
                 .output()
-                .expect("python3 not found: run scripts/setup.sh, which builds with .venv/bin on PATH");
-            assert!(out.status.success(), "python3 cannot import torch: run scripts/setup.sh (it installs torch into .venv)");
+                .expect(
+                    "python3 not found: run scripts/setup.sh, which builds with .venv/bin on PATH",
+                );
+            assert!(
+                out.status.success(),
+                "python3 cannot import torch: run scripts/setup.sh (it installs torch into .venv)"
+            );
             PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("lib")
         }
     };

@@ -110,7 +110,11 @@ impl Mixer {
         if best == usize::MAX {
             // Only reachable through floating-point rounding: fall back to the divisor rule.
             best = (0..w.len()).filter(|&d| w[d] > 0.0).fold(0, |b, d| {
-                if w[d] / (c.in_stage[d] as f64 + 1.0) > w[b] / (c.in_stage[b] as f64 + 1.0) { d } else { b }
+                if w[d] / (c.in_stage[d] as f64 + 1.0) > w[b] / (c.in_stage[b] as f64 + 1.0) {
+                    d
+                } else {
+                    b
+                }
             });
         }
         let domain_sample = c.total[best];

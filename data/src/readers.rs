@@ -124,25 +124,26 @@ fn read_jsonl(
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
             DataError::input(format!("{url}:{lineno}"), format!("not valid JSON: {e}"))
         })?;
-        let text =
-            match v.get(field) {
-                Some(serde_json::Value::String(s)) => s,
-                Some(other) => {
-                    return Err(DataError::input(
-                        format!("{url}:{lineno}"),
-                        format!(
-                            "field `{field}` is {} , expected a string",
-                            json_kind(other)
-                        ),
-                    ))
-                }
-                None => return Err(DataError::input(
+        let text = match v.get(field) {
+            Some(serde_json::Value::String(s)) => s,
+            Some(other) => {
+                return Err(DataError::input(
+                    format!("{url}:{lineno}"),
+                    format!(
+                        "field `{field}` is {} , expected a string",
+                        json_kind(other)
+                    ),
+                ))
+            }
+            None => {
+                return Err(DataError::input(
                     format!("{url}:{lineno}"),
                     format!(
                         "no field `{field}` in this JSON object (choose another with --text-field)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         if text.is_empty() {
             continue;
         }

@@ -71,7 +71,10 @@ fn retry_config() -> RetryConfig {
 /// configured (so `AWS_ALLOW_HTTP` and friends keep working).
 fn timeouts() -> [(ClientConfigKey, String); 2] {
     let t = env_u64("SIGMA_STORE_TIMEOUT_S", 30).max(1);
-    [(ClientConfigKey::ConnectTimeout, format!("{}s", t.min(10))), (ClientConfigKey::Timeout, format!("{}s", t * 4))]
+    [
+        (ClientConfigKey::ConnectTimeout, format!("{}s", t.min(10))),
+        (ClientConfigKey::Timeout, format!("{}s", t * 4)),
+    ]
 }
 
 /// True when `s` is a URL with a scheme sigma understands rather than a local path.

@@ -1,6 +1,7 @@
 //! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
 
 mod data_cmd;
+mod launcher;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -23,8 +24,10 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
-    /// Train a model on one device.
+    /// Train a model (one process; see `launch` for several).
     Train(train_cmd::TrainArgs),
+    /// Start one process per local rank (data-parallel jobs), on one node or several.
+    Launch(launcher::LaunchArgs),
     /// Inspect model configs.
     Model {
         #[command(subcommand)]
@@ -37,6 +40,7 @@ fn main() {
     let result = match cli.command {
         Command::Data { command } => data_cmd::run(command),
         Command::Train(args) => train_cmd::train(args),
+        Command::Launch(args) => launcher::launch(args),
         Command::Model { command } => train_cmd::model(command),
     };
     if let Err(e) = result {

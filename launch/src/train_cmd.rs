@@ -32,19 +32,31 @@ pub enum ModelCommand {
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&a.config, &a.overrides)?;
-    println!("# resolved config ({}), saved as {}/config.toml", a.config, cfg.metrics.output_dir);
+    println!(
+        "# resolved config ({}), saved as {}/config.toml",
+        a.config, cfg.metrics.output_dir
+    );
     print!("{}", cfg.to_toml());
-    if cfg.checkpoint.every_steps > 0 || cfg.checkpoint.every_minutes > 0.0 || cfg.checkpoint.dir.is_some() {
+    if cfg.checkpoint.every_steps > 0
+        || cfg.checkpoint.every_minutes > 0.0
+        || cfg.checkpoint.dir.is_some()
+    {
         eprintln!("note: [checkpoint] has no effect in this build: saving and resuming land with the checkpointing issue");
     }
     let mut t = Trainer::build(&cfg, !a.quiet)?;
     println!(
         "device {} ({}), {} parameters, {:.3} GFLOP/token, peak {}",
         t.device_name,
-        if t.model.compute == tch::Kind::BFloat16 { "bf16 matmuls, fp32 master weights" } else { "fp32" },
+        if t.model.compute == tch::Kind::BFloat16 {
+            "bf16 matmuls, fp32 master weights"
+        } else {
+            "fp32"
+        },
         t.model.params.numel(),
         t.flops_per_token / 1e9,
-        t.peak_flops.map(|p| format!("{:.0} TFLOP/s", p / 1e12)).unwrap_or_else(|| "unknown (no MFU)".into())
+        t.peak_flops
+            .map(|p| format!("{:.0} TFLOP/s", p / 1e12))
+            .unwrap_or_else(|| "unknown (no MFU)".into())
     );
     let r = t.run()?;
     let last = r.losses.last().copied().unwrap_or(f64::NAN);
@@ -52,22 +64,38 @@ pub fn train(a: TrainArgs) -> Result<()> {
         "done: {} steps, final loss {last:.4}, {:.0} tokens/s{}{}",
         r.losses.len(),
         r.tokens_per_s,
-        r.mfu.map(|m| format!(", MFU {:.1}%", m * 100.0)).unwrap_or_default(),
-        if r.skipped_steps > 0 { format!(", {} steps skipped (non-finite)", r.skipped_steps) } else { String::new() }
+        r.mfu
+            .map(|m| format!(", MFU {:.1}%", m * 100.0))
+            .unwrap_or_default(),
+        if r.skipped_steps > 0 {
+            format!(", {} steps skipped (non-finite)", r.skipped_steps)
+        } else {
+            String::new()
+        }
     );
     println!("validation loss per domain (nats/token):");
     for (d, l) in &r.valid {
         println!("  {d:<12} {l:.4}");
     }
-    println!("metrics: {}/metrics.jsonl{}", r.output_dir.display(), if cfg.metrics.plot { ", loss curve: loss.png" } else { "" });
+    println!(
+        "metrics: {}/metrics.jsonl{}",
+        r.output_dir.display(),
+        if cfg.metrics.plot {
+            ", loss curve: loss.png"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 
 pub fn model(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Summary { config, overrides } => {
-            let text = std::fs::read_to_string(&config).map_err(|e| anyhow::anyhow!("cannot read {config}: {e}"))?;
-            let mut doc: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("{config}: {e}"))?;
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| anyhow::anyhow!("cannot read {config}: {e}"))?;
+            let mut doc: toml::Table =
+                text.parse().map_err(|e| anyhow::anyhow!("{config}: {e}"))?;
             for o in &overrides {
                 sigma_trainer::config::apply_override(&mut doc, o)?;
             }
@@ -76,9 +104,15 @@ pub fn model(cmd: ModelCommand) -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("{config}: no [model] section"))?
                 .clone()
                 .try_into()
-                .map_err(|e: toml::de::Error| anyhow::anyhow!("config `{config}: [model]`: {}", e.message()))?;
+                .map_err(|e: toml::de::Error| {
+                    anyhow::anyhow!("config `{config}: [model]`: {}", e.message())
+                })?;
             model.validate()?;
-            let seq_len = doc.get("data").and_then(|d| d.get("seq_len")).and_then(|v| v.as_integer()).unwrap_or(4096) as usize;
+            let seq_len = doc
+                .get("data")
+                .and_then(|d| d.get("seq_len"))
+                .and_then(|v| v.as_integer())
+                .unwrap_or(4096) as usize;
             print!("{}", summarize(&model, seq_len));
         }
     }

@@ -18,19 +18,42 @@ fn dataset(extra: &str) -> Arc<Dataset> {
 
 const MIX: &str = "[data.mixture]\ngeneral = 0.5\nsystem = 0.3\nsynthetic = 0.2\n";
 
-fn batches(ds: &Arc<Dataset>, g: usize, rank: usize, dp: usize, start: u64, n: usize) -> Vec<Batch> {
-    let st = DataState { consumed_samples: start, stage: 0 };
-    let mut l = Loader::new(ds.clone(), LoaderOptions { global_batch: g, dp_rank: rank, dp_size: dp, start: st }).expect("loader");
+fn batches(
+    ds: &Arc<Dataset>,
+    g: usize,
+    rank: usize,
+    dp: usize,
+    start: u64,
+    n: usize,
+) -> Vec<Batch> {
+    let st = DataState {
+        consumed_samples: start,
+        stage: 0,
+    };
+    let mut l = Loader::new(
+        ds.clone(),
+        LoaderOptions {
+            global_batch: g,
+            dp_rank: rank,
+            dp_size: dp,
+            start: st,
+        },
+    )
+    .expect("loader");
     (0..n).map(|_| l.next_batch().expect("batch")).collect()
 }
 
 /// All documents of one split of a prepared directory, in manifest order.
 fn shard_docs(dir: &std::path::Path, split: Split) -> Vec<Vec<u32>> {
     block_on(async {
-        let (m, loc) = Manifest::load(&dir.to_string_lossy()).await.expect("manifest");
+        let (m, loc) = Manifest::load(&dir.to_string_lossy())
+            .await
+            .expect("manifest");
         let mut docs = Vec::new();
         for s in m.shards.iter().filter(|s| s.split == split) {
-            let r = ShardReader::open(loc.join(&s.file)).await.expect("open shard");
+            let r = ShardReader::open(loc.join(&s.file))
+                .await
+                .expect("open shard");
             for (i, rg) in s.row_groups.iter().enumerate() {
                 let t = r.read_row_group(i, rg).await.expect("row group");
                 docs.extend((0..t.num_docs()).map(|d| t.doc(d).to_vec()));
@@ -44,13 +67,22 @@ fn shard_docs(dir: &std::path::Path, split: Split) -> Vec<Vec<u32>> {
 fn text_tokens_text_round_trip_through_shards() {
     let tok = Tokenizer::load(&sample("tokenizer.json")).expect("tokenizer");
     // Direct round trip, including text that spells a special token.
-    for text in ["Hello, world!\n\tindented", "nvidia-smi -i 3 -pl 350 ÄÖü 数据 🚀", "literal <|endoftext|> inside"] {
+    for text in [
+        "Hello, world!\n\tindented",
+        "nvidia-smi -i 3 -pl 350 ÄÖü 数据 🚀",
+        "literal <|endoftext|> inside",
+    ] {
         let ids = tok.encode(text).expect("encode");
-        assert!(!ids.contains(&tok.eos_id), "EOS inside a document for {text:?}");
+        assert!(
+            !ids.contains(&tok.eos_id),
+            "EOS inside a document for {text:?}"
+        );
         assert_eq!(tok.decode(&ids, false).expect("decode"), text);
     }
     // Through prepare and the Parquet shards: every stored document decodes to an input text.
-    let inputs: Vec<String> = (0..120).map(|i| sigma_data::synth::document(7, i)).collect();
+    let inputs: Vec<String> = (0..120)
+        .map(|i| sigma_data::synth::document(7, i))
+        .collect();
     let mut decoded: Vec<String> = [Split::Train, Split::Valid]
         .iter()
         .flat_map(|&s| shard_docs(&sample_shards().join("synthetic"), s))
@@ -65,7 +97,11 @@ fn text_tokens_text_round_trip_through_shards() {
 #[test]
 fn each_epoch_is_a_permutation_of_the_documents_joined_by_eos() {
     let ds = dataset(MIX);
-    let d = ds.domains.iter().position(|d| d == "synthetic").expect("domain");
+    let d = ds
+        .domains
+        .iter()
+        .position(|d| d == "synthetic")
+        .expect("domain");
     let eos = ds.tokenizer.eos_id;
     let epoch = ds.epoch_tokens(d) as usize;
     let l = ds.seq_len();
@@ -78,9 +114,17 @@ fn each_epoch_is_a_permutation_of_the_documents_joined_by_eos() {
         assert_eq!(toks.len(), l + 1);
         // Document starts are exactly the positions after an EOS (or the stream start).
         for i in 0..toks.len() {
-            let prev = if i > 0 { Some(toks[i - 1]) } else { stream.len().checked_sub(2).map(|k| stream[k]) };
+            let prev = if i > 0 {
+                Some(toks[i - 1])
+            } else {
+                stream.len().checked_sub(2).map(|k| stream[k])
+            };
             let is_start = prev.is_none() || prev == Some(eos);
-            assert_eq!(starts.contains(&(i as u32)), is_start, "sample {j} offset {i}");
+            assert_eq!(
+                starts.contains(&(i as u32)),
+                is_start,
+                "sample {j} offset {i}"
+            );
         }
         if j == 0 {
             stream.extend_from_slice(&toks);
@@ -96,10 +140,16 @@ fn each_epoch_is_a_permutation_of_the_documents_joined_by_eos() {
     for e in 0..2 {
         let part = &stream[e * epoch..(e + 1) * epoch];
         assert_eq!(part.last(), Some(&eos));
-        let mut docs: Vec<Vec<u32>> = part[..part.len() - 1].split(|&t| t == eos).map(|s| s.to_vec()).collect();
+        let mut docs: Vec<Vec<u32>> = part[..part.len() - 1]
+            .split(|&t| t == eos)
+            .map(|s| s.to_vec())
+            .collect();
         orders.push(docs.clone());
         docs.sort();
-        assert_eq!(docs, want, "epoch {e} is not a permutation of the documents");
+        assert_eq!(
+            docs, want,
+            "epoch {e} is not a permutation of the documents"
+        );
     }
     assert_ne!(orders[0], orders[1], "each epoch has a fresh order");
 }
@@ -134,8 +184,16 @@ fn same_config_same_stream_and_seed_matters() {
     let a = batches(&dataset(MIX), 8, 0, 1, 0, 20);
     let b = batches(&dataset(MIX), 8, 0, 1, 0, 20);
     assert_eq!(a, b);
-    let other = DataConfig::from_toml("t", &sample_config(MIX).replace("seed = 5", "seed = 6")).expect("cfg");
-    let c = batches(&Dataset::open_blocking(&other).expect("open"), 8, 0, 1, 0, 20);
+    let other = DataConfig::from_toml("t", &sample_config(MIX).replace("seed = 5", "seed = 6"))
+        .expect("cfg");
+    let c = batches(
+        &Dataset::open_blocking(&other).expect("open"),
+        8,
+        0,
+        1,
+        0,
+        20,
+    );
     let tokens = |v: &[Batch]| v.iter().map(|b| b.tokens.clone()).collect::<Vec<_>>();
     assert_ne!(tokens(&a), tokens(&c), "another seed gives another order");
 }
@@ -180,7 +238,9 @@ fn global_stream_is_identical_for_dp_1_2_4_and_across_a_dp_change() {
     // Resume: 10 batches on dp = 2, then continue on dp = 4 from the saved state.
     let first: Vec<Vec<Batch>> = (0..2).map(|r| batches(&ds, g, r, 2, 0, 10)).collect();
     let state = first[0][9].state;
-    let rest: Vec<Vec<Batch>> = (0..4).map(|r| batches(&ds, g, r, 4, state.consumed_samples, 15)).collect();
+    let rest: Vec<Vec<Batch>> = (0..4)
+        .map(|r| batches(&ds, g, r, 4, state.consumed_samples, 15))
+        .collect();
     let mut joined = concat_ranks(&first);
     joined.extend(concat_ranks(&rest));
     assert_eq!(joined, one);
@@ -194,11 +254,18 @@ fn stages_switch_at_the_configured_token_counts() {
                   [[data.stages]]\nuntil_tokens = 5000\nmixture = { system = 0.5, synthetic = 0.5 }\n\
                   [[data.stages]]\nmixture = { general = 0.25, system = 0.25, synthetic = 0.5 }\n";
     let ds = dataset(stages);
-    let gi = ds.domains.iter().position(|d| d == "general").expect("general") as u16;
+    let gi = ds
+        .domains
+        .iter()
+        .position(|d| d == "general")
+        .expect("general") as u16;
     let bs = batches(&ds, 2, 0, 1, 0, 60);
     let doms: Vec<u16> = bs.iter().flat_map(|b| b.domains.clone()).collect();
     assert!(doms[..38].iter().all(|&d| d == gi));
-    assert!(doms[38..79].iter().all(|&d| d != gi), "stage 1 (samples 38..79) has no general");
+    assert!(
+        doms[38..79].iter().all(|&d| d != gi),
+        "stage 1 (samples 38..79) has no general"
+    );
     assert!(doms[79..].contains(&gi));
     let stage_after: Vec<usize> = bs.iter().map(|b| b.state.stage).collect();
     assert_eq!(stage_after[17], 0); // 36 samples consumed: the next one (36) is in stage 0
@@ -213,12 +280,23 @@ fn prepare_is_deterministic_and_independent_of_thread_count() {
     let mut shas = Vec::new();
     for threads in [1, 2] {
         let out = dir.path().join(format!("t{threads}"));
-        let mut o = PrepareOptions::new(vec![sample("system.jsonl.zst")], "system", &sample("tokenizer.json"), &out.to_string_lossy());
+        let mut o = PrepareOptions::new(
+            vec![sample("system.jsonl.zst")],
+            "system",
+            &sample("tokenizer.json"),
+            &out.to_string_lossy(),
+        );
         o.threads = threads;
         o.row_group_tokens = 20_000;
         let r = prepare(&o).expect("prepare");
         assert!(r.manifest.shards.iter().any(|s| s.row_groups.len() > 3));
-        shas.push(r.manifest.shards.iter().map(|s| (s.file.clone(), s.sha256.clone())).collect::<Vec<_>>());
+        shas.push(
+            r.manifest
+                .shards
+                .iter()
+                .map(|s| (s.file.clone(), s.sha256.clone()))
+                .collect::<Vec<_>>(),
+        );
     }
     assert_eq!(shas[0], shas[1]);
 }
@@ -226,9 +304,14 @@ fn prepare_is_deterministic_and_independent_of_thread_count() {
 #[test]
 fn validation_split_is_chosen_by_document_hash() {
     let shards = sample_shards().join("synthetic");
-    let texts: BTreeMap<String, ()> = (0..120).map(|i| (sigma_data::synth::document(7, i), ())).collect();
+    let texts: BTreeMap<String, ()> = (0..120)
+        .map(|i| (sigma_data::synth::document(7, i), ()))
+        .collect();
     let tok = Tokenizer::load(&sample("tokenizer.json")).expect("tokenizer");
-    let valid: Vec<String> = shard_docs(&shards, Split::Valid).iter().map(|d| tok.decode(d, false).expect("decode")).collect();
+    let valid: Vec<String> = shard_docs(&shards, Split::Valid)
+        .iter()
+        .map(|d| tok.decode(d, false).expect("decode"))
+        .collect();
     let expect: Vec<String> = texts
         .keys()
         .filter(|t| sigma_data::prepare::split_of(xxhash_of(t), 0.05) == Split::Valid)
@@ -237,7 +320,11 @@ fn validation_split_is_chosen_by_document_hash() {
     let mut got = valid.clone();
     got.sort();
     assert_eq!(got, expect);
-    assert!(!got.is_empty() && got.len() < 20, "about 5% of 120 documents, got {}", got.len());
+    assert!(
+        !got.is_empty() && got.len() < 20,
+        "about 5% of 120 documents, got {}",
+        got.len()
+    );
 }
 
 /// xxh3-64 of the text, as the manifest format defines the split hash.
@@ -249,12 +336,20 @@ fn xxhash_of(t: &str) -> u64 {
 fn memory_object_store_gives_the_same_stream_as_local_files() {
     for d in ["general", "system", "synthetic"] {
         let input = if d == "synthetic" {
-            process_dir().join("synthetic-small.jsonl").to_string_lossy().into_owned()
+            process_dir()
+                .join("synthetic-small.jsonl")
+                .to_string_lossy()
+                .into_owned()
         } else {
             sample(&format!("{d}.jsonl.zst"))
         };
         sample_shards();
-        let mut o = PrepareOptions::new(vec![input], d, &sample("tokenizer.json"), &format!("memory://mem-test/shards/{d}"));
+        let mut o = PrepareOptions::new(
+            vec![input],
+            d,
+            &sample("tokenizer.json"),
+            &format!("memory://mem-test/shards/{d}"),
+        );
         o.row_group_tokens = 8192;
         o.valid_fraction = 0.05;
         prepare(&o).expect("prepare into memory store");
@@ -263,8 +358,22 @@ fn memory_object_store_gives_the_same_stream_as_local_files() {
     let root = sample_shards().to_string_lossy().into_owned();
     let mem = local.replace(&format!("{root}/"), "memory://mem-test/shards/");
     assert_ne!(local, mem);
-    let a = batches(&Dataset::open_blocking(&DataConfig::from_toml("l", &local).expect("cfg")).expect("open"), 8, 0, 1, 0, 30);
-    let b = batches(&Dataset::open_blocking(&DataConfig::from_toml("m", &mem).expect("cfg")).expect("open"), 8, 0, 1, 0, 30);
+    let a = batches(
+        &Dataset::open_blocking(&DataConfig::from_toml("l", &local).expect("cfg")).expect("open"),
+        8,
+        0,
+        1,
+        0,
+        30,
+    );
+    let b = batches(
+        &Dataset::open_blocking(&DataConfig::from_toml("m", &mem).expect("cfg")).expect("open"),
+        8,
+        0,
+        1,
+        0,
+        30,
+    );
     assert_eq!(a, b);
 }
 
@@ -272,16 +381,28 @@ fn memory_object_store_gives_the_same_stream_as_local_files() {
 fn a_failed_prepare_leaves_the_previous_data_intact_and_no_partial_manifest() {
     let dir = tempfile::tempdir().expect("tmp");
     let good = dir.path().join("good.jsonl");
-    write_file(&good, b"{\"text\": \"alpha beta\"}\n{\"text\": \"gamma\"}\n");
+    write_file(
+        &good,
+        b"{\"text\": \"alpha beta\"}\n{\"text\": \"gamma\"}\n",
+    );
     let bad = dir.path().join("z-bad.jsonl");
     write_file(&bad, b"{\"text\": \"ok\"}\n{\"text\": \"\xff\xfe\"}\n");
     let out = dir.path().join("out");
     let outs = out.to_string_lossy().into_owned();
     // A fresh output: the failure leaves no manifest and no staging directory.
-    let mut o = PrepareOptions::new(vec![good.to_string_lossy().into(), bad.to_string_lossy().into()], "general", &sample("tokenizer.json"), &outs);
-    let e = prepare(&o).expect_err("invalid UTF-8 must fail").to_string();
+    let mut o = PrepareOptions::new(
+        vec![good.to_string_lossy().into(), bad.to_string_lossy().into()],
+        "general",
+        &sample("tokenizer.json"),
+        &outs,
+    );
+    let e = prepare(&o)
+        .expect_err("invalid UTF-8 must fail")
+        .to_string();
     assert!(e.contains("z-bad.jsonl:2"), "{e}");
-    let left: Vec<_> = std::fs::read_dir(&out).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
     // An existing output survives a failed overwrite untouched.
     o.inputs = vec![good.to_string_lossy().into()];
@@ -290,7 +411,10 @@ fn a_failed_prepare_leaves_the_previous_data_intact_and_no_partial_manifest() {
     o.inputs.push(bad.to_string_lossy().into());
     o.overwrite = true;
     prepare(&o).expect_err("must fail");
-    assert_eq!(std::fs::read(out.join("manifest.json")).expect("manifest"), before);
+    assert_eq!(
+        std::fs::read(out.join("manifest.json")).expect("manifest"),
+        before
+    );
     let r = sigma_data::inspect::inspect(&outs, true).expect("inspect");
     assert!(r.healthy(), "{r}");
 }
@@ -301,7 +425,12 @@ fn parquet_inputs_with_a_text_column_are_read() {
     let p = dir.path().join("dump.parquet");
     write_parquet(&p, "text", &["first document", "second one", ""]);
     let out = dir.path().join("out");
-    let o = PrepareOptions::new(vec![p.to_string_lossy().into()], "general", &sample("tokenizer.json"), &out.to_string_lossy());
+    let o = PrepareOptions::new(
+        vec![p.to_string_lossy().into()],
+        "general",
+        &sample("tokenizer.json"),
+        &out.to_string_lossy(),
+    );
     let r = prepare(&o).expect("prepare parquet");
     assert_eq!(r.documents(), 2, "the empty row is skipped");
 }
@@ -320,7 +449,9 @@ pub fn write_parquet(path: &std::path::Path, column: &str, rows: &[&str]) {
 /// A tokenizer.json laid out like Llama 3's: regex Split pre-tokenizer, byte-level
 /// without its own regex, `<|end_of_text|>` as end of document, a BOS template.
 fn llama3_style_tokenizer(path: &std::path::Path) {
-    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sample("tokenizer.json")).expect("read")).expect("json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sample("tokenizer.json")).expect("read"))
+            .expect("json");
     t["added_tokens"][0]["content"] = "<|end_of_text|>".into();
     let vocab = t["model"]["vocab"].as_object_mut().expect("vocab");
     let id = vocab.remove("<|endoftext|>").expect("eos in vocab");
@@ -351,7 +482,12 @@ fn a_llama3_style_tokenizer_works_for_prepare_and_loading() {
     assert!(!ids.contains(&1), "no BOS added when encoding documents");
     assert_eq!(tok.decode(&ids, false).expect("decode"), text);
     let out = dir.path().join("out");
-    let o = PrepareOptions::new(vec![sample("synthetic.jsonl.zst")], "synthetic", &tpath.to_string_lossy(), &out.to_string_lossy());
+    let o = PrepareOptions::new(
+        vec![sample("synthetic.jsonl.zst")],
+        "synthetic",
+        &tpath.to_string_lossy(),
+        &out.to_string_lossy(),
+    );
     let r = prepare(&o).expect("prepare with the Llama-3-style tokenizer");
     assert_eq!(r.manifest.tokenizer.eos_id, 0);
     let cfg = format!("[data]\nseq_len = 32\ntokenizer = {:?}\n[[data.sources]]\nmanifest = {:?}\n[data.mixture]\nsynthetic = 1.0\n", tpath.to_string_lossy(), out.to_string_lossy());

@@ -11,19 +11,33 @@ use std::time::{Duration, Instant};
 use sigma_data::prepare::{prepare, PrepareOptions};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 pub fn sample(name: &str) -> String {
-    repo_root().join("data/sample").join(name).to_string_lossy().into_owned()
+    repo_root()
+        .join("data/sample")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The `sigma` binary next to this test binary (target/<profile>/sigma).
 pub fn sigma_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
     let bin = dir.join("sigma");
-    assert!(bin.exists(), "{} not found: build it first (cargo build --release, as scripts/test.sh does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release, as scripts/test.sh does)",
+        bin.display()
+    );
     bin
 }
 
@@ -47,7 +61,11 @@ pub fn stderr(o: &Output) -> String {
 /// Assert a command failed cleanly: non-zero exit, no panic, stderr mentions every needle.
 pub fn assert_clean_failure(o: &Output, needles: &[&str]) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stdout:\n{}\nstderr:\n{err}", stdout(o));
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stdout:\n{}\nstderr:\n{err}",
+        stdout(o)
+    );
     assert_eq!(o.status.code(), Some(1), "exit code; stderr:\n{err}");
     assert!(!err.contains("panicked"), "panicked:\n{err}");
     for n in needles {
@@ -58,7 +76,8 @@ pub fn assert_clean_failure(o: &Output, needles: &[&str]) {
 /// A directory that lives for the whole test process.
 pub fn process_dir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("tempdir")).path()
+    DIR.get_or_init(|| tempfile::tempdir().expect("tempdir"))
+        .path()
 }
 
 /// Shards for the three sample domains, prepared once per process with small
@@ -75,7 +94,12 @@ pub fn sample_shards() -> &'static Path {
             ("system", sample("system.jsonl.zst")),
             ("synthetic", synth.to_string_lossy().into_owned()),
         ] {
-            let mut o = PrepareOptions::new(vec![input], domain, &sample("tokenizer.json"), &root.join(domain).to_string_lossy());
+            let mut o = PrepareOptions::new(
+                vec![input],
+                domain,
+                &sample("tokenizer.json"),
+                &root.join(domain).to_string_lossy(),
+            );
             o.row_group_tokens = 8192;
             o.valid_fraction = 0.05;
             prepare(&o).expect("prepare sample shards");
@@ -90,7 +114,10 @@ pub fn sample_config(extra: &str) -> String {
     let mut s = String::from("[data]\nseq_len = 64\nseed = 5\nshuffle_window = 4\n");
     s.push_str(extra);
     for d in ["general", "system", "synthetic"] {
-        s.push_str(&format!("[[data.sources]]\nmanifest = {:?}\n", root.join(d).to_string_lossy()));
+        s.push_str(&format!(
+            "[[data.sources]]\nmanifest = {:?}\n",
+            root.join(d).to_string_lossy()
+        ));
     }
     s
 }
@@ -125,7 +152,14 @@ impl S3Server {
             l.local_addr().expect("addr").port()
         };
         let child = Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -133,7 +167,11 @@ impl S3Server {
         let s = S3Server { child, port };
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto server did not start on port {port} (is moto[server] installed in {}?)", python());
+            assert!(
+                Instant::now() < deadline,
+                "moto server did not start on port {port} (is moto[server] installed in {}?)",
+                python()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         s
@@ -173,7 +211,12 @@ pub fn quickstart_shards() -> &'static Path {
     DONE.get_or_init(|| {
         let root = process_dir().join("quickstart-shards");
         for d in ["general", "system", "synthetic"] {
-            let mut o = PrepareOptions::new(vec![sample(&format!("{d}.jsonl.zst"))], d, &sample("tokenizer.json"), &root.join(d).to_string_lossy());
+            let mut o = PrepareOptions::new(
+                vec![sample(&format!("{d}.jsonl.zst"))],
+                d,
+                &sample("tokenizer.json"),
+                &root.join(d).to_string_lossy(),
+            );
             o.row_group_tokens = 65536;
             o.valid_fraction = 0.05;
             prepare(&o).expect("prepare quickstart shards");
@@ -185,9 +228,16 @@ pub fn quickstart_shards() -> &'static Path {
 /// `sigma train` arguments for configs/tiny.toml on the quickstart shards.
 pub fn tiny_train_args(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let root = quickstart_shards();
-    let sources: Vec<String> =
-        ["general", "system", "synthetic"].iter().map(|d| format!("{{manifest = {:?}}}", root.join(d).to_string_lossy())).collect();
-    let mut a: Vec<String> = vec!["train".into(), "--config".into(), "configs/tiny.toml".into(), "--quiet".into()];
+    let sources: Vec<String> = ["general", "system", "synthetic"]
+        .iter()
+        .map(|d| format!("{{manifest = {:?}}}", root.join(d).to_string_lossy()))
+        .collect();
+    let mut a: Vec<String> = vec![
+        "train".into(),
+        "--config".into(),
+        "configs/tiny.toml".into(),
+        "--quiet".into(),
+    ];
     for s in [
         format!("train.steps={steps}"),
         "train.log_every=1".into(),

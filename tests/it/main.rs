@@ -3,5 +3,6 @@
 mod data_errors;
 mod data_pipeline;
 mod data_s3;
+mod distributed;
 mod model;
 mod train;

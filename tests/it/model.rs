@@ -36,7 +36,8 @@ fn model(c: &ModelConfig) -> Model {
 /// Row-major matrix from a 2-D tensor.
 fn mat(t: &Tensor) -> (usize, usize, Vec<f64>) {
     let s = t.size();
-    let v: Vec<f64> = Vec::<f64>::try_from(t.to_kind(Kind::Double).contiguous().view(-1)).expect("to vec");
+    let v: Vec<f64> =
+        Vec::<f64>::try_from(t.to_kind(Kind::Double).contiguous().view(-1)).expect("to vec");
     (s[0] as usize, s[1] as usize, v)
 }
 
@@ -71,7 +72,11 @@ fn rope(v: &mut [f64], p: usize, theta: f64) {
 /// Attention of layer 0 on h [t, d], written with explicit per-head loops.
 fn reference_attention(m: &Model, h: &[f64], t: usize) -> Vec<f64> {
     let c = &m.cfg;
-    let p = |n: &str| m.params.get(&format!("layers.0.attn.{n}.weight")).shallow_clone();
+    let p = |n: &str| {
+        m.params
+            .get(&format!("layers.0.attn.{n}.weight"))
+            .shallow_clone()
+    };
     let (nq, nk, nv) = (c.num_q_heads, c.num_k_heads, c.num_v_heads);
     let (dd, dk, dv, d) = (c.dot_dim(), c.k_cache_dim(), c.v_head_dim, c.d_model);
     let mut q = linear(h, t, d, &p("q_proj"));
@@ -93,7 +98,11 @@ fn reference_attention(m: &Model, h: &[f64], t: usize) -> Vec<f64> {
         }
         for j in 0..nk {
             let kc = &k_raw[pos * nk * dk + j * dk..pos * nk * dk + (j + 1) * dk];
-            kh[j][pos] = if c.k_compression == KCompression::Projected { linear(kc, 1, dk, &p("k_up")) } else { kc.to_vec() };
+            kh[j][pos] = if c.k_compression == KCompression::Projected {
+                linear(kc, 1, dk, &p("k_up"))
+            } else {
+                kc.to_vec()
+            };
             rope(&mut kh[j][pos], pos, c.rope_theta);
         }
     }
@@ -102,7 +111,14 @@ fn reference_attention(m: &Model, h: &[f64], t: usize) -> Vec<f64> {
         let (kj, vj) = (i / (nq / nk), i / (nq / nv));
         for a in 0..t {
             let scores: Vec<f64> = (0..=a)
-                .map(|b| qh[i][a].iter().zip(&kh[kj][b]).map(|(x, y)| x * y).sum::<f64>() / (dd as f64).sqrt())
+                .map(|b| {
+                    qh[i][a]
+                        .iter()
+                        .zip(&kh[kj][b])
+                        .map(|(x, y)| x * y)
+                        .sum::<f64>()
+                        / (dd as f64).sqrt()
+                })
                 .collect();
             let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
@@ -126,7 +142,11 @@ fn check_attention(c: &ModelConfig) {
     let (_, _, hv) = mat(&h.view([t as i64, -1]));
     let want = reference_attention(&m, &hv, t);
     let (_, _, gv) = mat(&got.view([t as i64, -1]));
-    let err = gv.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let err = gv
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     assert!(err < 1e-10, "{c:?}: max abs error {err}");
 }
 
@@ -165,15 +185,27 @@ fn mha_and_gqa_equal_a_plain_implementation() {
     let mha = model(&mc);
     tch::no_grad(|| {
         for name in ["k_proj", "v_proj"] {
-            let src = g.params.get(&format!("layers.0.attn.{name}.weight")).view([2, 4, 16]);
+            let src = g
+                .params
+                .get(&format!("layers.0.attn.{name}.weight"))
+                .view([2, 4, 16]);
             let rep = src.repeat_interleave_self_int(4, 0, None).reshape([32, 16]);
-            mha.params.get(&format!("layers.0.attn.{name}.weight")).shallow_clone().copy_(&rep);
+            mha.params
+                .get(&format!("layers.0.attn.{name}.weight"))
+                .shallow_clone()
+                .copy_(&rep);
         }
         for name in ["q_proj", "o_proj"] {
-            mha.params.get(&format!("layers.0.attn.{name}.weight")).shallow_clone().copy_(g.params.get(&format!("layers.0.attn.{name}.weight")));
+            mha.params
+                .get(&format!("layers.0.attn.{name}.weight"))
+                .shallow_clone()
+                .copy_(g.params.get(&format!("layers.0.attn.{name}.weight")));
         }
         let h = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
-        let d = (g.attention(0, &h) - mha.attention(0, &h)).abs().max().double_value(&[]);
+        let d = (g.attention(0, &h) - mha.attention(0, &h))
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(d < 1e-12, "{d}");
     });
 }
@@ -188,8 +220,14 @@ fn changing_future_tokens_never_changes_past_logits() {
     let _ = b.narrow(1, 5, 3).fill_(11);
     tch::no_grad(|| {
         let (la, lb) = (m.forward(&a), m.forward(&b));
-        let past = (la.narrow(1, 0, 5) - lb.narrow(1, 0, 5)).abs().max().double_value(&[]);
-        let future = (la.narrow(1, 5, 3) - lb.narrow(1, 5, 3)).abs().max().double_value(&[]);
+        let past = (la.narrow(1, 0, 5) - lb.narrow(1, 0, 5))
+            .abs()
+            .max()
+            .double_value(&[]);
+        let future = (la.narrow(1, 5, 3) - lb.narrow(1, 5, 3))
+            .abs()
+            .max()
+            .double_value(&[]);
         assert_eq!(past, 0.0);
         assert!(future > 1e-6);
     });
@@ -233,7 +271,10 @@ fn gradients_match_finite_differences() {
         });
         let fd = (up - down) / (2.0 * eps);
         let an = g.double_value(&[i]);
-        assert!((fd - an).abs() <= 1e-6 * (1.0 + an.abs()), "param element {i}: finite difference {fd}, autograd {an}");
+        assert!(
+            (fd - an).abs() <= 1e-6 * (1.0 + an.abs()),
+            "param element {i}: finite difference {fd}, autograd {an}"
+        );
     }
     let _ = &mut flat;
 }
@@ -243,23 +284,39 @@ fn activation_checkpointing_gives_bit_identical_gradients() {
     let mut c = cfg(8, 2, 4, 4, 4);
     c.aug_q_dim = 12;
     let m = Model::new(&c, 11, false, false, Device::Cpu, false);
-    let tokens = Tensor::from_slice(&(0..40).map(|i| (i * 7 % 40) as i64).collect::<Vec<_>>()).view([4, 10]);
+    let tokens =
+        Tensor::from_slice(&(0..40).map(|i| (i * 7 % 40) as i64).collect::<Vec<_>>()).view([4, 10]);
     let (g1, l1) = engine_grads(&m, &tokens, 0.01, false);
     let (g2, l2) = engine_grads(&m, &tokens, 0.01, true);
     assert!(g1.abs().sum(Kind::Double).double_value(&[]) > 0.0);
-    assert!(g1.equal(&g2), "gradients differ with activation checkpointing");
+    assert!(
+        g1.equal(&g2),
+        "gradients differ with activation checkpointing"
+    );
     assert!(l1.equal(&l2));
     // And the segment engine equals one ordinary backward pass.
     let t = 9;
-    let loss = m.head_loss_sum(&{
-        let mut x = m.embed(&tokens.narrow(1, 0, t));
-        for l in 0..c.num_layers {
-            x = m.block(l, &x);
-        }
-        x
-    }, &tokens.narrow(1, 1, t));
+    let loss = m.head_loss_sum(
+        &{
+            let mut x = m.embed(&tokens.narrow(1, 0, t));
+            for l in 0..c.num_layers {
+                x = m.block(l, &x);
+            }
+            x
+        },
+        &tokens.narrow(1, 1, t),
+    );
     let per_param = Tensor::run_backward(&[&loss * 0.01], &m.params.tensors, false, false);
-    let g3 = Tensor::cat(&per_param.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+    let g3 = Tensor::cat(
+        &per_param
+            .iter()
+            .map(|g| g.reshape([-1]))
+            .collect::<Vec<_>>(),
+        0,
+    );
     let rel = ((&g3 - &g1).abs().max() / g1.abs().max()).double_value(&[]);
-    assert!(rel < 1e-5, "segment engine vs plain backward: relative difference {rel}");
+    assert!(
+        rel < 1e-5,
+        "segment engine vs plain backward: relative difference {rel}"
+    );
 }

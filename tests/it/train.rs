@@ -17,15 +17,29 @@ fn first_20_losses_of_tiny_match_the_golden_file_bit_for_bit() {
     let golden = repo_root().join("tests/golden/tiny-losses.json");
     if std::env::var("SIGMA_UPDATE_GOLDEN").is_ok() {
         let v = serde_json::json!({"config": "configs/tiny.toml", "data": "scripts/quickstart.sh shards", "steps": 20, "losses": got});
-        std::fs::write(&golden, serde_json::to_string_pretty(&v).expect("json") + "\n").expect("write golden");
+        std::fs::write(
+            &golden,
+            serde_json::to_string_pretty(&v).expect("json") + "\n",
+        )
+        .expect("write golden");
     }
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&golden).expect(
         "tests/golden/tiny-losses.json missing: run the test once with SIGMA_UPDATE_GOLDEN=1 on a CPU machine",
     ))
     .expect("golden json");
-    let want: Vec<f64> = want["losses"].as_array().expect("losses").iter().map(|x| x.as_f64().expect("f64")).collect();
+    let want: Vec<f64> = want["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|x| x.as_f64().expect("f64"))
+        .collect();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "step {}: loss {g} vs golden {w}", i + 1);
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "step {}: loss {g} vs golden {w}",
+            i + 1
+        );
     }
     // A second run reproduces itself exactly too.
     let d2 = tempfile::tempdir().expect("tmp");
@@ -41,18 +55,40 @@ fn tiny_learns_and_writes_its_outputs() {
     let l = losses(&d.path().join("metrics.jsonl"));
     let first = l[0];
     let last5: f64 = l[l.len() - 5..].iter().sum::<f64>() / 5.0;
-    assert!((first - (8192f64).ln()).abs() < 0.5, "initial loss {first} should be near ln(8192)");
-    assert!(last5 < first - 3.0, "loss did not fall clearly: {first} -> {last5}");
+    assert!(
+        (first - (8192f64).ln()).abs() < 0.5,
+        "initial loss {first} should be near ln(8192)"
+    );
+    assert!(
+        last5 < first - 3.0,
+        "loss did not fall clearly: {first} -> {last5}"
+    );
     let out = stdout(&o);
     for d in ["general", "system", "synthetic"] {
-        assert!(out.contains(d), "validation loss per domain missing for {d}:\n{out}");
+        assert!(
+            out.contains(d),
+            "validation loss per domain missing for {d}:\n{out}"
+        );
     }
     let png = std::fs::read(d.path().join("loss.png")).expect("loss.png");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    assert!(std::fs::read_dir(d.path()).expect("dir").flatten().any(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+    assert!(std::fs::read_dir(d.path())
+        .expect("dir")
+        .flatten()
+        .any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out.tfevents.")));
     let cfg = std::fs::read_to_string(d.path().join("config.toml")).expect("saved config");
     assert!(cfg.contains("steps = 150"));
-    let rec: serde_json::Value = serde_json::from_str(std::fs::read_to_string(d.path().join("metrics.jsonl")).expect("m").lines().next().expect("line")).expect("json");
+    let rec: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(d.path().join("metrics.jsonl"))
+            .expect("m")
+            .lines()
+            .next()
+            .expect("line"),
+    )
+    .expect("json");
     for k in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"] {
         assert!(rec.get(k).is_some(), "metrics record lacks {k}: {rec}");
     }
@@ -60,22 +96,43 @@ fn tiny_learns_and_writes_its_outputs() {
 
 #[test]
 fn activation_checkpointing_run_matches_the_plain_run() {
-    let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
     assert!(run(&tiny_train_args(a.path(), 5, &[])).status.success());
-    assert!(run(&tiny_train_args(b.path(), 5, &["train.activation_checkpointing=true"])).status.success());
-    assert_eq!(losses(&a.path().join("metrics.jsonl")), losses(&b.path().join("metrics.jsonl")));
+    assert!(run(&tiny_train_args(
+        b.path(),
+        5,
+        &["train.activation_checkpointing=true"]
+    ))
+    .status
+    .success());
+    assert_eq!(
+        losses(&a.path().join("metrics.jsonl")),
+        losses(&b.path().join("metrics.jsonl"))
+    );
 }
 
 #[test]
 fn config_errors_are_explained() {
     let d = tempfile::tempdir().expect("tmp");
     let cases: &[(&[&str], &[&str])] = &[
-        (&["model.num_k_heads=3"], &["model.num_k_heads", "divisible", "8", "3"]),
-        (&["model.num_v_heads=16"], &["model.num_v_heads", "divisible"]),
+        (
+            &["model.num_k_heads=3"],
+            &["model.num_k_heads", "divisible", "8", "3"],
+        ),
+        (
+            &["model.num_v_heads=16"],
+            &["model.num_v_heads", "divisible"],
+        ),
         (&["train.bogus=1"], &["bogus"]),
         (&["model.vocab_size=100"], &["model.vocab_size", "8192"]),
         (&["parallel.dp=2"], &["parallel", "dp = 2"]),
-        (&["model.k_compression=\"projected\""], &["model.k_dim", "required"]),
+        (
+            &["model.k_compression=\"projected\""],
+            &["model.k_dim", "required"],
+        ),
         (&["optim.schedule=\"wsd\""], &["optim.decay_steps"]),
         (&["model.qk_head_dim=15"], &["model.qk_head_dim", "even"]),
     ];
@@ -83,7 +140,10 @@ fn config_errors_are_explained() {
         let o = run(&tiny_train_args(d.path(), 2, sets));
         assert_clean_failure(&o, needles);
     }
-    let o = sigma(&["train", "--config", "configs/tiny.toml", "--set", "nodots"], &[]);
+    let o = sigma(
+        &["train", "--config", "configs/tiny.toml", "--set", "nodots"],
+        &[],
+    );
     assert_clean_failure(&o, &["--set", "nodots"]);
     let o = sigma(&["train", "--config", "configs/missing.toml"], &[]);
     assert_clean_failure(&o, &["configs/missing.toml"]);
@@ -91,24 +151,56 @@ fn config_errors_are_explained() {
 
 #[test]
 fn model_summary_counts_sigma_1_5b() {
-    let o = sigma(&["model", "summary", "--config", "configs/sigma-1.5b.toml"], &[]);
+    let o = sigma(
+        &["model", "summary", "--config", "configs/sigma-1.5b.toml"],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
     // KV cache: 26 layers x (4*64 + 16*64) x 2 bytes = 66,560 bytes per token.
     assert!(s.contains("66560 bytes"), "{s}");
-    let g = sigma(&["model", "summary", "--config", "configs/sigma-1.5b.toml", "--set", "model.num_k_heads=16", "--set", "model.aug_q_dim=0"], &[]);
-    assert!(stdout(&g).contains("106496 bytes"), "GQA 16/16: 26 x 2048 x 2 bytes\n{}", stdout(&g));
+    let g = sigma(
+        &[
+            "model",
+            "summary",
+            "--config",
+            "configs/sigma-1.5b.toml",
+            "--set",
+            "model.num_k_heads=16",
+            "--set",
+            "model.aug_q_dim=0",
+        ],
+        &[],
+    );
+    assert!(
+        stdout(&g).contains("106496 bytes"),
+        "GQA 16/16: 26 x 2048 x 2 bytes\n{}",
+        stdout(&g)
+    );
 }
 
 #[test]
 fn batch_ramp_grows_the_global_batch() {
     let d = tempfile::tempdir().expect("tmp");
-    let o = run(&tiny_train_args(d.path(), 6, &["train.grad_accum_steps=4", "train.batch_ramp_steps=4", "train.batch_ramp_start_accum=1"]));
+    let o = run(&tiny_train_args(
+        d.path(),
+        6,
+        &[
+            "train.grad_accum_steps=4",
+            "train.batch_ramp_steps=4",
+            "train.batch_ramp_start_accum=1",
+        ],
+    ));
     assert!(o.status.success(), "{}", stderr(&o));
     let sizes: Vec<u64> = std::fs::read_to_string(d.path().join("metrics.jsonl"))
         .expect("metrics")
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("global_batch_tokens")?.as_u64())
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("global_batch_tokens")?
+                .as_u64()
+        })
         .collect();
     // 8 samples x 128 tokens per micro-batch; accumulation 1, 1, 2, 3, then 4.
     assert_eq!(sizes, vec![1024, 1024, 2048, 3072, 4096, 4096]);
@@ -116,7 +208,12 @@ fn batch_ramp_grows_the_global_batch() {
 
 #[test]
 fn non_finite_updates_are_skipped_or_abort() {
-    let blowup = ["optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "optim.schedule=\"constant\""];
+    let blowup = [
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+        "optim.schedule=\"constant\"",
+    ];
     let d = tempfile::tempdir().expect("tmp");
     let mut sets: Vec<&str> = blowup.to_vec();
     sets.push("train.nan_policy=\"abort\"");

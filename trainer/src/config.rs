@@ -125,7 +125,10 @@ impl ModelConfig {
             );
         }
         if self.qk_head_dim % 2 != 0 {
-            return bad("qk_head_dim", format!("must be even for RoPE, got {}", self.qk_head_dim));
+            return bad(
+                "qk_head_dim",
+                format!("must be even for RoPE, got {}", self.qk_head_dim),
+            );
         }
         match (self.k_compression, self.k_dim) {
             (KCompression::None, Some(d)) if d != self.qk_head_dim => {
@@ -140,7 +143,10 @@ impl ModelConfig {
             _ => {}
         }
         if !(self.rope_theta > 0.0) {
-            return bad("rope_theta", format!("must be positive, got {}", self.rope_theta));
+            return bad(
+                "rope_theta",
+                format!("must be positive, got {}", self.rope_theta),
+            );
         }
         if !(self.norm_eps > 0.0) || !(self.init_std > 0.0) {
             return bad("norm_eps", "norm_eps and init_std must be positive".into());
@@ -300,7 +306,12 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { dp: 1, tp: 1, pp: 1, zero: 0 }
+        ParallelConfig {
+            dp: 1,
+            tp: 1,
+            pp: 1,
+            zero: 0,
+        }
     }
 }
 
@@ -327,7 +338,14 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { dir: None, every_steps: 0, every_minutes: 0.0, keep_last: d_keep(), keep_every: 0, async_save: false }
+        CheckpointConfig {
+            dir: None,
+            every_steps: 0,
+            every_minutes: 0.0,
+            keep_last: d_keep(),
+            keep_every: 0,
+            async_save: false,
+        }
     }
 }
 
@@ -352,7 +370,12 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { output_dir: d_out(), tensorboard: true, peak_flops: None, plot: true }
+        MetricsConfig {
+            output_dir: d_out(),
+            tensorboard: true,
+            peak_flops: None,
+            plot: true,
+        }
     }
 }
 
@@ -382,7 +405,10 @@ pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
     };
     let parts: Vec<&str> = path.trim().split('.').collect();
     if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
-        return Err(TrainError::config("--set", format!("`{path}` must be section.key")));
+        return Err(TrainError::config(
+            "--set",
+            format!("`{path}` must be section.key"),
+        ));
     }
     let mut table = doc;
     for p in &parts[..parts.len() - 1] {
@@ -390,7 +416,9 @@ pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
             .entry(p.to_string())
             .or_insert_with(|| toml::Value::Table(Default::default()))
             .as_table_mut()
-            .ok_or_else(|| TrainError::config("--set", format!("`{p}` in `{path}` is not a section")))?;
+            .ok_or_else(|| {
+                TrainError::config("--set", format!("`{p}` in `{path}` is not a section"))
+            })?;
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
@@ -398,7 +426,9 @@ pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
 
 impl RunConfig {
     pub fn parse(file: &str, text: &str, overrides: &[String]) -> Result<RunConfig> {
-        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| TrainError::config(file, e.to_string()))?;
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| TrainError::config(file, e.to_string()))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
@@ -410,7 +440,8 @@ impl RunConfig {
     }
 
     pub fn load(path: &str, overrides: &[String]) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::config(path, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TrainError::config(path, format!("cannot read: {e}")))?;
         RunConfig::parse(path, &text, overrides)
     }
 
@@ -422,31 +453,51 @@ impl RunConfig {
         self.model.validate()?;
         let t = &self.train;
         if t.steps == 0 || t.micro_batch_size == 0 || t.grad_accum_steps == 0 {
-            return Err(TrainError::config("train", "steps, micro_batch_size and grad_accum_steps must be positive"));
+            return Err(TrainError::config(
+                "train",
+                "steps, micro_batch_size and grad_accum_steps must be positive",
+            ));
         }
-        if t.batch_ramp_steps > 0 && (t.batch_ramp_start_accum == 0 || t.batch_ramp_start_accum > t.grad_accum_steps) {
+        if t.batch_ramp_steps > 0
+            && (t.batch_ramp_start_accum == 0 || t.batch_ramp_start_accum > t.grad_accum_steps)
+        {
             return Err(TrainError::config(
                 "train.batch_ramp_start_accum",
-                format!("must be in 1..={} (train.grad_accum_steps)", t.grad_accum_steps),
+                format!(
+                    "must be in 1..={} (train.grad_accum_steps)",
+                    t.grad_accum_steps
+                ),
             ));
         }
         let o = &self.optim;
         if !(o.lr > 0.0) || o.min_lr < 0.0 || o.min_lr > o.lr {
-            return Err(TrainError::config("optim.lr", format!("need 0 <= min_lr ({}) <= lr ({}), lr > 0", o.min_lr, o.lr)));
+            return Err(TrainError::config(
+                "optim.lr",
+                format!("need 0 <= min_lr ({}) <= lr ({}), lr > 0", o.min_lr, o.lr),
+            ));
         }
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return Err(TrainError::config("optim.betas", format!("each beta must be in [0, 1), got {:?}", o.betas)));
+            return Err(TrainError::config(
+                "optim.betas",
+                format!("each beta must be in [0, 1), got {:?}", o.betas),
+            ));
         }
         if o.schedule == Schedule::Wsd && o.decay_steps == 0 {
-            return Err(TrainError::config("optim.decay_steps", "required (> 0) for schedule = \"wsd\""));
+            return Err(TrainError::config(
+                "optim.decay_steps",
+                "required (> 0) for schedule = \"wsd\"",
+            ));
         }
         let p = &self.parallel;
-        if p.dp * p.tp * p.pp != 1 || p.zero != 0 {
+        if p.dp == 0 {
+            return Err(TrainError::config("parallel.dp", "must be positive"));
+        }
+        if p.tp != 1 || p.pp != 1 || p.zero != 0 {
             return Err(TrainError::config(
                 "parallel",
                 format!(
-                    "dp = {}, tp = {}, pp = {}, zero = {}: this build trains on one device (dp = tp = pp = 1, zero = 0); multi-device training comes with the distributed runtime",
-                    p.dp, p.tp, p.pp, p.zero
+                    "tp = {}, pp = {}, zero = {}: this build has data parallelism only (tp = pp = 1, zero = 0); tensor and pipeline parallelism and ZeRO-1 are not implemented yet",
+                    p.tp, p.pp, p.zero
                 ),
             ));
         }

@@ -38,7 +38,13 @@ fn leaf(t: &Tensor) -> Tensor {
 
 /// Differentiate scalar `root` with respect to the parameters `idx` (adding
 /// into `grads`, laid out like `params.flat`) and to `input` (returned).
-fn backprop(root: &Tensor, params: &Params, idx: &[usize], input: Option<&Tensor>, grads: &mut Tensor) -> Option<Tensor> {
+fn backprop(
+    root: &Tensor,
+    params: &Params,
+    idx: &[usize],
+    input: Option<&Tensor>,
+    grads: &mut Tensor,
+) -> Option<Tensor> {
     let mut wrt: Vec<&Tensor> = idx.iter().map(|&i| &params.tensors[i]).collect();
     if let Some(x) = input {
         wrt.push(x);
@@ -48,7 +54,9 @@ fn backprop(root: &Tensor, params: &Params, idx: &[usize], input: Option<&Tensor
     tch::no_grad(|| {
         for (&i, gi) in idx.iter().zip(&g) {
             if gi.defined() {
-                let _ = grads.narrow(0, params.offsets[i], params.specs[i].numel()).g_add_(&gi.reshape([-1]));
+                let _ = grads
+                    .narrow(0, params.offsets[i], params.specs[i].numel())
+                    .g_add_(&gi.reshape([-1]));
             }
         }
     });
@@ -59,7 +67,13 @@ fn backprop(root: &Tensor, params: &Params, idx: &[usize], input: Option<&Tensor
 /// `tokens[:, :-1]`, targets `tokens[:, 1:]`. The gradient of
 /// `sum of token losses * loss_scale` is added into `grads` (flat, laid out like
 /// the parameters). Returns the (unscaled) loss sum, detached.
-pub fn forward_backward(model: &Model, tokens: &Tensor, loss_scale: f64, checkpoint: bool, grads: &mut Tensor) -> Tensor {
+pub fn forward_backward(
+    model: &Model,
+    tokens: &Tensor,
+    loss_scale: f64,
+    checkpoint: bool,
+    grads: &mut Tensor,
+) -> Tensor {
     let t = tokens.size()[1] - 1;
     let inputs = tokens.narrow(1, 0, t);
     let targets = tokens.narrow(1, 1, t);
@@ -71,7 +85,11 @@ pub fn forward_backward(model: &Model, tokens: &Tensor, loss_scale: f64, checkpo
     let mut block_out: Vec<Option<Tensor>> = Vec::with_capacity(nl);
     let mut x = leaf(&embed_out);
     for l in 0..nl {
-        let out = if checkpoint { tch::no_grad(|| model.block(l, &x)) } else { model.block(l, &x) };
+        let out = if checkpoint {
+            tch::no_grad(|| model.block(l, &x))
+        } else {
+            model.block(l, &x)
+        };
         block_in.push(x);
         x = leaf(&out);
         block_out.push(if checkpoint { None } else { Some(out) });
@@ -80,14 +98,28 @@ pub fn forward_backward(model: &Model, tokens: &Tensor, loss_scale: f64, checkpo
 
     // Backward, segment by segment in reverse.
     let p = &model.params;
-    let mut g = backprop(&(&loss_sum * loss_scale), p, &model.segment_params(Segment::Head), Some(&x), grads).expect("input grad");
+    let mut g = backprop(
+        &(&loss_sum * loss_scale),
+        p,
+        &model.segment_params(Segment::Head),
+        Some(&x),
+        grads,
+    )
+    .expect("input grad");
     for l in (0..nl).rev() {
         let out = match block_out[l].take() {
             Some(o) => o,
             None => model.block(l, &block_in[l]),
         };
         let root = (out * &g).sum(g.kind());
-        g = backprop(&root, p, &model.segment_params(Segment::Block(l)), Some(&block_in[l]), grads).expect("input grad");
+        g = backprop(
+            &root,
+            p,
+            &model.segment_params(Segment::Block(l)),
+            Some(&block_in[l]),
+            grads,
+        )
+        .expect("input grad");
     }
     let root = (embed_out * &g).sum(g.kind());
     backprop(&root, p, &model.segment_params(Segment::Embed), None, grads);

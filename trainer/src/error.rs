@@ -22,9 +22,15 @@ pub enum TrainError {
 
 impl TrainError {
     pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
-        TrainError::Config { field: field.into(), message: message.into() }
+        TrainError::Config {
+            field: field.into(),
+            message: message.into(),
+        }
     }
     pub fn io(path: impl Into<String>, source: std::io::Error) -> Self {
-        TrainError::Io { path: path.into(), source }
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

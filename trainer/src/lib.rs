@@ -3,6 +3,7 @@
 //! training loop.
 
 pub mod config;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod metrics;

@@ -24,16 +24,26 @@ pub const PEAK_BF16_FLOPS: &[(&str, f64)] = &[
 ];
 
 pub fn peak_flops_for(name: &str) -> Option<f64> {
-    PEAK_BF16_FLOPS.iter().find(|(k, _)| name.contains(k)).map(|&(_, f)| f)
+    PEAK_BF16_FLOPS
+        .iter()
+        .find(|(k, _)| name.contains(k))
+        .map(|&(_, f)| f)
 }
 
 /// Name of CUDA device `index` as nvidia-smi reports it.
 pub fn gpu_name(index: usize) -> Option<String> {
     let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name", "--format=csv,noheader", "-i", &index.to_string()])
+        .args([
+            "--query-gpu=name",
+            "--format=csv,noheader",
+            "-i",
+            &index.to_string(),
+        ])
         .output()
         .ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// GPU memory held by this process (MiB, as nvidia-smi reports it: CUDA context
@@ -48,13 +58,26 @@ pub fn gpu_memory_mib(index: usize) -> Option<u64> {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     };
     let me = std::process::id().to_string();
-    let apps = query(&["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])?;
+    let apps = query(&[
+        "--query-compute-apps=pid,used_memory",
+        "--format=csv,noheader,nounits",
+    ])?;
     let mine = apps.lines().find_map(|l| {
         let mut it = l.split(',').map(str::trim);
-        (it.next() == Some(me.as_str())).then(|| it.next().and_then(|m| m.parse().ok())).flatten()
+        (it.next() == Some(me.as_str()))
+            .then(|| it.next().and_then(|m| m.parse().ok()))
+            .flatten()
     });
     mine.or_else(|| {
-        query(&["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", &index.to_string()])?.trim().parse().ok()
+        query(&[
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            &index.to_string(),
+        ])?
+        .trim()
+        .parse()
+        .ok()
     })
 }
 
@@ -62,7 +85,11 @@ pub fn gpu_memory_mib(index: usize) -> Option<u64> {
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 pub struct MetricsWriter {
@@ -76,14 +103,24 @@ impl MetricsWriter {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir.display().to_string(), e))?;
         let p = dir.join("metrics.jsonl");
         let jsonl = File::create(&p).map_err(|e| TrainError::io(p.display().to_string(), e))?;
-        let tb = if tensorboard { Some(TbWriter::create(dir)?) } else { None };
-        Ok(MetricsWriter { jsonl, tb, dir: dir.to_path_buf() })
+        let tb = if tensorboard {
+            Some(TbWriter::create(dir)?)
+        } else {
+            None
+        };
+        Ok(MetricsWriter {
+            jsonl,
+            tb,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Write one record: JSONL line with everything, TensorBoard scalars for numeric fields.
     pub fn log(&mut self, step: u64, record: &serde_json::Value) -> Result<()> {
         let line = serde_json::to_string(record).expect("json");
-        writeln!(self.jsonl, "{line}").and_then(|_| self.jsonl.flush()).map_err(|e| TrainError::io("metrics.jsonl", e))?;
+        writeln!(self.jsonl, "{line}")
+            .and_then(|_| self.jsonl.flush())
+            .map_err(|e| TrainError::io("metrics.jsonl", e))?;
         if let Some(tb) = &mut self.tb {
             let mut scalars = Vec::new();
             flatten_scalars("", record, &mut scalars);
@@ -95,10 +132,16 @@ impl MetricsWriter {
 
 fn flatten_scalars(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f32)>) {
     match v {
-        serde_json::Value::Number(n) if prefix != "step" => out.push((prefix.to_string(), n.as_f64().unwrap_or(0.0) as f32)),
+        serde_json::Value::Number(n) if prefix != "step" => {
+            out.push((prefix.to_string(), n.as_f64().unwrap_or(0.0) as f32))
+        }
         serde_json::Value::Object(m) => {
             for (k, v) in m {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}/{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}/{k}")
+                };
                 flatten_scalars(&key, v, out);
             }
         }
@@ -134,7 +177,10 @@ fn field_bytes(field: u32, data: &[u8], out: &mut Vec<u8>) {
 
 impl TbWriter {
     pub fn create(dir: &Path) -> Result<TbWriter> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "localhost".into());
         let p = dir.join(format!("events.out.tfevents.{now}.{}", host.trim()));
         let file = File::create(&p).map_err(|e| TrainError::io(p.display().to_string(), e))?;
@@ -147,7 +193,10 @@ impl TbWriter {
     }
 
     fn header(step: u64, ev: &mut Vec<u8>) {
-        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         ev.push((1 << 3) | 1); // wall_time: double
         ev.extend_from_slice(&wall.to_le_bytes());
         ev.push(2 << 3); // step: int64 varint
@@ -161,7 +210,10 @@ impl TbWriter {
         buf.extend_from_slice(&masked_crc(&len).to_le_bytes());
         buf.extend_from_slice(data);
         buf.extend_from_slice(&masked_crc(data).to_le_bytes());
-        self.file.write_all(&buf).and_then(|_| self.file.flush()).map_err(|e| TrainError::io("tensorboard events", e))
+        self.file
+            .write_all(&buf)
+            .and_then(|_| self.file.flush())
+            .map_err(|e| TrainError::io("tensorboard events", e))
     }
 
     pub fn write_scalars(&mut self, step: u64, scalars: &[(String, f32)]) -> Result<()> {
@@ -189,7 +241,10 @@ mod tests {
         // CRC32C("123456789") = 0xE3069283 (the standard check value).
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
         let c: u32 = 0xE306_9283;
-        assert_eq!(masked_crc(b"123456789"), ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8));
+        assert_eq!(
+            masked_crc(b"123456789"),
+            ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+        );
     }
 
     #[test]

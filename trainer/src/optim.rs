@@ -28,7 +28,13 @@ pub struct StepStats {
 impl AdamW {
     pub fn new(cfg: &OptimConfig, params: &Params) -> AdamW {
         let z = || params.flat.zeros_like();
-        AdamW { cfg: cfg.clone(), grad: z(), exp_avg: z(), exp_avg_sq: z(), steps: 0 }
+        AdamW {
+            cfg: cfg.clone(),
+            grad: z(),
+            exp_avg: z(),
+            exp_avg_sq: z(),
+            steps: 0,
+        }
     }
 
     /// Clip the accumulated flat gradient and update with learning rate `lr`, then
@@ -44,7 +50,10 @@ impl AdamW {
         tch::no_grad(|| {
             let norm = self.grad.norm().double_value(&[]);
             if !norm.is_finite() {
-                return StepStats { grad_norm: norm, applied: false };
+                return StepStats {
+                    grad_norm: norm,
+                    applied: false,
+                };
             }
             if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
                 let _ = self.grad.g_mul_scalar_(self.cfg.grad_clip / (norm + 1e-6));
@@ -55,14 +64,21 @@ impl AdamW {
             let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             let _ = self.exp_avg.lerp_(&self.grad, 1.0 - b1);
             let _ = self.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = self.exp_avg_sq.addcmul_(&(&self.grad * (1.0 - b2)), &self.grad);
+            let _ = self
+                .exp_avg_sq
+                .addcmul_(&(&self.grad * (1.0 - b2)), &self.grad);
             let mut flat = params.flat.shallow_clone();
             if self.cfg.weight_decay > 0.0 && params.num_decayed > 0 {
-                let _ = flat.narrow(0, 0, params.num_decayed).g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
+                let _ = flat
+                    .narrow(0, 0, params.num_decayed)
+                    .g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
             }
             let denom = (&self.exp_avg_sq / bc2).sqrt() + self.cfg.eps;
             let _ = flat.addcdiv_(&(&self.exp_avg * (-lr / bc1)), &denom);
-            StepStats { grad_norm: norm, applied: true }
+            StepStats {
+                grad_norm: norm,
+                applied: true,
+            }
         })
     }
 

@@ -43,7 +43,14 @@ impl Params {
     /// Lay out `specs` (decayed first, order otherwise kept), initialise on the
     /// CPU from `seed` in that order, then move to `device`. CPU and GPU runs
     /// therefore start from identical weights.
-    pub fn new(mut specs: Vec<ParamSpec>, decayed: impl Fn(&ParamSpec) -> bool, seed: u64, std: f64, num_layers: usize, device: Device) -> Params {
+    pub fn new(
+        mut specs: Vec<ParamSpec>,
+        decayed: impl Fn(&ParamSpec) -> bool,
+        seed: u64,
+        std: f64,
+        num_layers: usize,
+        device: Device,
+    ) -> Params {
         specs.sort_by_key(|s| !decayed(s)); // stable: decayed first
         let num_decayed: i64 = specs.iter().filter(|s| decayed(s)).map(|s| s.numel()).sum();
         let total: i64 = specs.iter().map(|s| s.numel()).sum();
@@ -69,17 +76,35 @@ impl Params {
                 off += s.numel();
             }
         });
-        let flat = if device == Device::Cpu { flat_cpu } else { flat_cpu.to_device(device) };
+        let flat = if device == Device::Cpu {
+            flat_cpu
+        } else {
+            flat_cpu.to_device(device)
+        };
         let tensors = specs
             .iter()
             .zip(&offsets)
-            .map(|(s, &o)| flat.narrow(0, o, s.numel()).view(s.shape.as_slice()).set_requires_grad(true))
+            .map(|(s, &o)| {
+                flat.narrow(0, o, s.numel())
+                    .view(s.shape.as_slice())
+                    .set_requires_grad(true)
+            })
             .collect();
-        Params { specs, tensors, offsets, flat, num_decayed }
+        Params {
+            specs,
+            tensors,
+            offsets,
+            flat,
+            num_decayed,
+        }
     }
 
     pub fn get(&self, name: &str) -> &Tensor {
-        let i = self.specs.iter().position(|s| s.name == name).unwrap_or_else(|| panic!("no parameter {name}"));
+        let i = self
+            .specs
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no parameter {name}"));
         &self.tensors[i]
     }
 

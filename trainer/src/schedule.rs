@@ -53,7 +53,11 @@ mod tests {
         let c = cfg(Schedule::Cosine);
         assert!((lr_at(&c, 0, 110) - 0.1).abs() < 1e-12);
         assert!((lr_at(&c, 9, 110) - 1.0).abs() < 1e-12);
-        assert!((lr_at(&c, 60, 110) - 0.55).abs() < 1e-12, "{}", lr_at(&c, 60, 110));
+        assert!(
+            (lr_at(&c, 60, 110) - 0.55).abs() < 1e-12,
+            "{}",
+            lr_at(&c, 60, 110)
+        );
         assert!((lr_at(&c, 110, 110) - 0.1).abs() < 1e-12);
         let w = cfg(Schedule::Wsd);
         assert_eq!(lr_at(&w, 89, 110), 1.0);

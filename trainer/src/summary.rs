@@ -39,7 +39,11 @@ fn component(name: &str) -> &'static str {
         ("norm", "norms"),
         ("lm_head", "lm_head (untied)"),
     ];
-    PARTS.iter().find(|(k, _)| name.contains(k)).map(|&(_, v)| v).unwrap_or("other")
+    PARTS
+        .iter()
+        .find(|(k, _)| name.contains(k))
+        .map(|&(_, v)| v)
+        .unwrap_or("other")
 }
 
 pub fn summarize(c: &ModelConfig, seq_len: usize) -> Summary {
@@ -60,14 +64,20 @@ pub fn summarize(c: &ModelConfig, seq_len: usize) -> Summary {
         matmul += head;
     }
     let params = components.iter().map(|c| c.1).sum();
-    let attn = 3.0 * c.num_layers as f64 * c.num_q_heads as f64 * (c.dot_dim() + c.v_head_dim) as f64 * seq_len as f64;
+    let attn = 3.0
+        * c.num_layers as f64
+        * c.num_q_heads as f64
+        * (c.dot_dim() + c.v_head_dim) as f64
+        * seq_len as f64;
     Summary {
         components,
         params,
         matmul_params: matmul,
         flops_per_token: 6.0 * matmul as f64 + attn,
         attention_flops_per_token: attn,
-        kv_cache_bytes_per_token: (c.num_layers * (c.num_k_heads * c.k_cache_dim() + c.num_v_heads * c.v_head_dim) * 2) as i64,
+        kv_cache_bytes_per_token: (c.num_layers
+            * (c.num_k_heads * c.k_cache_dim() + c.num_v_heads * c.v_head_dim)
+            * 2) as i64,
         seq_len,
     }
 }
@@ -86,10 +96,25 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "parameters by component:")?;
         for (k, n) in &self.components {
-            writeln!(f, "  {k:<32} {:>12} ({:>5.1} %)", h(*n as f64), 100.0 * *n as f64 / self.params as f64)?;
+            writeln!(
+                f,
+                "  {k:<32} {:>12} ({:>5.1} %)",
+                h(*n as f64),
+                100.0 * *n as f64 / self.params as f64
+            )?;
         }
-        writeln!(f, "  {:<32} {:>12} ({})", "total", h(self.params as f64), self.params)?;
-        writeln!(f, "matmul parameters (incl. output head): {}", h(self.matmul_params as f64))?;
+        writeln!(
+            f,
+            "  {:<32} {:>12} ({})",
+            "total",
+            h(self.params as f64),
+            self.params
+        )?;
+        writeln!(
+            f,
+            "matmul parameters (incl. output head): {}",
+            h(self.matmul_params as f64)
+        )?;
         writeln!(
             f,
             "training FLOPs per token at seq_len {}: {}FLOP (attention {}FLOP); Megatron convention, causal attention halved",
@@ -97,6 +122,10 @@ impl fmt::Display for Summary {
             h(self.flops_per_token),
             h(self.attention_flops_per_token)
         )?;
-        writeln!(f, "KV cache per token (bf16, all layers): {} bytes", self.kv_cache_bytes_per_token)
+        writeln!(
+            f,
+            "KV cache per token (bf16, all layers): {} bytes",
+            self.kv_cache_bytes_per_token
+        )
     }
 }

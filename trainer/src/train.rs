@@ -17,6 +17,7 @@ use sigma_data::{Batch, DataState, Dataset, Loader};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DeviceChoice, NanPolicy, Precision, RunConfig};
+use crate::dist::{collectives::scalar, DistEnv, Job};
 use crate::engine;
 use crate::error::{Result, TrainError};
 use crate::metrics::{self, MetricsWriter};
@@ -32,7 +33,10 @@ pub struct Trainer {
     pub optim: AdamW,
     pub dataset: Arc<Dataset>,
     loader: Loader,
-    metrics: MetricsWriter,
+    /// Only rank 0 writes metrics.
+    metrics: Option<MetricsWriter>,
+    /// Set when the job has more than one process.
+    pub job: Option<Job>,
     pub device_name: String,
     pub peak_flops: Option<f64>,
     pub flops_per_token: f64,
@@ -66,7 +70,9 @@ fn pick_device(c: DeviceChoice) -> Result<Device> {
 /// Token ids of a batch as an int64 tensor [rows, seq_len + 1] on `device`.
 pub fn batch_tensor(b: &Batch, device: Device) -> Tensor {
     let ids: Vec<i64> = b.tokens.iter().map(|&t| t as i64).collect();
-    Tensor::from_slice(&ids).view([b.rows as i64, (b.seq_len + 1) as i64]).to_device(device)
+    Tensor::from_slice(&ids)
+        .view([b.rows as i64, (b.seq_len + 1) as i64])
+        .to_device(device)
 }
 
 impl Trainer {
@@ -74,7 +80,33 @@ impl Trainer {
         if let Some(n) = cfg.train.cpu_threads {
             tch::set_num_threads(n as i32);
         }
+        let env = DistEnv::from_env()?;
+        let dp = cfg.parallel.dp;
+        if env.world != dp {
+            return Err(TrainError::config(
+                "parallel.dp",
+                format!(
+                    "is {dp} but the job has {} process(es) (WORLD_SIZE); start {dp} processes, e.g. `sigma launch --nproc-per-node {dp} -- train --config ...`, or set parallel.dp = {}",
+                    env.world, env.world
+                ),
+            ));
+        }
         let device = pick_device(cfg.train.device)?;
+        let device = match device {
+            Device::Cuda(_) if env.world > 1 => {
+                return Err(TrainError::config(
+                    "parallel.dp",
+                    "multi-GPU data parallelism needs the NCCL collective backend, which this build does not have yet; use train.device = \"cpu\" for multi-process CPU runs",
+                ))
+            }
+            d => d,
+        };
+        let rank = env.rank;
+        let job = if env.world > 1 {
+            Some(Job::join(env)?)
+        } else {
+            None
+        };
         let mixed = match cfg.train.precision {
             Precision::Auto => device.is_cuda(),
             Precision::Bf16 => true,
@@ -86,24 +118,46 @@ impl Trainer {
                 "model.vocab_size",
                 format!(
                     "{} is smaller than the tokenizer's vocabulary ({}) that prepared {}",
-                    cfg.model.vocab_size, dataset.tokenizer.vocab_size, cfg.data.sources[0].manifest
+                    cfg.model.vocab_size,
+                    dataset.tokenizer.vocab_size,
+                    cfg.data.sources[0].manifest
                 ),
             ));
         }
         let out = PathBuf::from(&cfg.metrics.output_dir);
-        let metrics = MetricsWriter::create(&out, cfg.metrics.tensorboard)?;
-        sigma_data::store::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-        let model = Model::new(&cfg.model, cfg.train.seed, cfg.optim.decay_norms, cfg.optim.decay_embeddings, device, mixed);
+        let metrics = if rank == 0 {
+            let m = MetricsWriter::create(&out, cfg.metrics.tensorboard)?;
+            sigma_data::store::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+            Some(m)
+        } else {
+            None
+        };
+        let model = Model::new(
+            &cfg.model,
+            cfg.train.seed,
+            cfg.optim.decay_norms,
+            cfg.optim.decay_embeddings,
+            device,
+            mixed,
+        );
         let optim = AdamW::new(&cfg.optim, &model.params);
         let loader = Loader::new(
             dataset.clone(),
-            LoaderOptions { global_batch: cfg.train.micro_batch_size, dp_rank: 0, dp_size: 1, start: DataState::default() },
+            LoaderOptions {
+                global_batch: cfg.train.micro_batch_size * dp,
+                dp_rank: rank,
+                dp_size: dp,
+                start: DataState::default(),
+            },
         )?;
         let device_name = match device {
             Device::Cuda(i) => metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}")),
             _ => "cpu".into(),
         };
-        let peak_flops = cfg.metrics.peak_flops.or_else(|| metrics::peak_flops_for(&device_name));
+        let peak_flops = cfg
+            .metrics
+            .peak_flops
+            .or_else(|| metrics::peak_flops_for(&device_name));
         Ok(Trainer {
             flops_per_token: summarize(&cfg.model, cfg.data.seq_len).flops_per_token,
             cfg: cfg.clone(),
@@ -113,9 +167,10 @@ impl Trainer {
             dataset,
             loader,
             metrics,
+            job,
             device_name,
             peak_flops,
-            progress,
+            progress: progress && rank == 0,
         })
     }
 
@@ -138,7 +193,9 @@ impl Trainer {
                     let s = block_on(self.dataset.valid_sample(d, k))?;
                     ids.extend(s.tokens.iter().map(|&t| t as i64));
                 }
-                let t = Tensor::from_slice(&ids).view([rows as i64, -1]).to_device(self.device);
+                let t = Tensor::from_slice(&ids)
+                    .view([rows as i64, -1])
+                    .to_device(self.device);
                 sum += engine::loss_sum(&self.model, &t).double_value(&[]);
                 tokens += rows * self.cfg.data.seq_len as u64;
                 j += rows;
@@ -168,30 +225,54 @@ impl Trainer {
         let bar = if self.progress {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             b.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}")
-                    .expect("template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
             );
             b
         } else {
             ProgressBar::hidden()
         };
-        let mut report = TrainReport { output_dir: self.metrics.dir.clone(), ..Default::default() };
+        let mut report = TrainReport {
+            output_dir: PathBuf::from(&c.metrics.output_dir),
+            ..Default::default()
+        };
+        let dp = c.parallel.dp;
         let mut valid_curve: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
         let (mut interval_tokens, mut interval_time) = (0u64, 0.0f64);
         let mut gpu_peak_mib = 0u64;
+        let rank = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0);
         for step in 0..total {
+            crate::dist::env::maybe_inject_fault(rank, step);
             let t0 = Instant::now();
             let accum = c.accum_steps_at(step);
-            let batches: Vec<Batch> = (0..accum).map(|_| self.loader.next_batch()).collect::<std::result::Result<_, _>>()?;
+            let batches: Vec<Batch> = (0..accum)
+                .map(|_| self.loader.next_batch())
+                .collect::<std::result::Result<_, _>>()?;
             let t_data = t0.elapsed().as_secs_f64();
-            let target_tokens: usize = batches.iter().map(|b| b.rows * b.seq_len).sum();
+            // Every rank holds the same number of rows: the global batch is dp times this rank's.
+            let target_tokens: usize =
+                batches.iter().map(|b| b.rows * b.seq_len).sum::<usize>() * dp;
             let scale = 1.0 / target_tokens as f64;
             let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
             for b in &batches {
                 let t = batch_tensor(b, self.device);
-                let l = engine::forward_backward(&self.model, &t, scale, c.train.activation_checkpointing, &mut self.optim.grad);
+                let l = engine::forward_backward(
+                    &self.model,
+                    &t,
+                    scale,
+                    c.train.activation_checkpointing,
+                    &mut self.optim.grad,
+                );
                 loss_sum += l.to_kind(Kind::Double);
+            }
+            if let Some(job) = &mut self.job {
+                job.dp.all_reduce_sum(&mut self.optim.grad)?;
+                let mut l = scalar(loss_sum.double_value(&[]));
+                job.dp.all_reduce_sum(&mut l)?;
+                loss_sum = l.to_device(self.device);
             }
             self.sync();
             let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
@@ -206,11 +287,17 @@ impl Trainer {
             report.losses.push(loss);
             if !stats.applied || !loss.is_finite() {
                 report.skipped_steps += 1;
-                let msg = format!("step {step}: non-finite loss {loss} / grad norm {} ", stats.grad_norm);
+                let msg = format!(
+                    "step {step}: non-finite loss {loss} / grad norm {} ",
+                    stats.grad_norm
+                );
                 if c.train.nan_policy == NanPolicy::Abort {
-                    return Err(TrainError::Other(format!("{msg}; aborting (train.nan_policy = \"abort\")")));
+                    return Err(TrainError::Other(format!(
+                        "{msg}; aborting (train.nan_policy = \"abort\")"
+                    )));
                 }
-                let warning = format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
+                let warning =
+                    format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
                 if bar.is_hidden() {
                     eprintln!("{warning}");
                 } else {
@@ -237,11 +324,14 @@ impl Trainer {
                     "skipped": !stats.applied,
                     "memory": if self.device.is_cuda() { json!({"gpu_mib_peak": gpu_peak_mib}) } else { self.memory_record() },
                 });
-                self.metrics.log(step + 1, &rec)?;
+                if let Some(m) = &mut self.metrics {
+                    m.log(step + 1, &rec)?;
+                }
                 bar.set_message(format!(
                     "loss {loss:.4} lr {lr:.2e} {:.0} tok/s{}",
                     tps,
-                    mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m)).unwrap_or_default()
+                    mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m))
+                        .unwrap_or_default()
                 ));
                 report.tokens_per_s = tps;
                 report.mfu = mfu;
@@ -252,18 +342,32 @@ impl Trainer {
             if (c.train.eval_every > 0 && (step + 1) % c.train.eval_every == 0) || last {
                 let v = self.validate()?;
                 for (k, l) in &v {
-                    valid_curve.entry(k.clone()).or_default().push((step + 1, *l));
+                    valid_curve
+                        .entry(k.clone())
+                        .or_default()
+                        .push((step + 1, *l));
                 }
-                self.metrics.log(step + 1, &json!({"step": step + 1, "val_loss": v}))?;
+                if let Some(m) = &mut self.metrics {
+                    m.log(step + 1, &json!({"step": step + 1, "val_loss": v}))?;
+                }
                 report.valid = v;
             }
         }
         bar.finish_and_clear();
         report.data_state = self.loader.state();
-        if c.metrics.plot {
-            let train: Vec<(u64, f64)> = report.losses.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u64 + 1, l)).collect();
+        if let Some(job) = &mut self.job {
+            job.dp.barrier()?;
+        }
+        if let (true, Some(m)) = (c.metrics.plot, &self.metrics) {
+            let train: Vec<(u64, f64)> = report
+                .losses
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u64 + 1, l))
+                .collect();
             let valid: Vec<(String, Vec<(u64, f64)>)> = valid_curve.into_iter().collect();
-            crate::plot::loss_png(&self.metrics.dir.join("loss.png"), &train, &valid)?;
+            crate::plot::loss_png(&m.dir.join("loss.png"), &train, &valid)?;
         }
         Ok(report)
     }

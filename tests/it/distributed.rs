@@ -1,0 +1,228 @@
+//! Data parallelism on CPU with several processes: equivalence with one
+//! process, two "nodes" on loopback, a lost rank, a wrong job secret.
+//!
+//! Tolerance: ranks reduce gradients in rank order, so a data-parallel run adds
+//! the same per-sample contributions in a different grouping than one process
+//! does; each regrouped fp32 addition can move a result by 2^-24 relative
+//! (about 6e-8). Over the first steps that stays far below 1e-5 relative in the
+//! loss, which is what the tests allow.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sigma_tests::*;
+
+const REL_TOL: f64 = 1e-5;
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Training arguments (after `train`) for tiny with a global batch of 16 samples.
+fn dp_args(out: &std::path::Path, dp: usize, steps: u64) -> Vec<String> {
+    let mbs = if dp == 1 { 8 } else { 16 / dp };
+    let accum = 16 / (mbs * dp);
+    let mut a = tiny_train_args(
+        out,
+        steps,
+        &[
+            &format!("parallel.dp={dp}"),
+            &format!("train.micro_batch_size={mbs}"),
+            &format!("train.grad_accum_steps={accum}"),
+            "train.cpu_threads=1",
+            "train.eval_every=0",
+            "metrics.plot=false",
+        ],
+    );
+    a.remove(0); // "train"
+    a
+}
+
+fn launch(
+    nproc: usize,
+    extra: &[&str],
+    train: &[String],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let logs = tempfile::tempdir().expect("tmp");
+    let mut args: Vec<String> = vec![
+        "launch".into(),
+        "--nproc-per-node".into(),
+        nproc.to_string(),
+        "--master-port".into(),
+        port().to_string(),
+        "--log-dir".into(),
+        logs.path().to_string_lossy().into_owned(),
+        "--grace-s".into(),
+        "2".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("--".into());
+    args.push("train".into());
+    args.extend(train.iter().cloned());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    sigma(&a, env)
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= REL_TOL * x.abs(),
+            "{what}: step {} loss {x} vs {y}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn dp_2_and_4_follow_the_single_process_trajectory() {
+    let one = tempfile::tempdir().expect("tmp");
+    let mut a = dp_args(one.path(), 1, 5);
+    a.insert(0, "train".into());
+    let o = sigma(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let base = losses(&one.path().join("metrics.jsonl"));
+    for dp in [2, 4] {
+        let d = tempfile::tempdir().expect("tmp");
+        let o = launch(dp, &[], &dp_args(d.path(), dp, 5), &[]);
+        assert!(o.status.success(), "dp {dp}: {}", stderr(&o));
+        assert_close(
+            &base,
+            &losses(&d.path().join("metrics.jsonl")),
+            &format!("dp = {dp}"),
+        );
+    }
+}
+
+#[test]
+fn two_nodes_of_two_ranks_on_loopback_match_one_node_of_four() {
+    let one = tempfile::tempdir().expect("tmp");
+    let o = launch(4, &[], &dp_args(one.path(), 4, 4), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = tempfile::tempdir().expect("tmp");
+    let p = port().to_string();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            let logs = tempfile::tempdir().expect("tmp").keep();
+            let mut c = Command::new(sigma_bin());
+            c.current_dir(repo_root())
+                .args([
+                    "launch",
+                    "--nproc-per-node",
+                    "2",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    &node.to_string(),
+                    "--master-port",
+                    &p,
+                ])
+                .args(["--log-dir", &logs.to_string_lossy(), "--", "train"])
+                .args(dp_args(d.path(), 4, 4))
+                .env("SIGMA_JOB_SECRET", "two-node-test")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            c.spawn().expect("launch node")
+        })
+        .collect();
+    for (i, n) in nodes.into_iter().enumerate() {
+        let out = n.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "node {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Same ranks, same data, same reduction order: identical to the bit.
+    assert_eq!(
+        losses(&one.path().join("metrics.jsonl")),
+        losses(&d.path().join("metrics.jsonl"))
+    );
+}
+
+#[test]
+fn a_lost_rank_stops_the_job_and_is_named() {
+    // With the launcher: rank 1 crashes at step 2.
+    let d = tempfile::tempdir().expect("tmp");
+    let t0 = Instant::now();
+    let o = launch(
+        2,
+        &[],
+        &dp_args(d.path(), 2, 50),
+        &[("SIGMA_FAULT_ABORT", "1:2")],
+    );
+    assert_clean_failure(&o, &["rank 1 failed", "signal 6", "SIGMA_FAULT_ABORT"]);
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    // Without a launcher (srun-style: each process started on its own): rank 0
+    // times out in its collective and names the missing rank.
+    let p = port().to_string();
+    let d = tempfile::tempdir().expect("tmp");
+    let args = dp_args(d.path(), 2, 50);
+    let procs: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(sigma_bin())
+                .current_dir(repo_root())
+                .arg("train")
+                .args(&args)
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &p)
+                .env("SIGMA_JOB_SECRET", "s")
+                .env("SIGMA_DIST_TIMEOUT_S", "5")
+                .env("SIGMA_FAULT_ABORT", "1:2")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let t0 = Instant::now();
+    let outs: Vec<_> = procs
+        .into_iter()
+        .map(|p| p.wait_with_output().expect("wait"))
+        .collect();
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_clean_failure(
+        &outs[0],
+        &["rank(s) 1 did not arrive", "all_reduce", "`dp`"],
+    );
+    assert!(!outs[1].status.success());
+}
+
+#[test]
+fn a_process_with_the_wrong_job_secret_is_refused() {
+    let p = port().to_string();
+    let d = tempfile::tempdir().expect("tmp");
+    let args = dp_args(d.path(), 2, 3);
+    let spawn = |rank: usize, secret: &str| {
+        Command::new(sigma_bin())
+            .current_dir(repo_root())
+            .arg("train")
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_PORT", &p)
+            .env("SIGMA_JOB_SECRET", secret)
+            .env("SIGMA_DIST_TIMEOUT_S", "5")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let r0 = spawn(0, "right");
+    std::thread::sleep(Duration::from_millis(500));
+    let r1 = spawn(1, "wrong").wait_with_output().expect("wait");
+    assert_clean_failure(&r1, &["wrong job secret"]);
+    let r0 = r0.wait_with_output().expect("wait");
+    assert_clean_failure(&r0, &["join"]);
+}

@@ -1,0 +1,198 @@
+//! One interface for collectives, per named group. `StoreCollectives` is the
+//! CPU backend: tensors travel as bytes through the rendezvous store over TCP,
+//! and reductions add contributions in rank order, so every rank gets the
+//! bit-identical result and runs are reproducible. It is meant for tests and
+//! CPU runs; GPUs use NCCL behind the same trait.
+
+use std::time::Duration;
+
+use tch::{Device, Kind, Tensor};
+
+use super::store::StoreClient;
+use crate::error::{Result, TrainError};
+
+pub trait Collectives {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// In place: every rank ends with the elementwise sum over ranks.
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()>;
+    /// In place: every rank ends with `root`'s tensor.
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
+    /// Every rank's tensor, in rank order.
+    fn all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>>;
+    /// The sum over ranks of `t` (numel divisible by the world size), split in
+    /// `world` equal parts; rank `r` gets part `r`.
+    fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor>;
+    fn send(&mut self, t: &Tensor, to: usize) -> Result<()>;
+    fn recv(&mut self, t: &mut Tensor, from: usize) -> Result<()>;
+    fn barrier(&mut self) -> Result<()>;
+}
+
+pub struct StoreCollectives {
+    store: StoreClient,
+    group: String,
+    rank: usize,
+    world: usize,
+    seq: u64,
+    timeout: Duration,
+}
+
+fn to_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut v = vec![0u8; n];
+    t.copy_data_u8(&mut v, t.numel());
+    v
+}
+
+fn from_bytes(b: &[u8], like: &Tensor) -> Tensor {
+    Tensor::from_data_size(b, &like.size(), like.kind()).to_device(like.device())
+}
+
+impl StoreCollectives {
+    pub fn new(
+        store: StoreClient,
+        group: &str,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+    ) -> StoreCollectives {
+        StoreCollectives {
+            store,
+            group: group.into(),
+            rank,
+            world,
+            seq: 0,
+            timeout,
+        }
+    }
+
+    fn key(&self, op: &str, seq: u64, rank: usize) -> String {
+        format!("coll/{}/{op}/{seq}/{rank}", self.group)
+    }
+
+    /// Publish this rank's bytes, then fetch every rank's in rank order.
+    fn exchange(&mut self, op: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.seq += 1;
+        let seq = self.seq;
+        let k = self.key(op, seq, self.rank);
+        self.store.set(&k, mine)?;
+        let keys: Vec<String> = (0..self.world).map(|r| self.key(op, seq, r)).collect();
+        if let Err(e) = self.store.wait(&keys, self.timeout) {
+            let missing: Vec<String> = (0..self.world)
+                .filter(|&r| self.store.get(&keys[r]).is_err())
+                .map(|r| r.to_string())
+                .collect();
+            return Err(TrainError::Other(format!(
+                "collective {op} in group `{}` (rank {} of {}): rank(s) {} did not arrive within {:?} (lost or hung): {e}",
+                self.group,
+                self.rank,
+                self.world,
+                missing.join(", "),
+                self.timeout
+            )));
+        }
+        let all = keys
+            .iter()
+            .map(|k| self.store.get(k))
+            .collect::<Result<Vec<_>>>()?;
+        // Everyone has read everything before the keys go away.
+        self.store
+            .barrier(&format!("{}/{op}/{seq}", self.group), self.world)
+            .map_err(|e| self.timeout_error(op, e))?;
+        self.store.delete(&k)?;
+        Ok(all)
+    }
+
+    fn timeout_error(&self, op: &str, e: TrainError) -> TrainError {
+        TrainError::Other(format!(
+            "collective {op} in group `{}` (rank {} of {}): {e}",
+            self.group, self.rank, self.world
+        ))
+    }
+}
+
+impl Collectives for StoreCollectives {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
+        let parts = self.exchange("all_reduce", &to_bytes(t))?;
+        tch::no_grad(|| {
+            let mut acc = from_bytes(&parts[0], t);
+            for p in &parts[1..] {
+                acc += from_bytes(p, t);
+            }
+            t.copy_(&acc);
+        });
+        Ok(())
+    }
+
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        let mine = if self.rank == root {
+            to_bytes(t)
+        } else {
+            Vec::new()
+        };
+        let parts = self.exchange("broadcast", &mine)?;
+        tch::no_grad(|| t.copy_(&from_bytes(&parts[root], t)));
+        Ok(())
+    }
+
+    fn all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
+        let parts = self.exchange("all_gather", &to_bytes(t))?;
+        Ok(parts.iter().map(|p| from_bytes(p, t)).collect())
+    }
+
+    fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
+        let n = t.numel() as i64;
+        if n % self.world as i64 != 0 {
+            return Err(TrainError::Other(format!(
+                "reduce_scatter: {n} elements do not split over {} ranks",
+                self.world
+            )));
+        }
+        let mut full = t.copy();
+        self.all_reduce_sum(&mut full)?;
+        let part = n / self.world as i64;
+        Ok(full
+            .view([-1])
+            .narrow(0, self.rank as i64 * part, part)
+            .copy())
+    }
+
+    fn send(&mut self, t: &Tensor, to: usize) -> Result<()> {
+        self.seq += 1;
+        let k = format!("p2p/{}/{}->{to}/{}", self.group, self.rank, self.seq);
+        self.store.set(&k, &to_bytes(t))
+    }
+
+    fn recv(&mut self, t: &mut Tensor, from: usize) -> Result<()> {
+        self.seq += 1;
+        let k = format!("p2p/{}/{from}->{}/{}", self.group, self.rank, self.seq);
+        self.store
+            .wait(std::slice::from_ref(&k), self.timeout)
+            .map_err(|e| self.timeout_error("recv", e))?;
+        let b = self.store.get(&k)?;
+        self.store.delete(&k)?;
+        tch::no_grad(|| t.copy_(&from_bytes(&b, t)));
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.seq += 1;
+        let name = format!("{}/barrier/{}", self.group, self.seq);
+        self.store
+            .barrier(&name, self.world)
+            .map_err(|e| self.timeout_error("barrier", e))
+    }
+}
+
+/// The reduction dtype used on the wire is the tensor's own; f64 for loss sums.
+pub fn scalar(v: f64) -> Tensor {
+    Tensor::from_slice(&[v]).to_kind(Kind::Double)
+}

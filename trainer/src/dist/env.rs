@@ -1,0 +1,237 @@
+//! Where this process sits in the job, read from the environment. One place
+//! for every variable sigma reads (torchrun-style, SLURM, sigma's own).
+
+use crate::error::{Result, TrainError};
+
+/// torchrun / Kubeflow PyTorchJob style.
+pub const RANK: &str = "RANK";
+pub const LOCAL_RANK: &str = "LOCAL_RANK";
+pub const WORLD_SIZE: &str = "WORLD_SIZE";
+pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
+pub const MASTER_ADDR: &str = "MASTER_ADDR";
+pub const MASTER_PORT: &str = "MASTER_PORT";
+/// SLURM (`srun sigma train ...`).
+pub const SLURM_PROCID: &str = "SLURM_PROCID";
+pub const SLURM_NTASKS: &str = "SLURM_NTASKS";
+pub const SLURM_LOCALID: &str = "SLURM_LOCALID";
+pub const SLURM_NTASKS_PER_NODE: &str = "SLURM_NTASKS_PER_NODE";
+pub const SLURM_JOB_NODELIST: &str = "SLURM_JOB_NODELIST";
+/// The job secret every rendezvous connection must present.
+pub const JOB_SECRET: &str = "SIGMA_JOB_SECRET";
+/// Set by `sigma launch` when it hosts the rendezvous store itself.
+pub const STORE_HOSTED: &str = "SIGMA_STORE_HOSTED";
+/// Seconds any wait on a peer may take before it is an error (default 300).
+pub const TIMEOUT_S: &str = "SIGMA_DIST_TIMEOUT_S";
+/// Fault injection for tests: `RANK:STEP` makes that rank abort (like a crash)
+/// when it starts that step.
+pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
+
+/// Abort this process if the fault-injection variable names this rank and step.
+pub fn maybe_inject_fault(rank: usize, step: u64) {
+    if let Ok(v) = std::env::var(FAULT_ABORT) {
+        if v.split_once(':')
+            .map(|(r, s)| (r.parse::<usize>().ok(), s.parse::<u64>().ok()))
+            == Some((Some(rank), Some(step)))
+        {
+            eprintln!("{FAULT_ABORT}: rank {rank} aborting at step {step}");
+            std::process::abort();
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world: usize,
+    pub local_world: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub secret: String,
+    /// True when this process must host the store (rank 0, unless a launcher does).
+    pub host_store: bool,
+    pub timeout_s: u64,
+}
+
+fn var(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<usize>> {
+    match get(name) {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| {
+            TrainError::config(
+                format!("environment {name}"),
+                format!("{v:?} is not a non-negative integer"),
+            )
+        }),
+    }
+}
+
+/// First host of a SLURM node list: `node[001-004,007]` -> `node001`, `a,b` -> `a`.
+pub fn first_slurm_host(list: &str) -> String {
+    let first = match list.find('[') {
+        Some(open) if list[..open].find(',').is_none() => {
+            let inner = &list[open + 1
+                ..list[open..]
+                    .find(']')
+                    .map(|c| open + c)
+                    .unwrap_or(list.len())];
+            let first_range = inner.split(',').next().unwrap_or("");
+            format!(
+                "{}{}",
+                &list[..open],
+                first_range.split('-').next().unwrap_or("")
+            )
+        }
+        _ => list.split(',').next().unwrap_or(list).to_string(),
+    };
+    first.trim().to_string()
+}
+
+impl DistEnv {
+    /// Read the process environment. Single-process runs (nothing set) get world 1.
+    pub fn from_env() -> Result<DistEnv> {
+        DistEnv::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<DistEnv> {
+        let (rank, world, local_rank, local_world, default_addr) = if let Some(r) = var(get, RANK)?
+        {
+            let w = var(get, WORLD_SIZE)?.ok_or_else(|| {
+                TrainError::config(
+                    "environment WORLD_SIZE",
+                    "RANK is set but WORLD_SIZE is not",
+                )
+            })?;
+            (
+                r,
+                w,
+                var(get, LOCAL_RANK)?.unwrap_or(r),
+                var(get, LOCAL_WORLD_SIZE)?.unwrap_or(w),
+                None,
+            )
+        } else if let Some(r) = var(get, SLURM_PROCID)? {
+            let w = var(get, SLURM_NTASKS)?.ok_or_else(|| {
+                TrainError::config(
+                    "environment SLURM_NTASKS",
+                    "SLURM_PROCID is set but SLURM_NTASKS is not",
+                )
+            })?;
+            let lw = get(SLURM_NTASKS_PER_NODE)
+                .and_then(|v| v.split('(').next().and_then(|n| n.parse().ok()))
+                .unwrap_or(w);
+            (
+                r,
+                w,
+                var(get, SLURM_LOCALID)?.unwrap_or(0),
+                lw,
+                get(SLURM_JOB_NODELIST).map(|l| first_slurm_host(&l)),
+            )
+        } else {
+            (0, 1, 0, 1, None)
+        };
+        if rank >= world {
+            return Err(TrainError::config(
+                "environment RANK",
+                format!("rank {rank} is not below the world size {world}"),
+            ));
+        }
+        let master_addr = get(MASTER_ADDR)
+            .or(default_addr)
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let master_port = match get(MASTER_PORT) {
+            Some(p) => p.parse().map_err(|_| {
+                TrainError::config("environment MASTER_PORT", format!("{p:?} is not a port"))
+            })?,
+            None => 29500,
+        };
+        let secret = get(JOB_SECRET).unwrap_or_default();
+        if world > 1 && secret.is_empty() {
+            return Err(TrainError::config(
+                format!("environment {JOB_SECRET}"),
+                "not set: every process of a multi-process job needs the same job secret (sigma launch sets one; with srun or torchrun, export one)",
+            ));
+        }
+        Ok(DistEnv {
+            rank,
+            local_rank,
+            world,
+            local_world,
+            master_addr,
+            master_port,
+            secret,
+            host_store: rank == 0 && get(STORE_HOSTED).is_none(),
+            timeout_s: var(get, TIMEOUT_S)?.unwrap_or(300) as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<DistEnv> {
+        let m: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        DistEnv::from_lookup(&|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn torchrun_slurm_and_single_process() {
+        let e = env(&[]).unwrap();
+        assert_eq!((e.rank, e.world), (0, 1));
+        let e = env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "h0"),
+            ("MASTER_PORT", "1234"),
+            ("SIGMA_JOB_SECRET", "x"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                e.rank,
+                e.local_rank,
+                e.world,
+                e.master_addr.as_str(),
+                e.master_port,
+                e.host_store
+            ),
+            (3, 1, 4, "h0", 1234, false)
+        );
+        let e = env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "0"),
+            ("SLURM_NTASKS_PER_NODE", "4(x2)"),
+            ("SLURM_JOB_NODELIST", "gpu[012-013]"),
+            ("SIGMA_JOB_SECRET", "x"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                e.rank,
+                e.world,
+                e.local_world,
+                e.master_addr.as_str(),
+                e.host_store
+            ),
+            (0, 8, 4, "gpu012", true)
+        );
+        assert!(env(&[("RANK", "0"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string()
+            .contains("SIGMA_JOB_SECRET"));
+        assert!(env(&[
+            ("RANK", "2"),
+            ("WORLD_SIZE", "2"),
+            ("SIGMA_JOB_SECRET", "x")
+        ])
+        .unwrap_err()
+        .to_string()
+        .contains("rank 2"));
+        assert_eq!(first_slurm_host("a1,b2"), "a1");
+        assert_eq!(first_slurm_host("node[7,9-10]"), "node7");
+    }
+}

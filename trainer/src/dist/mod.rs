@@ -1,0 +1,47 @@
+//! The distributed runtime: where a process sits in the job (env), the
+//! rendezvous store, and collectives.
+
+pub mod collectives;
+pub mod env;
+pub mod store;
+
+use std::time::Duration;
+
+pub use collectives::{Collectives, StoreCollectives};
+pub use env::DistEnv;
+pub use store::{StoreClient, StoreServer};
+
+use crate::error::Result;
+
+/// A joined job: the store server (on the process that hosts it) and the
+/// data-parallel collectives.
+pub struct Job {
+    pub env: DistEnv,
+    _server: Option<StoreServer>,
+    pub dp: Box<dyn Collectives>,
+}
+
+impl Job {
+    /// Rendezvous through the store at MASTER_ADDR:MASTER_PORT (hosting it on
+    /// rank 0 unless a launcher does) and set up the collectives.
+    pub fn join(env: DistEnv) -> Result<Job> {
+        let server = if env.host_store {
+            Some(StoreServer::start(
+                &format!("0.0.0.0:{}", env.master_port),
+                &env.secret,
+            )?)
+        } else {
+            None
+        };
+        let t = Duration::from_secs(env.timeout_s);
+        let addr = format!("{}:{}", env.master_addr, env.master_port);
+        let mut store = StoreClient::connect(&addr, &env.secret, env.rank as u32, t)?;
+        store.barrier("join", env.world)?;
+        let dp = Box::new(StoreCollectives::new(store, "dp", env.rank, env.world, t));
+        Ok(Job {
+            env,
+            _server: server,
+            dp,
+        })
+    }
+}

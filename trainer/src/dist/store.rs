@@ -1,0 +1,433 @@
+//! The rendezvous store: a small TCP key-value server on tokio (set, get,
+//! wait, add, delete, heartbeats) and a blocking client. Every connection must
+//! first present the job secret; a peer without it is refused, so nobody else
+//! can join the job or poison its communicator ids. Every wait has a timeout
+//! that ends in an error naming what was awaited.
+//!
+//! Wire format, both directions: `u32 length (LE) | u8 code | body`. Strings
+//! and byte values in a body are `u32 length | bytes`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::error::{Result, TrainError};
+
+const HELLO: u8 = 0;
+const SET: u8 = 1;
+const GET: u8 = 2;
+const WAIT: u8 = 3;
+const ADD: u8 = 4;
+const DELETE: u8 = 5;
+const HEARTBEAT: u8 = 6;
+const DEAD: u8 = 7;
+const OK: u8 = 0;
+const ERR: u8 = 1;
+const MAX_FRAME: u32 = 1 << 30;
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a>(&'a [u8]);
+impl<'a> Reader<'a> {
+    fn u32(&mut self) -> Option<u32> {
+        let (h, t) = self.0.split_at_checked(4)?;
+        self.0 = t;
+        Some(u32::from_le_bytes(h.try_into().ok()?))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        let (h, t) = self.0.split_at_checked(8)?;
+        self.0 = t;
+        Some(i64::from_le_bytes(h.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        let (h, t) = self.0.split_at_checked(n)?;
+        self.0 = t;
+        Some(h)
+    }
+    fn string(&mut self) -> Option<String> {
+        self.bytes()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Default)]
+struct State {
+    data: Mutex<HashMap<String, Vec<u8>>>,
+    changed: Notify,
+    heartbeats: Mutex<HashMap<u32, Instant>>,
+}
+
+/// A running store server; it stops when dropped.
+pub struct StoreServer {
+    pub addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl StoreServer {
+    /// Listen on `bind` (e.g. "0.0.0.0:29500"; port 0 picks a free one).
+    pub fn start(bind: &str, secret: &str) -> Result<StoreServer> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sigma-store")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                TrainError::Other(format!("rendezvous store: cannot start runtime: {e}"))
+            })?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(bind))
+            .map_err(|e| {
+                TrainError::Other(format!("rendezvous store: cannot listen on {bind}: {e}"))
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| TrainError::Other(e.to_string()))?;
+        let state = Arc::new(State::default());
+        let secret = secret.as_bytes().to_vec();
+        rt.spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (st, sec) = (state.clone(), secret.clone());
+                tokio::spawn(async move {
+                    let _ = serve(sock, st, sec).await;
+                });
+            }
+        });
+        Ok(StoreServer { addr, _rt: rt })
+    }
+}
+
+async fn read_frame(s: &mut tokio::net::TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let len = s.read_u32_le().await?;
+    if len == 0 || len > MAX_FRAME {
+        return Err(std::io::Error::other("bad frame length"));
+    }
+    let mut buf = vec![0u8; len as usize];
+    s.read_exact(&mut buf).await?;
+    Ok((buf[0], buf[1..].to_vec()))
+}
+
+async fn write_frame(s: &mut tokio::net::TcpStream, code: u8, body: &[u8]) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+    out.push(code);
+    out.extend_from_slice(body);
+    s.write_all(&out).await
+}
+
+async fn serve(
+    mut sock: tokio::net::TcpStream,
+    st: Arc<State>,
+    secret: Vec<u8>,
+) -> std::io::Result<()> {
+    let _ = sock.set_nodelay(true);
+    // Authentication first, with a deadline so idle strangers do not hold a task.
+    let hello = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut sock)).await;
+    let rank = match hello {
+        Ok(Ok((HELLO, body))) => {
+            let mut r = Reader(&body);
+            let (s, rank) = (
+                r.bytes().unwrap_or_default().to_vec(),
+                r.u32().unwrap_or(u32::MAX),
+            );
+            if !constant_time_eq(&s, &secret) {
+                return write_frame(&mut sock, ERR, b"wrong job secret: connection refused").await;
+            }
+            write_frame(&mut sock, OK, &[]).await?;
+            rank
+        }
+        _ => return write_frame(&mut sock, ERR, b"expected hello with the job secret").await,
+    };
+    loop {
+        let (op, body) = read_frame(&mut sock).await?;
+        let mut r = Reader(&body);
+        match op {
+            SET => {
+                let (Some(k), Some(v)) = (r.string(), r.bytes()) else {
+                    return write_frame(&mut sock, ERR, b"bad set").await;
+                };
+                st.data
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(k, v.to_vec());
+                st.changed.notify_waiters();
+                write_frame(&mut sock, OK, &[]).await?;
+            }
+            GET => {
+                let k = r.string().unwrap_or_default();
+                let v = st
+                    .data
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&k)
+                    .cloned();
+                match v {
+                    Some(v) => write_frame(&mut sock, OK, &v).await?,
+                    None => write_frame(&mut sock, ERR, format!("no key {k}").as_bytes()).await?,
+                }
+            }
+            WAIT => {
+                let ms = r.u32().unwrap_or(0) as u64;
+                let n = r.u32().unwrap_or(0);
+                let keys: Vec<String> = (0..n).filter_map(|_| r.string()).collect();
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+                loop {
+                    let notified = st.changed.notified();
+                    let missing: Vec<String> = {
+                        let d = st.data.lock().unwrap_or_else(|e| e.into_inner());
+                        keys.iter()
+                            .filter(|k| !d.contains_key(*k))
+                            .cloned()
+                            .collect()
+                    };
+                    if missing.is_empty() {
+                        write_frame(&mut sock, OK, &[]).await?;
+                        break;
+                    }
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        write_frame(
+                            &mut sock,
+                            ERR,
+                            format!("timed out after {ms} ms waiting for {}", missing.join(", "))
+                                .as_bytes(),
+                        )
+                        .await?;
+                        break;
+                    }
+                }
+            }
+            ADD => {
+                let (k, delta) = (r.string().unwrap_or_default(), r.i64().unwrap_or(0));
+                let v = {
+                    let mut d = st.data.lock().unwrap_or_else(|e| e.into_inner());
+                    let cur = d
+                        .get(&k)
+                        .and_then(|v| v.as_slice().try_into().ok())
+                        .map(i64::from_le_bytes)
+                        .unwrap_or(0);
+                    d.insert(k, (cur + delta).to_le_bytes().to_vec());
+                    cur + delta
+                };
+                st.changed.notify_waiters();
+                write_frame(&mut sock, OK, &v.to_le_bytes()).await?;
+            }
+            DELETE => {
+                let k = r.string().unwrap_or_default();
+                st.data.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+                write_frame(&mut sock, OK, &[]).await?;
+            }
+            HEARTBEAT => {
+                st.heartbeats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(rank, Instant::now());
+                write_frame(&mut sock, OK, &[]).await?;
+            }
+            DEAD => {
+                let ms = r.u32().unwrap_or(0) as u64;
+                let dead: Vec<u8> = st
+                    .heartbeats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter(|(_, t)| t.elapsed() > Duration::from_millis(ms))
+                    .flat_map(|(r, _)| r.to_le_bytes())
+                    .collect();
+                write_frame(&mut sock, OK, &dead).await?;
+            }
+            _ => return write_frame(&mut sock, ERR, b"unknown operation").await,
+        }
+    }
+}
+
+/// A blocking client, one TCP connection.
+pub struct StoreClient {
+    sock: TcpStream,
+    pub addr: String,
+    /// Default timeout of waits and of connecting.
+    pub timeout: Duration,
+}
+
+impl StoreClient {
+    /// Connect (retrying until `timeout`) and authenticate as `rank`.
+    pub fn connect(addr: &str, secret: &str, rank: u32, timeout: Duration) -> Result<StoreClient> {
+        let deadline = Instant::now() + timeout;
+        let sock = loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(TrainError::Other(format!(
+                        "rendezvous store {addr}: cannot connect within {:?}: {e} (is rank 0 / the launcher running, and MASTER_ADDR/MASTER_PORT right?)",
+                        timeout
+                    )))
+                }
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let mut c = StoreClient {
+            sock,
+            addr: addr.to_string(),
+            timeout,
+        };
+        let mut body = Vec::new();
+        put_bytes(&mut body, secret.as_bytes());
+        body.extend_from_slice(&rank.to_le_bytes());
+        c.call(HELLO, &body, "hello")?;
+        Ok(c)
+    }
+
+    fn call(&mut self, op: u8, body: &[u8], what: &str) -> Result<Vec<u8>> {
+        let err =
+            |m: String| TrainError::Other(format!("rendezvous store {}: {what}: {m}", self.addr));
+        let mut out = Vec::with_capacity(body.len() + 5);
+        out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+        out.push(op);
+        out.extend_from_slice(body);
+        self.sock.write_all(&out).map_err(|e| err(e.to_string()))?;
+        let mut len = [0u8; 4];
+        self.sock
+            .read_exact(&mut len)
+            .map_err(|e| err(format!("connection lost: {e}")))?;
+        let n = u32::from_le_bytes(len);
+        if n == 0 || n > MAX_FRAME {
+            return Err(err("bad reply".into()));
+        }
+        let mut buf = vec![0u8; n as usize];
+        self.sock
+            .read_exact(&mut buf)
+            .map_err(|e| err(format!("connection lost: {e}")))?;
+        match buf[0] {
+            OK => Ok(buf[1..].to_vec()),
+            _ => Err(err(String::from_utf8_lossy(&buf[1..]).into_owned())),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        let mut b = Vec::new();
+        put_bytes(&mut b, key.as_bytes());
+        put_bytes(&mut b, value);
+        self.call(SET, &b, &format!("set {key}")).map(|_| ())
+    }
+
+    pub fn get(&mut self, key: &str) -> Result<Vec<u8>> {
+        let mut b = Vec::new();
+        put_bytes(&mut b, key.as_bytes());
+        self.call(GET, &b, &format!("get {key}"))
+    }
+
+    /// Block until every key exists, or fail after `timeout` naming the missing keys.
+    pub fn wait(&mut self, keys: &[String], timeout: Duration) -> Result<()> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(timeout.as_millis().min(u32::MAX as u128) as u32).to_le_bytes());
+        b.extend_from_slice(&(keys.len() as u32).to_le_bytes());
+        for k in keys {
+            put_bytes(&mut b, k.as_bytes());
+        }
+        self.call(WAIT, &b, "wait").map(|_| ())
+    }
+
+    pub fn add(&mut self, key: &str, delta: i64) -> Result<i64> {
+        let mut b = Vec::new();
+        put_bytes(&mut b, key.as_bytes());
+        b.extend_from_slice(&delta.to_le_bytes());
+        let v = self.call(ADD, &b, &format!("add {key}"))?;
+        Ok(i64::from_le_bytes(
+            v.as_slice()
+                .try_into()
+                .map_err(|_| TrainError::Other("bad add reply".into()))?,
+        ))
+    }
+
+    pub fn delete(&mut self, key: &str) -> Result<()> {
+        let mut b = Vec::new();
+        put_bytes(&mut b, key.as_bytes());
+        self.call(DELETE, &b, &format!("delete {key}")).map(|_| ())
+    }
+
+    /// All `world` participants arrive at barrier `name` (fails after the timeout).
+    pub fn barrier(&mut self, name: &str, world: usize) -> Result<()> {
+        let n = self.add(&format!("barrier/{name}/count"), 1)?;
+        let done = format!("barrier/{name}/done");
+        if n as usize == world {
+            self.set(&done, b"1")?;
+        }
+        let t = self.timeout;
+        self.wait(&[done], t)
+            .map_err(|e| TrainError::Other(format!("barrier `{name}` ({world} participants): {e}")))
+    }
+
+    pub fn heartbeat(&mut self) -> Result<()> {
+        self.call(HEARTBEAT, &[], "heartbeat").map(|_| ())
+    }
+
+    /// Ranks whose last heartbeat is older than `timeout`.
+    pub fn dead_ranks(&mut self, timeout: Duration) -> Result<Vec<u32>> {
+        let v = self.call(
+            DEAD,
+            &(timeout.as_millis().min(u32::MAX as u128) as u32).to_le_bytes(),
+            "liveness",
+        )?;
+        let mut out: Vec<u32> = v
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_wait_add_barrier_and_secret() {
+        let server = StoreServer::start("127.0.0.1:0", "s3cret").unwrap();
+        let addr = server.addr.to_string();
+        let t = Duration::from_secs(5);
+        let mut a = StoreClient::connect(&addr, "s3cret", 0, t).unwrap();
+        let addr2 = addr.clone();
+        let waiter = std::thread::spawn(move || {
+            let mut b = StoreClient::connect(&addr2, "s3cret", 1, t).unwrap();
+            b.wait(&["k".into()], t).unwrap();
+            let v = b.get("k").unwrap();
+            b.barrier("end", 2).unwrap();
+            v
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        a.set("k", b"value").unwrap();
+        assert_eq!(a.add("n", 2).unwrap(), 2);
+        assert_eq!(a.add("n", 3).unwrap(), 5);
+        a.barrier("end", 2).unwrap();
+        assert_eq!(waiter.join().unwrap(), b"value");
+        let e = a
+            .wait(&["never".into()], Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("never") && e.contains("timed out"), "{e}");
+        let e = StoreClient::connect(&addr, "wrong", 2, t)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("wrong job secret"), "{e}");
+        a.heartbeat().unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(a.dead_ranks(Duration::from_millis(100)).unwrap(), vec![0]);
+    }
+}
