@@ -58,6 +58,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
             .map(|p| format!("{:.0} TFLOP/s", p / 1e12))
             .unwrap_or_else(|| "unknown (no MFU)".into())
     );
+    println!(
+        "optimizer state on this rank: {:.1} MB{}",
+        t.optim.state_bytes() as f64 / 1e6,
+        t.optim
+            .shard
+            .map(|s| format!(" (ZeRO-1: shard {} of {})", s.rank, s.world))
+            .unwrap_or_default()
+    );
     let r = t.run()?;
     let last = r.losses.last().copied().unwrap_or(f64::NAN);
     println!(

@@ -226,3 +226,34 @@ fn a_process_with_the_wrong_job_secret_is_refused() {
     let r0 = r0.wait_with_output().expect("wait");
     assert_clean_failure(&r0, &["join"]);
 }
+
+#[test]
+fn zero1_follows_plain_data_parallelism_and_shards_the_optimizer_state() {
+    let mut runs = Vec::new();
+    for zero in [0, 1] {
+        let d = tempfile::tempdir().expect("tmp");
+        let mut a = dp_args(d.path(), 2, 5);
+        a.push("--set".into());
+        a.push(format!("parallel.zero={zero}"));
+        let o = launch(2, &[], &a, &[]);
+        assert!(o.status.success(), "zero {zero}: {}", stderr(&o));
+        let state: Vec<u64> = std::fs::read_to_string(d.path().join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()?
+                    .get("optimizer_state_bytes")?
+                    .as_u64()
+            })
+            .collect();
+        runs.push((losses(&d.path().join("metrics.jsonl")), state[0]));
+    }
+    assert_close(&runs[0].0, &runs[1].0, "ZeRO-1 vs plain DP");
+    // Moments are sharded: 3 full buffers without ZeRO, 1 full + 2 halves with it (dp = 2).
+    let ratio = runs[1].1 as f64 / runs[0].1 as f64;
+    assert!(
+        (ratio - 2.0 / 3.0).abs() < 0.01,
+        "optimizer state ratio {ratio}"
+    );
+}

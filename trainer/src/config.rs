@@ -492,12 +492,18 @@ impl RunConfig {
         if p.dp == 0 {
             return Err(TrainError::config("parallel.dp", "must be positive"));
         }
-        if p.tp != 1 || p.pp != 1 || p.zero != 0 {
+        if p.tp != 1 || p.pp != 1 {
             return Err(TrainError::config(
                 "parallel",
+                format!("tp = {}, pp = {}: this build has data parallelism only (tp = pp = 1); tensor and pipeline parallelism are not implemented yet", p.tp, p.pp),
+            ));
+        }
+        if p.zero > 1 {
+            return Err(TrainError::config(
+                "parallel.zero",
                 format!(
-                    "tp = {}, pp = {}, zero = {}: this build has data parallelism only (tp = pp = 1, zero = 0); tensor and pipeline parallelism and ZeRO-1 are not implemented yet",
-                    p.tp, p.pp, p.zero
+                    "{} is not supported: 0 (off) or 1 (sharded optimizer state)",
+                    p.zero
                 ),
             ));
         }

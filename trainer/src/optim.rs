@@ -1,20 +1,41 @@
 //! AdamW over the flat parameter buffer: gradients, first and second moments
 //! are flat buffers of the same layout; weight decay applies to the decayed
-//! prefix only (see params.rs). Gradient clipping by global norm and the
-//! NaN/Inf guard live here too.
+//! prefix only (see params.rs). Gradient reduction across data-parallel ranks,
+//! clipping by global norm and the NaN/Inf guard live here too.
+//!
+//! ZeRO-1 (`parallel.zero = 1`): the flat buffer (padded to a multiple of the
+//! data-parallel size) is cut into equal shards; rank `r` keeps AdamW moments
+//! only for shard `r`. A step reduce-scatters the gradient, updates the rank's
+//! shard of the fp32 weights, and all-gathers the updated shards. Without it,
+//! the gradient is all-reduced and every rank updates everything.
 
 use tch::{Kind, Tensor};
 
 use crate::config::OptimConfig;
+use crate::dist::collectives::scalar;
+use crate::dist::Collectives;
+use crate::error::Result;
 use crate::params::Params;
+
+/// This rank's part of the flat buffer under ZeRO-1.
+#[derive(Clone, Copy, Debug)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+    /// Elements per shard (the padded length divided by `world`).
+    pub size: i64,
+}
 
 pub struct AdamW {
     pub cfg: OptimConfig,
+    /// Accumulated gradient, full length (padded to a multiple of the shard count).
     pub grad: Tensor,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
     /// Optimizer steps taken (bias correction uses it).
     pub steps: u64,
+    pub shard: Option<Shard>,
+    numel: i64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -26,65 +47,126 @@ pub struct StepStats {
 }
 
 impl AdamW {
-    pub fn new(cfg: &OptimConfig, params: &Params) -> AdamW {
-        let z = || params.flat.zeros_like();
+    /// `zero`: Some((rank, world)) to shard the optimizer state (ZeRO-1).
+    pub fn new(cfg: &OptimConfig, params: &Params, zero: Option<(usize, usize)>) -> AdamW {
+        let n = params.numel();
+        let opts = (params.flat.kind(), params.flat.device());
+        let (shard, padded) = match zero {
+            Some((rank, world)) => {
+                let size = (n + world as i64 - 1) / world as i64;
+                (Some(Shard { rank, world, size }), size * world as i64)
+            }
+            None => (None, n),
+        };
+        let state = shard.map(|s| s.size).unwrap_or(n);
         AdamW {
             cfg: cfg.clone(),
-            grad: z(),
-            exp_avg: z(),
-            exp_avg_sq: z(),
+            grad: Tensor::zeros([padded], opts),
+            exp_avg: Tensor::zeros([state], opts),
+            exp_avg_sq: Tensor::zeros([state], opts),
             steps: 0,
+            shard,
+            numel: n,
         }
     }
 
-    /// Clip the accumulated flat gradient and update with learning rate `lr`, then
-    /// zero the gradient for the next step. A non-finite gradient norm leaves
-    /// parameters and moments untouched.
-    pub fn step(&mut self, params: &Params, lr: f64) -> StepStats {
-        let stats = self.update(params, lr);
+    /// Reduce the accumulated gradient over data-parallel ranks (if `comm`), clip,
+    /// update with learning rate `lr`, and zero the gradient for the next step.
+    /// A non-finite gradient norm leaves parameters and moments untouched.
+    pub fn step(
+        &mut self,
+        params: &Params,
+        lr: f64,
+        comm: Option<&mut (dyn Collectives + '_)>,
+    ) -> Result<StepStats> {
+        let stats = tch::no_grad(|| self.update(params, lr, comm))?;
         let _ = self.grad.zero_();
-        stats
+        Ok(stats)
     }
 
-    fn update(&mut self, params: &Params, lr: f64) -> StepStats {
-        tch::no_grad(|| {
-            let norm = self.grad.norm().double_value(&[]);
-            if !norm.is_finite() {
-                return StepStats {
-                    grad_norm: norm,
-                    applied: false,
-                };
+    fn update(
+        &mut self,
+        params: &Params,
+        lr: f64,
+        comm: Option<&mut (dyn Collectives + '_)>,
+    ) -> Result<StepStats> {
+        // This rank's gradient (whole or shard) and the range of the flat buffer it updates.
+        let (mut g, start, len, mut comm) = match (self.shard, comm) {
+            (Some(s), Some(c)) => {
+                let g = c.reduce_scatter_sum(&self.grad)?;
+                let start = s.rank as i64 * s.size;
+                (g, start, (self.numel - start).clamp(0, s.size), Some(c))
             }
-            if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
-                let _ = self.grad.g_mul_scalar_(self.cfg.grad_clip / (norm + 1e-6));
+            (None, Some(c)) => {
+                c.all_reduce_sum(&mut self.grad)?;
+                (self.grad.shallow_clone(), 0, self.numel, None)
             }
-            self.steps += 1;
-            let [b1, b2] = self.cfg.betas;
-            let t = self.steps as i32;
-            let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-            let _ = self.exp_avg.lerp_(&self.grad, 1.0 - b1);
-            let _ = self.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = self
-                .exp_avg_sq
-                .addcmul_(&(&self.grad * (1.0 - b2)), &self.grad);
-            let mut flat = params.flat.shallow_clone();
-            if self.cfg.weight_decay > 0.0 && params.num_decayed > 0 {
-                let _ = flat
-                    .narrow(0, 0, params.num_decayed)
+            (_, None) => (self.grad.shallow_clone(), 0, self.numel, None),
+        };
+        let mut sq = g
+            .to_kind(Kind::Double)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Double);
+        if let Some(c) = comm.as_deref_mut() {
+            let mut s = scalar(sq.double_value(&[]));
+            c.all_reduce_sum(&mut s)?;
+            sq = s;
+        }
+        let norm = sq.double_value(&[]).sqrt();
+        if !norm.is_finite() {
+            return Ok(StepStats {
+                grad_norm: norm,
+                applied: false,
+            });
+        }
+        if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
+            let _ = g.g_mul_scalar_(self.cfg.grad_clip / (norm + 1e-6));
+        }
+        self.steps += 1;
+        let [b1, b2] = self.cfg.betas;
+        let t = self.steps as i32;
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let _ = self.exp_avg.lerp_(&g, 1.0 - b1);
+        let _ = self.exp_avg_sq.g_mul_scalar_(b2);
+        let _ = self.exp_avg_sq.addcmul_(&(&g * (1.0 - b2)), &g);
+        if len > 0 {
+            let mut p = params.flat.narrow(0, start, len);
+            let decayed = (params.num_decayed - start).clamp(0, len);
+            if self.cfg.weight_decay > 0.0 && decayed > 0 {
+                let _ = p
+                    .narrow(0, 0, decayed)
                     .g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
             }
-            let denom = (&self.exp_avg_sq / bc2).sqrt() + self.cfg.eps;
-            let _ = flat.addcdiv_(&(&self.exp_avg * (-lr / bc1)), &denom);
-            StepStats {
-                grad_norm: norm,
-                applied: true,
+            let m = self.exp_avg.narrow(0, 0, len);
+            let v = self.exp_avg_sq.narrow(0, 0, len);
+            let denom = (&v / bc2).sqrt() + self.cfg.eps;
+            let _ = p.addcdiv_(&(&m * (-lr / bc1)), &denom);
+        }
+        if let (Some(s), Some(c)) = (self.shard, comm) {
+            // Share the updated shards: every rank ends with the whole new buffer.
+            let mine = Tensor::zeros([s.size], (params.flat.kind(), params.flat.device()));
+            if len > 0 {
+                mine.narrow(0, 0, len)
+                    .copy_(&params.flat.narrow(0, start, len));
             }
+            for (q, part) in c.all_gather(&mine)?.iter().enumerate() {
+                let qs = q as i64 * s.size;
+                let ql = (self.numel - qs).clamp(0, s.size);
+                if ql > 0 {
+                    params.flat.narrow(0, qs, ql).copy_(&part.narrow(0, 0, ql));
+                }
+            }
+        }
+        Ok(StepStats {
+            grad_norm: norm,
+            applied: true,
         })
     }
 
-    /// Bytes of optimizer state (moments and the flat gradient).
+    /// Bytes of optimizer state held by this rank (moments and the gradient buffer).
     pub fn state_bytes(&self) -> i64 {
-        3 * self.grad.numel() as i64 * kind_bytes(self.grad.kind())
+        let e = kind_bytes(self.grad.kind());
+        (self.grad.numel() as i64 + 2 * self.exp_avg.numel() as i64) * e
     }
 }
 

@@ -140,7 +140,8 @@ impl Trainer {
             device,
             mixed,
         );
-        let optim = AdamW::new(&cfg.optim, &model.params);
+        let zero = (cfg.parallel.zero == 1 && dp > 1).then_some((rank, dp));
+        let optim = AdamW::new(&cfg.optim, &model.params, zero);
         let loader = Loader::new(
             dataset.clone(),
             LoaderOptions {
@@ -269,7 +270,6 @@ impl Trainer {
                 loss_sum += l.to_kind(Kind::Double);
             }
             if let Some(job) = &mut self.job {
-                job.dp.all_reduce_sum(&mut self.optim.grad)?;
                 let mut l = scalar(loss_sum.double_value(&[]));
                 job.dp.all_reduce_sum(&mut l)?;
                 loss_sum = l.to_device(self.device);
@@ -277,7 +277,8 @@ impl Trainer {
             self.sync();
             let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
             let lr = lr_at(&c.optim, step, total);
-            let stats = self.optim.step(&self.model.params, lr);
+            let comm = self.job.as_mut().map(|j| j.dp.as_mut());
+            let stats = self.optim.step(&self.model.params, lr, comm)?;
             self.sync();
             let t_optim = t0.elapsed().as_secs_f64() - t_data - t_fwd_bwd;
             let loss = loss_sum.double_value(&[]) / target_tokens as f64;
@@ -322,6 +323,7 @@ impl Trainer {
                     "step_time_s": dt,
                     "phase_s": {"data": t_data, "forward_backward": t_fwd_bwd, "optimizer": t_optim},
                     "skipped": !stats.applied,
+                    "optimizer_state_bytes": self.optim.state_bytes(),
                     "memory": if self.device.is_cuda() { json!({"gpu_mib_peak": gpu_peak_mib}) } else { self.memory_record() },
                 });
                 if let Some(m) = &mut self.metrics {
