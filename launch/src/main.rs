@@ -28,6 +28,11 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Start one process per local rank (data-parallel jobs), on one node or several.
     Launch(launcher::LaunchArgs),
+    /// Distributed-runtime tools (benchmarks).
+    Dist {
+        #[command(subcommand)]
+        command: train_cmd::DistCommand,
+    },
     /// Inspect model configs.
     Model {
         #[command(subcommand)]
@@ -41,6 +46,7 @@ fn main() {
         Command::Data { command } => data_cmd::run(command),
         Command::Train(args) => train_cmd::train(args),
         Command::Launch(args) => launcher::launch(args),
+        Command::Dist { command } => train_cmd::dist(command),
         Command::Model { command } => train_cmd::model(command),
     };
     if let Err(e) = result {

@@ -20,6 +20,41 @@ pub struct TrainArgs {
 }
 
 #[derive(Subcommand)]
+pub enum DistCommand {
+    /// All-reduce bus bandwidth by message size (bf16), through sigma and plain NCCL; run under `sigma launch`.
+    BenchAllreduce {
+        /// Smallest message, bytes (doubling up to --max-bytes).
+        #[arg(long, default_value_t = 1 << 20)]
+        min_bytes: usize,
+        #[arg(long, default_value_t = 1 << 30)]
+        max_bytes: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
+}
+
+pub fn dist(cmd: DistCommand) -> Result<()> {
+    match cmd {
+        DistCommand::BenchAllreduce { min_bytes, max_bytes, iters } => {
+            let mut sizes = Vec::new();
+            let mut s = min_bytes.max(2);
+            while s <= max_bytes {
+                sizes.push(s);
+                s *= 2;
+            }
+            let rows = sigma_trainer::dist::bench::bench_allreduce(&sizes, iters)?;
+            if !rows.is_empty() {
+                println!("{:>12} {:>16} {:>16} {:>8}", "bytes", "sigma GB/s", "plain NCCL GB/s", "ratio");
+                for r in rows {
+                    println!("{:>12} {:>16.1} {:>16.1} {:>7.1}%", r.bytes, r.sigma_busbw / 1e9, r.plain_busbw / 1e9, 100.0 * r.sigma_busbw / r.plain_busbw);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum ModelCommand {
     /// Parameters by component, FLOPs per token and KV-cache bytes per token.
     Summary {

@@ -91,22 +91,16 @@ impl Trainer {
                 ),
             ));
         }
-        let device = pick_device(cfg.train.device)?;
-        let device = match device {
-            Device::Cuda(_) if env.world > 1 => {
-                return Err(TrainError::config(
-                    "parallel.dp",
-                    "multi-GPU data parallelism needs the NCCL collective backend, which this build does not have yet; use train.device = \"cpu\" for multi-process CPU runs",
-                ))
-            }
+        let device = match pick_device(cfg.train.device)? {
+            Device::Cuda(_) => Device::Cuda(env.local_rank),
             d => d,
         };
         let rank = env.rank;
-        let job = if env.world > 1 {
-            Some(Job::join(env)?)
-        } else {
-            None
+        let cuda_index = match device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
         };
+        let job = if env.world > 1 { Some(Job::join(env, cuda_index)?) } else { None };
         let mixed = match cfg.train.precision {
             Precision::Auto => device.is_cuda(),
             Precision::Bf16 => true,

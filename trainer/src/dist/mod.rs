@@ -1,8 +1,10 @@
 //! The distributed runtime: where a process sits in the job (env), the
 //! rendezvous store, and collectives.
 
+pub mod bench;
 pub mod collectives;
 pub mod env;
+pub mod nccl;
 pub mod store;
 
 use std::time::Duration;
@@ -23,8 +25,9 @@ pub struct Job {
 
 impl Job {
     /// Rendezvous through the store at MASTER_ADDR:MASTER_PORT (hosting it on
-    /// rank 0 unless a launcher does) and set up the collectives.
-    pub fn join(env: DistEnv) -> Result<Job> {
+    /// rank 0 unless a launcher does) and set up the collectives: NCCL on
+    /// `cuda_device` when given, else the CPU store backend.
+    pub fn join(env: DistEnv, cuda_device: Option<usize>) -> Result<Job> {
         let server = if env.host_store {
             Some(StoreServer::start(
                 &format!("0.0.0.0:{}", env.master_port),
@@ -37,7 +40,10 @@ impl Job {
         let addr = format!("{}:{}", env.master_addr, env.master_port);
         let mut store = StoreClient::connect(&addr, &env.secret, env.rank as u32, t)?;
         store.barrier("join", env.world)?;
-        let dp = Box::new(StoreCollectives::new(store, "dp", env.rank, env.world, t));
+        let dp: Box<dyn Collectives> = match cuda_device {
+            Some(d) => Box::new(nccl::NcclCollectives::new(&mut store, "dp", env.rank, env.world, d, t)?),
+            None => Box::new(StoreCollectives::new(store, "dp", env.rank, env.world, t)),
+        };
         Ok(Job {
             env,
             _server: server,
