@@ -55,5 +55,5 @@ for name, g in [("dp1", 1), (f"dp{n}", n), (f"dp{n}-zero1", n)]:
     mfu = statistics.median(r["mfu"] for r in w)
     mem = max(r["memory"].get("gpu_mib_peak", 0) for r in w)
     st = w[-1]["optimizer_state_bytes"] / 1e9
-    print(f"{name:<12} {g:>4} {tps:>9.0f} {tps/g:>10.0f} {100*tps/(g*base_tps):>7.1f}% {100*mfu/g:>5.1f}% {mem:>16} {st:>16.2f} {[round(r['loss'],4) for r in w][:4]}")
+    print(f"{name:<12} {g:>4} {tps:>9.0f} {tps/g:>10.0f} {100*tps/(g*base_tps):>7.1f}% {100*mfu:>5.1f}% {mem:>16} {st:>16.2f} {[round(r['loss'],4) for r in w][:4]}")
 PY

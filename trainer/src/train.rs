@@ -302,7 +302,8 @@ impl Trainer {
             let last = step + 1 == total;
             if (step + 1) % c.train.log_every.max(1) == 0 || last {
                 let tps = interval_tokens as f64 / interval_time.max(1e-9);
-                let mfu = self.peak_flops.map(|p| tps * self.flops_per_token / p);
+                // Global tokens/s over the peak of all dp devices.
+                let mfu = self.peak_flops.map(|p| tps * self.flops_per_token / (p * dp as f64));
                 if let Device::Cuda(i) = self.device {
                     gpu_peak_mib = gpu_peak_mib.max(metrics::gpu_memory_mib(i).unwrap_or(0));
                 }
