@@ -115,6 +115,16 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
     std::fs::create_dir_all(&a.log_dir)
         .with_context(|| format!("cannot create log dir {}", a.log_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the sigma binary")?;
+    // NCCL and the CUDA runtime must be libtorch's own: expose them as libnccl.so and
+    // libcudart.so first on the ranks' library path (cudarc loads them by those names).
+    let ld_path = match sigma_trainer::dist::nccl::nccl_library_dir(&a.log_dir) {
+        Some(d) => format!(
+            "{}:{}",
+            d.display(),
+            std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+        ),
+        None => std::env::var("LD_LIBRARY_PATH").unwrap_or_default(),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
@@ -132,6 +142,7 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
             .env(vars::MASTER_PORT, a.master_port.to_string())
             .env(vars::JOB_SECRET, &secret)
             .env(vars::STORE_HOSTED, "1")
+            .env("LD_LIBRARY_PATH", &ld_path)
             .stdin(Stdio::null());
         if rank != 0 {
             let log = a.log_dir.join(format!("rank-{rank}.log"));

@@ -35,7 +35,11 @@ pub enum DistCommand {
 
 pub fn dist(cmd: DistCommand) -> Result<()> {
     match cmd {
-        DistCommand::BenchAllreduce { min_bytes, max_bytes, iters } => {
+        DistCommand::BenchAllreduce {
+            min_bytes,
+            max_bytes,
+            iters,
+        } => {
             let mut sizes = Vec::new();
             let mut s = min_bytes.max(2);
             while s <= max_bytes {
@@ -44,9 +48,18 @@ pub fn dist(cmd: DistCommand) -> Result<()> {
             }
             let rows = sigma_trainer::dist::bench::bench_allreduce(&sizes, iters)?;
             if !rows.is_empty() {
-                println!("{:>12} {:>16} {:>16} {:>8}", "bytes", "sigma GB/s", "plain NCCL GB/s", "ratio");
+                println!(
+                    "{:>12} {:>16} {:>16} {:>8}",
+                    "bytes", "sigma GB/s", "plain NCCL GB/s", "ratio"
+                );
                 for r in rows {
-                    println!("{:>12} {:>16.1} {:>16.1} {:>7.1}%", r.bytes, r.sigma_busbw / 1e9, r.plain_busbw / 1e9, 100.0 * r.sigma_busbw / r.plain_busbw);
+                    println!(
+                        "{:>12} {:>16.1} {:>16.1} {:>7.1}%",
+                        r.bytes,
+                        r.sigma_busbw / 1e9,
+                        r.plain_busbw / 1e9,
+                        100.0 * r.sigma_busbw / r.plain_busbw
+                    );
                 }
             }
         }

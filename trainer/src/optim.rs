@@ -108,7 +108,7 @@ impl AdamW {
             .pow_tensor_scalar(2)
             .sum(Kind::Double);
         if let Some(c) = comm.as_deref_mut() {
-            let mut s = scalar(sq.double_value(&[]));
+            let mut s = scalar(sq.double_value(&[]), self.grad.device());
             c.all_reduce_sum(&mut s)?;
             sq = s;
         }

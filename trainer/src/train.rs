@@ -100,7 +100,11 @@ impl Trainer {
             Device::Cuda(i) => Some(i),
             _ => None,
         };
-        let job = if env.world > 1 { Some(Job::join(env, cuda_index)?) } else { None };
+        let job = if env.world > 1 {
+            Some(Job::join(env, cuda_index)?)
+        } else {
+            None
+        };
         let mixed = match cfg.train.precision {
             Precision::Auto => device.is_cuda(),
             Precision::Bf16 => true,
@@ -264,7 +268,7 @@ impl Trainer {
                 loss_sum += l.to_kind(Kind::Double);
             }
             if let Some(job) = &mut self.job {
-                let mut l = scalar(loss_sum.double_value(&[]));
+                let mut l = scalar(loss_sum.double_value(&[]), self.device);
                 job.dp.all_reduce_sum(&mut l)?;
                 loss_sum = l.to_device(self.device);
             }
@@ -303,7 +307,9 @@ impl Trainer {
             if (step + 1) % c.train.log_every.max(1) == 0 || last {
                 let tps = interval_tokens as f64 / interval_time.max(1e-9);
                 // Global tokens/s over the peak of all dp devices.
-                let mfu = self.peak_flops.map(|p| tps * self.flops_per_token / (p * dp as f64));
+                let mfu = self
+                    .peak_flops
+                    .map(|p| tps * self.flops_per_token / (p * dp as f64));
                 if let Device::Cuda(i) = self.device {
                     gpu_peak_mib = gpu_peak_mib.max(metrics::gpu_memory_mib(i).unwrap_or(0));
                 }

@@ -31,9 +31,21 @@ pub fn bench_allreduce(sizes: &[usize], iters: usize) -> Result<Vec<Row>> {
     if !tch::Cuda::is_available() {
         return Err(TrainError::Other("bench-allreduce needs CUDA GPUs".into()));
     }
-    let _server = if env.host_store { Some(StoreServer::start(&format!("0.0.0.0:{}", env.master_port), &env.secret)?) } else { None };
+    let _server = if env.host_store {
+        Some(StoreServer::start(
+            &format!("0.0.0.0:{}", env.master_port),
+            &env.secret,
+        )?)
+    } else {
+        None
+    };
     let t = std::time::Duration::from_secs(env.timeout_s);
-    let mut store = StoreClient::connect(&format!("{}:{}", env.master_addr, env.master_port), &env.secret, env.rank as u32, t)?;
+    let mut store = StoreClient::connect(
+        &format!("{}:{}", env.master_addr, env.master_port),
+        &env.secret,
+        env.rank as u32,
+        t,
+    )?;
     let mut c = NcclCollectives::new(&mut store, "bench", env.rank, env.world, env.local_rank, t)?;
     let dev = Device::Cuda(env.local_rank);
     let mut rows = Vec::new();
@@ -50,7 +62,11 @@ pub fn bench_allreduce(sizes: &[usize], iters: usize) -> Result<Vec<Row>> {
         let sigma_s = t0.elapsed().as_secs_f64() / iters as f64;
         c.plain_all_reduce_seconds(&mut x, 3)?;
         let plain_s = c.plain_all_reduce_seconds(&mut x, iters)?;
-        rows.push(Row { bytes: n as usize * 2, sigma_busbw: busbw(n as usize * 2, env.world, sigma_s), plain_busbw: busbw(n as usize * 2, env.world, plain_s) });
+        rows.push(Row {
+            bytes: n as usize * 2,
+            sigma_busbw: busbw(n as usize * 2, env.world, sigma_s),
+            plain_busbw: busbw(n as usize * 2, env.world, plain_s),
+        });
     }
     c.barrier()?;
     Ok(if env.rank == 0 { rows } else { Vec::new() })

@@ -192,7 +192,9 @@ impl Collectives for StoreCollectives {
     }
 }
 
-/// The reduction dtype used on the wire is the tensor's own; f64 for loss sums.
-pub fn scalar(v: f64) -> Tensor {
-    Tensor::from_slice(&[v]).to_kind(Kind::Double)
+/// A one-element f64 tensor on `device` (loss sums and norms travel in f64).
+pub fn scalar(v: f64, device: Device) -> Tensor {
+    Tensor::from_slice(&[v])
+        .to_kind(Kind::Double)
+        .to_device(device)
 }

@@ -41,7 +41,9 @@ impl Job {
         let mut store = StoreClient::connect(&addr, &env.secret, env.rank as u32, t)?;
         store.barrier("join", env.world)?;
         let dp: Box<dyn Collectives> = match cuda_device {
-            Some(d) => Box::new(nccl::NcclCollectives::new(&mut store, "dp", env.rank, env.world, d, t)?),
+            Some(d) => Box::new(nccl::NcclCollectives::new(
+                &mut store, "dp", env.rank, env.world, d, t,
+            )?),
             None => Box::new(StoreCollectives::new(store, "dp", env.rank, env.world, t)),
         };
         Ok(Job {

@@ -39,7 +39,9 @@ fn check(r: nccl::ncclResult_t, what: &str) -> Result<()> {
         return Ok(());
     }
     // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any result code.
-    let msg = unsafe { CStr::from_ptr(nccl::ncclGetErrorString(r)) }.to_string_lossy().into_owned();
+    let msg = unsafe { CStr::from_ptr(nccl::ncclGetErrorString(r)) }
+        .to_string_lossy()
+        .into_owned();
     Err(TrainError::Other(format!("NCCL {what}: {msg} ({r:?})")))
 }
 
@@ -54,15 +56,28 @@ fn cuda_check(r: cuda::cudaError_t, what: &str) -> Result<()> {
 /// Directory holding a `libnccl.so` link to the libnccl.so.2 this process has
 /// loaded (cudarc looks for `libnccl.so`, and a different NCCL than libtorch's
 /// breaks communicators). `sigma launch` puts it first on the ranks' LD_LIBRARY_PATH.
+/// The same holds for the CUDA runtime (`libcudart.so`), whose current device
+/// NCCL and libtorch must share.
 pub fn nccl_library_dir(base: &std::path::Path) -> Option<std::path::PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let lib = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.contains("libnccl.so"))?;
+    let paths: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
     let dir = base.join(".nccl");
     std::fs::create_dir_all(&dir).ok()?;
-    let link = dir.join("libnccl.so");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(lib, &link).ok()?;
-    Some(dir)
+    let mut any = false;
+    for (needle, name) in [
+        ("libnccl.so", "libnccl.so"),
+        ("libcudart.so", "libcudart.so"),
+    ] {
+        if let Some(lib) = paths.iter().find(|p| p.contains(needle)) {
+            let link = dir.join(name);
+            let _ = std::fs::remove_file(&link);
+            any |= std::os::unix::fs::symlink(lib, &link).is_ok();
+        }
+    }
+    any.then_some(dir)
 }
 
 struct Watchdog {
@@ -89,13 +104,20 @@ impl Watchdog {
                 }
             })
             .expect("watchdog thread");
-        Watchdog { deadline_ms, what, epoch }
+        Watchdog {
+            deadline_ms,
+            what,
+            epoch,
+        }
     }
     fn arm(&self, what: String, timeout: Duration) {
         if let Ok(mut w) = self.what.lock() {
             *w = what;
         }
-        self.deadline_ms.store((self.epoch.elapsed() + timeout).as_millis() as u64, Ordering::Relaxed);
+        self.deadline_ms.store(
+            (self.epoch.elapsed() + timeout).as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
     fn disarm(&self) {
         self.deadline_ms.store(0, Ordering::Relaxed);
@@ -118,7 +140,14 @@ unsafe impl Send for NcclCollectives {}
 impl NcclCollectives {
     /// Create the communicator of `group` on CUDA device `device`: rank 0 makes
     /// the unique id and publishes it through the store.
-    pub fn new(store: &mut StoreClient, group: &str, rank: usize, world: usize, device: usize, timeout: Duration) -> Result<NcclCollectives> {
+    pub fn new(
+        store: &mut StoreClient,
+        group: &str,
+        rank: usize,
+        world: usize,
+        device: usize,
+        timeout: Duration,
+    ) -> Result<NcclCollectives> {
         // SAFETY: plain CUDA runtime / NCCL calls with valid out-pointers.
         unsafe {
             cuda_check(cuda::cudaSetDevice(device as c_int), "cudaSetDevice")?;
@@ -137,16 +166,36 @@ impl NcclCollectives {
             }
             let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
             let watchdog = Watchdog::start();
-            watchdog.arm(format!("NCCL communicator `{group}` init (rank {rank} of {world})"), timeout);
-            check(nccl::ncclCommInitRank(&mut comm, world as c_int, id, rank as c_int), "ncclCommInitRank")?;
+            watchdog.arm(
+                format!("NCCL communicator `{group}` init (rank {rank} of {world})"),
+                timeout,
+            );
+            check(
+                nccl::ncclCommInitRank(&mut comm, world as c_int, id, rank as c_int),
+                "ncclCommInitRank",
+            )?;
             watchdog.disarm();
-            Ok(NcclCollectives { comm, group: group.into(), rank, world, timeout, watchdog, device })
+            Ok(NcclCollectives {
+                comm,
+                group: group.into(),
+                rank,
+                world,
+                timeout,
+                watchdog,
+                device,
+            })
         }
     }
 
     /// Run `f` (which enqueues NCCL work), then wait for the device, under the watchdog.
     fn run(&self, op: &str, f: impl FnOnce() -> nccl::ncclResult_t) -> Result<()> {
-        self.watchdog.arm(format!("collective {op} in group `{}` (rank {} of {})", self.group, self.rank, self.world), self.timeout);
+        self.watchdog.arm(
+            format!(
+                "collective {op} in group `{}` (rank {} of {})",
+                self.group, self.rank, self.world
+            ),
+            self.timeout,
+        );
         check(f(), op)?;
         // SAFETY: synchronising the current device has no preconditions.
         cuda_check(unsafe { cuda::cudaDeviceSynchronize() }, op)?;
@@ -161,7 +210,20 @@ impl NcclCollectives {
         let t0 = Instant::now();
         for _ in 0..iters {
             // SAFETY: in-place all-reduce on a live contiguous device buffer of n elements.
-            check(unsafe { nccl::ncclAllReduce(p as *const c_void, p, n, dt, nccl::ncclRedOp_t::ncclSum, self.comm, Self::stream()) }, "all_reduce")?;
+            check(
+                unsafe {
+                    nccl::ncclAllReduce(
+                        p as *const c_void,
+                        p,
+                        n,
+                        dt,
+                        nccl::ncclRedOp_t::ncclSum,
+                        self.comm,
+                        Self::stream(),
+                    )
+                },
+                "all_reduce",
+            )?;
         }
         // SAFETY: synchronising the current device has no preconditions.
         cuda_check(unsafe { cuda::cudaDeviceSynchronize() }, "sync")?;
@@ -175,7 +237,9 @@ impl NcclCollectives {
 
 fn contiguous_cuda(t: &Tensor, op: &str) -> Result<()> {
     if !t.device().is_cuda() || !t.is_contiguous() {
-        return Err(TrainError::Other(format!("NCCL {op}: tensors must be contiguous and on a CUDA device")));
+        return Err(TrainError::Other(format!(
+            "NCCL {op}: tensors must be contiguous and on a CUDA device"
+        )));
     }
     Ok(())
 }
@@ -192,36 +256,76 @@ impl Collectives for NcclCollectives {
         contiguous_cuda(t, "all_reduce")?;
         let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
         // SAFETY: in-place all-reduce on a live contiguous device buffer of n elements.
-        self.run("all_reduce", || unsafe { nccl::ncclAllReduce(p as *const c_void, p, n, dt, nccl::ncclRedOp_t::ncclSum, self.comm, Self::stream()) })
+        self.run("all_reduce", || unsafe {
+            nccl::ncclAllReduce(
+                p as *const c_void,
+                p,
+                n,
+                dt,
+                nccl::ncclRedOp_t::ncclSum,
+                self.comm,
+                Self::stream(),
+            )
+        })
     }
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
         contiguous_cuda(t, "broadcast")?;
         let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
         // SAFETY: in-place broadcast on a live contiguous device buffer.
-        self.run("broadcast", || unsafe { nccl::ncclBroadcast(p as *const c_void, p, n, dt, root as c_int, self.comm, Self::stream()) })
+        self.run("broadcast", || unsafe {
+            nccl::ncclBroadcast(
+                p as *const c_void,
+                p,
+                n,
+                dt,
+                root as c_int,
+                self.comm,
+                Self::stream(),
+            )
+        })
     }
 
     fn all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
         contiguous_cuda(t, "all_gather")?;
-        let out = Tensor::empty([self.world as i64 * t.numel() as i64], (t.kind(), t.device()));
+        let out = Tensor::empty(
+            [self.world as i64 * t.numel() as i64],
+            (t.kind(), t.device()),
+        );
         let (s, r, n, dt) = (t.data_ptr(), out.data_ptr(), t.numel(), dtype(t.kind())?);
         // SAFETY: out holds world * n elements; both buffers live until the sync in run().
-        self.run("all_gather", || unsafe { nccl::ncclAllGather(s as *const c_void, r, n, dt, self.comm, Self::stream()) })?;
-        Ok(out.chunk(self.world as i64, 0).into_iter().map(|c| c.view(t.size().as_slice())).collect())
+        self.run("all_gather", || unsafe {
+            nccl::ncclAllGather(s as *const c_void, r, n, dt, self.comm, Self::stream())
+        })?;
+        Ok(out
+            .chunk(self.world as i64, 0)
+            .into_iter()
+            .map(|c| c.view(t.size().as_slice()))
+            .collect())
     }
 
     fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
         contiguous_cuda(t, "reduce_scatter")?;
         let n = t.numel();
         if n % self.world != 0 {
-            return Err(TrainError::Other(format!("reduce_scatter: {n} elements do not split over {} ranks", self.world)));
+            return Err(TrainError::Other(format!(
+                "reduce_scatter: {n} elements do not split over {} ranks",
+                self.world
+            )));
         }
         let out = Tensor::empty([(n / self.world) as i64], (t.kind(), t.device()));
         let (s, r, dt) = (t.data_ptr(), out.data_ptr(), dtype(t.kind())?);
         // SAFETY: out holds n / world elements; both buffers live until the sync in run().
         self.run("reduce_scatter", || unsafe {
-            nccl::ncclReduceScatter(s as *const c_void, r, n / self.world, dt, nccl::ncclRedOp_t::ncclSum, self.comm, Self::stream())
+            nccl::ncclReduceScatter(
+                s as *const c_void,
+                r,
+                n / self.world,
+                dt,
+                nccl::ncclRedOp_t::ncclSum,
+                self.comm,
+                Self::stream(),
+            )
         })?;
         Ok(out)
     }
@@ -230,14 +334,25 @@ impl Collectives for NcclCollectives {
         contiguous_cuda(t, "send")?;
         let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
         // SAFETY: reads a live contiguous device buffer of n elements.
-        self.run("send", || unsafe { nccl::ncclSend(p as *const c_void, n, dt, to as c_int, self.comm, Self::stream()) })
+        self.run("send", || unsafe {
+            nccl::ncclSend(
+                p as *const c_void,
+                n,
+                dt,
+                to as c_int,
+                self.comm,
+                Self::stream(),
+            )
+        })
     }
 
     fn recv(&mut self, t: &mut Tensor, from: usize) -> Result<()> {
         contiguous_cuda(t, "recv")?;
         let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
         // SAFETY: writes a live contiguous device buffer of n elements.
-        self.run("recv", || unsafe { nccl::ncclRecv(p, n, dt, from as c_int, self.comm, Self::stream()) })
+        self.run("recv", || unsafe {
+            nccl::ncclRecv(p, n, dt, from as c_int, self.comm, Self::stream())
+        })
     }
 
     fn barrier(&mut self) -> Result<()> {
