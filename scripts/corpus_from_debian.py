@@ -76,13 +76,17 @@ def render_man(path):
 
 
 def man_pages(packages, per_package):
+    """Rendered pages in a fixed order; rendering runs on all cores (order kept)."""
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = []
     for pkg in packages:
         pages = [p for p in package_files(pkg)
                  if "/share/man/man" in p and p.endswith(".gz") and not os.path.islink(p)]
         if per_package:
             pages = pages[:per_package]
-        for path in pages:
-            text = render_man(path)
+        jobs.extend((pkg, path) for path in pages)
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for (pkg, path), text in zip(jobs, pool.map(render_man, [p for _, p in jobs], chunksize=16)):
             if text:
                 yield {"text": text, "source": "man:" + os.path.basename(path)[:-3], "package": pkg}
 
