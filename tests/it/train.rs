@@ -128,7 +128,14 @@ fn config_errors_are_explained() {
         ),
         (&["train.bogus=1"], &["bogus"]),
         (&["model.vocab_size=100"], &["model.vocab_size", "8192"]),
-        (&["parallel.dp=2"], &["parallel.dp", "is 2 but the job has 1 process", "sigma launch"]),
+        (
+            &["parallel.dp=2"],
+            &[
+                "parallel.dp",
+                "is 2 but the job has 1 process",
+                "sigma launch",
+            ],
+        ),
         (&["parallel.tp=2"], &["parallel", "tp = 2"]),
         (&["parallel.zero=2"], &["parallel.zero"]),
         (

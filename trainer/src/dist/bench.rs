@@ -8,8 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::collectives::Collectives;
 use super::nccl::NcclCollectives;
-use super::store::StoreClient;
-use super::{DistEnv, StoreServer};
+use super::DistEnv;
 use crate::error::{Result, TrainError};
 
 pub struct Row {
@@ -31,21 +30,8 @@ pub fn bench_allreduce(sizes: &[usize], iters: usize) -> Result<Vec<Row>> {
     if !tch::Cuda::is_available() {
         return Err(TrainError::Other("bench-allreduce needs CUDA GPUs".into()));
     }
-    let _server = if env.host_store {
-        Some(StoreServer::start(
-            &format!("0.0.0.0:{}", env.master_port),
-            &env.secret,
-        )?)
-    } else {
-        None
-    };
     let t = std::time::Duration::from_secs(env.timeout_s);
-    let mut store = StoreClient::connect(
-        &format!("{}:{}", env.master_addr, env.master_port),
-        &env.secret,
-        env.rank as u32,
-        t,
-    )?;
+    let (_server, mut store) = super::rendezvous(&env)?;
     let mut c = NcclCollectives::new(&mut store, "bench", env.rank, env.world, env.local_rank, t)?;
     let dev = Device::Cuda(env.local_rank);
     let mut rows = Vec::new();

@@ -28,17 +28,8 @@ impl Job {
     /// rank 0 unless a launcher does) and set up the collectives: NCCL on
     /// `cuda_device` when given, else the CPU store backend.
     pub fn join(env: DistEnv, cuda_device: Option<usize>) -> Result<Job> {
-        let server = if env.host_store {
-            Some(StoreServer::start(
-                &format!("0.0.0.0:{}", env.master_port),
-                &env.secret,
-            )?)
-        } else {
-            None
-        };
+        let (server, mut store) = rendezvous(&env)?;
         let t = Duration::from_secs(env.timeout_s);
-        let addr = format!("{}:{}", env.master_addr, env.master_port);
-        let mut store = StoreClient::connect(&addr, &env.secret, env.rank as u32, t)?;
         store.barrier("join", env.world)?;
         let dp: Box<dyn Collectives> = match cuda_device {
             Some(d) => Box::new(nccl::NcclCollectives::new(
@@ -52,4 +43,24 @@ impl Job {
             dp,
         })
     }
+}
+
+/// Host the store if this process must, and connect to it as this rank.
+pub fn rendezvous(env: &DistEnv) -> Result<(Option<StoreServer>, StoreClient)> {
+    let server = if env.host_store {
+        Some(StoreServer::start(
+            &format!("0.0.0.0:{}", env.master_port),
+            &env.secret,
+        )?)
+    } else {
+        None
+    };
+    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    let store = StoreClient::connect(
+        &addr,
+        &env.secret,
+        env.rank as u32,
+        Duration::from_secs(env.timeout_s),
+    )?;
+    Ok((server, store))
 }
