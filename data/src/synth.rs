@@ -230,7 +230,9 @@ pub fn write(path: &std::path::Path, seed: u64, num_docs: u64) -> Result<u64> {
     }
     let name = path.to_string_lossy();
     let data = if name.ends_with(".zst") {
-        zstd::encode_all(&buf[..], 19).map_err(|e| DataError::io(path, e))?
+        // Small files (the committed sample) get the densest level; large corpora a fast one.
+        let level = if buf.len() < 64 << 20 { 19 } else { 3 };
+        zstd::encode_all(&buf[..], level).map_err(|e| DataError::io(path, e))?
     } else if name.ends_with(".gz") {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         enc.write_all(&buf).map_err(|e| DataError::io(path, e))?;
