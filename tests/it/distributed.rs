@@ -68,6 +68,32 @@ fn launch(
     sigma(&a, env)
 }
 
+/// Start rank `rank` of a 2-process job by hand (no launcher), srun-style.
+fn spawn_rank(
+    args: &[String],
+    rank: usize,
+    port: &str,
+    secret: &str,
+    extra_env: &[(&str, &str)],
+) -> std::process::Child {
+    let mut c = Command::new(sigma_bin());
+    c.current_dir(repo_root())
+        .arg("train")
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .env("SIGMA_JOB_SECRET", secret)
+        .env("SIGMA_DIST_TIMEOUT_S", "5")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawn rank")
+}
+
 fn assert_close(a: &[f64], b: &[f64], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: step counts");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -164,23 +190,7 @@ fn a_lost_rank_stops_the_job_and_is_named() {
     let d = tempfile::tempdir().expect("tmp");
     let args = dp_args(d.path(), 2, 50);
     let procs: Vec<_> = (0..2)
-        .map(|r| {
-            Command::new(sigma_bin())
-                .current_dir(repo_root())
-                .arg("train")
-                .args(&args)
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &p)
-                .env("SIGMA_JOB_SECRET", "s")
-                .env("SIGMA_DIST_TIMEOUT_S", "5")
-                .env("SIGMA_FAULT_ABORT", "1:2")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn")
-        })
+        .map(|r| spawn_rank(&args, r, &p, "s", &[("SIGMA_FAULT_ABORT", "1:2")]))
         .collect();
     let t0 = Instant::now();
     let outs: Vec<_> = procs
@@ -204,24 +214,11 @@ fn a_process_with_the_wrong_job_secret_is_refused() {
     let p = port().to_string();
     let d = tempfile::tempdir().expect("tmp");
     let args = dp_args(d.path(), 2, 3);
-    let spawn = |rank: usize, secret: &str| {
-        Command::new(sigma_bin())
-            .current_dir(repo_root())
-            .arg("train")
-            .args(&args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_PORT", &p)
-            .env("SIGMA_JOB_SECRET", secret)
-            .env("SIGMA_DIST_TIMEOUT_S", "5")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn")
-    };
-    let r0 = spawn(0, "right");
+    let r0 = spawn_rank(&args, 0, &p, "right", &[]);
     std::thread::sleep(Duration::from_millis(500));
-    let r1 = spawn(1, "wrong").wait_with_output().expect("wait");
+    let r1 = spawn_rank(&args, 1, &p, "wrong", &[])
+        .wait_with_output()
+        .expect("wait");
     assert_clean_failure(&r1, &["wrong job secret"]);
     let r0 = r0.wait_with_output().expect("wait");
     assert_clean_failure(&r0, &["join"]);

@@ -89,23 +89,34 @@ pub fn sample_shards() -> &'static Path {
         let root = process_dir().join("shards");
         let synth = process_dir().join("synthetic-small.jsonl");
         sigma_data::synth::write(&synth, 7, 120).expect("synth");
-        for (domain, input) in [
-            ("general", sample("general.jsonl.zst")),
-            ("system", sample("system.jsonl.zst")),
-            ("synthetic", synth.to_string_lossy().into_owned()),
-        ] {
-            let mut o = PrepareOptions::new(
-                vec![input],
-                domain,
-                &sample("tokenizer.json"),
-                &root.join(domain).to_string_lossy(),
-            );
-            o.row_group_tokens = 8192;
-            o.valid_fraction = 0.05;
-            prepare(&o).expect("prepare sample shards");
-        }
+        let synth = synth.to_string_lossy().into_owned();
+        prepare_domains(
+            &root,
+            &[
+                sample("general.jsonl.zst"),
+                sample("system.jsonl.zst"),
+                synth,
+            ],
+            8192,
+        );
         root
     })
+}
+
+/// Prepare the general, system and synthetic domains (inputs in that order)
+/// under `root/<domain>` with the sample tokenizer and 5 % validation.
+fn prepare_domains(root: &Path, inputs: &[String], row_group_tokens: u64) {
+    for (domain, input) in ["general", "system", "synthetic"].iter().zip(inputs) {
+        let mut o = PrepareOptions::new(
+            vec![input.clone()],
+            domain,
+            &sample("tokenizer.json"),
+            &root.join(domain).to_string_lossy(),
+        );
+        o.row_group_tokens = row_group_tokens;
+        o.valid_fraction = 0.05;
+        prepare(&o).expect("prepare sample shards");
+    }
 }
 
 /// A `[data]` config over the sample shards.
@@ -210,17 +221,8 @@ pub fn quickstart_shards() -> &'static Path {
     static DONE: OnceLock<PathBuf> = OnceLock::new();
     DONE.get_or_init(|| {
         let root = process_dir().join("quickstart-shards");
-        for d in ["general", "system", "synthetic"] {
-            let mut o = PrepareOptions::new(
-                vec![sample(&format!("{d}.jsonl.zst"))],
-                d,
-                &sample("tokenizer.json"),
-                &root.join(d).to_string_lossy(),
-            );
-            o.row_group_tokens = 65536;
-            o.valid_fraction = 0.05;
-            prepare(&o).expect("prepare quickstart shards");
-        }
+        let inputs = ["general", "system", "synthetic"].map(|d| sample(&format!("{d}.jsonl.zst")));
+        prepare_domains(&root, &inputs, 65536);
         root
     })
 }
