@@ -35,6 +35,8 @@ fn dp_args(out: &std::path::Path, dp: usize, steps: u64) -> Vec<String> {
             &format!("train.grad_accum_steps={accum}"),
             "train.cpu_threads=1",
             "train.eval_every=0",
+            // Several gradient buckets even for the tiny model.
+            "parallel.bucket_mb=0.2",
             "metrics.plot=false",
         ],
     );
@@ -184,14 +186,19 @@ fn a_lost_rank_stops_the_job_and_is_named() {
     );
     assert_clean_failure(&o, &["rank 1 failed", "signal 6", "SIGMA_FAULT_ABORT"]);
     assert!(t0.elapsed() < Duration::from_secs(60));
-    // Without a launcher (srun-style: each process started on its own): rank 0
-    // times out in its collective and names the missing rank.
+    // Without a launcher (srun-style: each process started on its own): the
+    // others notice the silence through the liveness heartbeats long before
+    // the collective timeout (120 s here) and name the lost rank.
     let p = port().to_string();
     let d = tempfile::tempdir().expect("tmp");
     let args = dp_args(d.path(), 2, 50);
-    let procs: Vec<_> = (0..2)
-        .map(|r| spawn_rank(&args, r, &p, "s", &[("SIGMA_FAULT_ABORT", "1:2")]))
-        .collect();
+    let env = [
+        ("SIGMA_FAULT_ABORT", "1:2"),
+        ("SIGMA_DIST_TIMEOUT_S", "120"),
+        ("SIGMA_LIVENESS_TIMEOUT_S", "3"),
+        ("SIGMA_HEARTBEAT_S", "0.5"),
+    ];
+    let procs: Vec<_> = (0..2).map(|r| spawn_rank(&args, r, &p, "s", &env)).collect();
     let t0 = Instant::now();
     let outs: Vec<_> = procs
         .into_iter()
@@ -202,6 +209,19 @@ fn a_lost_rank_stops_the_job_and_is_named() {
         "took {:?}",
         t0.elapsed()
     );
+    assert_clean_failure(&outs[0], &["rank 0", "rank(s) 1 lost", "no heartbeat"]);
+    assert!(!outs[1].status.success());
+    // With a short collective timeout instead, the collective names the missing rank.
+    let p = port().to_string();
+    let d = tempfile::tempdir().expect("tmp");
+    let args = dp_args(d.path(), 2, 50);
+    let procs: Vec<_> = (0..2)
+        .map(|r| spawn_rank(&args, r, &p, "s", &[("SIGMA_FAULT_ABORT", "1:2")]))
+        .collect();
+    let outs: Vec<_> = procs
+        .into_iter()
+        .map(|p| p.wait_with_output().expect("wait"))
+        .collect();
     assert_clean_failure(
         &outs[0],
         &["rank(s) 1 did not arrive", "all_reduce", "`dp`"],

@@ -236,7 +236,8 @@ fn changing_future_tokens_never_changes_past_logits() {
 /// Gradient of `sum of token losses * scale` through the segment engine, flat.
 fn engine_grads(m: &Model, tokens: &Tensor, scale: f64, checkpoint: bool) -> (Tensor, Tensor) {
     let mut g = m.params.flat.zeros_like();
-    let loss = engine::forward_backward(m, tokens, scale, checkpoint, &mut g);
+    let loss = engine::forward_backward(m, tokens, scale, checkpoint, &mut g, &mut |_, _| Ok(()))
+        .unwrap();
     (g, loss)
 }
 
@@ -319,4 +320,109 @@ fn activation_checkpointing_gives_bit_identical_gradients() {
         rel < 1e-5,
         "segment engine vs plain backward: relative difference {rel}"
     );
+}
+
+/// Records what a bucketed reduction would send: each started range, the
+/// gradient values it held at that moment, and when it was started.
+struct Recorder {
+    started: Vec<(i64, i64, Tensor, usize)>,
+    pos: usize,
+    base: usize,
+}
+
+impl sigma_trainer::dist::Collectives for Recorder {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _: &mut Tensor) -> sigma_trainer::Result<()> {
+        unreachable!("the buckets start reductions, they do not block")
+    }
+    fn start_all_reduce_sum(&mut self, t: &Tensor) -> sigma_trainer::Result<()> {
+        // `t` is a view of the flat (f64) gradient: its offset from the buffer's start.
+        let off = (t.data_ptr() as usize - self.base) as i64 / 8;
+        self.started.push((off, t.numel() as i64, t.copy(), self.pos));
+        Ok(())
+    }
+    fn broadcast(&mut self, _: &mut Tensor, _: usize) -> sigma_trainer::Result<()> {
+        unreachable!()
+    }
+    fn all_gather(&mut self, _: &Tensor) -> sigma_trainer::Result<Vec<Tensor>> {
+        unreachable!()
+    }
+    fn reduce_scatter_sum(&mut self, _: &Tensor) -> sigma_trainer::Result<Tensor> {
+        unreachable!()
+    }
+    fn send(&mut self, _: &Tensor, _: usize) -> sigma_trainer::Result<()> {
+        unreachable!()
+    }
+    fn recv(&mut self, _: &mut Tensor, _: usize) -> sigma_trainer::Result<()> {
+        unreachable!()
+    }
+    fn barrier(&mut self) -> sigma_trainer::Result<()> {
+        unreachable!()
+    }
+}
+
+#[test]
+fn gradient_buckets_start_only_final_gradients_and_cover_the_buffer_once() {
+    use sigma_trainer::dist::buckets::GradBuckets;
+    let mut c = cfg(4, 1, 2, 4, 4);
+    c.num_layers = 4;
+    c.tie_embeddings = false;
+    let m = model(&c);
+    let tokens = Tensor::from_slice(&[1i64, 5, 9, 3, 7, 2, 8, 4, 6, 0, 11, 12]).view([2, 6]);
+    // Small buckets: several per layer.
+    let mut buckets = GradBuckets::new(&m, 300);
+    assert!(buckets.buckets.len() > 6, "{} buckets", buckets.buckets.len());
+    let mut g = m.params.flat.zeros_like();
+    let mut rec = Recorder {
+        started: Vec::new(),
+        pos: 0,
+        base: g.data_ptr() as usize,
+    };
+    let _ = engine::forward_backward(&m, &tokens, 0.1, false, &mut g, &mut |pos, g| {
+        rec.pos = pos;
+        buckets.segment_done(pos, g, &mut rec)
+    })
+    .unwrap();
+    rec.pos = usize::MAX;
+    buckets.finish(&g, &mut rec).unwrap();
+    // Every bucket's values when started equal the final gradient: nothing wrote to it later.
+    for (off, n, snap, _) in &rec.started {
+        let fin = g.narrow(0, *off, *n);
+        assert_eq!(f64::try_from((&fin - snap).abs().max()).unwrap(), 0.0);
+    }
+    // The ranges tile the buffer exactly once.
+    let mut ranges: Vec<(i64, i64)> = rec.started.iter().map(|r| (r.0, r.1)).collect();
+    ranges.sort();
+    let mut end = 0;
+    for (o, n) in ranges {
+        assert_eq!(o, end, "gap or overlap at {o}");
+        end = o + n;
+    }
+    assert_eq!(end, m.params.numel());
+    // Overlap: most buckets start before the embedding's backward (the last segment).
+    let early = rec.started.iter().filter(|r| r.3 < c.num_layers + 1).count();
+    assert!(
+        early * 2 > rec.started.len(),
+        "{early} of {} started early",
+        rec.started.len()
+    );
+    // Order of starts is the same on every call (all ranks issue the same sequence).
+    let order: Vec<i64> = rec.started.iter().map(|r| r.0).collect();
+    let mut g2 = m.params.flat.zeros_like();
+    let mut rec2 = Recorder {
+        started: Vec::new(),
+        pos: 0,
+        base: g2.data_ptr() as usize,
+    };
+    let _ = engine::forward_backward(&m, &tokens, 0.1, false, &mut g2, &mut |pos, g| {
+        buckets.segment_done(pos, g, &mut rec2)
+    })
+    .unwrap();
+    buckets.finish(&g2, &mut rec2).unwrap();
+    assert_eq!(order, rec2.started.iter().map(|r| r.0).collect::<Vec<_>>());
 }

@@ -302,6 +302,13 @@ pub struct ParallelConfig {
     pub pp: usize,
     #[serde(default)]
     pub zero: u8,
+    /// Size of a data-parallel gradient bucket in MB (10^6 bytes of fp32 gradient).
+    #[serde(default = "d_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+fn d_bucket_mb() -> f64 {
+    128.0
 }
 
 impl Default for ParallelConfig {
@@ -311,6 +318,7 @@ impl Default for ParallelConfig {
             tp: 1,
             pp: 1,
             zero: 0,
+            bucket_mb: d_bucket_mb(),
         }
     }
 }
@@ -496,6 +504,12 @@ impl RunConfig {
             return Err(TrainError::config(
                 "parallel",
                 format!("tp = {}, pp = {}: this build has data parallelism only (tp = pp = 1); tensor and pipeline parallelism are not implemented yet", p.tp, p.pp),
+            ));
+        }
+        if !(p.bucket_mb > 0.0) {
+            return Err(TrainError::config(
+                "parallel.bucket_mb",
+                format!("must be positive, got {}", p.bucket_mb),
             ));
         }
         if p.zero > 1 {

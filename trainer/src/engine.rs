@@ -14,6 +14,7 @@
 
 use tch::Tensor;
 
+use crate::error::Result;
 use crate::model::Model;
 use crate::params::Params;
 
@@ -67,13 +68,16 @@ fn backprop(
 /// `tokens[:, :-1]`, targets `tokens[:, 1:]`. The gradient of
 /// `sum of token losses * loss_scale` is added into `grads` (flat, laid out like
 /// the parameters). Returns the (unscaled) loss sum, detached.
+/// `on_segment_done(pos)` is called as soon as the segment at backward
+/// position `pos` (0: the head, last: the embedding) has added its gradients.
 pub fn forward_backward(
     model: &Model,
     tokens: &Tensor,
     loss_scale: f64,
     checkpoint: bool,
     grads: &mut Tensor,
-) -> Tensor {
+    on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
     let t = tokens.size()[1] - 1;
     let inputs = tokens.narrow(1, 0, t);
     let targets = tokens.narrow(1, 1, t);
@@ -106,6 +110,7 @@ pub fn forward_backward(
         grads,
     )
     .expect("input grad");
+    on_segment_done(0, grads)?;
     for l in (0..nl).rev() {
         let out = match block_out[l].take() {
             Some(o) => o,
@@ -120,10 +125,12 @@ pub fn forward_backward(
             grads,
         )
         .expect("input grad");
+        on_segment_done(nl - l, grads)?;
     }
     let root = (embed_out * &g).sum(g.kind());
     backprop(&root, p, &model.segment_params(Segment::Embed), None, grads);
-    loss_sum.detach()
+    on_segment_done(nl + 1, grads)?;
+    Ok(loss_sum.detach())
 }
 
 /// Sum of token losses without gradients (validation).

@@ -17,6 +17,7 @@ use sigma_data::{Batch, DataState, Dataset, Loader};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DeviceChoice, NanPolicy, Precision, RunConfig};
+use crate::dist::buckets::GradBuckets;
 use crate::dist::{collectives::scalar, DistEnv, Job};
 use crate::engine;
 use crate::error::{Result, TrainError};
@@ -37,6 +38,8 @@ pub struct Trainer {
     metrics: Option<MetricsWriter>,
     /// Set when the job has more than one process.
     pub job: Option<Job>,
+    /// Plain data parallelism: gradient buckets reduced during backward.
+    buckets: Option<GradBuckets>,
     pub device_name: String,
     pub peak_flops: Option<f64>,
     pub flops_per_token: f64,
@@ -140,6 +143,8 @@ impl Trainer {
         );
         let zero = (cfg.parallel.zero == 1 && dp > 1).then_some((rank, dp));
         let optim = AdamW::new(&cfg.optim, &model.params, zero);
+        let buckets = (job.is_some() && zero.is_none())
+            .then(|| GradBuckets::new(&model, (cfg.parallel.bucket_mb * 1e6 / 4.0) as i64));
         let loader = Loader::new(
             dataset.clone(),
             LoaderOptions {
@@ -167,6 +172,7 @@ impl Trainer {
             loader,
             metrics,
             job,
+            buckets,
             device_name,
             peak_flops,
             progress: progress && rank == 0,
@@ -256,16 +262,27 @@ impl Trainer {
                 batches.iter().map(|b| b.rows * b.seq_len).sum::<usize>() * dp;
             let scale = 1.0 / target_tokens as f64;
             let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
-            for b in &batches {
+            for (i, b) in batches.iter().enumerate() {
                 let t = batch_tensor(b, self.device);
+                let last_micro = i + 1 == batches.len();
+                let (buckets, job) = (&mut self.buckets, &mut self.job);
+                // On the last micro-batch, reduce each bucket as soon as it is final.
+                let mut hook = |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), job.as_mut()) {
+                    (true, Some(bk), Some(j)) => bk.segment_done(pos, g, j.dp.as_mut()),
+                    _ => Ok(()),
+                };
                 let l = engine::forward_backward(
                     &self.model,
                     &t,
                     scale,
                     c.train.activation_checkpointing,
                     &mut self.optim.grad,
-                );
+                    &mut hook,
+                )?;
                 loss_sum += l.to_kind(Kind::Double);
+            }
+            if let (Some(bk), Some(j)) = (&mut self.buckets, &mut self.job) {
+                bk.finish(&self.optim.grad, j.dp.as_mut())?;
             }
             if let Some(job) = &mut self.job {
                 let mut l = scalar(loss_sum.double_value(&[]), self.device);
@@ -275,7 +292,11 @@ impl Trainer {
             self.sync();
             let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
             let lr = lr_at(&c.optim, step, total);
-            let comm = self.job.as_mut().map(|j| j.dp.as_mut());
+            // Plain DP reduced the gradient in buckets already; ZeRO-1 reduce-scatters in the step.
+            let comm = match self.buckets {
+                Some(_) => None,
+                None => self.job.as_mut().map(|j| j.dp.as_mut()),
+            };
             let stats = self.optim.step(&self.model.params, lr, comm)?;
             self.sync();
             let t_optim = t0.elapsed().as_secs_f64() - t_data - t_fwd_bwd;
@@ -359,7 +380,7 @@ impl Trainer {
         bar.finish_and_clear();
         report.data_state = self.loader.state();
         if let Some(job) = &mut self.job {
-            job.dp.barrier()?;
+            job.finish()?;
         }
         if let (true, Some(m)) = (c.metrics.plot, &self.metrics) {
             let train: Vec<(u64, f64)> = report

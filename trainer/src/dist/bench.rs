@@ -2,8 +2,6 @@
 //! through sigma's collective layer and through plain NCCL calls on the same
 //! buffers. Run it as a job: `sigma launch --nproc-per-node N -- dist bench-allreduce`.
 
-use std::time::Instant;
-
 use tch::{Device, Kind, Tensor};
 
 use super::collectives::Collectives;
@@ -38,14 +36,8 @@ pub fn bench_allreduce(sizes: &[usize], iters: usize) -> Result<Vec<Row>> {
     for &bytes in sizes {
         let n = (bytes / 2).max(1) as i64;
         let mut x = Tensor::ones([n], (Kind::BFloat16, dev));
-        for _ in 0..3 {
-            c.all_reduce_sum(&mut x)?;
-        }
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            c.all_reduce_sum(&mut x)?;
-        }
-        let sigma_s = t0.elapsed().as_secs_f64() / iters as f64;
+        c.sigma_all_reduce_seconds(&mut x, 3)?;
+        let sigma_s = c.sigma_all_reduce_seconds(&mut x, iters)?;
         c.plain_all_reduce_seconds(&mut x, 3)?;
         let plain_s = c.plain_all_reduce_seconds(&mut x, iters)?;
         rows.push(Row {

@@ -16,6 +16,16 @@ pub trait Collectives {
     fn world(&self) -> usize;
     /// In place: every rank ends with the elementwise sum over ranks.
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()>;
+    /// Start an in-place sum all-reduce of `t` and return without waiting for
+    /// it; the result may be read only after `wait_pending`. Backends without
+    /// asynchronous progress (the CPU store) complete it before returning.
+    fn start_all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
+        self.all_reduce_sum(&mut t.shallow_clone())
+    }
+    /// Order everything after this call behind every started collective.
+    fn wait_pending(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// In place: every rank ends with `root`'s tensor.
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
     /// Every rank's tensor, in rank order.

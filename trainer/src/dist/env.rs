@@ -65,6 +65,20 @@ fn var(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<usize>
     }
 }
 
+/// A positive number of seconds from environment variable `name` (or `default`).
+pub fn secs_var(name: &str, default: f64) -> Result<f64> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(x) if x > 0.0 && x.is_finite() => Ok(x),
+            _ => Err(TrainError::config(
+                format!("environment {name}"),
+                format!("{v:?} is not a positive number of seconds"),
+            )),
+        },
+    }
+}
+
 /// First host of a SLURM node list: `node[001-004,007]` -> `node001`, `a,b` -> `a`.
 pub fn first_slurm_host(list: &str) -> String {
     let first = match list.find('[') {

@@ -2,8 +2,10 @@
 //! rendezvous store, and collectives.
 
 pub mod bench;
+pub mod buckets;
 pub mod collectives;
 pub mod env;
+pub mod liveness;
 pub mod nccl;
 pub mod store;
 
@@ -11,15 +13,18 @@ use std::time::Duration;
 
 pub use collectives::{Collectives, StoreCollectives};
 pub use env::DistEnv;
+use liveness::Liveness;
 pub use store::{StoreClient, StoreServer};
 
 use crate::error::Result;
 
-/// A joined job: the store server (on the process that hosts it) and the
-/// data-parallel collectives.
+/// A joined job: the store server (on the process that hosts it), a control
+/// connection to it, the liveness watcher and the data-parallel collectives.
 pub struct Job {
     pub env: DistEnv,
     _server: Option<StoreServer>,
+    pub store: StoreClient,
+    liveness: Liveness,
     pub dp: Box<dyn Collectives>,
 }
 
@@ -31,6 +36,8 @@ impl Job {
         let (server, mut store) = rendezvous(&env)?;
         let t = Duration::from_secs(env.timeout_s);
         store.barrier("join", env.world)?;
+        let liveness = Liveness::start(&env)?;
+        let control = connect(&env)?;
         let dp: Box<dyn Collectives> = match cuda_device {
             Some(d) => Box::new(nccl::NcclCollectives::new(
                 &mut store, "dp", env.rank, env.world, d, t,
@@ -40,9 +47,38 @@ impl Job {
         Ok(Job {
             env,
             _server: server,
+            store: control,
+            liveness,
             dp,
         })
     }
+
+    /// End the job cleanly: stop heartbeats (a finished rank is not a lost
+    /// one), meet every rank, and keep the store up on its host until every
+    /// rank is past the meeting.
+    pub fn finish(&mut self) -> Result<()> {
+        self.liveness.stop();
+        self.dp.barrier()?;
+        let n = self.store.add("job/finished", 1)?;
+        if self._server.is_some() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(self.env.timeout_s);
+            let mut n = n;
+            while (n as usize) < self.env.world && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                n = self.store.add("job/finished", 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn connect(env: &DistEnv) -> Result<StoreClient> {
+    StoreClient::connect(
+        &format!("{}:{}", env.master_addr, env.master_port),
+        &env.secret,
+        env.rank as u32,
+        Duration::from_secs(env.timeout_s),
+    )
 }
 
 /// Host the store if this process must, and connect to it as this rank.
@@ -55,12 +91,5 @@ pub fn rendezvous(env: &DistEnv) -> Result<(Option<StoreServer>, StoreClient)> {
     } else {
         None
     };
-    let addr = format!("{}:{}", env.master_addr, env.master_port);
-    let store = StoreClient::connect(
-        &addr,
-        &env.secret,
-        env.rank as u32,
-        Duration::from_secs(env.timeout_s),
-    )?;
-    Ok((server, store))
+    Ok((server, connect(env)?))
 }

@@ -1,12 +1,19 @@
 //! The NCCL backend of `Collectives`, for tensors on GPUs: NCCL (loaded at run
 //! time through cudarc; the very libnccl that libtorch loaded, see
-//! `nccl_library_dir`) called on the tensors' own device pointers, on the
-//! default CUDA stream, so it is ordered after the compute that produced them.
+//! `nccl_library_dir`) called on the tensors' own device pointers.
+//!
+//! Streams: collectives run on a communication stream of their own. Before
+//! each one an event recorded on the compute stream (libtorch's default
+//! stream) is waited for on the communication stream, so it reads finished
+//! gradients; after it, the compute stream waits for the communication stream
+//! the same way (at once for the blocking calls, at `wait_pending` for
+//! `start_all_reduce_sum`, whose buffers are held until then). No call blocks
+//! the host, so collectives overlap compute that does not depend on them.
 //!
 //! A collective that hangs (a dead peer, a mismatched call) must not hang the
-//! job: each call is followed by a device synchronisation while a watchdog
-//! thread is armed; past the timeout the watchdog prints the group, operation
-//! and rank and exits the process with code 1.
+//! job: a watchdog thread polls the completion event of every collective in
+//! flight; past the timeout it prints the group, operation and rank and exits
+//! the process with code 1.
 #![allow(unsafe_code)] // FFI: NCCL and the CUDA runtime on raw tensor pointers.
 
 use std::ffi::{c_int, c_void, CStr};
@@ -80,61 +87,151 @@ pub fn nccl_library_dir(base: &std::path::Path) -> Option<std::path::PathBuf> {
     any.then_some(dir)
 }
 
+/// A collective enqueued on the communication stream and not yet seen complete.
+struct InFlight {
+    /// `cudaEvent_t` recorded after the collective, as an address (events are plain handles).
+    event: usize,
+    deadline: Instant,
+    what: String,
+}
+
+/// Watches every collective of a communicator from a thread of its own: polls
+/// the completion events of those in flight and exits the process, naming the
+/// operation, when one is not done by its deadline. Enqueueing is watched too
+/// (NCCL may block the host while it connects to a peer that is gone).
 struct Watchdog {
-    /// Deadline (ms since `epoch`) of the collective in flight; 0 when idle.
-    deadline_ms: Arc<AtomicU64>,
-    what: Arc<Mutex<String>>,
+    /// Deadline (ms since `epoch`) of an enqueue in progress; 0 when none.
+    enqueue_deadline_ms: Arc<AtomicU64>,
+    enqueue_what: Arc<Mutex<String>>,
+    in_flight: Arc<Mutex<Vec<InFlight>>>,
     epoch: Instant,
 }
 
+fn die(what: &str) -> ! {
+    eprintln!("error: {what} did not complete in time: a peer is lost or called a different collective; exiting");
+    std::process::exit(1);
+}
+
 impl Watchdog {
-    fn start() -> Watchdog {
-        let deadline_ms = Arc::new(AtomicU64::new(0));
-        let what = Arc::new(Mutex::new(String::new()));
+    fn start(device: usize) -> Watchdog {
+        let enqueue_deadline_ms = Arc::new(AtomicU64::new(0));
+        let enqueue_what = Arc::new(Mutex::new(String::new()));
+        let in_flight: Arc<Mutex<Vec<InFlight>>> = Arc::new(Mutex::new(Vec::new()));
         let epoch = Instant::now();
-        let (d, w) = (deadline_ms.clone(), what.clone());
+        let (d, w, f) = (
+            enqueue_deadline_ms.clone(),
+            enqueue_what.clone(),
+            in_flight.clone(),
+        );
         std::thread::Builder::new()
             .name("sigma-nccl-watchdog".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(200));
-                let dl = d.load(Ordering::Relaxed);
-                if dl != 0 && epoch.elapsed().as_millis() as u64 > dl {
-                    eprintln!("error: {} did not complete in time: a peer is lost or called a different collective; exiting", w.lock().map(|s| s.clone()).unwrap_or_default());
-                    std::process::exit(1);
+            .spawn(move || {
+                // SAFETY: selecting the device this thread queries events of.
+                let _ = unsafe { cuda::cudaSetDevice(device as c_int) };
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let dl = d.load(Ordering::Relaxed);
+                    if dl != 0 && epoch.elapsed().as_millis() as u64 > dl {
+                        die(&w.lock().map(|s| s.clone()).unwrap_or_default());
+                    }
+                    let mut list = f.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = Instant::now();
+                    let mut i = 0;
+                    while i < list.len() {
+                        let ev = list[i].event as cuda::cudaEvent_t;
+                        // SAFETY: the event was created by this communicator and is destroyed only here.
+                        match unsafe { cuda::cudaEventQuery(ev) } {
+                            cuda::cudaError_t::cudaErrorNotReady if now > list[i].deadline => {
+                                die(&list[i].what)
+                            }
+                            cuda::cudaError_t::cudaErrorNotReady => i += 1,
+                            _ => {
+                                // SAFETY: complete (or failed); no stream refers to it any more.
+                                let _ = unsafe { cuda::cudaEventDestroy(ev) };
+                                list.swap_remove(i);
+                            }
+                        }
+                    }
                 }
             })
             .expect("watchdog thread");
         Watchdog {
-            deadline_ms,
-            what,
+            enqueue_deadline_ms,
+            enqueue_what,
+            in_flight,
             epoch,
         }
     }
-    fn arm(&self, what: String, timeout: Duration) {
-        if let Ok(mut w) = self.what.lock() {
-            *w = what;
+    fn arm(&self, what: &str, timeout: Duration) {
+        if let Ok(mut w) = self.enqueue_what.lock() {
+            *w = what.to_string();
         }
-        self.deadline_ms.store(
+        self.enqueue_deadline_ms.store(
             (self.epoch.elapsed() + timeout).as_millis() as u64,
             Ordering::Relaxed,
         );
     }
     fn disarm(&self) {
-        self.deadline_ms.store(0, Ordering::Relaxed);
+        self.enqueue_deadline_ms.store(0, Ordering::Relaxed);
     }
+    fn watch(&self, event: cuda::cudaEvent_t, what: String, timeout: Duration) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(InFlight {
+                event: event as usize,
+                deadline: Instant::now() + timeout,
+                what,
+            });
+    }
+}
+
+/// The compute stream: the one libtorch issues kernels to (the legacy default stream).
+fn compute_stream() -> cuda::cudaStream_t {
+    std::ptr::null_mut()
+}
+
+fn new_event() -> Result<cuda::cudaEvent_t> {
+    let mut ev: cuda::cudaEvent_t = std::ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    cuda_check(
+        unsafe { cuda::cudaEventCreateWithFlags(&mut ev, cuda::cudaEventDisableTiming) },
+        "cudaEventCreate",
+    )?;
+    Ok(ev)
+}
+
+/// Make `waiter` wait (on the device, the host does not block) for everything
+/// enqueued on `on` so far. The event is destroyed once the wait is enqueued
+/// (CUDA keeps it alive until the wait is resolved).
+fn stream_wait(waiter: cuda::cudaStream_t, on: cuda::cudaStream_t) -> Result<()> {
+    let ev = new_event()?;
+    // SAFETY: a fresh event recorded on a live stream and waited on by another.
+    unsafe {
+        cuda_check(cuda::cudaEventRecord(ev, on), "cudaEventRecord")?;
+        cuda_check(cuda::cudaStreamWaitEvent(waiter, ev, 0), "cudaStreamWaitEvent")?;
+        let _ = cuda::cudaEventDestroy(ev);
+    }
+    Ok(())
 }
 
 pub struct NcclCollectives {
     comm: nccl::ncclComm_t,
+    /// Collectives run here, ordered after the compute stream by an event
+    /// recorded before each one; the compute stream waits for them the same way.
+    stream: cuda::cudaStream_t,
     group: String,
     rank: usize,
     world: usize,
     timeout: Duration,
     watchdog: Watchdog,
     device: usize,
+    /// Buffers of started collectives that the compute stream has not yet been
+    /// made to wait for; kept alive (and so out of the caching allocator) until then.
+    pending: Vec<Tensor>,
 }
 
-// SAFETY: the communicator is used from one thread at a time (the trainer's).
+// SAFETY: the communicator and stream are used from one thread at a time (the trainer's).
 unsafe impl Send for NcclCollectives {}
 
 impl NcclCollectives {
@@ -164,10 +261,15 @@ impl NcclCollectives {
                     *d = s as _;
                 }
             }
+            let mut stream: cuda::cudaStream_t = std::ptr::null_mut();
+            cuda_check(
+                cuda::cudaStreamCreateWithFlags(&mut stream, cuda::cudaStreamNonBlocking),
+                "cudaStreamCreate",
+            )?;
             let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
-            let watchdog = Watchdog::start();
+            let watchdog = Watchdog::start(device);
             watchdog.arm(
-                format!("NCCL communicator `{group}` init (rank {rank} of {world})"),
+                &format!("NCCL communicator `{group}` init (rank {rank} of {world})"),
                 timeout,
             );
             check(
@@ -177,36 +279,58 @@ impl NcclCollectives {
             watchdog.disarm();
             Ok(NcclCollectives {
                 comm,
+                stream,
                 group: group.into(),
                 rank,
                 world,
                 timeout,
                 watchdog,
                 device,
+                pending: Vec::new(),
             })
         }
     }
 
-    /// Run `f` (which enqueues NCCL work), then wait for the device, under the watchdog.
-    fn run(&self, op: &str, f: impl FnOnce() -> nccl::ncclResult_t) -> Result<()> {
-        self.watchdog.arm(
-            format!(
-                "collective {op} in group `{}` (rank {} of {})",
-                self.group, self.rank, self.world
-            ),
-            self.timeout,
+    fn nccl_stream(&self) -> nccl::cudaStream_t {
+        self.stream as nccl::cudaStream_t
+    }
+
+    /// Enqueue a collective (`f`) on the communication stream after the
+    /// compute work issued so far, and hand its completion to the watchdog.
+    /// The host never blocks on the device here.
+    fn enqueue(&self, op: &str, f: impl FnOnce() -> nccl::ncclResult_t) -> Result<()> {
+        let what = format!(
+            "collective {op} in group `{}` (rank {} of {})",
+            self.group, self.rank, self.world
         );
-        check(f(), op)?;
-        // SAFETY: synchronising the current device has no preconditions.
-        cuda_check(unsafe { cuda::cudaDeviceSynchronize() }, op)?;
+        stream_wait(self.stream, compute_stream())?;
+        self.watchdog.arm(&what, self.timeout);
+        let r = check(f(), op);
         self.watchdog.disarm();
+        r?;
+        let done = new_event()?;
+        // SAFETY: a fresh event recorded on the live communication stream.
+        cuda_check(
+            unsafe { cuda::cudaEventRecord(done, self.stream) },
+            "cudaEventRecord",
+        )?;
+        self.watchdog.watch(done, what, self.timeout);
         Ok(())
     }
 
+    /// Enqueue a collective and order the compute stream after it (no host wait).
+    fn run(&self, op: &str, f: impl FnOnce() -> nccl::ncclResult_t) -> Result<()> {
+        self.enqueue(op, f)?;
+        stream_wait(compute_stream(), self.stream)
+    }
+
     /// Benchmark baseline: `iters` in-place all-reduces issued straight to NCCL
-    /// on `t`, one device synchronisation at the end; returns seconds per call.
+    /// on `t` (on the compute stream, no events), one device synchronisation
+    /// at the end; returns seconds per call.
     pub fn plain_all_reduce_seconds(&self, t: &mut Tensor, iters: usize) -> Result<f64> {
         let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
+        // SAFETY: synchronising the current device has no preconditions.
+        cuda_check(unsafe { cuda::cudaDeviceSynchronize() }, "sync")?;
         let t0 = Instant::now();
         for _ in 0..iters {
             // SAFETY: in-place all-reduce on a live contiguous device buffer of n elements.
@@ -219,7 +343,7 @@ impl NcclCollectives {
                         dt,
                         nccl::ncclRedOp_t::ncclSum,
                         self.comm,
-                        Self::stream(),
+                        compute_stream() as nccl::cudaStream_t,
                     )
                 },
                 "all_reduce",
@@ -230,8 +354,18 @@ impl NcclCollectives {
         Ok(t0.elapsed().as_secs_f64() / iters as f64)
     }
 
-    fn stream() -> nccl::cudaStream_t {
-        std::ptr::null_mut()
+    /// The same `iters` all-reduces through sigma's collective layer (events,
+    /// communication stream, watchdog), one device synchronisation at the end.
+    pub fn sigma_all_reduce_seconds(&mut self, t: &mut Tensor, iters: usize) -> Result<f64> {
+        // SAFETY: synchronising the current device has no preconditions.
+        cuda_check(unsafe { cuda::cudaDeviceSynchronize() }, "sync")?;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            self.all_reduce_sum(t)?;
+        }
+        // SAFETY: as above.
+        cuda_check(unsafe { cuda::cudaDeviceSynchronize() }, "sync")?;
+        Ok(t0.elapsed().as_secs_f64() / iters as f64)
     }
 }
 
@@ -264,9 +398,37 @@ impl Collectives for NcclCollectives {
                 dt,
                 nccl::ncclRedOp_t::ncclSum,
                 self.comm,
-                Self::stream(),
+                self.nccl_stream(),
             )
         })
+    }
+
+    fn start_all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
+        contiguous_cuda(t, "all_reduce")?;
+        let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
+        // SAFETY: in-place all-reduce on a live contiguous device buffer of n
+        // elements, kept alive in `pending` until the compute stream waits for it.
+        self.enqueue("all_reduce", || unsafe {
+            nccl::ncclAllReduce(
+                p as *const c_void,
+                p,
+                n,
+                dt,
+                nccl::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.nccl_stream(),
+            )
+        })?;
+        self.pending.push(t.shallow_clone());
+        Ok(())
+    }
+
+    fn wait_pending(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            stream_wait(compute_stream(), self.stream)?;
+            self.pending.clear();
+        }
+        Ok(())
     }
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
@@ -281,7 +443,7 @@ impl Collectives for NcclCollectives {
                 dt,
                 root as c_int,
                 self.comm,
-                Self::stream(),
+                self.nccl_stream(),
             )
         })
     }
@@ -293,9 +455,9 @@ impl Collectives for NcclCollectives {
             (t.kind(), t.device()),
         );
         let (s, r, n, dt) = (t.data_ptr(), out.data_ptr(), t.numel(), dtype(t.kind())?);
-        // SAFETY: out holds world * n elements; both buffers live until the sync in run().
+        // SAFETY: out holds world * n elements; the compute stream waits for the collective before either can be reused.
         self.run("all_gather", || unsafe {
-            nccl::ncclAllGather(s as *const c_void, r, n, dt, self.comm, Self::stream())
+            nccl::ncclAllGather(s as *const c_void, r, n, dt, self.comm, self.nccl_stream())
         })?;
         Ok(out
             .chunk(self.world as i64, 0)
@@ -315,7 +477,7 @@ impl Collectives for NcclCollectives {
         }
         let out = Tensor::empty([(n / self.world) as i64], (t.kind(), t.device()));
         let (s, r, dt) = (t.data_ptr(), out.data_ptr(), dtype(t.kind())?);
-        // SAFETY: out holds n / world elements; both buffers live until the sync in run().
+        // SAFETY: out holds n / world elements; the compute stream waits for the collective before either can be reused.
         self.run("reduce_scatter", || unsafe {
             nccl::ncclReduceScatter(
                 s as *const c_void,
@@ -324,7 +486,7 @@ impl Collectives for NcclCollectives {
                 dt,
                 nccl::ncclRedOp_t::ncclSum,
                 self.comm,
-                Self::stream(),
+                self.nccl_stream(),
             )
         })?;
         Ok(out)
@@ -341,7 +503,7 @@ impl Collectives for NcclCollectives {
                 dt,
                 to as c_int,
                 self.comm,
-                Self::stream(),
+                self.nccl_stream(),
             )
         })
     }
@@ -351,7 +513,7 @@ impl Collectives for NcclCollectives {
         let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
         // SAFETY: writes a live contiguous device buffer of n elements.
         self.run("recv", || unsafe {
-            nccl::ncclRecv(p, n, dt, from as c_int, self.comm, Self::stream())
+            nccl::ncclRecv(p, n, dt, from as c_int, self.comm, self.nccl_stream())
         })
     }
 
@@ -363,9 +525,11 @@ impl Collectives for NcclCollectives {
 
 impl Drop for NcclCollectives {
     fn drop(&mut self) {
-        // SAFETY: the communicator was created by ncclCommInitRank and is not used after this.
+        // SAFETY: the communicator and stream were created in new() and are not used after this.
         unsafe {
+            let _ = cuda::cudaStreamSynchronize(self.stream);
             let _ = nccl::ncclCommDestroy(self.comm);
+            let _ = cuda::cudaStreamDestroy(self.stream);
         }
     }
 }
