@@ -1,7 +1,7 @@
 //! `sigma launch`: one process per local rank, with the torchrun-style
 //! environment, a job secret, and the rendezvous store hosted here on node 0.
 //! Rank 0's output is streamed; other ranks write `<log-dir>/rank-N.log`.
-//! SIGINT/SIGTERM are forwarded. If any rank fails, the others are stopped and
+//! SIGINT/SIGTERM are forwarded as SIGTERM (ranks save a checkpoint and stop), SIGUSR1 as is. If any rank fails, the others are stopped and
 //! the launcher exits non-zero naming the rank and showing its last log lines.
 
 use std::io::Read;
@@ -34,9 +34,12 @@ pub struct LaunchArgs {
     /// Where ranks other than 0 write their output.
     #[arg(long, default_value = "runs/launch-logs")]
     pub log_dir: PathBuf,
-    /// Seconds to wait for ranks to stop after SIGTERM before killing them.
+    /// Seconds to wait for the other ranks to stop after one failed, before killing them.
     #[arg(long, default_value_t = 10)]
     pub grace_s: u64,
+    /// Seconds ranks get to save a checkpoint and exit after SIGTERM/SIGINT reaches the launcher.
+    #[arg(long, default_value_t = 600)]
+    pub signal_grace_s: u64,
     /// The sigma command each rank runs, after `--` (e.g. `-- train --config c.toml`).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -129,6 +132,10 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
     }
+    // SIGUSR1 (SLURM's `--signal=USR1@secs`): passed on; ranks save and stop.
+    let usr1 = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())
+        .context("cannot install signal handlers")?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..a.nproc_per_node {
         let rank = a.node_rank * a.nproc_per_node + local;
@@ -156,13 +163,30 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
         children.push((rank, child));
     }
     loop {
+        if usr1.swap(false, Ordering::Relaxed) {
+            eprintln!("sigma launch: SIGUSR1 passed on to the ranks (save and stop)");
+            signal_all(&mut children, Signal::SIGUSR1);
+        }
         if stop.load(Ordering::Relaxed) {
             eprintln!(
-                "sigma launch: signal received, stopping {} rank(s)",
-                children.len()
+                "sigma launch: signal received; asking {} rank(s) to save and stop (up to {} s)",
+                children.len(),
+                a.signal_grace_s
             );
-            stop_all(&mut children, Duration::from_secs(a.grace_s));
-            bail!("interrupted");
+            stop_all(&mut children, Duration::from_secs(a.signal_grace_s));
+            let failed: Vec<String> = children
+                .iter_mut()
+                .filter_map(|(r, c)| match c.wait() {
+                    Ok(st) if st.success() => None,
+                    Ok(st) => Some(format!("rank {r} ({})", describe(st))),
+                    Err(e) => Some(format!("rank {r} ({e})")),
+                })
+                .collect();
+            if failed.is_empty() {
+                eprintln!("sigma launch: every rank saved and stopped");
+                return Ok(());
+            }
+            bail!("interrupted; not cleanly stopped: {}", failed.join(", "));
         }
         let mut running = 0;
         for i in 0..children.len() {

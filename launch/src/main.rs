@@ -33,6 +33,11 @@ enum Command {
         #[command(subcommand)]
         command: train_cmd::DistCommand,
     },
+    /// Inspect and export checkpoints.
+    Checkpoint {
+        #[command(subcommand)]
+        command: train_cmd::CheckpointCommand,
+    },
     /// Inspect model configs.
     Model {
         #[command(subcommand)]
@@ -48,6 +53,7 @@ fn main() {
         Command::Launch(args) => launcher::launch(args),
         Command::Dist { command } => train_cmd::dist(command),
         Command::Model { command } => train_cmd::model(command),
+        Command::Checkpoint { command } => train_cmd::checkpoint(command),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

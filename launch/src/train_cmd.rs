@@ -17,6 +17,48 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Resume from a checkpoint: `auto` (the newest committed one under the
+    /// run's checkpoint directory; start fresh if there is none) or a path to a `step-NNNNNNN` directory.
+    #[arg(long, value_name = "auto|PATH")]
+    pub resume: Option<String>,
+    /// Save a checkpoint and stop after this step (the schedule still spans train.steps).
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum CheckpointCommand {
+    /// Step, tokens, layout, tensors, sizes, and health (checksums, non-finite values).
+    Inspect { path: std::path::PathBuf },
+    /// One consolidated safetensors file, config.json and the tokenizer, for use outside sigma.
+    Export {
+        path: std::path::PathBuf,
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// Weight dtype of the export: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
+
+pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
+    use sigma_trainer::checkpoint::tools;
+    match cmd {
+        CheckpointCommand::Inspect { path } => print!("{}", tools::inspect(&path)?),
+        CheckpointCommand::Export {
+            path,
+            output,
+            dtype,
+        } => {
+            tools::export(&path, &output, &dtype)?;
+            println!(
+                "exported {} to {} (model.safetensors, config.json, tokenizer.json)",
+                path.display(),
+                output.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -85,13 +127,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         a.config, cfg.metrics.output_dir
     );
     print!("{}", cfg.to_toml());
-    if cfg.checkpoint.every_steps > 0
-        || cfg.checkpoint.every_minutes > 0.0
-        || cfg.checkpoint.dir.is_some()
-    {
-        eprintln!("note: [checkpoint] has no effect in this build: saving and resuming land with the checkpointing issue");
-    }
     let mut t = Trainer::build(&cfg, !a.quiet)?;
+    t.stop_after = a.stop_after;
+    if let Some(spec) = &a.resume {
+        t.resume(spec)?;
+    }
     println!(
         "device {} ({}), {} parameters, {:.3} GFLOP/token, peak {}",
         t.device_name,
@@ -116,6 +156,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
     );
     let r = t.run()?;
     let last = r.losses.last().copied().unwrap_or(f64::NAN);
+    if let Some(s) = r.stopped_at {
+        println!("stopped after step {s} with a checkpoint; continue with --resume auto");
+    }
+    for (step, stall) in &r.checkpoints {
+        println!("checkpoint at step {step}: training stalled {stall:.3} s");
+    }
     println!(
         "done: {} steps, final loss {last:.4}, {:.0} tokens/s{}{}",
         r.losses.len(),

@@ -342,6 +342,9 @@ pub struct CheckpointConfig {
     pub keep_every: u64,
     #[serde(default, rename = "async")]
     pub async_save: bool,
+    /// Copy each committed checkpoint to this object-store URL (s3://, gs://, az://, file://).
+    #[serde(default)]
+    pub upload: Option<String>,
 }
 
 impl Default for CheckpointConfig {
@@ -353,6 +356,7 @@ impl Default for CheckpointConfig {
             keep_last: d_keep(),
             keep_every: 0,
             async_save: false,
+            upload: None,
         }
     }
 }
@@ -504,6 +508,19 @@ impl RunConfig {
             return Err(TrainError::config(
                 "parallel",
                 format!("tp = {}, pp = {}: this build has data parallelism only (tp = pp = 1); tensor and pipeline parallelism are not implemented yet", p.tp, p.pp),
+            ));
+        }
+        let ck = &self.checkpoint;
+        if ck.keep_last == 0 {
+            return Err(TrainError::config(
+                "checkpoint.keep_last",
+                "must be at least 1 (the newest checkpoint is always kept)",
+            ));
+        }
+        if !(ck.every_minutes >= 0.0) {
+            return Err(TrainError::config(
+                "checkpoint.every_minutes",
+                format!("must be >= 0, got {}", ck.every_minutes),
             ));
         }
         if !(p.bucket_mb > 0.0) {

@@ -2,6 +2,7 @@
 //! segment engine, AdamW over flat buffers, LR schedules, metrics and the
 //! training loop.
 
+pub mod checkpoint;
 pub mod config;
 pub mod dist;
 pub mod engine;

@@ -99,10 +99,32 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    pub fn create(dir: &Path, tensorboard: bool) -> Result<MetricsWriter> {
+    /// Start `dir/metrics.jsonl`. A run resumed at step `keep_through > 0`
+    /// keeps the records up to that step and appends after them, so the file
+    /// reads like one uninterrupted run; otherwise the file starts empty.
+    pub fn create(dir: &Path, tensorboard: bool, keep_through: u64) -> Result<MetricsWriter> {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir.display().to_string(), e))?;
         let p = dir.join("metrics.jsonl");
-        let jsonl = File::create(&p).map_err(|e| TrainError::io(p.display().to_string(), e))?;
+        let kept: String = if keep_through > 0 {
+            std::fs::read_to_string(&p)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step")?.as_u64())
+                        .is_some_and(|s| s <= keep_through)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect()
+        } else {
+            String::new()
+        };
+        sigma_data::store::write_atomic(&p, kept.as_bytes())?;
+        let jsonl = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .map_err(|e| TrainError::io(p.display().to_string(), e))?;
         let tb = if tensorboard {
             Some(TbWriter::create(dir)?)
         } else {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +17,12 @@ use sigma_data::store::block_on;
 use sigma_data::{Batch, DataState, Dataset, Loader};
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::load::{config_changes, resolve, Checkpoint};
+use crate::checkpoint::save::{SaveInfo, Saver};
+use crate::checkpoint::Progress;
 use crate::config::{DeviceChoice, NanPolicy, Precision, RunConfig};
 use crate::dist::buckets::GradBuckets;
-use crate::dist::{collectives::scalar, DistEnv, Job};
+use crate::dist::{DistEnv, Job};
 use crate::engine;
 use crate::error::{Result, TrainError};
 use crate::metrics::{self, MetricsWriter};
@@ -34,8 +38,14 @@ pub struct Trainer {
     pub optim: AdamW,
     pub dataset: Arc<Dataset>,
     loader: Loader,
-    /// Only rank 0 writes metrics.
+    /// Only rank 0 writes metrics (opened when the run starts, after any resume).
     metrics: Option<MetricsWriter>,
+    saver: Saver,
+    /// First step to run (0, or the step of the checkpoint resumed from).
+    pub start_step: u64,
+    skipped_before: u64,
+    /// Save a checkpoint and stop after this many steps (`--stop-after`).
+    pub stop_after: Option<u64>,
     /// Set when the job has more than one process.
     pub job: Option<Job>,
     /// Plain data parallelism: gradient buckets reduced during backward.
@@ -56,6 +66,10 @@ pub struct TrainReport {
     pub skipped_steps: u64,
     pub output_dir: PathBuf,
     pub data_state: DataState,
+    /// (step, training stall in seconds) of each checkpoint saved.
+    pub checkpoints: Vec<(u64, f64)>,
+    /// Set when the run stopped early on a signal or `--stop-after`.
+    pub stopped_at: Option<u64>,
 }
 
 fn pick_device(c: DeviceChoice) -> Result<Device> {
@@ -126,13 +140,14 @@ impl Trainer {
             ));
         }
         let out = PathBuf::from(&cfg.metrics.output_dir);
-        let metrics = if rank == 0 {
-            let m = MetricsWriter::create(&out, cfg.metrics.tensorboard)?;
+        let tokenizer = if rank == 0 {
             sigma_data::store::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-            Some(m)
+            let src = &dataset.sources[0];
+            Some(block_on(src.dir.join(&dataset.tokenizer.file).get())?.to_vec())
         } else {
             None
         };
+        let saver = Saver::new(cfg, job.as_ref().map(|j| j.env.clone()), tokenizer);
         let model = Model::new(
             &cfg.model,
             cfg.train.seed,
@@ -170,13 +185,93 @@ impl Trainer {
             optim,
             dataset,
             loader,
-            metrics,
+            metrics: None,
+            saver,
+            start_step: 0,
+            skipped_before: 0,
+            stop_after: None,
             job,
             buckets,
             device_name,
             peak_flops,
             progress: progress && rank == 0,
         })
+    }
+
+    /// `--resume auto|PATH`: load weights, optimizer and data state from a
+    /// checkpoint (any data-parallel layout). Returns the step resumed at, or
+    /// None when `auto` found no checkpoint.
+    pub fn resume(&mut self, spec: &str) -> Result<Option<u64>> {
+        let Some(dir) = resolve(spec, &self.saver.root)? else {
+            self.say(format!(
+                "resume: no committed checkpoint under {}; starting from step 0",
+                self.saver.root.display()
+            ));
+            return Ok(None);
+        };
+        let mut ck = Checkpoint::open(&dir)?;
+        ck.restore(&self.model.params, &mut self.optim)?;
+        let m = ck.meta.clone();
+        let now = serde_json::to_value(&self.cfg).expect("config serializes");
+        for change in config_changes(&m.config, &now) {
+            self.say(format!("resume: config differs from the checkpoint's: {change}"));
+        }
+        let dp = self.cfg.parallel.dp;
+        let rank = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0);
+        self.loader = Loader::new(
+            self.dataset.clone(),
+            LoaderOptions {
+                global_batch: self.cfg.train.micro_batch_size * dp,
+                dp_rank: rank,
+                dp_size: dp,
+                start: m.data,
+            },
+        )?;
+        if self.loader.state().stage != m.data.stage {
+            self.say(format!(
+                "resume: the data mixture changed: sample {} is in stage {} now, was {}",
+                m.data.consumed_samples,
+                self.loader.state().stage,
+                m.data.stage
+            ));
+        }
+        self.start_step = m.progress.step;
+        self.skipped_before = m.progress.skipped_steps;
+        self.say(format!(
+            "resume: {} (step {}, {} tokens; saved with dp {} zero {}, now dp {} zero {})",
+            dir.display(),
+            m.progress.step,
+            m.progress.consumed_tokens,
+            m.layout.dp,
+            m.layout.zero,
+            dp,
+            self.cfg.parallel.zero
+        ));
+        Ok(Some(m.progress.step))
+    }
+
+    /// A message from rank 0 only.
+    fn say(&self, msg: String) {
+        if self.job.as_ref().map(|j| j.env.rank).unwrap_or(0) == 0 {
+            eprintln!("{msg}");
+        }
+    }
+
+    fn save(&mut self, step: u64, lr: f64, skipped: u64) -> Result<Option<f64>> {
+        let data = self.loader.state();
+        let info = SaveInfo {
+            progress: Progress {
+                step,
+                consumed_samples: data.consumed_samples,
+                consumed_tokens: data.consumed_samples * self.cfg.data.seq_len as u64,
+                skipped_steps: skipped,
+            },
+            data,
+            adam_steps: self.optim.steps,
+            last_lr: lr,
+        };
+        let store = self.job.as_mut().map(|j| &mut j.store);
+        self.saver.save(&self.model.params, &self.optim, info, store)
     }
 
     /// Mean validation loss per domain (nats per token) over up to
@@ -242,14 +337,36 @@ impl Trainer {
         };
         let mut report = TrainReport {
             output_dir: PathBuf::from(&c.metrics.output_dir),
+            skipped_steps: self.skipped_before,
             ..Default::default()
         };
+        let rank0 = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0) == 0;
+        if rank0 {
+            self.metrics = Some(MetricsWriter::create(
+                &report.output_dir,
+                c.metrics.tensorboard,
+                self.start_step,
+            )?);
+        }
+        // SIGTERM / SIGUSR1: save at the end of the current step and stop. A
+        // second SIGTERM while stopping ends the process at once.
+        let signalled = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+            signal_hook::flag::register_conditional_shutdown(sig, 1, signalled.clone())
+                .and_then(|_| signal_hook::flag::register(sig, signalled.clone()))
+                .map_err(|e| TrainError::Other(format!("cannot install signal handlers: {e}")))?;
+        }
+        let ckpt_enabled = c.checkpoint.every_steps > 0 || c.checkpoint.every_minutes > 0.0;
+        bar.set_position(self.start_step);
+        if self.start_step >= total {
+            self.say(format!("nothing to do: the run is at step {} of {total}", self.start_step));
+        }
         let dp = c.parallel.dp;
         let mut valid_curve: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
         let (mut interval_tokens, mut interval_time) = (0u64, 0.0f64);
         let mut gpu_peak_mib = 0u64;
         let rank = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0);
-        for step in 0..total {
+        for step in self.start_step..total {
             crate::dist::env::maybe_inject_fault(rank, step);
             let t0 = Instant::now();
             let accum = c.accum_steps_at(step);
@@ -284,11 +401,23 @@ impl Trainer {
             if let (Some(bk), Some(j)) = (&mut self.buckets, &mut self.job) {
                 bk.finish(&self.optim.grad, j.dp.as_mut())?;
             }
+            // Loss and the stop / timed-save requests travel together, so every
+            // rank agrees on them: [loss sum, signal received, save time reached (rank 0's clock)].
+            let timed = rank0
+                && c.checkpoint.every_minutes > 0.0
+                && self.saver.last_save.elapsed().as_secs_f64() >= c.checkpoint.every_minutes * 60.0;
+            let mut flags = [
+                loss_sum.double_value(&[]),
+                f64::from(u8::from(signalled.load(Ordering::Relaxed))),
+                f64::from(u8::from(timed)),
+            ];
             if let Some(job) = &mut self.job {
-                let mut l = scalar(loss_sum.double_value(&[]), self.device);
+                let mut l = Tensor::from_slice(&flags).to_device(self.device);
                 job.dp.all_reduce_sum(&mut l)?;
-                loss_sum = l.to_device(self.device);
+                flags.copy_from_slice(&Vec::<f64>::try_from(l.to_device(Device::Cpu))?);
             }
+            let loss_sum = flags[0];
+            let (stop_signal, save_timed) = (flags[1] > 0.0, flags[2] > 0.0);
             self.sync();
             let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
             let lr = lr_at(&c.optim, step, total);
@@ -300,7 +429,7 @@ impl Trainer {
             let stats = self.optim.step(&self.model.params, lr, comm)?;
             self.sync();
             let t_optim = t0.elapsed().as_secs_f64() - t_data - t_fwd_bwd;
-            let loss = loss_sum.double_value(&[]) / target_tokens as f64;
+            let loss = loss_sum / target_tokens as f64;
             let dt = t0.elapsed().as_secs_f64();
             interval_tokens += target_tokens as u64;
             interval_time += dt;
@@ -376,7 +505,33 @@ impl Trainer {
                 }
                 report.valid = v;
             }
+            let done = step + 1;
+            let stop = stop_signal || self.stop_after == Some(done);
+            let every = c.checkpoint.every_steps > 0 && done % c.checkpoint.every_steps == 0;
+            if stop || every || save_timed || (last && ckpt_enabled) {
+                if let Some(stall) = self.save(done, lr, report.skipped_steps)? {
+                    report.checkpoints.push((done, stall));
+                    if let Some(m) = &mut self.metrics {
+                        m.log(done, &json!({"step": done, "checkpoint": {"stall_s": stall}}))?;
+                    }
+                }
+            }
+            if stop {
+                self.saver.wait()?;
+                let why = if stop_signal { "signal received" } else { "--stop-after" };
+                let msg = format!(
+                    "{why}: saved {} and stopped after step {done}",
+                    self.saver.root.join(crate::checkpoint::step_dir_name(done)).display()
+                );
+                bar.println(&msg);
+                if bar.is_hidden() {
+                    self.say(msg);
+                }
+                report.stopped_at = Some(done);
+                break;
+            }
         }
+        self.saver.wait()?;
         bar.finish_and_clear();
         report.data_state = self.loader.state();
         if let Some(job) = &mut self.job {

@@ -72,7 +72,8 @@ impl Job {
     }
 }
 
-fn connect(env: &DistEnv) -> Result<StoreClient> {
+/// A new connection to the job's store, as this rank.
+pub fn connect(env: &DistEnv) -> Result<StoreClient> {
     StoreClient::connect(
         &format!("{}:{}", env.master_addr, env.master_port),
         &env.secret,

@@ -1,0 +1,258 @@
+//! Loading: find a committed checkpoint, check it (marker, format, every
+//! file's size and xxh3, the model's tensor shapes against the config), and
+//! assemble any flat range of the three buffers from the pieces that cover
+//! it. The saved data-parallel layout does not matter: ranges are assembled
+//! per parameter from whichever shards hold them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+use super::safetensors::{hash_file, Reader};
+use super::*;
+use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
+use crate::params::Params;
+
+fn err(dir: &Path, m: impl std::fmt::Display) -> TrainError {
+    TrainError::Other(format!("checkpoint {}: {m}", dir.display()))
+}
+
+/// `--resume auto`: the newest committed checkpoint under `root` (None: start
+/// fresh). `--resume PATH`: that checkpoint, which must be committed.
+pub fn resolve(spec: &str, root: &Path) -> Result<Option<PathBuf>> {
+    if spec == "auto" {
+        return Ok(latest(root).map(|(_, p)| p));
+    }
+    Ok(Some(PathBuf::from(spec)))
+}
+
+/// An opened, verified checkpoint.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub meta: Metadata,
+    readers: HashMap<String, Reader>,
+}
+
+impl Checkpoint {
+    /// Open `dir`: the marker must be there, the metadata readable, and every
+    /// file present with the size the metadata records.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(err(dir, "no such directory"));
+        }
+        if !dir.join(MARKER).is_file() {
+            return Err(err(
+                dir,
+                format!("not committed (no {MARKER} marker): an interrupted save, not a checkpoint"),
+            ));
+        }
+        let meta = Metadata::read(dir)?;
+        for (name, f) in &meta.files {
+            let p = dir.join(name);
+            let len = std::fs::metadata(&p)
+                .map_err(|e| err(dir, format!("{name}: {e}")))?
+                .len();
+            if len != f.bytes {
+                return Err(err(
+                    dir,
+                    format!("{name} has {len} bytes, metadata.json records {} (truncated?)", f.bytes),
+                ));
+            }
+        }
+        for (t, e) in &meta.tensors {
+            if let Some(p) = e.pieces.iter().find(|p| !meta.files.contains_key(&p.file)) {
+                return Err(err(dir, format!("tensor {t}: piece in unknown file {}", p.file)));
+            }
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            meta,
+            readers: HashMap::new(),
+        })
+    }
+
+    /// Hash every file against the metadata.
+    pub fn verify_all(&self) -> Result<()> {
+        for name in self.meta.files.keys() {
+            self.verify(name)?;
+        }
+        Ok(())
+    }
+
+    fn verify(&self, name: &str) -> Result<()> {
+        let f = &self.meta.files[name];
+        let (_, h) = hash_file(&self.dir.join(name))?;
+        if format!("{h:016x}") != f.xxh3 {
+            return Err(err(
+                &self.dir,
+                format!(
+                    "{name}: checksum mismatch (xxh3 {h:016x} on disk, {} in metadata.json): the file is corrupt",
+                    f.xxh3
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A file's reader, verified on first use.
+    fn reader(&mut self, file: &str) -> Result<&mut Reader> {
+        if !self.readers.contains_key(file) {
+            self.verify(file)?;
+            let r = Reader::open(&self.dir.join(file))?;
+            self.readers.insert(file.to_string(), r);
+        }
+        Ok(self.readers.get_mut(file).expect("reader"))
+    }
+
+    /// Elements `[start, end)` of logical tensor `name`, flattened (1-D, CPU).
+    pub fn read_range(&mut self, name: &str, start: i64, end: i64) -> Result<Tensor> {
+        let e = self
+            .meta
+            .tensors
+            .get(name)
+            .ok_or_else(|| err(&self.dir, format!("no tensor {name}")))?
+            .clone();
+        let out = Tensor::zeros([end - start], (Kind::Float, tch::Device::Cpu));
+        let mut covered = 0;
+        for p in &e.pieces {
+            let (a, b) = (p.start.max(start), p.end.min(end));
+            if a >= b {
+                continue;
+            }
+            let part = self.reader(&p.file)?.read_range(name, a - p.start, b - p.start)?;
+            out.narrow(0, a - start, b - a).copy_(&part.to_kind(Kind::Float));
+            covered += b - a;
+        }
+        if covered != end - start {
+            return Err(err(
+                &self.dir,
+                format!("tensor {name}: elements {start}..{end} are not all in its pieces"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A whole logical tensor, in its shape.
+    pub fn read(&mut self, name: &str) -> Result<Tensor> {
+        let shape = self.meta.tensors[name].shape.clone();
+        let n: i64 = shape.iter().product();
+        Ok(self.read_range(name, 0, n)?.view(shape.as_slice()))
+    }
+
+    /// Flat range `[start, start + len)` of `buffer`, laid out like `params`.
+    pub fn read_flat(&mut self, buffer: &str, params: &Params, start: i64, len: i64) -> Result<Tensor> {
+        let out = Tensor::zeros([len], (Kind::Float, tch::Device::Cpu));
+        for (i, spec) in params.specs.iter().enumerate() {
+            let off = params.offsets[i];
+            let (a, b) = (off.max(start), (off + spec.numel()).min(start + len));
+            if a < b {
+                let part = self.read_range(&tensor_name(buffer, &spec.name), a - off, b - off)?;
+                out.narrow(0, a - start, b - a).copy_(&part);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The model must have exactly the checkpoint's tensors, in the same shapes.
+    pub fn check_model(&self, params: &Params) -> Result<()> {
+        let mut expected = BTreeMap::new();
+        for s in &params.specs {
+            for b in BUFFERS {
+                expected.insert(tensor_name(b, &s.name), s.shape.clone());
+            }
+        }
+        for (name, shape) in &expected {
+            match self.meta.tensors.get(name) {
+                None => {
+                    return Err(err(
+                        &self.dir,
+                        format!("has no tensor {name}, which the configured model needs: the [model] section differs from the checkpoint's"),
+                    ))
+                }
+                Some(e) if &e.shape != shape => {
+                    return Err(err(
+                        &self.dir,
+                        format!(
+                            "tensor {name} has shape {:?} in the checkpoint but {shape:?} in the configured model{}",
+                            e.shape,
+                            model_diff(&self.meta.config)
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(extra) = self.meta.tensors.keys().find(|k| !expected.contains_key(*k)) {
+            return Err(err(
+                &self.dir,
+                format!("tensor {extra} is not part of the configured model"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Load weights and optimizer state into this rank's buffers: all
+    /// weights, and the moments of the range the optimizer keeps (its ZeRO-1
+    /// shard, or everything).
+    pub fn restore(&mut self, params: &Params, optim: &mut AdamW) -> Result<()> {
+        self.check_model(params)?;
+        let n = params.numel();
+        let w = self.read_flat(BUFFERS[0], params, 0, n)?;
+        let (start, len) = match optim.shard {
+            Some(s) => owned_range(n, s.world, s.rank),
+            None => (0, n),
+        };
+        let m = self.read_flat(BUFFERS[1], params, start, len)?;
+        let v = self.read_flat(BUFFERS[2], params, start, len)?;
+        tch::no_grad(|| {
+            params.flat.shallow_clone().copy_(&w);
+            let _ = optim.exp_avg.zero_();
+            let _ = optim.exp_avg_sq.zero_();
+            optim.exp_avg.narrow(0, 0, len).copy_(&m);
+            optim.exp_avg_sq.narrow(0, 0, len).copy_(&v);
+        });
+        optim.steps = self.meta.optimizer.adam_steps;
+        Ok(())
+    }
+}
+
+/// A note on which [model] keys differ, for shape errors.
+fn model_diff(saved: &serde_json::Value) -> String {
+    match saved.get("model") {
+        Some(m) => format!(" (the checkpoint's [model] is {m})"),
+        None => String::new(),
+    }
+}
+
+/// `section.key: old -> new` for every config value that differs.
+pub fn config_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    fn flat(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flat(&p, x, out);
+                }
+            }
+            x => {
+                out.insert(prefix.to_string(), x.to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flat("", saved, &mut a);
+    flat("", now, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} -> {}",
+                a.get(k).map(String::as_str).unwrap_or("(unset)"),
+                b.get(k).map(String::as_str).unwrap_or("(unset)")
+            )
+        })
+        .collect()
+}

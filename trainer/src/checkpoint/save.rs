@@ -1,0 +1,431 @@
+//! Saving: snapshot this rank's owned range of the three flat buffers into
+//! host memory (pinned on GPUs, reused between saves), then write it, in the
+//! background when `checkpoint.async = true`, while training goes on.
+//!
+//! Commit protocol (rank 0 coordinates, the directory is shared by all ranks):
+//! 1. rank 0 removes leftovers of interrupted saves and creates
+//!    `.step-NNNNNNN.tmp/`; all ranks meet at a store barrier;
+//! 2. each rank writes and fsyncs its shard there and reports (bytes, xxh3)
+//!    or its error through the store;
+//! 3. rank 0 waits for every report, writes and fsyncs `metadata.json` and the
+//!    tokenizer, fsyncs the directory, renames it to `step-NNNNNNN/`, fsyncs
+//!    the parent, and finally writes `COMMITTED` atomically. Only directories
+//!    with that marker are checkpoints; anything else is a leftover;
+//! 4. retention: markers of checkpoints beyond `keep_last` (and not a multiple
+//!    of `keep_every`) are removed first, then their directories.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sigma_data::store::{block_on, sync_dir, write_atomic, Location};
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+use crate::config::{CheckpointConfig, RunConfig};
+use crate::dist::{DistEnv, StoreClient};
+use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
+use crate::params::Params;
+
+/// Fault injection for tests: milliseconds each writer sleeps after writing
+/// its shard and before reporting it (widens the window in which a kill lands mid-save).
+pub const FAULT_SAVE_DELAY_MS: &str = "SIGMA_FAULT_SAVE_DELAY_MS";
+
+/// Everything about a save except the tensors.
+#[derive(Clone, Debug)]
+pub struct SaveInfo {
+    pub progress: Progress,
+    pub data: DataState,
+    pub adam_steps: u64,
+    pub last_lr: f64,
+}
+
+/// The index of every logical tensor: for each of the three buffers and each
+/// parameter, the pieces each rank of `world` holds.
+pub fn index(params: &Params, world: usize) -> BTreeMap<String, TensorEntry> {
+    let n = params.numel();
+    let mut out = BTreeMap::new();
+    for (i, spec) in params.specs.iter().enumerate() {
+        let (off, len) = (params.offsets[i], spec.numel());
+        let mut pieces = Vec::new();
+        for r in 0..world {
+            let (s, l) = owned_range(n, world, r);
+            let (a, b) = (off.max(s), (off + len).min(s + l));
+            if a < b {
+                pieces.push(Piece {
+                    file: shard_file_name(r, world),
+                    start: a - off,
+                    end: b - off,
+                });
+            }
+        }
+        for buf in BUFFERS {
+            out.insert(
+                tensor_name(buf, &spec.name),
+                TensorEntry {
+                    shape: spec.shape.clone(),
+                    dtype: "F32".into(),
+                    pieces: pieces.clone(),
+                },
+            );
+        }
+    }
+    out
+}
+
+pub struct Saver {
+    pub root: PathBuf,
+    cfg: CheckpointConfig,
+    run: RunConfig,
+    tokenizer: Option<Vec<u8>>,
+    rank: usize,
+    world: usize,
+    env: Option<DistEnv>,
+    /// Host copies of this rank's owned range of the three buffers.
+    host: Option<Vec<Tensor>>,
+    writer: Option<JoinHandle<Result<()>>>,
+    pub last_save: Instant,
+}
+
+/// Root directory of a run's checkpoints: `checkpoint.dir`, else `<metrics.output_dir>/checkpoints`.
+pub fn root_dir(cfg: &RunConfig) -> PathBuf {
+    match &cfg.checkpoint.dir {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(&cfg.metrics.output_dir).join("checkpoints"),
+    }
+}
+
+fn io(p: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::io(p.display().to_string(), e)
+}
+
+/// Remove what interrupted saves left under `root`: temporary directories and
+/// step directories without a commit marker.
+pub fn clean_leftovers(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(root).map_err(io(root))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        let stale_tmp = name.starts_with(".step-") && name.ends_with(".tmp");
+        let uncommitted = parse_step_dir(&name).is_some() && !p.join(MARKER).exists();
+        if stale_tmp || uncommitted {
+            std::fs::remove_dir_all(&p).map_err(io(&p))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
+}
+
+/// Apply `keep_last` / `keep_every`: returns the steps removed.
+pub fn retain(root: &Path, keep_last: usize, keep_every: u64) -> Result<Vec<u64>> {
+    let all = committed(root);
+    let cut = all.len().saturating_sub(keep_last.max(1));
+    let mut removed = Vec::new();
+    for (step, dir) in &all[..cut] {
+        if keep_every > 0 && step % keep_every == 0 {
+            continue;
+        }
+        // Marker first: from here on the directory is a leftover, never a checkpoint.
+        std::fs::remove_file(dir.join(MARKER)).map_err(io(dir))?;
+        sync_dir(dir)?;
+        std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        removed.push(*step);
+    }
+    Ok(removed)
+}
+
+impl Saver {
+    pub fn new(run: &RunConfig, env: Option<DistEnv>, tokenizer: Option<Vec<u8>>) -> Saver {
+        let (rank, world) = env.as_ref().map(|e| (e.rank, e.world)).unwrap_or((0, 1));
+        Saver {
+            root: root_dir(run),
+            cfg: run.checkpoint.clone(),
+            run: run.clone(),
+            tokenizer,
+            rank,
+            world,
+            env,
+            host: None,
+            writer: None,
+            last_save: Instant::now(),
+        }
+    }
+
+    /// Wait for the background write of the previous save (and, on rank 0, its commit).
+    pub fn wait(&mut self) -> Result<()> {
+        match self.writer.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| TrainError::Other("checkpoint writer thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Save the state after `info.progress.step` steps. Returns the training
+    /// stall in seconds (what the caller waited for), or None when that step
+    /// is already committed.
+    pub fn save(
+        &mut self,
+        params: &Params,
+        optim: &AdamW,
+        info: SaveInfo,
+        store: Option<&mut StoreClient>,
+    ) -> Result<Option<f64>> {
+        let t0 = Instant::now();
+        self.wait()?;
+        self.last_save = Instant::now();
+        let step = info.progress.step;
+        let target = self.root.join(step_dir_name(step));
+        if target.join(MARKER).is_file() {
+            return Ok(None);
+        }
+        let tmp = self.root.join(format!(".{}.tmp", step_dir_name(step)));
+        if self.rank == 0 {
+            std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+            for p in clean_leftovers(&self.root)? {
+                eprintln!("checkpoint: removed leftover of an interrupted save: {}", p.display());
+            }
+            std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        if let Some(s) = store {
+            s.barrier(&format!("ckpt/{step}/dir"), self.world)?;
+        }
+        // Snapshot this rank's range into host memory.
+        let n = params.numel();
+        let (start, len) = owned_range(n, self.world, self.rank);
+        let device = params.flat.device();
+        if self.host.is_none() {
+            let make = || {
+                let t = Tensor::zeros([len], (Kind::Float, Device::Cpu));
+                match device {
+                    Device::Cuda(_) => t.pin_memory(device),
+                    _ => t,
+                }
+            };
+            self.host = Some(vec![make(), make(), make()]);
+        }
+        let host = self.host.as_ref().expect("host buffers");
+        let moment_off = if optim.shard.is_some() { 0 } else { start };
+        tch::no_grad(|| {
+            host[0].shallow_clone().copy_(&params.flat.narrow(0, start, len));
+            host[1].shallow_clone().copy_(&optim.exp_avg.narrow(0, moment_off, len));
+            host[2].shallow_clone().copy_(&optim.exp_avg_sq.narrow(0, moment_off, len));
+        });
+        // This rank's pieces, as views of the host copies.
+        let mine = shard_file_name(self.rank, self.world);
+        let mut tensors = Vec::new();
+        for (b, buf) in BUFFERS.iter().enumerate() {
+            for (i, spec) in params.specs.iter().enumerate() {
+                let off = params.offsets[i];
+                let (a, e) = (off.max(start), (off + spec.numel()).min(start + len));
+                if a < e {
+                    tensors.push((
+                        tensor_name(buf, &spec.name),
+                        host[b].narrow(0, a - start, e - a),
+                    ));
+                }
+            }
+        }
+        let job = WriteJob {
+            step,
+            rank: self.rank,
+            world: self.world,
+            env: self.env.clone(),
+            tmp,
+            target,
+            root: self.root.clone(),
+            file: mine,
+            tensors,
+            meta: (self.rank == 0).then(|| Metadata {
+                format: FORMAT.into(),
+                format_version: FORMAT_VERSION,
+                progress: info.progress.clone(),
+                data: info.data,
+                optimizer: OptimizerState {
+                    adam_steps: info.adam_steps,
+                },
+                scheduler: SchedulerState {
+                    step,
+                    total_steps: self.run.train.steps,
+                    last_lr: info.last_lr,
+                },
+                rng: RngState {
+                    seed: self.run.train.seed,
+                    data_seed: self.run.data.seed,
+                },
+                layout: Layout {
+                    dp: self.world,
+                    tp: 1,
+                    pp: 1,
+                    zero: self.run.parallel.zero,
+                    flat_numel: n,
+                },
+                config: serde_json::to_value(&self.run).expect("config serializes"),
+                tensors: index(params, self.world),
+                files: BTreeMap::new(),
+                saved_unix_s: 0,
+            }),
+            tokenizer: if self.rank == 0 { self.tokenizer.clone() } else { None },
+            cfg: self.cfg.clone(),
+        };
+        if self.cfg.async_save {
+            self.writer = Some(
+                std::thread::Builder::new()
+                    .name("sigma-checkpoint".into())
+                    .spawn(move || job.run())
+                    .expect("checkpoint thread"),
+            );
+        } else {
+            job.run()?;
+        }
+        Ok(Some(t0.elapsed().as_secs_f64()))
+    }
+}
+
+struct WriteJob {
+    step: u64,
+    rank: usize,
+    world: usize,
+    env: Option<DistEnv>,
+    tmp: PathBuf,
+    target: PathBuf,
+    root: PathBuf,
+    file: String,
+    tensors: Vec<(String, Tensor)>,
+    /// Rank 0 only: the metadata to complete and commit.
+    meta: Option<Metadata>,
+    tokenizer: Option<Vec<u8>>,
+    cfg: CheckpointConfig,
+}
+
+fn fault_delay() {
+    if let Some(ms) = std::env::var(FAULT_SAVE_DELAY_MS)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+impl WriteJob {
+    fn key(&self, rank: usize) -> String {
+        format!("ckpt/{}/rank/{rank}", self.step)
+    }
+
+    fn run(self) -> Result<()> {
+        let t0 = Instant::now();
+        let path = self.tmp.join(&self.file);
+        let written = super::safetensors::write(
+            &path,
+            &self.tensors,
+            &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+        );
+        fault_delay();
+        let mut store = match &self.env {
+            Some(env) => Some(crate::dist::connect(env)?),
+            None => None,
+        };
+        // Report to rank 0: the file's entry, or the error.
+        let report = match &written {
+            Ok((bytes, h)) => json!({"ok": FileEntry { bytes: *bytes, xxh3: format!("{h:016x}") }}),
+            Err(e) => json!({"err": e.to_string()}),
+        };
+        if let Some(s) = store.as_mut() {
+            s.set(&self.key(self.rank), report.to_string().as_bytes())?;
+        }
+        let (bytes, hash) = written?;
+        let Some(mut meta) = self.meta.clone() else {
+            return Ok(());
+        };
+        meta.files.insert(
+            self.file.clone(),
+            FileEntry {
+                bytes,
+                xxh3: format!("{hash:016x}"),
+            },
+        );
+        if let Some(s) = store.as_mut() {
+            for r in 1..self.world {
+                let k = self.key(r);
+                s.wait(std::slice::from_ref(&k), s.timeout).map_err(|e| {
+                    TrainError::Other(format!(
+                        "checkpoint step {}: rank {r} did not report its shard: {e}",
+                        self.step
+                    ))
+                })?;
+                let v: serde_json::Value = serde_json::from_slice(&s.get(&k)?)
+                    .map_err(|e| TrainError::Other(format!("checkpoint report of rank {r}: {e}")))?;
+                if let Some(err) = v.get("err") {
+                    return Err(TrainError::Other(format!(
+                        "checkpoint step {}: rank {r} could not write its shard: {}",
+                        self.step,
+                        err.as_str().unwrap_or_default()
+                    )));
+                }
+                let entry: FileEntry = serde_json::from_value(v["ok"].clone())
+                    .map_err(|e| TrainError::Other(format!("checkpoint report of rank {r}: {e}")))?;
+                meta.files.insert(shard_file_name(r, self.world), entry);
+                let _ = s.delete(&k);
+            }
+        }
+        meta.saved_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if let Some(tok) = &self.tokenizer {
+            write_atomic(&self.tmp.join(TOKENIZER), tok)?;
+        }
+        let text = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+        write_atomic(&self.tmp.join(METADATA), &text)?;
+        sync_dir(&self.tmp)?;
+        std::fs::rename(&self.tmp, &self.target).map_err(io(&self.target))?;
+        sync_dir(&self.root)?;
+        write_atomic(
+            &self.target.join(MARKER),
+            json!({"step": self.step}).to_string().as_bytes(),
+        )?;
+        let total: u64 = meta.files.values().map(|f| f.bytes).sum();
+        let dt = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "checkpoint: committed {} ({:.2} GB in {:.2} s, {:.2} GB/s from rank 0's start)",
+            self.target.display(),
+            total as f64 / 1e9,
+            dt,
+            total as f64 / 1e9 / dt.max(1e-9)
+        );
+        let removed = retain(&self.root, self.cfg.keep_last, self.cfg.keep_every)?;
+        if !removed.is_empty() {
+            eprintln!("checkpoint: retention removed step(s) {removed:?}");
+        }
+        if let Some(url) = &self.cfg.upload {
+            upload(&self.target, url)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copy a committed checkpoint to `url/step-NNNNNNN/`, the marker last.
+pub fn upload(dir: &Path, url: &str) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dest = Location::parse(url)?.join(&name);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n != MARKER))
+        .collect();
+    files.sort();
+    files.push(dir.join(MARKER));
+    for f in files {
+        let fname = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        block_on(dest.join(&fname).put_file(&f))?;
+    }
+    eprintln!("checkpoint: uploaded {} to {url}/{name}", dir.display());
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! `sigma checkpoint inspect` and `sigma checkpoint export`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::json;
+use sigma_data::store::{sync_dir, write_atomic};
+use tch::Kind;
+
+use super::load::Checkpoint;
+use super::*;
+use crate::error::{Result, TrainError};
+
+fn mb(b: u64) -> String {
+    format!("{:.2} MB", b as f64 / 1e6)
+}
+
+/// A readable report: progress, layout, files, tensors, and health (every
+/// checksum, and non-finite values in weights and moments).
+pub fn inspect(dir: &Path) -> Result<String> {
+    let mut ck = Checkpoint::open(dir)?;
+    let m = ck.meta.clone();
+    let mut o = String::new();
+    let l = &m.layout;
+    let _ = writeln!(o, "checkpoint {} (committed)", dir.display());
+    let _ = writeln!(o, "format       {} v{}, saved at unix time {}", m.format, m.format_version, m.saved_unix_s);
+    let _ = writeln!(
+        o,
+        "progress     step {} of {}, {} tokens, {} samples, {} skipped step(s)",
+        m.progress.step, m.scheduler.total_steps, m.progress.consumed_tokens, m.progress.consumed_samples, m.progress.skipped_steps
+    );
+    let _ = writeln!(o, "data         mixture stage {}, next sample {}", m.data.stage, m.data.consumed_samples);
+    let _ = writeln!(o, "optimizer    AdamW, {} update(s); last lr {:.4e}", m.optimizer.adam_steps, m.scheduler.last_lr);
+    let _ = writeln!(o, "rng          seed {}, data seed {}", m.rng.seed, m.rng.data_seed);
+    let _ = writeln!(
+        o,
+        "layout       dp {} tp {} pp {} zero {}; {} elements per buffer",
+        l.dp, l.tp, l.pp, l.zero, l.flat_numel
+    );
+    let total: u64 = m.files.values().map(|f| f.bytes).sum();
+    let _ = writeln!(o, "files        {} shard(s), {}", m.files.len(), mb(total));
+    for (name, f) in &m.files {
+        let _ = writeln!(o, "  {name:<40} {:>12}  xxh3 {}", mb(f.bytes), f.xxh3);
+    }
+    let params: Vec<&String> = m.tensors.keys().filter(|k| k.starts_with("model/")).collect();
+    let _ = writeln!(o, "tensors      {} buffers x {} parameters", BUFFERS.len(), params.len());
+    for name in &params {
+        let e = &m.tensors[*name];
+        let n: i64 = e.shape.iter().product();
+        let _ = writeln!(
+            o,
+            "  {:<40} {:>18} {} {:>12}  {} piece(s)",
+            name.trim_start_matches("model/"),
+            format!("{:?}", e.shape),
+            e.dtype,
+            mb(n as u64 * 4),
+            e.pieces.len()
+        );
+    }
+    ck.verify_all()?;
+    let mut bad = BTreeMap::new();
+    for (name, e) in &m.tensors {
+        let n: i64 = e.shape.iter().product();
+        let t = ck.read_range(name, 0, n)?;
+        let nonfinite = n - i64::try_from(t.isfinite().sum(Kind::Int64)).unwrap_or(0);
+        if nonfinite > 0 {
+            bad.insert(name.clone(), nonfinite);
+        }
+    }
+    let _ = writeln!(o, "health       all {} checksums match", m.files.len());
+    if bad.is_empty() {
+        let _ = writeln!(o, "             weights and moments are finite");
+    } else {
+        for (k, n) in &bad {
+            let _ = writeln!(o, "             {k}: {n} non-finite value(s)");
+        }
+    }
+    Ok(o)
+}
+
+/// Architecture description for use outside sigma: the [model] section plus
+/// the names and conventions a reader needs.
+fn config_json(meta: &Metadata, dtype: &str) -> Result<serde_json::Value> {
+    let run = meta.run_config()?;
+    let mut v = serde_json::to_value(&run.model).expect("model config serializes");
+    let extra = json!({
+        "architectures": ["SigmaForCausalLM"],
+        "model_type": "sigma",
+        "torch_dtype": dtype,
+        "max_position_embeddings": run.data.seq_len,
+        "attention": "DiffQKV: num_q_heads query, num_k_heads key (dim qk_head_dim) and num_v_heads value (dim v_head_dim) heads; when aug_q_dim > 0 the projected query q passes through down(silu(gate(q)) * up(q)) (width aug_q_dim) before RoPE; linear weights are [out, in]",
+        "tensor_names": "as in sigma: embed.weight, layers.{i}.*, final_norm.weight, lm_head.weight (absent when tie_embeddings)",
+        "sigma_checkpoint_step": meta.progress.step,
+        "sigma_tokens_seen": meta.progress.consumed_tokens,
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    Ok(v)
+}
+
+/// One consolidated `model.safetensors` (weights only, `dtype` f32 or bf16),
+/// `config.json` and the tokenizer, written into a temporary directory that is
+/// renamed to `out` when complete. An existing non-empty `out` is refused.
+pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
+    let kind = match dtype {
+        "f32" | "float32" => Kind::Float,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        d => return Err(TrainError::Other(format!("--dtype {d}: use f32 or bf16"))),
+    };
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(TrainError::Other(format!(
+            "{} exists and is not empty; refusing to overwrite it",
+            out.display()
+        )));
+    }
+    let mut ck = Checkpoint::open(dir)?;
+    let meta = ck.meta.clone();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent.display().to_string(), e))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(tmp.display().to_string(), e))?;
+    let mut tensors = Vec::new();
+    for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
+        let t = ck.read(name)?.to_kind(kind);
+        tensors.push((name.trim_start_matches("model/").to_string(), t));
+    }
+    let md = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("sigma_step".to_string(), meta.progress.step.to_string()),
+    ]);
+    super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
+    let cfg = config_json(&meta, if kind == Kind::Float { "float32" } else { "bfloat16" })?;
+    write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+    let tok = dir.join(TOKENIZER);
+    if tok.is_file() {
+        let data = std::fs::read(&tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
+        write_atomic(&tmp.join(TOKENIZER), &data)?;
+    }
+    sync_dir(&tmp)?;
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|e| TrainError::io(out.display().to_string(), e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| TrainError::io(out.display().to_string(), e))?;
+    sync_dir(parent)?;
+    Ok(())
+}
