@@ -236,6 +236,22 @@ impl Location {
             std::fs::rename(file, p).map_err(|e| DataError::io(p, e))?;
             return sync_dir(p.parent().unwrap_or(FsPath::new(".")));
         }
+        self.stream_from(file).await
+    }
+
+    /// Copy a local file to this location, leaving the file in place
+    /// (locally: copy to a temporary name, fsync, rename).
+    pub async fn copy_file(&self, file: &FsPath) -> Result<()> {
+        if let Some(p) = &self.local {
+            let (src, dst) = (file.to_path_buf(), p.clone());
+            return tokio::task::spawn_blocking(move || copy_atomic(&src, &dst))
+                .await
+                .map_err(|e| DataError::Other(e.to_string()))?;
+        }
+        self.stream_from(file).await
+    }
+
+    async fn stream_from(&self, file: &FsPath) -> Result<()> {
         let mut upload =
             object_store::buffered::BufWriter::new(self.store.clone(), self.path.clone());
         let mut f = tokio::fs::File::open(file)
@@ -348,6 +364,23 @@ pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| DataError::io(&tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
+    sync_dir(dir)
+}
+
+/// Copy `src` to `dst` through a temporary name in `dst`'s directory, fsynced.
+pub fn copy_atomic(src: &FsPath, dst: &FsPath) -> Result<()> {
+    let dir = dst.parent().unwrap_or(FsPath::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        dst.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    std::fs::copy(src, &tmp).map_err(|e| DataError::io(&tmp, e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| DataError::io(&tmp, e))?;
+    std::fs::rename(&tmp, dst).map_err(|e| DataError::io(dst, e))?;
     sync_dir(dir)
 }
 

@@ -265,3 +265,104 @@ pub fn losses(metrics: &Path) -> Vec<f64> {
         .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
         .collect()
 }
+
+/// Tolerance between data-parallel layouts: ranks reduce gradients in rank
+/// order, so a data-parallel run adds the same per-sample contributions in a
+/// different grouping than one process does; each regrouped fp32 addition can
+/// move a result by 2^-24 relative (about 6e-8). Over the first steps that
+/// stays far below 1e-5 relative in the loss, which is what the tests allow.
+pub const REL_TOL: f64 = 1e-5;
+
+pub fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Training arguments (after `train`) for tiny with a global batch of 16 samples.
+pub fn dp_args(out: &std::path::Path, dp: usize, steps: u64) -> Vec<String> {
+    let mbs = if dp == 1 { 8 } else { 16 / dp };
+    let accum = 16 / (mbs * dp);
+    let mut a = tiny_train_args(
+        out,
+        steps,
+        &[
+            &format!("parallel.dp={dp}"),
+            &format!("train.micro_batch_size={mbs}"),
+            &format!("train.grad_accum_steps={accum}"),
+            "train.cpu_threads=1",
+            "train.eval_every=0",
+            // Several gradient buckets even for the tiny model.
+            "parallel.bucket_mb=0.2",
+            "metrics.plot=false",
+        ],
+    );
+    a.remove(0); // "train"
+    a
+}
+
+pub fn launch(
+    nproc: usize,
+    extra: &[&str],
+    train: &[String],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let logs = tempfile::tempdir().expect("tmp");
+    let mut args: Vec<String> = vec![
+        "launch".into(),
+        "--nproc-per-node".into(),
+        nproc.to_string(),
+        "--master-port".into(),
+        port().to_string(),
+        "--log-dir".into(),
+        logs.path().to_string_lossy().into_owned(),
+        "--grace-s".into(),
+        "2".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("--".into());
+    args.push("train".into());
+    args.extend(train.iter().cloned());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    sigma(&a, env)
+}
+
+/// Start rank `rank` of a 2-process job by hand (no launcher), srun-style.
+pub fn spawn_rank(
+    args: &[String],
+    rank: usize,
+    port: &str,
+    secret: &str,
+    extra_env: &[(&str, &str)],
+) -> std::process::Child {
+    let mut c = Command::new(sigma_bin());
+    c.current_dir(repo_root())
+        .arg("train")
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .env("SIGMA_JOB_SECRET", secret)
+        .env("SIGMA_DIST_TIMEOUT_S", "5")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawn rank")
+}
+
+pub fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= REL_TOL * x.abs(),
+            "{what}: step {} loss {x} vs {y}",
+            i + 1
+        );
+    }
+}
+

@@ -424,7 +424,7 @@ pub fn upload(dir: &Path, url: &str) -> Result<()> {
     files.push(dir.join(MARKER));
     for f in files {
         let fname = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        block_on(dest.join(&fname).put_file(&f))?;
+        block_on(dest.join(&fname).copy_file(&f))?;
     }
     eprintln!("checkpoint: uploaded {} to {url}/{name}", dir.display());
     Ok(())
