@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Distributed benchmarks on one host with N GPUs (issue #4; the same script serves 4 and 8):
-#   scripts/bench-dist-gpu.sh N
+#   scripts/bench-dist-gpu.sh N [M ...]     (several counts share the 1-GPU baseline)
 # 1. NCCL all-reduce bus bandwidth by message size (bf16, 1 MiB .. 1 GiB) through sigma's
 #    collective layer and through plain NCCL calls on the same buffers;
 # 2. configs/sigma-1.5b.toml training (seq 4096, micro-batch 4, activation checkpointing,
@@ -9,7 +9,8 @@
 # Needs target/release/sigma and a python3 whose torch 2.11 (CUDA) provides libtorch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-n=${1:?usage: bench-dist-gpu.sh NUM_GPUS}
+[ $# -ge 1 ] || { echo "usage: bench-dist-gpu.sh NUM_GPUS [NUM_GPUS ...]" >&2; exit 2; }
+counts=("$@")
 torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH=$torch_lib:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0
@@ -22,9 +23,11 @@ for d in general system synthetic; do
   $sigma data prepare --input "data/sample/$d.jsonl.zst" --domain "$d" --tokenizer data/sample/tokenizer.json \
     --output "runs/sample-shards/$d" --row-group-tokens 65536 --valid-fraction 0.05 --overwrite --quiet >/dev/null || exit 1
 done
-echo "== all-reduce, $n GPUs"
-$sigma launch --nproc-per-node "$n" --log-dir "$out/logs-ar" -- dist bench-allreduce --min-bytes 1048576 --max-bytes 1073741824 --iters 20 \
-  | tee "$out/allreduce-$n.txt"
+for n in "${counts[@]}"; do
+  echo "== all-reduce, $n GPUs"
+  $sigma launch --nproc-per-node "$n" --log-dir "$out/logs-ar" -- dist bench-allreduce --min-bytes 1048576 --max-bytes 1073741824 --iters 20 \
+    | tee "$out/allreduce-$n.txt"
+done
 common=(--config configs/sigma-1.5b.toml --quiet --set train.steps="$steps" --set train.log_every=1 --set train.eval_steps=1
   --set train.micro_batch_size=4 --set train.activation_checkpointing=true --set train.grad_accum_steps=2 --set metrics.plot=false)
 run() {
@@ -33,11 +36,13 @@ run() {
   if "$@" > "$out/$name.log" 2>&1; then echo "$name: ok ($(( $(date +%s) - t0 )) s)"; else echo "$name: FAILED: $(grep -m1 -iE 'error|memory' "$out/$name.log" | cut -c1-300)"; fi
 }
 run dp1 $sigma train "${common[@]}" --set metrics.output_dir="\"$out/dp1\""
+for n in "${counts[@]}"; do
 run "dp$n" $sigma launch --nproc-per-node "$n" --log-dir "$out/logs-dp" -- train "${common[@]}" --set parallel.dp="$n" --set metrics.output_dir="\"$out/dp$n\""
 run "dp$n-zero1" $sigma launch --nproc-per-node "$n" --log-dir "$out/logs-zero" -- train "${common[@]}" --set parallel.dp="$n" --set parallel.zero=1 --set metrics.output_dir="\"$out/dp$n-zero1\""
-python3 - "$out" "$n" <<'PY' | tee "$out/summary-$n.txt"
+done
+python3 - "$out" "${counts[@]}" <<'PY' | tee "$out/summary.txt"
 import json, os, statistics, sys
-out, n = sys.argv[1], int(sys.argv[2])
+out, counts = sys.argv[1], [int(c) for c in sys.argv[2:]]
 def load(name):
     m = os.path.join(out, name, "metrics.jsonl")
     if not os.path.exists(m):
@@ -47,7 +52,7 @@ def load(name):
 base = load("dp1")
 base_tps = statistics.median(r["tokens_per_s"] for r in base) if base else float("nan")
 print(f"{'run':<12} {'GPUs':>4} {'tok/s':>9} {'tok/s/GPU':>10} {'weak eff':>8} {'MFU':>6} {'GPU MiB (rank 0)':>16} {'opt state GB/GPU':>16} {'losses':>s}")
-for name, g in [("dp1", 1), (f"dp{n}", n), (f"dp{n}-zero1", n)]:
+for name, g in [("dp1", 1)] + [(f"dp{n}{z}", n) for n in counts for z in ("", "-zero1")]:
     w = load(name)
     if not w:
         print(f"{name:<12} {g:>4} failed"); continue

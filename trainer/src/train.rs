@@ -147,7 +147,7 @@ impl Trainer {
         } else {
             None
         };
-        let saver = Saver::new(cfg, job.as_ref().map(|j| j.env.clone()), tokenizer);
+        let mut saver = Saver::new(cfg, job.as_ref().map(|j| j.env.clone()), tokenizer);
         let model = Model::new(
             &cfg.model,
             cfg.train.seed,
@@ -156,6 +156,9 @@ impl Trainer {
             device,
             mixed,
         );
+        if cfg.checkpoint.every_steps > 0 || cfg.checkpoint.every_minutes > 0.0 {
+            saver.allocate_host(&model.params);
+        }
         let zero = (cfg.parallel.zero == 1 && dp > 1).then_some((rank, dp));
         let optim = AdamW::new(&cfg.optim, &model.params, zero);
         let buckets = (job.is_some() && zero.is_none())
@@ -209,8 +212,11 @@ impl Trainer {
             ));
             return Ok(None);
         };
+        let t0 = Instant::now();
         let mut ck = Checkpoint::open(&dir)?;
         ck.restore(&self.model.params, &mut self.optim)?;
+        self.sync();
+        let load_s = t0.elapsed().as_secs_f64();
         let m = ck.meta.clone();
         let now = serde_json::to_value(&self.cfg).expect("config serializes");
         for change in config_changes(&m.config, &now) {
@@ -237,15 +243,17 @@ impl Trainer {
         }
         self.start_step = m.progress.step;
         self.skipped_before = m.progress.skipped_steps;
+        let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
         self.say(format!(
-            "resume: {} (step {}, {} tokens; saved with dp {} zero {}, now dp {} zero {})",
+            "resume: {} (step {}, {} tokens; saved with dp {} zero {}, now dp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
             dir.display(),
             m.progress.step,
             m.progress.consumed_tokens,
             m.layout.dp,
             m.layout.zero,
             dp,
-            self.cfg.parallel.zero
+            self.cfg.parallel.zero,
+            bytes as f64 / 1e9
         ));
         Ok(Some(m.progress.step))
     }

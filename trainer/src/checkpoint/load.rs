@@ -1,5 +1,6 @@
 //! Loading: find a committed checkpoint, check it (marker, format, every
-//! file's size and xxh3, the model's tensor shapes against the config), and
+//! file's size, the xxh3 of every piece read, the model's tensor shapes
+//! against the config), and
 //! assemble any flat range of the three buffers from the pieces that cover
 //! it. The saved data-parallel layout does not matter: ranges are assembled
 //! per parameter from whichever shards hold them.
@@ -96,14 +97,29 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// A file's reader, verified on first use.
+    /// A file's reader (its header checked against its length).
     fn reader(&mut self, file: &str) -> Result<&mut Reader> {
         if !self.readers.contains_key(file) {
-            self.verify(file)?;
             let r = Reader::open(&self.dir.join(file))?;
             self.readers.insert(file.to_string(), r);
         }
         Ok(self.readers.get_mut(file).expect("reader"))
+    }
+
+    /// A whole piece of tensor `name`, checked against its checksum.
+    fn read_piece(&mut self, name: &str, p: &Piece) -> Result<Tensor> {
+        let (buf, kind) = self.reader(&p.file)?.read_bytes(name, 0, p.end - p.start)?;
+        let h = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&buf));
+        if h != p.xxh3 {
+            return Err(err(
+                &self.dir,
+                format!(
+                    "{}: checksum mismatch in {name} (xxh3 {h} on disk, {} in metadata.json): the file is corrupt",
+                    p.file, p.xxh3
+                ),
+            ));
+        }
+        Ok(Tensor::from_data_size(&buf, &[p.end - p.start], kind))
     }
 
     /// Elements `[start, end)` of logical tensor `name`, flattened (1-D, CPU).
@@ -121,7 +137,8 @@ impl Checkpoint {
             if a >= b {
                 continue;
             }
-            let part = self.reader(&p.file)?.read_range(name, a - p.start, b - p.start)?;
+            let piece = self.read_piece(name, p)?;
+            let part = piece.narrow(0, a - p.start, b - a);
             out.narrow(0, a - start, b - a).copy_(&part.to_kind(Kind::Float));
             covered += b - a;
         }

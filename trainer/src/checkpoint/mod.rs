@@ -76,6 +76,8 @@ pub struct Piece {
     pub file: String,
     pub start: i64,
     pub end: i64,
+    /// xxh3-64 of the piece's bytes (16 hex digits), checked whenever it is read.
+    pub xxh3: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

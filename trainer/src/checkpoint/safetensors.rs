@@ -37,13 +37,21 @@ fn dtype_kind(name: &str) -> Option<Kind> {
     })
 }
 
-/// Writes `(name, tensor)` pairs (CPU tensors, any shape) to `path`, fsyncs
-/// it, and returns (bytes written, xxh3-64 of the file).
+/// What `write` produced.
+pub struct Written {
+    pub bytes: u64,
+    /// xxh3-64 of the whole file.
+    pub file_hash: u64,
+    /// xxh3-64 of each tensor's data, in the order given.
+    pub tensor_hashes: Vec<u64>,
+}
+
+/// Writes `(name, tensor)` pairs (CPU tensors, any shape) to `path` and fsyncs it.
 pub fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
-) -> Result<(u64, u64)> {
+) -> Result<Written> {
     let io = |e| TrainError::io(path.display().to_string(), e);
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
@@ -71,15 +79,21 @@ pub fn write(
     put(&(h.len() as u64).to_le_bytes(), &mut w)?;
     put(&h, &mut w)?;
     let mut buf = Vec::new();
+    let mut tensor_hashes = Vec::with_capacity(tensors.len());
     for (_, t) in tensors {
         let t = t.contiguous();
         buf.resize(t.numel() * t.kind().elt_size_in_bytes(), 0);
         t.copy_data_u8(&mut buf, t.numel());
+        tensor_hashes.push(xxhash_rust::xxh3::xxh3_64(&buf));
         put(&buf, &mut w)?;
     }
     let f = w.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
-    Ok((8 + h.len() as u64 + off, hash.digest()))
+    Ok(Written {
+        bytes: 8 + h.len() as u64 + off,
+        file_hash: hash.digest(),
+        tensor_hashes,
+    })
 }
 
 /// One tensor's entry in a file's header.
@@ -164,6 +178,12 @@ impl Reader {
 
     /// Elements `[start, end)` of tensor `name` (flattened), as a 1-D CPU tensor.
     pub fn read_range(&mut self, name: &str, start: i64, end: i64) -> Result<Tensor> {
+        let (buf, kind) = self.read_bytes(name, start, end)?;
+        Ok(Tensor::from_data_size(&buf, &[end - start], kind))
+    }
+
+    /// The raw little-endian bytes of elements `[start, end)` of tensor `name`.
+    pub fn read_bytes(&mut self, name: &str, start: i64, end: i64) -> Result<(Vec<u8>, Kind)> {
         let e = self.entries.get(name).ok_or_else(|| {
             TrainError::Other(format!("{}: no tensor `{name}`", self.path))
         })?;
@@ -180,7 +200,7 @@ impl Reader {
             .seek(SeekFrom::Start(b))
             .and_then(|_| self.file.read_exact(&mut buf))
             .map_err(|e| TrainError::io(self.path.clone(), e))?;
-        Ok(Tensor::from_data_size(&buf, &[end - start], kind))
+        Ok((buf, kind))
     }
 
     /// A whole tensor, in its shape.

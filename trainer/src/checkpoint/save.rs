@@ -44,7 +44,7 @@ pub struct SaveInfo {
 }
 
 /// The index of every logical tensor: for each of the three buffers and each
-/// parameter, the pieces each rank of `world` holds.
+/// parameter, the pieces each rank of `world` holds (checksums still empty).
 pub fn index(params: &Params, world: usize) -> BTreeMap<String, TensorEntry> {
     let n = params.numel();
     let mut out = BTreeMap::new();
@@ -59,6 +59,7 @@ pub fn index(params: &Params, world: usize) -> BTreeMap<String, TensorEntry> {
                     file: shard_file_name(r, world),
                     start: a - off,
                     end: b - off,
+                    xxh3: String::new(), // filled in from the writers' reports
                 });
             }
         }
@@ -154,6 +155,26 @@ impl Saver {
         }
     }
 
+    /// Allocate the host copies of this rank's range (pinned memory for GPU
+    /// state, so the copy runs at full PCIe speed). Done once; the trainer
+    /// calls it at start-up when checkpoints are scheduled, so the first save
+    /// does not pay for it.
+    pub fn allocate_host(&mut self, params: &Params) {
+        if self.host.is_some() {
+            return;
+        }
+        let (_, len) = owned_range(params.numel(), self.world, self.rank);
+        let device = params.flat.device();
+        let make = || {
+            let t = Tensor::zeros([len], (Kind::Float, Device::Cpu));
+            match device {
+                Device::Cuda(_) => t.pin_memory(device),
+                _ => t,
+            }
+        };
+        self.host = Some(vec![make(), make(), make()]);
+    }
+
     /// Wait for the background write of the previous save (and, on rank 0, its commit).
     pub fn wait(&mut self) -> Result<()> {
         match self.writer.take() {
@@ -196,17 +217,7 @@ impl Saver {
         // Snapshot this rank's range into host memory.
         let n = params.numel();
         let (start, len) = owned_range(n, self.world, self.rank);
-        let device = params.flat.device();
-        if self.host.is_none() {
-            let make = || {
-                let t = Tensor::zeros([len], (Kind::Float, Device::Cpu));
-                match device {
-                    Device::Cuda(_) => t.pin_memory(device),
-                    _ => t,
-                }
-            };
-            self.host = Some(vec![make(), make(), make()]);
-        }
+        self.allocate_host(params);
         let host = self.host.as_ref().expect("host buffers");
         let moment_off = if optim.shard.is_some() { 0 } else { start };
         tch::no_grad(|| {
@@ -285,6 +296,14 @@ impl Saver {
     }
 }
 
+/// What a rank reports about its shard.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Report {
+    file: FileEntry,
+    /// Tensor name -> xxh3 of this rank's piece of it.
+    pieces: Vec<(String, String)>,
+}
+
 struct WriteJob {
     step: u64,
     rank: usize,
@@ -322,31 +341,37 @@ impl WriteJob {
             &path,
             &self.tensors,
             &BTreeMap::from([("format".to_string(), "pt".to_string())]),
-        );
+        )
+        .map(|w| Report {
+            file: FileEntry {
+                bytes: w.bytes,
+                xxh3: format!("{:016x}", w.file_hash),
+            },
+            pieces: self
+                .tensors
+                .iter()
+                .zip(&w.tensor_hashes)
+                .map(|((n, _), h)| (n.clone(), format!("{h:016x}")))
+                .collect(),
+        });
         fault_delay();
         let mut store = match &self.env {
             Some(env) => Some(crate::dist::connect(env)?),
             None => None,
         };
-        // Report to rank 0: the file's entry, or the error.
+        // Report to rank 0: the file's entry and piece checksums, or the error.
         let report = match &written {
-            Ok((bytes, h)) => json!({"ok": FileEntry { bytes: *bytes, xxh3: format!("{h:016x}") }}),
+            Ok(r) => json!({ "ok": r }),
             Err(e) => json!({"err": e.to_string()}),
         };
         if let Some(s) = store.as_mut() {
             s.set(&self.key(self.rank), report.to_string().as_bytes())?;
         }
-        let (bytes, hash) = written?;
+        let mine = written?;
         let Some(mut meta) = self.meta.clone() else {
             return Ok(());
         };
-        meta.files.insert(
-            self.file.clone(),
-            FileEntry {
-                bytes,
-                xxh3: format!("{hash:016x}"),
-            },
-        );
+        let mut reports = vec![(self.file.clone(), mine)];
         if let Some(s) = store.as_mut() {
             for r in 1..self.world {
                 let k = self.key(r);
@@ -365,11 +390,33 @@ impl WriteJob {
                         err.as_str().unwrap_or_default()
                     )));
                 }
-                let entry: FileEntry = serde_json::from_value(v["ok"].clone())
+                let rep: Report = serde_json::from_value(v["ok"].clone())
                     .map_err(|e| TrainError::Other(format!("checkpoint report of rank {r}: {e}")))?;
-                meta.files.insert(shard_file_name(r, self.world), entry);
+                reports.push((shard_file_name(r, self.world), rep));
                 let _ = s.delete(&k);
             }
+        }
+        for (file, rep) in reports {
+            for (name, h) in rep.pieces {
+                if let Some(p) = meta
+                    .tensors
+                    .get_mut(&name)
+                    .and_then(|e| e.pieces.iter_mut().find(|p| p.file == file))
+                {
+                    p.xxh3 = h;
+                }
+            }
+            meta.files.insert(file, rep.file);
+        }
+        if let Some((name, _)) = meta
+            .tensors
+            .iter()
+            .find(|(_, e)| e.pieces.iter().any(|p| p.xxh3.is_empty()))
+        {
+            return Err(TrainError::Other(format!(
+                "checkpoint step {}: no checksum reported for a piece of {name}",
+                self.step
+            )));
         }
         meta.saved_unix_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
