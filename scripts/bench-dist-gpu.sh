@@ -4,7 +4,8 @@
 # 1. NCCL all-reduce bus bandwidth by message size (bf16, 1 MiB .. 1 GiB) through sigma's
 #    collective layer and through plain NCCL calls on the same buffers;
 # 2. configs/sigma-1.5b.toml training (seq 4096, micro-batch 4, activation checkpointing,
-#    2 accumulation steps, 8 steps) on 1 GPU and on N GPUs with plain DP and with ZeRO-1:
+#    2 accumulation steps, 8 steps) on 1 GPU and on N GPUs with plain DP (gradient buckets
+#    reduced during backward, and for comparison after it) and with ZeRO-1:
 #    tokens/s per GPU, weak-scaling efficiency, memory per GPU, optimizer state per GPU.
 # Needs target/release/sigma and a python3 whose torch 2.11 (CUDA) provides libtorch.
 set -uo pipefail
@@ -38,6 +39,7 @@ run() {
 run dp1 $sigma train "${common[@]}" --set metrics.output_dir="\"$out/dp1\""
 for n in "${counts[@]}"; do
 run "dp$n" $sigma launch --nproc-per-node "$n" --log-dir "$out/logs-dp" -- train "${common[@]}" --set parallel.dp="$n" --set metrics.output_dir="\"$out/dp$n\""
+run "dp$n-no-overlap" $sigma launch --nproc-per-node "$n" --log-dir "$out/logs-dp" -- train "${common[@]}" --set parallel.dp="$n" --set parallel.overlap_grad_reduce=false --set metrics.output_dir="\"$out/dp$n-no-overlap\""
 run "dp$n-zero1" $sigma launch --nproc-per-node "$n" --log-dir "$out/logs-zero" -- train "${common[@]}" --set parallel.dp="$n" --set parallel.zero=1 --set metrics.output_dir="\"$out/dp$n-zero1\""
 done
 python3 - "$out" "${counts[@]}" <<'PY' | tee "$out/summary.txt"
@@ -52,7 +54,7 @@ def load(name):
 base = load("dp1")
 base_tps = statistics.median(r["tokens_per_s"] for r in base) if base else float("nan")
 print(f"{'run':<12} {'GPUs':>4} {'tok/s':>9} {'tok/s/GPU':>10} {'weak eff':>8} {'MFU':>6} {'GPU MiB (rank 0)':>16} {'opt state GB/GPU':>16} {'losses':>s}")
-for name, g in [("dp1", 1)] + [(f"dp{n}{z}", n) for n in counts for z in ("", "-zero1")]:
+for name, g in [("dp1", 1)] + [(f"dp{n}{z}", n) for n in counts for z in ("", "-no-overlap", "-zero1")]:
     w = load(name)
     if not w:
         print(f"{name:<12} {g:>4} failed"); continue

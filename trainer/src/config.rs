@@ -305,6 +305,13 @@ pub struct ParallelConfig {
     /// Size of a data-parallel gradient bucket in MB (10^6 bytes of fp32 gradient).
     #[serde(default = "d_bucket_mb")]
     pub bucket_mb: f64,
+    /// Start each bucket's reduction during backward (false: all after backward).
+    #[serde(default = "d_true")]
+    pub overlap_grad_reduce: bool,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 fn d_bucket_mb() -> f64 {
@@ -319,6 +326,7 @@ impl Default for ParallelConfig {
             pp: 1,
             zero: 0,
             bucket_mb: d_bucket_mb(),
+            overlap_grad_reduce: true,
         }
     }
 }

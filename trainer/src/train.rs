@@ -389,7 +389,7 @@ impl Trainer {
             let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
             for (i, b) in batches.iter().enumerate() {
                 let t = batch_tensor(b, self.device);
-                let last_micro = i + 1 == batches.len();
+                let last_micro = i + 1 == batches.len() && c.parallel.overlap_grad_reduce;
                 let (buckets, job) = (&mut self.buckets, &mut self.job);
                 // On the last micro-batch, reduce each bucket as soon as it is final.
                 let mut hook = |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), job.as_mut()) {

@@ -2,7 +2,8 @@
 //! time through cudarc; the very libnccl that libtorch loaded, see
 //! `nccl_library_dir`) called on the tensors' own device pointers.
 //!
-//! Streams: collectives run on a communication stream of their own. Before
+//! Streams: collectives run on a communication stream of their own (of the
+//! highest priority, so they get SMs while backward kernels queue). Before
 //! each one an event recorded on the compute stream (libtorch's default
 //! stream) is waited for on the communication stream, so it reads finished
 //! gradients; after it, the compute stream waits for the communication stream
@@ -261,9 +262,17 @@ impl NcclCollectives {
                     *d = s as _;
                 }
             }
+            // Highest priority: the block scheduler hands freed SMs to the
+            // collective before queued compute blocks, so it overlaps backward
+            // instead of waiting for a gap.
+            let (mut least, mut greatest) = (0, 0);
+            cuda_check(
+                cuda::cudaDeviceGetStreamPriorityRange(&mut least, &mut greatest),
+                "cudaDeviceGetStreamPriorityRange",
+            )?;
             let mut stream: cuda::cudaStream_t = std::ptr::null_mut();
             cuda_check(
-                cuda::cudaStreamCreateWithFlags(&mut stream, cuda::cudaStreamNonBlocking),
+                cuda::cudaStreamCreateWithPriority(&mut stream, cuda::cudaStreamNonBlocking, greatest),
                 "cudaStreamCreate",
             )?;
             let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
