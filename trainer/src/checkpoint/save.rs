@@ -196,6 +196,11 @@ impl Saver {
         store: Option<&mut StoreClient>,
     ) -> Result<Option<f64>> {
         let t0 = Instant::now();
+        if self.writer.as_ref().is_some_and(|h| !h.is_finished()) && self.rank == 0 {
+            eprintln!(
+                "checkpoint: the previous save is still being written; training waits for it (saves are more frequent than the storage can take)"
+            );
+        }
         self.wait()?;
         self.last_save = Instant::now();
         let step = info.progress.step;
