@@ -7,6 +7,7 @@
 #    middle checkpoint (load time) whose losses are compared with the uninterrupted run;
 # 2. N GPUs with ZeRO-1 saved, resumed on N/2 GPUs (same global batch);
 # 3. N/2 GPUs with ZeRO-1 saved, resumed on N GPUs.
+# PARTS (default "1 n h") selects the parts: 1, n (N saved, N/2 resumed), h (N/2 saved, N resumed).
 # Needs target/release/sigma and a python3 whose torch 2.11 (CUDA) provides libtorch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,16 +42,23 @@ train() { # name gpus accum [extra...]
   else run "$name" $sigma launch --nproc-per-node "$g" --log-dir "$out/logs-$name" -- train "${args[@]}" --set parallel.dp="$g" --set parallel.zero=1; fi
 }
 ck() { printf '%s/%s/checkpoints/step-%07d' "$out" "$1" "$mid"; }
-train dp1 1 2
-train dp1-resumed 1 2 --resume "$(ck dp1)" --set checkpoint.every_steps=0
-timeout 120 $sigma checkpoint inspect "$(ck dp1)" > "$out/inspect-dp1.txt" 2>&1 || true
-rm -rf "$out/dp1/checkpoints" "$out/dp1-resumed/checkpoints"
-train "dp$n" "$n" 2
-train "dp$n-to-dp$h" "$h" 4 --resume "$(ck dp$n)" --set checkpoint.every_steps=0
-rm -rf "$out/dp$n/checkpoints" "$out/dp$n-to-dp$h/checkpoints"
-train "dp$h" "$h" 4
-train "dp$h-to-dp$n" "$n" 2 --resume "$(ck dp$h)" --set checkpoint.every_steps=0
-rm -rf "$out/dp$h/checkpoints" "$out/dp$h-to-dp$n/checkpoints"
+parts=" ${PARTS:-1 n h} "
+if [[ $parts == *" 1 "* ]]; then
+  train dp1 1 2
+  train dp1-resumed 1 2 --resume "$(ck dp1)" --set checkpoint.every_steps=0
+  timeout 120 $sigma checkpoint inspect "$(ck dp1)" > "$out/inspect-dp1.txt" 2>&1 || true
+  rm -rf "$out/dp1/checkpoints" "$out/dp1-resumed/checkpoints"
+fi
+if [[ $parts == *" n "* ]]; then
+  train "dp$n" "$n" 2
+  train "dp$n-to-dp$h" "$h" 4 --resume "$(ck dp$n)" --set checkpoint.every_steps=0
+  rm -rf "$out/dp$n/checkpoints" "$out/dp$n-to-dp$h/checkpoints"
+fi
+if [[ $parts == *" h "* ]]; then
+  train "dp$h" "$h" 4
+  train "dp$h-to-dp$n" "$n" 2 --resume "$(ck dp$h)" --set checkpoint.every_steps=0
+  rm -rf "$out/dp$h/checkpoints" "$out/dp$h-to-dp$n/checkpoints"
+fi
 python3 - "$out" "$n" "$h" <<'PY' | tee "$out/summary.txt"
 import json, os, re, sys
 out, n, h = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

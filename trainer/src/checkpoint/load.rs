@@ -97,58 +97,14 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// A file's reader (its header checked against its length).
-    fn reader(&mut self, file: &str) -> Result<&mut Reader> {
-        if !self.readers.contains_key(file) {
-            let r = Reader::open(&self.dir.join(file))?;
-            self.readers.insert(file.to_string(), r);
-        }
-        Ok(self.readers.get_mut(file).expect("reader"))
-    }
-
-    /// A whole piece of tensor `name`, checked against its checksum.
-    fn read_piece(&mut self, name: &str, p: &Piece) -> Result<Tensor> {
-        let (buf, kind) = self.reader(&p.file)?.read_bytes(name, 0, p.end - p.start)?;
-        let h = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&buf));
-        if h != p.xxh3 {
-            return Err(err(
-                &self.dir,
-                format!(
-                    "{}: checksum mismatch in {name} (xxh3 {h} on disk, {} in metadata.json): the file is corrupt",
-                    p.file, p.xxh3
-                ),
-            ));
-        }
-        Ok(Tensor::from_data_size(&buf, &[p.end - p.start], kind))
-    }
-
     /// Elements `[start, end)` of logical tensor `name`, flattened (1-D, CPU).
     pub fn read_range(&mut self, name: &str, start: i64, end: i64) -> Result<Tensor> {
-        let e = self
-            .meta
-            .tensors
-            .get(name)
-            .ok_or_else(|| err(&self.dir, format!("no tensor {name}")))?
-            .clone();
-        let out = Tensor::zeros([end - start], (Kind::Float, tch::Device::Cpu));
-        let mut covered = 0;
-        for p in &e.pieces {
-            let (a, b) = (p.start.max(start), p.end.min(end));
-            if a >= b {
-                continue;
-            }
-            let piece = self.read_piece(name, p)?;
-            let part = piece.narrow(0, a - p.start, b - a);
-            out.narrow(0, a - start, b - a).copy_(&part.to_kind(Kind::Float));
-            covered += b - a;
+        PieceReader {
+            dir: &self.dir,
+            meta: &self.meta,
+            readers: &mut self.readers,
         }
-        if covered != end - start {
-            return Err(err(
-                &self.dir,
-                format!("tensor {name}: elements {start}..{end} are not all in its pieces"),
-            ));
-        }
-        Ok(out)
+        .read_range(name, start, end)
     }
 
     /// A whole logical tensor, in its shape.
@@ -159,16 +115,50 @@ impl Checkpoint {
     }
 
     /// Flat range `[start, start + len)` of `buffer`, laid out like `params`.
+    /// Parameters are read by several threads, each with its own file
+    /// handles, writing disjoint parts of the result.
     pub fn read_flat(&mut self, buffer: &str, params: &Params, start: i64, len: i64) -> Result<Tensor> {
         let out = Tensor::zeros([len], (Kind::Float, tch::Device::Cpu));
+        // (tensor name, range in the tensor, position in `out`), largest first.
+        let mut items: Vec<(String, i64, i64, i64)> = Vec::new();
         for (i, spec) in params.specs.iter().enumerate() {
             let off = params.offsets[i];
             let (a, b) = (off.max(start), (off + spec.numel()).min(start + len));
             if a < b {
-                let part = self.read_range(&tensor_name(buffer, &spec.name), a - off, b - off)?;
-                out.narrow(0, a - start, b - a).copy_(&part);
+                items.push((tensor_name(buffer, &spec.name), a - off, b - off, a - start));
             }
         }
+        items.sort_by_key(|it| std::cmp::Reverse(it.2 - it.1));
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
+        // Deal the items greedily to the least loaded worker.
+        let mut groups: Vec<(i64, Vec<(String, i64, i64, i64)>)> = vec![(0, Vec::new()); threads];
+        for it in items {
+            let g = groups.iter_mut().min_by_key(|g| g.0).expect("a worker");
+            g.0 += it.2 - it.1;
+            g.1.push(it);
+        }
+        let (dir, meta) = (&self.dir, &self.meta);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = groups
+                .into_iter()
+                .map(|(_, group)| {
+                    let out = out.shallow_clone();
+                    scope.spawn(move || -> Result<()> {
+                        let mut readers = HashMap::new();
+                        let mut r = PieceReader { dir, meta, readers: &mut readers };
+                        for (name, a, b, pos) in group {
+                            let part = r.read_range(&name, a, b)?;
+                            out.narrow(0, pos, b - a).copy_(&part);
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().map_err(|_| TrainError::Other("checkpoint reader thread panicked".into()))?)
+                .collect::<Result<Vec<()>>>()
+        })?;
         Ok(out)
     }
 
@@ -232,6 +222,68 @@ impl Checkpoint {
         });
         optim.steps = self.meta.optimizer.adam_steps;
         Ok(())
+    }
+}
+
+/// Reads pieces of logical tensors through its own open files.
+struct PieceReader<'a> {
+    dir: &'a Path,
+    meta: &'a Metadata,
+    readers: &'a mut HashMap<String, Reader>,
+}
+
+impl PieceReader<'_> {
+    /// A file's reader (its header checked against its length).
+    fn reader(&mut self, file: &str) -> Result<&mut Reader> {
+        if !self.readers.contains_key(file) {
+            let r = Reader::open(&self.dir.join(file))?;
+            self.readers.insert(file.to_string(), r);
+        }
+        Ok(self.readers.get_mut(file).expect("reader"))
+    }
+
+    /// A whole piece of tensor `name`, checked against its checksum.
+    fn read_piece(&mut self, name: &str, p: &Piece) -> Result<Tensor> {
+        let (buf, kind) = self.reader(&p.file)?.read_bytes(name, 0, p.end - p.start)?;
+        let h = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&buf));
+        if h != p.xxh3 {
+            return Err(err(
+                self.dir,
+                format!(
+                    "{}: checksum mismatch in {name} (xxh3 {h} on disk, {} in metadata.json): the file is corrupt",
+                    p.file, p.xxh3
+                ),
+            ));
+        }
+        Ok(Tensor::from_data_size(&buf, &[p.end - p.start], kind))
+    }
+
+    /// Elements `[start, end)` of logical tensor `name`, flattened (1-D, CPU).
+    fn read_range(&mut self, name: &str, start: i64, end: i64) -> Result<Tensor> {
+        let e = self
+            .meta
+            .tensors
+            .get(name)
+            .ok_or_else(|| err(self.dir, format!("no tensor {name}")))?;
+        let out = Tensor::zeros([end - start], (Kind::Float, tch::Device::Cpu));
+        let mut covered = 0;
+        for p in &e.pieces {
+            let (a, b) = (p.start.max(start), p.end.min(end));
+            if a >= b {
+                continue;
+            }
+            let piece = self.read_piece(name, p)?;
+            out.narrow(0, a - start, b - a)
+                .copy_(&piece.narrow(0, a - p.start, b - a).to_kind(Kind::Float));
+            covered += b - a;
+        }
+        if covered != end - start {
+            return Err(err(
+                self.dir,
+                format!("tensor {name}: elements {start}..{end} are not all in its pieces"),
+            ));
+        }
+        Ok(out)
     }
 }
 
