@@ -349,9 +349,8 @@ fn normalize(p: &FsPath) -> PathBuf {
     out
 }
 
-/// Write `data` to `path` so that readers see either the old file or the whole new one.
-pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
-    use std::io::Write;
+/// `path`'s directory (created) and a temporary name in it for writing `path`.
+fn temp_beside(path: &FsPath) -> Result<(&FsPath, std::path::PathBuf)> {
     let dir = path.parent().unwrap_or(FsPath::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let tmp = dir.join(format!(
@@ -359,6 +358,13 @@ pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
+    Ok((dir, tmp))
+}
+
+/// Write `data` to `path` so that readers see either the old file or the whole new one.
+pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let (dir, tmp) = temp_beside(path)?;
     let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
     f.write_all(data).map_err(|e| DataError::io(&tmp, e))?;
     f.sync_all().map_err(|e| DataError::io(&tmp, e))?;
@@ -369,13 +375,7 @@ pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
 
 /// Copy `src` to `dst` through a temporary name in `dst`'s directory, fsynced.
 pub fn copy_atomic(src: &FsPath, dst: &FsPath) -> Result<()> {
-    let dir = dst.parent().unwrap_or(FsPath::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        dst.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
+    let (dir, tmp) = temp_beside(dst)?;
     std::fs::copy(src, &tmp).map_err(|e| DataError::io(&tmp, e))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())

@@ -101,26 +101,44 @@ fn resume_after_stop_or_sigterm_is_bit_identical_across_a_stage_boundary() {
 
     // Stop after step 5 (stage 0), resume: crosses the boundary at step 7.
     let upload = tmp.path().join("uploaded");
-    let up = format!("checkpoint.upload={:?}", format!("file://{}", upload.display()));
+    let up = format!(
+        "checkpoint.upload={:?}",
+        format!("file://{}", upload.display())
+    );
     let (stopped, a) = mk("stopped", &[&up]);
     let log = run_ok(&with(a.clone(), &["--stop-after", "5"]), &[]);
     assert!(log.contains("stopped after step 5"), "{log}");
-    let steps: Vec<u64> = checkpoint::committed(&ck_root(&stopped)).iter().map(|c| c.0).collect();
+    let steps: Vec<u64> = checkpoint::committed(&ck_root(&stopped))
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(steps, vec![4, 5]);
-    let meta = Checkpoint::open(&ck_root(&stopped).join("step-0000005")).expect("open").meta;
+    let meta = Checkpoint::open(&ck_root(&stopped).join("step-0000005"))
+        .expect("open")
+        .meta;
     assert_eq!(meta.data.stage, 0);
     assert_eq!(meta.progress.consumed_samples, 5 * 16);
     let log = run_ok(&with(a, &["--resume", "auto"]), &[]);
     assert!(log.contains("resume:") && log.contains("step 5"), "{log}");
     assert_eq!(losses(&stopped.join("metrics.jsonl")), reference);
     // Retention: keep the last 2, plus every multiple of 4.
-    let steps: Vec<u64> = checkpoint::committed(&ck_root(&stopped)).iter().map(|c| c.0).collect();
+    let steps: Vec<u64> = checkpoint::committed(&ck_root(&stopped))
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(steps, vec![4, 8, 10, 12]);
-    let end = Checkpoint::open(&ck_root(&stopped).join("step-0000012")).expect("open").meta;
+    let end = Checkpoint::open(&ck_root(&stopped).join("step-0000012"))
+        .expect("open")
+        .meta;
     assert_eq!(end.data.stage, 1, "the run ends in stage 1");
     // Upload: the committed checkpoint, byte for byte, marker included.
     let local = ck_root(&stopped).join("step-0000012");
-    for f in ["COMMITTED", "metadata.json", "shard-00000-of-00001.safetensors", "tokenizer.json"] {
+    for f in [
+        "COMMITTED",
+        "metadata.json",
+        "shard-00000-of-00001.safetensors",
+        "tokenizer.json",
+    ] {
         assert_eq!(
             std::fs::read(upload.join("step-0000012").join(f)).expect("uploaded"),
             std::fs::read(local.join(f)).expect("local"),
@@ -186,7 +204,10 @@ fn kill_9_at_random_moments_and_during_saves_always_leaves_a_loadable_checkpoint
     };
     let has_tmp = |root: &Path| {
         std::fs::read_dir(root)
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            })
             .unwrap_or(false)
     };
     let newest = |root: &Path| checkpoint::latest(root).map(|c| c.0).unwrap_or(0);
@@ -194,7 +215,11 @@ fn kill_9_at_random_moments_and_during_saves_always_leaves_a_loadable_checkpoint
     while kills < 12 {
         // Alternate synchronous and asynchronous saves, one save per step, each
         // slowed down by 100 ms so that kills land inside saves.
-        let asynchronous = if kills % 2 == 0 { "checkpoint.async=true" } else { "checkpoint.async=false" };
+        let asynchronous = if kills % 2 == 0 {
+            "checkpoint.async=true"
+        } else {
+            "checkpoint.async=false"
+        };
         let mut e = base.to_vec();
         e.extend(["checkpoint.every_steps=1", asynchronous]);
         let a = with(args(&out, steps, &e), &["--resume", "auto"]);
@@ -234,7 +259,11 @@ fn kill_9_at_random_moments_and_during_saves_always_leaves_a_loadable_checkpoint
         let _ = child.wait();
         kills += 1;
         let leftovers = std::fs::read_dir(&root)
-            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+                    .count()
+            })
             .unwrap_or(0);
         mid_save += usize::from(leftovers > 0);
         // The newest committed checkpoint opens and verifies.
@@ -256,7 +285,12 @@ fn kill_9_at_random_moments_and_during_saves_always_leaves_a_loadable_checkpoint
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(names.iter().all(|n| checkpoint::parse_step_dir(n).is_some()), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| checkpoint::parse_step_dir(n).is_some()),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -285,15 +319,24 @@ fn zero1_dp2_checkpoint_resumes_on_dp1_and_dp4() {
         let out = tmp.path().join(format!("dp{dp}"));
         std::fs::create_dir_all(&out).expect("mkdir");
         std::fs::copy(saved.join("metrics.jsonl"), out.join("metrics.jsonl")).expect("copy");
-        let a = with(dp_args(&out, dp, 8), &["--resume", dir.to_str().expect("utf8")]);
+        let a = with(
+            dp_args(&out, dp, 8),
+            &["--resume", dir.to_str().expect("utf8")],
+        );
         let o = if dp == 1 {
-            let v: Vec<&str> = std::iter::once("train").chain(a.iter().map(|s| s.as_str())).collect();
+            let v: Vec<&str> = std::iter::once("train")
+                .chain(a.iter().map(|s| s.as_str()))
+                .collect();
             sigma(&v, &[])
         } else {
             launch(dp, &[], &a, &[])
         };
         assert!(o.status.success(), "dp {dp}: {}", stderr(&o));
-        assert!(stderr(&o).contains("saved with dp 2 zero 1, now dp"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("saved with dp 2 zero 1, now dp"),
+            "{}",
+            stderr(&o)
+        );
         let l = losses(&out.join("metrics.jsonl"));
         assert_eq!(l[..3], reference[..3]);
         assert_close(&l, &reference, &format!("dp 2 + ZeRO-1 resumed on dp {dp}"));
@@ -304,12 +347,19 @@ fn zero1_dp2_checkpoint_resumes_on_dp1_and_dp4() {
 fn damaged_or_mismatched_checkpoints_are_refused_and_left_untouched() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = tmp.path().join("run");
-    let base = ["checkpoint.every_steps=2", "train.micro_batch_size=4", "train.grad_accum_steps=1"];
+    let base = [
+        "checkpoint.every_steps=2",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=1",
+    ];
     run_ok(&args(&out, 2, &base), &[]);
     let good = ck_root(&out).join("step-0000002");
     let shard = "shard-00000-of-00001.safetensors";
     let resume = |dir: &Path, extra: &[&str]| {
-        let a = with(args(&out, 4, &[&base[..], extra].concat()), &["--resume", dir.to_str().expect("utf8")]);
+        let a = with(
+            args(&out, 4, &[&base[..], extra].concat()),
+            &["--resume", dir.to_str().expect("utf8")],
+        );
         let v: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
         sigma(&v, &[])
     };
@@ -327,7 +377,12 @@ fn damaged_or_mismatched_checkpoints_are_refused_and_left_untouched() {
             damaged("truncated", &|d| {
                 let p = d.join(shard);
                 let len = std::fs::metadata(&p).expect("len").len();
-                std::fs::OpenOptions::new().write(true).open(&p).expect("open").set_len(len - 100).expect("truncate");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .expect("open")
+                    .set_len(len - 100)
+                    .expect("truncate");
             }),
             vec![],
             vec![shard, "truncated"],
@@ -344,24 +399,47 @@ fn damaged_or_mismatched_checkpoints_are_refused_and_left_untouched() {
             vec![shard, "checksum mismatch"],
         ),
         (
-            damaged("unmarked", &|d| std::fs::remove_file(d.join("COMMITTED")).expect("rm")),
+            damaged("unmarked", &|d| {
+                std::fs::remove_file(d.join("COMMITTED")).expect("rm")
+            }),
             vec![],
             vec!["not committed", "COMMITTED"],
         ),
-        (good.clone(), vec!["model.num_k_heads=4"], vec!["layers.0.attn.k_proj.weight", "shape [32, 128]", "[64, 128]"]),
+        (
+            good.clone(),
+            vec!["model.num_k_heads=4"],
+            vec![
+                "layers.0.attn.k_proj.weight",
+                "shape [32, 128]",
+                "[64, 128]",
+            ],
+        ),
     ];
     for (dir, extra, needles) in cases {
         let before = snapshot(dir.parent().expect("parent"));
         let ck_before = snapshot(&ck_root(&out));
         let o = resume(&dir, &extra);
         assert_clean_failure(&o, &needles);
-        assert_eq!(snapshot(dir.parent().expect("parent")), before, "{} changed", dir.display());
-        assert_eq!(snapshot(&ck_root(&out)), ck_before, "the run's checkpoints changed");
+        assert_eq!(
+            snapshot(dir.parent().expect("parent")),
+            before,
+            "{} changed",
+            dir.display()
+        );
+        assert_eq!(
+            snapshot(&ck_root(&out)),
+            ck_before,
+            "the run's checkpoints changed"
+        );
     }
     // A compatible change (learning rate, steps) is accepted and named.
     let o = resume(&good, &["optim.lr=1e-3"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("optim.lr: 0.003 -> 0.001"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("optim.lr: 0.003 -> 0.001"),
+        "{}",
+        stderr(&o)
+    );
     assert!(stderr(&o).contains("train.steps: 2 -> 4"), "{}", stderr(&o));
 }
 
@@ -369,43 +447,113 @@ fn damaged_or_mismatched_checkpoints_are_refused_and_left_untouched() {
 fn inspect_and_export_describe_the_checkpoint_for_outside_readers() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = tmp.path().join("run");
-    run_ok(&args(&out, 2, &["checkpoint.every_steps=2", "train.micro_batch_size=4", "train.grad_accum_steps=1"]), &[]);
+    run_ok(
+        &args(
+            &out,
+            2,
+            &[
+                "checkpoint.every_steps=2",
+                "train.micro_batch_size=4",
+                "train.grad_accum_steps=1",
+            ],
+        ),
+        &[],
+    );
     let dir = ck_root(&out).join("step-0000002");
     let d = dir.to_str().expect("utf8");
     let report = run_ok(&["checkpoint".into(), "inspect".into(), d.into()], &[]);
-    for n in ["step 2 of 2", "1024 tokens", "dp 1 tp 1 pp 1 zero 0", "layers.3.attn.k_proj.weight", "[32, 128]", "checksums match", "finite"] {
+    for n in [
+        "step 2 of 2",
+        "1024 tokens",
+        "dp 1 tp 1 pp 1 zero 0",
+        "layers.3.attn.k_proj.weight",
+        "[32, 128]",
+        "checksums match",
+        "finite",
+    ] {
         assert!(report.contains(n), "inspect should show {n:?}:\n{report}");
     }
     let mut ck = Checkpoint::open(&dir).expect("open");
     for dtype in ["f32", "bf16"] {
         let exp = tmp.path().join(format!("export-{dtype}"));
-        run_ok(&["checkpoint".into(), "export".into(), d.into(), "--output".into(), exp.to_string_lossy().into_owned(), "--dtype".into(), dtype.into()], &[]);
+        run_ok(
+            &[
+                "checkpoint".into(),
+                "export".into(),
+                d.into(),
+                "--output".into(),
+                exp.to_string_lossy().into_owned(),
+                "--dtype".into(),
+                dtype.into(),
+            ],
+            &[],
+        );
         // Read with the safetensors crate, not sigma's reader.
         let bytes = std::fs::read(exp.join("model.safetensors")).expect("export");
         let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
-        let names: Vec<String> = ck.meta.tensors.keys().filter(|k| k.starts_with("model/")).cloned().collect();
+        let names: Vec<String> = ck
+            .meta
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with("model/"))
+            .cloned()
+            .collect();
         assert_eq!(st.names().len(), names.len());
         for name in &names {
-            let v = st.tensor(name.trim_start_matches("model/")).expect("tensor");
+            let v = st
+                .tensor(name.trim_start_matches("model/"))
+                .expect("tensor");
             let want = ck.read(name).expect("read");
-            assert_eq!(v.shape().iter().map(|&x| x as i64).collect::<Vec<_>>(), want.size());
+            assert_eq!(
+                v.shape().iter().map(|&x| x as i64).collect::<Vec<_>>(),
+                want.size()
+            );
             let got: Vec<f32> = match dtype {
-                "f32" => v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                _ => v.data().chunks_exact(2).map(|c| f32::from_bits((u32::from(u16::from_le_bytes([c[0], c[1]]))) << 16)).collect(),
+                "f32" => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                _ => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits((u32::from(u16::from_le_bytes([c[0], c[1]]))) << 16))
+                    .collect(),
             };
-            let want: Vec<f32> = Vec::try_from(want.to_kind(if dtype == "f32" { tch::Kind::Float } else { tch::Kind::BFloat16 }).to_kind(tch::Kind::Float).view([-1])).expect("vec");
+            let want: Vec<f32> = Vec::try_from(
+                want.to_kind(if dtype == "f32" {
+                    tch::Kind::Float
+                } else {
+                    tch::Kind::BFloat16
+                })
+                .to_kind(tch::Kind::Float)
+                .view([-1]),
+            )
+            .expect("vec");
             assert_eq!(got, want, "{name} ({dtype})");
         }
-        let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(exp.join("config.json")).expect("config")).expect("json");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(exp.join("config.json")).expect("config"))
+                .expect("json");
         assert_eq!(cfg["num_k_heads"], 2);
         assert_eq!(cfg["aug_q_dim"], 192);
         assert_eq!(cfg["model_type"], "sigma");
         assert_eq!(
             std::fs::read(exp.join("tokenizer.json")).expect("tokenizer"),
-            std::fs::read(repo_root().join("data/sample/tokenizer.json")).expect("sample tokenizer")
+            std::fs::read(repo_root().join("data/sample/tokenizer.json"))
+                .expect("sample tokenizer")
         );
         // A second export into the same place is refused.
-        let o = sigma(&["checkpoint", "export", d, "--output", exp.to_str().expect("utf8")], &[]);
+        let o = sigma(
+            &[
+                "checkpoint",
+                "export",
+                d,
+                "--output",
+                exp.to_str().expect("utf8"),
+            ],
+            &[],
+        );
         assert_clean_failure(&o, &["not empty", "refusing to overwrite"]);
     }
 }

@@ -99,7 +99,9 @@ fn a_lost_rank_stops_the_job_and_is_named() {
         ("SIGMA_LIVENESS_TIMEOUT_S", "3"),
         ("SIGMA_HEARTBEAT_S", "0.5"),
     ];
-    let procs: Vec<_> = (0..2).map(|r| spawn_rank(&args, r, &p, "s", &env)).collect();
+    let procs: Vec<_> = (0..2)
+        .map(|r| spawn_rank(&args, r, &p, "s", &env))
+        .collect();
     let t0 = Instant::now();
     let outs: Vec<_> = procs
         .into_iter()

@@ -365,4 +365,3 @@ pub fn assert_close(a: &[f64], b: &[f64], what: &str) {
         );
     }
 }
-

@@ -236,8 +236,8 @@ fn changing_future_tokens_never_changes_past_logits() {
 /// Gradient of `sum of token losses * scale` through the segment engine, flat.
 fn engine_grads(m: &Model, tokens: &Tensor, scale: f64, checkpoint: bool) -> (Tensor, Tensor) {
     let mut g = m.params.flat.zeros_like();
-    let loss = engine::forward_backward(m, tokens, scale, checkpoint, &mut g, &mut |_, _| Ok(()))
-        .unwrap();
+    let loss =
+        engine::forward_backward(m, tokens, scale, checkpoint, &mut g, &mut |_, _| Ok(())).unwrap();
     (g, loss)
 }
 
@@ -343,7 +343,8 @@ impl sigma_trainer::dist::Collectives for Recorder {
     fn start_all_reduce_sum(&mut self, t: &Tensor) -> sigma_trainer::Result<()> {
         // `t` is a view of the flat (f64) gradient: its offset from the buffer's start.
         let off = (t.data_ptr() as usize - self.base) as i64 / 8;
-        self.started.push((off, t.numel() as i64, t.copy(), self.pos));
+        self.started
+            .push((off, t.numel() as i64, t.copy(), self.pos));
         Ok(())
     }
     fn broadcast(&mut self, _: &mut Tensor, _: usize) -> sigma_trainer::Result<()> {
@@ -376,7 +377,11 @@ fn gradient_buckets_start_only_final_gradients_and_cover_the_buffer_once() {
     let tokens = Tensor::from_slice(&[1i64, 5, 9, 3, 7, 2, 8, 4, 6, 0, 11, 12]).view([2, 6]);
     // Small buckets: several per layer.
     let mut buckets = GradBuckets::new(&m, 300);
-    assert!(buckets.buckets.len() > 6, "{} buckets", buckets.buckets.len());
+    assert!(
+        buckets.buckets.len() > 6,
+        "{} buckets",
+        buckets.buckets.len()
+    );
     let mut g = m.params.flat.zeros_like();
     let mut rec = Recorder {
         started: Vec::new(),
@@ -405,7 +410,11 @@ fn gradient_buckets_start_only_final_gradients_and_cover_the_buffer_once() {
     }
     assert_eq!(end, m.params.numel());
     // Overlap: most buckets start before the embedding's backward (the last segment).
-    let early = rec.started.iter().filter(|r| r.3 < c.num_layers + 1).count();
+    let early = rec
+        .started
+        .iter()
+        .filter(|r| r.3 < c.num_layers + 1)
+        .count();
     assert!(
         early * 2 > rec.started.len(),
         "{early} of {} started early",

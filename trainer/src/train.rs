@@ -220,7 +220,9 @@ impl Trainer {
         let m = ck.meta.clone();
         let now = serde_json::to_value(&self.cfg).expect("config serializes");
         for change in config_changes(&m.config, &now) {
-            self.say(format!("resume: config differs from the checkpoint's: {change}"));
+            self.say(format!(
+                "resume: config differs from the checkpoint's: {change}"
+            ));
         }
         let dp = self.cfg.parallel.dp;
         let rank = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0);
@@ -279,7 +281,8 @@ impl Trainer {
             last_lr: lr,
         };
         let store = self.job.as_mut().map(|j| &mut j.store);
-        self.saver.save(&self.model.params, &self.optim, info, store)
+        self.saver
+            .save(&self.model.params, &self.optim, info, store)
     }
 
     /// Mean validation loss per domain (nats per token) over up to
@@ -367,7 +370,10 @@ impl Trainer {
         let ckpt_enabled = c.checkpoint.every_steps > 0 || c.checkpoint.every_minutes > 0.0;
         bar.set_position(self.start_step);
         if self.start_step >= total {
-            self.say(format!("nothing to do: the run is at step {} of {total}", self.start_step));
+            self.say(format!(
+                "nothing to do: the run is at step {} of {total}",
+                self.start_step
+            ));
         }
         let dp = c.parallel.dp;
         let mut valid_curve: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
@@ -392,10 +398,11 @@ impl Trainer {
                 let last_micro = i + 1 == batches.len() && c.parallel.overlap_grad_reduce;
                 let (buckets, job) = (&mut self.buckets, &mut self.job);
                 // On the last micro-batch, reduce each bucket as soon as it is final.
-                let mut hook = |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), job.as_mut()) {
-                    (true, Some(bk), Some(j)) => bk.segment_done(pos, g, j.dp.as_mut()),
-                    _ => Ok(()),
-                };
+                let mut hook =
+                    |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), job.as_mut()) {
+                        (true, Some(bk), Some(j)) => bk.segment_done(pos, g, j.dp.as_mut()),
+                        _ => Ok(()),
+                    };
                 let l = engine::forward_backward(
                     &self.model,
                     &t,
@@ -413,7 +420,8 @@ impl Trainer {
             // rank agrees on them: [loss sum, signal received, save time reached (rank 0's clock)].
             let timed = rank0
                 && c.checkpoint.every_minutes > 0.0
-                && self.saver.last_save.elapsed().as_secs_f64() >= c.checkpoint.every_minutes * 60.0;
+                && self.saver.last_save.elapsed().as_secs_f64()
+                    >= c.checkpoint.every_minutes * 60.0;
             let mut flags = [
                 loss_sum.double_value(&[]),
                 f64::from(u8::from(signalled.load(Ordering::Relaxed))),
@@ -520,16 +528,26 @@ impl Trainer {
                 if let Some(stall) = self.save(done, lr, report.skipped_steps)? {
                     report.checkpoints.push((done, stall));
                     if let Some(m) = &mut self.metrics {
-                        m.log(done, &json!({"step": done, "checkpoint": {"stall_s": stall}}))?;
+                        m.log(
+                            done,
+                            &json!({"step": done, "checkpoint": {"stall_s": stall}}),
+                        )?;
                     }
                 }
             }
             if stop {
                 self.saver.wait()?;
-                let why = if stop_signal { "signal received" } else { "--stop-after" };
+                let why = if stop_signal {
+                    "signal received"
+                } else {
+                    "--stop-after"
+                };
                 let msg = format!(
                     "{why}: saved {} and stopped after step {done}",
-                    self.saver.root.join(crate::checkpoint::step_dir_name(done)).display()
+                    self.saver
+                        .root
+                        .join(crate::checkpoint::step_dir_name(done))
+                        .display()
                 );
                 bar.println(&msg);
                 if bar.is_hidden() {

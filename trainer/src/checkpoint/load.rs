@@ -46,7 +46,9 @@ impl Checkpoint {
         if !dir.join(MARKER).is_file() {
             return Err(err(
                 dir,
-                format!("not committed (no {MARKER} marker): an interrupted save, not a checkpoint"),
+                format!(
+                    "not committed (no {MARKER} marker): an interrupted save, not a checkpoint"
+                ),
             ));
         }
         let meta = Metadata::read(dir)?;
@@ -58,13 +60,19 @@ impl Checkpoint {
             if len != f.bytes {
                 return Err(err(
                     dir,
-                    format!("{name} has {len} bytes, metadata.json records {} (truncated?)", f.bytes),
+                    format!(
+                        "{name} has {len} bytes, metadata.json records {} (truncated?)",
+                        f.bytes
+                    ),
                 ));
             }
         }
         for (t, e) in &meta.tensors {
             if let Some(p) = e.pieces.iter().find(|p| !meta.files.contains_key(&p.file)) {
-                return Err(err(dir, format!("tensor {t}: piece in unknown file {}", p.file)));
+                return Err(err(
+                    dir,
+                    format!("tensor {t}: piece in unknown file {}", p.file),
+                ));
             }
         }
         Ok(Checkpoint {
@@ -117,10 +125,17 @@ impl Checkpoint {
     /// Flat range `[start, start + len)` of `buffer`, laid out like `params`.
     /// Parameters are read by several threads, each with its own file
     /// handles, writing disjoint parts of the result.
-    pub fn read_flat(&mut self, buffer: &str, params: &Params, start: i64, len: i64) -> Result<Tensor> {
+    pub fn read_flat(
+        &mut self,
+        buffer: &str,
+        params: &Params,
+        start: i64,
+        len: i64,
+    ) -> Result<Tensor> {
         let out = Tensor::zeros([len], (Kind::Float, tch::Device::Cpu));
         // (tensor name, range in the tensor, position in `out`), largest first.
-        let mut items: Vec<(String, i64, i64, i64)> = Vec::new();
+        type Item = (String, i64, i64, i64);
+        let mut items: Vec<Item> = Vec::new();
         for (i, spec) in params.specs.iter().enumerate() {
             let off = params.offsets[i];
             let (a, b) = (off.max(start), (off + spec.numel()).min(start + len));
@@ -129,9 +144,12 @@ impl Checkpoint {
             }
         }
         items.sort_by_key(|it| std::cmp::Reverse(it.2 - it.1));
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
         // Deal the items greedily to the least loaded worker.
-        let mut groups: Vec<(i64, Vec<(String, i64, i64, i64)>)> = vec![(0, Vec::new()); threads];
+        let mut groups: Vec<(i64, Vec<Item>)> = vec![(0, Vec::new()); threads];
         for it in items {
             let g = groups.iter_mut().min_by_key(|g| g.0).expect("a worker");
             g.0 += it.2 - it.1;
@@ -145,7 +163,11 @@ impl Checkpoint {
                     let out = out.shallow_clone();
                     scope.spawn(move || -> Result<()> {
                         let mut readers = HashMap::new();
-                        let mut r = PieceReader { dir, meta, readers: &mut readers };
+                        let mut r = PieceReader {
+                            dir,
+                            meta,
+                            readers: &mut readers,
+                        };
                         for (name, a, b, pos) in group {
                             let part = r.read_range(&name, a, b)?;
                             out.narrow(0, pos, b - a).copy_(&part);
@@ -156,7 +178,11 @@ impl Checkpoint {
                 .collect();
             workers
                 .into_iter()
-                .map(|w| w.join().map_err(|_| TrainError::Other("checkpoint reader thread panicked".into()))?)
+                .map(|w| {
+                    w.join().map_err(|_| {
+                        TrainError::Other("checkpoint reader thread panicked".into())
+                    })?
+                })
                 .collect::<Result<Vec<()>>>()
         })?;
         Ok(out)
@@ -191,7 +217,12 @@ impl Checkpoint {
                 _ => {}
             }
         }
-        if let Some(extra) = self.meta.tensors.keys().find(|k| !expected.contains_key(*k)) {
+        if let Some(extra) = self
+            .meta
+            .tensors
+            .keys()
+            .find(|k| !expected.contains_key(*k))
+        {
             return Err(err(
                 &self.dir,
                 format!("tensor {extra} is not part of the configured model"),
@@ -301,7 +332,11 @@ pub fn config_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec
         match v {
             serde_json::Value::Object(m) => {
                 for (k, x) in m {
-                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     flat(&p, x, out);
                 }
             }

@@ -151,7 +151,10 @@ impl Metadata {
         let p = dir.join(METADATA);
         let text = std::fs::read(&p).map_err(|e| TrainError::io(p.display().to_string(), e))?;
         let m: Metadata = serde_json::from_slice(&text).map_err(|e| {
-            TrainError::Other(format!("{}: not a sigma checkpoint metadata file: {e}", p.display()))
+            TrainError::Other(format!(
+                "{}: not a sigma checkpoint metadata file: {e}",
+                p.display()
+            ))
         })?;
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
             return Err(TrainError::Other(format!(

@@ -22,7 +22,11 @@ fn dtype_name(k: Kind) -> Result<&'static str> {
         Kind::Half => "F16",
         Kind::Double => "F64",
         Kind::Int64 => "I64",
-        k => return Err(TrainError::Other(format!("safetensors: unsupported dtype {k:?}"))),
+        k => {
+            return Err(TrainError::Other(format!(
+                "safetensors: unsupported dtype {k:?}"
+            )))
+        }
     })
 }
 
@@ -119,16 +123,22 @@ impl Reader {
         let p = path.display().to_string();
         let bad = |m: String| TrainError::Other(format!("{p}: not a valid safetensors file: {m}"));
         let mut file = File::open(path).map_err(|e| TrainError::io(p.clone(), e))?;
-        let len = file.metadata().map_err(|e| TrainError::io(p.clone(), e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| TrainError::io(p.clone(), e))?
+            .len();
         let mut n = [0u8; 8];
         file.read_exact(&mut n)
             .map_err(|_| bad(format!("only {len} bytes (truncated?)")))?;
         let n = u64::from_le_bytes(n);
         if n > 100 << 20 || 8 + n > len {
-            return Err(bad(format!("header of {n} bytes in a file of {len} (truncated?)")));
+            return Err(bad(format!(
+                "header of {n} bytes in a file of {len} (truncated?)"
+            )));
         }
         let mut h = vec![0u8; n as usize];
-        file.read_exact(&mut h).map_err(|e| TrainError::io(p.clone(), e))?;
+        file.read_exact(&mut h)
+            .map_err(|e| TrainError::io(p.clone(), e))?;
         let header: BTreeMap<String, Value> =
             serde_json::from_slice(&h).map_err(|e| bad(format!("header: {e}")))?;
         let mut entries = BTreeMap::new();
@@ -149,7 +159,10 @@ impl Reader {
                 .map_err(|e| bad(format!("{name}: data_offsets: {e}")))?;
             let want = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
             if offs[1] < offs[0] || offs[1] - offs[0] != want {
-                return Err(bad(format!("{name}: {} bytes for shape {shape:?}", offs[1].saturating_sub(offs[0]))));
+                return Err(bad(format!(
+                    "{name}: {} bytes for shape {shape:?}",
+                    offs[1].saturating_sub(offs[0])
+                )));
             }
             data_end = data_end.max(offs[1]);
             entries.insert(
@@ -184,9 +197,10 @@ impl Reader {
 
     /// The raw little-endian bytes of elements `[start, end)` of tensor `name`.
     pub fn read_bytes(&mut self, name: &str, start: i64, end: i64) -> Result<(Vec<u8>, Kind)> {
-        let e = self.entries.get(name).ok_or_else(|| {
-            TrainError::Other(format!("{}: no tensor `{name}`", self.path))
-        })?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| TrainError::Other(format!("{}: no tensor `{name}`", self.path)))?;
         let es = e.kind.elt_size_in_bytes() as u64;
         let (b, kind) = (e.begin + start as u64 * es, e.kind);
         if e.begin + end as u64 * es > e.end || start > end {

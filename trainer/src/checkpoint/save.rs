@@ -212,7 +212,10 @@ impl Saver {
         if self.rank == 0 {
             std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
             for p in clean_leftovers(&self.root)? {
-                eprintln!("checkpoint: removed leftover of an interrupted save: {}", p.display());
+                eprintln!(
+                    "checkpoint: removed leftover of an interrupted save: {}",
+                    p.display()
+                );
             }
             std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         }
@@ -226,9 +229,15 @@ impl Saver {
         let host = self.host.as_ref().expect("host buffers");
         let moment_off = if optim.shard.is_some() { 0 } else { start };
         tch::no_grad(|| {
-            host[0].shallow_clone().copy_(&params.flat.narrow(0, start, len));
-            host[1].shallow_clone().copy_(&optim.exp_avg.narrow(0, moment_off, len));
-            host[2].shallow_clone().copy_(&optim.exp_avg_sq.narrow(0, moment_off, len));
+            host[0]
+                .shallow_clone()
+                .copy_(&params.flat.narrow(0, start, len));
+            host[1]
+                .shallow_clone()
+                .copy_(&optim.exp_avg.narrow(0, moment_off, len));
+            host[2]
+                .shallow_clone()
+                .copy_(&optim.exp_avg_sq.narrow(0, moment_off, len));
         });
         // This rank's pieces, as views of the host copies.
         let mine = shard_file_name(self.rank, self.world);
@@ -284,7 +293,11 @@ impl Saver {
                 files: BTreeMap::new(),
                 saved_unix_s: 0,
             }),
-            tokenizer: if self.rank == 0 { self.tokenizer.clone() } else { None },
+            tokenizer: if self.rank == 0 {
+                self.tokenizer.clone()
+            } else {
+                None
+            },
             cfg: self.cfg.clone(),
         };
         if self.cfg.async_save {
@@ -386,8 +399,9 @@ impl WriteJob {
                         self.step
                     ))
                 })?;
-                let v: serde_json::Value = serde_json::from_slice(&s.get(&k)?)
-                    .map_err(|e| TrainError::Other(format!("checkpoint report of rank {r}: {e}")))?;
+                let v: serde_json::Value = serde_json::from_slice(&s.get(&k)?).map_err(|e| {
+                    TrainError::Other(format!("checkpoint report of rank {r}: {e}"))
+                })?;
                 if let Some(err) = v.get("err") {
                     return Err(TrainError::Other(format!(
                         "checkpoint step {}: rank {r} could not write its shard: {}",
@@ -395,8 +409,9 @@ impl WriteJob {
                         err.as_str().unwrap_or_default()
                     )));
                 }
-                let rep: Report = serde_json::from_value(v["ok"].clone())
-                    .map_err(|e| TrainError::Other(format!("checkpoint report of rank {r}: {e}")))?;
+                let rep: Report = serde_json::from_value(v["ok"].clone()).map_err(|e| {
+                    TrainError::Other(format!("checkpoint report of rank {r}: {e}"))
+                })?;
                 reports.push((shard_file_name(r, self.world), rep));
                 let _ = s.delete(&k);
             }
@@ -475,7 +490,10 @@ pub fn upload(dir: &Path, url: &str) -> Result<()> {
     files.sort();
     files.push(dir.join(MARKER));
     for f in files {
-        let fname = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let fname = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         block_on(dest.join(&fname).copy_file(&f))?;
     }
     eprintln!("checkpoint: uploaded {} to {url}/{name}", dir.display());

@@ -24,15 +24,35 @@ pub fn inspect(dir: &Path) -> Result<String> {
     let mut o = String::new();
     let l = &m.layout;
     let _ = writeln!(o, "checkpoint {} (committed)", dir.display());
-    let _ = writeln!(o, "format       {} v{}, saved at unix time {}", m.format, m.format_version, m.saved_unix_s);
+    let _ = writeln!(
+        o,
+        "format       {} v{}, saved at unix time {}",
+        m.format, m.format_version, m.saved_unix_s
+    );
     let _ = writeln!(
         o,
         "progress     step {} of {}, {} tokens, {} samples, {} skipped step(s)",
-        m.progress.step, m.scheduler.total_steps, m.progress.consumed_tokens, m.progress.consumed_samples, m.progress.skipped_steps
+        m.progress.step,
+        m.scheduler.total_steps,
+        m.progress.consumed_tokens,
+        m.progress.consumed_samples,
+        m.progress.skipped_steps
     );
-    let _ = writeln!(o, "data         mixture stage {}, next sample {}", m.data.stage, m.data.consumed_samples);
-    let _ = writeln!(o, "optimizer    AdamW, {} update(s); last lr {:.4e}", m.optimizer.adam_steps, m.scheduler.last_lr);
-    let _ = writeln!(o, "rng          seed {}, data seed {}", m.rng.seed, m.rng.data_seed);
+    let _ = writeln!(
+        o,
+        "data         mixture stage {}, next sample {}",
+        m.data.stage, m.data.consumed_samples
+    );
+    let _ = writeln!(
+        o,
+        "optimizer    AdamW, {} update(s); last lr {:.4e}",
+        m.optimizer.adam_steps, m.scheduler.last_lr
+    );
+    let _ = writeln!(
+        o,
+        "rng          seed {}, data seed {}",
+        m.rng.seed, m.rng.data_seed
+    );
     let _ = writeln!(
         o,
         "layout       dp {} tp {} pp {} zero {}; {} elements per buffer",
@@ -43,8 +63,17 @@ pub fn inspect(dir: &Path) -> Result<String> {
     for (name, f) in &m.files {
         let _ = writeln!(o, "  {name:<40} {:>12}  xxh3 {}", mb(f.bytes), f.xxh3);
     }
-    let params: Vec<&String> = m.tensors.keys().filter(|k| k.starts_with("model/")).collect();
-    let _ = writeln!(o, "tensors      {} buffers x {} parameters", BUFFERS.len(), params.len());
+    let params: Vec<&String> = m
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with("model/"))
+        .collect();
+    let _ = writeln!(
+        o,
+        "tensors      {} buffers x {} parameters",
+        BUFFERS.len(),
+        params.len()
+    );
     for name in &params {
         let e = &m.tensors[*name];
         let n: i64 = e.shape.iter().product();
@@ -109,7 +138,11 @@ pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
         "bf16" | "bfloat16" => Kind::BFloat16,
         d => return Err(TrainError::Other(format!("--dtype {d}: use f32 or bf16"))),
     };
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         return Err(TrainError::Other(format!(
             "{} exists and is not empty; refusing to overwrite it",
             out.display()
@@ -117,11 +150,16 @@ pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
     }
     let mut ck = Checkpoint::open(dir)?;
     let meta = ck.meta.clone();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent.display().to_string(), e))?;
     let tmp = parent.join(format!(
         ".{}.tmp-{}",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -136,8 +174,18 @@ pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
         ("sigma_step".to_string(), meta.progress.step.to_string()),
     ]);
     super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
-    let cfg = config_json(&meta, if kind == Kind::Float { "float32" } else { "bfloat16" })?;
-    write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+    let cfg = config_json(
+        &meta,
+        if kind == Kind::Float {
+            "float32"
+        } else {
+            "bfloat16"
+        },
+    )?;
+    write_atomic(
+        &tmp.join("config.json"),
+        serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
+    )?;
     let tok = dir.join(TOKENIZER);
     if tok.is_file() {
         let data = std::fs::read(&tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;

@@ -33,7 +33,10 @@ pub struct GradBuckets {
 /// Position of `seg` in backward order (the head is differentiated first).
 pub fn backward_position(model: &Model, seg: Segment) -> usize {
     let all = segments(model);
-    let i = all.iter().position(|&s| s == seg).expect("segment of this model");
+    let i = all
+        .iter()
+        .position(|&s| s == seg)
+        .expect("segment of this model");
     all.len() - 1 - i
 }
 

@@ -210,7 +210,10 @@ fn stream_wait(waiter: cuda::cudaStream_t, on: cuda::cudaStream_t) -> Result<()>
     // SAFETY: a fresh event recorded on a live stream and waited on by another.
     unsafe {
         cuda_check(cuda::cudaEventRecord(ev, on), "cudaEventRecord")?;
-        cuda_check(cuda::cudaStreamWaitEvent(waiter, ev, 0), "cudaStreamWaitEvent")?;
+        cuda_check(
+            cuda::cudaStreamWaitEvent(waiter, ev, 0),
+            "cudaStreamWaitEvent",
+        )?;
         let _ = cuda::cudaEventDestroy(ev);
     }
     Ok(())
@@ -272,7 +275,11 @@ impl NcclCollectives {
             )?;
             let mut stream: cuda::cudaStream_t = std::ptr::null_mut();
             cuda_check(
-                cuda::cudaStreamCreateWithPriority(&mut stream, cuda::cudaStreamNonBlocking, greatest),
+                cuda::cudaStreamCreateWithPriority(
+                    &mut stream,
+                    cuda::cudaStreamNonBlocking,
+                    greatest,
+                ),
                 "cudaStreamCreate",
             )?;
             let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
@@ -396,20 +403,8 @@ impl Collectives for NcclCollectives {
     }
 
     fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
-        contiguous_cuda(t, "all_reduce")?;
-        let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
-        // SAFETY: in-place all-reduce on a live contiguous device buffer of n elements.
-        self.run("all_reduce", || unsafe {
-            nccl::ncclAllReduce(
-                p as *const c_void,
-                p,
-                n,
-                dt,
-                nccl::ncclRedOp_t::ncclSum,
-                self.comm,
-                self.nccl_stream(),
-            )
-        })
+        self.start_all_reduce_sum(t)?;
+        self.wait_pending()
     }
 
     fn start_all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
