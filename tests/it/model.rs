@@ -382,19 +382,24 @@ fn gradient_buckets_start_only_final_gradients_and_cover_the_buffer_once() {
         "{} buckets",
         buckets.buckets.len()
     );
-    let mut g = m.params.flat.zeros_like();
-    let mut rec = Recorder {
-        started: Vec::new(),
-        pos: 0,
-        base: g.data_ptr() as usize,
+    // One step's backward with the buckets reporting to a recorder.
+    let mut backward = || {
+        let mut g = m.params.flat.zeros_like();
+        let mut rec = Recorder {
+            started: Vec::new(),
+            pos: 0,
+            base: g.data_ptr() as usize,
+        };
+        let _ = engine::forward_backward(&m, &tokens, 0.1, false, &mut g, &mut |pos, g| {
+            rec.pos = pos;
+            buckets.segment_done(pos, g, &mut rec)
+        })
+        .unwrap();
+        rec.pos = usize::MAX;
+        buckets.finish(&g, &mut rec).unwrap();
+        (g, rec)
     };
-    let _ = engine::forward_backward(&m, &tokens, 0.1, false, &mut g, &mut |pos, g| {
-        rec.pos = pos;
-        buckets.segment_done(pos, g, &mut rec)
-    })
-    .unwrap();
-    rec.pos = usize::MAX;
-    buckets.finish(&g, &mut rec).unwrap();
+    let (g, rec) = backward();
     // Every bucket's values when started equal the final gradient: nothing wrote to it later.
     for (off, n, snap, _) in &rec.started {
         let fin = g.narrow(0, *off, *n);
@@ -422,16 +427,6 @@ fn gradient_buckets_start_only_final_gradients_and_cover_the_buffer_once() {
     );
     // Order of starts is the same on every call (all ranks issue the same sequence).
     let order: Vec<i64> = rec.started.iter().map(|r| r.0).collect();
-    let mut g2 = m.params.flat.zeros_like();
-    let mut rec2 = Recorder {
-        started: Vec::new(),
-        pos: 0,
-        base: g2.data_ptr() as usize,
-    };
-    let _ = engine::forward_backward(&m, &tokens, 0.1, false, &mut g2, &mut |pos, g| {
-        buckets.segment_done(pos, g, &mut rec2)
-    })
-    .unwrap();
-    buckets.finish(&g2, &mut rec2).unwrap();
+    let (_, rec2) = backward();
     assert_eq!(order, rec2.started.iter().map(|r| r.0).collect::<Vec<_>>());
 }

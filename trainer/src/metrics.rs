@@ -152,23 +152,34 @@ impl MetricsWriter {
     }
 }
 
-fn flatten_scalars(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f32)>) {
+/// Visit every leaf of a JSON object tree with its path (keys joined by `sep`).
+pub fn flatten_json(
+    prefix: &str,
+    sep: &str,
+    v: &serde_json::Value,
+    leaf: &mut dyn FnMut(&str, &serde_json::Value),
+) {
     match v {
-        serde_json::Value::Number(n) if prefix != "step" => {
-            out.push((prefix.to_string(), n.as_f64().unwrap_or(0.0) as f32))
-        }
         serde_json::Value::Object(m) => {
-            for (k, v) in m {
+            for (k, x) in m {
                 let key = if prefix.is_empty() {
                     k.clone()
                 } else {
-                    format!("{prefix}/{k}")
+                    format!("{prefix}{sep}{k}")
                 };
-                flatten_scalars(&key, v, out);
+                flatten_json(&key, sep, x, leaf);
             }
         }
-        _ => {}
+        x => leaf(prefix, x),
     }
+}
+
+fn flatten_scalars(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f32)>) {
+    flatten_json(prefix, "/", v, &mut |k, x| {
+        if let (serde_json::Value::Number(n), false) = (x, k == "step") {
+            out.push((k.to_string(), n.as_f64().unwrap_or(0.0) as f32));
+        }
+    });
 }
 
 /// A minimal TensorBoard event-file writer: TFRecord framing (length, masked

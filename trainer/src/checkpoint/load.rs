@@ -328,26 +328,14 @@ fn model_diff(saved: &serde_json::Value) -> String {
 
 /// `section.key: old -> new` for every config value that differs.
 pub fn config_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
-    fn flat(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
-        match v {
-            serde_json::Value::Object(m) => {
-                for (k, x) in m {
-                    let p = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    flat(&p, x, out);
-                }
-            }
-            x => {
-                out.insert(prefix.to_string(), x.to_string());
-            }
-        }
-    }
+    let flat = |v: &serde_json::Value, out: &mut BTreeMap<String, String>| {
+        crate::metrics::flatten_json("", ".", v, &mut |k, x| {
+            out.insert(k.to_string(), x.to_string());
+        })
+    };
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flat("", saved, &mut a);
-    flat("", now, &mut b);
+    flat(saved, &mut a);
+    flat(now, &mut b);
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
