@@ -32,6 +32,27 @@ if ! .venv/bin/python -c 'import moto.server, flask' >/dev/null 2>&1; then
   say "installing moto[server] into .venv"
   .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6'
 fi
+# SLURM and munge for the SLURM test (tests/it/slurm.rs brings up a local cluster with
+# scripts/slurm-local.sh): installed only as root with apt-get; never fails set-up.
+slurm_missing=""
+for b in slurmctld slurmd sbatch munged; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$b" >/dev/null 2>&1 || slurm_missing="$slurm_missing $b"
+done
+if [ -n "$slurm_missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing slurm-wlm and munge with apt-get (for the SLURM test)"
+    slurm_log=$(mktemp)
+    slurm_install() {
+      DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge >"$slurm_log" 2>&1
+    }
+    if ! slurm_install && ! { apt-get update >"$slurm_log" 2>&1 && slurm_install; }; then
+      say "could not install slurm-wlm and munge ($(grep -v '^\s*$' "$slurm_log" | tail -n 1)): the SLURM test will be skipped"
+    fi
+    rm -f "$slurm_log"
+  else
+    say "slurm-wlm and munge are not installed (installing needs root and apt-get): the SLURM test will be skipped"
+  fi
+fi
 
 # tch's build finds libtorch through the python3 on PATH (LIBTORCH_USE_PYTORCH=1).
 export PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1

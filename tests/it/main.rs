@@ -6,4 +6,5 @@ mod data_pipeline;
 mod data_s3;
 mod distributed;
 mod model;
+mod slurm;
 mod train;
