@@ -9,8 +9,10 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 pub enum DataError {
     #[error("{url}: {message}")]
     Store { url: String, message: String },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot {op} {path}: {source}")]
     Io {
+        /// What was attempted: "read", "write", "create directory", ...
+        op: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -69,8 +71,9 @@ impl DataError {
             message: message.to_string(),
         }
     }
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DataError::Io {
+            op,
             path: path.into(),
             source,
         }

@@ -6,9 +6,9 @@ use std::fmt;
 use crate::config::DataConfig;
 use crate::error::Result;
 use crate::loader::Dataset;
-use crate::manifest::{Manifest, Split};
+use crate::manifest::{Manifest, ShardInfo, Split};
 use crate::shard::ShardReader;
-use crate::store::block_on;
+use crate::store::{block_on, Location};
 use crate::tokenizer::{sha256_hex, Tokenizer};
 
 pub struct ShardHealth {
@@ -31,65 +31,32 @@ impl InspectReport {
 }
 
 /// Read a manifest and check every shard: present, right size, readable footer,
-/// row-group count, domain, and (with `verify`) the sha256 of the whole file.
+/// row-group count, domain and tokenizer recorded in the file. With `verify`,
+/// every number the manifest records is checked against the data: the sha256
+/// of the whole file, and every row group decoded (documents, tokens, xxh3,
+/// token ids below the vocabulary) and summed into the shard's totals; the
+/// tokenizer's vocabulary and special ids against the tokenizer file.
 pub fn inspect(url: &str, verify: bool) -> Result<InspectReport> {
     block_on(async {
         let (manifest, dir) = Manifest::load(url).await?;
         let mut shards = Vec::new();
         for s in &manifest.shards {
-            let loc = dir.join(&s.file);
-            let problem = async {
-                let r = ShardReader::open(loc.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.file_size() != s.bytes {
-                    return Err(format!(
-                        "size {} bytes, manifest says {}",
-                        r.file_size(),
-                        s.bytes
-                    ));
-                }
-                if r.num_row_groups() != s.row_groups.len() {
-                    return Err(format!(
-                        "{} row groups, manifest says {}",
-                        r.num_row_groups(),
-                        s.row_groups.len()
-                    ));
-                }
-                if r.key_value("sigma.domain").as_deref() != Some(manifest.domain.as_str()) {
-                    return Err(format!(
-                        "domain {:?} in the file, manifest says {:?}",
-                        r.key_value("sigma.domain"),
-                        manifest.domain
-                    ));
-                }
-                if verify {
-                    let data = loc.get().await.map_err(|e| e.to_string())?;
-                    let h = sha256_hex(&data);
-                    if h != s.sha256 {
-                        return Err(format!("sha256 mismatch: file {h}, manifest {}", s.sha256));
-                    }
-                }
-                Ok(())
-            }
-            .await
-            .err();
+            let problem = check_shard(&manifest, s, dir.join(&s.file), verify)
+                .await
+                .err();
             shards.push(ShardHealth {
                 file: s.file.clone(),
                 problem,
             });
         }
         let tok_url = dir.join(&manifest.tokenizer.file).url;
-        let tokenizer_problem = match Tokenizer::from_bytes(
-            &tok_url,
-            dir.join(&manifest.tokenizer.file).get().await?,
-        ) {
-            Ok(t) if t.sha256 != manifest.tokenizer.sha256 => {
-                Some(format!("{tok_url}: sha256 differs from the manifest's"))
-            }
-            Ok(_) => None,
-            Err(e) => Some(e.to_string()),
-        };
+        let tokenizer_problem =
+            match Tokenizer::load_verified(&tok_url, &manifest.tokenizer.sha256, "the manifest")
+                .await
+            {
+                Ok(t) => check_tokenizer(&manifest, &t).err(),
+                Err(e) => Some(e.to_string()),
+            };
         Ok(InspectReport {
             url: dir.url.clone(),
             manifest,
@@ -98,6 +65,101 @@ pub fn inspect(url: &str, verify: bool) -> Result<InspectReport> {
             verified_checksums: verify,
         })
     })
+}
+
+/// The tokenizer file must have the vocabulary and special ids the manifest records.
+fn check_tokenizer(m: &Manifest, t: &Tokenizer) -> std::result::Result<(), String> {
+    let r = &m.tokenizer;
+    let mut bad = Vec::new();
+    if t.vocab_size != r.vocab_size {
+        bad.push(format!(
+            "vocab_size {} (manifest {})",
+            t.vocab_size, r.vocab_size
+        ));
+    }
+    if t.eos_id != r.eos_id {
+        bad.push(format!("eos_id {} (manifest {})", t.eos_id, r.eos_id));
+    }
+    if t.bos_id != r.bos_id {
+        bad.push(format!("bos_id {:?} (manifest {:?})", t.bos_id, r.bos_id));
+    }
+    if t.pad_id != r.pad_id {
+        bad.push(format!("pad_id {:?} (manifest {:?})", t.pad_id, r.pad_id));
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", t.url, bad.join(", ")))
+    }
+}
+
+async fn check_shard(
+    m: &Manifest,
+    s: &ShardInfo,
+    loc: Location,
+    verify: bool,
+) -> std::result::Result<(), String> {
+    let r = ShardReader::open(loc.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.file_size() != s.bytes {
+        return Err(format!(
+            "size {} bytes, manifest says {}",
+            r.file_size(),
+            s.bytes
+        ));
+    }
+    if r.num_row_groups() != s.row_groups.len() {
+        return Err(format!(
+            "{} row groups, manifest says {}",
+            r.num_row_groups(),
+            s.row_groups.len()
+        ));
+    }
+    if r.key_value("sigma.domain").as_deref() != Some(m.domain.as_str()) {
+        return Err(format!(
+            "domain {:?} in the file, manifest says {:?}",
+            r.key_value("sigma.domain"),
+            m.domain
+        ));
+    }
+    if let Some(t) = r.key_value("sigma.tokenizer_sha256") {
+        if t != m.tokenizer.sha256 {
+            return Err(format!(
+                "tokenized with tokenizer sha256 {} (recorded in the file), manifest says {}",
+                &t[..16.min(t.len())],
+                &m.tokenizer.sha256[..16.min(m.tokenizer.sha256.len())]
+            ));
+        }
+    }
+    let (docs, tokens): (u64, u64) = (
+        s.row_groups.iter().map(|g| g.documents).sum(),
+        s.row_groups.iter().map(|g| g.tokens).sum(),
+    );
+    if docs != s.documents || tokens != s.tokens {
+        return Err(format!(
+            "manifest totals ({} documents, {} tokens) differ from the sum of its own row groups ({docs}, {tokens}): the manifest was edited",
+            s.documents, s.tokens
+        ));
+    }
+    if !verify {
+        return Ok(());
+    }
+    let data = loc.get().await.map_err(|e| e.to_string())?;
+    let h = sha256_hex(&data);
+    if h != s.sha256 {
+        return Err(format!("sha256 mismatch: file {h}, manifest {}", s.sha256));
+    }
+    for (i, g) in s.row_groups.iter().enumerate() {
+        let rg = r.read_row_group(i, g).await.map_err(|e| e.to_string())?;
+        if let Some(&t) = rg.tokens.iter().find(|&&t| t >= m.tokenizer.vocab_size) {
+            return Err(format!(
+                "row group {i} holds token id {t}, not below the vocabulary size {} the manifest records",
+                m.tokenizer.vocab_size
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn human(n: u64) -> String {
@@ -147,7 +209,7 @@ impl fmt::Display for InspectReport {
         }
         let bad: Vec<_> = self.shards.iter().filter(|s| s.problem.is_some()).collect();
         let what = if self.verified_checksums {
-            "present, readable, sha256 verified"
+            "present, readable, sha256 verified, every recorded count checked against the data"
         } else {
             "present and readable (checksums not verified: --verify)"
         };
@@ -218,7 +280,7 @@ pub fn preview(cfg: &DataConfig, samples: u64, show: usize) -> Result<PreviewRep
             realized,
         });
     }
-    let tok = Tokenizer::load(&ds.tokenizer_url())?;
+    let tok = ds.load_tokenizer()?;
     let mut examples = Vec::new();
     for i in 0..show as u64 {
         let s = block_on(ds.sample(i))?;

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod inspect;
 pub mod loader;
 pub mod manifest;

@@ -194,6 +194,16 @@ impl Dataset {
         self.sources[0].dir.join(TOKENIZER_FILE).url
     }
 
+    /// That tokenizer, checked against the sha256 its manifest records.
+    pub fn load_tokenizer(&self) -> Result<Tokenizer> {
+        let s = &self.sources[0];
+        block_on(Tokenizer::load_verified(
+            &s.dir.join(&s.manifest.tokenizer.file).url,
+            &self.tokenizer.sha256,
+            &format!("the manifest of {}", s.manifest_url),
+        ))
+    }
+
     /// Training tokens per domain per epoch (EOS included).
     pub fn epoch_tokens(&self, domain: usize) -> u64 {
         self.train[domain].epoch_tokens()

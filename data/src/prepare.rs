@@ -207,7 +207,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     // the final move is a rename), else in the system temp directory.
     let staging_parent = match out.local_path() {
         Some(p) => {
-            std::fs::create_dir_all(p).map_err(|e| DataError::io(p, e))?;
+            std::fs::create_dir_all(p).map_err(|e| DataError::io("create directory", p, e))?;
             remove_stale_staging(p);
             p.to_path_buf()
         }
@@ -219,7 +219,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         .unwrap_or(0);
     let staging =
         Staging(staging_parent.join(format!(".staging-{}-{}", std::process::id(), nanos)));
-    std::fs::create_dir_all(&staging.0).map_err(|e| DataError::io(&staging.0, e))?;
+    std::fs::create_dir_all(&staging.0)
+        .map_err(|e| DataError::io("create directory", &staging.0, e))?;
 
     let bar = progress_bar(opts.progress, input_bytes);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -313,7 +314,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     for w in &writers {
         for (file, documents, tokens, row_groups) in &w.done {
             let path = staging.0.join(file);
-            let data = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+            let data = std::fs::read(&path).map_err(|e| DataError::io("read", &path, e))?;
             shards.push(ShardInfo {
                 file: file.clone(),
                 split: w.split,

@@ -81,7 +81,7 @@ impl ShardWriter {
         tokenizer_sha256: &str,
         row_group_tokens: u64,
     ) -> Result<ShardWriter> {
-        let file = File::create(path).map_err(|e| DataError::io(path, e))?;
+        let file = File::create(path).map_err(|e| DataError::io("create", path, e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
                 ZstdLevel::try_new(1).expect("valid zstd level"),
@@ -175,7 +175,8 @@ impl ShardWriter {
             .writer
             .into_inner()
             .map_err(|e| DataError::shard(path.display().to_string(), e))?;
-        file.sync_all().map_err(|e| DataError::io(&path, e))?;
+        file.sync_all()
+            .map_err(|e| DataError::io("sync", &path, e))?;
         Ok(self.row_groups)
     }
 }
@@ -300,10 +301,22 @@ impl ShardReader {
         for i in 0..out.num_docs() {
             h.add(out.doc(i));
         }
-        if out.num_docs() as u64 != expect.documents
-            || out.tokens.len() as u64 != expect.tokens
-            || h.hex() != expect.xxh3
-        {
+        let counts_differ =
+            out.num_docs() as u64 != expect.documents || out.tokens.len() as u64 != expect.tokens;
+        if counts_differ && h.hex() == expect.xxh3 {
+            // The data still hashes to the recorded checksum: the counts are what changed.
+            return Err(DataError::manifest(
+                url,
+                format!(
+                    "row group {rg}: the manifest records {} documents and {} tokens, but the shard holds {} and {} (its checksum matches the manifest, so the manifest's counts were edited); prepare the data again",
+                    expect.documents,
+                    expect.tokens,
+                    out.num_docs(),
+                    out.tokens.len()
+                ),
+            ));
+        }
+        if counts_differ || h.hex() != expect.xxh3 {
             return Err(DataError::Checksum {
                 url: url.clone(),
                 what: format!("row group {rg}"),

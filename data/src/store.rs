@@ -20,6 +20,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use crate::error::{DataError, Result};
+use crate::fsutil::{sync_dir, write_atomic};
 
 /// A file or a directory-like prefix, local or in an object store.
 #[derive(Clone)]
@@ -133,7 +134,7 @@ impl Location {
             p.to_path_buf()
         } else {
             std::env::current_dir()
-                .map_err(|e| DataError::io(p, e))?
+                .map_err(|e| DataError::io("resolve the current directory for", p, e))?
                 .join(p)
         };
         let abs = normalize(&abs);
@@ -187,7 +188,7 @@ impl Location {
             return tokio::task::spawn_blocking(move || {
                 std::fs::read(&p)
                     .map(Bytes::from)
-                    .map_err(|e| DataError::io(p, e))
+                    .map_err(|e| DataError::io("read", p, e))
             })
             .await
             .map_err(|e| DataError::Other(e.to_string()))?;
@@ -231,9 +232,10 @@ impl Location {
     pub async fn put_file(&self, file: &FsPath) -> Result<()> {
         if let Some(p) = &self.local {
             if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| DataError::io("create directory", parent, e))?;
             }
-            std::fs::rename(file, p).map_err(|e| DataError::io(p, e))?;
+            std::fs::rename(file, p).map_err(|e| DataError::io("rename into", p, e))?;
             return sync_dir(p.parent().unwrap_or(FsPath::new(".")));
         }
         self.stream_from(file).await
@@ -244,7 +246,7 @@ impl Location {
     pub async fn copy_file(&self, file: &FsPath) -> Result<()> {
         if let Some(p) = &self.local {
             let (src, dst) = (file.to_path_buf(), p.clone());
-            return tokio::task::spawn_blocking(move || copy_atomic(&src, &dst))
+            return tokio::task::spawn_blocking(move || crate::fsutil::copy_atomic(&src, &dst))
                 .await
                 .map_err(|e| DataError::Other(e.to_string()))?;
         }
@@ -256,7 +258,7 @@ impl Location {
             object_store::buffered::BufWriter::new(self.store.clone(), self.path.clone());
         let mut f = tokio::fs::File::open(file)
             .await
-            .map_err(|e| DataError::io(file, e))?;
+            .map_err(|e| DataError::io("open", file, e))?;
         tokio::io::copy(&mut f, &mut upload)
             .await
             .map_err(|e| DataError::store(&self.url, e))?;
@@ -277,7 +279,9 @@ impl Location {
     pub async fn list(&self) -> Result<Vec<(Location, u64)>> {
         if let Some(p) = &self.local {
             if p.is_file() {
-                let len = std::fs::metadata(p).map_err(|e| DataError::io(p, e))?.len();
+                let len = std::fs::metadata(p)
+                    .map_err(|e| DataError::io("stat", p, e))?
+                    .len();
                 return Ok(vec![(self.clone(), len)]);
             }
             if !p.exists() {
@@ -347,46 +351,6 @@ fn normalize(p: &FsPath) -> PathBuf {
         }
     }
     out
-}
-
-/// `path`'s directory (created) and a temporary name in it for writing `path`.
-fn temp_beside(path: &FsPath) -> Result<(&FsPath, std::path::PathBuf)> {
-    let dir = path.parent().unwrap_or(FsPath::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    Ok((dir, tmp))
-}
-
-/// Write `data` to `path` so that readers see either the old file or the whole new one.
-pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let (dir, tmp) = temp_beside(path)?;
-    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    f.write_all(data).map_err(|e| DataError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
-    sync_dir(dir)
-}
-
-/// Copy `src` to `dst` through a temporary name in `dst`'s directory, fsynced.
-pub fn copy_atomic(src: &FsPath, dst: &FsPath) -> Result<()> {
-    let (dir, tmp) = temp_beside(dst)?;
-    std::fs::copy(src, &tmp).map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, dst).map_err(|e| DataError::io(dst, e))?;
-    sync_dir(dir)
-}
-
-pub fn sync_dir(dir: &FsPath) -> Result<()> {
-    let d = std::fs::File::open(dir).map_err(|e| DataError::io(dir, e))?;
-    d.sync_all().map_err(|e| DataError::io(dir, e))
 }
 
 /// A process-wide tokio runtime for the synchronous entry points (CLI commands).

@@ -232,15 +232,16 @@ pub fn write(path: &std::path::Path, seed: u64, num_docs: u64) -> Result<u64> {
     let data = if name.ends_with(".zst") {
         // Small files (the committed sample) get the densest level; large corpora a fast one.
         let level = if buf.len() < 64 << 20 { 19 } else { 3 };
-        zstd::encode_all(&buf[..], level).map_err(|e| DataError::io(path, e))?
+        zstd::encode_all(&buf[..], level).map_err(|e| DataError::io("compress into", path, e))?
     } else if name.ends_with(".gz") {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        enc.write_all(&buf).map_err(|e| DataError::io(path, e))?;
-        enc.finish().map_err(|e| DataError::io(path, e))?
+        enc.write_all(&buf)
+            .map_err(|e| DataError::io("write", path, e))?;
+        enc.finish().map_err(|e| DataError::io("write", path, e))?
     } else {
         buf
     };
-    crate::store::write_atomic(path, &data)?;
+    crate::fsutil::write_atomic(path, &data)?;
     Ok(data.len() as u64)
 }
 

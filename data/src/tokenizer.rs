@@ -46,6 +46,22 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// The bytes of tokenizer `url` must hash to `sha256`, as recorded in `recorded_in`.
+pub fn check_sha256(url: &str, data: &[u8], sha256: &str, recorded_in: &str) -> Result<()> {
+    let found = sha256_hex(data);
+    if found != sha256 {
+        return Err(DataError::Tokenizer {
+            path: url.into(),
+            message: format!(
+                "sha256 {} but {recorded_in} records {}: this copy was modified or damaged after it was recorded; restore it (or prepare the data again)",
+                &found[..16.min(found.len())],
+                &sha256[..16.min(sha256.len())]
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     /// Load a tokenizer.json from a path or URL.
     pub fn load(url: &str) -> Result<Tokenizer> {
@@ -58,6 +74,18 @@ impl Tokenizer {
             path: url.into(),
             message: e.to_string(),
         })?;
+        Tokenizer::from_bytes(url, json)
+    }
+
+    /// Load a tokenizer.json whose sha256 is recorded elsewhere (`recorded_in`,
+    /// e.g. a manifest): a copy that was edited or damaged since is refused.
+    pub async fn load_verified(url: &str, sha256: &str, recorded_in: &str) -> Result<Tokenizer> {
+        let loc = Location::parse(url)?;
+        let json = loc.get().await.map_err(|e| DataError::Tokenizer {
+            path: url.into(),
+            message: e.to_string(),
+        })?;
+        check_sha256(url, &json, sha256, recorded_in)?;
         Tokenizer::from_bytes(url, json)
     }
 

@@ -120,7 +120,7 @@ impl MetricsWriter {
         } else {
             String::new()
         };
-        sigma_data::store::write_atomic(&p, kept.as_bytes())?;
+        sigma_data::fsutil::write_atomic(&p, kept.as_bytes())?;
         let jsonl = std::fs::OpenOptions::new()
             .append(true)
             .open(&p)

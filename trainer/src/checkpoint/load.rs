@@ -90,7 +90,8 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn verify(&self, name: &str) -> Result<()> {
+    /// Hash file `name` against the metadata.
+    pub fn verify(&self, name: &str) -> Result<()> {
         let f = &self.meta.files[name];
         let (_, h) = hash_file(&self.dir.join(name))?;
         if format!("{h:016x}") != f.xxh3 {

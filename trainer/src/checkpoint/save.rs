@@ -20,7 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sigma_data::store::{block_on, sync_dir, write_atomic, Location};
+use sigma_data::fsutil::{sync_dir, write_atomic};
+use sigma_data::store::{block_on, Location};
 use tch::{Device, Kind, Tensor};
 
 use super::*;
@@ -444,6 +445,14 @@ impl WriteJob {
             .unwrap_or(0);
         if let Some(tok) = &self.tokenizer {
             write_atomic(&self.tmp.join(TOKENIZER), tok)?;
+            // Checked like the shards whenever the checkpoint is opened, verified or exported.
+            meta.files.insert(
+                TOKENIZER.to_string(),
+                FileEntry {
+                    bytes: tok.len() as u64,
+                    xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(tok)),
+                },
+            );
         }
         let text = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
         write_atomic(&self.tmp.join(METADATA), &text)?;

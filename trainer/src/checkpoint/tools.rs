@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use serde_json::json;
-use sigma_data::store::{sync_dir, write_atomic};
+use sigma_data::fsutil::{sync_dir, write_atomic};
 use tch::Kind;
 
 use super::load::Checkpoint;
@@ -59,7 +59,7 @@ pub fn inspect(dir: &Path) -> Result<String> {
         l.dp, l.tp, l.pp, l.zero, l.flat_numel
     );
     let total: u64 = m.files.values().map(|f| f.bytes).sum();
-    let _ = writeln!(o, "files        {} shard(s), {}", m.files.len(), mb(total));
+    let _ = writeln!(o, "files        {} file(s), {}", m.files.len(), mb(total));
     for (name, f) in &m.files {
         let _ = writeln!(o, "  {name:<40} {:>12}  xxh3 {}", mb(f.bytes), f.xxh3);
     }
@@ -129,6 +129,44 @@ fn config_json(meta: &Metadata, dtype: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// The files of an export, into `tmp`.
+fn write_export(
+    ck: &mut Checkpoint,
+    meta: &super::Metadata,
+    kind: Kind,
+    tok: &Path,
+    tmp: &Path,
+) -> Result<()> {
+    let mut tensors = Vec::new();
+    for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
+        let t = ck.read(name)?.to_kind(kind);
+        tensors.push((name.trim_start_matches("model/").to_string(), t));
+    }
+    let md = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("sigma_step".to_string(), meta.progress.step.to_string()),
+    ]);
+    super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
+    let cfg = config_json(
+        meta,
+        if kind == Kind::Float {
+            "float32"
+        } else {
+            "bfloat16"
+        },
+    )?;
+    write_atomic(
+        &tmp.join("config.json"),
+        serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
+    )?;
+    if tok.is_file() {
+        let data = std::fs::read(tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
+        write_atomic(&tmp.join(TOKENIZER), &data)?;
+    }
+    sync_dir(tmp)?;
+    Ok(())
+}
+
 /// One consolidated `model.safetensors` (weights only, `dtype` f32 or bf16),
 /// `config.json` and the tokenizer, written into a temporary directory that is
 /// renamed to `out` when complete. An existing non-empty `out` is refused.
@@ -150,6 +188,11 @@ pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
     }
     let mut ck = Checkpoint::open(dir)?;
     let meta = ck.meta.clone();
+    let tok = dir.join(TOKENIZER);
+    if meta.files.contains_key(TOKENIZER) {
+        // The tokenizer must be the one the checkpoint recorded, byte for byte.
+        ck.verify(TOKENIZER)?;
+    }
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -164,34 +207,12 @@ pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(tmp.display().to_string(), e))?;
-    let mut tensors = Vec::new();
-    for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
-        let t = ck.read(name)?.to_kind(kind);
-        tensors.push((name.trim_start_matches("model/").to_string(), t));
+    // Nothing half-written stays behind: on any failure the temporary directory goes.
+    let written = write_export(&mut ck, &meta, kind, &tok, &tmp);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    let md = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("sigma_step".to_string(), meta.progress.step.to_string()),
-    ]);
-    super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
-    let cfg = config_json(
-        &meta,
-        if kind == Kind::Float {
-            "float32"
-        } else {
-            "bfloat16"
-        },
-    )?;
-    write_atomic(
-        &tmp.join("config.json"),
-        serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
-    )?;
-    let tok = dir.join(TOKENIZER);
-    if tok.is_file() {
-        let data = std::fs::read(&tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
-        write_atomic(&tmp.join(TOKENIZER), &data)?;
-    }
-    sync_dir(&tmp)?;
+    written?;
     if out.exists() {
         std::fs::remove_dir(out).map_err(|e| TrainError::io(out.display().to_string(), e))?;
     }
