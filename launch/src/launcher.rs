@@ -1,12 +1,25 @@
 //! `sigma launch`: one process per local rank, with the torchrun-style
 //! environment, a job secret, and the rendezvous store hosted here on node 0.
 //! Rank 0's output is streamed; other ranks write `<log-dir>/rank-N.log`.
-//! SIGINT/SIGTERM are forwarded as SIGTERM (ranks save a checkpoint and stop), SIGUSR1 as is. If any rank fails, the others are stopped and
-//! the launcher exits non-zero naming the rank and showing its last log lines.
+//!
+//! Signals: SIGINT/SIGTERM are forwarded as SIGTERM (ranks save a checkpoint
+//! and stop), SIGUSR1 as is. Ranks run in process groups of their own, so a
+//! Ctrl-C at the terminal reaches them once, through the launcher.
+//!
+//! Failures and restarts (`--max-restarts N`, torchrun's convention): when a
+//! rank fails, every rank of the job is stopped; with restarts left, the job
+//! starts again after `--restart-backoff-s` with `--resume auto` (it continues
+//! from its newest committed checkpoint), else the launcher exits non-zero
+//! naming the rank and showing its last log lines. Across nodes, the launchers
+//! agree through the store: a failure on any node is recorded under the
+//! attempt's number and every launcher stops and restarts its ranks. Each
+//! attempt's ranks use a namespace of their own in the store
+//! (`SIGMA_RESTART_COUNT`), so nothing of a failed attempt leaks into the next.
 
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sigma_trainer::dist::env as vars;
-use sigma_trainer::dist::StoreServer;
+use sigma_trainer::dist::{StoreClient, StoreServer};
 
 #[derive(clap::Args)]
 pub struct LaunchArgs {
@@ -40,6 +53,14 @@ pub struct LaunchArgs {
     /// Seconds ranks get to save a checkpoint and exit after SIGTERM/SIGINT reaches the launcher.
     #[arg(long, default_value_t = 600)]
     pub signal_grace_s: u64,
+    /// Restart the whole job this many times when a rank fails (each restart
+    /// continues from the newest checkpoint with `--resume auto`); every node
+    /// of a job must be given the same value.
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: usize,
+    /// Seconds to wait before a restart.
+    #[arg(long, default_value_t = 5)]
+    pub restart_backoff_s: u64,
     /// The sigma command each rank runs, after `--` (e.g. `-- train --config c.toml`).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -53,38 +74,13 @@ fn random_secret() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn last_lines(path: &PathBuf, n: usize) -> String {
+fn last_lines(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn signal_all(children: &mut [(usize, Child)], sig: Signal) {
-    for (_, c) in children.iter_mut() {
-        if let Ok(None) = c.try_wait() {
-            let _ = kill(Pid::from_raw(c.id() as i32), sig);
-        }
-    }
-}
-
-/// Stop every child still running: SIGTERM, then SIGKILL after `grace`.
-fn stop_all(children: &mut [(usize, Child)], grace: Duration) {
-    signal_all(children, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline
-        && children
-            .iter_mut()
-            .any(|(_, c)| matches!(c.try_wait(), Ok(None)))
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for (_, c) in children.iter_mut() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
-fn describe(status: std::process::ExitStatus) -> String {
+fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exit code {c}"),
@@ -93,11 +89,237 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-pub fn launch(a: LaunchArgs) -> Result<()> {
+/// The ranks of this node in one attempt.
+struct Ranks {
+    children: Vec<(usize, Child)>,
+}
+
+impl Ranks {
+    fn signal(&mut self, sig: Signal) {
+        for (_, c) in self.children.iter_mut() {
+            if let Ok(None) = c.try_wait() {
+                let _ = kill(Pid::from_raw(c.id() as i32), sig);
+            }
+        }
+    }
+
+    /// Stop every rank still running: SIGTERM, then SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline
+            && self
+                .children
+                .iter_mut()
+                .any(|(_, c)| matches!(c.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for (_, c) in self.children.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// How an attempt ended.
+enum Outcome {
+    /// Every rank exited 0.
+    Finished,
+    /// A signal asked the job to stop; every rank exited with this code.
+    Stopped(i32),
+    /// A rank failed (here or, `remote`, on another node).
+    Failed { what: String, tail: String },
+}
+
+struct Launcher {
+    a: LaunchArgs,
+    secret: String,
+    exe: PathBuf,
+    stop: Arc<AtomicBool>,
+    usr1: Arc<AtomicBool>,
+    /// Connection to the store, for agreeing on failures across nodes.
+    control: Option<StoreClient>,
+}
+
+fn failure_key(attempt: usize) -> String {
+    format!("failed/{attempt}")
+}
+
+impl Launcher {
+    fn rank_log(&self, rank: usize) -> PathBuf {
+        self.a.log_dir.join(format!("rank-{rank}.log"))
+    }
+
+    /// The ranks' command for `attempt`: a restart resumes from the newest checkpoint.
+    fn command(&self, attempt: usize) -> Vec<String> {
+        let mut cmd = self.a.command.clone();
+        if attempt > 0 && cmd.first().map(String::as_str) == Some("train") {
+            match cmd.iter().position(|x| x == "--resume") {
+                Some(i) if i + 1 < cmd.len() => cmd[i + 1] = "auto".into(),
+                _ => {
+                    cmd.retain(|x| !x.starts_with("--resume="));
+                    cmd.extend(["--resume".to_string(), "auto".to_string()]);
+                }
+            }
+        }
+        cmd
+    }
+
+    fn spawn(&self, attempt: usize) -> Result<Ranks> {
+        let a = &self.a;
+        let world = a.nproc_per_node * a.nnodes;
+        let cmd = self.command(attempt);
+        let mut children = Vec::new();
+        for local in 0..a.nproc_per_node {
+            let rank = a.node_rank * a.nproc_per_node + local;
+            let mut c = Command::new(&self.exe);
+            c.args(&cmd)
+                .env(vars::RANK, rank.to_string())
+                .env(vars::LOCAL_RANK, local.to_string())
+                .env(vars::WORLD_SIZE, world.to_string())
+                .env(vars::LOCAL_WORLD_SIZE, a.nproc_per_node.to_string())
+                .env(vars::MASTER_ADDR, &a.master_addr)
+                .env(vars::MASTER_PORT, a.master_port.to_string())
+                .env(vars::JOB_SECRET, &self.secret)
+                .env(vars::STORE_HOSTED, "1")
+                .env(vars::RESTART_COUNT, attempt.to_string())
+                .stdin(Stdio::null())
+                // A group of its own: a terminal's Ctrl-C reaches the ranks once, through us.
+                .process_group(0);
+            if rank != 0 {
+                let log = self.rank_log(rank);
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(attempt > 0)
+                    .truncate(attempt == 0)
+                    .open(&log)
+                    .with_context(|| format!("cannot create {}", log.display()))?;
+                if attempt > 0 {
+                    writeln!(f, "=== sigma launch: restart {attempt} ===")?;
+                }
+                c.stdout(f.try_clone()?).stderr(f);
+            }
+            let child = c
+                .spawn()
+                .with_context(|| format!("cannot start rank {rank}"))?;
+            children.push((rank, child));
+        }
+        Ok(Ranks { children })
+    }
+
+    /// A failure another node recorded for this attempt.
+    fn remote_failure(&mut self, attempt: usize) -> Option<String> {
+        let c = self.control.as_mut()?;
+        c.get(&failure_key(attempt))
+            .ok()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    fn record_failure(&mut self, attempt: usize, what: &str) {
+        if let Some(c) = self.control.as_mut() {
+            if let Err(e) = c.set(&failure_key(attempt), what.as_bytes()) {
+                eprintln!("sigma launch: could not tell the other nodes about the failure: {e}");
+            }
+        }
+    }
+
+    /// Watch one attempt's ranks until it ends.
+    fn supervise(&mut self, ranks: &mut Ranks, attempt: usize) -> Result<Outcome> {
+        let mut next_poll = Instant::now();
+        loop {
+            if self.usr1.swap(false, Ordering::Relaxed) {
+                eprintln!("sigma launch: SIGUSR1 passed on to the ranks (save and stop)");
+                ranks.signal(Signal::SIGUSR1);
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return self.stop_on_signal(ranks);
+            }
+            if self.a.nnodes > 1 && Instant::now() >= next_poll {
+                next_poll = Instant::now() + Duration::from_millis(500);
+                if let Some(what) = self.remote_failure(attempt) {
+                    ranks.stop(Duration::from_secs(self.a.grace_s));
+                    return Ok(Outcome::Failed {
+                        what: format!("{what} (on another node)"),
+                        tail: String::new(),
+                    });
+                }
+            }
+            let mut running = 0;
+            for i in 0..ranks.children.len() {
+                let rank = ranks.children[i].0;
+                match ranks.children[i].1.try_wait() {
+                    Ok(Some(st)) if !st.success() => {
+                        let what = format!("rank {rank} failed ({})", describe(st));
+                        self.record_failure(attempt, &what);
+                        let tail = if rank == 0 {
+                            "(its output is above)".to_string()
+                        } else {
+                            last_lines(&self.rank_log(rank), 20)
+                        };
+                        ranks.stop(Duration::from_secs(self.a.grace_s));
+                        return Ok(Outcome::Failed { what, tail });
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => running += 1,
+                    Err(e) => bail!("cannot watch rank {rank}: {e}"),
+                }
+            }
+            if running == 0 {
+                return Ok(Outcome::Finished);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGINT/SIGTERM reached the launcher: ask every rank to save and stop.
+    fn stop_on_signal(&mut self, ranks: &mut Ranks) -> Result<Outcome> {
+        eprintln!(
+            "sigma launch: signal received; asking {} rank(s) to save and stop (up to {} s)",
+            ranks.children.len(),
+            self.a.signal_grace_s
+        );
+        ranks.stop(Duration::from_secs(self.a.signal_grace_s));
+        let codes: Vec<(usize, std::io::Result<ExitStatus>)> = ranks
+            .children
+            .iter_mut()
+            .map(|(r, c)| (*r, c.wait()))
+            .collect();
+        let first = codes
+            .first()
+            .and_then(|(_, s)| s.as_ref().ok())
+            .and_then(|s| s.code());
+        let same = first.is_some()
+            && codes
+                .iter()
+                .all(|(_, s)| s.as_ref().ok().and_then(|s| s.code()) == first);
+        match (same, first) {
+            (true, Some(code)) => {
+                eprintln!("sigma launch: every rank saved and stopped");
+                Ok(Outcome::Stopped(code))
+            }
+            _ => {
+                let failed: Vec<String> = codes
+                    .iter()
+                    .filter_map(|(r, s)| match s {
+                        Ok(st) if st.success() => None,
+                        Ok(st) => Some(format!("rank {r} ({})", describe(*st))),
+                        Err(e) => Some(format!("rank {r} ({e})")),
+                    })
+                    .collect();
+                bail!("interrupted; not cleanly stopped: {}", failed.join(", "))
+            }
+        }
+    }
+}
+
+/// Returns the exit status for the launcher: 0 when the job finished, the
+/// ranks' common exit status when a signal stopped them.
+pub fn launch(a: LaunchArgs) -> Result<i32> {
     if a.nproc_per_node == 0 || a.nnodes == 0 || a.node_rank >= a.nnodes {
         bail!("--nproc-per-node and --nnodes must be positive and --node-rank below --nnodes (got {}, {}, {})", a.nproc_per_node, a.nnodes, a.node_rank);
     }
-    let world = a.nproc_per_node * a.nnodes;
     let secret = match std::env::var(vars::JOB_SECRET) {
         Ok(s) if !s.is_empty() => s,
         _ if a.nnodes > 1 => bail!(
@@ -106,28 +328,42 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
         ),
         _ => random_secret()?,
     };
-    // Node 0 hosts the store for the whole job.
+    // Node 0 hosts the store for the whole job, across restarts.
     let _server = if a.node_rank == 0 {
         Some(
-            StoreServer::start(&format!("0.0.0.0:{}", a.master_port), &secret)
-                .with_context(|| format!("port {}", a.master_port))?,
+            StoreServer::start(&format!("0.0.0.0:{}", a.master_port), &secret).with_context(
+                || {
+                    format!(
+                        "--master-port {} (pick a free one, e.g. from the job id)",
+                        a.master_port
+                    )
+                },
+            )?,
         )
+    } else {
+        None
+    };
+    let timeout = Duration::from_secs(
+        std::env::var(vars::TIMEOUT_S)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    );
+    // Launchers agree on failures through the store (needed with several nodes).
+    let control = if a.nnodes > 1 {
+        Some(StoreClient::connect_in(
+            &format!("{}:{}", a.master_addr, a.master_port),
+            &secret,
+            u32::MAX - a.node_rank as u32,
+            timeout,
+            "launch/",
+        )?)
     } else {
         None
     };
     std::fs::create_dir_all(&a.log_dir)
         .with_context(|| format!("cannot create log dir {}", a.log_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the sigma binary")?;
-    // NCCL and the CUDA runtime must be libtorch's own: expose them as libnccl.so and
-    // libcudart.so first on the ranks' library path (cudarc loads them by those names).
-    let ld_path = match sigma_trainer::dist::nccl::nccl_library_dir(&a.log_dir) {
-        Some(d) => format!(
-            "{}:{}",
-            d.display(),
-            std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
-        ),
-        None => std::env::var("LD_LIBRARY_PATH").unwrap_or_default(),
-    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
@@ -136,80 +372,48 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
     let usr1 = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())
         .context("cannot install signal handlers")?;
-    let mut children: Vec<(usize, Child)> = Vec::new();
-    for local in 0..a.nproc_per_node {
-        let rank = a.node_rank * a.nproc_per_node + local;
-        let mut cmd = Command::new(&exe);
-        cmd.args(&a.command)
-            .env(vars::RANK, rank.to_string())
-            .env(vars::LOCAL_RANK, local.to_string())
-            .env(vars::WORLD_SIZE, world.to_string())
-            .env(vars::LOCAL_WORLD_SIZE, a.nproc_per_node.to_string())
-            .env(vars::MASTER_ADDR, &a.master_addr)
-            .env(vars::MASTER_PORT, a.master_port.to_string())
-            .env(vars::JOB_SECRET, &secret)
-            .env(vars::STORE_HOSTED, "1")
-            .env("LD_LIBRARY_PATH", &ld_path)
-            .stdin(Stdio::null());
-        if rank != 0 {
-            let log = a.log_dir.join(format!("rank-{rank}.log"));
-            let f = std::fs::File::create(&log)
-                .with_context(|| format!("cannot create {}", log.display()))?;
-            cmd.stdout(f.try_clone()?).stderr(f);
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start rank {rank}"))?;
-        children.push((rank, child));
-    }
-    loop {
-        if usr1.swap(false, Ordering::Relaxed) {
-            eprintln!("sigma launch: SIGUSR1 passed on to the ranks (save and stop)");
-            signal_all(&mut children, Signal::SIGUSR1);
-        }
-        if stop.load(Ordering::Relaxed) {
-            eprintln!(
-                "sigma launch: signal received; asking {} rank(s) to save and stop (up to {} s)",
-                children.len(),
-                a.signal_grace_s
-            );
-            stop_all(&mut children, Duration::from_secs(a.signal_grace_s));
-            let failed: Vec<String> = children
-                .iter_mut()
-                .filter_map(|(r, c)| match c.wait() {
-                    Ok(st) if st.success() => None,
-                    Ok(st) => Some(format!("rank {r} ({})", describe(st))),
-                    Err(e) => Some(format!("rank {r} ({e})")),
-                })
-                .collect();
-            if failed.is_empty() {
-                eprintln!("sigma launch: every rank saved and stopped");
-                return Ok(());
-            }
-            bail!("interrupted; not cleanly stopped: {}", failed.join(", "));
-        }
-        let mut running = 0;
-        for i in 0..children.len() {
-            let rank = children[i].0;
-            match children[i].1.try_wait() {
-                Ok(Some(st)) if !st.success() => {
-                    let log = a.log_dir.join(format!("rank-{rank}.log"));
-                    let tail = if rank == 0 {
-                        "(its output is above)".to_string()
+    let mut l = Launcher {
+        a,
+        secret,
+        exe,
+        stop,
+        usr1,
+        control,
+    };
+    let max = l.a.max_restarts;
+    for attempt in 0..=max {
+        let mut ranks = l.spawn(attempt)?;
+        match l.supervise(&mut ranks, attempt)? {
+            Outcome::Finished => return Ok(0),
+            Outcome::Stopped(code) => return Ok(code),
+            Outcome::Failed { what, tail } => {
+                let tail = if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" Last lines of its output:\n{tail}")
+                };
+                if attempt == max {
+                    let restarts = if max > 0 {
+                        format!(" (after {max} restart(s), --max-restarts {max})")
                     } else {
-                        last_lines(&log, 20)
+                        String::new()
                     };
-                    stop_all(&mut children, Duration::from_secs(a.grace_s));
-                    bail!("rank {rank} failed ({}); stopped the other ranks. Last lines of rank {rank}:\n{tail}", describe(st));
+                    bail!("{what}{restarts}; stopped the other ranks.{tail}");
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => running += 1,
-                Err(e) => bail!("cannot watch rank {rank}: {e}"),
+                eprintln!(
+                    "sigma launch: {what}; stopped the other ranks.{tail}\nsigma launch: restart {} of {max} in {} s, resuming from the newest checkpoint",
+                    attempt + 1,
+                    l.a.restart_backoff_s
+                );
+                let until = Instant::now() + Duration::from_secs(l.a.restart_backoff_s);
+                while Instant::now() < until {
+                    if l.stop.load(Ordering::Relaxed) {
+                        bail!("interrupted while waiting to restart ({what})");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
-        if running == 0 {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
+    unreachable!("the loop returns on its last attempt")
 }

@@ -1,5 +1,6 @@
 //! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
 
+mod cuda_libs;
 mod data_cmd;
 mod launcher;
 mod train_cmd;
@@ -45,23 +46,45 @@ enum Command {
     },
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Data { command } => data_cmd::run(command),
+fn run(command: Command) -> anyhow::Result<i32> {
+    let ok = |r: anyhow::Result<()>| r.map(|_| 0);
+    match command {
+        Command::Data { command } => ok(data_cmd::run(command)),
         Command::Train(args) => train_cmd::train(args),
         Command::Launch(args) => launcher::launch(args),
-        Command::Dist { command } => train_cmd::dist(command),
-        Command::Model { command } => train_cmd::model(command),
-        Command::Checkpoint { command } => train_cmd::checkpoint(command),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        let mut src = e.source();
-        while let Some(s) = src {
-            eprintln!("  caused by: {s}");
-            src = s.source();
+        Command::Dist { command } => ok(train_cmd::dist(command)),
+        Command::Model { command } => ok(train_cmd::model(command)),
+        Command::Checkpoint { command } => ok(train_cmd::checkpoint(command)),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // GPU machines: make cudarc find libtorch's own NCCL (may restart the process once).
+    cuda_libs::ensure();
+    // libtorch failures (and bugs) come back as errors, not panics.
+    sigma_trainer::guard::install();
+    let result = sigma_trainer::guard::catch(|| run(cli.command));
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // Several processes of a job write to one log under srun: say which one failed.
+            let who = train_cmd::job_rank()
+                .map(|r| format!("rank {r}: "))
+                .unwrap_or_default();
+            // A lost peer or store: report the cause that stopped the job, once.
+            if let Some(reason) = sigma_trainer::dist::abort::reason() {
+                sigma_trainer::dist::abort::print_once(&reason);
+                std::process::exit(1);
+            }
+            let mut text = format!("{who}{e}");
+            let mut src = e.source();
+            while let Some(s) = src {
+                text.push_str(&format!("\n  caused by: {s}"));
+                src = s.source();
+            }
+            sigma_trainer::dist::abort::print_once(&text);
+            std::process::exit(1);
         }
-        std::process::exit(1);
     }
 }

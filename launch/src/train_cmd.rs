@@ -24,6 +24,11 @@ pub struct TrainArgs {
     /// Save a checkpoint and stop after this step (the schedule still spans train.steps).
     #[arg(long, value_name = "STEP")]
     pub stop_after: Option<u64>,
+    /// Exit status when the run stopped early on a signal (SIGTERM, SIGUSR1,
+    /// Ctrl-C) after saving a checkpoint; a finished run exits 0. Batch scripts
+    /// use it to requeue themselves (see launch/slurm/).
+    #[arg(long, value_name = "CODE", default_value_t = 0)]
+    pub stopped_exit_code: u8,
 }
 
 #[derive(Subcommand)]
@@ -120,17 +125,48 @@ pub enum ModelCommand {
     },
 }
 
-pub fn train(a: TrainArgs) -> Result<()> {
+/// This process's rank when it is part of a job of several (from the environment).
+pub fn job_rank() -> Option<usize> {
+    let get = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    let (rank, world) = match get("RANK") {
+        Some(r) => (r, get("WORLD_SIZE")),
+        None => (get("SLURM_PROCID")?, get("SLURM_NTASKS")),
+    };
+    (world.unwrap_or(1) > 1).then_some(rank)
+}
+
+/// Returns the process exit status: 0, or `--stopped-exit-code` after an early stop by signal.
+pub fn train(a: TrainArgs) -> Result<i32> {
+    let rank0 = job_rank().unwrap_or(0) == 0;
+    // Before anything slow: a scheduler's signal during start-up must not kill
+    // the process. Ctrl-C saves only when the run checkpoints; decided once the
+    // config is read (until then it ends the process, with nothing to lose).
+    let signals = sigma_trainer::signals::StopSignals::install(rank0)?;
     let cfg = RunConfig::load(&a.config, &a.overrides)?;
-    println!(
-        "# resolved config ({}), saved as {}/config.toml",
-        a.config, cfg.metrics.output_dir
-    );
-    print!("{}", cfg.to_toml());
-    let mut t = Trainer::build(&cfg, !a.quiet)?;
+    signals.set_interrupt_saves(cfg.checkpointing());
+    if rank0 {
+        println!(
+            "# resolved config ({}), saved as {}/config.toml",
+            a.config, cfg.metrics.output_dir
+        );
+        print!("{}", cfg.to_toml());
+    }
+    let mut t = Trainer::build(&cfg, !a.quiet, signals)?;
     t.stop_after = a.stop_after;
     if let Some(spec) = &a.resume {
         t.resume(spec)?;
+    }
+    if !rank0 {
+        let r = t.run()?;
+        return Ok(if r.stopped_by_signal {
+            a.stopped_exit_code as i32
+        } else {
+            0
+        });
     }
     println!(
         "device {} ({}), {} parameters, {:.3} GFLOP/token, peak {}",
@@ -188,27 +224,23 @@ pub fn train(a: TrainArgs) -> Result<()> {
             ""
         }
     );
-    Ok(())
+    Ok(if r.stopped_by_signal {
+        a.stopped_exit_code as i32
+    } else {
+        0
+    })
 }
 
 pub fn model(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Summary { config, overrides } => {
-            let text = std::fs::read_to_string(&config)
-                .map_err(|e| anyhow::anyhow!("cannot read {config}: {e}"))?;
-            let mut doc: toml::Table =
-                text.parse().map_err(|e| anyhow::anyhow!("{config}: {e}"))?;
-            for o in &overrides {
-                sigma_trainer::config::apply_override(&mut doc, o)?;
-            }
-            let model: sigma_trainer::config::ModelConfig = doc
+            use sigma_trainer::config::{parse_doc, read_config, typed, ModelConfig};
+            let doc = parse_doc(&config, &read_config(&config)?, &overrides)?;
+            let section = doc
                 .get("model")
-                .ok_or_else(|| anyhow::anyhow!("{config}: no [model] section"))?
-                .clone()
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    anyhow::anyhow!("config `{config}: [model]`: {}", e.message())
-                })?;
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("config `{config}`: no [model] section"))?;
+            let model: ModelConfig = typed(section, "model", &config, &overrides)?;
             model.validate()?;
             let seq_len = doc
                 .get("data")

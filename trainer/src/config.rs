@@ -148,8 +148,17 @@ impl ModelConfig {
                 format!("must be positive, got {}", self.rope_theta),
             );
         }
-        if !(self.norm_eps > 0.0) || !(self.init_std > 0.0) {
-            return bad("norm_eps", "norm_eps and init_std must be positive".into());
+        if !(self.norm_eps > 0.0) {
+            return bad(
+                "norm_eps",
+                format!("must be positive, got {}", self.norm_eps),
+            );
+        }
+        if !(self.init_std > 0.0) {
+            return bad(
+                "init_std",
+                format!("must be positive, got {}", self.init_std),
+            );
         }
         Ok(())
     }
@@ -444,25 +453,108 @@ pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
     Ok(())
 }
 
+/// The text of config file `path`.
+pub fn read_config(path: &str) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| TrainError::config(path, format!("cannot read the config file: {e}")))
+}
+
+/// Where a value at `path` came from: the `--set` that wrote it (or a table
+/// above it), else the config file.
+fn origin(path: &str, file: &str, overrides: &[String]) -> String {
+    let hit = overrides.iter().rev().find(|o| {
+        let key = o.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
+        !key.is_empty()
+            && (path == key
+                || path.starts_with(&format!("{key}."))
+                || path.starts_with(&format!("{key}[")))
+    });
+    match hit {
+        Some(o) => format!("from --set {o}"),
+        None => format!("in {file}"),
+    }
+}
+
+/// Every float in the document must be finite (TOML allows `inf` and `nan`).
+fn check_finite(v: &toml::Value, path: &str, file: &str, overrides: &[String]) -> Result<()> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Err(TrainError::config(
+            path,
+            format!(
+                "{f} is not a finite number ({})",
+                origin(path, file, overrides)
+            ),
+        )),
+        toml::Value::Table(t) => {
+            for (k, x) in t {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                check_finite(x, &p, file, overrides)?;
+            }
+            Ok(())
+        }
+        toml::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                check_finite(x, &format!("{path}[{i}]"), file, overrides)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The TOML document of `text` with the overrides applied, every float
+/// checked for finiteness.
+pub fn parse_doc(file: &str, text: &str, overrides: &[String]) -> Result<toml::Value> {
+    let mut doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| TrainError::config(file, e.to_string()))?;
+    for o in overrides {
+        apply_override(&mut doc, o)?;
+    }
+    let doc = toml::Value::Table(doc);
+    check_finite(&doc, "", file, overrides)?;
+    Ok(doc)
+}
+
+/// Deserialize `v` (found at `at`, "" for the whole document); an error names
+/// the key and where its value came from (the file or a `--set`).
+pub fn typed<T: serde::de::DeserializeOwned>(
+    v: toml::Value,
+    at: &str,
+    file: &str,
+    overrides: &[String],
+) -> Result<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = match (at.is_empty(), inner.as_str()) {
+            (true, p) => p.to_string(),
+            (false, "" | ".") => at.to_string(),
+            (false, p) => format!("{at}.{p}"),
+        };
+        let msg = e.inner().message().to_string();
+        if path.is_empty() || path == "." {
+            TrainError::config(file, msg)
+        } else {
+            let from = origin(&path, file, overrides);
+            TrainError::config(path, format!("{msg} ({from})"))
+        }
+    })
+}
+
 impl RunConfig {
     pub fn parse(file: &str, text: &str, overrides: &[String]) -> Result<RunConfig> {
-        let mut doc: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| TrainError::config(file, e.to_string()))?;
-        for o in overrides {
-            apply_override(&mut doc, o)?;
-        }
-        let cfg: RunConfig = toml::Value::Table(doc)
-            .try_into()
-            .map_err(|e: toml::de::Error| TrainError::config(file, e.message().to_string()))?;
+        let doc = parse_doc(file, text, overrides)?;
+        let cfg: RunConfig = typed(doc, "", file, overrides)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn load(path: &str, overrides: &[String]) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TrainError::config(path, format!("cannot read: {e}")))?;
-        RunConfig::parse(path, &text, overrides)
+        RunConfig::parse(path, &read_config(path)?, overrides)
     }
 
     pub fn to_toml(&self) -> String {
@@ -495,6 +587,35 @@ impl RunConfig {
                 "optim.lr",
                 format!("need 0 <= min_lr ({}) <= lr ({}), lr > 0", o.min_lr, o.lr),
             ));
+        }
+        for (field, v, what) in [
+            ("optim.weight_decay", o.weight_decay, ">= 0"),
+            (
+                "optim.grad_clip",
+                o.grad_clip,
+                ">= 0 (0 turns clipping off)",
+            ),
+        ] {
+            if !(v >= 0.0) {
+                return Err(TrainError::config(
+                    field,
+                    format!("must be {what}, got {v}"),
+                ));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return Err(TrainError::config(
+                "optim.eps",
+                format!("must be positive, got {}", o.eps),
+            ));
+        }
+        if let Some(p) = self.metrics.peak_flops {
+            if !(p > 0.0) {
+                return Err(TrainError::config(
+                    "metrics.peak_flops",
+                    format!("must be positive (FLOP/s of one device), got {p}"),
+                ));
+            }
         }
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(TrainError::config(
@@ -547,6 +668,11 @@ impl RunConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Checkpoints are scheduled (every N steps or every M minutes).
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint.every_steps > 0 || self.checkpoint.every_minutes > 0.0
     }
 
     /// Global batch (samples) at `step` (0-based), following the ramp.

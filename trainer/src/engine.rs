@@ -15,6 +15,7 @@
 use tch::Tensor;
 
 use crate::error::Result;
+use crate::guard::at;
 use crate::model::Model;
 use crate::params::Params;
 
@@ -84,11 +85,13 @@ pub fn forward_backward(
     let nl = model.cfg.num_layers;
 
     // Forward.
+    at("forward (embedding)", None);
     let embed_out = model.embed(&inputs);
     let mut block_in: Vec<Tensor> = Vec::with_capacity(nl);
     let mut block_out: Vec<Option<Tensor>> = Vec::with_capacity(nl);
     let mut x = leaf(&embed_out);
     for l in 0..nl {
+        at("forward", Some(l));
         let out = if checkpoint {
             tch::no_grad(|| model.block(l, &x))
         } else {
@@ -98,10 +101,12 @@ pub fn forward_backward(
         x = leaf(&out);
         block_out.push(if checkpoint { None } else { Some(out) });
     }
+    at("forward (output head and loss)", None);
     let loss_sum = model.head_loss_sum(&x, &targets);
 
     // Backward, segment by segment in reverse.
     let p = &model.params;
+    at("backward (output head and loss)", None);
     let mut g = backprop(
         &(&loss_sum * loss_scale),
         p,
@@ -114,8 +119,12 @@ pub fn forward_backward(
     for l in (0..nl).rev() {
         let out = match block_out[l].take() {
             Some(o) => o,
-            None => model.block(l, &block_in[l]),
+            None => {
+                at("recompute (activation checkpointing)", Some(l));
+                model.block(l, &block_in[l])
+            }
         };
+        at("backward", Some(l));
         let root = (out * &g).sum(g.kind());
         g = backprop(
             &root,
@@ -127,6 +136,7 @@ pub fn forward_backward(
         .expect("input grad");
         on_segment_done(nl - l, grads)?;
     }
+    at("backward (embedding)", None);
     let root = (embed_out * &g).sum(g.kind());
     backprop(&root, p, &model.segment_params(Segment::Embed), None, grads);
     on_segment_done(nl + 1, grads)?;
@@ -135,6 +145,7 @@ pub fn forward_backward(
 
 /// Sum of token losses without gradients (validation).
 pub fn loss_sum(model: &Model, tokens: &Tensor) -> Tensor {
+    at("validation forward", None);
     tch::no_grad(|| {
         let t = tokens.size()[1] - 1;
         let mut x = model.embed(&tokens.narrow(1, 0, t));

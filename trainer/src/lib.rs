@@ -7,12 +7,14 @@ pub mod config;
 pub mod dist;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod schedule;
+pub mod signals;
 pub mod summary;
 pub mod train;
 

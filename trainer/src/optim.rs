@@ -72,14 +72,24 @@ impl AdamW {
 
     /// Reduce the accumulated gradient over data-parallel ranks (if `comm`), clip,
     /// update with learning rate `lr`, and zero the gradient for the next step.
-    /// A non-finite gradient norm leaves parameters and moments untouched.
+    /// A non-finite gradient norm leaves parameters and moments untouched, and
+    /// so does `skip` (the step's loss was not finite; every rank passes the
+    /// same value, so all skip together and no collective is left half-done).
     pub fn step(
         &mut self,
         params: &Params,
         lr: f64,
         comm: Option<&mut (dyn Collectives + '_)>,
+        skip: bool,
     ) -> Result<StepStats> {
-        let stats = tch::no_grad(|| self.update(params, lr, comm))?;
+        let stats = if skip {
+            StepStats {
+                grad_norm: f64::NAN,
+                applied: false,
+            }
+        } else {
+            tch::no_grad(|| self.update(params, lr, comm))?
+        };
         let _ = self.grad.zero_();
         Ok(stats)
     }
@@ -176,5 +186,62 @@ pub fn kind_bytes(k: Kind) -> i64 {
         Kind::Float | Kind::Int => 4,
         Kind::BFloat16 | Kind::Half => 2,
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelConfig, OptimConfig, Schedule};
+    use crate::model::Model;
+
+    fn tiny() -> (Model, AdamW) {
+        let c: ModelConfig = toml::from_str(
+            "vocab_size = 16\nd_model = 8\nnum_layers = 1\nffn_dim = 16\nnum_q_heads = 2\n\
+             num_k_heads = 1\nnum_v_heads = 2\nqk_head_dim = 4\nv_head_dim = 4\n",
+        )
+        .expect("config");
+        let m = Model::new(&c, 1, false, false, tch::Device::Cpu, false);
+        let o = OptimConfig {
+            lr: 0.1,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            decay_steps: 0,
+            weight_decay: 0.1,
+            decay_norms: false,
+            decay_embeddings: false,
+            betas: [0.9, 0.95],
+            eps: 1e-8,
+            grad_clip: 1.0,
+        };
+        let a = AdamW::new(&o, &m.params, None);
+        (m, a)
+    }
+
+    #[test]
+    fn a_skipped_step_leaves_weights_and_moments_alone_and_an_applied_one_does_not() {
+        let (m, mut a) = tiny();
+        let w0 = m.params.flat.copy();
+        let _ = a.grad.fill_(0.5);
+        // The loss was not finite although the gradient is: no update at all.
+        let s = a.step(&m.params, 0.1, None, true).expect("step");
+        assert!(!s.applied);
+        assert!(m.params.flat.equal(&w0));
+        assert_eq!(a.steps, 0);
+        assert_eq!(
+            f64::try_from(a.exp_avg.abs().sum(Kind::Double)).expect("sum"),
+            0.0
+        );
+        // The gradient is cleared either way.
+        assert_eq!(
+            f64::try_from(a.grad.abs().sum(Kind::Double)).expect("sum"),
+            0.0
+        );
+        let _ = a.grad.fill_(0.5);
+        let s = a.step(&m.params, 0.1, None, false).expect("step");
+        assert!(s.applied && s.grad_norm.is_finite());
+        assert!(!m.params.flat.equal(&w0));
+        assert_eq!(a.steps, 1);
     }
 }

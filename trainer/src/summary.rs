@@ -129,3 +129,88 @@ impl fmt::Display for Summary {
         )
     }
 }
+
+/// Memory a training run needs by formula (bytes), for out-of-memory hints.
+/// Weights, gradient and AdamW moments are exact; activations are an estimate
+/// of what backward keeps per token and layer (matmul inputs and outputs in
+/// the compute dtype, norm and residual tensors in fp32) and the output
+/// head's logits with their fp32 log-softmax. Attention is assumed to run in
+/// a fused kernel (no T x T scores kept).
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    pub state: f64,
+    pub activations: f64,
+    pub logits: f64,
+}
+
+pub struct MemoryInputs {
+    pub seq_len: usize,
+    pub micro_batch_size: usize,
+    pub activation_checkpointing: bool,
+    /// bf16 matmuls (2-byte activations) or fp32.
+    pub mixed: bool,
+    /// ZeRO-1 shards of the AdamW moments (1: none).
+    pub optimizer_shards: usize,
+}
+
+pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
+    let n = summarize(c, m.seq_len).params as f64;
+    let state = n * (4.0 + 4.0 + 8.0 / m.optimizer_shards.max(1) as f64);
+    let tokens = (m.micro_batch_size * m.seq_len) as f64;
+    let (ec, ef) = (if m.mixed { 2.0 } else { 4.0 }, 4.0);
+    let d = c.d_model as f64;
+    let q = (c.num_q_heads * c.dot_dim()) as f64;
+    let kv = (c.num_k_heads.max(c.num_v_heads) * (c.dot_dim() + c.v_head_dim)) as f64;
+    let o = (c.num_q_heads * c.v_head_dim) as f64;
+    let per_layer_token = ef * 6.0 * d
+        + ec * (4.0 * d
+            + 3.0 * q
+            + 4.0 * c.aug_q_dim as f64
+            + 2.0 * kv
+            + 2.0 * o
+            + 4.0 * c.ffn_dim as f64);
+    let layers = c.num_layers as f64;
+    let activations = if m.activation_checkpointing {
+        tokens * (layers * ef * d + per_layer_token)
+    } else {
+        tokens * layers * per_layer_token
+    };
+    let logits = tokens * c.vocab_size as f64 * (ec + 3.0 * 4.0);
+    MemoryEstimate {
+        state,
+        activations,
+        logits,
+    }
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> f64 {
+        self.state + self.activations + self.logits
+    }
+
+    /// The estimate and what to change, for an out-of-memory error.
+    pub fn advice(&self) -> String {
+        let what = if self.state > self.activations + self.logits {
+            "Most of it is the model's own state: shard the optimizer (parallel.zero = 1 over more \
+             data-parallel ranks) or train a smaller model"
+        } else {
+            "Most of it is activations: lower train.micro_batch_size (raise train.grad_accum_steps \
+             to keep the batch), set train.activation_checkpointing = true, or shorten data.seq_len"
+        };
+        format!("{self}. {what}")
+    }
+}
+
+impl fmt::Display for MemoryEstimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = |x: f64| format!("{:.2} GB", x / 1e9);
+        write!(
+            f,
+            "By formula this run needs about {}: weights, gradient and AdamW moments {}, activations {}, output logits {}",
+            g(self.total()),
+            g(self.state),
+            g(self.activations),
+            g(self.logits)
+        )
+    }
+}

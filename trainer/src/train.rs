@@ -1,12 +1,12 @@
-//! The single-device training loop. `Trainer::build` wires the parts together
-//! (device, dataset, model, optimizer, loader, metrics); `Trainer::run` is the
-//! loop: gather a global batch of micro-batches, forward/backward each through
-//! the segment engine with the loss normalised by the global batch's target
-//! tokens, one AdamW step, log, validate.
+//! The training loop. `Trainer::build` wires the parts together (device,
+//! dataset, model, optimizer, loader) and writes nothing; `Trainer::resume`
+//! loads a checkpoint; `Trainer::run` writes the run's files and loops: gather
+//! a global batch of micro-batches, forward/backward each through the segment
+//! engine with the loss normalised by the global batch's target tokens, one
+//! AdamW step, log, validate, save.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,14 +22,16 @@ use crate::checkpoint::save::{SaveInfo, Saver};
 use crate::checkpoint::Progress;
 use crate::config::{DeviceChoice, NanPolicy, Precision, RunConfig};
 use crate::dist::buckets::GradBuckets;
-use crate::dist::{DistEnv, Job};
+use crate::dist::{abort, DistEnv, Job};
 use crate::engine;
 use crate::error::{Result, TrainError};
+use crate::guard;
 use crate::metrics::{self, MetricsWriter};
 use crate::model::Model;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, StepStats};
 use crate::schedule::lr_at;
-use crate::summary::summarize;
+use crate::signals::StopSignals;
+use crate::summary::{memory_estimate, summarize, MemoryInputs};
 
 pub struct Trainer {
     pub cfg: RunConfig,
@@ -54,6 +56,32 @@ pub struct Trainer {
     pub peak_flops: Option<f64>,
     pub flops_per_token: f64,
     pub progress: bool,
+    /// Stop requests by signal (installed by the caller before `build`).
+    pub signals: StopSignals,
+    rank: usize,
+}
+
+/// What `run` carries from step to step.
+struct RunState {
+    bar: ProgressBar,
+    report: TrainReport,
+    valid_curve: BTreeMap<String, Vec<(u64, f64)>>,
+    interval_tokens: u64,
+    interval_time: f64,
+    gpu_peak_mib: u64,
+}
+
+/// What one optimizer step produced.
+struct StepOutcome {
+    loss: f64,
+    lr: f64,
+    stats: StepStats,
+    target_tokens: usize,
+    dt: f64,
+    /// Seconds in data, forward/backward (with reductions), optimizer.
+    phases: [f64; 3],
+    stop_signal: bool,
+    save_timed: bool,
 }
 
 /// What a finished run reports.
@@ -70,6 +98,8 @@ pub struct TrainReport {
     pub checkpoints: Vec<(u64, f64)>,
     /// Set when the run stopped early on a signal or `--stop-after`.
     pub stopped_at: Option<u64>,
+    /// The early stop was asked for by a signal (not `--stop-after`).
+    pub stopped_by_signal: bool,
 }
 
 fn pick_device(c: DeviceChoice) -> Result<Device> {
@@ -93,7 +123,9 @@ pub fn batch_tensor(b: &Batch, device: Device) -> Tensor {
 }
 
 impl Trainer {
-    pub fn build(cfg: &RunConfig, progress: bool) -> Result<Trainer> {
+    /// Wire the parts together. Writes nothing to disk: the run's files appear
+    /// only when `run` starts, so a refused resume leaves everything as it was.
+    pub fn build(cfg: &RunConfig, progress: bool, signals: StopSignals) -> Result<Trainer> {
         if let Some(n) = cfg.train.cpu_threads {
             tch::set_num_threads(n as i32);
         }
@@ -117,16 +149,36 @@ impl Trainer {
             Device::Cuda(i) => Some(i),
             _ => None,
         };
-        let job = if env.world > 1 {
-            Some(Job::join(env, cuda_index)?)
-        } else {
-            None
-        };
+        guard::set_device(match device {
+            Device::Cuda(i) => format!("cuda:{i} (rank {rank})"),
+            _ if env.world > 1 => format!("cpu (rank {rank})"),
+            _ => "cpu".into(),
+        });
         let mixed = match cfg.train.precision {
             Precision::Auto => device.is_cuda(),
             Precision::Bf16 => true,
             Precision::Fp32 => false,
         };
+        guard::set_memory_hint(
+            memory_estimate(
+                &cfg.model,
+                &MemoryInputs {
+                    seq_len: cfg.data.seq_len,
+                    micro_batch_size: cfg.train.micro_batch_size,
+                    activation_checkpointing: cfg.train.activation_checkpointing,
+                    mixed,
+                    optimizer_shards: if cfg.parallel.zero == 1 { dp } else { 1 },
+                },
+            )
+            .advice(),
+        );
+        guard::at("joining the job", None);
+        let job = if env.world > 1 {
+            Some(Job::join(env, cuda_index)?)
+        } else {
+            None
+        };
+        guard::at("opening the data", None);
         let dataset = Dataset::open_blocking(&cfg.data)?;
         if (cfg.model.vocab_size as u32) < dataset.tokenizer.vocab_size {
             return Err(TrainError::config(
@@ -139,15 +191,14 @@ impl Trainer {
                 ),
             ));
         }
-        let out = PathBuf::from(&cfg.metrics.output_dir);
+        // Rank 0 copies the tokenizer into checkpoints: it must be the one the manifest records.
         let tokenizer = if rank == 0 {
-            sigma_data::store::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-            let src = &dataset.sources[0];
-            Some(block_on(src.dir.join(&dataset.tokenizer.file).get())?.to_vec())
+            Some(dataset.load_tokenizer()?.json.to_vec())
         } else {
             None
         };
         let mut saver = Saver::new(cfg, job.as_ref().map(|j| j.env.clone()), tokenizer);
+        guard::at("model initialisation", None);
         let model = Model::new(
             &cfg.model,
             cfg.train.seed,
@@ -156,7 +207,7 @@ impl Trainer {
             device,
             mixed,
         );
-        if cfg.checkpoint.every_steps > 0 || cfg.checkpoint.every_minutes > 0.0 {
+        if cfg.checkpointing() {
             saver.allocate_host(&model.params);
         }
         let zero = (cfg.parallel.zero == 1 && dp > 1).then_some((rank, dp));
@@ -198,6 +249,8 @@ impl Trainer {
             device_name,
             peak_flops,
             progress: progress && rank == 0,
+            signals,
+            rank,
         })
     }
 
@@ -213,6 +266,7 @@ impl Trainer {
             return Ok(None);
         };
         let t0 = Instant::now();
+        guard::at("checkpoint load", None);
         let mut ck = Checkpoint::open(&dir)?;
         ck.restore(&self.model.params, &mut self.optim)?;
         self.sync();
@@ -225,7 +279,7 @@ impl Trainer {
             ));
         }
         let dp = self.cfg.parallel.dp;
-        let rank = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0);
+        let rank = self.rank;
         self.loader = Loader::new(
             self.dataset.clone(),
             LoaderOptions {
@@ -262,7 +316,7 @@ impl Trainer {
 
     /// A message from rank 0 only.
     fn say(&self, msg: String) {
-        if self.job.as_ref().map(|j| j.env.rank).unwrap_or(0) == 0 {
+        if self.rank == 0 {
             eprintln!("{msg}");
         }
     }
@@ -330,8 +384,29 @@ impl Trainer {
         }
     }
 
+    /// The training loop, as named phases: `begin` (files, progress bar),
+    /// then per step `train_step` (data, forward/backward, agreement across
+    /// ranks, optimizer), `record` (skips, logging), `maybe_validate` and
+    /// `maybe_save` (which also decides to stop), and `end`.
     pub fn run(&mut self) -> Result<TrainReport> {
-        let c = self.cfg.clone();
+        let mut run = self.begin()?;
+        for step in self.start_step..self.cfg.train.steps {
+            abort::check()?;
+            crate::dist::env::maybe_inject_fault(self.rank, step);
+            let out = self.train_step(step)?;
+            self.record(step, &out, &mut run)?;
+            self.maybe_validate(step, &mut run)?;
+            if self.maybe_save(step, &out, &mut run)? {
+                break;
+            }
+        }
+        self.end(run)
+    }
+
+    /// Everything the run writes before its first step: the resolved config
+    /// (only now, after a resume's checks passed), the metrics files, the bar.
+    fn begin(&mut self) -> Result<RunState> {
+        let c = &self.cfg;
         let total = c.train.steps;
         let bar = if self.progress {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -346,28 +421,15 @@ impl Trainer {
         } else {
             ProgressBar::hidden()
         };
-        let mut report = TrainReport {
-            output_dir: PathBuf::from(&c.metrics.output_dir),
-            skipped_steps: self.skipped_before,
-            ..Default::default()
-        };
-        let rank0 = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0) == 0;
-        if rank0 {
+        let out = PathBuf::from(&c.metrics.output_dir);
+        if self.rank == 0 {
+            sigma_data::fsutil::write_atomic(&out.join("config.toml"), c.to_toml().as_bytes())?;
             self.metrics = Some(MetricsWriter::create(
-                &report.output_dir,
+                &out,
                 c.metrics.tensorboard,
                 self.start_step,
             )?);
         }
-        // SIGTERM / SIGUSR1: save at the end of the current step and stop. A
-        // second SIGTERM while stopping ends the process at once.
-        let signalled = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
-            signal_hook::flag::register_conditional_shutdown(sig, 1, signalled.clone())
-                .and_then(|_| signal_hook::flag::register(sig, signalled.clone()))
-                .map_err(|e| TrainError::Other(format!("cannot install signal handlers: {e}")))?;
-        }
-        let ckpt_enabled = c.checkpoint.every_steps > 0 || c.checkpoint.every_minutes > 0.0;
         bar.set_position(self.start_step);
         if self.start_step >= total {
             self.say(format!(
@@ -375,201 +437,264 @@ impl Trainer {
                 self.start_step
             ));
         }
-        let dp = c.parallel.dp;
-        let mut valid_curve: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
-        let (mut interval_tokens, mut interval_time) = (0u64, 0.0f64);
-        let mut gpu_peak_mib = 0u64;
-        let rank = self.job.as_ref().map(|j| j.env.rank).unwrap_or(0);
-        for step in self.start_step..total {
-            crate::dist::env::maybe_inject_fault(rank, step);
-            let t0 = Instant::now();
-            let accum = c.accum_steps_at(step);
-            let batches: Vec<Batch> = (0..accum)
-                .map(|_| self.loader.next_batch())
-                .collect::<std::result::Result<_, _>>()?;
-            let t_data = t0.elapsed().as_secs_f64();
-            // Every rank holds the same number of rows: the global batch is dp times this rank's.
-            let target_tokens: usize =
-                batches.iter().map(|b| b.rows * b.seq_len).sum::<usize>() * dp;
-            let scale = 1.0 / target_tokens as f64;
-            let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
-            for (i, b) in batches.iter().enumerate() {
-                let t = batch_tensor(b, self.device);
-                let last_micro = i + 1 == batches.len() && c.parallel.overlap_grad_reduce;
-                let (buckets, job) = (&mut self.buckets, &mut self.job);
-                // On the last micro-batch, reduce each bucket as soon as it is final.
-                let mut hook =
-                    |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), job.as_mut()) {
-                        (true, Some(bk), Some(j)) => bk.segment_done(pos, g, j.dp.as_mut()),
-                        _ => Ok(()),
-                    };
-                let l = engine::forward_backward(
-                    &self.model,
-                    &t,
-                    scale,
-                    c.train.activation_checkpointing,
-                    &mut self.optim.grad,
-                    &mut hook,
-                )?;
-                loss_sum += l.to_kind(Kind::Double);
-            }
-            if let (Some(bk), Some(j)) = (&mut self.buckets, &mut self.job) {
-                bk.finish(&self.optim.grad, j.dp.as_mut())?;
-            }
-            // Loss and the stop / timed-save requests travel together, so every
-            // rank agrees on them: [loss sum, signal received, save time reached (rank 0's clock)].
-            let timed = rank0
-                && c.checkpoint.every_minutes > 0.0
-                && self.saver.last_save.elapsed().as_secs_f64()
-                    >= c.checkpoint.every_minutes * 60.0;
-            let mut flags = [
-                loss_sum.double_value(&[]),
-                f64::from(u8::from(signalled.load(Ordering::Relaxed))),
-                f64::from(u8::from(timed)),
-            ];
-            if let Some(job) = &mut self.job {
-                let mut l = Tensor::from_slice(&flags).to_device(self.device);
-                job.dp.all_reduce_sum(&mut l)?;
-                flags.copy_from_slice(&Vec::<f64>::try_from(l.to_device(Device::Cpu))?);
-            }
-            let loss_sum = flags[0];
-            let (stop_signal, save_timed) = (flags[1] > 0.0, flags[2] > 0.0);
-            self.sync();
-            let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
-            let lr = lr_at(&c.optim, step, total);
-            // Plain DP reduced the gradient in buckets already; ZeRO-1 reduce-scatters in the step.
-            let comm = match self.buckets {
-                Some(_) => None,
-                None => self.job.as_mut().map(|j| j.dp.as_mut()),
-            };
-            let stats = self.optim.step(&self.model.params, lr, comm)?;
-            self.sync();
-            let t_optim = t0.elapsed().as_secs_f64() - t_data - t_fwd_bwd;
-            let loss = loss_sum / target_tokens as f64;
-            let dt = t0.elapsed().as_secs_f64();
-            interval_tokens += target_tokens as u64;
-            interval_time += dt;
-            report.losses.push(loss);
-            if !stats.applied || !loss.is_finite() {
-                report.skipped_steps += 1;
-                let msg = format!(
-                    "step {step}: non-finite loss {loss} / grad norm {} ",
-                    stats.grad_norm
-                );
-                if c.train.nan_policy == NanPolicy::Abort {
-                    return Err(TrainError::Other(format!(
-                        "{msg}; aborting (train.nan_policy = \"abort\")"
-                    )));
-                }
-                let warning =
-                    format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
-                if bar.is_hidden() {
-                    eprintln!("{warning}");
-                } else {
-                    bar.println(warning);
-                }
-            }
-            let last = step + 1 == total;
-            if (step + 1) % c.train.log_every.max(1) == 0 || last {
-                let tps = interval_tokens as f64 / interval_time.max(1e-9);
-                // Global tokens/s over the peak of all dp devices.
-                let mfu = self
-                    .peak_flops
-                    .map(|p| tps * self.flops_per_token / (p * dp as f64));
-                if let Device::Cuda(i) = self.device {
-                    gpu_peak_mib = gpu_peak_mib.max(metrics::gpu_memory_mib(i).unwrap_or(0));
-                }
-                let rec = json!({
-                    "step": step + 1,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": stats.grad_norm,
-                    "tokens_per_s": tps,
-                    "mfu": mfu,
-                    "global_batch_tokens": target_tokens,
-                    "step_time_s": dt,
-                    "phase_s": {"data": t_data, "forward_backward": t_fwd_bwd, "optimizer": t_optim},
-                    "skipped": !stats.applied,
-                    "optimizer_state_bytes": self.optim.state_bytes(),
-                    "memory": if self.device.is_cuda() { json!({"gpu_mib_peak": gpu_peak_mib}) } else { self.memory_record() },
-                });
-                if let Some(m) = &mut self.metrics {
-                    m.log(step + 1, &rec)?;
-                }
-                bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {:.0} tok/s{}",
-                    tps,
-                    mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m))
-                        .unwrap_or_default()
-                ));
-                report.tokens_per_s = tps;
-                report.mfu = mfu;
-                interval_tokens = 0;
-                interval_time = 0.0;
-            }
-            bar.inc(1);
-            if (c.train.eval_every > 0 && (step + 1) % c.train.eval_every == 0) || last {
-                let v = self.validate()?;
-                for (k, l) in &v {
-                    valid_curve
-                        .entry(k.clone())
-                        .or_default()
-                        .push((step + 1, *l));
-                }
-                if let Some(m) = &mut self.metrics {
-                    m.log(step + 1, &json!({"step": step + 1, "val_loss": v}))?;
-                }
-                report.valid = v;
-            }
-            let done = step + 1;
-            let stop = stop_signal || self.stop_after == Some(done);
-            let every = c.checkpoint.every_steps > 0 && done % c.checkpoint.every_steps == 0;
-            if stop || every || save_timed || (last && ckpt_enabled) {
-                if let Some(stall) = self.save(done, lr, report.skipped_steps)? {
-                    report.checkpoints.push((done, stall));
-                    if let Some(m) = &mut self.metrics {
-                        m.log(
-                            done,
-                            &json!({"step": done, "checkpoint": {"stall_s": stall}}),
-                        )?;
-                    }
-                }
-            }
-            if stop {
-                self.saver.wait()?;
-                let why = if stop_signal {
-                    "signal received"
-                } else {
-                    "--stop-after"
+        Ok(RunState {
+            bar,
+            report: TrainReport {
+                output_dir: out,
+                skipped_steps: self.skipped_before,
+                ..Default::default()
+            },
+            valid_curve: BTreeMap::new(),
+            interval_tokens: 0,
+            interval_time: 0.0,
+            gpu_peak_mib: 0,
+        })
+    }
+
+    /// One optimizer step: gather the micro-batches, forward/backward each,
+    /// agree with every rank on the loss and on stop/save requests, update.
+    fn train_step(&mut self, step: u64) -> Result<StepOutcome> {
+        let c = self.cfg.clone();
+        let t0 = Instant::now();
+        guard::at("data loading", None);
+        let accum = c.accum_steps_at(step);
+        let batches: Vec<Batch> = (0..accum)
+            .map(|_| self.loader.next_batch())
+            .collect::<std::result::Result<_, _>>()?;
+        let t_data = t0.elapsed().as_secs_f64();
+        // Every rank holds the same number of rows: the global batch is dp times this rank's.
+        let target_tokens: usize =
+            batches.iter().map(|b| b.rows * b.seq_len).sum::<usize>() * c.parallel.dp;
+        let scale = 1.0 / target_tokens as f64;
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
+        for (i, b) in batches.iter().enumerate() {
+            let t = batch_tensor(b, self.device);
+            let last_micro = i + 1 == batches.len() && c.parallel.overlap_grad_reduce;
+            let (buckets, job) = (&mut self.buckets, &mut self.job);
+            // On the last micro-batch, reduce each bucket as soon as it is final.
+            let mut hook =
+                |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), job.as_mut()) {
+                    (true, Some(bk), Some(j)) => bk.segment_done(pos, g, j.dp.as_mut()),
+                    _ => Ok(()),
                 };
-                let msg = format!(
-                    "{why}: saved {} and stopped after step {done}",
-                    self.saver
-                        .root
-                        .join(crate::checkpoint::step_dir_name(done))
-                        .display()
-                );
-                bar.println(&msg);
-                if bar.is_hidden() {
-                    self.say(msg);
-                }
-                report.stopped_at = Some(done);
-                break;
+            let l = engine::forward_backward(
+                &self.model,
+                &t,
+                scale,
+                c.train.activation_checkpointing,
+                &mut self.optim.grad,
+                &mut hook,
+            )?;
+            loss_sum += l.to_kind(Kind::Double);
+        }
+        guard::at("gradient reduction", None);
+        if let (Some(bk), Some(j)) = (&mut self.buckets, &mut self.job) {
+            bk.finish(&self.optim.grad, j.dp.as_mut())?;
+        }
+        // Loss and the stop / timed-save requests travel together, so every
+        // rank agrees on them: [loss sum, signal received, save time reached (rank 0's clock)].
+        let timed = self.rank == 0
+            && c.checkpoint.every_minutes > 0.0
+            && self.saver.last_save.elapsed().as_secs_f64() >= c.checkpoint.every_minutes * 60.0;
+        let mut flags = [
+            loss_sum.double_value(&[]),
+            f64::from(u8::from(self.signals.requested())),
+            f64::from(u8::from(timed)),
+        ];
+        if let Some(job) = &mut self.job {
+            let mut l = Tensor::from_slice(&flags).to_device(self.device);
+            job.dp.all_reduce_sum(&mut l)?;
+            flags.copy_from_slice(&Vec::<f64>::try_from(l.to_device(Device::Cpu))?);
+        }
+        self.sync();
+        let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
+        let loss = flags[0] / target_tokens as f64;
+        let lr = lr_at(&c.optim, step, c.train.steps);
+        // Plain DP reduced the gradient in buckets already; ZeRO-1 reduce-scatters in the step.
+        let comm = match self.buckets {
+            Some(_) => None,
+            None => self.job.as_mut().map(|j| j.dp.as_mut()),
+        };
+        guard::at("optimizer step", None);
+        // A non-finite loss (every rank sees the same one) skips the update like a
+        // non-finite gradient does.
+        let stats = self
+            .optim
+            .step(&self.model.params, lr, comm, !loss.is_finite())?;
+        self.sync();
+        let dt = t0.elapsed().as_secs_f64();
+        Ok(StepOutcome {
+            loss,
+            lr,
+            stats,
+            target_tokens,
+            dt,
+            phases: [t_data, t_fwd_bwd, dt - t_data - t_fwd_bwd],
+            stop_signal: flags[1] > 0.0,
+            save_timed: flags[2] > 0.0,
+        })
+    }
+
+    /// Skip accounting (and `nan_policy = "abort"`), the step's record, the bar.
+    fn record(&mut self, step: u64, o: &StepOutcome, run: &mut RunState) -> Result<()> {
+        let c = &self.cfg;
+        run.interval_tokens += o.target_tokens as u64;
+        run.interval_time += o.dt;
+        run.report.losses.push(o.loss);
+        if !o.stats.applied {
+            run.report.skipped_steps += 1;
+            let msg = format!(
+                "step {step}: non-finite loss {} / grad norm {}",
+                o.loss, o.stats.grad_norm
+            );
+            if c.train.nan_policy == NanPolicy::Abort {
+                return Err(TrainError::Other(format!(
+                    "{msg}; aborting (train.nan_policy = \"abort\")"
+                )));
+            }
+            let warning = format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
+            if run.bar.is_hidden() {
+                eprintln!("{warning}");
+            } else {
+                run.bar.println(warning);
             }
         }
+        let last = step + 1 == c.train.steps;
+        if (step + 1) % c.train.log_every.max(1) == 0 || last {
+            let dp = c.parallel.dp;
+            let tps = run.interval_tokens as f64 / run.interval_time.max(1e-9);
+            // Global tokens/s over the peak of all dp devices.
+            let mfu = self
+                .peak_flops
+                .map(|p| tps * self.flops_per_token / (p * dp as f64));
+            if let Device::Cuda(i) = self.device {
+                run.gpu_peak_mib = run
+                    .gpu_peak_mib
+                    .max(metrics::gpu_memory_mib(i).unwrap_or(0));
+            }
+            let [t_data, t_fwd_bwd, t_optim] = o.phases;
+            let rec = json!({
+                "step": step + 1,
+                "loss": o.loss,
+                "lr": o.lr,
+                "grad_norm": o.stats.grad_norm,
+                "tokens_per_s": tps,
+                "mfu": mfu,
+                "global_batch_tokens": o.target_tokens,
+                "step_time_s": o.dt,
+                "phase_s": {"data": t_data, "forward_backward": t_fwd_bwd, "optimizer": t_optim},
+                "skipped": !o.stats.applied,
+                "optimizer_state_bytes": self.optim.state_bytes(),
+                "memory": if self.device.is_cuda() { json!({"gpu_mib_peak": run.gpu_peak_mib}) } else { self.memory_record() },
+            });
+            if let Some(m) = &mut self.metrics {
+                m.log(step + 1, &rec)?;
+            }
+            run.bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s{}",
+                o.loss,
+                o.lr,
+                tps,
+                mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m))
+                    .unwrap_or_default()
+            ));
+            run.report.tokens_per_s = tps;
+            run.report.mfu = mfu;
+            run.interval_tokens = 0;
+            run.interval_time = 0.0;
+        }
+        run.bar.inc(1);
+        Ok(())
+    }
+
+    /// Validation every `train.eval_every` steps and after the last.
+    fn maybe_validate(&mut self, step: u64, run: &mut RunState) -> Result<()> {
+        let c = &self.cfg.train;
+        let last = step + 1 == c.steps;
+        if !((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
+            return Ok(());
+        }
+        guard::at("validation", None);
+        let v = self.validate()?;
+        for (k, l) in &v {
+            run.valid_curve
+                .entry(k.clone())
+                .or_default()
+                .push((step + 1, *l));
+        }
+        if let Some(m) = &mut self.metrics {
+            m.log(step + 1, &json!({"step": step + 1, "val_loss": v}))?;
+        }
+        run.report.valid = v;
+        Ok(())
+    }
+
+    /// Save when due (every N steps or minutes, a stop request, the last step).
+    /// Returns true when the run stops here.
+    fn maybe_save(&mut self, step: u64, o: &StepOutcome, run: &mut RunState) -> Result<bool> {
+        let c = self.cfg.checkpoint.clone();
+        let done = step + 1;
+        let last = done == self.cfg.train.steps;
+        let stop = o.stop_signal || self.stop_after == Some(done);
+        let every = c.every_steps > 0 && done % c.every_steps == 0;
+        if stop || every || o.save_timed || (last && self.cfg.checkpointing()) {
+            guard::at("checkpoint save", None);
+            if let Some(stall) = self.save(done, o.lr, run.report.skipped_steps)? {
+                run.report.checkpoints.push((done, stall));
+                if let Some(m) = &mut self.metrics {
+                    m.log(
+                        done,
+                        &json!({"step": done, "checkpoint": {"stall_s": stall}}),
+                    )?;
+                }
+            }
+        }
+        if !stop {
+            return Ok(false);
+        }
+        self.saver.wait()?;
+        let why = if o.stop_signal {
+            "signal received"
+        } else {
+            "--stop-after"
+        };
+        let msg = format!(
+            "{why}: saved {} and stopped after step {done}",
+            self.saver
+                .root
+                .join(crate::checkpoint::step_dir_name(done))
+                .display()
+        );
+        run.bar.println(&msg);
+        if run.bar.is_hidden() {
+            self.say(msg);
+        }
+        run.report.stopped_at = Some(done);
+        run.report.stopped_by_signal = o.stop_signal;
+        Ok(true)
+    }
+
+    /// Wait for the last save, leave the job cleanly, draw the loss curve.
+    fn end(&mut self, run: RunState) -> Result<TrainReport> {
+        let RunState {
+            bar,
+            mut report,
+            valid_curve,
+            ..
+        } = run;
         self.saver.wait()?;
         bar.finish_and_clear();
         report.data_state = self.loader.state();
         if let Some(job) = &mut self.job {
             job.finish()?;
         }
-        if let (true, Some(m)) = (c.metrics.plot, &self.metrics) {
+        if let (true, Some(m)) = (self.cfg.metrics.plot, &self.metrics) {
             let train: Vec<(u64, f64)> = report
                 .losses
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| l.is_finite())
-                .map(|(i, &l)| (i as u64 + 1, l))
+                .map(|(i, &l)| (i as u64 + self.start_step + 1, l))
                 .collect();
             let valid: Vec<(String, Vec<(u64, f64)>)> = valid_curve.into_iter().collect();
             crate::plot::loss_png(&m.dir.join("loss.png"), &train, &valid)?;

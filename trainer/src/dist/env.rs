@@ -16,10 +16,16 @@ pub const SLURM_NTASKS: &str = "SLURM_NTASKS";
 pub const SLURM_LOCALID: &str = "SLURM_LOCALID";
 pub const SLURM_NTASKS_PER_NODE: &str = "SLURM_NTASKS_PER_NODE";
 pub const SLURM_JOB_NODELIST: &str = "SLURM_JOB_NODELIST";
+/// Under SLURM without MASTER_PORT, the port is `20000 + SLURM_JOB_ID % 20000`
+/// (as in launch/slurm/), so jobs sharing a node do not collide.
+pub const SLURM_JOB_ID: &str = "SLURM_JOB_ID";
 /// The job secret every rendezvous connection must present.
 pub const JOB_SECRET: &str = "SIGMA_JOB_SECRET";
 /// Set by `sigma launch` when it hosts the rendezvous store itself.
 pub const STORE_HOSTED: &str = "SIGMA_STORE_HOSTED";
+/// Set by `sigma launch`: how many times the job has been restarted (0 at
+/// first); each attempt uses a namespace of its own in the store.
+pub const RESTART_COUNT: &str = "SIGMA_RESTART_COUNT";
 /// Seconds any wait on a peer may take before it is an error (default 300).
 pub const TIMEOUT_S: &str = "SIGMA_DIST_TIMEOUT_S";
 /// Fault injection for tests: `RANK:STEP` makes that rank abort (like a crash)
@@ -51,6 +57,15 @@ pub struct DistEnv {
     /// True when this process must host the store (rank 0, unless a launcher does).
     pub host_store: bool,
     pub timeout_s: u64,
+    /// Attempt of a job restarted by `sigma launch --max-restarts` (0: the first).
+    pub restart_count: usize,
+}
+
+impl DistEnv {
+    /// Key prefix of this attempt in the rendezvous store.
+    pub fn store_namespace(&self) -> String {
+        format!("attempt{}/", self.restart_count)
+    }
 }
 
 fn var(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<usize>> {
@@ -107,41 +122,43 @@ impl DistEnv {
     }
 
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<DistEnv> {
-        let (rank, world, local_rank, local_world, default_addr) = if let Some(r) = var(get, RANK)?
-        {
-            let w = var(get, WORLD_SIZE)?.ok_or_else(|| {
-                TrainError::config(
-                    "environment WORLD_SIZE",
-                    "RANK is set but WORLD_SIZE is not",
+        let (rank, world, local_rank, local_world, default_addr, default_port) =
+            if let Some(r) = var(get, RANK)? {
+                let w = var(get, WORLD_SIZE)?.ok_or_else(|| {
+                    TrainError::config(
+                        "environment WORLD_SIZE",
+                        "RANK is set but WORLD_SIZE is not",
+                    )
+                })?;
+                (
+                    r,
+                    w,
+                    var(get, LOCAL_RANK)?.unwrap_or(r),
+                    var(get, LOCAL_WORLD_SIZE)?.unwrap_or(w),
+                    None,
+                    None,
                 )
-            })?;
-            (
-                r,
-                w,
-                var(get, LOCAL_RANK)?.unwrap_or(r),
-                var(get, LOCAL_WORLD_SIZE)?.unwrap_or(w),
-                None,
-            )
-        } else if let Some(r) = var(get, SLURM_PROCID)? {
-            let w = var(get, SLURM_NTASKS)?.ok_or_else(|| {
-                TrainError::config(
-                    "environment SLURM_NTASKS",
-                    "SLURM_PROCID is set but SLURM_NTASKS is not",
+            } else if let Some(r) = var(get, SLURM_PROCID)? {
+                let w = var(get, SLURM_NTASKS)?.ok_or_else(|| {
+                    TrainError::config(
+                        "environment SLURM_NTASKS",
+                        "SLURM_PROCID is set but SLURM_NTASKS is not",
+                    )
+                })?;
+                let lw = get(SLURM_NTASKS_PER_NODE)
+                    .and_then(|v| v.split('(').next().and_then(|n| n.parse().ok()))
+                    .unwrap_or(w);
+                (
+                    r,
+                    w,
+                    var(get, SLURM_LOCALID)?.unwrap_or(0),
+                    lw,
+                    get(SLURM_JOB_NODELIST).map(|l| first_slurm_host(&l)),
+                    var(get, SLURM_JOB_ID)?.map(|id| (20000 + id % 20000) as u16),
                 )
-            })?;
-            let lw = get(SLURM_NTASKS_PER_NODE)
-                .and_then(|v| v.split('(').next().and_then(|n| n.parse().ok()))
-                .unwrap_or(w);
-            (
-                r,
-                w,
-                var(get, SLURM_LOCALID)?.unwrap_or(0),
-                lw,
-                get(SLURM_JOB_NODELIST).map(|l| first_slurm_host(&l)),
-            )
-        } else {
-            (0, 1, 0, 1, None)
-        };
+            } else {
+                (0, 1, 0, 1, None, None)
+            };
         if rank >= world {
             return Err(TrainError::config(
                 "environment RANK",
@@ -155,7 +172,7 @@ impl DistEnv {
             Some(p) => p.parse().map_err(|_| {
                 TrainError::config("environment MASTER_PORT", format!("{p:?} is not a port"))
             })?,
-            None => 29500,
+            None => default_port.unwrap_or(29500),
         };
         let secret = get(JOB_SECRET).unwrap_or_default();
         if world > 1 && secret.is_empty() {
@@ -174,6 +191,7 @@ impl DistEnv {
             secret,
             host_store: rank == 0 && get(STORE_HOSTED).is_none(),
             timeout_s: var(get, TIMEOUT_S)?.unwrap_or(300) as u64,
+            restart_count: var(get, RESTART_COUNT)?.unwrap_or(0),
         })
     }
 }
@@ -220,9 +238,12 @@ mod tests {
             ("SLURM_LOCALID", "0"),
             ("SLURM_NTASKS_PER_NODE", "4(x2)"),
             ("SLURM_JOB_NODELIST", "gpu[012-013]"),
+            ("SLURM_JOB_ID", "123456"),
             ("SIGMA_JOB_SECRET", "x"),
         ])
         .unwrap();
+        // The port comes from the job id when MASTER_PORT is not set.
+        assert_eq!(e.master_port as u32, 20000 + 123456 % 20000);
         assert_eq!(
             (
                 e.rank,

@@ -1,6 +1,7 @@
 //! The distributed runtime: where a process sits in the job (env), the
 //! rendezvous store, and collectives.
 
+pub mod abort;
 pub mod bench;
 pub mod buckets;
 pub mod collectives;
@@ -74,11 +75,12 @@ impl Job {
 
 /// A new connection to the job's store, as this rank.
 pub fn connect(env: &DistEnv) -> Result<StoreClient> {
-    StoreClient::connect(
+    StoreClient::connect_in(
         &format!("{}:{}", env.master_addr, env.master_port),
         &env.secret,
         env.rank as u32,
         Duration::from_secs(env.timeout_s),
+        &env.store_namespace(),
     )
 }
 

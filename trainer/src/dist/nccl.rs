@@ -1,6 +1,6 @@
 //! The NCCL backend of `Collectives`, for tensors on GPUs: NCCL (loaded at run
 //! time through cudarc; the very libnccl that libtorch loaded, see
-//! `nccl_library_dir`) called on the tensors' own device pointers.
+//! `loaded_cuda_libs`) called on the tensors' own device pointers.
 //!
 //! Streams: collectives run on a communication stream of their own (of the
 //! highest priority, so they get SMs while backward kernels queue). Before
@@ -13,8 +13,8 @@
 //!
 //! A collective that hangs (a dead peer, a mismatched call) must not hang the
 //! job: a watchdog thread polls the completion event of every collective in
-//! flight; past the timeout it prints the group, operation and rank and exits
-//! the process with code 1.
+//! flight; past the timeout it prints the group, operation and rank and ends
+//! the process with code 1 (see `die`).
 #![allow(unsafe_code)] // FFI: NCCL and the CUDA runtime on raw tensor pointers.
 
 use std::ffi::{c_int, c_void, CStr};
@@ -61,31 +61,32 @@ fn cuda_check(r: cuda::cudaError_t, what: &str) -> Result<()> {
     }
 }
 
-/// Directory holding a `libnccl.so` link to the libnccl.so.2 this process has
-/// loaded (cudarc looks for `libnccl.so`, and a different NCCL than libtorch's
-/// breaks communicators). `sigma launch` puts it first on the ranks' LD_LIBRARY_PATH.
-/// The same holds for the CUDA runtime (`libcudart.so`), whose current device
-/// NCCL and libtorch must share.
-pub fn nccl_library_dir(base: &std::path::Path) -> Option<std::path::PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+/// The NCCL and CUDA runtime libraries this process has loaded (libtorch's
+/// own), as (the name cudarc loads, the loaded file). cudarc looks for
+/// `libnccl.so` and `libcudart.so`, never libtorch's `libnccl.so.2`, and a
+/// different NCCL than libtorch's breaks communicators; `sigma` therefore
+/// links these names to these files and restarts itself with the links first
+/// on its library path (launch/src/cuda_libs.rs).
+pub fn loaded_cuda_libs() -> Vec<(&'static str, std::path::PathBuf)> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
     let paths: Vec<&str> = maps
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
         .collect();
-    let dir = base.join(".nccl");
-    std::fs::create_dir_all(&dir).ok()?;
-    let mut any = false;
-    for (needle, name) in [
-        ("libnccl.so", "libnccl.so"),
-        ("libcudart.so", "libcudart.so"),
-    ] {
-        if let Some(lib) = paths.iter().find(|p| p.contains(needle)) {
-            let link = dir.join(name);
-            let _ = std::fs::remove_file(&link);
-            any |= std::os::unix::fs::symlink(lib, &link).is_ok();
-        }
-    }
-    any.then_some(dir)
+    [
+        ("libnccl.so.", "libnccl.so"),
+        ("libcudart.so.", "libcudart.so"),
+    ]
+    .iter()
+    .filter_map(|(needle, name)| {
+        paths
+            .iter()
+            .find(|p| p.contains(needle))
+            .map(|p| (*name, std::path::PathBuf::from(p)))
+    })
+    .collect()
 }
 
 /// A collective enqueued on the communication stream and not yet seen complete.
@@ -108,9 +109,16 @@ struct Watchdog {
     epoch: Instant,
 }
 
+/// A collective that will never finish leaves the main thread blocked in a
+/// device sync, so the process ends here, without running exit handlers
+/// (they would tear libtorch down under the main thread).
 fn die(what: &str) -> ! {
-    eprintln!("error: {what} did not complete in time: a peer is lost or called a different collective; exiting");
-    std::process::exit(1);
+    let reason = super::abort::reason()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    super::abort::exit_now(&format!(
+        "{what} did not complete in time: a peer is lost or called a different collective{reason}; exiting"
+    ))
 }
 
 impl Watchdog {

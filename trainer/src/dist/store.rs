@@ -6,6 +6,11 @@
 //!
 //! Wire format, both directions: `u32 length (LE) | u8 code | body`. Strings
 //! and byte values in a body are `u32 length | bytes`.
+//!
+//! Namespaces: a client may live in a namespace (a key prefix it adds to
+//! every key, sent in its hello). Heartbeats are kept per namespace too, so
+//! the attempts of a job that `sigma launch --max-restarts` starts again on
+//! one store never see each other's keys or heartbeats.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -28,7 +33,11 @@ const HEARTBEAT: u8 = 6;
 const DEAD: u8 = 7;
 const OK: u8 = 0;
 const ERR: u8 = 1;
+/// A wait ended at its deadline (the keys may still come).
+const TIMEOUT: u8 = 2;
 const MAX_FRAME: u32 = 1 << 30;
+/// Longest single wait request; the client re-checks the job's stop request between them.
+const WAIT_SLICE: Duration = Duration::from_millis(500);
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -67,7 +76,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 struct State {
     data: Mutex<HashMap<String, Vec<u8>>>,
     changed: Notify,
-    heartbeats: Mutex<HashMap<u32, Instant>>,
+    /// Last heartbeat per (namespace, rank).
+    heartbeats: Mutex<HashMap<(String, u32), Instant>>,
 }
 
 /// A running store server; it stops when dropped.
@@ -135,18 +145,19 @@ async fn serve(
     let _ = sock.set_nodelay(true);
     // Authentication first, with a deadline so idle strangers do not hold a task.
     let hello = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut sock)).await;
-    let rank = match hello {
+    let (rank, ns) = match hello {
         Ok(Ok((HELLO, body))) => {
             let mut r = Reader(&body);
-            let (s, rank) = (
+            let (s, rank, ns) = (
                 r.bytes().unwrap_or_default().to_vec(),
                 r.u32().unwrap_or(u32::MAX),
+                r.string().unwrap_or_default(),
             );
             if !constant_time_eq(&s, &secret) {
                 return write_frame(&mut sock, ERR, b"wrong job secret: connection refused").await;
             }
             write_frame(&mut sock, OK, &[]).await?;
-            rank
+            (rank, ns)
         }
         _ => return write_frame(&mut sock, ERR, b"expected hello with the job secret").await,
     };
@@ -199,9 +210,8 @@ async fn serve(
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
                         write_frame(
                             &mut sock,
-                            ERR,
-                            format!("timed out after {ms} ms waiting for {}", missing.join(", "))
-                                .as_bytes(),
+                            TIMEOUT,
+                            format!("timed out waiting for {}", missing.join(", ")).as_bytes(),
                         )
                         .await?;
                         break;
@@ -232,7 +242,7 @@ async fn serve(
                 st.heartbeats
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(rank, Instant::now());
+                    .insert((ns.clone(), rank), Instant::now());
                 write_frame(&mut sock, OK, &[]).await?;
             }
             DEAD => {
@@ -242,8 +252,8 @@ async fn serve(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
-                    .filter(|(_, t)| t.elapsed() > Duration::from_millis(ms))
-                    .flat_map(|(r, _)| r.to_le_bytes())
+                    .filter(|((n, _), t)| *n == ns && t.elapsed() > Duration::from_millis(ms))
+                    .flat_map(|((_, r), _)| r.to_le_bytes())
                     .collect();
                 write_frame(&mut sock, OK, &dead).await?;
             }
@@ -256,6 +266,8 @@ async fn serve(
 pub struct StoreClient {
     sock: TcpStream,
     pub addr: String,
+    /// Prefix of every key this client uses (its namespace).
+    prefix: String,
     /// Default timeout of waits and of connecting.
     pub timeout: Duration,
 }
@@ -263,6 +275,17 @@ pub struct StoreClient {
 impl StoreClient {
     /// Connect (retrying until `timeout`) and authenticate as `rank`.
     pub fn connect(addr: &str, secret: &str, rank: u32, timeout: Duration) -> Result<StoreClient> {
+        StoreClient::connect_in(addr, secret, rank, timeout, "")
+    }
+
+    /// Connect as `rank` of namespace `prefix` (prepended to every key).
+    pub fn connect_in(
+        addr: &str,
+        secret: &str,
+        rank: u32,
+        timeout: Duration,
+        prefix: &str,
+    ) -> Result<StoreClient> {
         let deadline = Instant::now() + timeout;
         let sock = loop {
             match TcpStream::connect(addr) {
@@ -283,23 +306,47 @@ impl StoreClient {
         let mut c = StoreClient {
             sock,
             addr: addr.to_string(),
+            prefix: prefix.to_string(),
             timeout,
         };
         let mut body = Vec::new();
         put_bytes(&mut body, secret.as_bytes());
         body.extend_from_slice(&rank.to_le_bytes());
+        put_bytes(&mut body, prefix.as_bytes());
         c.call(HELLO, &body, "hello")?;
         Ok(c)
     }
 
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
     fn call(&mut self, op: u8, body: &[u8], what: &str) -> Result<Vec<u8>> {
-        let err =
-            |m: String| TrainError::Other(format!("rendezvous store {}: {what}: {m}", self.addr));
+        match self.call_raw(op, body, what)? {
+            (OK, v) => Ok(v),
+            (_, v) => Err(TrainError::Other(format!(
+                "rendezvous store {}: {what}: {}",
+                self.addr,
+                String::from_utf8_lossy(&v)
+            ))),
+        }
+    }
+
+    /// One request; the reply's code and body.
+    fn call_raw(&mut self, op: u8, body: &[u8], what: &str) -> Result<(u8, Vec<u8>)> {
+        let err = |m: String| {
+            TrainError::Other(format!(
+                "rendezvous store {}: {what}: {m} (is the store's host, rank 0 or the launcher, gone?)",
+                self.addr
+            ))
+        };
         let mut out = Vec::with_capacity(body.len() + 5);
         out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
         out.push(op);
         out.extend_from_slice(body);
-        self.sock.write_all(&out).map_err(|e| err(e.to_string()))?;
+        self.sock
+            .write_all(&out)
+            .map_err(|e| err(format!("connection lost: {e}")))?;
         let mut len = [0u8; 4];
         self.sock
             .read_exact(&mut len)
@@ -312,39 +359,63 @@ impl StoreClient {
         self.sock
             .read_exact(&mut buf)
             .map_err(|e| err(format!("connection lost: {e}")))?;
-        match buf[0] {
-            OK => Ok(buf[1..].to_vec()),
-            _ => Err(err(String::from_utf8_lossy(&buf[1..]).into_owned())),
-        }
+        Ok((buf[0], buf[1..].to_vec()))
     }
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
         let mut b = Vec::new();
-        put_bytes(&mut b, key.as_bytes());
+        put_bytes(&mut b, self.full(key).as_bytes());
         put_bytes(&mut b, value);
         self.call(SET, &b, &format!("set {key}")).map(|_| ())
     }
 
     pub fn get(&mut self, key: &str) -> Result<Vec<u8>> {
         let mut b = Vec::new();
-        put_bytes(&mut b, key.as_bytes());
+        put_bytes(&mut b, self.full(key).as_bytes());
         self.call(GET, &b, &format!("get {key}"))
     }
 
     /// Block until every key exists, or fail after `timeout` naming the missing keys.
+    /// The wait is made in slices of at most `WAIT_SLICE`; between them the
+    /// job's stop request (`abort`: a lost peer or store) ends it with that reason.
     pub fn wait(&mut self, keys: &[String], timeout: Duration) -> Result<()> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&(timeout.as_millis().min(u32::MAX as u128) as u32).to_le_bytes());
-        b.extend_from_slice(&(keys.len() as u32).to_le_bytes());
-        for k in keys {
-            put_bytes(&mut b, k.as_bytes());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(WAIT_SLICE);
+            let mut b = Vec::new();
+            b.extend_from_slice(&(slice.as_millis().min(u32::MAX as u128) as u32).to_le_bytes());
+            b.extend_from_slice(&(keys.len() as u32).to_le_bytes());
+            for k in keys {
+                put_bytes(&mut b, self.full(k).as_bytes());
+            }
+            match self.call_raw(WAIT, &b, "wait")? {
+                (OK, _) => return Ok(()),
+                (TIMEOUT, v) => {
+                    super::abort::check()?;
+                    if Instant::now() >= deadline {
+                        return Err(TrainError::Other(format!(
+                            "rendezvous store {}: wait: {} (after {timeout:?})",
+                            self.addr,
+                            String::from_utf8_lossy(&v)
+                        )));
+                    }
+                }
+                (_, v) => {
+                    return Err(TrainError::Other(format!(
+                        "rendezvous store {}: wait: {}",
+                        self.addr,
+                        String::from_utf8_lossy(&v)
+                    )))
+                }
+            }
         }
-        self.call(WAIT, &b, "wait").map(|_| ())
     }
 
     pub fn add(&mut self, key: &str, delta: i64) -> Result<i64> {
         let mut b = Vec::new();
-        put_bytes(&mut b, key.as_bytes());
+        put_bytes(&mut b, self.full(key).as_bytes());
         b.extend_from_slice(&delta.to_le_bytes());
         let v = self.call(ADD, &b, &format!("add {key}"))?;
         Ok(i64::from_le_bytes(
@@ -356,7 +427,7 @@ impl StoreClient {
 
     pub fn delete(&mut self, key: &str) -> Result<()> {
         let mut b = Vec::new();
-        put_bytes(&mut b, key.as_bytes());
+        put_bytes(&mut b, self.full(key).as_bytes());
         self.call(DELETE, &b, &format!("delete {key}")).map(|_| ())
     }
 
@@ -429,5 +500,14 @@ mod tests {
         a.heartbeat().unwrap();
         std::thread::sleep(Duration::from_millis(150));
         assert_eq!(a.dead_ranks(Duration::from_millis(100)).unwrap(), vec![0]);
+        // Another namespace sees neither the keys nor the heartbeats of the first.
+        let mut n = StoreClient::connect_in(&addr, "s3cret", 0, t, "attempt1/").unwrap();
+        assert!(n.get("k").is_err());
+        n.set("k", b"other").unwrap();
+        assert_eq!(a.get("k").unwrap(), b"value");
+        assert_eq!(
+            n.dead_ranks(Duration::from_millis(100)).unwrap(),
+            Vec::<u32>::new()
+        );
     }
 }
