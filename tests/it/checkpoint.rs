@@ -4,7 +4,7 @@
 //! safetensors reader, and clear refusals of damaged or mismatched checkpoints.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sigma_tests::*;
@@ -148,8 +148,7 @@ fn resume_after_stop_or_sigterm_is_bit_identical_across_a_stage_boundary() {
 
     // SIGTERM mid-run: the process saves, exits 0, and the resumed run matches.
     let (sig, a) = mk("sigterm", &["checkpoint.every_steps=0"]);
-    let mut child = Command::new(sigma_bin())
-        .current_dir(repo_root())
+    let mut child = sigma_command()
         .args(&a)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -224,8 +223,7 @@ fn kill_9_at_random_moments_and_during_saves_always_leaves_a_loadable_checkpoint
         e.extend(["checkpoint.every_steps=1", asynchronous]);
         let a = with(args(&out, steps, &e), &["--resume", "auto"]);
         let before = newest(&root);
-        let mut child = Command::new(sigma_bin())
-            .current_dir(repo_root())
+        let mut child = sigma_command()
             .args(&a)
             .env("SIGMA_FAULT_SAVE_DELAY_MS", "100")
             .stdout(Stdio::null())

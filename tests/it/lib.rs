@@ -41,10 +41,25 @@ pub fn sigma_bin() -> PathBuf {
     bin
 }
 
+/// libtorch's CPU kernel choice for every sigma a test starts. libtorch picks
+/// AVX-512 kernels where the CPU has them, and those round some reductions
+/// differently, so numbers recorded on one x86-64 machine (the golden losses)
+/// would not reproduce bit for bit on another. AVX2 is on every x86-64 CPU CI
+/// runs on; `scripts/test.sh` exports the same for the test process itself.
+pub const CPU_CAPABILITY: (&str, &str) = ("ATEN_CPU_CAPABILITY", "avx2");
+
+/// A `sigma` command in the repository root, with the pinned CPU kernels.
+pub fn sigma_command() -> Command {
+    let mut c = Command::new(sigma_bin());
+    c.current_dir(repo_root())
+        .env(CPU_CAPABILITY.0, CPU_CAPABILITY.1);
+    c
+}
+
 /// Run `sigma args...` with extra environment variables.
 pub fn sigma(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(sigma_bin());
-    c.args(args).current_dir(repo_root());
+    let mut c = sigma_command();
+    c.args(args);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -337,9 +352,8 @@ pub fn spawn_rank(
     secret: &str,
     extra_env: &[(&str, &str)],
 ) -> std::process::Child {
-    let mut c = Command::new(sigma_bin());
-    c.current_dir(repo_root())
-        .arg("train")
+    let mut c = sigma_command();
+    c.arg("train")
         .args(args)
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", "2")

@@ -1,10 +1,12 @@
 //! The one integration-test binary: topic modules share helpers from `sigma_tests`.
 
+mod bad_inputs;
 mod checkpoint;
 mod data_errors;
 mod data_pipeline;
 mod data_s3;
 mod distributed;
 mod model;
+mod restarts;
 mod slurm;
 mod train;

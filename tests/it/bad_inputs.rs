@@ -1,0 +1,733 @@
+//! Bad inputs and faults, as a new user meets them: one table, a case a few
+//! lines. Every case runs `sigma` on a fresh copy of a small fixture (sample
+//! shards, a run with committed checkpoints, a config pointing at both) and
+//! asserts: exit code 1, every expected word in the message (the file, field
+//! or rank at fault), no panic and no C++ frames in the output, and every file
+//! of the fixture byte for byte as it was (nothing written on refusal).
+//!
+//! To add a case: a `Case` with the arguments (`{F}` stands for the fixture
+//! directory), optional environment and preparation, and the words expected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use sigma_tests::*;
+
+/// The small model of the fixture: tiny's layout at a fraction of the size,
+/// so its checkpoints copy in milliseconds.
+const SMALL: &[&str] = &[
+    "model.d_model=32",
+    "model.num_layers=2",
+    "model.ffn_dim=64",
+    "model.num_q_heads=4",
+    "model.num_k_heads=2",
+    "model.num_v_heads=4",
+    "model.qk_head_dim=8",
+    "model.v_head_dim=8",
+    "model.aug_q_dim=48",
+    "train.micro_batch_size=2",
+    "train.grad_accum_steps=1",
+    "train.cpu_threads=1",
+    "train.eval_steps=1",
+    "metrics.plot=false",
+    "metrics.tensorboard=false",
+];
+
+/// The fixture, built once: `shards/<domain>`, `config.toml` (tiny + SMALL over
+/// those shards, output in `run/`), and `run/` after 4 steps with checkpoints
+/// at steps 2 and 4.
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = process_dir().join("bad-inputs-fixture");
+        copy_dir(quickstart_shards(), &dir.join("shards"));
+        let mut text = std::fs::read_to_string(repo_root().join("configs/tiny.toml"))
+            .expect("configs/tiny.toml");
+        let sources = ["general", "system", "synthetic"]
+            .iter()
+            .map(|d| format!("{{manifest = {:?}}}", dir.join("shards").join(d)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut sets: Vec<String> = SMALL.iter().map(|s| s.to_string()).collect();
+        sets.push(format!("data.sources=[{sources}]"));
+        sets.push(format!("metrics.output_dir={:?}", dir.join("run")));
+        sets.push("train.steps=4".into());
+        sets.push("checkpoint.every_steps=2".into());
+        // Bake the overrides into the fixture's config file.
+        let o = sigma(
+            &[
+                &["train", "--config", "configs/tiny.toml", "--quiet"][..],
+                &with_sets(&sets),
+            ]
+            .concat(),
+            &[],
+        );
+        assert!(o.status.success(), "fixture run: {}", stderr(&o));
+        text = std::fs::read_to_string(dir.join("run/config.toml")).unwrap_or(text);
+        write_file(&dir.join("config.toml"), text.as_bytes());
+        dir
+    })
+}
+
+fn with_sets(sets: &[String]) -> Vec<&str> {
+    sets.iter().flat_map(|s| ["--set", s.as_str()]).collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+/// Every file under `dir` (relative path -> content hash).
+fn snapshot(dir: &Path) -> BTreeMap<String, u64> {
+    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<String, u64>) {
+        for e in std::fs::read_dir(d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).expect("prefix").display().to_string();
+                let data = std::fs::read(&p).unwrap_or_default();
+                out.insert(rel, xxhash_rust::xxh3::xxh3_64(&data));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+struct Case {
+    name: &'static str,
+    /// `sigma` arguments; `{F}` is the case's fixture directory.
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+    /// Damage done to the fixture before the run.
+    prepare: fn(&Path),
+    needles: &'static [&'static str],
+}
+
+const NONE: fn(&Path) = |_| {};
+
+fn train(extra: &'static [&'static str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--config", "{F}/config.toml", "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Flip one byte in the middle of `p`.
+fn flip(p: &Path) {
+    let mut d = std::fs::read(p).expect("read");
+    let i = d.len() / 2;
+    d[i] ^= 0x5a;
+    std::fs::write(p, d).expect("write");
+}
+
+fn shard_of(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| {
+            p.extension()
+                .is_some_and(|x| x == "safetensors" || x == "parquet")
+        })
+        .expect("a shard")
+}
+
+fn ck(f: &Path) -> PathBuf {
+    f.join("run/checkpoints/step-0000004")
+}
+
+fn run_case(c: &Case, args: Vec<String>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("fx");
+    copy_dir(fixture(), &f);
+    // The copied config points at the shared fixture: repoint it at this copy.
+    let cfg = std::fs::read_to_string(f.join("config.toml"))
+        .expect("config")
+        .replace(&fixture().display().to_string(), &f.display().to_string());
+    std::fs::write(f.join("config.toml"), cfg).expect("config");
+    (c.prepare)(&f);
+    let before = snapshot(&f);
+    let fs = f.display().to_string();
+    let args: Vec<String> = args.iter().map(|a| a.replace("{F}", &fs)).collect();
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = sigma(&a, c.env);
+    let (out, err) = (stdout(&o), stderr(&o));
+    let all = format!("{out}\n{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "case `{}`: exit code; output:\n{all}",
+        c.name
+    );
+    for bad in ["panicked", "frame #", "c10::", "RUST_BACKTRACE"] {
+        assert!(!all.contains(bad), "case `{}`: `{bad}` in:\n{all}", c.name);
+    }
+    for n in c.needles {
+        let n = n.replace("{F}", &fs);
+        assert!(
+            all.contains(&n),
+            "case `{}`: the output should mention {n:?}:\n{all}",
+            c.name
+        );
+    }
+    let after = snapshot(&f);
+    assert_eq!(
+        before, after,
+        "case `{}`: files changed on disk:\n{err}",
+        c.name
+    );
+}
+
+fn cases() -> Vec<(Case, Vec<String>)> {
+    let t = |name, extra: &'static [&'static str], needles| {
+        (
+            Case {
+                name,
+                args: &[],
+                env: &[],
+                prepare: NONE,
+                needles,
+            },
+            train(extra),
+        )
+    };
+    let raw = |name, args: &'static [&'static str], env, prepare, needles| {
+        (
+            Case {
+                name,
+                args,
+                env,
+                prepare,
+                needles,
+            },
+            args.iter().map(|s| s.to_string()).collect(),
+        )
+    };
+    let tp = |name, extra: &'static [&'static str], prepare, needles| {
+        (
+            Case {
+                name,
+                args: &[],
+                env: &[],
+                prepare,
+                needles,
+            },
+            train(extra),
+        )
+    };
+    vec![
+        // --- config ---
+        raw(
+            "missing config file",
+            &["train", "--config", "{F}/nope.toml"],
+            &[],
+            NONE,
+            &["{F}/nope.toml", "cannot read"],
+        ),
+        tp(
+            "TOML syntax error",
+            &[],
+            |f| std::fs::write(f.join("config.toml"), "[train\nsteps = 1").expect("w"),
+            &["config.toml", "line"],
+        ),
+        t(
+            "unknown key",
+            &["--set", "train.stepz=3"],
+            &["stepz", "unknown field"],
+        ),
+        t(
+            "infinite lr from --set",
+            &["--set", "optim.lr=inf"],
+            &["optim.lr", "not a finite number", "--set optim.lr=inf"],
+        ),
+        tp(
+            "NaN lr in the file",
+            &[],
+            |f| {
+                let p = f.join("config.toml");
+                let s: Vec<String> = std::fs::read_to_string(&p)
+                    .expect("r")
+                    .lines()
+                    .map(|l| {
+                        if l.starts_with("lr = ") {
+                            "lr = nan".to_string()
+                        } else {
+                            l.to_string()
+                        }
+                    })
+                    .collect();
+                std::fs::write(p, s.join("\n")).expect("w");
+            },
+            &["optim.lr", "not a finite number", "config.toml"],
+        ),
+        t(
+            "NaN inside an array",
+            &["--set", "optim.betas=[0.9, nan]"],
+            &["optim.betas[1]", "finite"],
+        ),
+        t(
+            "type error in --set",
+            &["--set", "train.steps=abc"],
+            &["train.steps", "expected u64", "--set train.steps=abc"],
+        ),
+        t(
+            "override without =",
+            &["--set", "train.steps"],
+            &["--set", "section.key=value"],
+        ),
+        t(
+            "override into a value",
+            &["--set", "train.steps.x=1"],
+            &["--set", "not a section"],
+        ),
+        t(
+            "unknown enum value",
+            &["--set", "train.precision=\"fp8\""],
+            &["train.precision", "unknown variant"],
+        ),
+        t(
+            "K heads do not divide Q heads",
+            &["--set", "model.num_k_heads=3"],
+            &["model.num_k_heads", "divisible"],
+        ),
+        t(
+            "beta out of range",
+            &["--set", "optim.betas=[0.9, 1.5]"],
+            &["optim.betas"],
+        ),
+        t(
+            "negative weight decay",
+            &["--set", "optim.weight_decay=-0.1"],
+            &["optim.weight_decay"],
+        ),
+        t(
+            "zero Adam eps",
+            &["--set", "optim.eps=0.0"],
+            &["optim.eps", "positive"],
+        ),
+        t(
+            "negative peak FLOP/s",
+            &["--set", "metrics.peak_flops=-1.0"],
+            &["metrics.peak_flops"],
+        ),
+        t(
+            "zero RoPE theta",
+            &["--set", "model.rope_theta=0.0"],
+            &["model.rope_theta"],
+        ),
+        t(
+            "infinite norm eps",
+            &["--set", "model.norm_eps=inf"],
+            &["model.norm_eps", "finite"],
+        ),
+        t(
+            "negative init std",
+            &["--set", "model.init_std=-0.02"],
+            &["model.init_std"],
+        ),
+        t(
+            "min_lr above lr",
+            &["--set", "optim.min_lr=1.0"],
+            &["optim.lr", "min_lr"],
+        ),
+        t(
+            "zero steps",
+            &["--set", "train.steps=0"],
+            &["train", "positive"],
+        ),
+        t(
+            "keep_last 0",
+            &["--set", "checkpoint.keep_last=0"],
+            &["checkpoint.keep_last"],
+        ),
+        t(
+            "negative save interval",
+            &["--set", "checkpoint.every_minutes=-1.0"],
+            &["checkpoint.every_minutes"],
+        ),
+        t(
+            "negative mixture ratio",
+            &["--set", "data.mixture.general=-0.5"],
+            &["data.mixture", "non-negative"],
+        ),
+        t(
+            "odd head dim for RoPE",
+            &["--set", "model.qk_head_dim=7"],
+            &["model.qk_head_dim", "even"],
+        ),
+        t(
+            "dp without processes",
+            &["--set", "parallel.dp=2"],
+            &["parallel.dp", "WORLD_SIZE"],
+        ),
+        t(
+            "ZeRO stage 3",
+            &["--set", "parallel.zero=3"],
+            &["parallel.zero"],
+        ),
+        t(
+            "vocabulary smaller than the tokenizer's",
+            &["--set", "model.vocab_size=100"],
+            &["model.vocab_size", "tokenizer"],
+        ),
+        t(
+            "missing data source",
+            &[
+                "--set",
+                "data.sources=[{manifest = \"/nonexistent/shards\"}]",
+            ],
+            &["data.sources[0].manifest", "/nonexistent/shards"],
+        ),
+        t(
+            "sequence longer than a domain",
+            &["--set", "data.seq_len=10000000"],
+            &["data.mixture", "seq_len"],
+        ),
+        // --- data ---
+        tp(
+            "corrupt tokenizer next to the shards",
+            &[],
+            |f| {
+                let p = f.join("shards/general/tokenizer.json");
+                let s = std::fs::read_to_string(&p).expect("r").replacen(
+                    "\"<|endoftext|>\"",
+                    "\"<|end|>\"",
+                    1,
+                );
+                std::fs::write(p, s).expect("w");
+            },
+            &["shards/general/tokenizer.json", "sha256", "manifest"],
+        ),
+        raw(
+            "inspect --verify: edited token count",
+            &["data", "inspect", "{F}/shards/system", "--verify"],
+            &[],
+            |f| {
+                let p = f.join("shards/system/manifest.json");
+                let mut m: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&p).expect("r")).expect("json");
+                // Edited consistently (row group and shard total), so only the data can tell.
+                let sh = &mut m["shards"][0];
+                sh["tokens"] = serde_json::json!(sh["tokens"].as_u64().expect("tokens") + 7);
+                let rg = &mut sh["row_groups"][0]["tokens"];
+                *rg = serde_json::json!(rg.as_u64().expect("tokens") + 7);
+                std::fs::write(p, serde_json::to_vec_pretty(&m).expect("json")).expect("w");
+            },
+            &[
+                "not healthy",
+                "shards/system",
+                "row group 0",
+                "counts were edited",
+            ],
+        ),
+        raw(
+            "inspect --verify: edited shard total",
+            &["data", "inspect", "{F}/shards/system", "--verify"],
+            &[],
+            |f| {
+                let p = f.join("shards/system/manifest.json");
+                let mut m: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&p).expect("r")).expect("json");
+                m["shards"][0]["documents"] = serde_json::json!(1);
+                std::fs::write(p, serde_json::to_vec_pretty(&m).expect("json")).expect("w");
+            },
+            &["manifest.json", "add up to"],
+        ),
+        raw(
+            "inspect --verify: damaged tokenizer",
+            &["data", "inspect", "{F}/shards/system", "--verify"],
+            &[],
+            |f| {
+                let p = f.join("shards/system/tokenizer.json");
+                let s = std::fs::read_to_string(&p).expect("r").replacen(
+                    "\"<|endoftext|>\"",
+                    "\"<|end|>\"",
+                    1,
+                );
+                std::fs::write(p, s).expect("w");
+            },
+            &["not healthy", "tokenizer.json", "sha256"],
+        ),
+        raw(
+            "inspect a directory that is not prepared",
+            &["data", "inspect", "{F}/run"],
+            &[],
+            NONE,
+            &["{F}/run", "manifest"],
+        ),
+        raw(
+            "prepare from a missing input",
+            &[
+                "data",
+                "prepare",
+                "--input",
+                "{F}/none.jsonl",
+                "--domain",
+                "x",
+                "--tokenizer",
+                "data/sample/tokenizer.json",
+                "--output",
+                "{F}/out",
+                "--quiet",
+            ],
+            &[],
+            NONE,
+            &["{F}/none.jsonl"],
+        ),
+        raw(
+            "prepare over prepared data without --overwrite",
+            &[
+                "data",
+                "prepare",
+                "--input",
+                "data/sample/general.jsonl.zst",
+                "--domain",
+                "general",
+                "--tokenizer",
+                "data/sample/tokenizer.json",
+                "--output",
+                "{F}/shards/general",
+                "--quiet",
+            ],
+            &[],
+            NONE,
+            &["{F}/shards/general", "--overwrite"],
+        ),
+        // Found mid-run: the run's own files go elsewhere, the shards must stay as they are.
+        tp(
+            "damaged shard",
+            &["--set", "metrics.output_dir=\"{F}/../out\""],
+            |f| flip(&shard_of(&f.join("shards/synthetic"))),
+            &["synthetic"],
+        ),
+        // --- checkpoints ---
+        t(
+            "resume from a missing path",
+            &["--resume", "/nonexistent/step-0000009"],
+            &["/nonexistent/step-0000009", "no such directory"],
+        ),
+        t(
+            "resume with another model",
+            &["--resume", "auto", "--set", "model.num_k_heads=4"],
+            &["checkpoint", "shape"],
+        ),
+        tp(
+            "resume from an uncommitted save",
+            &["--resume", "{F}/run/checkpoints/step-0000004"],
+            |f| {
+                std::fs::remove_file(ck(f).join("COMMITTED")).expect("rm");
+            },
+            &["step-0000004", "not committed"],
+        ),
+        tp(
+            "resume from a damaged shard",
+            &["--resume", "auto"],
+            |f| flip(&shard_of(&ck(f))),
+            &["checksum mismatch", "step-0000004"],
+        ),
+        tp(
+            "resume from a truncated shard",
+            &["--resume", "auto"],
+            |f| {
+                let p = shard_of(&ck(f));
+                let d = std::fs::read(&p).expect("r");
+                std::fs::write(&p, &d[..d.len() / 2]).expect("w");
+            },
+            &["step-0000004", "truncated"],
+        ),
+        tp(
+            "resume with unreadable metadata",
+            &["--resume", "auto"],
+            |f| {
+                std::fs::write(ck(f).join("metadata.json"), "{ not json").expect("w");
+            },
+            &["metadata.json"],
+        ),
+        raw(
+            "export into a non-empty directory",
+            &[
+                "checkpoint",
+                "export",
+                "{F}/run/checkpoints/step-0000004",
+                "--output",
+                "{F}/shards",
+            ],
+            &[],
+            NONE,
+            &["{F}/shards", "not empty"],
+        ),
+        raw(
+            "export with an unknown dtype",
+            &[
+                "checkpoint",
+                "export",
+                "{F}/run/checkpoints/step-0000004",
+                "--output",
+                "{F}/exp",
+                "--dtype",
+                "f16",
+            ],
+            &[],
+            NONE,
+            &["--dtype f16"],
+        ),
+        raw(
+            "export with a damaged tokenizer",
+            &[
+                "checkpoint",
+                "export",
+                "{F}/run/checkpoints/step-0000004",
+                "--output",
+                "{F}/exp",
+            ],
+            &[],
+            |f| flip(&ck(f).join("tokenizer.json")),
+            &["tokenizer.json", "checksum mismatch"],
+        ),
+        raw(
+            "inspect a missing checkpoint",
+            &["checkpoint", "inspect", "{F}/run/checkpoints/step-0000099"],
+            &[],
+            NONE,
+            &["step-0000099"],
+        ),
+        // --- launch and environment ---
+        raw(
+            "launch with no processes",
+            &[
+                "launch",
+                "--nproc-per-node",
+                "0",
+                "--",
+                "train",
+                "--config",
+                "{F}/config.toml",
+            ],
+            &[],
+            NONE,
+            &["--nproc-per-node"],
+        ),
+        raw(
+            "launch of two nodes without a secret",
+            &[
+                "launch",
+                "--nproc-per-node",
+                "1",
+                "--nnodes",
+                "2",
+                "--",
+                "train",
+                "--config",
+                "{F}/config.toml",
+            ],
+            &[("SIGMA_JOB_SECRET", "")],
+            NONE,
+            &["SIGMA_JOB_SECRET"],
+        ),
+        raw(
+            "rank not below the world size",
+            &["train", "--config", "{F}/config.toml"],
+            &[
+                ("RANK", "3"),
+                ("WORLD_SIZE", "2"),
+                ("SIGMA_JOB_SECRET", "x"),
+            ],
+            NONE,
+            &["RANK", "rank 3"],
+        ),
+        raw(
+            "several processes without a secret",
+            &[
+                "train",
+                "--config",
+                "{F}/config.toml",
+                "--set",
+                "parallel.dp=2",
+            ],
+            &[("RANK", "0"), ("WORLD_SIZE", "2")],
+            NONE,
+            &["SIGMA_JOB_SECRET"],
+        ),
+        raw(
+            "bad MASTER_PORT",
+            &[
+                "train",
+                "--config",
+                "{F}/config.toml",
+                "--set",
+                "parallel.dp=2",
+            ],
+            &[
+                ("RANK", "0"),
+                ("WORLD_SIZE", "2"),
+                ("SIGMA_JOB_SECRET", "x"),
+                ("MASTER_PORT", "http"),
+            ],
+            NONE,
+            &["MASTER_PORT", "\"http\""],
+        ),
+        raw(
+            "bad timeout variable",
+            &[
+                "train",
+                "--config",
+                "{F}/config.toml",
+                "--set",
+                "parallel.dp=2",
+            ],
+            &[
+                ("RANK", "0"),
+                ("WORLD_SIZE", "2"),
+                ("SIGMA_JOB_SECRET", "x"),
+                ("SIGMA_DIST_TIMEOUT_S", "soon"),
+            ],
+            NONE,
+            &["SIGMA_DIST_TIMEOUT_S"],
+        ),
+        // --- faults ---
+        t(
+            "out of memory at model initialisation",
+            &["--set", "model.ffn_dim=100000000000"],
+            &[
+                "libtorch failed during model initialisation on cpu",
+                "out of memory",
+                "By formula",
+                "GB",
+            ],
+        ),
+        t(
+            "output directory is a file",
+            &["--set", "metrics.output_dir=\"{F}/config.toml\""],
+            &["cannot create directory", "{F}/config.toml"],
+        ),
+    ]
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_and_change_nothing() {
+    let all = cases();
+    assert!(all.len() >= 40, "{} cases", all.len());
+    // A case may name its arguments directly (`raw`) or be a `train` run.
+    for (c, args) in &all {
+        let args = if c.args.is_empty() {
+            args.clone()
+        } else {
+            c.args.iter().map(|s| s.to_string()).collect()
+        };
+        run_case(c, args);
+    }
+}
