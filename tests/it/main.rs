@@ -9,4 +9,5 @@ mod distributed;
 mod model;
 mod restarts;
 mod slurm;
+mod tensor_parallel;
 mod train;

@@ -305,8 +305,12 @@ pub struct OptimConfig {
 pub struct ParallelConfig {
     #[serde(default = "one")]
     pub dp: usize,
+    /// Tensor-parallel ranks (Megatron-style, docs/parallelism.md).
     #[serde(default = "one")]
     pub tp: usize,
+    /// Sequence parallelism within the tensor-parallel group (default: on when tp > 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence_parallel: Option<bool>,
     #[serde(default = "one")]
     pub pp: usize,
     #[serde(default)]
@@ -327,11 +331,19 @@ fn d_bucket_mb() -> f64 {
     128.0
 }
 
+impl ParallelConfig {
+    /// Sequence parallelism in effect (on by default when tp > 1).
+    pub fn sequence_parallel(&self) -> bool {
+        self.tp > 1 && self.sequence_parallel.unwrap_or(true)
+    }
+}
+
 impl Default for ParallelConfig {
     fn default() -> Self {
         ParallelConfig {
             dp: 1,
             tp: 1,
+            sequence_parallel: None,
             pp: 1,
             zero: 0,
             bucket_mb: d_bucket_mb(),
@@ -633,12 +645,25 @@ impl RunConfig {
         if p.dp == 0 {
             return Err(TrainError::config("parallel.dp", "must be positive"));
         }
-        if p.tp != 1 || p.pp != 1 {
+        if p.tp == 0 {
+            return Err(TrainError::config("parallel.tp", "must be positive"));
+        }
+        if p.pp != 1 {
             return Err(TrainError::config(
-                "parallel",
-                format!("tp = {}, pp = {}: this build has data parallelism only (tp = pp = 1); tensor and pipeline parallelism are not implemented yet", p.tp, p.pp),
+                "parallel.pp",
+                format!(
+                    "{}: pipeline parallelism is not implemented in this build (pp = 1)",
+                    p.pp
+                ),
             ));
         }
+        if p.sequence_parallel == Some(true) && p.tp == 1 {
+            return Err(TrainError::config(
+                "parallel.sequence_parallel",
+                "needs tensor parallelism (parallel.tp > 1)",
+            ));
+        }
+        crate::tp::TpPlan::check(&self.model, p.tp, self.data.seq_len, p.sequence_parallel())?;
         let ck = &self.checkpoint;
         if ck.keep_last == 0 {
             return Err(TrainError::config(

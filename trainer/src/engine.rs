@@ -1,76 +1,652 @@
-//! The segment engine: execution as a chain of segments joined at boundaries
-//! that the engine controls (tch has no custom autograd functions, so this is
-//! where communication, pipeline edges and recomputation will live).
+//! The segment engine: a micro-batch runs as a program of segments (pieces of
+//! the model with ordinary autograd inside) and communication steps between
+//! them, which the engine, not autograd, performs (tch has no custom autograd
+//! functions). The engine is the one owner of segments, their parameters and
+//! their boundaries; the model stays single-device-shaped.
 //!
-//! Forward: run a segment, detach its output, hand a fresh leaf that requires
-//! grad to the next segment. With activation checkpointing, a block runs under
-//! `no_grad` and only its input is kept. Backward: walk the segments in
-//! reverse; differentiate `(out * g).sum()` (its gradient with respect to `out`
-//! is exactly `g`) with respect to the segment's parameters and its input leaf,
-//! add the parameter gradients into the flat gradient buffer, pass the input
-//! gradient on; a checkpointed block first recomputes its forward from the
-//! stored input. Parameters' `.grad` is never used: gradients exist once, in
-//! the flat buffer the optimizer reads.
+//! Values live in slots. Forward: a segment reads its input slots (leaves that
+//! require grad) and its outputs are detached into fresh leaves; a
+//! communication step turns a slot into a new leaf (all-gather, reduce-scatter,
+//! all-reduce across the tensor-parallel group). Backward walks the program in
+//! reverse: a segment differentiates `sum(out_i * g_i)` (whose gradient with
+//! respect to `out_i` is exactly `g_i`) with respect to its parameters and
+//! input leaves, adding parameter gradients straight into the flat gradient
+//! buffer; a communication step applies its conjugate to the gradient
+//! (all-gather <-> reduce-scatter, identity <-> all-reduce).
+//!
+//! Activation checkpointing: a block's steps run under `no_grad`, only the
+//! block's input is kept, and backward first re-runs the block's forward
+//! (communication included) from it.
+//!
+//! Without tensor parallelism a block is one segment and the head computes
+//! the loss with autograd. Under tensor parallelism a block is seven segments
+//! joined by the Megatron operators (docs/parallelism.md), and the loss is a
+//! vocabulary-parallel cross-entropy computed here in closed form.
 
-use tch::Tensor;
+use std::ops::Range;
 
+use tch::{Kind, Tensor};
+
+use crate::dist::Collectives;
 use crate::error::Result;
 use crate::guard::at;
 use crate::model::Model;
-use crate::params::Params;
+use crate::params::ParamId;
 
-/// The segments of a model, in execution order.
+/// A piece of the model with autograd inside.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Segment {
+pub enum Seg {
+    /// tokens -> [x]
     Embed,
+    /// [x] -> [x]: a whole block on one device.
     Block(usize),
+    /// [x] -> [h]: the attention norm.
+    AttnNorm(usize),
+    /// [h] -> [q0 features, k heads, v heads]
+    Qkv(usize),
+    /// [q0 whole] -> [q partial]: AugQ over this rank's share of its width.
+    AugQ(usize),
+    /// [q features, k, v] -> [o partial]: attention of this rank's heads and o_proj.
+    Attend(usize),
+    /// [x, o] -> [x2, h2]: residual and the FFN norm.
+    AddNorm(usize),
+    /// [h2] -> [f partial]
+    Ffn(usize),
+    /// [x2, f] -> [x3]
+    Add(usize),
+    /// [x] -> [h]
+    FinalNorm,
+    /// [x] -> loss sum (one device: final norm, logits, cross-entropy).
     Head,
+    /// [h] -> logits of this rank's vocabulary rows.
+    HeadLogits,
 }
 
-pub fn segments(model: &Model) -> Vec<Segment> {
-    let mut s = vec![Segment::Embed];
-    s.extend((0..model.cfg.num_layers).map(Segment::Block));
-    s.push(Segment::Head);
-    s
+impl Seg {
+    fn layer(self) -> Option<usize> {
+        match self {
+            Seg::Block(l)
+            | Seg::AttnNorm(l)
+            | Seg::Qkv(l)
+            | Seg::AugQ(l)
+            | Seg::Attend(l)
+            | Seg::AddNorm(l)
+            | Seg::Ffn(l)
+            | Seg::Add(l) => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// Communication between segments, across the tensor-parallel group. The
+/// backward pass applies the conjugate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comm {
+    /// Sum the ranks' partial results (backward: identity).
+    AllReduce,
+    /// Identity into a column-parallel region (backward: all-reduce).
+    Copy,
+    /// All-gather along the sequence (backward: reduce-scatter).
+    GatherSeq,
+    /// Reduce-scatter along the sequence (backward: all-gather).
+    ScatterSeq,
+    /// All-gather along the features (backward: reduce-scatter).
+    GatherFeat,
+    /// Reduce-scatter along the features (backward: all-gather).
+    ScatterFeat,
+}
+
+impl Comm {
+    fn conjugate(self) -> Comm {
+        match self {
+            Comm::AllReduce => Comm::Copy,
+            Comm::Copy => Comm::AllReduce,
+            Comm::GatherSeq => Comm::ScatterSeq,
+            Comm::ScatterSeq => Comm::GatherSeq,
+            Comm::GatherFeat => Comm::ScatterFeat,
+            Comm::ScatterFeat => Comm::GatherFeat,
+        }
+    }
+}
+
+type Slot = usize;
+
+#[derive(Clone, Debug)]
+pub enum Step {
+    Run {
+        seg: Seg,
+        inputs: Vec<Slot>,
+        outputs: Vec<Slot>,
+    },
+    Comm {
+        op: Comm,
+        from: Slot,
+        to: Slot,
+    },
+}
+
+/// The steps of one micro-batch for a model and its tensor-parallel plan.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub steps: Vec<Step>,
+    slots: usize,
+    /// The slot whose value is the loss (one device) or the local logits.
+    loss_slot: Slot,
+    /// Step ranges recomputed as one under activation checkpointing (blocks).
+    pub blocks: Vec<Range<usize>>,
+    vocab_parallel: bool,
+}
+
+struct Builder {
+    steps: Vec<Step>,
+    slots: usize,
+}
+
+impl Builder {
+    fn slot(&mut self) -> Slot {
+        self.slots += 1;
+        self.slots - 1
+    }
+    fn run(&mut self, seg: Seg, inputs: &[Slot], n_out: usize) -> Vec<Slot> {
+        let outputs: Vec<Slot> = (0..n_out).map(|_| self.slot()).collect();
+        self.steps.push(Step::Run {
+            seg,
+            inputs: inputs.to_vec(),
+            outputs: outputs.clone(),
+        });
+        outputs
+    }
+    fn comm(&mut self, op: Option<Comm>, from: Slot) -> Slot {
+        match op {
+            None => from,
+            Some(op) => {
+                let to = self.slot();
+                self.steps.push(Step::Comm { op, from, to });
+                to
+            }
+        }
+    }
+}
+
+impl Program {
+    pub fn new(model: &Model) -> Program {
+        let plan = model.plan;
+        let mut b = Builder {
+            steps: Vec::new(),
+            slots: 0,
+        };
+        let mut blocks = Vec::new();
+        if plan.tp == 1 {
+            let mut x = b.run(Seg::Embed, &[], 1)[0];
+            for l in 0..model.cfg.num_layers {
+                let s = b.steps.len();
+                x = b.run(Seg::Block(l), &[x], 1)[0];
+                blocks.push(s..b.steps.len());
+            }
+            let loss_slot = b.run(Seg::Head, &[x], 1)[0];
+            return Program {
+                steps: b.steps,
+                slots: b.slots,
+                loss_slot,
+                blocks,
+                vocab_parallel: false,
+            };
+        }
+        // Megatron's f/g operators, with or without sequence parallelism.
+        let sp = plan.sequence_parallel;
+        let (into, out) = if sp {
+            (Comm::GatherSeq, Comm::ScatterSeq)
+        } else {
+            (Comm::Copy, Comm::AllReduce)
+        };
+        let e = b.run(Seg::Embed, &[], 1)[0];
+        let mut x = b.comm(Some(out), e);
+        for l in 0..model.cfg.num_layers {
+            let s = b.steps.len();
+            let h = b.run(Seg::AttnNorm(l), &[x], 1)[0];
+            let h = b.comm(Some(into), h);
+            let qkv = b.run(Seg::Qkv(l), &[h], 3);
+            let q = if model.cfg.aug_q_dim > 0 {
+                let q0 = b.comm(Some(Comm::GatherFeat), qkv[0]);
+                let q = b.run(Seg::AugQ(l), &[q0], 1)[0];
+                b.comm(Some(Comm::ScatterFeat), q)
+            } else {
+                qkv[0]
+            };
+            let o = b.run(Seg::Attend(l), &[q, qkv[1], qkv[2]], 1)[0];
+            let o = b.comm(Some(out), o);
+            let xh = b.run(Seg::AddNorm(l), &[x, o], 2);
+            let h2 = b.comm(Some(into), xh[1]);
+            let f = b.run(Seg::Ffn(l), &[h2], 1)[0];
+            let f = b.comm(Some(out), f);
+            x = b.run(Seg::Add(l), &[xh[0], f], 1)[0];
+            blocks.push(s..b.steps.len());
+        }
+        let h = b.run(Seg::FinalNorm, &[x], 1)[0];
+        let h = b.comm(Some(into), h);
+        let loss_slot = b.run(Seg::HeadLogits, &[h], 1)[0];
+        Program {
+            steps: b.steps,
+            slots: b.slots,
+            loss_slot,
+            blocks,
+            vocab_parallel: true,
+        }
+    }
+
+    /// The parameters segment `seg` uses.
+    pub fn seg_params(model: &Model, seg: Seg) -> Vec<ParamId> {
+        let ids = &model.ids;
+        match seg {
+            Seg::Embed => vec![ids.embed],
+            Seg::Block(l) => ids.layers[l].all(),
+            Seg::AttnNorm(l) => vec![ids.layers[l].attn.norm],
+            Seg::Qkv(l) => {
+                let a = &ids.layers[l].attn;
+                let mut v = vec![a.q_proj, a.k_proj];
+                v.extend(a.k_up);
+                v.push(a.v_proj);
+                v
+            }
+            Seg::AugQ(l) => ids.layers[l]
+                .attn
+                .aug_q
+                .map(|a| a.to_vec())
+                .unwrap_or_default(),
+            Seg::Attend(l) => vec![ids.layers[l].attn.o_proj],
+            Seg::AddNorm(l) => vec![ids.layers[l].ffn.norm],
+            Seg::Ffn(l) => {
+                let f = &ids.layers[l].ffn;
+                vec![f.gate, f.up, f.down]
+            }
+            Seg::Add(_) => Vec::new(),
+            Seg::FinalNorm => vec![ids.final_norm],
+            Seg::Head => vec![ids.final_norm, ids.head],
+            Seg::HeadLogits => vec![ids.head],
+        }
+    }
+
+    /// The segments in backward order (position 0 is differentiated first).
+    pub fn backward_segments(&self) -> Vec<Seg> {
+        self.steps
+            .iter()
+            .rev()
+            .filter_map(|s| match s {
+                Step::Run { seg, .. } => Some(*seg),
+                Step::Comm { .. } => None,
+            })
+            .collect()
+    }
+
+    /// For every parameter, the backward position of the last segment that
+    /// writes its gradient: after it, the gradient of the micro-batch is final.
+    pub fn final_positions(&self, model: &Model) -> Vec<usize> {
+        let mut last = vec![0usize; model.params.specs.len()];
+        for (pos, seg) in self.backward_segments().into_iter().enumerate() {
+            for id in Program::seg_params(model, seg) {
+                last[id.0] = last[id.0].max(pos);
+            }
+        }
+        last
+    }
 }
 
 fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
-/// Differentiate scalar `root` with respect to the parameters `idx` (adding
-/// into `grads`, laid out like `params.flat`) and to `input` (returned).
-fn backprop(
-    root: &Tensor,
-    params: &Params,
-    idx: &[usize],
-    input: Option<&Tensor>,
-    grads: &mut Tensor,
-) -> Option<Tensor> {
-    let mut wrt: Vec<&Tensor> = idx.iter().map(|&i| &params.tensors[i]).collect();
-    if let Some(x) = input {
-        wrt.push(x);
+/// Reduce-scatter `x` along dimension `dim` (sum over ranks; rank r keeps part r).
+fn scatter_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {
+    let moved = x.movedim(&[dim], &[0]).contiguous();
+    let mut shape = moved.size();
+    shape[0] /= c.world() as i64;
+    let part = c.reduce_scatter_sum(&moved)?;
+    Ok(part.view(shape.as_slice()).movedim(&[0], &[dim]))
+}
+
+fn gather_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {
+    let parts = c.all_gather(&x.contiguous())?;
+    Ok(Tensor::cat(&parts, dim))
+}
+
+/// Apply `op` to `x` across the tensor-parallel group.
+pub fn communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tensor> {
+    tch::no_grad(|| match op {
+        Comm::Copy => Ok(x.shallow_clone()),
+        Comm::AllReduce => {
+            let mut t = x.contiguous().copy();
+            c.all_reduce_sum(&mut t)?;
+            Ok(t)
+        }
+        Comm::GatherSeq => gather_dim(c, x, 1),
+        Comm::ScatterSeq => scatter_dim(c, x, 1),
+        Comm::GatherFeat => gather_dim(c, x, -1),
+        Comm::ScatterFeat => scatter_dim(c, x, -1),
+    })
+}
+
+/// Run one segment on its inputs.
+fn run_seg(
+    model: &Model,
+    seg: Seg,
+    inputs: &[Tensor],
+    tokens: &Tensor,
+    targets: &Tensor,
+) -> Vec<Tensor> {
+    at(
+        match seg {
+            Seg::Embed => "forward (embedding)",
+            Seg::Head | Seg::HeadLogits | Seg::FinalNorm => "forward (output head and loss)",
+            _ => "forward",
+        },
+        seg.layer(),
+    );
+    let ids = &model.ids;
+    match seg {
+        Seg::Embed => vec![model.embed(tokens)],
+        Seg::Block(l) => vec![model.block(l, &inputs[0])],
+        Seg::AttnNorm(l) => vec![model.rms_norm(&inputs[0], ids.layers[l].attn.norm)],
+        Seg::Qkv(l) => vec![
+            model.q0(l, &inputs[0]),
+            model.keys(l, &inputs[0]),
+            model.values(l, &inputs[0]),
+        ],
+        Seg::AugQ(l) => vec![model.aug_q(l, &inputs[0])],
+        Seg::Attend(l) => {
+            vec![model.attend(l, &model.query_heads(&inputs[0]), &inputs[1], &inputs[2])]
+        }
+        Seg::AddNorm(l) => {
+            let x2 = &inputs[0] + &inputs[1];
+            let h2 = model.rms_norm(&x2, ids.layers[l].ffn.norm);
+            vec![x2, h2]
+        }
+        Seg::Ffn(l) => vec![model.ffn(l, &inputs[0])],
+        Seg::Add(_) => vec![&inputs[0] + &inputs[1]],
+        Seg::FinalNorm => vec![model.rms_norm(&inputs[0], ids.final_norm)],
+        Seg::Head => vec![model.head_loss_sum(&inputs[0], targets)],
+        Seg::HeadLogits => vec![model.head_logits(&inputs[0])],
     }
-    let mut g = Tensor::run_backward(&[root], &wrt, false, false);
-    let input_grad = if input.is_some() { g.pop() } else { None };
+}
+
+/// Vocabulary-parallel cross-entropy of this rank's logits [b, t, rows]
+/// (rows `first..first + rows` of the vocabulary): the max, the sum of
+/// exponentials and the target's logit are reduced across the group, the full
+/// logits never gathered. Returns the loss summed over positions and, with
+/// `scale`, the gradient of `scale * loss` with respect to the local logits
+/// (softmax minus one-hot, in closed form).
+pub fn vocab_parallel_cross_entropy(
+    c: &mut dyn Collectives,
+    logits: &Tensor,
+    targets: &Tensor,
+    first: i64,
+    scale: Option<f64>,
+) -> Result<(Tensor, Option<Tensor>)> {
     tch::no_grad(|| {
-        for (&i, gi) in idx.iter().zip(&g) {
-            if gi.defined() {
-                let _ = grads
-                    .narrow(0, params.offsets[i], params.specs[i].numel())
-                    .g_add_(&gi.reshape([-1]));
+        let rows = logits.size()[2];
+        let l = logits.reshape([-1, rows]);
+        let (m_local, _) = l.max_dim(-1, false);
+        let m = Tensor::stack(&c.all_gather(&m_local.contiguous())?, 0).amax([0].as_slice(), false);
+        let e = (&l - m.unsqueeze(1)).exp();
+        let t = targets.reshape([-1]) - first;
+        let mine = t.ge(0).logical_and(&t.lt(rows));
+        let idx = t.clamp(0, rows - 1).unsqueeze(1);
+        let t_local = l.gather(1, &idx, false).squeeze_dim(1) * mine.to_kind(l.kind());
+        let mut both = Tensor::cat(
+            &[e.sum_dim_intlist([1].as_slice(), false, l.kind()), t_local],
+            0,
+        );
+        c.all_reduce_sum(&mut both)?;
+        let n = m.size()[0];
+        let (z, tl) = (both.narrow(0, 0, n), both.narrow(0, n, n));
+        let loss = (z.log() + &m - tl).sum(Kind::Double);
+        let grad = scale.map(|s| {
+            let g = &e / z.unsqueeze(1);
+            let g = g.scatter_add(1, &idx, &(-mine.to_kind(l.kind())).unsqueeze(1));
+            (g * s).view(logits.size().as_slice())
+        });
+        Ok((loss, grad))
+    })
+}
+
+/// Everything a micro-batch's execution holds.
+struct Exec<'a, 'c> {
+    model: &'a Model,
+    prog: &'a Program,
+    comm: Option<&'c mut (dyn Collectives + 'c)>,
+    tokens: Tensor,
+    targets: Tensor,
+    /// Leaves: the value of every slot.
+    val: Vec<Option<Tensor>>,
+    /// Segment outputs with their graphs (kept for backward unless recomputed).
+    graph: Vec<Option<Tensor>>,
+    grad: Vec<Option<Tensor>>,
+}
+
+impl Exec<'_, '_> {
+    fn comm(&mut self) -> &mut dyn Collectives {
+        self.comm
+            .as_deref_mut()
+            .expect("tensor parallelism needs its group")
+    }
+
+    /// Forward of steps `range`; segments keep their graphs when `keep`.
+    fn forward(&mut self, range: Range<usize>, keep: bool) -> Result<()> {
+        for i in range {
+            match &self.prog.steps[i] {
+                Step::Run {
+                    seg,
+                    inputs,
+                    outputs,
+                } => {
+                    let ins: Vec<Tensor> = inputs
+                        .iter()
+                        .map(|&s| {
+                            self.val[s]
+                                .as_ref()
+                                .expect("input computed")
+                                .shallow_clone()
+                        })
+                        .collect();
+                    let run = || run_seg(self.model, *seg, &ins, &self.tokens, &self.targets);
+                    let outs = if keep { run() } else { tch::no_grad(run) };
+                    for (&s, o) in outputs.iter().zip(outs) {
+                        self.val[s] = Some(leaf(&o));
+                        self.graph[s] = keep.then_some(o);
+                    }
+                }
+                Step::Comm { op, from, to } => {
+                    at("tensor-parallel communication", None);
+                    let x = self.val[*from]
+                        .as_ref()
+                        .expect("input computed")
+                        .shallow_clone();
+                    let y = communicate(self.comm(), *op, &x)?;
+                    self.val[*to] = Some(leaf(&y));
+                }
             }
         }
-    });
-    input_grad
+        Ok(())
+    }
+
+    fn add_grad(&mut self, slot: Slot, g: Tensor) {
+        self.grad[slot] = Some(match self.grad[slot].take() {
+            Some(a) => a + g,
+            None => g,
+        });
+    }
+
+    /// Backward of step `i`. Returns true for a segment (for the hook).
+    fn backward_step(&mut self, i: usize, grads: &mut Tensor) -> Result<bool> {
+        match &self.prog.steps[i] {
+            Step::Comm { op, from, to } => {
+                if let Some(g) = self.grad[*to].take() {
+                    at("tensor-parallel communication (backward)", None);
+                    let g = communicate(self.comm(), op.conjugate(), &g)?;
+                    self.add_grad(*from, g);
+                }
+                self.val[*to] = None;
+                Ok(false)
+            }
+            Step::Run {
+                seg,
+                inputs,
+                outputs,
+            } => {
+                at("backward", seg.layer());
+                let mut root: Option<Tensor> = None;
+                for &s in outputs {
+                    let (Some(out), Some(g)) = (self.graph[s].take(), self.grad[s].take()) else {
+                        continue;
+                    };
+                    let term = if *seg == Seg::Head {
+                        out // the loss, already scaled by its "gradient"
+                    } else {
+                        (out * &g).sum(g.kind())
+                    };
+                    root = Some(match root {
+                        Some(r) => r + term,
+                        None => term,
+                    });
+                    self.val[s] = None;
+                }
+                let params = Program::seg_params(self.model, *seg);
+                let leaves: Vec<(Slot, Tensor)> = inputs
+                    .iter()
+                    .map(|&s| (s, self.val[s].as_ref().expect("input kept").shallow_clone()))
+                    .collect();
+                if let Some(root) = root {
+                    let p = &self.model.params;
+                    let mut wrt: Vec<&Tensor> = params.iter().map(|&id| p.tensor(id)).collect();
+                    wrt.extend(leaves.iter().map(|(_, t)| t));
+                    let mut g = Tensor::run_backward(&[root], &wrt, false, false);
+                    let input_grads = g.split_off(params.len());
+                    tch::no_grad(|| {
+                        for (&id, gi) in params.iter().zip(&g) {
+                            if gi.defined() {
+                                let _ = grads
+                                    .narrow(0, p.offsets[id.0], p.specs[id.0].numel())
+                                    .g_add_(&gi.reshape([-1]));
+                            }
+                        }
+                    });
+                    for ((s, _), gi) in leaves.into_iter().zip(input_grads) {
+                        if gi.defined() {
+                            self.add_grad(s, gi);
+                        }
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
 }
 
 /// Forward and backward of one micro-batch. `tokens` is [b, t + 1]; inputs are
 /// `tokens[:, :-1]`, targets `tokens[:, 1:]`. The gradient of
 /// `sum of token losses * loss_scale` is added into `grads` (flat, laid out like
-/// the parameters). Returns the (unscaled) loss sum, detached.
+/// the parameters). Returns the (unscaled) loss sum, detached. `tp`: the
+/// tensor-parallel group (required when the model is split).
 /// `on_segment_done(pos)` is called as soon as the segment at backward
 /// position `pos` (0: the head, last: the embedding) has added its gradients.
+pub fn forward_backward_in<'c>(
+    model: &Model,
+    tp: Option<&'c mut (dyn Collectives + 'c)>,
+    tokens: &Tensor,
+    loss_scale: f64,
+    checkpoint: bool,
+    grads: &mut Tensor,
+    on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let prog = Program::new(model);
+    let t = tokens.size()[1] - 1;
+    let mut ex = Exec {
+        model,
+        prog: &prog,
+        comm: tp,
+        tokens: tokens.narrow(1, 0, t),
+        targets: tokens.narrow(1, 1, t),
+        val: (0..prog.slots).map(|_| None).collect(),
+        graph: (0..prog.slots).map(|_| None).collect(),
+        grad: (0..prog.slots).map(|_| None).collect(),
+    };
+    // Forward: blocks under checkpointing run without graphs and keep only
+    // their input; everything inside them is dropped once they are done.
+    let mut i = 0;
+    for blk in &prog.blocks {
+        ex.forward(i..blk.start, true)?;
+        ex.forward(blk.clone(), !checkpoint)?;
+        if checkpoint {
+            drop_inside(&mut ex, blk);
+        }
+        i = blk.end;
+    }
+    ex.forward(i..prog.steps.len(), true)?;
+
+    // The loss and the gradient it starts backward with.
+    let ls = prog.loss_slot;
+    let loss = if prog.vocab_parallel {
+        at("loss (vocabulary-parallel cross-entropy)", None);
+        let logits = ex.val[ls].as_ref().expect("logits").shallow_clone();
+        let (first, _) = model.plan.vocab_rows(&model.cfg);
+        let targets = ex.targets.shallow_clone();
+        let (loss, g) =
+            vocab_parallel_cross_entropy(ex.comm(), &logits, &targets, first, Some(loss_scale))?;
+        ex.grad[ls] = g;
+        loss
+    } else {
+        let loss = ex.graph[ls].as_ref().expect("loss").shallow_clone();
+        ex.graph[ls] = Some(&loss * loss_scale);
+        ex.grad[ls] = Some(Tensor::ones([], (Kind::Float, loss.device())));
+        loss.detach()
+    };
+
+    // Backward, step by step in reverse; a checkpointed block is recomputed first.
+    let mut pos = 0;
+    let mut i = prog.steps.len();
+    while i > 0 {
+        i -= 1;
+        if checkpoint {
+            if let Some(blk) = prog.blocks.iter().find(|b| b.end == i + 1) {
+                at(
+                    "recompute (activation checkpointing)",
+                    prog_layer(&prog, blk),
+                );
+                ex.forward(blk.clone(), true)?;
+            }
+        }
+        if ex.backward_step(i, grads)? {
+            on_segment_done(pos, grads)?;
+            pos += 1;
+        }
+    }
+    Ok(loss)
+}
+
+fn prog_layer(prog: &Program, blk: &Range<usize>) -> Option<usize> {
+    match &prog.steps[blk.start] {
+        Step::Run { seg, .. } => seg.layer(),
+        Step::Comm { .. } => None,
+    }
+}
+
+/// Drop every value produced inside `blk` except its output (the next block's input).
+fn drop_inside(ex: &mut Exec<'_, '_>, blk: &Range<usize>) {
+    let last = blk.end - 1;
+    for i in blk.clone() {
+        let outs: Vec<Slot> = match &ex.prog.steps[i] {
+            Step::Run { outputs, .. } => outputs.clone(),
+            Step::Comm { to, .. } => vec![*to],
+        };
+        if i != last {
+            for s in outs {
+                ex.val[s] = None;
+                ex.graph[s] = None;
+            }
+        }
+    }
+}
+
+/// `forward_backward_in` on one device.
 pub fn forward_backward(
     model: &Model,
     tokens: &Tensor,
@@ -79,79 +655,55 @@ pub fn forward_backward(
     grads: &mut Tensor,
     on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<Tensor> {
-    let t = tokens.size()[1] - 1;
-    let inputs = tokens.narrow(1, 0, t);
-    let targets = tokens.narrow(1, 1, t);
-    let nl = model.cfg.num_layers;
-
-    // Forward.
-    at("forward (embedding)", None);
-    let embed_out = model.embed(&inputs);
-    let mut block_in: Vec<Tensor> = Vec::with_capacity(nl);
-    let mut block_out: Vec<Option<Tensor>> = Vec::with_capacity(nl);
-    let mut x = leaf(&embed_out);
-    for l in 0..nl {
-        at("forward", Some(l));
-        let out = if checkpoint {
-            tch::no_grad(|| model.block(l, &x))
-        } else {
-            model.block(l, &x)
-        };
-        block_in.push(x);
-        x = leaf(&out);
-        block_out.push(if checkpoint { None } else { Some(out) });
-    }
-    at("forward (output head and loss)", None);
-    let loss_sum = model.head_loss_sum(&x, &targets);
-
-    // Backward, segment by segment in reverse.
-    let p = &model.params;
-    at("backward (output head and loss)", None);
-    let mut g = backprop(
-        &(&loss_sum * loss_scale),
-        p,
-        &model.segment_params(Segment::Head),
-        Some(&x),
+    forward_backward_in(
+        model,
+        None,
+        tokens,
+        loss_scale,
+        checkpoint,
         grads,
+        on_segment_done,
     )
-    .expect("input grad");
-    on_segment_done(0, grads)?;
-    for l in (0..nl).rev() {
-        let out = match block_out[l].take() {
-            Some(o) => o,
-            None => {
-                at("recompute (activation checkpointing)", Some(l));
-                model.block(l, &block_in[l])
-            }
-        };
-        at("backward", Some(l));
-        let root = (out * &g).sum(g.kind());
-        g = backprop(
-            &root,
-            p,
-            &model.segment_params(Segment::Block(l)),
-            Some(&block_in[l]),
-            grads,
-        )
-        .expect("input grad");
-        on_segment_done(nl - l, grads)?;
-    }
-    at("backward (embedding)", None);
-    let root = (embed_out * &g).sum(g.kind());
-    backprop(&root, p, &model.segment_params(Segment::Embed), None, grads);
-    on_segment_done(nl + 1, grads)?;
-    Ok(loss_sum.detach())
 }
 
-/// Sum of token losses without gradients (validation).
-pub fn loss_sum(model: &Model, tokens: &Tensor) -> Tensor {
+/// Sum of token losses without gradients (validation), with the
+/// tensor-parallel group when the model is split.
+pub fn loss_sum_in<'c>(
+    model: &Model,
+    tp: Option<&'c mut (dyn Collectives + 'c)>,
+    tokens: &Tensor,
+) -> Result<Tensor> {
     at("validation forward", None);
-    tch::no_grad(|| {
-        let t = tokens.size()[1] - 1;
-        let mut x = model.embed(&tokens.narrow(1, 0, t));
-        for l in 0..model.cfg.num_layers {
-            x = model.block(l, &x);
-        }
-        model.head_loss_sum(&x, &tokens.narrow(1, 1, t))
-    })
+    let prog = Program::new(model);
+    let t = tokens.size()[1] - 1;
+    let mut ex = Exec {
+        model,
+        prog: &prog,
+        comm: tp,
+        tokens: tokens.narrow(1, 0, t),
+        targets: tokens.narrow(1, 1, t),
+        val: (0..prog.slots).map(|_| None).collect(),
+        graph: (0..prog.slots).map(|_| None).collect(),
+        grad: (0..prog.slots).map(|_| None).collect(),
+    };
+    tch::no_grad(|| ex.forward(0..prog.steps.len(), false))?;
+    let out = ex.val[prog.loss_slot]
+        .as_ref()
+        .expect("output")
+        .shallow_clone();
+    if prog.vocab_parallel {
+        let (first, _) = model.plan.vocab_rows(&model.cfg);
+        let targets = ex.targets.shallow_clone();
+        Ok(vocab_parallel_cross_entropy(ex.comm(), &out, &targets, first, None)?.0)
+    } else {
+        Ok(out.detach())
+    }
+}
+
+/// `loss_sum_in` on one device.
+pub fn loss_sum(model: &Model, tokens: &Tensor) -> Tensor {
+    match loss_sum_in(model, None, tokens) {
+        Ok(l) => l,
+        Err(e) => panic!("a model on one device has no communication to fail: {e}"),
+    }
 }

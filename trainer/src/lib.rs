@@ -16,6 +16,7 @@ pub mod plot;
 pub mod schedule;
 pub mod signals;
 pub mod summary;
+pub mod tp;
 pub mod train;
 
 pub use config::RunConfig;

@@ -1,6 +1,8 @@
-//! The SIGMA model, written once for a single device and knowing nothing about
-//! distribution. Execution is split into segments (`embed`, one `block` per
-//! layer, `head`) that the engine (engine.rs) chains and joins at boundaries.
+//! The SIGMA model, written once, for the parameters one device holds. It
+//! knows nothing about communication: under tensor parallelism it is given
+//! its blocks of the weights (tp.rs) and computes with its own heads; the
+//! engine (engine.rs) runs its pieces as segments and does the communication
+//! at their boundaries.
 //!
 //! DiffQKV attention: `num_q_heads` query heads, `num_k_heads` key heads and
 //! `num_v_heads` value heads with contiguous groups, `k_head(i) = i / (n_q / n_k)`,
@@ -19,115 +21,146 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{KCompression, ModelConfig};
-use crate::params::{ParamKind, ParamSpec, Params};
+use crate::params::{ParamId, ParamKind, ParamSpec, Params};
+use crate::tp::TpPlan;
+
+/// Handles to the parameters of one attention layer.
+#[derive(Clone, Debug)]
+pub struct AttnIds {
+    pub norm: ParamId,
+    pub q_proj: ParamId,
+    /// AugQ: gate, up, down.
+    pub aug_q: Option<[ParamId; 3]>,
+    pub k_proj: ParamId,
+    /// K compression, "projected" reading.
+    pub k_up: Option<ParamId>,
+    pub v_proj: ParamId,
+    pub o_proj: ParamId,
+}
+
+#[derive(Clone, Debug)]
+pub struct FfnIds {
+    pub norm: ParamId,
+    pub gate: ParamId,
+    pub up: ParamId,
+    pub down: ParamId,
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerIds {
+    pub attn: AttnIds,
+    pub ffn: FfnIds,
+}
+
+impl LayerIds {
+    pub fn all(&self) -> Vec<ParamId> {
+        let a = &self.attn;
+        let mut v = vec![a.norm, a.q_proj];
+        v.extend(a.aug_q.iter().flatten());
+        v.push(a.k_proj);
+        v.extend(a.k_up);
+        v.extend([a.v_proj, a.o_proj]);
+        let f = &self.ffn;
+        v.extend([f.norm, f.gate, f.up, f.down]);
+        v
+    }
+}
+
+/// Handles to every parameter of the model.
+#[derive(Clone, Debug)]
+pub struct ModelIds {
+    pub embed: ParamId,
+    pub layers: Vec<LayerIds>,
+    pub final_norm: ParamId,
+    /// The output projection: the embedding when tied.
+    pub head: ParamId,
+}
 
 pub struct Model {
     pub cfg: ModelConfig,
+    /// This rank's share of the model (everything, without tensor parallelism).
+    pub plan: TpPlan,
     pub params: Params,
+    pub ids: ModelIds,
     /// dtype of matmul inputs (BFloat16 for mixed precision, else the parameter dtype).
     pub compute: Kind,
     rope: RefCell<HashMap<(i64, i64), (Tensor, Tensor)>>,
 }
 
-/// The parameters of a config, named after the module tree.
+/// The parameters of a config (held whole), named after the module tree.
 pub fn param_specs(c: &ModelConfig) -> Vec<ParamSpec> {
-    let d = c.d_model as i64;
-    let (nq, nk, nv) = (
-        c.num_q_heads as i64,
-        c.num_k_heads as i64,
-        c.num_v_heads as i64,
-    );
-    let (dd, dk, dv) = (
-        c.dot_dim() as i64,
-        c.k_cache_dim() as i64,
-        c.v_head_dim as i64,
-    );
-    let mut s = vec![ParamSpec {
-        name: "embed.weight".into(),
-        shape: vec![c.vocab_size as i64, d],
-        kind: ParamKind::Embedding,
-    }];
-    let mut p = |name: String, shape: Vec<i64>, kind| s.push(ParamSpec { name, shape, kind });
-    for l in 0..c.num_layers {
-        let pre = format!("layers.{l}");
-        p(format!("{pre}.attn_norm.weight"), vec![d], ParamKind::Norm);
-        p(
-            format!("{pre}.attn.q_proj.weight"),
-            vec![nq * dd, d],
-            ParamKind::Linear,
-        );
-        if c.aug_q_dim > 0 {
-            let a = c.aug_q_dim as i64;
-            p(
-                format!("{pre}.attn.aug_q.gate.weight"),
-                vec![a, nq * dd],
-                ParamKind::Linear,
-            );
-            p(
-                format!("{pre}.attn.aug_q.up.weight"),
-                vec![a, nq * dd],
-                ParamKind::Linear,
-            );
-            p(
-                format!("{pre}.attn.aug_q.down.weight"),
-                vec![nq * dd, a],
-                ParamKind::Linear,
-            );
-        }
-        p(
-            format!("{pre}.attn.k_proj.weight"),
-            vec![nk * dk, d],
-            ParamKind::Linear,
-        );
-        if c.k_compression == KCompression::Projected {
-            p(
-                format!("{pre}.attn.k_up.weight"),
-                vec![dd, dk],
-                ParamKind::Linear,
-            );
-        }
-        p(
-            format!("{pre}.attn.v_proj.weight"),
-            vec![nv * dv, d],
-            ParamKind::Linear,
-        );
-        p(
-            format!("{pre}.attn.o_proj.weight"),
-            vec![d, nq * dv],
-            ParamKind::ResidualOut,
-        );
-        p(format!("{pre}.ffn_norm.weight"), vec![d], ParamKind::Norm);
-        p(
-            format!("{pre}.ffn.gate.weight"),
-            vec![c.ffn_dim as i64, d],
-            ParamKind::Linear,
-        );
-        p(
-            format!("{pre}.ffn.up.weight"),
-            vec![c.ffn_dim as i64, d],
-            ParamKind::Linear,
-        );
-        p(
-            format!("{pre}.ffn.down.weight"),
-            vec![d, c.ffn_dim as i64],
-            ParamKind::ResidualOut,
-        );
+    TpPlan::single(c).param_specs(c)
+}
+
+/// Handles for specs in model order (as `TpPlan::param_specs` lists them).
+fn model_ids(c: &ModelConfig, ids: &[ParamId]) -> ModelIds {
+    let mut it = ids.iter().copied();
+    let mut next = || it.next().expect("a handle per parameter");
+    let embed = next();
+    let layers = (0..c.num_layers)
+        .map(|_| {
+            let norm = next();
+            let q_proj = next();
+            let aug_q = (c.aug_q_dim > 0).then(|| [next(), next(), next()]);
+            let k_proj = next();
+            let k_up = (c.k_compression == KCompression::Projected).then(&mut next);
+            let (v_proj, o_proj) = (next(), next());
+            LayerIds {
+                attn: AttnIds {
+                    norm,
+                    q_proj,
+                    aug_q,
+                    k_proj,
+                    k_up,
+                    v_proj,
+                    o_proj,
+                },
+                ffn: FfnIds {
+                    norm: next(),
+                    gate: next(),
+                    up: next(),
+                    down: next(),
+                },
+            }
+        })
+        .collect();
+    let final_norm = next();
+    let head = if c.tie_embeddings { embed } else { next() };
+    ModelIds {
+        embed,
+        layers,
+        final_norm,
+        head,
     }
-    p("final_norm.weight".into(), vec![d], ParamKind::Norm);
-    if !c.tie_embeddings {
-        p(
-            "lm_head.weight".into(),
-            vec![c.vocab_size as i64, d],
-            ParamKind::Embedding,
-        );
-    }
-    s
 }
 
 impl Model {
-    /// Build and initialise (seeded, on CPU, then moved). `mixed`: bf16 matmuls.
+    /// Build and initialise the whole model on one device (seeded, on CPU, then moved).
+    /// `mixed`: bf16 matmuls.
     pub fn new(
         cfg: &ModelConfig,
+        seed: u64,
+        decay_norms: bool,
+        decay_embeddings: bool,
+        device: Device,
+        mixed: bool,
+    ) -> Model {
+        Model::with_plan(
+            cfg,
+            TpPlan::single(cfg),
+            seed,
+            decay_norms,
+            decay_embeddings,
+            device,
+            mixed,
+        )
+    }
+
+    /// This rank's share under `plan`, initialised from the same draws as the
+    /// whole model (each rank keeps its blocks).
+    pub fn with_plan(
+        cfg: &ModelConfig,
+        plan: TpPlan,
         seed: u64,
         decay_norms: bool,
         decay_embeddings: bool,
@@ -139,8 +172,8 @@ impl Model {
             ParamKind::Embedding => decay_embeddings,
             _ => true,
         };
-        let params = Params::new(
-            param_specs(cfg),
+        let (params, ids) = Params::new(
+            plan.param_specs(cfg),
             decayed,
             seed,
             cfg.init_std,
@@ -149,6 +182,8 @@ impl Model {
         );
         Model {
             cfg: cfg.clone(),
+            plan,
+            ids: model_ids(cfg, &ids),
             params,
             compute: if mixed { Kind::BFloat16 } else { Kind::Float },
             rope: RefCell::new(HashMap::new()),
@@ -174,32 +209,8 @@ impl Model {
         self
     }
 
-    /// Indices (into `params`) of the parameters a segment uses.
-    pub fn segment_params(&self, seg: crate::engine::Segment) -> Vec<usize> {
-        use crate::engine::Segment;
-        let prefix = match seg {
-            Segment::Embed => "embed.".to_string(),
-            Segment::Block(l) => format!("layers.{l}."),
-            Segment::Head => String::new(),
-        };
-        let head_weight = if self.cfg.tie_embeddings {
-            "embed.weight"
-        } else {
-            "lm_head.weight"
-        };
-        (0..self.params.specs.len())
-            .filter(|&i| {
-                let n = &self.params.specs[i].name;
-                match seg {
-                    Segment::Head => n == "final_norm.weight" || n == head_weight,
-                    _ => n.starts_with(&prefix),
-                }
-            })
-            .collect()
-    }
-
-    fn p(&self, name: &str) -> &Tensor {
-        self.params.get(name)
+    pub fn p(&self, id: ParamId) -> &Tensor {
+        self.params.tensor(id)
     }
 
     fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -211,7 +222,8 @@ impl Model {
         }
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Tensor {
+    pub fn rms_norm(&self, x: &Tensor, w: ParamId) -> Tensor {
+        let w = self.p(w);
         let k = w.kind();
         let xf = x.to_kind(k);
         let ms = xf.pow_tensor_scalar(2).mean_dim(-1, true, k);
@@ -241,72 +253,90 @@ impl Model {
         Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x2 * &cos + &x1 * &sin], -1)
     }
 
-    /// Token ids [b, t] -> hidden states [b, t, d] (parameter dtype).
+    /// Token ids [b, t] -> hidden states [b, t, d] (parameter dtype). Under
+    /// tensor parallelism, the rows this rank holds: other tokens give zeros
+    /// (the ranks' outputs sum to the lookup).
     pub fn embed(&self, tokens: &Tensor) -> Tensor {
-        Tensor::embedding(self.p("embed.weight"), tokens, -1, false, false)
+        let w = self.p(self.ids.embed);
+        if self.plan.tp == 1 {
+            return Tensor::embedding(w, tokens, -1, false, false);
+        }
+        let (first, rows) = self.plan.vocab_rows(&self.cfg);
+        let local = tokens - first;
+        let mine = local.ge(0).logical_and(&local.lt(rows));
+        let e = Tensor::embedding(w, &local.clamp(0, rows - 1), -1, false, false);
+        e * mine.unsqueeze(-1).to_kind(w.kind())
     }
 
-    /// Query heads after projection, AugQ, head split and RoPE: [b, n_q, t, dot_dim].
+    /// The projected query q0 of this rank's heads: [b, t, q_heads * dot_dim].
+    pub fn q0(&self, l: usize, h: &Tensor) -> Tensor {
+        self.mm(h, self.p(self.ids.layers[l].attn.q_proj))
+    }
+
+    /// AugQ on a whole projected query [b, t, n_q * dot_dim]; under tensor
+    /// parallelism this rank's share of the AugQ width, a partial sum.
+    pub fn aug_q(&self, l: usize, q0: &Tensor) -> Tensor {
+        let [gate, up, down] = self.ids.layers[l].attn.aug_q.expect("AugQ is on");
+        let g = self.mm(q0, self.p(gate)).silu();
+        let u = self.mm(q0, self.p(up));
+        self.mm(&(g * u), self.p(down))
+    }
+
+    /// Query features [b, t, heads * dot_dim] -> heads with RoPE: [b, heads, t, dot_dim].
+    pub fn query_heads(&self, q: &Tensor) -> Tensor {
+        let (b, t, dd) = (q.size()[0], q.size()[1], self.cfg.dot_dim() as i64);
+        self.rope(&q.view([b, t, -1, dd]).transpose(1, 2))
+    }
+
+    /// This rank's query heads after projection, AugQ, head split and RoPE:
+    /// [b, q_heads, t, dot_dim]. (With AugQ under tensor parallelism the
+    /// engine runs `q0`, `aug_q` and `query_heads` with communication between.)
     pub fn queries(&self, l: usize, h: &Tensor) -> Tensor {
-        let c = &self.cfg;
-        let (b, t) = (h.size()[0], h.size()[1]);
-        let pre = format!("layers.{l}.attn");
-        let q0 = self.mm(h, self.p(&format!("{pre}.q_proj.weight")));
-        let q = if c.aug_q_dim > 0 {
-            let g = self
-                .mm(&q0, self.p(&format!("{pre}.aug_q.gate.weight")))
-                .silu();
-            let u = self.mm(&q0, self.p(&format!("{pre}.aug_q.up.weight")));
-            self.mm(&(g * u), self.p(&format!("{pre}.aug_q.down.weight")))
+        let q0 = self.q0(l, h);
+        let q = if self.cfg.aug_q_dim > 0 {
+            self.aug_q(l, &q0)
         } else {
             q0
         };
-        self.rope(
-            &q.view([b, t, c.num_q_heads as i64, c.dot_dim() as i64])
-                .transpose(1, 2),
-        )
+        self.query_heads(&q)
     }
 
-    /// Key heads after projection, optional up-projection and RoPE: [b, n_k, t, dot_dim].
+    /// Key heads after projection, optional up-projection and RoPE: [b, k_heads, t, dot_dim].
     pub fn keys(&self, l: usize, h: &Tensor) -> Tensor {
         let c = &self.cfg;
+        let a = &self.ids.layers[l].attn;
         let (b, t) = (h.size()[0], h.size()[1]);
-        let pre = format!("layers.{l}.attn");
-        let k = self.mm(h, self.p(&format!("{pre}.k_proj.weight"))).view([
+        let k = self.mm(h, self.p(a.k_proj)).view([
             b,
             t,
-            c.num_k_heads as i64,
+            self.plan.k_heads as i64,
             c.k_cache_dim() as i64,
         ]);
-        let k = if c.k_compression == KCompression::Projected {
-            self.mm(&k, self.p(&format!("{pre}.k_up.weight")))
-        } else {
-            k
+        let k = match a.k_up {
+            Some(up) => self.mm(&k, self.p(up)),
+            None => k,
         };
         self.rope(&k.transpose(1, 2))
     }
 
-    /// Value heads: [b, n_v, t, v_head_dim].
+    /// Value heads: [b, v_heads, t, v_head_dim].
     pub fn values(&self, l: usize, h: &Tensor) -> Tensor {
-        let c = &self.cfg;
         let (b, t) = (h.size()[0], h.size()[1]);
-        let v = self.mm(h, self.p(&format!("layers.{l}.attn.v_proj.weight")));
-        v.view([b, t, c.num_v_heads as i64, c.v_head_dim as i64])
+        let v = self.mm(h, self.p(self.ids.layers[l].attn.v_proj));
+        v.view([b, t, self.plan.v_heads as i64, self.cfg.v_head_dim as i64])
             .transpose(1, 2)
     }
 
-    /// DiffQKV attention of layer `l` on normalised input `h` [b, t, d] -> [b, t, d].
-    pub fn attention(&self, l: usize, h: &Tensor) -> Tensor {
-        let c = &self.cfg;
-        let (b, t) = (h.size()[0], h.size()[1]);
+    /// Causal DiffQKV attention of this rank's heads and its o_proj block:
+    /// [b, t, d] (a partial sum under tensor parallelism).
+    pub fn attend(&self, l: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, t) = (q.size()[0], q.size()[2]);
         let (nq, nk, nv) = (
-            c.num_q_heads as i64,
-            c.num_k_heads as i64,
-            c.num_v_heads as i64,
+            self.plan.q_heads as i64,
+            self.plan.k_heads as i64,
+            self.plan.v_heads as i64,
         );
-        let q = self.queries(l, h);
-        let mut k = self.keys(l, h);
-        let mut v = self.values(l, h);
+        let (mut k, mut v) = (k.shallow_clone(), v.shallow_clone());
         if nk < nv {
             k = k.repeat_interleave_self_int(nv / nk, 1, None);
         } else if nv < nk {
@@ -318,7 +348,7 @@ impl Model {
             k.to_kind(self.compute),
             v.to_kind(self.compute),
         );
-        let scale = 1.0 / (c.dot_dim() as f64).sqrt();
+        let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
         let o = Tensor::scaled_dot_product_attention::<Tensor>(
             &q,
             &k,
@@ -329,36 +359,47 @@ impl Model {
             scale,
             nq != kv_heads,
         );
-        let o = o.transpose(1, 2).reshape([b, t, nq * c.v_head_dim as i64]);
-        self.mm(&o, self.p(&format!("layers.{l}.attn.o_proj.weight")))
+        let o = o
+            .transpose(1, 2)
+            .reshape([b, t, nq * self.cfg.v_head_dim as i64]);
+        self.mm(&o, self.p(self.ids.layers[l].attn.o_proj))
     }
 
+    /// DiffQKV attention of layer `l` on normalised input `h` [b, t, d] -> [b, t, d].
+    pub fn attention(&self, l: usize, h: &Tensor) -> Tensor {
+        let q = self.queries(l, h);
+        let k = self.keys(l, h);
+        let v = self.values(l, h);
+        self.attend(l, &q, &k, &v)
+    }
+
+    /// SwiGLU of this rank's share of the hidden width (a partial sum under
+    /// tensor parallelism).
     pub fn ffn(&self, l: usize, h: &Tensor) -> Tensor {
-        let pre = format!("layers.{l}.ffn");
-        let g = self.mm(h, self.p(&format!("{pre}.gate.weight"))).silu();
-        let u = self.mm(h, self.p(&format!("{pre}.up.weight")));
-        self.mm(&(g * u), self.p(&format!("{pre}.down.weight")))
+        let f = &self.ids.layers[l].ffn;
+        let g = self.mm(h, self.p(f.gate)).silu();
+        let u = self.mm(h, self.p(f.up));
+        self.mm(&(g * u), self.p(f.down))
     }
 
     /// Transformer block `l`: pre-norm attention and SwiGLU FFN with residuals.
     pub fn block(&self, l: usize, x: &Tensor) -> Tensor {
-        let x = x + self.attention(
-            l,
-            &self.rms_norm(x, self.p(&format!("layers.{l}.attn_norm.weight"))),
-        );
-        let h = self.rms_norm(&x, self.p(&format!("layers.{l}.ffn_norm.weight")));
+        let ids = &self.ids.layers[l];
+        let x = x + self.attention(l, &self.rms_norm(x, ids.attn.norm));
+        let h = self.rms_norm(&x, ids.ffn.norm);
         &x + self.ffn(l, &h)
+    }
+
+    /// Output projection of normalised states: [b, t, d] -> logits of this
+    /// rank's vocabulary rows [b, t, rows] (parameter dtype).
+    pub fn head_logits(&self, h: &Tensor) -> Tensor {
+        self.mm(h, self.p(self.ids.head))
+            .to_kind(self.params.flat.kind())
     }
 
     /// Final norm and output projection: [b, t, d] -> logits [b, t, vocab] (parameter dtype).
     pub fn logits(&self, x: &Tensor) -> Tensor {
-        let h = self.rms_norm(x, self.p("final_norm.weight"));
-        let w = if self.cfg.tie_embeddings {
-            self.p("embed.weight")
-        } else {
-            self.p("lm_head.weight")
-        };
-        self.mm(&h, w).to_kind(self.params.flat.kind())
+        self.head_logits(&self.rms_norm(x, self.ids.final_norm))
     }
 
     /// Sum of next-token cross-entropy over all positions: the head segment.

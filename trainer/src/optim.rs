@@ -15,7 +15,7 @@ use crate::config::OptimConfig;
 use crate::dist::collectives::scalar;
 use crate::dist::Collectives;
 use crate::error::Result;
-use crate::params::Params;
+use crate::params::{shard_range, Params};
 
 /// This rank's part of the flat buffer under ZeRO-1.
 #[derive(Clone, Copy, Debug)]
@@ -28,6 +28,9 @@ pub struct Shard {
 
 pub struct AdamW {
     pub cfg: OptimConfig,
+    /// Flat ranges (offset, length, copies) of parameters held by several
+    /// tensor-parallel ranks: the global norm counts each element once.
+    shared: Vec<(i64, i64, usize)>,
     /// Accumulated gradient, full length (padded to a multiple of the shard count).
     pub grad: Tensor,
     pub exp_avg: Tensor,
@@ -47,8 +50,15 @@ pub struct StepStats {
 }
 
 impl AdamW {
-    /// `zero`: Some((rank, world)) to shard the optimizer state (ZeRO-1).
-    pub fn new(cfg: &OptimConfig, params: &Params, zero: Option<(usize, usize)>) -> AdamW {
+    /// `zero`: Some((rank, world)) to shard the optimizer state (ZeRO-1) over
+    /// the data-parallel group; `tp`: the tensor-parallel size the parameters
+    /// are split for.
+    pub fn new(
+        cfg: &OptimConfig,
+        params: &Params,
+        zero: Option<(usize, usize)>,
+        tp: usize,
+    ) -> AdamW {
         let n = params.numel();
         let opts = (params.flat.kind(), params.flat.device());
         let (shard, padded) = match zero {
@@ -59,8 +69,16 @@ impl AdamW {
             None => (None, n),
         };
         let state = shard.map(|s| s.size).unwrap_or(n);
+        let shared = params
+            .specs
+            .iter()
+            .zip(&params.offsets)
+            .filter(|(s, _)| s.sync.copies(tp) > 1)
+            .map(|(s, &o)| (o, s.numel(), s.sync.copies(tp)))
+            .collect();
         AdamW {
             cfg: cfg.clone(),
+            shared,
             grad: Tensor::zeros([padded], opts),
             exp_avg: Tensor::zeros([state], opts),
             exp_avg_sq: Tensor::zeros([state], opts),
@@ -75,11 +93,13 @@ impl AdamW {
     /// A non-finite gradient norm leaves parameters and moments untouched, and
     /// so does `skip` (the step's loss was not finite; every rank passes the
     /// same value, so all skip together and no collective is left half-done).
+    /// `tp`: the tensor-parallel group, over which the global norm is summed.
     pub fn step(
         &mut self,
         params: &Params,
         lr: f64,
         comm: Option<&mut (dyn Collectives + '_)>,
+        tp: Option<&mut (dyn Collectives + '_)>,
         skip: bool,
     ) -> Result<StepStats> {
         let stats = if skip {
@@ -88,7 +108,7 @@ impl AdamW {
                 applied: false,
             }
         } else {
-            tch::no_grad(|| self.update(params, lr, comm))?
+            tch::no_grad(|| self.update(params, lr, comm, tp))?
         };
         let _ = self.grad.zero_();
         Ok(stats)
@@ -99,13 +119,14 @@ impl AdamW {
         params: &Params,
         lr: f64,
         comm: Option<&mut (dyn Collectives + '_)>,
+        tp: Option<&mut (dyn Collectives + '_)>,
     ) -> Result<StepStats> {
         // This rank's gradient (whole or shard) and the range of the flat buffer it updates.
         let (mut g, start, len, mut comm) = match (self.shard, comm) {
             (Some(s), Some(c)) => {
                 let g = c.reduce_scatter_sum(&self.grad)?;
-                let start = s.rank as i64 * s.size;
-                (g, start, (self.numel - start).clamp(0, s.size), Some(c))
+                let (start, len) = shard_range(self.numel, s.world, s.rank);
+                (g, start, len, Some(c))
             }
             (None, Some(c)) => {
                 c.all_reduce_sum(&mut self.grad)?;
@@ -117,7 +138,24 @@ impl AdamW {
             .to_kind(Kind::Double)
             .pow_tensor_scalar(2)
             .sum(Kind::Double);
+        // Elements held by several tensor-parallel ranks count once: weight 1/copies.
+        for &(off, n, copies) in &self.shared {
+            let (a, b) = (off.max(start), (off + n).min(start + len));
+            if a < b {
+                let part = g
+                    .narrow(0, a - start, b - a)
+                    .to_kind(Kind::Double)
+                    .pow_tensor_scalar(2)
+                    .sum(Kind::Double);
+                sq = sq - part * (1.0 - 1.0 / copies as f64);
+            }
+        }
         if let Some(c) = comm.as_deref_mut() {
+            let mut s = scalar(sq.double_value(&[]), self.grad.device());
+            c.all_reduce_sum(&mut s)?;
+            sq = s;
+        }
+        if let Some(c) = tp {
             let mut s = scalar(sq.double_value(&[]), self.grad.device());
             c.all_reduce_sum(&mut s)?;
             sq = s;
@@ -160,8 +198,7 @@ impl AdamW {
                     .copy_(&params.flat.narrow(0, start, len));
             }
             for (q, part) in c.all_gather(&mine)?.iter().enumerate() {
-                let qs = q as i64 * s.size;
-                let ql = (self.numel - qs).clamp(0, s.size);
+                let (qs, ql) = shard_range(self.numel, s.world, q);
                 if ql > 0 {
                     params.flat.narrow(0, qs, ql).copy_(&part.narrow(0, 0, ql));
                 }
@@ -215,7 +252,7 @@ mod tests {
             eps: 1e-8,
             grad_clip: 1.0,
         };
-        let a = AdamW::new(&o, &m.params, None);
+        let a = AdamW::new(&o, &m.params, None, 1);
         (m, a)
     }
 
@@ -225,7 +262,7 @@ mod tests {
         let w0 = m.params.flat.copy();
         let _ = a.grad.fill_(0.5);
         // The loss was not finite although the gradient is: no update at all.
-        let s = a.step(&m.params, 0.1, None, true).expect("step");
+        let s = a.step(&m.params, 0.1, None, None, true).expect("step");
         assert!(!s.applied);
         assert!(m.params.flat.equal(&w0));
         assert_eq!(a.steps, 0);
@@ -239,7 +276,7 @@ mod tests {
             0.0
         );
         let _ = a.grad.fill_(0.5);
-        let s = a.step(&m.params, 0.1, None, false).expect("step");
+        let s = a.step(&m.params, 0.1, None, None, false).expect("step");
         assert!(s.applied && s.grad_norm.is_finite());
         assert!(!m.params.flat.equal(&w0));
         assert_eq!(a.steps, 1);

@@ -22,7 +22,7 @@ use crate::checkpoint::save::{SaveInfo, Saver};
 use crate::checkpoint::Progress;
 use crate::config::{DeviceChoice, NanPolicy, Precision, RunConfig};
 use crate::dist::buckets::GradBuckets;
-use crate::dist::{abort, DistEnv, Job};
+use crate::dist::{abort, DistEnv, Job, MeshDims};
 use crate::engine;
 use crate::error::{Result, TrainError};
 use crate::guard;
@@ -32,6 +32,7 @@ use crate::optim::{AdamW, StepStats};
 use crate::schedule::lr_at;
 use crate::signals::StopSignals;
 use crate::summary::{memory_estimate, summarize, MemoryInputs};
+use crate::tp::TpPlan;
 
 pub struct Trainer {
     pub cfg: RunConfig,
@@ -59,6 +60,14 @@ pub struct Trainer {
     /// Stop requests by signal (installed by the caller before `build`).
     pub signals: StopSignals,
     rank: usize,
+    dp_rank: usize,
+    /// Learning rate of the last step of the checkpoint resumed from.
+    resumed_lr: f64,
+}
+
+/// Processes in the job (1 without one).
+fn env_world(job: &Option<Job>) -> usize {
+    job.as_ref().map(|j| j.env.world).unwrap_or(1)
 }
 
 /// What `run` carries from step to step.
@@ -130,8 +139,9 @@ impl Trainer {
             tch::set_num_threads(n as i32);
         }
         let env = DistEnv::from_env()?;
-        let dp = cfg.parallel.dp;
-        if env.world != dp {
+        let (dp, tp) = (cfg.parallel.dp, cfg.parallel.tp);
+        let dims = MeshDims { dp, tp };
+        if tp == 1 && env.world != dp {
             return Err(TrainError::config(
                 "parallel.dp",
                 format!(
@@ -140,6 +150,9 @@ impl Trainer {
                 ),
             ));
         }
+        dims.check(env.world)?;
+        let (dp_rank, tp_rank) = dims.coords(env.rank);
+        let plan = TpPlan::new(&cfg.model, tp, tp_rank, cfg.parallel.sequence_parallel());
         let device = match pick_device(cfg.train.device)? {
             Device::Cuda(_) => Device::Cuda(env.local_rank),
             d => d,
@@ -174,10 +187,14 @@ impl Trainer {
         );
         guard::at("joining the job", None);
         let job = if env.world > 1 {
-            Some(Job::join(env, cuda_index)?)
+            let shared = [plan.k_share(&cfg.model), plan.v_share(&cfg.model)];
+            Some(Job::join(env, cuda_index, dims, &shared)?)
         } else {
             None
         };
+        if rank == 0 && env_world(&job) > 1 {
+            eprintln!("{}", dims.describe());
+        }
         guard::at("opening the data", None);
         let dataset = Dataset::open_blocking(&cfg.data)?;
         if (cfg.model.vocab_size as u32) < dataset.tokenizer.vocab_size {
@@ -199,8 +216,9 @@ impl Trainer {
         };
         let mut saver = Saver::new(cfg, job.as_ref().map(|j| j.env.clone()), tokenizer);
         guard::at("model initialisation", None);
-        let model = Model::new(
+        let model = Model::with_plan(
             &cfg.model,
+            plan,
             cfg.train.seed,
             cfg.optim.decay_norms,
             cfg.optim.decay_embeddings,
@@ -210,15 +228,16 @@ impl Trainer {
         if cfg.checkpointing() {
             saver.allocate_host(&model.params);
         }
-        let zero = (cfg.parallel.zero == 1 && dp > 1).then_some((rank, dp));
-        let optim = AdamW::new(&cfg.optim, &model.params, zero);
-        let buckets = (job.is_some() && zero.is_none())
+        let zero = (cfg.parallel.zero == 1 && dp > 1).then_some((dp_rank, dp));
+        let optim = AdamW::new(&cfg.optim, &model.params, zero, tp);
+        let buckets = (dp > 1 && zero.is_none())
             .then(|| GradBuckets::new(&model, (cfg.parallel.bucket_mb * 1e6 / 4.0) as i64));
+        // Every rank of a tensor-parallel group reads the same samples.
         let loader = Loader::new(
             dataset.clone(),
             LoaderOptions {
                 global_batch: cfg.train.micro_batch_size * dp,
-                dp_rank: rank,
+                dp_rank,
                 dp_size: dp,
                 start: DataState::default(),
             },
@@ -251,6 +270,8 @@ impl Trainer {
             progress: progress && rank == 0,
             signals,
             rank,
+            dp_rank,
+            resumed_lr: 0.0,
         })
     }
 
@@ -279,12 +300,11 @@ impl Trainer {
             ));
         }
         let dp = self.cfg.parallel.dp;
-        let rank = self.rank;
         self.loader = Loader::new(
             self.dataset.clone(),
             LoaderOptions {
                 global_batch: self.cfg.train.micro_batch_size * dp,
-                dp_rank: rank,
+                dp_rank: self.dp_rank,
                 dp_size: dp,
                 start: m.data,
             },
@@ -299,15 +319,18 @@ impl Trainer {
         }
         self.start_step = m.progress.step;
         self.skipped_before = m.progress.skipped_steps;
+        self.resumed_lr = m.scheduler.last_lr;
         let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
         self.say(format!(
-            "resume: {} (step {}, {} tokens; saved with dp {} zero {}, now dp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
+            "resume: {} (step {}, {} tokens; saved with dp {} tp {} zero {}, now dp {} tp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
             dir.display(),
             m.progress.step,
             m.progress.consumed_tokens,
             m.layout.dp,
+            m.layout.tp,
             m.layout.zero,
             dp,
+            self.cfg.parallel.tp,
             self.cfg.parallel.zero,
             bytes as f64 / 1e9
         ));
@@ -341,10 +364,10 @@ impl Trainer {
 
     /// Mean validation loss per domain (nats per token) over up to
     /// `eval_steps * micro_batch_size` validation samples of each domain.
-    pub fn validate(&self) -> Result<BTreeMap<String, f64>> {
+    pub fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
         let mbs = self.cfg.train.micro_batch_size as u64;
         let mut out = BTreeMap::new();
-        for (d, name) in self.dataset.domains.iter().enumerate() {
+        for (d, name) in self.dataset.domains.clone().iter().enumerate() {
             let n = (self.cfg.train.eval_steps * mbs).min(self.dataset.num_valid_samples(d));
             if n == 0 {
                 continue;
@@ -361,7 +384,8 @@ impl Trainer {
                 let t = Tensor::from_slice(&ids)
                     .view([rows as i64, -1])
                     .to_device(self.device);
-                sum += engine::loss_sum(&self.model, &t).double_value(&[]);
+                let tp = self.job.as_mut().and_then(|j| j.groups().1);
+                sum += engine::loss_sum_in(&self.model, tp, &t)?.double_value(&[]);
                 tokens += rows * self.cfg.data.seq_len as u64;
                 j += rows;
             }
@@ -390,6 +414,21 @@ impl Trainer {
     /// `maybe_save` (which also decides to stop), and `end`.
     pub fn run(&mut self) -> Result<TrainReport> {
         let mut run = self.begin()?;
+        if self.start_step > 0 && self.stop_after == Some(self.start_step) {
+            // Stop at the step resumed from: write the loaded state in this
+            // run's layout (a checkpoint moved to another dp/tp), then stop.
+            guard::at("checkpoint save", None);
+            if let Some(stall) = self.save(self.start_step, self.resumed_lr, self.skipped_before)? {
+                run.report.checkpoints.push((self.start_step, stall));
+            }
+            self.saver.wait()?;
+            self.say(format!(
+                "--stop-after {0}: saved the checkpoint of step {0} in this layout (dp {1}, tp {2}) and stopped",
+                self.start_step, self.cfg.parallel.dp, self.cfg.parallel.tp
+            ));
+            run.report.stopped_at = Some(self.start_step);
+            return self.end(run);
+        }
         for step in self.start_step..self.cfg.train.steps {
             abort::check()?;
             crate::dist::env::maybe_inject_fault(self.rank, step);
@@ -470,15 +509,23 @@ impl Trainer {
         for (i, b) in batches.iter().enumerate() {
             let t = batch_tensor(b, self.device);
             let last_micro = i + 1 == batches.len() && c.parallel.overlap_grad_reduce;
-            let (buckets, job) = (&mut self.buckets, &mut self.job);
+            let buckets = &mut self.buckets;
+            let (mut dp, tp) = match self.job.as_mut() {
+                Some(j) => {
+                    let (d, t) = j.groups();
+                    (Some(d), t)
+                }
+                None => (None, None),
+            };
             // On the last micro-batch, reduce each bucket as soon as it is final.
             let mut hook =
-                |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), job.as_mut()) {
-                    (true, Some(bk), Some(j)) => bk.segment_done(pos, g, j.dp.as_mut()),
+                |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), dp.as_deref_mut()) {
+                    (true, Some(bk), Some(d)) => bk.segment_done(pos, g, d),
                     _ => Ok(()),
                 };
-            let l = engine::forward_backward(
+            let l = engine::forward_backward_in(
                 &self.model,
+                tp,
                 &t,
                 scale,
                 c.train.activation_checkpointing,
@@ -488,6 +535,16 @@ impl Trainer {
             loss_sum += l.to_kind(Kind::Double);
         }
         guard::at("gradient reduction", None);
+        if let Some(j) = &mut self.job {
+            if let Some(tp) = j.tp.as_mut() {
+                crate::tp::sync_shared_grads(
+                    &self.model.params,
+                    &self.optim.grad,
+                    tp.as_mut(),
+                    &mut j.replicas,
+                )?;
+            }
+        }
         if let (Some(bk), Some(j)) = (&mut self.buckets, &mut self.job) {
             bk.finish(&self.optim.grad, j.dp.as_mut())?;
         }
@@ -505,22 +562,32 @@ impl Trainer {
             let mut l = Tensor::from_slice(&flags).to_device(self.device);
             job.dp.all_reduce_sum(&mut l)?;
             flags.copy_from_slice(&Vec::<f64>::try_from(l.to_device(Device::Cpu))?);
+            // The tensor-parallel ranks hold the same loss; the requests must reach them all.
+            if let Some(tp) = job.tp.as_mut() {
+                let mut r = Tensor::from_slice(&flags[1..]).to_device(self.device);
+                tp.all_reduce_sum(&mut r)?;
+                flags[1..].copy_from_slice(&Vec::<f64>::try_from(r.to_device(Device::Cpu))?);
+            }
         }
         self.sync();
         let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
         let loss = flags[0] / target_tokens as f64;
         let lr = lr_at(&c.optim, step, c.train.steps);
         // Plain DP reduced the gradient in buckets already; ZeRO-1 reduce-scatters in the step.
-        let comm = match self.buckets {
-            Some(_) => None,
-            None => self.job.as_mut().map(|j| j.dp.as_mut()),
+        let zero = self.optim.shard.is_some();
+        let (comm, tp) = match self.job.as_mut() {
+            Some(j) => {
+                let (d, t) = j.groups();
+                (zero.then_some(d), t)
+            }
+            None => (None, None),
         };
         guard::at("optimizer step", None);
         // A non-finite loss (every rank sees the same one) skips the update like a
         // non-finite gradient does.
         let stats = self
             .optim
-            .step(&self.model.params, lr, comm, !loss.is_finite())?;
+            .step(&self.model.params, lr, comm, tp, !loss.is_finite())?;
         self.sync();
         let dt = t0.elapsed().as_secs_f64();
         Ok(StepOutcome {
@@ -561,12 +628,12 @@ impl Trainer {
         }
         let last = step + 1 == c.train.steps;
         if (step + 1) % c.train.log_every.max(1) == 0 || last {
-            let dp = c.parallel.dp;
+            let devices = (c.parallel.dp * c.parallel.tp) as f64;
             let tps = run.interval_tokens as f64 / run.interval_time.max(1e-9);
-            // Global tokens/s over the peak of all dp devices.
+            // Global tokens/s over the peak of all devices of the job.
             let mfu = self
                 .peak_flops
-                .map(|p| tps * self.flops_per_token / (p * dp as f64));
+                .map(|p| tps * self.flops_per_token / (p * devices));
             if let Device::Cuda(i) = self.device {
                 run.gpu_peak_mib = run
                     .gpu_peak_mib

@@ -1,9 +1,9 @@
 //! Loading: find a committed checkpoint, check it (marker, format, every
 //! file's size, the xxh3 of every piece read, the model's tensor shapes
-//! against the config), and
-//! assemble any flat range of the three buffers from the pieces that cover
-//! it. The saved data-parallel layout does not matter: ranges are assembled
-//! per parameter from whichever shards hold them.
+//! against the config), and assemble any flat range of this rank's three
+//! buffers from the pieces that cover it. The saved layout does not matter:
+//! each parameter's block (its tensor-parallel share, or the whole tensor)
+//! is assembled from whichever pieces of whichever shards overlap it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -106,21 +106,23 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Elements `[start, end)` of logical tensor `name`, flattened (1-D, CPU).
-    pub fn read_range(&mut self, name: &str, start: i64, end: i64) -> Result<Tensor> {
-        PieceReader {
+    /// A whole logical tensor, in its shape.
+    pub fn read(&mut self, name: &str) -> Result<Tensor> {
+        let shape = self
+            .meta
+            .tensors
+            .get(name)
+            .ok_or_else(|| err(&self.dir, format!("no tensor {name}")))?
+            .shape
+            .clone();
+        let whole: Vec<(i64, i64)> = shape.iter().map(|&n| (0, n)).collect();
+        Ok(PieceReader {
             dir: &self.dir,
             meta: &self.meta,
             readers: &mut self.readers,
         }
-        .read_range(name, start, end)
-    }
-
-    /// A whole logical tensor, in its shape.
-    pub fn read(&mut self, name: &str) -> Result<Tensor> {
-        let shape = self.meta.tensors[name].shape.clone();
-        let n: i64 = shape.iter().product();
-        Ok(self.read_range(name, 0, n)?.view(shape.as_slice()))
+        .read_block(name, &whole)?
+        .view(shape.as_slice()))
     }
 
     /// Flat range `[start, start + len)` of `buffer`, laid out like `params`.
@@ -134,17 +136,23 @@ impl Checkpoint {
         len: i64,
     ) -> Result<Tensor> {
         let out = Tensor::zeros([len], (Kind::Float, tch::Device::Cpu));
-        // (tensor name, range in the tensor, position in `out`), largest first.
-        type Item = (String, i64, i64, i64);
+        // (tensor name, this rank's block of it, range in the block, position in `out`), largest first.
+        type Item = (String, Vec<(i64, i64)>, i64, i64, i64);
         let mut items: Vec<Item> = Vec::new();
         for (i, spec) in params.specs.iter().enumerate() {
             let off = params.offsets[i];
             let (a, b) = (off.max(start), (off + spec.numel()).min(start + len));
             if a < b {
-                items.push((tensor_name(buffer, &spec.name), a - off, b - off, a - start));
+                items.push((
+                    tensor_name(buffer, &spec.name),
+                    spec.block.clone(),
+                    a - off,
+                    b - off,
+                    a - start,
+                ));
             }
         }
-        items.sort_by_key(|it| std::cmp::Reverse(it.2 - it.1));
+        items.sort_by_key(|it| std::cmp::Reverse(it.3 - it.2));
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -153,7 +161,7 @@ impl Checkpoint {
         let mut groups: Vec<(i64, Vec<Item>)> = vec![(0, Vec::new()); threads];
         for it in items {
             let g = groups.iter_mut().min_by_key(|g| g.0).expect("a worker");
-            g.0 += it.2 - it.1;
+            g.0 += it.3 - it.2;
             g.1.push(it);
         }
         let (dir, meta) = (&self.dir, &self.meta);
@@ -169,8 +177,8 @@ impl Checkpoint {
                             meta,
                             readers: &mut readers,
                         };
-                        for (name, a, b, pos) in group {
-                            let part = r.read_range(&name, a, b)?;
+                        for (name, block, a, b, pos) in group {
+                            let part = r.read_part(&name, &block, a, b)?;
                             out.narrow(0, pos, b - a).copy_(&part);
                         }
                         Ok(())
@@ -194,7 +202,7 @@ impl Checkpoint {
         let mut expected = BTreeMap::new();
         for s in &params.specs {
             for b in BUFFERS {
-                expected.insert(tensor_name(b, &s.name), s.shape.clone());
+                expected.insert(tensor_name(b, &s.name), s.global_shape.clone());
             }
         }
         for (name, shape) in &expected {
@@ -290,7 +298,88 @@ impl PieceReader<'_> {
         Ok(Tensor::from_data_size(&buf, &[p.end - p.start], kind))
     }
 
-    /// Elements `[start, end)` of logical tensor `name`, flattened (1-D, CPU).
+    /// Elements `[a, b)` of block `block` of tensor `name`, flattened (1-D, CPU).
+    fn read_part(&mut self, name: &str, block: &[(i64, i64)], a: i64, b: i64) -> Result<Tensor> {
+        let e = self
+            .meta
+            .tensors
+            .get(name)
+            .ok_or_else(|| err(self.dir, format!("no tensor {name}")))?;
+        let whole_block = block
+            .iter()
+            .zip(&e.shape)
+            .all(|(&(o, l), &n)| o == 0 && l == n);
+        if whole_block && e.pieces.iter().all(|p| p.block.is_none()) {
+            return self.read_range(name, a, b);
+        }
+        Ok(self.read_block(name, block)?.narrow(0, a, b - a))
+    }
+
+    /// Block `want` ((offset, length) per dimension) of tensor `name`,
+    /// flattened (1-D, CPU), assembled from every piece that overlaps it.
+    fn read_block(&mut self, name: &str, want: &[(i64, i64)]) -> Result<Tensor> {
+        let e = self
+            .meta
+            .tensors
+            .get(name)
+            .ok_or_else(|| err(self.dir, format!("no tensor {name}")))?
+            .clone();
+        let shape = e.shape.clone();
+        let whole: Vec<(i64, i64)> = shape.iter().map(|&n| (0, n)).collect();
+        let view = |t: &Tensor, blk: &[(i64, i64)]| {
+            let mut v = t.shallow_clone();
+            for (d, &(o, l)) in blk.iter().enumerate() {
+                v = v.narrow(d as i64, o, l);
+            }
+            v
+        };
+        let overlaps = |blk: &[(i64, i64)]| {
+            blk.iter()
+                .zip(want)
+                .all(|(&(o, l), &(wo, wl))| o < wo + wl && wo < o + l)
+        };
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let global = Tensor::zeros(shape.as_slice(), opts);
+        let filled = Tensor::zeros(shape.as_slice(), (Kind::Bool, tch::Device::Cpu));
+        // Pieces of one block go into a staging buffer of that block first.
+        let mut staged: Vec<(Vec<(i64, i64)>, Tensor, Tensor)> = Vec::new();
+        for p in &e.pieces {
+            let blk = p.block.clone().unwrap_or_else(|| whole.clone());
+            if !overlaps(&blk) {
+                continue;
+            }
+            let data = self.read_piece(name, p)?.to_kind(Kind::Float);
+            let i = match staged.iter().position(|(b, _, _)| *b == blk) {
+                Some(i) => i,
+                None => {
+                    let n: i64 = blk.iter().map(|&(_, l)| l).product();
+                    staged.push((
+                        blk.clone(),
+                        Tensor::zeros([n], opts),
+                        Tensor::zeros([n], (Kind::Bool, tch::Device::Cpu)),
+                    ));
+                    staged.len() - 1
+                }
+            };
+            let (_, buf, mask) = &staged[i];
+            buf.narrow(0, p.start, p.end - p.start).copy_(&data);
+            let _ = mask.narrow(0, p.start, p.end - p.start).fill_(1);
+        }
+        for (blk, buf, mask) in &staged {
+            let dims: Vec<i64> = blk.iter().map(|&(_, l)| l).collect();
+            view(&global, blk).copy_(&buf.view(dims.as_slice()));
+            view(&filled, blk).copy_(&mask.view(dims.as_slice()));
+        }
+        if !bool::try_from(view(&filled, want).all()).unwrap_or(false) {
+            return Err(err(
+                self.dir,
+                format!("tensor {name}: block {want:?} is not covered by its pieces"),
+            ));
+        }
+        Ok(view(&global, want).contiguous().view([-1]))
+    }
+
+    /// Elements `[start, end)` of logical tensor `name` saved whole, flattened (1-D, CPU).
     fn read_range(&mut self, name: &str, start: i64, end: i64) -> Result<Tensor> {
         let e = self
             .meta

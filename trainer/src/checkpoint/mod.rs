@@ -5,11 +5,16 @@
 //! See docs/checkpoint.md for the format and the commit protocol.
 //!
 //! State is three flat fp32 buffers laid out like the parameters (params.rs):
-//! the master weights and AdamW's two moments. Rank `r` of `dp` owns elements
-//! `[r * S, min((r + 1) * S, N))` of each, `S = ceil(N / dp)` (exactly its
-//! ZeRO-1 shard), and writes the pieces of every parameter that fall in it.
-//! Loading assembles any flat range from whatever pieces cover it, so a
-//! checkpoint loads under any data-parallel size, with or without ZeRO-1.
+//! the master weights and AdamW's two moments. Data-parallel rank `r` of `dp`
+//! owns elements `[r * S, min((r + 1) * S, N))` of its buffers, `S = ceil(N /
+//! dp)` (exactly its ZeRO-1 shard), and writes the pieces of every parameter
+//! that fall in it. Under tensor parallelism a rank's parameter is a block of
+//! the whole tensor, so a piece records that block (offset and length per
+//! dimension) and a flat range within it; a copy held by several
+//! tensor-parallel ranks is written by the first of them only. Loading
+//! assembles whatever block and range a rank needs from the pieces that
+//! cover it, so a checkpoint loads under any (dp, tp) layout, with or
+//! without ZeRO-1.
 
 pub mod load;
 pub mod safetensors;
@@ -56,26 +61,20 @@ pub struct Layout {
     pub flat_numel: i64,
 }
 
-impl Layout {
-    /// The flat range `[start, start + len)` rank `rank` owns.
-    pub fn owned(&self, rank: usize) -> (i64, i64) {
-        owned_range(self.flat_numel, self.dp, rank)
-    }
-}
+pub use crate::params::shard_range as owned_range;
 
-pub fn owned_range(n: i64, world: usize, rank: usize) -> (i64, i64) {
-    let s = (n + world as i64 - 1) / world as i64;
-    let start = (rank as i64 * s).min(n);
-    (start, (n - start).clamp(0, s))
-}
-
-/// Where a piece of a logical tensor lives: elements `[start, end)` of the
-/// tensor flattened in row-major order, stored under the tensor's name in `file`.
+/// Where a piece of a logical tensor lives: elements `[start, end)` of a
+/// block of the tensor (the whole tensor when `block` is absent) flattened in
+/// row-major order, stored under the tensor's name in `file`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Piece {
     pub file: String,
     pub start: i64,
     pub end: i64,
+    /// (offset, length) per dimension of the block of the whole tensor this
+    /// piece is a range of; absent for the whole tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<Vec<(i64, i64)>>,
     /// xxh3-64 of the piece's bytes (16 hex digits), checked whenever it is read.
     pub xxh3: String,
 }

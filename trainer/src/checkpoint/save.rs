@@ -26,10 +26,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::*;
 use crate::config::{CheckpointConfig, RunConfig};
-use crate::dist::{DistEnv, StoreClient};
+use crate::dist::{DistEnv, MeshDims, StoreClient};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
-use crate::params::Params;
+use crate::params::{GradSync, ParamSpec, Params};
 
 /// Fault injection for tests: milliseconds each writer sleeps after writing
 /// its shard and before reporting it (widens the window in which a kill lands mid-save).
@@ -44,38 +44,33 @@ pub struct SaveInfo {
     pub last_lr: f64,
 }
 
-/// The index of every logical tensor: for each of the three buffers and each
-/// parameter, the pieces each rank of `world` holds (checksums still empty).
-pub fn index(params: &Params, world: usize) -> BTreeMap<String, TensorEntry> {
-    let n = params.numel();
+/// The index entry of every logical tensor (global shapes, no pieces yet):
+/// for each of the three buffers and each parameter.
+pub fn entries(params: &Params) -> BTreeMap<String, TensorEntry> {
     let mut out = BTreeMap::new();
-    for (i, spec) in params.specs.iter().enumerate() {
-        let (off, len) = (params.offsets[i], spec.numel());
-        let mut pieces = Vec::new();
-        for r in 0..world {
-            let (s, l) = owned_range(n, world, r);
-            let (a, b) = (off.max(s), (off + len).min(s + l));
-            if a < b {
-                pieces.push(Piece {
-                    file: shard_file_name(r, world),
-                    start: a - off,
-                    end: b - off,
-                    xxh3: String::new(), // filled in from the writers' reports
-                });
-            }
-        }
+    for spec in &params.specs {
         for buf in BUFFERS {
             out.insert(
                 tensor_name(buf, &spec.name),
                 TensorEntry {
-                    shape: spec.shape.clone(),
+                    shape: spec.global_shape.clone(),
                     dtype: "F32".into(),
-                    pieces: pieces.clone(),
+                    pieces: Vec::new(),
                 },
             );
         }
     }
     out
+}
+
+/// Whether this rank writes its copy of parameter `spec`: a copy held by
+/// several tensor-parallel ranks is written by the first of them.
+fn writes(spec: &ParamSpec, tp_rank: usize) -> bool {
+    match spec.sync {
+        GradSync::Own => true,
+        GradSync::Identical | GradSync::SumTp => tp_rank == 0,
+        GradSync::SumReplicas { size } => tp_rank % size == 0,
+    }
 }
 
 pub struct Saver {
@@ -85,6 +80,7 @@ pub struct Saver {
     tokenizer: Option<Vec<u8>>,
     rank: usize,
     world: usize,
+    dims: MeshDims,
     env: Option<DistEnv>,
     /// Host copies of this rank's owned range of the three buffers.
     host: Option<Vec<Tensor>>,
@@ -142,7 +138,12 @@ pub fn retain(root: &Path, keep_last: usize, keep_every: u64) -> Result<Vec<u64>
 impl Saver {
     pub fn new(run: &RunConfig, env: Option<DistEnv>, tokenizer: Option<Vec<u8>>) -> Saver {
         let (rank, world) = env.as_ref().map(|e| (e.rank, e.world)).unwrap_or((0, 1));
+        let dims = MeshDims {
+            dp: run.parallel.dp,
+            tp: run.parallel.tp,
+        };
         Saver {
+            dims,
             root: root_dir(run),
             cfg: run.checkpoint.clone(),
             run: run.clone(),
@@ -164,7 +165,7 @@ impl Saver {
         if self.host.is_some() {
             return;
         }
-        let (_, len) = owned_range(params.numel(), self.world, self.rank);
+        let (_, len) = self.owned(params);
         let device = params.flat.device();
         let make = || {
             let t = Tensor::zeros([len], (Kind::Float, Device::Cpu));
@@ -174,6 +175,12 @@ impl Saver {
             }
         };
         self.host = Some(vec![make(), make(), make()]);
+    }
+
+    /// The range of the local flat buffers this rank owns: its data-parallel share.
+    fn owned(&self, params: &Params) -> (i64, i64) {
+        let (dp_rank, _) = self.dims.coords(self.rank);
+        owned_range(params.numel(), self.dims.dp, dp_rank)
     }
 
     /// Wait for the background write of the previous save (and, on rank 0, its commit).
@@ -225,7 +232,8 @@ impl Saver {
         }
         // Snapshot this rank's range into host memory.
         let n = params.numel();
-        let (start, len) = owned_range(n, self.world, self.rank);
+        let (start, len) = self.owned(params);
+        let (_, tp_rank) = self.dims.coords(self.rank);
         self.allocate_host(params);
         let host = self.host.as_ref().expect("host buffers");
         let moment_off = if optim.shard.is_some() { 0 } else { start };
@@ -243,14 +251,23 @@ impl Saver {
         // This rank's pieces, as views of the host copies.
         let mine = shard_file_name(self.rank, self.world);
         let mut tensors = Vec::new();
+        let mut pieces = Vec::new();
         for (b, buf) in BUFFERS.iter().enumerate() {
             for (i, spec) in params.specs.iter().enumerate() {
                 let off = params.offsets[i];
                 let (a, e) = (off.max(start), (off + spec.numel()).min(start + len));
-                if a < e {
-                    tensors.push((
-                        tensor_name(buf, &spec.name),
-                        host[b].narrow(0, a - start, e - a),
+                if a < e && writes(spec, tp_rank) {
+                    let name = tensor_name(buf, &spec.name);
+                    tensors.push((name.clone(), host[b].narrow(0, a - start, e - a)));
+                    pieces.push((
+                        name,
+                        Piece {
+                            file: mine.clone(),
+                            start: a - off,
+                            end: e - off,
+                            block: (!spec.is_whole()).then(|| spec.block.clone()),
+                            xxh3: String::new(), // the writer fills it in
+                        },
                     ));
                 }
             }
@@ -265,6 +282,7 @@ impl Saver {
             root: self.root.clone(),
             file: mine,
             tensors,
+            pieces,
             meta: (self.rank == 0).then(|| Metadata {
                 format: FORMAT.into(),
                 format_version: FORMAT_VERSION,
@@ -283,14 +301,14 @@ impl Saver {
                     data_seed: self.run.data.seed,
                 },
                 layout: Layout {
-                    dp: self.world,
-                    tp: 1,
+                    dp: self.dims.dp,
+                    tp: self.dims.tp,
                     pp: 1,
                     zero: self.run.parallel.zero,
                     flat_numel: n,
                 },
                 config: serde_json::to_value(&self.run).expect("config serializes"),
-                tensors: index(params, self.world),
+                tensors: entries(params),
                 files: BTreeMap::new(),
                 saved_unix_s: 0,
             }),
@@ -319,8 +337,8 @@ impl Saver {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Report {
     file: FileEntry,
-    /// Tensor name -> xxh3 of this rank's piece of it.
-    pieces: Vec<(String, String)>,
+    /// Tensor name -> this rank's piece of it (checksum filled in).
+    pieces: Vec<(String, Piece)>,
 }
 
 struct WriteJob {
@@ -333,6 +351,8 @@ struct WriteJob {
     root: PathBuf,
     file: String,
     tensors: Vec<(String, Tensor)>,
+    /// The piece each of `tensors` is, in the same order.
+    pieces: Vec<(String, Piece)>,
     /// Rank 0 only: the metadata to complete and commit.
     meta: Option<Metadata>,
     tokenizer: Option<Vec<u8>>,
@@ -367,10 +387,14 @@ impl WriteJob {
                 xxh3: format!("{:016x}", w.file_hash),
             },
             pieces: self
-                .tensors
+                .pieces
                 .iter()
                 .zip(&w.tensor_hashes)
-                .map(|((n, _), h)| (n.clone(), format!("{h:016x}")))
+                .map(|((n, p), h)| {
+                    let mut p = p.clone();
+                    p.xxh3 = format!("{h:016x}");
+                    (n.clone(), p)
+                })
                 .collect(),
         });
         fault_delay();
@@ -418,26 +442,28 @@ impl WriteJob {
             }
         }
         for (file, rep) in reports {
-            for (name, h) in rep.pieces {
-                if let Some(p) = meta
-                    .tensors
-                    .get_mut(&name)
-                    .and_then(|e| e.pieces.iter_mut().find(|p| p.file == file))
-                {
-                    p.xxh3 = h;
-                }
+            for (name, p) in rep.pieces {
+                let e = meta.tensors.get_mut(&name).ok_or_else(|| {
+                    TrainError::Other(format!(
+                        "checkpoint step {}: {file} reports a piece of {name}, which rank 0's model does not have",
+                        self.step
+                    ))
+                })?;
+                e.pieces.push(p);
             }
             meta.files.insert(file, rep.file);
         }
-        if let Some((name, _)) = meta
-            .tensors
-            .iter()
-            .find(|(_, e)| e.pieces.iter().any(|p| p.xxh3.is_empty()))
-        {
-            return Err(TrainError::Other(format!(
-                "checkpoint step {}: no checksum reported for a piece of {name}",
-                self.step
-            )));
+        for (name, e) in meta.tensors.iter_mut() {
+            e.pieces
+                .sort_by(|a, b| (&a.block, a.start, &a.file).cmp(&(&b.block, b.start, &b.file)));
+            let held: i64 = e.pieces.iter().map(|p| p.end - p.start).sum();
+            if held != e.shape.iter().product::<i64>() {
+                return Err(TrainError::Other(format!(
+                    "checkpoint step {}: the pieces of {name} hold {held} elements, the tensor has {}",
+                    self.step,
+                    e.shape.iter().product::<i64>()
+                )));
+            }
         }
         meta.saved_unix_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -12,7 +12,7 @@
 use tch::Tensor;
 
 use super::Collectives;
-use crate::engine::{segments, Segment};
+use crate::engine::Program;
 use crate::error::Result;
 use crate::model::Model;
 
@@ -30,27 +30,11 @@ pub struct GradBuckets {
     started: Vec<bool>,
 }
 
-/// Position of `seg` in backward order (the head is differentiated first).
-pub fn backward_position(model: &Model, seg: Segment) -> usize {
-    let all = segments(model);
-    let i = all
-        .iter()
-        .position(|&s| s == seg)
-        .expect("segment of this model");
-    all.len() - 1 - i
-}
-
 impl GradBuckets {
     pub fn new(model: &Model, bucket_elems: i64) -> GradBuckets {
         let p = &model.params;
-        // Last backward position that writes each parameter's gradient.
-        let mut last = vec![0usize; p.specs.len()];
-        for seg in segments(model) {
-            let pos = backward_position(model, seg);
-            for i in model.segment_params(seg) {
-                last[i] = last[i].max(pos);
-            }
-        }
+        // Backward position after which each parameter's gradient is final (the engine's program).
+        let last = Program::new(model).final_positions(model);
         let mut buckets: Vec<Bucket> = Vec::new();
         for i in 0..p.specs.len() {
             let (off, n) = (p.offsets[i], p.specs[i].numel());

@@ -7,6 +7,7 @@ pub mod buckets;
 pub mod collectives;
 pub mod env;
 pub mod liveness;
+pub mod mesh;
 pub mod nccl;
 pub mod store;
 
@@ -15,43 +16,100 @@ use std::time::Duration;
 pub use collectives::{Collectives, StoreCollectives};
 pub use env::DistEnv;
 use liveness::Liveness;
+pub use mesh::MeshDims;
 pub use store::{StoreClient, StoreServer};
 
 use crate::error::Result;
 
 /// A joined job: the store server (on the process that hosts it), a control
-/// connection to it, the liveness watcher and the data-parallel collectives.
+/// connection to it, the liveness watcher and the process groups of the mesh:
+/// data-parallel, tensor-parallel, and the replica groups of K/V heads shared
+/// by several tensor-parallel ranks (by size).
 pub struct Job {
     pub env: DistEnv,
     _server: Option<StoreServer>,
     pub store: StoreClient,
     liveness: Liveness,
+    pub dims: MeshDims,
+    pub dp_rank: usize,
+    pub tp_rank: usize,
     pub dp: Box<dyn Collectives>,
+    pub tp: Option<Box<dyn Collectives>>,
+    pub replicas: Vec<(usize, Box<dyn Collectives>)>,
 }
 
 impl Job {
     /// Rendezvous through the store at MASTER_ADDR:MASTER_PORT (hosting it on
-    /// rank 0 unless a launcher does) and set up the collectives: NCCL on
-    /// `cuda_device` when given, else the CPU store backend.
-    pub fn join(env: DistEnv, cuda_device: Option<usize>) -> Result<Job> {
+    /// rank 0 unless a launcher does) and set up the groups of `dims`: NCCL on
+    /// `cuda_device` when given, else the CPU store backend. `replica_sizes`:
+    /// sizes of the groups of consecutive tensor-parallel ranks that share K/V
+    /// heads.
+    pub fn join(
+        env: DistEnv,
+        cuda_device: Option<usize>,
+        dims: MeshDims,
+        replica_sizes: &[usize],
+    ) -> Result<Job> {
+        dims.check(env.world)?;
         let (server, mut store) = rendezvous(&env)?;
         let t = Duration::from_secs(env.timeout_s);
         store.barrier("join", env.world)?;
         let liveness = Liveness::start(&env)?;
         let control = connect(&env)?;
-        let dp: Box<dyn Collectives> = match cuda_device {
-            Some(d) => Box::new(nccl::NcclCollectives::new(
-                &mut store, "dp", env.rank, env.world, d, t,
-            )?),
-            None => Box::new(StoreCollectives::new(store, "dp", env.rank, env.world, t)),
+        let (dp_rank, tp_rank) = dims.coords(env.rank);
+        let group = |store: &mut StoreClient,
+                     name: String,
+                     rank: usize,
+                     size: usize|
+         -> Result<Box<dyn Collectives>> {
+            Ok(match cuda_device {
+                Some(d) => Box::new(nccl::NcclCollectives::new(store, &name, rank, size, d, t)?),
+                None => Box::new(StoreCollectives::new(connect(&env)?, &name, rank, size, t)),
+            })
         };
+        let dp_name = if dims.tp == 1 {
+            "dp".to_string()
+        } else {
+            format!("dp.tp{tp_rank}")
+        };
+        let dp = group(&mut store, dp_name, dp_rank, dims.dp)?;
+        let tp = if dims.tp > 1 {
+            Some(group(
+                &mut store,
+                format!("tp.dp{dp_rank}"),
+                tp_rank,
+                dims.tp,
+            )?)
+        } else {
+            None
+        };
+        let mut replicas = Vec::new();
+        for &size in replica_sizes {
+            if size > 1 && !replicas.iter().any(|(s, _)| *s == size) {
+                let name = format!("tp.dp{dp_rank}.shared{size}.{}", tp_rank / size);
+                replicas.push((size, group(&mut store, name, tp_rank % size, size)?));
+            }
+        }
         Ok(Job {
             env,
             _server: server,
             store: control,
             liveness,
+            dims,
+            dp_rank,
+            tp_rank,
             dp,
+            tp,
+            replicas,
         })
+    }
+
+    /// The data-parallel group and the tensor-parallel group (if any), borrowed together.
+    pub fn groups(&mut self) -> (&mut dyn Collectives, Option<&mut dyn Collectives>) {
+        (
+            self.dp.as_mut(),
+            self.tp.as_mut().map(|c| c.as_mut() as &mut dyn Collectives),
+        )
     }
 
     /// End the job cleanly: stop heartbeats (a finished rank is not a lost
@@ -59,7 +117,7 @@ impl Job {
     /// rank is past the meeting.
     pub fn finish(&mut self) -> Result<()> {
         self.liveness.stop();
-        self.dp.barrier()?;
+        self.store.barrier("finish", self.env.world)?;
         let n = self.store.add("job/finished", 1)?;
         if self._server.is_some() {
             let deadline = std::time::Instant::now() + Duration::from_secs(self.env.timeout_s);
