@@ -309,8 +309,47 @@ fn gather_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, dim))
 }
 
+/// Set `SIGMA_TIME_COLLECTIVES=1` to time every tensor-parallel collective
+/// (the device is synchronised around each, which costs a little speed): the
+/// trainer logs the seconds per step as `tp_comm_s`. The collectives run on the
+/// communication stream but the compute stream waits for each before going on
+/// (nothing overlaps them), so this time is all exposed.
+pub const TIME_COLLECTIVES: &str = "SIGMA_TIME_COLLECTIVES";
+
+static COMM_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn timing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(TIME_COLLECTIVES).is_ok_and(|v| v == "1"))
+}
+
+/// Seconds spent in timed tensor-parallel collectives since the last call.
+pub fn take_comm_seconds() -> f64 {
+    COMM_NANOS.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+}
+
 /// Apply `op` to `x` across the tensor-parallel group.
 pub fn communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tensor> {
+    if !timing() {
+        return communicate_now(c, op, x);
+    }
+    let sync = || {
+        if let tch::Device::Cuda(i) = x.device() {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    sync();
+    let t0 = std::time::Instant::now();
+    let y = communicate_now(c, op, x)?;
+    sync();
+    COMM_NANOS.fetch_add(
+        t0.elapsed().as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    Ok(y)
+}
+
+fn communicate_now(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tensor> {
     tch::no_grad(|| match op {
         Comm::Copy => Ok(x.shallow_clone()),
         Comm::AllReduce => {

@@ -91,6 +91,8 @@ struct StepOutcome {
     phases: [f64; 3],
     stop_signal: bool,
     save_timed: bool,
+    /// Seconds in tensor-parallel collectives (with SIGMA_TIME_COLLECTIVES=1).
+    tp_comm_s: Option<f64>,
 }
 
 /// What a finished run reports.
@@ -599,6 +601,9 @@ impl Trainer {
             phases: [t_data, t_fwd_bwd, dt - t_data - t_fwd_bwd],
             stop_signal: flags[1] > 0.0,
             save_timed: flags[2] > 0.0,
+            tp_comm_s: std::env::var(engine::TIME_COLLECTIVES)
+                .is_ok()
+                .then(engine::take_comm_seconds),
         })
     }
 
@@ -650,6 +655,7 @@ impl Trainer {
                 "global_batch_tokens": o.target_tokens,
                 "step_time_s": o.dt,
                 "phase_s": {"data": t_data, "forward_backward": t_fwd_bwd, "optimizer": t_optim},
+                "tp_comm_s": o.tp_comm_s,
                 "skipped": !o.stats.applied,
                 "optimizer_state_bytes": self.optim.state_bytes(),
                 "memory": if self.device.is_cuda() { json!({"gpu_mib_peak": run.gpu_peak_mib}) } else { self.memory_record() },
