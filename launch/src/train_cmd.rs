@@ -168,15 +168,22 @@ pub fn train(a: TrainArgs) -> Result<i32> {
             0
         });
     }
+    let total = summarize(&cfg.model, cfg.data.seq_len).params;
+    let local = t.model.params.numel();
     println!(
-        "device {} ({}), {} parameters, {:.3} GFLOP/token, peak {}",
+        "device {} ({}), {} parameters{}, {:.3} GFLOP/token, peak {}",
         t.device_name,
         if t.model.compute == tch::Kind::BFloat16 {
             "bf16 matmuls, fp32 master weights"
         } else {
             "fp32"
         },
-        t.model.params.numel(),
+        total,
+        if local != total {
+            format!(" ({local} on this rank)")
+        } else {
+            String::new()
+        },
         t.flops_per_token / 1e9,
         t.peak_flops
             .map(|p| format!("{:.0} TFLOP/s", p / 1e12))

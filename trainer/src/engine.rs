@@ -384,7 +384,11 @@ fn run_seg(
     match seg {
         Seg::Embed => vec![model.embed(tokens)],
         Seg::Block(l) => vec![model.block(l, &inputs[0])],
-        Seg::AttnNorm(l) => vec![model.rms_norm(&inputs[0], ids.layers[l].attn.norm)],
+        // Under tensor parallelism a norm's output is gathered before the matmuls
+        // cast it to the compute dtype anyway: cast first, move half the bytes.
+        Seg::AttnNorm(l) => vec![model
+            .rms_norm(&inputs[0], ids.layers[l].attn.norm)
+            .to_kind(model.compute)],
         Seg::Qkv(l) => vec![
             model.q0(l, &inputs[0]),
             model.keys(l, &inputs[0]),
@@ -396,12 +400,16 @@ fn run_seg(
         }
         Seg::AddNorm(l) => {
             let x2 = &inputs[0] + &inputs[1];
-            let h2 = model.rms_norm(&x2, ids.layers[l].ffn.norm);
+            let h2 = model
+                .rms_norm(&x2, ids.layers[l].ffn.norm)
+                .to_kind(model.compute);
             vec![x2, h2]
         }
         Seg::Ffn(l) => vec![model.ffn(l, &inputs[0])],
         Seg::Add(_) => vec![&inputs[0] + &inputs[1]],
-        Seg::FinalNorm => vec![model.rms_norm(&inputs[0], ids.final_norm)],
+        Seg::FinalNorm => vec![model
+            .rms_norm(&inputs[0], ids.final_norm)
+            .to_kind(model.compute)],
         Seg::Head => vec![model.head_loss_sum(&inputs[0], targets)],
         Seg::HeadLogits => vec![model.head_logits(&inputs[0])],
     }
