@@ -39,6 +39,11 @@ enum Command {
         #[command(subcommand)]
         command: train_cmd::CheckpointCommand,
     },
+    /// Pipeline traces (`metrics.trace = true`).
+    Trace {
+        #[command(subcommand)]
+        command: train_cmd::TraceCommand,
+    },
     /// Inspect model configs.
     Model {
         #[command(subcommand)]
@@ -55,6 +60,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Dist { command } => ok(train_cmd::dist(command)),
         Command::Model { command } => ok(train_cmd::model(command)),
         Command::Checkpoint { command } => ok(train_cmd::checkpoint(command)),
+        Command::Trace { command } => ok(train_cmd::trace(command)),
     }
 }
 

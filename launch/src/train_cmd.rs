@@ -115,6 +115,81 @@ pub fn dist(cmd: DistCommand) -> Result<()> {
 }
 
 #[derive(Subcommand)]
+pub enum TraceCommand {
+    /// Draw the traces of a run (DIR/trace-rank*.json) as one timeline, DIR/trace.png.
+    Plot {
+        dir: std::path::PathBuf,
+        /// The traced step to draw (default: the last one).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Where to write the PNG (default: DIR/trace.png).
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+}
+
+pub fn trace(cmd: TraceCommand) -> Result<()> {
+    let TraceCommand::Plot { dir, step, output } = cmd;
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("trace-rank") && n.ends_with(".json"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        anyhow::bail!(
+            "no trace-rank*.json in {} (train with --set metrics.trace=true and parallel.pp > 1)",
+            dir.display()
+        );
+    }
+    let mut events = Vec::new();
+    for f in &files {
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: not a trace: {e}", f.display()))?;
+        let rank = v["otherData"]["rank"].as_u64().unwrap_or(0) as usize;
+        if let Some(b) = v["otherData"]["bubble"].as_f64() {
+            println!(
+                "rank {rank}: idle {:.1} % of the forward/backward stretch",
+                100.0 * b
+            );
+        }
+        for e in v["traceEvents"].as_array().into_iter().flatten() {
+            events.push((
+                e["args"]["step"].as_u64().unwrap_or(0),
+                rank,
+                e["name"].as_str().unwrap_or("").to_string(),
+                e["cat"].as_str().unwrap_or("").to_string(),
+                e["ts"].as_f64().unwrap_or(0.0),
+                e["dur"].as_f64().unwrap_or(0.0),
+            ));
+        }
+    }
+    let last = events.iter().map(|e| e.0).max().unwrap_or(0);
+    let want = step.unwrap_or(last);
+    let picked: Vec<_> = events
+        .into_iter()
+        .filter(|e| e.0 == want)
+        .map(|(_, r, n, c, t, d)| (r, n, c, t, d))
+        .collect();
+    if picked.is_empty() {
+        anyhow::bail!(
+            "no events of step {want} in the traces of {}",
+            dir.display()
+        );
+    }
+    let out = output.unwrap_or_else(|| dir.join("trace.png"));
+    sigma_trainer::plot::trace_png(&out, &picked, &format!("pipeline, step {want}"))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum ModelCommand {
     /// Parameters by component, FLOPs per token and KV-cache bytes per token.
     Summary {

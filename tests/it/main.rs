@@ -7,6 +7,7 @@ mod data_pipeline;
 mod data_s3;
 mod distributed;
 mod model;
+mod pipeline;
 mod restarts;
 mod slurm;
 mod tensor_parallel;

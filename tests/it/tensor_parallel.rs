@@ -173,9 +173,13 @@ fn tp_rank_grads(
         t,
     ));
     let mut replicas = vec![(2usize, shared)];
+    // Initialisation draws from libtorch's global generator: one model at a time.
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
     let m = Model::with_plan(
         &c,
         TpPlan::new(&c, 2, rank, sp),
+        sigma_trainer::pipeline::PipelinePlan::single(&c),
         3,
         false,
         false,
@@ -183,6 +187,7 @@ fn tp_rank_grads(
         false,
     )
     .to_double();
+    drop(guard);
     let mut g = m.params.flat.zeros_like();
     let _ = engine::forward_backward_in(
         &m,

@@ -136,7 +136,7 @@ fn config_errors_are_explained() {
                 "sigma launch",
             ],
         ),
-        (&["parallel.tp=2"], &["parallel", "tp = 2"]),
+        (&["parallel.tp=2"], &["parallel.tp (2)", "1 process"]),
         (&["parallel.zero=2"], &["parallel.zero"]),
         (
             &["model.k_compression=\"projected\""],

@@ -311,8 +311,18 @@ pub struct ParallelConfig {
     /// Sequence parallelism within the tensor-parallel group (default: on when tp > 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence_parallel: Option<bool>,
+    /// Pipeline stages (docs/parallelism.md).
     #[serde(default = "one")]
     pub pp: usize,
+    /// "1f1b" or "interleaved" (several chunks of layers per rank).
+    #[serde(default = "d_pp_schedule")]
+    pub pp_schedule: PpSchedule,
+    /// Chunks of layers per rank with the interleaved schedule (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pp_virtual_stages: Option<usize>,
+    /// Layers of every virtual stage, in order (default: balanced, counting the output head's work).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pp_layers: Option<Vec<usize>>,
     #[serde(default)]
     pub zero: u8,
     /// Size of a data-parallel gradient bucket in MB (10^6 bytes of fp32 gradient).
@@ -327,11 +337,31 @@ fn d_true() -> bool {
     true
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PpSchedule {
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+    #[serde(rename = "interleaved")]
+    Interleaved,
+}
+
+fn d_pp_schedule() -> PpSchedule {
+    PpSchedule::OneFOneB
+}
+
 fn d_bucket_mb() -> f64 {
     128.0
 }
 
 impl ParallelConfig {
+    /// Chunks of layers per pipeline rank.
+    pub fn virtual_stages(&self) -> usize {
+        match self.pp_schedule {
+            PpSchedule::OneFOneB => 1,
+            PpSchedule::Interleaved => self.pp_virtual_stages.unwrap_or(2),
+        }
+    }
+
     /// Sequence parallelism in effect (on by default when tp > 1).
     pub fn sequence_parallel(&self) -> bool {
         self.tp > 1 && self.sequence_parallel.unwrap_or(true)
@@ -345,6 +375,9 @@ impl Default for ParallelConfig {
             tp: 1,
             sequence_parallel: None,
             pp: 1,
+            pp_schedule: PpSchedule::OneFOneB,
+            pp_virtual_stages: None,
+            pp_layers: None,
             zero: 0,
             bucket_mb: d_bucket_mb(),
             overlap_grad_reduce: true,
@@ -407,6 +440,10 @@ pub struct MetricsConfig {
     /// Write loss.png next to the metrics at the end.
     #[serde(default = "default_true")]
     pub plot: bool,
+    /// Record every pipeline action of steps 2-4 (forward, backward, send,
+    /// receive, optimizer) as a Chrome/Perfetto trace, `trace-rank<r>.json`.
+    #[serde(default)]
+    pub trace: bool,
 }
 
 impl Default for MetricsConfig {
@@ -416,6 +453,7 @@ impl Default for MetricsConfig {
             tensorboard: true,
             peak_flops: None,
             plot: true,
+            trace: false,
         }
     }
 }
@@ -648,14 +686,37 @@ impl RunConfig {
         if p.tp == 0 {
             return Err(TrainError::config("parallel.tp", "must be positive"));
         }
-        if p.pp != 1 {
-            return Err(TrainError::config(
-                "parallel.pp",
-                format!(
-                    "{}: pipeline parallelism is not implemented in this build (pp = 1)",
-                    p.pp
-                ),
-            ));
+        if p.pp == 0 {
+            return Err(TrainError::config("parallel.pp", "must be positive"));
+        }
+        match (p.pp_schedule, p.pp_virtual_stages) {
+            (PpSchedule::OneFOneB, Some(v)) if v != 1 => {
+                return Err(TrainError::config(
+                    "parallel.pp_virtual_stages",
+                    format!(
+                        "{v} needs pp_schedule = \"interleaved\" (1f1b runs one chunk per rank)"
+                    ),
+                ))
+            }
+            (PpSchedule::Interleaved, Some(v)) if v < 2 => {
+                return Err(TrainError::config(
+                    "parallel.pp_virtual_stages",
+                    format!("{v}: the interleaved schedule needs at least 2 chunks per rank"),
+                ))
+            }
+            _ => {}
+        }
+        if p.pp > 1 || p.pp_layers.is_some() {
+            let v = p.virtual_stages();
+            crate::pipeline::PipelinePlan::check(&self.model, p.pp, v, p.pp_layers.as_deref())?;
+            // Every accumulation count the run uses (the ramp's too) must fit the schedule.
+            let mut counts = vec![t.grad_accum_steps];
+            counts.extend((0..t.batch_ramp_steps).map(|s| self.accum_steps_at(s)));
+            counts.sort();
+            counts.dedup();
+            for m in counts {
+                crate::pipeline::schedule::check(p.pp, v, m)?;
+            }
         }
         if p.sequence_parallel == Some(true) && p.tp == 1 {
             return Err(TrainError::config(

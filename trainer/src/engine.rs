@@ -125,13 +125,18 @@ pub enum Step {
     },
 }
 
-/// The steps of one micro-batch for a model and its tensor-parallel plan.
+/// The steps of one micro-batch on one chunk of layers (the whole model
+/// without pipeline parallelism), for a model and its tensor-parallel plan.
 #[derive(Clone, Debug)]
 pub struct Program {
     pub steps: Vec<Step>,
     slots: usize,
-    /// The slot whose value is the loss (one device) or the local logits.
-    loss_slot: Slot,
+    /// The slot receiving the previous stage's activation (not on the first stage).
+    input_slot: Option<Slot>,
+    /// The last stage: the slot whose value is the loss (one device) or the
+    /// local logits. Other stages: the activation sent on.
+    out_slot: Slot,
+    last: bool,
     /// Step ranges recomputed as one under activation checkpointing (blocks).
     pub blocks: Vec<Range<usize>>,
     vocab_parallel: bool,
@@ -169,25 +174,42 @@ impl Builder {
 }
 
 impl Program {
+    /// The whole model.
     pub fn new(model: &Model) -> Program {
+        Program::chunk(model, 0..model.cfg.num_layers, true, true)
+    }
+
+    /// Layers `layers`, with the embedding in front when `first` and the head
+    /// and loss after when `last`.
+    pub fn chunk(model: &Model, layers: Range<usize>, first: bool, last: bool) -> Program {
         let plan = model.plan;
         let mut b = Builder {
             steps: Vec::new(),
             slots: 0,
         };
         let mut blocks = Vec::new();
+        let input_slot = (!first).then(|| b.slot());
         if plan.tp == 1 {
-            let mut x = b.run(Seg::Embed, &[], 1)[0];
-            for l in 0..model.cfg.num_layers {
+            let mut x = match input_slot {
+                Some(x) => x,
+                None => b.run(Seg::Embed, &[], 1)[0],
+            };
+            for l in layers {
                 let s = b.steps.len();
                 x = b.run(Seg::Block(l), &[x], 1)[0];
                 blocks.push(s..b.steps.len());
             }
-            let loss_slot = b.run(Seg::Head, &[x], 1)[0];
+            let out_slot = if last {
+                b.run(Seg::Head, &[x], 1)[0]
+            } else {
+                x
+            };
             return Program {
                 steps: b.steps,
                 slots: b.slots,
-                loss_slot,
+                input_slot,
+                out_slot,
+                last,
                 blocks,
                 vocab_parallel: false,
             };
@@ -199,9 +221,14 @@ impl Program {
         } else {
             (Comm::Copy, Comm::AllReduce)
         };
-        let e = b.run(Seg::Embed, &[], 1)[0];
-        let mut x = b.comm(Some(out), e);
-        for l in 0..model.cfg.num_layers {
+        let mut x = match input_slot {
+            Some(x) => x,
+            None => {
+                let e = b.run(Seg::Embed, &[], 1)[0];
+                b.comm(Some(out), e)
+            }
+        };
+        for l in layers {
             let s = b.steps.len();
             let h = b.run(Seg::AttnNorm(l), &[x], 1)[0];
             let h = b.comm(Some(into), h);
@@ -222,15 +249,21 @@ impl Program {
             x = b.run(Seg::Add(l), &[xh[0], f], 1)[0];
             blocks.push(s..b.steps.len());
         }
-        let h = b.run(Seg::FinalNorm, &[x], 1)[0];
-        let h = b.comm(Some(into), h);
-        let loss_slot = b.run(Seg::HeadLogits, &[h], 1)[0];
+        let out_slot = if last {
+            let h = b.run(Seg::FinalNorm, &[x], 1)[0];
+            let h = b.comm(Some(into), h);
+            b.run(Seg::HeadLogits, &[h], 1)[0]
+        } else {
+            x
+        };
         Program {
             steps: b.steps,
             slots: b.slots,
-            loss_slot,
+            input_slot,
+            out_slot,
+            last,
             blocks,
-            vocab_parallel: true,
+            vocab_parallel: last,
         }
     }
 
@@ -238,31 +271,32 @@ impl Program {
     pub fn seg_params(model: &Model, seg: Seg) -> Vec<ParamId> {
         let ids = &model.ids;
         match seg {
-            Seg::Embed => vec![ids.embed],
-            Seg::Block(l) => ids.layers[l].all(),
-            Seg::AttnNorm(l) => vec![ids.layers[l].attn.norm],
+            Seg::Embed => ids.embed.into_iter().collect(),
+            Seg::Block(l) => ids.layer(l).all(),
+            Seg::AttnNorm(l) => vec![ids.layer(l).attn.norm],
             Seg::Qkv(l) => {
-                let a = &ids.layers[l].attn;
+                let a = &ids.layer(l).attn;
                 let mut v = vec![a.q_proj, a.k_proj];
                 v.extend(a.k_up);
                 v.push(a.v_proj);
                 v
             }
-            Seg::AugQ(l) => ids.layers[l]
+            Seg::AugQ(l) => ids
+                .layer(l)
                 .attn
                 .aug_q
                 .map(|a| a.to_vec())
                 .unwrap_or_default(),
-            Seg::Attend(l) => vec![ids.layers[l].attn.o_proj],
-            Seg::AddNorm(l) => vec![ids.layers[l].ffn.norm],
+            Seg::Attend(l) => vec![ids.layer(l).attn.o_proj],
+            Seg::AddNorm(l) => vec![ids.layer(l).ffn.norm],
             Seg::Ffn(l) => {
-                let f = &ids.layers[l].ffn;
+                let f = &ids.layer(l).ffn;
                 vec![f.gate, f.up, f.down]
             }
             Seg::Add(_) => Vec::new(),
-            Seg::FinalNorm => vec![ids.final_norm],
-            Seg::Head => vec![ids.final_norm, ids.head],
-            Seg::HeadLogits => vec![ids.head],
+            Seg::FinalNorm => ids.final_norm.into_iter().collect(),
+            Seg::Head => ids.final_norm.into_iter().chain(ids.head).collect(),
+            Seg::HeadLogits => ids.head.into_iter().collect(),
         }
     }
 
@@ -387,7 +421,7 @@ fn run_seg(
         // Under tensor parallelism a norm's output is gathered before the matmuls
         // cast it to the compute dtype anyway: cast first, move half the bytes.
         Seg::AttnNorm(l) => vec![model
-            .rms_norm(&inputs[0], ids.layers[l].attn.norm)
+            .rms_norm(&inputs[0], ids.layer(l).attn.norm)
             .to_kind(model.compute)],
         Seg::Qkv(l) => vec![
             model.q0(l, &inputs[0]),
@@ -401,14 +435,17 @@ fn run_seg(
         Seg::AddNorm(l) => {
             let x2 = &inputs[0] + &inputs[1];
             let h2 = model
-                .rms_norm(&x2, ids.layers[l].ffn.norm)
+                .rms_norm(&x2, ids.layer(l).ffn.norm)
                 .to_kind(model.compute);
             vec![x2, h2]
         }
         Seg::Ffn(l) => vec![model.ffn(l, &inputs[0])],
         Seg::Add(_) => vec![&inputs[0] + &inputs[1]],
         Seg::FinalNorm => vec![model
-            .rms_norm(&inputs[0], ids.final_norm)
+            .rms_norm(
+                &inputs[0],
+                ids.final_norm.expect("the last stage holds the final norm"),
+            )
             .to_kind(model.compute)],
         Seg::Head => vec![model.head_loss_sum(&inputs[0], targets)],
         Seg::HeadLogits => vec![model.head_logits(&inputs[0])],
@@ -455,11 +492,11 @@ pub fn vocab_parallel_cross_entropy(
     })
 }
 
-/// Everything a micro-batch's execution holds.
-struct Exec<'a, 'c> {
+/// Everything a micro-batch's execution on one chunk holds, from its
+/// forward to its backward (the activations pipeline schedules keep in flight).
+pub struct Pass<'a> {
     model: &'a Model,
     prog: &'a Program,
-    comm: Option<&'c mut (dyn Collectives + 'c)>,
     tokens: Tensor,
     targets: Tensor,
     /// Leaves: the value of every slot.
@@ -467,17 +504,40 @@ struct Exec<'a, 'c> {
     /// Segment outputs with their graphs (kept for backward unless recomputed).
     graph: Vec<Option<Tensor>>,
     grad: Vec<Option<Tensor>>,
+    checkpoint: bool,
 }
 
-impl Exec<'_, '_> {
-    fn comm(&mut self) -> &mut dyn Collectives {
-        self.comm
-            .as_deref_mut()
-            .expect("tensor parallelism needs its group")
+pub type Tp<'t> = Option<&'t mut dyn Collectives>;
+
+/// A shorter-lived borrow of the group, to pass on.
+pub fn reborrow<'s>(tp: &'s mut Tp<'_>) -> Tp<'s> {
+    tp.as_mut().map(|c| &mut **c as &mut dyn Collectives)
+}
+
+fn group<'t>(tp: &'t mut Tp<'_>) -> &'t mut dyn Collectives {
+    match tp {
+        Some(c) => &mut **c,
+        None => panic!("a model split by tensor parallelism needs its group"),
+    }
+}
+
+impl<'a> Pass<'a> {
+    fn new(model: &'a Model, prog: &'a Program, tokens: &Tensor, checkpoint: bool) -> Pass<'a> {
+        let t = tokens.size()[1] - 1;
+        Pass {
+            model,
+            prog,
+            tokens: tokens.narrow(1, 0, t),
+            targets: tokens.narrow(1, 1, t),
+            val: (0..prog.slots).map(|_| None).collect(),
+            graph: (0..prog.slots).map(|_| None).collect(),
+            grad: (0..prog.slots).map(|_| None).collect(),
+            checkpoint,
+        }
     }
 
     /// Forward of steps `range`; segments keep their graphs when `keep`.
-    fn forward(&mut self, range: Range<usize>, keep: bool) -> Result<()> {
+    fn forward(&mut self, tp: &mut Tp<'_>, range: Range<usize>, keep: bool) -> Result<()> {
         for i in range {
             match &self.prog.steps[i] {
                 Step::Run {
@@ -507,12 +567,45 @@ impl Exec<'_, '_> {
                         .as_ref()
                         .expect("input computed")
                         .shallow_clone();
-                    let y = communicate(self.comm(), *op, &x)?;
+                    let y = communicate(group(tp), *op, &x)?;
                     self.val[*to] = Some(leaf(&y));
                 }
             }
         }
         Ok(())
+    }
+
+    /// The whole forward: blocks under checkpointing run without graphs and
+    /// keep only their input; everything inside them is dropped once done.
+    fn forward_all(&mut self, tp: &mut Tp<'_>) -> Result<()> {
+        let prog = self.prog;
+        let mut i = 0;
+        for blk in &prog.blocks {
+            self.forward(tp, i..blk.start, true)?;
+            self.forward(tp, blk.clone(), !self.checkpoint)?;
+            if self.checkpoint {
+                self.drop_inside(blk);
+            }
+            i = blk.end;
+        }
+        self.forward(tp, i..prog.steps.len(), true)
+    }
+
+    /// Drop every value produced inside `blk` except its output (the next block's input).
+    fn drop_inside(&mut self, blk: &Range<usize>) {
+        let last = blk.end - 1;
+        for i in blk.clone() {
+            let outs: Vec<Slot> = match &self.prog.steps[i] {
+                Step::Run { outputs, .. } => outputs.clone(),
+                Step::Comm { to, .. } => vec![*to],
+            };
+            if i != last {
+                for s in outs {
+                    self.val[s] = None;
+                    self.graph[s] = None;
+                }
+            }
+        }
     }
 
     fn add_grad(&mut self, slot: Slot, g: Tensor) {
@@ -523,12 +616,12 @@ impl Exec<'_, '_> {
     }
 
     /// Backward of step `i`. Returns true for a segment (for the hook).
-    fn backward_step(&mut self, i: usize, grads: &mut Tensor) -> Result<bool> {
+    fn backward_step(&mut self, tp: &mut Tp<'_>, i: usize, grads: &mut Tensor) -> Result<bool> {
         match &self.prog.steps[i] {
             Step::Comm { op, from, to } => {
                 if let Some(g) = self.grad[*to].take() {
                     at("tensor-parallel communication (backward)", None);
-                    let g = communicate(self.comm(), op.conjugate(), &g)?;
+                    let g = communicate(group(tp), op.conjugate(), &g)?;
                     self.add_grad(*from, g);
                 }
                 self.val[*to] = None;
@@ -588,85 +681,90 @@ impl Exec<'_, '_> {
     }
 }
 
-/// Forward and backward of one micro-batch. `tokens` is [b, t + 1]; inputs are
-/// `tokens[:, :-1]`, targets `tokens[:, 1:]`. The gradient of
-/// `sum of token losses * loss_scale` is added into `grads` (flat, laid out like
-/// the parameters). Returns the (unscaled) loss sum, detached. `tp`: the
-/// tensor-parallel group (required when the model is split).
-/// `on_segment_done(pos)` is called as soon as the segment at backward
-/// position `pos` (0: the head, last: the embedding) has added its gradients.
-pub fn forward_backward_in<'c>(
-    model: &Model,
-    tp: Option<&'c mut (dyn Collectives + 'c)>,
+/// Forward of one micro-batch (`tokens` [b, t + 1]: inputs `tokens[:, :-1]`,
+/// targets `tokens[:, 1:]`) through chunk `prog`, from `input` (the previous
+/// stage's activation; None on the first stage). Returns the pass, kept for
+/// backward, and what it produced: the activation for the next stage, or on
+/// the last stage the (unscaled) loss sum, detached, with backward seeded
+/// for `sum of token losses * loss_scale`.
+pub fn chunk_forward<'a>(
+    model: &'a Model,
+    prog: &'a Program,
+    mut tp: Tp<'_>,
     tokens: &Tensor,
+    input: Option<Tensor>,
     loss_scale: f64,
     checkpoint: bool,
-    grads: &mut Tensor,
-    on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
-) -> Result<Tensor> {
-    let prog = Program::new(model);
-    let t = tokens.size()[1] - 1;
-    let mut ex = Exec {
-        model,
-        prog: &prog,
-        comm: tp,
-        tokens: tokens.narrow(1, 0, t),
-        targets: tokens.narrow(1, 1, t),
-        val: (0..prog.slots).map(|_| None).collect(),
-        graph: (0..prog.slots).map(|_| None).collect(),
-        grad: (0..prog.slots).map(|_| None).collect(),
-    };
-    // Forward: blocks under checkpointing run without graphs and keep only
-    // their input; everything inside them is dropped once they are done.
-    let mut i = 0;
-    for blk in &prog.blocks {
-        ex.forward(i..blk.start, true)?;
-        ex.forward(blk.clone(), !checkpoint)?;
-        if checkpoint {
-            drop_inside(&mut ex, blk);
-        }
-        i = blk.end;
+) -> Result<(Pass<'a>, Tensor)> {
+    let mut ex = Pass::new(model, prog, tokens, checkpoint);
+    if let (Some(s), Some(x)) = (prog.input_slot, input) {
+        ex.val[s] = Some(leaf(&x));
     }
-    ex.forward(i..prog.steps.len(), true)?;
-
-    // The loss and the gradient it starts backward with.
-    let ls = prog.loss_slot;
+    ex.forward_all(&mut tp)?;
+    let out = prog.out_slot;
+    if !prog.last {
+        let act = ex.val[out].as_ref().expect("stage output").detach();
+        return Ok((ex, act));
+    }
     let loss = if prog.vocab_parallel {
         at("loss (vocabulary-parallel cross-entropy)", None);
-        let logits = ex.val[ls].as_ref().expect("logits").shallow_clone();
+        let logits = ex.val[out].as_ref().expect("logits").shallow_clone();
         let (first, _) = model.plan.vocab_rows(&model.cfg);
         let targets = ex.targets.shallow_clone();
-        let (loss, g) =
-            vocab_parallel_cross_entropy(ex.comm(), &logits, &targets, first, Some(loss_scale))?;
-        ex.grad[ls] = g;
+        let (loss, g) = vocab_parallel_cross_entropy(
+            group(&mut tp),
+            &logits,
+            &targets,
+            first,
+            Some(loss_scale),
+        )?;
+        ex.grad[out] = g;
         loss
     } else {
-        let loss = ex.graph[ls].as_ref().expect("loss").shallow_clone();
-        ex.graph[ls] = Some(&loss * loss_scale);
-        ex.grad[ls] = Some(Tensor::ones([], (Kind::Float, loss.device())));
+        let loss = ex.graph[out].as_ref().expect("loss").shallow_clone();
+        ex.graph[out] = Some(&loss * loss_scale);
+        ex.grad[out] = Some(Tensor::ones([], (Kind::Float, loss.device())));
         loss.detach()
     };
+    Ok((ex, loss))
+}
 
-    // Backward, step by step in reverse; a checkpointed block is recomputed first.
+/// Backward of a pass: `grad_out` is the gradient of its output activation
+/// from the next stage (None on the last stage, which seeded its own).
+/// Parameter gradients are added into `grads`; `on_segment_done(pos)` is
+/// called as soon as the segment at backward position `pos` has added its
+/// own. Returns the gradient of the pass's input (None on the first stage).
+pub fn chunk_backward(
+    mut ex: Pass<'_>,
+    mut tp: Tp<'_>,
+    grad_out: Option<Tensor>,
+    grads: &mut Tensor,
+    on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Option<Tensor>> {
+    let prog = ex.prog;
+    if let Some(g) = grad_out {
+        ex.grad[prog.out_slot] = Some(g);
+        // The output's graph is needed: a checkpointed last block recomputes it below.
+    }
     let mut pos = 0;
     let mut i = prog.steps.len();
     while i > 0 {
         i -= 1;
-        if checkpoint {
+        if ex.checkpoint {
             if let Some(blk) = prog.blocks.iter().find(|b| b.end == i + 1) {
                 at(
                     "recompute (activation checkpointing)",
-                    prog_layer(&prog, blk),
+                    prog_layer(prog, blk),
                 );
-                ex.forward(blk.clone(), true)?;
+                ex.forward(&mut tp, blk.clone(), true)?;
             }
         }
-        if ex.backward_step(i, grads)? {
+        if ex.backward_step(&mut tp, i, grads)? {
             on_segment_done(pos, grads)?;
             pos += 1;
         }
     }
-    Ok(loss)
+    Ok(prog.input_slot.and_then(|s| ex.grad[s].take()))
 }
 
 fn prog_layer(prog: &Program, blk: &Range<usize>) -> Option<usize> {
@@ -676,21 +774,33 @@ fn prog_layer(prog: &Program, blk: &Range<usize>) -> Option<usize> {
     }
 }
 
-/// Drop every value produced inside `blk` except its output (the next block's input).
-fn drop_inside(ex: &mut Exec<'_, '_>, blk: &Range<usize>) {
-    let last = blk.end - 1;
-    for i in blk.clone() {
-        let outs: Vec<Slot> = match &ex.prog.steps[i] {
-            Step::Run { outputs, .. } => outputs.clone(),
-            Step::Comm { to, .. } => vec![*to],
-        };
-        if i != last {
-            for s in outs {
-                ex.val[s] = None;
-                ex.graph[s] = None;
-            }
-        }
-    }
+/// Forward and backward of one micro-batch through the whole model (see
+/// `chunk_forward`). The gradient of `sum of token losses * loss_scale` is
+/// added into `grads` (flat, laid out like the parameters). Returns the
+/// (unscaled) loss sum, detached. `tp`: the tensor-parallel group (required
+/// when the model is split). `on_segment_done(pos)`: see `chunk_backward`
+/// (position 0 is the head, the last the embedding).
+pub fn forward_backward_in(
+    model: &Model,
+    mut tp: Tp<'_>,
+    tokens: &Tensor,
+    loss_scale: f64,
+    checkpoint: bool,
+    grads: &mut Tensor,
+    on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let prog = Program::new(model);
+    let (pass, loss) = chunk_forward(
+        model,
+        &prog,
+        reborrow(&mut tp),
+        tokens,
+        None,
+        loss_scale,
+        checkpoint,
+    )?;
+    chunk_backward(pass, tp, None, grads, on_segment_done)?;
+    Ok(loss)
 }
 
 /// `forward_backward_in` on one device.
@@ -713,38 +823,34 @@ pub fn forward_backward(
     )
 }
 
-/// Sum of token losses without gradients (validation), with the
-/// tensor-parallel group when the model is split.
-pub fn loss_sum_in<'c>(
+/// Forward of chunk `prog` without gradients: the activation for the next
+/// stage, or on the last stage the sum of token losses (validation).
+pub fn chunk_eval(
     model: &Model,
-    tp: Option<&'c mut (dyn Collectives + 'c)>,
+    prog: &Program,
+    mut tp: Tp<'_>,
     tokens: &Tensor,
+    input: Option<Tensor>,
 ) -> Result<Tensor> {
     at("validation forward", None);
-    let prog = Program::new(model);
-    let t = tokens.size()[1] - 1;
-    let mut ex = Exec {
-        model,
-        prog: &prog,
-        comm: tp,
-        tokens: tokens.narrow(1, 0, t),
-        targets: tokens.narrow(1, 1, t),
-        val: (0..prog.slots).map(|_| None).collect(),
-        graph: (0..prog.slots).map(|_| None).collect(),
-        grad: (0..prog.slots).map(|_| None).collect(),
-    };
-    tch::no_grad(|| ex.forward(0..prog.steps.len(), false))?;
-    let out = ex.val[prog.loss_slot]
-        .as_ref()
-        .expect("output")
-        .shallow_clone();
-    if prog.vocab_parallel {
+    let mut ex = Pass::new(model, prog, tokens, false);
+    if let (Some(s), Some(x)) = (prog.input_slot, input) {
+        ex.val[s] = Some(x);
+    }
+    tch::no_grad(|| ex.forward(&mut tp, 0..prog.steps.len(), false))?;
+    let out = ex.val[prog.out_slot].as_ref().expect("output").detach();
+    if prog.last && prog.vocab_parallel {
         let (first, _) = model.plan.vocab_rows(&model.cfg);
         let targets = ex.targets.shallow_clone();
-        Ok(vocab_parallel_cross_entropy(ex.comm(), &out, &targets, first, None)?.0)
-    } else {
-        Ok(out.detach())
+        return Ok(vocab_parallel_cross_entropy(group(&mut tp), &out, &targets, first, None)?.0);
     }
+    Ok(out)
+}
+
+/// Sum of token losses without gradients (validation), with the
+/// tensor-parallel group when the model is split.
+pub fn loss_sum_in(model: &Model, tp: Tp<'_>, tokens: &Tensor) -> Result<Tensor> {
+    chunk_eval(model, &Program::new(model), tp, tokens, None)
 }
 
 /// `loss_sum_in` on one device.

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod pipeline;
 pub mod plot;
 pub mod schedule;
 pub mod signals;

@@ -22,6 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{KCompression, ModelConfig};
 use crate::params::{ParamId, ParamKind, ParamSpec, Params};
+use crate::pipeline::PipelinePlan;
 use crate::tp::TpPlan;
 
 /// Handles to the parameters of one attention layer.
@@ -66,20 +67,40 @@ impl LayerIds {
     }
 }
 
-/// Handles to every parameter of the model.
+/// Handles to the parameters this rank holds (under pipeline parallelism,
+/// those of its stages).
 #[derive(Clone, Debug)]
 pub struct ModelIds {
-    pub embed: ParamId,
-    pub layers: Vec<LayerIds>,
-    pub final_norm: ParamId,
+    pub embed: Option<ParamId>,
+    pub layers: Vec<Option<LayerIds>>,
+    pub final_norm: Option<ParamId>,
     /// The output projection: the embedding when tied.
-    pub head: ParamId,
+    pub head: Option<ParamId>,
+}
+
+impl ModelIds {
+    /// Layer `l`, which this rank's stages must hold.
+    pub fn layer(&self, l: usize) -> &LayerIds {
+        match &self.layers[l] {
+            Some(ids) => ids,
+            None => panic!("layer {l} is not on this pipeline stage"),
+        }
+    }
+}
+
+fn held<T>(v: Option<T>, what: &str) -> T {
+    match v {
+        Some(x) => x,
+        None => panic!("{what} is not on this pipeline stage"),
+    }
 }
 
 pub struct Model {
     pub cfg: ModelConfig,
     /// This rank's share of the model (everything, without tensor parallelism).
     pub plan: TpPlan,
+    /// The layers this rank runs (all of them, without pipeline parallelism).
+    pub pipe: PipelinePlan,
     pub params: Params,
     pub ids: ModelIds,
     /// dtype of matmul inputs (BFloat16 for mixed precision, else the parameter dtype).
@@ -92,8 +113,9 @@ pub fn param_specs(c: &ModelConfig) -> Vec<ParamSpec> {
     TpPlan::single(c).param_specs(c)
 }
 
-/// Handles for specs in model order (as `TpPlan::param_specs` lists them).
-fn model_ids(c: &ModelConfig, ids: &[ParamId]) -> ModelIds {
+/// Handles for specs in model order (as `TpPlan::param_specs` lists them);
+/// None for parameters this rank does not hold.
+fn model_ids(c: &ModelConfig, ids: &[Option<ParamId>]) -> ModelIds {
     let mut it = ids.iter().copied();
     let mut next = || it.next().expect("a handle per parameter");
     let embed = next();
@@ -105,23 +127,31 @@ fn model_ids(c: &ModelConfig, ids: &[ParamId]) -> ModelIds {
             let k_proj = next();
             let k_up = (c.k_compression == KCompression::Projected).then(&mut next);
             let (v_proj, o_proj) = (next(), next());
-            LayerIds {
+            let ffn = [next(), next(), next(), next()];
+            let norm = norm?;
+            Some(LayerIds {
                 attn: AttnIds {
                     norm,
-                    q_proj,
-                    aug_q,
-                    k_proj,
-                    k_up,
-                    v_proj,
-                    o_proj,
+                    q_proj: q_proj?,
+                    aug_q: match aug_q {
+                        Some([a, b, c]) => Some([a?, b?, c?]),
+                        None => None,
+                    },
+                    k_proj: k_proj?,
+                    k_up: match k_up {
+                        Some(u) => Some(u?),
+                        None => None,
+                    },
+                    v_proj: v_proj?,
+                    o_proj: o_proj?,
                 },
                 ffn: FfnIds {
-                    norm: next(),
-                    gate: next(),
-                    up: next(),
-                    down: next(),
+                    norm: ffn[0]?,
+                    gate: ffn[1]?,
+                    up: ffn[2]?,
+                    down: ffn[3]?,
                 },
-            }
+            })
         })
         .collect();
     let final_norm = next();
@@ -131,6 +161,26 @@ fn model_ids(c: &ModelConfig, ids: &[ParamId]) -> ModelIds {
         layers,
         final_norm,
         head,
+    }
+}
+
+/// Whether a rank running `pipe`'s stages holds parameter `name`, and whether
+/// it is the tied embedding held by both ends of the pipeline.
+fn on_stage(c: &ModelConfig, pipe: &PipelinePlan, name: &str) -> (bool, bool) {
+    let tied_across = pipe.pp > 1 && c.tie_embeddings;
+    match name {
+        "embed.weight" => (
+            pipe.first() || (pipe.last() && c.tie_embeddings),
+            tied_across,
+        ),
+        "final_norm.weight" | "lm_head.weight" => (pipe.last(), false),
+        n => {
+            let layer = n
+                .strip_prefix("layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok());
+            (layer.is_some_and(|l| pipe.holds_layer(l)), false)
+        }
     }
 }
 
@@ -148,6 +198,7 @@ impl Model {
         Model::with_plan(
             cfg,
             TpPlan::single(cfg),
+            PipelinePlan::single(cfg),
             seed,
             decay_norms,
             decay_embeddings,
@@ -156,11 +207,13 @@ impl Model {
         )
     }
 
-    /// This rank's share under `plan`, initialised from the same draws as the
-    /// whole model (each rank keeps its blocks).
+    /// This rank's share under `plan` and `pipe`, initialised from the same
+    /// draws as the whole model (each rank keeps its blocks).
+    #[allow(clippy::too_many_arguments)]
     pub fn with_plan(
         cfg: &ModelConfig,
         plan: TpPlan,
+        pipe: PipelinePlan,
         seed: u64,
         decay_norms: bool,
         decay_embeddings: bool,
@@ -172,8 +225,16 @@ impl Model {
             ParamKind::Embedding => decay_embeddings,
             _ => true,
         };
+        let mut specs = plan.param_specs(cfg);
+        for s in &mut specs {
+            let (_, tied) = on_stage(cfg, &pipe, &s.name);
+            s.pp_tied = tied;
+            // The first stage writes the tied embedding into checkpoints.
+            s.writer &= !tied || pipe.first();
+        }
         let (params, ids) = Params::new(
-            plan.param_specs(cfg),
+            specs,
+            |s| on_stage(cfg, &pipe, &s.name).0,
             decayed,
             seed,
             cfg.init_std,
@@ -183,6 +244,7 @@ impl Model {
         Model {
             cfg: cfg.clone(),
             plan,
+            pipe,
             ids: model_ids(cfg, &ids),
             params,
             compute: if mixed { Kind::BFloat16 } else { Kind::Float },
@@ -257,7 +319,7 @@ impl Model {
     /// tensor parallelism, the rows this rank holds: other tokens give zeros
     /// (the ranks' outputs sum to the lookup).
     pub fn embed(&self, tokens: &Tensor) -> Tensor {
-        let w = self.p(self.ids.embed);
+        let w = self.p(held(self.ids.embed, "the embedding"));
         if self.plan.tp == 1 {
             return Tensor::embedding(w, tokens, -1, false, false);
         }
@@ -270,13 +332,13 @@ impl Model {
 
     /// The projected query q0 of this rank's heads: [b, t, q_heads * dot_dim].
     pub fn q0(&self, l: usize, h: &Tensor) -> Tensor {
-        self.mm(h, self.p(self.ids.layers[l].attn.q_proj))
+        self.mm(h, self.p(self.ids.layer(l).attn.q_proj))
     }
 
     /// AugQ on a whole projected query [b, t, n_q * dot_dim]; under tensor
     /// parallelism this rank's share of the AugQ width, a partial sum.
     pub fn aug_q(&self, l: usize, q0: &Tensor) -> Tensor {
-        let [gate, up, down] = self.ids.layers[l].attn.aug_q.expect("AugQ is on");
+        let [gate, up, down] = self.ids.layer(l).attn.aug_q.expect("AugQ is on");
         let g = self.mm(q0, self.p(gate)).silu();
         let u = self.mm(q0, self.p(up));
         self.mm(&(g * u), self.p(down))
@@ -304,7 +366,7 @@ impl Model {
     /// Key heads after projection, optional up-projection and RoPE: [b, k_heads, t, dot_dim].
     pub fn keys(&self, l: usize, h: &Tensor) -> Tensor {
         let c = &self.cfg;
-        let a = &self.ids.layers[l].attn;
+        let a = &self.ids.layer(l).attn;
         let (b, t) = (h.size()[0], h.size()[1]);
         let k = self.mm(h, self.p(a.k_proj)).view([
             b,
@@ -322,7 +384,7 @@ impl Model {
     /// Value heads: [b, v_heads, t, v_head_dim].
     pub fn values(&self, l: usize, h: &Tensor) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
-        let v = self.mm(h, self.p(self.ids.layers[l].attn.v_proj));
+        let v = self.mm(h, self.p(self.ids.layer(l).attn.v_proj));
         v.view([b, t, self.plan.v_heads as i64, self.cfg.v_head_dim as i64])
             .transpose(1, 2)
     }
@@ -362,7 +424,7 @@ impl Model {
         let o = o
             .transpose(1, 2)
             .reshape([b, t, nq * self.cfg.v_head_dim as i64]);
-        self.mm(&o, self.p(self.ids.layers[l].attn.o_proj))
+        self.mm(&o, self.p(self.ids.layer(l).attn.o_proj))
     }
 
     /// DiffQKV attention of layer `l` on normalised input `h` [b, t, d] -> [b, t, d].
@@ -376,7 +438,7 @@ impl Model {
     /// SwiGLU of this rank's share of the hidden width (a partial sum under
     /// tensor parallelism).
     pub fn ffn(&self, l: usize, h: &Tensor) -> Tensor {
-        let f = &self.ids.layers[l].ffn;
+        let f = &self.ids.layer(l).ffn;
         let g = self.mm(h, self.p(f.gate)).silu();
         let u = self.mm(h, self.p(f.up));
         self.mm(&(g * u), self.p(f.down))
@@ -384,7 +446,7 @@ impl Model {
 
     /// Transformer block `l`: pre-norm attention and SwiGLU FFN with residuals.
     pub fn block(&self, l: usize, x: &Tensor) -> Tensor {
-        let ids = &self.ids.layers[l];
+        let ids = &self.ids.layer(l);
         let x = x + self.attention(l, &self.rms_norm(x, ids.attn.norm));
         let h = self.rms_norm(&x, ids.ffn.norm);
         &x + self.ffn(l, &h)
@@ -393,13 +455,13 @@ impl Model {
     /// Output projection of normalised states: [b, t, d] -> logits of this
     /// rank's vocabulary rows [b, t, rows] (parameter dtype).
     pub fn head_logits(&self, h: &Tensor) -> Tensor {
-        self.mm(h, self.p(self.ids.head))
+        self.mm(h, self.p(held(self.ids.head, "the output head")))
             .to_kind(self.params.flat.kind())
     }
 
     /// Final norm and output projection: [b, t, d] -> logits [b, t, vocab] (parameter dtype).
     pub fn logits(&self, x: &Tensor) -> Tensor {
-        self.head_logits(&self.rms_norm(x, self.ids.final_norm))
+        self.head_logits(&self.rms_norm(x, held(self.ids.final_norm, "the final norm")))
     }
 
     /// Sum of next-token cross-entropy over all positions: the head segment.

@@ -73,8 +73,8 @@ impl AdamW {
             .specs
             .iter()
             .zip(&params.offsets)
-            .filter(|(s, _)| s.sync.copies(tp) > 1)
-            .map(|(s, &o)| (o, s.numel(), s.sync.copies(tp)))
+            .filter(|(s, _)| s.copies(tp) > 1)
+            .map(|(s, &o)| (o, s.numel(), s.copies(tp)))
             .collect();
         AdamW {
             cfg: cfg.clone(),
@@ -93,13 +93,14 @@ impl AdamW {
     /// A non-finite gradient norm leaves parameters and moments untouched, and
     /// so does `skip` (the step's loss was not finite; every rank passes the
     /// same value, so all skip together and no collective is left half-done).
-    /// `tp`: the tensor-parallel group, over which the global norm is summed.
+    /// `spread`: the groups over which the parameters are split (tensor- and
+    /// pipeline-parallel), over which the global norm is summed too.
     pub fn step(
         &mut self,
         params: &Params,
         lr: f64,
         comm: Option<&mut (dyn Collectives + '_)>,
-        tp: Option<&mut (dyn Collectives + '_)>,
+        spread: Vec<&mut dyn Collectives>,
         skip: bool,
     ) -> Result<StepStats> {
         let stats = if skip {
@@ -108,7 +109,7 @@ impl AdamW {
                 applied: false,
             }
         } else {
-            tch::no_grad(|| self.update(params, lr, comm, tp))?
+            tch::no_grad(|| self.update(params, lr, comm, spread))?
         };
         let _ = self.grad.zero_();
         Ok(stats)
@@ -119,7 +120,7 @@ impl AdamW {
         params: &Params,
         lr: f64,
         comm: Option<&mut (dyn Collectives + '_)>,
-        tp: Option<&mut (dyn Collectives + '_)>,
+        spread: Vec<&mut dyn Collectives>,
     ) -> Result<StepStats> {
         // This rank's gradient (whole or shard) and the range of the flat buffer it updates.
         let (mut g, start, len, mut comm) = match (self.shard, comm) {
@@ -155,7 +156,7 @@ impl AdamW {
             c.all_reduce_sum(&mut s)?;
             sq = s;
         }
-        if let Some(c) = tp {
+        for c in spread {
             let mut s = scalar(sq.double_value(&[]), self.grad.device());
             c.all_reduce_sum(&mut s)?;
             sq = s;
@@ -262,7 +263,9 @@ mod tests {
         let w0 = m.params.flat.copy();
         let _ = a.grad.fill_(0.5);
         // The loss was not finite although the gradient is: no update at all.
-        let s = a.step(&m.params, 0.1, None, None, true).expect("step");
+        let s = a
+            .step(&m.params, 0.1, None, Vec::new(), true)
+            .expect("step");
         assert!(!s.applied);
         assert!(m.params.flat.equal(&w0));
         assert_eq!(a.steps, 0);
@@ -276,7 +279,9 @@ mod tests {
             0.0
         );
         let _ = a.grad.fill_(0.5);
-        let s = a.step(&m.params, 0.1, None, None, false).expect("step");
+        let s = a
+            .step(&m.params, 0.1, None, Vec::new(), false)
+            .expect("step");
         assert!(s.applied && s.grad_norm.is_finite());
         assert!(!m.params.flat.equal(&w0));
         assert_eq!(a.steps, 1);

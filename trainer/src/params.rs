@@ -64,6 +64,13 @@ pub struct ParamSpec {
     pub block: Vec<(i64, i64)>,
     pub kind: ParamKind,
     pub sync: GradSync,
+    /// This rank writes its copy into checkpoints (a copy held by several
+    /// ranks is written by one of them).
+    pub writer: bool,
+    /// The tied embedding held by both the first and the last pipeline stage
+    /// (as the embedding and as the output head): its gradient is summed
+    /// over the two before the optimizer step.
+    pub pp_tied: bool,
 }
 
 impl ParamSpec {
@@ -76,7 +83,15 @@ impl ParamSpec {
             name,
             kind,
             sync: GradSync::Own,
+            writer: true,
+            pp_tied: false,
         }
+    }
+
+    /// Ranks holding a copy of this exact block: tensor-parallel copies, and
+    /// the two pipeline stages of a tied embedding.
+    pub fn copies(&self, tp: usize) -> usize {
+        self.sync.copies(tp) * if self.pp_tied { 2 } else { 1 }
     }
 
     pub fn numel(&self) -> i64 {
@@ -126,36 +141,46 @@ pub struct Params {
 }
 
 impl Params {
-    /// Lay out `specs` (decayed first, order otherwise kept) and initialise
-    /// them on the CPU from `seed`: each whole tensor is drawn in that order
-    /// and this rank keeps its block, so every layout (tensor-parallel or
-    /// not) starts from the same weights. Then move to `device`.
-    /// Returns the parameters and, for each spec as given, its handle.
+    /// Lay out the `specs` this rank `holds` (decayed first, order otherwise
+    /// kept) and initialise them on the CPU from `seed`: every whole tensor of
+    /// the model is drawn, decayed ones first and otherwise in model order
+    /// (the order of one device's flat buffer), and this rank keeps the blocks it
+    /// holds, so every layout (tensor- or pipeline-parallel or not) starts
+    /// from the same weights. Then move to `device`. The draws use libtorch's
+    /// global generator: build one model at a time in a process. Returns the parameters
+    /// and, for each spec as given, its handle if held.
     pub fn new(
         specs: Vec<ParamSpec>,
+        holds: impl Fn(&ParamSpec) -> bool,
         decayed: impl Fn(&ParamSpec) -> bool,
         seed: u64,
         std: f64,
         num_layers: usize,
         device: Device,
-    ) -> (Params, Vec<ParamId>) {
-        let mut order: Vec<usize> = (0..specs.len()).collect();
+    ) -> (Params, Vec<Option<ParamId>>) {
+        let held: Vec<usize> = (0..specs.len()).filter(|&i| holds(&specs[i])).collect();
+        let mut order = held.clone();
         order.sort_by_key(|&i| !decayed(&specs[i])); // stable: decayed first
-        let mut ids = vec![ParamId(0); specs.len()];
-        for (pos, &i) in order.iter().enumerate() {
-            ids[i] = ParamId(pos);
-        }
-        let specs: Vec<ParamSpec> = order.iter().map(|&i| specs[i].clone()).collect();
-        let num_decayed: i64 = specs.iter().filter(|s| decayed(s)).map(|s| s.numel()).sum();
-        let total: i64 = specs.iter().map(|s| s.numel()).sum();
-        tch::manual_seed(seed as i64);
-        let flat_cpu = Tensor::zeros([total], (Kind::Float, Device::Cpu));
-        let mut offsets = Vec::with_capacity(specs.len());
+        let mut ids = vec![None; specs.len()];
+        let mut offsets_of = vec![0i64; specs.len()];
         let mut off = 0;
+        for (pos, &i) in order.iter().enumerate() {
+            ids[i] = Some(ParamId(pos));
+            offsets_of[i] = off;
+            off += specs[i].numel();
+        }
+        let num_decayed: i64 = order
+            .iter()
+            .filter(|&&i| decayed(&specs[i]))
+            .map(|&i| specs[i].numel())
+            .sum();
+        let mut draw: Vec<usize> = (0..specs.len()).collect();
+        draw.sort_by_key(|&i| !decayed(&specs[i]));
+        tch::manual_seed(seed as i64);
+        let flat_cpu = Tensor::zeros([off], (Kind::Float, Device::Cpu));
         tch::no_grad(|| {
-            for s in &specs {
-                offsets.push(off);
-                let v = flat_cpu.narrow(0, off, s.numel());
+            for &i in &draw {
+                let s = &specs[i];
                 let mut whole = Tensor::zeros([s.global_numel()], (Kind::Float, Device::Cpu));
                 match s.kind {
                     ParamKind::Norm => {
@@ -168,9 +193,13 @@ impl Params {
                         let _ = whole.normal_(0.0, std / (2.0 * num_layers as f64).sqrt());
                     }
                 }
-                let block = s.block_of(&whole.view(s.global_shape.as_slice()));
-                v.view(s.shape.as_slice()).copy_(&block);
-                off += s.numel();
+                if ids[i].is_some() {
+                    let block = s.block_of(&whole.view(s.global_shape.as_slice()));
+                    flat_cpu
+                        .narrow(0, offsets_of[i], s.numel())
+                        .view(s.shape.as_slice())
+                        .copy_(&block);
+                }
             }
         });
         let flat = if device == Device::Cpu {
@@ -178,6 +207,8 @@ impl Params {
         } else {
             flat_cpu.to_device(device)
         };
+        let specs: Vec<ParamSpec> = order.iter().map(|&i| specs[i].clone()).collect();
+        let offsets: Vec<i64> = order.iter().map(|&i| offsets_of[i]).collect();
         let tensors = specs
             .iter()
             .zip(&offsets)

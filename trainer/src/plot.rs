@@ -75,3 +75,74 @@ pub fn loss_png(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// One traced action: (rank, name, category, start µs, duration µs).
+pub type TraceEvent = (usize, String, String, f64, f64);
+
+/// A pipeline timeline: one row per rank, a box per action coloured by kind
+/// (forward, backward, send/receive, optimizer), labelled with its
+/// micro-batch, time in milliseconds across.
+pub fn trace_png(path: &Path, events: &[TraceEvent], title: &str) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| {
+        TrainError::Other(format!("{}: cannot draw the trace: {e}", path.display()))
+    };
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| err(&"font"))?;
+    if events.is_empty() {
+        return Err(err(&"no events"));
+    }
+    let t0 = events.iter().map(|e| e.3).fold(f64::INFINITY, f64::min);
+    let t1 = events.iter().map(|e| e.3 + e.4).fold(0.0, f64::max);
+    let ranks = events.iter().map(|e| e.0).max().unwrap_or(0) + 1;
+    let ms = |t: f64| (t - t0) / 1e3;
+    let root = BitMapBackend::new(path, (1400, 120 + 70 * ranks as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..ms(t1), -0.5..(ranks as f64 - 0.5))
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("ms")
+        .y_labels(ranks)
+        .y_label_formatter(&|y| format!("rank {}", y.round() as i64))
+        .disable_y_mesh()
+        .draw()
+        .map_err(|e| err(&e))?;
+    let color = |cat: &str| match cat {
+        "forward" => RGBColor(66, 133, 244),
+        "backward" => RGBColor(52, 168, 83),
+        "optimizer" => RGBColor(251, 140, 0),
+        _ => RGBColor(190, 190, 190),
+    };
+    for (rank, name, cat, start, dur) in events {
+        let y = *rank as f64;
+        let (a, b) = (ms(*start), ms(start + dur));
+        let h = if cat == "forward" || cat == "backward" {
+            0.35
+        } else {
+            0.15
+        };
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(a, y - h), (b, y + h)],
+                color(cat).filled(),
+            )))
+            .map_err(|e| err(&e))?;
+        if cat == "forward" || cat == "backward" {
+            let label = name.split('.').next().unwrap_or(name).to_string();
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    label,
+                    (a, y + 0.05),
+                    ("sans-serif", 12).into_font().color(&WHITE),
+                )))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

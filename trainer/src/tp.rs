@@ -169,6 +169,18 @@ impl TpPlan {
         s
     }
 
+    /// Mark which rank of the tensor-parallel group writes each copy.
+    fn writers(&self, mut specs: Vec<ParamSpec>) -> Vec<ParamSpec> {
+        for s in &mut specs {
+            s.writer = match s.sync {
+                GradSync::Own => true,
+                GradSync::Identical | GradSync::SumTp => self.rank == 0,
+                GradSync::SumReplicas { size } => self.rank % size == 0,
+            };
+        }
+        specs
+    }
+
     /// Every parameter of `c` as this rank holds it, named after the module
     /// tree, in model order (the order initialisation draws them in).
     pub fn param_specs(&self, c: &ModelConfig) -> Vec<ParamSpec> {
@@ -310,7 +322,7 @@ impl TpPlan {
                 own,
             );
         }
-        s
+        self.writers(s)
     }
 
     /// First vocabulary row this rank holds, and how many.

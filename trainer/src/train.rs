@@ -22,13 +22,16 @@ use crate::checkpoint::save::{SaveInfo, Saver};
 use crate::checkpoint::Progress;
 use crate::config::{DeviceChoice, NanPolicy, Precision, RunConfig};
 use crate::dist::buckets::GradBuckets;
-use crate::dist::{abort, DistEnv, Job, MeshDims};
+use crate::dist::{abort, DistEnv, Job, MeshDims, PipelineGroups};
 use crate::engine;
 use crate::error::{Result, TrainError};
 use crate::guard;
 use crate::metrics::{self, MetricsWriter};
 use crate::model::Model;
 use crate::optim::{AdamW, StepStats};
+use crate::pipeline::exec::{StepInput, Trace};
+use crate::pipeline::schedule::Schedule;
+use crate::pipeline::PipelinePlan;
 use crate::schedule::lr_at;
 use crate::signals::StopSignals;
 use crate::summary::{memory_estimate, summarize, MemoryInputs};
@@ -63,6 +66,8 @@ pub struct Trainer {
     dp_rank: usize,
     /// Learning rate of the last step of the checkpoint resumed from.
     resumed_lr: f64,
+    /// The pipeline trace being recorded (`metrics.trace`, steps 2 to 4).
+    trace: Option<Trace>,
 }
 
 /// Processes in the job (1 without one).
@@ -141,9 +146,9 @@ impl Trainer {
             tch::set_num_threads(n as i32);
         }
         let env = DistEnv::from_env()?;
-        let (dp, tp) = (cfg.parallel.dp, cfg.parallel.tp);
-        let dims = MeshDims { dp, tp };
-        if tp == 1 && env.world != dp {
+        let (dp, tp, pp) = (cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp);
+        let dims = MeshDims { dp, tp, pp };
+        if tp == 1 && pp == 1 && env.world != dp {
             return Err(TrainError::config(
                 "parallel.dp",
                 format!(
@@ -153,8 +158,16 @@ impl Trainer {
             ));
         }
         dims.check(env.world)?;
-        let (dp_rank, tp_rank) = dims.coords(env.rank);
-        let plan = TpPlan::new(&cfg.model, tp, tp_rank, cfg.parallel.sequence_parallel());
+        let coords = dims.coords(env.rank);
+        let dp_rank = coords.dp;
+        let plan = TpPlan::new(&cfg.model, tp, coords.tp, cfg.parallel.sequence_parallel());
+        let pipe = PipelinePlan::new(
+            &cfg.model,
+            pp,
+            cfg.parallel.virtual_stages(),
+            cfg.parallel.pp_layers.as_deref(),
+            coords.pp,
+        );
         let device = match pick_device(cfg.train.device)? {
             Device::Cuda(_) => Device::Cuda(env.local_rank),
             d => d,
@@ -190,12 +203,27 @@ impl Trainer {
         guard::at("joining the job", None);
         let job = if env.world > 1 {
             let shared = [plan.k_share(&cfg.model), plan.v_share(&cfg.model)];
-            Some(Job::join(env, cuda_index, dims, &shared)?)
+            let groups = PipelineGroups {
+                v: pipe.v,
+                tied: cfg.model.tie_embeddings,
+            };
+            Some(Job::join(env, cuda_index, dims, &shared, groups)?)
         } else {
             None
         };
         if rank == 0 && env_world(&job) > 1 {
             eprintln!("{}", dims.describe());
+            if pp > 1 {
+                eprintln!(
+                    "pipeline: {} schedule, {}",
+                    if pipe.v > 1 {
+                        "interleaved 1F1B"
+                    } else {
+                        "1F1B"
+                    },
+                    pipe.describe()
+                );
+            }
         }
         guard::at("opening the data", None);
         let dataset = Dataset::open_blocking(&cfg.data)?;
@@ -221,6 +249,7 @@ impl Trainer {
         let model = Model::with_plan(
             &cfg.model,
             plan,
+            pipe,
             cfg.train.seed,
             cfg.optim.decay_norms,
             cfg.optim.decay_embeddings,
@@ -274,6 +303,7 @@ impl Trainer {
             rank,
             dp_rank,
             resumed_lr: 0.0,
+            trace: None,
         })
     }
 
@@ -291,7 +321,7 @@ impl Trainer {
         let t0 = Instant::now();
         guard::at("checkpoint load", None);
         let mut ck = Checkpoint::open(&dir)?;
-        ck.restore(&self.model.params, &mut self.optim)?;
+        ck.restore(&self.cfg.model, &self.model.params, &mut self.optim)?;
         self.sync();
         let load_s = t0.elapsed().as_secs_f64();
         let m = ck.meta.clone();
@@ -324,19 +354,119 @@ impl Trainer {
         self.resumed_lr = m.scheduler.last_lr;
         let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
         self.say(format!(
-            "resume: {} (step {}, {} tokens; saved with dp {} tp {} zero {}, now dp {} tp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
+            "resume: {} (step {}, {} tokens; saved with dp {} tp {} pp {} zero {}, now dp {} tp {} pp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
             dir.display(),
             m.progress.step,
             m.progress.consumed_tokens,
             m.layout.dp,
             m.layout.tp,
+            m.layout.pp,
             m.layout.zero,
             dp,
             self.cfg.parallel.tp,
+            self.cfg.parallel.pp,
             self.cfg.parallel.zero,
             bytes as f64 / 1e9
         ));
         Ok(Some(m.progress.step))
+    }
+
+    /// Forward and backward of the micro-batches one after another (no
+    /// pipeline): returns the sum of their token losses.
+    fn micro_batches(&mut self, batches: &[Batch], scale: f64) -> Result<Tensor> {
+        let c = &self.cfg;
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
+        for (i, b) in batches.iter().enumerate() {
+            let t = batch_tensor(b, self.device);
+            let last_micro = i + 1 == batches.len() && c.parallel.overlap_grad_reduce;
+            let buckets = &mut self.buckets;
+            let (mut dp, tp) = match self.job.as_mut() {
+                Some(j) => {
+                    let (d, t) = j.groups();
+                    (Some(d), t)
+                }
+                None => (None, None),
+            };
+            // On the last micro-batch, reduce each bucket as soon as it is final.
+            let mut hook =
+                |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), dp.as_deref_mut()) {
+                    (true, Some(bk), Some(d)) => bk.segment_done(pos, g, d),
+                    _ => Ok(()),
+                };
+            let l = engine::forward_backward_in(
+                &self.model,
+                tp,
+                &t,
+                scale,
+                c.train.activation_checkpointing,
+                &mut self.optim.grad,
+                &mut hook,
+            )?;
+            loss_sum += l.to_kind(Kind::Double);
+        }
+        Ok(loss_sum)
+    }
+
+    /// The programs of this rank's pipeline chunks and the shape of the
+    /// activations crossing stages (`rows` samples).
+    fn chunks(&self, rows: usize) -> (Vec<engine::Program>, Vec<i64>) {
+        let pipe = &self.model.pipe;
+        let n = pipe.num_stages();
+        let progs = pipe
+            .chunks()
+            .into_iter()
+            .map(|(_, s, layers)| engine::Program::chunk(&self.model, layers, s == 0, s + 1 == n))
+            .collect();
+        let plan = self.model.plan;
+        let t = if plan.sequence_parallel {
+            self.cfg.data.seq_len / plan.tp
+        } else {
+            self.cfg.data.seq_len
+        };
+        (
+            progs,
+            vec![rows as i64, t as i64, self.cfg.model.d_model as i64],
+        )
+    }
+
+    /// The micro-batches through the pipeline schedule: returns the sum of
+    /// their token losses on the last stage (zero on the others).
+    fn pipeline_pass(&mut self, batches: &[Batch], scale: f64, step: u64) -> Result<Tensor> {
+        let schedule = Schedule::new(self.cfg.parallel.pp, self.model.pipe.v, batches.len())?;
+        let (progs, act_shape) = self.chunks(self.cfg.train.micro_batch_size);
+        let tokens: Vec<Tensor> = batches
+            .iter()
+            .map(|b| batch_tensor(b, self.device))
+            .collect();
+        let input = StepInput {
+            model: &self.model,
+            schedule: &schedule,
+            progs: &progs,
+            batches: &tokens,
+            loss_scale: scale,
+            checkpoint: self.cfg.train.activation_checkpointing,
+            act_shape,
+        };
+        let job = self
+            .job
+            .as_mut()
+            .expect("pipeline parallelism runs as a job");
+        let rank = job.coords.pp;
+        let tp = job
+            .tp
+            .as_mut()
+            .map(|c| c.as_mut() as &mut dyn crate::dist::Collectives);
+        if let Some(tr) = self.trace.as_mut() {
+            tr.step = step + 1;
+        }
+        crate::pipeline::exec::run_step(
+            &input,
+            rank,
+            tp,
+            &mut job.links,
+            &mut self.optim.grad,
+            self.trace.as_mut(),
+        )
     }
 
     /// A message from rank 0 only.
@@ -386,14 +516,75 @@ impl Trainer {
                 let t = Tensor::from_slice(&ids)
                     .view([rows as i64, -1])
                     .to_device(self.device);
-                let tp = self.job.as_mut().and_then(|j| j.groups().1);
-                sum += engine::loss_sum_in(&self.model, tp, &t)?.double_value(&[]);
+                sum += self.eval_loss(&t)?;
                 tokens += rows * self.cfg.data.seq_len as u64;
                 j += rows;
             }
             out.insert(name.clone(), sum / tokens as f64);
         }
         Ok(out)
+    }
+
+    /// Write this rank's trace (`trace-rank<r>.json` in the run directory) and
+    /// log the measured bubble next to the theoretical one (rank 0).
+    fn write_trace(&mut self, step: u64) -> Result<()> {
+        let Some(tr) = self.trace.take() else {
+            return Ok(());
+        };
+        let dir = PathBuf::from(&self.cfg.metrics.output_dir);
+        let path = dir.join(format!("trace-rank{}.json", self.rank));
+        sigma_data::fsutil::write_atomic(&path, tr.to_json(self.rank).to_string().as_bytes())?;
+        let m = self.cfg.accum_steps_at(step.saturating_sub(1));
+        let theory = Schedule::new(self.cfg.parallel.pp, self.model.pipe.v, m)?.bubble();
+        if let Some(b) = tr.bubble() {
+            self.say(format!(
+                "pipeline trace: {} (rank 0 idle {:.1} % of the forward/backward stretch; (p - 1) / (v m + p - 1) = {:.1} %)",
+                path.display(),
+                100.0 * b,
+                100.0 * theory
+            ));
+            if let Some(mw) = &mut self.metrics {
+                mw.log(
+                    step,
+                    &json!({"step": step, "pipeline_bubble": b, "pipeline_bubble_theory": theory}),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sum of token losses of one validation batch, on every rank.
+    fn eval_loss(&mut self, t: &Tensor) -> Result<f64> {
+        if self.cfg.parallel.pp == 1 {
+            let tp = self.job.as_mut().and_then(|j| j.groups().1);
+            return Ok(engine::loss_sum_in(&self.model, tp, t)?.double_value(&[]));
+        }
+        let schedule = Schedule::stages_only(self.cfg.parallel.pp, self.model.pipe.v);
+        let (progs, act_shape) = self.chunks(t.size()[0] as usize);
+        let input = StepInput {
+            model: &self.model,
+            schedule: &schedule,
+            progs: &progs,
+            batches: &[],
+            loss_scale: 1.0,
+            checkpoint: false,
+            act_shape,
+        };
+        let job = self
+            .job
+            .as_mut()
+            .expect("pipeline parallelism runs as a job");
+        let rank = job.coords.pp;
+        let tp = job
+            .tp
+            .as_mut()
+            .map(|c| c.as_mut() as &mut dyn crate::dist::Collectives);
+        let mut l = crate::pipeline::exec::eval_step(&input, rank, tp, &mut job.links, t)?;
+        // Only the last stage computed the loss.
+        if let Some(pp) = job.pp.as_mut() {
+            pp.all_reduce_sum(&mut l)?;
+        }
+        Ok(l.double_value(&[]))
     }
 
     /// Wait for the device (phase timings are wall-clock, so the GPU must be idle).
@@ -425,16 +616,26 @@ impl Trainer {
             }
             self.saver.wait()?;
             self.say(format!(
-                "--stop-after {0}: saved the checkpoint of step {0} in this layout (dp {1}, tp {2}) and stopped",
-                self.start_step, self.cfg.parallel.dp, self.cfg.parallel.tp
+                "--stop-after {0}: saved the checkpoint of step {0} in this layout (dp {1}, tp {2}, pp {3}) and stopped",
+                self.start_step, self.cfg.parallel.dp, self.cfg.parallel.tp, self.cfg.parallel.pp
             ));
             run.report.stopped_at = Some(self.start_step);
             return self.end(run);
         }
-        for step in self.start_step..self.cfg.train.steps {
+        // The pipeline trace covers the 2nd to 4th step of this process.
+        let traced = self.cfg.metrics.trace && self.cfg.parallel.pp > 1;
+        let total = self.cfg.train.steps;
+        for step in self.start_step..total {
             abort::check()?;
             crate::dist::env::maybe_inject_fault(self.rank, step);
+            if traced && step == self.start_step + 1 {
+                self.trace = Some(Trace::new(self.device));
+            }
             let out = self.train_step(step)?;
+            if traced && self.trace.is_some() && (step == self.start_step + 3 || step + 1 == total)
+            {
+                self.write_trace(step + 1)?;
+            }
             self.record(step, &out, &mut run)?;
             self.maybe_validate(step, &mut run)?;
             if self.maybe_save(step, &out, &mut run)? {
@@ -507,35 +708,11 @@ impl Trainer {
         let target_tokens: usize =
             batches.iter().map(|b| b.rows * b.seq_len).sum::<usize>() * c.parallel.dp;
         let scale = 1.0 / target_tokens as f64;
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
-        for (i, b) in batches.iter().enumerate() {
-            let t = batch_tensor(b, self.device);
-            let last_micro = i + 1 == batches.len() && c.parallel.overlap_grad_reduce;
-            let buckets = &mut self.buckets;
-            let (mut dp, tp) = match self.job.as_mut() {
-                Some(j) => {
-                    let (d, t) = j.groups();
-                    (Some(d), t)
-                }
-                None => (None, None),
-            };
-            // On the last micro-batch, reduce each bucket as soon as it is final.
-            let mut hook =
-                |pos: usize, g: &Tensor| match (last_micro, buckets.as_mut(), dp.as_deref_mut()) {
-                    (true, Some(bk), Some(d)) => bk.segment_done(pos, g, d),
-                    _ => Ok(()),
-                };
-            let l = engine::forward_backward_in(
-                &self.model,
-                tp,
-                &t,
-                scale,
-                c.train.activation_checkpointing,
-                &mut self.optim.grad,
-                &mut hook,
-            )?;
-            loss_sum += l.to_kind(Kind::Double);
-        }
+        let loss_sum = if c.parallel.pp > 1 {
+            self.pipeline_pass(&batches, scale, step)?
+        } else {
+            self.micro_batches(&batches, scale)?
+        };
         guard::at("gradient reduction", None);
         if let Some(j) = &mut self.job {
             if let Some(tp) = j.tp.as_mut() {
@@ -545,6 +722,22 @@ impl Trainer {
                     tp.as_mut(),
                     &mut j.replicas,
                 )?;
+            }
+            // The tied embedding's two copies (first and last stage) take the sum.
+            if let Some(tied) = j.tied.as_mut() {
+                for (spec, &off) in self
+                    .model
+                    .params
+                    .specs
+                    .iter()
+                    .zip(&self.model.params.offsets)
+                {
+                    if spec.pp_tied {
+                        let mut g = self.optim.grad.narrow(0, off, spec.numel()).copy();
+                        tied.all_reduce_sum(&mut g)?;
+                        self.optim.grad.narrow(0, off, spec.numel()).copy_(&g);
+                    }
+                }
             }
         }
         if let (Some(bk), Some(j)) = (&mut self.buckets, &mut self.job) {
@@ -563,6 +756,10 @@ impl Trainer {
         if let Some(job) = &mut self.job {
             let mut l = Tensor::from_slice(&flags).to_device(self.device);
             job.dp.all_reduce_sum(&mut l)?;
+            // Only the last pipeline stage has the loss; every stage has its requests.
+            if let Some(pp) = job.pp.as_mut() {
+                pp.all_reduce_sum(&mut l)?;
+            }
             flags.copy_from_slice(&Vec::<f64>::try_from(l.to_device(Device::Cpu))?);
             // The tensor-parallel ranks hold the same loss; the requests must reach them all.
             if let Some(tp) = job.tp.as_mut() {
@@ -577,19 +774,28 @@ impl Trainer {
         let lr = lr_at(&c.optim, step, c.train.steps);
         // Plain DP reduced the gradient in buckets already; ZeRO-1 reduce-scatters in the step.
         let zero = self.optim.shard.is_some();
-        let (comm, tp) = match self.job.as_mut() {
+        let (comm, spread) = match self.job.as_mut() {
             Some(j) => {
-                let (d, t) = j.groups();
-                (zero.then_some(d), t)
+                let mut spread: Vec<&mut dyn crate::dist::Collectives> = Vec::new();
+                if let Some(t) = j.tp.as_mut() {
+                    spread.push(t.as_mut());
+                }
+                if let Some(p) = j.pp.as_mut() {
+                    spread.push(p.as_mut());
+                }
+                (zero.then_some(j.dp.as_mut()), spread)
             }
-            None => (None, None),
+            None => (None, Vec::new()),
         };
         guard::at("optimizer step", None);
         // A non-finite loss (every rank sees the same one) skips the update like a
         // non-finite gradient does.
-        let stats = self
-            .optim
-            .step(&self.model.params, lr, comm, tp, !loss.is_finite())?;
+        let (optim, params) = (&mut self.optim, &self.model.params);
+        let update = || optim.step(params, lr, comm, spread, !loss.is_finite());
+        let stats = match self.trace.as_mut() {
+            Some(tr) => tr.span("optimizer".into(), "optimizer", update)?,
+            None => update()?,
+        };
         self.sync();
         let dt = t0.elapsed().as_secs_f64();
         Ok(StepOutcome {
@@ -633,7 +839,7 @@ impl Trainer {
         }
         let last = step + 1 == c.train.steps;
         if (step + 1) % c.train.log_every.max(1) == 0 || last {
-            let devices = (c.parallel.dp * c.parallel.tp) as f64;
+            let devices = (c.parallel.dp * c.parallel.tp * c.parallel.pp) as f64;
             let tps = run.interval_tokens as f64 / run.interval_time.max(1e-9);
             // Global tokens/s over the peak of all devices of the job.
             let mfu = self

@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 
 use super::safetensors::{hash_file, Reader};
 use super::*;
+use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::params::Params;
@@ -197,10 +198,11 @@ impl Checkpoint {
         Ok(out)
     }
 
-    /// The model must have exactly the checkpoint's tensors, in the same shapes.
-    pub fn check_model(&self, params: &Params) -> Result<()> {
+    /// The model must have exactly the checkpoint's tensors, in the same
+    /// (whole) shapes, whatever part of it this rank holds.
+    pub fn check_model(&self, model: &ModelConfig) -> Result<()> {
         let mut expected = BTreeMap::new();
-        for s in &params.specs {
+        for s in &crate::model::param_specs(model) {
             for b in BUFFERS {
                 expected.insert(tensor_name(b, &s.name), s.global_shape.clone());
             }
@@ -243,8 +245,13 @@ impl Checkpoint {
     /// Load weights and optimizer state into this rank's buffers: all
     /// weights, and the moments of the range the optimizer keeps (its ZeRO-1
     /// shard, or everything).
-    pub fn restore(&mut self, params: &Params, optim: &mut AdamW) -> Result<()> {
-        self.check_model(params)?;
+    pub fn restore(
+        &mut self,
+        model: &ModelConfig,
+        params: &Params,
+        optim: &mut AdamW,
+    ) -> Result<()> {
+        self.check_model(model)?;
         let n = params.numel();
         let w = self.read_flat(BUFFERS[0], params, 0, n)?;
         let (start, len) = match optim.shard {

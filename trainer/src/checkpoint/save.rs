@@ -29,7 +29,7 @@ use crate::config::{CheckpointConfig, RunConfig};
 use crate::dist::{DistEnv, MeshDims, StoreClient};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
-use crate::params::{GradSync, ParamSpec, Params};
+use crate::params::{ParamSpec, Params};
 
 /// Fault injection for tests: milliseconds each writer sleeps after writing
 /// its shard and before reporting it (widens the window in which a kill lands mid-save).
@@ -46,9 +46,9 @@ pub struct SaveInfo {
 
 /// The index entry of every logical tensor (global shapes, no pieces yet):
 /// for each of the three buffers and each parameter.
-pub fn entries(params: &Params) -> BTreeMap<String, TensorEntry> {
+pub fn entries(specs: &[ParamSpec]) -> BTreeMap<String, TensorEntry> {
     let mut out = BTreeMap::new();
-    for spec in &params.specs {
+    for spec in specs {
         for buf in BUFFERS {
             out.insert(
                 tensor_name(buf, &spec.name),
@@ -61,16 +61,6 @@ pub fn entries(params: &Params) -> BTreeMap<String, TensorEntry> {
         }
     }
     out
-}
-
-/// Whether this rank writes its copy of parameter `spec`: a copy held by
-/// several tensor-parallel ranks is written by the first of them.
-fn writes(spec: &ParamSpec, tp_rank: usize) -> bool {
-    match spec.sync {
-        GradSync::Own => true,
-        GradSync::Identical | GradSync::SumTp => tp_rank == 0,
-        GradSync::SumReplicas { size } => tp_rank % size == 0,
-    }
 }
 
 pub struct Saver {
@@ -141,6 +131,7 @@ impl Saver {
         let dims = MeshDims {
             dp: run.parallel.dp,
             tp: run.parallel.tp,
+            pp: run.parallel.pp,
         };
         Saver {
             dims,
@@ -179,8 +170,7 @@ impl Saver {
 
     /// The range of the local flat buffers this rank owns: its data-parallel share.
     fn owned(&self, params: &Params) -> (i64, i64) {
-        let (dp_rank, _) = self.dims.coords(self.rank);
-        owned_range(params.numel(), self.dims.dp, dp_rank)
+        owned_range(params.numel(), self.dims.dp, self.dims.coords(self.rank).dp)
     }
 
     /// Wait for the background write of the previous save (and, on rank 0, its commit).
@@ -233,7 +223,6 @@ impl Saver {
         // Snapshot this rank's range into host memory.
         let n = params.numel();
         let (start, len) = self.owned(params);
-        let (_, tp_rank) = self.dims.coords(self.rank);
         self.allocate_host(params);
         let host = self.host.as_ref().expect("host buffers");
         let moment_off = if optim.shard.is_some() { 0 } else { start };
@@ -256,7 +245,8 @@ impl Saver {
             for (i, spec) in params.specs.iter().enumerate() {
                 let off = params.offsets[i];
                 let (a, e) = (off.max(start), (off + spec.numel()).min(start + len));
-                if a < e && writes(spec, tp_rank) {
+                // A copy held by several ranks is written by one of them.
+                if a < e && spec.writer {
                     let name = tensor_name(buf, &spec.name);
                     tensors.push((name.clone(), host[b].narrow(0, a - start, e - a)));
                     pieces.push((
@@ -303,12 +293,12 @@ impl Saver {
                 layout: Layout {
                     dp: self.dims.dp,
                     tp: self.dims.tp,
-                    pp: 1,
+                    pp: self.dims.pp,
                     zero: self.run.parallel.zero,
                     flat_numel: n,
                 },
                 config: serde_json::to_value(&self.run).expect("config serializes"),
-                tensors: entries(params),
+                tensors: entries(&crate::model::param_specs(&self.run.model)),
                 files: BTreeMap::new(),
                 saved_unix_s: 0,
             }),

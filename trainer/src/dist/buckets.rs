@@ -33,8 +33,14 @@ pub struct GradBuckets {
 impl GradBuckets {
     pub fn new(model: &Model, bucket_elems: i64) -> GradBuckets {
         let p = &model.params;
-        // Backward position after which each parameter's gradient is final (the engine's program).
-        let last = Program::new(model).final_positions(model);
+        // Backward position after which each parameter's gradient is final (the
+        // engine's program). Under pipeline parallelism every bucket waits for
+        // the end of the schedule (`finish`).
+        let last = if model.pipe.pp == 1 {
+            Program::new(model).final_positions(model)
+        } else {
+            vec![usize::MAX; p.specs.len()]
+        };
         let mut buckets: Vec<Bucket> = Vec::new();
         for i in 0..p.specs.len() {
             let (off, n) = (p.offsets[i], p.specs[i].numel());

@@ -34,6 +34,12 @@ pub trait Collectives {
     /// `world` equal parts; rank `r` gets part `r`.
     fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor>;
     fn send(&mut self, t: &Tensor, to: usize) -> Result<()>;
+    /// Start sending `t` to `to` without making later compute wait for the
+    /// receiver; the buffer is kept until `wait_pending`. Backends whose sends
+    /// never wait (the CPU store) just send.
+    fn start_send(&mut self, t: &Tensor, to: usize) -> Result<()> {
+        self.send(t, to)
+    }
     fn recv(&mut self, t: &mut Tensor, from: usize) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
 }
@@ -44,6 +50,10 @@ pub struct StoreCollectives {
     rank: usize,
     world: usize,
     seq: u64,
+    /// Point-to-point messages are numbered per (sender, receiver) pair, on
+    /// both sides, so they match whatever else each rank does in between.
+    sent: std::collections::HashMap<usize, u64>,
+    received: std::collections::HashMap<usize, u64>,
     timeout: Duration,
 }
 
@@ -73,6 +83,8 @@ impl StoreCollectives {
             rank,
             world,
             seq: 0,
+            sent: Default::default(),
+            received: Default::default(),
             timeout,
         }
     }
@@ -176,14 +188,16 @@ impl Collectives for StoreCollectives {
     }
 
     fn send(&mut self, t: &Tensor, to: usize) -> Result<()> {
-        self.seq += 1;
-        let k = format!("p2p/{}/{}->{to}/{}", self.group, self.rank, self.seq);
+        let n = self.sent.entry(to).or_insert(0);
+        *n += 1;
+        let k = format!("p2p/{}/{}->{to}/{}", self.group, self.rank, n);
         self.store.set(&k, &to_bytes(t))
     }
 
     fn recv(&mut self, t: &mut Tensor, from: usize) -> Result<()> {
-        self.seq += 1;
-        let k = format!("p2p/{}/{from}->{}/{}", self.group, self.rank, self.seq);
+        let n = self.received.entry(from).or_insert(0);
+        *n += 1;
+        let k = format!("p2p/{}/{from}->{}/{}", self.group, self.rank, n);
         self.store
             .wait(std::slice::from_ref(&k), self.timeout)
             .map_err(|e| self.timeout_error("recv", e))?;

@@ -16,26 +16,41 @@ use std::time::Duration;
 pub use collectives::{Collectives, StoreCollectives};
 pub use env::DistEnv;
 use liveness::Liveness;
-pub use mesh::MeshDims;
+pub use mesh::{Coords, MeshDims};
 pub use store::{StoreClient, StoreServer};
 
 use crate::error::Result;
 
 /// A joined job: the store server (on the process that hosts it), a control
 /// connection to it, the liveness watcher and the process groups of the mesh:
-/// data-parallel, tensor-parallel, and the replica groups of K/V heads shared
-/// by several tensor-parallel ranks (by size).
+/// data-parallel, tensor-parallel, the replica groups of K/V heads shared by
+/// several tensor-parallel ranks (by size), and for pipelines the group of
+/// the stages, the group of the two ends sharing a tied embedding, and the
+/// channels of the virtual edges.
 pub struct Job {
     pub env: DistEnv,
     _server: Option<StoreServer>,
     pub store: StoreClient,
     liveness: Liveness,
     pub dims: MeshDims,
-    pub dp_rank: usize,
-    pub tp_rank: usize,
+    pub coords: Coords,
     pub dp: Box<dyn Collectives>,
     pub tp: Option<Box<dyn Collectives>>,
     pub replicas: Vec<(usize, Box<dyn Collectives>)>,
+    /// All stages of this rank's pipeline (pp > 1).
+    pub pp: Option<Box<dyn Collectives>>,
+    /// The first and last stage, which both hold a tied embedding (pp > 1, tied).
+    pub tied: Option<Box<dyn Collectives>>,
+    pub links: crate::pipeline::exec::Links,
+}
+
+/// What the pipeline needs from the job's groups.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineGroups {
+    /// Chunks per rank.
+    pub v: usize,
+    /// The embedding is tied to the output head.
+    pub tied: bool,
 }
 
 impl Job {
@@ -43,12 +58,15 @@ impl Job {
     /// rank 0 unless a launcher does) and set up the groups of `dims`: NCCL on
     /// `cuda_device` when given, else the CPU store backend. `replica_sizes`:
     /// sizes of the groups of consecutive tensor-parallel ranks that share K/V
-    /// heads.
+    /// heads. Every rank creates its groups in the same order (data, tensor,
+    /// replicas, pipeline, tied ends, then edges by stage), so communicator
+    /// set-ups never wait on each other in a cycle.
     pub fn join(
         env: DistEnv,
         cuda_device: Option<usize>,
         dims: MeshDims,
         replica_sizes: &[usize],
+        pipeline: PipelineGroups,
     ) -> Result<Job> {
         dims.check(env.world)?;
         let (server, mut store) = rendezvous(&env)?;
@@ -56,7 +74,7 @@ impl Job {
         store.barrier("join", env.world)?;
         let liveness = Liveness::start(&env)?;
         let control = connect(&env)?;
-        let (dp_rank, tp_rank) = dims.coords(env.rank);
+        let c = dims.coords(env.rank);
         let group = |store: &mut StoreClient,
                      name: String,
                      rank: usize,
@@ -67,17 +85,17 @@ impl Job {
                 None => Box::new(StoreCollectives::new(connect(&env)?, &name, rank, size, t)),
             })
         };
-        let dp_name = if dims.tp == 1 {
+        let dp_name = if dims.tp == 1 && dims.pp == 1 {
             "dp".to_string()
         } else {
-            format!("dp.tp{tp_rank}")
+            format!("dp.pp{}.tp{}", c.pp, c.tp)
         };
-        let dp = group(&mut store, dp_name, dp_rank, dims.dp)?;
+        let dp = group(&mut store, dp_name, c.dp, dims.dp)?;
         let tp = if dims.tp > 1 {
             Some(group(
                 &mut store,
-                format!("tp.dp{dp_rank}"),
-                tp_rank,
+                format!("tp.pp{}.dp{}", c.pp, c.dp),
+                c.tp,
                 dims.tp,
             )?)
         } else {
@@ -86,8 +104,28 @@ impl Job {
         let mut replicas = Vec::new();
         for &size in replica_sizes {
             if size > 1 && !replicas.iter().any(|(s, _)| *s == size) {
-                let name = format!("tp.dp{dp_rank}.shared{size}.{}", tp_rank / size);
-                replicas.push((size, group(&mut store, name, tp_rank % size, size)?));
+                let name = format!("tp.pp{}.dp{}.shared{size}.{}", c.pp, c.dp, c.tp / size);
+                replicas.push((size, group(&mut store, name, c.tp % size, size)?));
+            }
+        }
+        let (mut pp, mut tied, mut links) = (None, None, crate::pipeline::exec::Links::default());
+        if dims.pp > 1 {
+            let line = format!("dp{}.tp{}", c.dp, c.tp);
+            pp = Some(group(&mut store, format!("pp.{line}"), c.pp, dims.pp)?);
+            if pipeline.tied && (c.pp == 0 || c.pp + 1 == dims.pp) {
+                let r = usize::from(c.pp != 0);
+                tied = Some(group(&mut store, format!("tied.{line}"), r, 2)?);
+            }
+            let n = dims.pp * pipeline.v;
+            for s in 0..n - 1 {
+                let (from, to) = (s % dims.pp, (s + 1) % dims.pp);
+                if c.pp == from || c.pp == to {
+                    let sender = usize::from(c.pp != from);
+                    let act = group(&mut store, format!("edge{s}.act.{line}"), sender, 2)?;
+                    links.act.insert(s, act);
+                    let grad = group(&mut store, format!("edge{s}.grad.{line}"), 1 - sender, 2)?;
+                    links.grad.insert(s, grad);
+                }
             }
         }
         Ok(Job {
@@ -96,11 +134,13 @@ impl Job {
             store: control,
             liveness,
             dims,
-            dp_rank,
-            tp_rank,
+            coords: c,
             dp,
             tp,
             replicas,
+            pp,
+            tied,
+            links,
         })
     }
 

@@ -520,6 +520,25 @@ impl Collectives for NcclCollectives {
         })
     }
 
+    fn start_send(&mut self, t: &Tensor, to: usize) -> Result<()> {
+        contiguous_cuda(t, "send")?;
+        let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
+        // SAFETY: reads a live contiguous device buffer of n elements, kept
+        // alive in `pending` until the compute stream is made to wait for it.
+        self.enqueue("send", || unsafe {
+            nccl::ncclSend(
+                p as *const c_void,
+                n,
+                dt,
+                to as c_int,
+                self.comm,
+                self.nccl_stream(),
+            )
+        })?;
+        self.pending.push(t.shallow_clone());
+        Ok(())
+    }
+
     fn recv(&mut self, t: &mut Tensor, from: usize) -> Result<()> {
         contiguous_cuda(t, "recv")?;
         let (p, n, dt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
