@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Pipeline-parallel benchmarks on one host with 4 GPUs (issue #12):
+#   scripts/bench-pp-gpu.sh
+# 1. SIGMA-1.5B, seq 4096, micro-batch 4 with activation checkpointing, on 2 GPUs:
+#    dp 2, tp 2, pp 2 (1F1B, 8 micro-batches) and pp 2 interleaved (2 chunks per
+#    rank): tokens/s per GPU, memory; the pipeline runs record a trace of
+#    steps 2-4 (metrics.trace), whose bubble is compared with (p-1)/(v m + p-1).
+# 2. SIGMA-10B, seq 4096, micro-batch 1, on 4 GPUs: tp 4 and tp 2 x pp 2 without activation
+#    checkpointing, pp 4 with it (without, its first stage would hold 4 micro-batches of
+#    activations of 9 layers: more than 80 GB).
+# Tokens/s and MFU are medians over the steps after the traced ones.
+# Needs target/release/sigma and a python3 whose torch 2.11 (CUDA) provides libtorch.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH=$torch_lib:${LD_LIBRARY_PATH:-}
+export NCCL_NVLS_ENABLE=0 SIGMA_DIST_TIMEOUT_S=${SIGMA_DIST_TIMEOUT_S:-120}
+sigma=${SIGMA_BIN:-target/release/sigma}
+out=${BENCH_OUT:-runs/bench-pp}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
+for d in general system synthetic; do
+  $sigma data prepare --input "data/sample/$d.jsonl.zst" --domain "$d" --tokenizer data/sample/tokenizer.json \
+    --output "runs/sample-shards/$d" --row-group-tokens 65536 --valid-fraction 0.05 --overwrite --quiet >/dev/null || exit 1
+done
+run() {
+  local name=$1 n=$2; shift 2
+  local t0=$(date +%s)
+  if $sigma launch --nproc-per-node "$n" --log-dir "$out/logs" -- train "$@" --set metrics.output_dir="\"$out/$name\"" \
+      > "$out/$name.log" 2>&1; then echo "$name: ok ($(( $(date +%s) - t0 )) s)"
+  else echo "$name: FAILED ($(( $(date +%s) - t0 )) s): $(grep -m1 -iE 'error' "$out/$name.log" | cut -c1-300)"; fi
+}
+b15=(--config configs/sigma-1.5b.toml --quiet --set train.steps=8 --set train.log_every=1 --set train.eval_steps=1
+  --set metrics.plot=false --set train.micro_batch_size=4 --set train.activation_checkpointing=true)
+run 1.5b-dp2 2 "${b15[@]}" --set parallel.dp=2 --set train.grad_accum_steps=2
+run 1.5b-tp2 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4
+run 1.5b-pp2 2 "${b15[@]}" --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
+run 1.5b-pp2i 2 "${b15[@]}" --set parallel.pp=2 --set parallel.pp_schedule='"interleaved"' --set train.grad_accum_steps=8 --set metrics.trace=true
+b10=(--config configs/sigma-10b.toml --quiet --set train.steps=7 --set train.log_every=1 --set train.eval_steps=1
+  --set metrics.plot=false --set train.micro_batch_size=1 --set train.activation_checkpointing=false)
+run 10b-tp4 4 "${b10[@]}" --set parallel.tp=4 --set train.grad_accum_steps=4
+run 10b-tp2pp2 4 "${b10[@]}" --set parallel.tp=2 --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
+run 10b-pp4 4 "${b10[@]}" --set parallel.pp=4 --set train.grad_accum_steps=8 --set train.activation_checkpointing=true --set metrics.trace=true
+for r in 1.5b-pp2 1.5b-pp2i 10b-tp2pp2; do
+  [ -f "$out/$r/trace-rank0.json" ] && $sigma trace plot "$out/$r" --output "$out/$r-trace.png" > "$out/$r-plot.txt" 2>&1
+done
+python3 - "$out" <<'PY' | tee "$out/summary.txt"
+import json, os, statistics, sys
+out = sys.argv[1]
+gpus = {"1.5b": 2, "10b": 4}
+print(f"{'run':<12} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'GPU MiB':>8} {'bubble':>7} {'theory':>7} losses")
+for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-pp2", "1.5b-pp2i", "10b-tp4", "10b-tp2pp2", "10b-pp4"]:
+    m = os.path.join(out, name, "metrics.jsonl")
+    if not os.path.exists(m):
+        print(f"{name:<12} failed"); continue
+    lines = [json.loads(l) for l in open(m)]
+    r = [x for x in lines if "loss" in x]
+    b = [x for x in lines if "pipeline_bubble" in x]
+    w = r[4:] if len(r) > 5 else r[-2:]
+    g = gpus[name.split("-")[0]]
+    tps = statistics.median(x["tokens_per_s"] for x in w)
+    mfu = statistics.median(x["mfu"] for x in w)
+    mem = max(x["memory"].get("gpu_mib_peak", 0) for x in r)
+    bub = f"{100*b[-1]['pipeline_bubble']:.1f}%" if b else "-"
+    th = f"{100*b[-1]['pipeline_bubble_theory']:.1f}%" if b else "-"
+    print(f"{name:<12} {g:>4} {tps:>8.0f} {tps/g:>9.0f} {100*mfu:>5.1f}% {mem:>8} {bub:>7} {th:>7} {[round(x['loss'],4) for x in r][:3]}")
+PY
