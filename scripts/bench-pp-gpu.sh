@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pipeline-parallel benchmarks on one host with 4 GPUs (issue #12):
-#   scripts/bench-pp-gpu.sh
+#   scripts/bench-pp-gpu.sh          (part 2 is skipped on a machine with fewer than 4 GPUs)
 # 1. SIGMA-1.5B, seq 4096, micro-batch 4 with activation checkpointing, on 2 GPUs:
 #    dp 2, tp 2, pp 2 (1F1B, 8 micro-batches) and pp 2 interleaved (2 chunks per
 #    rank): tokens/s per GPU, memory; the pipeline runs record a trace of
@@ -36,11 +36,16 @@ run 1.5b-dp2 2 "${b15[@]}" --set parallel.dp=2 --set train.grad_accum_steps=2
 run 1.5b-tp2 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4
 run 1.5b-pp2 2 "${b15[@]}" --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
 run 1.5b-pp2i 2 "${b15[@]}" --set parallel.pp=2 --set parallel.pp_schedule='"interleaved"' --set train.grad_accum_steps=8 --set metrics.trace=true
+ngpu=$(nvidia-smi -L | wc -l)
+if [ "$ngpu" -ge 4 ]; then
 b10=(--config configs/sigma-10b.toml --quiet --set train.steps=7 --set train.log_every=1 --set train.eval_steps=1
   --set metrics.plot=false --set train.micro_batch_size=1 --set train.activation_checkpointing=false)
 run 10b-tp4 4 "${b10[@]}" --set parallel.tp=4 --set train.grad_accum_steps=4
 run 10b-tp2pp2 4 "${b10[@]}" --set parallel.tp=2 --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
 run 10b-pp4 4 "${b10[@]}" --set parallel.pp=4 --set train.grad_accum_steps=8 --set train.activation_checkpointing=true --set metrics.trace=true
+else
+  echo "SIGMA-10B runs need 4 GPUs; this machine has $ngpu: skipped"
+fi
 for r in 1.5b-pp2 1.5b-pp2i 10b-tp2pp2; do
   [ -f "$out/$r/trace-rank0.json" ] && $sigma trace plot "$out/$r" --output "$out/$r-trace.png" > "$out/$r-plot.txt" 2>&1
 done
