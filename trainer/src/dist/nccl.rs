@@ -200,6 +200,18 @@ fn compute_stream() -> cuda::cudaStream_t {
     std::ptr::null_mut()
 }
 
+/// Wait for the work issued so far on the compute stream only: unlike a
+/// device-wide synchronisation it does not wait for sends still queued on
+/// communication streams, which may complete only when a peer gets further
+/// (pipeline traces time their actions with it).
+pub fn sync_compute_stream() -> Result<()> {
+    // SAFETY: synchronising the (legacy default) compute stream has no preconditions.
+    cuda_check(
+        unsafe { cuda::cudaStreamSynchronize(compute_stream()) },
+        "cudaStreamSynchronize",
+    )
+}
+
 fn new_event() -> Result<cuda::cudaEvent_t> {
     let mut ev: cuda::cudaEvent_t = std::ptr::null_mut();
     // SAFETY: valid out-pointer.

@@ -67,10 +67,14 @@ impl Trace {
         }
     }
 
-    fn sync(&self) {
-        if let Some(Device::Cuda(i)) = self.device {
-            tch::Cuda::synchronize(i as i64);
+    /// Wait for the compute stream (not the whole device: a device-wide
+    /// synchronisation would also wait for sends that complete only when the
+    /// next stage gets to them, and deadlock the pipeline).
+    fn sync(&self) -> Result<()> {
+        if let Some(Device::Cuda(_)) = self.device {
+            crate::dist::nccl::sync_compute_stream()?;
         }
+        Ok(())
     }
 
     /// Time `f` as one event (the device is synchronised around it).
@@ -80,11 +84,11 @@ impl Trace {
         cat: &'static str,
         f: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        self.sync();
+        self.sync()?;
         let origin = *self.origin.get_or_insert_with(Instant::now);
         let t0 = origin.elapsed().as_secs_f64() * 1e6;
         let r = f()?;
-        self.sync();
+        self.sync()?;
         let t1 = origin.elapsed().as_secs_f64() * 1e6;
         self.events.push((name, cat, t0, t1 - t0, self.step));
         Ok(r)
