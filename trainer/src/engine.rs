@@ -367,15 +367,17 @@ pub fn communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tens
     if !timing() {
         return communicate_now(c, op, x);
     }
-    let sync = || {
-        if let tch::Device::Cuda(i) = x.device() {
-            tch::Cuda::synchronize(i as i64);
+    // The compute stream only (a device-wide wait could wait for pipeline sends).
+    let sync = || -> Result<()> {
+        if x.device().is_cuda() {
+            crate::dist::nccl::sync_compute_stream()?;
         }
+        Ok(())
     };
-    sync();
+    sync()?;
     let t0 = std::time::Instant::now();
     let y = communicate_now(c, op, x)?;
-    sync();
+    sync()?;
     COMM_NANOS.fetch_add(
         t0.elapsed().as_nanos() as u64,
         std::sync::atomic::Ordering::Relaxed,
