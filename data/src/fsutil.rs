@@ -24,13 +24,46 @@ fn temp_beside(path: &FsPath) -> Result<(&FsPath, std::path::PathBuf)> {
 pub fn write_atomic(path: &FsPath, data: &[u8]) -> Result<()> {
     use std::io::Write;
     let (dir, tmp) = temp_beside(path)?;
-    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io("create", &tmp, e))?;
-    f.write_all(data)
-        .map_err(|e| DataError::io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| DataError::io("sync", &tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io("rename into", path, e))?;
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io("create", &tmp, e))?;
+        f.write_all(data)
+            .map_err(|e| DataError::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| DataError::io("sync", &tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| DataError::io("rename into", path, e))
+    })();
+    if written.is_err() {
+        // Nothing half-written stays behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     sync_dir(dir)
+}
+
+/// Write `path` with `write`, which creates the file at the path it is given
+/// (a temporary name beside `path`, with `path`'s extension), then rename it
+/// into place; on failure the temporary goes.
+pub fn replace_with<E>(
+    path: &FsPath,
+    write: impl FnOnce(&FsPath) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E>
+where
+    E: From<DataError>,
+{
+    let (dir, tmp) = temp_beside(path)?;
+    // Keep the extension: writers that pick the format by it see the real one.
+    let tmp = match path.extension() {
+        Some(ext) => tmp.with_extension(format!("tmp.{}", ext.to_string_lossy())),
+        None => tmp,
+    };
+    let r = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|e| DataError::io("rename into", path, e).into())
+    });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r?;
+    sync_dir(dir).map_err(E::from)
 }
 
 /// Copy `src` to `dst` through a temporary name in `dst`'s directory, fsynced.

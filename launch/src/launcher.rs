@@ -142,6 +142,21 @@ struct Launcher {
     control: Option<StoreClient>,
 }
 
+/// The status the ranks exit with when a signal stopped them after a
+/// checkpoint (`train --stopped-exit-code`, 0 when not given).
+fn stopped_code(command: &[String]) -> i32 {
+    let mut it = command.iter();
+    while let Some(a) = it.next() {
+        if a == "--stopped-exit-code" {
+            return it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+        if let Some(v) = a.strip_prefix("--stopped-exit-code=") {
+            return v.parse().unwrap_or(0);
+        }
+    }
+    0
+}
+
 fn failure_key(attempt: usize) -> String {
     format!("failed/{attempt}")
 }
@@ -247,9 +262,16 @@ impl Launcher {
                 }
             }
             let mut running = 0;
+            let stop_code = stopped_code(&self.a.command);
             for i in 0..ranks.children.len() {
                 let rank = ranks.children[i].0;
                 match ranks.children[i].1.try_wait() {
+                    // A rank stopped by a signal after saving (SIGUSR1 passed on,
+                    // or a signal that reached it another way): every rank stops
+                    // at the same step, so wait for the others; not a failure.
+                    Ok(Some(st)) if stop_code != 0 && st.code() == Some(stop_code) => {
+                        return self.wait_stopped(ranks, stop_code);
+                    }
                     Ok(Some(st)) if !st.success() => {
                         let what = format!("rank {rank} failed ({})", describe(st));
                         self.record_failure(attempt, &what);
@@ -271,6 +293,43 @@ impl Launcher {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// A rank exited with the stop status: wait (without signalling anyone,
+    /// which would be a second stop signal) for every rank, which must all
+    /// have stopped the same way.
+    fn wait_stopped(&mut self, ranks: &mut Ranks, code: i32) -> Result<Outcome> {
+        let deadline = Instant::now() + Duration::from_secs(self.a.signal_grace_s);
+        let mut statuses = Vec::new();
+        for (r, c) in ranks.children.iter_mut() {
+            let st = loop {
+                match c.try_wait() {
+                    Ok(Some(st)) => break Some(st),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => break None,
+                }
+            };
+            statuses.push((*r, st));
+        }
+        let bad: Vec<String> = statuses
+            .iter()
+            .filter(|(_, st)| st.and_then(|s| s.code()) != Some(code))
+            .map(|(r, st)| match st {
+                Some(s) => format!("rank {r} ({})", describe(*s)),
+                None => format!("rank {r} (still running after {} s)", self.a.signal_grace_s),
+            })
+            .collect();
+        if bad.is_empty() {
+            eprintln!("sigma launch: every rank saved and stopped (exit status {code})");
+            return Ok(Outcome::Stopped(code));
+        }
+        ranks.stop(Duration::from_secs(self.a.grace_s));
+        bail!(
+            "a rank stopped with status {code} (saved and stopped) but not all did: {}",
+            bad.join(", ")
+        )
     }
 
     /// SIGINT/SIGTERM reached the launcher: ask every rank to save and stop.

@@ -27,7 +27,7 @@ enum Command {
     },
     /// Train a model (one process; see `launch` for several).
     Train(train_cmd::TrainArgs),
-    /// Start one process per local rank (data-parallel jobs), on one node or several.
+    /// Start one process per local rank, on one node or several, with restarts.
     Launch(launcher::LaunchArgs),
     /// Distributed-runtime tools (benchmarks).
     Dist {

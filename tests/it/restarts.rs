@@ -289,3 +289,29 @@ fn losing_the_store_host_stops_the_others_with_one_message() {
         "{err}"
     );
 }
+
+#[test]
+fn sigusr1_to_the_launcher_stops_every_rank_with_their_stop_status() {
+    // The ranks exit 75 after saving; the launcher must take that as a stop
+    // (not a failure to restart from) and exit 75 itself.
+    let d = tempfile::tempdir().expect("tmp");
+    let p = port();
+    let mut train = dp_args(d.path(), 2, 10_000);
+    train.extend(["--stopped-exit-code".into(), "75".into()]);
+    let node = start_node(2, 1, 0, p, &["--max-restarts", "2"], &train);
+    wait_for_steps(&d.path().join("metrics.jsonl"), 2, Duration::from_secs(60));
+    kill(Pid::from_raw(node.id() as i32), Signal::SIGUSR1).expect("SIGUSR1");
+    let out = node.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("every rank saved and stopped (exit status 75)"),
+        "{err}"
+    );
+    assert!(!err.contains("restart 1"), "{err}");
+    let stopped = losses(&d.path().join("metrics.jsonl")).len() as u64;
+    assert!(d
+        .path()
+        .join(format!("checkpoints/step-{stopped:07}/COMMITTED"))
+        .is_file());
+}

@@ -344,7 +344,7 @@ fn gather_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {
 }
 
 /// Set `SIGMA_TIME_COLLECTIVES=1` to time every tensor-parallel collective
-/// (the device is synchronised around each, which costs a little speed): the
+/// (the compute stream is synchronised around each, which costs a little speed): the
 /// trainer logs the seconds per step as `tp_comm_s`. The collectives run on the
 /// communication stream but the compute stream waits for each before going on
 /// (nothing overlaps them), so this time is all exposed.

@@ -113,54 +113,58 @@ pub fn param_specs(c: &ModelConfig) -> Vec<ParamSpec> {
     TpPlan::single(c).param_specs(c)
 }
 
-/// Handles for specs in model order (as `TpPlan::param_specs` lists them);
-/// None for parameters this rank does not hold.
-fn model_ids(c: &ModelConfig, ids: &[Option<ParamId>]) -> ModelIds {
-    let mut it = ids.iter().copied();
-    let mut next = || it.next().expect("a handle per parameter");
-    let embed = next();
+/// Handles by name (the module tree's), for the parameters this rank holds.
+fn model_ids(c: &ModelConfig, specs: &[ParamSpec], ids: &[Option<ParamId>]) -> ModelIds {
+    let by_name: std::collections::HashMap<&str, ParamId> = specs
+        .iter()
+        .zip(ids)
+        .filter_map(|(s, id)| id.map(|id| (s.name.as_str(), id)))
+        .collect();
+    let get = |n: &str| by_name.get(n).copied();
+    let must = |n: String| match get(&n) {
+        Some(id) => id,
+        None => panic!("parameter {n} missing from a layer this rank holds"),
+    };
     let layers = (0..c.num_layers)
-        .map(|_| {
-            let norm = next();
-            let q_proj = next();
-            let aug_q = (c.aug_q_dim > 0).then(|| [next(), next(), next()]);
-            let k_proj = next();
-            let k_up = (c.k_compression == KCompression::Projected).then(&mut next);
-            let (v_proj, o_proj) = (next(), next());
-            let ffn = [next(), next(), next(), next()];
-            let norm = norm?;
+        .map(|l| {
+            let p = |n: &str| format!("layers.{l}.{n}.weight");
+            get(&p("attn_norm"))?;
             Some(LayerIds {
                 attn: AttnIds {
-                    norm,
-                    q_proj: q_proj?,
-                    aug_q: match aug_q {
-                        Some([a, b, c]) => Some([a?, b?, c?]),
-                        None => None,
-                    },
-                    k_proj: k_proj?,
-                    k_up: match k_up {
-                        Some(u) => Some(u?),
-                        None => None,
-                    },
-                    v_proj: v_proj?,
-                    o_proj: o_proj?,
+                    norm: must(p("attn_norm")),
+                    q_proj: must(p("attn.q_proj")),
+                    aug_q: (c.aug_q_dim > 0).then(|| {
+                        [
+                            must(p("attn.aug_q.gate")),
+                            must(p("attn.aug_q.up")),
+                            must(p("attn.aug_q.down")),
+                        ]
+                    }),
+                    k_proj: must(p("attn.k_proj")),
+                    k_up: (c.k_compression == KCompression::Projected)
+                        .then(|| must(p("attn.k_up"))),
+                    v_proj: must(p("attn.v_proj")),
+                    o_proj: must(p("attn.o_proj")),
                 },
                 ffn: FfnIds {
-                    norm: ffn[0]?,
-                    gate: ffn[1]?,
-                    up: ffn[2]?,
-                    down: ffn[3]?,
+                    norm: must(p("ffn_norm")),
+                    gate: must(p("ffn.gate")),
+                    up: must(p("ffn.up")),
+                    down: must(p("ffn.down")),
                 },
             })
         })
         .collect();
-    let final_norm = next();
-    let head = if c.tie_embeddings { embed } else { next() };
+    let embed = get("embed.weight");
     ModelIds {
         embed,
         layers,
-        final_norm,
-        head,
+        final_norm: get("final_norm.weight"),
+        head: if c.tie_embeddings {
+            embed
+        } else {
+            get("lm_head.weight")
+        },
     }
 }
 
@@ -182,6 +186,14 @@ fn on_stage(c: &ModelConfig, pipe: &PipelinePlan, name: &str) -> (bool, bool) {
             (layer.is_some_and(|l| pipe.holds_layer(l)), false)
         }
     }
+}
+
+/// The parameters a rank holds under `plan` and `pipe` (its blocks, its stages).
+pub fn held_specs(c: &ModelConfig, plan: &TpPlan, pipe: &PipelinePlan) -> Vec<ParamSpec> {
+    plan.param_specs(c)
+        .into_iter()
+        .filter(|s| on_stage(c, pipe, &s.name).0)
+        .collect()
 }
 
 impl Model {
@@ -232,6 +244,7 @@ impl Model {
             // The first stage writes the tied embedding into checkpoints.
             s.writer &= !tied || pipe.first();
         }
+        let names = specs.clone();
         let (params, ids) = Params::new(
             specs,
             |s| on_stage(cfg, &pipe, &s.name).0,
@@ -245,7 +258,7 @@ impl Model {
             cfg: cfg.clone(),
             plan,
             pipe,
-            ids: model_ids(cfg, &ids),
+            ids: model_ids(cfg, &names, &ids),
             params,
             compute: if mixed { Kind::BFloat16 } else { Kind::Float },
             rope: RefCell::new(HashMap::new()),

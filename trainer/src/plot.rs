@@ -10,11 +10,16 @@ use crate::error::{Result, TrainError};
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Plot training loss (and validation loss per domain, if any) against step.
+/// The PNG is drawn under a temporary name and renamed into place.
 pub fn loss_png(
     path: &Path,
     train: &[(u64, f64)],
     valid: &[(String, Vec<(u64, f64)>)],
 ) -> Result<()> {
+    sigma_data::fsutil::replace_with(path, |tmp| draw_loss(tmp, train, valid))
+}
+
+fn draw_loss(path: &Path, train: &[(u64, f64)], valid: &[(String, Vec<(u64, f64)>)]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| {
         TrainError::Other(format!(
             "{}: cannot draw the loss curve: {e}",
@@ -83,6 +88,10 @@ pub type TraceEvent = (usize, String, String, f64, f64);
 /// (forward, backward, send/receive, optimizer), labelled with its
 /// micro-batch, time in milliseconds across.
 pub fn trace_png(path: &Path, events: &[TraceEvent], title: &str) -> Result<()> {
+    sigma_data::fsutil::replace_with(path, |tmp| draw_trace(tmp, events, title))
+}
+
+fn draw_trace(path: &Path, events: &[TraceEvent], title: &str) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| {
         TrainError::Other(format!("{}: cannot draw the trace: {e}", path.display()))
     };

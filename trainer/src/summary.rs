@@ -151,10 +151,20 @@ pub struct MemoryInputs {
     pub mixed: bool,
     /// ZeRO-1 shards of the AdamW moments (1: none).
     pub optimizer_shards: usize,
+    /// Parameters this rank holds (its tensor- and pipeline-parallel share).
+    pub params: i64,
+    /// Tensor-parallel ranks sharing each layer's activations.
+    pub tp: usize,
+    /// Layers this rank runs.
+    pub layers: usize,
+    /// Micro-batches whose activations this rank keeps at once (pipeline warm-up).
+    pub in_flight: usize,
+    /// This rank computes the output head and the loss.
+    pub head: bool,
 }
 
 pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
-    let n = summarize(c, m.seq_len).params as f64;
+    let n = m.params as f64;
     let state = n * (4.0 + 4.0 + 8.0 / m.optimizer_shards.max(1) as f64);
     let tokens = (m.micro_batch_size * m.seq_len) as f64;
     let (ec, ef) = (if m.mixed { 2.0 } else { 4.0 }, 4.0);
@@ -169,13 +179,18 @@ pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
             + 2.0 * kv
             + 2.0 * o
             + 4.0 * c.ffn_dim as f64);
-    let layers = c.num_layers as f64;
+    let (layers, tp) = (m.layers as f64, m.tp.max(1) as f64);
+    let kept = m.in_flight.max(1) as f64;
     let activations = if m.activation_checkpointing {
-        tokens * (layers * ef * d + per_layer_token)
+        tokens * (kept * layers * ef * d + per_layer_token) / tp
     } else {
-        tokens * layers * per_layer_token
+        tokens * kept * layers * per_layer_token / tp
     };
-    let logits = tokens * c.vocab_size as f64 * (ec + 3.0 * 4.0);
+    let logits = if m.head {
+        tokens * c.vocab_size as f64 / tp * (ec + 3.0 * 4.0)
+    } else {
+        0.0
+    };
     MemoryEstimate {
         state,
         activations,
@@ -191,8 +206,8 @@ impl MemoryEstimate {
     /// The estimate and what to change, for an out-of-memory error.
     pub fn advice(&self) -> String {
         let what = if self.state > self.activations + self.logits {
-            "Most of it is the model's own state: shard the optimizer (parallel.zero = 1 over more \
-             data-parallel ranks) or train a smaller model"
+            "Most of it is the model's own state: split the model (parallel.tp, parallel.pp), \
+             shard the optimizer (parallel.zero = 1 over more data-parallel ranks) or train a smaller model"
         } else {
             "Most of it is activations: lower train.micro_batch_size (raise train.grad_accum_steps \
              to keep the batch), set train.activation_checkpointing = true, or shorten data.seq_len"
@@ -206,7 +221,7 @@ impl fmt::Display for MemoryEstimate {
         let g = |x: f64| format!("{:.2} GB", x / 1e9);
         write!(
             f,
-            "By formula this run needs about {}: weights, gradient and AdamW moments {}, activations {}, output logits {}",
+            "By formula this rank needs about {}: weights, gradient and AdamW moments {}, activations {}, output logits {}",
             g(self.total()),
             g(self.state),
             g(self.activations),

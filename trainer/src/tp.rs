@@ -375,6 +375,19 @@ pub fn sync_shared_grads(
     Ok(())
 }
 
+/// Sum the gradient of the tied embedding over the first and last pipeline
+/// stage (`tied`: their two-rank group), so both apply the same update.
+pub fn sync_tied_grads(params: &Params, grad: &Tensor, tied: &mut dyn Collectives) -> Result<()> {
+    for (spec, &off) in params.specs.iter().zip(&params.offsets) {
+        if spec.pp_tied {
+            let mut g = grad.narrow(0, off, spec.numel()).copy();
+            tied.all_reduce_sum(&mut g)?;
+            tch::no_grad(|| grad.narrow(0, off, spec.numel()).copy_(&g));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

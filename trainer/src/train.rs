@@ -196,6 +196,18 @@ impl Trainer {
                     activation_checkpointing: cfg.train.activation_checkpointing,
                     mixed,
                     optimizer_shards: if cfg.parallel.zero == 1 { dp } else { 1 },
+                    params: crate::model::held_specs(&cfg.model, &plan, &pipe)
+                        .iter()
+                        .map(|s| s.numel())
+                        .sum(),
+                    tp,
+                    layers: pipe.chunks().iter().map(|(_, _, l)| l.len()).sum(),
+                    in_flight: if pp > 1 {
+                        ((pp - coords.pp) * pipe.v).min(cfg.train.grad_accum_steps * pipe.v)
+                    } else {
+                        1
+                    },
+                    head: pipe.last(),
                 },
             )
             .advice(),
@@ -369,6 +381,33 @@ impl Trainer {
             bytes as f64 / 1e9
         ));
         Ok(Some(m.progress.step))
+    }
+
+    /// Make every gradient whole before the optimizer: first the data-parallel
+    /// sum (the buckets started during backward must be done before anything
+    /// else touches those ranges), then the sums of copies held by several
+    /// ranks: tensor-parallel replicas, and the tied embedding of the first
+    /// and last pipeline stage.
+    fn reduce_gradients(&mut self) -> Result<()> {
+        guard::at("gradient reduction", None);
+        let Some(j) = &mut self.job else {
+            return Ok(());
+        };
+        if let Some(bk) = &mut self.buckets {
+            bk.finish(&self.optim.grad, j.dp.as_mut())?;
+        }
+        if let Some(tp) = j.tp.as_mut() {
+            crate::tp::sync_shared_grads(
+                &self.model.params,
+                &self.optim.grad,
+                tp.as_mut(),
+                &mut j.replicas,
+            )?;
+        }
+        if let Some(tied) = j.tied.as_mut() {
+            crate::tp::sync_tied_grads(&self.model.params, &self.optim.grad, tied.as_mut())?;
+        }
+        Ok(())
     }
 
     /// Forward and backward of the micro-batches one after another (no
@@ -713,36 +752,7 @@ impl Trainer {
         } else {
             self.micro_batches(&batches, scale)?
         };
-        guard::at("gradient reduction", None);
-        if let Some(j) = &mut self.job {
-            if let Some(tp) = j.tp.as_mut() {
-                crate::tp::sync_shared_grads(
-                    &self.model.params,
-                    &self.optim.grad,
-                    tp.as_mut(),
-                    &mut j.replicas,
-                )?;
-            }
-            // The tied embedding's two copies (first and last stage) take the sum.
-            if let Some(tied) = j.tied.as_mut() {
-                for (spec, &off) in self
-                    .model
-                    .params
-                    .specs
-                    .iter()
-                    .zip(&self.model.params.offsets)
-                {
-                    if spec.pp_tied {
-                        let mut g = self.optim.grad.narrow(0, off, spec.numel()).copy();
-                        tied.all_reduce_sum(&mut g)?;
-                        self.optim.grad.narrow(0, off, spec.numel()).copy_(&g);
-                    }
-                }
-            }
-        }
-        if let (Some(bk), Some(j)) = (&mut self.buckets, &mut self.job) {
-            bk.finish(&self.optim.grad, j.dp.as_mut())?;
-        }
+        self.reduce_gradients()?;
         // Loss and the stop / timed-save requests travel together, so every
         // rank agrees on them: [loss sum, signal received, save time reached (rank 0's clock)].
         let timed = self.rank == 0

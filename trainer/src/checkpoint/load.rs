@@ -171,18 +171,21 @@ impl Checkpoint {
                 .into_iter()
                 .map(|(_, group)| {
                     let out = out.shallow_clone();
-                    scope.spawn(move || -> Result<()> {
-                        let mut readers = HashMap::new();
-                        let mut r = PieceReader {
-                            dir,
-                            meta,
-                            readers: &mut readers,
-                        };
-                        for (name, block, a, b, pos) in group {
-                            let part = r.read_part(&name, &block, a, b)?;
-                            out.narrow(0, pos, b - a).copy_(&part);
-                        }
-                        Ok(())
+                    // libtorch failures in the worker come back as errors (guard.rs).
+                    scope.spawn(move || {
+                        crate::guard::catch(|| -> Result<()> {
+                            let mut readers = HashMap::new();
+                            let mut r = PieceReader {
+                                dir,
+                                meta,
+                                readers: &mut readers,
+                            };
+                            for (name, block, a, b, pos) in group {
+                                let part = r.read_part(&name, &block, a, b)?;
+                                out.narrow(0, pos, b - a).copy_(&part);
+                            }
+                            Ok(())
+                        })
                     })
                 })
                 .collect();

@@ -313,7 +313,7 @@ impl Saver {
             self.writer = Some(
                 std::thread::Builder::new()
                     .name("sigma-checkpoint".into())
-                    .spawn(move || job.run())
+                    .spawn(move || crate::guard::catch(|| job.run()))
                     .expect("checkpoint thread"),
             );
         } else {

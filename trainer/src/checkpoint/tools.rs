@@ -55,7 +55,7 @@ pub fn inspect(dir: &Path) -> Result<String> {
     );
     let _ = writeln!(
         o,
-        "layout       dp {} tp {} pp {} zero {}; {} elements per buffer",
+        "layout       dp {} tp {} pp {} zero {}; {} elements in rank 0's local buffers",
         l.dp, l.tp, l.pp, l.zero, l.flat_numel
     );
     let total: u64 = m.files.values().map(|f| f.bytes).sum();

@@ -38,6 +38,10 @@ const TIMEOUT: u8 = 2;
 const MAX_FRAME: u32 = 1 << 30;
 /// Longest single wait request; the client re-checks the job's stop request between them.
 const WAIT_SLICE: Duration = Duration::from_millis(500);
+/// Every request is answered within a wait slice; a reply (or a send) that
+/// takes this long means the store's host is gone without closing the
+/// connection (a machine that vanished), which must not hang the rank.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -303,6 +307,8 @@ impl StoreClient {
             }
         };
         let _ = sock.set_nodelay(true);
+        let _ = sock.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = sock.set_write_timeout(Some(IO_TIMEOUT));
         let mut c = StoreClient {
             sock,
             addr: addr.to_string(),
@@ -348,9 +354,14 @@ impl StoreClient {
             .write_all(&out)
             .map_err(|e| err(format!("connection lost: {e}")))?;
         let mut len = [0u8; 4];
-        self.sock
-            .read_exact(&mut len)
-            .map_err(|e| err(format!("connection lost: {e}")))?;
+        self.sock.read_exact(&mut len).map_err(|e| {
+            err(match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("no reply within {IO_TIMEOUT:?}")
+                }
+                _ => format!("connection lost: {e}"),
+            })
+        })?;
         let n = u32::from_le_bytes(len);
         if n == 0 || n > MAX_FRAME {
             return Err(err("bad reply".into()));

@@ -1,0 +1,160 @@
+"""SIGMA for Hugging Face transformers, as trained by sigma.
+
+DiffQKV attention: query head i reads key head i // (n_q / n_k) and value
+head i // (n_q / n_v) (contiguous groups). AugQ (aug_q_dim > 0) passes the
+whole projected query through down(silu(gate(q0)) * up(q0)) before the head
+split and RoPE. K compression: "projected" computes K at k_dim and maps it to
+qk_head_dim with one matrix shared by the key heads (before RoPE); "native"
+makes the q.k product itself k_dim wide. RMSNorm, SwiGLU, RoPE rotating the
+two halves of each head. Parameter names are sigma's own, so the exported
+weights load without a mapping.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:
+    from .configuration_sigma import SigmaConfig
+except ImportError:  # loaded as a plain module
+    from configuration_sigma import SigmaConfig
+
+
+class SigmaRMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope(x, theta):
+    """RoPE on [b, heads, t, dim]: angles pos * theta^(-2j/dim) on the pairs (j, j + dim/2)."""
+    t, dim = x.shape[2], x.shape[3]
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) / dim * -math.log(theta))
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None, :]
+    cos = ang.cos().to(device=x.device, dtype=x.dtype)
+    sin = ang.sin().to(device=x.device, dtype=x.dtype)
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class SigmaAugQ(nn.Module):
+    def __init__(self, width, aug):
+        super().__init__()
+        self.gate = nn.Linear(width, aug, bias=False)
+        self.up = nn.Linear(width, aug, bias=False)
+        self.down = nn.Linear(aug, width, bias=False)
+
+    def forward(self, q0):
+        return self.down(F.silu(self.gate(q0)) * self.up(q0))
+
+
+class SigmaAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        dd = c.dot_dim
+        self.q_proj = nn.Linear(c.d_model, c.num_q_heads * dd, bias=False)
+        if c.aug_q_dim > 0:
+            self.aug_q = SigmaAugQ(c.num_q_heads * dd, c.aug_q_dim)
+        self.k_proj = nn.Linear(c.d_model, c.num_k_heads * c.k_cache_dim, bias=False)
+        if c.k_compression == "projected":
+            self.k_up = nn.Linear(c.k_cache_dim, dd, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.num_v_heads * c.v_head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_q_heads * c.v_head_dim, c.d_model, bias=False)
+
+    def forward(self, h):
+        c = self.c
+        b, t, _ = h.shape
+        dd = c.dot_dim
+        q = self.q_proj(h)
+        if c.aug_q_dim > 0:
+            q = self.aug_q(q)
+        q = rope(q.view(b, t, c.num_q_heads, dd).transpose(1, 2), c.rope_theta)
+        k = self.k_proj(h).view(b, t, c.num_k_heads, c.k_cache_dim)
+        if c.k_compression == "projected":
+            k = self.k_up(k)
+        k = rope(k.transpose(1, 2), c.rope_theta)
+        v = self.v_proj(h).view(b, t, c.num_v_heads, c.v_head_dim).transpose(1, 2)
+        # Query head i reads K head i // (nq / nk) and V head i // (nq / nv).
+        k = k.repeat_interleave(c.num_q_heads // c.num_k_heads, dim=1)
+        v = v.repeat_interleave(c.num_q_heads // c.num_v_heads, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(dd))
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, c.num_q_heads * c.v_head_dim))
+
+
+class SigmaFFN(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate = nn.Linear(c.d_model, c.ffn_dim, bias=False)
+        self.up = nn.Linear(c.d_model, c.ffn_dim, bias=False)
+        self.down = nn.Linear(c.ffn_dim, c.d_model, bias=False)
+
+    def forward(self, h):
+        return self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class SigmaBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attn_norm = SigmaRMSNorm(c.d_model, c.norm_eps)
+        self.attn = SigmaAttention(c)
+        self.ffn_norm = SigmaRMSNorm(c.d_model, c.norm_eps)
+        self.ffn = SigmaFFN(c)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class SigmaForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = SigmaConfig
+    base_model_prefix = ""
+    _no_split_modules = ["SigmaBlock"]
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList([SigmaBlock(config) for _ in range(config.num_layers)])
+        self.final_norm = SigmaRMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.config.init_std)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        """Full causal forward (no KV cache: every call sees the whole sequence)."""
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.lm_head(self.final_norm(x)).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
