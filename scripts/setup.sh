@@ -5,6 +5,7 @@
 #   - creates the Python venv .venv (ignored by git) with torch 2.11.0 (libtorch for
 #     tch; the CUDA build, which also runs on CPU-only machines) and the test
 #     services (moto[server], an S3-compatible server for the object-store tests)
+#     and transformers (the Hugging Face export is loaded and compared in a test)
 #   - builds the sigma binary in release mode against that libtorch
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,10 @@ fi
 if ! .venv/bin/python -c 'import moto.server, flask' >/dev/null 2>&1; then
   say "installing moto[server] into .venv"
   .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6'
+fi
+if ! .venv/bin/python -c 'import transformers, safetensors' >/dev/null 2>&1; then
+  say "installing transformers into .venv (the Hugging Face export test)"
+  .venv/bin/pip install -q --disable-pip-version-check 'transformers>=5,<6' 'safetensors>=0.4'
 fi
 # SLURM and munge for the SLURM test (tests/it/slurm.rs brings up a local cluster with
 # scripts/slurm-local.sh): installed only as root with apt-get; never fails set-up.

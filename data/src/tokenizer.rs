@@ -118,6 +118,11 @@ impl Tokenizer {
         })
     }
 
+    /// The string of token `id` (e.g. "<|endoftext|>"), if it exists.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Token ids of `text`, without special tokens (documents get EOS at packing time).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

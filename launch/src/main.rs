@@ -2,6 +2,7 @@
 
 mod cuda_libs;
 mod data_cmd;
+mod eval_cmd;
 mod launcher;
 mod train_cmd;
 
@@ -39,6 +40,8 @@ enum Command {
         #[command(subcommand)]
         command: train_cmd::CheckpointCommand,
     },
+    /// Loss, perplexity and bits per byte of a checkpoint or an exported model.
+    Eval(eval_cmd::EvalArgs),
     /// Pipeline traces (`metrics.trace = true`).
     Trace {
         #[command(subcommand)]
@@ -61,6 +64,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Model { command } => ok(train_cmd::model(command)),
         Command::Checkpoint { command } => ok(train_cmd::checkpoint(command)),
         Command::Trace { command } => ok(train_cmd::trace(command)),
+        Command::Eval(args) => ok(eval_cmd::eval(args)),
     }
 }
 

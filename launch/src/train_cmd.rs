@@ -43,6 +43,10 @@ pub enum CheckpointCommand {
         /// Weight dtype of the export: f32 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// "sigma" (weights, config.json, tokenizer.json) or "hf": a directory
+        /// that Hugging Face transformers loads with trust_remote_code=True.
+        #[arg(long, default_value = "sigma")]
+        format: String,
     },
 }
 
@@ -54,12 +58,23 @@ pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
             path,
             output,
             dtype,
+            format,
         } => {
-            tools::export(&path, &output, &dtype)?;
+            let f = match format.as_str() {
+                "sigma" => tools::ExportFormat::Sigma,
+                "hf" | "huggingface" => tools::ExportFormat::HuggingFace,
+                f => anyhow::bail!("--format {f}: use sigma or hf"),
+            };
+            tools::export(&path, &output, &dtype, f)?;
             println!(
-                "exported {} to {} (model.safetensors, config.json, tokenizer.json)",
+                "exported {} to {} ({})",
                 path.display(),
-                output.display()
+                output.display(),
+                match f {
+                    tools::ExportFormat::Sigma => "model.safetensors, config.json, tokenizer.json",
+                    tools::ExportFormat::HuggingFace =>
+                        "Hugging Face: model.safetensors, config.json, modeling_sigma.py, configuration_sigma.py, tokenizer files",
+                }
             );
         }
     }

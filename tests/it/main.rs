@@ -6,6 +6,8 @@ mod data_errors;
 mod data_pipeline;
 mod data_s3;
 mod distributed;
+mod eval;
+mod hf_export;
 mod model;
 mod pipeline;
 mod restarts;

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dist;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod guard;
 pub mod metrics;
 pub mod model;

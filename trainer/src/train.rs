@@ -13,7 +13,6 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use sigma_data::loader::LoaderOptions;
-use sigma_data::store::block_on;
 use sigma_data::{Batch, DataState, Dataset, Loader};
 use tch::{Device, Kind, Tensor};
 
@@ -537,31 +536,20 @@ impl Trainer {
     /// `eval_steps * micro_batch_size` validation samples of each domain.
     pub fn validate(&mut self) -> Result<BTreeMap<String, f64>> {
         let mbs = self.cfg.train.micro_batch_size as u64;
-        let mut out = BTreeMap::new();
-        for (d, name) in self.dataset.domains.clone().iter().enumerate() {
-            let n = (self.cfg.train.eval_steps * mbs).min(self.dataset.num_valid_samples(d));
-            if n == 0 {
-                continue;
-            }
-            let (mut sum, mut tokens) = (0.0, 0u64);
-            let mut j = 0;
-            while j < n {
-                let rows = mbs.min(n - j);
-                let mut ids: Vec<i64> = Vec::new();
-                for k in j..j + rows {
-                    let s = block_on(self.dataset.valid_sample(d, k))?;
-                    ids.extend(s.tokens.iter().map(|&t| t as i64));
-                }
-                let t = Tensor::from_slice(&ids)
-                    .view([rows as i64, -1])
-                    .to_device(self.device);
-                sum += self.eval_loss(&t)?;
-                tokens += rows * self.cfg.data.seq_len as u64;
-                j += rows;
-            }
-            out.insert(name.clone(), sum / tokens as f64);
-        }
-        Ok(out)
+        let dataset = self.dataset.clone();
+        let device = self.device;
+        let scores = crate::eval::evaluate(
+            &crate::eval::Validation(&dataset),
+            mbs,
+            self.cfg.train.eval_steps * mbs,
+            device,
+            &mut |t| self.eval_loss(t),
+            None,
+        )?;
+        Ok(scores
+            .into_iter()
+            .map(|s| (s.domain.clone(), s.loss()))
+            .collect())
     }
 
     /// Write this rank's trace (`trace-rank<r>.json` in the run directory) and

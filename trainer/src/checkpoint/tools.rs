@@ -129,6 +129,69 @@ fn config_json(meta: &Metadata, dtype: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// What `sigma checkpoint export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// model.safetensors, config.json (the [model] section and a description), tokenizer.json.
+    Sigma,
+    /// A Hugging Face model directory: the same weights, a config.json with
+    /// `auto_map`, modeling_sigma.py and configuration_sigma.py (DiffQKV, AugQ,
+    /// both K-compression readings), tokenizer.json and tokenizer_config.json,
+    /// for `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+    HuggingFace,
+}
+
+static HF_MODELING: &str = include_str!("../../assets/hf/modeling_sigma.py");
+static HF_CONFIGURATION: &str = include_str!("../../assets/hf/configuration_sigma.py");
+
+/// config.json of a Hugging Face export.
+fn hf_config_json(
+    meta: &Metadata,
+    dtype: &str,
+    tok: Option<&sigma_data::Tokenizer>,
+) -> Result<serde_json::Value> {
+    let run = meta.run_config()?;
+    let mut v = serde_json::to_value(&run.model).expect("model config serializes");
+    let token = |id: Option<u32>| {
+        id.map(|i| serde_json::json!(i))
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let extra = json!({
+        "architectures": ["SigmaForCausalLM"],
+        "model_type": "sigma",
+        "auto_map": {
+            "AutoConfig": "configuration_sigma.SigmaConfig",
+            "AutoModelForCausalLM": "modeling_sigma.SigmaForCausalLM",
+        },
+        "torch_dtype": dtype,
+        "max_position_embeddings": run.data.seq_len,
+        "tie_word_embeddings": run.model.tie_embeddings,
+        "eos_token_id": token(tok.map(|t| t.eos_id)),
+        "bos_token_id": token(tok.and_then(|t| t.bos_id)),
+        "pad_token_id": token(tok.and_then(|t| t.pad_id)),
+        "use_cache": false,
+        "sigma_checkpoint_step": meta.progress.step,
+        "sigma_tokens_seen": meta.progress.consumed_tokens,
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    Ok(v)
+}
+
+/// tokenizer_config.json for `AutoTokenizer`: the fast tokenizer of tokenizer.json and its special tokens.
+fn hf_tokenizer_config(tok: &sigma_data::Tokenizer, max_len: usize) -> serde_json::Value {
+    let name = |id: Option<u32>| id.and_then(|i| tok.token(i));
+    json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": name(Some(tok.eos_id)),
+        "bos_token": name(tok.bos_id),
+        "pad_token": name(tok.pad_id),
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": false,
+    })
+}
+
 /// The files of an export, into `tmp`.
 fn write_export(
     ck: &mut Checkpoint,
@@ -136,6 +199,7 @@ fn write_export(
     kind: Kind,
     tok: &Path,
     tmp: &Path,
+    format: ExportFormat,
 ) -> Result<()> {
     let mut tensors = Vec::new();
     for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
@@ -147,22 +211,43 @@ fn write_export(
         ("sigma_step".to_string(), meta.progress.step.to_string()),
     ]);
     super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
-    let cfg = config_json(
-        meta,
-        if kind == Kind::Float {
-            "float32"
-        } else {
-            "bfloat16"
-        },
-    )?;
+    let dtype = if kind == Kind::Float {
+        "float32"
+    } else {
+        "bfloat16"
+    };
+    let tokenizer = if tok.is_file() {
+        let data = std::fs::read(tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
+        write_atomic(&tmp.join(TOKENIZER), &data)?;
+        Some(sigma_data::Tokenizer::from_bytes(
+            &tok.display().to_string(),
+            data.into(),
+        )?)
+    } else {
+        None
+    };
+    let cfg = match format {
+        ExportFormat::Sigma => config_json(meta, dtype)?,
+        ExportFormat::HuggingFace => {
+            write_atomic(&tmp.join("modeling_sigma.py"), HF_MODELING.as_bytes())?;
+            write_atomic(
+                &tmp.join("configuration_sigma.py"),
+                HF_CONFIGURATION.as_bytes(),
+            )?;
+            if let Some(t) = &tokenizer {
+                let tc = hf_tokenizer_config(t, meta.run_config()?.data.seq_len);
+                write_atomic(
+                    &tmp.join("tokenizer_config.json"),
+                    serde_json::to_string_pretty(&tc).expect("json").as_bytes(),
+                )?;
+            }
+            hf_config_json(meta, dtype, tokenizer.as_ref())?
+        }
+    };
     write_atomic(
         &tmp.join("config.json"),
         serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
     )?;
-    if tok.is_file() {
-        let data = std::fs::read(tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
-        write_atomic(&tmp.join(TOKENIZER), &data)?;
-    }
     sync_dir(tmp)?;
     Ok(())
 }
@@ -170,7 +255,7 @@ fn write_export(
 /// One consolidated `model.safetensors` (weights only, `dtype` f32 or bf16),
 /// `config.json` and the tokenizer, written into a temporary directory that is
 /// renamed to `out` when complete. An existing non-empty `out` is refused.
-pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
+pub fn export(dir: &Path, out: &Path, dtype: &str, format: ExportFormat) -> Result<()> {
     let kind = match dtype {
         "f32" | "float32" => Kind::Float,
         "bf16" | "bfloat16" => Kind::BFloat16,
@@ -208,7 +293,7 @@ pub fn export(dir: &Path, out: &Path, dtype: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(tmp.display().to_string(), e))?;
     // Nothing half-written stays behind: on any failure the temporary directory goes.
-    let written = write_export(&mut ck, &meta, kind, &tok, &tmp);
+    let written = write_export(&mut ck, &meta, kind, &tok, &tmp, format);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }

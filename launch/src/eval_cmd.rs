@@ -1,0 +1,158 @@
+//! `sigma eval`: loss, perplexity and bits per byte per domain of a
+//! checkpoint (any parallel layout) or an exported model.
+
+use anyhow::{bail, Result};
+use sigma_trainer::config::{parse_doc, read_config, typed};
+use sigma_trainer::engine;
+use sigma_trainer::eval::{evaluate, load, DomainScore, Files, Validation};
+use sigma_trainer::RunConfig;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// A checkpoint directory (step-NNNNNNN) or the output of `sigma checkpoint export`.
+    #[arg(long)]
+    pub checkpoint: std::path::PathBuf,
+    /// Run config whose [data] (validation split) and [train] (batch, windows) are used;
+    /// default: the checkpoint's own.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Take only the [data] section from this config (other sources or mixture).
+    #[arg(long, conflicts_with = "input")]
+    pub data: Option<String>,
+    /// Score raw text / JSONL / Parquet files instead (tokenized with the checkpoint's tokenizer).
+    #[arg(long, num_args = 1..)]
+    pub input: Vec<String>,
+    /// JSONL/Parquet field holding the text (with --input).
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Tokens to score per domain (default: what training validates on,
+    /// train.eval_steps x train.micro_batch_size windows).
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// Windows per forward pass (default: train.micro_batch_size).
+    #[arg(long)]
+    pub batch: Option<u64>,
+    /// "auto" (a GPU when one is usable), "cpu" or "cuda".
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let device = match a.device.as_str() {
+        "cpu" => tch::Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
+        "cuda" => bail!("--device cuda: no CUDA device is usable"),
+        "auto" => tch::Device::cuda_if_available(),
+        d => bail!("--device {d}: use auto, cpu or cuda"),
+    };
+    let loaded = load(&a.checkpoint, device)?;
+    // The run's config: given, or the checkpoint's.
+    let run: Option<RunConfig> = match &a.config {
+        Some(c) => Some(RunConfig::load(c, &[])?),
+        None => loaded.run.clone(),
+    };
+    if let Some(r) = &run {
+        if r.model != loaded.model.cfg {
+            bail!(
+                "the [model] of {} differs from the checkpoint's model",
+                a.config.as_deref().unwrap_or("the config")
+            );
+        }
+        if let Some(n) = r.train.cpu_threads {
+            tch::set_num_threads(n as i32);
+        }
+    }
+    let (seq_len, rows, windows_default) = match &run {
+        Some(r) => (
+            r.data.seq_len,
+            r.train.micro_batch_size as u64,
+            r.train.eval_steps * r.train.micro_batch_size as u64,
+        ),
+        None => (0, 4, 16),
+    };
+    let rows = a.batch.unwrap_or(rows);
+    let model = &loaded.model;
+    let mut loss = |t: &tch::Tensor| -> sigma_trainer::Result<f64> {
+        Ok(engine::loss_sum_in(model, None, t)?.double_value(&[]))
+    };
+    let per_domain = |seq: usize| match a.max_tokens {
+        Some(t) => t.div_ceil(seq as u64).max(1),
+        None => windows_default,
+    };
+    let scores: Vec<DomainScore> = if !a.input.is_empty() {
+        let seq = match (&run, &a.data) {
+            (Some(r), None) => r.data.seq_len,
+            _ => bail!("--input needs the sequence length: give --config (or evaluate a checkpoint, which has it)"),
+        };
+        let files = Files::read(&a.input, &loaded.tokenizer, seq, &a.text_field)?;
+        evaluate(
+            &files,
+            rows,
+            per_domain(seq),
+            device,
+            &mut loss,
+            Some(&loaded.tokenizer),
+        )?
+    } else {
+        let data = match (&a.data, &run) {
+            (Some(path), _) => {
+                let doc = parse_doc(path, &read_config(path)?, &[])?;
+                let section = doc
+                    .get("data")
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("config `{path}`: no [data] section"))?;
+                typed::<sigma_data::DataConfig>(section, "data", path, &[])?
+            }
+            (None, Some(r)) => r.data.clone(),
+            (None, None) => bail!(
+                "{} is an export (no run config): give --config or --data for the validation data, or --input files",
+                a.checkpoint.display()
+            ),
+        };
+        let seq = if seq_len > 0 { seq_len } else { data.seq_len };
+        let dataset = sigma_data::Dataset::open_blocking(&data)?;
+        evaluate(
+            &Validation(&dataset),
+            rows,
+            per_domain(seq),
+            device,
+            &mut loss,
+            Some(&loaded.tokenizer),
+        )?
+    };
+    if a.json {
+        let rows: Vec<serde_json::Value> = scores
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "domain": s.domain, "windows": s.windows, "tokens": s.tokens,
+                    "loss": s.loss(), "perplexity": s.perplexity(),
+                    "bits_per_byte": s.bits_per_byte(), "bytes": s.bytes,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:>8} {:>10} {:>10} {:>11} {:>10}",
+        "domain", "windows", "tokens", "loss", "perplexity", "bits/byte"
+    );
+    for s in &scores {
+        println!(
+            "{:<40} {:>8} {:>10} {:>10.4} {:>11.3} {:>10}",
+            s.domain,
+            s.windows,
+            s.tokens,
+            s.loss(),
+            s.perplexity(),
+            s.bits_per_byte()
+                .map(|b| format!("{b:.4}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! Evaluation: loss, perplexity and bits per byte per domain, on the
+//! validation windows of a data config (the windows training validates on)
+//! or on raw text files. Training's validation and `sigma eval` both run
+//! `evaluate`, so a checkpoint evaluated later gives the numbers its run
+//! logged at that step.
+
+use std::path::Path;
+
+use serde::Serialize;
+use sigma_data::store::block_on;
+use sigma_data::{Dataset, Tokenizer};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::load::Checkpoint;
+use crate::config::{ModelConfig, RunConfig};
+use crate::error::{Result, TrainError};
+use crate::model::Model;
+
+/// Windows of `seq_len + 1` tokens, by domain.
+pub trait Windows {
+    fn domains(&self) -> Vec<String>;
+    /// Windows of domain `d`.
+    fn count(&self, d: usize) -> u64;
+    fn window(&self, d: usize, k: u64) -> Result<Vec<u32>>;
+}
+
+/// A dataset's validation split (documents in manifest order).
+pub struct Validation<'a>(pub &'a Dataset);
+
+impl Windows for Validation<'_> {
+    fn domains(&self) -> Vec<String> {
+        self.0.domains.clone()
+    }
+    fn count(&self, d: usize) -> u64 {
+        self.0.num_valid_samples(d)
+    }
+    fn window(&self, d: usize, k: u64) -> Result<Vec<u32>> {
+        Ok(block_on(self.0.valid_sample(d, k))?.tokens)
+    }
+}
+
+/// Raw files, each one "domain": its documents tokenized, joined by EOS, cut
+/// into consecutive windows (the tail shorter than a window is left out).
+pub struct Files {
+    names: Vec<String>,
+    windows: Vec<Vec<Vec<u32>>>,
+}
+
+impl Files {
+    pub fn read(
+        inputs: &[String],
+        tok: &Tokenizer,
+        seq_len: usize,
+        text_field: &str,
+    ) -> Result<Files> {
+        let mut names = Vec::new();
+        let mut windows = Vec::new();
+        for input in inputs {
+            let loc = sigma_data::store::Location::parse(input)?;
+            let mut stream: Vec<u32> = Vec::new();
+            let mut texts: Vec<String> = Vec::new();
+            block_on(sigma_data::readers::read_file(&loc, text_field, &mut |d| {
+                texts.push(d.text);
+                Ok(())
+            }))?;
+            for t in texts {
+                stream.extend(tok.encode(&t)?);
+                stream.push(tok.eos_id);
+            }
+            let w: Vec<Vec<u32>> = stream
+                .chunks_exact(seq_len + 1)
+                .map(|c| c.to_vec())
+                .collect();
+            if w.is_empty() {
+                return Err(TrainError::Other(format!(
+                    "{input}: {} tokens, fewer than one window of data.seq_len + 1 = {}",
+                    stream.len(),
+                    seq_len + 1
+                )));
+            }
+            names.push(input.clone());
+            windows.push(w);
+        }
+        Ok(Files { names, windows })
+    }
+}
+
+impl Windows for Files {
+    fn domains(&self) -> Vec<String> {
+        self.names.clone()
+    }
+    fn count(&self, d: usize) -> u64 {
+        self.windows[d].len() as u64
+    }
+    fn window(&self, d: usize, k: u64) -> Result<Vec<u32>> {
+        Ok(self.windows[d][k as usize].clone())
+    }
+}
+
+/// What one domain scored.
+#[derive(Clone, Debug, Serialize)]
+pub struct DomainScore {
+    pub domain: String,
+    pub windows: u64,
+    /// Target tokens scored.
+    pub tokens: u64,
+    /// Sum of their losses, nats.
+    pub loss_sum: f64,
+    /// UTF-8 bytes of the scored targets' text (special tokens decode to none).
+    pub bytes: Option<u64>,
+}
+
+impl DomainScore {
+    /// Mean loss, nats per token.
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.tokens.max(1) as f64
+    }
+    pub fn perplexity(&self) -> f64 {
+        self.loss().exp()
+    }
+    pub fn bits_per_byte(&self) -> Option<f64> {
+        self.bytes
+            .filter(|&b| b > 0)
+            .map(|b| self.loss_sum / std::f64::consts::LN_2 / b as f64)
+    }
+}
+
+/// Score up to `max_windows` windows of every domain, `rows` windows per
+/// forward pass; `loss_sum` returns the sum of token losses of a batch of
+/// windows ([rows, seq_len + 1] token ids). With a tokenizer, also count the
+/// bytes of the scored text (bits per byte).
+pub fn evaluate(
+    windows: &dyn Windows,
+    rows: u64,
+    max_windows: u64,
+    device: Device,
+    loss_sum: &mut dyn FnMut(&Tensor) -> Result<f64>,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Vec<DomainScore>> {
+    let mut out = Vec::new();
+    for (d, name) in windows.domains().into_iter().enumerate() {
+        let n = max_windows.min(windows.count(d));
+        if n == 0 {
+            continue;
+        }
+        let mut score = DomainScore {
+            domain: name,
+            windows: n,
+            tokens: 0,
+            loss_sum: 0.0,
+            bytes: tokenizer.map(|_| 0),
+        };
+        let mut j = 0;
+        while j < n {
+            let r = rows.max(1).min(n - j);
+            let mut ids: Vec<i64> = Vec::new();
+            let mut seq = 0;
+            for k in j..j + r {
+                let w = windows.window(d, k)?;
+                seq = w.len() as u64 - 1;
+                if let (Some(tok), Some(b)) = (tokenizer, score.bytes.as_mut()) {
+                    *b += tok.decode(&w[1..], true)?.len() as u64;
+                }
+                ids.extend(w.iter().map(|&t| t as i64));
+            }
+            let t = Tensor::from_slice(&ids)
+                .view([r as i64, -1])
+                .to_device(device);
+            score.loss_sum += loss_sum(&t)?;
+            score.tokens += r * seq;
+            j += r;
+        }
+        out.push(score);
+    }
+    Ok(out)
+}
+
+/// A model loaded for evaluation on one device, from a checkpoint of any
+/// layout or from an exported directory, with its tokenizer and, for a
+/// checkpoint, the run's config.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub run: Option<RunConfig>,
+}
+
+/// Load `path`: a checkpoint (`step-NNNNNNN/`, committed) or the output of
+/// `sigma checkpoint export` (either format).
+pub fn load(path: &Path, device: Device) -> Result<Loaded> {
+    let mixed = device.is_cuda();
+    let tok_path = path.join(crate::checkpoint::TOKENIZER);
+    if path.join(crate::checkpoint::METADATA).is_file() {
+        let mut ck = Checkpoint::open(path)?;
+        if ck.meta.files.contains_key(crate::checkpoint::TOKENIZER) {
+            ck.verify(crate::checkpoint::TOKENIZER)?;
+        }
+        let run = ck.meta.run_config()?;
+        let model = Model::new(&run.model, run.train.seed, false, false, Device::Cpu, mixed);
+        ck.check_model(&run.model)?;
+        let n = model.params.numel();
+        let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
+        tch::no_grad(|| model.params.flat.shallow_clone().copy_(&w));
+        let model = move_model(model, device);
+        let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
+        return Ok(Loaded {
+            model,
+            tokenizer,
+            run: Some(run),
+        });
+    }
+    let weights = path.join("model.safetensors");
+    if !weights.is_file() || !path.join("config.json").is_file() {
+        return Err(TrainError::Other(format!(
+            "{}: neither a checkpoint (no metadata.json) nor an export (no model.safetensors and config.json)",
+            path.display()
+        )));
+    }
+    let cfg = exported_model_config(&path.join("config.json"))?;
+    let model = Model::new(&cfg, 0, false, false, Device::Cpu, mixed);
+    let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
+    tch::no_grad(|| -> Result<()> {
+        for (i, spec) in model.params.specs.iter().enumerate() {
+            let t = r.read(&spec.name)?;
+            model.params.tensors[i]
+                .shallow_clone()
+                .copy_(&t.to_kind(Kind::Float).view(spec.shape.as_slice()));
+        }
+        Ok(())
+    })?;
+    let model = move_model(model, device);
+    let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        run: None,
+    })
+}
+
+fn move_model(model: Model, device: Device) -> Model {
+    if device == Device::Cpu {
+        return model;
+    }
+    let flat = model.params.flat.to_device(device);
+    let mut m = model;
+    m.params.tensors = m
+        .params
+        .specs
+        .iter()
+        .zip(&m.params.offsets)
+        .map(|(s, &o)| {
+            flat.narrow(0, o, s.numel())
+                .view(s.shape.as_slice())
+                .set_requires_grad(true)
+        })
+        .collect();
+    m.params.flat = flat;
+    m
+}
+
+/// The `[model]` section from an export's config.json (sigma's or Hugging
+/// Face's: the model keys are the same; other keys are ignored).
+pub fn exported_model_config(path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read(path).map_err(|e| TrainError::io(path.display().to_string(), e))?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| TrainError::Other(format!("{}: not JSON: {e}", path.display())))?;
+    let keys = [
+        "vocab_size",
+        "d_model",
+        "num_layers",
+        "ffn_dim",
+        "num_q_heads",
+        "num_k_heads",
+        "num_v_heads",
+        "qk_head_dim",
+        "v_head_dim",
+        "aug_q_dim",
+        "k_compression",
+        "k_dim",
+        "rope_theta",
+        "norm_eps",
+        "tie_embeddings",
+        "init_std",
+    ];
+    let mut m = serde_json::Map::new();
+    for k in keys {
+        if let Some(x) = v.get(k).filter(|x| !x.is_null()) {
+            m.insert(k.to_string(), x.clone());
+        }
+    }
+    let cfg: ModelConfig = serde_json::from_value(serde_json::Value::Object(m)).map_err(|e| {
+        TrainError::Other(format!("{}: not a sigma model config: {e}", path.display()))
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
