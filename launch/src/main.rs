@@ -1,5 +1,6 @@
 //! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
 
+mod ablate;
 mod cuda_libs;
 mod data_cmd;
 mod eval_cmd;
@@ -42,6 +43,8 @@ enum Command {
     },
     /// Loss, perplexity and bits per byte of a checkpoint or an exported model.
     Eval(eval_cmd::EvalArgs),
+    /// Train the variants of an ablation file on one data stream, evaluate them, and report.
+    Ablate(ablate::AblateArgs),
     /// Pipeline traces (`metrics.trace = true`).
     Trace {
         #[command(subcommand)]
@@ -65,6 +68,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Checkpoint { command } => ok(train_cmd::checkpoint(command)),
         Command::Trace { command } => ok(train_cmd::trace(command)),
         Command::Eval(args) => ok(eval_cmd::eval(args)),
+        Command::Ablate(args) => ablate::ablate(args),
     }
 }
 

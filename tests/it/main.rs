@@ -1,5 +1,6 @@
 //! The one integration-test binary: topic modules share helpers from `sigma_tests`.
 
+mod ablate;
 mod bad_inputs;
 mod checkpoint;
 mod data_errors;

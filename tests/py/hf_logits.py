@@ -21,4 +21,15 @@ theirs = torch.frombuffer(bytearray(open(logits_file, "rb").read()), dtype=torch
 theirs = theirs.view(ours.shape)
 diff = (ours - theirs).abs().max().item()
 print(f"max |transformers - sigma| = {diff:.3e} over {ours.numel()} logits")
+# Right padding leaves the real positions alone; left padding is refused.
+mask = torch.ones_like(tokens)
+mask[:, -3:] = 0
+with torch.no_grad():
+    assert torch.equal(model(tokens, attention_mask=mask).logits, ours)
+    mask = mask.flip(-1)
+    try:
+        model(tokens, attention_mask=mask)
+        sys.exit("left padding was accepted")
+    except ValueError as e:
+        assert "left padding" in str(e)
 sys.exit(0 if diff <= tol else 1)

@@ -761,7 +761,7 @@ impl RunConfig {
         self.checkpoint.every_steps > 0 || self.checkpoint.every_minutes > 0.0
     }
 
-    /// Global batch (samples) at `step` (0-based), following the ramp.
+    /// Accumulation steps at `step` (0-based), following the ramp.
     pub fn accum_steps_at(&self, step: u64) -> usize {
         let t = &self.train;
         if t.batch_ramp_steps == 0 || step >= t.batch_ramp_steps {

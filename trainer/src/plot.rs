@@ -155,3 +155,160 @@ fn draw_trace(path: &Path, events: &[TraceEvent], title: &str) -> Result<()> {
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// Named curves, one colour each, with a legend: (name, points).
+pub type Series = (String, Vec<(f64, f64)>);
+
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Bounds of all points, padded 5 % (at least `min_pad`).
+fn bounds<'a>(pts: impl Iterator<Item = &'a (f64, f64)>) -> Option<((f64, f64), (f64, f64))> {
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if !x0.is_finite() {
+        return None;
+    }
+    let px = ((x1 - x0) * 0.05).max(1e-9 + x0.abs() * 0.05);
+    let py = ((y1 - y0) * 0.05).max(1e-3);
+    Some(((x0 - px, x1 + px), (y0 - py, y1 + py)))
+}
+
+/// Overlaid curves (e.g. the training loss of every ablation variant).
+pub fn curves_png(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+) -> Result<()> {
+    sigma_data::fsutil::replace_with(path, |tmp| draw_curves(tmp, title, x_desc, y_desc, series))
+}
+
+fn draw_curves(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| {
+        TrainError::Other(format!("{}: cannot draw {title}: {e}", path.display()))
+    };
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| err(&"font"))?;
+    let ((x0, x1), (y0, y1)) =
+        bounds(series.iter().flat_map(|s| s.1.iter())).ok_or_else(|| err(&"no points"))?;
+    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Labelled points (e.g. validation loss against KV-cache bytes per token).
+pub fn scatter_png(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    points: &[(String, f64, f64)],
+) -> Result<()> {
+    sigma_data::fsutil::replace_with(path, |tmp| draw_scatter(tmp, title, x_desc, y_desc, points))
+}
+
+fn draw_scatter(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    points: &[(String, f64, f64)],
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| {
+        TrainError::Other(format!("{}: cannot draw {title}: {e}", path.display()))
+    };
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| err(&"font"))?;
+    let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.1, p.2)).collect();
+    let ((x0, x1), (y0, y1)) = bounds(xy.iter()).ok_or_else(|| err(&"no points"))?;
+    // Room on the right for the last point's label.
+    let x1 = x1 + (x1 - x0) * 0.15;
+    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, (name, x, y)) in points.iter().enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(std::iter::once(Circle::new((*x, *y), 6, c.filled())))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                name.clone(),
+                (*x, *y),
+                ("sans-serif", 14).into_font().color(&BLACK).pos(
+                    plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Left,
+                        plotters::style::text_anchor::VPos::Bottom,
+                    ),
+                ),
+            )))
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

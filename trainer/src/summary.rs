@@ -82,7 +82,8 @@ pub fn summarize(c: &ModelConfig, seq_len: usize) -> Summary {
     }
 }
 
-fn h(n: f64) -> String {
+/// A count in K / M / B / T.
+pub fn h(n: f64) -> String {
     match n {
         n if n >= 1e12 => format!("{:.2} T", n / 1e12),
         n if n >= 1e9 => format!("{:.3} B", n / 1e9),

@@ -147,7 +147,16 @@ class SigmaForCausalLM(PreTrainedModel, GenerationMixin):
             module.weight.data.normal_(0.0, self.config.init_std)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        """Full causal forward (no KV cache: every call sees the whole sequence)."""
+        """Full causal forward (no KV cache: every call sees the whole sequence).
+        The mask is not applied: right padding is harmless under the causal
+        mask, left padding (batched generation) would be wrong, so it is refused."""
+        if attention_mask is not None and attention_mask.shape[-1] > 1:
+            m = attention_mask.to(torch.int64)
+            if bool((m[:, 1:] > m[:, :-1]).any()):
+                raise ValueError(
+                    "SigmaForCausalLM: left padding is not supported (no attention mask in this port); "
+                    "pad on the right or use batch size 1"
+                )
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x)
