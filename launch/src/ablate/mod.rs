@@ -99,6 +99,26 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
             runner::state(&plan, i)?
         });
     }
+    let todo: Vec<usize> = (0..plan.variants.len())
+        .filter(|&i| a.only.is_empty() || a.only.contains(&plan.variants[i].name))
+        .filter(|&i| !matches!(states[i], State::Done))
+        .collect();
+    let slots = runner::slots(a.gpus_per_run, &plan)?;
+    // A dry run writes nothing under --output (its probe runs in a temporary directory).
+    let probe_dir = if a.dry_run {
+        std::env::temp_dir().join(format!("sigma-ablate-probe-{}", std::process::id()))
+    } else {
+        out.join(".probe")
+    };
+    let step_s = if a.no_estimate || todo.is_empty() {
+        None
+    } else {
+        measure_step(&plan, &slots[0], &probe_dir)?
+    };
+    print_plan(&plan, &states, &todo, &slots, step_s);
+    if a.dry_run {
+        return Ok(0);
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     sigma_data::fsutil::write_atomic(
         &plan.plan_json(),
@@ -115,20 +135,6 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
             std::fs::remove_dir_all(v.dir())
                 .with_context(|| format!("cannot remove {}", v.dir().display()))?;
         }
-    }
-    let todo: Vec<usize> = (0..plan.variants.len())
-        .filter(|&i| a.only.is_empty() || a.only.contains(&plan.variants[i].name))
-        .filter(|&i| !matches!(states[i], State::Done))
-        .collect();
-    let slots = runner::slots(a.gpus_per_run, &plan)?;
-    let step_s = if a.no_estimate || todo.is_empty() {
-        None
-    } else {
-        measure_step(&plan, &slots[0])?
-    };
-    print_plan(&plan, &states, &todo, &slots, step_s);
-    if a.dry_run {
-        return Ok(0);
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [
@@ -170,7 +176,7 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
 
 /// Median step time in seconds of the base variant: from a run of this
 /// ablation that already logged steps, else from a 4-step probe run.
-fn measure_step(plan: &Plan, slot: &Slot) -> Result<Option<f64>> {
+fn measure_step(plan: &Plan, slot: &Slot, dir: &std::path::Path) -> Result<Option<f64>> {
     let median_step = |path: &std::path::Path| -> Option<f64> {
         let text = std::fs::read_to_string(path).ok()?;
         let mut t: Vec<f64> = text
@@ -192,7 +198,7 @@ fn measure_step(plan: &Plan, slot: &Slot) -> Result<Option<f64>> {
             ));
         }
     }
-    let dir = plan.out.join(".probe");
+    let dir = dir.to_path_buf();
     let _ = std::fs::remove_dir_all(&dir);
     let quoted = |p: PathBuf| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
     let extra: Vec<String> = vec![

@@ -365,8 +365,7 @@ pub fn run(
         stop: AtomicBool::new(false),
         alive: AtomicUsize::new(slots.len()),
     });
-    let results: Results =
-        Arc::new(Mutex::new((0..n).map(|_| None).collect()));
+    let results: Results = Arc::new(Mutex::new((0..n).map(|_| None).collect()));
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let quiet = mp.is_hidden();
     let total = mp.add(ProgressBar::new(todo.len() as u64));
@@ -404,8 +403,7 @@ pub fn run(
             });
         }
         // Progress view: one bar per running variant, fed by its metrics.jsonl.
-        let mut bars: Vec<Option<Bar>> =
-            (0..n).map(|_| None).collect();
+        let mut bars: Vec<Option<Bar>> = (0..n).map(|_| None).collect();
         let mut reported = vec![false; n];
         let mut forwarded = false;
         loop {
