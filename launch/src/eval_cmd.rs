@@ -40,14 +40,19 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-pub fn eval(a: EvalArgs) -> Result<()> {
-    let device = match a.device.as_str() {
+/// `--device auto|cpu|cuda` (auto: GPU 0 when CUDA is usable).
+pub fn device(name: &str) -> Result<tch::Device> {
+    Ok(match name {
         "cpu" => tch::Device::Cpu,
         "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
         "cuda" => bail!("--device cuda: no CUDA device is usable"),
         "auto" => tch::Device::cuda_if_available(),
         d => bail!("--device {d}: use auto, cpu or cuda"),
-    };
+    })
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let device = device(&a.device)?;
     let loaded = load(&a.checkpoint, device)?;
     // The run's config: given, or the checkpoint's.
     let run: Option<RunConfig> = match &a.config {

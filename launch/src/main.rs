@@ -4,6 +4,7 @@ mod ablate;
 mod cuda_libs;
 mod data_cmd;
 mod eval_cmd;
+mod generate_cmd;
 mod launcher;
 mod train_cmd;
 
@@ -43,6 +44,8 @@ enum Command {
     },
     /// Loss, perplexity and bits per byte of a checkpoint or an exported model.
     Eval(eval_cmd::EvalArgs),
+    /// Sample text from a checkpoint or an export (DiffQKV KV cache).
+    Generate(generate_cmd::GenerateArgs),
     /// Train the variants of an ablation file on one data stream, evaluate them, and report.
     Ablate(ablate::AblateArgs),
     /// Pipeline traces (`metrics.trace = true`).
@@ -69,6 +72,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Trace { command } => ok(train_cmd::trace(command)),
         Command::Eval(args) => ok(eval_cmd::eval(args)),
         Command::Ablate(args) => ablate::ablate(args),
+        Command::Generate(args) => ok(generate_cmd::run(args)),
     }
 }
 

@@ -8,6 +8,7 @@ mod data_pipeline;
 mod data_s3;
 mod distributed;
 mod eval;
+mod generate;
 mod hf_export;
 mod model;
 mod pipeline;

@@ -8,6 +8,7 @@ pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod guard;
 pub mod metrics;
 pub mod model;

@@ -288,7 +288,7 @@ impl Model {
         self.params.tensor(id)
     }
 
-    fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
+    pub(crate) fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
         if x.kind() == self.compute && w.kind() == self.compute {
             x.linear::<Tensor>(w, None)
         } else {
@@ -319,10 +319,16 @@ impl Model {
         (c.to_kind(kind), s.to_kind(kind))
     }
 
-    /// Rotary embedding on [b, h, t, dim], rotating the two halves of each head.
-    fn rope(&self, x: &Tensor) -> Tensor {
+    /// Rotary embedding of [b, h, t, dim] at positions `start..start + t`,
+    /// rotating the two halves of each head.
+    /// The table covers a power-of-two length (each angle is computed on its
+    /// own, so a longer table holds the same values): decoding one position
+    /// after another reuses a few tables instead of making one per length.
+    pub fn rope_at(&self, x: &Tensor, start: i64) -> Tensor {
         let (t, dim) = (x.size()[2], x.size()[3]);
-        let (cos, sin) = self.rope_tables(t, dim, x.device(), x.kind());
+        let len = ((start + t) as u64).next_power_of_two() as i64;
+        let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
+        let (cos, sin) = (cos.narrow(0, start, t), sin.narrow(0, start, t));
         let x1 = x.narrow(-1, 0, dim / 2);
         let x2 = x.narrow(-1, dim / 2, dim / 2);
         Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x2 * &cos + &x1 * &sin], -1)
@@ -359,39 +365,60 @@ impl Model {
 
     /// Query features [b, t, heads * dot_dim] -> heads with RoPE: [b, heads, t, dot_dim].
     pub fn query_heads(&self, q: &Tensor) -> Tensor {
+        self.query_heads_at(q, 0)
+    }
+
+    /// `query_heads` for positions `start..start + t` (decoding).
+    pub fn query_heads_at(&self, q: &Tensor, start: i64) -> Tensor {
         let (b, t, dd) = (q.size()[0], q.size()[1], self.cfg.dot_dim() as i64);
-        self.rope(&q.view([b, t, -1, dd]).transpose(1, 2))
+        self.rope_at(&q.view([b, t, -1, dd]).transpose(1, 2), start)
     }
 
     /// This rank's query heads after projection, AugQ, head split and RoPE:
     /// [b, q_heads, t, dot_dim]. (With AugQ under tensor parallelism the
     /// engine runs `q0`, `aug_q` and `query_heads` with communication between.)
     pub fn queries(&self, l: usize, h: &Tensor) -> Tensor {
+        self.queries_at(l, h, 0)
+    }
+
+    /// `queries` for positions `start..start + t` (decoding).
+    pub fn queries_at(&self, l: usize, h: &Tensor, start: i64) -> Tensor {
         let q0 = self.q0(l, h);
         let q = if self.cfg.aug_q_dim > 0 {
             self.aug_q(l, &q0)
         } else {
             q0
         };
-        self.query_heads(&q)
+        self.query_heads_at(&q, start)
     }
 
     /// Key heads after projection, optional up-projection and RoPE: [b, k_heads, t, dot_dim].
     pub fn keys(&self, l: usize, h: &Tensor) -> Tensor {
-        let c = &self.cfg;
-        let a = &self.ids.layer(l).attn;
+        self.keys_from_raw(l, &self.keys_raw(l, h), 0)
+    }
+
+    /// Key heads as computed from `h`, what a KV cache stores under the
+    /// projected reading: [b, t, k_heads, k_cache_dim], before any
+    /// up-projection and RoPE.
+    pub fn keys_raw(&self, l: usize, h: &Tensor) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
-        let k = self.mm(h, self.p(a.k_proj)).view([
+        self.mm(h, self.p(self.ids.layer(l).attn.k_proj)).view([
             b,
             t,
             self.plan.k_heads as i64,
-            c.k_cache_dim() as i64,
-        ]);
-        let k = match a.k_up {
-            Some(up) => self.mm(&k, self.p(up)),
-            None => k,
+            self.cfg.k_cache_dim() as i64,
+        ])
+    }
+
+    /// Raw keys [b, t, k_heads, k_cache_dim] at positions `start..start + t`
+    /// -> keys for the dot product [b, k_heads, t, dot_dim]: the projected
+    /// reading's up-projection, then RoPE.
+    pub fn keys_from_raw(&self, l: usize, k: &Tensor, start: i64) -> Tensor {
+        let k = match self.ids.layer(l).attn.k_up {
+            Some(up) => self.mm(k, self.p(up)),
+            None => k.shallow_clone(),
         };
-        self.rope(&k.transpose(1, 2))
+        self.rope_at(&k.transpose(1, 2), start)
     }
 
     /// Value heads: [b, v_heads, t, v_head_dim].
@@ -405,6 +432,30 @@ impl Model {
     /// Causal DiffQKV attention of this rank's heads and its o_proj block:
     /// [b, t, d] (a partial sum under tensor parallelism).
     pub fn attend(&self, l: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        self.attend_with(l, q, k, v, None)
+    }
+
+    /// `attend` under an explicit boolean mask [b or 1, 1, t, t] (true: may
+    /// attend) instead of the causal one: prefill of left-padded prompts.
+    pub fn attend_masked(
+        &self,
+        l: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> Tensor {
+        self.attend_with(l, q, k, v, Some(mask))
+    }
+
+    fn attend_with(
+        &self,
+        l: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let (b, t) = (q.size()[0], q.size()[2]);
         let (nq, nk, nv) = (
             self.plan.q_heads as i64,
@@ -424,13 +475,13 @@ impl Model {
             v.to_kind(self.compute),
         );
         let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
-        let o = Tensor::scaled_dot_product_attention::<Tensor>(
+        let o = Tensor::scaled_dot_product_attention::<&Tensor>(
             &q,
             &k,
             &v,
-            None,
+            mask,
             0.0,
-            true,
+            mask.is_none(),
             scale,
             nq != kv_heads,
         );

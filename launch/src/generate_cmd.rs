@@ -1,0 +1,205 @@
+//! `sigma generate`: sample from a checkpoint (any layout) or an export,
+//! through the DiffQKV KV cache (trainer/src/generate.rs).
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use sigma_trainer::eval::load;
+use sigma_trainer::generate::{generate, Request, Sampling};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A checkpoint directory (step-NNNNNNN) or the output of `sigma checkpoint export`.
+    #[arg(long)]
+    pub checkpoint: std::path::PathBuf,
+    /// One prompt; its completion streams to stdout.
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// A file of prompts, one per line (plain text, or JSON with a "prompt"
+    /// field); one JSON line per prompt on stdout.
+    #[arg(long)]
+    pub prompts: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0: greedy (deterministic).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sampling seed: the same seed, prompts and checkpoint give the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompts decoded together (--prompts).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Prompt + new tokens limit (default: the training sequence length).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// "auto" (a GPU when one is usable), "cpu" or "cuda".
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// The training sequence length: from the run config, or an export's config.json.
+fn trained_context(
+    path: &std::path::Path,
+    run: Option<&sigma_trainer::RunConfig>,
+) -> Result<usize> {
+    if let Some(r) = run {
+        return Ok(r.data.seq_len);
+    }
+    let p = path.join("config.json");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("{}", p.display()))?)
+            .with_context(|| format!("{}: not JSON", p.display()))?;
+    v["max_position_embeddings"]
+        .as_u64()
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no max_position_embeddings; give --max-context",
+                p.display()
+            )
+        })
+}
+
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.trim_start().starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
+            match v["prompt"].as_str() {
+                Some(p) => out.push(p.to_string()),
+                None => bail!(
+                    "{}:{}: a JSON line needs a string field \"prompt\"",
+                    path.display(),
+                    n + 1
+                ),
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!(
+            "--temperature {}: must be 0 (greedy) or positive",
+            a.temperature
+        );
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {}: must be in (0, 1]", a.top_p);
+    }
+    if a.batch == 0 || a.max_new_tokens == 0 {
+        bail!("--batch and --max-new-tokens must be positive");
+    }
+    let device = crate::eval_cmd::device(&a.device)?;
+    let prompts = match (&a.prompt, &a.prompts) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(f)) => read_prompts(f)?,
+        (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
+    };
+    let loaded = load(&a.checkpoint, device)?;
+    if let Some(n) = loaded.run.as_ref().and_then(|r| r.train.cpu_threads) {
+        tch::set_num_threads(n as i32);
+    }
+    let max_context = match a.max_context {
+        Some(n) => n,
+        None => trained_context(&a.checkpoint, loaded.run.as_ref())?,
+    };
+    let tok = &loaded.tokenizer;
+    let request = Request {
+        max_new_tokens: a.max_new_tokens,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+        },
+        seed: a.seed,
+        eos: Some(tok.eos_id),
+        max_context,
+    };
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<_, _>>()?;
+    let stdout = std::io::stdout();
+    if a.prompt.is_some() {
+        // Stream: print the decoded text as it grows (a token may complete a character only later).
+        let mut out = stdout.lock();
+        let mut ids: Vec<u32> = Vec::new();
+        let mut shown = 0;
+        let mut failed: Option<std::io::Error> = None;
+        let mut started = false;
+        let mut start = |out: &mut std::io::StdoutLock| -> std::io::Result<()> {
+            if !started {
+                started = true;
+                write!(out, "{}", prompts[0])?;
+            }
+            Ok(())
+        };
+        generate(&loaded.model, &encoded, &request, 0, &mut |_, t| {
+            if let Err(e) = start(&mut out) {
+                failed.get_or_insert(e);
+            }
+            if Some(t) == request.eos {
+                return;
+            }
+            ids.push(t);
+            if let Ok(text) = tok.decode(&ids, true) {
+                if text.len() > shown && text.is_char_boundary(shown) {
+                    if let Err(e) = write!(out, "{}", &text[shown..]).and_then(|_| out.flush()) {
+                        failed.get_or_insert(e);
+                    }
+                    shown = text.len();
+                }
+            }
+        })?;
+        start(&mut out)?;
+        writeln!(out)?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        return Ok(());
+    }
+    let mut out = stdout.lock();
+    for (c, chunk) in encoded.chunks(a.batch).enumerate() {
+        let first = c * a.batch;
+        let new = generate(&loaded.model, chunk, &request, first as u64, &mut |_, _| {})?;
+        for (j, ids) in new.iter().enumerate() {
+            let stopped = ids.last() == Some(&tok.eos_id);
+            let text_ids = if stopped {
+                &ids[..ids.len() - 1]
+            } else {
+                &ids[..]
+            };
+            let row = serde_json::json!({
+                "index": first + j,
+                "prompt": prompts[first + j],
+                "completion": tok.decode(text_ids, true)?,
+                "prompt_tokens": chunk[j].len(),
+                "new_tokens": ids.len(),
+                "stop": if stopped { "eos" } else { "length" },
+            });
+            writeln!(out, "{row}")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

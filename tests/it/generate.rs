@@ -1,0 +1,161 @@
+//! `sigma generate`: greedy decoding and seeded sampling reproduce, an export
+//! generates what its checkpoint does, a prompts file gives one JSON line per
+//! prompt, and bad requests fail cleanly. (Cached decoding against the full
+//! forward pass, for every DiffQKV shape, is tested in trainer/src/generate.rs.)
+
+use std::path::{Path, PathBuf};
+
+use sigma_tests::*;
+
+fn checkpoint(dir: &Path) -> PathBuf {
+    let sets = [
+        "checkpoint.every_steps=3",
+        "train.cpu_threads=1",
+        "metrics.plot=false",
+        "metrics.tensorboard=false",
+    ];
+    let a = tiny_train_args(&dir.join("run"), 3, &sets);
+    let o = sigma(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    dir.join("run/checkpoints/step-0000003")
+}
+
+fn generate(ck: &Path, extra: &[&str]) -> std::process::Output {
+    let ck = ck.to_string_lossy();
+    let mut a = vec!["generate", "--checkpoint", &ck, "--device", "cpu"];
+    a.extend_from_slice(extra);
+    sigma(&a, &[])
+}
+
+fn ok(o: std::process::Output) -> String {
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+}
+
+#[test]
+fn generation_reproduces_and_exports_generate_the_same() {
+    let d = tempfile::tempdir().expect("tmp");
+    let ck = checkpoint(d.path());
+    let greedy = [
+        "--prompt",
+        "The manual page",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ];
+    let a = ok(generate(&ck, &greedy));
+    assert!(a.starts_with("The manual page"), "{a}");
+    assert!(a.len() > "The manual page\n".len(), "new text: {a:?}");
+    assert_eq!(
+        ok(generate(&ck, &greedy)),
+        a,
+        "greedy decoding is deterministic"
+    );
+    let sampled = [
+        "--prompt",
+        "The manual page",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "5",
+    ];
+    assert_eq!(
+        ok(generate(&ck, &sampled)),
+        ok(generate(&ck, &sampled)),
+        "a seed fixes the sample"
+    );
+
+    let export = d.path().join("export");
+    let o = sigma(
+        &[
+            "checkpoint",
+            "export",
+            &ck.to_string_lossy(),
+            "--output",
+            &export.to_string_lossy(),
+            "--format",
+            "hf",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        ok(generate(&export, &greedy)),
+        a,
+        "the export generates what its checkpoint does"
+    );
+
+    let prompts = d.path().join("prompts.txt");
+    write_file(
+        &prompts,
+        b"first prompt\n\n{\"prompt\": \"second prompt\"}\nthird\n",
+    );
+    let out = ok(generate(
+        &ck,
+        &[
+            "--prompts",
+            &prompts.to_string_lossy(),
+            "--max-new-tokens",
+            "5",
+            "--batch",
+            "2",
+        ],
+    ));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    for (i, (r, p)) in rows
+        .iter()
+        .zip(["first prompt", "second prompt", "third"])
+        .enumerate()
+    {
+        assert_eq!(r["index"], i);
+        assert_eq!(r["prompt"], p);
+        let n = r["new_tokens"].as_u64().expect("new_tokens");
+        assert!((1..=5).contains(&n));
+        // Fewer than asked only on EOS.
+        let stop = r["stop"].as_str().expect("stop");
+        assert!(stop == "eos" || (stop == "length" && n == 5), "{r}");
+    }
+}
+
+#[test]
+fn bad_generation_requests_fail_cleanly() {
+    let d = tempfile::tempdir().expect("tmp");
+    let ck = checkpoint(d.path());
+    // tiny trains at 128 tokens.
+    let o = generate(&ck, &["--prompt", "hello", "--max-new-tokens", "200"]);
+    assert_clean_failure(
+        &o,
+        &["exceeds the maximum context of 128 tokens", "--max-context"],
+    );
+    assert!(stdout(&o).is_empty(), "nothing printed before the error");
+    assert_clean_failure(
+        &generate(&ck, &["--prompt", "x", "--temperature=-1"]),
+        &["--temperature -1"],
+    );
+    assert_clean_failure(
+        &generate(&ck, &["--prompt", "x", "--top-p", "0"]),
+        &["--top-p 0"],
+    );
+    let bad = d.path().join("bad.txt");
+    write_file(&bad, b"ok\n{\"text\": \"no prompt field\"}\n");
+    assert_clean_failure(
+        &generate(&ck, &["--prompts", &bad.to_string_lossy()]),
+        &["bad.txt:2", "\"prompt\""],
+    );
+    let o = sigma(
+        &[
+            "generate",
+            "--checkpoint",
+            &d.path().join("none").to_string_lossy(),
+            "--prompt",
+            "x",
+        ],
+        &[],
+    );
+    assert_clean_failure(&o, &["neither a checkpoint"]);
+}

@@ -1,0 +1,526 @@
+//! Generation: prefill the prompts with the training attention, then decode
+//! one token per sequence per step against a KV cache that holds what
+//! DiffQKV makes small: `n_k` key heads at the cached K dimension and `n_v`
+//! value heads, never K repeated to the query heads.
+//!
+//! Cache layout per layer (preallocated for prompt + new tokens):
+//! - keys [b, n_k, capacity, k_cache_dim]: after RoPE for standard and
+//!   native-compressed K; for the projected reading the compressed keys
+//!   before the up-projection and RoPE, which are applied at use (RoPE acts
+//!   on the up-projected vector, so a rotated compressed key cannot exist);
+//! - values [b, n_v, capacity, d_v].
+//!
+//! Batches of prompts of different lengths are left-padded: a sequence's
+//! padding slots are masked out of every attention, and its positions count
+//! from its first slot (RoPE depends only on the distance between query and
+//! key, so the offset changes nothing but rounding).
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TrainError};
+use crate::model::Model;
+
+/// Per-layer cached keys and values.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Filled slots (the same for every sequence: padding fills the rest).
+    pub len: i64,
+    pub capacity: i64,
+    /// [b, capacity] bool: the slot holds a real token of that sequence.
+    valid: Tensor,
+    /// The projected reading: keys are cached before up-projection and RoPE.
+    raw_keys: bool,
+}
+
+impl KvCache {
+    pub fn new(model: &Model, batch: i64, capacity: i64, device: Device) -> KvCache {
+        let c = &model.cfg;
+        let kind = model.compute;
+        let raw_keys = model.cfg.num_layers > 0 && model.ids.layer(0).attn.k_up.is_some();
+        let (nk, nv) = (c.num_k_heads as i64, c.num_v_heads as i64);
+        let k = (0..c.num_layers)
+            .map(|_| {
+                Tensor::zeros(
+                    [batch, nk, capacity, c.k_cache_dim() as i64],
+                    (kind, device),
+                )
+            })
+            .collect();
+        let v = (0..c.num_layers)
+            .map(|_| Tensor::zeros([batch, nv, capacity, c.v_head_dim as i64], (kind, device)))
+            .collect();
+        KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+            valid: Tensor::zeros([batch, capacity], (Kind::Bool, device)),
+            raw_keys,
+        }
+    }
+
+    /// Bytes the cache holds per token (all layers), at its dtype.
+    pub fn bytes_per_token(&self) -> i64 {
+        let per = |t: &Tensor| t.size()[1] * t.size()[3] * t.kind().elt_size_in_bytes() as i64;
+        self.k
+            .iter()
+            .zip(&self.v)
+            .map(|(k, v)| per(k) + per(v))
+            .sum()
+    }
+}
+
+/// Attention of one new query per sequence against `len` cached slots,
+/// without repeating K or V: scores per K head for its group of query heads,
+/// probabilities regrouped by V head. q [b, n_q, 1, dd], k [b, n_k, S, dd],
+/// v [b, n_v, S, dv], valid [b, S] -> [b, 1, n_q * dv].
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, scale: f64) -> Tensor {
+    let (b, nq, dd) = (q.size()[0], q.size()[1], q.size()[3]);
+    let (nk, s) = (k.size()[1], k.size()[2]);
+    let (nv, dv) = (v.size()[1], v.size()[3]);
+    // Query head i reads K head i / (n_q / n_k): contiguous groups, so a view.
+    // Scores and softmax in fp32 at least (f64 stays f64).
+    let acc = if q.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let scores = q
+        .view([b, nk, nq / nk, dd])
+        .matmul(&k.transpose(-1, -2))
+        .to_kind(acc)
+        * scale;
+    let scores = scores.masked_fill(&valid.logical_not().view([b, 1, 1, s]), f64::NEG_INFINITY);
+    let p = scores.softmax(-1, acc).to_kind(v.kind());
+    // ... and V head i / (n_q / n_v): the same query order, regrouped.
+    let o = p.view([b, nv, nq / nv, s]).matmul(v);
+    o.reshape([b, 1, nq * dv])
+}
+
+impl Model {
+    /// Prefill `tokens` [b, t] (left-padded; `valid` [b, t] marks real
+    /// tokens) into an empty cache; returns the logits of the last position [b, vocab].
+    pub fn prefill(&self, cache: &mut KvCache, tokens: &Tensor, valid: &Tensor) -> Result<Tensor> {
+        let (b, t) = (tokens.size()[0], tokens.size()[1]);
+        if cache.len != 0 || t > cache.capacity {
+            return Err(TrainError::Other(format!(
+                "prefill of {t} tokens into a cache holding {} of {}",
+                cache.len, cache.capacity
+            )));
+        }
+        cache.valid.narrow(1, 0, t).copy_(valid);
+        // Causal, and only real keys; a padding query sees itself (its output is never used).
+        let causal = Tensor::ones([t, t], (Kind::Bool, tokens.device())).tril(0);
+        let eye = Tensor::eye(t, (Kind::Bool, tokens.device()));
+        let mask = causal
+            .view([1, 1, t, t])
+            .logical_and(&valid.view([b, 1, 1, t]))
+            .logical_or(&eye.view([1, 1, t, t]));
+        let mut x = self.embed(tokens);
+        for l in 0..self.cfg.num_layers {
+            let ids = self.ids.layer(l);
+            let h = self.rms_norm(&x, ids.attn.norm);
+            let q = self.queries(l, &h);
+            let raw = self.keys_raw(l, &h);
+            let k = self.keys_from_raw(l, &raw, 0);
+            let v = self.values(l, &h);
+            let stored = if cache.raw_keys {
+                raw.transpose(1, 2)
+            } else {
+                k.shallow_clone()
+            };
+            cache.k[l].narrow(2, 0, t).copy_(&stored);
+            cache.v[l].narrow(2, 0, t).copy_(&v);
+            x = x + self.attend_masked(l, &q, &k, &v, &mask);
+            let h = self.rms_norm(&x, ids.ffn.norm);
+            x = &x + self.ffn(l, &h);
+        }
+        cache.len = t;
+        Ok(self.logits(&x.narrow(1, t - 1, 1)).squeeze_dim(1))
+    }
+
+    /// One decoding step: `tokens` [b] at the next slot; returns logits [b, vocab].
+    pub fn decode_step(&self, cache: &mut KvCache, tokens: &Tensor) -> Result<Tensor> {
+        let b = tokens.size()[0];
+        let pos = cache.len;
+        if pos >= cache.capacity {
+            return Err(TrainError::Other(format!(
+                "the KV cache is full ({} slots)",
+                cache.capacity
+            )));
+        }
+        let _ = cache.valid.narrow(1, pos, 1).fill_(1);
+        let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
+        let mut x = self.embed(&tokens.view([b, 1]));
+        for l in 0..self.cfg.num_layers {
+            let ids = self.ids.layer(l);
+            let h = self.rms_norm(&x, ids.attn.norm);
+            let q = self.queries_at(l, &h, pos).to_kind(self.compute);
+            let raw = self.keys_raw(l, &h);
+            let new_k = if cache.raw_keys {
+                raw.transpose(1, 2)
+            } else {
+                self.keys_from_raw(l, &raw, pos)
+            };
+            cache.k[l].narrow(2, pos, 1).copy_(&new_k);
+            cache.v[l].narrow(2, pos, 1).copy_(&self.values(l, &h));
+            let n = pos + 1;
+            let k = cache.k[l].narrow(2, 0, n);
+            let k = if cache.raw_keys {
+                self.keys_from_raw(l, &k.transpose(1, 2), 0)
+                    .to_kind(self.compute)
+            } else {
+                k
+            };
+            let o = decode_attention(
+                &q,
+                &k,
+                &cache.v[l].narrow(2, 0, n),
+                &cache.valid.narrow(1, 0, n),
+                scale,
+            );
+            x = x + self.mm(&o, self.p(ids.attn.o_proj));
+            let h = self.rms_norm(&x, ids.ffn.norm);
+            x = &x + self.ffn(l, &h);
+        }
+        cache.len = pos + 1;
+        Ok(self.logits(&x).squeeze_dim(1))
+    }
+}
+
+/// How to pick the next token.
+#[derive(Clone, Debug)]
+pub struct Sampling {
+    /// 0: greedy (the highest logit; the lowest id on a tie).
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (1: all).
+    pub top_p: f64,
+}
+
+/// A small seeded generator (splitmix64): one stream per sequence, so a
+/// sequence's sample does not depend on what else is in the batch.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64, stream: u64) -> Rng {
+        Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Pick a token from one row of logits.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if s.top_k > 0 {
+        idx.truncate(s.top_k);
+    }
+    let top = logits[idx[0]] as f64;
+    let mut p: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - top) / s.temperature).exp())
+        .collect();
+    let z: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= z);
+    if s.top_p < 1.0 {
+        let mut cum = 0.0;
+        let keep = p
+            .iter()
+            .position(|&x| {
+                cum += x;
+                cum >= s.top_p
+            })
+            .map(|i| i + 1)
+            .unwrap_or(p.len());
+        p.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = p.iter().sum();
+    let mut u = rng.uniform() * total;
+    for (j, &x) in p.iter().enumerate() {
+        if u < x {
+            return idx[j] as u32;
+        }
+        u -= x;
+    }
+    idx[p.len() - 1] as u32
+}
+
+/// What to generate.
+pub struct Request {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub seed: u64,
+    /// Stop a sequence when it produces this token.
+    pub eos: Option<u32>,
+    /// Prompt + new tokens may not exceed this.
+    pub max_context: usize,
+}
+
+/// Generate for a batch of prompts; `on_token(sequence, token)` sees each
+/// new token as it is chosen. Returns the new tokens of every prompt.
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    r: &Request,
+    first_stream: u64,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    let device = model.params.flat.device();
+    let b = prompts.len();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    if let Some((i, _)) = prompts.iter().enumerate().find(|(_, p)| p.is_empty()) {
+        return Err(TrainError::Other(format!(
+            "prompt {} is empty (no tokens)",
+            i + 1
+        )));
+    }
+    if longest + r.max_new_tokens > r.max_context {
+        return Err(TrainError::Other(format!(
+            "a prompt of {longest} tokens plus {} new tokens exceeds the maximum context of {} tokens (the training sequence length; --max-context raises it, at the quality RoPE gives beyond it)",
+            r.max_new_tokens, r.max_context
+        )));
+    }
+    let mut ids = vec![0i64; b * longest];
+    let mut valid = vec![false; b * longest];
+    for (i, p) in prompts.iter().enumerate() {
+        let pad = longest - p.len();
+        for (j, &t) in p.iter().enumerate() {
+            ids[i * longest + pad + j] = t as i64;
+            valid[i * longest + pad + j] = true;
+        }
+    }
+    let (b64, t64) = (b as i64, longest as i64);
+    let tokens = Tensor::from_slice(&ids).view([b64, t64]).to_device(device);
+    let valid = Tensor::from_slice(&valid)
+        .view([b64, t64])
+        .to_device(device);
+    let mut cache = KvCache::new(model, b64, t64 + r.max_new_tokens as i64, device);
+    let mut rngs: Vec<Rng> = (0..b)
+        .map(|i| Rng::new(r.seed, first_stream + i as u64))
+        .collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut logits = tch::no_grad(|| model.prefill(&mut cache, &tokens, &valid))?;
+    for _ in 0..r.max_new_tokens {
+        let l = logits
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous();
+        let vocab = l.size()[1] as usize;
+        let mut flat = vec![0f32; l.numel()];
+        l.copy_data(&mut flat, l.numel());
+        let mut next = vec![0i64; b];
+        for i in 0..b {
+            if done[i] {
+                next[i] = r.eos.unwrap_or(0) as i64;
+                continue;
+            }
+            let t = sample(&flat[i * vocab..(i + 1) * vocab], &r.sampling, &mut rngs[i]);
+            out[i].push(t);
+            on_token(i, t);
+            next[i] = t as i64;
+            if Some(t) == r.eos {
+                done[i] = true;
+            }
+        }
+        if done.iter().all(|&d| d) || out.iter().all(|o| o.len() == r.max_new_tokens) {
+            break;
+        }
+        let t = Tensor::from_slice(&next).to_device(device);
+        logits = tch::no_grad(|| model.decode_step(&mut cache, &t))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KCompression, ModelConfig};
+
+    fn cfg(
+        nk: usize,
+        nv: usize,
+        aug: usize,
+        kc: KCompression,
+        k_dim: Option<usize>,
+    ) -> ModelConfig {
+        ModelConfig {
+            vocab_size: 61,
+            d_model: 32,
+            num_layers: 2,
+            ffn_dim: 48,
+            num_q_heads: 8,
+            num_k_heads: nk,
+            num_v_heads: nv,
+            qk_head_dim: 8,
+            v_head_dim: 6,
+            aug_q_dim: aug,
+            k_compression: kc,
+            k_dim,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+            init_std: 0.3,
+        }
+    }
+
+    fn configs() -> Vec<(&'static str, ModelConfig)> {
+        vec![
+            ("n_k < n_v", cfg(2, 4, 0, KCompression::None, None)),
+            ("n_k > n_v", cfg(4, 2, 0, KCompression::None, None)),
+            ("AugQ, n_k 1", cfg(1, 8, 40, KCompression::None, None)),
+            (
+                "projected K",
+                cfg(2, 4, 40, KCompression::Projected, Some(4)),
+            ),
+            ("native K", cfg(2, 4, 0, KCompression::Native, Some(4))),
+        ]
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Cached decoding gives the full forward's logits at every step (f64:
+    /// only rounding differs, the two paths order the sums differently).
+    #[test]
+    fn cached_decoding_matches_the_full_forward_at_every_step() {
+        for (name, c) in configs() {
+            let m = Model::new(&c, 7, false, false, Device::Cpu, false).to_double();
+            let seq: Vec<i64> = (0..14).map(|i| (i * 17 + 3) % 61).collect();
+            let all = Tensor::from_slice(&seq).view([1, -1]);
+            let full = tch::no_grad(|| m.forward(&all));
+            let prompt = 5;
+            let mut cache = KvCache::new(&m, 1, seq.len() as i64, Device::Cpu);
+            let valid = Tensor::ones([1, prompt], (Kind::Bool, Device::Cpu));
+            let l = tch::no_grad(|| m.prefill(&mut cache, &all.narrow(1, 0, prompt), &valid))
+                .expect("prefill");
+            let mut worst = max_diff(&l, &full.select(1, prompt - 1));
+            for p in prompt..seq.len() as i64 {
+                let l =
+                    tch::no_grad(|| m.decode_step(&mut cache, &all.select(1, p))).expect("decode");
+                worst = worst.max(max_diff(&l, &full.select(1, p)));
+            }
+            assert!(
+                worst < 1e-10,
+                "{name}: cached vs full logits differ by {worst:e}"
+            );
+        }
+    }
+
+    /// Left-padded prompts of different lengths decode as each would alone.
+    #[test]
+    fn padded_batches_decode_like_single_prompts() {
+        for (name, c) in configs() {
+            let m = Model::new(&c, 11, false, false, Device::Cpu, false).to_double();
+            let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 2], vec![1, 2, 3, 4, 5, 6, 7], vec![40]];
+            let r = Request {
+                max_new_tokens: 6,
+                sampling: Sampling {
+                    temperature: 0.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                },
+                seed: 0,
+                eos: None,
+                max_context: 64,
+            };
+            let together = generate(&m, &prompts, &r, 0, &mut |_, _| {}).expect("batch");
+            for (i, p) in prompts.iter().enumerate() {
+                let alone =
+                    generate(&m, std::slice::from_ref(p), &r, 0, &mut |_, _| {}).expect("one");
+                assert_eq!(together[i], alone[0], "{name}: prompt {i}");
+            }
+            // ... and the padded prefill's logits match the unpadded ones.
+            let mut cache = KvCache::new(&m, 2, 8, Device::Cpu);
+            let toks =
+                Tensor::from_slice(&[0i64, 0, 0, 0, 5, 9, 2, 1, 2, 3, 4, 5, 6, 7]).view([2, 7]);
+            let valid = Tensor::from_slice(&[
+                false, false, false, false, true, true, true, true, true, true, true, true, true,
+                true,
+            ])
+            .view([2, 7]);
+            let l = tch::no_grad(|| m.prefill(&mut cache, &toks, &valid)).expect("prefill");
+            let alone = tch::no_grad(|| m.forward(&Tensor::from_slice(&[5i64, 9, 2]).view([1, 3])));
+            assert!(
+                max_diff(&l.get(0), &alone.get(0).get(2)) < 1e-10,
+                "{name}: padded prefill"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cache_holds_n_k_keys_at_the_cached_dimension() {
+        let c = cfg(2, 4, 40, KCompression::Projected, Some(4));
+        let m = Model::new(&c, 1, false, false, Device::Cpu, false);
+        let cache = KvCache::new(&m, 1, 16, Device::Cpu);
+        // 2 layers x (2 heads x 4 + 4 heads x 6) x 4 bytes (fp32 on CPU).
+        assert_eq!(cache.bytes_per_token(), 2 * (2 * 4 + 4 * 6) * 4);
+    }
+
+    #[test]
+    fn sampling_is_greedy_at_zero_temperature_and_respects_top_k_and_top_p() {
+        let logits = [0.5f32, 3.0, 2.9, -1.0, 3.0];
+        let s = |t, k, p| Sampling {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+        };
+        let mut rng = Rng::new(1, 0);
+        assert_eq!(
+            sample(&logits, &s(0.0, 0, 1.0), &mut rng),
+            1,
+            "ties go to the lowest id"
+        );
+        for _ in 0..200 {
+            let t = sample(&logits, &s(1.0, 2, 1.0), &mut rng);
+            assert!(t == 1 || t == 4, "top-k 2 keeps ids 1 and 4, got {t}");
+            assert_eq!(
+                sample(&logits, &s(1.0, 0, 0.01), &mut rng),
+                1,
+                "top-p 0.01 keeps the top token"
+            );
+        }
+        // Frequencies follow the softmax: ids 1 and 4 equally likely, 2 a bit less.
+        let mut n = [0usize; 5];
+        let mut rng = Rng::new(42, 3);
+        for _ in 0..20000 {
+            n[sample(&logits, &s(1.0, 0, 1.0), &mut rng) as usize] += 1;
+        }
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        for (i, &c) in n.iter().enumerate() {
+            let p = (logits[i] as f64).exp() / z;
+            let f = c as f64 / 20000.0;
+            assert!(
+                (f - p).abs() < 0.015,
+                "id {i}: frequency {f} vs probability {p}"
+            );
+        }
+    }
+}
