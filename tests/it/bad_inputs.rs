@@ -250,6 +250,16 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             &["stepz", "unknown field"],
         ),
         t(
+            "loss chunks with a vocabulary-parallel head",
+            &[
+                "--set",
+                "train.loss_chunk_tokens=64",
+                "--set",
+                "parallel.tp=2",
+            ],
+            &["train.loss_chunk_tokens", "vocabulary-parallel"],
+        ),
+        t(
             "infinite lr from --set",
             &["--set", "optim.lr=inf"],
             &["optim.lr", "not a finite number", "--set optim.lr=inf"],

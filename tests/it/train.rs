@@ -235,3 +235,30 @@ fn non_finite_updates_are_skipped_or_abort() {
     let text = std::fs::read_to_string(d2.path().join("metrics.jsonl")).expect("metrics");
     assert!(text.contains("\"skipped\":true"), "{text}");
 }
+
+/// `train.loss_chunk_tokens`: training with the head in chunks follows the
+/// whole-head trajectory (fp32: only the order of additions differs).
+#[test]
+fn a_chunked_head_trains_like_the_whole_head() {
+    let d = tempfile::tempdir().expect("tmp");
+    let sets = [
+        "train.cpu_threads=1",
+        "metrics.plot=false",
+        "metrics.tensorboard=false",
+    ];
+    let whole = d.path().join("whole");
+    assert!(run(&tiny_train_args(&whole, 8, &sets)).status.success());
+    let chunked = d.path().join("chunked");
+    let mut s = sets.to_vec();
+    s.push("train.loss_chunk_tokens=300");
+    let o = run(&tiny_train_args(&chunked, 8, &s));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (
+        losses(&whole.join("metrics.jsonl")),
+        losses(&chunked.join("metrics.jsonl")),
+    );
+    assert_eq!(a.len(), 8);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * x, "step {}: {x} vs {y}", i + 1);
+    }
+}

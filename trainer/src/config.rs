@@ -244,6 +244,12 @@ pub struct TrainConfig {
     /// Intra-op CPU threads (fixed for bit-reproducible CPU runs); default: all cores.
     #[serde(default)]
     pub cpu_threads: Option<usize>,
+    /// Output head and loss in chunks of this many tokens (0: the whole
+    /// micro-batch at once): the logits of one chunk exist at a time, and
+    /// backward recomputes each chunk's logits. One device or pipeline
+    /// stages; the vocabulary-parallel head of tp > 1 is not chunked.
+    #[serde(default)]
+    pub loss_chunk_tokens: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -725,6 +731,15 @@ impl RunConfig {
             ));
         }
         crate::tp::TpPlan::check(&self.model, p.tp, self.data.seq_len, p.sequence_parallel())?;
+        if t.loss_chunk_tokens > 0 && p.tp > 1 {
+            return Err(TrainError::config(
+                "train.loss_chunk_tokens",
+                format!(
+                    "chunks the head of one device; with parallel.tp = {} the head is vocabulary-parallel (each rank holds 1/{} of the logits) and is not chunked: set it to 0",
+                    p.tp, p.tp
+                ),
+            ));
+        }
         let ck = &self.checkpoint;
         if ck.keep_last == 0 {
             return Err(TrainError::config(

@@ -401,12 +401,14 @@ fn communicate_now(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tens
 }
 
 /// Run one segment on its inputs.
+/// `head_chunk`: tokens per chunk of the loss (0: all at once).
 fn run_seg(
     model: &Model,
     seg: Seg,
     inputs: &[Tensor],
     tokens: &Tensor,
     targets: &Tensor,
+    head_chunk: usize,
 ) -> Vec<Tensor> {
     at(
         match seg {
@@ -449,7 +451,7 @@ fn run_seg(
                 ids.final_norm.expect("the last stage holds the final norm"),
             )
             .to_kind(model.compute)],
-        Seg::Head => vec![model.head_loss_sum(&inputs[0], targets)],
+        Seg::Head => vec![model.head_loss_sum_chunked(&inputs[0], targets, head_chunk)],
         Seg::HeadLogits => vec![model.head_logits(&inputs[0])],
     }
 }
@@ -507,6 +509,9 @@ pub struct Pass<'a> {
     graph: Vec<Option<Tensor>>,
     grad: Vec<Option<Tensor>>,
     checkpoint: bool,
+    /// The head ran in chunks without a graph (`train.loss_chunk_tokens`):
+    /// backward recomputes it chunk by chunk, scaled by this loss scale.
+    head_deferred: Option<f64>,
 }
 
 pub type Tp<'t> = Option<&'t mut dyn Collectives>;
@@ -535,6 +540,7 @@ impl<'a> Pass<'a> {
             graph: (0..prog.slots).map(|_| None).collect(),
             grad: (0..prog.slots).map(|_| None).collect(),
             checkpoint,
+            head_deferred: None,
         }
     }
 
@@ -556,7 +562,29 @@ impl<'a> Pass<'a> {
                                 .shallow_clone()
                         })
                         .collect();
-                    let run = || run_seg(self.model, *seg, &ins, &self.tokens, &self.targets);
+                    // The head in chunks: without gradients always (nothing to
+                    // keep); in training when asked, its graph then rebuilt in backward.
+                    let chunked = self.model.loss_chunk_tokens;
+                    let deferred = *seg == Seg::Head && keep && chunked > 0;
+                    let head_chunk = match (keep, chunked) {
+                        (true, _) => chunked,
+                        (false, 0) => crate::model::EVAL_LOSS_CHUNK_TOKENS,
+                        (false, c) => c,
+                    };
+                    let keep = keep && !deferred;
+                    if deferred {
+                        self.head_deferred = Some(1.0);
+                    }
+                    let run = || {
+                        run_seg(
+                            self.model,
+                            *seg,
+                            &ins,
+                            &self.tokens,
+                            &self.targets,
+                            head_chunk,
+                        )
+                    };
                     let outs = if keep { run() } else { tch::no_grad(run) };
                     for (&s, o) in outputs.iter().zip(outs) {
                         self.val[s] = Some(leaf(&o));
@@ -617,6 +645,45 @@ impl<'a> Pass<'a> {
         });
     }
 
+    /// Backward of the head run in chunks: each chunk's norm, logits and loss
+    /// are recomputed from its slice of the input and differentiated at once,
+    /// so one chunk's logits exist at a time; parameter gradients add into
+    /// `grads`, the input's gradient is assembled slice by slice.
+    fn head_backward_chunked(&mut self, input: Slot, scale: f64, grads: &mut Tensor) {
+        let model = self.model;
+        let x = self.val[input].as_ref().expect("input kept").detach();
+        let (b, t, d) = (x.size()[0], x.size()[1], x.size()[2]);
+        let n = b * t;
+        let xf = x.reshape([n, d]);
+        let tf = self.targets.reshape([n]);
+        let gx = Tensor::zeros([n, d], (x.kind(), x.device()));
+        let params = Program::seg_params(model, Seg::Head);
+        let p = &model.params;
+        for (s, len) in crate::model::chunks(n, model.loss_chunk_tokens as i64) {
+            let xc = xf.narrow(0, s, len).detach().set_requires_grad(true);
+            let loss = model
+                .head_loss_sum_whole(&xc.unsqueeze(0), &tf.narrow(0, s, len).unsqueeze(0))
+                * scale;
+            let mut wrt: Vec<&Tensor> = params.iter().map(|&id| p.tensor(id)).collect();
+            wrt.push(&xc);
+            let mut g = Tensor::run_backward(&[loss], &wrt, false, false);
+            let g_x = g.pop().expect("input gradient");
+            tch::no_grad(|| {
+                for (&id, gi) in params.iter().zip(&g) {
+                    if gi.defined() {
+                        let _ = grads
+                            .narrow(0, p.offsets[id.0], p.specs[id.0].numel())
+                            .g_add_(&gi.reshape([-1]));
+                    }
+                }
+                if g_x.defined() {
+                    gx.narrow(0, s, len).copy_(&g_x);
+                }
+            });
+        }
+        self.add_grad(input, gx.view([b, t, d]));
+    }
+
     /// Backward of step `i`. Returns true for a segment (for the hook).
     fn backward_step(&mut self, tp: &mut Tp<'_>, i: usize, grads: &mut Tensor) -> Result<bool> {
         match &self.prog.steps[i] {
@@ -628,6 +695,19 @@ impl<'a> Pass<'a> {
                 }
                 self.val[*to] = None;
                 Ok(false)
+            }
+            Step::Run {
+                seg: Seg::Head,
+                inputs,
+                outputs,
+            } if self.head_deferred.is_some() => {
+                at("backward (output head and loss, in chunks)", None);
+                if self.grad[outputs[0]].take().is_some() {
+                    let scale = self.head_deferred.expect("checked");
+                    self.head_backward_chunked(inputs[0], scale, grads);
+                }
+                self.val[outputs[0]] = None;
+                Ok(true)
             }
             Step::Run {
                 seg,
@@ -721,6 +801,11 @@ pub fn chunk_forward<'a>(
             Some(loss_scale),
         )?;
         ex.grad[out] = g;
+        loss
+    } else if ex.head_deferred.is_some() {
+        let loss = ex.val[out].as_ref().expect("loss").detach();
+        ex.head_deferred = Some(loss_scale);
+        ex.grad[out] = Some(Tensor::ones([], (Kind::Float, loss.device())));
         loss
     } else {
         let loss = ex.graph[out].as_ref().expect("loss").shallow_clone();

@@ -200,7 +200,9 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         let n = model.params.numel();
         let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
         tch::no_grad(|| model.params.flat.shallow_clone().copy_(&w));
-        let model = move_model(model, device);
+        let mut model = move_model(model, device);
+        // Validation's chunking of the head, so the sums add in the same order.
+        model.loss_chunk_tokens = run.train.loss_chunk_tokens;
         let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
         return Ok(Loaded {
             model,

@@ -105,8 +105,16 @@ pub struct Model {
     pub ids: ModelIds,
     /// dtype of matmul inputs (BFloat16 for mixed precision, else the parameter dtype).
     pub compute: Kind,
+    /// `train.loss_chunk_tokens`: the output head and loss in chunks of this
+    /// many tokens in training (0: all at once); see the engine's head segment.
+    pub loss_chunk_tokens: usize,
     rope: RefCell<HashMap<(i64, i64), (Tensor, Tensor)>>,
 }
+
+/// Tokens per chunk of the output head without gradients (validation,
+/// `sigma eval`) when `train.loss_chunk_tokens` is 0: the logits of one chunk
+/// at a time, at no cost (nothing is kept for a backward pass).
+pub const EVAL_LOSS_CHUNK_TOKENS: usize = 8192;
 
 /// The parameters of a config (held whole), named after the module tree.
 pub fn param_specs(c: &ModelConfig) -> Vec<ParamSpec> {
@@ -261,6 +269,7 @@ impl Model {
             ids: model_ids(cfg, &names, &ids),
             params,
             compute: if mixed { Kind::BFloat16 } else { Kind::Float },
+            loss_chunk_tokens: 0,
             rope: RefCell::new(HashMap::new()),
         }
     }
@@ -530,6 +539,33 @@ impl Model {
 
     /// Sum of next-token cross-entropy over all positions: the head segment.
     pub fn head_loss_sum(&self, x: &Tensor, targets: &Tensor) -> Tensor {
+        self.head_loss_sum_chunked(x, targets, 0)
+    }
+
+    /// `head_loss_sum` over chunks of `chunk` tokens (0 or at least all the
+    /// tokens: one piece, exactly `head_loss_sum`). Without gradients only the
+    /// current chunk's logits exist; with gradients every chunk keeps its
+    /// graph, so training chunks through the engine instead.
+    pub fn head_loss_sum_chunked(&self, x: &Tensor, targets: &Tensor, chunk: usize) -> Tensor {
+        let n = x.size()[0] * x.size()[1];
+        if chunk == 0 || n <= chunk as i64 {
+            return self.head_loss_sum_whole(x, targets);
+        }
+        let d = x.size()[2];
+        let (xf, tf) = (x.reshape([1, n, d]), targets.reshape([1, n]));
+        let mut total: Option<Tensor> = None;
+        for (s, len) in chunks(n, chunk as i64) {
+            let l = self.head_loss_sum_whole(&xf.narrow(1, s, len), &tf.narrow(1, s, len));
+            total = Some(match total {
+                Some(t) => t + l,
+                None => l,
+            });
+        }
+        total.expect("at least one chunk")
+    }
+
+    /// The loss of `x` in one piece (the engine's chunked backward calls it per chunk).
+    pub fn head_loss_sum_whole(&self, x: &Tensor, targets: &Tensor) -> Tensor {
         let logits = self.logits(x);
         let v = logits.size()[2];
         logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
@@ -549,4 +585,12 @@ impl Model {
         }
         self.logits(&x)
     }
+}
+
+/// (start, length) of consecutive pieces of `chunk` over `0..n` (the last may be shorter).
+pub fn chunks(n: i64, chunk: i64) -> Vec<(i64, i64)> {
+    (0..n)
+        .step_by(chunk.max(1) as usize)
+        .map(|s| (s, chunk.min(n - s)))
+        .collect()
 }

@@ -257,7 +257,7 @@ impl Trainer {
         };
         let mut saver = Saver::new(cfg, job.as_ref().map(|j| j.env.clone()), tokenizer);
         guard::at("model initialisation", None);
-        let model = Model::with_plan(
+        let mut model = Model::with_plan(
             &cfg.model,
             plan,
             pipe,
@@ -267,6 +267,7 @@ impl Trainer {
             device,
             mixed,
         );
+        model.loss_chunk_tokens = cfg.train.loss_chunk_tokens;
         if cfg.checkpointing() {
             saver.allocate_host(&model.params);
         }
