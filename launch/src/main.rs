@@ -1,6 +1,7 @@
 //! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
 
 mod ablate;
+mod bench_cmd;
 mod cuda_libs;
 mod data_cmd;
 mod eval_cmd;
@@ -44,6 +45,11 @@ enum Command {
     },
     /// Loss, perplexity and bits per byte of a checkpoint or an exported model.
     Eval(eval_cmd::EvalArgs),
+    /// Micro-benchmarks (decode attention).
+    Bench {
+        #[command(subcommand)]
+        command: bench_cmd::BenchCommand,
+    },
     /// Sample text from a checkpoint or an export (DiffQKV KV cache).
     Generate(generate_cmd::GenerateArgs),
     /// Train the variants of an ablation file on one data stream, evaluate them, and report.
@@ -73,6 +79,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Eval(args) => ok(eval_cmd::eval(args)),
         Command::Ablate(args) => ablate::ablate(args),
         Command::Generate(args) => ok(generate_cmd::run(args)),
+        Command::Bench { command } => ok(bench_cmd::run(command)),
     }
 }
 

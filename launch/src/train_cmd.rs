@@ -296,9 +296,13 @@ pub fn train(a: TrainArgs) -> Result<i32> {
         println!("checkpoint at step {step}: training stalled {stall:.3} s");
     }
     println!(
-        "done: {} steps, final loss {last:.4}, {:.0} tokens/s{}{}",
+        "done: {} steps, final loss {last:.4}, {}{}{}",
         r.losses.len(),
-        r.tokens_per_s,
+        if r.tokens_per_s > 0.0 {
+            format!("{:.0} tokens/s", r.tokens_per_s)
+        } else {
+            "no step logged (speed unknown)".into()
+        },
         r.mfu
             .map(|m| format!(", MFU {:.1}%", m * 100.0))
             .unwrap_or_default(),
@@ -308,7 +312,9 @@ pub fn train(a: TrainArgs) -> Result<i32> {
             String::new()
         }
     );
-    println!("validation loss per domain (nats/token):");
+    if !r.valid.is_empty() {
+        println!("validation loss per domain (nats/token):");
+    }
     for (d, l) in &r.valid {
         println!("  {d:<12} {l:.4}");
     }

@@ -159,3 +159,47 @@ fn bad_generation_requests_fail_cleanly() {
     );
     assert_clean_failure(&o, &["neither a checkpoint"]);
 }
+
+#[test]
+fn bench_decode_times_each_case_and_checks_its_arguments() {
+    let o = sigma(
+        &[
+            "bench",
+            "decode",
+            "--device",
+            "cpu",
+            "--batch",
+            "1,2",
+            "--context",
+            "32,64",
+            "--steps",
+            "2",
+        ],
+        &[],
+    );
+    let out = ok(o);
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<i64>().is_ok())
+        })
+        .collect();
+    assert_eq!(rows.len(), 4, "one row per (batch, context):\n{out}");
+    for r in &rows {
+        let ms: Vec<f64> = r
+            .split_whitespace()
+            .skip(2)
+            .take(2)
+            .map(|w| w.parse().expect("ms"))
+            .collect();
+        assert!(ms.iter().all(|&t| t > 0.0 && t.is_finite()), "{r}");
+    }
+    // 4 + 16 against 2 x 16 heads of the default shapes.
+    assert!(out.contains("37.5 % smaller"), "{out}");
+    assert_clean_failure(
+        &sigma(&["bench", "decode", "--device", "cpu", "--n-k", "5"], &[]),
+        &["--n-k 5", "must divide --n-q 32"],
+    );
+}

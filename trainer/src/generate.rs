@@ -74,8 +74,14 @@ impl KvCache {
 /// Attention of one new query per sequence against `len` cached slots,
 /// without repeating K or V: scores per K head for its group of query heads,
 /// probabilities regrouped by V head. q [b, n_q, 1, dd], k [b, n_k, S, dd],
-/// v [b, n_v, S, dv], valid [b, S] -> [b, 1, n_q * dv].
-pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, scale: f64) -> Tensor {
+/// v [b, n_v, S, dv], valid [b, S] (None: every slot) -> [b, 1, n_q * dv].
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+    scale: f64,
+) -> Tensor {
     let (b, nq, dd) = (q.size()[0], q.size()[1], q.size()[3]);
     let (nk, s) = (k.size()[1], k.size()[2]);
     let (nv, dv) = (v.size()[1], v.size()[3]);
@@ -91,7 +97,10 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, scal
         .matmul(&k.transpose(-1, -2))
         .to_kind(acc)
         * scale;
-    let scores = scores.masked_fill(&valid.logical_not().view([b, 1, 1, s]), f64::NEG_INFINITY);
+    let scores = match valid {
+        Some(m) => scores.masked_fill(&m.logical_not().view([b, 1, 1, s]), f64::NEG_INFINITY),
+        None => scores,
+    };
     let p = scores.softmax(-1, acc).to_kind(v.kind());
     // ... and V head i / (n_q / n_v): the same query order, regrouped.
     let o = p.view([b, nv, nq / nv, s]).matmul(v);
@@ -177,7 +186,7 @@ impl Model {
                 &q,
                 &k,
                 &cache.v[l].narrow(2, 0, n),
-                &cache.valid.narrow(1, 0, n),
+                Some(&cache.valid.narrow(1, 0, n)),
                 scale,
             );
             x = x + self.mm(&o, self.p(ids.attn.o_proj));

@@ -94,7 +94,9 @@ fn read_metrics(path: &Path, v: &mut VariantReport) -> Result<()> {
         return Ok(());
     };
     let mut speeds = Vec::new();
-    for (n, line) in text.lines().enumerate() {
+    // A running variant may be writing its last line: only whole lines count.
+    let whole = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+    for (n, line) in whole.enumerate() {
         let r: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
         let (Some(step), Some(loss)) = (r["step"].as_u64(), r["loss"].as_f64()) else {
