@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pipeline-parallel benchmarks on one host with 4 GPUs (issue #12):
 #   scripts/bench-pp-gpu.sh          (part 2 is skipped on a machine with fewer than 4 GPUs)
+#   PARTS=10b scripts/bench-pp-gpu.sh  (one part only: PARTS lists "1.5b" and/or "10b")
 # 1. SIGMA-1.5B, seq 4096, micro-batch 4 with activation checkpointing, on 2 GPUs:
 #    dp 2, tp 2, pp 2 (1F1B, 8 micro-batches) and pp 2 interleaved (2 chunks per
 #    rank): tokens/s per GPU, memory; the pipeline runs record a trace of
@@ -17,6 +18,7 @@ export LD_LIBRARY_PATH=$torch_lib:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0 SIGMA_DIST_TIMEOUT_S=${SIGMA_DIST_TIMEOUT_S:-120}
 sigma=${SIGMA_BIN:-target/release/sigma}
 out=${BENCH_OUT:-runs/bench-pp}
+parts=${PARTS:-1.5b 10b}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
 for d in general system synthetic; do
@@ -32,21 +34,25 @@ run() {
 }
 b15=(--config configs/sigma-1.5b.toml --quiet --set train.steps=8 --set train.log_every=1 --set train.eval_steps=1
   --set metrics.plot=false --set train.micro_batch_size=4 --set train.activation_checkpointing=true)
+if [[ " $parts " == *" 1.5b "* ]]; then
 run 1.5b-dp2 2 "${b15[@]}" --set parallel.dp=2 --set train.grad_accum_steps=2
 run 1.5b-tp2 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4
 run 1.5b-pp2 2 "${b15[@]}" --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
 run 1.5b-pp2i 2 "${b15[@]}" --set parallel.pp=2 --set parallel.pp_schedule='"interleaved"' --set train.grad_accum_steps=8 --set metrics.trace=true
+fi
 ngpu=$(nvidia-smi -L | wc -l)
-if [ "$ngpu" -ge 4 ]; then
+if [[ " $parts " != *" 10b "* ]]; then
+  :
+elif [ "$ngpu" -ge 4 ]; then
 b10=(--config configs/sigma-10b.toml --quiet --set train.steps=7 --set train.log_every=1 --set train.eval_steps=1
   --set metrics.plot=false --set train.micro_batch_size=1 --set train.activation_checkpointing=false)
-run 10b-tp4 4 "${b10[@]}" --set parallel.tp=4 --set train.grad_accum_steps=4
 run 10b-tp2pp2 4 "${b10[@]}" --set parallel.tp=2 --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
 run 10b-pp4 4 "${b10[@]}" --set parallel.pp=4 --set train.grad_accum_steps=8 --set train.activation_checkpointing=true --set metrics.trace=true
+run 10b-tp4 4 "${b10[@]}" --set parallel.tp=4 --set train.grad_accum_steps=4
 else
   echo "SIGMA-10B runs need 4 GPUs; this machine has $ngpu: skipped"
 fi
-for r in 1.5b-pp2 1.5b-pp2i 10b-tp2pp2; do
+for r in 1.5b-pp2 1.5b-pp2i 10b-tp2pp2 10b-pp4; do
   [ -f "$out/$r/trace-rank0.json" ] && $sigma trace plot "$out/$r" --output "$out/$r-trace.png" > "$out/$r-plot.txt" 2>&1
 done
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
@@ -57,7 +63,7 @@ print(f"{'run':<12} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'GPU M
 for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-pp2", "1.5b-pp2i", "10b-tp4", "10b-tp2pp2", "10b-pp4"]:
     m = os.path.join(out, name, "metrics.jsonl")
     if not os.path.exists(m):
-        print(f"{name:<12} failed"); continue
+        print(f"{name:<12} not run or failed"); continue
     lines = [json.loads(l) for l in open(m)]
     r = [x for x in lines if "loss" in x]
     b = [x for x in lines if "pipeline_bubble" in x]
