@@ -466,3 +466,46 @@ fn a_chunked_head_gives_the_whole_heads_loss_and_gradients() {
         assert!(g0.abs().sum(Kind::Double).double_value(&[]) > 0.0);
     }
 }
+
+/// bf16 working weights cast once per change of the master weights give
+/// exactly the numbers of casting every weight at its matmul (the gradient
+/// of a bf16 weight is bf16 either way), and follow the master weights.
+#[test]
+fn bf16_working_weights_match_casting_at_each_matmul_bit_for_bit() {
+    let mut c = cfg(4, 1, 2, 4, 4);
+    c.aug_q_dim = 6;
+    c.k_compression = KCompression::Projected;
+    c.k_dim = Some(2);
+    for tied in [true, false] {
+        c.tie_embeddings = tied;
+        c.validate().expect("valid config");
+        let mixed = || Model::new(&c, 7, false, false, Device::Cpu, true);
+        let cast = mixed();
+        let mut work = mixed();
+        work.params.enable_work_copy(Kind::BFloat16);
+        let tokens = Tensor::from_slice(&(0..26).map(|i| (i * 7 % 40) as i64).collect::<Vec<_>>())
+            .view([2, 13]);
+        for checkpoint in [false, true] {
+            let (g0, l0) = engine_grads(&cast, &tokens, 0.5, checkpoint);
+            let (g1, l1) = engine_grads(&work, &tokens, 0.5, checkpoint);
+            assert!(l1.equal(&l0), "tied {tied}: loss {l1:?} vs {l0:?}");
+            assert!(
+                g1.equal(&g0),
+                "tied {tied}, checkpoint {checkpoint}: gradients differ"
+            );
+            assert!(g0.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+        }
+        // An in-place change of the master weights (as the optimizer makes)
+        // reaches the working copy before the next matmul.
+        tch::no_grad(|| {
+            for m in [&cast, &work] {
+                let _ = m.params.flat.shallow_clone().g_mul_scalar_(0.5);
+            }
+        });
+        let (a, b) = (
+            engine::loss_sum(&cast, &tokens),
+            engine::loss_sum(&work, &tokens),
+        );
+        assert!(a.equal(&b), "tied {tied}: after the update {a:?} vs {b:?}");
+    }
+}

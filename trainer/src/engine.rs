@@ -424,9 +424,7 @@ fn run_seg(
         Seg::Block(l) => vec![model.block(l, &inputs[0])],
         // Under tensor parallelism a norm's output is gathered before the matmuls
         // cast it to the compute dtype anyway: cast first, move half the bytes.
-        Seg::AttnNorm(l) => vec![model
-            .rms_norm(&inputs[0], ids.layer(l).attn.norm)
-            .to_kind(model.compute)],
+        Seg::AttnNorm(l) => vec![model.norm_in(&inputs[0], ids.layer(l).attn.norm)],
         Seg::Qkv(l) => vec![
             model.q0(l, &inputs[0]),
             model.keys(l, &inputs[0]),
@@ -438,19 +436,15 @@ fn run_seg(
         }
         Seg::AddNorm(l) => {
             let x2 = &inputs[0] + &inputs[1];
-            let h2 = model
-                .rms_norm(&x2, ids.layer(l).ffn.norm)
-                .to_kind(model.compute);
+            let h2 = model.norm_in(&x2, ids.layer(l).ffn.norm);
             vec![x2, h2]
         }
         Seg::Ffn(l) => vec![model.ffn(l, &inputs[0])],
         Seg::Add(_) => vec![&inputs[0] + &inputs[1]],
-        Seg::FinalNorm => vec![model
-            .rms_norm(
-                &inputs[0],
-                ids.final_norm.expect("the last stage holds the final norm"),
-            )
-            .to_kind(model.compute)],
+        Seg::FinalNorm => vec![model.norm_in(
+            &inputs[0],
+            ids.final_norm.expect("the last stage holds the final norm"),
+        )],
         Seg::Head => vec![model.head_loss_sum_chunked(&inputs[0], targets, head_chunk)],
         Seg::HeadLogits => vec![model.head_logits(&inputs[0])],
     }
@@ -658,28 +652,17 @@ impl<'a> Pass<'a> {
         let tf = self.targets.reshape([n]);
         let gx = Tensor::zeros([n, d], (x.kind(), x.device()));
         let params = Program::seg_params(model, Seg::Head);
-        let p = &model.params;
         for (s, len) in crate::model::chunks(n, model.loss_chunk_tokens as i64) {
             let xc = xf.narrow(0, s, len).detach().set_requires_grad(true);
             let loss = model
                 .head_loss_sum_whole(&xc.unsqueeze(0), &tf.narrow(0, s, len).unsqueeze(0))
                 * scale;
-            let mut wrt: Vec<&Tensor> = params.iter().map(|&id| p.tensor(id)).collect();
-            wrt.push(&xc);
-            let mut g = Tensor::run_backward(&[loss], &wrt, false, false);
-            let g_x = g.pop().expect("input gradient");
-            tch::no_grad(|| {
-                for (&id, gi) in params.iter().zip(&g) {
-                    if gi.defined() {
-                        let _ = grads
-                            .narrow(0, p.offsets[id.0], p.specs[id.0].numel())
-                            .g_add_(&gi.reshape([-1]));
-                    }
-                }
-                if g_x.defined() {
-                    gx.narrow(0, s, len).copy_(&g_x);
-                }
-            });
+            let g_x = backward_into(model, loss, &params, &[&xc], grads)
+                .pop()
+                .expect("input gradient");
+            if g_x.defined() {
+                tch::no_grad(|| gx.narrow(0, s, len).copy_(&g_x));
+            }
         }
         self.add_grad(input, gx.view([b, t, d]));
     }
@@ -737,20 +720,8 @@ impl<'a> Pass<'a> {
                     .map(|&s| (s, self.val[s].as_ref().expect("input kept").shallow_clone()))
                     .collect();
                 if let Some(root) = root {
-                    let p = &self.model.params;
-                    let mut wrt: Vec<&Tensor> = params.iter().map(|&id| p.tensor(id)).collect();
-                    wrt.extend(leaves.iter().map(|(_, t)| t));
-                    let mut g = Tensor::run_backward(&[root], &wrt, false, false);
-                    let input_grads = g.split_off(params.len());
-                    tch::no_grad(|| {
-                        for (&id, gi) in params.iter().zip(&g) {
-                            if gi.defined() {
-                                let _ = grads
-                                    .narrow(0, p.offsets[id.0], p.specs[id.0].numel())
-                                    .g_add_(&gi.reshape([-1]));
-                            }
-                        }
-                    });
+                    let inputs: Vec<&Tensor> = leaves.iter().map(|(_, t)| t).collect();
+                    let input_grads = backward_into(self.model, root, &params, &inputs, grads);
                     for ((s, _), gi) in leaves.into_iter().zip(input_grads) {
                         if gi.defined() {
                             self.add_grad(s, gi);
@@ -761,6 +732,45 @@ impl<'a> Pass<'a> {
             }
         }
     }
+}
+
+/// Differentiate `root` with respect to the parameters `params` and the
+/// tensors `inputs`: parameter gradients are added into the flat buffer
+/// `grads` (a parameter's gradient arrives through the parameter itself and,
+/// when the trainer keeps one, through its bf16 working copy; both are
+/// added), the inputs' gradients returned (undefined where unused).
+fn backward_into(
+    model: &Model,
+    root: Tensor,
+    params: &[ParamId],
+    inputs: &[&Tensor],
+    grads: &mut Tensor,
+) -> Vec<Tensor> {
+    let p = &model.params;
+    let mut wrt: Vec<&Tensor> = Vec::new();
+    let mut owner: Vec<ParamId> = Vec::new();
+    for &id in params {
+        wrt.push(p.tensor(id));
+        owner.push(id);
+        if let Some(w) = p.work_leaf(id) {
+            wrt.push(w);
+            owner.push(id);
+        }
+    }
+    let n = wrt.len();
+    wrt.extend_from_slice(inputs);
+    let mut g = Tensor::run_backward(&[root], &wrt, false, false);
+    let input_grads = g.split_off(n);
+    tch::no_grad(|| {
+        for (&id, gi) in owner.iter().zip(&g) {
+            if gi.defined() {
+                let _ = grads
+                    .narrow(0, p.offsets[id.0], p.specs[id.0].numel())
+                    .g_add_(&gi.reshape([-1]));
+            }
+        }
+    });
+    input_grads
 }
 
 /// Forward of one micro-batch (`tokens` [b, t + 1]: inputs `tokens[:, :-1]`,

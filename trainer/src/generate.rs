@@ -129,7 +129,7 @@ impl Model {
         let mut x = self.embed(tokens);
         for l in 0..self.cfg.num_layers {
             let ids = self.ids.layer(l);
-            let h = self.rms_norm(&x, ids.attn.norm);
+            let h = self.norm_in(&x, ids.attn.norm);
             let q = self.queries(l, &h);
             let raw = self.keys_raw(l, &h);
             let k = self.keys_from_raw(l, &raw, 0);
@@ -142,7 +142,7 @@ impl Model {
             cache.k[l].narrow(2, 0, t).copy_(&stored);
             cache.v[l].narrow(2, 0, t).copy_(&v);
             x = x + self.attend_masked(l, &q, &k, &v, &mask);
-            let h = self.rms_norm(&x, ids.ffn.norm);
+            let h = self.norm_in(&x, ids.ffn.norm);
             x = &x + self.ffn(l, &h);
         }
         cache.len = t;
@@ -164,7 +164,7 @@ impl Model {
         let mut x = self.embed(&tokens.view([b, 1]));
         for l in 0..self.cfg.num_layers {
             let ids = self.ids.layer(l);
-            let h = self.rms_norm(&x, ids.attn.norm);
+            let h = self.norm_in(&x, ids.attn.norm);
             let q = self.queries_at(l, &h, pos).to_kind(self.compute);
             let raw = self.keys_raw(l, &h);
             let new_k = if cache.raw_keys {
@@ -189,8 +189,8 @@ impl Model {
                 Some(&cache.valid.narrow(1, 0, n)),
                 scale,
             );
-            x = x + self.mm(&o, self.p(ids.attn.o_proj));
-            let h = self.rms_norm(&x, ids.ffn.norm);
+            x = x + self.mm(&o, self.w(ids.attn.o_proj));
+            let h = self.norm_in(&x, ids.ffn.norm);
             x = &x + self.ffn(l, &h);
         }
         cache.len = pos + 1;

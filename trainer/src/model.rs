@@ -11,9 +11,11 @@
 //! contiguous, so the mapping is unchanged) and runs grouped-query SDPA.
 //! AugQ: `q = W_down(silu(W_gate q0) * W_up q0)` on the whole projected query.
 //! K compression: see `KCompression`. Mixed precision: parameters stay fp32;
-//! each matmul casts its inputs to the compute dtype (bf16 on GPU), norms,
-//! residual stream and the loss run in fp32. (tch's autocast cannot select
-//! bf16, hence explicit casts at the matmuls, which is what autocast does.)
+//! matmuls run in the compute dtype (bf16 on GPU) on a working copy of the
+//! weights that the trainer refreshes once per change of them (`Params::weight`;
+//! without one, each matmul casts its weight), each norm's output is cast once
+//! for the matmuls that read it; norms, residual stream and the loss run in
+//! fp32. (tch's autocast cannot select bf16, hence explicit casts.)
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -289,12 +291,19 @@ impl Model {
             })
             .collect();
         self.params.flat = flat;
+        self.params.enable_work_copy(Kind::Double);
         self.compute = Kind::Double;
         self
     }
 
     pub fn p(&self, id: ParamId) -> &Tensor {
         self.params.tensor(id)
+    }
+
+    /// Parameter `id` as a matmul weight: its working copy in the compute
+    /// dtype when the trainer keeps one, else the parameter (cast at use).
+    pub fn w(&self, id: ParamId) -> &Tensor {
+        self.params.weight(id)
     }
 
     pub(crate) fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -306,12 +315,19 @@ impl Model {
         }
     }
 
+    /// RMSNorm in the parameter dtype (fp32): libtorch's `rms_norm`, one
+    /// fused kernel forward and backward on GPU (it needs the input and the
+    /// weight in one dtype).
     pub fn rms_norm(&self, x: &Tensor, w: ParamId) -> Tensor {
         let w = self.p(w);
-        let k = w.kind();
-        let xf = x.to_kind(k);
-        let ms = xf.pow_tensor_scalar(2).mean_dim(-1, true, k);
-        xf * (ms + self.cfg.norm_eps).rsqrt() * w
+        x.to_kind(w.kind())
+            .rms_norm([w.size()[0]], Some(w), self.cfg.norm_eps)
+    }
+
+    /// `rms_norm` cast to the compute dtype: the input of the matmuls that
+    /// follow, cast once for all of them.
+    pub fn norm_in(&self, x: &Tensor, w: ParamId) -> Tensor {
+        self.rms_norm(x, w).to_kind(self.compute)
     }
 
     /// cos/sin tables [t, dim/2] for positions 0..t (angles computed in f64).
@@ -360,16 +376,16 @@ impl Model {
 
     /// The projected query q0 of this rank's heads: [b, t, q_heads * dot_dim].
     pub fn q0(&self, l: usize, h: &Tensor) -> Tensor {
-        self.mm(h, self.p(self.ids.layer(l).attn.q_proj))
+        self.mm(h, self.w(self.ids.layer(l).attn.q_proj))
     }
 
     /// AugQ on a whole projected query [b, t, n_q * dot_dim]; under tensor
     /// parallelism this rank's share of the AugQ width, a partial sum.
     pub fn aug_q(&self, l: usize, q0: &Tensor) -> Tensor {
         let [gate, up, down] = self.ids.layer(l).attn.aug_q.expect("AugQ is on");
-        let g = self.mm(q0, self.p(gate)).silu();
-        let u = self.mm(q0, self.p(up));
-        self.mm(&(g * u), self.p(down))
+        let g = self.mm(q0, self.w(gate)).silu();
+        let u = self.mm(q0, self.w(up));
+        self.mm(&(g * u), self.w(down))
     }
 
     /// Query features [b, t, heads * dot_dim] -> heads with RoPE: [b, heads, t, dot_dim].
@@ -411,7 +427,7 @@ impl Model {
     /// up-projection and RoPE.
     pub fn keys_raw(&self, l: usize, h: &Tensor) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
-        self.mm(h, self.p(self.ids.layer(l).attn.k_proj)).view([
+        self.mm(h, self.w(self.ids.layer(l).attn.k_proj)).view([
             b,
             t,
             self.plan.k_heads as i64,
@@ -424,7 +440,7 @@ impl Model {
     /// reading's up-projection, then RoPE.
     pub fn keys_from_raw(&self, l: usize, k: &Tensor, start: i64) -> Tensor {
         let k = match self.ids.layer(l).attn.k_up {
-            Some(up) => self.mm(k, self.p(up)),
+            Some(up) => self.mm(k, self.w(up)),
             None => k.shallow_clone(),
         };
         self.rope_at(&k.transpose(1, 2), start)
@@ -433,7 +449,7 @@ impl Model {
     /// Value heads: [b, v_heads, t, v_head_dim].
     pub fn values(&self, l: usize, h: &Tensor) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
-        let v = self.mm(h, self.p(self.ids.layer(l).attn.v_proj));
+        let v = self.mm(h, self.w(self.ids.layer(l).attn.v_proj));
         v.view([b, t, self.plan.v_heads as i64, self.cfg.v_head_dim as i64])
             .transpose(1, 2)
     }
@@ -497,7 +513,7 @@ impl Model {
         let o = o
             .transpose(1, 2)
             .reshape([b, t, nq * self.cfg.v_head_dim as i64]);
-        self.mm(&o, self.p(self.ids.layer(l).attn.o_proj))
+        self.mm(&o, self.w(self.ids.layer(l).attn.o_proj))
     }
 
     /// DiffQKV attention of layer `l` on normalised input `h` [b, t, d] -> [b, t, d].
@@ -512,29 +528,29 @@ impl Model {
     /// tensor parallelism).
     pub fn ffn(&self, l: usize, h: &Tensor) -> Tensor {
         let f = &self.ids.layer(l).ffn;
-        let g = self.mm(h, self.p(f.gate)).silu();
-        let u = self.mm(h, self.p(f.up));
-        self.mm(&(g * u), self.p(f.down))
+        let g = self.mm(h, self.w(f.gate)).silu();
+        let u = self.mm(h, self.w(f.up));
+        self.mm(&(g * u), self.w(f.down))
     }
 
     /// Transformer block `l`: pre-norm attention and SwiGLU FFN with residuals.
     pub fn block(&self, l: usize, x: &Tensor) -> Tensor {
         let ids = &self.ids.layer(l);
-        let x = x + self.attention(l, &self.rms_norm(x, ids.attn.norm));
-        let h = self.rms_norm(&x, ids.ffn.norm);
+        let x = x + self.attention(l, &self.norm_in(x, ids.attn.norm));
+        let h = self.norm_in(&x, ids.ffn.norm);
         &x + self.ffn(l, &h)
     }
 
     /// Output projection of normalised states: [b, t, d] -> logits of this
     /// rank's vocabulary rows [b, t, rows] (parameter dtype).
     pub fn head_logits(&self, h: &Tensor) -> Tensor {
-        self.mm(h, self.p(held(self.ids.head, "the output head")))
+        self.mm(h, self.w(held(self.ids.head, "the output head")))
             .to_kind(self.params.flat.kind())
     }
 
     /// Final norm and output projection: [b, t, d] -> logits [b, t, vocab] (parameter dtype).
     pub fn logits(&self, x: &Tensor) -> Tensor {
-        self.head_logits(&self.rms_norm(x, held(self.ids.final_norm, "the final norm")))
+        self.head_logits(&self.norm_in(x, held(self.ids.final_norm, "the final norm")))
     }
 
     /// Sum of next-token cross-entropy over all positions: the head segment.

@@ -138,6 +138,22 @@ pub struct Params {
     pub flat: Tensor,
     /// Elements `0..num_decayed` of `flat` receive weight decay.
     pub num_decayed: i64,
+    /// Working copies in the compute dtype (training in bf16), if enabled.
+    work: Option<WorkCopy>,
+}
+
+/// The parameters in the compute dtype (bf16), cast from `flat` once after
+/// each change of it instead of at every matmul, micro-batch and recompute.
+/// Each view is a leaf that requires grad: a matmul's weight gradient arrives
+/// in bf16 (as it would through a cast) and the engine adds it into the fp32
+/// gradient buffer, so the numbers are those of casting at each matmul.
+struct WorkCopy {
+    flat: Tensor,
+    tensors: Vec<Tensor>,
+    /// `flat`'s version counter when the copy was made: every in-place
+    /// change of the master weights (optimizer step, checkpoint load, through
+    /// any view) bumps it, and the next use refreshes the copy.
+    version: std::cell::Cell<i64>,
 }
 
 impl Params {
@@ -225,6 +241,7 @@ impl Params {
                 offsets,
                 flat,
                 num_decayed,
+                work: None,
             },
             ids,
         )
@@ -232,6 +249,50 @@ impl Params {
 
     pub fn tensor(&self, id: ParamId) -> &Tensor {
         &self.tensors[id.0]
+    }
+
+    /// Keep working copies of the parameters in `kind` (see [`WorkCopy`]);
+    /// a no-op when `kind` is the parameters' own dtype.
+    pub fn enable_work_copy(&mut self, kind: Kind) {
+        if kind == self.flat.kind() {
+            self.work = None;
+            return;
+        }
+        let flat = Tensor::empty([self.numel()], (kind, self.flat.device()));
+        let tensors = self
+            .specs
+            .iter()
+            .zip(&self.offsets)
+            .map(|(s, &o)| {
+                flat.narrow(0, o, s.numel())
+                    .view(s.shape.as_slice())
+                    .set_requires_grad(true)
+            })
+            .collect();
+        self.work = Some(WorkCopy {
+            flat,
+            tensors,
+            version: std::cell::Cell::new(-1),
+        });
+    }
+
+    /// The weight a matmul reads: the working copy when there is one
+    /// (refreshed first if the master weights changed), else the parameter.
+    pub fn weight(&self, id: ParamId) -> &Tensor {
+        let Some(w) = &self.work else {
+            return self.tensor(id);
+        };
+        let v = self.flat.internal_version();
+        if w.version.get() != v {
+            tch::no_grad(|| w.flat.shallow_clone().copy_(&self.flat));
+            w.version.set(v);
+        }
+        &w.tensors[id.0]
+    }
+
+    /// The working copy of a parameter, whose gradient also belongs to it.
+    pub fn work_leaf(&self, id: ParamId) -> Option<&Tensor> {
+        self.work.as_ref().map(|w| &w.tensors[id.0])
     }
 
     pub fn spec(&self, id: ParamId) -> &ParamSpec {

@@ -162,11 +162,16 @@ pub struct MemoryInputs {
     pub in_flight: usize,
     /// This rank computes the output head and the loss.
     pub head: bool,
+    /// `train.loss_chunk_tokens` (0: the head's logits all at once).
+    pub loss_chunk_tokens: usize,
 }
 
 pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
     let n = m.params as f64;
-    let state = n * (4.0 + 4.0 + 8.0 / m.optimizer_shards.max(1) as f64);
+    // fp32 weights and gradient, AdamW's two moments, and in mixed precision
+    // the bf16 working copy of the weights.
+    let work = if m.mixed { 2.0 } else { 0.0 };
+    let state = n * (4.0 + 4.0 + work + 8.0 / m.optimizer_shards.max(1) as f64);
     let tokens = (m.micro_batch_size * m.seq_len) as f64;
     let (ec, ef) = (if m.mixed { 2.0 } else { 4.0 }, 4.0);
     let d = c.d_model as f64;
@@ -187,8 +192,12 @@ pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
     } else {
         tokens * kept * layers * per_layer_token / tp
     };
+    let head_tokens = match m.loss_chunk_tokens {
+        0 => tokens,
+        n => tokens.min(n as f64),
+    };
     let logits = if m.head {
-        tokens * c.vocab_size as f64 / tp * (ec + 3.0 * 4.0)
+        head_tokens * c.vocab_size as f64 / tp * (ec + 3.0 * 4.0)
     } else {
         0.0
     };
@@ -222,7 +231,7 @@ impl fmt::Display for MemoryEstimate {
         let g = |x: f64| format!("{:.2} GB", x / 1e9);
         write!(
             f,
-            "By formula this rank needs about {}: weights, gradient and AdamW moments {}, activations {}, output logits {}",
+            "By formula this rank needs about {}: weights, gradient and AdamW moments (and the bf16 working copy) {}, activations {}, output logits {}",
             g(self.total()),
             g(self.state),
             g(self.activations),
