@@ -6,10 +6,18 @@
 //    on the machine that built them (elsewhere, set LD_LIBRARY_PATH).
 // libtorch is found like torch-sys finds it with LIBTORCH_USE_PYTORCH=1: from the
 // `torch` package of the python3 on PATH (scripts/setup.sh puts .venv first), or $LIBTORCH.
+// The trainer's own build script (trainer/build.rs) calls `link` and also compiles
+// its C++ shim against the headers of the same libtorch.
 use std::path::PathBuf;
 use std::process::Command;
 
+#[allow(dead_code)]
 fn main() {
+    link();
+}
+
+/// Link flags; returns libtorch's `lib` directory.
+pub fn link() -> PathBuf {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=PATH");
     let lib = match std::env::var("LIBTORCH") {
@@ -38,4 +46,5 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    lib
 }

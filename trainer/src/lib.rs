@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gpu_memory;
 pub mod guard;
 pub mod metrics;
 pub mod model;

@@ -46,41 +46,6 @@ pub fn gpu_name(index: usize) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// GPU memory held by this process (MiB, as nvidia-smi reports it: CUDA context
-/// plus everything the caching allocator reserved). Where the process is not
-/// visible by pid (containers), the device's used memory is reported instead.
-pub fn gpu_memory_mib(index: usize) -> Option<u64> {
-    let query = |args: &[&str]| {
-        std::process::Command::new("nvidia-smi")
-            .args(args)
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-    };
-    let me = std::process::id().to_string();
-    let apps = query(&[
-        "--query-compute-apps=pid,used_memory",
-        "--format=csv,noheader,nounits",
-    ])?;
-    let mine = apps.lines().find_map(|l| {
-        let mut it = l.split(',').map(str::trim);
-        (it.next() == Some(me.as_str()))
-            .then(|| it.next().and_then(|m| m.parse().ok()))
-            .flatten()
-    });
-    mine.or_else(|| {
-        query(&[
-            "--query-gpu=memory.used",
-            "--format=csv,noheader,nounits",
-            "-i",
-            &index.to_string(),
-        ])?
-        .trim()
-        .parse()
-        .ok()
-    })
-}
-
 /// Peak resident memory of this process (bytes), from /proc.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -24,6 +24,7 @@ use crate::dist::buckets::GradBuckets;
 use crate::dist::{abort, DistEnv, Job, MeshDims, PipelineGroups};
 use crate::engine;
 use crate::error::{Result, TrainError};
+use crate::gpu_memory;
 use crate::guard;
 use crate::metrics::{self, MetricsWriter};
 use crate::model::Model;
@@ -81,7 +82,6 @@ struct RunState {
     valid_curve: BTreeMap<String, Vec<(u64, f64)>>,
     interval_tokens: u64,
     interval_time: f64,
-    gpu_peak_mib: u64,
 }
 
 /// What one optimizer step produced.
@@ -207,6 +207,7 @@ impl Trainer {
                         1
                     },
                     head: pipe.last(),
+                    loss_chunk_tokens: cfg.train.loss_chunk_tokens,
                 },
             )
             .advice(),
@@ -268,6 +269,8 @@ impl Trainer {
             mixed,
         );
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens;
+        // Matmuls read bf16 weights cast once per optimizer step.
+        model.params.enable_work_copy(model.compute);
         if cfg.checkpointing() {
             saver.allocate_host(&model.params);
         }
@@ -622,9 +625,11 @@ impl Trainer {
         }
     }
 
+    /// Memory for the metrics: on GPU the caching allocator's peaks since
+    /// the start of the run, on CPU the process's peak resident set.
     fn memory_record(&self) -> serde_json::Value {
         match self.device {
-            Device::Cuda(i) => json!({"gpu_mib": metrics::gpu_memory_mib(i)}),
+            Device::Cuda(i) => gpu_memory_record(i),
             _ => json!({"peak_rss_bytes": metrics::peak_rss_bytes()}),
         }
     }
@@ -717,7 +722,6 @@ impl Trainer {
             valid_curve: BTreeMap::new(),
             interval_tokens: 0,
             interval_time: 0.0,
-            gpu_peak_mib: 0,
         })
     }
 
@@ -844,11 +848,6 @@ impl Trainer {
             let mfu = self
                 .peak_flops
                 .map(|p| tps * self.flops_per_token / (p * devices));
-            if let Device::Cuda(i) = self.device {
-                run.gpu_peak_mib = run
-                    .gpu_peak_mib
-                    .max(metrics::gpu_memory_mib(i).unwrap_or(0));
-            }
             let [t_data, t_fwd_bwd, t_optim] = o.phases;
             let rec = json!({
                 "step": step + 1,
@@ -863,7 +862,7 @@ impl Trainer {
                 "tp_comm_s": o.tp_comm_s,
                 "skipped": !o.stats.applied,
                 "optimizer_state_bytes": self.optim.state_bytes(),
-                "memory": if self.device.is_cuda() { json!({"gpu_mib_peak": run.gpu_peak_mib}) } else { self.memory_record() },
+                "memory": self.memory_record(),
             });
             if let Some(m) = &mut self.metrics {
                 m.log(step + 1, &rec)?;
@@ -978,5 +977,18 @@ impl Trainer {
             crate::plot::loss_png(&m.dir.join("loss.png"), &train, &valid)?;
         }
         Ok(report)
+    }
+}
+
+/// The caching allocator's figures for the metrics (MiB): peak allocated
+/// (what tensors needed) and peak reserved (what the allocator held).
+fn gpu_memory_record(index: usize) -> serde_json::Value {
+    match gpu_memory::gpu_memory(index) {
+        Some(m) => json!({
+            "allocated_mib_peak": gpu_memory::mib(m.peak_allocated),
+            "reserved_mib_peak": gpu_memory::mib(m.peak_reserved),
+            "allocated_mib": gpu_memory::mib(m.allocated),
+        }),
+        None => json!({}),
     }
 }
