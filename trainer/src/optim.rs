@@ -17,6 +17,28 @@ use crate::dist::Collectives;
 use crate::error::Result;
 use crate::params::{shard_range, Params};
 
+/// Elements per piece of the optimizer's passes over the flat buffers (256 MB
+/// of fp32): temporaries are this big, never a whole buffer (a 2.9 B-parameter
+/// pipeline stage once ran out of memory on a 21.5 GB float64 temporary).
+const OPTIM_CHUNK: i64 = 1 << 26;
+
+/// Sum of squares of `t` in float64, converted `chunk` elements at a time.
+fn sum_squares(t: &Tensor, chunk: i64) -> Tensor {
+    let mut sq: Option<Tensor> = None;
+    for (s, n) in crate::model::chunks(t.numel() as i64, chunk) {
+        let part = t
+            .narrow(0, s, n)
+            .to_kind(Kind::Double)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Double);
+        sq = Some(match sq {
+            Some(a) => a + part,
+            None => part,
+        });
+    }
+    sq.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, t.device())))
+}
+
 /// This rank's part of the flat buffer under ZeRO-1.
 #[derive(Clone, Copy, Debug)]
 pub struct Shard {
@@ -39,6 +61,8 @@ pub struct AdamW {
     pub steps: u64,
     pub shard: Option<Shard>,
     numel: i64,
+    /// Elements per piece of the passes (`OPTIM_CHUNK`; tests use small ones).
+    chunk: i64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +109,7 @@ impl AdamW {
             steps: 0,
             shard,
             numel: n,
+            chunk: OPTIM_CHUNK,
         }
     }
 
@@ -135,19 +160,12 @@ impl AdamW {
             }
             (_, None) => (self.grad.shallow_clone(), 0, self.numel, None),
         };
-        let mut sq = g
-            .to_kind(Kind::Double)
-            .pow_tensor_scalar(2)
-            .sum(Kind::Double);
+        let mut sq = sum_squares(&g, self.chunk);
         // Elements held by several tensor-parallel ranks count once: weight 1/copies.
         for &(off, n, copies) in &self.shared {
             let (a, b) = (off.max(start), (off + n).min(start + len));
             if a < b {
-                let part = g
-                    .narrow(0, a - start, b - a)
-                    .to_kind(Kind::Double)
-                    .pow_tensor_scalar(2)
-                    .sum(Kind::Double);
+                let part = sum_squares(&g.narrow(0, a - start, b - a), self.chunk);
                 sq = sq - part * (1.0 - 1.0 / copies as f64);
             }
         }
@@ -175,21 +193,29 @@ impl AdamW {
         let [b1, b2] = self.cfg.betas;
         let t = self.steps as i32;
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let _ = self.exp_avg.lerp_(&g, 1.0 - b1);
-        let _ = self.exp_avg_sq.g_mul_scalar_(b2);
-        let _ = self.exp_avg_sq.addcmul_(&(&g * (1.0 - b2)), &g);
-        if len > 0 {
-            let mut p = params.flat.narrow(0, start, len);
-            let decayed = (params.num_decayed - start).clamp(0, len);
-            if self.cfg.weight_decay > 0.0 && decayed > 0 {
-                let _ = p
-                    .narrow(0, 0, decayed)
-                    .g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
+        // Piece by piece: every operation is elementwise, so the numbers are
+        // those of whole-buffer operations, and the temporaries stay small.
+        let decayed = (params.num_decayed - start).clamp(0, len);
+        let wd = self.cfg.weight_decay;
+        for (cs, cn) in crate::model::chunks(g.numel() as i64, self.chunk) {
+            let gc = g.narrow(0, cs, cn);
+            let m = self.exp_avg.narrow(0, cs, cn);
+            let v = self.exp_avg_sq.narrow(0, cs, cn);
+            let _ = m.shallow_clone().lerp_(&gc, 1.0 - b1);
+            let _ = v.shallow_clone().g_mul_scalar_(b2);
+            let _ = v.shallow_clone().addcmul_(&(&gc * (1.0 - b2)), &gc);
+            // The parameters this rank updates: 0..len of its range.
+            let pn = (len - cs).clamp(0, cn);
+            if pn == 0 {
+                continue;
             }
-            let m = self.exp_avg.narrow(0, 0, len);
-            let v = self.exp_avg_sq.narrow(0, 0, len);
-            let denom = (&v / bc2).sqrt() + self.cfg.eps;
-            let _ = p.addcdiv_(&(&m * (-lr / bc1)), &denom);
+            let mut p = params.flat.narrow(0, start + cs, pn);
+            let dn = (decayed - cs).clamp(0, pn);
+            if wd > 0.0 && dn > 0 {
+                let _ = p.narrow(0, 0, dn).g_mul_scalar_(1.0 - lr * wd);
+            }
+            let denom = (&v.narrow(0, 0, pn) / bc2).sqrt() + self.cfg.eps;
+            let _ = p.addcdiv_(&(&m.narrow(0, 0, pn) * (-lr / bc1)), &denom);
         }
         if let (Some(s), Some(c)) = (self.shard, comm) {
             // Share the updated shards: every rank ends with the whole new buffer.
@@ -285,5 +311,35 @@ mod tests {
         assert!(s.applied && s.grad_norm.is_finite());
         assert!(!m.params.flat.equal(&w0));
         assert_eq!(a.steps, 1);
+    }
+
+    /// The optimizer's passes piece by piece give the numbers of whole-buffer
+    /// passes (pieces of 7 elements: parameter and decay boundaries fall
+    /// inside pieces): the update exactly, the norm to float64 rounding.
+    #[test]
+    fn piecewise_optimizer_passes_give_the_whole_buffer_update() {
+        let (m1, mut a1) = tiny();
+        let (m2, mut a2) = tiny();
+        a2.chunk = 7;
+        for step in 0..3 {
+            let g = Tensor::randn([a1.grad.numel() as i64], (Kind::Float, tch::Device::Cpu))
+                * (step + 1) as f64;
+            let _ = a1.grad.copy_(&g);
+            let _ = a2.grad.copy_(&g);
+            let s1 = a1
+                .step(&m1.params, 0.1, None, Vec::new(), false)
+                .expect("step");
+            let s2 = a2
+                .step(&m2.params, 0.1, None, Vec::new(), false)
+                .expect("step");
+            // The float64 sum of squares adds in another order: equal to rounding.
+            let rel = (s1.grad_norm - s2.grad_norm).abs() / s1.grad_norm;
+            assert!(rel < 1e-14, "norms {} and {}", s1.grad_norm, s2.grad_norm);
+            assert!(
+                m1.params.flat.equal(&m2.params.flat),
+                "step {step}: weights differ"
+            );
+            assert!(a1.exp_avg.equal(&a2.exp_avg) && a1.exp_avg_sq.equal(&a2.exp_avg_sq));
+        }
     }
 }
