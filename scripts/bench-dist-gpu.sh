@@ -53,14 +53,14 @@ def load(name):
     return recs[2:] if len(recs) > 3 else recs
 base = load("dp1")
 base_tps = statistics.median(r["tokens_per_s"] for r in base) if base else float("nan")
-print(f"{'run':<12} {'GPUs':>4} {'tok/s':>9} {'tok/s/GPU':>10} {'weak eff':>8} {'MFU':>6} {'GPU MiB (rank 0)':>16} {'opt state GB/GPU':>16} {'losses':>s}")
+print(f"{'run':<12} {'GPUs':>4} {'tok/s':>9} {'tok/s/GPU':>10} {'weak eff':>8} {'MFU':>6} {'alloc MiB rank 0':>16} {'opt state GB/GPU':>16} {'losses':>s}")
 for name, g in [("dp1", 1)] + [(f"dp{n}{z}", n) for n in counts for z in ("", "-no-overlap", "-zero1")]:
     w = load(name)
     if not w:
         print(f"{name:<12} {g:>4} failed"); continue
     tps = statistics.median(r["tokens_per_s"] for r in w)
     mfu = statistics.median(r["mfu"] for r in w)
-    mem = max(r["memory"].get("gpu_mib_peak", 0) for r in w)
+    mem = max(r["memory"].get("allocated_mib_peak", r["memory"].get("gpu_mib_peak", 0)) for r in w)
     st = w[-1]["optimizer_state_bytes"] / 1e9
     print(f"{name:<12} {g:>4} {tps:>9.0f} {tps/g:>10.0f} {100*tps/(g*base_tps):>7.1f}% {100*mfu:>5.1f}% {mem:>16} {st:>16.2f} {[round(r['loss'],4) for r in w][:4]}")
 PY

@@ -6,9 +6,10 @@
 #    dp 2, tp 2, pp 2 (1F1B, 8 micro-batches) and pp 2 interleaved (2 chunks per
 #    rank): tokens/s per GPU, memory; the pipeline runs record a trace of
 #    steps 2-4 (metrics.trace), whose bubble is compared with (p-1)/(v m + p-1).
-# 2. SIGMA-10B, seq 4096, micro-batch 1, on 4 GPUs: tp 4 and tp 2 x pp 2 without activation
-#    checkpointing, pp 4 with it (without, its first stage would hold 4 micro-batches of
-#    activations of 9 layers: more than 80 GB).
+# 2. SIGMA-10B, seq 4096, micro-batch 1, on 4 GPUs: tp 4 without activation checkpointing,
+#    tp 2 x pp 2 and pp 4 with it (without, the first stage keeps the activations of
+#    every micro-batch in flight: tp 2 x pp 2 ran out of memory at 16 layers x 2
+#    micro-batches on top of 44 GB of state).
 # Tokens/s and MFU are medians over the steps after the traced ones.
 # Needs target/release/sigma and a python3 whose torch 2.11 (CUDA) provides libtorch.
 set -uo pipefail
@@ -46,7 +47,7 @@ if [[ " $parts " != *" 10b "* ]]; then
 elif [ "$ngpu" -ge 4 ]; then
 b10=(--config configs/sigma-10b.toml --quiet --set train.steps=7 --set train.log_every=1 --set train.eval_steps=1
   --set metrics.plot=false --set train.micro_batch_size=1 --set train.activation_checkpointing=false)
-run 10b-tp2pp2 4 "${b10[@]}" --set parallel.tp=2 --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
+run 10b-tp2pp2 4 "${b10[@]}" --set parallel.tp=2 --set parallel.pp=2 --set train.grad_accum_steps=8 --set train.activation_checkpointing=true --set metrics.trace=true
 run 10b-pp4 4 "${b10[@]}" --set parallel.pp=4 --set train.grad_accum_steps=8 --set train.activation_checkpointing=true --set metrics.trace=true
 run 10b-tp4 4 "${b10[@]}" --set parallel.tp=4 --set train.grad_accum_steps=4
 else
@@ -59,7 +60,7 @@ python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, os, statistics, sys
 out = sys.argv[1]
 gpus = {"1.5b": 2, "10b": 4}
-print(f"{'run':<12} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'GPU MiB':>8} {'bubble':>7} {'theory':>7} losses")
+print(f"{'run':<12} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'alloc MiB':>9} {'bubble':>7} {'theory':>7} losses")
 for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-pp2", "1.5b-pp2i", "10b-tp4", "10b-tp2pp2", "10b-pp4"]:
     m = os.path.join(out, name, "metrics.jsonl")
     if not os.path.exists(m):
@@ -68,11 +69,13 @@ for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-pp2", "1.5b-pp2i", "10b-tp4", "10b-tp
     r = [x for x in lines if "loss" in x]
     b = [x for x in lines if "pipeline_bubble" in x]
     w = r[4:] if len(r) > 5 else r[-2:]
+    if not w:
+        print(f"{name:<12} no steps logged"); continue
     g = gpus[name.split("-")[0]]
     tps = statistics.median(x["tokens_per_s"] for x in w)
     mfu = statistics.median(x["mfu"] for x in w)
-    mem = max(x["memory"].get("gpu_mib_peak", 0) for x in r)
+    mem = max(x["memory"].get("allocated_mib_peak", x["memory"].get("gpu_mib_peak", 0)) for x in r)
     bub = f"{100*b[-1]['pipeline_bubble']:.1f}%" if b else "-"
     th = f"{100*b[-1]['pipeline_bubble_theory']:.1f}%" if b else "-"
-    print(f"{name:<12} {g:>4} {tps:>8.0f} {tps/g:>9.0f} {100*mfu:>5.1f}% {mem:>8} {bub:>7} {th:>7} {[round(x['loss'],4) for x in r][:3]}")
+    print(f"{name:<12} {g:>4} {tps:>8.0f} {tps/g:>9.0f} {100*mfu:>5.1f}% {mem:>9} {bub:>7} {th:>7} {[round(x['loss'],4) for x in r][:3]}")
 PY

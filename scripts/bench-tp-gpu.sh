@@ -83,7 +83,7 @@ if a and b:
     d = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
     print(f"tiny fp32 on GPU, tp 2 vs tp 1 over {len(a)} steps: max relative loss difference {d:.2e}")
 gpus = {"1.5b-dp2": 2, "1.5b-tp2": 2, "10b-tp4": 4}
-print(f"{'run':<22} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'GPU MiB':>8} {'tp comm s/step':>14} {'step s':>7} losses")
+print(f"{'run':<22} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'alloc MiB':>8} {'tp comm s/step':>14} {'step s':>7} losses")
 for name in sorted(os.listdir(out)):
     r = recs(name)
     if not r or name.startswith("tiny") or name.startswith("srun"):
@@ -92,7 +92,7 @@ for name in sorted(os.listdir(out)):
     g = next(v for k, v in gpus.items() if name.startswith(k))
     tps = statistics.median(x["tokens_per_s"] for x in w)
     mfu = statistics.median(x["mfu"] for x in w) if w[0].get("mfu") is not None else float("nan")
-    mem = max(x.get("memory", {}).get("gpu_mib_peak", 0) for x in r)
+    mem = max(x.get("memory", {}).get("allocated_mib_peak", x.get("memory", {}).get("gpu_mib_peak", 0)) for x in r)
     comm = [x["tp_comm_s"] for x in w if x.get("tp_comm_s") is not None]
     cs = f"{statistics.median(comm):.3f}" if comm else "-"
     st = statistics.median(x["step_time_s"] for x in w)
