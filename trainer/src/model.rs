@@ -110,7 +110,8 @@ pub struct Model {
     /// `train.loss_chunk_tokens`: the output head and loss in chunks of this
     /// many tokens in training (0: all at once); see the engine's head segment.
     pub loss_chunk_tokens: usize,
-    rope: RefCell<HashMap<(i64, i64), (Tensor, Tensor)>>,
+    /// RoPE tables by (positions, dim, dtype), on the model's device.
+    rope: RefCell<HashMap<(i64, i64, Kind), (Tensor, Tensor)>>,
 }
 
 /// Tokens per chunk of the output head without gradients (validation,
@@ -330,18 +331,20 @@ impl Model {
         self.rms_norm(x, w).to_kind(self.compute)
     }
 
-    /// cos/sin tables [t, dim/2] for positions 0..t (angles computed in f64).
+    /// cos/sin tables [t, dim/2] for positions 0..t (angles computed in f64),
+    /// made once per dtype: no cast per call.
     fn rope_tables(&self, t: i64, dim: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
         let mut cache = self.rope.borrow_mut();
-        let (c, s) = cache.entry((t, dim)).or_insert_with(|| {
+        let (c, s) = cache.entry((t, dim, kind)).or_insert_with(|| {
             let opts = (Kind::Double, Device::Cpu);
             let inv = (Tensor::arange_start_step(0, dim, 2, opts) / dim as f64
                 * -(self.cfg.rope_theta.ln()))
             .exp();
             let ang = Tensor::arange(t, opts).unsqueeze(1) * inv.unsqueeze(0);
-            (ang.cos().to_device(device), ang.sin().to_device(device))
+            let on = |x: Tensor| x.to_kind(kind).to_device(device);
+            (on(ang.cos()), on(ang.sin()))
         });
-        (c.to_kind(kind), s.to_kind(kind))
+        (c.shallow_clone(), s.shallow_clone())
     }
 
     /// Rotary embedding of [b, h, t, dim] at positions `start..start + t`,
