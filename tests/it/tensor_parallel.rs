@@ -154,6 +154,60 @@ fn tokens() -> Tensor {
     Tensor::from_slice(&(0..26).map(|i| (i * 11 % 32) as i64).collect::<Vec<_>>()).view([2, 13])
 }
 
+/// The whole model of `c` in f64.
+fn one_model(c: &ModelConfig) -> Model {
+    Model::new(c, 3, false, false, Device::Cpu, false).to_double()
+}
+
+/// Rank `rank`'s share of `c` at tp 2, in f64, from the single model's draws.
+fn tp_model(c: &ModelConfig, rank: usize, sp: bool) -> Model {
+    Model::with_plan(
+        c,
+        TpPlan::new(c, 2, rank, sp),
+        sigma_trainer::pipeline::PipelinePlan::single(c),
+        3,
+        false,
+        false,
+        Device::Cpu,
+        false,
+    )
+    .to_double()
+}
+
+/// The validation loss under tp 2 (vocabulary-parallel head and loss) with
+/// the head in chunks of 5 tokens or at once equals the single device's.
+#[test]
+fn tp2_validation_loss_in_token_chunks_equals_the_single_device_loss() {
+    let c = grad_cfg();
+    let one = one_model(&c);
+    let want = engine::loss_sum(&one, &tokens()).double_value(&[]);
+    let server = StoreServer::start("127.0.0.1:0", "v").expect("store");
+    for chunk in [0usize, 5] {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let (addr, c) = (server.addr.to_string(), c.clone());
+                std::thread::spawn(move || {
+                    let t = Duration::from_secs(30);
+                    let client = StoreClient::connect(&addr, "v", rank as u32, t).expect("connect");
+                    let mut tp = StoreCollectives::new(client, &format!("eval{chunk}"), rank, 2, t);
+                    let mut m = tp_model(&c, rank, true);
+                    m.loss_chunk_tokens = chunk;
+                    engine::loss_sum_in(&m, Some(&mut tp as &mut dyn Collectives), &tokens())
+                        .expect("loss")
+                        .double_value(&[])
+                })
+            })
+            .collect();
+        for h in ranks {
+            let got = h.join().expect("rank");
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs(),
+                "chunk {chunk}: tp 2 loss {got} vs single device {want}"
+            );
+        }
+    }
+}
+
 /// Gradients of rank `rank` of 2 (its local flat buffer), made whole for shared parameters.
 fn tp_rank_grads(
     addr: String,
@@ -173,21 +227,7 @@ fn tp_rank_grads(
         t,
     ));
     let mut replicas = vec![(2usize, shared)];
-    // Initialisation draws from libtorch's global generator: one model at a time.
-    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
-    let m = Model::with_plan(
-        &c,
-        TpPlan::new(&c, 2, rank, sp),
-        sigma_trainer::pipeline::PipelinePlan::single(&c),
-        3,
-        false,
-        false,
-        Device::Cpu,
-        false,
-    )
-    .to_double();
-    drop(guard);
+    let m = tp_model(&c, rank, sp);
     let mut g = m.params.flat.zeros_like();
     let _ = engine::forward_backward_in(
         &m,
@@ -213,7 +253,7 @@ fn tp_rank_grads(
 #[test]
 fn gradients_of_a_tp2_model_equal_the_single_device_gradients() {
     let c = grad_cfg();
-    let one = Model::new(&c, 3, false, false, Device::Cpu, false).to_double();
+    let one = one_model(&c);
     let mut g1 = one.params.flat.zeros_like();
     let _ = engine::forward_backward(&one, &tokens(), 0.1, false, &mut g1, &mut |_, _| Ok(()))
         .expect("backward");

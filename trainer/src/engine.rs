@@ -934,14 +934,53 @@ pub fn chunk_eval(
     if let (Some(s), Some(x)) = (prog.input_slot, input) {
         ex.val[s] = Some(x);
     }
-    tch::no_grad(|| ex.forward(&mut tp, 0..prog.steps.len(), false))?;
-    let out = ex.val[prog.out_slot].as_ref().expect("output").detach();
+    let n = prog.steps.len();
     if prog.last && prog.vocab_parallel {
-        let (first, _) = model.plan.vocab_rows(&model.cfg);
-        let targets = ex.targets.shallow_clone();
-        return Ok(vocab_parallel_cross_entropy(group(&mut tp), &out, &targets, first, None)?.0);
+        // Everything up to the logits, then logits and loss a chunk of
+        // tokens at a time: one chunk's logits exist at once.
+        tch::no_grad(|| ex.forward(&mut tp, 0..n - 1, false))?;
+        let Step::Run {
+            seg: Seg::HeadLogits,
+            inputs,
+            ..
+        } = &prog.steps[n - 1]
+        else {
+            unreachable!("a vocabulary-parallel program ends in the head's logits")
+        };
+        let h = ex.val[inputs[0]].as_ref().expect("head input").detach();
+        return vocab_parallel_loss_chunked(model, group(&mut tp), &h, &ex.targets);
     }
-    Ok(out)
+    tch::no_grad(|| ex.forward(&mut tp, 0..n, false))?;
+    Ok(ex.val[prog.out_slot].as_ref().expect("output").detach())
+}
+
+/// The vocabulary-parallel loss sum of normalised states `h` [b, t, d]
+/// without gradients, over chunks of tokens (`train.loss_chunk_tokens`, else
+/// `EVAL_LOSS_CHUNK_TOKENS`); every rank of the group runs the same chunks.
+fn vocab_parallel_loss_chunked(
+    model: &Model,
+    c: &mut dyn Collectives,
+    h: &Tensor,
+    targets: &Tensor,
+) -> Result<Tensor> {
+    let (first, _) = model.plan.vocab_rows(&model.cfg);
+    let (b, t, d) = (h.size()[0], h.size()[1], h.size()[2]);
+    let (hf, tf) = (h.reshape([1, b * t, d]), targets.reshape([1, b * t]));
+    let chunk = match model.loss_chunk_tokens {
+        0 => crate::model::EVAL_LOSS_CHUNK_TOKENS,
+        n => n,
+    };
+    let mut total: Option<Tensor> = None;
+    for (s, len) in crate::model::chunks(b * t, chunk as i64) {
+        at("validation forward (output head and loss)", None);
+        let logits = tch::no_grad(|| model.head_logits(&hf.narrow(1, s, len)));
+        let (l, _) = vocab_parallel_cross_entropy(c, &logits, &tf.narrow(1, s, len), first, None)?;
+        total = Some(match total {
+            Some(a) => a + l,
+            None => l,
+        });
+    }
+    Ok(total.expect("at least one token"))
 }
 
 /// Sum of token losses without gradients (validation), with the

@@ -163,7 +163,7 @@ impl Params {
     /// (the order of one device's flat buffer), and this rank keeps the blocks it
     /// holds, so every layout (tensor- or pipeline-parallel or not) starts
     /// from the same weights. Then move to `device`. The draws use libtorch's
-    /// global generator: build one model at a time in a process. Returns the parameters
+    /// global generator, under a process-wide lock. Returns the parameters
     /// and, for each spec as given, its handle if held.
     pub fn new(
         specs: Vec<ParamSpec>,
@@ -192,6 +192,10 @@ impl Params {
             .sum();
         let mut draw: Vec<usize> = (0..specs.len()).collect();
         draw.sort_by_key(|&i| !decayed(&specs[i]));
+        // libtorch's generator is global: one model draws at a time in a
+        // process (threads of a test binary, say), or their draws interleave.
+        static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let draws = DRAWS.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(seed as i64);
         let flat_cpu = Tensor::zeros([off], (Kind::Float, Device::Cpu));
         tch::no_grad(|| {
@@ -218,6 +222,7 @@ impl Params {
                 }
             }
         });
+        drop(draws);
         let flat = if device == Device::Cpu {
             flat_cpu
         } else {
