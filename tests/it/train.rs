@@ -262,3 +262,40 @@ fn a_chunked_head_trains_like_the_whole_head() {
         assert!((x - y).abs() <= 1e-5 * x, "step {}: {x} vs {y}", i + 1);
     }
 }
+
+/// `metrics.profile`: steps 2-4 are profiled by libtorch's profiler; the
+/// operators' time is categorised (matmuls, attention, loss, optimizer), the
+/// time outside them is small, and the table is printed and written.
+#[test]
+fn the_profile_accounts_for_the_step_by_category() {
+    let d = tempfile::tempdir().expect("tmp");
+    let sets = [
+        "train.cpu_threads=1",
+        "metrics.plot=false",
+        "metrics.tensorboard=false",
+        "metrics.profile=true",
+    ];
+    let o = run(&tiny_train_args(d.path(), 5, &sets));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("ms/step"),
+        "table printed: {}",
+        stderr(&o)
+    );
+    let p: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("profile-rank0.json")).expect("profile written"),
+    )
+    .expect("json");
+    assert_eq!(p["steps"], 3, "{p}");
+    let secs = p["seconds"].as_object().expect("categories");
+    let cat = |k: &str| secs.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    for k in ["matmul", "attention", "loss", "optimizer"] {
+        assert!(cat(k) > 0.0, "{k} missing: {p}");
+    }
+    // The operators were captured: outside them (Rust code) is a small part.
+    let windows = p["wall"]["forward_backward"].as_f64().expect("fb")
+        + p["wall"]["optimizer"].as_f64().expect("opt");
+    let host = cat("host (device idle)");
+    assert!(host < 0.5 * windows, "host {host} s of {windows} s: {p}");
+    assert!(d.path().join("profile-rank0.txt").exists());
+}

@@ -450,6 +450,11 @@ pub struct MetricsConfig {
     /// receive, optimizer) as a Chrome/Perfetto trace, `trace-rank<r>.json`.
     #[serde(default)]
     pub trace: bool,
+    /// Profile steps 2-4 with libtorch's profiler: time per category
+    /// (matmuls, attention, norms, loss, optimizer, communication, host),
+    /// printed and written to `profile-rank<r>.json`.
+    #[serde(default)]
+    pub profile: bool,
 }
 
 impl Default for MetricsConfig {
@@ -460,6 +465,7 @@ impl Default for MetricsConfig {
             peak_flops: None,
             plot: true,
             trace: false,
+            profile: false,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod params;
 pub mod pipeline;
 pub mod plot;
+pub mod profile;
 pub mod schedule;
 pub mod signals;
 pub mod summary;

@@ -32,6 +32,7 @@ use crate::optim::{AdamW, StepStats};
 use crate::pipeline::exec::{StepInput, Trace};
 use crate::pipeline::schedule::Schedule;
 use crate::pipeline::PipelinePlan;
+use crate::profile::{Profiler, Window, PROFILED_STEPS};
 use crate::schedule::lr_at;
 use crate::signals::StopSignals;
 use crate::summary::{memory_estimate, summarize, MemoryInputs};
@@ -68,6 +69,8 @@ pub struct Trainer {
     resumed_lr: f64,
     /// The pipeline trace being recorded (`metrics.trace`, steps 2 to 4).
     trace: Option<Trace>,
+    /// `metrics.profile`: the profiler of the steps in `profile::PROFILED_STEPS`.
+    profiler: Option<Profiler>,
 }
 
 /// Processes in the job (1 without one).
@@ -319,6 +322,7 @@ impl Trainer {
             dp_rank,
             resumed_lr: 0.0,
             trace: None,
+            profiler: None,
         })
     }
 
@@ -556,6 +560,38 @@ impl Trainer {
             .collect())
     }
 
+    fn cuda_index(&self) -> Option<usize> {
+        match self.device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    fn device_name(&self) -> String {
+        match self.device {
+            Device::Cuda(i) => metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}")),
+            _ => "cpu".into(),
+        }
+    }
+
+    /// Write this rank's profile (`profile-rank<r>.json` and `.txt` in the run
+    /// directory); rank 0 prints its table.
+    fn write_profile(&mut self) -> Result<()> {
+        let Some(mut p) = self.profiler.take() else {
+            return Ok(());
+        };
+        let prof = p.finish();
+        let dir = PathBuf::from(&self.cfg.metrics.output_dir);
+        let base = dir.join(format!("profile-rank{}", self.rank));
+        let json =
+            serde_json::to_string_pretty(prof).map_err(|e| TrainError::Other(e.to_string()))?;
+        sigma_data::fsutil::write_atomic(&base.with_extension("json"), json.as_bytes())?;
+        let table = prof.table();
+        sigma_data::fsutil::write_atomic(&base.with_extension("txt"), table.as_bytes())?;
+        self.say(format!("{table}profile written to {}.json", base.display()));
+        Ok(())
+    }
+
     /// Write this rank's trace (`trace-rank<r>.json` in the run directory) and
     /// log the measured bubble next to the theoretical one (rank 0).
     fn write_trace(&mut self, step: u64) -> Result<()> {
@@ -657,6 +693,7 @@ impl Trainer {
         }
         // The pipeline trace covers the 2nd to 4th step of this process.
         let traced = self.cfg.metrics.trace && self.cfg.parallel.pp > 1;
+        let profiled = self.cfg.metrics.profile;
         let total = self.cfg.train.steps;
         for step in self.start_step..total {
             abort::check()?;
@@ -664,10 +701,18 @@ impl Trainer {
             if traced && step == self.start_step + 1 {
                 self.trace = Some(Trace::new(self.device));
             }
+            if profiled && step == self.start_step + PROFILED_STEPS.start {
+                self.profiler = Some(Profiler::new(self.cuda_index(), self.device_name()));
+            }
             let out = self.train_step(step)?;
             if traced && self.trace.is_some() && (step == self.start_step + 3 || step + 1 == total)
             {
                 self.write_trace(step + 1)?;
+            }
+            if self.profiler.is_some()
+                && (step + 1 == self.start_step + PROFILED_STEPS.end || step + 1 == total)
+            {
+                self.write_profile()?;
             }
             self.record(step, &out, &mut run)?;
             self.maybe_validate(step, &mut run)?;
@@ -740,6 +785,9 @@ impl Trainer {
         let target_tokens: usize =
             batches.iter().map(|b| b.rows * b.seq_len).sum::<usize>() * c.parallel.dp;
         let scale = 1.0 / target_tokens as f64;
+        if let Some(p) = self.profiler.as_mut() {
+            p.begin(Window::ForwardBackward);
+        }
         let loss_sum = if c.parallel.pp > 1 {
             self.pipeline_pass(&batches, scale, step)?
         } else {
@@ -772,6 +820,9 @@ impl Trainer {
             }
         }
         self.sync();
+        if let Some(p) = self.profiler.as_mut() {
+            p.end();
+        }
         let t_fwd_bwd = t0.elapsed().as_secs_f64() - t_data;
         let loss = flags[0] / target_tokens as f64;
         let lr = lr_at(&c.optim, step, c.train.steps);
@@ -791,6 +842,9 @@ impl Trainer {
             None => (None, Vec::new()),
         };
         guard::at("optimizer step", None);
+        if let Some(p) = self.profiler.as_mut() {
+            p.begin(Window::Optimizer);
+        }
         // A non-finite loss (every rank sees the same one) skips the update like a
         // non-finite gradient does.
         let (optim, params) = (&mut self.optim, &self.model.params);
@@ -800,6 +854,10 @@ impl Trainer {
             None => update()?,
         };
         self.sync();
+        if let Some(p) = self.profiler.as_mut() {
+            p.end();
+            p.add_step(t_data);
+        }
         let dt = t0.elapsed().as_secs_f64();
         Ok(StepOutcome {
             loss,
