@@ -40,7 +40,7 @@ for name, nq, nkv, dqk, dv in cases:
     k = torch.randn(b, nkv, t, dqk, device=dev, dtype=dt, requires_grad=True)
     v = torch.randn(b, nkv, t, dv, device=dev, dtype=dt, requires_grad=True)
     gqa = nq != nkv
-    choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, None, enable_gqa=gqa)
+    choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=None, enable_gqa=gqa)
     backend = SDPBackend(choice).name
 
     def step():
@@ -52,7 +52,7 @@ for name, nq, nkv, dqk, dv in cases:
         # The same attention with K and V repeated to n_q heads (no grouping needed).
         kr = k.detach().repeat_interleave(nq // nkv, 1).requires_grad_()
         vr = v.detach().repeat_interleave(nq // nkv, 1).requires_grad_()
-        c2 = SDPBackend(torch._fused_sdp_choice(q, kr, vr, None, 0.0, True, None)).name
+        c2 = SDPBackend(torch._fused_sdp_choice(q, kr, vr, None, 0.0, True)).name
 
         def step2():
             o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
