@@ -8,6 +8,7 @@ pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fused;
 pub mod generate;
 pub mod gpu_memory;
 pub mod guard;

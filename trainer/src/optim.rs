@@ -22,6 +22,9 @@ use crate::params::{shard_range, Params};
 /// pipeline stage once ran out of memory on a 21.5 GB float64 temporary).
 const OPTIM_CHUNK: i64 = 1 << 26;
 
+/// Elements per piece of the fused AdamW kernel's lists (below 2^31).
+const FUSED_PIECE: i64 = 1 << 28;
+
 /// Sum of squares of `t` in float64, converted `chunk` elements at a time.
 fn sum_squares(t: &Tensor, chunk: i64) -> Tensor {
     let mut sq: Option<Tensor> = None;
@@ -63,6 +66,9 @@ pub struct AdamW {
     numel: i64,
     /// Elements per piece of the passes (`OPTIM_CHUNK`; tests use small ones).
     chunk: i64,
+    /// The update through libtorch's fused AdamW kernel (on GPU; the CPU keeps
+    /// the piecewise update, whose numbers the golden losses record).
+    pub fused: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +116,7 @@ impl AdamW {
             shard,
             numel: n,
             chunk: OPTIM_CHUNK,
+            fused: params.flat.device().is_cuda(),
         }
     }
 
@@ -190,12 +197,48 @@ impl AdamW {
             let _ = g.g_mul_scalar_(self.cfg.grad_clip / (norm + 1e-6));
         }
         self.steps += 1;
+        let decayed = (params.num_decayed - start).clamp(0, len);
+        if self.fused {
+            self.apply_fused(params, &g, start, len, decayed, lr)?;
+        } else {
+            self.apply_piecewise(params, &g, start, len, decayed, lr);
+        }
+        if let (Some(s), Some(c)) = (self.shard, comm) {
+            // Share the updated shards: every rank ends with the whole new buffer.
+            let mine = Tensor::zeros([s.size], (params.flat.kind(), params.flat.device()));
+            if len > 0 {
+                mine.narrow(0, 0, len)
+                    .copy_(&params.flat.narrow(0, start, len));
+            }
+            for (q, part) in c.all_gather(&mine)?.iter().enumerate() {
+                let (qs, ql) = shard_range(self.numel, s.world, q);
+                if ql > 0 {
+                    params.flat.narrow(0, qs, ql).copy_(&part.narrow(0, 0, ql));
+                }
+            }
+        }
+        Ok(StepStats {
+            grad_norm: norm,
+            applied: true,
+        })
+    }
+
+    /// The AdamW update of flat elements `start..start + len` (the first
+    /// `decayed` of them decayed) from this rank's gradient `g`, piece by
+    /// piece: every operation is elementwise, so the numbers are those of
+    /// whole-buffer operations, and the temporaries stay small.
+    fn apply_piecewise(
+        &mut self,
+        params: &Params,
+        g: &Tensor,
+        start: i64,
+        len: i64,
+        decayed: i64,
+        lr: f64,
+    ) {
         let [b1, b2] = self.cfg.betas;
         let t = self.steps as i32;
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        // Piece by piece: every operation is elementwise, so the numbers are
-        // those of whole-buffer operations, and the temporaries stay small.
-        let decayed = (params.num_decayed - start).clamp(0, len);
         let wd = self.cfg.weight_decay;
         for (cs, cn) in crate::model::chunks(g.numel() as i64, self.chunk) {
             let gc = g.narrow(0, cs, cn);
@@ -217,24 +260,40 @@ impl AdamW {
             let denom = (&v.narrow(0, 0, pn) / bc2).sqrt() + self.cfg.eps;
             let _ = p.addcdiv_(&(&m.narrow(0, 0, pn) * (-lr / bc1)), &denom);
         }
-        if let (Some(s), Some(c)) = (self.shard, comm) {
-            // Share the updated shards: every rank ends with the whole new buffer.
-            let mine = Tensor::zeros([s.size], (params.flat.kind(), params.flat.device()));
-            if len > 0 {
-                mine.narrow(0, 0, len)
-                    .copy_(&params.flat.narrow(0, start, len));
+    }
+
+    /// The same update through libtorch's fused AdamW kernel (GPU): the
+    /// decayed and the undecayed elements in one call each, as pieces of at
+    /// most `FUSED_PIECE` elements (the kernel indexes with 32-bit integers).
+    /// Equal to the piecewise update up to rounding (it divides by the square
+    /// root of the bias correction instead of under the root).
+    fn apply_fused(
+        &mut self,
+        params: &Params,
+        g: &Tensor,
+        start: i64,
+        len: i64,
+        decayed: i64,
+        lr: f64,
+    ) -> Result<()> {
+        let step = Tensor::from(self.steps as f32).to_device(g.device());
+        for (a, b, wd) in [(0, decayed, self.cfg.weight_decay), (decayed, len, 0.0)] {
+            let (mut p, mut gs, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (s, n) in crate::model::chunks(b - a, FUSED_PIECE) {
+                p.push(params.flat.narrow(0, start + a + s, n));
+                gs.push(g.narrow(0, a + s, n));
+                m.push(self.exp_avg.narrow(0, a + s, n));
+                v.push(self.exp_avg_sq.narrow(0, a + s, n));
             }
-            for (q, part) in c.all_gather(&mine)?.iter().enumerate() {
-                let (qs, ql) = shard_range(self.numel, s.world, q);
-                if ql > 0 {
-                    params.flat.narrow(0, qs, ql).copy_(&part.narrow(0, 0, ql));
-                }
-            }
+            let args = crate::fused::AdamWArgs {
+                lr,
+                betas: self.cfg.betas,
+                weight_decay: wd,
+                eps: self.cfg.eps,
+            };
+            crate::fused::adamw(&p, &gs, &m, &v, &step, args)?;
         }
-        Ok(StepStats {
-            grad_norm: norm,
-            applied: true,
-        })
+        Ok(())
     }
 
     /// Bytes of optimizer state held by this rank (moments and the gradient buffer).
@@ -341,5 +400,40 @@ mod tests {
             );
             assert!(a1.exp_avg.equal(&a2.exp_avg) && a1.exp_avg_sq.equal(&a2.exp_avg_sq));
         }
+    }
+
+    /// libtorch's fused AdamW (the GPU path; run here on its CPU kernel)
+    /// follows the piecewise update to rounding, weight decay on the decayed
+    /// prefix only, with bias correction over several steps.
+    #[test]
+    fn the_fused_update_follows_the_piecewise_one() {
+        let (m1, mut a1) = tiny();
+        let (m2, mut a2) = tiny();
+        a2.fused = true;
+        for step in 0..5 {
+            let g = Tensor::randn([a1.grad.numel() as i64], (Kind::Float, tch::Device::Cpu))
+                * 0.1
+                * (step + 1) as f64;
+            let _ = a1.grad.copy_(&g);
+            let _ = a2.grad.copy_(&g);
+            a1.step(&m1.params, 0.1, None, Vec::new(), false)
+                .expect("step");
+            a2.step(&m2.params, 0.1, None, Vec::new(), false)
+                .expect("step");
+            let moved = (&m1.params.flat - &m2.params.flat)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(moved < 1e-5, "step {step}: weights differ by {moved:e}");
+        }
+        // The update moved the weights well beyond that tolerance.
+        let (m0, _) = tiny();
+        let total = (&m1.params.flat - &m0.params.flat)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(total > 0.1, "{total}");
+        // Norm gains (not decayed) and decayed weights both followed.
+        assert!(a1.exp_avg_sq.allclose(&a2.exp_avg_sq, 1e-5, 1e-9, false));
     }
 }
