@@ -331,8 +331,9 @@ impl Model {
         self.rms_norm(x, w).to_kind(self.compute)
     }
 
-    /// cos/sin tables [t, dim/2] for positions 0..t (angles computed in f64),
-    /// made once per dtype: no cast per call.
+    /// RoPE tables [t, dim] for positions 0..t (angles computed in f64), in
+    /// the layout of `rope_at`: `[cos, cos]` and `[-sin, sin]` over the two
+    /// halves of a head; made once per dtype: no cast per call.
     fn rope_tables(&self, t: i64, dim: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
         let mut cache = self.rope.borrow_mut();
         let (c, s) = cache.entry((t, dim, kind)).or_insert_with(|| {
@@ -341,25 +342,38 @@ impl Model {
                 * -(self.cfg.rope_theta.ln()))
             .exp();
             let ang = Tensor::arange(t, opts).unsqueeze(1) * inv.unsqueeze(0);
+            let (cos, sin) = (ang.cos(), ang.sin());
             let on = |x: Tensor| x.to_kind(kind).to_device(device);
-            (on(ang.cos()), on(ang.sin()))
+            (
+                on(Tensor::cat(&[&cos, &cos], 1)),
+                on(Tensor::cat(&[&(-&sin), &sin], 1)),
+            )
         });
         (c.shallow_clone(), s.shallow_clone())
     }
 
-    /// Rotary embedding of [b, h, t, dim] at positions `start..start + t`,
-    /// rotating the two halves of each head.
+    /// Rotary embedding of [b, t, h, dim] (token-major, as projections give
+    /// it) at positions `start..start + t`, rotating the two halves of each
+    /// head: `x * [cos, cos] + swap_halves(x) * [-sin, sin]`, which is
+    /// `[x1 cos - x2 sin, x2 cos + x1 sin]` to the bit, in four contiguous
+    /// kernels (the swap is one flip) instead of strided halves and a `cat`.
     /// The table covers a power-of-two length (each angle is computed on its
     /// own, so a longer table holds the same values): decoding one position
     /// after another reuses a few tables instead of making one per length.
     pub fn rope_at(&self, x: &Tensor, start: i64) -> Tensor {
-        let (t, dim) = (x.size()[2], x.size()[3]);
+        let size = x.size();
+        let (b, t, h, dim) = (size[0], size[1], size[2], size[3]);
         let len = ((start + t) as u64).next_power_of_two() as i64;
         let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
-        let (cos, sin) = (cos.narrow(0, start, t), sin.narrow(0, start, t));
-        let x1 = x.narrow(-1, 0, dim / 2);
-        let x2 = x.narrow(-1, dim / 2, dim / 2);
-        Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x2 * &cos + &x1 * &sin], -1)
+        let (cos, sin) = (
+            cos.narrow(0, start, t).unsqueeze(1),
+            sin.narrow(0, start, t).unsqueeze(1),
+        );
+        let swapped = x
+            .reshape([b, t, h, 2, dim / 2])
+            .flip([3])
+            .view([b, t, h, dim]);
+        x * cos + swapped * sin
     }
 
     /// Token ids [b, t] -> hidden states [b, t, d] (parameter dtype). Under
@@ -399,7 +413,7 @@ impl Model {
     /// `query_heads` for positions `start..start + t` (decoding).
     pub fn query_heads_at(&self, q: &Tensor, start: i64) -> Tensor {
         let (b, t, dd) = (q.size()[0], q.size()[1], self.cfg.dot_dim() as i64);
-        self.rope_at(&q.view([b, t, -1, dd]).transpose(1, 2), start)
+        self.rope_at(&q.view([b, t, -1, dd]), start).transpose(1, 2)
     }
 
     /// This rank's query heads after projection, AugQ, head split and RoPE:
@@ -446,7 +460,7 @@ impl Model {
             Some(up) => self.mm(k, self.w(up)),
             None => k.shallow_clone(),
         };
-        self.rope_at(&k.transpose(1, 2), start)
+        self.rope_at(&k, start).transpose(1, 2)
     }
 
     /// Value heads: [b, v_heads, t, v_head_dim].
