@@ -16,6 +16,7 @@ fn dp_2_and_4_follow_the_single_process_trajectory() {
     let o = sigma(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let base = losses(&one.path().join("metrics.jsonl"));
+    let base_val = val_losses(&one.path().join("metrics.jsonl"));
     for dp in [2, 4] {
         let d = tempfile::tempdir().expect("tmp");
         let o = launch(dp, &[], &dp_args(d.path(), dp, 5), &[]);
@@ -25,7 +26,38 @@ fn dp_2_and_4_follow_the_single_process_trajectory() {
             &losses(&d.path().join("metrics.jsonl")),
             &format!("dp = {dp}"),
         );
+        // Validation is split over the ranks (each scores every dp-th batch)
+        // and summed: dp 2 scores the windows one process does (same
+        // micro-batch), so it gives the same loss per domain.
+        if dp == 2 {
+            let val = val_losses(&d.path().join("metrics.jsonl"));
+            assert_eq!(val.len(), base_val.len(), "{val:?} vs {base_val:?}");
+            for (k, v) in &base_val {
+                assert!(
+                    (val[k] - v).abs() <= REL_TOL * v.abs(),
+                    "dp 2 validation loss of {k}: {} vs {v}",
+                    val[k]
+                );
+            }
+        }
     }
+}
+
+/// The last validation record of a metrics file: loss per domain.
+fn val_losses(metrics: &std::path::Path) -> std::collections::BTreeMap<String, f64> {
+    let text = std::fs::read_to_string(metrics).expect("metrics.jsonl");
+    let last = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("val_loss").is_some())
+        .last()
+        .expect("a validation record");
+    last["val_loss"]
+        .as_object()
+        .expect("domains")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().expect("loss")))
+        .collect()
 }
 
 /// Two `sigma launch` "nodes" of two ranks each; node `i` runs under

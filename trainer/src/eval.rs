@@ -137,6 +137,29 @@ pub fn evaluate(
     loss_sum: &mut dyn FnMut(&Tensor) -> Result<f64>,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<Vec<DomainScore>> {
+    evaluate_part(
+        windows,
+        rows,
+        max_windows,
+        device,
+        loss_sum,
+        tokenizer,
+        (0, 1),
+    )
+}
+
+/// `evaluate` of part `part.0` of `part.1`: of every domain's batches of
+/// `rows` windows, those whose index is `part.0` modulo `part.1` (data-parallel
+/// ranks each score their part; the parts' sums add up to the whole).
+pub fn evaluate_part(
+    windows: &dyn Windows,
+    rows: u64,
+    max_windows: u64,
+    device: Device,
+    loss_sum: &mut dyn FnMut(&Tensor) -> Result<f64>,
+    tokenizer: Option<&Tokenizer>,
+    part: (u64, u64),
+) -> Result<Vec<DomainScore>> {
     let mut out = Vec::new();
     for (d, name) in windows.domains().into_iter().enumerate() {
         let n = max_windows.min(windows.count(d));
@@ -151,8 +174,14 @@ pub fn evaluate(
             bytes: tokenizer.map(|_| 0),
         };
         let mut j = 0;
+        let mut batch = 0u64;
         while j < n {
             let r = rows.max(1).min(n - j);
+            batch += 1;
+            if (batch - 1) % part.1.max(1) != part.0 {
+                j += r;
+                continue;
+            }
             let mut ids: Vec<i64> = Vec::new();
             let mut seq = 0;
             for k in j..j + r {

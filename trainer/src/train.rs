@@ -546,14 +546,33 @@ impl Trainer {
         let mbs = self.cfg.train.micro_batch_size as u64;
         let dataset = self.dataset.clone();
         let device = self.device;
-        let scores = crate::eval::evaluate(
+        // Each data-parallel rank scores every dp-th batch; the sums are added up.
+        let dp = self.cfg.parallel.dp as u64;
+        let part = match &self.job {
+            Some(j) if dp > 1 => (j.coords.dp as u64, dp),
+            _ => (0, 1),
+        };
+        let mut scores = crate::eval::evaluate_part(
             &crate::eval::Validation(&dataset),
             mbs,
             self.cfg.train.eval_steps * mbs,
             device,
             &mut |t| self.eval_loss(t),
             None,
+            part,
         )?;
+        if let (Some(job), true) = (self.job.as_mut(), part.1 > 1) {
+            let mut v: Vec<f64> = scores.iter().map(|s| s.loss_sum).collect();
+            v.extend(scores.iter().map(|s| s.tokens as f64));
+            let mut t = Tensor::from_slice(&v).to_device(device);
+            job.dp.all_reduce_sum(&mut t)?;
+            let v = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
+            let n = scores.len();
+            for (i, s) in scores.iter_mut().enumerate() {
+                s.loss_sum = v[i];
+                s.tokens = v[n + i].round() as u64;
+            }
+        }
         Ok(scores
             .into_iter()
             .map(|s| (s.domain.clone(), s.loss()))
