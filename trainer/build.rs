@@ -5,9 +5,41 @@
 #[path = "../build/libtorch.rs"]
 mod libtorch;
 
+/// The C++ ABI libtorch was built with, found as torch-sys finds it: from
+/// the `torch` package of the python3 on PATH, or `LIBTORCH_CXX11_ABI`
+/// (default 1) with `$LIBTORCH`.
+fn cxx11_abi() -> String {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    if let Ok(v) = std::env::var("LIBTORCH_CXX11_ABI") {
+        return v;
+    }
+    if std::env::var("LIBTORCH").is_err() {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))",
+            ])
+            .output();
+        if let Ok(o) = out {
+            let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            if o.status.success() && (v == "0" || v == "1") {
+                return v;
+            }
+        }
+    }
+    "1".into()
+}
+
 fn main() {
     let lib = libtorch::link();
     let include = lib.join("../include");
+    // A new libtorch in the same place (a torch upgrade in the venv) rebuilds the shims.
+    println!(
+        "cargo:rerun-if-changed={}",
+        include
+            .join("torch/csrc/autograd/profiler_kineto.h")
+            .display()
+    );
     println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
@@ -19,7 +51,7 @@ fn main() {
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
         .warnings(false)
         .compile("sigma_libtorch_shims");
     println!("cargo:rustc-link-lib=dylib=c10");

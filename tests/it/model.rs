@@ -136,8 +136,11 @@ fn reference_attention(m: &Model, h: &[f64], t: usize) -> Vec<f64> {
 fn check_attention(c: &ModelConfig) {
     let m = model(c);
     let t = 7;
-    tch::manual_seed(3);
-    let h = Tensor::randn([1, t as i64, c.d_model as i64], (Kind::Double, Device::Cpu));
+    let h = {
+        let _rng = sigma_trainer::params::global_rng_lock();
+        tch::manual_seed(3);
+        Tensor::randn([1, t as i64, c.d_model as i64], (Kind::Double, Device::Cpu))
+    };
     let got = tch::no_grad(|| m.attention(0, &h));
     let (_, _, hv) = mat(&h.view([t as i64, -1]));
     let want = reference_attention(&m, &hv, t);
@@ -201,7 +204,10 @@ fn mha_and_gqa_equal_a_plain_implementation() {
                 .shallow_clone()
                 .copy_(g.params.get(&format!("layers.0.attn.{name}.weight")));
         }
-        let h = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
+        let h = {
+            let _rng = sigma_trainer::params::global_rng_lock();
+            Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu))
+        };
         let d = (g.attention(0, &h) - mha.attention(0, &h))
             .abs()
             .max()

@@ -285,6 +285,11 @@ fn move_model(model: Model, device: Device) -> Model {
         })
         .collect();
     m.params.flat = flat;
+    // A working copy made from the old buffer would be stale: make it again.
+    if m.params.has_work_copy() {
+        let compute = m.compute;
+        m.params.enable_work_copy(compute);
+    }
     m
 }
 

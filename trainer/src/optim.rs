@@ -211,6 +211,10 @@ impl AdamW {
         } else {
             self.apply_piecewise(params, &g, start, len, decayed, lr);
         }
+        // The fused kernel writes through raw pointers, which libtorch's
+        // version counter does not see: announce the change (the bf16
+        // working copy is refreshed from it).
+        params.mark_changed();
         if let (Some(s), Some(c)) = (self.shard, comm) {
             // Share the updated shards: every rank ends with the whole new buffer.
             let mine = Tensor::zeros([s.size], (params.flat.kind(), params.flat.device()));
@@ -327,12 +331,17 @@ mod tests {
     use crate::model::Model;
 
     fn tiny() -> (Model, AdamW) {
+        tiny_with(false)
+    }
+
+    /// `mixed`: bf16 matmuls (on the CPU too).
+    fn tiny_with(mixed: bool) -> (Model, AdamW) {
         let c: ModelConfig = toml::from_str(
             "vocab_size = 16\nd_model = 8\nnum_layers = 1\nffn_dim = 16\nnum_q_heads = 2\n\
              num_k_heads = 1\nnum_v_heads = 2\nqk_head_dim = 4\nv_head_dim = 4\n",
         )
         .expect("config");
-        let m = Model::new(&c, 1, false, false, tch::Device::Cpu, false);
+        let m = Model::new(&c, 1, false, false, tch::Device::Cpu, mixed);
         let o = OptimConfig {
             lr: 0.1,
             min_lr: 0.0,
@@ -389,8 +398,7 @@ mod tests {
         let (m2, mut a2) = tiny();
         a2.chunk = 7;
         for step in 0..3 {
-            let g = Tensor::randn([a1.grad.numel() as i64], (Kind::Float, tch::Device::Cpu))
-                * (step + 1) as f64;
+            let g = randn(a1.grad.numel() as i64) * (step + 1) as f64;
             let _ = a1.grad.copy_(&g);
             let _ = a2.grad.copy_(&g);
             let s1 = a1
@@ -419,9 +427,7 @@ mod tests {
         let (m2, mut a2) = tiny();
         a2.fused = true;
         for step in 0..5 {
-            let g = Tensor::randn([a1.grad.numel() as i64], (Kind::Float, tch::Device::Cpu))
-                * 0.1
-                * (step + 1) as f64;
+            let g = randn(a1.grad.numel() as i64) * 0.1 * (step + 1) as f64;
             let _ = a1.grad.copy_(&g);
             let _ = a2.grad.copy_(&g);
             a1.step(&m1.params, 0.1, None, Vec::new(), false)
@@ -443,5 +449,45 @@ mod tests {
         assert!(total > 0.1, "{total}");
         // Norm gains (not decayed) and decayed weights both followed.
         assert!(a1.exp_avg_sq.allclose(&a2.exp_avg_sq, 1e-5, 1e-9, false));
+    }
+
+    /// A gradient of `n` standard normal values, drawn under the global lock.
+    fn randn(n: i64) -> Tensor {
+        let _rng = crate::params::global_rng_lock();
+        Tensor::randn([n], (Kind::Float, tch::Device::Cpu))
+    }
+
+    /// The bf16 working copy follows the master weights after a fused AdamW
+    /// update (whose kernel writes through raw pointers, unseen by libtorch's
+    /// version counter): the next forward equals one that casts at each matmul.
+    #[test]
+    fn the_working_copy_follows_a_fused_update() {
+        let (mut mw, mut aw) = tiny_with(true);
+        let (mc, mut ac) = tiny_with(true);
+        mw.params.enable_work_copy(Kind::BFloat16);
+        assert!(mw.params.has_work_copy() && !mc.params.has_work_copy());
+        aw.fused = true;
+        ac.fused = true;
+        let tokens = Tensor::from_slice(&[1i64, 5, 2, 9, 3, 15, 0, 7, 4]).view([1, 9]);
+        let before = crate::engine::loss_sum(&mw, &tokens);
+        assert!(before.equal(&crate::engine::loss_sum(&mc, &tokens)));
+        for _ in 0..2 {
+            let g = randn(aw.grad.numel() as i64);
+            let _ = aw.grad.copy_(&g);
+            let _ = ac.grad.copy_(&g);
+            aw.step(&mw.params, 0.1, None, Vec::new(), false)
+                .expect("step");
+            ac.step(&mc.params, 0.1, None, Vec::new(), false)
+                .expect("step");
+            let (lw, lc) = (
+                crate::engine::loss_sum(&mw, &tokens),
+                crate::engine::loss_sum(&mc, &tokens),
+            );
+            assert!(
+                lw.equal(&lc),
+                "working copy {lw:?} vs cast at each matmul {lc:?}"
+            );
+        }
+        assert!(!crate::engine::loss_sum(&mw, &tokens).equal(&before));
     }
 }

@@ -127,6 +127,14 @@ pub fn shard_range(n: i64, parts: usize, index: usize) -> (i64, i64) {
     (start, (n - start).clamp(0, size))
 }
 
+/// The lock every user of libtorch's global random generator takes in this
+/// process (model initialisation; tests that seed and draw): seeded draws of
+/// two threads would otherwise interleave.
+pub fn global_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DRAWS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A handle to one parameter of a [`Params`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ParamId(pub usize);
@@ -140,6 +148,8 @@ pub struct Params {
     pub num_decayed: i64,
     /// Working copies in the compute dtype (training in bf16), if enabled.
     work: Option<WorkCopy>,
+    /// Changes of the master weights announced with [`Params::mark_changed`].
+    changes: std::cell::Cell<u64>,
 }
 
 /// The parameters in the compute dtype (bf16), cast from `flat` once after
@@ -150,10 +160,13 @@ pub struct Params {
 struct WorkCopy {
     flat: Tensor,
     tensors: Vec<Tensor>,
-    /// `flat`'s version counter when the copy was made: every in-place
-    /// change of the master weights (optimizer step, checkpoint load, through
-    /// any view) bumps it, and the next use refreshes the copy.
-    version: std::cell::Cell<i64>,
+    /// What the copy was made from: `flat`'s version counter and the count of
+    /// announced changes. libtorch bumps the counter on in-place operations
+    /// through its autograd layer (a `copy_` of a checkpoint load, a test's
+    /// update), but not for kernels that write through raw pointers such as
+    /// the fused AdamW: the optimizer announces its updates instead. Either
+    /// changing refreshes the copy at its next use.
+    made_from: std::cell::Cell<(i64, u64)>,
 }
 
 impl Params {
@@ -192,10 +205,9 @@ impl Params {
             .sum();
         let mut draw: Vec<usize> = (0..specs.len()).collect();
         draw.sort_by_key(|&i| !decayed(&specs[i]));
-        // libtorch's generator is global: one model draws at a time in a
+        // libtorch's generator is global: one user draws at a time in a
         // process (threads of a test binary, say), or their draws interleave.
-        static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let draws = DRAWS.lock().unwrap_or_else(|e| e.into_inner());
+        let draws = global_rng_lock();
         tch::manual_seed(seed as i64);
         let flat_cpu = Tensor::zeros([off], (Kind::Float, Device::Cpu));
         tch::no_grad(|| {
@@ -247,6 +259,7 @@ impl Params {
                 flat,
                 num_decayed,
                 work: None,
+                changes: std::cell::Cell::new(0),
             },
             ids,
         )
@@ -277,7 +290,7 @@ impl Params {
         self.work = Some(WorkCopy {
             flat,
             tensors,
-            version: std::cell::Cell::new(-1),
+            made_from: std::cell::Cell::new((-1, 0)),
         });
     }
 
@@ -287,12 +300,23 @@ impl Params {
         let Some(w) = &self.work else {
             return self.tensor(id);
         };
-        let v = self.flat.internal_version();
-        if w.version.get() != v {
+        let now = (self.flat.internal_version(), self.changes.get());
+        if w.made_from.get() != now {
             tch::no_grad(|| w.flat.shallow_clone().copy_(&self.flat));
-            w.version.set(v);
+            w.made_from.set(now);
         }
         &w.tensors[id.0]
+    }
+
+    /// Announce that the master weights changed (the optimizer, after every
+    /// update): the working copy is refreshed before its next use.
+    pub fn mark_changed(&self) {
+        self.changes.set(self.changes.get() + 1);
+    }
+
+    /// Whether a working copy is kept.
+    pub fn has_work_copy(&self) -> bool {
+        self.work.is_some()
     }
 
     /// The working copy of a parameter, whose gradient also belongs to it.

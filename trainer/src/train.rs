@@ -1036,6 +1036,10 @@ impl Trainer {
             valid_curve,
             ..
         } = run;
+        // A run that stopped inside the profiled steps writes what it profiled.
+        if self.profiler.is_some() {
+            self.write_profile()?;
+        }
         self.saver.wait()?;
         bar.finish_and_clear();
         report.data_state = self.loader.state();
