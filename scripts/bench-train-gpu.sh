@@ -54,7 +54,8 @@ done
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, os, statistics, sys
 out = sys.argv[1]
-print(f"{'run':<22} {'tok/s':>9} {'MFU':>6} {'peak MiB':>9} {'data s':>7} {'fwd+bwd s':>9} {'optim s':>8} {'steps':>5}")
+# The loss of the first and last step too: a speed figure of a run that does not learn is not one.
+print(f"{'run':<22} {'tok/s':>9} {'MFU':>6} {'peak MiB':>9} {'data s':>7} {'fwd+bwd s':>9} {'optim s':>8} {'steps':>5} {'loss first -> last':>18}")
 for name in sorted(os.listdir(out)):
     m = os.path.join(out, name, "metrics.jsonl")
     if not os.path.exists(m):
@@ -68,5 +69,5 @@ for name in sorted(os.listdir(out)):
     mfu = statistics.median(r["mfu"] for r in warm) if warm[0].get("mfu") is not None else float("nan")
     mem = max(r.get("memory", {}).get("allocated_mib_peak", r.get("memory", {}).get("gpu_mib_peak", 0)) for r in recs)
     src = "alloc" if "allocated_mib_peak" in recs[-1].get("memory", {}) else "smi"
-    print(f"{name:<22} {med('tokens_per_s'):>9.0f} {100*mfu:>5.1f}% {mem:>7} {src:<5} {ph('data'):>7.3f} {ph('forward_backward'):>9.3f} {ph('optimizer'):>8.3f} {len(recs):>5}")
+    print(f"{name:<22} {med('tokens_per_s'):>9.0f} {100*mfu:>5.1f}% {mem:>7} {src:<5} {ph('data'):>7.3f} {ph('forward_backward'):>9.3f} {ph('optimizer'):>8.3f} {len(recs):>5} {recs[0]['loss']:>8.4f} -> {recs[-1]['loss']:.4f}")
 PY
