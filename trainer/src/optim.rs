@@ -27,27 +27,41 @@ const FUSED_PIECE: i64 = 1 << 28;
 
 /// Sum of squares of `t`, accumulated in float64 over pieces of `chunk`
 /// elements. On CPU each piece is converted to float64 and squared (the
-/// golden losses' numbers); on GPU each piece's norm is one fused reduction
-/// (accumulating in fp32 within the piece, relative error about 1e-6 at
-/// most), squared in float64, without float64 copies of the gradient.
-fn sum_squares(t: &Tensor, chunk: i64) -> Tensor {
+/// golden losses' numbers). On GPU (`fast`) each piece's norm is one fused
+/// reduction (accumulating in fp32 within the piece, relative error about
+/// 1e-6 at most), squared in float64, without float64 copies of the
+/// gradient; if a piece's fp32 norm overflows (above about 1.8e19) the
+/// float64 way is taken, so a huge but finite gradient is clipped, not
+/// skipped as non-finite.
+fn sum_squares(t: &Tensor, chunk: i64, fast: bool) -> Tensor {
+    let pieces = crate::model::chunks(t.numel() as i64, chunk);
+    if pieces.is_empty() {
+        return Tensor::zeros([], (Kind::Double, t.device()));
+    }
+    if fast {
+        let norms: Vec<Tensor> = pieces
+            .iter()
+            .map(|&(s, n)| t.narrow(0, s, n).norm())
+            .collect();
+        let norms = Tensor::stack(&norms, 0).to_kind(Kind::Double);
+        // One check for all pieces (NaN gradients take the exact way too, and stay NaN).
+        if norms.isfinite().all().int64_value(&[]) == 1 {
+            return norms.square().sum(Kind::Double);
+        }
+    }
     let mut sq: Option<Tensor> = None;
-    for (s, n) in crate::model::chunks(t.numel() as i64, chunk) {
-        let piece = t.narrow(0, s, n);
-        let part = if piece.device().is_cuda() {
-            piece.norm().to_kind(Kind::Double).square()
-        } else {
-            piece
-                .to_kind(Kind::Double)
-                .pow_tensor_scalar(2)
-                .sum(Kind::Double)
-        };
+    for (s, n) in pieces {
+        let part = t
+            .narrow(0, s, n)
+            .to_kind(Kind::Double)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Double);
         sq = Some(match sq {
             Some(a) => a + part,
             None => part,
         });
     }
-    sq.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, t.device())))
+    sq.expect("at least one piece")
 }
 
 /// This rank's part of the flat buffer under ZeRO-1.
@@ -175,12 +189,13 @@ impl AdamW {
             }
             (_, None) => (self.grad.shallow_clone(), 0, self.numel, None),
         };
-        let mut sq = sum_squares(&g, self.chunk);
+        let fast = g.device().is_cuda();
+        let mut sq = sum_squares(&g, self.chunk, fast);
         // Elements held by several tensor-parallel ranks count once: weight 1/copies.
         for &(off, n, copies) in &self.shared {
             let (a, b) = (off.max(start), (off + n).min(start + len));
             if a < b {
-                let part = sum_squares(&g.narrow(0, a - start, b - a), self.chunk);
+                let part = sum_squares(&g.narrow(0, a - start, b - a), self.chunk, fast);
                 sq = sq - part * (1.0 - 1.0 / copies as f64);
             }
         }
@@ -489,5 +504,22 @@ mod tests {
             );
         }
         assert!(!crate::engine::loss_sum(&mw, &tokens).equal(&before));
+    }
+
+    /// The GPU way of the norm (pieces' fp32 norms) agrees with the float64
+    /// way, and falls back to it when a piece's fp32 norm overflows.
+    #[test]
+    fn the_fast_norm_agrees_and_survives_overflow() {
+        let t = randn(1000) * 3.0;
+        let exact = sum_squares(&t, 7, false).double_value(&[]);
+        let fast = sum_squares(&t, 7, true).double_value(&[]);
+        assert!((fast - exact).abs() <= 1e-6 * exact, "{fast} vs {exact}");
+        // Squares of 1e20 overflow fp32 (max 3.4e38) but not float64.
+        let big = Tensor::from_slice(&[1e20f32, -1e20, 3.0]);
+        let exact = sum_squares(&big, 2, false).double_value(&[]);
+        assert!(exact.is_finite() && exact > 1.9e40);
+        assert_eq!(sum_squares(&big, 2, true).double_value(&[]), exact);
+        let empty = Tensor::zeros([0], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(sum_squares(&empty, 2, true).double_value(&[]), 0.0);
     }
 }
