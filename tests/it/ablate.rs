@@ -11,11 +11,6 @@ use sigma_tests::*;
 
 /// `sigma ablate` arguments on the quickstart shards, `steps` steps, one thread.
 fn ablate_args(grid: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    let root = quickstart_shards();
-    let sources: Vec<String> = ["general", "system", "synthetic"]
-        .iter()
-        .map(|d| format!("{{manifest = {:?}}}", root.join(d).to_string_lossy()))
-        .collect();
     let mut a: Vec<String> = vec![
         "ablate".into(),
         "--base".into(),
@@ -31,7 +26,7 @@ fn ablate_args(grid: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String
         "train.eval_steps=1".into(),
         "train.log_every=1".into(),
         "metrics.tensorboard=false".into(),
-        format!("data.sources=[{}]", sources.join(", ")),
+        quickstart_sources_set(),
     ];
     for s in sets.iter().map(|s| s.as_str()).chain(extra.iter().copied()) {
         a.push("--set".into());

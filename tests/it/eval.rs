@@ -82,17 +82,7 @@ fn eval_reproduces_the_logged_validation_loss_and_an_export_scores_the_same() {
 
     // An export (no run config: the data come from --config) scores the same.
     let export = d.path().join("export");
-    let o = sigma(
-        &[
-            "checkpoint",
-            "export",
-            &ck_s,
-            "--output",
-            &export.to_string_lossy(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    export_checkpoint(&ck, &export, &[]);
     let cfg = out.join("config.toml");
     let from_export = eval_json(&[
         "--checkpoint",

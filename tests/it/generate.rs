@@ -67,19 +67,7 @@ fn generation_reproduces_and_exports_generate_the_same() {
     );
 
     let export = d.path().join("export");
-    let o = sigma(
-        &[
-            "checkpoint",
-            "export",
-            &ck.to_string_lossy(),
-            "--output",
-            &export.to_string_lossy(),
-            "--format",
-            "hf",
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    export_checkpoint(&ck, &export, &["--format", "hf"]);
     assert_eq!(
         ok(generate(&export, &greedy)),
         a,

@@ -37,19 +37,7 @@ fn compare(name: &str, extra: &[&str]) {
     let d = tempfile::tempdir().expect("tmp");
     let ck = checkpoint(d.path(), extra);
     let export = d.path().join("hf");
-    let o = sigma(
-        &[
-            "checkpoint",
-            "export",
-            &ck.to_string_lossy(),
-            "--output",
-            &export.to_string_lossy(),
-            "--format",
-            "hf",
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    export_checkpoint(&ck, &export, &["--format", "hf"]);
     for f in [
         "model.safetensors",
         "config.json",

@@ -242,13 +242,27 @@ pub fn quickstart_shards() -> &'static Path {
     })
 }
 
-/// `sigma train` arguments for configs/tiny.toml on the quickstart shards.
-pub fn tiny_train_args(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+/// The `--set` value that points a config's data at the quickstart shards.
+pub fn quickstart_sources_set() -> String {
     let root = quickstart_shards();
     let sources: Vec<String> = ["general", "system", "synthetic"]
         .iter()
         .map(|d| format!("{{manifest = {:?}}}", root.join(d).to_string_lossy()))
         .collect();
+    format!("data.sources=[{}]", sources.join(", "))
+}
+
+/// `sigma checkpoint export CK --output OUT` (plus `extra`), which must succeed.
+pub fn export_checkpoint(ck: &Path, out: &Path, extra: &[&str]) {
+    let (ck, out) = (ck.to_string_lossy(), out.to_string_lossy());
+    let mut a = vec!["checkpoint", "export", &ck, "--output", &out];
+    a.extend_from_slice(extra);
+    let o = sigma(&a, &[]);
+    assert!(o.status.success(), "export: {}", stderr(&o));
+}
+
+/// `sigma train` arguments for configs/tiny.toml on the quickstart shards.
+pub fn tiny_train_args(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "train".into(),
         "--config".into(),
@@ -259,7 +273,7 @@ pub fn tiny_train_args(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
         format!("train.steps={steps}"),
         "train.log_every=1".into(),
         format!("metrics.output_dir={:?}", out.to_string_lossy()),
-        format!("data.sources=[{}]", sources.join(", ")),
+        quickstart_sources_set(),
     ] {
         a.push("--set".into());
         a.push(s);

@@ -20,14 +20,7 @@ pub fn loss_png(
 }
 
 fn draw_loss(path: &Path, train: &[(u64, f64)], valid: &[(String, Vec<(u64, f64)>)]) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| {
-        TrainError::Other(format!(
-            "{}: cannot draw the loss curve: {e}",
-            path.display()
-        ))
-    };
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| err(&"font"))?;
+    let err = start(path, "the loss curve")?;
     let all = train.iter().chain(valid.iter().flat_map(|(_, v)| v.iter()));
     let (mut lo, mut hi, mut max_step) = (f64::INFINITY, f64::NEG_INFINITY, 1u64);
     for &(s, l) in all {
@@ -81,6 +74,52 @@ fn draw_loss(path: &Path, train: &[(u64, f64)], valid: &[(String, Vec<(u64, f64)
     Ok(())
 }
 
+/// The error of drawing `what` into `path`, once the font is registered.
+fn start<'a>(
+    path: &'a Path,
+    what: &'a str,
+) -> Result<impl Fn(&dyn std::fmt::Display) -> TrainError + 'a> {
+    let err = move |e: &dyn std::fmt::Display| {
+        TrainError::Other(format!("{}: cannot draw {what}: {e}", path.display()))
+    };
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| err(&"font"))?;
+    Ok(err)
+}
+
+type XyChart<'b, 'a> = ChartContext<
+    'b,
+    BitMapBackend<'a>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A white 960 x 600 chart of `title` with f64 axes `x` and `y` and their
+/// descriptions, its mesh drawn.
+fn xy_chart<'b, 'a>(
+    root: &'b DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    err: &dyn Fn(&dyn std::fmt::Display) -> TrainError,
+) -> Result<XyChart<'b, 'a>> {
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, y)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| err(&e))?;
+    Ok(chart)
+}
+
 /// One traced action: (rank, name, category, start µs, duration µs).
 pub type TraceEvent = (usize, String, String, f64, f64);
 
@@ -92,11 +131,7 @@ pub fn trace_png(path: &Path, events: &[TraceEvent], title: &str) -> Result<()> 
 }
 
 fn draw_trace(path: &Path, events: &[TraceEvent], title: &str) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| {
-        TrainError::Other(format!("{}: cannot draw the trace: {e}", path.display()))
-    };
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| err(&"font"))?;
+    let err = start(path, "the trace")?;
     if events.is_empty() {
         return Err(err(&"no events"));
     }
@@ -209,28 +244,18 @@ fn draw_curves(
     y_desc: &str,
     series: &[Series],
 ) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| {
-        TrainError::Other(format!("{}: cannot draw {title}: {e}", path.display()))
-    };
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| err(&"font"))?;
+    let err = start(path, title)?;
     let ((x0, x1), (y0, y1)) =
         bounds(series.iter().flat_map(|s| s.1.iter())).ok_or_else(|| err(&"no points"))?;
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut chart = xy_chart(
+        &root,
+        title,
+        (x_desc, y_desc),
+        x0.max(0.0)..x1,
+        y0..y1,
+        &err,
+    )?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
         chart
@@ -267,30 +292,20 @@ fn draw_scatter(
     y_desc: &str,
     points: &[(String, f64, f64)],
 ) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| {
-        TrainError::Other(format!("{}: cannot draw {title}: {e}", path.display()))
-    };
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| err(&"font"))?;
+    let err = start(path, title)?;
     let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.1, p.2)).collect();
     let ((x0, x1), (y0, y1)) = bounds(xy.iter()).ok_or_else(|| err(&"no points"))?;
     // Room on the right for the last point's label.
     let x1 = x1 + (x1 - x0) * 0.15;
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut chart = xy_chart(
+        &root,
+        title,
+        (x_desc, y_desc),
+        x0.max(0.0)..x1,
+        y0..y1,
+        &err,
+    )?;
     for (i, (name, x, y)) in points.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
         chart

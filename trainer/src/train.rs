@@ -497,11 +497,7 @@ impl Trainer {
             .job
             .as_mut()
             .expect("pipeline parallelism runs as a job");
-        let rank = job.coords.pp;
-        let tp = job
-            .tp
-            .as_mut()
-            .map(|c| c.as_mut() as &mut dyn crate::dist::Collectives);
+        let (rank, tp, links) = job.pipeline_parts();
         if let Some(tr) = self.trace.as_mut() {
             tr.step = step + 1;
         }
@@ -509,7 +505,7 @@ impl Trainer {
             &input,
             rank,
             tp,
-            &mut job.links,
+            links,
             &mut self.optim.grad,
             self.trace.as_mut(),
         )
@@ -660,12 +656,8 @@ impl Trainer {
             .job
             .as_mut()
             .expect("pipeline parallelism runs as a job");
-        let rank = job.coords.pp;
-        let tp = job
-            .tp
-            .as_mut()
-            .map(|c| c.as_mut() as &mut dyn crate::dist::Collectives);
-        let mut l = crate::pipeline::exec::eval_step(&input, rank, tp, &mut job.links, t)?;
+        let (rank, tp, links) = job.pipeline_parts();
+        let mut l = crate::pipeline::exec::eval_step(&input, rank, tp, links, t)?;
         // Only the last stage computed the loss.
         if let Some(pp) = job.pp.as_mut() {
             pp.all_reduce_sum(&mut l)?;

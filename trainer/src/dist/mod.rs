@@ -152,6 +152,22 @@ impl Job {
         )
     }
 
+    /// What a pipeline step needs of the job: this rank's stage, its
+    /// tensor-parallel group and its links to the neighbouring stages.
+    pub fn pipeline_parts(
+        &mut self,
+    ) -> (
+        usize,
+        Option<&mut dyn Collectives>,
+        &mut crate::pipeline::exec::Links,
+    ) {
+        (
+            self.coords.pp,
+            self.tp.as_mut().map(|c| c.as_mut() as &mut dyn Collectives),
+            &mut self.links,
+        )
+    }
+
     /// End the job cleanly: stop heartbeats (a finished rank is not a lost
     /// one), meet every rank, and keep the store up on its host until every
     /// rank is past the meeting.

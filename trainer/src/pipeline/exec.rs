@@ -172,6 +172,55 @@ fn timed<T>(
     }
 }
 
+/// Receive `what` ("activation" or "gradient") of micro-batch `mb` into a
+/// fresh tensor made by `like`, timed in the trace.
+fn recv_timed(
+    trace: &mut Option<&mut Trace>,
+    c: &mut dyn Collectives,
+    what: &'static str,
+    mb: usize,
+    like: impl FnOnce() -> Tensor,
+) -> Result<Tensor> {
+    let (short, phase) = match what {
+        "activation" => ("act", "pipeline receive (activation)"),
+        _ => ("grad", "pipeline receive (gradient)"),
+    };
+    timed(
+        trace,
+        || format!("recv {short} {mb}"),
+        "recv",
+        || {
+            at(phase, None);
+            let mut t = like();
+            c.recv(&mut t, 0)?;
+            Ok(t)
+        },
+    )
+}
+
+/// Start sending `what` of micro-batch `mb`, timed in the trace.
+fn send_timed(
+    trace: &mut Option<&mut Trace>,
+    c: &mut dyn Collectives,
+    what: &'static str,
+    mb: usize,
+    t: &Tensor,
+) -> Result<()> {
+    let (short, phase) = match what {
+        "activation" => ("act", "pipeline send (activation)"),
+        _ => ("grad", "pipeline send (gradient)"),
+    };
+    timed(
+        trace,
+        || format!("send {short} {mb}"),
+        "send",
+        || {
+            at(phase, None);
+            c.start_send(&t.contiguous(), 1)
+        },
+    )
+}
+
 /// Run this rank's actions of `input.schedule`. Gradients are added into
 /// `grads`; returns the sum of token losses of the micro-batches (the last
 /// stage's; zero elsewhere).
@@ -197,17 +246,7 @@ pub fn run_step(
             Action::Forward { .. } => {
                 let x = if st > 0 {
                     let c = Links::chan(&mut links.act, st - 1);
-                    Some(timed(
-                        &mut trace,
-                        || format!("recv act {mb}"),
-                        "recv",
-                        || {
-                            at("pipeline receive (activation)", None);
-                            let mut t = like();
-                            c.recv(&mut t, 0)?;
-                            Ok(t)
-                        },
-                    )?)
+                    Some(recv_timed(&mut trace, c, "activation", mb, like)?)
                 } else {
                     None
                 };
@@ -229,15 +268,7 @@ pub fn run_step(
                 )?;
                 if st + 1 < n {
                     let c = Links::chan(&mut links.act, st);
-                    timed(
-                        &mut trace,
-                        || format!("send act {mb}"),
-                        "send",
-                        || {
-                            at("pipeline send (activation)", None);
-                            c.start_send(&out.contiguous(), 1)
-                        },
-                    )?;
+                    send_timed(&mut trace, c, "activation", mb, &out)?;
                 } else {
                     loss += out.to_kind(Kind::Double);
                 }
@@ -249,17 +280,7 @@ pub fn run_step(
                     .expect("the schedule runs a forward before its backward");
                 let g = if st + 1 < n {
                     let c = Links::chan(&mut links.grad, st);
-                    Some(timed(
-                        &mut trace,
-                        || format!("recv grad {mb}"),
-                        "recv",
-                        || {
-                            at("pipeline receive (gradient)", None);
-                            let mut t = like();
-                            c.recv(&mut t, 0)?;
-                            Ok(t)
-                        },
-                    )?)
+                    Some(recv_timed(&mut trace, c, "gradient", mb, like)?)
                 } else {
                     None
                 };
@@ -272,15 +293,7 @@ pub fn run_step(
                 if st > 0 {
                     let c = Links::chan(&mut links.grad, st - 1);
                     let g = gin.expect("a stage after the first has an input gradient");
-                    timed(
-                        &mut trace,
-                        || format!("send grad {mb}"),
-                        "send",
-                        || {
-                            at("pipeline send (gradient)", None);
-                            c.start_send(&g.contiguous(), 1)
-                        },
-                    )?;
+                    send_timed(&mut trace, c, "gradient", mb, &g)?;
                 }
             }
         }
@@ -307,12 +320,13 @@ pub fn eval_step(
     // A validation batch may have fewer rows than a micro-batch.
     let mut shape = input.act_shape.clone();
     shape[0] = tokens.size()[0];
+    let mut untraced: Option<&mut Trace> = None;
     for chunk in 0..s.v {
         let st = s.stage(rank, chunk);
         let x = if st > 0 {
-            let mut t = Tensor::zeros(shape.as_slice(), (kind, device));
-            Links::chan(&mut links.act, st - 1).recv(&mut t, 0)?;
-            Some(t)
+            let c = Links::chan(&mut links.act, st - 1);
+            let like = || Tensor::zeros(shape.as_slice(), (kind, device));
+            Some(recv_timed(&mut untraced, c, "activation", 0, like)?)
         } else {
             None
         };
@@ -324,7 +338,8 @@ pub fn eval_step(
             x,
         )?;
         if st + 1 < n {
-            Links::chan(&mut links.act, st).start_send(&out.contiguous(), 1)?;
+            let c = Links::chan(&mut links.act, st);
+            send_timed(&mut untraced, c, "activation", 0, &out)?;
         } else {
             loss += out.to_kind(Kind::Double);
         }
