@@ -1,7 +1,8 @@
 // The shared libtorch link flags (build/libtorch.rs), and the C++ shims for
 // what tch does not bind: the CUDA caching allocator's statistics
 // (csrc/cuda_memory.cpp), libtorch's profiler (csrc/profiler.cpp) and its fused
-// AdamW (csrc/fused_adamw.cpp).
+// AdamW (csrc/fused_adamw.cpp), and libtorch's current CUDA stream for the
+// NVRTC kernels (csrc/cuda_stream.cpp).
 #[path = "../build/libtorch.rs"]
 mod libtorch;
 
@@ -43,11 +44,13 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_stream.cpp");
     cc::Build::new()
         .cpp(true)
         .file("csrc/cuda_memory.cpp")
         .file("csrc/profiler.cpp")
         .file("csrc/fused_adamw.cpp")
+        .file("csrc/cuda_stream.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -1,14 +1,19 @@
-//! `sigma bench decode`: attention time of one decoding step against a KV
-//! cache, DiffQKV (sigma's decode path, K and V read per group) against GQA
-//! through libtorch's SDPA, at several batch sizes and context lengths.
+//! `sigma bench decode`: one decoding step's attention against a KV cache,
+//! DiffQKV (sigma's decode kernel on a GPU, and its tensor-operation path)
+//! against GQA through libtorch's SDPA, at several batch sizes and context
+//! lengths; `--check` compares the kernel with an fp32 reference on many
+//! shapes; `--model` times whole-model decoding (bench_model.rs).
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
+use sigma_trainer::generate::{decode_attention, decode_attention_ops};
+use sigma_trainer::kernels;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Attention time per decoding step: DiffQKV decode path vs GQA (SDPA).
+    /// Decoding speed: attention per step (DiffQKV kernel and tensor path vs GQA through SDPA),
+    /// the kernel's accuracy (--check) or whole-model tokens/s (--model).
     Decode(DecodeArgs),
 }
 
@@ -44,35 +49,52 @@ pub struct DecodeArgs {
     /// Card peak memory bandwidth in GB/s, for the fraction reached (H100 SXM: 3350).
     #[arg(long)]
     pub peak_gbps: Option<f64>,
+    /// Check the decode kernel against an fp32 reference on many shapes (with
+    /// padding masks) instead of timing; exits non-zero past the tolerance.
+    #[arg(long)]
+    pub check: bool,
+    /// Time whole-model decoding of this config's model (random weights)
+    /// against its GQA counterpart (`--gqa-kv` K and V heads, all else equal).
+    #[arg(long, value_name = "CONFIG")]
+    pub model: Option<String>,
 }
 
-fn sync(d: Device) {
+pub(crate) fn sync(d: Device) {
     if let Device::Cuda(i) = d {
         tch::Cuda::synchronize(i as i64);
     }
 }
 
-/// Median seconds of `f` over `steps` runs (after warm-up).
-fn median_time(d: Device, steps: usize, f: &dyn Fn() -> Tensor) -> f64 {
+/// Median seconds of `f` over `steps` runs (after 5 warm-up runs).
+pub(crate) fn median_time(
+    d: Device,
+    steps: usize,
+    f: &mut dyn FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..5 {
-        let _ = f();
+        f()?;
     }
     sync(d);
-    let mut t: Vec<f64> = (0..steps)
-        .map(|_| {
-            let s = std::time::Instant::now();
-            let _ = f();
-            sync(d);
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
+    let mut t = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let s = std::time::Instant::now();
+        f()?;
+        sync(d);
+        t.push(s.elapsed().as_secs_f64());
+    }
     t.sort_by(|a, b| a.total_cmp(b));
-    t[t.len() / 2]
+    Ok(t[t.len() / 2])
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     let BenchCommand::Decode(a) = cmd;
-    for (name, n) in [("--n-k", a.n_k), ("--n-v", a.n_v), ("--gqa-kv", a.gqa_kv)] {
+    // --model takes its heads from the config (and checks --gqa-kv against them).
+    let heads = if a.model.is_some() {
+        vec![]
+    } else {
+        vec![("--n-k", a.n_k), ("--n-v", a.n_v), ("--gqa-kv", a.gqa_kv)]
+    };
+    for (name, n) in heads {
         if n <= 0 || a.n_q % n != 0 {
             bail!("{name} {n}: must divide --n-q {}", a.n_q);
         }
@@ -80,7 +102,37 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     if a.steps == 0 || a.head_dim <= 0 {
         bail!("--steps and --head-dim must be positive");
     }
+    if let Some(&b) = a.batch.iter().chain(&a.context).find(|&&n| n <= 0) {
+        bail!("--batch and --context must be positive, got {b}");
+    }
     let device = crate::eval_cmd::device(&a.device)?;
+    if a.check {
+        return check(device);
+    }
+    if let Some(cfg) = &a.model {
+        return crate::bench_model::run(&a, cfg, device);
+    }
+    attention(&a, device)
+}
+
+pub(crate) fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => {
+            sigma_trainer::metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}"))
+        }
+        _ => "cpu".into(),
+    }
+}
+
+/// Where the kernel is used, "(kernel)"; where not, why.
+fn kernel_note(q: &Tensor, k: &Tensor, v: &Tensor) -> String {
+    match kernels::decode_kernel_available(q, k, v) {
+        Ok(()) => "the fused decode kernel".into(),
+        Err(why) => format!("tensor operations (the kernel does not run: {why})"),
+    }
+}
+
+fn attention(a: &DecodeArgs, device: Device) -> Result<()> {
     let kind = if device.is_cuda() {
         Kind::BFloat16
     } else {
@@ -89,16 +141,21 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let elt = kind.elt_size_in_bytes() as f64;
     let d = a.head_dim;
     let scale = 1.0 / (d as f64).sqrt();
+    let probe = |n: i64| Tensor::zeros([1, n, 1, d], (kind, device));
     println!(
-        "decode attention, one new token per sequence: DiffQKV {}/{}/{} (sigma's decode path) vs GQA {}/{}/{} (SDPA), head dim {d}, {:?} on {}",
-        a.n_q, a.n_k, a.n_v, a.n_q, a.gqa_kv, a.gqa_kv, kind,
-        match device { Device::Cuda(i) => crate_gpu_name(i), _ => "cpu".into() }
+        "decode attention, one new token per sequence: DiffQKV {}/{}/{} vs GQA {}/{}/{} (SDPA), head dim {d}, {kind:?} on {}",
+        a.n_q, a.n_k, a.n_v, a.n_q, a.gqa_kv, a.gqa_kv, device_name(device)
     );
     println!(
-        "{:>6} {:>8} {:>12} {:>12} {:>9} {:>12} {:>12}{}",
+        "DiffQKV runs through {}; \"ops\" is its tensor-operation path",
+        kernel_note(&probe(a.n_q), &probe(a.n_k), &probe(a.n_v))
+    );
+    println!(
+        "{:>6} {:>8} {:>12} {:>9} {:>9} {:>9} {:>12} {:>12}{}",
         "batch",
         "context",
         "DiffQKV ms",
+        "ops ms",
         "GQA ms",
         "saving",
         "DiffQKV GB/s",
@@ -125,20 +182,27 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 println!("{b:>6} {s:>8}  (does not fit in memory: skipped)");
                 continue;
             };
-            let ours = median_time(device, a.steps, &|| {
-                sigma_trainer::generate::decode_attention(&q, &k, &v, None, scale)
-            });
-            let gqa = median_time(device, a.steps, &|| {
-                Tensor::scaled_dot_product_attention::<Tensor>(
+            let ours = median_time(device, a.steps, &mut || {
+                let _ = decode_attention(&q, &k, &v, None, scale)?;
+                Ok(())
+            })?;
+            let ops = median_time(device, a.steps, &mut || {
+                let _ = decode_attention_ops(&q, &k, &v, None, scale);
+                Ok(())
+            })?;
+            let gqa = median_time(device, a.steps, &mut || {
+                let _ = Tensor::f_scaled_dot_product_attention::<Tensor>(
                     &q, &gk, &gv, None, 0.0, false, scale, true,
-                )
-            });
+                )?;
+                Ok(())
+            })?;
             let bytes_ours = (b * s * d * (a.n_k + a.n_v)) as f64 * elt;
             let bytes_gqa = (b * s * d * 2 * a.gqa_kv) as f64 * elt;
             let (bw_o, bw_g) = (bytes_ours / ours / 1e9, bytes_gqa / gqa / 1e9);
             println!(
-                "{b:>6} {s:>8} {:>12.4} {:>12.4} {:>8.1}% {:>12.0} {:>12.0}{}",
+                "{b:>6} {s:>8} {:>12.4} {:>9.4} {:>9.4} {:>8.1}% {:>12.0} {:>12.0}{}",
                 ours * 1e3,
+                ops * 1e3,
                 gqa * 1e3,
                 100.0 * (1.0 - ours / gqa),
                 bw_o,
@@ -158,6 +222,87 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     Ok(())
 }
 
-fn crate_gpu_name(i: usize) -> String {
-    sigma_trainer::metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}"))
+/// The largest absolute difference between two tensors, in f64.
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// The kernel against an fp32 reference (the tensor path on the same bf16
+/// values upcast) and, for scale, the bf16 tensor path against the same
+/// reference: shapes of every kind sigma produces, left-padding masks,
+/// contexts that are and are not a multiple of the chunk, K and V read
+/// through a larger cache (as decoding does).
+fn check(device: Device) -> Result<()> {
+    if !device.is_cuda() {
+        bail!("--check compares the GPU decode kernel with its reference: it needs --device cuda (or auto on a GPU machine)");
+    }
+    const TOLERANCE: f64 = 2e-2;
+    println!(
+        "decode kernel vs fp32 reference on {} (bf16 operands; tolerance {TOLERANCE} absolute on outputs of magnitude ~1)",
+        device_name(device)
+    );
+    println!(
+        "{:<24} {:>5} {:>7} {:>6} {:>12} {:>12}",
+        "n_q/n_k/n_v d_k/d_v", "batch", "context", "masked", "kernel err", "ops err"
+    );
+    // (n_q, n_k, n_v, d_k, d_v, batch, len, masked)
+    let cases: &[(i64, i64, i64, i64, i64, i64, i64, bool)] = &[
+        (32, 4, 16, 64, 64, 1, 1, false),
+        (32, 4, 16, 64, 64, 2, 100, true),
+        (32, 4, 16, 64, 64, 16, 4096, false),
+        (32, 4, 16, 64, 64, 3, 5000, true),
+        (32, 4, 16, 64, 64, 1, 65536, false),
+        (32, 1, 16, 64, 64, 2, 777, true),
+        (8, 8, 2, 64, 64, 4, 1500, true),
+        (32, 4, 16, 32, 64, 2, 2049, false),
+        (32, 4, 16, 16, 64, 2, 333, true),
+        (16, 16, 16, 128, 128, 2, 1024, false),
+        (32, 16, 16, 64, 64, 8, 8192, false),
+        (64, 4, 2, 64, 64, 2, 3000, true),
+    ];
+    let mut worst: f64 = 0.0;
+    let opts = (Kind::BFloat16, device);
+    for &(nq, nk, nv, dk, dv, b, len, masked) in cases {
+        let cap = len + 37; // read through a larger cache, as decoding does
+        let q = Tensor::randn([b, nq, 1, dk], opts);
+        let k = Tensor::randn([b, nk, cap, dk], opts).narrow(2, 0, len);
+        let v = Tensor::randn([b, nv, cap, dv], opts).narrow(2, 0, len);
+        // Left padding: sequence i has its first (i * len / (b + 1)) slots masked.
+        let valid = Tensor::ones([b, cap], (Kind::Bool, device));
+        if masked {
+            for i in 0..b {
+                let pad = i * len / (b + 1);
+                let _ = valid.get(i).narrow(0, 0, pad).fill_(0);
+            }
+        }
+        let valid = valid.narrow(1, 0, len);
+        let m = masked.then_some(&valid);
+        let scale = 1.0 / (dk as f64).sqrt();
+        let kernel =
+            match kernels::decode_attention(&q, &k, &v, m, scale)? {
+                Some(o) => o,
+                None => bail!(
+                "the kernel did not run for n_q {nq}, n_k {nk}, n_v {nv}, d_k {dk}, d_v {dv}: {}",
+                kernels::decode_kernel_available(&q, &k, &v).err().unwrap_or_default()
+            ),
+            };
+        let f = |t: &Tensor| t.to_kind(Kind::Float);
+        let reference = decode_attention_ops(&f(&q), &f(&k), &f(&v), m, scale);
+        let ops = decode_attention_ops(&q, &k, &v, m, scale);
+        let (ek, eo) = (max_abs(&kernel, &reference), max_abs(&ops, &reference));
+        worst = worst.max(if ek.is_nan() { f64::INFINITY } else { ek });
+        println!(
+            "{:<24} {b:>5} {len:>7} {:>6} {ek:>12.2e} {eo:>12.2e}",
+            format!("{nq}/{nk}/{nv} {dk}/{dv}"),
+            if masked { "yes" } else { "no" }
+        );
+    }
+    if worst > TOLERANCE {
+        bail!("the decode kernel is off by {worst:.3e} (tolerance {TOLERANCE})");
+    }
+    println!("decode kernel check passed: largest error {worst:.2e}");
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod ablate;
 mod bench_cmd;
+mod bench_model;
 mod cuda_libs;
 mod data_cmd;
 mod eval_cmd;

@@ -190,4 +190,58 @@ fn bench_decode_times_each_case_and_checks_its_arguments() {
         &sigma(&["bench", "decode", "--device", "cpu", "--n-k", "5"], &[]),
         &["--n-k 5", "must divide --n-q 32"],
     );
+    // The kernel check needs a GPU and says so.
+    assert_clean_failure(
+        &sigma(&["bench", "decode", "--device", "cpu", "--check"], &[]),
+        &["--check", "needs --device cuda"],
+    );
+}
+
+#[test]
+fn bench_decode_model_times_the_config_and_its_gqa_counterpart() {
+    let cfg = repo_root()
+        .join("configs/tiny.toml")
+        .to_string_lossy()
+        .into_owned();
+    let args = |gqa: &str| {
+        vec![
+            "bench".to_string(),
+            "decode".into(),
+            "--device".into(),
+            "cpu".into(),
+            "--model".into(),
+            cfg.clone(),
+            "--gqa-kv".into(),
+            gqa.into(),
+            "--batch".into(),
+            "2".into(),
+            "--context".into(),
+            "16,32".into(),
+            "--steps".into(),
+            "2".into(),
+        ]
+    };
+    let a = args("4");
+    let out = ok(sigma(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+    ));
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.first().is_some_and(|m| *m == "DiffQKV" || *m == "GQA"))
+        .collect();
+    assert_eq!(rows.len(), 4, "two models x two contexts:\n{out}");
+    // tiny: 8 query heads, DiffQKV 2 K / 4 V heads against GQA 4 / 4.
+    assert_eq!(rows[0][1], "8/2/4", "{out}");
+    assert_eq!(rows[2][1], "8/4/4", "{out}");
+    for r in &rows {
+        let tok_s: f64 = r[5].parse().expect("tokens/s");
+        assert!(tok_s > 0.0 && tok_s.is_finite(), "{r:?}");
+    }
+    let a = args("3");
+    assert_clean_failure(
+        &sigma(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]),
+        &["--gqa-kv 3", "must divide the model's 8 query heads"],
+    );
 }

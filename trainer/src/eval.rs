@@ -267,7 +267,8 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
     })
 }
 
-fn move_model(model: Model, device: Device) -> Model {
+/// Move a whole model to `device`, its working copy (if any) made again there.
+pub fn move_model(model: Model, device: Device) -> Model {
     if device == Device::Cpu {
         return model;
     }

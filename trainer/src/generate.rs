@@ -34,30 +34,47 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(model: &Model, batch: i64, capacity: i64, device: Device) -> KvCache {
+    /// An empty cache for `batch` sequences of up to `capacity` tokens; an
+    /// error (not a panic) when it does not fit the device.
+    pub fn new(model: &Model, batch: i64, capacity: i64, device: Device) -> Result<KvCache> {
         let c = &model.cfg;
         let kind = model.compute;
         let raw_keys = model.cfg.num_layers > 0 && model.ids.layer(0).attn.k_up.is_some();
         let (nk, nv) = (c.num_k_heads as i64, c.num_v_heads as i64);
-        let k = (0..c.num_layers)
-            .map(|_| {
-                Tensor::zeros(
-                    [batch, nk, capacity, c.k_cache_dim() as i64],
-                    (kind, device),
-                )
+        let (dk, dv) = (c.k_cache_dim() as i64, c.v_head_dim as i64);
+        let alloc = |shape: [i64; 4]| {
+            Tensor::f_zeros(shape, (kind, device)).map_err(|e| {
+                TrainError::Other(format!(
+                    "the KV cache ({batch} sequences x {capacity} tokens, {:.2} GB) does not fit on {device:?}: {e}",
+                    (batch * capacity * c.num_layers as i64 * (nk * dk + nv * dv)) as f64
+                        * kind.elt_size_in_bytes() as f64
+                        / 1e9
+                ))
             })
-            .collect();
-        let v = (0..c.num_layers)
-            .map(|_| Tensor::zeros([batch, nv, capacity, c.v_head_dim as i64], (kind, device)))
-            .collect();
-        KvCache {
+        };
+        let mut k = Vec::with_capacity(c.num_layers);
+        let mut v = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            k.push(alloc([batch, nk, capacity, dk])?);
+            v.push(alloc([batch, nv, capacity, dv])?);
+        }
+        Ok(KvCache {
             k,
             v,
             len: 0,
             capacity,
-            valid: Tensor::zeros([batch, capacity], (Kind::Bool, device)),
+            valid: Tensor::f_zeros([batch, capacity], (Kind::Bool, device))?,
             raw_keys,
-        }
+        })
+    }
+
+    /// Mark the first `len` slots of every sequence as holding tokens,
+    /// whatever they hold: for timing decoding at a given context without
+    /// a prefill (`sigma bench decode --model`).
+    pub fn pretend_filled(&mut self, len: i64) {
+        let len = len.min(self.capacity);
+        let _ = self.valid.narrow(1, 0, len).fill_(1);
+        self.len = len;
     }
 
     /// Bytes the cache holds per token (all layers), at its dtype.
@@ -72,10 +89,26 @@ impl KvCache {
 }
 
 /// Attention of one new query per sequence against `len` cached slots,
-/// without repeating K or V: scores per K head for its group of query heads,
-/// probabilities regrouped by V head. q [b, n_q, 1, dd], k [b, n_k, S, dd],
+/// without repeating K or V. q [b, n_q, 1, dd], k [b, n_k, S, dd],
 /// v [b, n_v, S, dv], valid [b, S] (None: every slot) -> [b, 1, n_q * dv].
+/// On a GPU in bf16 the fused decode kernel runs ([`crate::kernels`]);
+/// elsewhere, and for shapes it does not take, [`decode_attention_ops`].
 pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    match crate::kernels::decode_attention(q, k, v, valid, scale)? {
+        Some(o) => Ok(o),
+        None => Ok(decode_attention_ops(q, k, v, valid, scale)),
+    }
+}
+
+/// [`decode_attention`] in tensor operations: scores per K head for its
+/// group of query heads, probabilities regrouped by V head.
+pub fn decode_attention_ops(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -188,7 +221,7 @@ impl Model {
                 &cache.v[l].narrow(2, 0, n),
                 Some(&cache.valid.narrow(1, 0, n)),
                 scale,
-            );
+            )?;
             x = x + self.mm(&o, self.w(ids.attn.o_proj));
             let h = self.norm_in(&x, ids.ffn.norm);
             x = &x + self.ffn(l, &h);
@@ -329,7 +362,7 @@ pub fn generate(
     let valid = Tensor::from_slice(&valid)
         .view([b64, t64])
         .to_device(device);
-    let mut cache = KvCache::new(model, b64, t64 + r.max_new_tokens as i64, device);
+    let mut cache = KvCache::new(model, b64, t64 + r.max_new_tokens as i64, device)?;
     let mut rngs: Vec<Rng> = (0..b)
         .map(|i| Rng::new(r.seed, first_stream + i as u64))
         .collect();
@@ -426,7 +459,7 @@ mod tests {
             let all = Tensor::from_slice(&seq).view([1, -1]);
             let full = tch::no_grad(|| m.forward(&all));
             let prompt = 5;
-            let mut cache = KvCache::new(&m, 1, seq.len() as i64, Device::Cpu);
+            let mut cache = KvCache::new(&m, 1, seq.len() as i64, Device::Cpu).expect("cache");
             let valid = Tensor::ones([1, prompt], (Kind::Bool, Device::Cpu));
             let l = tch::no_grad(|| m.prefill(&mut cache, &all.narrow(1, 0, prompt), &valid))
                 .expect("prefill");
@@ -467,7 +500,7 @@ mod tests {
                 assert_eq!(together[i], alone[0], "{name}: prompt {i}");
             }
             // ... and the padded prefill's logits match the unpadded ones.
-            let mut cache = KvCache::new(&m, 2, 8, Device::Cpu);
+            let mut cache = KvCache::new(&m, 2, 8, Device::Cpu).expect("cache");
             let toks =
                 Tensor::from_slice(&[0i64, 0, 0, 0, 5, 9, 2, 1, 2, 3, 4, 5, 6, 7]).view([2, 7]);
             let valid = Tensor::from_slice(&[
@@ -488,7 +521,7 @@ mod tests {
     fn the_cache_holds_n_k_keys_at_the_cached_dimension() {
         let c = cfg(2, 4, 40, KCompression::Projected, Some(4));
         let m = Model::new(&c, 1, false, false, Device::Cpu, false);
-        let cache = KvCache::new(&m, 1, 16, Device::Cpu);
+        let cache = KvCache::new(&m, 1, 16, Device::Cpu).expect("cache");
         // 2 layers x (2 heads x 4 + 4 heads x 6) x 4 bytes (fp32 on CPU).
         assert_eq!(cache.bytes_per_token(), 2 * (2 * 4 + 4 * 6) * 4);
     }

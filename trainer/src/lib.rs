@@ -12,6 +12,7 @@ pub mod fused;
 pub mod generate;
 pub mod gpu_memory;
 pub mod guard;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod optim;

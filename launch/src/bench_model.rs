@@ -1,0 +1,98 @@
+//! `sigma bench decode --model CONFIG`: whole-model decoding tokens/s of a
+//! config's model (random weights: speed does not depend on them) against
+//! its GQA counterpart, at each batch size and context length, with the
+//! decode kernel and with the tensor-operation path.
+
+use anyhow::{bail, Result};
+use sigma_trainer::config::{KCompression, ModelConfig, RunConfig};
+use sigma_trainer::generate::KvCache;
+use sigma_trainer::{kernels, Model};
+use tch::{Device, Kind, Tensor};
+
+use crate::bench_cmd::{device_name, median_time, DecodeArgs};
+
+/// The config's model with `n` K and V heads of the full head dimension.
+fn gqa_counterpart(c: &ModelConfig, n: usize) -> ModelConfig {
+    ModelConfig {
+        num_k_heads: n,
+        num_v_heads: n,
+        k_compression: KCompression::None,
+        k_dim: None,
+        ..c.clone()
+    }
+}
+
+fn build(cfg: &ModelConfig, device: Device) -> Model {
+    let mut m = Model::new(cfg, 0, true, false, Device::Cpu, device.is_cuda());
+    if device.is_cuda() {
+        m.params.enable_work_copy(Kind::BFloat16);
+    }
+    sigma_trainer::eval::move_model(m, device)
+}
+
+pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
+    let cfg = RunConfig::load(config, &[])?.model;
+    if a.gqa_kv <= 0 || cfg.num_q_heads % a.gqa_kv as usize != 0 {
+        bail!(
+            "--gqa-kv {}: must divide the model's {} query heads",
+            a.gqa_kv,
+            cfg.num_q_heads
+        );
+    }
+    let variants = [
+        ("DiffQKV", cfg.clone()),
+        ("GQA", gqa_counterpart(&cfg, a.gqa_kv as usize)),
+    ];
+    println!(
+        "whole-model decoding, {config} (random weights) on {}: one new token per sequence per step, median of {} steps",
+        device_name(device),
+        a.steps
+    );
+    println!(
+        "{:<8} {:>9} {:>6} {:>8} {:>14} {:>12} {:>12} {:>12}",
+        "model", "heads", "batch", "context", "cache MB", "kernel tok/s", "ops tok/s", "kernel ms"
+    );
+    for (name, c) in variants {
+        let model = build(&c, device);
+        let heads = format!("{}/{}/{}", c.num_q_heads, c.num_k_heads, c.num_v_heads);
+        for &b in &a.batch {
+            for &s in &a.context {
+                let capacity = s + a.steps as i64 + 8;
+                let Ok(mut cache) = KvCache::new(&model, b, capacity, device) else {
+                    println!(
+                        "{name:<8} {heads:>9} {b:>6} {s:>8}  (the cache does not fit: skipped)"
+                    );
+                    continue;
+                };
+                let bytes = cache.bytes_per_token() * b * s;
+                let time = |on: bool, cache: &mut KvCache| -> Result<f64> {
+                    kernels::set_decode_kernel(on);
+                    cache.pretend_filled(s);
+                    let tokens = Tensor::randint(c.vocab_size as i64, [b], (Kind::Int64, device));
+                    median_time(device, a.steps, &mut || {
+                        let _ = tch::no_grad(|| model.decode_step(cache, &tokens))?;
+                        Ok(())
+                    })
+                };
+                let timed = time(true, &mut cache).and_then(|k| Ok((k, time(false, &mut cache)?)));
+                kernels::set_decode_kernel(true);
+                let (kernel, ops) = match timed {
+                    Ok(t) => t,
+                    Err(e) if e.to_string().contains("out of memory") => {
+                        println!("{name:<8} {heads:>9} {b:>6} {s:>8}  (out of memory: skipped)");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                println!(
+                    "{name:<8} {heads:>9} {b:>6} {s:>8} {:>14.0} {:>12.0} {:>12.0} {:>12.3}",
+                    bytes as f64 / 1e6,
+                    b as f64 / kernel,
+                    b as f64 / ops,
+                    kernel * 1e3
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,298 @@
+// DiffQKV decode attention: one new query token per sequence against a KV
+// cache of `len` slots, flash-decoding style (split over the sequence, then
+// a combine). Compiled at run time by NVRTC (trainer/src/kernels), once per
+// shape, with these macros defined by the caller:
+//   NQ, NK, NV   query, key and value heads (NK and NV divide NQ)
+//   DK, DV       key (dot-product) and value head dimensions, multiples of 8
+//                whose eighth divides 32
+//   THREADS      threads per block of the split kernel (a multiple of 32)
+// Query head i reads key head i / (NQ/NK) and value head i / (NQ/NV)
+// (contiguous groups), so one block reads each key row of its chunk once for
+// the NQ/NK query heads of its group and each value row once for the NQ/NV
+// query heads of its group. bf16 in and out, fp32 accumulation; no headers
+// (bf16 is handled as its bit pattern).
+
+typedef unsigned short bf16;
+
+#define GK (NQ / NK)
+#define GV (NQ / NV)
+#define WARPS (THREADS / 32)
+#define LK (DK / 8)             // lanes per key row: 8 bf16 (16 bytes) each
+#define RK (32 / LK)            // key rows per warp step
+#define LV (DV / 8)
+#define RV (32 / LV)
+#define QTK (GK < 8 ? GK : 8)   // query heads per pass over a key chunk
+#define QTV (GV < 8 ? GV : 8)
+#define UK 4                    // key rows a lane loads before using any
+#define UV 8                    // value rows likewise
+// Warps per head: a head is streamed by WPH warps together (when there are
+// fewer heads than warps), else each warp streams whole heads alone.
+#define WPHK (NK < WARPS ? WARPS / NK : 1)
+#define WPHV (NV < WARPS ? WARPS / NV : 1)
+#define COMBINE_THREADS 256
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float bf2f(bf16 x) {
+  return __uint_as_float(((unsigned int)x) << 16);
+}
+
+__device__ __forceinline__ bf16 f2bf(float f) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) {  // inf or nan: keep, quiet a nan
+    return (bf16)((u >> 16) | ((u & 0xffffu) ? 0x40u : 0u));
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return (bf16)(u >> 16);
+}
+
+__device__ __forceinline__ void unpack8(uint4 w, float* f) {
+  f[0] = __uint_as_float(w.x << 16); f[1] = __uint_as_float(w.x & 0xffff0000u);
+  f[2] = __uint_as_float(w.y << 16); f[3] = __uint_as_float(w.y & 0xffff0000u);
+  f[4] = __uint_as_float(w.z << 16); f[5] = __uint_as_float(w.z & 0xffff0000u);
+  f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
+}
+
+// Sum acc[0..C) over the L aligned lanes of a row group so that lane kl
+// ends with the totals of elements [kl * C / L, (kl + 1) * C / L) in
+// acc[0 .. C / L): recursive halving, C - C / L shuffles instead of the
+// C log2(L) of an all-reduce. Needs C a multiple of L.
+template <int C, int L>
+__device__ __forceinline__ void reduce_scatter(float* acc, int kl) {
+#pragma unroll
+  for (int r = 0; (L >> (r + 1)) > 0; ++r) {
+    const int o = L >> (r + 1), c = C >> r;
+    const bool up = (kl & o) != 0;
+#pragma unroll
+    for (int i = 0; i < c / 2; ++i) {
+      const float send = up ? acc[i] : acc[i + c / 2];
+      const float keep = up ? acc[i + c / 2] : acc[i];
+      acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+  }
+}
+
+// Block (split, b): slots [split*chunk, min(len, (split+1)*chunk)) of
+// sequence b. Writes the chunk's unnormalised output (sum of p·v with
+// p = 2^(score - m)), its max m and its sum l per query head.
+// Strides are in elements; a key row (DK) and a value row (DV) are contiguous.
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
+                     const bf16* __restrict__ k,       // [B, NK, >=len, DK]
+                     const bf16* __restrict__ v,       // [B, NV, >=len, DV]
+                     const unsigned char* __restrict__ valid,  // [B, >=len] or null
+                     long long k_batch, long long k_head,
+                     long long v_batch, long long v_head,
+                     long long valid_batch,
+                     float* __restrict__ part_o,       // [B, splits, NQ, DV]
+                     float* __restrict__ part_ml,      // [B, splits, NQ, 2]
+                     int len, int chunk, float scale_log2) {
+  extern __shared__ float smem[];
+  float* qs = smem;              // [NQ][DK], scaled by scale * log2(e)
+  float* os = qs + NQ * DK;      // [NQ][DV] output accumulator
+  float* ml = os + NQ * DV;      // [NQ][2] max and sum
+  float* sc = ml + 2 * NQ;       // [NQ][chunk] scores, then probabilities
+
+  const int b = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
+  const int s0 = split * chunk;
+  const int n = min(chunk, len - s0);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+  for (int i = tid; i < NQ * DK; i += THREADS) qs[i] = bf2f(q[(long long)b * NQ * DK + i]) * scale_log2;
+  for (int i = tid; i < NQ * DV; i += THREADS) os[i] = 0.f;
+  __syncthreads();
+
+  // Scores: each key row of the chunk is read once for its query group.
+  {
+    const int kl = lane % LK, kr = lane / LK;
+    const int sub = warp % WPHK;
+    const unsigned char* vrow = valid ? valid + (long long)b * valid_batch + s0 : 0;
+    for (int h = warp / WPHK; h < NK; h += WARPS / WPHK) {
+      const bf16* kh = k + (long long)b * k_batch + (long long)h * k_head + (long long)s0 * DK + kl * 8;
+      for (int qt = 0; qt < GK; qt += QTK) {
+        float qr[QTK][8];
+#pragma unroll
+        for (int j = 0; j < QTK; ++j)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) qr[j][e] = qs[(h * GK + qt + j) * DK + kl * 8 + e];
+        for (int base = sub * RK; base < n; base += WPHK * RK * UK) {
+          uint4 w[UK];
+#pragma unroll
+          for (int u = 0; u < UK; ++u) {
+            const int s = base + u * WPHK * RK + kr;
+            w[u] = s < n ? *reinterpret_cast<const uint4*>(kh + (long long)s * DK) : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int u = 0; u < UK; ++u) {
+            const int s = base + u * WPHK * RK + kr;
+            float kf[8];
+            unpack8(w[u], kf);
+            float acc[QTK];
+#pragma unroll
+            for (int j = 0; j < QTK; ++j) {
+              float a = 0.f;
+#pragma unroll
+              for (int e = 0; e < 8; ++e) a = fmaf(qr[j][e], kf[e], a);
+              acc[j] = a;
+            }
+            const bool masked = s < n && vrow && !vrow[s];
+            if constexpr (QTK % LK == 0) {
+              reduce_scatter<QTK, LK>(acc, kl);
+              if (s < n) {
+#pragma unroll
+                for (int i = 0; i < QTK / LK; ++i)
+                  sc[(h * GK + qt + kl * (QTK / LK) + i) * chunk + s] = masked ? NEG_INF : acc[i];
+              }
+            } else {
+#pragma unroll
+              for (int off = LK / 2; off > 0; off >>= 1)
+#pragma unroll
+                for (int j = 0; j < QTK; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+              if (s < n) {
+#pragma unroll
+                for (int j = 0; j < QTK; ++j)
+                  if (j % LK == kl) sc[(h * GK + qt + j) * chunk + s] = masked ? NEG_INF : acc[j];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Softmax pieces per query head over the chunk: m, p = 2^(s - m), l.
+  for (int qh = warp; qh < NQ; qh += WARPS) {
+    float* row = sc + qh * chunk;
+    float m = NEG_INF;
+    for (int s = lane; s < n; s += 32) m = fmaxf(m, row[s]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float l = 0.f;
+    for (int s = lane; s < n; s += 32) {
+      const float p = m == NEG_INF ? 0.f : exp2f(row[s] - m);
+      row[s] = p;
+      l += p;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+    if (lane == 0) {
+      ml[2 * qh] = m;
+      ml[2 * qh + 1] = l;
+    }
+  }
+  __syncthreads();
+
+  // p·V: each value row of the chunk is read once for its query group.
+  {
+    const int vl = lane % LV, vr = lane / LV;
+    const int sub = warp % WPHV;
+    for (int h = warp / WPHV; h < NV; h += WARPS / WPHV) {
+      const bf16* vh = v + (long long)b * v_batch + (long long)h * v_head + (long long)s0 * DV + vl * 8;
+      for (int qt = 0; qt < GV; qt += QTV) {
+        float acc[QTV][8];
+#pragma unroll
+        for (int j = 0; j < QTV; ++j)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
+        for (int base = sub * RV; base < n; base += WPHV * RV * UV) {
+          uint4 w[UV];
+#pragma unroll
+          for (int u = 0; u < UV; ++u) {
+            const int s = base + u * WPHV * RV + vr;
+            w[u] = s < n ? *reinterpret_cast<const uint4*>(vh + (long long)s * DV) : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int u = 0; u < UV; ++u) {
+            const int s = base + u * WPHV * RV + vr;
+            if (s < n) {
+              float vf[8];
+              unpack8(w[u], vf);
+#pragma unroll
+              for (int j = 0; j < QTV; ++j) {
+                const float p = sc[(h * GV + qt + j) * chunk + s];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[j][e] = fmaf(p, vf[e], acc[j][e]);
+              }
+            }
+          }
+        }
+        // Sum over the warp's row groups (lanes of equal vl), then over the
+        // warps sharing the head.
+#pragma unroll
+        for (int off = LV; off < 32; off <<= 1)
+#pragma unroll
+          for (int j = 0; j < QTV; ++j)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], off);
+        if (vr == 0) {
+#pragma unroll
+          for (int j = 0; j < QTV; ++j)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              float* o = &os[(h * GV + qt + j) * DV + vl * 8 + e];
+              if constexpr (WPHV == 1) *o = acc[j][e]; else atomicAdd(o, acc[j][e]);
+            }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  const long long part = (long long)b * splits + split;
+  for (int i = tid; i < NQ * DV; i += THREADS) part_o[part * NQ * DV + i] = os[i];
+  for (int i = tid; i < 2 * NQ; i += THREADS) part_ml[part * 2 * NQ + i] = ml[i];
+}
+
+__device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, off);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads();  // red may still be read from a previous reduction
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  x = red[0];
+  for (int i = 1; i < COMBINE_THREADS / 32; ++i) x = is_max ? fmaxf(x, red[i]) : x + red[i];
+  return x;
+}
+
+// Block (query head, b), COMBINE_THREADS threads: rescale the chunks to their
+// common max and normalise. A head whose every slot is masked gives zeros.
+// Dynamic shared memory: one float per split.
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
+diffqkv_decode_combine(const float* __restrict__ part_o,
+                       const float* __restrict__ part_ml,
+                       bf16* __restrict__ out,  // [B, NQ, DV]
+                       int splits) {
+  extern __shared__ float wt[];
+  __shared__ float red[COMBINE_THREADS];
+  const int qh = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const float* mlb = part_ml + (long long)b * splits * 2 * NQ + 2 * qh;
+  float m = NEG_INF;
+  for (int i = tid; i < splits; i += COMBINE_THREADS) m = fmaxf(m, mlb[(long long)i * 2 * NQ]);
+  m = block_reduce(m, true, red);
+  float l = 0.f;
+  for (int i = tid; i < splits; i += COMBINE_THREADS) {
+    const float mi = mlb[(long long)i * 2 * NQ];
+    const float w = (mi == NEG_INF || m == NEG_INF) ? 0.f : exp2f(mi - m);
+    wt[i] = w;
+    l += mlb[(long long)i * 2 * NQ + 1] * w;
+  }
+  l = block_reduce(l, false, red);  // its barriers also publish wt
+  // Groups of DV threads take every G-th split, then the groups are summed.
+  const int G = COMBINE_THREADS / DV, g = tid / DV, d = tid % DV;
+  float o = 0.f;
+  if (g < G) {
+    const float* po = part_o + ((long long)b * splits * NQ + qh) * DV + d;
+    for (int i = g; i < splits; i += G) o += po[(long long)i * NQ * DV] * wt[i];
+  }
+  __syncthreads();
+  red[tid] = o;
+  __syncthreads();
+  if (tid < DV) {
+    for (int i = 1; i < G; ++i) o += red[i * DV + tid];
+    out[((long long)b * NQ + qh) * DV + tid] = f2bf(l > 0.f ? o / l : 0.f);
+  }
+}

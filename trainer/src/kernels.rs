@@ -1,0 +1,564 @@
+//! CUDA kernels compiled at run time with NVRTC (through cudarc) and
+//! launched on libtorch's current stream over libtorch's tensors. One kernel
+//! today: the DiffQKV decode attention (csrc/decode_attention.cu), which
+//! [`crate::generate::decode_attention`] calls on a GPU and which falls back
+//! to tensor operations wherever it cannot run.
+//!
+//! - **Libraries.** NVRTC is found beside the CUDA runtime that libtorch
+//!   loaded (pip's CUDA wheels put `libnvrtc.so.N` and its builtins in the
+//!   same directory) and opened by its full path, so that cudarc's lookup by
+//!   name finds the very same library; the driver is the system's.
+//! - **Compilation.** Once per (device, shape): the shapes are macros, so
+//!   every loop over heads and dimensions is unrolled; the PTX targets the
+//!   device's compute capability. A compile or load failure is reported once
+//!   and the tensor path is used from then on for that shape.
+//! - **Streams.** Kernels run on libtorch's current stream of the tensors'
+//!   device (a C++ shim reads it), so they are ordered with the operations
+//!   around them like any libtorch kernel; scratch buffers come from
+//!   libtorch's caching allocator.
+#![allow(unsafe_code)] // FFI: NVRTC, the CUDA driver and the stream shim.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TrainError};
+
+/// The decode attention source, compiled with the shape macros of [`DecodeShape`].
+pub const DECODE_SOURCE: &str = include_str!("../csrc/decode_attention.cu");
+/// Threads per block of the split kernel and of the combine kernel (the source's COMBINE_THREADS).
+const THREADS: u32 = 256;
+const COMBINE_THREADS: u32 = 256;
+/// Splits the combine kernel takes (one float of shared memory each).
+const MAX_SPLITS: i64 = 8192;
+/// Dynamic shared memory a split block may use (scores of its chunk, q, output).
+const MAX_SMEM: i64 = 96 * 1024;
+
+extern "C" {
+    fn sigma_cuda_current_stream(device: i32, out: *mut *mut std::ffi::c_void) -> i32;
+}
+
+/// The directory of a library this process has loaded whose file name contains `needle`.
+fn loaded_library_dir(needle: &str) -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().contains(needle))
+        })
+        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
+}
+
+/// Whether this libtorch is a CUDA build (its CUDA runtime is loaded), GPU or not.
+pub fn cuda_build() -> bool {
+    loaded_library_dir("libcudart.so.").is_some()
+}
+
+/// Make NVRTC loadable: open libtorch's (beside its CUDA runtime) by full
+/// path, builtins first, so that cudarc's lookup by name finds it. The
+/// error says where it was looked for.
+pub fn nvrtc() -> std::result::Result<(), String> {
+    static READY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let dir = loaded_library_dir("libcudart.so.");
+            if let Some(dir) = &dir {
+                let mut files: Vec<_> = std::fs::read_dir(dir)
+                    .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                // Builtins before the compiler that opens them; never the ".alt" variants.
+                files.sort_by_key(|p| !p.to_string_lossy().contains("builtins"));
+                for f in files {
+                    let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let name = name.unwrap_or_default();
+                    if name.starts_with("libnvrtc") && name.contains(".so.") && !name.contains(".alt.") {
+                        // SAFETY: NVIDIA's NVRTC libraries run no code of
+                        // consequence when loaded; the handle is kept open for
+                        // the life of the process (leaked) so that symbols
+                        // cudarc resolves stay valid.
+                        if let Ok(lib) = unsafe { libloading::Library::new(&f) } {
+                            std::mem::forget(lib);
+                        }
+                    }
+                }
+            }
+            // SAFETY: only tries to open the library by its usual names.
+            if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                Ok(())
+            } else {
+                Err(format!(
+                    "NVRTC (libnvrtc.so) was not found beside libtorch's CUDA runtime ({}) nor on the library path",
+                    dir.map(|d| d.display().to_string())
+                        .unwrap_or_else(|| "not loaded".into())
+                ))
+            }
+        })
+        .clone()
+}
+
+/// Compile CUDA C `src` to PTX for compute capability `arch` (e.g. 90) with `defines`.
+pub fn compile(
+    src: &str,
+    defines: &[(&str, i64)],
+    arch: i32,
+) -> std::result::Result<String, String> {
+    nvrtc()?;
+    let mut options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+    options.push(format!("--gpu-architecture=compute_{arch}"));
+    options.push("--std=c++17".into());
+    let opts = cudarc::nvrtc::CompileOptions {
+        options,
+        ..Default::default()
+    };
+    match cudarc::nvrtc::compile_ptx_with_opts(src, opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(format!(
+            "NVRTC could not compile the kernel:\n{}",
+            log.to_string_lossy()
+        )),
+        Err(e) => Err(format!("NVRTC: {e:?}")),
+    }
+}
+
+/// Head counts and dimensions that select one compiled decode kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecodeShape {
+    pub n_q: i64,
+    pub n_k: i64,
+    pub n_v: i64,
+    pub d_k: i64,
+    pub d_v: i64,
+}
+
+impl DecodeShape {
+    /// Why the kernel cannot take this shape (None: it can).
+    pub fn unsupported(&self) -> Option<String> {
+        let lanes_ok = |d: i64| d > 0 && d % 8 == 0 && 32 % (d / 8) == 0;
+        let group_ok = |g: i64| g <= 8 || g % 8 == 0;
+        let s = self;
+        if s.n_k <= 0 || s.n_v <= 0 || s.n_q % s.n_k != 0 || s.n_q % s.n_v != 0 {
+            Some(format!(
+                "n_k {} and n_v {} must divide n_q {}",
+                s.n_k, s.n_v, s.n_q
+            ))
+        } else if !lanes_ok(s.d_k) || !lanes_ok(s.d_v) {
+            Some(format!(
+                "head dimensions {} (K) and {} (V) must be 8, 16, 32, 64, 128 or 256",
+                s.d_k, s.d_v
+            ))
+        } else if !group_ok(s.n_q / s.n_k) || !group_ok(s.n_q / s.n_v) {
+            Some(format!(
+                "query heads per K head ({}) and per V head ({}) must be at most 8 or a multiple of 8",
+                s.n_q / s.n_k,
+                s.n_q / s.n_v
+            ))
+        } else if self.max_chunk() < 32 {
+            Some(format!(
+                "{} query heads leave no room for a chunk in shared memory",
+                s.n_q
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn defines(&self) -> [(&'static str, i64); 6] {
+        [
+            ("NQ", self.n_q),
+            ("NK", self.n_k),
+            ("NV", self.n_v),
+            ("DK", self.d_k),
+            ("DV", self.d_v),
+            ("THREADS", THREADS as i64),
+        ]
+    }
+
+    /// Shared memory of a split block, in bytes, for a chunk of `chunk` slots.
+    pub fn smem_bytes(&self, chunk: i64) -> i64 {
+        4 * self.n_q * (self.d_k + self.d_v + 2 + chunk)
+    }
+
+    /// The largest chunk (a multiple of 32, at most 512) whose block fits [`MAX_SMEM`].
+    fn max_chunk(&self) -> i64 {
+        let free = MAX_SMEM / 4 - self.n_q * (self.d_k + self.d_v + 2);
+        ((free / self.n_q.max(1)) / 32 * 32).min(512)
+    }
+
+    /// Split `len` slots of `batch` sequences into chunks so that about
+    /// eight blocks per multiprocessor run: (chunk, splits), chunk a
+    /// multiple of 32 and `splits * chunk >= len > (splits - 1) * chunk`.
+    pub fn plan(&self, batch: i64, len: i64, sms: i64) -> (i64, i64) {
+        let want_splits = ((8 * sms + batch - 1) / batch).max(1);
+        let chunk = (len + want_splits - 1) / want_splits;
+        let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk().max(32));
+        (chunk, (len + chunk - 1) / chunk)
+    }
+}
+
+/// One shape's kernels on one device.
+struct Loaded {
+    ctx: Arc<CudaContext>,
+    split: CudaFunction,
+    combine: CudaFunction,
+    sms: i64,
+}
+
+type Cache = Mutex<HashMap<(usize, DecodeShape), std::result::Result<Arc<Loaded>, String>>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn load(ordinal: usize, shape: DecodeShape) -> std::result::Result<Arc<Loaded>, String> {
+    let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
+    let ctx = CudaContext::new(ordinal).map_err(drv)?;
+    let major = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(drv)?;
+    let minor = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .map_err(drv)?;
+    let sms = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(drv)? as i64;
+    let ptx = compile(DECODE_SOURCE, &shape.defines(), major * 10 + minor)?;
+    let module = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+        .map_err(drv)?;
+    let split = module.load_function("diffqkv_decode_split").map_err(drv)?;
+    let combine = module
+        .load_function("diffqkv_decode_combine")
+        .map_err(drv)?;
+    split
+        .set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            MAX_SMEM as i32,
+        )
+        .map_err(drv)?;
+    Ok(Arc::new(Loaded {
+        ctx,
+        split,
+        combine,
+        sms,
+    }))
+}
+
+/// The kernels for `shape` on CUDA device `ordinal`, compiled on first use;
+/// a failure is printed once and remembered.
+fn kernels(ordinal: usize, shape: DecodeShape) -> std::result::Result<Arc<Loaded>, String> {
+    let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
+    c.entry((ordinal, shape))
+        .or_insert_with(|| {
+            let r = load(ordinal, shape);
+            if let Err(e) = &r {
+                eprintln!("warning: the DiffQKV decode kernel is not used for {shape:?} on cuda:{ordinal} (tensor operations instead): {e}");
+            }
+            r
+        })
+        .clone()
+}
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static DECODE_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether decoding may use the kernel: on unless `SIGMA_DECODE_KERNEL=off`
+/// (or [`set_decode_kernel`]`(false)`).
+pub fn decode_kernel_enabled() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match DECODE_KERNEL.load(Relaxed) {
+        0 => {
+            let off = std::env::var("SIGMA_DECODE_KERNEL").is_ok_and(|v| v == "off" || v == "0");
+            DECODE_KERNEL.store(if off { 2 } else { 1 }, Relaxed);
+            !off
+        }
+        v => v == 1,
+    }
+}
+
+/// Turn the decode kernel on or off for this process (benchmarks compare both).
+pub fn set_decode_kernel(on: bool) {
+    DECODE_KERNEL.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the kernel would run for these operands; Err says why not
+/// (for benchmarks and checks that must not silently time the fallback).
+pub fn decode_kernel_available(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> std::result::Result<(), String> {
+    if !decode_kernel_enabled() {
+        return Err("turned off (SIGMA_DECODE_KERNEL=off)".into());
+    }
+    if let Some(r) = refusal(q, k, v, None) {
+        return Err(r);
+    }
+    let shape = shape_of(q, k, v);
+    if let Some(r) = shape.unsupported() {
+        return Err(r);
+    }
+    let Device::Cuda(ordinal) = q.device() else {
+        return Err("not on a CUDA device".into());
+    };
+    kernels(ordinal, shape).map(|_| ())
+}
+
+fn shape_of(q: &Tensor, k: &Tensor, v: &Tensor) -> DecodeShape {
+    DecodeShape {
+        n_q: q.size()[1],
+        n_k: k.size()[1],
+        n_v: v.size()[1],
+        d_k: k.size()[3],
+        d_v: v.size()[3],
+    }
+}
+
+/// Why the kernel cannot run these operands (None: it can). q [b, n_q, 1,
+/// d_k], k [b, n_k, S, d_k], v [b, n_v, S, d_v], valid [b, S] bool.
+fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option<String> {
+    let dev = q.device();
+    if !dev.is_cuda() || k.device() != dev || v.device() != dev {
+        return Some("not on one CUDA device".into());
+    }
+    if [q.kind(), k.kind(), v.kind()] != [Kind::BFloat16; 3] {
+        return Some("not bf16".into());
+    }
+    if q.dim() != 4
+        || k.dim() != 4
+        || v.dim() != 4
+        || q.size()[2] != 1
+        || q.size()[3] != k.size()[3]
+    {
+        return Some("not one query per sequence".into());
+    }
+    let (ks, vs) = (k.stride(), v.stride());
+    let (dk, dv) = (k.size()[3], v.size()[3]);
+    // A row of K and of V contiguous, every row 16-byte aligned.
+    let aligned = |t: &Tensor, s: &[i64]| {
+        s[3] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0 && (t.data_ptr() as usize) % 16 == 0
+    };
+    if ks[2] != dk || vs[2] != dv || !aligned(k, &ks) || !aligned(v, &vs) {
+        return Some("K or V rows not contiguous and 16-byte aligned".into());
+    }
+    if let Some(m) = valid {
+        if m.kind() != Kind::Bool || m.device() != dev || m.stride()[1] != 1 {
+            return Some("the slot mask is not a bool [b, S] tensor with contiguous rows".into());
+        }
+    }
+    if k.size()[2] > i32::MAX as i64 {
+        return Some("context too long".into());
+    }
+    None
+}
+
+/// DiffQKV decode attention by the kernel: Ok(None) where it cannot run
+/// (CPU, not bf16, a shape or layout it does not take, NVRTC missing,
+/// `SIGMA_DECODE_KERNEL=off`); the caller then uses tensor operations.
+/// Same contract as [`crate::generate::decode_attention`]: -> [b, 1, n_q * d_v].
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !decode_kernel_enabled() || refusal(q, k, v, valid).is_some() {
+        return Ok(None);
+    }
+    let shape = shape_of(q, k, v);
+    if shape.unsupported().is_some() {
+        return Ok(None);
+    }
+    let Device::Cuda(ordinal) = q.device() else {
+        return Ok(None);
+    };
+    let Ok(kern) = kernels(ordinal, shape) else {
+        return Ok(None);
+    };
+    let (b, len) = (q.size()[0], k.size()[2]);
+    let (chunk, splits) = shape.plan(b, len, kern.sms);
+    if splits > MAX_SPLITS {
+        return Ok(None);
+    }
+    let f32s = (Kind::Float, q.device());
+    let q = q.contiguous();
+    let part_o = Tensor::f_empty([b, splits, shape.n_q, shape.d_v], f32s)?;
+    let part_ml = Tensor::f_empty([b, splits, shape.n_q, 2], f32s)?;
+    let out = Tensor::f_empty([b, 1, shape.n_q * shape.d_v], (Kind::BFloat16, q.device()))?;
+    let ptr = |t: &Tensor| t.data_ptr() as u64;
+    let (qp, kp, vp, op, mp, outp) = (
+        ptr(&q),
+        ptr(k),
+        ptr(v),
+        ptr(&part_o),
+        ptr(&part_ml),
+        ptr(&out),
+    );
+    let (validp, valid_batch) = valid.map_or((0u64, 0i64), |m| (ptr(m), m.stride()[0]));
+    let (ks, vs) = (k.stride(), v.stride());
+    let (len32, chunk32, splits32) = (len as i32, chunk as i32, splits as i32);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let launch_err = |e: cudarc::driver::DriverError| {
+        TrainError::Other(format!(
+            "the DiffQKV decode kernel failed on cuda:{ordinal}: {e}"
+        ))
+    };
+    let mut raw_stream = std::ptr::null_mut();
+    // SAFETY: the shim writes one pointer and catches every C++ exception.
+    if unsafe { sigma_cuda_current_stream(ordinal as i32, &mut raw_stream) } != 0 {
+        return Ok(None);
+    }
+    // SAFETY: libtorch's current stream of this device, alive for the process.
+    let stream = unsafe { kern.ctx.wrap_borrowed_stream(raw_stream as _) };
+    let split_cfg = LaunchConfig {
+        grid_dim: (splits as u32, b as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shape.smem_bytes(chunk) as u32,
+    };
+    // SAFETY: every pointer is a live libtorch tensor of the device whose
+    // extent matches the kernel's indexing (checked by `refusal` and the
+    // shapes above); the tensors outlive the launches, which run on the
+    // stream that any later use of them is ordered after.
+    unsafe {
+        stream
+            .launch_builder(&kern.split)
+            .arg(&qp)
+            .arg(&kp)
+            .arg(&vp)
+            .arg(&validp)
+            .arg(&ks[0])
+            .arg(&ks[1])
+            .arg(&vs[0])
+            .arg(&vs[1])
+            .arg(&valid_batch)
+            .arg(&op)
+            .arg(&mp)
+            .arg(&len32)
+            .arg(&chunk32)
+            .arg(&scale_log2)
+            .launch(split_cfg)
+            .map_err(launch_err)?;
+        stream
+            .launch_builder(&kern.combine)
+            .arg(&op)
+            .arg(&mp)
+            .arg(&outp)
+            .arg(&splits32)
+            .launch(LaunchConfig {
+                grid_dim: (shape.n_q as u32, b as u32, 1),
+                block_dim: (COMBINE_THREADS, 1, 1),
+                shared_mem_bytes: 4 * splits as u32,
+            })
+            .map_err(launch_err)?;
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sigma_1_5b() -> DecodeShape {
+        DecodeShape {
+            n_q: 32,
+            n_k: 4,
+            n_v: 16,
+            d_k: 64,
+            d_v: 64,
+        }
+    }
+
+    #[test]
+    fn plans_cover_the_context_exactly_and_fill_the_device() {
+        let s = sigma_1_5b();
+        for (b, len) in [
+            (1, 1),
+            (1, 4096),
+            (16, 32768),
+            (64, 4096),
+            (3, 1000),
+            (1, 65536),
+        ] {
+            let (chunk, splits) = s.plan(b, len, 132);
+            assert_eq!(chunk % 32, 0);
+            assert!(
+                splits * chunk >= len && (splits - 1) * chunk < len,
+                "{b} {len}"
+            );
+            assert!(s.smem_bytes(chunk) <= MAX_SMEM);
+            // Enough blocks for the 132 multiprocessors whenever the context allows it.
+            if len >= 32 * 1056 / b {
+                assert!(b * splits >= 132, "{b} {len}: {splits} splits");
+            }
+        }
+        assert_eq!(s.plan(16, 32768, 132), (512, 64));
+    }
+
+    #[test]
+    fn shapes_the_kernel_cannot_take_are_named() {
+        let ok = sigma_1_5b();
+        assert_eq!(ok.unsupported(), None);
+        let bad = DecodeShape { d_k: 48, ..ok };
+        assert!(bad.unsupported().unwrap().contains("48"));
+        let bad = DecodeShape {
+            n_q: 48,
+            n_k: 4,
+            ..ok
+        };
+        assert!(bad.unsupported().unwrap().contains("per K head (12)"));
+        let bad = DecodeShape { n_k: 5, ..ok };
+        assert!(bad.unsupported().unwrap().contains("must divide"));
+    }
+
+    /// The kernel source compiles (NVRTC, for Hopper and Ampere) for every
+    /// kind of shape sigma produces: SIGMA's 32/4/16, one K head (AugQ),
+    /// n_k > n_v, compressed K dimensions, GQA-like equal heads, large groups.
+    /// Needs a CUDA build of libtorch (NVRTC beside its runtime), no GPU.
+    #[test]
+    fn the_decode_kernel_compiles_for_every_kind_of_shape() {
+        if !cuda_build() {
+            eprintln!("skipped: this libtorch is not a CUDA build (no NVRTC beside it)");
+            return;
+        }
+        nvrtc().expect("a CUDA build of libtorch ships NVRTC beside its runtime");
+        let shapes = [
+            (32, 4, 16, 64, 64),
+            (32, 1, 16, 64, 64),
+            (8, 8, 2, 64, 64),
+            (32, 4, 16, 32, 64),
+            (32, 4, 16, 16, 64),
+            (16, 16, 16, 128, 128),
+            (64, 4, 2, 64, 64),
+        ];
+        for (n_q, n_k, n_v, d_k, d_v) in shapes {
+            let s = DecodeShape {
+                n_q,
+                n_k,
+                n_v,
+                d_k,
+                d_v,
+            };
+            assert_eq!(s.unsupported(), None, "{s:?}");
+            for arch in [90, 80] {
+                let ptx = compile(DECODE_SOURCE, &s.defines(), arch)
+                    .unwrap_or_else(|e| panic!("{s:?} sm_{arch}: {e}"));
+                assert!(ptx.contains(".entry diffqkv_decode_split"), "{s:?}");
+                assert!(ptx.contains(".entry diffqkv_decode_combine"), "{s:?}");
+            }
+        }
+        // A broken source reports NVRTC's log.
+        let err = compile(
+            "extern \"C\" __global__ void f() { undefined_name; }",
+            &[],
+            90,
+        )
+        .unwrap_err();
+        assert!(err.contains("undefined_name"), "{err}");
+    }
+}
