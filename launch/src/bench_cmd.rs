@@ -65,7 +65,9 @@ pub(crate) fn sync(d: Device) {
     }
 }
 
-/// Median seconds of `f` over `steps` runs (after 5 warm-up runs).
+/// Median seconds of `f` over `steps` runs (after 5 warm-up runs): on a GPU
+/// the device time between CUDA events recorded on libtorch's stream around
+/// each run, on the CPU the host clock.
 pub(crate) fn median_time(
     d: Device,
     steps: usize,
@@ -75,12 +77,24 @@ pub(crate) fn median_time(
         f()?;
     }
     sync(d);
+    let timer = match d {
+        Device::Cuda(i) => Some(kernels::StreamTimer::new(i).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
     let mut t = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let s = std::time::Instant::now();
-        f()?;
-        sync(d);
-        t.push(s.elapsed().as_secs_f64());
+        match &timer {
+            Some(timer) => {
+                timer.start().map_err(anyhow::Error::msg)?;
+                f()?;
+                t.push(timer.stop_ms().map_err(anyhow::Error::msg)? / 1e3);
+            }
+            None => {
+                let s = std::time::Instant::now();
+                f()?;
+                t.push(s.elapsed().as_secs_f64());
+            }
+        }
     }
     t.sort_by(|a, b| a.total_cmp(b));
     Ok(t[t.len() / 2])
@@ -182,6 +196,11 @@ fn attention(a: &DecodeArgs, device: Device) -> Result<()> {
                 println!("{b:>6} {s:>8}  (does not fit in memory: skipped)");
                 continue;
             };
+            if device.is_cuda() {
+                if let Err(why) = kernels::decode_kernel_available(&q, &k, &v) {
+                    println!("{b:>6} {s:>8}  (the kernel does not run here: {why}; timing the tensor path)");
+                }
+            }
             let ours = median_time(device, a.steps, &mut || {
                 let _ = decode_attention(&q, &k, &v, None, scale)?;
                 Ok(())
@@ -239,14 +258,16 @@ fn check(device: Device) -> Result<()> {
     if !device.is_cuda() {
         bail!("--check compares the GPU decode kernel with its reference: it needs --device cuda (or auto on a GPU machine)");
     }
-    const TOLERANCE: f64 = 2e-2;
+    // bf16 output rounding is at most 2^-9 of a value: 1 % of the largest
+    // output is five times that, and far below what a lost row or chunk costs.
+    const TOLERANCE: f64 = 1e-2;
     println!(
-        "decode kernel vs fp32 reference on {} (bf16 operands; tolerance {TOLERANCE} absolute on outputs of magnitude ~1)",
+        "decode kernel vs fp32 reference on {} (bf16 operands; errors relative to the largest |output|, tolerance {TOLERANCE})",
         device_name(device)
     );
     println!(
-        "{:<24} {:>5} {:>7} {:>6} {:>12} {:>12}",
-        "n_q/n_k/n_v d_k/d_v", "batch", "context", "masked", "kernel err", "ops err"
+        "{:<24} {:>5} {:>7} {:>6} {:>10} {:>12} {:>12}",
+        "n_q/n_k/n_v d_k/d_v", "batch", "context", "masked", "max |out|", "kernel err", "ops err"
     );
     // (n_q, n_k, n_v, d_k, d_v, batch, len, masked)
     let cases: &[(i64, i64, i64, i64, i64, i64, i64, bool)] = &[
@@ -262,6 +283,9 @@ fn check(device: Device) -> Result<()> {
         (16, 16, 16, 128, 128, 2, 1024, false),
         (32, 16, 16, 64, 64, 8, 8192, false),
         (64, 4, 2, 64, 64, 2, 3000, true),
+        (8, 2, 4, 8, 8, 3, 700, true),
+        (8, 2, 4, 256, 256, 2, 1100, false),
+        (12, 3, 6, 64, 64, 2, 999, true),
     ];
     let mut worst: f64 = 0.0;
     let opts = (Kind::BFloat16, device);
@@ -292,17 +316,23 @@ fn check(device: Device) -> Result<()> {
         let f = |t: &Tensor| t.to_kind(Kind::Float);
         let reference = decode_attention_ops(&f(&q), &f(&k), &f(&v), m, scale);
         let ops = decode_attention_ops(&q, &k, &v, m, scale);
-        let (ek, eo) = (max_abs(&kernel, &reference), max_abs(&ops, &reference));
+        let top = reference.abs().max().double_value(&[]);
+        let (ek, eo) = (
+            max_abs(&kernel, &reference) / top,
+            max_abs(&ops, &reference) / top,
+        );
         worst = worst.max(if ek.is_nan() { f64::INFINITY } else { ek });
         println!(
-            "{:<24} {b:>5} {len:>7} {:>6} {ek:>12.2e} {eo:>12.2e}",
+            "{:<24} {b:>5} {len:>7} {:>6} {top:>10.3e} {ek:>12.2e} {eo:>12.2e}",
             format!("{nq}/{nk}/{nv} {dk}/{dv}"),
             if masked { "yes" } else { "no" }
         );
     }
     if worst > TOLERANCE {
-        bail!("the decode kernel is off by {worst:.3e} (tolerance {TOLERANCE})");
+        bail!(
+            "the decode kernel is off by {worst:.3e} of the largest output (tolerance {TOLERANCE})"
+        );
     }
-    println!("decode kernel check passed: largest error {worst:.2e}");
+    println!("decode kernel check passed: largest relative error {worst:.2e}");
     Ok(())
 }

@@ -48,6 +48,24 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
         device_name(device),
         a.steps
     );
+    if device.is_cuda() {
+        // Which path each model's decode attention takes (its shapes, bf16).
+        for (name, c) in &variants {
+            let z = |n: usize, d: usize| {
+                Tensor::zeros([1, n as i64, 1, d as i64], (Kind::BFloat16, device))
+            };
+            let (dd, dv) = (c.dot_dim(), c.v_head_dim);
+            let path = match kernels::decode_kernel_available(
+                &z(c.num_q_heads, dd),
+                &z(c.num_k_heads, dd),
+                &z(c.num_v_heads, dv),
+            ) {
+                Ok(()) => "the decode kernel".to_string(),
+                Err(why) => format!("tensor operations ({why})"),
+            };
+            println!("{name}: \"kernel\" attends through {path}");
+        }
+    }
     println!(
         "{:<8} {:>9} {:>6} {:>8} {:>14} {:>12} {:>12} {:>12}",
         "model", "heads", "batch", "context", "cache MB", "kernel tok/s", "ops tok/s", "kernel ms"

@@ -52,6 +52,18 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
   f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
 }
 
+// This lane's 16 bytes of rows first, first + STEP, ... (U of them) of a
+// head whose rows are D elements apart; zeros past row n. All loads are
+// issued before any is used.
+template <int U, int STEP, int D>
+__device__ __forceinline__ void load_rows(uint4* w, const bf16* p, int first, int n) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = first + u * STEP;
+    w[u] = s < n ? *reinterpret_cast<const uint4*>(p + (long long)s * D) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // Sum acc[0..C) over the L aligned lanes of a row group so that lane kl
 // ends with the totals of elements [kl * C / L, (kl + 1) * C / L) in
 // acc[0 .. C / L): recursive halving, C - C / L shuffles instead of the
@@ -116,11 +128,7 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
           for (int e = 0; e < 8; ++e) qr[j][e] = qs[(h * GK + qt + j) * DK + kl * 8 + e];
         for (int base = sub * RK; base < n; base += WPHK * RK * UK) {
           uint4 w[UK];
-#pragma unroll
-          for (int u = 0; u < UK; ++u) {
-            const int s = base + u * WPHK * RK + kr;
-            w[u] = s < n ? *reinterpret_cast<const uint4*>(kh + (long long)s * DK) : make_uint4(0, 0, 0, 0);
-          }
+          load_rows<UK, WPHK * RK, DK>(w, kh, base + kr, n);
 #pragma unroll
           for (int u = 0; u < UK; ++u) {
             const int s = base + u * WPHK * RK + kr;
@@ -196,11 +204,7 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
           for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
         for (int base = sub * RV; base < n; base += WPHV * RV * UV) {
           uint4 w[UV];
-#pragma unroll
-          for (int u = 0; u < UV; ++u) {
-            const int s = base + u * WPHV * RV + vr;
-            w[u] = s < n ? *reinterpret_cast<const uint4*>(vh + (long long)s * DV) : make_uint4(0, 0, 0, 0);
-          }
+          load_rows<UV, WPHV * RV, DV>(w, vh, base + vr, n);
 #pragma unroll
           for (int u = 0; u < UV; ++u) {
             const int s = base + u * WPHV * RV + vr;

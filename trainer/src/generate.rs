@@ -210,8 +210,10 @@ impl Model {
             let n = pos + 1;
             let k = cache.k[l].narrow(2, 0, n);
             let k = if cache.raw_keys {
+                // Contiguous rows, as the decode kernel reads them (made anew each step anyway).
                 self.keys_from_raw(l, &k.transpose(1, 2), 0)
                     .to_kind(self.compute)
+                    .contiguous()
             } else {
                 k
             };

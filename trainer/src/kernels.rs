@@ -200,6 +200,81 @@ impl DecodeShape {
     }
 }
 
+/// Puts the thread's current CUDA context back when dropped: cudarc makes
+/// the tensors' device current, while libtorch keeps its own current device.
+struct RestoreContext(Option<cudarc::driver::sys::CUcontext>);
+
+impl RestoreContext {
+    fn save() -> RestoreContext {
+        RestoreContext(cudarc::driver::result::ctx::get_current().ok().flatten())
+    }
+}
+
+impl Drop for RestoreContext {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            // SAFETY: a context that was current on this thread a moment ago
+            // (a primary context, which lives as long as the process).
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(c) };
+        }
+    }
+}
+
+/// libtorch's current stream of CUDA device `ordinal`, for cudarc.
+fn current_stream(
+    ctx: &Arc<CudaContext>,
+    ordinal: usize,
+) -> Option<Arc<cudarc::driver::CudaStream>> {
+    let mut raw = std::ptr::null_mut();
+    // SAFETY: the shim writes one pointer and catches every C++ exception.
+    if unsafe { sigma_cuda_current_stream(ordinal as i32, &mut raw) } != 0 {
+        return None;
+    }
+    // SAFETY: libtorch's current stream of this device, alive for the process.
+    Some(unsafe { ctx.wrap_borrowed_stream(raw as _) })
+}
+
+/// Times work on libtorch's current stream of a CUDA device with CUDA
+/// events (device time between two points of the stream, no host clock).
+pub struct StreamTimer {
+    stream: Arc<cudarc::driver::CudaStream>,
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+}
+
+impl StreamTimer {
+    pub fn new(ordinal: usize) -> std::result::Result<StreamTimer, String> {
+        let _restore = RestoreContext::save();
+        let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        let stream = current_stream(&ctx, ordinal)
+            .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        Ok(StreamTimer {
+            start: ctx.new_event(timed).map_err(drv)?,
+            end: ctx.new_event(timed).map_err(drv)?,
+            stream,
+        })
+    }
+
+    /// Mark the start on the stream.
+    pub fn start(&self) -> std::result::Result<(), String> {
+        let _restore = RestoreContext::save();
+        self.start
+            .record(&self.stream)
+            .map_err(|e| format!("CUDA event: {e}"))
+    }
+
+    /// Mark the end, wait for it, and return the milliseconds since `start`.
+    pub fn stop_ms(&self) -> std::result::Result<f64, String> {
+        let _restore = RestoreContext::save();
+        let err = |e: cudarc::driver::DriverError| format!("CUDA event: {e}");
+        self.end.record(&self.stream).map_err(err)?;
+        self.end.synchronize().map_err(err)?;
+        Ok(self.start.elapsed_ms(&self.end).map_err(err)? as f64)
+    }
+}
+
 /// One shape's kernels on one device.
 struct Loaded {
     ctx: Arc<CudaContext>,
@@ -306,6 +381,7 @@ pub fn decode_kernel_available(
     let Device::Cuda(ordinal) = q.device() else {
         return Err("not on a CUDA device".into());
     };
+    let _restore = RestoreContext::save();
     kernels(ordinal, shape).map(|_| ())
 }
 
@@ -337,6 +413,15 @@ fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option
     {
         return Some("not one query per sequence".into());
     }
+    let (b, len) = (q.size()[0], k.size()[2]);
+    if k.size()[0] != b || v.size()[0] != b || v.size()[2] != len {
+        return Some("q, K and V differ in batch or K and V in length (no broadcasting)".into());
+    }
+    if b == 0 || b > 65535 || len == 0 {
+        return Some(format!(
+            "batch {b} and context {len}: the kernel takes 1 to 65,535 sequences of at least one slot"
+        ));
+    }
     let (ks, vs) = (k.stride(), v.stride());
     let (dk, dv) = (k.size()[3], v.size()[3]);
     // A row of K and of V contiguous, every row 16-byte aligned.
@@ -347,7 +432,13 @@ fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option
         return Some("K or V rows not contiguous and 16-byte aligned".into());
     }
     if let Some(m) = valid {
-        if m.kind() != Kind::Bool || m.device() != dev || m.stride()[1] != 1 {
+        if m.kind() != Kind::Bool
+            || m.device() != dev
+            || m.dim() != 2
+            || m.size()[0] != b
+            || m.size()[1] < len
+            || m.stride()[1] != 1
+        {
             return Some("the slot mask is not a bool [b, S] tensor with contiguous rows".into());
         }
     }
@@ -378,6 +469,7 @@ pub fn decode_attention(
     let Device::Cuda(ordinal) = q.device() else {
         return Ok(None);
     };
+    let _restore = RestoreContext::save();
     let Ok(kern) = kernels(ordinal, shape) else {
         return Ok(None);
     };
@@ -409,13 +501,9 @@ pub fn decode_attention(
             "the DiffQKV decode kernel failed on cuda:{ordinal}: {e}"
         ))
     };
-    let mut raw_stream = std::ptr::null_mut();
-    // SAFETY: the shim writes one pointer and catches every C++ exception.
-    if unsafe { sigma_cuda_current_stream(ordinal as i32, &mut raw_stream) } != 0 {
+    let Some(stream) = current_stream(&kern.ctx, ordinal) else {
         return Ok(None);
-    }
-    // SAFETY: libtorch's current stream of this device, alive for the process.
-    let stream = unsafe { kern.ctx.wrap_borrowed_stream(raw_stream as _) };
+    };
     let split_cfg = LaunchConfig {
         grid_dim: (splits as u32, b as u32, 1),
         block_dim: (THREADS, 1, 1),
@@ -535,6 +623,9 @@ mod tests {
             (32, 4, 16, 16, 64),
             (16, 16, 16, 128, 128),
             (64, 4, 2, 64, 64),
+            (8, 2, 4, 8, 8),
+            (8, 2, 4, 256, 256),
+            (12, 3, 6, 64, 64),
         ];
         for (n_q, n_k, n_v, d_k, d_v) in shapes {
             let s = DecodeShape {
