@@ -6,6 +6,7 @@
 //   DK, DV       key (dot-product) and value head dimensions, multiples of 8
 //                whose eighth divides 32
 //   THREADS      threads per block of the split kernel (a multiple of 32)
+//   UK, UV       rows loaded ahead per lane (tuning; defaults below)
 // Query head i reads key head i / (NQ/NK) and value head i / (NQ/NV)
 // (contiguous groups), so one block reads each key row of its chunk once for
 // the NQ/NK query heads of its group and each value row once for the NQ/NV
@@ -23,8 +24,12 @@ typedef unsigned short bf16;
 #define RV (32 / LV)
 #define QTK (GK < 8 ? GK : 8)   // query heads per pass over a key chunk
 #define QTV (GV < 8 ? GV : 8)
+#ifndef UK
 #define UK 4                    // key rows a lane loads before using any
+#endif
+#ifndef UV
 #define UV 8                    // value rows likewise
+#endif
 // Warps per head: a head is streamed by WPH warps together (when there are
 // fewer heads than warps), else each warp streams whole heads alone.
 #define WPHK (NK < WARPS ? WARPS / NK : 1)

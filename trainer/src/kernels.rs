@@ -125,6 +125,67 @@ pub fn compile(
     }
 }
 
+/// The decode kernel's tuning: defaults measured on an H100; for other
+/// hardware, `SIGMA_DECODE_TUNING` (e.g. `max_chunk=256,uv=4`) overrides
+/// any of them for the process (a bad value is reported and ignored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// The longest chunk of slots one block takes (a multiple of 32).
+    pub max_chunk: i64,
+    /// Blocks per multiprocessor the split aims at.
+    pub blocks_per_sm: i64,
+    /// Key rows and value rows a lane loads before using any.
+    pub uk: i64,
+    pub uv: i64,
+}
+
+impl Tuning {
+    pub const DEFAULT: Tuning = Tuning {
+        max_chunk: 512,
+        blocks_per_sm: 8,
+        uk: 4,
+        uv: 8,
+    };
+
+    /// `key=value` pairs separated by commas, over the defaults.
+    pub fn parse(text: &str) -> std::result::Result<Tuning, String> {
+        let mut t = Tuning::DEFAULT;
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not key=value"))?;
+            let v: i64 = value
+                .trim()
+                .parse()
+                .map_err(|_| format!("{key}: {value:?} is not an integer"))?;
+            let (field, ok) = match key.trim() {
+                "max_chunk" => (&mut t.max_chunk, v >= 32 && v <= 4096 && v % 32 == 0),
+                "blocks_per_sm" => (&mut t.blocks_per_sm, (1..=64).contains(&v)),
+                "uk" => (&mut t.uk, (1..=16).contains(&v)),
+                "uv" => (&mut t.uv, (1..=16).contains(&v)),
+                k => return Err(format!("unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv)")),
+            };
+            if !ok {
+                return Err(format!("{key} = {v} is out of range"));
+            }
+            *field = v;
+        }
+        Ok(t)
+    }
+}
+
+/// The process's tuning (see [`Tuning`]).
+pub fn tuning() -> Tuning {
+    static T: OnceLock<Tuning> = OnceLock::new();
+    *T.get_or_init(|| match std::env::var("SIGMA_DECODE_TUNING") {
+        Ok(text) => Tuning::parse(&text).unwrap_or_else(|e| {
+            eprintln!("warning: SIGMA_DECODE_TUNING ignored: {e}");
+            Tuning::DEFAULT
+        }),
+        Err(_) => Tuning::DEFAULT,
+    })
+}
+
 /// Head counts and dimensions that select one compiled decode kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecodeShape {
@@ -167,7 +228,8 @@ impl DecodeShape {
         }
     }
 
-    fn defines(&self) -> [(&'static str, i64); 6] {
+    fn defines(&self) -> [(&'static str, i64); 8] {
+        let t = tuning();
         [
             ("NQ", self.n_q),
             ("NK", self.n_k),
@@ -175,6 +237,8 @@ impl DecodeShape {
             ("DK", self.d_k),
             ("DV", self.d_v),
             ("THREADS", THREADS as i64),
+            ("UK", t.uk),
+            ("UV", t.uv),
         ]
     }
 
@@ -183,17 +247,19 @@ impl DecodeShape {
         4 * self.n_q * (self.d_k + self.d_v + 2 + chunk)
     }
 
-    /// The largest chunk (a multiple of 32, at most 512) whose block fits [`MAX_SMEM`].
+    /// The largest chunk (a multiple of 32, at most [`Tuning::max_chunk`])
+    /// whose block fits [`MAX_SMEM`].
     fn max_chunk(&self) -> i64 {
         let free = MAX_SMEM / 4 - self.n_q * (self.d_k + self.d_v + 2);
-        ((free / self.n_q.max(1)) / 32 * 32).min(512)
+        ((free / self.n_q.max(1)) / 32 * 32).min(tuning().max_chunk)
     }
 
     /// Split `len` slots of `batch` sequences into chunks so that about
-    /// eight blocks per multiprocessor run: (chunk, splits), chunk a
-    /// multiple of 32 and `splits * chunk >= len > (splits - 1) * chunk`.
+    /// [`Tuning::blocks_per_sm`] blocks per multiprocessor exist: (chunk,
+    /// splits), chunk a multiple of 32 and `splits * chunk >= len >
+    /// (splits - 1) * chunk`.
     pub fn plan(&self, batch: i64, len: i64, sms: i64) -> (i64, i64) {
-        let want_splits = ((8 * sms + batch - 1) / batch).max(1);
+        let want_splits = ((tuning().blocks_per_sm * sms + batch - 1) / batch).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
         let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk().max(32));
         (chunk, (len + chunk - 1) / chunk)
@@ -586,6 +652,16 @@ mod tests {
             }
         }
         assert_eq!(s.plan(16, 32768, 132), (512, 64));
+    }
+
+    #[test]
+    fn tuning_overrides_parse_and_bad_ones_are_named() {
+        assert_eq!(Tuning::parse("").unwrap(), Tuning::DEFAULT);
+        let t = Tuning::parse("max_chunk=256, uv=4").unwrap();
+        assert_eq!((t.max_chunk, t.uv, t.uk), (256, 4, Tuning::DEFAULT.uk));
+        assert!(Tuning::parse("max_chunk=100").unwrap_err().contains("out of range"));
+        assert!(Tuning::parse("uv=x").unwrap_err().contains("not an integer"));
+        assert!(Tuning::parse("warps=4").unwrap_err().contains("unknown key"));
     }
 
     #[test]
