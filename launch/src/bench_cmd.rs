@@ -270,7 +270,8 @@ fn check(device: Device) -> Result<()> {
         "n_q/n_k/n_v d_k/d_v", "batch", "context", "masked", "max |out|", "kernel err", "ops err"
     );
     // (n_q, n_k, n_v, d_k, d_v, batch, len, masked)
-    let cases: &[(i64, i64, i64, i64, i64, i64, i64, bool)] = &[
+    type Case = (i64, i64, i64, i64, i64, i64, i64, bool);
+    let cases: &[Case] = &[
         (32, 4, 16, 64, 64, 1, 1, false),
         (32, 4, 16, 64, 64, 2, 100, true),
         (32, 4, 16, 64, 64, 16, 4096, false),

@@ -159,11 +159,15 @@ impl Tuning {
                 .parse()
                 .map_err(|_| format!("{key}: {value:?} is not an integer"))?;
             let (field, ok) = match key.trim() {
-                "max_chunk" => (&mut t.max_chunk, v >= 32 && v <= 4096 && v % 32 == 0),
+                "max_chunk" => (&mut t.max_chunk, (32..=4096).contains(&v) && v % 32 == 0),
                 "blocks_per_sm" => (&mut t.blocks_per_sm, (1..=64).contains(&v)),
                 "uk" => (&mut t.uk, (1..=16).contains(&v)),
                 "uv" => (&mut t.uv, (1..=16).contains(&v)),
-                k => return Err(format!("unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv)")),
+                k => {
+                    return Err(format!(
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv)"
+                    ))
+                }
             };
             if !ok {
                 return Err(format!("{key} = {v} is out of range"));
@@ -659,9 +663,15 @@ mod tests {
         assert_eq!(Tuning::parse("").unwrap(), Tuning::DEFAULT);
         let t = Tuning::parse("max_chunk=256, uv=4").unwrap();
         assert_eq!((t.max_chunk, t.uv, t.uk), (256, 4, Tuning::DEFAULT.uk));
-        assert!(Tuning::parse("max_chunk=100").unwrap_err().contains("out of range"));
-        assert!(Tuning::parse("uv=x").unwrap_err().contains("not an integer"));
-        assert!(Tuning::parse("warps=4").unwrap_err().contains("unknown key"));
+        assert!(Tuning::parse("max_chunk=100")
+            .unwrap_err()
+            .contains("out of range"));
+        assert!(Tuning::parse("uv=x")
+            .unwrap_err()
+            .contains("not an integer"));
+        assert!(Tuning::parse("warps=4")
+            .unwrap_err()
+            .contains("unknown key"));
     }
 
     #[test]
