@@ -41,22 +41,15 @@ extern "C" {
     fn sigma_cuda_current_stream(device: i32, out: *mut *mut std::ffi::c_void) -> i32;
 }
 
-/// The directory of a library this process has loaded whose file name contains `needle`.
-fn loaded_library_dir(needle: &str) -> Option<std::path::PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| {
-            std::path::Path::new(p)
-                .file_name()
-                .is_some_and(|f| f.to_string_lossy().contains(needle))
-        })
-        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
+/// The directory of libtorch's CUDA runtime (NVRTC's too, for pip's CUDA wheels).
+fn cuda_runtime_dir() -> Option<std::path::PathBuf> {
+    crate::cuda_libs::loaded_library("libcudart.so.")
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
 }
 
 /// Whether this libtorch is a CUDA build (its CUDA runtime is loaded), GPU or not.
 pub fn cuda_build() -> bool {
-    loaded_library_dir("libcudart.so.").is_some()
+    cuda_runtime_dir().is_some()
 }
 
 /// Make NVRTC loadable: open libtorch's (beside its CUDA runtime) by full
@@ -66,7 +59,7 @@ pub fn nvrtc() -> std::result::Result<(), String> {
     static READY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     READY
         .get_or_init(|| {
-            let dir = loaded_library_dir("libcudart.so.");
+            let dir = cuda_runtime_dir();
             if let Some(dir) = &dir {
                 let mut files: Vec<_> = std::fs::read_dir(dir)
                     .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()).collect())
@@ -438,10 +431,23 @@ pub fn decode_kernel_available(
     k: &Tensor,
     v: &Tensor,
 ) -> std::result::Result<(), String> {
+    let (shape, ordinal) = check(q, k, v, None)?;
+    let _restore = RestoreContext::save();
+    kernels(ordinal, shape).map(|_| ())
+}
+
+/// The kernel's shape and device for these operands, or why it cannot take
+/// them (turned off, not CUDA, layout, shape); nothing is compiled here.
+fn check(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+) -> std::result::Result<(DecodeShape, usize), String> {
     if !decode_kernel_enabled() {
         return Err("turned off (SIGMA_DECODE_KERNEL=off)".into());
     }
-    if let Some(r) = refusal(q, k, v, None) {
+    if let Some(r) = refusal(q, k, v, valid) {
         return Err(r);
     }
     let shape = shape_of(q, k, v);
@@ -451,8 +457,7 @@ pub fn decode_kernel_available(
     let Device::Cuda(ordinal) = q.device() else {
         return Err("not on a CUDA device".into());
     };
-    let _restore = RestoreContext::save();
-    kernels(ordinal, shape).map(|_| ())
+    Ok((shape, ordinal))
 }
 
 fn shape_of(q: &Tensor, k: &Tensor, v: &Tensor) -> DecodeShape {
@@ -529,14 +534,7 @@ pub fn decode_attention(
     valid: Option<&Tensor>,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    if !decode_kernel_enabled() || refusal(q, k, v, valid).is_some() {
-        return Ok(None);
-    }
-    let shape = shape_of(q, k, v);
-    if shape.unsupported().is_some() {
-        return Ok(None);
-    }
-    let Device::Cuda(ordinal) = q.device() else {
+    let Ok((shape, ordinal)) = check(q, k, v, valid) else {
         return Ok(None);
     };
     let _restore = RestoreContext::save();

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_libs;
 pub mod dist;
 pub mod engine;
 pub mod error;

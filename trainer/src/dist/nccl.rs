@@ -68,24 +68,12 @@ fn cuda_check(r: cuda::cudaError_t, what: &str) -> Result<()> {
 /// links these names to these files and restarts itself with the links first
 /// on its library path (launch/src/cuda_libs.rs).
 pub fn loaded_cuda_libs() -> Vec<(&'static str, std::path::PathBuf)> {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
-        return Vec::new();
-    };
-    let paths: Vec<&str> = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .collect();
     [
         ("libnccl.so.", "libnccl.so"),
         ("libcudart.so.", "libcudart.so"),
     ]
     .iter()
-    .filter_map(|(needle, name)| {
-        paths
-            .iter()
-            .find(|p| p.contains(needle))
-            .map(|p| (*name, std::path::PathBuf::from(p)))
-    })
+    .filter_map(|(needle, name)| crate::cuda_libs::loaded_library(needle).map(|p| (*name, p)))
     .collect()
 }
 
