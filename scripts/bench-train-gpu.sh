@@ -8,6 +8,7 @@
 # torch 2.11 (CUDA) provides libtorch. Writes $BENCH_OUT (default runs/bench-train)/summary.txt.
 #   STEPS=8 ACCUM=2 scripts/bench-train-gpu.sh
 #   LABEL=before SIGMA_BIN=old/sigma RUNS="mbs2 mbs4-ac" scripts/bench-train-gpu.sh   # a subset, prefixed
+#   LABEL=unfused EXTRA="--set train.fused_weight_grad=false" RUNS=mbs2 scripts/bench-train-gpu.sh  # overrides for every run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
@@ -17,6 +18,7 @@ out=${BENCH_OUT:-runs/bench-train}
 steps=${STEPS:-8}
 accum=${ACCUM:-2}
 label=${LABEL:-}
+extra=${EXTRA:-}
 runs=${RUNS:-mbs1 mbs2 mbs4 mbs4-chunk mbs4-ac mbs8-ac gqa16-mbs2 gqa16-mbs4-ac}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
@@ -30,7 +32,7 @@ run() {
   local t0=$(date +%s)
   if $sigma train --config configs/sigma-1.5b.toml --quiet --set train.steps="$steps" --set train.log_every=1 \
       --set train.eval_steps=1 --set train.grad_accum_steps="$accum" --set metrics.output_dir="\"$out/$name\"" \
-      --set metrics.plot=false "$@" > "$out/$name.log" 2>&1; then
+      --set metrics.plot=false "$@" $extra > "$out/$name.log" 2>&1; then
     echo "$name: ok ($(( $(date +%s) - t0 )) s)"
   else
     echo "$name: FAILED ($(( $(date +%s) - t0 )) s): $(grep -m1 -iE 'error|out of memory' "$out/$name.log" | cut -c1-200)"

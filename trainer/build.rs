@@ -1,8 +1,10 @@
 // The shared libtorch link flags (build/libtorch.rs), and the C++ shims for
 // what tch does not bind: the CUDA caching allocator's statistics
 // (csrc/cuda_memory.cpp), libtorch's profiler (csrc/profiler.cpp) and its fused
-// AdamW (csrc/fused_adamw.cpp), and libtorch's current CUDA stream for the
-// NVRTC kernels (csrc/cuda_stream.cpp).
+// AdamW (csrc/fused_adamw.cpp), a linear layer that adds its weight
+// gradient into the fp32 gradient buffer (csrc/linear_accum.cpp), SwiGLU
+// and RoPE as autograd functions over NVRTC kernels (csrc/kernel_ops.cpp), and
+// libtorch's current CUDA stream for the NVRTC kernels (csrc/cuda_stream.cpp).
 #[path = "../build/libtorch.rs"]
 mod libtorch;
 
@@ -45,12 +47,17 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda_stream.cpp");
+    println!("cargo:rerun-if-changed=csrc/linear_accum.cpp");
+    println!("cargo:rerun-if-changed=csrc/kernel_ops.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
         .file("csrc/cuda_memory.cpp")
         .file("csrc/profiler.cpp")
         .file("csrc/fused_adamw.cpp")
         .file("csrc/cuda_stream.cpp")
+        .file("csrc/linear_accum.cpp")
+        .file("csrc/kernel_ops.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -3,6 +3,7 @@
 //! against GQA through libtorch's SDPA, at several batch sizes and context
 //! lengths; `--check` compares the kernel with an fp32 reference on many
 //! shapes; `--model` times whole-model decoding (bench_model.rs).
+//! `sigma bench fused`: the fused training operations (bench_fused.rs).
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
@@ -15,6 +16,19 @@ pub enum BenchCommand {
     /// Decoding speed: attention per step (DiffQKV kernel and tensor path vs GQA through SDPA),
     /// the kernel's accuracy (--check) or whole-model tokens/s (--model).
     Decode(DecodeArgs),
+    /// The fused bf16 training operations on a GPU (SwiGLU kernels, fp32
+    /// weight-gradient GEMM): checked against fp32 and timed against tensor operations.
+    Fused(FusedArgs),
+}
+
+#[derive(clap::Args)]
+pub struct FusedArgs {
+    /// Timed runs per case (the median is reported), after 5 warm-up runs.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// "auto", "cpu" or "cuda".
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(clap::Args)]
@@ -101,7 +115,15 @@ pub(crate) fn median_time(
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    let BenchCommand::Decode(a) = cmd;
+    let a = match cmd {
+        BenchCommand::Decode(a) => a,
+        BenchCommand::Fused(f) => {
+            if f.steps == 0 {
+                bail!("--steps must be positive");
+            }
+            return crate::bench_fused::run(crate::eval_cmd::device(&f.device)?, f.steps);
+        }
+    };
     // --model takes its heads from the config (and checks --gqa-kv against them).
     let heads = if a.model.is_some() {
         vec![]

@@ -2,6 +2,7 @@
 
 mod ablate;
 mod bench_cmd;
+mod bench_fused;
 mod bench_model;
 mod cuda_libs;
 mod data_cmd;
@@ -46,7 +47,7 @@ enum Command {
     },
     /// Loss, perplexity and bits per byte of a checkpoint or an exported model.
     Eval(eval_cmd::EvalArgs),
-    /// Micro-benchmarks (decode attention).
+    /// Micro-benchmarks (decode attention, fused training operations).
     Bench {
         #[command(subcommand)]
         command: bench_cmd::BenchCommand,

@@ -515,3 +515,63 @@ fn bf16_working_weights_match_casting_at_each_matmul_bit_for_bit() {
         assert!(a.equal(&b), "tied {tied}: after the update {a:?} vs {b:?}");
     }
 }
+
+/// Weight gradients added into the gradient buffer inside backward
+/// (`Model::set_grad_sink`, with SwiGLU's and AugQ's gate and up as one
+/// matmul) land where the plain path puts them, each exactly once: with f64
+/// matmuls over fp32 master weights the two agree to fp32 rounding, with and
+/// without activation checkpointing, tied or not; and backward refuses a
+/// buffer that is not the sink.
+#[test]
+fn fused_weight_gradients_match_the_plain_path() {
+    let mut c = cfg(4, 1, 2, 4, 4);
+    c.aug_q_dim = 6;
+    c.k_compression = KCompression::Projected;
+    c.k_dim = Some(2);
+    let tokens =
+        Tensor::from_slice(&(0..26).map(|i| (i * 7 % 40) as i64).collect::<Vec<_>>()).view([2, 13]);
+    for tied in [true, false] {
+        c.tie_embeddings = tied;
+        c.validate().expect("valid config");
+        let make = |sink: bool| {
+            let mut m = Model::new(&c, 7, false, false, Device::Cpu, false);
+            m.compute = Kind::Double;
+            m.params.enable_work_copy(Kind::Double);
+            let g = m.params.flat.zeros_like();
+            if sink {
+                m.set_grad_sink(Some(g.shallow_clone()));
+                assert!(m.fused_weight_grad());
+            }
+            (m, g)
+        };
+        let (plain, _) = make(false);
+        let (fused, mut g1) = make(true);
+        for checkpoint in [false, true] {
+            let (g0, l0) = engine_grads(&plain, &tokens, 0.5, checkpoint);
+            let _ = g1.zero_();
+            let l1 =
+                engine::forward_backward(&fused, &tokens, 0.5, checkpoint, &mut g1, &mut |_, _| {
+                    Ok(())
+                })
+                .unwrap();
+            assert!(l1.equal(&l0), "tied {tied}: loss {l1:?} vs {l0:?}");
+            for (s, &o) in plain.params.specs.iter().zip(&plain.params.offsets) {
+                let (a, b) = (g0.narrow(0, o, s.numel()), g1.narrow(0, o, s.numel()));
+                let scale = a.abs().max().double_value(&[]);
+                let diff = (&a - &b).abs().max().double_value(&[]);
+                assert!(scale > 0.0, "{}: no gradient", s.name);
+                assert!(
+                    diff <= 1e-6 * scale,
+                    "tied {tied}, checkpoint {checkpoint}, {}: fused and plain gradients differ by {diff} (max {scale})",
+                    s.name
+                );
+            }
+        }
+        let mut other = fused.params.flat.zeros_like();
+        let err =
+            engine::forward_backward(&fused, &tokens, 0.5, false, &mut other, &mut |_, _| Ok(()))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("set_grad_sink"), "{err}");
+    }
+}

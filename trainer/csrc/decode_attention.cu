@@ -11,9 +11,8 @@
 // (contiguous groups), so one block reads each key row of its chunk once for
 // the NQ/NK query heads of its group and each value row once for the NQ/NV
 // query heads of its group. bf16 in and out, fp32 accumulation; no headers
-// (bf16 is handled as its bit pattern).
-
-typedef unsigned short bf16;
+// (bf16 is handled as its bit pattern, with the helpers of bf16.cuh, which
+// the caller puts before this source).
 
 #define GK (NQ / NK)
 #define GV (NQ / NV)
@@ -36,26 +35,6 @@ typedef unsigned short bf16;
 #define WPHV (NV < WARPS ? WARPS / NV : 1)
 #define COMBINE_THREADS 256
 #define NEG_INF (-__int_as_float(0x7f800000))
-
-__device__ __forceinline__ float bf2f(bf16 x) {
-  return __uint_as_float(((unsigned int)x) << 16);
-}
-
-__device__ __forceinline__ bf16 f2bf(float f) {
-  unsigned int u = __float_as_uint(f);
-  if ((u & 0x7f800000u) == 0x7f800000u) {  // inf or nan: keep, quiet a nan
-    return (bf16)((u >> 16) | ((u & 0xffffu) ? 0x40u : 0u));
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return (bf16)(u >> 16);
-}
-
-__device__ __forceinline__ void unpack8(uint4 w, float* f) {
-  f[0] = __uint_as_float(w.x << 16); f[1] = __uint_as_float(w.x & 0xffff0000u);
-  f[2] = __uint_as_float(w.y << 16); f[3] = __uint_as_float(w.y & 0xffff0000u);
-  f[4] = __uint_as_float(w.z << 16); f[5] = __uint_as_float(w.z & 0xffff0000u);
-  f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
-}
 
 // This lane's 16 bytes of rows first, first + STEP, ... (U of them) of a
 // head whose rows are D elements apart; zeros past row n. All loads are

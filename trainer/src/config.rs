@@ -250,6 +250,12 @@ pub struct TrainConfig {
     /// stages; the vocabulary-parallel head of tp > 1 is not chunked.
     #[serde(default)]
     pub loss_chunk_tokens: usize,
+    /// Mixed precision: each matmul's weight gradient is added into the
+    /// fp32 gradient buffer inside backward (on GPU by one GEMM with fp32
+    /// output) instead of returning in bf16 and being added after. No
+    /// effect in fp32.
+    #[serde(default = "default_true")]
+    pub fused_weight_grad: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,12 +341,8 @@ pub struct ParallelConfig {
     #[serde(default = "d_bucket_mb")]
     pub bucket_mb: f64,
     /// Start each bucket's reduction during backward (false: all after backward).
-    #[serde(default = "d_true")]
+    #[serde(default = "default_true")]
     pub overlap_grad_reduce: bool,
-}
-
-fn d_true() -> bool {
-    true
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,7 +28,7 @@ use std::ops::Range;
 use tch::{Kind, Tensor};
 
 use crate::dist::Collectives;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::guard::at;
 use crate::model::Model;
 use crate::params::ParamId;
@@ -839,6 +839,13 @@ pub fn chunk_backward(
     on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<Option<Tensor>> {
     let prog = ex.prog;
+    if !ex.model.grad_sink_is(grads) {
+        return Err(TrainError::Other(
+            "internal: the model adds matmul weight gradients into another buffer than the one \
+             backward was given (Model::set_grad_sink)"
+                .into(),
+        ));
+    }
     if let Some(g) = grad_out {
         ex.grad[prog.out_slot] = Some(g);
         // The output's graph is needed: a checkpointed last block recomputes it below.

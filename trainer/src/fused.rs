@@ -1,8 +1,11 @@
-//! libtorch's fused AdamW kernel through the C++ shim csrc/fused_adamw.cpp
-//! (tch binds no fused or multi-tensor optimizer). The optimizer uses it on
-//! GPU: one pass that reads parameter, gradient and both moments once and
-//! writes them once, instead of a dozen elementwise passes with temporaries.
-#![allow(unsafe_code)] // FFI: one C function of the shim.
+//! What tch does not bind, through C++ shims: libtorch's fused AdamW kernel
+//! (csrc/fused_adamw.cpp; tch binds no fused or multi-tensor optimizer), which
+//! the optimizer uses on GPU: one pass that reads parameter, gradient and
+//! both moments once and writes them once, instead of a dozen elementwise
+//! passes with temporaries; and a linear layer with a custom backward that
+//! adds its weight gradient straight into the fp32 gradient buffer
+//! (csrc/linear_accum.cpp, see [`linear_accum`]).
+#![allow(unsafe_code)] // FFI: C functions of the shims.
 
 use std::ffi::c_void;
 
@@ -25,6 +28,15 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> i32;
+    fn sigma_linear_accum(
+        x: *mut c_void,
+        w: *mut c_void,
+        main: *mut c_void,
+        out: *mut c_void,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> i32;
+    fn sigma_linear_accum_fused_gemm() -> i32;
 }
 
 /// AdamW hyper-parameters of one fused update.
@@ -80,4 +92,47 @@ pub fn adamw(
         ));
     }
     Ok(())
+}
+
+/// `x w^T` whose weight gradient, in backward, is added into `main` (a view
+/// of the fp32 gradient buffer shaped like `w`) instead of being returned
+/// through `w`: on CUDA with bf16 operands by one GEMM that accumulates in
+/// fp32 into the buffer (Megatron's gradient-accumulation fusion); on CPU by
+/// computing it in the operands' dtype and adding, as autograd and the
+/// engine's add did. `w` gets no gradient through autograd; `x` does.
+/// Panics (as tch's own operations do; the trainer's guard reports it with
+/// the phase) if libtorch fails, e.g. out of memory.
+pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor) -> Tensor {
+    let out = Tensor::new();
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: x, w, main and out are live tch tensor handles (at::Tensor*)
+    // for the call; the shim assigns into `out` and writes at most
+    // `err.len()` bytes, NUL-terminated, into `err`; it catches every C++
+    // exception.
+    let rc = unsafe {
+        sigma_linear_accum(
+            x.as_ptr() as *mut c_void,
+            w.as_ptr() as *mut c_void,
+            main.as_ptr() as *mut c_void,
+            out.as_ptr() as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the shim NUL-terminated the message within the buffer.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        panic!(
+            "linear layer (fused weight gradient): {}",
+            msg.to_string_lossy()
+        );
+    }
+    out
+}
+
+/// Whether [`linear_accum`] adds on GPU with the fused fp32-output GEMM
+/// (false once libtorch refused it, after which it computes and adds).
+pub fn linear_accum_fused_gemm() -> bool {
+    // SAFETY: reads an atomic flag of the shim.
+    unsafe { sigma_linear_accum_fused_gemm() != 0 }
 }

@@ -1,8 +1,10 @@
 //! CUDA kernels compiled at run time with NVRTC (through cudarc) and
-//! launched on libtorch's current stream over libtorch's tensors. One kernel
-//! today: the DiffQKV decode attention (csrc/decode_attention.cu), which
+//! launched on libtorch's current stream over libtorch's tensors: the
+//! DiffQKV decode attention (csrc/decode_attention.cu, here), which
 //! [`crate::generate::decode_attention`] calls on a GPU and which falls back
-//! to tensor operations wherever it cannot run.
+//! to tensor operations wherever it cannot run; and SwiGLU's forward and
+//! backward for training ([`crate::swiglu`]). Every source is compiled after
+//! the bf16 helpers of csrc/bf16.cuh.
 //!
 //! - **Libraries.** NVRTC is found beside the CUDA runtime that libtorch
 //!   loaded (pip's CUDA wheels put `libnvrtc.so.N` and its builtins in the
@@ -29,6 +31,8 @@ use crate::error::{Result, TrainError};
 
 /// The decode attention source, compiled with the shape macros of [`DecodeShape`].
 pub const DECODE_SOURCE: &str = include_str!("../csrc/decode_attention.cu");
+/// bf16 conversions and packing, put before every kernel source.
+const BF16_HEADER: &str = include_str!("../csrc/bf16.cuh");
 /// Threads per block of the split kernel and of the combine kernel (the source's COMBINE_THREADS).
 const THREADS: u32 = 256;
 const COMBINE_THREADS: u32 = 256;
@@ -94,7 +98,8 @@ pub fn nvrtc() -> std::result::Result<(), String> {
         .clone()
 }
 
-/// Compile CUDA C `src` to PTX for compute capability `arch` (e.g. 90) with `defines`.
+/// Compile CUDA C `src` (after csrc/bf16.cuh) to PTX for compute capability
+/// `arch` (e.g. 90) with `defines`.
 pub fn compile(
     src: &str,
     defines: &[(&str, i64)],
@@ -108,7 +113,7 @@ pub fn compile(
         options,
         ..Default::default()
     };
-    match cudarc::nvrtc::compile_ptx_with_opts(src, opts) {
+    match cudarc::nvrtc::compile_ptx_with_opts(format!("{BF16_HEADER}\n{src}"), opts) {
         Ok(ptx) => Ok(ptx.to_src()),
         Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(format!(
             "NVRTC could not compile the kernel:\n{}",
@@ -265,10 +270,10 @@ impl DecodeShape {
 
 /// Puts the thread's current CUDA context back when dropped: cudarc makes
 /// the tensors' device current, while libtorch keeps its own current device.
-struct RestoreContext(Option<cudarc::driver::sys::CUcontext>);
+pub(crate) struct RestoreContext(Option<cudarc::driver::sys::CUcontext>);
 
 impl RestoreContext {
-    fn save() -> RestoreContext {
+    pub(crate) fn save() -> RestoreContext {
         RestoreContext(cudarc::driver::result::ctx::get_current().ok().flatten())
     }
 }
@@ -284,7 +289,7 @@ impl Drop for RestoreContext {
 }
 
 /// libtorch's current stream of CUDA device `ordinal`, for cudarc.
-fn current_stream(
+pub(crate) fn current_stream(
     ctx: &Arc<CudaContext>,
     ordinal: usize,
 ) -> Option<Arc<cudarc::driver::CudaStream>> {
@@ -338,6 +343,18 @@ impl StreamTimer {
     }
 }
 
+/// CUDA device `ordinal`'s context (cudarc's, on the primary context that
+/// libtorch uses too), compute capability (e.g. 90) and multiprocessor count.
+pub(crate) fn device(ordinal: usize) -> std::result::Result<(Arc<CudaContext>, i32, i64), String> {
+    let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
+    let ctx = CudaContext::new(ordinal).map_err(drv)?;
+    let attr = |a| ctx.attribute(a).map_err(drv);
+    let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as i64;
+    Ok((ctx, major * 10 + minor, sms))
+}
+
 /// One shape's kernels on one device.
 struct Loaded {
     ctx: Arc<CudaContext>,
@@ -355,17 +372,8 @@ fn cache() -> &'static Cache {
 
 fn load(ordinal: usize, shape: DecodeShape) -> std::result::Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
-    let ctx = CudaContext::new(ordinal).map_err(drv)?;
-    let major = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .map_err(drv)?;
-    let minor = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-        .map_err(drv)?;
-    let sms = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(drv)? as i64;
-    let ptx = compile(DECODE_SOURCE, &shape.defines(), major * 10 + minor)?;
+    let (ctx, arch, sms) = device(ordinal)?;
+    let ptx = compile(DECODE_SOURCE, &shape.defines(), arch)?;
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
         .map_err(drv)?;

@@ -26,6 +26,7 @@ pub mod signals;
 pub mod summary;
 pub mod tp;
 pub mod train;
+pub mod train_kernels;
 
 pub use config::RunConfig;
 pub use error::{Result, TrainError};

@@ -110,6 +110,10 @@ pub struct Model {
     /// `train.loss_chunk_tokens`: the output head and loss in chunks of this
     /// many tokens in training (0: all at once); see the engine's head segment.
     pub loss_chunk_tokens: usize,
+    /// The flat fp32 gradient buffer that matmul weight gradients are added
+    /// into during backward (see [`Model::set_grad_sink`]); None: they
+    /// return through autograd.
+    grad_sink: Option<Tensor>,
     /// RoPE tables by (positions, dim, dtype), on the model's device.
     rope: RefCell<HashMap<(i64, i64, Kind), (Tensor, Tensor)>>,
 }
@@ -273,6 +277,7 @@ impl Model {
             params,
             compute: if mixed { Kind::BFloat16 } else { Kind::Float },
             loss_chunk_tokens: 0,
+            grad_sink: None,
             rope: RefCell::new(HashMap::new()),
         }
     }
@@ -305,6 +310,71 @@ impl Model {
     /// dtype when the trainer keeps one, else the parameter (cast at use).
     pub fn w(&self, id: ParamId) -> &Tensor {
         self.params.weight(id)
+    }
+
+    /// Add the weight gradients of the matmuls into `grads` (the flat
+    /// gradient buffer, laid out like the parameters) inside backward, one
+    /// GEMM accumulating in fp32 on GPU, instead of returning bf16 gradients
+    /// through the working copy for the engine to add. Only with a working
+    /// copy (mixed precision), where those gradients would otherwise be
+    /// bf16; None (or no working copy): the plain path.
+    pub fn set_grad_sink(&mut self, grads: Option<Tensor>) {
+        if let Some(g) = &grads {
+            assert!(
+                g.kind() == self.params.flat.kind() && g.size()[0] >= self.params.numel(),
+                "gradient sink: a flat buffer of the parameters' dtype and length"
+            );
+        }
+        self.grad_sink = grads.filter(|_| self.params.has_work_copy());
+    }
+
+    /// Whether matmul weight gradients go straight into the gradient buffer.
+    pub fn fused_weight_grad(&self) -> bool {
+        self.grad_sink.is_some()
+    }
+
+    /// Whether `grads` is where the matmul weight gradients go: the sink's
+    /// memory, or any buffer when there is no sink.
+    pub fn grad_sink_is(&self, grads: &Tensor) -> bool {
+        self.grad_sink
+            .as_ref()
+            .is_none_or(|g| g.data_ptr() == grads.data_ptr())
+    }
+
+    /// `x` times parameter `id` (a matmul weight [out, in]): [.., in] -> [.., out].
+    pub fn linear(&self, x: &Tensor, id: ParamId) -> Tensor {
+        let w = self.w(id);
+        match &self.grad_sink {
+            Some(g) if x.kind() == w.kind() => {
+                let (o, n) = (self.params.offsets[id.0], self.params.specs[id.0].numel());
+                let main = g.narrow(0, o, n).view(w.size().as_slice());
+                crate::fused::linear_accum(x, w, &main)
+            }
+            _ => self.mm(x, w),
+        }
+    }
+
+    /// `x` times two weights that read it, as one matmul [.., rows_a + rows_b]
+    /// (their working copies and gradients are contiguous): only with the
+    /// gradient sink and `b` right after `a` in the parameter layout.
+    fn linear_merged(&self, x: &Tensor, a: ParamId, b: ParamId) -> Option<Tensor> {
+        let g = self.grad_sink.as_ref()?;
+        let (w, o) = self.params.merged_weight(a, b)?;
+        if x.kind() != w.kind() {
+            return None;
+        }
+        let main = g.narrow(0, o, w.numel() as i64).view(w.size().as_slice());
+        Some(crate::fused::linear_accum(x, &w, &main))
+    }
+
+    /// `silu(x gate^T) * (x up^T)`, SwiGLU's and AugQ's gating: one matmul by
+    /// both weights and the fused SwiGLU (crate::train_kernels) where
+    /// `linear_merged` applies, else two matmuls and the tensor form.
+    pub fn gated(&self, x: &Tensor, gate: ParamId, up: ParamId) -> Tensor {
+        match self.linear_merged(x, gate, up) {
+            Some(gu) => crate::train_kernels::swiglu(&gu),
+            None => self.linear(x, gate).silu() * self.linear(x, up),
+        }
     }
 
     pub(crate) fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -356,7 +426,9 @@ impl Model {
     /// it) at positions `start..start + t`, rotating the two halves of each
     /// head: `x * [cos, cos] + swap_halves(x) * [-sin, sin]`, which is
     /// `[x1 cos - x2 sin, x2 cos + x1 sin]` to the bit, in four contiguous
-    /// kernels (the swap is one flip) instead of strided halves and a `cat`.
+    /// kernels (the swap is one flip) instead of strided halves and a `cat`;
+    /// on a GPU in bf16 one kernel each way (`train_kernels::rope`, fp32
+    /// math: the tensor form's roundings of the products are not made).
     /// The table covers a power-of-two length (each angle is computed on its
     /// own, so a longer table holds the same values): decoding one position
     /// after another reuses a few tables instead of making one per length.
@@ -365,6 +437,9 @@ impl Model {
         let (b, t, h, dim) = (size[0], size[1], size[2], size[3]);
         let len = ((start + t) as u64).next_power_of_two() as i64;
         let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
+        if let Some(y) = crate::train_kernels::rope(x, &cos, &sin, start) {
+            return y;
+        }
         let (cos, sin) = (
             cos.narrow(0, start, t).unsqueeze(1),
             sin.narrow(0, start, t).unsqueeze(1),
@@ -393,16 +468,14 @@ impl Model {
 
     /// The projected query q0 of this rank's heads: [b, t, q_heads * dot_dim].
     pub fn q0(&self, l: usize, h: &Tensor) -> Tensor {
-        self.mm(h, self.w(self.ids.layer(l).attn.q_proj))
+        self.linear(h, self.ids.layer(l).attn.q_proj)
     }
 
     /// AugQ on a whole projected query [b, t, n_q * dot_dim]; under tensor
     /// parallelism this rank's share of the AugQ width, a partial sum.
     pub fn aug_q(&self, l: usize, q0: &Tensor) -> Tensor {
         let [gate, up, down] = self.ids.layer(l).attn.aug_q.expect("AugQ is on");
-        let g = self.mm(q0, self.w(gate)).silu();
-        let u = self.mm(q0, self.w(up));
-        self.mm(&(g * u), self.w(down))
+        self.linear(&self.gated(q0, gate, up), down)
     }
 
     /// Query features [b, t, heads * dot_dim] -> heads with RoPE: [b, heads, t, dot_dim].
@@ -444,7 +517,7 @@ impl Model {
     /// up-projection and RoPE.
     pub fn keys_raw(&self, l: usize, h: &Tensor) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
-        self.mm(h, self.w(self.ids.layer(l).attn.k_proj)).view([
+        self.linear(h, self.ids.layer(l).attn.k_proj).view([
             b,
             t,
             self.plan.k_heads as i64,
@@ -457,7 +530,7 @@ impl Model {
     /// reading's up-projection, then RoPE.
     pub fn keys_from_raw(&self, l: usize, k: &Tensor, start: i64) -> Tensor {
         let k = match self.ids.layer(l).attn.k_up {
-            Some(up) => self.mm(k, self.w(up)),
+            Some(up) => self.linear(k, up),
             None => k.shallow_clone(),
         };
         self.rope_at(&k, start).transpose(1, 2)
@@ -466,7 +539,7 @@ impl Model {
     /// Value heads: [b, v_heads, t, v_head_dim].
     pub fn values(&self, l: usize, h: &Tensor) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
-        let v = self.mm(h, self.w(self.ids.layer(l).attn.v_proj));
+        let v = self.linear(h, self.ids.layer(l).attn.v_proj);
         v.view([b, t, self.plan.v_heads as i64, self.cfg.v_head_dim as i64])
             .transpose(1, 2)
     }
@@ -530,7 +603,7 @@ impl Model {
         let o = o
             .transpose(1, 2)
             .reshape([b, t, nq * self.cfg.v_head_dim as i64]);
-        self.mm(&o, self.w(self.ids.layer(l).attn.o_proj))
+        self.linear(&o, self.ids.layer(l).attn.o_proj)
     }
 
     /// DiffQKV attention of layer `l` on normalised input `h` [b, t, d] -> [b, t, d].
@@ -545,9 +618,7 @@ impl Model {
     /// tensor parallelism).
     pub fn ffn(&self, l: usize, h: &Tensor) -> Tensor {
         let f = &self.ids.layer(l).ffn;
-        let g = self.mm(h, self.w(f.gate)).silu();
-        let u = self.mm(h, self.w(f.up));
-        self.mm(&(g * u), self.w(f.down))
+        self.linear(&self.gated(h, f.gate, f.up), f.down)
     }
 
     /// Transformer block `l`: pre-norm attention and SwiGLU FFN with residuals.
@@ -561,7 +632,7 @@ impl Model {
     /// Output projection of normalised states: [b, t, d] -> logits of this
     /// rank's vocabulary rows [b, t, rows] (parameter dtype).
     pub fn head_logits(&self, h: &Tensor) -> Tensor {
-        self.mm(h, self.w(held(self.ids.head, "the output head")))
+        self.linear(h, held(self.ids.head, "the output head"))
             .to_kind(self.params.flat.kind())
     }
 
@@ -597,17 +668,20 @@ impl Model {
         total.expect("at least one chunk")
     }
 
-    /// The loss of `x` in one piece (the engine's chunked backward calls it per chunk).
+    /// The loss of `x` in one piece (the engine's chunked backward calls it
+    /// per chunk): cross-entropy as log-softmax and negative log-likelihood,
+    /// the log-softmax reading the logits in the compute dtype and writing
+    /// the parameter dtype (fp32), with no fp32 copy of the logits forward
+    /// nor of their gradient backward (the same numbers: the upcast is exact
+    /// and the softmax computes in fp32 either way).
     pub fn head_loss_sum_whole(&self, x: &Tensor, targets: &Tensor) -> Tensor {
-        let logits = self.logits(x);
+        let h = self.norm_in(x, held(self.ids.final_norm, "the final norm"));
+        let logits = self.linear(&h, held(self.ids.head, "the output head"));
         let v = logits.size()[2];
-        logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
-            &targets.reshape([-1]),
-            None,
-            tch::Reduction::Sum,
-            -100,
-            0.0,
-        )
+        logits
+            .reshape([-1, v])
+            .log_softmax(-1, self.params.flat.kind())
+            .g_nll_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Sum, -100)
     }
 
     /// Whole forward without segments: token ids [b, t] -> logits (tests, eval).

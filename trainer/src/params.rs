@@ -308,6 +308,25 @@ impl Params {
         &w.tensors[id.0]
     }
 
+    /// The working copies of matmul weights `a` and `b` as one weight
+    /// [rows_a + rows_b, in] when they are adjacent in the layout (b right
+    /// after a) with one input width, refreshed like [`Params::weight`];
+    /// with its offset in the flat buffer.
+    pub fn merged_weight(&self, a: ParamId, b: ParamId) -> Option<(Tensor, i64)> {
+        let (sa, sb) = (&self.specs[a.0].shape, &self.specs[b.0].shape);
+        let (oa, ob) = (self.offsets[a.0], self.offsets[b.0]);
+        let n = self.specs[a.0].numel();
+        if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[1] || ob != oa + n {
+            return None;
+        }
+        let _ = self.weight(a); // refreshes the copy when stale
+        let w = &self.work.as_ref()?.flat;
+        let merged = w
+            .narrow(0, oa, n + self.specs[b.0].numel())
+            .view([sa[0] + sb[0], sa[1]]);
+        Some((merged, oa))
+    }
+
     /// Announce that the master weights changed (the optimizer, after every
     /// update): the working copy is refreshed before its next use.
     pub fn mark_changed(&self) {

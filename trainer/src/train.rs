@@ -279,6 +279,10 @@ impl Trainer {
         }
         let zero = (cfg.parallel.zero == 1 && dp > 1).then_some((dp_rank, dp));
         let optim = AdamW::new(&cfg.optim, &model.params, zero, tp);
+        // Matmul weight gradients straight into the fp32 buffer (mixed precision).
+        if cfg.train.fused_weight_grad {
+            model.set_grad_sink(Some(optim.grad.shallow_clone()));
+        }
         let buckets = (dp > 1 && zero.is_none())
             .then(|| GradBuckets::new(&model, (cfg.parallel.bucket_mb * 1e6 / 4.0) as i64));
         // Every rank of a tensor-parallel group reads the same samples.
@@ -903,6 +907,21 @@ impl Trainer {
                 )));
             }
             let warning = format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
+            if run.bar.is_hidden() {
+                eprintln!("{warning}");
+            } else {
+                run.bar.println(warning);
+            }
+        }
+        if step == 0
+            && self.model.fused_weight_grad()
+            && self.model.params.flat.device().is_cuda()
+            && !crate::fused::linear_accum_fused_gemm()
+        {
+            let warning =
+                "warning: libtorch refused the GEMM with an fp32 output that adds matmul \
+                           weight gradients into the gradient buffer; they are computed in bf16 \
+                           and added instead (slower; train.fused_weight_grad)";
             if run.bar.is_hidden() {
                 eprintln!("{warning}");
             } else {

@@ -1,0 +1,240 @@
+//! `sigma bench fused`: the fused operations of bf16 training on a GPU,
+//! checked against an fp32 reference and timed against the tensor operations
+//! they replace: the SwiGLU kernels (forward and backward over the merged
+//! gate/up activation), the RoPE kernels, and the weight-gradient GEMM that
+//! accumulates in fp32 into the gradient buffer. Exits non-zero past the
+//! tolerance.
+
+use anyhow::{bail, Result};
+use sigma_trainer::{fused, train_kernels};
+use tch::{Device, Kind, Tensor};
+
+use crate::bench_cmd::{device_name, median_time};
+
+/// Largest |a - b| over the largest |b|, in f64.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let top = b.abs().max().double_value(&[]);
+    let e = (a - &b).abs().max().double_value(&[]) / top;
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
+    }
+}
+
+/// bf16 rounds to 2^-9 of a value; results of one rounding (the kernels) or
+/// of a few (the tensor form, the bf16 gradient) stay within a few of those.
+const TOLERANCE: f64 = 1e-2;
+
+pub fn run(device: Device, steps: usize) -> Result<()> {
+    if !device.is_cuda() {
+        bail!("sigma bench fused checks and times GPU kernels: it needs --device cuda (or auto on a GPU machine)");
+    }
+    if !train_kernels::kernels_enabled() {
+        bail!("SIGMA_TRAIN_KERNELS=off: unset it to check the kernels");
+    }
+    println!("fused training operations on {} (bf16; errors relative to the largest |reference| in fp32; tolerance {TOLERANCE})", device_name(device));
+    let mut worst: f64 = 0.0;
+    println!("SwiGLU over gu [rows, 2F], forward + backward:");
+    println!(
+        "{:>6} {:>5} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "rows", "F", "kernel y", "tensor y", "kernel dgu", "tensor dgu", "kernel ms", "tensor ms"
+    );
+    for (rows, f) in [(8192, 6144), (8192, 3072), (16384, 6144), (37, 24)] {
+        let gu =
+            (Tensor::randn([rows, 2 * f], (Kind::Float, device)) * 2.0).to_kind(Kind::BFloat16);
+        let dy = Tensor::randn([rows, f], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let fused = |gu: &Tensor| {
+            let x = gu.detach().set_requires_grad(true);
+            let y = train_kernels::swiglu(&x);
+            let g = Tensor::run_backward(&[(&y * &dy).sum(Kind::Float)], &[&x], false, false);
+            (y, g[0].shallow_clone())
+        };
+        let tensor = |gu: &Tensor, dy: &Tensor| {
+            let x = gu.detach().set_requires_grad(true);
+            let y = x.narrow(-1, 0, f).silu() * x.narrow(-1, f, f);
+            let g = Tensor::run_backward(&[(&y * dy).sum(Kind::Float)], &[&x], false, false);
+            (y, g[0].shallow_clone())
+        };
+        let (y_ref, g_ref) = tensor(&gu.to_kind(Kind::Float), &dy.to_kind(Kind::Float));
+        let (yk, gk) = fused(&gu);
+        let (yt, gt) = tensor(&gu, &dy);
+        let errs = [
+            rel_err(&yk, &y_ref),
+            rel_err(&yt, &y_ref),
+            rel_err(&gk, &g_ref),
+            rel_err(&gt, &g_ref),
+        ];
+        worst = worst.max(errs[0]).max(errs[2]);
+        let tk = median_time(device, steps, &mut || {
+            let _ = fused(&gu);
+            Ok(())
+        })?;
+        let tt = median_time(device, steps, &mut || {
+            let _ = tensor(&gu, &dy);
+            Ok(())
+        })?;
+        println!(
+            "{rows:>6} {f:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
+            errs[0],
+            errs[1],
+            errs[2],
+            errs[3],
+            tk * 1e3,
+            tt * 1e3
+        );
+    }
+    println!("RoPE of x [b, t, heads, dim] at positions start.., forward + backward:");
+    println!(
+        "{:>22} {:>5} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "b, t, heads, dim",
+        "start",
+        "kernel y",
+        "tensor y",
+        "kernel dx",
+        "tensor dx",
+        "kernel ms",
+        "tensor ms"
+    );
+    for (shape, start) in [
+        ([2, 4096, 32, 64], 0),
+        ([2, 4096, 4, 64], 0),
+        ([1, 1, 32, 64], 100),
+        ([2, 100, 8, 128], 7),
+        ([3, 64, 4, 16], 0),
+    ] {
+        let [b, t, heads, dim] = shape;
+        let len = start + t;
+        // Tables as the model makes them: [cos, cos] and [-sin, sin] of angles p / 50000^(2i/dim).
+        let inv = (Tensor::arange_start_step(0, dim, 2, (Kind::Double, device)) / dim as f64
+            * -(50_000f64.ln()))
+        .exp();
+        let ang = Tensor::arange(len, (Kind::Double, device)).unsqueeze(1) * inv.unsqueeze(0);
+        let cs = Tensor::cat(&[ang.cos(), ang.cos()], 1).to_kind(Kind::BFloat16);
+        let sn = Tensor::cat(&[-ang.sin(), ang.sin()], 1).to_kind(Kind::BFloat16);
+        let x = Tensor::randn([b, t, heads, dim], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let dy = Tensor::randn([b, t, heads, dim], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let tensor = |x: &Tensor, dy: &Tensor, k: Kind| {
+            let xg = x.detach().set_requires_grad(true);
+            let (c, s) = (
+                cs.narrow(0, start, t).unsqueeze(1).to_kind(k),
+                sn.narrow(0, start, t).unsqueeze(1).to_kind(k),
+            );
+            let swapped = xg
+                .reshape([b, t, heads, 2, dim / 2])
+                .flip([3])
+                .view([b, t, heads, dim]);
+            let y = &xg * c + swapped * s;
+            let g = Tensor::run_backward(&[(&y * dy).sum(Kind::Float)], &[&xg], false, false);
+            (y, g[0].shallow_clone())
+        };
+        let kernel = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+            let xg = x.detach().set_requires_grad(true);
+            let Some(y) = train_kernels::rope(&xg, &cs, &sn, start) else {
+                bail!("the RoPE kernel did not run for {shape:?}");
+            };
+            let g = Tensor::run_backward(&[(&y * &dy).sum(Kind::Float)], &[&xg], false, false);
+            Ok((y, g[0].shallow_clone()))
+        };
+        let (y_ref, g_ref) = tensor(
+            &x.to_kind(Kind::Float),
+            &dy.to_kind(Kind::Float),
+            Kind::Float,
+        );
+        let (yk, gk) = kernel(&x)?;
+        let (yt, gt) = tensor(&x, &dy, Kind::BFloat16);
+        let errs = [
+            rel_err(&yk, &y_ref),
+            rel_err(&yt, &y_ref),
+            rel_err(&gk, &g_ref),
+            rel_err(&gt, &g_ref),
+        ];
+        worst = worst.max(errs[0]).max(errs[2]);
+        let tk = median_time(device, steps, &mut || kernel(&x).map(|_| ()))?;
+        let tt = median_time(device, steps, &mut || {
+            let _ = tensor(&x, &dy, Kind::BFloat16);
+            Ok(())
+        })?;
+        println!(
+            "{:>22} {start:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
+            format!("{b}, {t}, {heads}, {dim}"),
+            errs[0],
+            errs[1],
+            errs[2],
+            errs[3],
+            tk * 1e3,
+            tt * 1e3
+        );
+    }
+    println!("weight gradient of x [rows, in] w^T: added into an fp32 buffer by one GEMM vs computed in bf16 and added (forward + backward, input gradient included):");
+    println!(
+        "{:>6} {:>5} {:>5} {:>11} {:>11} {:>10} {:>10} {:>6}",
+        "rows", "in", "out", "fused err", "bf16 err", "fused ms", "bf16 ms", "GEMM"
+    );
+    for (rows, din, dout) in [
+        (8192, 2048, 6144),
+        (8192, 6144, 2048),
+        (8192, 2048, 256),
+        (37, 24, 40),
+    ] {
+        let x = Tensor::randn([rows, din], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let w = (Tensor::randn([dout, din], (Kind::Float, device)) * 0.02).to_kind(Kind::BFloat16);
+        let gy = Tensor::randn([rows, dout], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let start = Tensor::randn([dout, din], (Kind::Float, device));
+        let reference = &start
+            + gy.to_kind(Kind::Double)
+                .transpose(0, 1)
+                .matmul(&x.to_kind(Kind::Double))
+                .to_kind(Kind::Float);
+        let fused_grad = |main: &Tensor| {
+            let xg = x.detach().set_requires_grad(true);
+            let y = fused::linear_accum(&xg, &w, main);
+            let _ = Tensor::run_backward(&[(&y * &gy).sum(Kind::Float)], &[&xg], false, false);
+        };
+        let bf16_grad = |main: &mut Tensor| {
+            let (xg, wg) = (
+                x.detach().set_requires_grad(true),
+                w.detach().set_requires_grad(true),
+            );
+            let y = xg.linear::<Tensor>(&wg, None);
+            let g = Tensor::run_backward(&[(&y * &gy).sum(Kind::Float)], &[&xg, &wg], false, false);
+            let _ = main.g_add_(&g[1]);
+        };
+        let main = start.copy();
+        fused_grad(&main);
+        let mut plain = start.copy();
+        bf16_grad(&mut plain);
+        let delta = &reference - &start;
+        let (ef, eb) = (
+            rel_err(&(&main - &start), &delta),
+            rel_err(&(&plain - &start), &delta),
+        );
+        worst = worst.max(ef);
+        let scratch = start.copy();
+        let tf = median_time(device, steps, &mut || {
+            fused_grad(&scratch);
+            Ok(())
+        })?;
+        let mut scratch2 = start.copy();
+        let tb = median_time(device, steps, &mut || {
+            bf16_grad(&mut scratch2);
+            Ok(())
+        })?;
+        let gemm = if fused::linear_accum_fused_gemm() {
+            "fp32"
+        } else {
+            "add"
+        };
+        println!(
+            "{rows:>6} {din:>5} {dout:>5} {ef:>11.2e} {eb:>11.2e} {:>10.3} {:>10.3} {gemm:>6}",
+            tf * 1e3,
+            tb * 1e3
+        );
+    }
+    if worst > TOLERANCE {
+        bail!("a fused operation is off by {worst:.3e} of its reference (tolerance {TOLERANCE})");
+    }
+    println!("fused operations check passed: largest relative error {worst:.2e}");
+    Ok(())
+}

@@ -1,0 +1,35 @@
+// bf16 as its bit pattern, for the NVRTC kernels (no CUDA headers): the
+// conversions to and from float (round to nearest even, NaN kept quiet) and
+// eight values packed in 16 bytes. Put before each kernel source by
+// trainer/src/kernels.rs.
+
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float bf2f(bf16 x) {
+  return __uint_as_float(((unsigned int)x) << 16);
+}
+
+__device__ __forceinline__ bf16 f2bf(float f) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) {  // inf or nan: keep, quiet a nan
+    return (bf16)((u >> 16) | ((u & 0xffffu) ? 0x40u : 0u));
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return (bf16)(u >> 16);
+}
+
+__device__ __forceinline__ void unpack8(uint4 w, float* f) {
+  f[0] = __uint_as_float(w.x << 16); f[1] = __uint_as_float(w.x & 0xffff0000u);
+  f[2] = __uint_as_float(w.y << 16); f[3] = __uint_as_float(w.y & 0xffff0000u);
+  f[4] = __uint_as_float(w.z << 16); f[5] = __uint_as_float(w.z & 0xffff0000u);
+  f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
+}
+
+__device__ __forceinline__ uint4 pack8(const float* f) {
+  uint4 w;
+  w.x = (unsigned int)f2bf(f[0]) | ((unsigned int)f2bf(f[1]) << 16);
+  w.y = (unsigned int)f2bf(f[2]) | ((unsigned int)f2bf(f[3]) << 16);
+  w.z = (unsigned int)f2bf(f[4]) | ((unsigned int)f2bf(f[5]) << 16);
+  w.w = (unsigned int)f2bf(f[6]) | ((unsigned int)f2bf(f[7]) << 16);
+  return w;
+}

@@ -1,0 +1,151 @@
+// The training kernels of csrc/train_kernels.cu as autograd functions,
+// launched through one launcher that Rust registers (trainer/src/
+// train_kernels.rs compiles the kernels with NVRTC and launches them on
+// libtorch's current stream). SwiGLU over the merged gate/up activation
+// gu [.., 2F] -> [.., F]: the kernels on CUDA in bf16, else (or without a
+// launcher) the tensor form silu(gate) * up with autograd's gradients. RoPE:
+// kernels only; Rust calls it where they apply and uses the tensor form
+// elsewhere. No exception crosses into Rust (a failure is a non-zero return
+// with the message in `err`).
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+
+#include "shim_error.h"
+
+namespace {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// One launch; mirrored by `KernelArgs` in trainer/src/train_kernels.rs.
+struct KernelArgs {
+  int op;  // 0 SwiGLU forward (a = gu), 1 its backward (a = dy, b = gu),
+           // 2 RoPE (a = x, b = cos table, c = sin table), 3 its backward (a = dy)
+  int device;
+  const void* a;
+  const void* b;
+  const void* c;
+  void* out;
+  long long rows;
+  int f;  // SwiGLU: F. RoPE: the head dimension
+  int t;  // RoPE: positions, heads, first position
+  int heads;
+  int start;
+};
+typedef int (*Launcher)(const KernelArgs*);
+std::atomic<Launcher> launcher{nullptr};
+
+bool aligned(const at::Tensor& t) {
+  return t.is_contiguous() && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// 0 on success; a failure was reported by the launcher.
+int launch(KernelArgs a) {
+  Launcher l = launcher.load();
+  return l == nullptr ? 1 : l(&a);
+}
+
+bool swiglu_kernel_takes(const at::Tensor& gu, int64_t f) {
+  return launcher.load() != nullptr && gu.is_cuda() && gu.scalar_type() == at::kBFloat16 &&
+         f % 8 == 0 && aligned(gu);
+}
+
+struct SwiGlu : public torch::autograd::Function<SwiGlu> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu) {
+    ctx->save_for_backward({gu});
+    const int64_t f = gu.size(-1) / 2;
+    if (swiglu_kernel_takes(gu, f)) {
+      auto sizes = gu.sizes().vec();
+      sizes.back() = f;
+      at::Tensor y = at::empty(sizes, gu.options());
+      const int dev = static_cast<int>(gu.get_device());
+      if (launch({0, dev, gu.data_ptr(), nullptr, nullptr, y.data_ptr(), y.numel() / f,
+                  static_cast<int>(f), 0, 0, 0}) == 0)
+        return y;
+      launcher.store(nullptr);  // reported once; the tensor form from now on
+    }
+    return at::silu(gu.narrow(-1, 0, f)) * gu.narrow(-1, f, f);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor gu = ctx->get_saved_variables()[0];
+    const int64_t f = gu.size(-1) / 2;
+    if (swiglu_kernel_takes(gu, f)) {
+      const at::Tensor dy = grads[0].contiguous();
+      if (aligned(dy)) {
+        at::Tensor dgu = at::empty_like(gu);
+        const int dev = static_cast<int>(gu.get_device());
+        if (launch({1, dev, dy.data_ptr(), gu.data_ptr(), nullptr, dgu.data_ptr(), dy.numel() / f,
+                    static_cast<int>(f), 0, 0, 0}) == 0)
+          return {dgu};
+        launcher.store(nullptr);
+      }
+    }
+    const at::Tensor& dy = grads[0];
+    const at::Tensor g = gu.narrow(-1, 0, f), u = gu.narrow(-1, f, f);
+    const at::Tensor du = dy * at::silu(g);
+    const at::Tensor dg = at::silu_backward(dy * u, g);
+    return {at::cat({dg, du}, -1)};
+  }
+};
+
+// x [b, t, heads, dim] contiguous bf16 on CUDA, tables [positions, dim].
+at::Tensor rope_pass(int op, const at::Tensor& x, const at::Tensor& cs, const at::Tensor& sn,
+                     int64_t start) {
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const auto s = xc.sizes();
+  if (!aligned(xc) ||
+      launch({op, static_cast<int>(xc.get_device()), xc.data_ptr(), cs.data_ptr(), sn.data_ptr(),
+              y.data_ptr(), s[0] * s[1] * s[2], static_cast<int>(s[3]), static_cast<int>(s[1]),
+              static_cast<int>(s[2]), static_cast<int>(start)}) != 0)
+    throw std::runtime_error("the RoPE kernel failed (see the warning above)");
+  return y;
+}
+
+struct Rope : public torch::autograd::Function<Rope> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cs,
+                            const at::Tensor& sn, int64_t start) {
+    ctx->saved_data["cs"] = cs;
+    ctx->saved_data["sn"] = sn;
+    ctx->saved_data["start"] = start;
+    return rope_pass(2, x, cs, sn, start);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor dx = rope_pass(3, grads[0], ctx->saved_data["cs"].toTensor(),
+                                    ctx->saved_data["sn"].toTensor(),
+                                    ctx->saved_data["start"].toInt());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+}  // namespace
+
+extern "C" void sigma_kernel_ops_set_launcher(Launcher l) { launcher.store(l); }
+
+// silu(gu[.., :F]) * gu[.., F:] into the (allocated, undefined) handle `out`.
+extern "C" int sigma_swiglu(void* gu, void* out, char* err, size_t err_len) {
+  const auto& g = *static_cast<const at::Tensor*>(gu);
+  if (g.dim() == 0 || g.size(-1) % 2 != 0) {
+    sigma_shim::set_err(err, err_len, "SwiGLU: the last dimension must hold gate and up halves");
+    return 1;
+  }
+  return sigma_shim::guarded(err, err_len,
+                             [&] { *static_cast<at::Tensor*>(out) = SwiGlu::apply(g); });
+}
+
+// RoPE of x [b, t, heads, dim] at positions start.. with the tables cs, sn
+// [positions, dim] (bf16, contiguous, on x's device) into `out`.
+extern "C" int sigma_rope(void* x, void* cs, void* sn, long long start, void* out, char* err,
+                          size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    const auto& xt = *static_cast<const at::Tensor*>(x);
+    const auto& ct = *static_cast<const at::Tensor*>(cs);
+    const auto& st = *static_cast<const at::Tensor*>(sn);
+    *static_cast<at::Tensor*>(out) = Rope::apply(xt, ct, st, static_cast<int64_t>(start));
+  });
+}

@@ -1,0 +1,106 @@
+// Kernels of bf16 training, each replacing a chain of elementwise tensor
+// operations with one pass: SwiGLU forward and backward, RoPE forward and
+// backward. bf16 in and out, fp32 math (one rounding per output instead of
+// one per operation). Each thread takes 8 consecutive columns (16 bytes):
+// the caller (trainer/src/train_kernels.rs through csrc/kernel_ops.cpp)
+// checks the widths and 16-byte alignment. Compiled by NVRTC after bf16.cuh.
+
+__device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
+
+__device__ __forceinline__ void load8(const bf16* p, float* f) {
+  unpack8(*reinterpret_cast<const uint4*>(p), f);
+}
+
+__device__ __forceinline__ void store8(bf16* p, const float* f) {
+  *reinterpret_cast<uint4*>(p) = pack8(f);
+}
+
+// SwiGLU over the merged output of the gate and up matmuls: gu [rows, 2F]
+// holds the gate in columns 0..F and the up projection in F..2F of each row;
+// y [rows, F] = silu(gate) * up. Reads gu once and writes y (the tensor form
+// runs silu and a product, and keeps silu(gate) for backward).
+extern "C" __global__ void swiglu_forward(const bf16* __restrict__ gu, bf16* __restrict__ y,
+                                          long long rows, int f) {
+  const long long per_row = f / 8;
+  const long long n = rows * per_row;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / per_row;
+    const int c = (int)(i - r * per_row) * 8;
+    const bf16* row = gu + r * 2LL * f;
+    float a[8], b[8], o[8];
+    load8(row + c, a);
+    load8(row + f + c, b);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = a[j] * sigmoid(a[j]) * b[j];
+    store8(y + r * f + c, o);
+  }
+}
+
+// Its backward, one pass writing both halves of dgu [rows, 2F] (the tensor
+// form runs two products and silu's backward, then joins the halves):
+// d gate = dy * up * silu'(gate), silu'(a) = s(a) (1 + a (1 - s(a))) with s
+// the logistic function; d up = dy * silu(gate).
+extern "C" __global__ void swiglu_backward(const bf16* __restrict__ dy, const bf16* __restrict__ gu,
+                                           bf16* __restrict__ dgu, long long rows, int f) {
+  const long long per_row = f / 8;
+  const long long n = rows * per_row;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / per_row;
+    const int c = (int)(i - r * per_row) * 8;
+    const bf16* row = gu + r * 2LL * f;
+    float a[8], b[8], g[8], da[8], db[8];
+    load8(row + c, a);
+    load8(row + f + c, b);
+    load8(dy + r * f + c, g);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float s = sigmoid(a[j]);
+      db[j] = g[j] * a[j] * s;
+      da[j] = g[j] * b[j] * s * (1.0f + a[j] * (1.0f - s));
+    }
+    bf16* out = dgu + r * 2LL * f;
+    store8(out + c, da);
+    store8(out + f + c, db);
+  }
+}
+
+// Rotary embedding of x [rows, dim], rows = (batch, t, heads) token-major so
+// that row r is at position start + (r / heads) % t, with the model's tables
+// cs = [cos, cos] and sn = [-sin, sin] of [positions, dim]: for the halves
+// x1, x2 of a head, y1 = x1 c1 + x2 s1 and y2 = x2 c2 + x1 s2 (the tensor
+// form's x * cs + swap_halves(x) * sn: a flip, two products and a sum).
+// Backward is the transpose: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 + dy1 s1,
+// the same pass with the two halves of sn exchanged (`backward` = 1).
+extern "C" __global__ void rope(const bf16* __restrict__ x, const bf16* __restrict__ cs,
+                                const bf16* __restrict__ sn, bf16* __restrict__ y, long long rows,
+                                int t, int heads, int dim, int start, int backward) {
+  const int half = dim / 2;
+  const long long per_row = half / 8;
+  const long long n = rows * per_row;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / per_row;
+    const int c = (int)(i - r * per_row) * 8;
+    const long long p = start + (r / heads) % t;
+    const bf16* xr = x + r * dim;
+    const bf16* cr = cs + p * dim;
+    const bf16* sr = sn + p * dim;
+    float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8], y1[8], y2[8];
+    load8(xr + c, x1);
+    load8(xr + half + c, x2);
+    load8(cr + c, c1);
+    load8(cr + half + c, c2);
+    load8(sr + (backward ? half : 0) + c, s1);
+    load8(sr + (backward ? 0 : half) + c, s2);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      y1[j] = x1[j] * c1[j] + x2[j] * s1[j];
+      y2[j] = x2[j] * c2[j] + x1[j] * s2[j];
+    }
+    bf16* yr = y + r * dim;
+    store8(yr + c, y1);
+    store8(yr + half + c, y2);
+  }
+}

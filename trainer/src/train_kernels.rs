@@ -1,0 +1,340 @@
+//! Kernels of bf16 training (csrc/train_kernels.cu), compiled with NVRTC on
+//! first use per device and launched on libtorch's current stream, behind
+//! autograd functions of the C++ shim csrc/kernel_ops.cpp:
+//!
+//! - **SwiGLU** (`silu(gate) * up`) over the merged output of the gate and up
+//!   matmuls ([`crate::model::Model::gated`]): one kernel forward and one
+//!   backward where the tensor form runs five, and only the merged
+//!   activation kept for backward. Elsewhere (CPU, fp32) the shim runs the
+//!   tensor form with autograd's gradients.
+//! - **RoPE** ([`crate::model::Model::rope_at`]): one kernel forward and one
+//!   backward where the tensor form runs a flip, two products and a sum
+//!   (strided, broadcast over heads) each way; [`rope`] says when it applies.
+//!
+//! `SIGMA_TRAIN_KERNELS=off` turns both off (the tensor forms run); a build
+//! or launch failure is reported once and has the same effect.
+#![allow(unsafe_code)] // FFI: the shim, and kernel launches over raw device pointers.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void};
+use std::sync::{Arc, Mutex, Once, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use tch::{Kind, Tensor};
+
+use crate::kernels;
+
+/// The kernels' source (compiled after csrc/bf16.cuh).
+pub const SOURCE: &str = include_str!("../csrc/train_kernels.cu");
+const THREADS: u32 = 256;
+
+/// One launch, as csrc/kernel_ops.cpp describes it (`KernelArgs` there).
+#[repr(C)]
+struct KernelArgs {
+    op: i32,
+    device: i32,
+    a: *const c_void,
+    b: *const c_void,
+    c: *const c_void,
+    out: *mut c_void,
+    rows: i64,
+    f: i32,
+    t: i32,
+    heads: i32,
+    start: i32,
+}
+
+type Launcher = extern "C" fn(*const KernelArgs) -> i32;
+
+extern "C" {
+    fn sigma_kernel_ops_set_launcher(l: Option<Launcher>);
+    fn sigma_swiglu(gu: *mut c_void, out: *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+    fn sigma_rope(
+        x: *mut c_void,
+        cs: *mut c_void,
+        sn: *mut c_void,
+        start: i64,
+        out: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+}
+
+struct Loaded {
+    ctx: Arc<CudaContext>,
+    swiglu_forward: CudaFunction,
+    swiglu_backward: CudaFunction,
+    rope: CudaFunction,
+    sms: i64,
+}
+
+fn load(ordinal: usize) -> Result<Arc<Loaded>, String> {
+    let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
+    let (ctx, arch, sms) = kernels::device(ordinal)?;
+    let ptx = kernels::compile(SOURCE, &[], arch)?;
+    let module = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+        .map_err(drv)?;
+    Ok(Arc::new(Loaded {
+        swiglu_forward: module.load_function("swiglu_forward").map_err(drv)?,
+        swiglu_backward: module.load_function("swiglu_backward").map_err(drv)?,
+        rope: module.load_function("rope").map_err(drv)?,
+        ctx,
+        sms,
+    }))
+}
+
+/// The kernels of CUDA device `ordinal`, built on first use; a failure is
+/// printed once and remembered.
+fn loaded(ordinal: usize) -> Result<Arc<Loaded>, String> {
+    type Cache = Mutex<HashMap<usize, Result<Arc<Loaded>, String>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let mut c = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    c.entry(ordinal)
+        .or_insert_with(|| {
+            let r = load(ordinal);
+            if let Err(e) = &r {
+                eprintln!("warning: the training kernels are not used on cuda:{ordinal} (tensor operations instead): {e}");
+            }
+            r
+        })
+        .clone()
+}
+
+fn launch_on(a: &KernelArgs) -> Result<(), String> {
+    let ordinal = usize::try_from(a.device).map_err(|_| format!("device {}", a.device))?;
+    let _restore = kernels::RestoreContext::save();
+    let k = loaded(ordinal)?;
+    let stream = kernels::current_stream(&k.ctx, ordinal)
+        .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
+    // Threads: one per 8 columns (of F for SwiGLU, of half a head for RoPE).
+    let per_row = if a.op < 2 { a.f / 8 } else { a.f / 16 } as i64;
+    let n = a.rows * per_row;
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = ((n + THREADS as i64 - 1) / THREADS as i64).min(k.sms * 32);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let err = |e: cudarc::driver::DriverError| format!("launch on cuda:{ordinal}: {e}");
+    let (pa, pb, pc, out) = (a.a as u64, a.b as u64, a.c as u64, a.out as u64);
+    // SAFETY: the shim passes data pointers of live, contiguous, 16-byte
+    // aligned bf16 tensors of this device with the extents the kernels index:
+    // SwiGLU gu [rows, 2f], y or dy [rows, f], dgu [rows, 2f] (f a multiple
+    // of 8); RoPE x, dy, out [rows, dim] and tables of at least
+    // start + t rows of dim (dim a multiple of 16, checked by `rope`). The
+    // launch is on the stream that every later use of them is ordered after.
+    unsafe {
+        match a.op {
+            0 => stream
+                .launch_builder(&k.swiglu_forward)
+                .arg(&pa)
+                .arg(&out)
+                .arg(&a.rows)
+                .arg(&a.f)
+                .launch(cfg),
+            1 => stream
+                .launch_builder(&k.swiglu_backward)
+                .arg(&pa)
+                .arg(&pb)
+                .arg(&out)
+                .arg(&a.rows)
+                .arg(&a.f)
+                .launch(cfg),
+            2 | 3 => {
+                let backward = (a.op == 3) as i32;
+                stream
+                    .launch_builder(&k.rope)
+                    .arg(&pa)
+                    .arg(&pb)
+                    .arg(&pc)
+                    .arg(&out)
+                    .arg(&a.rows)
+                    .arg(&a.t)
+                    .arg(&a.heads)
+                    .arg(&a.f)
+                    .arg(&a.start)
+                    .arg(&backward)
+                    .launch(cfg)
+            }
+            op => return Err(format!("unknown kernel operation {op}")),
+        }
+        .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The launcher the shim calls (from autograd's threads too): 0 on success;
+/// a failure is printed, after which the shim stops using the kernels.
+extern "C" fn launch(args: *const KernelArgs) -> i32 {
+    // SAFETY: the shim passes a pointer to arguments alive for the call.
+    let a = unsafe { &*args };
+    match std::panic::catch_unwind(|| launch_on(a)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("warning: a training kernel failed (tensor operations from now on): {e}");
+            FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+            1
+        }
+        Err(_) => 1,
+    }
+}
+
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether training may use the kernels: unless `SIGMA_TRAIN_KERNELS=off`.
+pub fn kernels_enabled() -> bool {
+    std::env::var("SIGMA_TRAIN_KERNELS").map_or(true, |v| v != "off")
+}
+
+fn register() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if kernels_enabled() {
+            // SAFETY: stores a function pointer that lives for the process.
+            unsafe { sigma_kernel_ops_set_launcher(Some(launch)) }
+        }
+    });
+}
+
+/// Message of a failed shim call, read from its NUL-terminated buffer.
+fn shim_error(err: &[c_char]) -> String {
+    // SAFETY: the shims NUL-terminate their message within the buffer.
+    unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `silu(gu[.., :F]) * gu[.., F:]` for `gu` [.., 2F], differentiable (see the
+/// module). Panics (as tch's own operations do; the trainer's guard reports
+/// it with the phase) if libtorch fails, e.g. out of memory.
+pub fn swiglu(gu: &Tensor) -> Tensor {
+    register();
+    let out = Tensor::new();
+    let mut err = [0 as c_char; 512];
+    // SAFETY: gu and out are live tch tensor handles (at::Tensor*) for the
+    // call; the shim assigns into `out`, writes at most `err.len()` bytes,
+    // NUL-terminated, into `err`, and catches every C++ exception.
+    let rc = unsafe {
+        sigma_swiglu(
+            gu.as_ptr() as *mut c_void,
+            out.as_ptr() as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        panic!("SwiGLU: {}", shim_error(&err));
+    }
+    out
+}
+
+/// RoPE of `x` [b, t, heads, dim] at positions `start..start + t` with the
+/// tables `cs` = [cos, cos] and `sn` = [-sin, sin] ([positions, dim], see
+/// `Model::rope_at`) by the kernels, differentiable; None where they do not
+/// apply (not a contiguous bf16 CUDA tensor, `dim` not a multiple of 16,
+/// tables too short or of another dtype or device, kernels off or
+/// unavailable): the caller runs the tensor form.
+pub fn rope(x: &Tensor, cs: &Tensor, sn: &Tensor, start: i64) -> Option<Tensor> {
+    let s = x.size();
+    let ordinal = match x.device() {
+        tch::Device::Cuda(i) => i,
+        _ => return None,
+    };
+    let tables_fit = |t: &Tensor| {
+        t.kind() == Kind::BFloat16
+            && t.device() == x.device()
+            && t.is_contiguous()
+            && t.size() == [t.size()[0], s[3]]
+            && t.size()[0] >= start + s[1]
+    };
+    let applies = s.len() == 4
+        && x.kind() == Kind::BFloat16
+        && x.is_contiguous()
+        && s[3] % 16 == 0
+        && start >= 0
+        && start + s[1] <= i32::MAX as i64
+        && tables_fit(cs)
+        && tables_fit(sn)
+        && kernels_enabled()
+        && !FAILED.load(std::sync::atomic::Ordering::Relaxed)
+        && loaded(ordinal).is_ok();
+    if !applies {
+        return None;
+    }
+    register();
+    let out = Tensor::new();
+    let mut err = [0 as c_char; 512];
+    // SAFETY: as in `swiglu`; the tensors' extents are checked above.
+    let rc = unsafe {
+        sigma_rope(
+            x.as_ptr() as *mut c_void,
+            cs.as_ptr() as *mut c_void,
+            sn.as_ptr() as *mut c_void,
+            start,
+            out.as_ptr() as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        panic!("RoPE: {}", shim_error(&err));
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The tensor form (CPU) equals silu(gate) * up and its autograd
+    /// gradients exactly: same operations on the same values.
+    #[test]
+    fn the_tensor_form_equals_silu_times_up_and_its_gradients() {
+        for kind in [Kind::Double, Kind::BFloat16] {
+            let gu = (Tensor::randn([3, 5, 16], (Kind::Double, Device::Cpu)) * 3.0)
+                .to_kind(kind)
+                .set_requires_grad(true);
+            let dy = Tensor::randn([3, 5, 8], (Kind::Double, Device::Cpu)).to_kind(kind);
+            let y = swiglu(&gu);
+            let g = gu.narrow(-1, 0, 8).detach().set_requires_grad(true);
+            let u = gu.narrow(-1, 8, 8).detach().set_requires_grad(true);
+            let y_ref = g.silu() * &u;
+            assert!(y.equal(&y_ref), "{kind:?}: forward differs");
+            let d = Tensor::run_backward(&[(&y * &dy).sum(kind)], &[&gu], false, false);
+            let r = Tensor::run_backward(&[(&y_ref * &dy).sum(kind)], &[&g, &u], false, false);
+            assert!(
+                d[0].narrow(-1, 0, 8).equal(&r[0]),
+                "{kind:?}: gate gradient differs"
+            );
+            assert!(
+                d[0].narrow(-1, 8, 8).equal(&r[1]),
+                "{kind:?}: up gradient differs"
+            );
+        }
+        let odd = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+        let msg = std::panic::catch_unwind(|| swiglu(&odd)).expect_err("odd width refused");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("gate and up halves"), "{msg}");
+    }
+
+    /// The kernels compile (NVRTC runs without a GPU where libtorch is a CUDA build).
+    #[test]
+    fn the_training_kernels_compile() {
+        if !kernels::cuda_build() {
+            eprintln!("skipped: libtorch is not a CUDA build");
+            return;
+        }
+        let ptx = kernels::compile(SOURCE, &[], 90).expect("compiles");
+        for k in ["swiglu_forward", "swiglu_backward", "rope"] {
+            assert!(ptx.contains(k), "{k} missing from the PTX");
+        }
+    }
+}
