@@ -1,7 +1,8 @@
 //! `sigma bench fused`: the fused operations of bf16 training on a GPU,
 //! checked against an fp32 reference and timed against the tensor operations
 //! they replace: the SwiGLU kernels (forward and backward over the merged
-//! gate/up activation), the RoPE kernels, and the weight-gradient GEMM that
+//! gate/up activation), the RoPE kernels, the cross-entropy kernels, and the
+//! weight-gradient GEMM that
 //! accumulates in fp32 into the gradient buffer. Exits non-zero past the
 //! tolerance.
 
@@ -159,6 +160,71 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
         println!(
             "{:>22} {start:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
             format!("{b}, {t}, {heads}, {dim}"),
+            errs[0],
+            errs[1],
+            errs[2],
+            errs[3],
+            tk * 1e3,
+            tt * 1e3
+        );
+    }
+    println!("cross-entropy sum of bf16 logits [rows, vocab] (every 7th target ignored), forward + backward:");
+    println!(
+        "{:>6} {:>7} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "rows",
+        "vocab",
+        "kernel loss",
+        "tensor loss",
+        "kernel d",
+        "tensor d",
+        "kernel ms",
+        "tensor ms"
+    );
+    for (rows, vocab) in [(8192, 128256), (4096, 32000), (37, 40)] {
+        let logits =
+            (Tensor::randn([rows, vocab], (Kind::Float, device)) * 3.0).to_kind(Kind::BFloat16);
+        let targets = Tensor::randint(vocab, [rows], (Kind::Int64, device));
+        let ignored = Tensor::arange(rows, (Kind::Int64, device))
+            .remainder(7)
+            .eq(0);
+        let targets = targets.masked_fill(&ignored, -100);
+        let tensor = |l: &Tensor| {
+            let lg = l.detach().set_requires_grad(true);
+            let loss = lg.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+                &targets,
+                None,
+                tch::Reduction::Sum,
+                -100,
+                0.0,
+            );
+            let g = Tensor::run_backward(&[&loss], &[&lg], false, false);
+            (loss, g[0].shallow_clone())
+        };
+        let kernel = |l: &Tensor| -> Result<(Tensor, Tensor)> {
+            let lg = l.detach().set_requires_grad(true);
+            let Some(loss) = train_kernels::cross_entropy_sum(&lg, &targets, -100) else {
+                bail!("the cross-entropy kernel did not run for {rows} x {vocab}");
+            };
+            let g = Tensor::run_backward(&[&loss], &[&lg], false, false);
+            Ok((loss, g[0].shallow_clone()))
+        };
+        let (l_ref, g_ref) = tensor(&logits.to_kind(Kind::Float));
+        let (lk, gk) = kernel(&logits)?;
+        let (lt, gt) = tensor(&logits);
+        let errs = [
+            rel_err(&lk, &l_ref),
+            rel_err(&lt, &l_ref),
+            rel_err(&gk, &g_ref),
+            rel_err(&gt, &g_ref),
+        ];
+        worst = worst.max(errs[0]).max(errs[2]);
+        let tk = median_time(device, steps, &mut || kernel(&logits).map(|_| ()))?;
+        let tt = median_time(device, steps, &mut || {
+            let _ = tensor(&logits);
+            Ok(())
+        })?;
+        println!(
+            "{rows:>6} {vocab:>7} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
             errs[0],
             errs[1],
             errs[2],

@@ -3,9 +3,9 @@
 // train_kernels.rs compiles the kernels with NVRTC and launches them on
 // libtorch's current stream). SwiGLU over the merged gate/up activation
 // gu [.., 2F] -> [.., F]: the kernels on CUDA in bf16, else (or without a
-// launcher) the tensor form silu(gate) * up with autograd's gradients. RoPE:
-// kernels only; Rust calls it where they apply and uses the tensor form
-// elsewhere. No exception crosses into Rust (a failure is a non-zero return
+// launcher) the tensor form silu(gate) * up with autograd's gradients. RoPE
+// and the cross-entropy sum: kernels only; Rust calls them where they apply
+// and uses the tensor forms elsewhere. No exception crosses into Rust (a failure is a non-zero return
 // with the message in `err`).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -24,15 +24,21 @@ using torch::autograd::variable_list;
 // One launch; mirrored by `KernelArgs` in trainer/src/train_kernels.rs.
 struct KernelArgs {
   int op;  // 0 SwiGLU forward (a = gu), 1 its backward (a = dy, b = gu),
-           // 2 RoPE (a = x, b = cos table, c = sin table), 3 its backward (a = dy)
+           // 2 RoPE (a = x, b = cos table, c = sin table), 3 its backward (a = dy),
+           // 4 cross-entropy (a = logits, b = targets; out = row losses, out2 = lse),
+           // 5 its backward (a = logits, b = targets, c = lse, d = gradient of the sum)
   int device;
   const void* a;
   const void* b;
   const void* c;
+  const void* d;
   void* out;
+  void* out2;
   long long rows;
-  int f;  // SwiGLU: F. RoPE: the head dimension
-  int t;  // RoPE: positions, heads, first position
+  long long cols;    // cross-entropy: the vocabulary
+  long long ignore;  // cross-entropy: the target index that counts nothing
+  int f;             // SwiGLU: F. RoPE: the head dimension
+  int t;             // RoPE: positions, heads, first position
   int heads;
   int start;
 };
@@ -63,8 +69,10 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
       sizes.back() = f;
       at::Tensor y = at::empty(sizes, gu.options());
       const int dev = static_cast<int>(gu.get_device());
-      if (launch({0, dev, gu.data_ptr(), nullptr, nullptr, y.data_ptr(), y.numel() / f,
-                  static_cast<int>(f), 0, 0, 0}) == 0)
+      KernelArgs a{};
+      a.op = 0, a.device = dev, a.a = gu.data_ptr(), a.out = y.data_ptr();
+      a.rows = y.numel() / f, a.f = static_cast<int>(f);
+      if (launch(a) == 0)
         return y;
       launcher.store(nullptr);  // reported once; the tensor form from now on
     }
@@ -79,8 +87,10 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
       if (aligned(dy)) {
         at::Tensor dgu = at::empty_like(gu);
         const int dev = static_cast<int>(gu.get_device());
-        if (launch({1, dev, dy.data_ptr(), gu.data_ptr(), nullptr, dgu.data_ptr(), dy.numel() / f,
-                    static_cast<int>(f), 0, 0, 0}) == 0)
+        KernelArgs a{};
+        a.op = 1, a.device = dev, a.a = dy.data_ptr(), a.b = gu.data_ptr(), a.out = dgu.data_ptr();
+        a.rows = dy.numel() / f, a.f = static_cast<int>(f);
+        if (launch(a) == 0)
           return {dgu};
         launcher.store(nullptr);
       }
@@ -99,10 +109,12 @@ at::Tensor rope_pass(int op, const at::Tensor& x, const at::Tensor& cs, const at
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
   const auto s = xc.sizes();
-  if (!aligned(xc) ||
-      launch({op, static_cast<int>(xc.get_device()), xc.data_ptr(), cs.data_ptr(), sn.data_ptr(),
-              y.data_ptr(), s[0] * s[1] * s[2], static_cast<int>(s[3]), static_cast<int>(s[1]),
-              static_cast<int>(s[2]), static_cast<int>(start)}) != 0)
+  KernelArgs a{};
+  a.op = op, a.device = static_cast<int>(xc.get_device());
+  a.a = xc.data_ptr(), a.b = cs.data_ptr(), a.c = sn.data_ptr(), a.out = y.data_ptr();
+  a.rows = s[0] * s[1] * s[2], a.f = static_cast<int>(s[3]);
+  a.t = static_cast<int>(s[1]), a.heads = static_cast<int>(s[2]), a.start = static_cast<int>(start);
+  if (!aligned(xc) || launch(a) != 0)
     throw std::runtime_error("the RoPE kernel failed (see the warning above)");
   return y;
 }
@@ -121,6 +133,40 @@ struct Rope : public torch::autograd::Function<Rope> {
                                     ctx->saved_data["sn"].toTensor(),
                                     ctx->saved_data["start"].toInt());
     return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+// Sum over rows of the cross-entropy of bf16 logits [rows, v] (contiguous,
+// on CUDA, v a multiple of 8) against int64 targets [rows].
+struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& targets, int64_t ignore) {
+    const at::Tensor t = targets.contiguous();
+    const auto f32 = logits.options().dtype(at::kFloat);
+    at::Tensor loss = at::empty({logits.size(0)}, f32), lse = at::empty({logits.size(0)}, f32);
+    KernelArgs a{};
+    a.op = 4, a.device = static_cast<int>(logits.get_device());
+    a.a = logits.data_ptr(), a.b = t.data_ptr(), a.out = loss.data_ptr(), a.out2 = lse.data_ptr();
+    a.rows = logits.size(0), a.cols = logits.size(1), a.ignore = ignore;
+    if (launch(a) != 0)
+      throw std::runtime_error("the cross-entropy kernel failed (see the warning above)");
+    ctx->save_for_backward({logits, t, lse});
+    ctx->saved_data["ignore"] = ignore;
+    return loss.sum();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    const at::Tensor g = grads[0].to(at::kFloat).contiguous();
+    at::Tensor d = at::empty_like(logits);
+    KernelArgs a{};
+    a.op = 5, a.device = static_cast<int>(logits.get_device());
+    a.a = logits.data_ptr(), a.b = saved[1].data_ptr(), a.c = saved[2].data_ptr();
+    a.d = g.data_ptr(), a.out = d.data_ptr();
+    a.rows = logits.size(0), a.cols = logits.size(1), a.ignore = ctx->saved_data["ignore"].toInt();
+    if (launch(a) != 0)
+      throw std::runtime_error("the cross-entropy kernel failed (see the warning above)");
+    return {d, at::Tensor(), at::Tensor()};
   }
 };
 }  // namespace
@@ -147,5 +193,16 @@ extern "C" int sigma_rope(void* x, void* cs, void* sn, long long start, void* ou
     const auto& ct = *static_cast<const at::Tensor*>(cs);
     const auto& st = *static_cast<const at::Tensor*>(sn);
     *static_cast<at::Tensor*>(out) = Rope::apply(xt, ct, st, static_cast<int64_t>(start));
+  });
+}
+
+// Sum of the cross-entropy of `logits` [rows, v] against `targets` [rows]
+// (see CrossEntropySum) into `out`.
+extern "C" int sigma_cross_entropy_sum(void* logits, void* targets, long long ignore, void* out,
+                                       char* err, size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    const auto& l = *static_cast<const at::Tensor*>(logits);
+    const auto& t = *static_cast<const at::Tensor*>(targets);
+    *static_cast<at::Tensor*>(out) = CrossEntropySum::apply(l, t, static_cast<int64_t>(ignore));
   });
 }

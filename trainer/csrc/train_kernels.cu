@@ -1,9 +1,10 @@
-// Kernels of bf16 training, each replacing a chain of elementwise tensor
-// operations with one pass: SwiGLU forward and backward, RoPE forward and
-// backward. bf16 in and out, fp32 math (one rounding per output instead of
-// one per operation). Each thread takes 8 consecutive columns (16 bytes):
-// the caller (trainer/src/train_kernels.rs through csrc/kernel_ops.cpp)
-// checks the widths and 16-byte alignment. Compiled by NVRTC after bf16.cuh.
+// Kernels of bf16 training, each replacing a chain of tensor operations
+// with one pass: SwiGLU forward and backward, RoPE forward and backward,
+// cross-entropy forward and backward. bf16 in and out, fp32 math (one
+// rounding per output instead of one per operation). Each thread takes 8
+// consecutive columns (16 bytes): the caller (trainer/src/train_kernels.rs
+// through csrc/kernel_ops.cpp) checks the widths and 16-byte alignment.
+// Compiled by NVRTC after bf16.cuh.
 
 __device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
@@ -102,5 +103,87 @@ extern "C" __global__ void rope(const bf16* __restrict__ x, const bf16* __restri
     bf16* yr = y + r * dim;
     store8(yr + c, y1);
     store8(yr + half + c, y2);
+  }
+}
+
+// Cross-entropy of bf16 logits [rows, v] (v a multiple of 8) against int64
+// targets, one block per row: the row's log-sum-exp in fp32 (a running
+// maximum and sum over 8 values at a time per thread, then combined across
+// the block), `lse[row]`, and the row's loss lse - logit[target] in
+// `loss[row]` (0 for `ignore`; NaN for a target outside 0..v). The tensor
+// form copies the logits to fp32, writes and keeps their log-softmax.
+#define CE_THREADS 512
+
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -__int_as_float(0x7f800000)) return;  // both empty
+  s = s * expf(m - mn) + s2 * expf(m2 - mn);
+  m = mn;
+}
+
+extern "C" __global__ void cross_entropy_forward(const bf16* __restrict__ logits,
+                                                 const long long* __restrict__ targets,
+                                                 float* __restrict__ loss, float* __restrict__ lse,
+                                                 long long rows, long long v, long long ignore) {
+  __shared__ float sm[CE_THREADS / 32], ss[CE_THREADS / 32];
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const bf16* x = logits + row * v;
+    float m = -__int_as_float(0x7f800000), s = 0.0f;
+    for (long long i = threadIdx.x * 8LL; i < v; i += CE_THREADS * 8LL) {
+      float a[8];
+      load8(x + i, a);
+      float mx = a[0];
+#pragma unroll
+      for (int j = 1; j < 8; ++j) mx = fmaxf(mx, a[j]);
+      float part = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) part += expf(a[j] - mx);
+      lse_merge(m, s, mx, part);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+      lse_merge(m, s, m2, s2);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+      sm[warp] = m;
+      ss[warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float bm = sm[0], bs = ss[0];
+      for (int w = 1; w < CE_THREADS / 32; ++w) lse_merge(bm, bs, sm[w], ss[w]);
+      const float l = bm + logf(bs);
+      lse[row] = l;
+      const long long t = targets[row];
+      loss[row] = t == ignore ? 0.0f : (t < 0 || t >= v) ? __int_as_float(0x7fc00000) : l - bf2f(x[t]);
+    }
+    __syncthreads();
+  }
+}
+
+// Its backward: d logits = g (softmax - one-hot(target)) in bf16, g the
+// gradient of the summed loss (a device scalar); zeros for `ignore`.
+extern "C" __global__ void cross_entropy_backward(const bf16* __restrict__ logits,
+                                                  const long long* __restrict__ targets,
+                                                  const float* __restrict__ lse,
+                                                  const float* __restrict__ grad,
+                                                  bf16* __restrict__ dlogits, long long rows,
+                                                  long long v, long long ignore) {
+  const float g = *grad;
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const bf16* x = logits + row * v;
+    bf16* d = dlogits + row * v;
+    const long long t = targets[row];
+    const float l = lse[row];
+    const float w = t == ignore ? 0.0f : g;
+    for (long long i = threadIdx.x * 8LL; i < v; i += CE_THREADS * 8LL) {
+      float a[8];
+      load8(x + i, a);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = w * (expf(a[j] - l) - (i + j == t ? 1.0f : 0.0f));
+      store8(d + i, a);
+    }
   }
 }

@@ -669,19 +669,22 @@ impl Model {
     }
 
     /// The loss of `x` in one piece (the engine's chunked backward calls it
-    /// per chunk): cross-entropy as log-softmax and negative log-likelihood,
-    /// the log-softmax reading the logits in the compute dtype and writing
-    /// the parameter dtype (fp32), with no fp32 copy of the logits forward
-    /// nor of their gradient backward (the same numbers: the upcast is exact
-    /// and the softmax computes in fp32 either way).
+    /// per chunk). On a GPU in bf16, cross-entropy over the bf16 logits by
+    /// the training kernels (`train_kernels::cross_entropy_sum`: no fp32
+    /// copy of the logits, no log-softmax kept for backward, the gradient
+    /// written in bf16 in one pass); elsewhere libtorch's cross-entropy over
+    /// the logits in the parameter dtype.
     pub fn head_loss_sum_whole(&self, x: &Tensor, targets: &Tensor) -> Tensor {
         let h = self.norm_in(x, held(self.ids.final_norm, "the final norm"));
         let logits = self.linear(&h, held(self.ids.head, "the output head"));
         let v = logits.size()[2];
+        let (logits, targets) = (logits.reshape([-1, v]), targets.reshape([-1]));
+        if let Some(loss) = crate::train_kernels::cross_entropy_sum(&logits, &targets, -100) {
+            return loss;
+        }
         logits
-            .reshape([-1, v])
-            .log_softmax(-1, self.params.flat.kind())
-            .g_nll_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Sum, -100)
+            .to_kind(self.params.flat.kind())
+            .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0)
     }
 
     /// Whole forward without segments: token ids [b, t] -> logits (tests, eval).
