@@ -73,7 +73,7 @@ fn two_node_losses(prefix: [&[&str]; 2], master_addr: &str) -> Vec<f64> {
             argv.push(bin.to_string_lossy().into_owned());
             let mut c = Command::new(&argv[0]);
             c.current_dir(repo_root())
-                .env(CPU_CAPABILITY.0, CPU_CAPABILITY.1)
+                .envs(CPU_PINS)
                 .args(&argv[1..])
                 .args(["launch", "--nproc-per-node", "2", "--nnodes", "2"])
                 .args(["--node-rank", &node.to_string(), "--master-port", &p])

@@ -41,18 +41,22 @@ pub fn sigma_bin() -> PathBuf {
     bin
 }
 
-/// libtorch's CPU kernel choice for every sigma a test starts. libtorch picks
-/// AVX-512 kernels where the CPU has them, and those round some reductions
+/// The CPU kernel choice for every sigma a test starts. libtorch picks its
+/// own kernels and MKL its matrix-multiply code by the CPU's instruction set
+/// (AVX-512 where the CPU has it), and those round some reductions
 /// differently, so numbers recorded on one x86-64 machine (the golden losses)
-/// would not reproduce bit for bit on another. AVX2 is on every x86-64 CPU CI
-/// runs on; `scripts/test.sh` exports the same for the test process itself.
-pub const CPU_CAPABILITY: (&str, &str) = ("ATEN_CPU_CAPABILITY", "avx2");
+/// would not reproduce bit for bit on another: libtorch's pinned to AVX2
+/// (`ATEN_CPU_CAPABILITY`) and MKL's to its AVX2 path in strict mode
+/// (`MKL_CBWR`; without it MKL's sgemm still differs between CPUs that both
+/// have AVX-512). AVX2 is on every x86-64 CPU CI runs on; `scripts/test.sh`
+/// exports the same for the test process itself.
+pub const CPU_PINS: [(&str, &str); 2] =
+    [("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2,STRICT")];
 
 /// A `sigma` command in the repository root, with the pinned CPU kernels.
 pub fn sigma_command() -> Command {
     let mut c = Command::new(sigma_bin());
-    c.current_dir(repo_root())
-        .env(CPU_CAPABILITY.0, CPU_CAPABILITY.1);
+    c.current_dir(repo_root()).envs(CPU_PINS);
     c
 }
 

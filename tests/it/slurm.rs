@@ -199,7 +199,7 @@ fn cpu_template_preempted_and_continued_matches_an_uninterrupted_run() {
         return;
     }
     // Every sigma started here uses the same CPU kernels (bit-identical losses).
-    let pin = [("ATEN_CPU_CAPABILITY", "avx2")];
+    let pin = CPU_PINS;
     let extra = ["checkpoint.every_steps=5", "train.device=\"cpu\""];
     let with_extra = |mut a: Vec<String>| {
         for e in extra {
@@ -241,7 +241,10 @@ fn cpu_template_preempted_and_continued_matches_an_uninterrupted_run() {
     let submit = || -> String {
         let o = cluster
             .cmd("sbatch")
-            .args(["--parsable", "--export=ALL,ATEN_CPU_CAPABILITY=avx2"])
+            // --export=ALL: the job sees this environment, the CPU pins included
+            // (MKL_CBWR's value holds a comma, which --export=NAME=VALUE cannot).
+            .args(["--parsable", "--export=ALL"])
+            .envs(CPU_PINS)
             .arg(format!("--output={}", output.display()))
             .arg(&script)
             .arg("configs/tiny.toml")

@@ -8,7 +8,7 @@ fn run(args: &[String]) -> std::process::Output {
 }
 
 #[test]
-fn first_20_losses_of_tiny_match_the_golden_file_bit_for_bit() {
+fn first_20_losses_of_tiny_match_the_golden_file() {
     let d = tempfile::tempdir().expect("tmp");
     let o = run(&tiny_train_args(d.path(), 20, &[]));
     assert!(o.status.success(), "{}", stderr(&o));
@@ -33,15 +33,24 @@ fn first_20_losses_of_tiny_match_the_golden_file_bit_for_bit() {
         .iter()
         .map(|x| x.as_f64().expect("f64"))
         .collect();
+    // Across x86-64 machines, within 4 units in the last place of the fp32
+    // loss: with libtorch and MKL pinned (tests/it/lib.rs, CPU_PINS) the
+    // remaining CPU-dependent code (libm's and SLEEF's variants) moves a
+    // step's reported loss by at most 2 of them, where a learning rate 0.1 %
+    // higher moves them by hundreds (docs/architecture.md).
+    let ulps = |g: f64, w: f64| {
+        let (g, w) = (g as f32, w as f32);
+        (g.to_bits() as i64 - w.to_bits() as i64).abs()
+    };
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(
-            g.to_bits(),
-            w.to_bits(),
-            "step {}: loss {g} vs golden {w}",
-            i + 1
+        assert!(
+            ulps(*g, *w) <= 4,
+            "step {}: loss {g} vs golden {w} ({} fp32 ulps apart; all: {got:?})",
+            i + 1,
+            ulps(*g, *w)
         );
     }
-    // A second run reproduces itself exactly too.
+    // A second run on this machine reproduces the first bit for bit.
     let d2 = tempfile::tempdir().expect("tmp");
     assert!(run(&tiny_train_args(d2.path(), 20, &[])).status.success());
     assert_eq!(losses(&d2.path().join("metrics.jsonl")), got);
