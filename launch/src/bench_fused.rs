@@ -1,8 +1,8 @@
 //! `sigma bench fused`: the fused operations of bf16 training on a GPU,
 //! checked against an fp32 reference and timed against the tensor operations
 //! they replace: the SwiGLU kernels (forward and backward over the merged
-//! gate/up activation), the RoPE kernels, the cross-entropy kernels, and the
-//! weight-gradient GEMM that
+//! gate/up activation), the RoPE kernels, the cross-entropy kernels, the
+//! RMSNorm kernels (fp32 in, bf16 out), and the weight-gradient GEMM that
 //! accumulates in fp32 into the gradient buffer. Exits non-zero past the
 //! tolerance.
 
@@ -231,6 +231,79 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
             errs[3],
             tk * 1e3,
             tt * 1e3
+        );
+    }
+    println!("RMSNorm of fp32 x [rows, d] into bf16, forward + backward (gradients of x and the weight in fp32):");
+    println!(
+        "{:>6} {:>5} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "rows",
+        "d",
+        "kernel y",
+        "tensor y",
+        "kernel dx",
+        "tensor dx",
+        "kernel dw",
+        "tensor dw",
+        "kernel ms",
+        "tensor ms"
+    );
+    for (rows, d) in [(8192, 2048), (16384, 4096), (5, 8192), (37, 24)] {
+        let x = Tensor::randn([rows, d], (Kind::Float, device)) * 3.0;
+        let w = Tensor::rand([d], (Kind::Float, device)) + 0.5;
+        let dy = Tensor::randn([rows, d], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let eps = 1e-5;
+        let grads = |y: &Tensor, xg: &Tensor, wg: &Tensor, dy: &Tensor| {
+            let kind = y.kind();
+            let g =
+                Tensor::run_backward(&[(y * dy.to_kind(kind)).sum(kind)], &[xg, wg], false, false);
+            (
+                y.shallow_clone(),
+                g[0].shallow_clone(),
+                g[1].shallow_clone(),
+            )
+        };
+        let tensor = |x: &Tensor, w: &Tensor, out: Kind| {
+            let (xg, wg) = (
+                x.detach().set_requires_grad(true),
+                w.detach().set_requires_grad(true),
+            );
+            let y = xg.rms_norm([d], Some(&wg), eps).to_kind(out);
+            grads(&y, &xg, &wg, &dy)
+        };
+        let kernel = || -> Result<(Tensor, Tensor, Tensor)> {
+            let (xg, wg) = (
+                x.detach().set_requires_grad(true),
+                w.detach().set_requires_grad(true),
+            );
+            let Some(y) = train_kernels::rms_norm_bf16(&xg, &wg, eps) else {
+                bail!("the RMSNorm kernel did not run for {rows} x {d}");
+            };
+            Ok(grads(&y, &xg, &wg, &dy))
+        };
+        let r = tensor(
+            &x.to_kind(Kind::Double),
+            &w.to_kind(Kind::Double),
+            Kind::Double,
+        );
+        let k = kernel()?;
+        let t = tensor(&x, &w, Kind::BFloat16);
+        let errs = [
+            rel_err(&k.0, &r.0),
+            rel_err(&t.0, &r.0),
+            rel_err(&k.1, &r.1),
+            rel_err(&t.1, &r.1),
+            rel_err(&k.2, &r.2),
+            rel_err(&t.2, &r.2),
+        ];
+        worst = worst.max(errs[0]).max(errs[2]).max(errs[4]);
+        let tk = median_time(device, steps, &mut || kernel().map(|_| ()))?;
+        let tt = median_time(device, steps, &mut || {
+            let _ = tensor(&x, &w, Kind::BFloat16);
+            Ok(())
+        })?;
+        println!(
+            "{rows:>6} {d:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
+            errs[0], errs[1], errs[2], errs[3], errs[4], errs[5], tk * 1e3, tt * 1e3
         );
     }
     println!("weight gradient of x [rows, in] w^T: added into an fp32 buffer by one GEMM vs computed in bf16 and added (forward + backward, input gradient included):");

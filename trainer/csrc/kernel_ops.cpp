@@ -3,13 +3,14 @@
 // train_kernels.rs compiles the kernels with NVRTC and launches them on
 // libtorch's current stream). SwiGLU over the merged gate/up activation
 // gu [.., 2F] -> [.., F]: the kernels on CUDA in bf16, else (or without a
-// launcher) the tensor form silu(gate) * up with autograd's gradients. RoPE
-// and the cross-entropy sum: kernels only; Rust calls them where they apply
-// and uses the tensor forms elsewhere. No exception crosses into Rust (a failure is a non-zero return
+// launcher) the tensor form silu(gate) * up with autograd's gradients. RoPE,
+// the cross-entropy sum and RMSNorm with a bf16 output: kernels only; Rust
+// calls them where they apply and uses the tensor forms elsewhere. No exception crosses into Rust (a failure is a non-zero return
 // with the message in `err`).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -26,7 +27,10 @@ struct KernelArgs {
   int op;  // 0 SwiGLU forward (a = gu), 1 its backward (a = dy, b = gu),
            // 2 RoPE (a = x, b = cos table, c = sin table), 3 its backward (a = dy),
            // 4 cross-entropy (a = logits, b = targets; out = row losses, out2 = lse),
-           // 5 its backward (a = logits, b = targets, c = lse, d = gradient of the sum)
+           // 5 its backward (a = logits, b = targets, c = lse, d = gradient of the sum),
+           // 6 RMSNorm (a = x, b = w; out = bf16 y, out2 = rstd),
+           // 7 its backward (a = dy, b = x, c = w, d = rstd; out = dx, out2 = weight
+           //   gradient partials [blocks, f])
   int device;
   const void* a;
   const void* b;
@@ -41,6 +45,8 @@ struct KernelArgs {
   int t;             // RoPE: positions, heads, first position
   int heads;
   int start;
+  int blocks;  // RMSNorm backward: the blocks, one weight-gradient partial each
+  float eps;   // RMSNorm
 };
 typedef int (*Launcher)(const KernelArgs*);
 std::atomic<Launcher> launcher{nullptr};
@@ -169,6 +175,45 @@ struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
     return {d, at::Tensor(), at::Tensor()};
   }
 };
+
+// RMSNorm of fp32 x [.., d] with the fp32 weight w [d] into bf16 (x and w
+// contiguous, 16-byte aligned, on CUDA; d a multiple of 4, at most 8,192),
+// the gradients in fp32.
+struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            double eps) {
+    const at::Tensor xc = x.contiguous();
+    const int64_t d = w.size(0), rows = xc.numel() / d;
+    at::Tensor y = at::empty(xc.sizes(), xc.options().dtype(at::kBFloat16));
+    at::Tensor rstd = at::empty({rows}, xc.options());
+    KernelArgs a{};
+    a.op = 6, a.device = static_cast<int>(xc.get_device());
+    a.a = xc.data_ptr(), a.b = w.data_ptr(), a.out = y.data_ptr(), a.out2 = rstd.data_ptr();
+    a.rows = rows, a.f = static_cast<int>(d), a.eps = static_cast<float>(eps);
+    if (!aligned(xc) || !aligned(w) || launch(a) != 0)
+      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+    ctx->save_for_backward({xc, w, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    const at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
+    const int64_t d = w.size(0), rows = x.numel() / d;
+    const int64_t blocks = std::min<int64_t>(rows, 512);
+    at::Tensor dx = at::empty_like(x);
+    at::Tensor part = at::empty({blocks, d}, x.options());
+    KernelArgs a{};
+    a.op = 7, a.device = static_cast<int>(x.get_device());
+    a.a = dy.data_ptr(), a.b = x.data_ptr(), a.c = w.data_ptr(), a.d = rstd.data_ptr();
+    a.out = dx.data_ptr(), a.out2 = part.data_ptr();
+    a.rows = rows, a.f = static_cast<int>(d), a.blocks = static_cast<int>(blocks);
+    if (!aligned(dy) || launch(a) != 0)
+      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+    return {dx, part.sum(0), at::Tensor()};
+  }
+};
 }  // namespace
 
 extern "C" void sigma_kernel_ops_set_launcher(Launcher l) { launcher.store(l); }
@@ -204,5 +249,15 @@ extern "C" int sigma_cross_entropy_sum(void* logits, void* targets, long long ig
     const auto& l = *static_cast<const at::Tensor*>(logits);
     const auto& t = *static_cast<const at::Tensor*>(targets);
     *static_cast<at::Tensor*>(out) = CrossEntropySum::apply(l, t, static_cast<int64_t>(ignore));
+  });
+}
+
+// RMSNorm of `x` with the weight `w` and `eps`, in bf16 (see RmsNormBf16), into `out`.
+extern "C" int sigma_rms_norm_bf16(void* x, void* w, double eps, void* out, char* err,
+                                   size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    const auto& xt = *static_cast<const at::Tensor*>(x);
+    const auto& wt = *static_cast<const at::Tensor*>(w);
+    *static_cast<at::Tensor*>(out) = RmsNormBf16::apply(xt, wt, eps);
   });
 }

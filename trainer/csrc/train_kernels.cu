@@ -1,6 +1,7 @@
 // Kernels of bf16 training, each replacing a chain of tensor operations
 // with one pass: SwiGLU forward and backward, RoPE forward and backward,
-// cross-entropy forward and backward. bf16 in and out, fp32 math (one
+// cross-entropy forward and backward, RMSNorm with a bf16 output and its
+// backward. bf16 in and out, fp32 math (one
 // rounding per output instead of one per operation). Each thread takes 8
 // consecutive columns (16 bytes): the caller (trainer/src/train_kernels.rs
 // through csrc/kernel_ops.cpp) checks the widths and 16-byte alignment.
@@ -185,5 +186,109 @@ extern "C" __global__ void cross_entropy_backward(const bf16* __restrict__ logit
       for (int j = 0; j < 8; ++j) a[j] = w * (expf(a[j] - l) - (i + j == t ? 1.0f : 0.0f));
       store8(d + i, a);
     }
+  }
+}
+
+// RMSNorm of the fp32 residual stream x [rows, d] with the fp32 weight w,
+// written in bf16 for the matmuls that read it: y = bf16(x * rstd * w),
+// rstd = 1 / sqrt(mean(x^2) + eps), kept per row for backward. One block of
+// NORM_THREADS per row, 4 columns per thread and step (d a multiple of 4).
+// The tensor form writes an fp32 output and then casts it.
+#define NORM_THREADS 256
+// Columns per thread that backward keeps in registers: d <= 4 * NORM_THREADS * NORM_CHUNKS.
+#define NORM_CHUNKS 8
+
+// Sum of `v` over the block (every thread gets it); `sh` holds NORM_THREADS / 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // sh may still be read from the previous call
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  float t = 0.0f;
+#pragma unroll
+  for (int w = 0; w < NORM_THREADS / 32; ++w) t += sh[w];
+  return t;
+}
+
+extern "C" __global__ void rms_norm_forward(const float* __restrict__ x, const float* __restrict__ w,
+                                           bf16* __restrict__ y, float* __restrict__ rstd,
+                                           long long rows, int d, float eps) {
+  __shared__ float sh[NORM_THREADS / 32];
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float* xr = x + row * d;
+    float ss = 0.0f;
+    for (int c = threadIdx.x * 4; c < d; c += NORM_THREADS * 4) {
+      const float4 a = *reinterpret_cast<const float4*>(xr + c);
+      ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+    }
+    const float r = rsqrtf(block_sum(ss, sh) / d + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    bf16* yr = y + row * d;
+    for (int c = threadIdx.x * 4; c < d; c += NORM_THREADS * 4) {
+      const float4 a = *reinterpret_cast<const float4*>(xr + c);
+      const float4 g = *reinterpret_cast<const float4*>(w + c);
+      const unsigned int lo = (unsigned int)f2bf(a.x * r * g.x) | ((unsigned int)f2bf(a.y * r * g.y) << 16);
+      const unsigned int hi = (unsigned int)f2bf(a.z * r * g.z) | ((unsigned int)f2bf(a.w * r * g.w) << 16);
+      *reinterpret_cast<uint2*>(yr + c) = make_uint2(lo, hi);
+    }
+  }
+}
+
+// Its backward from the bf16 dy: dx = rstd (dy w - x rstd^2 mean(dy w x)) in
+// fp32, and the weight gradient sum over rows of dy x rstd, one partial row
+// per block in dw_part [gridDim.x, d] (the caller sums them).
+extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const float* __restrict__ x,
+                                            const float* __restrict__ w, const float* __restrict__ rstd,
+                                            float* __restrict__ dx, float* __restrict__ dw_part,
+                                            long long rows, int d) {
+  __shared__ float sh[NORM_THREADS / 32];
+  float dw[NORM_CHUNKS][4];
+#pragma unroll
+  for (int k = 0; k < NORM_CHUNKS; ++k) dw[k][0] = dw[k][1] = dw[k][2] = dw[k][3] = 0.0f;
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float* xr = x + row * d;
+    const bf16* gr = dy + row * d;
+    const float r = rstd[row];
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_CHUNKS; ++k) {
+      const int c = (k * NORM_THREADS + threadIdx.x) * 4;
+      if (c >= d) break;
+      const float4 a = *reinterpret_cast<const float4*>(xr + c);
+      const float4 g = *reinterpret_cast<const float4*>(w + c);
+      const uint2 u = *reinterpret_cast<const uint2*>(gr + c);
+      const float d0 = __uint_as_float(u.x << 16), d1 = __uint_as_float(u.x & 0xffff0000u);
+      const float d2 = __uint_as_float(u.y << 16), d3 = __uint_as_float(u.y & 0xffff0000u);
+      dot += d0 * g.x * a.x + d1 * g.y * a.y + d2 * g.z * a.z + d3 * g.w * a.w;
+      dw[k][0] += d0 * a.x * r;
+      dw[k][1] += d1 * a.y * r;
+      dw[k][2] += d2 * a.z * r;
+      dw[k][3] += d3 * a.w * r;
+    }
+    const float m = block_sum(dot, sh) / d * r * r;
+    float* out = dx + row * d;
+#pragma unroll
+    for (int k = 0; k < NORM_CHUNKS; ++k) {
+      const int c = (k * NORM_THREADS + threadIdx.x) * 4;
+      if (c >= d) break;
+      const float4 a = *reinterpret_cast<const float4*>(xr + c);
+      const float4 g = *reinterpret_cast<const float4*>(w + c);
+      const uint2 u = *reinterpret_cast<const uint2*>(gr + c);
+      float4 o;
+      o.x = r * (__uint_as_float(u.x << 16) * g.x - a.x * m);
+      o.y = r * (__uint_as_float(u.x & 0xffff0000u) * g.y - a.y * m);
+      o.z = r * (__uint_as_float(u.y << 16) * g.z - a.z * m);
+      o.w = r * (__uint_as_float(u.y & 0xffff0000u) * g.w - a.w * m);
+      *reinterpret_cast<float4*>(out + c) = o;
+    }
+  }
+  float* part = dw_part + (long long)blockIdx.x * d;
+#pragma unroll
+  for (int k = 0; k < NORM_CHUNKS; ++k) {
+    const int c = (k * NORM_THREADS + threadIdx.x) * 4;
+    if (c >= d) break;
+    *reinterpret_cast<float4*>(part + c) = make_float4(dw[k][0], dw[k][1], dw[k][2], dw[k][3]);
   }
 }

@@ -396,8 +396,14 @@ impl Model {
     }
 
     /// `rms_norm` cast to the compute dtype: the input of the matmuls that
-    /// follow, cast once for all of them.
+    /// follow, cast once for all of them. An fp32 stream into bf16 on GPU:
+    /// one kernel each way (crate::train_kernels::rms_norm_bf16).
     pub fn norm_in(&self, x: &Tensor, w: ParamId) -> Tensor {
+        if self.compute == Kind::BFloat16 && x.kind() == Kind::Float {
+            if let Some(y) = crate::train_kernels::rms_norm_bf16(x, self.p(w), self.cfg.norm_eps) {
+                return y;
+            }
+        }
         self.rms_norm(x, w).to_kind(self.compute)
     }
 

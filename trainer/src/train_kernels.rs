@@ -16,6 +16,12 @@
 //!   gradient in one pass. The tensor form copies the logits to fp32 and
 //!   keeps their fp32 log-softmax (for SIGMA-1.5B at micro-batch 4, 8.4 GB
 //!   each); [`cross_entropy_sum`] says when it applies.
+//! - **RMSNorm** of the fp32 residual stream with a bf16 output
+//!   ([`crate::model::Model::norm_in`]): forward reads x once and writes the
+//!   bf16 input of the matmuls; backward reads the bf16 gradient and writes
+//!   the fp32 one, with the weight gradient from per-block partial sums. The
+//!   tensor form writes an fp32 output, casts it, and casts the gradient
+//!   back; [`rms_norm_bf16`] says when it applies.
 //!
 //! `SIGMA_TRAIN_KERNELS=off` turns them all off (the tensor forms run); a build
 //! or launch failure is reported once and has the same effect.
@@ -35,6 +41,10 @@ pub const SOURCE: &str = include_str!("../csrc/train_kernels.cu");
 const THREADS: u32 = 256;
 /// Threads per row of the cross-entropy kernels (the source's CE_THREADS).
 const CE_THREADS: u32 = 512;
+/// Threads per row of the RMSNorm kernels (the source's NORM_THREADS).
+const NORM_THREADS: u32 = 256;
+/// The widest row the RMSNorm backward takes (4 x NORM_THREADS x NORM_CHUNKS).
+const NORM_MAX_DIM: i64 = 8192;
 
 /// One launch, as csrc/kernel_ops.cpp describes it (`KernelArgs` there).
 #[repr(C)]
@@ -54,6 +64,8 @@ struct KernelArgs {
     t: i32,
     heads: i32,
     start: i32,
+    blocks: i32,
+    eps: f32,
 }
 
 type Launcher = extern "C" fn(*const KernelArgs) -> i32;
@@ -66,6 +78,14 @@ extern "C" {
         cs: *mut c_void,
         sn: *mut c_void,
         start: i64,
+        out: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn sigma_rms_norm_bf16(
+        x: *mut c_void,
+        w: *mut c_void,
+        eps: f64,
         out: *mut c_void,
         err: *mut c_char,
         err_len: usize,
@@ -87,6 +107,8 @@ struct Loaded {
     rope: CudaFunction,
     ce_forward: CudaFunction,
     ce_backward: CudaFunction,
+    norm_forward: CudaFunction,
+    norm_backward: CudaFunction,
     sms: i64,
 }
 
@@ -105,6 +127,8 @@ fn load(ordinal: usize) -> Result<Arc<Loaded>, String> {
         ce_backward: module
             .load_function("cross_entropy_backward")
             .map_err(drv)?,
+        norm_forward: module.load_function("rms_norm_forward").map_err(drv)?,
+        norm_backward: module.load_function("rms_norm_backward").map_err(drv)?,
         ctx,
         sms,
     }))
@@ -137,21 +161,22 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
     let stream = kernels::current_stream(&k.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
     // SwiGLU and RoPE: a thread per 8 columns (of F, of half a head);
-    // cross-entropy: a block of CE_THREADS per row.
-    let cfg = if a.op >= 4 {
-        LaunchConfig {
-            grid_dim: (a.rows.min(1 << 30) as u32, 1, 1),
-            block_dim: (CE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+    // cross-entropy and RMSNorm: a block per row (RMSNorm backward: the
+    // shim's number of blocks, each with its weight-gradient partial).
+    let (blocks, threads) = match a.op {
+        0..=3 => {
+            let per_row = if a.op < 2 { a.f / 8 } else { a.f / 16 } as i64;
+            let b = (a.rows * per_row + THREADS as i64 - 1) / THREADS as i64;
+            (b.min(k.sms * 32), THREADS)
         }
-    } else {
-        let per_row = if a.op < 2 { a.f / 8 } else { a.f / 16 } as i64;
-        let blocks = ((a.rows * per_row + THREADS as i64 - 1) / THREADS as i64).min(k.sms * 32);
-        LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        4 | 5 => (a.rows.min(1 << 30), CE_THREADS),
+        6 => (a.rows.min(1 << 30), NORM_THREADS),
+        _ => (a.blocks as i64, NORM_THREADS),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
     };
     if cfg.grid_dim.0 == 0 {
         return Ok(());
@@ -166,7 +191,10 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
     // start + t rows of dim (dim a multiple of 16, checked by `rope`);
     // cross-entropy logits and gradient [rows, cols] bf16 (cols a multiple of
     // 8), targets [rows] int64, losses and lse [rows] fp32, the gradient of
-    // the sum one fp32 (checked by `cross_entropy_sum` and the shim). The
+    // the sum one fp32 (checked by `cross_entropy_sum` and the shim);
+    // RMSNorm x, dx [rows, f] fp32, y, dy [rows, f] bf16, w [f] fp32, rstd
+    // [rows] fp32, partials [blocks, f] fp32, f a multiple of 4 and at most
+    // NORM_MAX_DIM (checked by `rms_norm_bf16` and the shim). The
     // launch is on the stream that every later use of them is ordered after.
     unsafe {
         match a.op {
@@ -221,6 +249,27 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
                 .arg(&a.rows)
                 .arg(&a.cols)
                 .arg(&a.ignore)
+                .launch(cfg),
+            6 => stream
+                .launch_builder(&k.norm_forward)
+                .arg(&pa)
+                .arg(&pb)
+                .arg(&out)
+                .arg(&out2)
+                .arg(&a.rows)
+                .arg(&a.f)
+                .arg(&a.eps)
+                .launch(cfg),
+            7 => stream
+                .launch_builder(&k.norm_backward)
+                .arg(&pa)
+                .arg(&pb)
+                .arg(&pc)
+                .arg(&pd)
+                .arg(&out)
+                .arg(&out2)
+                .arg(&a.rows)
+                .arg(&a.f)
                 .launch(cfg),
             op => return Err(format!("unknown kernel operation {op}")),
         }
@@ -348,6 +397,55 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore: i64) -> Opti
     Some(out)
 }
 
+/// RMSNorm of `x` [.., d] with the weight `w` [d] and `eps`, written in bf16,
+/// by the kernels, differentiable (gradients in fp32); None where they do
+/// not apply (x and w not contiguous, 16-byte aligned fp32 on one CUDA
+/// device, d not a multiple of 4 or over 8,192, kernels off or
+/// unavailable): the caller runs the tensor form.
+pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
+    let ordinal = match x.device() {
+        tch::Device::Cuda(i) => i,
+        _ => return None,
+    };
+    let s = x.size();
+    let d = w.size().first().copied().unwrap_or(0);
+    let fits = |t: &Tensor| {
+        t.kind() == Kind::Float
+            && t.device() == x.device()
+            && t.is_contiguous()
+            && t.data_ptr() as usize % 16 == 0
+    };
+    let applies = w.dim() == 1
+        && s.last() == Some(&d)
+        && d > 0
+        && d % 4 == 0
+        && d <= NORM_MAX_DIM
+        && x.numel() / (d as usize) <= i32::MAX as usize
+        && fits(x)
+        && fits(w)
+        && available(ordinal);
+    if !applies {
+        return None;
+    }
+    let out = Tensor::new();
+    let mut err = [0 as c_char; 512];
+    // SAFETY: as in `swiglu`; the extents are checked above.
+    let rc = unsafe {
+        sigma_rms_norm_bf16(
+            x.as_ptr() as *mut c_void,
+            w.as_ptr() as *mut c_void,
+            eps,
+            out.as_ptr() as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        panic!("RMSNorm: {}", shim_error(&err));
+    }
+    Some(out)
+}
+
 /// RoPE of `x` [b, t, heads, dim] at positions `start..start + t` with the
 /// tables `cs` = [cos, cos] and `sn` = [-sin, sin] ([positions, dim], see
 /// `Model::rope_at`) by the kernels, differentiable; None where they do not
@@ -449,6 +547,8 @@ mod tests {
             "rope",
             "cross_entropy_forward",
             "cross_entropy_backward",
+            "rms_norm_forward",
+            "rms_norm_backward",
         ] {
             assert!(ptx.contains(k), "{k} missing from the PTX");
         }
