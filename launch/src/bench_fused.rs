@@ -247,7 +247,14 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
         "kernel ms",
         "tensor ms"
     );
-    for (rows, d) in [(8192, 2048), (16384, 4096), (5, 8192), (37, 24)] {
+    for (rows, d) in [
+        (8192, 2048),
+        (16384, 4096),
+        (5, 8192),
+        (1000, 1028),
+        (600, 8188),
+        (37, 24),
+    ] {
         let x = Tensor::randn([rows, d], (Kind::Float, device)) * 3.0;
         let w = Tensor::rand([d], (Kind::Float, device)) + 0.5;
         let dy = Tensor::randn([rows, d], (Kind::Float, device)).to_kind(Kind::BFloat16);

@@ -48,6 +48,7 @@ struct KernelArgs {
   int blocks;  // RMSNorm backward: the blocks, one weight-gradient partial each
   float eps;   // RMSNorm
 };
+static_assert(sizeof(KernelArgs) == 104, "KernelArgs must match trainer/src/train_kernels.rs");
 typedef int (*Launcher)(const KernelArgs*);
 std::atomic<Launcher> launcher{nullptr};
 
@@ -199,7 +200,9 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
-    const at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
+    at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
+    if (!aligned(dy))
+      dy = dy.clone();  // a fresh allocation is aligned
     const int64_t d = w.size(0), rows = x.numel() / d;
     const int64_t blocks = std::min<int64_t>(rows, 512);
     at::Tensor dx = at::empty_like(x);
@@ -209,7 +212,7 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
     a.a = dy.data_ptr(), a.b = x.data_ptr(), a.c = w.data_ptr(), a.d = rstd.data_ptr();
     a.out = dx.data_ptr(), a.out2 = part.data_ptr();
     a.rows = rows, a.f = static_cast<int>(d), a.blocks = static_cast<int>(blocks);
-    if (!aligned(dy) || launch(a) != 0)
+    if (launch(a) != 0)
       throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
     return {dx, part.sum(0), at::Tensor()};
   }

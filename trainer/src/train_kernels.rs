@@ -24,7 +24,8 @@
 //!   back; [`rms_norm_bf16`] says when it applies.
 //!
 //! `SIGMA_TRAIN_KERNELS=off` turns them all off (the tensor forms run); a build
-//! or launch failure is reported once and has the same effect.
+//! or launch failure is reported once and has the same effect (a launch that
+//! fails inside backward still fails that step).
 #![allow(unsafe_code)] // FFI: the shim, and kernel launches over raw device pointers.
 
 use std::collections::HashMap;
@@ -67,6 +68,9 @@ struct KernelArgs {
     blocks: i32,
     eps: f32,
 }
+
+// The shim's struct has the same size (a static_assert there).
+const _: () = assert!(std::mem::size_of::<KernelArgs>() == 104);
 
 type Launcher = extern "C" fn(*const KernelArgs) -> i32;
 
@@ -171,7 +175,8 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
         }
         4 | 5 => (a.rows.min(1 << 30), CE_THREADS),
         6 => (a.rows.min(1 << 30), NORM_THREADS),
-        _ => (a.blocks as i64, NORM_THREADS),
+        7 => (a.blocks as i64, NORM_THREADS),
+        op => return Err(format!("unknown kernel operation {op}")),
     };
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -343,6 +348,18 @@ pub fn swiglu(gu: &Tensor) -> Tensor {
     out
 }
 
+/// After a failed shim call of a kernel's forward: None (the caller runs the
+/// tensor form) when a kernel launch failed, which the launcher reported and
+/// which turns the kernels off from then on; any other failure (libtorch's,
+/// e.g. out of memory) panics as tch's own operations do, and the trainer's
+/// guard reports it with the phase.
+fn launch_failed(what: &str, err: &[c_char]) -> Option<Tensor> {
+    if FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    panic!("{what}: {}", shim_error(err));
+}
+
 /// Whether the kernels may run on CUDA device `ordinal`: on, built, and no
 /// launch has failed (the launcher registered with the shim).
 fn available(ordinal: usize) -> bool {
@@ -392,7 +409,7 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore: i64) -> Opti
         )
     };
     if rc != 0 {
-        panic!("cross-entropy: {}", shim_error(&err));
+        return launch_failed("cross-entropy", &err);
     }
     Some(out)
 }
@@ -413,7 +430,7 @@ pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
         t.kind() == Kind::Float
             && t.device() == x.device()
             && t.is_contiguous()
-            && t.data_ptr() as usize % 16 == 0
+            && (t.data_ptr() as usize).is_multiple_of(16)
     };
     let applies = w.dim() == 1
         && s.last() == Some(&d)
@@ -441,7 +458,7 @@ pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
         )
     };
     if rc != 0 {
-        panic!("RMSNorm: {}", shim_error(&err));
+        return launch_failed("RMSNorm", &err);
     }
     Some(out)
 }
@@ -492,7 +509,7 @@ pub fn rope(x: &Tensor, cs: &Tensor, sn: &Tensor, start: i64) -> Option<Tensor> 
         )
     };
     if rc != 0 {
-        panic!("RoPE: {}", shim_error(&err));
+        return launch_failed("RoPE", &err);
     }
     Some(out)
 }
