@@ -324,28 +324,29 @@ fn shim_error(err: &[c_char]) -> String {
         .into_owned()
 }
 
+/// One call of a shim entry point that assigns its result into a fresh
+/// handle: `call(out, err, err_len)` passes the handle (an at::Tensor*) and
+/// a message buffer to the shim, which assigns into `out`, writes at most
+/// `err_len` bytes, NUL-terminated, into `err`, catches every C++ exception
+/// and returns non-zero on failure. The result, or the shim's message.
+fn shim_call(call: impl FnOnce(*mut c_void, *mut c_char, usize) -> i32) -> Result<Tensor, String> {
+    let out = Tensor::new();
+    let mut err = [0 as c_char; 512];
+    match call(out.as_ptr() as *mut c_void, err.as_mut_ptr(), err.len()) {
+        0 => Ok(out),
+        _ => Err(shim_error(&err)),
+    }
+}
+
 /// `silu(gu[.., :F]) * gu[.., F:]` for `gu` [.., 2F], differentiable (see the
 /// module). Panics (as tch's own operations do; the trainer's guard reports
 /// it with the phase) if libtorch fails, e.g. out of memory.
 pub fn swiglu(gu: &Tensor) -> Tensor {
     register();
-    let out = Tensor::new();
-    let mut err = [0 as c_char; 512];
-    // SAFETY: gu and out are live tch tensor handles (at::Tensor*) for the
-    // call; the shim assigns into `out`, writes at most `err.len()` bytes,
-    // NUL-terminated, into `err`, and catches every C++ exception.
-    let rc = unsafe {
-        sigma_swiglu(
-            gu.as_ptr() as *mut c_void,
-            out.as_ptr() as *mut c_void,
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
-    if rc != 0 {
-        panic!("SwiGLU: {}", shim_error(&err));
-    }
-    out
+    // SAFETY: gu is a live tch tensor handle (at::Tensor*) for the call; the
+    // rest as `shim_call` describes.
+    shim_call(|out, err, n| unsafe { sigma_swiglu(gu.as_ptr() as *mut c_void, out, err, n) })
+        .unwrap_or_else(|e| panic!("SwiGLU: {e}"))
 }
 
 /// After a failed shim call of a kernel's forward: None (the caller runs the
@@ -353,11 +354,11 @@ pub fn swiglu(gu: &Tensor) -> Tensor {
 /// which turns the kernels off from then on; any other failure (libtorch's,
 /// e.g. out of memory) panics as tch's own operations do, and the trainer's
 /// guard reports it with the phase.
-fn launch_failed(what: &str, err: &[c_char]) -> Option<Tensor> {
+fn launch_failed(what: &str, err: String) -> Option<Tensor> {
     if FAILED.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
-    panic!("{what}: {}", shim_error(err));
+    panic!("{what}: {err}");
 }
 
 /// Whether the kernels may run on CUDA device `ordinal`: on, built, and no
@@ -380,9 +381,8 @@ fn available(ordinal: usize) -> bool {
 /// caller runs the tensor form.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore: i64) -> Option<Tensor> {
     let s = logits.size();
-    let ordinal = match logits.device() {
-        tch::Device::Cuda(i) => i,
-        _ => return None,
+    let tch::Device::Cuda(ordinal) = logits.device() else {
+        return None;
     };
     let applies = s.len() == 2
         && s[1] % 8 == 0
@@ -395,23 +395,18 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore: i64) -> Opti
     if !applies {
         return None;
     }
-    let out = Tensor::new();
-    let mut err = [0 as c_char; 512];
     // SAFETY: as in `swiglu`; the extents are checked above.
-    let rc = unsafe {
+    shim_call(|out, err, n| unsafe {
         sigma_cross_entropy_sum(
             logits.as_ptr() as *mut c_void,
             targets.as_ptr() as *mut c_void,
             ignore,
-            out.as_ptr() as *mut c_void,
-            err.as_mut_ptr(),
-            err.len(),
+            out,
+            err,
+            n,
         )
-    };
-    if rc != 0 {
-        return launch_failed("cross-entropy", &err);
-    }
-    Some(out)
+    })
+    .map_or_else(|e| launch_failed("cross-entropy", e), Some)
 }
 
 /// RMSNorm of `x` [.., d] with the weight `w` [d] and `eps`, written in bf16,
@@ -420,9 +415,8 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore: i64) -> Opti
 /// device, d not a multiple of 4 or over 8,192, kernels off or
 /// unavailable): the caller runs the tensor form.
 pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
-    let ordinal = match x.device() {
-        tch::Device::Cuda(i) => i,
-        _ => return None,
+    let tch::Device::Cuda(ordinal) = x.device() else {
+        return None;
     };
     let s = x.size();
     let d = w.size().first().copied().unwrap_or(0);
@@ -444,23 +438,18 @@ pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
     if !applies {
         return None;
     }
-    let out = Tensor::new();
-    let mut err = [0 as c_char; 512];
     // SAFETY: as in `swiglu`; the extents are checked above.
-    let rc = unsafe {
+    shim_call(|out, err, n| unsafe {
         sigma_rms_norm_bf16(
             x.as_ptr() as *mut c_void,
             w.as_ptr() as *mut c_void,
             eps,
-            out.as_ptr() as *mut c_void,
-            err.as_mut_ptr(),
-            err.len(),
+            out,
+            err,
+            n,
         )
-    };
-    if rc != 0 {
-        return launch_failed("RMSNorm", &err);
-    }
-    Some(out)
+    })
+    .map_or_else(|e| launch_failed("RMSNorm", e), Some)
 }
 
 /// RoPE of `x` [b, t, heads, dim] at positions `start..start + t` with the
@@ -471,9 +460,8 @@ pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
 /// unavailable): the caller runs the tensor form.
 pub fn rope(x: &Tensor, cs: &Tensor, sn: &Tensor, start: i64) -> Option<Tensor> {
     let s = x.size();
-    let ordinal = match x.device() {
-        tch::Device::Cuda(i) => i,
-        _ => return None,
+    let tch::Device::Cuda(ordinal) = x.device() else {
+        return None;
     };
     let tables_fit = |t: &Tensor| {
         t.kind() == Kind::BFloat16
@@ -494,24 +482,19 @@ pub fn rope(x: &Tensor, cs: &Tensor, sn: &Tensor, start: i64) -> Option<Tensor> 
     if !applies {
         return None;
     }
-    let out = Tensor::new();
-    let mut err = [0 as c_char; 512];
     // SAFETY: as in `swiglu`; the tensors' extents are checked above.
-    let rc = unsafe {
+    shim_call(|out, err, n| unsafe {
         sigma_rope(
             x.as_ptr() as *mut c_void,
             cs.as_ptr() as *mut c_void,
             sn.as_ptr() as *mut c_void,
             start,
-            out.as_ptr() as *mut c_void,
-            err.as_mut_ptr(),
-            err.len(),
+            out,
+            err,
+            n,
         )
-    };
-    if rc != 0 {
-        return launch_failed("RoPE", &err);
-    }
-    Some(out)
+    })
+    .map_or_else(|e| launch_failed("RoPE", e), Some)
 }
 
 #[cfg(test)]
