@@ -330,12 +330,20 @@ fn leaf(t: &Tensor) -> Tensor {
 }
 
 /// Reduce-scatter `x` along dimension `dim` (sum over ranks; rank r keeps part r).
+/// Reduce-scatter along `dim`, returned contiguous: the collective works on
+/// `dim` moved to the front, and a result left in that order would hand every
+/// later kernel a permuted layout (a query whose last dimension is not the
+/// fastest sends SDPA to its O(t^2) math path in fp32; elementwise kernels
+/// lose vectorisation).
 fn scatter_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {
     let moved = x.movedim(&[dim], &[0]).contiguous();
     let mut shape = moved.size();
     shape[0] /= c.world() as i64;
     let part = c.reduce_scatter_sum(&moved)?;
-    Ok(part.view(shape.as_slice()).movedim(&[0], &[dim]))
+    Ok(part
+        .view(shape.as_slice())
+        .movedim(&[0], &[dim])
+        .contiguous())
 }
 
 fn gather_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {

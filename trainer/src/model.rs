@@ -590,11 +590,18 @@ impl Model {
             v = v.repeat_interleave_self_int(nk / nv, 1, None);
         }
         let kv_heads = nk.max(nv);
-        let (q, k, v) = (
-            q.to_kind(self.compute),
-            k.to_kind(self.compute),
-            v.to_kind(self.compute),
-        );
+        // SDPA's fused backends (cuDNN, flash, efficient) need the head
+        // dimension to be the fastest; any other layout silently runs the
+        // O(t^2) math path (in fp32 for bf16 inputs).
+        let sdpa = |t: Tensor| {
+            let t = t.to_kind(self.compute);
+            if t.stride().last() == Some(&1) {
+                t
+            } else {
+                t.contiguous()
+            }
+        };
+        let (q, k, v) = (sdpa(q.shallow_clone()), sdpa(k), sdpa(v));
         let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
         let o = Tensor::scaled_dot_product_attention::<&Tensor>(
             &q,
