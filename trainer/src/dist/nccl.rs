@@ -555,11 +555,35 @@ impl Collectives for NcclCollectives {
 }
 
 impl Drop for NcclCollectives {
+    /// Tear down without ever waiting on a peer for long: the communication
+    /// stream is given the job's timeout to drain (a send whose receiver
+    /// never came would block a plain synchronisation for ever); a drained
+    /// communicator is destroyed, one that is not is aborted, which frees it
+    /// locally, and the rank says which group was left with work in flight.
     fn drop(&mut self) {
+        let deadline = Instant::now() + self.timeout;
         // SAFETY: the communicator and stream were created in new() and are not used after this.
         unsafe {
-            let _ = cuda::cudaStreamSynchronize(self.stream);
-            let _ = nccl::ncclCommDestroy(self.comm);
+            let drained = loop {
+                match cuda::cudaStreamQuery(self.stream) {
+                    cuda::cudaError_t::cudaErrorNotReady if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    cuda::cudaError_t::cudaErrorNotReady => break false,
+                    _ => break true,
+                }
+            };
+            if drained {
+                let _ = nccl::ncclCommDestroy(self.comm);
+            } else {
+                eprintln!(
+                    "sigma: rank {} of group {}: communication still in flight {} s after the end; aborting the communicator",
+                    self.rank,
+                    self.group,
+                    self.timeout.as_secs()
+                );
+                let _ = nccl::ncclCommAbort(self.comm);
+            }
             let _ = cuda::cudaStreamDestroy(self.stream);
         }
     }

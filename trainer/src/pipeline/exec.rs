@@ -11,7 +11,7 @@
 //! they form no cycle. Shapes are known from the config, so nothing is sent
 //! ahead of the tensors.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -23,17 +23,22 @@ use crate::error::Result;
 use crate::guard::at;
 use crate::model::Model;
 
-/// The two-rank channels of the virtual edges this rank is on.
+/// The two-rank channels of the virtual edges this rank is on. Ordered maps:
+/// they are dropped (their communicators destroyed) in ascending edge order,
+/// activations first, the same order on every rank. A hash map's order is
+/// random per process, and with interleaving two ranks share several
+/// channels and the edges form a ring (the last rank feeds the first), so
+/// teardown orders could differ between neighbours.
 #[derive(Default)]
 pub struct Links {
     /// Activations of edge `s -> s + 1` (sender is rank 0 of the group).
-    pub act: HashMap<usize, Box<dyn Collectives>>,
+    pub act: BTreeMap<usize, Box<dyn Collectives>>,
     /// Gradients of edge `s -> s + 1`, flowing back (stage `s + 1` is rank 0).
-    pub grad: HashMap<usize, Box<dyn Collectives>>,
+    pub grad: BTreeMap<usize, Box<dyn Collectives>>,
 }
 
 impl Links {
-    fn chan(map: &mut HashMap<usize, Box<dyn Collectives>>, edge: usize) -> &mut dyn Collectives {
+    fn chan(map: &mut BTreeMap<usize, Box<dyn Collectives>>, edge: usize) -> &mut dyn Collectives {
         match map.get_mut(&edge) {
             Some(c) => c.as_mut(),
             None => panic!("no pipeline channel for edge {edge} on this rank"),
@@ -346,4 +351,74 @@ pub fn eval_step(
     }
     links.finish()?;
     Ok(loss)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A channel that only records when it is torn down.
+    struct Recorder(&'static str, usize, Arc<Mutex<Vec<(&'static str, usize)>>>);
+
+    impl Drop for Recorder {
+        fn drop(&mut self) {
+            self.2.lock().unwrap().push((self.0, self.1));
+        }
+    }
+
+    impl Collectives for Recorder {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&mut self, _: &mut Tensor) -> Result<()> {
+            unreachable!()
+        }
+        fn broadcast(&mut self, _: &mut Tensor, _: usize) -> Result<()> {
+            unreachable!()
+        }
+        fn all_gather(&mut self, _: &Tensor) -> Result<Vec<Tensor>> {
+            unreachable!()
+        }
+        fn reduce_scatter_sum(&mut self, _: &Tensor) -> Result<Tensor> {
+            unreachable!()
+        }
+        fn send(&mut self, _: &Tensor, _: usize) -> Result<()> {
+            unreachable!()
+        }
+        fn recv(&mut self, _: &mut Tensor, _: usize) -> Result<()> {
+            unreachable!()
+        }
+        fn barrier(&mut self) -> Result<()> {
+            unreachable!()
+        }
+    }
+
+    /// Every rank tears its channels down in one global order (activations by
+    /// ascending edge, then gradients), whatever order they were made in, so
+    /// neighbours sharing several channels never wait on each other in a cycle.
+    #[test]
+    fn channels_are_torn_down_in_ascending_edge_order() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let edges = [9, 2, 14, 0, 7, 11, 3, 5, 12, 1];
+        {
+            let mut links = Links::default();
+            for &e in &edges {
+                links.grad.insert(e, Box::new(Recorder("grad", e, log.clone())));
+                links.act.insert(e, Box::new(Recorder("act", e, log.clone())));
+            }
+        }
+        let mut sorted = edges.to_vec();
+        sorted.sort();
+        let want: Vec<_> = sorted
+            .iter()
+            .map(|&e| ("act", e))
+            .chain(sorted.iter().map(|&e| ("grad", e)))
+            .collect();
+        assert_eq!(*log.lock().unwrap(), want);
+    }
 }
