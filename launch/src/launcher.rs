@@ -202,6 +202,7 @@ impl Launcher {
                 .stdin(Stdio::null())
                 // A group of its own: a terminal's Ctrl-C reaches the ranks once, through us.
                 .process_group(0);
+            die_with_launcher(&mut c);
             if rank != 0 {
                 let log = self.rank_log(rank);
                 let mut f = std::fs::OpenOptions::new()
@@ -475,4 +476,25 @@ pub fn launch(a: LaunchArgs) -> Result<i32> {
         }
     }
     unreachable!("the loop returns on its last attempt")
+}
+
+/// A rank outlives nothing it needs: if the launcher dies without stopping
+/// its ranks (SIGKILL, the out-of-memory killer), the kernel kills them too
+/// (Linux's parent-death signal), instead of leaving orphans that hold GPU
+/// memory and the store's port. The launcher spawns from its main thread,
+/// which lives as long as it does.
+#[allow(unsafe_code)] // pre_exec: runs between fork and exec.
+fn die_with_launcher(c: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe and touch no shared state.
+    unsafe {
+        c.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The launcher may have died before the signal was armed.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("the launcher exited"));
+            }
+            Ok(())
+        });
+    }
 }

@@ -315,3 +315,49 @@ fn sigusr1_to_the_launcher_stops_every_rank_with_their_stop_status() {
         .join(format!("checkpoints/step-{stopped:07}/COMMITTED"))
         .is_file());
 }
+
+/// A launcher killed outright (SIGKILL: no chance to stop its ranks) takes
+/// its ranks with it, instead of leaving orphans that keep their memory and
+/// the job's port.
+#[test]
+fn ranks_do_not_outlive_a_killed_launcher() {
+    let d = tempfile::tempdir().expect("tmp");
+    let p = port();
+    // One rank (no collectives through the store) that heartbeats to the
+    // store only every 10 minutes: nothing but the launcher's death can stop
+    // it soon.
+    let mut node = sigma_command()
+        .args(["launch", "--nproc-per-node", "1", "--master-port", &p.to_string()])
+        .args(["--log-dir", &d.path().join("logs").to_string_lossy()])
+        .arg("--")
+        .arg("train")
+        .args(dp_args(d.path(), 1, 100_000))
+        .env("SIGMA_HEARTBEAT_S", "600")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("launch");
+    wait_for_steps(&d.path().join("metrics.jsonl"), 2, Duration::from_secs(120));
+    let ranks: Vec<i32> = (0..1)
+        .map(|r| rank_pid(p, r, 0).unwrap_or_else(|| panic!("rank {r} running")))
+        .collect();
+    node.kill().expect("SIGKILL the launcher");
+    node.wait().expect("reap the launcher");
+    let t0 = Instant::now();
+    // A killed rank is a zombie until its new parent reaps it: gone or zombie both count.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(false)
+    };
+    while ranks.iter().any(|&r| alive(r)) {
+        if t0.elapsed() > Duration::from_secs(10) {
+            let left: Vec<i32> = ranks.iter().copied().filter(|&r| alive(r)).collect();
+            for &r in &left {
+                let _ = kill(Pid::from_raw(r), Signal::SIGKILL);
+            }
+            panic!("ranks still running 10 s after their launcher was killed: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
