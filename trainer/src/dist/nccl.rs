@@ -554,14 +554,22 @@ impl Collectives for NcclCollectives {
     }
 }
 
+/// How long a communicator's teardown waits for its stream to drain. At a
+/// clean end every rank has passed the job's final barrier first, so every
+/// receive its peers will ever post is posted: work still queued after this
+/// is stuck (and after a failure, waiting longer helps nobody).
+const TEARDOWN_GRACE: Duration = Duration::from_secs(30);
+
 impl Drop for NcclCollectives {
     /// Tear down without ever waiting on a peer for long: the communication
-    /// stream is given the job's timeout to drain (a send whose receiver
-    /// never came would block a plain synchronisation for ever); a drained
-    /// communicator is destroyed, one that is not is aborted, which frees it
-    /// locally, and the rank says which group was left with work in flight.
+    /// stream is given `TEARDOWN_GRACE` (or the job's timeout, if shorter) to
+    /// drain (a send whose receiver never came would block a plain
+    /// synchronisation for ever); a drained communicator is destroyed, one
+    /// that is not is aborted, which frees it locally, and the rank says
+    /// which group was left with work in flight.
     fn drop(&mut self) {
-        let deadline = Instant::now() + self.timeout;
+        let grace = self.timeout.min(TEARDOWN_GRACE);
+        let deadline = Instant::now() + grace;
         // SAFETY: the communicator and stream were created in new() and are not used after this.
         unsafe {
             let drained = loop {
@@ -580,7 +588,7 @@ impl Drop for NcclCollectives {
                     "sigma: rank {} of group {}: communication still in flight {} s after the end; aborting the communicator",
                     self.rank,
                     self.group,
-                    self.timeout.as_secs()
+                    grace.as_secs()
                 );
                 let _ = nccl::ncclCommAbort(self.comm);
             }
