@@ -486,13 +486,14 @@ pub fn launch(a: LaunchArgs) -> Result<i32> {
 #[allow(unsafe_code)] // pre_exec: runs between fork and exec.
 fn die_with_launcher(c: &mut Command) {
     let parent = nix::unistd::getpid();
-    // SAFETY: prctl and getppid are async-signal-safe and touch no shared state.
+    // SAFETY: prctl and getppid are async-signal-safe, and nothing here
+    // allocates (the forked child of a multithreaded process must not).
     unsafe {
         c.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
             // The launcher may have died before the signal was armed.
             if nix::unistd::getppid() != parent {
-                return Err(std::io::Error::other("the launcher exited"));
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
             }
             Ok(())
         });

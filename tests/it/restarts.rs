@@ -323,16 +323,14 @@ fn sigusr1_to_the_launcher_stops_every_rank_with_their_stop_status() {
 fn ranks_do_not_outlive_a_killed_launcher() {
     let d = tempfile::tempdir().expect("tmp");
     let p = port();
-    // One rank (no collectives through the store) that heartbeats to the
-    // store only every 10 minutes: nothing but the launcher's death can stop
-    // it soon.
+    // One rank: a world of one joins no job, so it neither talks to the
+    // store nor heartbeats; nothing but the launcher's death can stop it soon.
     let mut node = sigma_command()
         .args(["launch", "--nproc-per-node", "1", "--master-port", &p.to_string()])
         .args(["--log-dir", &d.path().join("logs").to_string_lossy()])
         .arg("--")
         .arg("train")
         .args(dp_args(d.path(), 1, 100_000))
-        .env("SIGMA_HEARTBEAT_S", "600")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -329,8 +329,8 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
-/// Reduce-scatter `x` along dimension `dim` (sum over ranks; rank r keeps part r).
-/// Reduce-scatter along `dim`, returned contiguous: the collective works on
+/// Reduce-scatter `x` along dimension `dim` (sum over ranks; rank r keeps
+/// part r), returned contiguous: the collective works on
 /// `dim` moved to the front, and a result left in that order would hand every
 /// later kernel a permuted layout (a query whose last dimension is not the
 /// fastest sends SDPA to its O(t^2) math path in fp32; elementwise kernels

@@ -42,6 +42,77 @@ pub struct Job {
     /// The first and last stage, which both hold a tied embedding (pp > 1, tied).
     pub tied: Option<Box<dyn Collectives>>,
     pub links: crate::pipeline::exec::Links,
+    /// `finish` met every rank: the job ended cleanly.
+    finished: bool,
+    /// Bounds the teardown (set by `drop`; declared last, so it is dropped
+    /// after every communicator).
+    teardown: Option<TeardownLimit>,
+}
+
+/// How long tearing a job's communicators down may take before the process
+/// ends without finishing it (NCCL's teardown can wait on peers).
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(60);
+
+/// While alive, a thread that ends the process if the teardown outlasts
+/// `TEARDOWN_LIMIT`: with status 0 after a clean finish (everything the run
+/// writes is written by then), 1 otherwise.
+struct TeardownLimit(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl TeardownLimit {
+    fn start(rank: usize, clean: bool) -> TeardownLimit {
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sigma-teardown".into())
+            .spawn(move || {
+                let deadline = std::time::Instant::now() + TEARDOWN_LIMIT;
+                while !d.load(Ordering::SeqCst) {
+                    if std::time::Instant::now() > deadline {
+                        eprintln!(
+                            "sigma: rank {rank}: tearing down the communicators took over {} s; exiting without finishing it{}",
+                            TEARDOWN_LIMIT.as_secs(),
+                            if clean { " (the run itself had finished)" } else { "" }
+                        );
+                        signal_hook::low_level::exit(if clean { 0 } else { 1 });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        if spawned.is_err() {
+            // No thread, no limit: the teardown runs unbounded, as it would anyway.
+            done.store(true, Ordering::SeqCst);
+        }
+        TeardownLimit(done)
+    }
+}
+
+impl Drop for TeardownLimit {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Job {
+    /// Communicators are torn down in one order on every rank (pipeline
+    /// channels by ascending edge, activations first; the tied ends; the
+    /// pipeline group; the replica groups in `replica_sizes` order; the
+    /// tensor-parallel group; then, as a field, the data-parallel group), so
+    /// teardowns that wait on peers never wait in a cycle, and within
+    /// `TEARDOWN_LIMIT`.
+    fn drop(&mut self) {
+        self.teardown = Some(TeardownLimit::start(self.env.rank, self.finished));
+        let links = std::mem::take(&mut self.links);
+        for (_, c) in links.act.into_iter().chain(links.grad) {
+            drop(c);
+        }
+        drop(self.tied.take());
+        drop(self.pp.take());
+        for (_, c) in self.replicas.drain(..) {
+            drop(c);
+        }
+        drop(self.tp.take());
+    }
 }
 
 /// What the pipeline needs from the job's groups.
@@ -141,6 +212,8 @@ impl Job {
             pp,
             tied,
             links,
+            finished: false,
+            teardown: None,
         })
     }
 
@@ -183,6 +256,7 @@ impl Job {
                 n = self.store.add("job/finished", 0)?;
             }
         }
+        self.finished = true;
         Ok(())
     }
 }

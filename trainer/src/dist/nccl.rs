@@ -565,30 +565,35 @@ impl Drop for NcclCollectives {
     /// stream is given `TEARDOWN_GRACE` (or the job's timeout, if shorter) to
     /// drain (a send whose receiver never came would block a plain
     /// synchronisation for ever); a drained communicator is destroyed, one
-    /// that is not is aborted, which frees it locally, and the rank says
-    /// which group was left with work in flight.
+    /// that is not (or whose stream reports an error) is aborted, which frees
+    /// it locally, and the rank says which group and why. The watchdog may
+    /// end the process first, naming the operation, if that operation's own
+    /// deadline passes during the wait; `Job`'s drop bounds the whole teardown.
     fn drop(&mut self) {
         let grace = self.timeout.min(TEARDOWN_GRACE);
         let deadline = Instant::now() + grace;
         // SAFETY: the communicator and stream were created in new() and are not used after this.
         unsafe {
-            let drained = loop {
+            let state = loop {
                 match cuda::cudaStreamQuery(self.stream) {
                     cuda::cudaError_t::cudaErrorNotReady if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(5))
                     }
-                    cuda::cudaError_t::cudaErrorNotReady => break false,
-                    _ => break true,
+                    r => break r,
                 }
             };
-            if drained {
+            if state == cuda::cudaError_t::cudaSuccess {
                 let _ = nccl::ncclCommDestroy(self.comm);
             } else {
+                let why = match state {
+                    cuda::cudaError_t::cudaErrorNotReady => {
+                        format!("communication still in flight {} s after the end", grace.as_secs())
+                    }
+                    e => format!("its stream reports {e:?}"),
+                };
                 eprintln!(
-                    "sigma: rank {} of group {}: communication still in flight {} s after the end; aborting the communicator",
-                    self.rank,
-                    self.group,
-                    grace.as_secs()
+                    "sigma: rank {} of group {}: {why}; aborting the communicator",
+                    self.rank, self.group
                 );
                 let _ = nccl::ncclCommAbort(self.comm);
             }
