@@ -326,7 +326,13 @@ fn ranks_do_not_outlive_a_killed_launcher() {
     // One rank: a world of one joins no job, so it neither talks to the
     // store nor heartbeats; nothing but the launcher's death can stop it soon.
     let mut node = sigma_command()
-        .args(["launch", "--nproc-per-node", "1", "--master-port", &p.to_string()])
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "1",
+            "--master-port",
+            &p.to_string(),
+        ])
         .args(["--log-dir", &d.path().join("logs").to_string_lossy()])
         .arg("--")
         .arg("train")
@@ -345,7 +351,13 @@ fn ranks_do_not_outlive_a_killed_launcher() {
     // A killed rank is a zombie until its new parent reaps it: gone or zombie both count.
     let alive = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(false)
     };
     while ranks.iter().any(|&r| alive(r)) {

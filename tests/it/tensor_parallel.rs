@@ -274,9 +274,8 @@ fn tensor_parallel_scatters_return_each_rank_its_slice_of_the_sum_contiguously()
                 let client = StoreClient::connect(&addr, "s", rank as u32, t).expect("connect");
                 let mut c = StoreCollectives::new(client, "scatter", rank, 2, t);
                 let x = input(rank as i64);
-                [engine::Comm::ScatterSeq, engine::Comm::ScatterFeat].map(|op| {
-                    engine::communicate(&mut c, op, &x).expect("scatter")
-                })
+                [engine::Comm::ScatterSeq, engine::Comm::ScatterFeat]
+                    .map(|op| engine::communicate(&mut c, op, &x).expect("scatter"))
             })
         })
         .collect();
@@ -288,9 +287,73 @@ fn tensor_parallel_scatters_return_each_rank_its_slice_of_the_sum_contiguously()
             ("sequence", &seq, sum.narrow(1, 3 * r, 3)),
             ("features", &feat, sum.narrow(2, 4 * r, 4)),
         ] {
-            assert!(got.is_contiguous(), "rank {rank}: {what} scatter strides {:?}", got.stride());
+            assert!(
+                got.is_contiguous(),
+                "rank {rank}: {what} scatter strides {:?}",
+                got.stride()
+            );
             assert_eq!(got.size(), want.size(), "rank {rank}: {what}");
-            assert!(got.equal(&want), "rank {rank}: {what} scatter is not the slice of the sum");
+            assert!(
+                got.equal(&want),
+                "rank {rank}: {what} scatter is not the slice of the sum"
+            );
+        }
+    }
+}
+
+/// Under tensor and sequence parallelism with AugQ every attention call
+/// reaches a fused SDPA backend, as on one device: on the CPU, libtorch's
+/// choice of backend depends on the layout the same way (a query whose
+/// head dimension is not the fastest gets the math path).
+#[test]
+fn attention_under_tensor_parallelism_never_falls_back_to_sdpas_math_path() {
+    let mut c = grad_cfg();
+    (c.num_q_heads, c.num_k_heads, c.num_v_heads) = (4, 2, 2);
+    (c.qk_head_dim, c.v_head_dim, c.k_compression, c.k_dim) = (8, 8, KCompression::None, None);
+    let one = one_model(&c);
+    let mut g = one.params.flat.zeros_like();
+    let before = sigma_trainer::model::sdpa_calls_on_this_thread();
+    let _ = engine::forward_backward(&one, &tokens(), 0.1, false, &mut g, &mut |_, _| Ok(()))
+        .expect("backward");
+    let after = sigma_trainer::model::sdpa_calls_on_this_thread();
+    assert!(after.0 > before.0, "one device: no attention call counted");
+    assert_eq!(
+        after.1, before.1,
+        "one device: this shape itself gets the math path"
+    );
+    let server = StoreServer::start("127.0.0.1:0", "m").expect("store");
+    for (sp, ac) in [(true, false), (true, true), (false, false)] {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let (addr, c) = (server.addr.to_string(), c.clone());
+                std::thread::spawn(move || {
+                    let t = Duration::from_secs(30);
+                    let client = StoreClient::connect(&addr, "m", rank as u32, t).expect("connect");
+                    let mut tp = StoreCollectives::new(client, &format!("m{sp}{ac}"), rank, 2, t);
+                    let m = tp_model(&c, rank, sp);
+                    let mut g = m.params.flat.zeros_like();
+                    let tp = Some(&mut tp as &mut dyn Collectives);
+                    let _ = engine::forward_backward_in(
+                        &m,
+                        tp,
+                        &tokens(),
+                        0.1,
+                        ac,
+                        &mut g,
+                        &mut |_, _| Ok(()),
+                    )
+                    .expect("backward");
+                    sigma_trainer::model::sdpa_calls_on_this_thread()
+                })
+            })
+            .collect();
+        for (rank, h) in ranks.into_iter().enumerate() {
+            let (calls, math) = h.join().expect("rank");
+            assert!(
+                calls > 0,
+                "sp {sp} ckpt {ac} rank {rank}: no attention call counted"
+            );
+            assert_eq!(math, 0, "sp {sp} ckpt {ac} rank {rank}: {math} of {calls} attention calls ran SDPA's math path");
         }
     }
 }

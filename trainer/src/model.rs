@@ -17,7 +17,7 @@
 //! for the matmuls that read it; norms, residual stream and the loss run in
 //! fp32. (tch's autocast cannot select bf16, hence explicit casts.)
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
@@ -603,6 +603,7 @@ impl Model {
         };
         let (q, k, v) = (sdpa(q.shallow_clone()), sdpa(k), sdpa(v));
         let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
+        note_sdpa_backend(&q, &k, &v, mask, scale, nq != kv_heads);
         let o = Tensor::scaled_dot_product_attention::<&Tensor>(
             &q,
             &k,
@@ -716,4 +717,53 @@ pub fn chunks(n: i64, chunk: i64) -> Vec<(i64, i64)> {
         .step_by(chunk.max(1) as usize)
         .map(|s| (s, chunk.min(n - s)))
         .collect()
+}
+
+thread_local! {
+    /// Attention calls on this thread, and how many of them SDPA ran on its
+    /// math path.
+    static SDPA_CALLS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// (attention calls, of which on SDPA's math path) on this thread so far.
+pub fn sdpa_calls_on_this_thread() -> (u64, u64) {
+    SDPA_CALLS.with(|c| c.get())
+}
+
+/// Ask libtorch which SDPA backend these inputs get (a host-side check, no
+/// device work), count it, and warn once per process when a causal
+/// attention on a GPU would run the math path: O(t^2) memory and, for bf16
+/// inputs, fp32 matmuls, many times slower than cuDNN or flash. A layout
+/// whose head dimension is not the fastest, unequal key and value head
+/// counts or an unsupported head size send it there.
+fn note_sdpa_backend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    gqa: bool,
+) {
+    const MATH: i64 = 0; // libtorch's SDPBackend::math
+    let choice =
+        Tensor::f_internal_fused_sdp_choice(q, k, v, mask, 0.0, mask.is_none(), scale, gqa)
+            .unwrap_or(-1);
+    SDPA_CALLS.with(|c| {
+        let (n, m) = c.get();
+        c.set((n + 1, m + u64::from(choice == MATH)));
+    });
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if choice == MATH
+        && mask.is_none()
+        && q.device().is_cuda()
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        let d = |t: &Tensor| format!("{:?} strides {:?} {:?}", t.size(), t.stride(), t.kind());
+        eprintln!(
+            "warning: attention runs on SDPA's math path (O(t^2) memory, fp32 matmuls for bf16), far slower than a fused backend: q {}, k {}, v {}",
+            d(q),
+            d(k),
+            d(v)
+        );
+    }
 }

@@ -587,7 +587,10 @@ impl Drop for NcclCollectives {
             } else {
                 let why = match state {
                     cuda::cudaError_t::cudaErrorNotReady => {
-                        format!("communication still in flight {} s after the end", grace.as_secs())
+                        format!(
+                            "communication still in flight {} s after the end",
+                            grace.as_secs()
+                        )
                     }
                     e => format!("its stream reports {e:?}"),
                 };

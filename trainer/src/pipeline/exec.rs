@@ -408,8 +408,12 @@ mod tests {
         {
             let mut links = Links::default();
             for &e in &edges {
-                links.grad.insert(e, Box::new(Recorder("grad", e, log.clone())));
-                links.act.insert(e, Box::new(Recorder("act", e, log.clone())));
+                links
+                    .grad
+                    .insert(e, Box::new(Recorder("grad", e, log.clone())));
+                links
+                    .act
+                    .insert(e, Box::new(Recorder("act", e, log.clone())));
             }
         }
         let mut sorted = edges.to_vec();
