@@ -1,6 +1,6 @@
 // bf16 as its bit pattern, for the NVRTC kernels (no CUDA headers): the
 // conversions to and from float (round to nearest even, NaN kept quiet) and
-// eight values packed in 16 bytes. Put before each kernel source by
+// eight values packed in 16 bytes (four in 8). Put before each kernel source by
 // trainer/src/kernels.rs.
 
 typedef unsigned short bf16;
@@ -23,6 +23,17 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
   f[2] = __uint_as_float(w.y << 16); f[3] = __uint_as_float(w.y & 0xffff0000u);
   f[4] = __uint_as_float(w.z << 16); f[5] = __uint_as_float(w.z & 0xffff0000u);
   f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
+}
+
+// Four values in 8 bytes, as float4 (the fp32 kernels' vector width).
+__device__ __forceinline__ float4 unpack4(uint2 w) {
+  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
+                     __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+}
+
+__device__ __forceinline__ uint2 pack4(float4 f) {
+  return make_uint2((unsigned int)f2bf(f.x) | ((unsigned int)f2bf(f.y) << 16),
+                    (unsigned int)f2bf(f.z) | ((unsigned int)f2bf(f.w) << 16));
 }
 
 __device__ __forceinline__ uint4 pack8(const float* f) {

@@ -229,9 +229,8 @@ extern "C" __global__ void rms_norm_forward(const float* __restrict__ x, const f
     for (int c = threadIdx.x * 4; c < d; c += NORM_THREADS * 4) {
       const float4 a = *reinterpret_cast<const float4*>(xr + c);
       const float4 g = *reinterpret_cast<const float4*>(w + c);
-      const unsigned int lo = (unsigned int)f2bf(a.x * r * g.x) | ((unsigned int)f2bf(a.y * r * g.y) << 16);
-      const unsigned int hi = (unsigned int)f2bf(a.z * r * g.z) | ((unsigned int)f2bf(a.w * r * g.w) << 16);
-      *reinterpret_cast<uint2*>(yr + c) = make_uint2(lo, hi);
+      *reinterpret_cast<uint2*>(yr + c) =
+          pack4(make_float4(a.x * r * g.x, a.y * r * g.y, a.z * r * g.z, a.w * r * g.w));
     }
   }
 }
@@ -258,14 +257,12 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
       if (c >= d) break;
       const float4 a = *reinterpret_cast<const float4*>(xr + c);
       const float4 g = *reinterpret_cast<const float4*>(w + c);
-      const uint2 u = *reinterpret_cast<const uint2*>(gr + c);
-      const float d0 = __uint_as_float(u.x << 16), d1 = __uint_as_float(u.x & 0xffff0000u);
-      const float d2 = __uint_as_float(u.y << 16), d3 = __uint_as_float(u.y & 0xffff0000u);
-      dot += d0 * g.x * a.x + d1 * g.y * a.y + d2 * g.z * a.z + d3 * g.w * a.w;
-      dw[k][0] += d0 * a.x * r;
-      dw[k][1] += d1 * a.y * r;
-      dw[k][2] += d2 * a.z * r;
-      dw[k][3] += d3 * a.w * r;
+      const float4 e = unpack4(*reinterpret_cast<const uint2*>(gr + c));
+      dot += e.x * g.x * a.x + e.y * g.y * a.y + e.z * g.z * a.z + e.w * g.w * a.w;
+      dw[k][0] += e.x * a.x * r;
+      dw[k][1] += e.y * a.y * r;
+      dw[k][2] += e.z * a.z * r;
+      dw[k][3] += e.w * a.w * r;
     }
     const float m = block_sum(dot, sh) / d * r * r;
     float* out = dx + row * d;
@@ -275,12 +272,12 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
       if (c >= d) break;
       const float4 a = *reinterpret_cast<const float4*>(xr + c);
       const float4 g = *reinterpret_cast<const float4*>(w + c);
-      const uint2 u = *reinterpret_cast<const uint2*>(gr + c);
+      const float4 e = unpack4(*reinterpret_cast<const uint2*>(gr + c));
       float4 o;
-      o.x = r * (__uint_as_float(u.x << 16) * g.x - a.x * m);
-      o.y = r * (__uint_as_float(u.x & 0xffff0000u) * g.y - a.y * m);
-      o.z = r * (__uint_as_float(u.y << 16) * g.z - a.z * m);
-      o.w = r * (__uint_as_float(u.y & 0xffff0000u) * g.w - a.w * m);
+      o.x = r * (e.x * g.x - a.x * m);
+      o.y = r * (e.y * g.y - a.y * m);
+      o.z = r * (e.z * g.z - a.z * m);
+      o.w = r * (e.w * g.w - a.w * m);
       *reinterpret_cast<float4*>(out + c) = o;
     }
   }
