@@ -68,14 +68,17 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
             rel_err(&gt, &g_ref),
         ];
         worst = worst.max(errs[0]).max(errs[2]);
-        let tk = median_time(device, steps, &mut || {
-            let _ = fused(&gu);
-            Ok(())
-        })?;
-        let tt = median_time(device, steps, &mut || {
-            let _ = tensor(&gu, &dy);
-            Ok(())
-        })?;
+        let (tk, tt) = kernel_and_tensor_times(
+            device,
+            steps,
+            || {
+                let _ = fused(&gu);
+                Ok(())
+            },
+            || {
+                let _ = tensor(&gu, &dy);
+            },
+        )?;
         println!(
             "{rows:>6} {f:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
             errs[0],
@@ -152,11 +155,14 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
             rel_err(&gt, &g_ref),
         ];
         worst = worst.max(errs[0]).max(errs[2]);
-        let tk = median_time(device, steps, &mut || kernel(&x).map(|_| ()))?;
-        let tt = median_time(device, steps, &mut || {
-            let _ = tensor(&x, &dy, Kind::BFloat16);
-            Ok(())
-        })?;
+        let (tk, tt) = kernel_and_tensor_times(
+            device,
+            steps,
+            || kernel(&x).map(|_| ()),
+            || {
+                let _ = tensor(&x, &dy, Kind::BFloat16);
+            },
+        )?;
         println!(
             "{:>22} {start:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
             format!("{b}, {t}, {heads}, {dim}"),
@@ -218,11 +224,14 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
             rel_err(&gt, &g_ref),
         ];
         worst = worst.max(errs[0]).max(errs[2]);
-        let tk = median_time(device, steps, &mut || kernel(&logits).map(|_| ()))?;
-        let tt = median_time(device, steps, &mut || {
-            let _ = tensor(&logits);
-            Ok(())
-        })?;
+        let (tk, tt) = kernel_and_tensor_times(
+            device,
+            steps,
+            || kernel(&logits).map(|_| ()),
+            || {
+                let _ = tensor(&logits);
+            },
+        )?;
         println!(
             "{rows:>6} {vocab:>7} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
             errs[0],
@@ -303,11 +312,14 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
             rel_err(&t.2, &r.2),
         ];
         worst = worst.max(errs[0]).max(errs[2]).max(errs[4]);
-        let tk = median_time(device, steps, &mut || kernel().map(|_| ()))?;
-        let tt = median_time(device, steps, &mut || {
-            let _ = tensor(&x, &w, Kind::BFloat16);
-            Ok(())
-        })?;
+        let (tk, tt) = kernel_and_tensor_times(
+            device,
+            steps,
+            || kernel().map(|_| ()),
+            || {
+                let _ = tensor(&x, &w, Kind::BFloat16);
+            },
+        )?;
         println!(
             "{rows:>6} {d:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
             errs[0], errs[1], errs[2], errs[3], errs[4], errs[5], tk * 1e3, tt * 1e3
@@ -383,4 +395,19 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
     }
     println!("fused operations check passed: largest relative error {worst:.2e}");
     Ok(())
+}
+
+/// Median seconds of a kernel and of its tensor form, each over `steps` runs.
+fn kernel_and_tensor_times(
+    device: Device,
+    steps: usize,
+    mut kernel: impl FnMut() -> Result<()>,
+    mut tensor: impl FnMut(),
+) -> Result<(f64, f64)> {
+    let tk = median_time(device, steps, &mut kernel)?;
+    let tt = median_time(device, steps, &mut || {
+        tensor();
+        Ok(())
+    })?;
+    Ok((tk, tt))
 }
