@@ -221,6 +221,28 @@ fn tp_model(c: &ModelConfig, rank: usize, sp: bool) -> Model {
     .to_double()
 }
 
+/// `f(rank, group)` on the two ranks of a tensor-parallel group, each a
+/// thread with its own connection to a fresh store; the results in rank order.
+fn on_two_ranks<T: Send>(f: impl Fn(usize, &mut dyn Collectives) -> T + Sync) -> Vec<T> {
+    let server = StoreServer::start("127.0.0.1:0", "tp2").expect("store");
+    let addr = server.addr.to_string();
+    std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let (addr, f) = (&addr, &f);
+                s.spawn(move || {
+                    let t = Duration::from_secs(30);
+                    let client =
+                        StoreClient::connect(addr, "tp2", rank as u32, t).expect("connect");
+                    let mut c = StoreCollectives::new(client, "tp", rank, 2, t);
+                    f(rank, &mut c)
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().expect("rank")).collect()
+    })
+}
+
 /// The validation loss under tp 2 (vocabulary-parallel head and loss) with
 /// the head in chunks of 5 tokens or at once equals the single device's.
 #[test]
@@ -228,25 +250,15 @@ fn tp2_validation_loss_in_token_chunks_equals_the_single_device_loss() {
     let c = grad_cfg();
     let one = one_model(&c);
     let want = engine::loss_sum(&one, &tokens()).double_value(&[]);
-    let server = StoreServer::start("127.0.0.1:0", "v").expect("store");
     for chunk in [0usize, 5] {
-        let ranks: Vec<_> = (0..2)
-            .map(|rank| {
-                let (addr, c) = (server.addr.to_string(), c.clone());
-                std::thread::spawn(move || {
-                    let t = Duration::from_secs(30);
-                    let client = StoreClient::connect(&addr, "v", rank as u32, t).expect("connect");
-                    let mut tp = StoreCollectives::new(client, &format!("eval{chunk}"), rank, 2, t);
-                    let mut m = tp_model(&c, rank, true);
-                    m.loss_chunk_tokens = chunk;
-                    engine::loss_sum_in(&m, Some(&mut tp as &mut dyn Collectives), &tokens())
-                        .expect("loss")
-                        .double_value(&[])
-                })
-            })
-            .collect();
-        for h in ranks {
-            let got = h.join().expect("rank");
+        let ranks = on_two_ranks(|rank, tp| {
+            let mut m = tp_model(&c, rank, true);
+            m.loss_chunk_tokens = chunk;
+            engine::loss_sum_in(&m, Some(tp), &tokens())
+                .expect("loss")
+                .double_value(&[])
+        });
+        for got in ranks {
             assert!(
                 (got - want).abs() <= 1e-12 * want.abs(),
                 "chunk {chunk}: tp 2 loss {got} vs single device {want}"
@@ -262,26 +274,16 @@ fn tp2_validation_loss_in_token_chunks_equals_the_single_device_loss() {
 /// O(t^2) math path in fp32 (tp 2 ran 3.4x slower on H200s).
 #[test]
 fn tensor_parallel_scatters_return_each_rank_its_slice_of_the_sum_contiguously() {
-    let server = StoreServer::start("127.0.0.1:0", "s").expect("store");
     let input = |rank: i64| {
         Tensor::arange(2 * 6 * 8, (Kind::Double, Device::Cpu)).view([2, 6, 8]) * (rank + 1) as f64
     };
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            let addr = server.addr.to_string();
-            std::thread::spawn(move || {
-                let t = Duration::from_secs(30);
-                let client = StoreClient::connect(&addr, "s", rank as u32, t).expect("connect");
-                let mut c = StoreCollectives::new(client, "scatter", rank, 2, t);
-                let x = input(rank as i64);
-                [engine::Comm::ScatterSeq, engine::Comm::ScatterFeat]
-                    .map(|op| engine::communicate(&mut c, op, &x).expect("scatter"))
-            })
-        })
-        .collect();
+    let ranks = on_two_ranks(|rank, c| {
+        let x = input(rank as i64);
+        [engine::Comm::ScatterSeq, engine::Comm::ScatterFeat]
+            .map(|op| engine::communicate(c, op, &x).expect("scatter"))
+    });
     let sum = input(0) + input(1);
-    for (rank, h) in ranks.into_iter().enumerate() {
-        let [seq, feat] = h.join().expect("rank");
+    for (rank, [seq, feat]) in ranks.into_iter().enumerate() {
         let r = rank as i64;
         for (what, got, want) in [
             ("sequence", &seq, sum.narrow(1, 3 * r, 3)),
@@ -321,34 +323,23 @@ fn attention_under_tensor_parallelism_never_falls_back_to_sdpas_math_path() {
         after.1, before.1,
         "one device: this shape itself gets the math path"
     );
-    let server = StoreServer::start("127.0.0.1:0", "m").expect("store");
     for (sp, ac) in [(true, false), (true, true), (false, false)] {
-        let ranks: Vec<_> = (0..2)
-            .map(|rank| {
-                let (addr, c) = (server.addr.to_string(), c.clone());
-                std::thread::spawn(move || {
-                    let t = Duration::from_secs(30);
-                    let client = StoreClient::connect(&addr, "m", rank as u32, t).expect("connect");
-                    let mut tp = StoreCollectives::new(client, &format!("m{sp}{ac}"), rank, 2, t);
-                    let m = tp_model(&c, rank, sp);
-                    let mut g = m.params.flat.zeros_like();
-                    let tp = Some(&mut tp as &mut dyn Collectives);
-                    let _ = engine::forward_backward_in(
-                        &m,
-                        tp,
-                        &tokens(),
-                        0.1,
-                        ac,
-                        &mut g,
-                        &mut |_, _| Ok(()),
-                    )
-                    .expect("backward");
-                    sigma_trainer::model::sdpa_calls_on_this_thread()
-                })
-            })
-            .collect();
-        for (rank, h) in ranks.into_iter().enumerate() {
-            let (calls, math) = h.join().expect("rank");
+        let ranks = on_two_ranks(|rank, tp| {
+            let m = tp_model(&c, rank, sp);
+            let mut g = m.params.flat.zeros_like();
+            let _ = engine::forward_backward_in(
+                &m,
+                Some(tp),
+                &tokens(),
+                0.1,
+                ac,
+                &mut g,
+                &mut |_, _| Ok(()),
+            )
+            .expect("backward");
+            sigma_trainer::model::sdpa_calls_on_this_thread()
+        });
+        for (rank, (calls, math)) in ranks.into_iter().enumerate() {
             assert!(
                 calls > 0,
                 "sp {sp} ckpt {ac} rank {rank}: no attention call counted"
