@@ -6,7 +6,8 @@
 #    dp 2, tp 2, pp 2 (1F1B, 8 micro-batches) and pp 2 interleaved (2 chunks per
 #    rank): tokens/s per GPU, memory; the pipeline runs record a trace of
 #    steps 2-4 (metrics.trace), whose bubble is compared with (p-1)/(v m + p-1).
-#    1.5b-tp2t is tp 2 again with SIGMA_TIME_COLLECTIVES=1 (the time in TP collectives
+#    1.5b-tp2-noov is tp 2 without parallel.tp_comm_overlap (the same operations: its
+#    losses should equal tp 2's); 1.5b-tp2t is tp 2 again with SIGMA_TIME_COLLECTIVES=1 (the time in TP collectives
 #    per step, measured by synchronising around each; it slows the run).
 # 2. SIGMA-10B, seq 4096, micro-batch 1, on 4 GPUs, without activation checkpointing (it
 #    fits since the bf16 working weights and the fused kernels; CKPT10=true turns it on):
@@ -15,8 +16,8 @@
 #    hundreds of micro-batches per pipeline (4.2 M tokens), so 16-32 understate, not
 #    overstate, what a pipeline achieves. Each run is cut off after RUN_TIMEOUT seconds.
 # 3. PARTS=10b2: SIGMA-10B on 2 GPUs (H200, 141 GB), micro-batch 1, M10 micro-batches,
-#    CKPT10 as above: tp 2 (with sequence parallelism) and pp 2 (1F1B), for a host that
-#    lends only two GPUs.
+#    CKPT10 as above: tp 2 (with sequence parallelism; again without
+#    parallel.tp_comm_overlap) and pp 2 (1F1B), for a host that lends only two GPUs.
 # ONLY="name ..." runs those runs alone. RUN_TIMEOUT (seconds) and BENCH_DEADLINE (epoch seconds) cut runs short on a lent machine.
 # Tokens/s and MFU are medians over the steps after the traced ones.
 # Needs target/release/sigma and a python3 whose torch 2.11 (CUDA) provides libtorch.
@@ -50,6 +51,7 @@ b15=(--config configs/sigma-1.5b.toml --quiet --set train.steps=8 --set train.lo
   --set metrics.plot=false --set train.micro_batch_size=4 --set train.activation_checkpointing=true)
 if [[ " $parts " == *" 1.5b "* ]]; then
 run 1.5b-tp2 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4 ${PROFILE:+--set metrics.profile=true}
+run 1.5b-tp2-noov 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4 --set parallel.tp_comm_overlap=false
 SIGMA_TIME_COLLECTIVES=1 run 1.5b-tp2t 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4
 run 1.5b-dp2 2 "${b15[@]}" --set parallel.dp=2 --set train.grad_accum_steps=2
 run 1.5b-pp2 2 "${b15[@]}" --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
@@ -62,6 +64,7 @@ b10=(--config configs/sigma-10b.toml --quiet --set train.steps=7 --set train.log
   --set metrics.plot=false --set train.micro_batch_size=1 --set train.activation_checkpointing=$ck10)
 if [[ " $parts " == *" 10b2 "* ]]; then
 run 10b2-tp2 2 "${b10[@]}" --set parallel.tp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true
+run 10b2-tp2-noov 2 "${b10[@]}" --set parallel.tp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true --set parallel.tp_comm_overlap=false
 run 10b2-pp2 2 "${b10[@]}" --set parallel.pp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true
 fi
 if [[ " $parts " != *" 10b "* ]]; then
@@ -82,17 +85,17 @@ python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, os, statistics, sys
 out = sys.argv[1]
 gpus = {"1.5b": 2, "10b2": 2, "10b": 4}
-print(f"{'run':<13} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'alloc MiB':>9} {'bubble':>7} {'theory':>7} {'TP comm':>7} losses")
-for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-tp2t", "1.5b-pp2", "1.5b-pp2i", "10b2-tp2", "10b2-pp2", "10b-tp4", "10b-tp2pp2", "10b-pp4", "10b-pp4i", "10b-pp4-m32"]:
+print(f"{'run':<14} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'alloc MiB':>9} {'bubble':>7} {'theory':>7} {'TP comm':>7} losses")
+for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-tp2-noov", "1.5b-tp2t", "1.5b-pp2", "1.5b-pp2i", "10b2-tp2", "10b2-tp2-noov", "10b2-pp2", "10b-tp4", "10b-tp2pp2", "10b-pp4", "10b-pp4i", "10b-pp4-m32"]:
     m = os.path.join(out, name, "metrics.jsonl")
     if not os.path.exists(m):
-        print(f"{name:<13} not run or failed"); continue
+        print(f"{name:<14} not run or failed"); continue
     lines = [json.loads(l) for l in open(m)]
     r = [x for x in lines if "loss" in x]
     b = [x for x in lines if "pipeline_bubble" in x]
     w = r[4:] if len(r) > 5 else r[-2:]
     if not w:
-        print(f"{name:<13} no steps logged"); continue
+        print(f"{name:<14} no steps logged"); continue
     g = gpus[name.split("-")[0]]
     tps = statistics.median(x["tokens_per_s"] for x in w)
     mfu = statistics.median(x["mfu"] for x in w)
@@ -101,5 +104,14 @@ for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-tp2t", "1.5b-pp2", "1.5b-pp2i", "10b2
     th = f"{100*b[-1]['pipeline_bubble_theory']:.1f}%" if b else "-"
     comm = [x["tp_comm_s"] for x in w if x.get("tp_comm_s") is not None]
     cs = f"{statistics.median(comm):.2f}s" if comm else "-"
-    print(f"{name:<13} {g:>4} {tps:>8.0f} {tps/g:>9.0f} {100*mfu:>5.1f}% {mem:>9} {bub:>7} {th:>7} {cs:>7} {[round(x['loss'],4) for x in r][:3]}")
+    print(f"{name:<14} {g:>4} {tps:>8.0f} {tps/g:>9.0f} {100*mfu:>5.1f}% {mem:>9} {bub:>7} {th:>7} {cs:>7} {[round(x['loss'],4) for x in r][:3]}")
+def losses(name):
+    m = os.path.join(out, name, "metrics.jsonl")
+    return [json.loads(l)["loss"] for l in open(m) if '"loss"' in l] if os.path.exists(m) else None
+for a in ["1.5b-tp2", "10b2-tp2"]:
+    x, y = losses(a), losses(a + "-noov")
+    if x and y:
+        d = max(abs(u - v) / abs(u) for u, v in zip(x, y))
+        print(f"{a} with and without parallel.tp_comm_overlap over {min(len(x), len(y))} steps: "
+              + ("losses bit-identical" if x == y else f"max relative loss difference {d:.1e}"))
 PY

@@ -347,7 +347,7 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
                 .to_kind(Kind::Float);
         let fused_grad = |main: &Tensor| {
             let xg = x.detach().set_requires_grad(true);
-            let y = fused::linear_accum(&xg, &w, main);
+            let y = fused::linear_accum(&xg, &w, main, None);
             let _ = Tensor::run_backward(&[(&y * &gy).sum(Kind::Float)], &[&xg], false, false);
         };
         let bf16_grad = |main: &mut Tensor| {

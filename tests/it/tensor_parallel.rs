@@ -548,3 +548,82 @@ fn checkpoints_move_between_dp_and_tp_layouts() {
     }
     assert_eq!(model_tensors(&e1), model_tensors(&e2));
 }
+
+/// Overlapping the backward collectives of tensor parallelism with the weight
+/// gradients of the segment before them (`parallel.tp_comm_overlap`: with
+/// the gradient sink, those GEMMs are put off until the collective has
+/// started) changes no number: every rank's gradients are bit-identical to
+/// the run without it; the put-off GEMMs ran (counted, so the path was
+/// taken); and every parameter's gradient is final when the engine reports
+/// its last segment done (the hook that starts data-parallel reductions),
+/// so none is added after its bucket left. With and without sequence
+/// parallelism and activation checkpointing.
+#[test]
+fn overlapping_tp_collectives_with_weight_gradients_changes_no_gradient() {
+    let c = grad_cfg();
+    for (sp, ac) in [(true, false), (true, true), (false, false)] {
+        let ranks = on_two_ranks(|rank, tp| {
+            let mut run = |overlap: bool| {
+                let mut m = Model::with_plan(
+                    &c,
+                    TpPlan::new(&c, 2, rank, sp),
+                    sigma_trainer::pipeline::PipelinePlan::single(&c),
+                    3,
+                    false,
+                    false,
+                    Device::Cpu,
+                    false,
+                );
+                // Master weights in fp32, matmuls on f64 working copies: the sink applies.
+                m.compute = Kind::Double;
+                m.params.enable_work_copy(Kind::Double);
+                let mut g = m.params.flat.zeros_like();
+                m.set_grad_sink(Some(g.shallow_clone()));
+                m.tp_comm_overlap = overlap;
+                let last = engine::Program::new(&m).final_positions(&m);
+                let p = &m.params;
+                let mut at_hook: Vec<Option<Tensor>> = (0..p.specs.len()).map(|_| None).collect();
+                engine::forward_backward_in(
+                    &m,
+                    Some(&mut *tp),
+                    &tokens(),
+                    0.1,
+                    ac,
+                    &mut g,
+                    &mut |pos, grads| {
+                        for (id, _) in last.iter().enumerate().filter(|(_, &l)| l == pos) {
+                            at_hook[id] =
+                                Some(grads.narrow(0, p.offsets[id], p.specs[id].numel()).copy());
+                        }
+                        Ok(())
+                    },
+                )
+                .expect("backward");
+                let drained = m.wgrad_queue().map_or(0, |q| q.drained());
+                let names: Vec<String> = p.specs.iter().map(|s| s.name.clone()).collect();
+                (g, at_hook, drained, names, p.offsets.clone())
+            };
+            (run(false), run(true))
+        });
+        for (rank, (off, on)) in ranks.into_iter().enumerate() {
+            let what = format!("sp {sp} ckpt {ac} rank {rank}");
+            assert_eq!(off.2, 0, "{what}: GEMMs put off without the overlap");
+            assert!(on.2 > 0, "{what}: no weight-gradient GEMM was put off");
+            assert!(
+                on.0.equal(&off.0),
+                "{what}: gradients differ with the overlap (max {})",
+                (&on.0 - &off.0).abs().max().double_value(&[])
+            );
+            let (names, offsets) = (&on.3, &on.4);
+            for (id, snap) in on.1.iter().enumerate() {
+                let snap = snap.as_ref().expect("every parameter has a last segment");
+                let fin = on.0.narrow(0, offsets[id], snap.numel() as i64);
+                assert!(
+                    snap.equal(&fin),
+                    "{what}: {} changed after the hook reported its last segment done",
+                    names[id]
+                );
+            }
+        }
+    }
+}

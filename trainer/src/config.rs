@@ -343,6 +343,10 @@ pub struct ParallelConfig {
     /// Start each bucket's reduction during backward (false: all after backward).
     #[serde(default = "default_true")]
     pub overlap_grad_reduce: bool,
+    /// Overlap tensor-parallel collectives of backward with the weight-gradient
+    /// GEMMs of the segment before them (needs `train.fused_weight_grad`).
+    #[serde(default = "default_true")]
+    pub tp_comm_overlap: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,6 +393,7 @@ impl Default for ParallelConfig {
             zero: 0,
             bucket_mb: d_bucket_mb(),
             overlap_grad_reduce: true,
+            tp_comm_overlap: true,
         }
     }
 }

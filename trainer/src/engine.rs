@@ -329,33 +329,83 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
-/// Reduce-scatter `x` along dimension `dim` (sum over ranks; rank r keeps
-/// part r), returned contiguous: the collective works on
-/// `dim` moved to the front, and a result left in that order would hand every
-/// later kernel a permuted layout (a query whose last dimension is not the
-/// fastest sends SDPA to its O(t^2) math path in fp32; elementwise kernels
-/// lose vectorisation).
-fn scatter_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {
-    let moved = x.movedim(&[dim], &[0]).contiguous();
-    let mut shape = moved.size();
-    shape[0] /= c.world() as i64;
-    let part = c.reduce_scatter_sum(&moved)?;
-    Ok(part
-        .view(shape.as_slice())
-        .movedim(&[0], &[dim])
-        .contiguous())
+/// A tensor-parallel collective started on its communication stream and not
+/// yet waited for (`start_communicate`); its result comes from `finish`.
+pub struct InFlight(Pending);
+
+enum Pending {
+    Done(Tensor),
+    /// An all-reduce, in place.
+    Reduced(Tensor),
+    Gathered {
+        parts: Vec<Tensor>,
+        dim: i64,
+    },
+    /// Rank r's part of the sum, of `x` with `dim` moved to the front (`shape`).
+    Scattered {
+        part: Tensor,
+        shape: Vec<i64>,
+        dim: i64,
+    },
 }
 
-fn gather_dim(c: &mut dyn Collectives, x: &Tensor, dim: i64) -> Result<Tensor> {
-    let parts = c.all_gather(&x.contiguous())?;
-    Ok(Tensor::cat(&parts, dim))
+/// Start `op` on `x` without making the compute stream wait for it: work
+/// issued before `finish` overlaps the collective (the CPU backend completes
+/// it here). Reduce-scatters work on `dim` moved to the front.
+pub fn start_communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<InFlight> {
+    let scatter = |c: &mut dyn Collectives, dim: i64| -> Result<Pending> {
+        let moved = x.movedim(&[dim], &[0]).contiguous();
+        let mut shape = moved.size();
+        shape[0] /= c.world() as i64;
+        let part = c.start_reduce_scatter_sum(&moved)?;
+        Ok(Pending::Scattered { part, shape, dim })
+    };
+    let gather = |c: &mut dyn Collectives, dim: i64| -> Result<Pending> {
+        let parts = c.start_all_gather(&x.contiguous())?;
+        Ok(Pending::Gathered { parts, dim })
+    };
+    tch::no_grad(|| {
+        Ok(InFlight(match op {
+            Comm::Copy => Pending::Done(x.shallow_clone()),
+            Comm::AllReduce => {
+                let t = x.contiguous().copy();
+                c.start_all_reduce_sum(&t)?;
+                Pending::Reduced(t)
+            }
+            Comm::GatherSeq => gather(c, 1)?,
+            Comm::ScatterSeq => scatter(c, 1)?,
+            Comm::GatherFeat => gather(c, -1)?,
+            Comm::ScatterFeat => scatter(c, -1)?,
+        }))
+    })
+}
+
+/// Wait (on the device) for a started collective and assemble its result.
+/// A reduce-scatter's part is returned contiguous in `x`'s layout: left with
+/// the scattered dimension in front, it would hand every later kernel a
+/// permuted layout (a query whose last dimension is not the fastest sends
+/// SDPA to its O(t^2) math path in fp32; elementwise kernels lose
+/// vectorisation).
+pub fn finish(c: &mut dyn Collectives, f: InFlight) -> Result<Tensor> {
+    if !matches!(f.0, Pending::Done(_)) {
+        c.wait_pending()?;
+    }
+    Ok(tch::no_grad(|| match f.0 {
+        Pending::Done(t) | Pending::Reduced(t) => t,
+        Pending::Gathered { parts, dim } => Tensor::cat(&parts, dim),
+        Pending::Scattered { part, shape, dim } => part
+            .view(shape.as_slice())
+            .movedim(&[0], &[dim])
+            .contiguous(),
+    }))
 }
 
 /// Set `SIGMA_TIME_COLLECTIVES=1` to time every tensor-parallel collective
 /// (the compute stream is synchronised around each, which costs a little speed): the
-/// trainer logs the seconds per step as `tp_comm_s`. The collectives run on the
-/// communication stream but the compute stream waits for each before going on
-/// (nothing overlaps them), so this time is all exposed.
+/// trainer logs the seconds per step as `tp_comm_s`. Timing runs every
+/// collective to completion where it is issued, so it also turns off the
+/// overlap of backward collectives with weight gradients
+/// (`parallel.tp_comm_overlap`): the time is all exposed.
 pub const TIME_COLLECTIVES: &str = "SIGMA_TIME_COLLECTIVES";
 
 static COMM_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -394,18 +444,8 @@ pub fn communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tens
 }
 
 fn communicate_now(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tensor> {
-    tch::no_grad(|| match op {
-        Comm::Copy => Ok(x.shallow_clone()),
-        Comm::AllReduce => {
-            let mut t = x.contiguous().copy();
-            c.all_reduce_sum(&mut t)?;
-            Ok(t)
-        }
-        Comm::GatherSeq => gather_dim(c, x, 1),
-        Comm::ScatterSeq => scatter_dim(c, x, 1),
-        Comm::GatherFeat => gather_dim(c, x, -1),
-        Comm::ScatterFeat => scatter_dim(c, x, -1),
-    })
+    let f = start_communicate(c, op, x)?;
+    finish(c, f)
 }
 
 /// Run one segment on its inputs.
@@ -514,6 +554,9 @@ pub struct Pass<'a> {
     /// The head ran in chunks without a graph (`train.loss_chunk_tokens`):
     /// backward recomputes it chunk by chunk, scaled by this loss scale.
     head_deferred: Option<f64>,
+    /// The backward collective of the Comm step at this index, started while
+    /// the weight gradients of the segment after it ran (`parallel.tp_comm_overlap`).
+    in_flight: Option<(usize, InFlight)>,
 }
 
 pub type Tp<'t> = Option<&'t mut dyn Collectives>;
@@ -543,6 +586,7 @@ impl<'a> Pass<'a> {
             grad: (0..prog.slots).map(|_| None).collect(),
             checkpoint,
             head_deferred: None,
+            in_flight: None,
         }
     }
 
@@ -675,13 +719,39 @@ impl<'a> Pass<'a> {
         self.add_grad(input, gx.view([b, t, d]));
     }
 
+    /// When step `i` is a segment fed by a collective (step `i - 1`) and the
+    /// model puts weight gradients off (`Model::wgrad_queue`): the queue and
+    /// the collective (op, its output slot), to overlap the collective's
+    /// backward with this segment's weight-gradient GEMMs.
+    fn overlapped_comm(&self, i: usize) -> Option<(&'a crate::fused::WgradQueue, (Comm, Slot))> {
+        let q = self.model.wgrad_queue().filter(|_| !timing())?;
+        let Step::Run { inputs, .. } = &self.prog.steps[i] else {
+            return None;
+        };
+        match self.prog.steps.get(i.checked_sub(1)?)? {
+            Step::Comm { op, to, .. } if inputs.contains(to) => Some((q, (*op, *to))),
+            _ => None,
+        }
+    }
+
     /// Backward of step `i`. Returns true for a segment (for the hook).
     fn backward_step(&mut self, tp: &mut Tp<'_>, i: usize, grads: &mut Tensor) -> Result<bool> {
         match &self.prog.steps[i] {
             Step::Comm { op, from, to } => {
-                if let Some(g) = self.grad[*to].take() {
-                    at("tensor-parallel communication (backward)", None);
-                    let g = communicate(group(tp), op.conjugate(), &g)?;
+                at("tensor-parallel communication (backward)", None);
+                let g = match self.in_flight.take() {
+                    Some((j, f)) if j == i => Some(finish(group(tp), f)?),
+                    Some((j, _)) => {
+                        return Err(TrainError::Other(format!(
+                            "internal: backward reached step {i} with the collective of step {j} in flight"
+                        )))
+                    }
+                    None => match self.grad[*to].take() {
+                        Some(g) => Some(communicate(group(tp), op.conjugate(), &g)?),
+                        None => None,
+                    },
+                };
+                if let Some(g) = g {
                     self.add_grad(*from, g);
                 }
                 self.val[*to] = None;
@@ -727,14 +797,34 @@ impl<'a> Pass<'a> {
                     .iter()
                     .map(|&s| (s, self.val[s].as_ref().expect("input kept").shallow_clone()))
                     .collect();
+                let overlap = self.overlapped_comm(i);
                 if let Some(root) = root {
                     let inputs: Vec<&Tensor> = leaves.iter().map(|(_, t)| t).collect();
-                    let input_grads = backward_into(self.model, root, &params, &inputs, grads);
+                    let input_grads = match overlap {
+                        Some((q, _)) => {
+                            q.hold(true);
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                backward_into(self.model, root, &params, &inputs, grads)
+                            }));
+                            q.hold(false);
+                            r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+                        }
+                        None => backward_into(self.model, root, &params, &inputs, grads),
+                    };
                     for ((s, _), gi) in leaves.into_iter().zip(input_grads) {
                         if gi.defined() {
                             self.add_grad(s, gi);
                         }
                     }
+                }
+                if let Some((q, (op, to))) = overlap {
+                    // The input's gradient is complete (its only reader is this
+                    // segment): start its collective, then the weight gradients.
+                    if let Some(g) = self.grad[to].take() {
+                        let f = start_communicate(group(tp), op.conjugate(), &g)?;
+                        self.in_flight = Some((i - 1, f));
+                    }
+                    q.drain()?;
                 }
                 Ok(true)
             }

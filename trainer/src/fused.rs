@@ -32,11 +32,17 @@ extern "C" {
         x: *mut c_void,
         w: *mut c_void,
         main: *mut c_void,
+        queue: *mut c_void,
         out: *mut c_void,
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> i32;
     fn sigma_linear_accum_fused_gemm() -> i32;
+    fn sigma_wgrad_queue_new() -> *mut c_void;
+    fn sigma_wgrad_queue_free(q: *mut c_void);
+    fn sigma_wgrad_queue_hold(q: *mut c_void, on: i32);
+    fn sigma_wgrad_queue_drain(q: *mut c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+    fn sigma_wgrad_queue_drained(q: *mut c_void) -> u64;
 }
 
 /// AdamW hyper-parameters of one fused update.
@@ -100,9 +106,11 @@ pub fn adamw(
 /// fp32 into the buffer (Megatron's gradient-accumulation fusion); on CPU by
 /// computing it in the operands' dtype and adding, as autograd and the
 /// engine's add did. `w` gets no gradient through autograd; `x` does.
+/// With `queue`, backward puts the weight-gradient GEMM on the queue while
+/// it holds (see [`WgradQueue`]).
 /// Panics (as tch's own operations do; the trainer's guard reports it with
 /// the phase) if libtorch fails, e.g. out of memory.
-pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor) -> Tensor {
+pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor, queue: Option<&WgradQueue>) -> Tensor {
     let out = Tensor::new();
     let mut err = [0 as std::ffi::c_char; 512];
     // SAFETY: x, w, main and out are live tch tensor handles (at::Tensor*)
@@ -114,6 +122,7 @@ pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor) -> Tensor {
             x.as_ptr() as *mut c_void,
             w.as_ptr() as *mut c_void,
             main.as_ptr() as *mut c_void,
+            queue.map_or(std::ptr::null_mut(), |q| q.0),
             out.as_ptr() as *mut c_void,
             err.as_mut_ptr(),
             err.len(),
@@ -128,6 +137,70 @@ pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor) -> Tensor {
         );
     }
     out
+}
+
+/// Weight-gradient GEMMs of [`linear_accum`] layers put off during a
+/// backward pass, to overlap a tensor-parallel collective: while the queue
+/// holds, those layers' backward computes the input gradient only and
+/// queues the GEMM that adds the weight gradient into the buffer; `drain`
+/// runs the queued GEMMs, in order, on the current stream. The GEMMs and
+/// their order per buffer are those of the unqueued path, so the gradients
+/// are bit-identical.
+pub struct WgradQueue(*mut c_void);
+
+// SAFETY: the C++ queue guards its list with a mutex and its flags are
+// atomics; autograd pushes from its own thread by design.
+unsafe impl Send for WgradQueue {}
+unsafe impl Sync for WgradQueue {}
+
+impl WgradQueue {
+    pub fn new() -> WgradQueue {
+        // SAFETY: allocates a queue owned by the returned value (freed in Drop).
+        WgradQueue(unsafe { sigma_wgrad_queue_new() })
+    }
+
+    /// Queue (true) or compute at once (false) from now on.
+    pub fn hold(&self, on: bool) {
+        // SAFETY: a live queue.
+        unsafe { sigma_wgrad_queue_hold(self.0, on as i32) }
+    }
+
+    /// Run the queued GEMMs; the queue is empty afterwards, also on failure.
+    pub fn drain(&self) -> Result<()> {
+        let mut err = [0 as std::ffi::c_char; 512];
+        // SAFETY: a live queue; the shim writes at most `err.len()` bytes,
+        // NUL-terminated, and catches every C++ exception.
+        let rc = unsafe { sigma_wgrad_queue_drain(self.0, err.as_mut_ptr(), err.len()) };
+        if rc != 0 {
+            // SAFETY: the shim NUL-terminated the message within the buffer.
+            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+            return Err(TrainError::Other(format!(
+                "weight gradient (put off to overlap a tensor-parallel collective): {}",
+                msg.to_string_lossy()
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many queued GEMMs have run since the queue was made.
+    pub fn drained(&self) -> u64 {
+        // SAFETY: a live queue.
+        unsafe { sigma_wgrad_queue_drained(self.0) }
+    }
+}
+
+impl Default for WgradQueue {
+    fn default() -> Self {
+        WgradQueue::new()
+    }
+}
+
+impl Drop for WgradQueue {
+    fn drop(&mut self) {
+        // SAFETY: the queue was made by sigma_wgrad_queue_new and is freed once;
+        // the graphs that point at it belong to the model that owns it.
+        unsafe { sigma_wgrad_queue_free(self.0) }
+    }
 }
 
 /// Whether [`linear_accum`] adds on GPU with the fused fp32-output GEMM

@@ -114,6 +114,15 @@ pub struct Model {
     /// into during backward (see [`Model::set_grad_sink`]); None: they
     /// return through autograd.
     grad_sink: Option<Tensor>,
+    /// With the grad sink: where the engine has the matmuls' weight-gradient
+    /// GEMMs put off during a segment's backward, to run them while a
+    /// tensor-parallel collective is under way (`parallel.tp_comm_overlap`).
+    /// Every graph that points at it is made by this model's forward and
+    /// differentiated, or dropped, before the model.
+    wgrad_queue: Option<crate::fused::WgradQueue>,
+    /// `parallel.tp_comm_overlap`: overlap the backward collectives of
+    /// tensor parallelism with weight-gradient GEMMs (needs the grad sink).
+    pub tp_comm_overlap: bool,
     /// RoPE tables by (positions, dim, dtype), on the model's device.
     rope: RefCell<HashMap<(i64, i64, Kind), (Tensor, Tensor)>>,
 }
@@ -278,6 +287,8 @@ impl Model {
             compute: if mixed { Kind::BFloat16 } else { Kind::Float },
             loss_chunk_tokens: 0,
             grad_sink: None,
+            wgrad_queue: None,
+            tp_comm_overlap: true,
             rope: RefCell::new(HashMap::new()),
         }
     }
@@ -326,6 +337,18 @@ impl Model {
             );
         }
         self.grad_sink = grads.filter(|_| self.params.has_work_copy());
+        self.wgrad_queue = self
+            .grad_sink
+            .as_ref()
+            .map(|_| crate::fused::WgradQueue::new());
+    }
+
+    /// The queue of put-off weight-gradient GEMMs, when the engine may use
+    /// one: with the grad sink, `tp_comm_overlap` and tensor parallelism.
+    pub fn wgrad_queue(&self) -> Option<&crate::fused::WgradQueue> {
+        self.wgrad_queue
+            .as_ref()
+            .filter(|_| self.tp_comm_overlap && self.plan.tp > 1)
     }
 
     /// Whether matmul weight gradients go straight into the gradient buffer.
@@ -348,7 +371,7 @@ impl Model {
             Some(g) if x.kind() == w.kind() => {
                 let (o, n) = (self.params.offsets[id.0], self.params.specs[id.0].numel());
                 let main = g.narrow(0, o, n).view(w.size().as_slice());
-                crate::fused::linear_accum(x, w, &main)
+                crate::fused::linear_accum(x, w, &main, self.wgrad_queue.as_ref())
             }
             _ => self.mm(x, w),
         }
@@ -364,7 +387,12 @@ impl Model {
             return None;
         }
         let main = g.narrow(0, o, w.numel() as i64).view(w.size().as_slice());
-        Some(crate::fused::linear_accum(x, &w, &main))
+        Some(crate::fused::linear_accum(
+            x,
+            &w,
+            &main,
+            self.wgrad_queue.as_ref(),
+        ))
     }
 
     /// `silu(x gate^T) * (x up^T)`, SwiGLU's and AugQ's gating: one matmul by

@@ -272,6 +272,7 @@ impl Trainer {
             mixed,
         );
         model.loss_chunk_tokens = cfg.train.loss_chunk_tokens;
+        model.tp_comm_overlap = cfg.parallel.tp_comm_overlap;
         // Matmuls read bf16 weights cast once per optimizer step.
         model.params.enable_work_copy(model.compute);
         if cfg.checkpointing() {

@@ -33,6 +33,16 @@ pub trait Collectives {
     /// The sum over ranks of `t` (numel divisible by the world size), split in
     /// `world` equal parts; rank `r` gets part `r`.
     fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor>;
+    /// `all_gather` started without waiting: the parts may be read only
+    /// after `wait_pending` (the CPU store completes it before returning).
+    fn start_all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
+        self.all_gather(t)
+    }
+    /// `reduce_scatter_sum` started without waiting: the part may be read
+    /// only after `wait_pending` (the CPU store completes it before returning).
+    fn start_reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
+        self.reduce_scatter_sum(t)
+    }
     fn send(&mut self, t: &Tensor, to: usize) -> Result<()>;
     /// Start sending `t` to `to` without making later compute wait for the
     /// receiver; the buffer is kept until `wait_pending`. Backends whose sends

@@ -461,16 +461,25 @@ impl Collectives for NcclCollectives {
     }
 
     fn all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
+        let parts = self.start_all_gather(t)?;
+        self.wait_pending()?;
+        Ok(parts)
+    }
+
+    fn start_all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
         contiguous_cuda(t, "all_gather")?;
         let out = Tensor::empty(
             [self.world as i64 * t.numel() as i64],
             (t.kind(), t.device()),
         );
         let (s, r, n, dt) = (t.data_ptr(), out.data_ptr(), t.numel(), dtype(t.kind())?);
-        // SAFETY: out holds world * n elements; the compute stream waits for the collective before either can be reused.
-        self.run("all_gather", || unsafe {
+        // SAFETY: out holds world * n elements; both are kept in `pending`
+        // until the compute stream waits for the collective.
+        self.enqueue("all_gather", || unsafe {
             nccl::ncclAllGather(s as *const c_void, r, n, dt, self.comm, self.nccl_stream())
         })?;
+        self.pending.push(t.shallow_clone());
+        self.pending.push(out.shallow_clone());
         Ok(out
             .chunk(self.world as i64, 0)
             .into_iter()
@@ -479,6 +488,12 @@ impl Collectives for NcclCollectives {
     }
 
     fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
+        let part = self.start_reduce_scatter_sum(t)?;
+        self.wait_pending()?;
+        Ok(part)
+    }
+
+    fn start_reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
         contiguous_cuda(t, "reduce_scatter")?;
         let n = t.numel();
         if n % self.world != 0 {
@@ -489,8 +504,9 @@ impl Collectives for NcclCollectives {
         }
         let out = Tensor::empty([(n / self.world) as i64], (t.kind(), t.device()));
         let (s, r, dt) = (t.data_ptr(), out.data_ptr(), dtype(t.kind())?);
-        // SAFETY: out holds n / world elements; the compute stream waits for the collective before either can be reused.
-        self.run("reduce_scatter", || unsafe {
+        // SAFETY: out holds n / world elements; both are kept in `pending`
+        // until the compute stream waits for the collective.
+        self.enqueue("reduce_scatter", || unsafe {
             nccl::ncclReduceScatter(
                 s as *const c_void,
                 r,
@@ -501,6 +517,8 @@ impl Collectives for NcclCollectives {
                 self.nccl_stream(),
             )
         })?;
+        self.pending.push(t.shallow_clone());
+        self.pending.push(out.shallow_clone());
         Ok(out)
     }
 
