@@ -18,6 +18,7 @@
 # 3. PARTS=10b2: SIGMA-10B on 2 GPUs (H200, 141 GB), micro-batch 1, M10 micro-batches,
 #    CKPT10 as above: tp 2 (with sequence parallelism; again without
 #    parallel.tp_comm_overlap) and pp 2 (1F1B), for a host that lends only two GPUs.
+# PROFILE=1 profiles 1.5b-tp2, 1.5b-dp2 and 10b2-tp2 (metrics.profile: time per kernel category).
 # ONLY="name ..." runs those runs alone. RUN_TIMEOUT (seconds) and BENCH_DEADLINE (epoch seconds) cut runs short on a lent machine.
 # Tokens/s and MFU are medians over the steps after the traced ones.
 # Needs target/release/sigma and a python3 whose torch 2.11 (CUDA) provides libtorch.
@@ -53,7 +54,7 @@ if [[ " $parts " == *" 1.5b "* ]]; then
 run 1.5b-tp2 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4 ${PROFILE:+--set metrics.profile=true}
 run 1.5b-tp2-noov 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4 --set parallel.tp_comm_overlap=false
 SIGMA_TIME_COLLECTIVES=1 run 1.5b-tp2t 2 "${b15[@]}" --set parallel.tp=2 --set train.grad_accum_steps=4
-run 1.5b-dp2 2 "${b15[@]}" --set parallel.dp=2 --set train.grad_accum_steps=2
+run 1.5b-dp2 2 "${b15[@]}" --set parallel.dp=2 --set train.grad_accum_steps=2 ${PROFILE:+--set metrics.profile=true}
 run 1.5b-pp2 2 "${b15[@]}" --set parallel.pp=2 --set train.grad_accum_steps=8 --set metrics.trace=true
 run 1.5b-pp2i 2 "${b15[@]}" --set parallel.pp=2 --set parallel.pp_schedule='"interleaved"' --set train.grad_accum_steps=8 --set metrics.trace=true
 fi
@@ -63,7 +64,7 @@ ck10=${CKPT10:-false}
 b10=(--config configs/sigma-10b.toml --quiet --set train.steps=7 --set train.log_every=1 --set train.eval_steps=1
   --set metrics.plot=false --set train.micro_batch_size=1 --set train.activation_checkpointing=$ck10)
 if [[ " $parts " == *" 10b2 "* ]]; then
-run 10b2-tp2 2 "${b10[@]}" --set parallel.tp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true
+run 10b2-tp2 2 "${b10[@]}" --set parallel.tp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true ${PROFILE:+--set metrics.profile=true}
 run 10b2-tp2-noov 2 "${b10[@]}" --set parallel.tp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true --set parallel.tp_comm_overlap=false
 run 10b2-pp2 2 "${b10[@]}" --set parallel.pp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true
 fi

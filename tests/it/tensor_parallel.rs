@@ -197,8 +197,10 @@ fn grad_cfg() -> ModelConfig {
     }
 }
 
+/// Three sequences of 12 positions (and their targets): sequence
+/// parallelism's token blocks (18 tokens each at tp 2) straddle sequences.
 fn tokens() -> Tensor {
-    Tensor::from_slice(&(0..26).map(|i| (i * 11 % 32) as i64).collect::<Vec<_>>()).view([2, 13])
+    Tensor::from_slice(&(0..39).map(|i| (i * 11 % 32) as i64).collect::<Vec<_>>()).view([3, 13])
 }
 
 /// The whole model of `c` in f64.
@@ -267,38 +269,51 @@ fn tp2_validation_loss_in_token_chunks_equals_the_single_device_loss() {
     }
 }
 
-/// Reduce-scatters along the sequence and the features give each rank its
-/// slice of the sum, laid out contiguously: a permuted result (the collective
-/// runs on the scattered dimension moved to the front) reached SDPA as a
-/// query whose head dimension was not the fastest, which sends it to the
-/// O(t^2) math path in fp32 (tp 2 ran 3.4x slower on H200s).
+/// The collectives of sequence parallelism move contiguous token blocks:
+/// a reduce-scatter gives rank r block r of the micro-batch's b x t tokens
+/// (flattened) of the sum, viewed as [b, t / 2, d], and an all-gather of the
+/// blocks restores [b, t, d] in order; along the features (AugQ), rank r
+/// gets its slice of the last dimension and the gather puts the slices side
+/// by side. Every result is contiguous: a permuted one (a feature scatter
+/// runs on the last dimension moved to the front) reached SDPA as a query
+/// whose head dimension was not the fastest, which sends it to the O(t^2)
+/// math path in fp32 (tp 2 ran 3.4x slower on H200s).
 #[test]
-fn tensor_parallel_scatters_return_each_rank_its_slice_of_the_sum_contiguously() {
+fn tensor_parallel_scatters_and_gathers_move_contiguous_blocks() {
     let input = |rank: i64| {
         Tensor::arange(2 * 6 * 8, (Kind::Double, Device::Cpu)).view([2, 6, 8]) * (rank + 1) as f64
     };
     let ranks = on_two_ranks(|rank, c| {
         let x = input(rank as i64);
-        [engine::Comm::ScatterSeq, engine::Comm::ScatterFeat]
-            .map(|op| engine::communicate(c, op, &x).expect("scatter"))
+        let [seq, feat] = [engine::Comm::ScatterSeq, engine::Comm::ScatterFeat]
+            .map(|op| engine::communicate(c, op, &x).expect("scatter"));
+        let back = [
+            (engine::Comm::GatherSeq, &seq),
+            (engine::Comm::GatherFeat, &feat),
+        ]
+        .map(|(op, part)| engine::communicate(c, op, part).expect("gather"));
+        (seq, feat, back)
     });
     let sum = input(0) + input(1);
-    for (rank, [seq, feat]) in ranks.into_iter().enumerate() {
+    for (rank, (seq, feat, back)) in ranks.into_iter().enumerate() {
         let r = rank as i64;
         for (what, got, want) in [
-            ("sequence", &seq, sum.narrow(1, 3 * r, 3)),
+            (
+                "token block",
+                &seq,
+                sum.view([-1]).narrow(0, 48 * r, 48).view([2, 3, 8]),
+            ),
             ("features", &feat, sum.narrow(2, 4 * r, 4)),
+            ("gathered token blocks", &back[0], sum.shallow_clone()),
+            ("gathered features", &back[1], sum.shallow_clone()),
         ] {
             assert!(
                 got.is_contiguous(),
-                "rank {rank}: {what} scatter strides {:?}",
+                "rank {rank}: {what}: strides {:?}",
                 got.stride()
             );
             assert_eq!(got.size(), want.size(), "rank {rank}: {what}");
-            assert!(
-                got.equal(&want),
-                "rank {rank}: {what} scatter is not the slice of the sum"
-            );
+            assert!(got.equal(&want), "rank {rank}: {what}: wrong values");
         }
     }
 }

@@ -334,36 +334,41 @@ fn leaf(t: &Tensor) -> Tensor {
 pub struct InFlight(Pending);
 
 enum Pending {
+    /// Nothing to wait for.
     Done(Tensor),
     /// An all-reduce, in place.
     Reduced(Tensor),
+    /// The ranks' tensors, flattened in rank order, and the result's shape
+    /// (`feat`: the ranks' parts go side by side along the last dimension).
     Gathered {
-        parts: Vec<Tensor>,
-        dim: i64,
+        flat: Tensor,
+        like: Vec<i64>,
+        feat: bool,
     },
-    /// Rank r's part of the sum, of `x` with `dim` moved to the front (`shape`).
+    /// This rank's part of the sum, and the result's shape (`feat`: the part
+    /// is of the input with its last dimension moved to the front).
     Scattered {
         part: Tensor,
         shape: Vec<i64>,
-        dim: i64,
+        feat: bool,
     },
 }
 
-/// Start `op` on `x` without making the compute stream wait for it: work
-/// issued before `finish` overlaps the collective (the CPU backend completes
-/// it here). Reduce-scatters work on `dim` moved to the front.
+/// Start `op` on `x` ([b, t, ..]) without making the compute stream wait
+/// for it: work issued before `finish` overlaps the collective (the CPU
+/// backend completes it here).
+///
+/// Sequence parallelism splits a micro-batch's tokens (b x t, flattened)
+/// into `world` contiguous blocks; rank r holds block r, viewed as
+/// [b, t / world, ..]. Only per-token operations (norms, residual adds) run
+/// on the blocks, so which tokens a rank holds does not matter, and both
+/// collectives work on contiguous buffers as they are: no transpose before
+/// a reduce-scatter, no concatenation after an all-gather (a split along t
+/// needs both when b > 1). Feature gathers and scatters (AugQ) split the
+/// last dimension and do need them.
 pub fn start_communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<InFlight> {
-    let scatter = |c: &mut dyn Collectives, dim: i64| -> Result<Pending> {
-        let moved = x.movedim(&[dim], &[0]).contiguous();
-        let mut shape = moved.size();
-        shape[0] /= c.world() as i64;
-        let part = c.start_reduce_scatter_sum(&moved)?;
-        Ok(Pending::Scattered { part, shape, dim })
-    };
-    let gather = |c: &mut dyn Collectives, dim: i64| -> Result<Pending> {
-        let parts = c.start_all_gather(&x.contiguous())?;
-        Ok(Pending::Gathered { parts, dim })
-    };
+    let w = c.world() as i64;
+    let mut shape = x.size();
     tch::no_grad(|| {
         Ok(InFlight(match op {
             Comm::Copy => Pending::Done(x.shallow_clone()),
@@ -372,30 +377,84 @@ pub fn start_communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Resul
                 c.start_all_reduce_sum(&t)?;
                 Pending::Reduced(t)
             }
-            Comm::GatherSeq => gather(c, 1)?,
-            Comm::ScatterSeq => scatter(c, 1)?,
-            Comm::GatherFeat => gather(c, -1)?,
-            Comm::ScatterFeat => scatter(c, -1)?,
+            Comm::GatherSeq | Comm::GatherFeat => {
+                let feat = op == Comm::GatherFeat;
+                let flat = c.start_all_gather_flat(&x.contiguous())?;
+                Pending::Gathered {
+                    flat,
+                    like: shape,
+                    feat,
+                }
+            }
+            Comm::ScatterSeq => {
+                shape[1] /= w;
+                let part = c.start_reduce_scatter_sum(&x.contiguous())?;
+                Pending::Scattered {
+                    part,
+                    shape,
+                    feat: false,
+                }
+            }
+            Comm::ScatterFeat => {
+                let moved = x.movedim(&[-1], &[0]).contiguous();
+                let mut shape = moved.size();
+                shape[0] /= w;
+                let part = c.start_reduce_scatter_sum(&moved)?;
+                Pending::Scattered {
+                    part,
+                    shape,
+                    feat: true,
+                }
+            }
         }))
     })
 }
 
-/// Wait (on the device) for a started collective and assemble its result.
-/// A reduce-scatter's part is returned contiguous in `x`'s layout: left with
-/// the scattered dimension in front, it would hand every later kernel a
-/// permuted layout (a query whose last dimension is not the fastest sends
-/// SDPA to its O(t^2) math path in fp32; elementwise kernels lose
-/// vectorisation).
+/// Wait (on the device) for a started collective and assemble its result,
+/// contiguous: a feature scatter's part left with the last dimension in
+/// front would hand every later kernel a permuted layout (a query whose
+/// last dimension is not the fastest sends SDPA to its O(t^2) math path in
+/// fp32; elementwise kernels lose vectorisation).
 pub fn finish(c: &mut dyn Collectives, f: InFlight) -> Result<Tensor> {
     if !matches!(f.0, Pending::Done(_)) {
         c.wait_pending()?;
     }
+    let w = c.world() as i64;
     Ok(tch::no_grad(|| match f.0 {
         Pending::Done(t) | Pending::Reduced(t) => t,
-        Pending::Gathered { parts, dim } => Tensor::cat(&parts, dim),
-        Pending::Scattered { part, shape, dim } => part
+        Pending::Gathered {
+            flat,
+            mut like,
+            feat: false,
+        } => {
+            like[1] *= w;
+            flat.view(like.as_slice())
+        }
+        Pending::Gathered {
+            flat,
+            like,
+            feat: true,
+        } => {
+            let mut parts = vec![w];
+            parts.extend_from_slice(&like);
+            let mut out = like;
+            *out.last_mut().expect("a dimension") *= w;
+            flat.view(parts.as_slice())
+                .movedim(&[0], &[-2])
+                .reshape(out.as_slice())
+        }
+        Pending::Scattered {
+            part,
+            shape,
+            feat: false,
+        } => part.view(shape.as_slice()),
+        Pending::Scattered {
+            part,
+            shape,
+            feat: true,
+        } => part
             .view(shape.as_slice())
-            .movedim(&[0], &[dim])
+            .movedim(&[0], &[-1])
             .contiguous(),
     }))
 }

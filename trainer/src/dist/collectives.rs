@@ -33,10 +33,16 @@ pub trait Collectives {
     /// The sum over ranks of `t` (numel divisible by the world size), split in
     /// `world` equal parts; rank `r` gets part `r`.
     fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor>;
-    /// `all_gather` started without waiting: the parts may be read only
-    /// after `wait_pending` (the CPU store completes it before returning).
-    fn start_all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
-        self.all_gather(t)
+    /// `all_gather` started without waiting, into one flat tensor (the ranks'
+    /// tensors flattened, in rank order); it may be read only after
+    /// `wait_pending` (the CPU store completes it before returning).
+    fn start_all_gather_flat(&mut self, t: &Tensor) -> Result<Tensor> {
+        let parts: Vec<Tensor> = self
+            .all_gather(t)?
+            .iter()
+            .map(|p| p.reshape([-1]))
+            .collect();
+        Ok(Tensor::cat(&parts, 0))
     }
     /// `reduce_scatter_sum` started without waiting: the part may be read
     /// only after `wait_pending` (the CPU store completes it before returning).

@@ -461,12 +461,16 @@ impl Collectives for NcclCollectives {
     }
 
     fn all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
-        let parts = self.start_all_gather(t)?;
+        let out = self.start_all_gather_flat(t)?;
         self.wait_pending()?;
-        Ok(parts)
+        Ok(out
+            .chunk(self.world as i64, 0)
+            .into_iter()
+            .map(|c| c.view(t.size().as_slice()))
+            .collect())
     }
 
-    fn start_all_gather(&mut self, t: &Tensor) -> Result<Vec<Tensor>> {
+    fn start_all_gather_flat(&mut self, t: &Tensor) -> Result<Tensor> {
         contiguous_cuda(t, "all_gather")?;
         let out = Tensor::empty(
             [self.world as i64 * t.numel() as i64],
@@ -480,11 +484,7 @@ impl Collectives for NcclCollectives {
         })?;
         self.pending.push(t.shallow_clone());
         self.pending.push(out.shallow_clone());
-        Ok(out
-            .chunk(self.world as i64, 0)
-            .into_iter()
-            .map(|c| c.view(t.size().as_slice()))
-            .collect())
+        Ok(out)
     }
 
     fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
