@@ -104,7 +104,7 @@ impl TpPlan {
             return Err(TrainError::config(
                 "data.seq_len",
                 format!(
-                    "{seq_len} is not divisible by parallel.tp ({tp}): sequence parallelism gives every rank seq_len/tp positions (or set parallel.sequence_parallel = false)"
+                    "{seq_len} is not divisible by parallel.tp ({tp}): sequence parallelism gives every rank a block of micro_batch x seq_len/tp tokens (or set parallel.sequence_parallel = false)"
                 ),
             ));
         }
