@@ -3,7 +3,8 @@
 // (csrc/cuda_memory.cpp), libtorch's profiler (csrc/profiler.cpp) and its fused
 // AdamW (csrc/fused_adamw.cpp), a linear layer that adds its weight
 // gradient into the fp32 gradient buffer (csrc/linear_accum.cpp), SwiGLU
-// and RoPE as autograd functions over NVRTC kernels (csrc/kernel_ops.cpp), and
+// and RoPE as autograd functions over NVRTC kernels (csrc/kernel_ops.cpp),
+// autograd's grad with seeded outputs (csrc/autograd_grad.cpp), and
 // libtorch's current CUDA stream for the NVRTC kernels (csrc/cuda_stream.cpp).
 #[path = "../build/libtorch.rs"]
 mod libtorch;
@@ -49,6 +50,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/cuda_stream.cpp");
     println!("cargo:rerun-if-changed=csrc/linear_accum.cpp");
     println!("cargo:rerun-if-changed=csrc/kernel_ops.cpp");
+    println!("cargo:rerun-if-changed=csrc/autograd_grad.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
@@ -58,6 +60,7 @@ fn main() {
         .file("csrc/cuda_stream.cpp")
         .file("csrc/linear_accum.cpp")
         .file("csrc/kernel_ops.cpp")
+        .file("csrc/autograd_grad.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

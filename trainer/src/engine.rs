@@ -768,7 +768,8 @@ impl<'a> Pass<'a> {
             let loss = model
                 .head_loss_sum_whole(&xc.unsqueeze(0), &tf.narrow(0, s, len).unsqueeze(0))
                 * scale;
-            let g_x = backward_into(model, loss, &params, &[&xc], grads)
+            let seed = loss.ones_like();
+            let g_x = backward_into(model, vec![(loss, seed)], &params, &[&xc], grads)
                 .pop()
                 .expect("input gradient");
             if g_x.defined() {
@@ -835,22 +836,20 @@ impl<'a> Pass<'a> {
                 outputs,
             } => {
                 at("backward", seg.layer());
-                let mut root: Option<Tensor> = None;
+                let mut roots: Vec<(Tensor, Tensor)> = Vec::new();
                 for &s in outputs {
                     let (Some(out), Some(g)) = (self.graph[s].take(), self.grad[s].take()) else {
                         continue;
                     };
-                    let term = if *seg == Seg::Head {
-                        out // the loss, already scaled by its "gradient"
+                    let seed = if *seg == Seg::Head {
+                        out.ones_like() // the loss, already scaled by its "gradient"
                     } else {
-                        (out * &g).sum(g.kind())
+                        g.to_kind(out.kind())
                     };
-                    root = Some(match root {
-                        Some(r) => r + term,
-                        None => term,
-                    });
+                    roots.push((out, seed));
                     self.val[s] = None;
                 }
+                let root = (!roots.is_empty()).then_some(roots);
                 let params = Program::seg_params(self.model, *seg);
                 let leaves: Vec<(Slot, Tensor)> = inputs
                     .iter()
@@ -891,14 +890,15 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// Differentiate `root` with respect to the parameters `params` and the
+/// Differentiate the outputs of `roots`, each seeded with its gradient
+/// (output, seed), with respect to the parameters `params` and the
 /// tensors `inputs`: parameter gradients are added into the flat buffer
 /// `grads` (a parameter's gradient arrives through the parameter itself and,
 /// when the trainer keeps one, through its bf16 working copy; both are
 /// added), the inputs' gradients returned (undefined where unused).
 fn backward_into(
     model: &Model,
-    root: Tensor,
+    roots: Vec<(Tensor, Tensor)>,
     params: &[ParamId],
     inputs: &[&Tensor],
     grads: &mut Tensor,
@@ -916,7 +916,8 @@ fn backward_into(
     }
     let n = wrt.len();
     wrt.extend_from_slice(inputs);
-    let mut g = Tensor::run_backward(&[root], &wrt, false, false);
+    let (outs, seeds): (Vec<&Tensor>, Vec<&Tensor>) = roots.iter().map(|(o, g)| (o, g)).unzip();
+    let mut g = crate::fused::grad(&outs, &seeds, &wrt);
     let input_grads = g.split_off(n);
     tch::no_grad(|| {
         for (&id, gi) in owner.iter().zip(&g) {

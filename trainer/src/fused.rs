@@ -4,7 +4,8 @@
 //! both moments once and writes them once, instead of a dozen elementwise
 //! passes with temporaries; and a linear layer with a custom backward that
 //! adds its weight gradient straight into the fp32 gradient buffer
-//! (csrc/linear_accum.cpp, see [`linear_accum`]).
+//! (csrc/linear_accum.cpp, see [`linear_accum`]); and autograd's `grad`
+//! with seeded outputs (csrc/autograd_grad.cpp, see [`grad`]).
 #![allow(unsafe_code)] // FFI: C functions of the shims.
 
 use std::ffi::c_void;
@@ -38,6 +39,17 @@ extern "C" {
         err_len: usize,
     ) -> i32;
     fn sigma_linear_accum_fused_gemm() -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn sigma_autograd_grad(
+        outputs: *const *mut c_void,
+        grads: *const *mut c_void,
+        n_out: usize,
+        inputs: *const *mut c_void,
+        n_in: usize,
+        results: *const *mut c_void,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> i32;
     fn sigma_wgrad_queue_new() -> *mut c_void;
     fn sigma_wgrad_queue_free(q: *mut c_void);
     fn sigma_wgrad_queue_hold(q: *mut c_void, on: i32);
@@ -137,6 +149,43 @@ pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor, queue: Option<&WgradQ
         );
     }
     out
+}
+
+/// The gradients of `inputs` when each of `outputs` is seeded with the
+/// gradient of the same index (autograd's `grad` with grad_outputs; tch
+/// binds only scalar roots seeded with 1): undefined for unused inputs. The
+/// graph is freed. Panics with libtorch's message (as tch's own operations
+/// do; the trainer's guard reports it with the phase) if libtorch fails.
+pub fn grad(outputs: &[&Tensor], grads: &[&Tensor], inputs: &[&Tensor]) -> Vec<Tensor> {
+    assert_eq!(outputs.len(), grads.len(), "one gradient per output");
+    let ptrs = |ts: &[&Tensor]| -> Vec<*mut c_void> {
+        ts.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+    };
+    let results: Vec<Tensor> = inputs.iter().map(|_| Tensor::new()).collect();
+    let result_ptrs: Vec<*mut c_void> = results.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let (o, g, i) = (ptrs(outputs), ptrs(grads), ptrs(inputs));
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: every pointer is a live tch tensor handle (an at::Tensor) for
+    // the call; the shim assigns into the `results` handles and writes at
+    // most `err.len()` bytes, NUL-terminated; it catches every C++ exception.
+    let rc = unsafe {
+        sigma_autograd_grad(
+            o.as_ptr(),
+            g.as_ptr(),
+            o.len(),
+            i.as_ptr(),
+            i.len(),
+            result_ptrs.as_ptr(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the shim NUL-terminated the message within the buffer.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        panic!("backward: {}", msg.to_string_lossy());
+    }
+    results
 }
 
 /// Weight-gradient GEMMs of [`linear_accum`] layers put off during a
