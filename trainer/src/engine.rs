@@ -8,11 +8,13 @@
 //! require grad) and its outputs are detached into fresh leaves; a
 //! communication step turns a slot into a new leaf (all-gather, reduce-scatter,
 //! all-reduce across the tensor-parallel group). Backward walks the program in
-//! reverse: a segment differentiates `sum(out_i * g_i)` (whose gradient with
-//! respect to `out_i` is exactly `g_i`) with respect to its parameters and
-//! input leaves, adding parameter gradients straight into the flat gradient
-//! buffer; a communication step applies its conjugate to the gradient
-//! (all-gather <-> reduce-scatter, identity <-> all-reduce).
+//! reverse: a segment differentiates its outputs, each seeded with its
+//! gradient `g_i` (autograd's `grad` with grad_outputs, through a shim:
+//! `fused::grad`), with respect to its parameters and input leaves, adding
+//! parameter gradients straight into the flat gradient buffer; a
+//! communication step applies its conjugate to the gradient (all-gather <->
+//! reduce-scatter, identity <-> all-reduce), overlapped with the weight
+//! gradients of the segment it feeds when `parallel.tp_comm_overlap` applies.
 //!
 //! Activation checkpointing: a block's steps run under `no_grad`, only the
 //! block's input is kept, and backward first re-runs the block's forward
