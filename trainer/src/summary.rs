@@ -142,7 +142,15 @@ pub struct MemoryEstimate {
     pub state: f64,
     pub activations: f64,
     pub logits: f64,
+    /// What the output head in chunks of [`SUGGESTED_LOSS_CHUNK_TOKENS`]
+    /// would save, where this rank computes the whole head at once on one
+    /// device's worth of logits (0 otherwise).
+    pub head_chunk_saving: f64,
 }
+
+/// The `train.loss_chunk_tokens` an out-of-memory error suggests: SIGMA-1.5B
+/// at micro-batch 4 fits an 80 GB H100 with it (docs/benchmarks.md).
+pub const SUGGESTED_LOSS_CHUNK_TOKENS: usize = 4096;
 
 pub struct MemoryInputs {
     pub seq_len: usize,
@@ -196,8 +204,12 @@ pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
         0 => tokens,
         n => tokens.min(n as f64),
     };
-    let logits = if m.head {
-        head_tokens * c.vocab_size as f64 / tp * (ec + 3.0 * 4.0)
+    let per_token = c.vocab_size as f64 / tp * (ec + 3.0 * 4.0);
+    let logits = if m.head { head_tokens * per_token } else { 0.0 };
+    // The chunked head exists on one device's logits only (config refuses it under tp).
+    let chunked = tokens.min(SUGGESTED_LOSS_CHUNK_TOKENS as f64) * per_token;
+    let head_chunk_saving = if m.head && m.tp <= 1 && m.loss_chunk_tokens == 0 {
+        (logits - chunked).max(0.0)
     } else {
         0.0
     };
@@ -205,6 +217,7 @@ pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
         state,
         activations,
         logits,
+        head_chunk_saving,
     }
 }
 
@@ -222,7 +235,18 @@ impl MemoryEstimate {
             "Most of it is activations: lower train.micro_batch_size (raise train.grad_accum_steps \
              to keep the batch), set train.activation_checkpointing = true, or shorten data.seq_len"
         };
-        format!("{self}. {what}")
+        let g = |x: f64| format!("{:.1} GB", x / 1e9);
+        let head = if self.head_chunk_saving > 0.05 * self.total() {
+            format!(
+                ". The output head holds its logits for the whole micro-batch at once: \
+                 train.loss_chunk_tokens = {SUGGESTED_LOSS_CHUNK_TOKENS} computes them in chunks \
+                 and saves about {}",
+                g(self.head_chunk_saving)
+            )
+        } else {
+            String::new()
+        };
+        format!("{self}. {what}{head}")
     }
 }
 
@@ -237,5 +261,85 @@ impl fmt::Display for MemoryEstimate {
             g(self.activations),
             g(self.logits)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KCompression;
+
+    /// SIGMA-1.5B's shape (configs/sigma-1.5b.toml).
+    fn sigma_1_5b() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 128_256,
+            d_model: 2048,
+            num_layers: 26,
+            ffn_dim: 6144,
+            num_q_heads: 32,
+            num_k_heads: 4,
+            num_v_heads: 16,
+            qk_head_dim: 64,
+            v_head_dim: 64,
+            aug_q_dim: 3072,
+            k_compression: KCompression::None,
+            k_dim: None,
+            rope_theta: 50_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+            init_std: 0.02,
+        }
+    }
+
+    fn inputs(
+        micro_batch_size: usize,
+        tp: usize,
+        head: bool,
+        loss_chunk_tokens: usize,
+    ) -> MemoryInputs {
+        MemoryInputs {
+            seq_len: 4096,
+            micro_batch_size,
+            activation_checkpointing: false,
+            mixed: true,
+            optimizer_shards: 1,
+            params: 2_020_000_000 / tp as i64,
+            tp,
+            layers: 26,
+            in_flight: 1,
+            head,
+            loss_chunk_tokens,
+        }
+    }
+
+    /// SIGMA-1.5B at micro-batch 4 without checkpointing runs out of memory on
+    /// an 80 GB card with the whole head (docs/benchmarks.md): the advice
+    /// names `train.loss_chunk_tokens` and what it saves, (16,384 - 4,096)
+    /// tokens x 128,256 logits x 14 bytes = 22.1 GB; not where the head is
+    /// already chunked, vocabulary-parallel, or on another pipeline stage.
+    #[test]
+    fn out_of_memory_advice_names_the_chunked_head_where_it_would_help() {
+        let c = sigma_1_5b();
+        let e = memory_estimate(&c, &inputs(4, 1, true, 0));
+        let want = (16_384.0 - 4_096.0) * 128_256.0 * 14.0;
+        assert!(
+            (e.head_chunk_saving - want).abs() < 1.0,
+            "{}",
+            e.head_chunk_saving
+        );
+        let a = e.advice();
+        assert!(
+            a.contains("train.loss_chunk_tokens = 4096") && a.contains("saves about 22.1 GB"),
+            "{a}"
+        );
+        for (what, m) in [
+            ("already chunked", inputs(4, 1, true, 4096)),
+            ("vocabulary-parallel head", inputs(4, 2, true, 0)),
+            ("no head on this rank", inputs(4, 1, false, 0)),
+            ("one chunk's worth of tokens", inputs(1, 1, true, 0)),
+        ] {
+            let a = memory_estimate(&c, &m).advice();
+            assert!(!a.contains("loss_chunk_tokens"), "{what}: {a}");
+        }
     }
 }
