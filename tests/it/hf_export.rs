@@ -5,6 +5,8 @@
 //! libtorch; the attention kernels group the heads differently (sigma repeats
 //! the smaller of K and V and uses grouped SDPA, the exported code repeats
 //! both to the query heads), which moves logits by ~1e-6; the test allows 1e-4.
+//! The exported code's KV cache and padding are checked against its own full
+//! forward and sigma's logits (tests/py/hf_logits.py).
 
 use std::path::Path;
 use std::process::Command;
@@ -84,6 +86,13 @@ fn compare(name: &str, extra: &[&str]) {
         "{name}: transformers disagrees with sigma:\n{out}"
     );
     assert!(out.contains("max |transformers - sigma|"), "{out}");
+    eprintln!(
+        "{name}:\n{}",
+        out.lines()
+            .filter(|l| !l.contains("Loading weights"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[test]

@@ -598,7 +598,7 @@ fn overlapping_tp_collectives_with_weight_gradients_changes_no_gradient() {
                 let last = engine::Program::new(&m).final_positions(&m);
                 let p = &m.params;
                 let mut at_hook: Vec<Option<Tensor>> = (0..p.specs.len()).map(|_| None).collect();
-                engine::forward_backward_in(
+                let _ = engine::forward_backward_in(
                     &m,
                     Some(&mut *tp),
                     &tokens(),

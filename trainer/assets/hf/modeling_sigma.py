@@ -8,6 +8,14 @@ qk_head_dim with one matrix shared by the key heads (before RoPE); "native"
 makes the q.k product itself k_dim wide. RMSNorm, SwiGLU, RoPE rotating the
 two halves of each head. Parameter names are sigma's own, so the exported
 weights load without a mapping.
+
+Generation uses transformers' cache (a `DynamicCache`): each layer keeps
+its n_k key heads after RoPE (at the q.k width; under the "projected"
+reading that is after the up-projection) and its n_v value heads, so
+decoding reads the cache instead of recomputing the prefix. Left padding
+(batched prompts of different lengths) is handled through the attention
+mask: padded positions are never attended to and positions count real
+tokens only.
 """
 
 import math
@@ -15,8 +23,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The output field of the cache: `cache` since transformers 5.2x, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 try:
     from .configuration_sigma import SigmaConfig
@@ -36,11 +47,12 @@ class SigmaRMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def rope(x, theta):
-    """RoPE on [b, heads, t, dim]: angles pos * theta^(-2j/dim) on the pairs (j, j + dim/2)."""
-    t, dim = x.shape[2], x.shape[3]
+def rope(x, theta, pos):
+    """RoPE on [b, heads, t, dim] at positions `pos` [b, t]: angles
+    pos * theta^(-2j/dim) on the pairs (j, j + dim/2)."""
+    dim = x.shape[3]
     inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) / dim * -math.log(theta))
-    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None, :]
+    ang = pos.to(device="cpu", dtype=torch.float64)[:, None, :, None] * inv
     cos = ang.cos().to(device=x.device, dtype=x.dtype)
     sin = ang.sin().to(device=x.device, dtype=x.dtype)
     x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
@@ -72,23 +84,33 @@ class SigmaAttention(nn.Module):
         self.v_proj = nn.Linear(c.d_model, c.num_v_heads * c.v_head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_q_heads * c.v_head_dim, c.d_model, bias=False)
 
-    def forward(self, h):
+    def forward(self, h, pos, mask, cache, layer):
+        """`pos` [b, t]: positions of the new tokens; `mask`: None (plain causal
+        attention over `h` alone) or a boolean [b, 1, t, past + t] of the
+        allowed (query, key) pairs; `cache`: None or a transformers cache that
+        keeps this layer's K and V."""
         c = self.c
         b, t, _ = h.shape
         dd = c.dot_dim
         q = self.q_proj(h)
         if c.aug_q_dim > 0:
             q = self.aug_q(q)
-        q = rope(q.view(b, t, c.num_q_heads, dd).transpose(1, 2), c.rope_theta)
+        q = rope(q.view(b, t, c.num_q_heads, dd).transpose(1, 2), c.rope_theta, pos)
         k = self.k_proj(h).view(b, t, c.num_k_heads, c.k_cache_dim)
         if c.k_compression == "projected":
             k = self.k_up(k)
-        k = rope(k.transpose(1, 2), c.rope_theta)
+        k = rope(k.transpose(1, 2), c.rope_theta, pos)
         v = self.v_proj(h).view(b, t, c.num_v_heads, c.v_head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, layer)
         # Query head i reads K head i // (nq / nk) and V head i // (nq / nv).
         k = k.repeat_interleave(c.num_q_heads // c.num_k_heads, dim=1)
         v = v.repeat_interleave(c.num_q_heads // c.num_v_heads, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(dd))
+        scale = 1.0 / math.sqrt(dd)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, c.num_q_heads * c.v_head_dim))
 
 
@@ -111,8 +133,8 @@ class SigmaBlock(nn.Module):
         self.ffn_norm = SigmaRMSNorm(c.d_model, c.norm_eps)
         self.ffn = SigmaFFN(c)
 
-    def forward(self, x):
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x, pos, mask, cache, layer):
+        x = x + self.attn(self.attn_norm(x), pos, mask, cache, layer)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -146,24 +168,53 @@ class SigmaForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.data.normal_(0.0, self.config.init_std)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        """Full causal forward (no KV cache: every call sees the whole sequence).
-        The mask is not applied: right padding is harmless under the causal
-        mask, left padding (batched generation) would be wrong, so it is refused."""
-        if attention_mask is not None and attention_mask.shape[-1] > 1:
-            m = attention_mask.to(torch.int64)
-            if bool((m[:, 1:] > m[:, :-1]).any()):
-                raise ValueError(
-                    "SigmaForCausalLM: left padding is not supported (no attention mask in this port); "
-                    "pad on the right or use batch size 1"
-                )
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        cache=None,
+        use_cache=None,
+        position_ids=None,
+        **kwargs,
+    ):
+        """Causal forward of `input_ids` [b, t] after the tokens already in the
+        cache (transformers >= 5.x passes it as `cache`, earlier 5.x releases
+        as `past_key_values`; a new one is made when `use_cache` is true).
+        `attention_mask` [b, past + t] marks real tokens (1) and padding (0):
+        padding is never attended to and positions count real tokens only, so
+        a left-padded prompt gives its real tokens the logits it gets alone."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        b, t = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        padded = attention_mask is not None and bool((attention_mask == 0).any())
+        if position_ids is None:
+            if padded:
+                real = attention_mask.to(torch.int64)
+                position_ids = (real.cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            else:
+                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        mask = None
+        if padded or past > 0:
+            # Query i (absolute index past + i) sees keys j <= past + i that are real tokens.
+            keys = torch.arange(past + t, device=input_ids.device)
+            mask = keys[None, :] <= (past + torch.arange(t, device=input_ids.device))[:, None]
+            mask = mask[None, None].expand(b, 1, t, past + t)
+            if padded:
+                real = attention_mask[:, None, None, :].to(torch.bool)
+                # A padding query sees itself, so no row is empty (its output is unused).
+                own = keys[None, :] == (past + torch.arange(t, device=input_ids.device))[:, None]
+                mask = (mask & real) | own
         x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, position_ids, mask, cache, i)
         logits = self.lm_head(self.final_norm(x)).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
