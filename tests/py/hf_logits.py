@@ -68,6 +68,12 @@ with torch.no_grad():
         out = model(batch[:, j : j + 1], attention_mask=bmask[:, : j + 1], cache=cache)
         got.append(out.logits[1])
     close(torch.cat(got, 0), model(tokens[1:2, :14]).logits[0], "cached decoding, left-padded row", tol)
+    # A mask for the new tokens alone (not the cached ones too) is refused by name.
+    try:
+        model(batch[:, 19:20], attention_mask=bmask[:, 19:20], cache=cache)
+        sys.exit("a mask without the cached tokens was accepted")
+    except ValueError as e:
+        assert "cached and the new tokens" in str(e), e
     # generate(): greedy with and without the cache, one prompt and a left-padded batch.
     g = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     one = model.generate(tokens[1:2, :14], use_cache=True, **g)

@@ -139,6 +139,13 @@ extern "C" int sigma_wgrad_queue_drain(void* q, char* err, size_t err_len) {
   });
 }
 
+// Drop the queued GEMMs without running them (after a failed backward).
+extern "C" void sigma_wgrad_queue_clear(void* q) {
+  auto* queue = static_cast<WgradQueue*>(q);
+  std::lock_guard<std::mutex> lock(queue->mu);
+  queue->items.clear();
+}
+
 extern "C" uint64_t sigma_wgrad_queue_drained(void* q) {
   return static_cast<WgradQueue*>(q)->drained.load();
 }

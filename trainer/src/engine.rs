@@ -867,7 +867,10 @@ impl<'a> Pass<'a> {
                                 backward_into(self.model, root, &params, &inputs, grads)
                             }));
                             q.hold(false);
-                            r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+                            r.unwrap_or_else(|p| {
+                                q.clear();
+                                std::panic::resume_unwind(p)
+                            })
                         }
                         None => backward_into(self.model, root, &params, &inputs, grads),
                     };
@@ -881,8 +884,13 @@ impl<'a> Pass<'a> {
                     // The input's gradient is complete (its only reader is this
                     // segment): start its collective, then the weight gradients.
                     if let Some(g) = self.grad[to].take() {
-                        let f = start_communicate(group(tp), op.conjugate(), &g)?;
-                        self.in_flight = Some((i - 1, f));
+                        match start_communicate(group(tp), op.conjugate(), &g) {
+                            Ok(f) => self.in_flight = Some((i - 1, f)),
+                            Err(e) => {
+                                q.clear();
+                                return Err(e);
+                            }
+                        }
                     }
                     q.drain()?;
                 }

@@ -55,6 +55,7 @@ extern "C" {
     fn sigma_wgrad_queue_hold(q: *mut c_void, on: i32);
     fn sigma_wgrad_queue_drain(q: *mut c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
     fn sigma_wgrad_queue_drained(q: *mut c_void) -> u64;
+    fn sigma_wgrad_queue_clear(q: *mut c_void);
 }
 
 /// AdamW hyper-parameters of one fused update.
@@ -229,6 +230,13 @@ impl WgradQueue {
             )));
         }
         Ok(())
+    }
+
+    /// Drop the queued GEMMs without running them: after a failed backward,
+    /// so that none is added into a later step's gradients.
+    pub fn clear(&self) {
+        // SAFETY: a live queue.
+        unsafe { sigma_wgrad_queue_clear(self.0) }
     }
 
     /// How many queued GEMMs have run since the queue was made.

@@ -139,7 +139,7 @@ impl TpPlan {
         split_heads(c.num_v_heads, self.tp, self.rank).2
     }
 
-    /// Replicated parameters seen by this rank's slice of the sequence only
+    /// Replicated parameters seen by this rank's block of the tokens only
     /// (sequence parallelism) need their gradients summed; otherwise they
     /// are identical on every rank.
     fn replicated(&self) -> GradSync {

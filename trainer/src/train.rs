@@ -284,6 +284,21 @@ impl Trainer {
         if cfg.train.fused_weight_grad {
             model.set_grad_sink(Some(optim.grad.shallow_clone()));
         }
+        if rank == 0 && tp > 1 && cfg.parallel.tp_comm_overlap && device.is_cuda() {
+            if !model.fused_weight_grad() {
+                eprintln!(
+                    "note: parallel.tp_comm_overlap has no effect here: it puts off the weight \
+                     gradients that mixed precision adds into the gradient buffer \
+                     (train.precision bf16 with train.fused_weight_grad = true)"
+                );
+            } else if std::env::var(engine::TIME_COLLECTIVES).is_ok_and(|v| v == "1") {
+                eprintln!(
+                    "note: {}=1 runs every tensor-parallel collective to completion: \
+                     parallel.tp_comm_overlap is off for this run",
+                    engine::TIME_COLLECTIVES
+                );
+            }
+        }
         let buckets = (dp > 1 && zero.is_none())
             .then(|| GradBuckets::new(&model, (cfg.parallel.bucket_mb * 1e6 / 4.0) as i64));
         // Every rank of a tensor-parallel group reads the same samples.

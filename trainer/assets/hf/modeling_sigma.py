@@ -51,8 +51,10 @@ def rope(x, theta, pos):
     """RoPE on [b, heads, t, dim] at positions `pos` [b, t]: angles
     pos * theta^(-2j/dim) on the pairs (j, j + dim/2)."""
     dim = x.shape[3]
-    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) / dim * -math.log(theta))
-    ang = pos.to(device="cpu", dtype=torch.float64)[:, None, :, None] * inv
+    inv = torch.exp(
+        torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim * -math.log(theta)
+    )
+    ang = pos.to(torch.float64)[:, None, :, None] * inv
     cos = ang.cos().to(device=x.device, dtype=x.dtype)
     sin = ang.sin().to(device=x.device, dtype=x.dtype)
     x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
@@ -190,6 +192,11 @@ class SigmaForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         b, t = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (b, past + t):
+            raise ValueError(
+                f"SigmaForCausalLM: attention_mask has shape {tuple(attention_mask.shape)}; it covers "
+                f"the cached and the new tokens, ({b}, {past + t}) here"
+            )
         padded = attention_mask is not None and bool((attention_mask == 0).any())
         if position_ids is None:
             if padded:

@@ -7,8 +7,9 @@
 //! each one an event recorded on the compute stream (libtorch's default
 //! stream) is waited for on the communication stream, so it reads finished
 //! gradients; after it, the compute stream waits for the communication stream
-//! the same way (at once for the blocking calls, at `wait_pending` for
-//! `start_all_reduce_sum`, whose buffers are held until then). No call blocks
+//! the same way (at once for the blocking calls, at `wait_pending` for the
+//! started ones, `start_all_reduce_sum`, `start_all_gather_flat` and
+//! `start_reduce_scatter_sum`, whose buffers are held until then). No call blocks
 //! the host, so collectives overlap compute that does not depend on them.
 //!
 //! A collective that hangs (a dead peer, a mismatched call) must not hang the
