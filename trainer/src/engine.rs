@@ -398,7 +398,7 @@ pub fn start_communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Resul
                 }
             }
             Comm::ScatterFeat => {
-                let moved = x.movedim(&[-1], &[0]).contiguous();
+                let moved = x.movedim([-1], [0]).contiguous();
                 let mut shape = moved.size();
                 shape[0] /= w;
                 let part = c.start_reduce_scatter_sum(&moved)?;
@@ -442,7 +442,7 @@ pub fn finish(c: &mut dyn Collectives, f: InFlight) -> Result<Tensor> {
             let mut out = like;
             *out.last_mut().expect("a dimension") *= w;
             flat.view(parts.as_slice())
-                .movedim(&[0], &[-2])
+                .movedim([0], [-2])
                 .reshape(out.as_slice())
         }
         Pending::Scattered {
@@ -454,10 +454,7 @@ pub fn finish(c: &mut dyn Collectives, f: InFlight) -> Result<Tensor> {
             part,
             shape,
             feat: true,
-        } => part
-            .view(shape.as_slice())
-            .movedim(&[0], &[-1])
-            .contiguous(),
+        } => part.view(shape.as_slice()).movedim([0], [-1]).contiguous(),
     }))
 }
 
