@@ -1,7 +1,8 @@
 //! Pipeline parallelism on CPU with several processes: 1F1B on 2 and 4
 //! stages and the interleaved schedule follow one process (tied and untied
 //! embeddings); with data and tensor parallelism and ZeRO-1; checkpoints
-//! moved between pipeline layouts; a lost rank; the trace.
+//! moved between pipeline layouts and from a 3D layout to ones without a
+//! pipeline; a lost rank; the trace.
 //!
 //! Tolerance: as for tensor parallelism (tests/it/tensor_parallel.rs). A
 //! pipeline computes every micro-batch exactly as one device does; only the
@@ -152,6 +153,49 @@ fn a_pipeline_checkpoint_resumes_on_other_pipeline_layouts() {
             &reference,
             &losses(&out.join("metrics.jsonl")),
             &format!("pp 2 -> {extra:?}"),
+        );
+    }
+}
+
+/// A checkpoint of a 3D layout (tp 2 x pp 2) resumes without a pipeline: at
+/// tp 4 (the 2 key heads then replicated on 2 ranks each) and at tp 2 x dp 2
+/// with ZeRO-1, following the run that never stopped (the CPU analogue of
+/// SIGMA-10B's tp 4 x pp 2 -> tp 8 and tp 4 x dp 2).
+#[test]
+fn a_3d_checkpoint_resumes_on_layouts_without_a_pipeline() {
+    let d = tempfile::tempdir().expect("tmp");
+    let reference = run(1, &d.path().join("ref"), 8, &[]);
+    let saved = d.path().join("tp2pp2");
+    let mut a = args(&saved, 8, &["parallel.pp=2", "parallel.tp=2"]);
+    a.extend(["--stop-after".into(), "4".into()]);
+    let o = run_with(4, a, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = saved.join("checkpoints/step-0000004");
+    for extra in [
+        vec!["parallel.tp=4"],
+        vec![
+            "parallel.tp=2",
+            "parallel.dp=2",
+            "train.micro_batch_size=2",
+            "parallel.zero=1",
+        ],
+    ] {
+        let out = d.path().join(format!("to-{}", extra.len()));
+        std::fs::create_dir_all(&out).expect("mkdir");
+        std::fs::copy(saved.join("metrics.jsonl"), out.join("metrics.jsonl")).expect("copy");
+        let mut a = args(&out, 8, &extra);
+        a.extend(["--resume".into(), ck.to_string_lossy().into_owned()]);
+        let o = run_with(4, a, &[]);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("saved with dp 1 tp 2 pp 2"),
+            "{}",
+            stderr(&o)
+        );
+        close(
+            &reference,
+            &losses(&out.join("metrics.jsonl")),
+            &format!("tp 2 x pp 2 -> {extra:?}"),
         );
     }
 }
