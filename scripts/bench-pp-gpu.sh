@@ -17,7 +17,8 @@
 #    overstate, what a pipeline achieves. Each run is cut off after RUN_TIMEOUT seconds.
 # 3. PARTS=10b2: SIGMA-10B on 2 GPUs (H200, 141 GB), micro-batch 1, M10 micro-batches,
 #    CKPT10 as above: tp 2 (with sequence parallelism; again without
-#    parallel.tp_comm_overlap) and pp 2 (1F1B), for a host that lends only two GPUs.
+#    parallel.tp_comm_overlap), pp 2 (1F1B) and pp 2 interleaved (2 chunks), for a host
+#    that lends only two GPUs.
 # PROFILE=1 profiles 1.5b-tp2, 1.5b-dp2 and 10b2-tp2 (metrics.profile: time per kernel category).
 # ONLY="name ..." runs those runs alone. RUN_TIMEOUT (seconds) and BENCH_DEADLINE (epoch seconds) cut runs short on a lent machine.
 # Tokens/s and MFU are medians over the steps after the traced ones.
@@ -67,6 +68,7 @@ if [[ " $parts " == *" 10b2 "* ]]; then
 run 10b2-tp2 2 "${b10[@]}" --set parallel.tp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true ${PROFILE:+--set metrics.profile=true}
 run 10b2-tp2-noov 2 "${b10[@]}" --set parallel.tp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true --set parallel.tp_comm_overlap=false
 run 10b2-pp2 2 "${b10[@]}" --set parallel.pp=2 --set train.grad_accum_steps=$m10 --set metrics.trace=true
+run 10b2-pp2i 2 "${b10[@]}" --set parallel.pp=2 --set parallel.pp_schedule='"interleaved"' --set train.grad_accum_steps=$m10 --set metrics.trace=true
 fi
 if [[ " $parts " != *" 10b "* ]]; then
   :
@@ -79,7 +81,7 @@ run 10b-tp4 4 "${b10[@]}" --set parallel.tp=4 --set train.grad_accum_steps=4
 else
   echo "SIGMA-10B runs need 4 GPUs; this machine has $ngpu: skipped"
 fi
-for r in 1.5b-pp2 1.5b-pp2i 10b2-pp2 10b-pp4-m32 10b-pp4 10b-pp4i 10b-tp2pp2; do
+for r in 1.5b-pp2 1.5b-pp2i 10b2-pp2 10b2-pp2i 10b-pp4-m32 10b-pp4 10b-pp4i 10b-tp2pp2; do
   [ -f "$out/$r/trace-rank0.json" ] && $sigma trace plot "$out/$r" --output "$out/$r-trace.png" > "$out/$r-plot.txt" 2>&1
 done
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
@@ -87,7 +89,7 @@ import json, os, statistics, sys
 out = sys.argv[1]
 gpus = {"1.5b": 2, "10b2": 2, "10b": 4}
 print(f"{'run':<14} {'GPUs':>4} {'tok/s':>8} {'tok/s/GPU':>9} {'MFU':>6} {'alloc MiB':>9} {'bubble':>7} {'theory':>7} {'TP comm':>7} losses")
-for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-tp2-noov", "1.5b-tp2t", "1.5b-pp2", "1.5b-pp2i", "10b2-tp2", "10b2-tp2-noov", "10b2-pp2", "10b-tp4", "10b-tp2pp2", "10b-pp4", "10b-pp4i", "10b-pp4-m32"]:
+for name in ["1.5b-dp2", "1.5b-tp2", "1.5b-tp2-noov", "1.5b-tp2t", "1.5b-pp2", "1.5b-pp2i", "10b2-tp2", "10b2-tp2-noov", "10b2-pp2", "10b2-pp2i", "10b-tp4", "10b-tp2pp2", "10b-pp4", "10b-pp4i", "10b-pp4-m32"]:
     m = os.path.join(out, name, "metrics.jsonl")
     if not os.path.exists(m):
         print(f"{name:<14} not run or failed"); continue
