@@ -122,39 +122,52 @@ fn pipelines_compose_with_data_and_tensor_parallelism() {
     }
 }
 
-#[test]
-fn a_pipeline_checkpoint_resumes_on_other_pipeline_layouts() {
+/// Train on `nproc` ranks with `saved` overrides, stop after step 4, then
+/// resume that checkpoint on each of `layouts` (ranks, overrides): each must
+/// say it resumes a checkpoint "saved with `saved_as`" and follow the run
+/// that never stopped.
+fn resume_elsewhere(nproc: usize, saved: &[&str], saved_as: &str, layouts: &[(usize, Vec<&str>)]) {
     let d = tempfile::tempdir().expect("tmp");
     let reference = run(1, &d.path().join("ref"), 8, &[]);
-    let saved = d.path().join("pp2");
-    let mut a = args(&saved, 8, &["parallel.pp=2"]);
+    let dir = d.path().join("saved");
+    let mut a = args(&dir, 8, saved);
     a.extend(["--stop-after".into(), "4".into()]);
-    let o = run_with(2, a, &[]);
+    let o = run_with(nproc, a, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let ck = saved.join("checkpoints/step-0000004");
-    for (n, extra) in [
-        (1, vec![]),
-        (4, vec!["parallel.pp=4"]),
-        (4, vec!["parallel.pp=2", "parallel.tp=2"]),
-    ] {
-        let out = d.path().join(format!("to{n}-{}", extra.len()));
+    let ck = dir.join("checkpoints/step-0000004");
+    for (i, (n, extra)) in layouts.iter().enumerate() {
+        let out = d.path().join(format!("to{i}"));
         std::fs::create_dir_all(&out).expect("mkdir");
-        std::fs::copy(saved.join("metrics.jsonl"), out.join("metrics.jsonl")).expect("copy");
-        let mut a = args(&out, 8, &extra);
+        std::fs::copy(dir.join("metrics.jsonl"), out.join("metrics.jsonl")).expect("copy");
+        let mut a = args(&out, 8, extra);
         a.extend(["--resume".into(), ck.to_string_lossy().into_owned()]);
-        let o = run_with(n, a, &[]);
+        let o = run_with(*n, a, &[]);
         assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
         assert!(
-            stderr(&o).contains("saved with dp 1 tp 1 pp 2"),
+            stderr(&o).contains(&format!("saved with {saved_as}")),
             "{}",
             stderr(&o)
         );
         close(
             &reference,
             &losses(&out.join("metrics.jsonl")),
-            &format!("pp 2 -> {extra:?}"),
+            &format!("{saved:?} -> {extra:?}"),
         );
     }
+}
+
+#[test]
+fn a_pipeline_checkpoint_resumes_on_other_pipeline_layouts() {
+    resume_elsewhere(
+        2,
+        &["parallel.pp=2"],
+        "dp 1 tp 1 pp 2",
+        &[
+            (1, vec![]),
+            (4, vec!["parallel.pp=4"]),
+            (4, vec!["parallel.pp=2", "parallel.tp=2"]),
+        ],
+    );
 }
 
 /// A checkpoint of a 3D layout (tp 2 x pp 2) resumes without a pipeline: at
@@ -163,41 +176,23 @@ fn a_pipeline_checkpoint_resumes_on_other_pipeline_layouts() {
 /// SIGMA-10B's tp 4 x pp 2 -> tp 8 and tp 4 x dp 2).
 #[test]
 fn a_3d_checkpoint_resumes_on_layouts_without_a_pipeline() {
-    let d = tempfile::tempdir().expect("tmp");
-    let reference = run(1, &d.path().join("ref"), 8, &[]);
-    let saved = d.path().join("tp2pp2");
-    let mut a = args(&saved, 8, &["parallel.pp=2", "parallel.tp=2"]);
-    a.extend(["--stop-after".into(), "4".into()]);
-    let o = run_with(4, a, &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let ck = saved.join("checkpoints/step-0000004");
-    for extra in [
-        vec!["parallel.tp=4"],
-        vec![
-            "parallel.tp=2",
-            "parallel.dp=2",
-            "train.micro_batch_size=2",
-            "parallel.zero=1",
+    resume_elsewhere(
+        4,
+        &["parallel.pp=2", "parallel.tp=2"],
+        "dp 1 tp 2 pp 2",
+        &[
+            (4, vec!["parallel.tp=4"]),
+            (
+                4,
+                vec![
+                    "parallel.tp=2",
+                    "parallel.dp=2",
+                    "train.micro_batch_size=2",
+                    "parallel.zero=1",
+                ],
+            ),
         ],
-    ] {
-        let out = d.path().join(format!("to-{}", extra.len()));
-        std::fs::create_dir_all(&out).expect("mkdir");
-        std::fs::copy(saved.join("metrics.jsonl"), out.join("metrics.jsonl")).expect("copy");
-        let mut a = args(&out, 8, &extra);
-        a.extend(["--resume".into(), ck.to_string_lossy().into_owned()]);
-        let o = run_with(4, a, &[]);
-        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains("saved with dp 1 tp 2 pp 2"),
-            "{}",
-            stderr(&o)
-        );
-        close(
-            &reference,
-            &losses(&out.join("metrics.jsonl")),
-            &format!("tp 2 x pp 2 -> {extra:?}"),
-        );
-    }
+    );
 }
 
 #[test]

@@ -340,18 +340,7 @@ fn attention_under_tensor_parallelism_never_falls_back_to_sdpas_math_path() {
     );
     for (sp, ac) in [(true, false), (true, true), (false, false)] {
         let ranks = on_two_ranks(|rank, tp| {
-            let m = tp_model(&c, rank, sp);
-            let mut g = m.params.flat.zeros_like();
-            let _ = engine::forward_backward_in(
-                &m,
-                Some(tp),
-                &tokens(),
-                0.1,
-                ac,
-                &mut g,
-                &mut |_, _| Ok(()),
-            )
-            .expect("backward");
+            let _ = tp_grads(&tp_model(&c, rank, sp), tp, ac);
             sigma_trainer::model::sdpa_calls_on_this_thread()
         });
         for (rank, (calls, math)) in ranks.into_iter().enumerate() {
@@ -362,6 +351,23 @@ fn attention_under_tensor_parallelism_never_falls_back_to_sdpas_math_path() {
             assert_eq!(math, 0, "sp {sp} ckpt {ac} rank {rank}: {math} of {calls} attention calls ran SDPA's math path");
         }
     }
+}
+
+/// This rank's gradients (its local flat buffer) of `tokens()` at loss scale
+/// 0.1, with or without activation checkpointing.
+fn tp_grads(m: &Model, tp: &mut dyn Collectives, checkpoint: bool) -> Tensor {
+    let mut g = m.params.flat.zeros_like();
+    let _ = engine::forward_backward_in(
+        m,
+        Some(tp),
+        &tokens(),
+        0.1,
+        checkpoint,
+        &mut g,
+        &mut |_, _| Ok(()),
+    )
+    .expect("backward");
+    g
 }
 
 /// Gradients of rank `rank` of 2 (its local flat buffer), made whole for shared parameters.
@@ -384,17 +390,7 @@ fn tp_rank_grads(
     ));
     let mut replicas = vec![(2usize, shared)];
     let m = tp_model(&c, rank, sp);
-    let mut g = m.params.flat.zeros_like();
-    let _ = engine::forward_backward_in(
-        &m,
-        Some(&mut tp as &mut dyn Collectives),
-        &tokens(),
-        0.1,
-        ac,
-        &mut g,
-        &mut |_, _| Ok(()),
-    )
-    .expect("backward");
+    let g = tp_grads(&m, &mut tp, ac);
     sync_shared_grads(&m.params, &g, &mut tp, &mut replicas).expect("sync");
     let layout = m
         .params

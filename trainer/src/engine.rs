@@ -848,29 +848,16 @@ impl<'a> Pass<'a> {
                     roots.push((out, seed));
                     self.val[s] = None;
                 }
-                let root = (!roots.is_empty()).then_some(roots);
                 let params = Program::seg_params(self.model, *seg);
                 let leaves: Vec<(Slot, Tensor)> = inputs
                     .iter()
                     .map(|&s| (s, self.val[s].as_ref().expect("input kept").shallow_clone()))
                     .collect();
                 let overlap = self.overlapped_comm(i);
-                if let Some(root) = root {
+                if !roots.is_empty() {
                     let inputs: Vec<&Tensor> = leaves.iter().map(|(_, t)| t).collect();
-                    let input_grads = match overlap {
-                        Some((q, _)) => {
-                            q.hold(true);
-                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                backward_into(self.model, root, &params, &inputs, grads)
-                            }));
-                            q.hold(false);
-                            r.unwrap_or_else(|p| {
-                                q.clear();
-                                std::panic::resume_unwind(p)
-                            })
-                        }
-                        None => backward_into(self.model, root, &params, &inputs, grads),
-                    };
+                    let _held = overlap.map(|(q, _)| q.holding());
+                    let input_grads = backward_into(self.model, roots, &params, &inputs, grads);
                     for ((s, _), gi) in leaves.into_iter().zip(input_grads) {
                         if gi.defined() {
                             self.add_grad(s, gi);

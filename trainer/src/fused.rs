@@ -210,7 +210,7 @@ impl WgradQueue {
     }
 
     /// Queue (true) or compute at once (false) from now on.
-    pub fn hold(&self, on: bool) {
+    fn hold(&self, on: bool) {
         // SAFETY: a live queue.
         unsafe { sigma_wgrad_queue_hold(self.0, on as i32) }
     }
@@ -232,6 +232,13 @@ impl WgradQueue {
         Ok(())
     }
 
+    /// Queue from now until the returned guard is dropped; a panic in
+    /// between (a failed backward) drops what was queued.
+    pub fn holding(&self) -> Holding<'_> {
+        self.hold(true);
+        Holding(self)
+    }
+
     /// Drop the queued GEMMs without running them: after a failed backward,
     /// so that none is added into a later step's gradients.
     pub fn clear(&self) {
@@ -243,6 +250,18 @@ impl WgradQueue {
     pub fn drained(&self) -> u64 {
         // SAFETY: a live queue.
         unsafe { sigma_wgrad_queue_drained(self.0) }
+    }
+}
+
+/// See [`WgradQueue::holding`].
+pub struct Holding<'q>(&'q WgradQueue);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.hold(false);
+        if std::thread::panicking() {
+            self.0.clear();
+        }
     }
 }
 
