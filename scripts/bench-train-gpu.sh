@@ -9,6 +9,8 @@
 #   STEPS=8 ACCUM=2 scripts/bench-train-gpu.sh
 #   LABEL=before SIGMA_BIN=old/sigma RUNS="mbs2 mbs4-ac" scripts/bench-train-gpu.sh   # a subset, prefixed
 #   LABEL=unfused EXTRA="--set train.fused_weight_grad=false" RUNS=mbs2 scripts/bench-train-gpu.sh  # overrides for every run
+#   RUNS="mbs2 peer-compile-mbs2" scripts/bench-train-gpu.sh   # sigma beside the PyTorch peer (scripts/peer-torch.py)
+# Peer runs (peer-eager-mbsN, peer-compile-mbsN, peer-gqa16-compile-mbs2) take STEPS and ACCUM too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
@@ -39,17 +41,31 @@ run() {
   fi
 }
 gqa="--set model.num_k_heads=16 --set model.aug_q_dim=0"
+peer() {
+  local name=$1; shift
+  local t0=$(date +%s)
+  if python3 scripts/peer-torch.py --config configs/sigma-1.5b.toml --steps "$steps" --accum "$accum" "$@" \
+      > "$out/$name.json" 2> "$out/$name.log"; then
+    echo "$name: ok ($(( $(date +%s) - t0 )) s)"
+  else
+    echo "$name: FAILED ($(( $(date +%s) - t0 )) s): $(grep -m1 -iE 'error|out of memory' "$out/$name.log" | cut -c1-200)"
+  fi
+}
 for r in $runs; do
   case $r in
     mbs1)          run $r --set train.micro_batch_size=1 ;;
     mbs2)          run $r --set train.micro_batch_size=2 ;;
     mbs4)          run $r --set train.micro_batch_size=4 ;;
+    mbs4-profile)  run $r --set train.micro_batch_size=4 --set metrics.profile=true ;;
     mbs4-chunk)    run $r --set train.micro_batch_size=4 --set train.loss_chunk_tokens=4096 ;;
     mbs8)          run $r --set train.micro_batch_size=8 ;;
     mbs4-ac)       run $r --set train.micro_batch_size=4 --set train.activation_checkpointing=true ;;
     mbs8-ac)       run $r --set train.micro_batch_size=8 --set train.activation_checkpointing=true ;;
     gqa16-mbs2)    run $r --set train.micro_batch_size=2 $gqa ;;
     gqa16-mbs4-ac) run $r --set train.micro_batch_size=4 --set train.activation_checkpointing=true $gqa ;;
+    peer-eager-mbs[0-9]*)   peer $r --mbs "${r##*mbs}" ;;
+    peer-compile-mbs[0-9]*) peer $r --mbs "${r##*mbs}" --compile ;;
+    peer-gqa16-compile-mbs2) peer $r --mbs 2 --compile --set num_k_heads=16 --set aug_q_dim=0 ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
 done
@@ -72,4 +88,11 @@ for name in sorted(os.listdir(out)):
     mem = max(r.get("memory", {}).get("allocated_mib_peak", r.get("memory", {}).get("gpu_mib_peak", 0)) for r in recs)
     src = "alloc" if "allocated_mib_peak" in recs[-1].get("memory", {}) else "smi"
     print(f"{name:<22} {med('tokens_per_s'):>9.0f} {100*mfu:>5.1f}% {mem:>7} {src:<5} {ph('data'):>7.3f} {ph('forward_backward'):>9.3f} {ph('optimizer'):>8.3f} {len(recs):>5} {recs[0]['loss']:>8.4f} -> {recs[-1]['loss']:.4f}")
+for name in sorted(os.listdir(out)):
+    if name.endswith(".json") and name.startswith("peer"):
+        try:
+            r = json.loads(open(os.path.join(out, name)).read().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            print(f"{name[:-5]:<22} no result"); continue
+        print(f"{name[:-5]:<22} {r['tokens_per_s']:>9.0f} {'':>6} {r['allocated_mib_peak']:>7} alloc {'':>7} {'':>9} {'':>8} {r['steps']:>5} {r['loss_first']:>8.4f} -> {r['loss_last']:.4f}")
 PY
