@@ -16,8 +16,9 @@ pub enum BenchCommand {
     /// Decoding speed: attention per step (DiffQKV kernel and tensor path vs GQA through SDPA),
     /// the kernel's accuracy (--check) or whole-model tokens/s (--model).
     Decode(DecodeArgs),
-    /// The fused bf16 training operations on a GPU (SwiGLU kernels, fp32
-    /// weight-gradient GEMM): checked against fp32 and timed against tensor operations.
+    /// The fused bf16 training operations on a GPU (SwiGLU, RoPE, cross-entropy,
+    /// RMSNorm and add + RMSNorm kernels, fp32 weight-gradient GEMM): checked
+    /// against fp32 and timed against tensor operations.
     Fused(FusedArgs),
 }
 

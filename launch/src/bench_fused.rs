@@ -2,7 +2,8 @@
 //! checked against an fp32 reference and timed against the tensor operations
 //! they replace: the SwiGLU kernels (forward and backward over the merged
 //! gate/up activation), the RoPE kernels, the cross-entropy kernels, the
-//! RMSNorm kernels (fp32 in, bf16 out), and the weight-gradient GEMM that
+//! RMSNorm kernels (fp32 in, bf16 out) with and without the residual add
+//! before the norm, and the weight-gradient GEMM that
 //! accumulates in fp32 into the gradient buffer. Exits non-zero past the
 //! tolerance.
 
@@ -216,6 +217,20 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
         };
         let (l_ref, g_ref) = tensor(&logits.to_kind(Kind::Float));
         let (lk, gk) = kernel(&logits)?;
+        // Logits the graph made (as the head's matmul makes them) take the
+        // gradient over their own buffer in backward: the same numbers.
+        let lg = logits.detach().set_requires_grad(true);
+        let made = &lg * 1.0;
+        let Some(loss) = train_kernels::cross_entropy_sum(&made, &targets, -100) else {
+            bail!("the cross-entropy kernel did not run for {rows} x {vocab}");
+        };
+        let gm = Tensor::run_backward(&[&loss], &[&lg], false, false);
+        if !gm[0].equal(&gk) {
+            bail!("cross-entropy: the gradient written over the logits differs from the one written apart ({rows} x {vocab})");
+        }
+        if !made.equal(&gm[0]) {
+            bail!("cross-entropy: the gradient of logits made by the graph was not written over them ({rows} x {vocab})");
+        }
         let (lt, gt) = tensor(&logits);
         let errs = [
             rel_err(&lk, &l_ref),
@@ -324,6 +339,77 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
             "{rows:>6} {d:>5} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>10.3} {:>10.3}",
             errs[0], errs[1], errs[2], errs[3], errs[4], errs[5], tk * 1e3, tt * 1e3
         );
+    }
+    println!("residual add and RMSNorm: (x + y, RMSNorm(x + y)) for fp32 x and bf16 y [rows, d], forward + backward (gradients of x, y and the weight):");
+    println!(
+        "{:>6} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "rows", "d", "kernel s", "tensor s", "kernel h", "tensor h", "kernel dx", "tensor dx",
+        "kernel dy", "tensor dy", "kernel dw", "tensor dw", "kernel ms", "tensor ms"
+    );
+    for (rows, d) in [(16384, 2048), (1000, 1028), (37, 24)] {
+        let x = Tensor::randn([rows, d], (Kind::Float, device)) * 3.0;
+        let y = Tensor::randn([rows, d], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let w = Tensor::rand([d], (Kind::Float, device)) + 0.5;
+        let up_s = Tensor::randn([rows, d], (Kind::Float, device));
+        let up_h = Tensor::randn([rows, d], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let eps = 1e-5;
+        // (s, h, dx, dy, dw) of the sum of s * up_s + h * up_h.
+        let run = |x: &Tensor, y: &Tensor, w: &Tensor, fused: bool| -> Result<[Tensor; 5]> {
+            let (xg, yg, wg) = (
+                x.detach().set_requires_grad(true),
+                y.detach().set_requires_grad(true),
+                w.detach().set_requires_grad(true),
+            );
+            let (s, h) = if fused {
+                let Some(r) = train_kernels::add_rms_norm_bf16(&xg, &yg, &wg, eps) else {
+                    bail!("the add + RMSNorm kernel did not run for {rows} x {d}");
+                };
+                r
+            } else {
+                let s = &xg + &yg;
+                // The reference in f64 throughout; the tensor form writes bf16.
+                let out = if x.kind() == Kind::Double {
+                    Kind::Double
+                } else {
+                    Kind::BFloat16
+                };
+                let h = s.rms_norm([d], Some(&wg), eps).to_kind(out);
+                (s, h)
+            };
+            let k = s.kind();
+            let total = (&s * up_s.to_kind(k)).sum(k) + (h.to_kind(k) * up_h.to_kind(k)).sum(k);
+            let g = Tensor::run_backward(&[total], &[&xg, &yg, &wg], false, false);
+            Ok([
+                s,
+                h,
+                g[0].shallow_clone(),
+                g[1].shallow_clone(),
+                g[2].shallow_clone(),
+            ])
+        };
+        let dbl = |t: &Tensor| t.to_kind(Kind::Double);
+        let r = run(&dbl(&x), &dbl(&y), &dbl(&w), false)?;
+        let k = run(&x, &y, &w, true)?;
+        let t = run(&x, &y, &w, false)?;
+        let mut errs = Vec::new();
+        for i in 0..5 {
+            errs.push(rel_err(&k[i], &r[i]));
+            errs.push(rel_err(&t[i], &r[i]));
+        }
+        worst = errs.iter().step_by(2).fold(worst, |a, &e| a.max(e));
+        let (tk, tt) = kernel_and_tensor_times(
+            device,
+            steps,
+            || run(&x, &y, &w, true).map(|_| ()),
+            || {
+                let _ = run(&x, &y, &w, false);
+            },
+        )?;
+        print!("{rows:>6} {d:>5}");
+        for e in &errs {
+            print!(" {e:>10.2e}");
+        }
+        println!(" {:>10.3} {:>10.3}", tk * 1e3, tt * 1e3);
     }
     println!("weight gradient of x [rows, in] w^T: added into an fp32 buffer by one GEMM vs computed in bf16 and added (forward + backward, input gradient included):");
     println!(

@@ -28,16 +28,20 @@ struct KernelArgs {
            // 2 RoPE (a = x, b = cos table, c = sin table), 3 its backward (a = dy),
            // 4 cross-entropy (a = logits, b = targets; out = row losses, out2 = lse),
            // 5 its backward (a = logits, b = targets, c = lse, d = gradient of the sum),
-           // 6 RMSNorm (a = x, b = w; out = bf16 y, out2 = rstd),
+           // 6 RMSNorm (a = x, b = w; out = bf16 y, out2 = rstd; with e = a bf16
+           //   addend of x, out3 = the fp32 sum, which is what is normalised),
            // 7 its backward (a = dy, b = x, c = w, d = rstd; out = dx, out2 = weight
-           //   gradient partials [blocks, f])
+           //   gradient partials [blocks, f]; e = a gradient added to dx or null,
+           //   out3 = dx in bf16 or null)
   int device;
   const void* a;
   const void* b;
   const void* c;
   const void* d;
+  const void* e;
   void* out;
   void* out2;
+  void* out3;
   long long rows;
   long long cols;    // cross-entropy: the vocabulary
   long long ignore;  // cross-entropy: the target index that counts nothing
@@ -48,7 +52,7 @@ struct KernelArgs {
   int blocks;  // RMSNorm backward: the blocks, one weight-gradient partial each
   float eps;   // RMSNorm
 };
-static_assert(sizeof(KernelArgs) == 104, "KernelArgs must match trainer/src/train_kernels.rs");
+static_assert(sizeof(KernelArgs) == 120, "KernelArgs must match trainer/src/train_kernels.rs");
 typedef int (*Launcher)(const KernelArgs*);
 std::atomic<Launcher> launcher{nullptr};
 
@@ -146,7 +150,7 @@ struct Rope : public torch::autograd::Function<Rope> {
 // on CUDA, v a multiple of 8) against int64 targets [rows].
 struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
-                            const at::Tensor& targets, int64_t ignore) {
+                            const at::Tensor& targets, int64_t ignore, bool overwrite) {
     const at::Tensor t = targets.contiguous();
     const auto f32 = logits.options().dtype(at::kFloat);
     at::Tensor loss = at::empty({logits.size(0)}, f32), lse = at::empty({logits.size(0)}, f32);
@@ -158,6 +162,7 @@ struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
       throw std::runtime_error("the cross-entropy kernel failed (see the warning above)");
     ctx->save_for_backward({logits, t, lse});
     ctx->saved_data["ignore"] = ignore;
+    ctx->saved_data["overwrite"] = overwrite;
     return loss.sum();
   }
 
@@ -165,7 +170,13 @@ struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
     const at::Tensor g = grads[0].to(at::kFloat).contiguous();
-    at::Tensor d = at::empty_like(logits);
+    // Logits made by the graph (not a leaf: the head's matmul) are read by
+    // nothing after this, so the gradient overwrites them (each element is
+    // read and then written by one thread): the head's backward does not
+    // hold a second logits-sized buffer (4.2 GB for 16k tokens of a 128k
+    // vocabulary), which is where training peaks. A leaf's storage may be
+    // the caller's: it gets a buffer of its own.
+    at::Tensor d = ctx->saved_data["overwrite"].toBool() ? logits : at::empty_like(logits);
     KernelArgs a{};
     a.op = 5, a.device = static_cast<int>(logits.get_device());
     a.a = logits.data_ptr(), a.b = saved[1].data_ptr(), a.c = saved[2].data_ptr();
@@ -173,7 +184,7 @@ struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
     a.rows = logits.size(0), a.cols = logits.size(1), a.ignore = ctx->saved_data["ignore"].toInt();
     if (launch(a) != 0)
       throw std::runtime_error("the cross-entropy kernel failed (see the warning above)");
-    return {d, at::Tensor(), at::Tensor()};
+    return {d, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -217,6 +228,58 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
     return {dx, part.sum(0), at::Tensor()};
   }
 };
+
+// The residual add before an RMSNorm and the norm in one kernel each way:
+// (x fp32, y bf16, w) -> (s = x + y in fp32, RMSNorm(s) in bf16). Backward
+// from (ds, dh): dx = ds + the norm's gradient, in fp32 and in bf16 for y,
+// in the norm's backward kernel (no separate add of the two gradients of s
+// and no cast for y).
+struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
+                               const at::Tensor& w, double eps) {
+    const at::Tensor xc = x.contiguous(), yc = y.contiguous();
+    const int64_t d = w.size(0), rows = xc.numel() / d;
+    at::Tensor sum = at::empty_like(xc);
+    at::Tensor h = at::empty(xc.sizes(), xc.options().dtype(at::kBFloat16));
+    at::Tensor rstd = at::empty({rows}, xc.options());
+    KernelArgs a{};
+    a.op = 6, a.device = static_cast<int>(xc.get_device());
+    a.a = xc.data_ptr(), a.b = w.data_ptr(), a.e = yc.data_ptr();
+    a.out = h.data_ptr(), a.out2 = rstd.data_ptr(), a.out3 = sum.data_ptr();
+    a.rows = rows, a.f = static_cast<int>(d), a.eps = static_cast<float>(eps);
+    if (!aligned(xc) || !aligned(yc) || !aligned(w) || launch(a) != 0)
+      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+    ctx->save_for_backward({sum, w, rstd});
+    return {sum, h};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &s = saved[0], &w = saved[1], &rstd = saved[2];
+    at::Tensor dh = grads[1].defined() ? grads[1].to(at::kBFloat16).contiguous()
+                                       : at::zeros(s.sizes(), s.options().dtype(at::kBFloat16));
+    if (!aligned(dh)) dh = dh.clone();
+    at::Tensor ds;
+    if (grads[0].defined()) {
+      ds = grads[0].to(at::kFloat).contiguous();
+      if (!aligned(ds)) ds = ds.clone();
+    }
+    const int64_t d = w.size(0), rows = s.numel() / d;
+    const int64_t blocks = std::min<int64_t>(rows, 512);
+    at::Tensor dx = at::empty_like(s);
+    at::Tensor dy = at::empty(s.sizes(), s.options().dtype(at::kBFloat16));
+    at::Tensor part = at::empty({blocks, d}, s.options());
+    KernelArgs a{};
+    a.op = 7, a.device = static_cast<int>(s.get_device());
+    a.a = dh.data_ptr(), a.b = s.data_ptr(), a.c = w.data_ptr(), a.d = rstd.data_ptr();
+    a.e = ds.defined() ? ds.data_ptr() : nullptr;
+    a.out = dx.data_ptr(), a.out2 = part.data_ptr(), a.out3 = dy.data_ptr();
+    a.rows = rows, a.f = static_cast<int>(d), a.blocks = static_cast<int>(blocks);
+    if (launch(a) != 0)
+      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+    return {dx, dy, part.sum(0), at::Tensor()};
+  }
+};
 }  // namespace
 
 extern "C" void sigma_kernel_ops_set_launcher(Launcher l) { launcher.store(l); }
@@ -251,7 +314,10 @@ extern "C" int sigma_cross_entropy_sum(void* logits, void* targets, long long ig
   return sigma_shim::guarded(err, err_len, [&] {
     const auto& l = *static_cast<const at::Tensor*>(logits);
     const auto& t = *static_cast<const at::Tensor*>(targets);
-    *static_cast<at::Tensor*>(out) = CrossEntropySum::apply(l, t, static_cast<int64_t>(ignore));
+    // Made by the graph: not a leaf, nor a view of one (a view's storage is its base's).
+    const bool made = !l.is_leaf() && !(l.is_view() && l._base().is_leaf());
+    *static_cast<at::Tensor*>(out) =
+        CrossEntropySum::apply(l, t, static_cast<int64_t>(ignore), made);
   });
 }
 
@@ -262,5 +328,19 @@ extern "C" int sigma_rms_norm_bf16(void* x, void* w, double eps, void* out, char
     const auto& xt = *static_cast<const at::Tensor*>(x);
     const auto& wt = *static_cast<const at::Tensor*>(w);
     *static_cast<at::Tensor*>(out) = RmsNormBf16::apply(xt, wt, eps);
+  });
+}
+
+// x + y and RMSNorm of the sum with `w` and `eps` in bf16 (see AddRmsNormBf16),
+// into `out_sum` and `out_norm`.
+extern "C" int sigma_add_rms_norm_bf16(void* x, void* y, void* w, double eps, void* out_sum,
+                                       void* out_norm, char* err, size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    const auto& xt = *static_cast<const at::Tensor*>(x);
+    const auto& yt = *static_cast<const at::Tensor*>(y);
+    const auto& wt = *static_cast<const at::Tensor*>(w);
+    auto r = AddRmsNormBf16::apply(xt, yt, wt, eps);
+    *static_cast<at::Tensor*>(out_sum) = r[0];
+    *static_cast<at::Tensor*>(out_norm) = r[1];
   });
 }

@@ -166,11 +166,13 @@ extern "C" __global__ void cross_entropy_forward(const bf16* __restrict__ logits
 
 // Its backward: d logits = g (softmax - one-hot(target)) in bf16, g the
 // gradient of the summed loss (a device scalar); zeros for `ignore`.
-extern "C" __global__ void cross_entropy_backward(const bf16* __restrict__ logits,
+// `dlogits` may be `logits` (the caller overwrites them): every element is
+// read and then written by the same thread, so neither is `__restrict__`.
+extern "C" __global__ void cross_entropy_backward(const bf16* logits,
                                                   const long long* __restrict__ targets,
                                                   const float* __restrict__ lse,
                                                   const float* __restrict__ grad,
-                                                  bf16* __restrict__ dlogits, long long rows,
+                                                  bf16* dlogits, long long rows,
                                                   long long v, long long ignore) {
   const float g = *grad;
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -193,7 +195,9 @@ extern "C" __global__ void cross_entropy_backward(const bf16* __restrict__ logit
 // written in bf16 for the matmuls that read it: y = bf16(x * rstd * w),
 // rstd = 1 / sqrt(mean(x^2) + eps), kept per row for backward. One block of
 // NORM_THREADS per row, 4 columns per thread and step (d a multiple of 4).
-// The tensor form writes an fp32 output and then casts it.
+// The tensor form writes an fp32 output and then casts it. With `add` (bf16,
+// else null) the residual add before the norm in the same pass: the row
+// normalised is x + add, written in fp32 to `sum` (the new residual stream).
 #define NORM_THREADS 256
 // Columns per thread that backward keeps in registers: d <= 4 * NORM_THREADS * NORM_CHUNKS.
 #define NORM_CHUNKS 8
@@ -214,20 +218,28 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
 
 extern "C" __global__ void rms_norm_forward(const float* __restrict__ x, const float* __restrict__ w,
                                            bf16* __restrict__ y, float* __restrict__ rstd,
-                                           long long rows, int d, float eps) {
+                                           long long rows, int d, float eps,
+                                           const bf16* __restrict__ add, float* __restrict__ sum) {
   __shared__ float sh[NORM_THREADS / 32];
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
     const float* xr = x + row * d;
     float ss = 0.0f;
     for (int c = threadIdx.x * 4; c < d; c += NORM_THREADS * 4) {
-      const float4 a = *reinterpret_cast<const float4*>(xr + c);
+      float4 a = *reinterpret_cast<const float4*>(xr + c);
+      if (add != nullptr) {
+        const float4 e = unpack4(*reinterpret_cast<const uint2*>(add + row * d + c));
+        a = make_float4(a.x + e.x, a.y + e.y, a.z + e.z, a.w + e.w);
+        *reinterpret_cast<float4*>(sum + row * d + c) = a;
+      }
       ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
     }
     const float r = rsqrtf(block_sum(ss, sh) / d + eps);
     if (threadIdx.x == 0) rstd[row] = r;
+    // With `add` the normalised row is the sum, which this thread wrote itself.
+    const float* sr = add != nullptr ? sum + row * d : xr;
     bf16* yr = y + row * d;
     for (int c = threadIdx.x * 4; c < d; c += NORM_THREADS * 4) {
-      const float4 a = *reinterpret_cast<const float4*>(xr + c);
+      const float4 a = *reinterpret_cast<const float4*>(sr + c);
       const float4 g = *reinterpret_cast<const float4*>(w + c);
       *reinterpret_cast<uint2*>(yr + c) =
           pack4(make_float4(a.x * r * g.x, a.y * r * g.y, a.z * r * g.z, a.w * r * g.w));
@@ -237,11 +249,15 @@ extern "C" __global__ void rms_norm_forward(const float* __restrict__ x, const f
 
 // Its backward from the bf16 dy: dx = rstd (dy w - x rstd^2 mean(dy w x)) in
 // fp32, and the weight gradient sum over rows of dy x rstd, one partial row
-// per block in dw_part [gridDim.x, d] (the caller sums them).
+// per block in dw_part [gridDim.x, d] (the caller sums them). With `dres`
+// (fp32, else null) the gradient that reaches x around the norm (the
+// residual's) is added to dx; with `dx16` (else null) dx is also written in
+// bf16 (the gradient of a bf16 addend of x).
 extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const float* __restrict__ x,
                                             const float* __restrict__ w, const float* __restrict__ rstd,
                                             float* __restrict__ dx, float* __restrict__ dw_part,
-                                            long long rows, int d) {
+                                            long long rows, int d, const float* __restrict__ dres,
+                                            bf16* __restrict__ dx16) {
   __shared__ float sh[NORM_THREADS / 32];
   float dw[NORM_CHUNKS][4];
 #pragma unroll
@@ -251,10 +267,14 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
     const bf16* gr = dy + row * d;
     const float r = rstd[row];
     float dot = 0.0f;
+    // The residual's gradient is loaded before the block's reduction, so
+    // that its reads overlap the others instead of following the barrier.
+    float4 q[NORM_CHUNKS];
 #pragma unroll
     for (int k = 0; k < NORM_CHUNKS; ++k) {
       const int c = (k * NORM_THREADS + threadIdx.x) * 4;
       if (c >= d) break;
+      if (dres != nullptr) q[k] = *reinterpret_cast<const float4*>(dres + row * d + c);
       const float4 a = *reinterpret_cast<const float4*>(xr + c);
       const float4 g = *reinterpret_cast<const float4*>(w + c);
       const float4 e = unpack4(*reinterpret_cast<const uint2*>(gr + c));
@@ -278,7 +298,9 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
       o.y = r * (e.y * g.y - a.y * m);
       o.z = r * (e.z * g.z - a.z * m);
       o.w = r * (e.w * g.w - a.w * m);
+      if (dres != nullptr) o = make_float4(o.x + q[k].x, o.y + q[k].y, o.z + q[k].z, o.w + q[k].w);
       *reinterpret_cast<float4*>(out + c) = o;
+      if (dx16 != nullptr) *reinterpret_cast<uint2*>(dx16 + row * d + c) = pack4(o);
     }
   }
   float* part = dw_part + (long long)blockIdx.x * d;

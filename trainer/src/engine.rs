@@ -541,8 +541,7 @@ fn run_seg(
             vec![model.attend(l, &model.query_heads(&inputs[0]), &inputs[1], &inputs[2])]
         }
         Seg::AddNorm(l) => {
-            let x2 = &inputs[0] + &inputs[1];
-            let h2 = model.norm_in(&x2, ids.layer(l).ffn.norm);
+            let (x2, h2) = model.add_norm_in(&inputs[0], &inputs[1], ids.layer(l).ffn.norm);
             vec![x2, h2]
         }
         Seg::Ffn(l) => vec![model.ffn(l, &inputs[0])],

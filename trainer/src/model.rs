@@ -435,6 +435,23 @@ impl Model {
         self.rms_norm(x, w).to_kind(self.compute)
     }
 
+    /// The residual add `x + y` (fp32 stream, branch output in the compute
+    /// dtype) and `norm_in` of the sum with weight `w`: (sum, normalised).
+    /// On a GPU in bf16 one kernel each way (crate::train_kernels::
+    /// add_rms_norm_bf16), else the two tensor operations.
+    pub fn add_norm_in(&self, x: &Tensor, y: &Tensor, w: ParamId) -> (Tensor, Tensor) {
+        if self.compute == Kind::BFloat16 && x.kind() == Kind::Float {
+            if let Some(r) =
+                crate::train_kernels::add_rms_norm_bf16(x, y, self.p(w), self.cfg.norm_eps)
+            {
+                return r;
+            }
+        }
+        let s = x + y;
+        let h = self.norm_in(&s, w);
+        (s, h)
+    }
+
     /// RoPE tables [t, dim] for positions 0..t (angles computed in f64), in
     /// the layout of `rope_at`: `[cos, cos]` and `[-sin, sin]` over the two
     /// halves of a head; made once per dtype: no cast per call.
@@ -666,8 +683,8 @@ impl Model {
     /// Transformer block `l`: pre-norm attention and SwiGLU FFN with residuals.
     pub fn block(&self, l: usize, x: &Tensor) -> Tensor {
         let ids = &self.ids.layer(l);
-        let x = x + self.attention(l, &self.norm_in(x, ids.attn.norm));
-        let h = self.norm_in(&x, ids.ffn.norm);
+        let a = self.attention(l, &self.norm_in(x, ids.attn.norm));
+        let (x, h) = self.add_norm_in(x, &a, ids.ffn.norm);
         &x + self.ffn(l, &h)
     }
 

@@ -13,15 +13,22 @@
 //! - **Cross-entropy** of the output head
 //!   ([`crate::model::Model::head_loss_sum_whole`]): forward reads the bf16
 //!   logits once and keeps one log-sum-exp per row; backward writes the bf16
-//!   gradient in one pass. The tensor form copies the logits to fp32 and
-//!   keeps their fp32 log-softmax (for SIGMA-1.5B at micro-batch 4, 8.4 GB
-//!   each); [`cross_entropy_sum`] says when it applies.
+//!   gradient in one pass, over the logits themselves (no second
+//!   logits-sized buffer at the head's backward, where training peaks). The
+//!   tensor form copies the logits to fp32 and keeps their fp32 log-softmax
+//!   (for SIGMA-1.5B at micro-batch 4, 8.4 GB each); [`cross_entropy_sum`]
+//!   says when it applies.
 //! - **RMSNorm** of the fp32 residual stream with a bf16 output
 //!   ([`crate::model::Model::norm_in`]): forward reads x once and writes the
 //!   bf16 input of the matmuls; backward reads the bf16 gradient and writes
 //!   the fp32 one, with the weight gradient from per-block partial sums. The
 //!   tensor form writes an fp32 output, casts it, and casts the gradient
-//!   back; [`rms_norm_bf16`] says when it applies.
+//!   back; [`rms_norm_bf16`] says when it applies. The residual add before
+//!   a norm runs in the same kernels ([`add_rms_norm_bf16`],
+//!   [`crate::model::Model::add_norm_in`]): forward writes the fp32 sum and
+//!   its bf16 norm from one read of both addends; backward adds the
+//!   residual's gradient to the norm's and writes the bf16 gradient of the
+//!   branch output, where autograd would run a separate add and a cast.
 //!
 //! `SIGMA_TRAIN_KERNELS=off` turns them all off (the tensor forms run); a build
 //! or launch failure is reported once and has the same effect (a launch that
@@ -56,8 +63,10 @@ struct KernelArgs {
     b: *const c_void,
     c: *const c_void,
     d: *const c_void,
+    e: *const c_void,
     out: *mut c_void,
     out2: *mut c_void,
+    out3: *mut c_void,
     rows: i64,
     cols: i64,
     ignore: i64,
@@ -70,7 +79,7 @@ struct KernelArgs {
 }
 
 // The shim's struct has the same size (a static_assert there).
-const _: () = assert!(std::mem::size_of::<KernelArgs>() == 104);
+const _: () = assert!(std::mem::size_of::<KernelArgs>() == 120);
 
 type Launcher = extern "C" fn(*const KernelArgs) -> i32;
 
@@ -91,6 +100,16 @@ extern "C" {
         w: *mut c_void,
         eps: f64,
         out: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn sigma_add_rms_norm_bf16(
+        x: *mut c_void,
+        y: *mut c_void,
+        w: *mut c_void,
+        eps: f64,
+        out_sum: *mut c_void,
+        out_norm: *mut c_void,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
@@ -188,7 +207,7 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
     }
     let err = |e: cudarc::driver::DriverError| format!("launch on cuda:{ordinal}: {e}");
     let (pa, pb, pc, pd) = (a.a as u64, a.b as u64, a.c as u64, a.d as u64);
-    let (out, out2) = (a.out as u64, a.out2 as u64);
+    let (pe, out, out2, out3) = (a.e as u64, a.out as u64, a.out2 as u64, a.out3 as u64);
     // SAFETY: the shim passes data pointers of live, contiguous, 16-byte
     // aligned bf16 tensors of this device with the extents the kernels index:
     // SwiGLU gu [rows, 2f], y or dy [rows, f], dgu [rows, 2f] (f a multiple
@@ -197,7 +216,8 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
     // cross-entropy logits and gradient [rows, cols] bf16 (cols a multiple of
     // 8), targets [rows] int64, losses and lse [rows] fp32, the gradient of
     // the sum one fp32 (checked by `cross_entropy_sum` and the shim);
-    // RMSNorm x, dx [rows, f] fp32, y, dy [rows, f] bf16, w [f] fp32, rstd
+    // RMSNorm x, dx, its sum and residual gradient [rows, f] fp32 (or null),
+    // y, dy, its addend and dx16 [rows, f] bf16 (or null), w [f] fp32, rstd
     // [rows] fp32, partials [blocks, f] fp32, f a multiple of 4 and at most
     // NORM_MAX_DIM (checked by `rms_norm_bf16` and the shim). The
     // launch is on the stream that every later use of them is ordered after.
@@ -264,6 +284,8 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
                 .arg(&a.rows)
                 .arg(&a.f)
                 .arg(&a.eps)
+                .arg(&pe)
+                .arg(&out3)
                 .launch(cfg),
             7 => stream
                 .launch_builder(&k.norm_backward)
@@ -275,6 +297,8 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
                 .arg(&out2)
                 .arg(&a.rows)
                 .arg(&a.f)
+                .arg(&pe)
+                .arg(&out3)
                 .launch(cfg),
             op => return Err(format!("unknown kernel operation {op}")),
         }
@@ -378,7 +402,10 @@ fn available(ordinal: usize) -> bool {
 /// differentiable, with the loss in fp32; None where they do not apply (not
 /// contiguous bf16 logits on a CUDA device with `v` a multiple of 8,
 /// targets not int64 on that device, kernels off or unavailable): the
-/// caller runs the tensor form.
+/// caller runs the tensor form. Backward writes the logits' gradient over
+/// `logits` when the graph made them (neither a leaf nor a view of one: the
+/// output of the head's matmul, read by nothing after the loss): nothing
+/// may read such logits after this loss's backward.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore: i64) -> Option<Tensor> {
     let s = logits.size();
     let tch::Device::Cuda(ordinal) = logits.device() else {
@@ -415,30 +442,10 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore: i64) -> Opti
 /// device, d not a multiple of 4 or over 8,192, kernels off or
 /// unavailable): the caller runs the tensor form.
 pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
-    let tch::Device::Cuda(ordinal) = x.device() else {
-        return None;
-    };
-    let s = x.size();
-    let d = w.size().first().copied().unwrap_or(0);
-    let fits = |t: &Tensor| {
-        t.kind() == Kind::Float
-            && t.device() == x.device()
-            && t.is_contiguous()
-            && (t.data_ptr() as usize).is_multiple_of(16)
-    };
-    let applies = w.dim() == 1
-        && s.last() == Some(&d)
-        && d > 0
-        && d % 4 == 0
-        && d <= NORM_MAX_DIM
-        && x.numel() / (d as usize) <= i32::MAX as usize
-        && fits(x)
-        && fits(w)
-        && available(ordinal);
-    if !applies {
+    if !norm_applies(x, w) {
         return None;
     }
-    // SAFETY: as in `swiglu`; the extents are checked above.
+    // SAFETY: as in `swiglu`; the extents are checked by `norm_applies`.
     shim_call(|out, err, n| unsafe {
         sigma_rms_norm_bf16(
             x.as_ptr() as *mut c_void,
@@ -450,6 +457,73 @@ pub fn rms_norm_bf16(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
         )
     })
     .map_or_else(|e| launch_failed("RMSNorm", e), Some)
+}
+
+/// `(x + y, rms_norm_bf16(x + y, w, eps))` for the fp32 residual stream `x`
+/// and a bf16 branch output `y` of its shape, by the kernels in one pass
+/// each way (backward adds the residual's gradient to the norm's and writes
+/// the bf16 gradient of `y` in the same kernel), differentiable; None where
+/// `rms_norm_bf16` would not apply or `y` is not a contiguous, 16-byte
+/// aligned bf16 tensor of `x`'s shape on its device.
+pub fn add_rms_norm_bf16(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Option<(Tensor, Tensor)> {
+    let y_fits = y.kind() == Kind::BFloat16
+        && y.device() == x.device()
+        && y.size() == x.size()
+        && y.is_contiguous()
+        && (y.data_ptr() as usize).is_multiple_of(16);
+    if !y_fits || !norm_applies(x, w) {
+        return None;
+    }
+    let (sum, norm) = (Tensor::new(), Tensor::new());
+    let mut err = [0 as c_char; 512];
+    // SAFETY: as in `swiglu`; the extents are checked above. The shim
+    // assigns into the two fresh handles.
+    let rc = unsafe {
+        sigma_add_rms_norm_bf16(
+            x.as_ptr() as *mut c_void,
+            y.as_ptr() as *mut c_void,
+            w.as_ptr() as *mut c_void,
+            eps,
+            sum.as_ptr() as *mut c_void,
+            norm.as_ptr() as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    match rc {
+        0 => Some((sum, norm)),
+        _ => {
+            // A failed launch falls back to the tensor form (None); any other failure panics.
+            let _ = launch_failed("add + RMSNorm", shim_error(&err));
+            None
+        }
+    }
+}
+
+/// Whether the RMSNorm kernels take `x` [.., d] with the weight `w` [d]:
+/// contiguous, 16-byte aligned fp32 on one CUDA device, d a multiple of 4
+/// and at most `NORM_MAX_DIM`, the kernels on and available.
+fn norm_applies(x: &Tensor, w: &Tensor) -> bool {
+    let tch::Device::Cuda(ordinal) = x.device() else {
+        return false;
+    };
+    let s = x.size();
+    let d = w.size().first().copied().unwrap_or(0);
+    let fits = |t: &Tensor| {
+        t.kind() == Kind::Float
+            && t.device() == x.device()
+            && t.is_contiguous()
+            && (t.data_ptr() as usize).is_multiple_of(16)
+    };
+    w.dim() == 1
+        && s.last() == Some(&d)
+        && d > 0
+        && d % 4 == 0
+        && d <= NORM_MAX_DIM
+        && x.numel() / (d as usize) <= i32::MAX as usize
+        && fits(x)
+        && fits(w)
+        && available(ordinal)
 }
 
 /// RoPE of `x` [b, t, heads, dim] at positions `start..start + t` with the
