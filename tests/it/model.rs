@@ -575,3 +575,47 @@ fn fused_weight_gradients_match_the_plain_path() {
         assert!(err.contains("set_grad_sink"), "{err}");
     }
 }
+
+/// Without a gradient sink (evaluation, generation), SwiGLU's and AugQ's gate
+/// and up read their working weights as one matmul only where nothing is
+/// differentiated: under `no_grad` the merged matmul gives the two separate
+/// ones' numbers, and with gradients on, both weights still get theirs (the
+/// merged view of the working copy would give them none).
+#[test]
+fn merged_gating_without_a_sink_runs_only_under_no_grad() {
+    let mut c = cfg(4, 1, 2, 4, 4);
+    c.aug_q_dim = 6;
+    c.validate().expect("valid config");
+    // fp32 master weights with an f64 working copy (what bf16 training
+    // keeps, in a dtype whose matmuls agree to rounding).
+    let mut m = Model::new(&c, 7, false, false, Device::Cpu, false);
+    m.compute = Kind::Double;
+    m.params.enable_work_copy(Kind::Double);
+    assert!(m.params.has_work_copy());
+    let x = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
+    let q0 = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
+    let l0 = m.ids.layer(0);
+    let aug = l0.attn.aug_q.expect("AugQ is on");
+    for (input, gate, up) in [(&x, l0.ffn.gate, l0.ffn.up), (&q0, aug[0], aug[1])] {
+        let separate = tch::no_grad(|| {
+            input.linear::<Tensor>(m.w(gate), None).silu() * input.linear::<Tensor>(m.w(up), None)
+        });
+        let merged = tch::no_grad(|| m.gated(input, gate, up));
+        let diff = (&merged - &separate).abs().max().double_value(&[]);
+        assert!(diff < 1e-12, "merged and separate gating differ by {diff}");
+        // Gate and up swapped differ: the check above tells them apart.
+        let swapped = tch::no_grad(|| {
+            input.linear::<Tensor>(m.w(up), None).silu() * input.linear::<Tensor>(m.w(gate), None)
+        });
+        assert!((&swapped - &separate).abs().max().double_value(&[]) > 1e-3);
+        let y = m.gated(input, gate, up);
+        y.sum(Kind::Double).backward();
+        for w in [gate, up] {
+            let g = m.w(w).grad();
+            assert!(
+                g.defined() && g.abs().max().double_value(&[]) > 0.0,
+                "no gradient reached a gating weight with gradients on"
+            );
+        }
+    }
+}

@@ -4,6 +4,7 @@
 // engine used to fold each output's gradient in as a root sum(out * g):
 // one more multiplication and reduction per segment output in forward, and
 // their backward, for the same numbers. No exception crosses into Rust.
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include "shim_error.h"
@@ -29,3 +30,6 @@ extern "C" int sigma_autograd_grad(void* const* outputs, void* const* grads, siz
     for (size_t i = 0; i < n_in; ++i) *static_cast<at::Tensor*>(results[i]) = r[i];
   });
 }
+
+// Whether autograd records operations on this thread now (0 inside no_grad).
+extern "C" int sigma_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }

@@ -50,6 +50,7 @@ extern "C" {
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> i32;
+    fn sigma_grad_enabled() -> i32;
     fn sigma_wgrad_queue_new() -> *mut c_void;
     fn sigma_wgrad_queue_free(q: *mut c_void);
     fn sigma_wgrad_queue_hold(q: *mut c_void, on: i32);
@@ -150,6 +151,13 @@ pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor, queue: Option<&WgradQ
         );
     }
     out
+}
+
+/// Whether autograd records operations on this thread now (false inside
+/// `tch::no_grad`; tch does not expose it).
+pub fn grad_enabled() -> bool {
+    // SAFETY: reads a thread-local flag; no arguments.
+    unsafe { sigma_grad_enabled() != 0 }
 }
 
 /// The gradients of `inputs` when each of `outputs` is seeded with the

@@ -160,9 +160,8 @@ impl Model {
             .logical_and(&valid.view([b, 1, 1, t]))
             .logical_or(&eye.view([1, 1, t, t]));
         let mut x = self.embed(tokens);
+        let mut h = self.norm_in(&x, self.ids.layer(0).attn.norm);
         for l in 0..self.cfg.num_layers {
-            let ids = self.ids.layer(l);
-            let h = self.norm_in(&x, ids.attn.norm);
             let q = self.queries(l, &h);
             let raw = self.keys_raw(l, &h);
             let k = self.keys_from_raw(l, &raw, 0);
@@ -174,12 +173,11 @@ impl Model {
             };
             cache.k[l].narrow(2, 0, t).copy_(&stored);
             cache.v[l].narrow(2, 0, t).copy_(&v);
-            x = x + self.attend_masked(l, &q, &k, &v, &mask);
-            let h = self.norm_in(&x, ids.ffn.norm);
-            x = &x + self.ffn(l, &h);
+            let a = self.attend_masked(l, &q, &k, &v, &mask);
+            (x, h) = self.residual_block_end(l, &x, &a);
         }
         cache.len = t;
-        Ok(self.logits(&x.narrow(1, t - 1, 1)).squeeze_dim(1))
+        Ok(self.head_logits(&h.narrow(1, t - 1, 1)).squeeze_dim(1))
     }
 
     /// One decoding step: `tokens` [b] at the next slot; returns logits [b, vocab].
@@ -195,9 +193,9 @@ impl Model {
         let _ = cache.valid.narrow(1, pos, 1).fill_(1);
         let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
         let mut x = self.embed(&tokens.view([b, 1]));
+        let mut h = self.norm_in(&x, self.ids.layer(0).attn.norm);
         for l in 0..self.cfg.num_layers {
             let ids = self.ids.layer(l);
-            let h = self.norm_in(&x, ids.attn.norm);
             let q = self.queries_at(l, &h, pos).to_kind(self.compute);
             let raw = self.keys_raw(l, &h);
             let new_k = if cache.raw_keys {
@@ -224,12 +222,26 @@ impl Model {
                 Some(&cache.valid.narrow(1, 0, n)),
                 scale,
             )?;
-            x = x + self.mm(&o, self.w(ids.attn.o_proj));
-            let h = self.norm_in(&x, ids.ffn.norm);
-            x = &x + self.ffn(l, &h);
+            let a = self.mm(&o, self.w(ids.attn.o_proj));
+            (x, h) = self.residual_block_end(l, &x, &a);
         }
         cache.len = pos + 1;
-        Ok(self.logits(&x).squeeze_dim(1))
+        Ok(self.head_logits(&h).squeeze_dim(1))
+    }
+
+    /// The rest of block `l` after its attention output `a`: the residual
+    /// add, the FFN and its residual add, each add fused with the norm that
+    /// follows it (`Model::add_norm_in`; after the last block the final
+    /// norm). Returns the residual stream and its normalised form, the input
+    /// of the next block's attention or of the output head.
+    fn residual_block_end(&self, l: usize, x: &Tensor, a: &Tensor) -> (Tensor, Tensor) {
+        let (x, h) = self.add_norm_in(x, a, self.ids.layer(l).ffn.norm);
+        let next = if l + 1 < self.cfg.num_layers {
+            self.ids.layer(l + 1).attn.norm
+        } else {
+            crate::model::held(self.ids.final_norm, "the final norm")
+        };
+        self.add_norm_in(&x, &self.ffn(l, &h), next)
     }
 }
 

@@ -90,7 +90,7 @@ impl ModelIds {
     }
 }
 
-fn held<T>(v: Option<T>, what: &str) -> T {
+pub(crate) fn held<T>(v: Option<T>, what: &str) -> T {
     match v {
         Some(x) => x,
         None => panic!("{what} is not on this pipeline stage"),
@@ -378,14 +378,23 @@ impl Model {
     }
 
     /// `x` times two weights that read it, as one matmul [.., rows_a + rows_b]
-    /// (their working copies and gradients are contiguous): only with the
-    /// gradient sink and `b` right after `a` in the parameter layout.
+    /// (their working copies, and gradients in the sink, are contiguous):
+    /// only with a working copy and `b` right after `a` in the parameter
+    /// layout. With the gradient sink the matmul adds its weight gradient
+    /// there; without one only where nothing is differentiated (evaluation,
+    /// generation under `no_grad`: the merged view of the working copy is
+    /// not a leaf that autograd would give gradients to).
     fn linear_merged(&self, x: &Tensor, a: ParamId, b: ParamId) -> Option<Tensor> {
-        let g = self.grad_sink.as_ref()?;
+        if self.grad_sink.is_none() && crate::fused::grad_enabled() {
+            return None;
+        }
         let (w, o) = self.params.merged_weight(a, b)?;
         if x.kind() != w.kind() {
             return None;
         }
+        let Some(g) = self.grad_sink.as_ref() else {
+            return Some(x.linear::<Tensor>(&w, None));
+        };
         let main = g.narrow(0, o, w.numel() as i64).view(w.size().as_slice());
         Some(crate::fused::linear_accum(
             x,
