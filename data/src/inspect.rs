@@ -191,11 +191,7 @@ impl fmt::Display for InspectReport {
         writeln!(f, "  inputs      {}", m.inputs.join(", "))?;
         for split in [Split::Train, Split::Valid] {
             let t = m.totals(split);
-            let avg = if t.documents > 0 {
-                t.tokens / t.documents
-            } else {
-                0
-            };
+            let avg = t.tokens.checked_div(t.documents).unwrap_or(0);
             writeln!(
                 f,
                 "  {:<11} {} docs, {} tokens (avg {avg}/doc), {} shards, {} row groups, {} bytes",

@@ -200,7 +200,7 @@ pub fn document(seed: u64, i: u64) -> String {
         "Exercises: from request to command or query.",
         "On-call practice set.",
     ];
-    out.push_str(*r.pick(&intro));
+    out.push_str(r.pick::<&str>(&intro));
     out.push_str("\n\n");
     for k in 0..n {
         let ex = if r.below(3) == 0 {

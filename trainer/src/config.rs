@@ -80,6 +80,8 @@ impl ModelConfig {
         }
     }
 
+    // `!(x > 0.0)` on purpose: NaN fails it, where `x <= 0.0` would let NaN through.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: String| Err(TrainError::config(format!("model.{field}"), msg));
         for (name, v) in [
@@ -97,7 +99,7 @@ impl ModelConfig {
                 return bad(name, "must be positive".into());
             }
         }
-        if self.num_q_heads % self.num_k_heads != 0 {
+        if !self.num_q_heads.is_multiple_of(self.num_k_heads) {
             return bad(
                 "num_k_heads",
                 format!(
@@ -106,7 +108,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.num_q_heads % self.num_v_heads != 0 {
+        if !self.num_q_heads.is_multiple_of(self.num_v_heads) {
             return bad(
                 "num_v_heads",
                 format!(
@@ -115,7 +117,9 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.num_v_heads % self.num_k_heads != 0 && self.num_k_heads % self.num_v_heads != 0 {
+        if !self.num_v_heads.is_multiple_of(self.num_k_heads)
+            && !self.num_k_heads.is_multiple_of(self.num_v_heads)
+        {
             return bad(
                 "num_k_heads",
                 format!(
@@ -124,7 +128,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.qk_head_dim % 2 != 0 {
+        if !self.qk_head_dim.is_multiple_of(2) {
             return bad(
                 "qk_head_dim",
                 format!("must be even for RoPE, got {}", self.qk_head_dim),
@@ -630,6 +634,8 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("config serializes")
     }
 
+    // Negated comparisons on purpose, as in `ModelConfig::validate`: NaN fails them.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let t = &self.train;

@@ -509,7 +509,7 @@ fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option
     let (dk, dv) = (k.size()[3], v.size()[3]);
     // A row of K and of V contiguous, every row 16-byte aligned.
     let aligned = |t: &Tensor, s: &[i64]| {
-        s[3] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0 && (t.data_ptr() as usize) % 16 == 0
+        s[3] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0 && (t.data_ptr() as usize).is_multiple_of(16)
     };
     if ks[2] != dk || vs[2] != dv || !aligned(k, &ks) || !aligned(v, &vs) {
         return Some("K or V rows not contiguous and 16-byte aligned".into());

@@ -124,8 +124,11 @@ pub struct Model {
     /// tensor parallelism with weight-gradient GEMMs (needs the grad sink).
     pub tp_comm_overlap: bool,
     /// RoPE tables by (positions, dim, dtype), on the model's device.
-    rope: RefCell<HashMap<(i64, i64, Kind), (Tensor, Tensor)>>,
+    rope: RefCell<RopeTables>,
 }
+
+/// `[cos, cos]` and `[-sin, sin]` tables by (positions, dim, dtype).
+type RopeTables = HashMap<(i64, i64, Kind), (Tensor, Tensor)>;
 
 /// Tokens per chunk of the output head without gradients (validation,
 /// `sigma eval`) when `train.loss_chunk_tokens` is 0: the logits of one chunk

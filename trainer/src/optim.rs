@@ -196,7 +196,7 @@ impl AdamW {
             let (a, b) = (off.max(start), (off + n).min(start + len));
             if a < b {
                 let part = sum_squares(&g.narrow(0, a - start, b - a), self.chunk, fast);
-                sq = sq - part * (1.0 - 1.0 / copies as f64);
+                sq -= part * (1.0 - 1.0 / copies as f64);
             }
         }
         if let Some(c) = comm.as_deref_mut() {

@@ -73,7 +73,7 @@ impl TpPlan {
         if tp <= 1 {
             return Ok(());
         }
-        if c.num_q_heads % tp != 0 {
+        if !c.num_q_heads.is_multiple_of(tp) {
             return bad(format!(
                 "{tp} does not divide model.num_q_heads ({}): every rank needs the same number of query heads",
                 c.num_q_heads
@@ -83,7 +83,7 @@ impl TpPlan {
             ("num_k_heads", c.num_k_heads),
             ("num_v_heads", c.num_v_heads),
         ] {
-            if n % tp != 0 && tp % n != 0 {
+            if n % tp != 0 && !tp.is_multiple_of(n) {
                 return bad(format!(
                     "{tp} and model.{key} ({n}): one must divide the other (tp <= heads: each rank holds heads/tp of them; tp > heads: each head is replicated on tp/heads ranks)"
                 ));
@@ -100,7 +100,7 @@ impl TpPlan {
                 ));
             }
         }
-        if sequence_parallel && seq_len % tp != 0 {
+        if sequence_parallel && !seq_len.is_multiple_of(tp) {
             return Err(TrainError::config(
                 "data.seq_len",
                 format!(
@@ -175,7 +175,7 @@ impl TpPlan {
             s.writer = match s.sync {
                 GradSync::Own => true,
                 GradSync::Identical | GradSync::SumTp => self.rank == 0,
-                GradSync::SumReplicas { size } => self.rank % size == 0,
+                GradSync::SumReplicas { size } => self.rank.is_multiple_of(size),
             };
         }
         specs

@@ -945,7 +945,7 @@ impl Trainer {
             }
         }
         let last = step + 1 == c.train.steps;
-        if (step + 1) % c.train.log_every.max(1) == 0 || last {
+        if (step + 1).is_multiple_of(c.train.log_every.max(1)) || last {
             let devices = (c.parallel.dp * c.parallel.tp * c.parallel.pp) as f64;
             let tps = run.interval_tokens as f64 / run.interval_time.max(1e-9);
             // Global tokens/s over the peak of all devices of the job.
@@ -992,7 +992,7 @@ impl Trainer {
     fn maybe_validate(&mut self, step: u64, run: &mut RunState) -> Result<()> {
         let c = &self.cfg.train;
         let last = step + 1 == c.steps;
-        if !((c.eval_every > 0 && (step + 1) % c.eval_every == 0) || last) {
+        if !((c.eval_every > 0 && (step + 1).is_multiple_of(c.eval_every)) || last) {
             return Ok(());
         }
         guard::at("validation", None);
@@ -1017,7 +1017,7 @@ impl Trainer {
         let done = step + 1;
         let last = done == self.cfg.train.steps;
         let stop = o.stop_signal || self.stop_after == Some(done);
-        let every = c.every_steps > 0 && done % c.every_steps == 0;
+        let every = c.every_steps > 0 && done.is_multiple_of(c.every_steps);
         if stop || every || o.save_timed || (last && self.cfg.checkpointing()) {
             guard::at("checkpoint save", None);
             if let Some(stall) = self.save(done, o.lr, run.report.skipped_steps)? {

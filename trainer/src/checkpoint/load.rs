@@ -352,7 +352,8 @@ impl PieceReader<'_> {
         let global = Tensor::zeros(shape.as_slice(), opts);
         let filled = Tensor::zeros(shape.as_slice(), (Kind::Bool, tch::Device::Cpu));
         // Pieces of one block go into a staging buffer of that block first.
-        let mut staged: Vec<(Vec<(i64, i64)>, Tensor, Tensor)> = Vec::new();
+        type Staged = (Vec<(i64, i64)>, Tensor, Tensor); // block, values, filled
+        let mut staged: Vec<Staged> = Vec::new();
         for p in &e.pieces {
             let blk = p.block.clone().unwrap_or_else(|| whole.clone());
             if !overlaps(&blk) {

@@ -71,7 +71,7 @@ pub fn write(
         off += n;
     }
     let mut h = serde_json::to_vec(&Value::Object(header)).expect("json");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut hash = Xxh3::new();

@@ -497,7 +497,7 @@ impl Collectives for NcclCollectives {
     fn start_reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
         contiguous_cuda(t, "reduce_scatter")?;
         let n = t.numel();
-        if n % self.world != 0 {
+        if !n.is_multiple_of(self.world) {
             return Err(TrainError::Other(format!(
                 "reduce_scatter: {n} elements do not split over {} ranks",
                 self.world

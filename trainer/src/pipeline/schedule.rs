@@ -54,7 +54,7 @@ pub fn check(pp: usize, v: usize, m: usize) -> Result<()> {
             "stages, virtual stages and micro-batches must be positive",
         ));
     }
-    if v > 1 && m % pp != 0 {
+    if v > 1 && !m.is_multiple_of(pp) {
         return Err(TrainError::config(
             "train.grad_accum_steps",
             format!(
