@@ -42,7 +42,7 @@ run() {
 }
 gqa="--set model.num_k_heads=16 --set model.aug_q_dim=0"
 peer() {
-  local name=$1; shift
+  local name=${label:+$label-}$1; shift
   local t0=$(date +%s)
   if python3 scripts/peer-torch.py --config configs/sigma-1.5b.toml --steps "$steps" --accum "$accum" "$@" \
       > "$out/$name.json" 2> "$out/$name.log"; then
@@ -89,7 +89,7 @@ for name in sorted(os.listdir(out)):
     src = "alloc" if "allocated_mib_peak" in recs[-1].get("memory", {}) else "smi"
     print(f"{name:<22} {med('tokens_per_s'):>9.0f} {100*mfu:>5.1f}% {mem:>7} {src:<5} {ph('data'):>7.3f} {ph('forward_backward'):>9.3f} {ph('optimizer'):>8.3f} {len(recs):>5} {recs[0]['loss']:>8.4f} -> {recs[-1]['loss']:.4f}")
 for name in sorted(os.listdir(out)):
-    if name.endswith(".json") and name.startswith("peer"):
+    if name.endswith(".json") and "peer-" in name:
         try:
             r = json.loads(open(os.path.join(out, name)).read().strip().splitlines()[-1])
         except (ValueError, IndexError):

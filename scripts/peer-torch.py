@@ -68,6 +68,8 @@ class Block(nn.Module):
 
 
 def rope(x, cos, sin):
+    # fp32 tables: under autocast q and k turn fp32 here (as in reference
+    # Llama code); the figures in docs/benchmarks.md were measured so.
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -77,6 +79,7 @@ class Model(nn.Module):
     def __init__(self, m, seq_len):
         super().__init__()
         d = m["d_model"]
+        std = m.get("init_std", 0.02)
         self.emb = nn.Embedding(m["vocab_size"], d)
         self.blocks = nn.ModuleList(Block(m) for _ in range(m["num_layers"]))
         self.norm = nn.Parameter(torch.ones(d))
@@ -89,7 +92,7 @@ class Model(nn.Module):
         self.register_buffer("sin", ang.sin().float()[None, :, None, :], persistent=False)
         for p in self.parameters():
             if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
+                nn.init.normal_(p, std=std)
 
     def forward(self, tokens, targets):
         x = self.emb(tokens)
@@ -118,7 +121,10 @@ def main():
     m, seq = cfg["model"], cfg["data"]["seq_len"]
     for kv in a.set:
         k, _, v = kv.partition("=")
-        m[k] = type(m.get(k, 0))(v)
+        m[k] = tomllib.loads(f"v = {v}")["v"]  # a TOML value, as sigma's --set takes it
+    for k in ("k_compression", "k_dim"):
+        if m.get(k, "none") not in ("none", None):
+            sys.exit(f"error: model.{k} = {m[k]!r}: the peer builds no K compression")
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = Model(m, seq).to(dev)

@@ -576,13 +576,16 @@ fn fused_weight_gradients_match_the_plain_path() {
     }
 }
 
-/// Without a gradient sink (evaluation, generation), SwiGLU's and AugQ's gate
-/// and up read their working weights as one matmul only where nothing is
-/// differentiated: under `no_grad` the merged matmul gives the two separate
-/// ones' numbers, and with gradients on, both weights still get theirs (the
-/// merged view of the working copy would give them none).
+/// Without a gradient sink, SwiGLU's and AugQ's gate and up read their
+/// working weights as one matmul only in a frozen model (evaluation,
+/// generation) under `no_grad`: there the merged matmul gives the separate
+/// ones' numbers; with gradients on, both weights still get theirs (the
+/// merged view of the working copy would give them none); and a training
+/// model computes the same way with and without gradients, so that a
+/// checkpointed segment's recompute repeats its forward.
 #[test]
-fn merged_gating_without_a_sink_runs_only_under_no_grad() {
+fn merged_gating_without_a_sink_runs_only_frozen_under_no_grad() {
+    use sigma_trainer::model::frozen_merged_calls_on_this_thread as merged;
     let mut c = cfg(4, 1, 2, 4, 4);
     c.aug_q_dim = 6;
     c.validate().expect("valid config");
@@ -591,24 +594,36 @@ fn merged_gating_without_a_sink_runs_only_under_no_grad() {
     let mut m = Model::new(&c, 7, false, false, Device::Cpu, false);
     m.compute = Kind::Double;
     m.params.enable_work_copy(Kind::Double);
-    assert!(m.params.has_work_copy());
     let x = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
     let q0 = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
-    let l0 = m.ids.layer(0);
+    let l0 = m.ids.layer(0).clone();
     let aug = l0.attn.aug_q.expect("AugQ is on");
     for (input, gate, up) in [(&x, l0.ffn.gate, l0.ffn.up), (&q0, aug[0], aug[1])] {
+        assert!(
+            m.params.merged_weight(gate, up).is_some(),
+            "gate and up are adjacent"
+        );
         let separate = tch::no_grad(|| {
             input.linear::<Tensor>(m.w(gate), None).silu() * input.linear::<Tensor>(m.w(up), None)
         });
-        let merged = tch::no_grad(|| m.gated(input, gate, up));
-        let diff = (&merged - &separate).abs().max().double_value(&[]);
+        // Training model: never merged without the sink, gradients or not.
+        m.frozen = false;
+        let before = merged();
+        let _ = tch::no_grad(|| m.gated(input, gate, up));
+        assert_eq!(merged(), before, "a training model merged under no_grad");
+        // Frozen, no_grad: merged, with the separate matmuls' numbers.
+        m.frozen = true;
+        let out = tch::no_grad(|| m.gated(input, gate, up));
+        assert_eq!(
+            merged(),
+            before + 1,
+            "a frozen model did not merge under no_grad"
+        );
+        let diff = (&out - &separate).abs().max().double_value(&[]);
         assert!(diff < 1e-12, "merged and separate gating differ by {diff}");
-        // Gate and up swapped differ: the check above tells them apart.
-        let swapped = tch::no_grad(|| {
-            input.linear::<Tensor>(m.w(up), None).silu() * input.linear::<Tensor>(m.w(gate), None)
-        });
-        assert!((&swapped - &separate).abs().max().double_value(&[]) > 1e-3);
+        // Frozen with gradients on: separate, and both weights get gradients.
         let y = m.gated(input, gate, up);
+        assert_eq!(merged(), before + 1, "merged with gradients on");
         y.sum(Kind::Double).backward();
         for w in [gate, up] {
             let g = m.w(w).grad();

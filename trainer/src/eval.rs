@@ -224,7 +224,8 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
             ck.verify(crate::checkpoint::TOKENIZER)?;
         }
         let run = ck.meta.run_config()?;
-        let model = Model::new(&run.model, run.train.seed, false, false, Device::Cpu, mixed);
+        let mut model = Model::new(&run.model, run.train.seed, false, false, Device::Cpu, mixed);
+        with_work_copy(&mut model);
         ck.check_model(&run.model)?;
         let n = model.params.numel();
         let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
@@ -247,7 +248,8 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         )));
     }
     let cfg = exported_model_config(&path.join("config.json"))?;
-    let model = Model::new(&cfg, 0, false, false, Device::Cpu, mixed);
+    let mut model = Model::new(&cfg, 0, false, false, Device::Cpu, mixed);
+    with_work_copy(&mut model);
     let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
     tch::no_grad(|| -> Result<()> {
         for (i, spec) in model.params.specs.iter().enumerate() {
@@ -267,8 +269,24 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
     })
 }
 
-/// Move a whole model to `device`, its working copy (if any) made again there.
+/// In bf16 (on a GPU), bf16 working weights cast once from the fp32 ones
+/// (2 bytes more per parameter), as training keeps them: no cast of every
+/// weight at every matmul of every decoding step.
+fn with_work_copy(model: &mut Model) {
+    let compute = model.compute;
+    model.params.enable_work_copy(compute);
+}
+
+/// Move a whole model loaded for evaluation or generation to `device`,
+/// its working copy (if any) made again there, and mark it frozen
+/// (`Model::frozen`).
 pub fn move_model(model: Model, device: Device) -> Model {
+    let mut model = move_to(model, device);
+    model.frozen = true;
+    model
+}
+
+fn move_to(model: Model, device: Device) -> Model {
     if device == Device::Cpu {
         return model;
     }

@@ -123,6 +123,12 @@ pub struct Model {
     /// `parallel.tp_comm_overlap`: overlap the backward collectives of
     /// tensor parallelism with weight-gradient GEMMs (needs the grad sink).
     pub tp_comm_overlap: bool,
+    /// Loaded for evaluation or generation (`eval::load`): the weights do not
+    /// change and nothing is differentiated, so matmuls that read one input
+    /// may read adjacent working weights as one (`linear_merged`). Training
+    /// leaves it false: a checkpointed segment's forward (under `no_grad`)
+    /// must compute what its recompute (with gradients) computes.
+    pub frozen: bool,
     /// RoPE tables by (positions, dim, dtype), on the model's device.
     rope: RefCell<RopeTables>,
 }
@@ -292,6 +298,7 @@ impl Model {
             grad_sink: None,
             wgrad_queue: None,
             tp_comm_overlap: true,
+            frozen: false,
             rope: RefCell::new(HashMap::new()),
         }
     }
@@ -384,11 +391,11 @@ impl Model {
     /// (their working copies, and gradients in the sink, are contiguous):
     /// only with a working copy and `b` right after `a` in the parameter
     /// layout. With the gradient sink the matmul adds its weight gradient
-    /// there; without one only where nothing is differentiated (evaluation,
-    /// generation under `no_grad`: the merged view of the working copy is
-    /// not a leaf that autograd would give gradients to).
+    /// there; without one only in a `frozen` model under `no_grad`
+    /// (evaluation, generation): the merged view of the working copy is not
+    /// a leaf that autograd would give gradients to.
     fn linear_merged(&self, x: &Tensor, a: ParamId, b: ParamId) -> Option<Tensor> {
-        if self.grad_sink.is_none() && crate::fused::grad_enabled() {
+        if self.grad_sink.is_none() && !(self.frozen && !crate::fused::grad_enabled()) {
             return None;
         }
         let (w, o) = self.params.merged_weight(a, b)?;
@@ -396,6 +403,7 @@ impl Model {
             return None;
         }
         let Some(g) = self.grad_sink.as_ref() else {
+            MERGED_CALLS.with(|c| c.set(c.get() + 1));
             return Some(x.linear::<Tensor>(&w, None));
         };
         let main = g.narrow(0, o, w.numel() as i64).view(w.size().as_slice());
@@ -780,6 +788,13 @@ thread_local! {
     /// Attention calls on this thread, and how many of them SDPA ran on its
     /// math path.
     static SDPA_CALLS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// Merged gate/up matmuls of a frozen model on this thread.
+    static MERGED_CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Gate/up pairs that a frozen model ran as one matmul on this thread so far.
+pub fn frozen_merged_calls_on_this_thread() -> u64 {
+    MERGED_CALLS.with(|c| c.get())
 }
 
 /// (attention calls, of which on SDPA's math path) on this thread so far.
