@@ -23,11 +23,8 @@ fn gqa_counterpart(c: &ModelConfig, n: usize) -> ModelConfig {
 }
 
 fn build(cfg: &ModelConfig, device: Device) -> Model {
-    let mut m = Model::new(cfg, 0, true, false, Device::Cpu, device.is_cuda());
-    if device.is_cuda() {
-        m.params.enable_work_copy(Kind::BFloat16);
-    }
-    sigma_trainer::eval::move_model(m, device)
+    let m = Model::new(cfg, 0, true, false, Device::Cpu, device.is_cuda());
+    sigma_trainer::eval::move_model(m, device) // bf16 working weights on a GPU
 }
 
 pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {

@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
+#include <utility>
 
 #include "shim_error.h"
 
@@ -188,6 +190,59 @@ struct CrossEntropySum : public torch::autograd::Function<CrossEntropySum> {
   }
 };
 
+// The RMSNorm kernels, shared by both autograd functions below. Forward of
+// fp32 x (contiguous) with w: {bf16 y, rstd}; with `add` (bf16, defined) the
+// row normalised is x + add, written in fp32 to `sum` (allocated by the
+// caller).
+std::pair<at::Tensor, at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& w,
+                                               double eps, const at::Tensor& add,
+                                               const at::Tensor& sum) {
+  const int64_t d = w.size(0), rows = x.numel() / d;
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  at::Tensor rstd = at::empty({rows}, x.options());
+  KernelArgs a{};
+  a.op = 6, a.device = static_cast<int>(x.get_device());
+  a.a = x.data_ptr(), a.b = w.data_ptr(), a.out = y.data_ptr(), a.out2 = rstd.data_ptr();
+  if (add.defined()) a.e = add.data_ptr(), a.out3 = sum.data_ptr();
+  a.rows = rows, a.f = static_cast<int>(d), a.eps = static_cast<float>(eps);
+  if (!aligned(x) || !aligned(w) || (add.defined() && !aligned(add)) || launch(a) != 0)
+    throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+  return {y, rstd};
+}
+
+// A gradient as the kernels read it: `kind`, contiguous, 16-byte aligned.
+at::Tensor kernel_input(const at::Tensor& g, at::ScalarType kind) {
+  at::Tensor t = g.to(kind).contiguous();
+  return aligned(t) ? t : t.clone();  // a fresh allocation is aligned
+}
+
+// Backward from dy (any dtype) at the normalised x: {dx fp32, dx in bf16
+// (defined when `bf16_too`), the weight gradient}; `dres` (fp32, or
+// undefined) is added to dx.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(const at::Tensor& dy_in,
+                                                             const at::Tensor& x,
+                                                             const at::Tensor& w,
+                                                             const at::Tensor& rstd,
+                                                             const at::Tensor& dres,
+                                                             bool bf16_too) {
+  const at::Tensor dy = kernel_input(dy_in, at::kBFloat16);
+  const at::Tensor dr = dres.defined() ? kernel_input(dres, at::kFloat) : at::Tensor();
+  const int64_t d = w.size(0), rows = x.numel() / d;
+  const int64_t blocks = std::min<int64_t>(rows, 512);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx16 = bf16_too ? at::empty(x.sizes(), x.options().dtype(at::kBFloat16)) : at::Tensor();
+  at::Tensor part = at::empty({blocks, d}, x.options());
+  KernelArgs a{};
+  a.op = 7, a.device = static_cast<int>(x.get_device());
+  a.a = dy.data_ptr(), a.b = x.data_ptr(), a.c = w.data_ptr(), a.d = rstd.data_ptr();
+  a.e = dr.defined() ? dr.data_ptr() : nullptr;
+  a.out = dx.data_ptr(), a.out2 = part.data_ptr(), a.out3 = bf16_too ? dx16.data_ptr() : nullptr;
+  a.rows = rows, a.f = static_cast<int>(d), a.blocks = static_cast<int>(blocks);
+  if (launch(a) != 0)
+    throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+  return {dx, dx16, part.sum(0)};
+}
+
 // RMSNorm of fp32 x [.., d] with the fp32 weight w [d] into bf16 (x and w
 // contiguous, 16-byte aligned, on CUDA; d a multiple of 4, at most 8,192),
 // the gradients in fp32.
@@ -195,37 +250,15 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             double eps) {
     const at::Tensor xc = x.contiguous();
-    const int64_t d = w.size(0), rows = xc.numel() / d;
-    at::Tensor y = at::empty(xc.sizes(), xc.options().dtype(at::kBFloat16));
-    at::Tensor rstd = at::empty({rows}, xc.options());
-    KernelArgs a{};
-    a.op = 6, a.device = static_cast<int>(xc.get_device());
-    a.a = xc.data_ptr(), a.b = w.data_ptr(), a.out = y.data_ptr(), a.out2 = rstd.data_ptr();
-    a.rows = rows, a.f = static_cast<int>(d), a.eps = static_cast<float>(eps);
-    if (!aligned(xc) || !aligned(w) || launch(a) != 0)
-      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+    auto [y, rstd] = norm_forward(xc, w, eps, at::Tensor(), at::Tensor());
     ctx->save_for_backward({xc, w, rstd});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
-    at::Tensor dy = grads[0].to(at::kBFloat16).contiguous();
-    if (!aligned(dy))
-      dy = dy.clone();  // a fresh allocation is aligned
-    const int64_t d = w.size(0), rows = x.numel() / d;
-    const int64_t blocks = std::min<int64_t>(rows, 512);
-    at::Tensor dx = at::empty_like(x);
-    at::Tensor part = at::empty({blocks, d}, x.options());
-    KernelArgs a{};
-    a.op = 7, a.device = static_cast<int>(x.get_device());
-    a.a = dy.data_ptr(), a.b = x.data_ptr(), a.c = w.data_ptr(), a.d = rstd.data_ptr();
-    a.out = dx.data_ptr(), a.out2 = part.data_ptr();
-    a.rows = rows, a.f = static_cast<int>(d), a.blocks = static_cast<int>(blocks);
-    if (launch(a) != 0)
-      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
-    return {dx, part.sum(0), at::Tensor()};
+    auto [dx, unused, dw] = norm_backward(grads[0], saved[0], saved[1], saved[2], at::Tensor(), false);
+    return {dx, dw, at::Tensor()};
   }
 };
 
@@ -237,47 +270,21 @@ struct RmsNormBf16 : public torch::autograd::Function<RmsNormBf16> {
 struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
                                const at::Tensor& w, double eps) {
-    const at::Tensor xc = x.contiguous(), yc = y.contiguous();
-    const int64_t d = w.size(0), rows = xc.numel() / d;
+    const at::Tensor xc = x.contiguous();
     at::Tensor sum = at::empty_like(xc);
-    at::Tensor h = at::empty(xc.sizes(), xc.options().dtype(at::kBFloat16));
-    at::Tensor rstd = at::empty({rows}, xc.options());
-    KernelArgs a{};
-    a.op = 6, a.device = static_cast<int>(xc.get_device());
-    a.a = xc.data_ptr(), a.b = w.data_ptr(), a.e = yc.data_ptr();
-    a.out = h.data_ptr(), a.out2 = rstd.data_ptr(), a.out3 = sum.data_ptr();
-    a.rows = rows, a.f = static_cast<int>(d), a.eps = static_cast<float>(eps);
-    if (!aligned(xc) || !aligned(yc) || !aligned(w) || launch(a) != 0)
-      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
+    auto [h, rstd] = norm_forward(xc, w, eps, y.contiguous(), sum);
     ctx->save_for_backward({sum, w, rstd});
     return {sum, h};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &s = saved[0], &w = saved[1], &rstd = saved[2];
-    at::Tensor dh = grads[1].defined() ? grads[1].to(at::kBFloat16).contiguous()
-                                       : at::zeros(s.sizes(), s.options().dtype(at::kBFloat16));
-    if (!aligned(dh)) dh = dh.clone();
-    at::Tensor ds;
-    if (grads[0].defined()) {
-      ds = grads[0].to(at::kFloat).contiguous();
-      if (!aligned(ds)) ds = ds.clone();
-    }
-    const int64_t d = w.size(0), rows = s.numel() / d;
-    const int64_t blocks = std::min<int64_t>(rows, 512);
-    at::Tensor dx = at::empty_like(s);
-    at::Tensor dy = at::empty(s.sizes(), s.options().dtype(at::kBFloat16));
-    at::Tensor part = at::empty({blocks, d}, s.options());
-    KernelArgs a{};
-    a.op = 7, a.device = static_cast<int>(s.get_device());
-    a.a = dh.data_ptr(), a.b = s.data_ptr(), a.c = w.data_ptr(), a.d = rstd.data_ptr();
-    a.e = ds.defined() ? ds.data_ptr() : nullptr;
-    a.out = dx.data_ptr(), a.out2 = part.data_ptr(), a.out3 = dy.data_ptr();
-    a.rows = rows, a.f = static_cast<int>(d), a.blocks = static_cast<int>(blocks);
-    if (launch(a) != 0)
-      throw std::runtime_error("the RMSNorm kernel failed (see the warning above)");
-    return {dx, dy, part.sum(0), at::Tensor()};
+    const at::Tensor& s = saved[0];
+    const at::Tensor dh = grads[1].defined()
+                              ? grads[1]
+                              : at::zeros(s.sizes(), s.options().dtype(at::kBFloat16));
+    auto [dx, dy, dw] = norm_backward(dh, s, saved[1], saved[2], grads[0], true);
+    return {dx, dy, dw, at::Tensor()};
   }
 };
 }  // namespace

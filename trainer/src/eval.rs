@@ -224,8 +224,7 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
             ck.verify(crate::checkpoint::TOKENIZER)?;
         }
         let run = ck.meta.run_config()?;
-        let mut model = Model::new(&run.model, run.train.seed, false, false, Device::Cpu, mixed);
-        with_work_copy(&mut model);
+        let model = Model::new(&run.model, run.train.seed, false, false, Device::Cpu, mixed);
         ck.check_model(&run.model)?;
         let n = model.params.numel();
         let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
@@ -248,8 +247,7 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         )));
     }
     let cfg = exported_model_config(&path.join("config.json"))?;
-    let mut model = Model::new(&cfg, 0, false, false, Device::Cpu, mixed);
-    with_work_copy(&mut model);
+    let model = Model::new(&cfg, 0, false, false, Device::Cpu, mixed);
     let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
     tch::no_grad(|| -> Result<()> {
         for (i, spec) in model.params.specs.iter().enumerate() {
@@ -269,46 +267,21 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
     })
 }
 
-/// In bf16 (on a GPU), bf16 working weights cast once from the fp32 ones
-/// (2 bytes more per parameter), as training keeps them: no cast of every
-/// weight at every matmul of every decoding step.
-fn with_work_copy(model: &mut Model) {
-    let compute = model.compute;
-    model.params.enable_work_copy(compute);
-}
-
-/// Move a whole model loaded for evaluation or generation to `device`,
-/// its working copy (if any) made again there, and mark it frozen
-/// (`Model::frozen`).
+/// Move a whole model loaded for evaluation or generation to `device` and
+/// mark it frozen (`Model::frozen`). In bf16 (on a GPU) it gets bf16 working
+/// weights there, cast once from the fp32 ones (2 bytes more per
+/// parameter), as training keeps them: no cast of every weight at every
+/// matmul of every decoding step. In fp32 there is no working copy.
 pub fn move_model(model: Model, device: Device) -> Model {
-    let mut model = move_to(model, device);
-    model.frozen = true;
-    model
-}
-
-fn move_to(model: Model, device: Device) -> Model {
-    if device == Device::Cpu {
-        return model;
-    }
-    let flat = model.params.flat.to_device(device);
     let mut m = model;
-    m.params.tensors = m
-        .params
-        .specs
-        .iter()
-        .zip(&m.params.offsets)
-        .map(|(s, &o)| {
-            flat.narrow(0, o, s.numel())
-                .view(s.shape.as_slice())
-                .set_requires_grad(true)
-        })
-        .collect();
-    m.params.flat = flat;
-    // A working copy made from the old buffer would be stale: make it again.
-    if m.params.has_work_copy() {
-        let compute = m.compute;
-        m.params.enable_work_copy(compute);
+    if device != Device::Cpu {
+        let flat = m.params.flat.to_device(device);
+        m.params.replace_flat(flat);
     }
+    // Made here, from the buffer on its device (a copy made before the move would be stale).
+    let compute = m.compute;
+    m.params.enable_work_copy(compute);
+    m.frozen = true;
     m
 }
 

@@ -306,18 +306,7 @@ impl Model {
     /// The same model in float64 (tests: references and finite differences).
     pub fn to_double(mut self) -> Model {
         let flat = self.params.flat.to_kind(Kind::Double);
-        self.params.tensors = self
-            .params
-            .specs
-            .iter()
-            .zip(&self.params.offsets)
-            .map(|(s, &o)| {
-                flat.narrow(0, o, s.numel())
-                    .view(s.shape.as_slice())
-                    .set_requires_grad(true)
-            })
-            .collect();
-        self.params.flat = flat;
+        self.params.replace_flat(flat);
         self.params.enable_work_copy(Kind::Double);
         self.compute = Kind::Double;
         self
@@ -395,7 +384,7 @@ impl Model {
     /// (evaluation, generation): the merged view of the working copy is not
     /// a leaf that autograd would give gradients to.
     fn linear_merged(&self, x: &Tensor, a: ParamId, b: ParamId) -> Option<Tensor> {
-        if self.grad_sink.is_none() && !(self.frozen && !crate::fused::grad_enabled()) {
+        if self.grad_sink.is_none() && (!self.frozen || crate::fused::grad_enabled()) {
             return None;
         }
         let (w, o) = self.params.merged_weight(a, b)?;

@@ -269,6 +269,26 @@ impl Params {
         &self.tensors[id.0]
     }
 
+    /// Hold the parameters in `flat` (same layout; another dtype or device):
+    /// the per-parameter tensors become its views, leaves that take gradients.
+    pub fn replace_flat(&mut self, flat: Tensor) {
+        self.tensors = self.views_of(&flat);
+        self.flat = flat;
+    }
+
+    /// Per-parameter views of a buffer of this layout, leaves that take gradients.
+    fn views_of(&self, flat: &Tensor) -> Vec<Tensor> {
+        self.specs
+            .iter()
+            .zip(&self.offsets)
+            .map(|(s, &o)| {
+                flat.narrow(0, o, s.numel())
+                    .view(s.shape.as_slice())
+                    .set_requires_grad(true)
+            })
+            .collect()
+    }
+
     /// Keep working copies of the parameters in `kind` (see [`WorkCopy`]);
     /// a no-op when `kind` is the parameters' own dtype.
     pub fn enable_work_copy(&mut self, kind: Kind) {
@@ -277,16 +297,7 @@ impl Params {
             return;
         }
         let flat = Tensor::empty([self.numel()], (kind, self.flat.device()));
-        let tensors = self
-            .specs
-            .iter()
-            .zip(&self.offsets)
-            .map(|(s, &o)| {
-                flat.narrow(0, o, s.numel())
-                    .view(s.shape.as_slice())
-                    .set_requires_grad(true)
-            })
-            .collect();
+        let tensors = self.views_of(&flat);
         self.work = Some(WorkCopy {
             flat,
             tensors,

@@ -354,10 +354,22 @@ fn shim_error(err: &[c_char]) -> String {
 /// `err_len` bytes, NUL-terminated, into `err`, catches every C++ exception
 /// and returns non-zero on failure. The result, or the shim's message.
 fn shim_call(call: impl FnOnce(*mut c_void, *mut c_char, usize) -> i32) -> Result<Tensor, String> {
-    let out = Tensor::new();
+    shim_call2(|out, _, err, n| call(out, err, n)).map(|(t, _)| t)
+}
+
+/// `shim_call` for an entry point that assigns two results.
+fn shim_call2(
+    call: impl FnOnce(*mut c_void, *mut c_void, *mut c_char, usize) -> i32,
+) -> Result<(Tensor, Tensor), String> {
+    let (a, b) = (Tensor::new(), Tensor::new());
     let mut err = [0 as c_char; 512];
-    match call(out.as_ptr() as *mut c_void, err.as_mut_ptr(), err.len()) {
-        0 => Ok(out),
+    match call(
+        a.as_ptr() as *mut c_void,
+        b.as_ptr() as *mut c_void,
+        err.as_mut_ptr(),
+        err.len(),
+    ) {
+        0 => Ok((a, b)),
         _ => Err(shim_error(&err)),
     }
 }
@@ -378,7 +390,7 @@ pub fn swiglu(gu: &Tensor) -> Tensor {
 /// which turns the kernels off from then on; any other failure (libtorch's,
 /// e.g. out of memory) panics as tch's own operations do, and the trainer's
 /// guard reports it with the phase.
-fn launch_failed(what: &str, err: String) -> Option<Tensor> {
+fn launch_failed<T>(what: &str, err: String) -> Option<T> {
     if FAILED.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
@@ -474,30 +486,21 @@ pub fn add_rms_norm_bf16(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Option
     if !y_fits || !norm_applies(x, w) {
         return None;
     }
-    let (sum, norm) = (Tensor::new(), Tensor::new());
-    let mut err = [0 as c_char; 512];
     // SAFETY: as in `swiglu`; the extents are checked above. The shim
     // assigns into the two fresh handles.
-    let rc = unsafe {
+    shim_call2(|sum, norm, err, n| unsafe {
         sigma_add_rms_norm_bf16(
             x.as_ptr() as *mut c_void,
             y.as_ptr() as *mut c_void,
             w.as_ptr() as *mut c_void,
             eps,
-            sum.as_ptr() as *mut c_void,
-            norm.as_ptr() as *mut c_void,
-            err.as_mut_ptr(),
-            err.len(),
+            sum,
+            norm,
+            err,
+            n,
         )
-    };
-    match rc {
-        0 => Some((sum, norm)),
-        _ => {
-            // A failed launch falls back to the tensor form (None); any other failure panics.
-            let _ = launch_failed("add + RMSNorm", shim_error(&err));
-            None
-        }
-    }
+    })
+    .map_or_else(|e| launch_failed("add + RMSNorm", e), Some)
 }
 
 /// Whether the RMSNorm kernels take `x` [.., d] with the weight `w` [d]:
