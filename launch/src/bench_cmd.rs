@@ -7,8 +7,8 @@
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use sigma_trainer::generate::{decode_attention, decode_attention_ops};
-use sigma_trainer::kernels;
+use sigma_trainer::infer::generate::{decode_attention, decode_attention_ops};
+use sigma_trainer::kernels::decode;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
@@ -93,7 +93,7 @@ pub(crate) fn median_time(
     }
     sync(d);
     let timer = match d {
-        Device::Cuda(i) => Some(kernels::StreamTimer::new(i).map_err(anyhow::Error::msg)?),
+        Device::Cuda(i) => Some(decode::StreamTimer::new(i).map_err(anyhow::Error::msg)?),
         _ => None,
     };
     let mut t = Vec::with_capacity(steps);
@@ -155,7 +155,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 pub(crate) fn device_name(d: Device) -> String {
     match d {
         Device::Cuda(i) => {
-            sigma_trainer::metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}"))
+            sigma_trainer::train::metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}"))
         }
         _ => "cpu".into(),
     }
@@ -163,7 +163,7 @@ pub(crate) fn device_name(d: Device) -> String {
 
 /// Where the kernel is used, "(kernel)"; where not, why.
 fn kernel_note(q: &Tensor, k: &Tensor, v: &Tensor) -> String {
-    match kernels::decode_kernel_available(q, k, v) {
+    match decode::decode_kernel_available(q, k, v) {
         Ok(()) => "the fused decode kernel".into(),
         Err(why) => format!("tensor operations (the kernel does not run: {why})"),
     }
@@ -220,7 +220,7 @@ fn attention(a: &DecodeArgs, device: Device) -> Result<()> {
                 continue;
             };
             if device.is_cuda() {
-                if let Err(why) = kernels::decode_kernel_available(&q, &k, &v) {
+                if let Err(why) = decode::decode_kernel_available(&q, &k, &v) {
                     println!("{b:>6} {s:>8}  (the kernel does not run here: {why}; timing the tensor path)");
                 }
             }
@@ -330,11 +330,11 @@ fn check(device: Device) -> Result<()> {
         let m = masked.then_some(&valid);
         let scale = 1.0 / (dk as f64).sqrt();
         let kernel =
-            match kernels::decode_attention(&q, &k, &v, m, scale)? {
+            match decode::decode_attention(&q, &k, &v, m, scale)? {
                 Some(o) => o,
                 None => bail!(
                 "the kernel did not run for n_q {nq}, n_k {nk}, n_v {nv}, d_k {dk}, d_v {dv}: {}",
-                kernels::decode_kernel_available(&q, &k, &v).err().unwrap_or_default()
+                decode::decode_kernel_available(&q, &k, &v).err().unwrap_or_default()
             ),
             };
         let f = |t: &Tensor| t.to_kind(Kind::Float);

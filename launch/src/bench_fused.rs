@@ -8,7 +8,7 @@
 //! tolerance.
 
 use anyhow::{bail, Result};
-use sigma_trainer::{fused, train_kernels};
+use sigma_trainer::kernels::{fused, training as train_kernels};
 use tch::{Device, Kind, Tensor};
 
 use crate::bench_cmd::{device_name, median_time};

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use sigma_trainer::config::{KCompression, ModelConfig, RunConfig};
-use sigma_trainer::generate::KvCache;
+use sigma_trainer::infer::generate::KvCache;
 use sigma_trainer::{kernels, Model};
 use tch::{Device, Kind, Tensor};
 
@@ -24,7 +24,7 @@ fn gqa_counterpart(c: &ModelConfig, n: usize) -> ModelConfig {
 
 fn build(cfg: &ModelConfig, device: Device) -> Model {
     let m = Model::new(cfg, 0, true, false, Device::Cpu, device.is_cuda());
-    sigma_trainer::eval::move_model(m, device) // bf16 working weights on a GPU
+    sigma_trainer::infer::eval::move_model(m, device) // bf16 working weights on a GPU
 }
 
 pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
@@ -52,7 +52,7 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
                 Tensor::zeros([1, n as i64, 1, d as i64], (Kind::BFloat16, device))
             };
             let (dd, dv) = (c.dot_dim(), c.v_head_dim);
-            let path = match kernels::decode_kernel_available(
+            let path = match kernels::decode::decode_kernel_available(
                 &z(c.num_q_heads, dd),
                 &z(c.num_k_heads, dd),
                 &z(c.num_v_heads, dv),
@@ -81,7 +81,7 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
                 };
                 let bytes = cache.bytes_per_token() * b * s;
                 let time = |on: bool, cache: &mut KvCache| -> Result<f64> {
-                    kernels::set_decode_kernel(on);
+                    kernels::decode::set_decode_kernel(on);
                     cache.pretend_filled(s);
                     let tokens = Tensor::randint(c.vocab_size as i64, [b], (Kind::Int64, device));
                     median_time(device, a.steps, &mut || {
@@ -90,7 +90,7 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
                     })
                 };
                 let timed = time(true, &mut cache).and_then(|k| Ok((k, time(false, &mut cache)?)));
-                kernels::set_decode_kernel(true);
+                kernels::decode::set_decode_kernel(true);
                 let (kernel, ops) = match timed {
                     Ok(t) => t,
                     Err(e) if e.to_string().contains("out of memory") => {

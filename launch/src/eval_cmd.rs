@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use sigma_trainer::config::{parse_doc, read_config, typed};
 use sigma_trainer::engine;
-use sigma_trainer::eval::{evaluate, load, DomainScore, Files, Validation};
+use sigma_trainer::infer::eval::{evaluate, load, DomainScore, Files, Validation};
 use sigma_trainer::RunConfig;
 
 #[derive(clap::Args)]

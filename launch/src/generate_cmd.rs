@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use sigma_trainer::eval::load;
-use sigma_trainer::generate::{generate, Request, Sampling};
+use sigma_trainer::infer::eval::load;
+use sigma_trainer::infer::generate::{generate, Request, Sampling};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {

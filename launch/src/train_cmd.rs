@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use sigma_trainer::summary::summarize;
+use sigma_trainer::model::summary::summarize;
 use sigma_trainer::train::Trainer;
 use sigma_trainer::RunConfig;
 
@@ -199,7 +199,7 @@ pub fn trace(cmd: TraceCommand) -> Result<()> {
         );
     }
     let out = output.unwrap_or_else(|| dir.join("trace.png"));
-    sigma_trainer::plot::trace_png(&out, &picked, &format!("pipeline, step {want}"))?;
+    sigma_trainer::train::plot::trace_png(&out, &picked, &format!("pipeline, step {want}"))?;
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -51,7 +51,7 @@ fn compare(name: &str, extra: &[&str]) {
         assert!(export.join(f).is_file(), "{name}: no {f}");
     }
     // sigma's logits for three sequences, from the checkpoint.
-    let loaded = sigma_trainer::eval::load(&ck, Device::Cpu).expect("load");
+    let loaded = sigma_trainer::infer::eval::load(&ck, Device::Cpu).expect("load");
     let ids: Vec<Vec<i64>> = (0..3)
         .map(|s| {
             (0..24)

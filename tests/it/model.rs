@@ -137,7 +137,7 @@ fn check_attention(c: &ModelConfig) {
     let m = model(c);
     let t = 7;
     let h = {
-        let _rng = sigma_trainer::params::global_rng_lock();
+        let _rng = sigma_trainer::model::params::global_rng_lock();
         tch::manual_seed(3);
         Tensor::randn([1, t as i64, c.d_model as i64], (Kind::Double, Device::Cpu))
     };
@@ -205,7 +205,7 @@ fn mha_and_gqa_equal_a_plain_implementation() {
                 .copy_(g.params.get(&format!("layers.0.attn.{name}.weight")));
         }
         let h = {
-            let _rng = sigma_trainer::params::global_rng_lock();
+            let _rng = sigma_trainer::model::params::global_rng_lock();
             Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu))
         };
         let d = (g.attention(0, &h) - mha.attention(0, &h))

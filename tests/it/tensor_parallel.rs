@@ -22,7 +22,7 @@ use sigma_tests::*;
 use sigma_trainer::config::{KCompression, ModelConfig};
 use sigma_trainer::dist::{Collectives, StoreClient, StoreCollectives, StoreServer};
 use sigma_trainer::engine;
-use sigma_trainer::tp::{sync_shared_grads, TpPlan};
+use sigma_trainer::parallel::tp::{sync_shared_grads, TpPlan};
 use sigma_trainer::Model;
 use tch::{Device, Kind, Tensor};
 
@@ -213,7 +213,7 @@ fn tp_model(c: &ModelConfig, rank: usize, sp: bool) -> Model {
     Model::with_plan(
         c,
         TpPlan::new(c, 2, rank, sp),
-        sigma_trainer::pipeline::PipelinePlan::single(c),
+        sigma_trainer::parallel::pipeline::PipelinePlan::single(c),
         3,
         false,
         false,
@@ -578,7 +578,7 @@ fn overlapping_tp_collectives_with_weight_gradients_changes_no_gradient() {
                 let mut m = Model::with_plan(
                     &c,
                     TpPlan::new(&c, 2, rank, sp),
-                    sigma_trainer::pipeline::PipelinePlan::single(&c),
+                    sigma_trainer::parallel::pipeline::PipelinePlan::single(&c),
                     3,
                     false,
                     false,

@@ -733,14 +733,14 @@ impl RunConfig {
         }
         if p.pp > 1 || p.pp_layers.is_some() {
             let v = p.virtual_stages();
-            crate::pipeline::PipelinePlan::check(&self.model, p.pp, v, p.pp_layers.as_deref())?;
+            crate::parallel::pipeline::PipelinePlan::check(&self.model, p.pp, v, p.pp_layers.as_deref())?;
             // Every accumulation count the run uses (the ramp's too) must fit the schedule.
             let mut counts = vec![t.grad_accum_steps];
             counts.extend((0..t.batch_ramp_steps).map(|s| self.accum_steps_at(s)));
             counts.sort();
             counts.dedup();
             for m in counts {
-                crate::pipeline::schedule::check(p.pp, v, m)?;
+                crate::parallel::schedule::check(p.pp, v, m)?;
             }
         }
         if p.sequence_parallel == Some(true) && p.tp == 1 {
@@ -749,7 +749,7 @@ impl RunConfig {
                 "needs tensor parallelism (parallel.tp > 1)",
             ));
         }
-        crate::tp::TpPlan::check(&self.model, p.tp, self.data.seq_len, p.sequence_parallel())?;
+        crate::parallel::tp::TpPlan::check(&self.model, p.tp, self.data.seq_len, p.sequence_parallel())?;
         if t.loss_chunk_tokens > 0 && p.tp > 1 {
             return Err(TrainError::config(
                 "train.loss_chunk_tokens",

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use sigma_trainer::summary::h;
+use sigma_trainer::model::summary::h;
 
 use plan::Plan;
 use runner::{Slot, State};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sigma_trainer::config::read_config;
-use sigma_trainer::summary::{summarize, Summary};
+use sigma_trainer::model::summary::{summarize, Summary};
 use sigma_trainer::RunConfig;
 
 /// An ablation file (TOML).

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use sigma_trainer::summary::{h, summarize};
+use sigma_trainer::model::summary::{h, summarize};
 use sigma_trainer::RunConfig;
 
 use super::plan::{read_plan, run_dir, PlanFile};
@@ -342,7 +342,7 @@ pub fn write(out: &Path) -> Result<Report> {
         .map(|v| (v.name.clone(), v.curve.clone()))
         .collect();
     if !curves.is_empty() {
-        sigma_trainer::plot::curves_png(
+        sigma_trainer::train::plot::curves_png(
             &out.join("loss-curves.png"),
             &format!("{}: training loss", r.name),
             "step",
@@ -362,7 +362,7 @@ pub fn write(out: &Path) -> Result<Report> {
         })
         .collect();
     if !points.is_empty() {
-        sigma_trainer::plot::scatter_png(
+        sigma_trainer::train::plot::scatter_png(
             &out.join("val-vs-kv.png"),
             &format!("{}: validation loss against KV cache", r.name),
             "KV-cache bytes per token (bf16, all layers)",

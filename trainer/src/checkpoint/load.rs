@@ -14,8 +14,8 @@ use super::safetensors::{hash_file, Reader};
 use super::*;
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
-use crate::optim::AdamW;
-use crate::params::Params;
+use crate::train::optim::AdamW;
+use crate::model::params::Params;
 
 fn err(dir: &Path, m: impl std::fmt::Display) -> TrainError {
     TrainError::Other(format!("checkpoint {}: {m}", dir.display()))
@@ -430,7 +430,7 @@ fn model_diff(saved: &serde_json::Value) -> String {
 /// `section.key: old -> new` for every config value that differs.
 pub fn config_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     let flat = |v: &serde_json::Value, out: &mut BTreeMap<String, String>| {
-        crate::metrics::flatten_json("", ".", v, &mut |k, x| {
+        crate::train::metrics::flatten_json("", ".", v, &mut |k, x| {
             out.insert(k.to_string(), x.to_string());
         })
     };

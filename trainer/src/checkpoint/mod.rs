@@ -61,7 +61,7 @@ pub struct Layout {
     pub flat_numel: i64,
 }
 
-pub use crate::params::shard_range as owned_range;
+pub use crate::model::params::shard_range as owned_range;
 
 /// Where a piece of a logical tensor lives: elements `[start, end)` of a
 /// block of the tensor (the whole tensor when `block` is absent) flattened in

@@ -28,8 +28,8 @@ use super::*;
 use crate::config::{CheckpointConfig, RunConfig};
 use crate::dist::{DistEnv, MeshDims, StoreClient};
 use crate::error::{Result, TrainError};
-use crate::optim::AdamW;
-use crate::params::{ParamSpec, Params};
+use crate::train::optim::AdamW;
+use crate::model::params::{ParamSpec, Params};
 
 /// Fault injection for tests: milliseconds each writer sleeps after writing
 /// its shard and before reporting it (widens the window in which a kill lands mid-save).

@@ -41,7 +41,7 @@ pub struct Job {
     pub pp: Option<Box<dyn Collectives>>,
     /// The first and last stage, which both hold a tied embedding (pp > 1, tied).
     pub tied: Option<Box<dyn Collectives>>,
-    pub links: crate::pipeline::exec::Links,
+    pub links: crate::engine::pipeline::Links,
     /// `finish` met every rank: the job ended cleanly.
     finished: bool,
     /// Bounds the teardown (set by `drop`; declared last, so it is dropped
@@ -179,7 +179,7 @@ impl Job {
                 replicas.push((size, group(&mut store, name, c.tp % size, size)?));
             }
         }
-        let (mut pp, mut tied, mut links) = (None, None, crate::pipeline::exec::Links::default());
+        let (mut pp, mut tied, mut links) = (None, None, crate::engine::pipeline::Links::default());
         if dims.pp > 1 {
             let line = format!("dp{}.tp{}", c.dp, c.tp);
             pp = Some(group(&mut store, format!("pp.{line}"), c.pp, dims.pp)?);
@@ -232,7 +232,7 @@ impl Job {
     ) -> (
         usize,
         Option<&mut dyn Collectives>,
-        &mut crate::pipeline::exec::Links,
+        &mut crate::engine::pipeline::Links,
     ) {
         (
             self.coords.pp,

@@ -91,7 +91,7 @@ impl KvCache {
 /// Attention of one new query per sequence against `len` cached slots,
 /// without repeating K or V. q [b, n_q, 1, dd], k [b, n_k, S, dd],
 /// v [b, n_v, S, dv], valid [b, S] (None: every slot) -> [b, 1, n_q * dv].
-/// On a GPU in bf16 the fused decode kernel runs ([`crate::kernels`]);
+/// On a GPU in bf16 the fused decode kernel runs ([`crate::kernels::decode`]);
 /// elsewhere, and for shapes it does not take, [`decode_attention_ops`].
 pub fn decode_attention(
     q: &Tensor,
@@ -100,7 +100,7 @@ pub fn decode_attention(
     valid: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    match crate::kernels::decode_attention(q, k, v, valid, scale)? {
+    match crate::kernels::decode::decode_attention(q, k, v, valid, scale)? {
         Some(o) => Ok(o),
         None => Ok(decode_attention_ops(q, k, v, valid, scale)),
     }

@@ -17,15 +17,18 @@
 //! for the matmuls that read it; norms, residual stream and the loss run in
 //! fp32. (tch's autocast cannot select bf16, hence explicit casts.)
 
+pub mod params;
+pub mod summary;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{KCompression, ModelConfig};
-use crate::params::{ParamId, ParamKind, ParamSpec, Params};
-use crate::pipeline::PipelinePlan;
-use crate::tp::TpPlan;
+use crate::model::params::{ParamId, ParamKind, ParamSpec, Params};
+use crate::parallel::pipeline::PipelinePlan;
+use crate::parallel::tp::TpPlan;
 
 /// Handles to the parameters of one attention layer.
 #[derive(Clone, Debug)]
@@ -119,7 +122,7 @@ pub struct Model {
     /// tensor-parallel collective is under way (`parallel.tp_comm_overlap`).
     /// Every graph that points at it is made by this model's forward and
     /// differentiated, or dropped, before the model.
-    wgrad_queue: Option<crate::fused::WgradQueue>,
+    wgrad_queue: Option<crate::kernels::fused::WgradQueue>,
     /// `parallel.tp_comm_overlap`: overlap the backward collectives of
     /// tensor parallelism with weight-gradient GEMMs (needs the grad sink).
     pub tp_comm_overlap: bool,
@@ -339,12 +342,12 @@ impl Model {
         self.wgrad_queue = self
             .grad_sink
             .as_ref()
-            .map(|_| crate::fused::WgradQueue::new());
+            .map(|_| crate::kernels::fused::WgradQueue::new());
     }
 
     /// The queue of put-off weight-gradient GEMMs, when the engine may use
     /// one: with the grad sink, `tp_comm_overlap` and tensor parallelism.
-    pub fn wgrad_queue(&self) -> Option<&crate::fused::WgradQueue> {
+    pub fn wgrad_queue(&self) -> Option<&crate::kernels::fused::WgradQueue> {
         self.wgrad_queue
             .as_ref()
             .filter(|_| self.tp_comm_overlap && self.plan.tp > 1)
@@ -370,7 +373,7 @@ impl Model {
             Some(g) if x.kind() == w.kind() => {
                 let (o, n) = (self.params.offsets[id.0], self.params.specs[id.0].numel());
                 let main = g.narrow(0, o, n).view(w.size().as_slice());
-                crate::fused::linear_accum(x, w, &main, self.wgrad_queue.as_ref())
+                crate::kernels::fused::linear_accum(x, w, &main, self.wgrad_queue.as_ref())
             }
             _ => self.mm(x, w),
         }
@@ -384,7 +387,7 @@ impl Model {
     /// (evaluation, generation): the merged view of the working copy is not
     /// a leaf that autograd would give gradients to.
     fn linear_merged(&self, x: &Tensor, a: ParamId, b: ParamId) -> Option<Tensor> {
-        if self.grad_sink.is_none() && (!self.frozen || crate::fused::grad_enabled()) {
+        if self.grad_sink.is_none() && (!self.frozen || crate::kernels::fused::grad_enabled()) {
             return None;
         }
         let (w, o) = self.params.merged_weight(a, b)?;
@@ -396,7 +399,7 @@ impl Model {
             return Some(x.linear::<Tensor>(&w, None));
         };
         let main = g.narrow(0, o, w.numel() as i64).view(w.size().as_slice());
-        Some(crate::fused::linear_accum(
+        Some(crate::kernels::fused::linear_accum(
             x,
             &w,
             &main,
@@ -405,11 +408,11 @@ impl Model {
     }
 
     /// `silu(x gate^T) * (x up^T)`, SwiGLU's and AugQ's gating: one matmul by
-    /// both weights and the fused SwiGLU (crate::train_kernels) where
+    /// both weights and the fused SwiGLU (crate::kernels::training) where
     /// `linear_merged` applies, else two matmuls and the tensor form.
     pub fn gated(&self, x: &Tensor, gate: ParamId, up: ParamId) -> Tensor {
         match self.linear_merged(x, gate, up) {
-            Some(gu) => crate::train_kernels::swiglu(&gu),
+            Some(gu) => crate::kernels::training::swiglu(&gu),
             None => self.linear(x, gate).silu() * self.linear(x, up),
         }
     }
@@ -434,10 +437,10 @@ impl Model {
 
     /// `rms_norm` cast to the compute dtype: the input of the matmuls that
     /// follow, cast once for all of them. An fp32 stream into bf16 on GPU:
-    /// one kernel each way (crate::train_kernels::rms_norm_bf16).
+    /// one kernel each way (crate::kernels::training::rms_norm_bf16).
     pub fn norm_in(&self, x: &Tensor, w: ParamId) -> Tensor {
         if self.compute == Kind::BFloat16 && x.kind() == Kind::Float {
-            if let Some(y) = crate::train_kernels::rms_norm_bf16(x, self.p(w), self.cfg.norm_eps) {
+            if let Some(y) = crate::kernels::training::rms_norm_bf16(x, self.p(w), self.cfg.norm_eps) {
                 return y;
             }
         }
@@ -446,12 +449,12 @@ impl Model {
 
     /// The residual add `x + y` (fp32 stream, branch output in the compute
     /// dtype) and `norm_in` of the sum with weight `w`: (sum, normalised).
-    /// On a GPU in bf16 one kernel each way (crate::train_kernels::
+    /// On a GPU in bf16 one kernel each way (crate::kernels::training::
     /// add_rms_norm_bf16), else the two tensor operations.
     pub fn add_norm_in(&self, x: &Tensor, y: &Tensor, w: ParamId) -> (Tensor, Tensor) {
         if self.compute == Kind::BFloat16 && x.kind() == Kind::Float {
             if let Some(r) =
-                crate::train_kernels::add_rms_norm_bf16(x, y, self.p(w), self.cfg.norm_eps)
+                crate::kernels::training::add_rms_norm_bf16(x, y, self.p(w), self.cfg.norm_eps)
             {
                 return r;
             }
@@ -497,7 +500,7 @@ impl Model {
         let (b, t, h, dim) = (size[0], size[1], size[2], size[3]);
         let len = ((start + t) as u64).next_power_of_two() as i64;
         let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
-        if let Some(y) = crate::train_kernels::rope(x, &cos, &sin, start) {
+        if let Some(y) = crate::kernels::training::rope(x, &cos, &sin, start) {
             return y;
         }
         let (cos, sin) = (
@@ -747,7 +750,7 @@ impl Model {
         let logits = self.linear(&h, held(self.ids.head, "the output head"));
         let v = logits.size()[2];
         let (logits, targets) = (logits.reshape([-1, v]), targets.reshape([-1]));
-        if let Some(loss) = crate::train_kernels::cross_entropy_sum(&logits, &targets, -100) {
+        if let Some(loss) = crate::kernels::training::cross_entropy_sum(&logits, &targets, -100) {
             return loss;
         }
         logits

@@ -25,6 +25,8 @@
 //! joined by the Megatron operators (docs/parallelism.md), and the loss is a
 //! vocabulary-parallel cross-entropy computed here in closed form.
 
+pub mod pipeline;
+
 use std::ops::Range;
 
 use tch::{Kind, Tensor};
@@ -33,7 +35,7 @@ use crate::dist::Collectives;
 use crate::error::{Result, TrainError};
 use crate::guard::at;
 use crate::model::Model;
-use crate::params::ParamId;
+use crate::model::params::ParamId;
 
 /// A piece of the model with autograd inside.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -781,7 +783,7 @@ impl<'a> Pass<'a> {
     /// model puts weight gradients off (`Model::wgrad_queue`): the queue and
     /// the collective (op, its output slot), to overlap the collective's
     /// backward with this segment's weight-gradient GEMMs.
-    fn overlapped_comm(&self, i: usize) -> Option<(&'a crate::fused::WgradQueue, (Comm, Slot))> {
+    fn overlapped_comm(&self, i: usize) -> Option<(&'a crate::kernels::fused::WgradQueue, (Comm, Slot))> {
         let q = self.model.wgrad_queue().filter(|_| !timing())?;
         let Step::Run { inputs, .. } = &self.prog.steps[i] else {
             return None;
@@ -910,7 +912,7 @@ fn backward_into(
     let n = wrt.len();
     wrt.extend_from_slice(inputs);
     let (outs, seeds): (Vec<&Tensor>, Vec<&Tensor>) = roots.iter().map(|(o, g)| (o, g)).unzip();
-    let mut g = crate::fused::grad(&outs, &seeds, &wrt);
+    let mut g = crate::kernels::fused::grad(&outs, &seeds, &wrt);
     let input_grads = g.split_off(n);
     tch::no_grad(|| {
         for (&id, gi) in owner.iter().zip(&g) {

@@ -19,7 +19,7 @@ use tch::Tensor;
 use crate::config::{KCompression, ModelConfig};
 use crate::dist::Collectives;
 use crate::error::{Result, TrainError};
-use crate::params::{GradSync, ParamKind, ParamSpec, Params};
+use crate::model::params::{GradSync, ParamKind, ParamSpec, Params};
 
 /// This rank's share of the model under tensor parallelism.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

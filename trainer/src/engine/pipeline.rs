@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::schedule::{Action, Schedule};
+use crate::parallel::schedule::{Action, Schedule};
 use crate::dist::Collectives;
 use crate::engine::{chunk_backward, chunk_eval, chunk_forward, reborrow, Pass, Program, Tp};
 use crate::error::Result;

@@ -42,10 +42,10 @@ use std::sync::{Arc, Mutex, Once, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
 use tch::{Kind, Tensor};
 
-use crate::kernels;
+use crate::kernels::decode;
 
 /// The kernels' source (compiled after csrc/bf16.cuh).
-pub const SOURCE: &str = include_str!("../csrc/train_kernels.cu");
+pub const SOURCE: &str = include_str!("../../csrc/train_kernels.cu");
 const THREADS: u32 = 256;
 /// Threads per row of the cross-entropy kernels (the source's CE_THREADS).
 const CE_THREADS: u32 = 512;
@@ -137,8 +137,8 @@ struct Loaded {
 
 fn load(ordinal: usize) -> Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
-    let (ctx, arch, sms) = kernels::device(ordinal)?;
-    let ptx = kernels::compile(SOURCE, &[], arch)?;
+    let (ctx, arch, sms) = decode::device(ordinal)?;
+    let ptx = decode::compile(SOURCE, &[], arch)?;
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
         .map_err(drv)?;
@@ -179,9 +179,9 @@ fn loaded(ordinal: usize) -> Result<Arc<Loaded>, String> {
 
 fn launch_on(a: &KernelArgs) -> Result<(), String> {
     let ordinal = usize::try_from(a.device).map_err(|_| format!("device {}", a.device))?;
-    let _restore = kernels::RestoreContext::save();
+    let _restore = decode::RestoreContext::save();
     let k = loaded(ordinal)?;
-    let stream = kernels::current_stream(&k.ctx, ordinal)
+    let stream = decode::current_stream(&k.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
     // SwiGLU and RoPE: a thread per 8 columns (of F, of half a head);
     // cross-entropy and RMSNorm: a block per row (RMSNorm backward: the
@@ -613,11 +613,11 @@ mod tests {
     /// The kernels compile (NVRTC runs without a GPU where libtorch is a CUDA build).
     #[test]
     fn the_training_kernels_compile() {
-        if !kernels::cuda_build() {
+        if !decode::cuda_build() {
             eprintln!("skipped: libtorch is not a CUDA build");
             return;
         }
-        let ptx = kernels::compile(SOURCE, &[], 90).expect("compiles");
+        let ptx = decode::compile(SOURCE, &[], 90).expect("compiles");
         for k in [
             "swiglu_forward",
             "swiglu_backward",

@@ -1,7 +1,7 @@
 //! CUDA kernels compiled at run time with NVRTC (through cudarc) and
 //! launched on libtorch's current stream over libtorch's tensors: the
 //! DiffQKV decode attention (csrc/decode_attention.cu, here), which
-//! [`crate::generate::decode_attention`] calls on a GPU and which falls back
+//! [`crate::infer::generate::decode_attention`] calls on a GPU and which falls back
 //! to tensor operations wherever it cannot run; and SwiGLU's forward and
 //! backward for training ([`crate::swiglu`]). Every source is compiled after
 //! the bf16 helpers of csrc/bf16.cuh.
@@ -30,9 +30,9 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Result, TrainError};
 
 /// The decode attention source, compiled with the shape macros of [`DecodeShape`].
-pub const DECODE_SOURCE: &str = include_str!("../csrc/decode_attention.cu");
+pub const DECODE_SOURCE: &str = include_str!("../../csrc/decode_attention.cu");
 /// bf16 conversions and packing, put before every kernel source.
-const BF16_HEADER: &str = include_str!("../csrc/bf16.cuh");
+const BF16_HEADER: &str = include_str!("../../csrc/bf16.cuh");
 /// Threads per block of the split kernel and of the combine kernel (the source's COMBINE_THREADS).
 const THREADS: u32 = 256;
 const COMBINE_THREADS: u32 = 256;
@@ -47,7 +47,7 @@ extern "C" {
 
 /// The directory of libtorch's CUDA runtime (NVRTC's too, for pip's CUDA wheels).
 fn cuda_runtime_dir() -> Option<std::path::PathBuf> {
-    crate::cuda_libs::loaded_library("libcudart.so.")
+    crate::kernels::cuda_libs::loaded_library("libcudart.so.")
         .and_then(|p| p.parent().map(|d| d.to_path_buf()))
 }
 
@@ -534,7 +534,7 @@ fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option
 /// DiffQKV decode attention by the kernel: Ok(None) where it cannot run
 /// (CPU, not bf16, a shape or layout it does not take, NVRTC missing,
 /// `SIGMA_DECODE_KERNEL=off`); the caller then uses tensor operations.
-/// Same contract as [`crate::generate::decode_attention`]: -> [b, 1, n_q * d_v].
+/// Same contract as [`crate::infer::generate::decode_attention`]: -> [b, 1, n_q * d_v].
 pub fn decode_attention(
     q: &Tensor,
     k: &Tensor,

@@ -5,6 +5,12 @@
 //! engine with the loss normalised by the global batch's target tokens, one
 //! AdamW step, log, validate, save.
 
+pub mod lr;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod profile;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,19 +30,19 @@ use crate::dist::buckets::GradBuckets;
 use crate::dist::{abort, DistEnv, Job, MeshDims, PipelineGroups};
 use crate::engine;
 use crate::error::{Result, TrainError};
-use crate::gpu_memory;
+use crate::kernels::gpu_memory;
 use crate::guard;
-use crate::metrics::{self, MetricsWriter};
+use metrics::MetricsWriter;
 use crate::model::Model;
-use crate::optim::{AdamW, StepStats};
-use crate::pipeline::exec::{StepInput, Trace};
-use crate::pipeline::schedule::Schedule;
-use crate::pipeline::PipelinePlan;
-use crate::profile::{Profiler, Window, PROFILED_STEPS};
-use crate::schedule::lr_at;
+use crate::train::optim::{AdamW, StepStats};
+use crate::engine::pipeline::{StepInput, Trace};
+use crate::parallel::schedule::Schedule;
+use crate::parallel::pipeline::PipelinePlan;
+use crate::train::profile::{Profiler, Window, PROFILED_STEPS};
+use crate::train::lr::lr_at;
 use crate::signals::StopSignals;
-use crate::summary::{memory_estimate, summarize, MemoryInputs};
-use crate::tp::TpPlan;
+use crate::model::summary::{memory_estimate, summarize, MemoryInputs};
+use crate::parallel::tp::TpPlan;
 
 pub struct Trainer {
     pub cfg: RunConfig,
@@ -424,7 +430,7 @@ impl Trainer {
             bk.finish(&self.optim.grad, j.dp.as_mut())?;
         }
         if let Some(tp) = j.tp.as_mut() {
-            crate::tp::sync_shared_grads(
+            crate::parallel::tp::sync_shared_grads(
                 &self.model.params,
                 &self.optim.grad,
                 tp.as_mut(),
@@ -432,7 +438,7 @@ impl Trainer {
             )?;
         }
         if let Some(tied) = j.tied.as_mut() {
-            crate::tp::sync_tied_grads(&self.model.params, &self.optim.grad, tied.as_mut())?;
+            crate::parallel::tp::sync_tied_grads(&self.model.params, &self.optim.grad, tied.as_mut())?;
         }
         Ok(())
     }
@@ -521,7 +527,7 @@ impl Trainer {
         if let Some(tr) = self.trace.as_mut() {
             tr.step = step + 1;
         }
-        crate::pipeline::exec::run_step(
+        crate::engine::pipeline::run_step(
             &input,
             rank,
             tp,
@@ -568,8 +574,8 @@ impl Trainer {
             Some(j) if dp > 1 => (j.coords.dp as u64, dp),
             _ => (0, 1),
         };
-        let mut scores = crate::eval::evaluate_part(
-            &crate::eval::Validation(&dataset),
+        let mut scores = crate::infer::eval::evaluate_part(
+            &crate::infer::eval::Validation(&dataset),
             mbs,
             self.cfg.train.eval_steps * mbs,
             device,
@@ -677,7 +683,7 @@ impl Trainer {
             .as_mut()
             .expect("pipeline parallelism runs as a job");
         let (rank, tp, links) = job.pipeline_parts();
-        let mut l = crate::pipeline::exec::eval_step(&input, rank, tp, links, t)?;
+        let mut l = crate::engine::pipeline::eval_step(&input, rank, tp, links, t)?;
         // Only the last stage computed the loss.
         if let Some(pp) = job.pp.as_mut() {
             pp.all_reduce_sum(&mut l)?;
@@ -932,7 +938,7 @@ impl Trainer {
         if step == 0
             && self.model.fused_weight_grad()
             && self.model.params.flat.device().is_cuda()
-            && !crate::fused::linear_accum_fused_gemm()
+            && !crate::kernels::fused::linear_accum_fused_gemm()
         {
             let warning =
                 "warning: libtorch refused the GEMM with an fp32 output that adds matmul \
@@ -1082,7 +1088,7 @@ impl Trainer {
                 .map(|(i, &l)| (i as u64 + self.start_step + 1, l))
                 .collect();
             let valid: Vec<(String, Vec<(u64, f64)>)> = valid_curve.into_iter().collect();
-            crate::plot::loss_png(&m.dir.join("loss.png"), &train, &valid)?;
+            crate::train::plot::loss_png(&m.dir.join("loss.png"), &train, &valid)?;
         }
         Ok(report)
     }

@@ -7,7 +7,7 @@ use plotters::prelude::*;
 
 use crate::error::{Result, TrainError};
 
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// Plot training loss (and validation loss per domain, if any) against step.
 /// The PNG is drawn under a temporary name and renamed into place.

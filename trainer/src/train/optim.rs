@@ -15,7 +15,7 @@ use crate::config::OptimConfig;
 use crate::dist::collectives::scalar;
 use crate::dist::Collectives;
 use crate::error::Result;
-use crate::params::{shard_range, Params};
+use crate::model::params::{shard_range, Params};
 
 /// Elements per piece of the optimizer's passes over the flat buffers (256 MB
 /// of fp32): temporaries are this big, never a whole buffer (a 2.9 B-parameter
@@ -312,13 +312,13 @@ impl AdamW {
                 m.push(self.exp_avg.narrow(0, a + s, n));
                 v.push(self.exp_avg_sq.narrow(0, a + s, n));
             }
-            let args = crate::fused::AdamWArgs {
+            let args = crate::kernels::fused::AdamWArgs {
                 lr,
                 betas: self.cfg.betas,
                 weight_decay: wd,
                 eps: self.cfg.eps,
             };
-            crate::fused::adamw(&p, &gs, &m, &v, &step, args)?;
+            crate::kernels::fused::adamw(&p, &gs, &m, &v, &step, args)?;
         }
         Ok(())
     }
@@ -468,7 +468,7 @@ mod tests {
 
     /// A gradient of `n` standard normal values, drawn under the global lock.
     fn randn(n: i64) -> Tensor {
-        let _rng = crate::params::global_rng_lock();
+        let _rng = crate::model::params::global_rng_lock();
         Tensor::randn([n], (Kind::Float, tch::Device::Cpu))
     }
 

@@ -8,14 +8,12 @@
 //! output head and the loss. With tied embeddings both hold the embedding
 //! matrix, and its gradient is summed over the two before the optimizer step.
 
-pub mod exec;
-pub mod schedule;
 
 use std::ops::Range;
 
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
-use crate::summary::summarize;
+use crate::model::summary::summarize;
 
 /// This rank's share of the layers.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,4 @@
+//! Evaluation (`sigma eval`, validation) and generation (`sigma generate`).
+
+pub mod eval;
+pub mod generate;
