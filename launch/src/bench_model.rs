@@ -6,6 +6,7 @@
 use anyhow::{bail, Result};
 use sigma_trainer::config::{KCompression, ModelConfig, RunConfig};
 use sigma_trainer::infer::generate::KvCache;
+use sigma_trainer::model::ModelInit;
 use sigma_trainer::{kernels, Model};
 use tch::{Device, Kind, Tensor};
 
@@ -23,7 +24,16 @@ fn gqa_counterpart(c: &ModelConfig, n: usize) -> ModelConfig {
 }
 
 fn build(cfg: &ModelConfig, device: Device) -> Model {
-    let m = Model::new(cfg, 0, true, false, Device::Cpu, device.is_cuda());
+    let m = Model::new(
+        cfg,
+        &ModelInit {
+            seed: 0,
+            decay_norms: true,
+            decay_embeddings: false,
+            device: Device::Cpu,
+            mixed: device.is_cuda(),
+        },
+    );
     sigma_trainer::infer::eval::move_model(m, device) // bf16 working weights on a GPU
 }
 
@@ -85,7 +95,7 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
                     cache.pretend_filled(s);
                     let tokens = Tensor::randint(c.vocab_size as i64, [b], (Kind::Int64, device));
                     median_time(device, a.steps, &mut || {
-                        let _ = tch::no_grad(|| model.decode_step(cache, &tokens))?;
+                        let _ = tch::no_grad(|| model.frozen().decode_step(cache, &tokens))?;
                         Ok(())
                     })
                 };

@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Result};
 use sigma_trainer::config::{parse_doc, read_config, typed};
-use sigma_trainer::engine;
 use sigma_trainer::infer::eval::{evaluate, load, DomainScore, Files, Validation};
 use sigma_trainer::RunConfig;
 
@@ -79,9 +78,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         None => (0, 4, 16),
     };
     let rows = a.batch.unwrap_or(rows);
-    let model = &loaded.model;
     let mut loss = |t: &tch::Tensor| -> sigma_trainer::Result<f64> {
-        Ok(engine::loss_sum_in(model, None, t)?.double_value(&[]))
+        Ok(loaded.loss_sum(t)?.double_value(&[]))
     };
     let per_domain = |seq: usize| match a.max_tokens {
         Some(t) => t.div_ceil(seq as u64).max(1),

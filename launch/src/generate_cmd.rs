@@ -154,7 +154,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             }
             Ok(())
         };
-        generate(&loaded.model, &encoded, &request, 0, &mut |_, t| {
+        generate(&loaded.fwd(), &encoded, &request, 0, &mut |_, t| {
             if let Err(e) = start(&mut out) {
                 failed.get_or_insert(e);
             }
@@ -181,7 +181,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut out = stdout.lock();
     for (c, chunk) in encoded.chunks(a.batch).enumerate() {
         let first = c * a.batch;
-        let new = generate(&loaded.model, chunk, &request, first as u64, &mut |_, _| {})?;
+        let new = generate(&loaded.fwd(), chunk, &request, first as u64, &mut |_, _| {})?;
         for (j, ids) in new.iter().enumerate() {
             let stopped = ids.last() == Some(&tok.eos_id);
             let text_ids = if stopped {

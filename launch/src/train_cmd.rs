@@ -237,6 +237,7 @@ pub fn train(a: TrainArgs) -> Result<i32> {
     // config is read (until then it ends the process, with nothing to lose).
     let signals = sigma_trainer::signals::StopSignals::install(rank0)?;
     let cfg = RunConfig::load(&a.config, &a.overrides)?;
+    sigma_trainer::parallel::Layout::check(&cfg)?;
     signals.set_interrupt_saves(cfg.checkpointing());
     if rank0 {
         println!(

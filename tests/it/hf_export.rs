@@ -61,7 +61,7 @@ fn compare(name: &str, extra: &[&str]) {
         .collect();
     let flat: Vec<i64> = ids.iter().flatten().copied().collect();
     let tokens = Tensor::from_slice(&flat).view([3, 24]);
-    let logits = tch::no_grad(|| loaded.model.forward(&tokens))
+    let logits = tch::no_grad(|| loaded.fwd().forward(&tokens))
         .to_kind(Kind::Float)
         .contiguous();
     let mut bytes = vec![0u8; logits.numel() * 4];

@@ -3,7 +3,10 @@
 //! finite-difference gradients, and activation checkpointing bit-equality.
 
 use sigma_trainer::config::{KCompression, ModelConfig};
-use sigma_trainer::engine;
+use sigma_trainer::engine::{self, ExecOptions, Program, Runner};
+use sigma_trainer::model::block::LayerWeight;
+use sigma_trainer::model::{Exec, GradSink, ModelInit};
+use sigma_trainer::parallel::tp::TpPlan;
 use sigma_trainer::Model;
 use tch::{Device, Kind, Tensor};
 
@@ -30,7 +33,7 @@ fn cfg(nq: usize, nk: usize, nv: usize, dqk: usize, dv: usize) -> ModelConfig {
 
 fn model(c: &ModelConfig) -> Model {
     c.validate().expect("valid config");
-    Model::new(c, 7, false, false, Device::Cpu, false).to_double()
+    Model::new(c, &ModelInit::cpu(7)).to_double()
 }
 
 /// Row-major matrix from a 2-D tensor.
@@ -141,7 +144,7 @@ fn check_attention(c: &ModelConfig) {
         tch::manual_seed(3);
         Tensor::randn([1, t as i64, c.d_model as i64], (Kind::Double, Device::Cpu))
     };
-    let got = tch::no_grad(|| m.attention(0, &h));
+    let got = tch::no_grad(|| m.plain().attention(0, &h));
     let (_, _, hv) = mat(&h.view([t as i64, -1]));
     let want = reference_attention(&m, &hv, t);
     let (_, _, gv) = mat(&got.view([t as i64, -1]));
@@ -208,7 +211,7 @@ fn mha_and_gqa_equal_a_plain_implementation() {
             let _rng = sigma_trainer::model::params::global_rng_lock();
             Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu))
         };
-        let d = (g.attention(0, &h) - mha.attention(0, &h))
+        let d = (g.plain().attention(0, &h) - mha.plain().attention(0, &h))
             .abs()
             .max()
             .double_value(&[]);
@@ -225,7 +228,7 @@ fn changing_future_tokens_never_changes_past_logits() {
     let b = a.copy();
     let _ = b.narrow(1, 5, 3).fill_(11);
     tch::no_grad(|| {
-        let (la, lb) = (m.forward(&a), m.forward(&b));
+        let (la, lb) = (m.plain().forward(&a), m.plain().forward(&b));
         let past = (la.narrow(1, 0, 5) - lb.narrow(1, 0, 5))
             .abs()
             .max()
@@ -245,6 +248,25 @@ fn engine_grads(m: &Model, tokens: &Tensor, scale: f64, checkpoint: bool) -> (Te
     let loss =
         engine::forward_backward(m, tokens, scale, checkpoint, &mut g, &mut |_, _| Ok(())).unwrap();
     (g, loss)
+}
+
+/// `engine_grads` under options `o` (one device).
+fn engine_grads_with(m: &Model, o: ExecOptions, tokens: &Tensor, scale: f64) -> (Tensor, Tensor) {
+    let plan = TpPlan::single(&m.cfg);
+    let mut g = m.params.flat.zeros_like();
+    let loss = Runner::new(m, &plan, o)
+        .forward_backward(None, tokens, scale, &mut g, &mut |_, _| Ok(()))
+        .unwrap();
+    (g, loss)
+}
+
+/// The loss sum without gradients under options `o` (one device).
+fn loss_with(m: &Model, o: ExecOptions, tokens: &Tensor) -> f64 {
+    let plan = TpPlan::single(&m.cfg);
+    Runner::new(m, &plan, o)
+        .loss_sum(None, tokens)
+        .unwrap()
+        .double_value(&[])
 }
 
 #[test]
@@ -290,7 +312,7 @@ fn gradients_match_finite_differences() {
 fn activation_checkpointing_gives_bit_identical_gradients() {
     let mut c = cfg(8, 2, 4, 4, 4);
     c.aug_q_dim = 12;
-    let m = Model::new(&c, 11, false, false, Device::Cpu, false);
+    let m = Model::new(&c, &ModelInit::cpu(11));
     let tokens =
         Tensor::from_slice(&(0..40).map(|i| (i * 7 % 40) as i64).collect::<Vec<_>>()).view([4, 10]);
     let (g1, l1) = engine_grads(&m, &tokens, 0.01, false);
@@ -303,11 +325,12 @@ fn activation_checkpointing_gives_bit_identical_gradients() {
     assert!(l1.equal(&l2));
     // And the segment engine equals one ordinary backward pass.
     let t = 9;
-    let loss = m.head_loss_sum(
+    let f = m.plain();
+    let loss = f.head_loss_sum(
         &{
-            let mut x = m.embed(&tokens.narrow(1, 0, t));
+            let mut x = f.embed(&tokens.narrow(1, 0, t));
             for l in 0..c.num_layers {
-                x = m.block(l, &x);
+                x = f.block(l, &x);
             }
             x
         },
@@ -382,7 +405,8 @@ fn gradient_buckets_start_only_final_gradients_and_cover_the_buffer_once() {
     let m = model(&c);
     let tokens = Tensor::from_slice(&[1i64, 5, 9, 3, 7, 2, 8, 4, 6, 0, 11, 12]).view([2, 6]);
     // Small buckets: several per layer.
-    let mut buckets = GradBuckets::new(&m, 300);
+    let ready = Program::new(&m, &TpPlan::single(&c)).final_positions(&m);
+    let mut buckets = GradBuckets::new(&m.params.layout(), &ready, 300);
     assert!(
         buckets.buckets.len() > 6,
         "{} buckets",
@@ -447,15 +471,19 @@ fn a_chunked_head_gives_the_whole_heads_loss_and_gradients() {
         let mut c = cfg(4, 1, 2, 4, 4);
         c.aug_q_dim = 6;
         c.tie_embeddings = tied;
-        let mut m = model(&c);
+        let m = model(&c);
         // 2 x 12 = 24 target tokens: chunks of 5 leave a shorter last one.
         let tokens = Tensor::from_slice(&(0..26).map(|i| (i * 13 % 40) as i64).collect::<Vec<_>>())
             .view([2, 13]);
         let (g0, l0) = engine_grads(&m, &tokens, 0.25, false);
         let e0 = engine::loss_sum(&m, &tokens).double_value(&[]);
-        m.loss_chunk_tokens = 5;
+        let chunked = |checkpoint| ExecOptions {
+            checkpoint,
+            loss_chunk_tokens: 5,
+            ..ExecOptions::default()
+        };
         for checkpoint in [false, true] {
-            let (g1, l1) = engine_grads(&m, &tokens, 0.25, checkpoint);
+            let (g1, l1) = engine_grads_with(&m, chunked(checkpoint), &tokens, 0.25);
             let rel = |a: &Tensor, b: &Tensor| {
                 (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
             };
@@ -466,7 +494,7 @@ fn a_chunked_head_gives_the_whole_heads_loss_and_gradients() {
                 rel(&g1, &g0)
             );
         }
-        let e1 = engine::loss_sum(&m, &tokens).double_value(&[]);
+        let e1 = loss_with(&m, chunked(false), &tokens);
         assert!((e1 - e0).abs() < 1e-12 * e0, "validation loss {e1} vs {e0}");
         // The whole-head gradient is not trivially zero where chunks meet.
         assert!(g0.abs().sum(Kind::Double).double_value(&[]) > 0.0);
@@ -485,7 +513,18 @@ fn bf16_working_weights_match_casting_at_each_matmul_bit_for_bit() {
     for tied in [true, false] {
         c.tie_embeddings = tied;
         c.validate().expect("valid config");
-        let mixed = || Model::new(&c, 7, false, false, Device::Cpu, true);
+        let mixed = || {
+            Model::new(
+                &c,
+                &ModelInit {
+                    seed: 7,
+                    decay_norms: false,
+                    decay_embeddings: false,
+                    device: Device::Cpu,
+                    mixed: true,
+                },
+            )
+        };
         let cast = mixed();
         let mut work = mixed();
         work.params.enable_work_copy(Kind::BFloat16);
@@ -533,46 +572,50 @@ fn fused_weight_gradients_match_the_plain_path() {
     for tied in [true, false] {
         c.tie_embeddings = tied;
         c.validate().expect("valid config");
-        let make = |sink: bool| {
-            let mut m = Model::new(&c, 7, false, false, Device::Cpu, false);
+        let make = || {
+            let mut m = Model::new(&c, &ModelInit::cpu(7));
             m.compute = Kind::Double;
             m.params.enable_work_copy(Kind::Double);
             let g = m.params.flat.zeros_like();
-            if sink {
-                m.set_grad_sink(Some(g.shallow_clone()));
-                assert!(m.fused_weight_grad());
-            }
             (m, g)
         };
-        let (plain, _) = make(false);
-        let (fused, mut g1) = make(true);
+        let (plain, _) = make();
+        let (fused, mut g1) = make();
+        let sink = GradSink::new(&fused, &g1);
+        assert!(sink.is_some(), "a model with a working copy takes a sink");
+        let plan = TpPlan::single(&c);
+        let fused_run = |checkpoint| {
+            let o = ExecOptions {
+                checkpoint,
+                ..ExecOptions::default()
+            };
+            Runner::new(&fused, &plan, o).with_sink(sink.as_ref())
+        };
         for checkpoint in [false, true] {
             let (g0, l0) = engine_grads(&plain, &tokens, 0.5, checkpoint);
             let _ = g1.zero_();
-            let l1 =
-                engine::forward_backward(&fused, &tokens, 0.5, checkpoint, &mut g1, &mut |_, _| {
-                    Ok(())
-                })
+            let l1 = fused_run(checkpoint)
+                .forward_backward(None, &tokens, 0.5, &mut g1, &mut |_, _| Ok(()))
                 .unwrap();
             assert!(l1.equal(&l0), "tied {tied}: loss {l1:?} vs {l0:?}");
             for (s, &o) in plain.params.specs.iter().zip(&plain.params.offsets) {
                 let (a, b) = (g0.narrow(0, o, s.numel()), g1.narrow(0, o, s.numel()));
                 let scale = a.abs().max().double_value(&[]);
                 let diff = (&a - &b).abs().max().double_value(&[]);
-                assert!(scale > 0.0, "{}: no gradient", s.name);
+                assert!(scale > 0.0, "{}: no gradient", s.name());
                 assert!(
                     diff <= 1e-6 * scale,
                     "tied {tied}, checkpoint {checkpoint}, {}: fused and plain gradients differ by {diff} (max {scale})",
-                    s.name
+                    s.name()
                 );
             }
         }
         let mut other = fused.params.flat.zeros_like();
-        let err =
-            engine::forward_backward(&fused, &tokens, 0.5, false, &mut other, &mut |_, _| Ok(()))
-                .unwrap_err()
-                .to_string();
-        assert!(err.contains("set_grad_sink"), "{err}");
+        let err = fused_run(false)
+            .forward_backward(None, &tokens, 0.5, &mut other, &mut |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gradient sink"), "{err}");
     }
 }
 
@@ -591,14 +634,23 @@ fn merged_gating_without_a_sink_runs_only_frozen_under_no_grad() {
     c.validate().expect("valid config");
     // fp32 master weights with an f64 working copy (what bf16 training
     // keeps, in a dtype whose matmuls agree to rounding).
-    let mut m = Model::new(&c, 7, false, false, Device::Cpu, false);
+    let mut m = Model::new(&c, &ModelInit::cpu(7));
     m.compute = Kind::Double;
     m.params.enable_work_copy(Kind::Double);
     let x = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
     let q0 = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
-    let l0 = m.ids.layer(0).clone();
-    let aug = l0.attn.aug_q.expect("AugQ is on");
-    for (input, gate, up) in [(&x, l0.ffn.gate, l0.ffn.up), (&q0, aug[0], aug[1])] {
+    let w = |w| m.lid(0, w);
+    let ffn = (w(LayerWeight::FfnGate), w(LayerWeight::FfnUp));
+    let aug = (w(LayerWeight::AugQGate), w(LayerWeight::AugQUp));
+    let training = m.fwd(Exec {
+        sink: None,
+        frozen: false,
+    });
+    let frozen = m.fwd(Exec {
+        sink: None,
+        frozen: true,
+    });
+    for (input, (gate, up)) in [(&x, ffn), (&q0, aug)] {
         assert!(
             m.params.merged_weight(gate, up).is_some(),
             "gate and up are adjacent"
@@ -607,13 +659,11 @@ fn merged_gating_without_a_sink_runs_only_frozen_under_no_grad() {
             input.linear::<Tensor>(m.w(gate), None).silu() * input.linear::<Tensor>(m.w(up), None)
         });
         // Training model: never merged without the sink, gradients or not.
-        m.frozen = false;
         let before = merged();
-        let _ = tch::no_grad(|| m.gated(input, gate, up));
+        let _ = tch::no_grad(|| training.gated(input, gate, up));
         assert_eq!(merged(), before, "a training model merged under no_grad");
         // Frozen, no_grad: merged, with the separate matmuls' numbers.
-        m.frozen = true;
-        let out = tch::no_grad(|| m.gated(input, gate, up));
+        let out = tch::no_grad(|| frozen.gated(input, gate, up));
         assert_eq!(
             merged(),
             before + 1,
@@ -622,7 +672,7 @@ fn merged_gating_without_a_sink_runs_only_frozen_under_no_grad() {
         let diff = (&out - &separate).abs().max().double_value(&[]);
         assert!(diff < 1e-12, "merged and separate gating differ by {diff}");
         // Frozen with gradients on: separate, and both weights get gradients.
-        let y = m.gated(input, gate, up);
+        let y = frozen.gated(input, gate, up);
         assert_eq!(merged(), before + 1, "merged with gradients on");
         y.sum(Kind::Double).backward();
         for w in [gate, up] {

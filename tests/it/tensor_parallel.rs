@@ -21,8 +21,11 @@ use std::time::Duration;
 use sigma_tests::*;
 use sigma_trainer::config::{KCompression, ModelConfig};
 use sigma_trainer::dist::{Collectives, StoreClient, StoreCollectives, StoreServer};
-use sigma_trainer::engine;
-use sigma_trainer::parallel::tp::{sync_shared_grads, TpPlan};
+use sigma_trainer::engine::comm::communicate;
+use sigma_trainer::engine::{self, ExecOptions, Runner};
+use sigma_trainer::model::{GradSink, ModelInit};
+use sigma_trainer::parallel::tp::{sync_shared_grads, Comm, TpPlan};
+use sigma_trainer::parallel::Layout;
 use sigma_trainer::Model;
 use tch::{Device, Kind, Tensor};
 
@@ -205,22 +208,29 @@ fn tokens() -> Tensor {
 
 /// The whole model of `c` in f64.
 fn one_model(c: &ModelConfig) -> Model {
-    Model::new(c, 3, false, false, Device::Cpu, false).to_double()
+    Model::new(c, &ModelInit::cpu(3)).to_double()
 }
 
-/// Rank `rank`'s share of `c` at tp 2, in f64, from the single model's draws.
-fn tp_model(c: &ModelConfig, rank: usize, sp: bool) -> Model {
-    Model::with_plan(
-        c,
-        TpPlan::new(c, 2, rank, sp),
-        sigma_trainer::parallel::pipeline::PipelinePlan::single(c),
-        3,
-        false,
-        false,
-        Device::Cpu,
-        false,
-    )
-    .to_double()
+/// Rank `rank`'s share of `c` at tp 2 (fp32), from the single model's draws,
+/// and its plan.
+fn tp_model32(c: &ModelConfig, rank: usize, sp: bool) -> (Model, TpPlan) {
+    let layout = Layout::tensor_parallel(c, 2, rank, sp);
+    let m = Model::from_share(c, layout.share(c), &ModelInit::cpu(3));
+    (m, layout.tp)
+}
+
+/// `tp_model32` in f64.
+fn tp_model(c: &ModelConfig, rank: usize, sp: bool) -> (Model, TpPlan) {
+    let (m, plan) = tp_model32(c, rank, sp);
+    (m.to_double(), plan)
+}
+
+/// Options of a training pass, with or without activation checkpointing.
+fn opts(checkpoint: bool) -> ExecOptions {
+    ExecOptions {
+        checkpoint,
+        ..ExecOptions::default()
+    }
 }
 
 /// `f(rank, group)` on the two ranks of a tensor-parallel group, each a
@@ -254,9 +264,13 @@ fn tp2_validation_loss_in_token_chunks_equals_the_single_device_loss() {
     let want = engine::loss_sum(&one, &tokens()).double_value(&[]);
     for chunk in [0usize, 5] {
         let ranks = on_two_ranks(|rank, tp| {
-            let mut m = tp_model(&c, rank, true);
-            m.loss_chunk_tokens = chunk;
-            engine::loss_sum_in(&m, Some(tp), &tokens())
+            let (m, plan) = tp_model(&c, rank, true);
+            let o = ExecOptions {
+                loss_chunk_tokens: chunk,
+                ..ExecOptions::default()
+            };
+            Runner::new(&m, &plan, o)
+                .loss_sum(Some(tp), &tokens())
                 .expect("loss")
                 .double_value(&[])
         });
@@ -285,13 +299,10 @@ fn tensor_parallel_scatters_and_gathers_move_contiguous_blocks() {
     };
     let ranks = on_two_ranks(|rank, c| {
         let x = input(rank as i64);
-        let [seq, feat] = [engine::Comm::ScatterSeq, engine::Comm::ScatterFeat]
-            .map(|op| engine::communicate(c, op, &x).expect("scatter"));
-        let back = [
-            (engine::Comm::GatherSeq, &seq),
-            (engine::Comm::GatherFeat, &feat),
-        ]
-        .map(|(op, part)| engine::communicate(c, op, part).expect("gather"));
+        let [seq, feat] = [Comm::ScatterSeq, Comm::ScatterFeat]
+            .map(|op| communicate(c, op, &x, false).expect("scatter"));
+        let back = [(Comm::GatherSeq, &seq), (Comm::GatherFeat, &feat)]
+            .map(|(op, part)| communicate(c, op, part, false).expect("gather"));
         (seq, feat, back)
     });
     let sum = input(0) + input(1);
@@ -340,7 +351,8 @@ fn attention_under_tensor_parallelism_never_falls_back_to_sdpas_math_path() {
     );
     for (sp, ac) in [(true, false), (true, true), (false, false)] {
         let ranks = on_two_ranks(|rank, tp| {
-            let _ = tp_grads(&tp_model(&c, rank, sp), tp, ac);
+            let (m, plan) = tp_model(&c, rank, sp);
+            let _ = tp_grads(&m, &plan, tp, ac);
             sigma_trainer::model::sdpa_calls_on_this_thread()
         });
         for (rank, (calls, math)) in ranks.into_iter().enumerate() {
@@ -355,18 +367,11 @@ fn attention_under_tensor_parallelism_never_falls_back_to_sdpas_math_path() {
 
 /// This rank's gradients (its local flat buffer) of `tokens()` at loss scale
 /// 0.1, with or without activation checkpointing.
-fn tp_grads(m: &Model, tp: &mut dyn Collectives, checkpoint: bool) -> Tensor {
+fn tp_grads(m: &Model, plan: &TpPlan, tp: &mut dyn Collectives, checkpoint: bool) -> Tensor {
     let mut g = m.params.flat.zeros_like();
-    let _ = engine::forward_backward_in(
-        m,
-        Some(tp),
-        &tokens(),
-        0.1,
-        checkpoint,
-        &mut g,
-        &mut |_, _| Ok(()),
-    )
-    .expect("backward");
+    let _ = Runner::new(m, plan, opts(checkpoint))
+        .forward_backward(Some(tp), &tokens(), 0.1, &mut g, &mut |_, _| Ok(()))
+        .expect("backward");
     g
 }
 
@@ -389,15 +394,15 @@ fn tp_rank_grads(
         t,
     ));
     let mut replicas = vec![(2usize, shared)];
-    let m = tp_model(&c, rank, sp);
-    let g = tp_grads(&m, &mut tp, ac);
+    let (m, plan) = tp_model(&c, rank, sp);
+    let g = tp_grads(&m, &plan, &mut tp, ac);
     sync_shared_grads(&m.params, &g, &mut tp, &mut replicas).expect("sync");
     let layout = m
         .params
         .specs
         .iter()
         .zip(&m.params.offsets)
-        .map(|(s, &o)| (s.name.clone(), s.global_shape.clone(), s.block.clone(), o))
+        .map(|(s, &o)| (s.name(), s.global_shape.clone(), s.block.clone(), o))
         .collect();
     (Vec::<f64>::try_from(g).expect("grads"), layout)
 }
@@ -425,7 +430,7 @@ fn gradients_of_a_tp2_model_equal_the_single_device_gradients() {
             for (grads, layout) in &ranks {
                 let (_, shape, block, off) = layout
                     .iter()
-                    .find(|l| l.0 == spec.name)
+                    .find(|l| l.0 == spec.name())
                     .expect("same parameter");
                 assert_eq!(shape, &spec.global_shape);
                 let n: i64 = block.iter().map(|b| b.1).product();
@@ -441,7 +446,7 @@ fn gradients_of_a_tp2_model_equal_the_single_device_gradients() {
                 assert!(
                     err <= 1e-10 * scale,
                     "sp {sp} ac {ac}: {} block {block:?}: max difference {err:e} (max {scale:e})",
-                    spec.name
+                    spec.name()
                 );
             }
         }
@@ -575,43 +580,31 @@ fn overlapping_tp_collectives_with_weight_gradients_changes_no_gradient() {
     for (sp, ac) in [(true, false), (true, true), (false, false)] {
         let ranks = on_two_ranks(|rank, tp| {
             let mut run = |overlap: bool| {
-                let mut m = Model::with_plan(
-                    &c,
-                    TpPlan::new(&c, 2, rank, sp),
-                    sigma_trainer::parallel::pipeline::PipelinePlan::single(&c),
-                    3,
-                    false,
-                    false,
-                    Device::Cpu,
-                    false,
-                );
+                let (mut m, plan) = tp_model32(&c, rank, sp);
                 // Master weights in fp32, matmuls on f64 working copies: the sink applies.
                 m.compute = Kind::Double;
                 m.params.enable_work_copy(Kind::Double);
                 let mut g = m.params.flat.zeros_like();
-                m.set_grad_sink(Some(g.shallow_clone()));
-                m.tp_comm_overlap = overlap;
-                let last = engine::Program::new(&m).final_positions(&m);
+                let sink = GradSink::new(&m, &g);
+                let o = ExecOptions {
+                    tp_comm_overlap: overlap,
+                    ..opts(ac)
+                };
+                let runner = Runner::new(&m, &plan, o).with_sink(sink.as_ref());
+                let last = runner.program().final_positions(&m);
                 let p = &m.params;
                 let mut at_hook: Vec<Option<Tensor>> = (0..p.specs.len()).map(|_| None).collect();
-                let _ = engine::forward_backward_in(
-                    &m,
-                    Some(&mut *tp),
-                    &tokens(),
-                    0.1,
-                    ac,
-                    &mut g,
-                    &mut |pos, grads| {
+                let _ = runner
+                    .forward_backward(Some(&mut *tp), &tokens(), 0.1, &mut g, &mut |pos, grads| {
                         for (id, _) in last.iter().enumerate().filter(|(_, &l)| l == pos) {
                             at_hook[id] =
                                 Some(grads.narrow(0, p.offsets[id], p.specs[id].numel()).copy());
                         }
                         Ok(())
-                    },
-                )
-                .expect("backward");
-                let drained = m.wgrad_queue().map_or(0, |q| q.drained());
-                let names: Vec<String> = p.specs.iter().map(|s| s.name.clone()).collect();
+                    })
+                    .expect("backward");
+                let drained = runner.wgrad_queue().map_or(0, |q| q.drained());
+                let names: Vec<String> = p.specs.iter().map(|s| s.name()).collect();
                 (g, at_hook, drained, names, p.offsets.clone())
             };
             (run(false), run(true))

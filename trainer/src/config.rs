@@ -731,32 +731,10 @@ impl RunConfig {
             }
             _ => {}
         }
-        if p.pp > 1 || p.pp_layers.is_some() {
-            let v = p.virtual_stages();
-            crate::parallel::pipeline::PipelinePlan::check(&self.model, p.pp, v, p.pp_layers.as_deref())?;
-            // Every accumulation count the run uses (the ramp's too) must fit the schedule.
-            let mut counts = vec![t.grad_accum_steps];
-            counts.extend((0..t.batch_ramp_steps).map(|s| self.accum_steps_at(s)));
-            counts.sort();
-            counts.dedup();
-            for m in counts {
-                crate::parallel::schedule::check(p.pp, v, m)?;
-            }
-        }
         if p.sequence_parallel == Some(true) && p.tp == 1 {
             return Err(TrainError::config(
                 "parallel.sequence_parallel",
                 "needs tensor parallelism (parallel.tp > 1)",
-            ));
-        }
-        crate::parallel::tp::TpPlan::check(&self.model, p.tp, self.data.seq_len, p.sequence_parallel())?;
-        if t.loss_chunk_tokens > 0 && p.tp > 1 {
-            return Err(TrainError::config(
-                "train.loss_chunk_tokens",
-                format!(
-                    "chunks the head of one device; with parallel.tp = {} the head is vocabulary-parallel (each rank holds 1/{} of the logits) and is not chunked: set it to 0",
-                    p.tp, p.tp
-                ),
             ));
         }
         let ck = &self.checkpoint;
@@ -803,5 +781,27 @@ impl RunConfig {
         }
         let (a, b) = (t.batch_ramp_start_accum as f64, t.grad_accum_steps as f64);
         (a + (b - a) * step as f64 / t.batch_ramp_steps as f64).floor() as usize
+    }
+}
+
+/// Visit every leaf of a JSON object tree with its path (keys joined by `sep`).
+pub fn flatten_json(
+    prefix: &str,
+    sep: &str,
+    v: &serde_json::Value,
+    leaf: &mut dyn FnMut(&str, &serde_json::Value),
+) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}{sep}{k}")
+                };
+                flatten_json(&key, sep, x, leaf);
+            }
+        }
+        x => leaf(prefix, x),
     }
 }

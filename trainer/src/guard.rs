@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-use crate::error::TrainError;
+use crate::error::{clean_torch_message, TrainError};
 
 /// What the current thread is doing, for error messages.
 #[derive(Clone, Copy, Debug, Default)]
@@ -113,50 +113,6 @@ pub fn catch<T, E: From<TrainError>>(f: impl FnOnce() -> Result<T, E>) -> Result
 }
 
 /// Undo the `{:?}` escaping of a string inside a debug-printed error.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match it.next() {
-            Some('n') => out.push('\n'),
-            Some('t') => out.push('\t'),
-            Some(o) => out.push(o),
-            None => {}
-        }
-    }
-    out
-}
-
-/// libtorch's message without the C++ stack: the text before
-/// "Exception raised from" / the first "frame #", trimmed.
-pub fn clean_torch_message(raw: &str) -> String {
-    // tch's panics read `called `Result::unwrap()` on an `Err` value: Torch("...")`.
-    let inner = match raw.find("Torch(\"") {
-        Some(i) => {
-            let body = &raw[i + 7..];
-            unescape(body.strip_suffix("\")").unwrap_or(body))
-        }
-        None => raw.to_string(),
-    };
-    let mut cut = inner.len();
-    for marker in ["Exception raised from", "frame #"] {
-        if let Some(i) = inner.find(marker) {
-            cut = cut.min(i);
-        }
-    }
-    let text = inner[..cut].trim();
-    // Collapse the message onto few lines.
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn is_torch(message: &str) -> bool {
     message.contains("Torch(") || message.contains("TchError") || message.contains("libtorch")
 }

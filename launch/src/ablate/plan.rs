@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sigma_trainer::config::read_config;
 use sigma_trainer::model::summary::{summarize, Summary};
+use sigma_trainer::parallel::Layout;
 use sigma_trainer::RunConfig;
 
 /// An ablation file (TOML).
@@ -185,6 +186,7 @@ pub fn resolve(file: PlanFile, out: &Path) -> Result<Plan> {
             quoted(dir.join("checkpoints"))
         ));
         let cfg = RunConfig::parse(&file.base_config, &base_text, &overrides)
+            .and_then(|c| Layout::check(&c).map(|()| c))
             .with_context(|| format!("variant {}", v.name))?;
         let mut cfg = cfg;
         if !cfg.checkpointing() {

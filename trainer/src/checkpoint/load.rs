@@ -14,8 +14,8 @@ use super::safetensors::{hash_file, Reader};
 use super::*;
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
-use crate::train::optim::AdamW;
 use crate::model::params::Params;
+use crate::optim::AdamW;
 
 fn err(dir: &Path, m: impl std::fmt::Display) -> TrainError {
     TrainError::Other(format!("checkpoint {}: {m}", dir.display()))
@@ -140,18 +140,15 @@ impl Checkpoint {
         // (tensor name, this rank's block of it, range in the block, position in `out`), largest first.
         type Item = (String, Vec<(i64, i64)>, i64, i64, i64);
         let mut items: Vec<Item> = Vec::new();
-        for (i, spec) in params.specs.iter().enumerate() {
-            let off = params.offsets[i];
-            let (a, b) = (off.max(start), (off + spec.numel()).min(start + len));
-            if a < b {
-                items.push((
-                    tensor_name(buffer, &spec.name),
-                    spec.block.clone(),
-                    a - off,
-                    b - off,
-                    a - start,
-                ));
-            }
+        for (id, r) in params.overlapping(start..start + len) {
+            let (spec, off) = (params.spec(id), params.offsets[id.0]);
+            items.push((
+                tensor_name(buffer, &spec.name()),
+                spec.block.clone(),
+                r.start - off,
+                r.end - off,
+                r.start - start,
+            ));
         }
         items.sort_by_key(|it| std::cmp::Reverse(it.3 - it.2));
         let threads = std::thread::available_parallelism()
@@ -205,9 +202,9 @@ impl Checkpoint {
     /// (whole) shapes, whatever part of it this rank holds.
     pub fn check_model(&self, model: &ModelConfig) -> Result<()> {
         let mut expected = BTreeMap::new();
-        for s in &crate::model::param_specs(model) {
+        for s in &crate::model::params::whole_specs(model) {
             for b in BUFFERS {
-                expected.insert(tensor_name(b, &s.name), s.global_shape.clone());
+                expected.insert(tensor_name(b, &s.name()), s.global_shape.clone());
             }
         }
         for (name, shape) in &expected {
@@ -400,10 +397,10 @@ impl PieceReader<'_> {
         let out = Tensor::zeros([end - start], (Kind::Float, tch::Device::Cpu));
         let mut covered = 0;
         for p in &e.pieces {
-            let (a, b) = (p.start.max(start), p.end.min(end));
-            if a >= b {
+            let Some(r) = crate::model::params::intersect(p.start..p.end, start..end) else {
                 continue;
-            }
+            };
+            let (a, b) = (r.start, r.end);
             let piece = self.read_piece(name, p)?;
             out.narrow(0, a - start, b - a)
                 .copy_(&piece.narrow(0, a - p.start, b - a).to_kind(Kind::Float));
@@ -430,7 +427,7 @@ fn model_diff(saved: &serde_json::Value) -> String {
 /// `section.key: old -> new` for every config value that differs.
 pub fn config_changes(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     let flat = |v: &serde_json::Value, out: &mut BTreeMap<String, String>| {
-        crate::train::metrics::flatten_json("", ".", v, &mut |k, x| {
+        crate::config::flatten_json("", ".", v, &mut |k, x| {
             out.insert(k.to_string(), x.to_string());
         })
     };

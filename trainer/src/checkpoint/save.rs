@@ -28,8 +28,8 @@ use super::*;
 use crate::config::{CheckpointConfig, RunConfig};
 use crate::dist::{DistEnv, MeshDims, StoreClient};
 use crate::error::{Result, TrainError};
-use crate::train::optim::AdamW;
 use crate::model::params::{ParamSpec, Params};
+use crate::optim::AdamW;
 
 /// Fault injection for tests: milliseconds each writer sleeps after writing
 /// its shard and before reporting it (widens the window in which a kill lands mid-save).
@@ -51,7 +51,7 @@ pub fn entries(specs: &[ParamSpec]) -> BTreeMap<String, TensorEntry> {
     for spec in specs {
         for buf in BUFFERS {
             out.insert(
-                tensor_name(buf, &spec.name),
+                tensor_name(buf, &spec.name()),
                 TensorEntry {
                     shape: spec.global_shape.clone(),
                     dtype: "F32".into(),
@@ -242,12 +242,12 @@ impl Saver {
         let mut tensors = Vec::new();
         let mut pieces = Vec::new();
         for (b, buf) in BUFFERS.iter().enumerate() {
-            for (i, spec) in params.specs.iter().enumerate() {
-                let off = params.offsets[i];
-                let (a, e) = (off.max(start), (off + spec.numel()).min(start + len));
+            for (id, r) in params.overlapping(start..start + len) {
+                let (spec, off) = (params.spec(id), params.offsets[id.0]);
+                let (a, e) = (r.start, r.end);
                 // A copy held by several ranks is written by one of them.
-                if a < e && spec.writer {
-                    let name = tensor_name(buf, &spec.name);
+                if spec.writer {
+                    let name = tensor_name(buf, &spec.name());
                     tensors.push((name.clone(), host[b].narrow(0, a - start, e - a)));
                     pieces.push((
                         name,
@@ -298,7 +298,7 @@ impl Saver {
                     flat_numel: n,
                 },
                 config: serde_json::to_value(&self.run).expect("config serializes"),
-                tensors: entries(&crate::model::param_specs(&self.run.model)),
+                tensors: entries(&crate::model::params::whole_specs(&self.run.model)),
                 files: BTreeMap::new(),
                 saved_unix_s: 0,
             }),

@@ -12,9 +12,7 @@
 use tch::Tensor;
 
 use super::Collectives;
-use crate::engine::Program;
 use crate::error::Result;
-use crate::model::Model;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bucket {
@@ -31,19 +29,15 @@ pub struct GradBuckets {
 }
 
 impl GradBuckets {
-    pub fn new(model: &Model, bucket_elems: i64) -> GradBuckets {
-        let p = &model.params;
-        // Backward position after which each parameter's gradient is final (the
-        // engine's program). Under pipeline parallelism every bucket waits for
-        // the end of the schedule (`finish`).
-        let last = if model.pipe.pp == 1 {
-            Program::new(model).final_positions(model)
-        } else {
-            vec![usize::MAX; p.specs.len()]
-        };
+    /// Buckets over a flat gradient whose parameters lie at `layout`
+    /// ((offset, length) each, in layout order); `ready_after[i]`: the
+    /// backward position of the last segment writing parameter `i`'s
+    /// gradient (the engine's `Program::final_positions`; `usize::MAX`: only
+    /// at the end of the step, as under pipeline parallelism).
+    pub fn new(layout: &[(i64, i64)], ready_after: &[usize], bucket_elems: i64) -> GradBuckets {
+        let last = ready_after;
         let mut buckets: Vec<Bucket> = Vec::new();
-        for i in 0..p.specs.len() {
-            let (off, n) = (p.offsets[i], p.specs[i].numel());
+        for (i, &(off, n)) in layout.iter().enumerate() {
             match buckets.last_mut() {
                 Some(b) if b.len < bucket_elems.max(1) => {
                     b.len += n;

@@ -6,6 +6,54 @@
 
 use crate::error::{Result, TrainError};
 
+/// Where virtual pipeline stage `s` runs among `pp` pipeline ranks: (rank,
+/// chunk on that rank). Stages are dealt round-robin (interleaved
+/// schedules give each rank `v` chunks): stage `s` on rank `s % pp` as its
+/// chunk `s / pp`. The one place this arithmetic is done.
+pub fn stage_place(s: usize, pp: usize) -> (usize, usize) {
+    (s % pp, s / pp)
+}
+
+/// The virtual stage of chunk `chunk` on pipeline rank `rank` (the inverse
+/// of [`stage_place`]).
+pub fn stage_of(rank: usize, chunk: usize, pp: usize) -> usize {
+    chunk * pp + rank
+}
+
+/// What a process group is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    Dp,
+    Tp,
+    /// Tensor-parallel ranks sharing a copy of a K or V head (by group size).
+    Replicas(usize),
+    /// The stages of a pipeline.
+    Pp,
+    /// The first and last stage, which both hold a tied embedding.
+    Tied,
+    /// Activations of virtual edge `s -> s + 1` (member 0 sends).
+    EdgeAct(usize),
+    /// Gradients of virtual edge `s -> s + 1` (member 0, stage `s + 1`, sends).
+    EdgeGrad(usize),
+}
+
+/// A process group a rank belongs to: what it is for, its name in the
+/// store, the global ranks of its members in group order, and the rank's
+/// place among them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSpec {
+    pub kind: GroupKind,
+    pub name: String,
+    pub rank: usize,
+    pub members: Vec<usize>,
+}
+
+impl GroupSpec {
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MeshDims {
     pub dp: usize,
@@ -78,6 +126,76 @@ impl MeshDims {
         (0..self.pp)
             .map(|p| self.rank(Coords { pp: p, ..c }))
             .collect()
+    }
+
+    /// Every process group `rank` belongs to, in the order every rank
+    /// creates them (so communicator set-ups never wait on each other in a
+    /// cycle): data-parallel, tensor-parallel, the replica groups of K/V
+    /// heads shared by `replica_sizes` consecutive tensor-parallel ranks,
+    /// then with pipelines the stages, the two ends sharing a tied
+    /// embedding, and the two channels of each virtual edge (`v` chunks per
+    /// rank) this rank is on. The names are the store's keys for the groups.
+    pub fn groups_of(
+        &self,
+        rank: usize,
+        replica_sizes: &[usize],
+        v: usize,
+        tied: bool,
+    ) -> Vec<GroupSpec> {
+        let c = self.coords(rank);
+        let mut out = Vec::new();
+        let mut add = |kind, name: String, members: Vec<usize>| {
+            let rank_in = members.iter().position(|&m| m == rank).expect("a member");
+            out.push(GroupSpec {
+                kind,
+                name,
+                rank: rank_in,
+                members,
+            });
+        };
+        let dp_name = if self.tp == 1 && self.pp == 1 {
+            "dp".to_string()
+        } else {
+            format!("dp.pp{}.tp{}", c.pp, c.tp)
+        };
+        add(GroupKind::Dp, dp_name, self.dp_group(rank));
+        if self.tp > 1 {
+            let name = format!("tp.pp{}.dp{}", c.pp, c.dp);
+            add(GroupKind::Tp, name, self.tp_group(rank));
+        }
+        let mut sizes: Vec<usize> = Vec::new();
+        for &size in replica_sizes {
+            if size > 1 && !sizes.contains(&size) {
+                sizes.push(size);
+                let first = c.tp / size * size;
+                let members = (first..first + size)
+                    .map(|t| self.rank(Coords { tp: t, ..c }))
+                    .collect();
+                let name = format!("tp.pp{}.dp{}.shared{size}.{}", c.pp, c.dp, c.tp / size);
+                add(GroupKind::Replicas(size), name, members);
+            }
+        }
+        if self.pp > 1 {
+            let line = format!("dp{}.tp{}", c.dp, c.tp);
+            let stage = |p: usize| self.rank(Coords { pp: p, ..c });
+            add(GroupKind::Pp, format!("pp.{line}"), self.pp_group(rank));
+            if tied && (c.pp == 0 || c.pp + 1 == self.pp) {
+                let ends = vec![stage(0), stage(self.pp - 1)];
+                add(GroupKind::Tied, format!("tied.{line}"), ends);
+            }
+            for s in 0..self.pp * v - 1 {
+                let (from, to) = (stage_place(s, self.pp).0, stage_place(s + 1, self.pp).0);
+                if c.pp == from || c.pp == to {
+                    // Activations flow from -> to (the sender is member 0),
+                    // gradients back (the receiver of activations is member 0).
+                    let fwd = vec![stage(from), stage(to)];
+                    let bwd = vec![stage(to), stage(from)];
+                    add(GroupKind::EdgeAct(s), format!("edge{s}.act.{line}"), fwd);
+                    add(GroupKind::EdgeGrad(s), format!("edge{s}.grad.{line}"), bwd);
+                }
+            }
+        }
+        out
     }
 
     /// One line describing the layout, for the start-up log.

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod buckets;
 pub mod collectives;
 pub mod env;
+pub mod links;
 pub mod liveness;
 pub mod mesh;
 pub mod nccl;
@@ -15,8 +16,9 @@ use std::time::Duration;
 
 pub use collectives::{Collectives, StoreCollectives};
 pub use env::DistEnv;
+pub use links::Links;
 use liveness::Liveness;
-pub use mesh::{Coords, MeshDims};
+pub use mesh::{Coords, GroupKind, GroupSpec, MeshDims};
 pub use store::{StoreClient, StoreServer};
 
 use crate::error::Result;
@@ -41,7 +43,7 @@ pub struct Job {
     pub pp: Option<Box<dyn Collectives>>,
     /// The first and last stage, which both hold a tied embedding (pp > 1, tied).
     pub tied: Option<Box<dyn Collectives>>,
-    pub links: crate::engine::pipeline::Links,
+    pub links: Links,
     /// `finish` met every rank: the job ended cleanly.
     finished: bool,
     /// Bounds the teardown (set by `drop`; declared last, so it is dropped
@@ -156,49 +158,25 @@ impl Job {
                 None => Box::new(StoreCollectives::new(connect(&env)?, &name, rank, size, t)),
             })
         };
-        let dp_name = if dims.tp == 1 && dims.pp == 1 {
-            "dp".to_string()
-        } else {
-            format!("dp.pp{}.tp{}", c.pp, c.tp)
-        };
-        let dp = group(&mut store, dp_name, c.dp, dims.dp)?;
-        let tp = if dims.tp > 1 {
-            Some(group(
-                &mut store,
-                format!("tp.pp{}.dp{}", c.pp, c.dp),
-                c.tp,
-                dims.tp,
-            )?)
-        } else {
-            None
-        };
-        let mut replicas = Vec::new();
-        for &size in replica_sizes {
-            if size > 1 && !replicas.iter().any(|(s, _)| *s == size) {
-                let name = format!("tp.pp{}.dp{}.shared{size}.{}", c.pp, c.dp, c.tp / size);
-                replicas.push((size, group(&mut store, name, c.tp % size, size)?));
-            }
-        }
-        let (mut pp, mut tied, mut links) = (None, None, crate::engine::pipeline::Links::default());
-        if dims.pp > 1 {
-            let line = format!("dp{}.tp{}", c.dp, c.tp);
-            pp = Some(group(&mut store, format!("pp.{line}"), c.pp, dims.pp)?);
-            if pipeline.tied && (c.pp == 0 || c.pp + 1 == dims.pp) {
-                let r = usize::from(c.pp != 0);
-                tied = Some(group(&mut store, format!("tied.{line}"), r, 2)?);
-            }
-            let n = dims.pp * pipeline.v;
-            for s in 0..n - 1 {
-                let (from, to) = (s % dims.pp, (s + 1) % dims.pp);
-                if c.pp == from || c.pp == to {
-                    let sender = usize::from(c.pp != from);
-                    let act = group(&mut store, format!("edge{s}.act.{line}"), sender, 2)?;
-                    links.act.insert(s, act);
-                    let grad = group(&mut store, format!("edge{s}.grad.{line}"), 1 - sender, 2)?;
-                    links.grad.insert(s, grad);
+        let (mut dp, mut tp, mut replicas) = (None, None, Vec::new());
+        let (mut pp, mut tied, mut links) = (None, None, Links::default());
+        for g in dims.groups_of(env.rank, replica_sizes, pipeline.v, pipeline.tied) {
+            let comm = group(&mut store, g.name.clone(), g.rank, g.size())?;
+            match g.kind {
+                GroupKind::Dp => dp = Some(comm),
+                GroupKind::Tp => tp = Some(comm),
+                GroupKind::Replicas(size) => replicas.push((size, comm)),
+                GroupKind::Pp => pp = Some(comm),
+                GroupKind::Tied => tied = Some(comm),
+                GroupKind::EdgeAct(s) => {
+                    links.act.insert(s, comm);
+                }
+                GroupKind::EdgeGrad(s) => {
+                    links.grad.insert(s, comm);
                 }
             }
         }
+        let dp = dp.expect("every rank is in a data-parallel group");
         Ok(Job {
             env,
             _server: server,
@@ -227,13 +205,7 @@ impl Job {
 
     /// What a pipeline step needs of the job: this rank's stage, its
     /// tensor-parallel group and its links to the neighbouring stages.
-    pub fn pipeline_parts(
-        &mut self,
-    ) -> (
-        usize,
-        Option<&mut dyn Collectives>,
-        &mut crate::engine::pipeline::Links,
-    ) {
+    pub fn pipeline_parts(&mut self) -> (usize, Option<&mut dyn Collectives>, &mut Links) {
         (
             self.coords.pp,
             self.tp.as_mut().map(|c| c.as_mut() as &mut dyn Collectives),

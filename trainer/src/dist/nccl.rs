@@ -74,7 +74,9 @@ pub fn loaded_cuda_libs() -> Vec<(&'static str, std::path::PathBuf)> {
         ("libcudart.so.", "libcudart.so"),
     ]
     .iter()
-    .filter_map(|(needle, name)| crate::kernels::cuda_libs::loaded_library(needle).map(|p| (*name, p)))
+    .filter_map(|(needle, name)| {
+        crate::kernels::cuda_libs::loaded_library(needle).map(|p| (*name, p))
+    })
     .collect()
 }
 

@@ -2,7 +2,9 @@
 //! the model with ordinary autograd inside) and communication steps between
 //! them, which the engine, not autograd, performs (tch has no custom autograd
 //! functions). The engine is the one owner of segments, their parameters and
-//! their boundaries; the model stays single-device-shaped.
+//! their boundaries; the model stays single-device-shaped, and the
+//! tensor-parallel plan decides which collective goes on which boundary
+//! (`program.rs`).
 //!
 //! Values live in slots. Forward: a segment reads its input slots (leaves that
 //! require grad) and its outputs are detached into fresh leaves; a
@@ -10,8 +12,8 @@
 //! all-reduce across the tensor-parallel group). Backward walks the program in
 //! reverse: a segment differentiates its outputs, each seeded with its
 //! gradient `g_i` (autograd's `grad` with grad_outputs, through a shim:
-//! `fused::grad`), with respect to its parameters and input leaves, adding
-//! parameter gradients straight into the flat gradient buffer; a
+//! `kernels::fused::grad`), with respect to its parameters and input leaves,
+//! adding parameter gradients straight into the flat gradient buffer; a
 //! communication step applies its conjugate to the gradient (all-gather <->
 //! reduce-scatter, identity <-> all-reduce), overlapped with the weight
 //! gradients of the segment it feeds when `parallel.tp_comm_overlap` applies.
@@ -20,312 +22,107 @@
 //! block's input is kept, and backward first re-runs the block's forward
 //! (communication included) from it.
 //!
-//! Without tensor parallelism a block is one segment and the head computes
-//! the loss with autograd. Under tensor parallelism a block is seven segments
-//! joined by the Megatron operators (docs/parallelism.md), and the loss is a
-//! vocabulary-parallel cross-entropy computed here in closed form.
+//! How a pass runs beyond the model is an [`ExecOptions`] value resolved once
+//! from the config, carried with the model, its tensor-parallel plan and the
+//! gradient sink in a [`Runner`].
 
+pub mod comm;
 pub mod pipeline;
+pub mod program;
 
 use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
+use crate::config::RunConfig;
 use crate::dist::Collectives;
 use crate::error::{Result, TrainError};
 use crate::guard::at;
-use crate::model::Model;
 use crate::model::params::ParamId;
+use crate::model::{Exec, Fwd, GradSink, Model};
+use crate::parallel::tp::{vocab_parallel_cross_entropy, TpPlan};
+pub use comm::take_comm_seconds;
+use comm::{communicate, finish, start_communicate, InFlight};
+pub use program::{Program, Seg, Slot, Step};
 
-/// A piece of the model with autograd inside.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seg {
-    /// tokens -> [x]
-    Embed,
-    /// [x] -> [x]: a whole block on one device.
-    Block(usize),
-    /// [x] -> [h]: the attention norm.
-    AttnNorm(usize),
-    /// [h] -> [q0 features, k heads, v heads]
-    Qkv(usize),
-    /// [q0 whole] -> [q partial]: AugQ over this rank's share of its width.
-    AugQ(usize),
-    /// [q features, k, v] -> [o partial]: attention of this rank's heads and o_proj.
-    Attend(usize),
-    /// [x, o] -> [x2, h2]: residual and the FFN norm.
-    AddNorm(usize),
-    /// [h2] -> [f partial]
-    Ffn(usize),
-    /// [x2, f] -> [x3]
-    Add(usize),
-    /// [x] -> [h]
-    FinalNorm,
-    /// [x] -> loss sum (one device: final norm, logits, cross-entropy).
-    Head,
-    /// [h] -> logits of this rank's vocabulary rows.
-    HeadLogits,
+/// How passes run, beyond the model: resolved once from the config (and
+/// the environment), passed to the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// `train.activation_checkpointing`: recompute each block in backward.
+    pub checkpoint: bool,
+    /// `train.loss_chunk_tokens`: the output head and loss in chunks of this
+    /// many tokens (0: all at once).
+    pub loss_chunk_tokens: usize,
+    /// `parallel.tp_comm_overlap`: overlap the backward collectives of
+    /// tensor parallelism with weight-gradient GEMMs (needs the gradient sink).
+    pub tp_comm_overlap: bool,
+    /// `SIGMA_TIME_COLLECTIVES=1`: time every tensor-parallel collective (the
+    /// compute stream synchronised around each; the overlap is then off).
+    pub time_collectives: bool,
+    /// Evaluation or generation of a loaded model: weights that do not change.
+    pub frozen: bool,
 }
 
-impl Seg {
-    fn layer(self) -> Option<usize> {
-        match self {
-            Seg::Block(l)
-            | Seg::AttnNorm(l)
-            | Seg::Qkv(l)
-            | Seg::AugQ(l)
-            | Seg::Attend(l)
-            | Seg::AddNorm(l)
-            | Seg::Ffn(l)
-            | Seg::Add(l) => Some(l),
-            _ => None,
+impl ExecOptions {
+    /// The options of a training run of `cfg`.
+    pub fn training(cfg: &RunConfig) -> ExecOptions {
+        ExecOptions {
+            checkpoint: cfg.train.activation_checkpointing,
+            loss_chunk_tokens: cfg.train.loss_chunk_tokens,
+            tp_comm_overlap: cfg.parallel.tp_comm_overlap,
+            time_collectives: crate::env::time_collectives(),
+            frozen: false,
         }
     }
 }
 
-/// Communication between segments, across the tensor-parallel group. The
-/// backward pass applies the conjugate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Comm {
-    /// Sum the ranks' partial results (backward: identity).
-    AllReduce,
-    /// Identity into a column-parallel region (backward: all-reduce).
-    Copy,
-    /// All-gather along the sequence (backward: reduce-scatter).
-    GatherSeq,
-    /// Reduce-scatter along the sequence (backward: all-gather).
-    ScatterSeq,
-    /// All-gather along the features (backward: reduce-scatter).
-    GatherFeat,
-    /// Reduce-scatter along the features (backward: all-gather).
-    ScatterFeat,
+/// A model with what its passes need: its tensor-parallel plan, the
+/// options, and where matmul weight gradients go.
+#[derive(Clone, Copy)]
+pub struct Runner<'a> {
+    pub model: &'a Model,
+    pub plan: &'a TpPlan,
+    pub opts: ExecOptions,
+    pub sink: Option<&'a GradSink>,
 }
 
-impl Comm {
-    fn conjugate(self) -> Comm {
-        match self {
-            Comm::AllReduce => Comm::Copy,
-            Comm::Copy => Comm::AllReduce,
-            Comm::GatherSeq => Comm::ScatterSeq,
-            Comm::ScatterSeq => Comm::GatherSeq,
-            Comm::GatherFeat => Comm::ScatterFeat,
-            Comm::ScatterFeat => Comm::GatherFeat,
-        }
-    }
-}
-
-type Slot = usize;
-
-#[derive(Clone, Debug)]
-pub enum Step {
-    Run {
-        seg: Seg,
-        inputs: Vec<Slot>,
-        outputs: Vec<Slot>,
-    },
-    Comm {
-        op: Comm,
-        from: Slot,
-        to: Slot,
-    },
-}
-
-/// The steps of one micro-batch on one chunk of layers (the whole model
-/// without pipeline parallelism), for a model and its tensor-parallel plan.
-#[derive(Clone, Debug)]
-pub struct Program {
-    pub steps: Vec<Step>,
-    slots: usize,
-    /// The slot receiving the previous stage's activation (not on the first stage).
-    input_slot: Option<Slot>,
-    /// The last stage: the slot whose value is the loss (one device) or the
-    /// local logits. Other stages: the activation sent on.
-    out_slot: Slot,
-    last: bool,
-    /// Step ranges recomputed as one under activation checkpointing (blocks).
-    pub blocks: Vec<Range<usize>>,
-    vocab_parallel: bool,
-}
-
-struct Builder {
-    steps: Vec<Step>,
-    slots: usize,
-}
-
-impl Builder {
-    fn slot(&mut self) -> Slot {
-        self.slots += 1;
-        self.slots - 1
-    }
-    fn run(&mut self, seg: Seg, inputs: &[Slot], n_out: usize) -> Vec<Slot> {
-        let outputs: Vec<Slot> = (0..n_out).map(|_| self.slot()).collect();
-        self.steps.push(Step::Run {
-            seg,
-            inputs: inputs.to_vec(),
-            outputs: outputs.clone(),
-        });
-        outputs
-    }
-    fn comm(&mut self, op: Option<Comm>, from: Slot) -> Slot {
-        match op {
-            None => from,
-            Some(op) => {
-                let to = self.slot();
-                self.steps.push(Step::Comm { op, from, to });
-                to
-            }
-        }
-    }
-}
-
-impl Program {
-    /// The whole model.
-    pub fn new(model: &Model) -> Program {
-        Program::chunk(model, 0..model.cfg.num_layers, true, true)
-    }
-
-    /// Layers `layers`, with the embedding in front when `first` and the head
-    /// and loss after when `last`.
-    pub fn chunk(model: &Model, layers: Range<usize>, first: bool, last: bool) -> Program {
-        let plan = model.plan;
-        let mut b = Builder {
-            steps: Vec::new(),
-            slots: 0,
-        };
-        let mut blocks = Vec::new();
-        let input_slot = (!first).then(|| b.slot());
-        if plan.tp == 1 {
-            let mut x = match input_slot {
-                Some(x) => x,
-                None => b.run(Seg::Embed, &[], 1)[0],
-            };
-            for l in layers {
-                let s = b.steps.len();
-                x = b.run(Seg::Block(l), &[x], 1)[0];
-                blocks.push(s..b.steps.len());
-            }
-            let out_slot = if last {
-                b.run(Seg::Head, &[x], 1)[0]
-            } else {
-                x
-            };
-            return Program {
-                steps: b.steps,
-                slots: b.slots,
-                input_slot,
-                out_slot,
-                last,
-                blocks,
-                vocab_parallel: false,
-            };
-        }
-        // Megatron's f/g operators, with or without sequence parallelism.
-        let sp = plan.sequence_parallel;
-        let (into, out) = if sp {
-            (Comm::GatherSeq, Comm::ScatterSeq)
-        } else {
-            (Comm::Copy, Comm::AllReduce)
-        };
-        let mut x = match input_slot {
-            Some(x) => x,
-            None => {
-                let e = b.run(Seg::Embed, &[], 1)[0];
-                b.comm(Some(out), e)
-            }
-        };
-        for l in layers {
-            let s = b.steps.len();
-            let h = b.run(Seg::AttnNorm(l), &[x], 1)[0];
-            let h = b.comm(Some(into), h);
-            let qkv = b.run(Seg::Qkv(l), &[h], 3);
-            let q = if model.cfg.aug_q_dim > 0 {
-                let q0 = b.comm(Some(Comm::GatherFeat), qkv[0]);
-                let q = b.run(Seg::AugQ(l), &[q0], 1)[0];
-                b.comm(Some(Comm::ScatterFeat), q)
-            } else {
-                qkv[0]
-            };
-            let o = b.run(Seg::Attend(l), &[q, qkv[1], qkv[2]], 1)[0];
-            let o = b.comm(Some(out), o);
-            let xh = b.run(Seg::AddNorm(l), &[x, o], 2);
-            let h2 = b.comm(Some(into), xh[1]);
-            let f = b.run(Seg::Ffn(l), &[h2], 1)[0];
-            let f = b.comm(Some(out), f);
-            x = b.run(Seg::Add(l), &[xh[0], f], 1)[0];
-            blocks.push(s..b.steps.len());
-        }
-        let out_slot = if last {
-            let h = b.run(Seg::FinalNorm, &[x], 1)[0];
-            let h = b.comm(Some(into), h);
-            b.run(Seg::HeadLogits, &[h], 1)[0]
-        } else {
-            x
-        };
-        Program {
-            steps: b.steps,
-            slots: b.slots,
-            input_slot,
-            out_slot,
-            last,
-            blocks,
-            vocab_parallel: last,
+impl<'a> Runner<'a> {
+    pub fn new(model: &'a Model, plan: &'a TpPlan, opts: ExecOptions) -> Runner<'a> {
+        Runner {
+            model,
+            plan,
+            opts,
+            sink: None,
         }
     }
 
-    /// The parameters segment `seg` uses.
-    pub fn seg_params(model: &Model, seg: Seg) -> Vec<ParamId> {
-        let ids = &model.ids;
-        match seg {
-            Seg::Embed => ids.embed.into_iter().collect(),
-            Seg::Block(l) => ids.layer(l).all(),
-            Seg::AttnNorm(l) => vec![ids.layer(l).attn.norm],
-            Seg::Qkv(l) => {
-                let a = &ids.layer(l).attn;
-                let mut v = vec![a.q_proj, a.k_proj];
-                v.extend(a.k_up);
-                v.push(a.v_proj);
-                v
-            }
-            Seg::AugQ(l) => ids
-                .layer(l)
-                .attn
-                .aug_q
-                .map(|a| a.to_vec())
-                .unwrap_or_default(),
-            Seg::Attend(l) => vec![ids.layer(l).attn.o_proj],
-            Seg::AddNorm(l) => vec![ids.layer(l).ffn.norm],
-            Seg::Ffn(l) => {
-                let f = &ids.layer(l).ffn;
-                vec![f.gate, f.up, f.down]
-            }
-            Seg::Add(_) => Vec::new(),
-            Seg::FinalNorm => ids.final_norm.into_iter().collect(),
-            Seg::Head => ids.final_norm.into_iter().chain(ids.head).collect(),
-            Seg::HeadLogits => ids.head.into_iter().collect(),
-        }
+    /// Matmul weight gradients into `sink` (its buffer must be the `grads`
+    /// backward is given).
+    pub fn with_sink(mut self, sink: Option<&'a GradSink>) -> Runner<'a> {
+        self.sink = sink;
+        self
     }
 
-    /// The segments in backward order (position 0 is differentiated first).
-    pub fn backward_segments(&self) -> Vec<Seg> {
-        self.steps
-            .iter()
-            .rev()
-            .filter_map(|s| match s {
-                Step::Run { seg, .. } => Some(*seg),
-                Step::Comm { .. } => None,
-            })
-            .collect()
+    /// The model computing under these options.
+    pub fn fwd(&self) -> Fwd<'a> {
+        self.model.fwd(Exec {
+            sink: self.sink,
+            frozen: self.opts.frozen,
+        })
     }
 
-    /// For every parameter, the backward position of the last segment that
-    /// writes its gradient: after it, the gradient of the micro-batch is final.
-    pub fn final_positions(&self, model: &Model) -> Vec<usize> {
-        let mut last = vec![0usize; model.params.specs.len()];
-        for (pos, seg) in self.backward_segments().into_iter().enumerate() {
-            for id in Program::seg_params(model, seg) {
-                last[id.0] = last[id.0].max(pos);
-            }
-        }
-        last
+    /// The queue of put-off weight-gradient GEMMs, when backward may use
+    /// one: with the gradient sink, the overlap on, tensor parallelism, and
+    /// collectives not timed (timing runs each to completion).
+    pub fn wgrad_queue(&self) -> Option<&'a crate::kernels::fused::WgradQueue> {
+        let on = self.opts.tp_comm_overlap && self.plan.tp > 1 && !self.opts.time_collectives;
+        self.sink.filter(|_| on).map(|s| &s.queue)
+    }
+
+    /// The program of the whole model.
+    pub fn program(&self) -> Program {
+        Program::new(self.model, self.plan)
     }
 }
 
@@ -333,185 +130,10 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
-/// A tensor-parallel collective started on its communication stream and not
-/// yet waited for (`start_communicate`); its result comes from `finish`.
-pub struct InFlight(Pending);
-
-enum Pending {
-    /// Nothing to wait for.
-    Done(Tensor),
-    /// An all-reduce, in place.
-    Reduced(Tensor),
-    /// The ranks' tensors, flattened in rank order, and the result's shape
-    /// (`feat`: the ranks' parts go side by side along the last dimension).
-    Gathered {
-        flat: Tensor,
-        like: Vec<i64>,
-        feat: bool,
-    },
-    /// This rank's part of the sum, and the result's shape (`feat`: the part
-    /// is of the input with its last dimension moved to the front).
-    Scattered {
-        part: Tensor,
-        shape: Vec<i64>,
-        feat: bool,
-    },
-}
-
-/// Start `op` on `x` ([b, t, ..]) without making the compute stream wait
-/// for it: work issued before `finish` overlaps the collective (the CPU
-/// backend completes it here).
-///
-/// Sequence parallelism splits a micro-batch's tokens (b x t, flattened)
-/// into `world` contiguous blocks; rank r holds block r, viewed as
-/// [b, t / world, ..]. Only per-token operations (norms, residual adds) run
-/// on the blocks, so which tokens a rank holds does not matter, and both
-/// collectives work on contiguous buffers as they are: no transpose before
-/// a reduce-scatter, no concatenation after an all-gather (a split along t
-/// needs both when b > 1). Feature gathers and scatters (AugQ) split the
-/// last dimension and do need them.
-pub fn start_communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<InFlight> {
-    let w = c.world() as i64;
-    let mut shape = x.size();
-    tch::no_grad(|| {
-        Ok(InFlight(match op {
-            Comm::Copy => Pending::Done(x.shallow_clone()),
-            Comm::AllReduce => {
-                let t = x.contiguous().copy();
-                c.start_all_reduce_sum(&t)?;
-                Pending::Reduced(t)
-            }
-            Comm::GatherSeq | Comm::GatherFeat => {
-                let feat = op == Comm::GatherFeat;
-                let flat = c.start_all_gather_flat(&x.contiguous())?;
-                Pending::Gathered {
-                    flat,
-                    like: shape,
-                    feat,
-                }
-            }
-            Comm::ScatterSeq => {
-                shape[1] /= w;
-                let part = c.start_reduce_scatter_sum(&x.contiguous())?;
-                Pending::Scattered {
-                    part,
-                    shape,
-                    feat: false,
-                }
-            }
-            Comm::ScatterFeat => {
-                let moved = x.movedim([-1], [0]).contiguous();
-                let mut shape = moved.size();
-                shape[0] /= w;
-                let part = c.start_reduce_scatter_sum(&moved)?;
-                Pending::Scattered {
-                    part,
-                    shape,
-                    feat: true,
-                }
-            }
-        }))
-    })
-}
-
-/// Wait (on the device) for a started collective and assemble its result,
-/// contiguous: a feature scatter's part left with the last dimension in
-/// front would hand every later kernel a permuted layout (a query whose
-/// last dimension is not the fastest sends SDPA to its O(t^2) math path in
-/// fp32; elementwise kernels lose vectorisation).
-pub fn finish(c: &mut dyn Collectives, f: InFlight) -> Result<Tensor> {
-    if !matches!(f.0, Pending::Done(_)) {
-        c.wait_pending()?;
-    }
-    let w = c.world() as i64;
-    Ok(tch::no_grad(|| match f.0 {
-        Pending::Done(t) | Pending::Reduced(t) => t,
-        Pending::Gathered {
-            flat,
-            mut like,
-            feat: false,
-        } => {
-            like[1] *= w;
-            flat.view(like.as_slice())
-        }
-        Pending::Gathered {
-            flat,
-            like,
-            feat: true,
-        } => {
-            let mut parts = vec![w];
-            parts.extend_from_slice(&like);
-            let mut out = like;
-            *out.last_mut().expect("a dimension") *= w;
-            flat.view(parts.as_slice())
-                .movedim([0], [-2])
-                .reshape(out.as_slice())
-        }
-        Pending::Scattered {
-            part,
-            shape,
-            feat: false,
-        } => part.view(shape.as_slice()),
-        Pending::Scattered {
-            part,
-            shape,
-            feat: true,
-        } => part.view(shape.as_slice()).movedim([0], [-1]).contiguous(),
-    }))
-}
-
-/// Set `SIGMA_TIME_COLLECTIVES=1` to time every tensor-parallel collective
-/// (the compute stream is synchronised around each, which costs a little speed): the
-/// trainer logs the seconds per step as `tp_comm_s`. Timing runs every
-/// collective to completion where it is issued, so it also turns off the
-/// overlap of backward collectives with weight gradients
-/// (`parallel.tp_comm_overlap`): the time is all exposed.
-pub const TIME_COLLECTIVES: &str = "SIGMA_TIME_COLLECTIVES";
-
-static COMM_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn timing() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var(TIME_COLLECTIVES).is_ok_and(|v| v == "1"))
-}
-
-/// Seconds spent in timed tensor-parallel collectives since the last call.
-pub fn take_comm_seconds() -> f64 {
-    COMM_NANOS.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
-}
-
-/// Apply `op` to `x` across the tensor-parallel group.
-pub fn communicate(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tensor> {
-    if !timing() {
-        return communicate_now(c, op, x);
-    }
-    // The compute stream only (a device-wide wait could wait for pipeline sends).
-    let sync = || -> Result<()> {
-        if x.device().is_cuda() {
-            crate::dist::nccl::sync_compute_stream()?;
-        }
-        Ok(())
-    };
-    sync()?;
-    let t0 = std::time::Instant::now();
-    let y = communicate_now(c, op, x)?;
-    sync()?;
-    COMM_NANOS.fetch_add(
-        t0.elapsed().as_nanos() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    Ok(y)
-}
-
-fn communicate_now(c: &mut dyn Collectives, op: Comm, x: &Tensor) -> Result<Tensor> {
-    let f = start_communicate(c, op, x)?;
-    finish(c, f)
-}
-
-/// Run one segment on its inputs.
-/// `head_chunk`: tokens per chunk of the loss (0: all at once).
+/// Run one segment on its inputs. `head_chunk`: tokens per chunk of the loss
+/// (0: all at once).
 fn run_seg(
-    model: &Model,
+    r: &Runner<'_>,
     seg: Seg,
     inputs: &[Tensor],
     tokens: &Tensor,
@@ -526,81 +148,21 @@ fn run_seg(
         },
         seg.layer(),
     );
-    let ids = &model.ids;
+    let f = r.fwd();
     match seg {
-        Seg::Embed => vec![model.embed(tokens)],
-        Seg::Block(l) => vec![model.block(l, &inputs[0])],
-        // Under tensor parallelism a norm's output is gathered before the matmuls
-        // cast it to the compute dtype anyway: cast first, move half the bytes.
-        Seg::AttnNorm(l) => vec![model.norm_in(&inputs[0], ids.layer(l).attn.norm)],
-        Seg::Qkv(l) => vec![
-            model.q0(l, &inputs[0]),
-            model.keys(l, &inputs[0]),
-            model.values(l, &inputs[0]),
-        ],
-        Seg::AugQ(l) => vec![model.aug_q(l, &inputs[0])],
-        Seg::Attend(l) => {
-            vec![model.attend(l, &model.query_heads(&inputs[0]), &inputs[1], &inputs[2])]
-        }
-        Seg::AddNorm(l) => {
-            let (x2, h2) = model.add_norm_in(&inputs[0], &inputs[1], ids.layer(l).ffn.norm);
-            vec![x2, h2]
-        }
-        Seg::Ffn(l) => vec![model.ffn(l, &inputs[0])],
-        Seg::Add(_) => vec![&inputs[0] + &inputs[1]],
-        Seg::FinalNorm => vec![model.norm_in(
-            &inputs[0],
-            ids.final_norm.expect("the last stage holds the final norm"),
-        )],
-        Seg::Head => vec![model.head_loss_sum_chunked(&inputs[0], targets, head_chunk)],
-        Seg::HeadLogits => vec![model.head_logits(&inputs[0])],
+        Seg::Embed => vec![r.plan.embed(&f, &r.model.cfg, tokens)],
+        Seg::Block(l) => vec![f.block(l, &inputs[0])],
+        Seg::Part(l, part) => f.part(l, part, inputs),
+        Seg::FinalNorm => vec![f.final_norm(&inputs[0])],
+        Seg::Head => vec![f.head_loss_sum_chunked(&inputs[0], targets, head_chunk)],
+        Seg::HeadLogits => vec![f.head_logits(&inputs[0])],
     }
-}
-
-/// Vocabulary-parallel cross-entropy of this rank's logits [b, t, rows]
-/// (rows `first..first + rows` of the vocabulary): the max, the sum of
-/// exponentials and the target's logit are reduced across the group, the full
-/// logits never gathered. Returns the loss summed over positions and, with
-/// `scale`, the gradient of `scale * loss` with respect to the local logits
-/// (softmax minus one-hot, in closed form).
-pub fn vocab_parallel_cross_entropy(
-    c: &mut dyn Collectives,
-    logits: &Tensor,
-    targets: &Tensor,
-    first: i64,
-    scale: Option<f64>,
-) -> Result<(Tensor, Option<Tensor>)> {
-    tch::no_grad(|| {
-        let rows = logits.size()[2];
-        let l = logits.reshape([-1, rows]);
-        let (m_local, _) = l.max_dim(-1, false);
-        let m = Tensor::stack(&c.all_gather(&m_local.contiguous())?, 0).amax([0].as_slice(), false);
-        let e = (&l - m.unsqueeze(1)).exp();
-        let t = targets.reshape([-1]) - first;
-        let mine = t.ge(0).logical_and(&t.lt(rows));
-        let idx = t.clamp(0, rows - 1).unsqueeze(1);
-        let t_local = l.gather(1, &idx, false).squeeze_dim(1) * mine.to_kind(l.kind());
-        let mut both = Tensor::cat(
-            &[e.sum_dim_intlist([1].as_slice(), false, l.kind()), t_local],
-            0,
-        );
-        c.all_reduce_sum(&mut both)?;
-        let n = m.size()[0];
-        let (z, tl) = (both.narrow(0, 0, n), both.narrow(0, n, n));
-        let loss = (z.log() + &m - tl).sum(Kind::Double);
-        let grad = scale.map(|s| {
-            let g = &e / z.unsqueeze(1);
-            let g = g.scatter_add(1, &idx, &(-mine.to_kind(l.kind())).unsqueeze(1));
-            (g * s).view(logits.size().as_slice())
-        });
-        Ok((loss, grad))
-    })
 }
 
 /// Everything a micro-batch's execution on one chunk holds, from its
 /// forward to its backward (the activations pipeline schedules keep in flight).
 pub struct Pass<'a> {
-    model: &'a Model,
+    run: Runner<'a>,
     prog: &'a Program,
     tokens: Tensor,
     targets: Tensor,
@@ -633,10 +195,10 @@ fn group<'t>(tp: &'t mut Tp<'_>) -> &'t mut dyn Collectives {
 }
 
 impl<'a> Pass<'a> {
-    fn new(model: &'a Model, prog: &'a Program, tokens: &Tensor, checkpoint: bool) -> Pass<'a> {
+    fn new(run: Runner<'a>, prog: &'a Program, tokens: &Tensor, checkpoint: bool) -> Pass<'a> {
         let t = tokens.size()[1] - 1;
         Pass {
-            model,
+            run,
             prog,
             tokens: tokens.narrow(1, 0, t),
             targets: tokens.narrow(1, 1, t),
@@ -649,6 +211,13 @@ impl<'a> Pass<'a> {
         }
     }
 
+    fn input(&self, s: Slot) -> Tensor {
+        self.val[s]
+            .as_ref()
+            .expect("input computed")
+            .shallow_clone()
+    }
+
     /// Forward of steps `range`; segments keep their graphs when `keep`.
     fn forward(&mut self, tp: &mut Tp<'_>, range: Range<usize>, keep: bool) -> Result<()> {
         for i in range {
@@ -658,18 +227,10 @@ impl<'a> Pass<'a> {
                     inputs,
                     outputs,
                 } => {
-                    let ins: Vec<Tensor> = inputs
-                        .iter()
-                        .map(|&s| {
-                            self.val[s]
-                                .as_ref()
-                                .expect("input computed")
-                                .shallow_clone()
-                        })
-                        .collect();
+                    let ins: Vec<Tensor> = inputs.iter().map(|&s| self.input(s)).collect();
                     // The head in chunks: without gradients always (nothing to
                     // keep); in training when asked, its graph then rebuilt in backward.
-                    let chunked = self.model.loss_chunk_tokens;
+                    let chunked = self.run.opts.loss_chunk_tokens;
                     let deferred = *seg == Seg::Head && keep && chunked > 0;
                     let head_chunk = match (keep, chunked) {
                         (true, _) => chunked,
@@ -682,7 +243,7 @@ impl<'a> Pass<'a> {
                     }
                     let run = || {
                         run_seg(
-                            self.model,
+                            &self.run,
                             *seg,
                             &ins,
                             &self.tokens,
@@ -698,11 +259,8 @@ impl<'a> Pass<'a> {
                 }
                 Step::Comm { op, from, to } => {
                     at("tensor-parallel communication", None);
-                    let x = self.val[*from]
-                        .as_ref()
-                        .expect("input computed")
-                        .shallow_clone();
-                    let y = communicate(group(tp), *op, &x)?;
+                    let x = self.input(*from);
+                    let y = communicate(group(tp), *op, &x, self.run.opts.time_collectives)?;
                     self.val[*to] = Some(leaf(&y));
                 }
             }
@@ -755,7 +313,8 @@ impl<'a> Pass<'a> {
     /// so one chunk's logits exist at a time; parameter gradients add into
     /// `grads`, the input's gradient is assembled slice by slice.
     fn head_backward_chunked(&mut self, input: Slot, scale: f64, grads: &mut Tensor) {
-        let model = self.model;
+        let model = self.run.model;
+        let f = self.run.fwd();
         let x = self.val[input].as_ref().expect("input kept").detach();
         let (b, t, d) = (x.size()[0], x.size()[1], x.size()[2]);
         let n = b * t;
@@ -763,11 +322,11 @@ impl<'a> Pass<'a> {
         let tf = self.targets.reshape([n]);
         let gx = Tensor::zeros([n, d], (x.kind(), x.device()));
         let params = Program::seg_params(model, Seg::Head);
-        for (s, len) in crate::model::chunks(n, model.loss_chunk_tokens as i64) {
+        let chunk = self.run.opts.loss_chunk_tokens as i64;
+        for (s, len) in crate::model::chunks(n, chunk) {
             let xc = xf.narrow(0, s, len).detach().set_requires_grad(true);
-            let loss = model
-                .head_loss_sum_whole(&xc.unsqueeze(0), &tf.narrow(0, s, len).unsqueeze(0))
-                * scale;
+            let loss =
+                f.head_loss_sum(&xc.unsqueeze(0), &tf.narrow(0, s, len).unsqueeze(0)) * scale;
             let seed = loss.ones_like();
             let g_x = backward_into(model, vec![(loss, seed)], &params, &[&xc], grads)
                 .pop()
@@ -779,12 +338,18 @@ impl<'a> Pass<'a> {
         self.add_grad(input, gx.view([b, t, d]));
     }
 
-    /// When step `i` is a segment fed by a collective (step `i - 1`) and the
-    /// model puts weight gradients off (`Model::wgrad_queue`): the queue and
-    /// the collective (op, its output slot), to overlap the collective's
+    /// When step `i` is a segment fed by a collective (step `i - 1`) and
+    /// weight gradients may be put off ([`Runner::wgrad_queue`]): the queue
+    /// and the collective (op, its output slot), to overlap the collective's
     /// backward with this segment's weight-gradient GEMMs.
-    fn overlapped_comm(&self, i: usize) -> Option<(&'a crate::kernels::fused::WgradQueue, (Comm, Slot))> {
-        let q = self.model.wgrad_queue().filter(|_| !timing())?;
+    fn overlapped_comm(
+        &self,
+        i: usize,
+    ) -> Option<(
+        &'a crate::kernels::fused::WgradQueue,
+        (crate::parallel::tp::Comm, Slot),
+    )> {
+        let q = self.run.wgrad_queue()?;
         let Step::Run { inputs, .. } = &self.prog.steps[i] else {
             return None;
         };
@@ -798,23 +363,8 @@ impl<'a> Pass<'a> {
     fn backward_step(&mut self, tp: &mut Tp<'_>, i: usize, grads: &mut Tensor) -> Result<bool> {
         match &self.prog.steps[i] {
             Step::Comm { op, from, to } => {
-                at("tensor-parallel communication (backward)", None);
-                let g = match self.in_flight.take() {
-                    Some((j, f)) if j == i => Some(finish(group(tp), f)?),
-                    Some((j, _)) => {
-                        return Err(TrainError::Other(format!(
-                            "internal: backward reached step {i} with the collective of step {j} in flight"
-                        )))
-                    }
-                    None => match self.grad[*to].take() {
-                        Some(g) => Some(communicate(group(tp), op.conjugate(), &g)?),
-                        None => None,
-                    },
-                };
-                if let Some(g) = g {
-                    self.add_grad(*from, g);
-                }
-                self.val[*to] = None;
+                let (op, from, to) = (*op, *from, *to);
+                self.backward_comm(tp, i, op, from, to)?;
                 Ok(false)
             }
             Step::Run {
@@ -835,53 +385,101 @@ impl<'a> Pass<'a> {
                 inputs,
                 outputs,
             } => {
-                at("backward", seg.layer());
-                let mut roots: Vec<(Tensor, Tensor)> = Vec::new();
-                for &s in outputs {
-                    let (Some(out), Some(g)) = (self.graph[s].take(), self.grad[s].take()) else {
-                        continue;
-                    };
-                    let seed = if *seg == Seg::Head {
-                        out.ones_like() // the loss, already scaled by its "gradient"
-                    } else {
-                        g.to_kind(out.kind())
-                    };
-                    roots.push((out, seed));
-                    self.val[s] = None;
-                }
-                let params = Program::seg_params(self.model, *seg);
-                let leaves: Vec<(Slot, Tensor)> = inputs
-                    .iter()
-                    .map(|&s| (s, self.val[s].as_ref().expect("input kept").shallow_clone()))
-                    .collect();
-                let overlap = self.overlapped_comm(i);
-                if !roots.is_empty() {
-                    let inputs: Vec<&Tensor> = leaves.iter().map(|(_, t)| t).collect();
-                    let _held = overlap.map(|(q, _)| q.holding());
-                    let input_grads = backward_into(self.model, roots, &params, &inputs, grads);
-                    for ((s, _), gi) in leaves.into_iter().zip(input_grads) {
-                        if gi.defined() {
-                            self.add_grad(s, gi);
-                        }
-                    }
-                }
-                if let Some((q, (op, to))) = overlap {
-                    // The input's gradient is complete (its only reader is this
-                    // segment): start its collective, then the weight gradients.
-                    if let Some(g) = self.grad[to].take() {
-                        match start_communicate(group(tp), op.conjugate(), &g) {
-                            Ok(f) => self.in_flight = Some((i - 1, f)),
-                            Err(e) => {
-                                q.clear();
-                                return Err(e);
-                            }
-                        }
-                    }
-                    q.drain()?;
-                }
+                let (seg, inputs, outputs) = (*seg, inputs.clone(), outputs.clone());
+                self.backward_seg(tp, i, seg, &inputs, &outputs, grads)?;
                 Ok(true)
             }
         }
+    }
+
+    /// Backward of the collective of step `i`: its conjugate on the gradient
+    /// of its output (or the one started during the next segment's backward).
+    fn backward_comm(
+        &mut self,
+        tp: &mut Tp<'_>,
+        i: usize,
+        op: crate::parallel::tp::Comm,
+        from: Slot,
+        to: Slot,
+    ) -> Result<()> {
+        at("tensor-parallel communication (backward)", None);
+        let timed = self.run.opts.time_collectives;
+        let g = match self.in_flight.take() {
+            Some((j, f)) if j == i => Some(finish(group(tp), f)?),
+            Some((j, _)) => {
+                return Err(TrainError::internal_state(format!(
+                    "backward reached step {i} with the collective of step {j} in flight"
+                )))
+            }
+            None => match self.grad[to].take() {
+                Some(g) => Some(communicate(group(tp), op.conjugate(), &g, timed)?),
+                None => None,
+            },
+        };
+        if let Some(g) = g {
+            self.add_grad(from, g);
+        }
+        self.val[to] = None;
+        Ok(())
+    }
+
+    /// Backward of the segment of step `i`: differentiate its outputs into
+    /// its parameters and inputs; with the overlap, start the backward of
+    /// the collective that fed it, then run the put-off weight gradients.
+    fn backward_seg(
+        &mut self,
+        tp: &mut Tp<'_>,
+        i: usize,
+        seg: Seg,
+        inputs: &[Slot],
+        outputs: &[Slot],
+        grads: &mut Tensor,
+    ) -> Result<()> {
+        at("backward", seg.layer());
+        let mut roots: Vec<(Tensor, Tensor)> = Vec::new();
+        for &s in outputs {
+            let (Some(out), Some(g)) = (self.graph[s].take(), self.grad[s].take()) else {
+                continue;
+            };
+            let seed = if seg == Seg::Head {
+                out.ones_like() // the loss, already scaled by its "gradient"
+            } else {
+                g.to_kind(out.kind())
+            };
+            roots.push((out, seed));
+            self.val[s] = None;
+        }
+        let params = Program::seg_params(self.run.model, seg);
+        let leaves: Vec<(Slot, Tensor)> = inputs
+            .iter()
+            .map(|&s| (s, self.val[s].as_ref().expect("input kept").shallow_clone()))
+            .collect();
+        let overlap = self.overlapped_comm(i);
+        if !roots.is_empty() {
+            let inputs: Vec<&Tensor> = leaves.iter().map(|(_, t)| t).collect();
+            let _held = overlap.map(|(q, _)| q.holding());
+            let input_grads = backward_into(self.run.model, roots, &params, &inputs, grads);
+            for ((s, _), gi) in leaves.into_iter().zip(input_grads) {
+                if gi.defined() {
+                    self.add_grad(s, gi);
+                }
+            }
+        }
+        if let Some((q, (op, to))) = overlap {
+            // The input's gradient is complete (its only reader is this
+            // segment): start its collective, then the weight gradients.
+            if let Some(g) = self.grad[to].take() {
+                match start_communicate(group(tp), op.conjugate(), &g) {
+                    Ok(f) => self.in_flight = Some((i - 1, f)),
+                    Err(e) => {
+                        q.clear();
+                        return Err(e);
+                    }
+                }
+            }
+            q.drain()?;
+        }
+        Ok(())
     }
 }
 
@@ -933,15 +531,14 @@ fn backward_into(
 /// the last stage the (unscaled) loss sum, detached, with backward seeded
 /// for `sum of token losses * loss_scale`.
 pub fn chunk_forward<'a>(
-    model: &'a Model,
+    run: Runner<'a>,
     prog: &'a Program,
     mut tp: Tp<'_>,
     tokens: &Tensor,
     input: Option<Tensor>,
     loss_scale: f64,
-    checkpoint: bool,
 ) -> Result<(Pass<'a>, Tensor)> {
-    let mut ex = Pass::new(model, prog, tokens, checkpoint);
+    let mut ex = Pass::new(run, prog, tokens, run.opts.checkpoint);
     if let (Some(s), Some(x)) = (prog.input_slot, input) {
         ex.val[s] = Some(leaf(&x));
     }
@@ -954,7 +551,7 @@ pub fn chunk_forward<'a>(
     let loss = if prog.vocab_parallel {
         at("loss (vocabulary-parallel cross-entropy)", None);
         let logits = ex.val[out].as_ref().expect("logits").shallow_clone();
-        let (first, _) = model.plan.vocab_rows(&model.cfg);
+        let (first, _) = run.plan.vocab_rows(&run.model.cfg);
         let targets = ex.targets.shallow_clone();
         let (loss, g) = vocab_parallel_cross_entropy(
             group(&mut tp),
@@ -992,11 +589,10 @@ pub fn chunk_backward(
     on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<Option<Tensor>> {
     let prog = ex.prog;
-    if !ex.model.grad_sink_is(grads) {
-        return Err(TrainError::Other(
-            "internal: the model adds matmul weight gradients into another buffer than the one \
-             backward was given (Model::set_grad_sink)"
-                .into(),
+    if ex.run.sink.is_some_and(|s| !s.is(grads)) {
+        return Err(TrainError::internal_state(
+            "the model adds matmul weight gradients into another buffer than the one \
+             backward was given (the runner's gradient sink)",
         ));
     }
     if let Some(g) = grad_out {
@@ -1011,7 +607,7 @@ pub fn chunk_backward(
             if let Some(blk) = prog.blocks.iter().find(|b| b.end == i + 1) {
                 at(
                     "recompute (activation checkpointing)",
-                    prog_layer(prog, blk),
+                    prog.block_layer(blk),
                 );
                 ex.forward(&mut tp, blk.clone(), true)?;
             }
@@ -1024,43 +620,37 @@ pub fn chunk_backward(
     Ok(prog.input_slot.and_then(|s| ex.grad[s].take()))
 }
 
-fn prog_layer(prog: &Program, blk: &Range<usize>) -> Option<usize> {
-    match &prog.steps[blk.start] {
-        Step::Run { seg, .. } => seg.layer(),
-        Step::Comm { .. } => None,
+impl Runner<'_> {
+    /// Forward and backward of one micro-batch through the whole model (see
+    /// `chunk_forward`). The gradient of `sum of token losses * loss_scale`
+    /// is added into `grads` (flat, laid out like the parameters). Returns
+    /// the (unscaled) loss sum, detached. `tp`: the tensor-parallel group
+    /// (required when the model is split). `on_segment_done(pos)`: see
+    /// `chunk_backward` (position 0 is the head, the last the embedding).
+    pub fn forward_backward(
+        &self,
+        mut tp: Tp<'_>,
+        tokens: &Tensor,
+        loss_scale: f64,
+        grads: &mut Tensor,
+        on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let prog = self.program();
+        let (pass, loss) =
+            chunk_forward(*self, &prog, reborrow(&mut tp), tokens, None, loss_scale)?;
+        chunk_backward(pass, tp, None, grads, on_segment_done)?;
+        Ok(loss)
+    }
+
+    /// Sum of token losses without gradients (validation), with the
+    /// tensor-parallel group when the model is split.
+    pub fn loss_sum(&self, tp: Tp<'_>, tokens: &Tensor) -> Result<Tensor> {
+        chunk_eval(*self, &self.program(), tp, tokens, None)
     }
 }
 
-/// Forward and backward of one micro-batch through the whole model (see
-/// `chunk_forward`). The gradient of `sum of token losses * loss_scale` is
-/// added into `grads` (flat, laid out like the parameters). Returns the
-/// (unscaled) loss sum, detached. `tp`: the tensor-parallel group (required
-/// when the model is split). `on_segment_done(pos)`: see `chunk_backward`
-/// (position 0 is the head, the last the embedding).
-pub fn forward_backward_in(
-    model: &Model,
-    mut tp: Tp<'_>,
-    tokens: &Tensor,
-    loss_scale: f64,
-    checkpoint: bool,
-    grads: &mut Tensor,
-    on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
-) -> Result<Tensor> {
-    let prog = Program::new(model);
-    let (pass, loss) = chunk_forward(
-        model,
-        &prog,
-        reborrow(&mut tp),
-        tokens,
-        None,
-        loss_scale,
-        checkpoint,
-    )?;
-    chunk_backward(pass, tp, None, grads, on_segment_done)?;
-    Ok(loss)
-}
-
-/// `forward_backward_in` on one device.
+/// `Runner::forward_backward` of a whole model on one device with the plain
+/// options (tests): activation checkpointing as given, no gradient sink.
 pub fn forward_backward(
     model: &Model,
     tokens: &Tensor,
@@ -1069,12 +659,15 @@ pub fn forward_backward(
     grads: &mut Tensor,
     on_segment_done: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<Tensor> {
-    forward_backward_in(
-        model,
+    let plan = TpPlan::single(&model.cfg);
+    let opts = ExecOptions {
+        checkpoint,
+        ..ExecOptions::default()
+    };
+    Runner::new(model, &plan, opts).forward_backward(
         None,
         tokens,
         loss_scale,
-        checkpoint,
         grads,
         on_segment_done,
     )
@@ -1083,14 +676,14 @@ pub fn forward_backward(
 /// Forward of chunk `prog` without gradients: the activation for the next
 /// stage, or on the last stage the sum of token losses (validation).
 pub fn chunk_eval(
-    model: &Model,
+    run: Runner<'_>,
     prog: &Program,
     mut tp: Tp<'_>,
     tokens: &Tensor,
     input: Option<Tensor>,
 ) -> Result<Tensor> {
     at("validation forward", None);
-    let mut ex = Pass::new(model, prog, tokens, false);
+    let mut ex = Pass::new(run, prog, tokens, false);
     if let (Some(s), Some(x)) = (prog.input_slot, input) {
         ex.val[s] = Some(x);
     }
@@ -1108,7 +701,7 @@ pub fn chunk_eval(
             unreachable!("a vocabulary-parallel program ends in the head's logits")
         };
         let h = ex.val[inputs[0]].as_ref().expect("head input").detach();
-        return vocab_parallel_loss_chunked(model, group(&mut tp), &h, &ex.targets);
+        return vocab_parallel_loss_chunked(&run, group(&mut tp), &h, &ex.targets);
     }
     tch::no_grad(|| ex.forward(&mut tp, 0..n, false))?;
     Ok(ex.val[prog.out_slot].as_ref().expect("output").detach())
@@ -1118,22 +711,23 @@ pub fn chunk_eval(
 /// without gradients, over chunks of tokens (`train.loss_chunk_tokens`, else
 /// `EVAL_LOSS_CHUNK_TOKENS`); every rank of the group runs the same chunks.
 fn vocab_parallel_loss_chunked(
-    model: &Model,
+    run: &Runner<'_>,
     c: &mut dyn Collectives,
     h: &Tensor,
     targets: &Tensor,
 ) -> Result<Tensor> {
-    let (first, _) = model.plan.vocab_rows(&model.cfg);
+    let (first, _) = run.plan.vocab_rows(&run.model.cfg);
     let (b, t, d) = (h.size()[0], h.size()[1], h.size()[2]);
     let (hf, tf) = (h.reshape([1, b * t, d]), targets.reshape([1, b * t]));
-    let chunk = match model.loss_chunk_tokens {
+    let chunk = match run.opts.loss_chunk_tokens {
         0 => crate::model::EVAL_LOSS_CHUNK_TOKENS,
         n => n,
     };
+    let f = run.fwd();
     let mut total: Option<Tensor> = None;
     for (s, len) in crate::model::chunks(b * t, chunk as i64) {
         at("validation forward (output head and loss)", None);
-        let logits = tch::no_grad(|| model.head_logits(&hf.narrow(1, s, len)));
+        let logits = tch::no_grad(|| f.head_logits(&hf.narrow(1, s, len)));
         let (l, _) = vocab_parallel_cross_entropy(c, &logits, &tf.narrow(1, s, len), first, None)?;
         total = Some(match total {
             Some(a) => a + l,
@@ -1143,15 +737,11 @@ fn vocab_parallel_loss_chunked(
     Ok(total.expect("at least one token"))
 }
 
-/// Sum of token losses without gradients (validation), with the
-/// tensor-parallel group when the model is split.
-pub fn loss_sum_in(model: &Model, tp: Tp<'_>, tokens: &Tensor) -> Result<Tensor> {
-    chunk_eval(model, &Program::new(model), tp, tokens, None)
-}
-
-/// `loss_sum_in` on one device.
+/// `Runner::loss_sum` of a whole model on one device with the plain
+/// options and the given chunking of the head (tests).
 pub fn loss_sum(model: &Model, tokens: &Tensor) -> Tensor {
-    match loss_sum_in(model, None, tokens) {
+    let plan = TpPlan::single(&model.cfg);
+    match Runner::new(model, &plan, ExecOptions::default()).loss_sum(None, tokens) {
         Ok(l) => l,
         Err(e) => panic!("a model on one device has no communication to fail: {e}"),
     }

@@ -11,48 +11,18 @@
 //! they form no cycle. Shapes are known from the config, so nothing is sent
 //! ahead of the tensors.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::parallel::schedule::{Action, Schedule};
-use crate::dist::Collectives;
-use crate::engine::{chunk_backward, chunk_eval, chunk_forward, reborrow, Pass, Program, Tp};
+use crate::dist::{Collectives, Links};
+use crate::engine::{
+    chunk_backward, chunk_eval, chunk_forward, reborrow, Pass, Program, Runner, Tp,
+};
 use crate::error::Result;
 use crate::guard::at;
-use crate::model::Model;
-
-/// The two-rank channels of the virtual edges this rank is on. Ordered maps:
-/// they are dropped (their communicators destroyed) in ascending edge order,
-/// activations first, the same order on every rank. A hash map's order is
-/// random per process, and with interleaving two ranks share several
-/// channels and the edges form a ring (the last rank feeds the first), so
-/// teardown orders could differ between neighbours.
-#[derive(Default)]
-pub struct Links {
-    /// Activations of edge `s -> s + 1` (sender is rank 0 of the group).
-    pub act: BTreeMap<usize, Box<dyn Collectives>>,
-    /// Gradients of edge `s -> s + 1`, flowing back (stage `s + 1` is rank 0).
-    pub grad: BTreeMap<usize, Box<dyn Collectives>>,
-}
-
-impl Links {
-    fn chan(map: &mut BTreeMap<usize, Box<dyn Collectives>>, edge: usize) -> &mut dyn Collectives {
-        match map.get_mut(&edge) {
-            Some(c) => c.as_mut(),
-            None => panic!("no pipeline channel for edge {edge} on this rank"),
-        }
-    }
-
-    /// Order later work after every send started (the end of a step).
-    pub fn finish(&mut self) -> Result<()> {
-        for c in self.act.values_mut().chain(self.grad.values_mut()) {
-            c.wait_pending()?;
-        }
-        Ok(())
-    }
-}
+use crate::parallel::schedule::{Action, Schedule};
 
 /// Per-action start and end times of a few steps, for a Chrome/Perfetto trace.
 #[derive(Default)]
@@ -153,14 +123,14 @@ impl Trace {
 
 /// What a step needs to run a schedule on this rank.
 pub struct StepInput<'a> {
-    pub model: &'a Model,
+    /// The model, its plan and options (activation checkpointing among them).
+    pub run: Runner<'a>,
     pub schedule: &'a Schedule,
     /// Programs of this rank's chunks, by chunk.
     pub progs: &'a [Program],
     /// Token ids of every micro-batch ([b, t + 1] each).
     pub batches: &'a [Tensor],
     pub loss_scale: f64,
-    pub checkpoint: bool,
     /// Shape of the activations crossing stages (with sequence parallelism, this rank's slice).
     pub act_shape: Vec<i64>,
 }
@@ -240,7 +210,7 @@ pub fn run_step(
     let s = input.schedule;
     let n = s.num_stages();
     let device = grads.device();
-    let kind = input.model.params.flat.kind();
+    let kind = input.run.model.params.flat.kind();
     let like = || Tensor::zeros(input.act_shape.as_slice(), (kind, device));
     let mut loss = Tensor::zeros([], (Kind::Double, device));
     let mut passes: HashMap<(usize, usize), Pass<'_>> = HashMap::new();
@@ -261,13 +231,12 @@ pub fn run_step(
                     "forward",
                     || {
                         chunk_forward(
-                            input.model,
+                            input.run,
                             &input.progs[chunk],
                             reborrow(&mut tp),
                             &input.batches[mb],
                             x,
                             input.loss_scale,
-                            input.checkpoint,
                         )
                     },
                 )?;
@@ -320,7 +289,7 @@ pub fn eval_step(
     let s = input.schedule;
     let n = s.num_stages();
     let device = tokens.device();
-    let kind = input.model.params.flat.kind();
+    let kind = input.run.model.params.flat.kind();
     let mut loss = Tensor::zeros([], (Kind::Double, device));
     // A validation batch may have fewer rows than a micro-batch.
     let mut shape = input.act_shape.clone();
@@ -335,13 +304,7 @@ pub fn eval_step(
         } else {
             None
         };
-        let out = chunk_eval(
-            input.model,
-            &input.progs[chunk],
-            reborrow(&mut tp),
-            tokens,
-            x,
-        )?;
+        let out = chunk_eval(input.run, &input.progs[chunk], reborrow(&mut tp), tokens, x)?;
         if st + 1 < n {
             let c = Links::chan(&mut links.act, st);
             send_timed(&mut untraced, c, "activation", 0, &out)?;
@@ -351,78 +314,4 @@ pub fn eval_step(
     }
     links.finish()?;
     Ok(loss)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
-
-    /// A channel that only records when it is torn down.
-    struct Recorder(&'static str, usize, Arc<Mutex<Vec<(&'static str, usize)>>>);
-
-    impl Drop for Recorder {
-        fn drop(&mut self) {
-            self.2.lock().unwrap().push((self.0, self.1));
-        }
-    }
-
-    impl Collectives for Recorder {
-        fn rank(&self) -> usize {
-            0
-        }
-        fn world(&self) -> usize {
-            2
-        }
-        fn all_reduce_sum(&mut self, _: &mut Tensor) -> Result<()> {
-            unreachable!()
-        }
-        fn broadcast(&mut self, _: &mut Tensor, _: usize) -> Result<()> {
-            unreachable!()
-        }
-        fn all_gather(&mut self, _: &Tensor) -> Result<Vec<Tensor>> {
-            unreachable!()
-        }
-        fn reduce_scatter_sum(&mut self, _: &Tensor) -> Result<Tensor> {
-            unreachable!()
-        }
-        fn send(&mut self, _: &Tensor, _: usize) -> Result<()> {
-            unreachable!()
-        }
-        fn recv(&mut self, _: &mut Tensor, _: usize) -> Result<()> {
-            unreachable!()
-        }
-        fn barrier(&mut self) -> Result<()> {
-            unreachable!()
-        }
-    }
-
-    /// Every rank tears its channels down in one global order (activations by
-    /// ascending edge, then gradients), whatever order they were made in, so
-    /// neighbours sharing several channels never wait on each other in a cycle.
-    #[test]
-    fn channels_are_torn_down_in_ascending_edge_order() {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let edges = [9, 2, 14, 0, 7, 11, 3, 5, 12, 1];
-        {
-            let mut links = Links::default();
-            for &e in &edges {
-                links
-                    .grad
-                    .insert(e, Box::new(Recorder("grad", e, log.clone())));
-                links
-                    .act
-                    .insert(e, Box::new(Recorder("act", e, log.clone())));
-            }
-        }
-        let mut sorted = edges.to_vec();
-        sorted.sort();
-        let want: Vec<_> = sorted
-            .iter()
-            .map(|&e| ("act", e))
-            .chain(sorted.iter().map(|&e| ("grad", e)))
-            .collect();
-        assert_eq!(*log.lock().unwrap(), want);
-    }
 }

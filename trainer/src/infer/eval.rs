@@ -13,8 +13,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::load::Checkpoint;
 use crate::config::{ModelConfig, RunConfig};
+use crate::engine::{ExecOptions, Runner};
 use crate::error::{Result, TrainError};
-use crate::model::Model;
+use crate::model::{Fwd, Model, ModelInit};
+use crate::parallel::tp::TpPlan;
 
 /// Windows of `seq_len + 1` tokens, by domain.
 pub trait Windows {
@@ -209,8 +211,24 @@ pub fn evaluate_part(
 /// checkpoint, the run's config.
 pub struct Loaded {
     pub model: Model,
+    /// How passes over it run: frozen weights; for a checkpoint, its run's
+    /// chunking of the head, so validation sums add in the same order.
+    pub opts: ExecOptions,
     pub tokenizer: Tokenizer,
     pub run: Option<RunConfig>,
+}
+
+impl Loaded {
+    /// The model computing with frozen weights (generation).
+    pub fn fwd(&self) -> Fwd<'_> {
+        self.model.frozen()
+    }
+
+    /// Sum of token losses of a batch of windows [rows, seq_len + 1] (one device).
+    pub fn loss_sum(&self, tokens: &Tensor) -> Result<Tensor> {
+        let plan = TpPlan::single(&self.model.cfg);
+        Runner::new(&self.model, &plan, self.opts).loss_sum(None, tokens)
+    }
 }
 
 /// Load `path`: a checkpoint (`step-NNNNNNN/`, committed) or the output of
@@ -224,17 +242,25 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
             ck.verify(crate::checkpoint::TOKENIZER)?;
         }
         let run = ck.meta.run_config()?;
-        let model = Model::new(&run.model, run.train.seed, false, false, Device::Cpu, mixed);
+        let model = Model::new(
+            &run.model,
+            &ModelInit {
+                seed: run.train.seed,
+                decay_norms: false,
+                decay_embeddings: false,
+                device: Device::Cpu,
+                mixed: mixed,
+            },
+        );
         ck.check_model(&run.model)?;
         let n = model.params.numel();
         let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
         tch::no_grad(|| model.params.flat.shallow_clone().copy_(&w));
-        let mut model = move_model(model, device);
-        // Validation's chunking of the head, so the sums add in the same order.
-        model.loss_chunk_tokens = run.train.loss_chunk_tokens;
+        let model = move_model(model, device);
         let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
         return Ok(Loaded {
             model,
+            opts: frozen(run.train.loss_chunk_tokens),
             tokenizer,
             run: Some(run),
         });
@@ -247,11 +273,20 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         )));
     }
     let cfg = exported_model_config(&path.join("config.json"))?;
-    let model = Model::new(&cfg, 0, false, false, Device::Cpu, mixed);
+    let model = Model::new(
+        &cfg,
+        &ModelInit {
+            seed: 0,
+            decay_norms: false,
+            decay_embeddings: false,
+            device: Device::Cpu,
+            mixed: mixed,
+        },
+    );
     let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
     tch::no_grad(|| -> Result<()> {
         for (i, spec) in model.params.specs.iter().enumerate() {
-            let t = r.read(&spec.name)?;
+            let t = r.read(&spec.name())?;
             model.params.tensors[i]
                 .shallow_clone()
                 .copy_(&t.to_kind(Kind::Float).view(spec.shape.as_slice()));
@@ -262,13 +297,24 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
     let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
     Ok(Loaded {
         model,
+        opts: frozen(0),
         tokenizer,
         run: None,
     })
 }
 
-/// Move a whole model loaded for evaluation or generation to `device` and
-/// mark it frozen (`Model::frozen`). In bf16 (on a GPU) it gets bf16 working
+/// The options of passes over a loaded model: frozen weights, the head in
+/// chunks of `loss_chunk_tokens` (0: the evaluation default).
+fn frozen(loss_chunk_tokens: usize) -> ExecOptions {
+    ExecOptions {
+        loss_chunk_tokens,
+        frozen: true,
+        ..ExecOptions::default()
+    }
+}
+
+/// Move a whole model loaded for evaluation or generation to `device`
+/// (its passes run frozen: [`Loaded::opts`]). In bf16 (on a GPU) it gets bf16 working
 /// weights there, cast once from the fp32 ones (2 bytes more per
 /// parameter), as training keeps them: no cast of every weight at every
 /// matmul of every decoding step. In fp32 there is no working copy.
@@ -281,7 +327,6 @@ pub fn move_model(model: Model, device: Device) -> Model {
     // Made here, from the buffer on its device (a copy made before the move would be stale).
     let compute = m.compute;
     m.params.enable_work_copy(compute);
-    m.frozen = true;
     m
 }
 

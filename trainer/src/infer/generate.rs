@@ -1,7 +1,9 @@
 //! Generation: prefill the prompts with the training attention, then decode
 //! one token per sequence per step against a KV cache that holds what
 //! DiffQKV makes small: `n_k` key heads at the cached K dimension and `n_v`
-//! value heads, never K repeated to the query heads.
+//! value heads, never K repeated to the query heads. Both walk the block's
+//! wiring as training does (`model::block`), with the cache at the `Qkv`
+//! and `Attend` parts.
 //!
 //! Cache layout per layer (preallocated for prompt + new tokens):
 //! - keys [b, n_k, capacity, k_cache_dim]: after RoPE for standard and
@@ -18,7 +20,10 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
-use crate::model::Model;
+use crate::model::block::{wiring, LayerWeight as W, Part, Val, Vals};
+use crate::model::key::ParamKey;
+use crate::model::{Fwd, Model};
+use sigma_data::rng::SplitMix64;
 
 /// Per-layer cached keys and values.
 pub struct KvCache {
@@ -39,7 +44,7 @@ impl KvCache {
     pub fn new(model: &Model, batch: i64, capacity: i64, device: Device) -> Result<KvCache> {
         let c = &model.cfg;
         let kind = model.compute;
-        let raw_keys = model.cfg.num_layers > 0 && model.ids.layer(0).attn.k_up.is_some();
+        let raw_keys = model.try_id(ParamKey::Layer(0, W::KUp)).is_some();
         let (nk, nv) = (c.num_k_heads as i64, c.num_v_heads as i64);
         let (dk, dv) = (c.k_cache_dim() as i64, c.v_head_dim as i64);
         let alloc = |shape: [i64; 4]| {
@@ -140,13 +145,20 @@ pub fn decode_attention_ops(
     o.reshape([b, 1, nq * dv])
 }
 
-impl Model {
+/// How a generation pass attends: prefill over the prompt with a mask, or
+/// one decoding step against the whole cache.
+enum Mode<'m> {
+    Prefill { mask: &'m Tensor },
+    Decode { pos: i64 },
+}
+
+impl Fwd<'_> {
     /// Prefill `tokens` [b, t] (left-padded; `valid` [b, t] marks real
     /// tokens) into an empty cache; returns the logits of the last position [b, vocab].
     pub fn prefill(&self, cache: &mut KvCache, tokens: &Tensor, valid: &Tensor) -> Result<Tensor> {
         let (b, t) = (tokens.size()[0], tokens.size()[1]);
         if cache.len != 0 || t > cache.capacity {
-            return Err(TrainError::Other(format!(
+            return Err(TrainError::internal_state(format!(
                 "prefill of {t} tokens into a cache holding {} of {}",
                 cache.len, cache.capacity
             )));
@@ -159,23 +171,7 @@ impl Model {
             .view([1, 1, t, t])
             .logical_and(&valid.view([b, 1, 1, t]))
             .logical_or(&eye.view([1, 1, t, t]));
-        let mut x = self.embed(tokens);
-        let mut h = self.norm_in(&x, self.ids.layer(0).attn.norm);
-        for l in 0..self.cfg.num_layers {
-            let q = self.queries(l, &h);
-            let raw = self.keys_raw(l, &h);
-            let k = self.keys_from_raw(l, &raw, 0);
-            let v = self.values(l, &h);
-            let stored = if cache.raw_keys {
-                raw.transpose(1, 2)
-            } else {
-                k.shallow_clone()
-            };
-            cache.k[l].narrow(2, 0, t).copy_(&stored);
-            cache.v[l].narrow(2, 0, t).copy_(&v);
-            let a = self.attend_masked(l, &q, &k, &v, &mask);
-            (x, h) = self.residual_block_end(l, &x, &a);
-        }
+        let h = self.run_blocks(cache, tokens, Mode::Prefill { mask: &mask })?;
         cache.len = t;
         Ok(self.head_logits(&h.narrow(1, t - 1, 1)).squeeze_dim(1))
     }
@@ -185,63 +181,130 @@ impl Model {
         let b = tokens.size()[0];
         let pos = cache.len;
         if pos >= cache.capacity {
-            return Err(TrainError::Other(format!(
+            return Err(TrainError::internal_state(format!(
                 "the KV cache is full ({} slots)",
                 cache.capacity
             )));
         }
         let _ = cache.valid.narrow(1, pos, 1).fill_(1);
-        let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
-        let mut x = self.embed(&tokens.view([b, 1]));
-        let mut h = self.norm_in(&x, self.ids.layer(0).attn.norm);
-        for l in 0..self.cfg.num_layers {
-            let ids = self.ids.layer(l);
-            let q = self.queries_at(l, &h, pos).to_kind(self.compute);
-            let raw = self.keys_raw(l, &h);
-            let new_k = if cache.raw_keys {
-                raw.transpose(1, 2)
-            } else {
-                self.keys_from_raw(l, &raw, pos)
-            };
-            cache.k[l].narrow(2, pos, 1).copy_(&new_k);
-            cache.v[l].narrow(2, pos, 1).copy_(&self.values(l, &h));
-            let n = pos + 1;
-            let k = cache.k[l].narrow(2, 0, n);
-            let k = if cache.raw_keys {
-                // Contiguous rows, as the decode kernel reads them (made anew each step anyway).
-                self.keys_from_raw(l, &k.transpose(1, 2), 0)
-                    .to_kind(self.compute)
-                    .contiguous()
-            } else {
-                k
-            };
-            let o = decode_attention(
-                &q,
-                &k,
-                &cache.v[l].narrow(2, 0, n),
-                Some(&cache.valid.narrow(1, 0, n)),
-                scale,
-            )?;
-            let a = self.mm(&o, self.w(ids.attn.o_proj));
-            (x, h) = self.residual_block_end(l, &x, &a);
-        }
+        let h = self.run_blocks(cache, &tokens.view([b, 1]), Mode::Decode { pos })?;
         cache.len = pos + 1;
         Ok(self.head_logits(&h).squeeze_dim(1))
     }
 
-    /// The rest of block `l` after its attention output `a`: the residual
-    /// add, the FFN and its residual add, each add fused with the norm that
-    /// follows it (`Model::add_norm_in`; after the last block the final
-    /// norm). Returns the residual stream and its normalised form, the input
-    /// of the next block's attention or of the output head.
-    fn residual_block_end(&self, l: usize, x: &Tensor, a: &Tensor) -> (Tensor, Tensor) {
-        let (x, h) = self.add_norm_in(x, a, self.ids.layer(l).ffn.norm);
-        let next = if l + 1 < self.cfg.num_layers {
-            self.ids.layer(l + 1).attn.norm
-        } else {
-            crate::model::held(self.ids.final_norm, "the final norm")
+    /// The embedding and every block on `tokens`, walking the block's
+    /// wiring (`model::block::wiring`) as training does, except that `Qkv`
+    /// writes the new keys and values into the cache and `Attend` reads
+    /// them from it; and that each residual add is fused with the norm that
+    /// follows it (the next block's attention norm, or the final norm).
+    /// Returns the normalised output of the last block, the head's input.
+    fn run_blocks(&self, cache: &mut KvCache, tokens: &Tensor, mode: Mode<'_>) -> Result<Tensor> {
+        let wires = wiring(&self.cfg);
+        let n = self.cfg.num_layers;
+        let x = self.embed(tokens);
+        let mut h = self.norm_in(&x, self.lid(0, W::AttnNorm));
+        let mut x = x;
+        for l in 0..n {
+            let mut vals = Vals::default();
+            vals.set(Val::X, x);
+            vals.set(Val::H, h);
+            for wire in &wires {
+                match wire.part {
+                    Part::AttnNorm => {} // fused into the previous add
+                    Part::Qkv => self.qkv_cached(l, cache, &mut vals, &mode),
+                    Part::Attend => {
+                        let o = self.attend_cached(l, cache, &vals, &mode)?;
+                        vals.set(Val::O, o);
+                    }
+                    Part::Add => {
+                        let next = if l + 1 < n {
+                            self.lid(l + 1, W::AttnNorm)
+                        } else {
+                            self.id(ParamKey::FinalNorm)
+                        };
+                        let (y, h_next) =
+                            self.add_norm_in(vals.get(Val::X2), vals.get(Val::F), next);
+                        vals.set(Val::Y, y);
+                        vals.set(Val::H, h_next);
+                    }
+                    part => {
+                        let outs = self.part(l, part, &vals.inputs(wire));
+                        vals.outputs(wire, outs);
+                    }
+                }
+            }
+            x = vals.take(Val::Y).expect("block output");
+            h = vals.take(Val::H).expect("normalised block output");
+        }
+        Ok(h)
+    }
+
+    /// The `Qkv` part with a cache: q0 and the values as training computes
+    /// them, the keys before the projected reading's up-projection (what the
+    /// cache keeps under it) and, otherwise, after RoPE at their positions;
+    /// the new keys and values written into the cache.
+    fn qkv_cached(&self, l: usize, cache: &mut KvCache, vals: &mut Vals, mode: &Mode<'_>) {
+        let h = vals.get(Val::H).shallow_clone();
+        let q0 = self.q0(l, &h);
+        let raw = self.keys_raw(l, &h);
+        let v = self.values(l, &h);
+        let (start, t) = match mode {
+            Mode::Prefill { .. } => (0, h.size()[1]),
+            Mode::Decode { pos } => (*pos, 1),
         };
-        self.add_norm_in(&x, &self.ffn(l, &h), next)
+        let roped = (!cache.raw_keys || matches!(mode, Mode::Prefill { .. }))
+            .then(|| self.keys_from_raw(l, &raw, start));
+        let stored = match &roped {
+            Some(k) if !cache.raw_keys => k.shallow_clone(),
+            _ => raw.transpose(1, 2),
+        };
+        cache.k[l].narrow(2, start, t).copy_(&stored);
+        cache.v[l].narrow(2, start, t).copy_(&v);
+        vals.set(Val::Q0, q0);
+        if let Some(k) = roped {
+            vals.set(Val::K, k);
+        }
+        vals.set(Val::V, v);
+    }
+
+    /// The `Attend` part with a cache: prefill attends over the prompt under
+    /// its mask; a decoding step attends one query per sequence against
+    /// every cached slot through the DiffQKV decode kernel.
+    fn attend_cached(
+        &self,
+        l: usize,
+        cache: &KvCache,
+        vals: &Vals,
+        mode: &Mode<'_>,
+    ) -> Result<Tensor> {
+        let q = if vals.has(Val::Q) {
+            vals.get(Val::Q)
+        } else {
+            vals.get(Val::Q0)
+        };
+        match mode {
+            Mode::Prefill { mask } => {
+                let (k, v) = (vals.get(Val::K), vals.get(Val::V));
+                Ok(self.attend_masked(l, &self.query_heads(q), k, v, mask))
+            }
+            Mode::Decode { pos } => {
+                let q = self.query_heads_at(q, *pos).to_kind(self.compute);
+                let n = pos + 1;
+                let k = cache.k[l].narrow(2, 0, n);
+                let k = if cache.raw_keys {
+                    // Contiguous rows, as the decode kernel reads them (made anew each step anyway).
+                    self.keys_from_raw(l, &k.transpose(1, 2), 0)
+                        .to_kind(self.compute)
+                        .contiguous()
+                } else {
+                    k
+                };
+                let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
+                let valid = cache.valid.narrow(1, 0, n);
+                let o = decode_attention(&q, &k, &cache.v[l].narrow(2, 0, n), Some(&valid), scale)?;
+                Ok(self.linear(&o, self.lid(l, W::OProj)))
+            }
+        }
     }
 }
 
@@ -256,29 +319,15 @@ pub struct Sampling {
     pub top_p: f64,
 }
 
-/// A small seeded generator (splitmix64): one stream per sequence, so a
-/// sequence's sample does not depend on what else is in the batch.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64, stream: u64) -> Rng {
-        Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// The generator of sequence `stream` of a request seeded `seed`: one
+/// stream per sequence, so a sequence's sample does not depend on what else
+/// is in the batch.
+pub fn stream_rng(seed: u64, stream: u64) -> SplitMix64 {
+    SplitMix64::new(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// Pick a token from one row of logits.
-pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
     let argmax = || {
         let mut best = 0;
         for (i, &x) in logits.iter().enumerate() {
@@ -317,7 +366,7 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
         idx.truncate(keep);
     }
     let total: f64 = p.iter().sum();
-    let mut u = rng.uniform() * total;
+    let mut u = rng.unit() * total;
     for (j, &x) in p.iter().enumerate() {
         if u < x {
             return idx[j] as u32;
@@ -341,7 +390,7 @@ pub struct Request {
 /// Generate for a batch of prompts; `on_token(sequence, token)` sees each
 /// new token as it is chosen. Returns the new tokens of every prompt.
 pub fn generate(
-    model: &Model,
+    model: &Fwd<'_>,
     prompts: &[Vec<u32>],
     r: &Request,
     first_stream: u64,
@@ -377,8 +426,8 @@ pub fn generate(
         .view([b64, t64])
         .to_device(device);
     let mut cache = KvCache::new(model, b64, t64 + r.max_new_tokens as i64, device)?;
-    let mut rngs: Vec<Rng> = (0..b)
-        .map(|i| Rng::new(r.seed, first_stream + i as u64))
+    let mut rngs: Vec<SplitMix64> = (0..b)
+        .map(|i| stream_rng(r.seed, first_stream + i as u64))
         .collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
@@ -418,6 +467,7 @@ pub fn generate(
 mod tests {
     use super::*;
     use crate::config::{KCompression, ModelConfig};
+    use crate::model::ModelInit;
 
     fn cfg(
         nk: usize,
@@ -468,19 +518,22 @@ mod tests {
     #[test]
     fn cached_decoding_matches_the_full_forward_at_every_step() {
         for (name, c) in configs() {
-            let m = Model::new(&c, 7, false, false, Device::Cpu, false).to_double();
+            let m = Model::new(&c, &ModelInit::cpu(7)).to_double();
             let seq: Vec<i64> = (0..14).map(|i| (i * 17 + 3) % 61).collect();
             let all = Tensor::from_slice(&seq).view([1, -1]);
-            let full = tch::no_grad(|| m.forward(&all));
+            let full = tch::no_grad(|| m.plain().forward(&all));
             let prompt = 5;
             let mut cache = KvCache::new(&m, 1, seq.len() as i64, Device::Cpu).expect("cache");
             let valid = Tensor::ones([1, prompt], (Kind::Bool, Device::Cpu));
-            let l = tch::no_grad(|| m.prefill(&mut cache, &all.narrow(1, 0, prompt), &valid))
-                .expect("prefill");
+            let l = tch::no_grad(|| {
+                m.plain()
+                    .prefill(&mut cache, &all.narrow(1, 0, prompt), &valid)
+            })
+            .expect("prefill");
             let mut worst = max_diff(&l, &full.select(1, prompt - 1));
             for p in prompt..seq.len() as i64 {
-                let l =
-                    tch::no_grad(|| m.decode_step(&mut cache, &all.select(1, p))).expect("decode");
+                let l = tch::no_grad(|| m.plain().decode_step(&mut cache, &all.select(1, p)))
+                    .expect("decode");
                 worst = worst.max(max_diff(&l, &full.select(1, p)));
             }
             assert!(
@@ -494,7 +547,7 @@ mod tests {
     #[test]
     fn padded_batches_decode_like_single_prompts() {
         for (name, c) in configs() {
-            let m = Model::new(&c, 11, false, false, Device::Cpu, false).to_double();
+            let m = Model::new(&c, &ModelInit::cpu(11)).to_double();
             let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 2], vec![1, 2, 3, 4, 5, 6, 7], vec![40]];
             let r = Request {
                 max_new_tokens: 6,
@@ -507,10 +560,10 @@ mod tests {
                 eos: None,
                 max_context: 64,
             };
-            let together = generate(&m, &prompts, &r, 0, &mut |_, _| {}).expect("batch");
+            let together = generate(&m.plain(), &prompts, &r, 0, &mut |_, _| {}).expect("batch");
             for (i, p) in prompts.iter().enumerate() {
-                let alone =
-                    generate(&m, std::slice::from_ref(p), &r, 0, &mut |_, _| {}).expect("one");
+                let alone = generate(&m.plain(), std::slice::from_ref(p), &r, 0, &mut |_, _| {})
+                    .expect("one");
                 assert_eq!(together[i], alone[0], "{name}: prompt {i}");
             }
             // ... and the padded prefill's logits match the unpadded ones.
@@ -522,8 +575,11 @@ mod tests {
                 true,
             ])
             .view([2, 7]);
-            let l = tch::no_grad(|| m.prefill(&mut cache, &toks, &valid)).expect("prefill");
-            let alone = tch::no_grad(|| m.forward(&Tensor::from_slice(&[5i64, 9, 2]).view([1, 3])));
+            let l = tch::no_grad(|| m.plain().prefill(&mut cache, &toks, &valid)).expect("prefill");
+            let alone = tch::no_grad(|| {
+                m.plain()
+                    .forward(&Tensor::from_slice(&[5i64, 9, 2]).view([1, 3]))
+            });
             assert!(
                 max_diff(&l.get(0), &alone.get(0).get(2)) < 1e-10,
                 "{name}: padded prefill"
@@ -534,7 +590,7 @@ mod tests {
     #[test]
     fn the_cache_holds_n_k_keys_at_the_cached_dimension() {
         let c = cfg(2, 4, 40, KCompression::Projected, Some(4));
-        let m = Model::new(&c, 1, false, false, Device::Cpu, false);
+        let m = Model::new(&c, &ModelInit::cpu(1));
         let cache = KvCache::new(&m, 1, 16, Device::Cpu).expect("cache");
         // 2 layers x (2 heads x 4 + 4 heads x 6) x 4 bytes (fp32 on CPU).
         assert_eq!(cache.bytes_per_token(), 2 * (2 * 4 + 4 * 6) * 4);
@@ -548,7 +604,7 @@ mod tests {
             top_k: k,
             top_p: p,
         };
-        let mut rng = Rng::new(1, 0);
+        let mut rng = stream_rng(1, 0);
         assert_eq!(
             sample(&logits, &s(0.0, 0, 1.0), &mut rng),
             1,
@@ -565,7 +621,7 @@ mod tests {
         }
         // Frequencies follow the softmax: ids 1 and 4 equally likely, 2 a bit less.
         let mut n = [0usize; 5];
-        let mut rng = Rng::new(42, 3);
+        let mut rng = stream_rng(42, 3);
         for _ in 0..20000 {
             n[sample(&logits, &s(1.0, 0, 1.0), &mut rng) as usize] += 1;
         }

@@ -9,19 +9,12 @@
 //! ([`GradSync`]). Without tensor parallelism every block is the whole tensor.
 //! Code refers to parameters through [`ParamId`] handles, not by name.
 
+use std::ops::Range;
+
 use tch::{Device, Kind, Tensor};
 
-/// How a parameter is initialised and whether it is decayed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParamKind {
-    /// Normal(0, std) weight of a linear layer.
-    Linear,
-    /// Normal(0, std / sqrt(2 * num_layers)): projections that write into the residual stream.
-    ResidualOut,
-    Embedding,
-    /// RMSNorm gain, initialised to 1.
-    Norm,
-}
+pub use crate::model::decl::ParamKind;
+use crate::model::key::{declare, ParamKey};
 
 /// How the gradient of a parameter held by several tensor-parallel ranks is
 /// made whole. A parameter split across ranks (each holds a different block)
@@ -55,7 +48,8 @@ impl GradSync {
 
 #[derive(Clone, Debug)]
 pub struct ParamSpec {
-    pub name: String,
+    /// Which weight (its name on disk is derived from it).
+    pub key: ParamKey,
     /// Shape of the block this rank holds.
     pub shape: Vec<i64>,
     /// Shape of the whole (logical) tensor.
@@ -75,12 +69,12 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     /// A parameter held whole by this rank.
-    pub fn whole(name: String, shape: Vec<i64>, kind: ParamKind) -> ParamSpec {
+    pub fn whole(key: ParamKey, shape: Vec<i64>, kind: ParamKind) -> ParamSpec {
         ParamSpec {
             block: shape.iter().map(|&n| (0, n)).collect(),
             global_shape: shape.clone(),
             shape,
-            name,
+            key,
             kind,
             sync: GradSync::Own,
             writer: true,
@@ -92,6 +86,11 @@ impl ParamSpec {
     /// the two pipeline stages of a tied embedding.
     pub fn copies(&self, tp: usize) -> usize {
         self.sync.copies(tp) * if self.pp_tied { 2 } else { 1 }
+    }
+
+    /// The name in checkpoints and exports.
+    pub fn name(&self) -> String {
+        self.key.name()
     }
 
     pub fn numel(&self) -> i64 {
@@ -117,6 +116,14 @@ impl ParamSpec {
     }
 }
 
+/// Every parameter of `c`, held whole (one device), in model order.
+pub fn whole_specs(c: &crate::config::ModelConfig) -> Vec<ParamSpec> {
+    declare(c)
+        .into_iter()
+        .map(|(key, decl)| ParamSpec::whole(key, decl.shape, decl.kind))
+        .collect()
+}
+
 /// Part `index` of `parts` equal parts of a flat buffer of `n` elements, as
 /// (start, length): parts of `ceil(n / parts)` elements, the last ones
 /// shorter or empty. ZeRO-1's optimizer shards and the ranges checkpoints
@@ -125,6 +132,13 @@ pub fn shard_range(n: i64, parts: usize, index: usize) -> (i64, i64) {
     let size = (n + parts as i64 - 1) / parts as i64;
     let start = (index as i64 * size).min(n);
     (start, (n - start).clamp(0, size))
+}
+
+/// The overlap of two ranges, if not empty: the one place where owned
+/// ranges (optimizer shards, checkpoint pieces) meet parameters.
+pub fn intersect(a: Range<i64>, b: Range<i64>) -> Option<Range<i64>> {
+    let r = a.start.max(b.start)..a.end.min(b.end);
+    (r.start < r.end).then_some(r)
 }
 
 /// The lock every user of libtorch's global random generator takes in this
@@ -180,14 +194,14 @@ impl Params {
     /// and, for each spec as given, its handle if held.
     pub fn new(
         specs: Vec<ParamSpec>,
-        holds: impl Fn(&ParamSpec) -> bool,
+        holds: impl Fn(usize, &ParamSpec) -> bool,
         decayed: impl Fn(&ParamSpec) -> bool,
         seed: u64,
         std: f64,
         num_layers: usize,
         device: Device,
     ) -> (Params, Vec<Option<ParamId>>) {
-        let held: Vec<usize> = (0..specs.len()).filter(|&i| holds(&specs[i])).collect();
+        let held: Vec<usize> = (0..specs.len()).filter(|&i| holds(i, &specs[i])).collect();
         let mut order = held.clone();
         order.sort_by_key(|&i| !decayed(&specs[i])); // stable: decayed first
         let mut ids = vec![None; specs.len()];
@@ -360,7 +374,25 @@ impl Params {
 
     /// The parameter called `name` (tests and tools; code uses handles).
     pub fn find(&self, name: &str) -> Option<ParamId> {
-        self.specs.iter().position(|s| s.name == name).map(ParamId)
+        self.specs
+            .iter()
+            .position(|s| s.key.name() == name)
+            .map(ParamId)
+    }
+
+    /// The parameters whose elements in the flat buffer overlap `range`:
+    /// (handle, the overlap in flat-buffer positions). In layout order.
+    pub fn overlapping(
+        &self,
+        range: Range<i64>,
+    ) -> impl Iterator<Item = (ParamId, Range<i64>)> + '_ {
+        self.specs
+            .iter()
+            .zip(&self.offsets)
+            .enumerate()
+            .filter_map(move |(i, (s, &o))| {
+                intersect(o..o + s.numel(), range.clone()).map(|r| (ParamId(i), r))
+            })
     }
 
     /// The parameter called `name`, which must exist (tests and tools).
@@ -373,5 +405,14 @@ impl Params {
 
     pub fn numel(&self) -> i64 {
         self.flat.numel() as i64
+    }
+
+    /// (offset, length) of every parameter in the flat buffer, in layout order.
+    pub fn layout(&self) -> Vec<(i64, i64)> {
+        self.specs
+            .iter()
+            .zip(&self.offsets)
+            .map(|(s, &o)| (o, s.numel()))
+            .collect()
     }
 }

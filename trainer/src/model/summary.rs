@@ -14,7 +14,7 @@
 use std::fmt;
 
 use crate::config::ModelConfig;
-use crate::model::param_specs;
+use crate::model::key::declare;
 
 pub struct Summary {
     pub components: Vec<(&'static str, i64)>,
@@ -26,37 +26,17 @@ pub struct Summary {
     pub seq_len: usize,
 }
 
-fn component(name: &str) -> &'static str {
-    const PARTS: &[(&str, &str)] = &[
-        ("embed.", "embedding"),
-        (".attn.q_proj", "attention q_proj"),
-        (".attn.aug_q", "attention AugQ"),
-        (".attn.k_proj", "attention k_proj"),
-        (".attn.k_up", "attention k_up (K compression)"),
-        (".attn.v_proj", "attention v_proj"),
-        (".attn.o_proj", "attention o_proj"),
-        (".ffn.", "ffn (SwiGLU)"),
-        ("norm", "norms"),
-        ("lm_head", "lm_head (untied)"),
-    ];
-    PARTS
-        .iter()
-        .find(|(k, _)| name.contains(k))
-        .map(|&(_, v)| v)
-        .unwrap_or("other")
-}
-
 pub fn summarize(c: &ModelConfig, seq_len: usize) -> Summary {
     let mut components: Vec<(&'static str, i64)> = Vec::new();
     let mut matmul = 0;
-    for s in param_specs(c) {
-        let comp = component(&s.name);
+    for (key, decl) in declare(c) {
+        let (comp, n) = (key.component(), decl.shape.iter().product::<i64>());
         match components.iter_mut().find(|(k, _)| *k == comp) {
-            Some(e) => e.1 += s.numel(),
-            None => components.push((comp, s.numel())),
+            Some(e) => e.1 += n,
+            None => components.push((comp, n)),
         }
-        if s.shape.len() == 2 && !s.name.starts_with("embed.") {
-            matmul += s.numel();
+        if key.is_matmul(&decl) {
+            matmul += n;
         }
     }
     let head = (c.vocab_size * c.d_model) as i64;

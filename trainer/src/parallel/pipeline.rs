@@ -8,11 +8,11 @@
 //! output head and the loss. With tied embeddings both hold the embedding
 //! matrix, and its gradient is summed over the two before the optimizer step.
 
-
 use std::ops::Range;
 
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
+use crate::model::key::ParamKey;
 use crate::model::summary::summarize;
 
 /// This rank's share of the layers.
@@ -152,7 +152,7 @@ impl PipelinePlan {
     pub fn chunks(&self) -> Vec<(usize, usize, Range<usize>)> {
         (0..self.v)
             .map(|c| {
-                let s = c * self.pp + self.rank;
+                let s = crate::dist::mesh::stage_of(self.rank, c, self.pp);
                 (c, s, self.layers[s].clone())
             })
             .collect()
@@ -172,6 +172,23 @@ impl PipelinePlan {
         self.chunks().iter().any(|(_, _, r)| r.contains(&l))
     }
 
+    /// Whether this rank's stages hold parameter `key`: a block's weights on
+    /// the stage running it, the embedding on the first stage (and the last
+    /// when tied to the head), the final norm and untied head on the last.
+    pub fn holds(&self, c: &ModelConfig, key: ParamKey) -> bool {
+        match key {
+            ParamKey::Embed => self.first() || (self.last() && c.tie_embeddings),
+            ParamKey::FinalNorm | ParamKey::LmHead => self.last(),
+            ParamKey::Layer(l, _) => self.holds_layer(l),
+        }
+    }
+
+    /// Whether `key` is the tied embedding held by both ends of the
+    /// pipeline (its gradient is summed over the two).
+    pub fn tied_across(&self, c: &ModelConfig, key: ParamKey) -> bool {
+        key == ParamKey::Embed && self.pp > 1 && c.tie_embeddings
+    }
+
     /// `layers 0-12 | 13-25 (+ head)`: the split, for the start-up log.
     pub fn describe(&self) -> String {
         let n = self.num_stages();
@@ -186,7 +203,10 @@ impl PipelinePlan {
                 if s + 1 == n {
                     t.push_str(" (+ head)");
                 }
-                format!("stage {s} on rank {}: layers {t}", s % self.pp)
+                format!(
+                    "stage {s} on rank {}: layers {t}",
+                    crate::dist::mesh::stage_place(s, self.pp).0
+                )
             })
             .collect::<Vec<_>>()
             .join("; ")

@@ -92,12 +92,12 @@ impl Schedule {
 
     /// Virtual stage of chunk `chunk` on rank `rank`.
     pub fn stage(&self, rank: usize, chunk: usize) -> usize {
-        chunk * self.pp + rank
+        crate::dist::mesh::stage_of(rank, chunk, self.pp)
     }
 
     /// Rank and chunk of virtual stage `s`.
     pub fn place(&self, s: usize) -> (usize, usize) {
-        (s % self.pp, s / self.pp)
+        crate::dist::mesh::stage_place(s, self.pp)
     }
 
     pub fn num_stages(&self) -> usize {

@@ -14,12 +14,16 @@
 //! under sequence parallelism, identical otherwise) and K compression's k_up
 //! (summed: each rank contributes through its own query heads).
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use crate::config::{KCompression, ModelConfig};
+use crate::config::ModelConfig;
 use crate::dist::Collectives;
 use crate::error::{Result, TrainError};
-use crate::model::params::{GradSync, ParamKind, ParamSpec, Params};
+use crate::model::block::Part;
+use crate::model::decl::{Decl, Split};
+use crate::model::key::{declare, ParamKey};
+use crate::model::params::{GradSync, ParamSpec, Params};
+use crate::model::{Fwd, Heads};
 
 /// This rank's share of the model under tensor parallelism.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +31,8 @@ pub struct TpPlan {
     pub tp: usize,
     pub rank: usize,
     pub sequence_parallel: bool,
+    /// The model has AugQ (its input, the whole q0, is gathered first).
+    pub aug_q: bool,
     /// Heads this rank computes with.
     pub q_heads: usize,
     pub k_heads: usize,
@@ -54,6 +60,7 @@ impl TpPlan {
             tp: 1,
             rank: 0,
             sequence_parallel: false,
+            aug_q: c.aug_q_dim > 0,
             q_heads: c.num_q_heads,
             k_heads: c.num_k_heads,
             v_heads: c.num_v_heads,
@@ -122,6 +129,7 @@ impl TpPlan {
             tp,
             rank,
             sequence_parallel,
+            aug_q: c.aug_q_dim > 0,
             q_heads: c.num_q_heads / tp,
             k_heads,
             v_heads,
@@ -150,25 +158,6 @@ impl TpPlan {
         }
     }
 
-    /// The spec of a parameter of global `shape`, split along `dim` into
-    /// `parts` equal blocks of which this rank holds block `index` (or whole
-    /// when `dim` is None), with gradient synchronisation `sync`.
-    fn spec(
-        name: String,
-        shape: Vec<i64>,
-        kind: ParamKind,
-        split: Option<(usize, i64, i64)>,
-        sync: GradSync,
-    ) -> ParamSpec {
-        let mut s = ParamSpec::whole(name, shape, kind);
-        if let Some((dim, off, len)) = split {
-            s.block[dim] = (off, len);
-            s.shape[dim] = len;
-        }
-        s.sync = sync;
-        s
-    }
-
     /// Mark which rank of the tensor-parallel group writes each copy.
     fn writers(&self, mut specs: Vec<ParamSpec>) -> Vec<ParamSpec> {
         for s in &mut specs {
@@ -181,148 +170,116 @@ impl TpPlan {
         specs
     }
 
-    /// Every parameter of `c` as this rank holds it, named after the module
-    /// tree, in model order (the order initialisation draws them in).
+    /// Every parameter of `c` as this rank holds it, in model order (the
+    /// order initialisation draws them in).
     pub fn param_specs(&self, c: &ModelConfig) -> Vec<ParamSpec> {
-        let d = c.d_model as i64;
-        let (nq, nk, nv) = (
-            c.num_q_heads as i64,
-            c.num_k_heads as i64,
-            c.num_v_heads as i64,
-        );
-        let (dd, dk, dv) = (
-            c.dot_dim() as i64,
-            c.k_cache_dim() as i64,
-            c.v_head_dim as i64,
-        );
+        let specs = declare(c)
+            .into_iter()
+            .map(|(key, decl)| self.spec(c, key, decl))
+            .collect();
+        self.writers(specs)
+    }
+
+    /// This rank's block of one declared weight and how its gradient is made
+    /// whole: the sharding table of tensor parallelism.
+    fn spec(&self, c: &ModelConfig, key: ParamKey, decl: Decl) -> ParamSpec {
         let (tp, r) = (self.tp as i64, self.rank as i64);
-        let rows = |n: i64| Some((0, r * n / tp, n / tp));
-        let cols = |n: i64| Some((1, r * n / tp, n / tp));
-        let none = None;
-        let rep = self.replicated();
-        let own = GradSync::Own;
-        let k_sync = match self.k_share(c) {
-            1 => own,
-            size => GradSync::SumReplicas { size },
+        let even = |n: i64| (r * n / tp, n / tp);
+        let heads = |n: usize, held: usize, first: usize, share: usize| {
+            let per = decl.shape[0] / n as i64;
+            let sync = match share {
+                1 => GradSync::Own,
+                size => GradSync::SumReplicas { size },
+            };
+            (Some((0, (first as i64 * per, held as i64 * per))), sync)
         };
-        let v_sync = match self.v_share(c) {
-            1 => own,
-            size => GradSync::SumReplicas { size },
+        let (split, sync) = match decl.split {
+            Split::Rows | Split::Vocab => (Some((0, even(decl.shape[0]))), GradSync::Own),
+            Split::Cols => (Some((1, even(decl.shape[1]))), GradSync::Own),
+            Split::KeyHeads => heads(c.num_k_heads, self.k_heads, self.first_k, self.k_share(c)),
+            Split::ValueHeads => heads(c.num_v_heads, self.v_heads, self.first_v, self.v_share(c)),
+            Split::Replicated => (None, self.replicated()),
+            Split::ReplicatedPartialGrad if self.tp > 1 => (None, GradSync::SumTp),
+            Split::ReplicatedPartialGrad => (None, GradSync::Own),
         };
-        let k_rows = Some((0, self.first_k as i64 * dk, self.k_heads as i64 * dk));
-        let v_rows = Some((0, self.first_v as i64 * dv, self.v_heads as i64 * dv));
-        let vocab = c.vocab_size as i64;
-        let mut s = vec![Self::spec(
-            "embed.weight".into(),
-            vec![vocab, d],
-            ParamKind::Embedding,
-            rows(vocab),
-            own,
-        )];
-        let mut p = |name: String, shape: Vec<i64>, kind, split, sync| {
-            s.push(Self::spec(name, shape, kind, split, sync))
-        };
-        let (lin, res, norm) = (ParamKind::Linear, ParamKind::ResidualOut, ParamKind::Norm);
-        for l in 0..c.num_layers {
-            let pre = format!("layers.{l}");
-            p(format!("{pre}.attn_norm.weight"), vec![d], norm, none, rep);
-            p(
-                format!("{pre}.attn.q_proj.weight"),
-                vec![nq * dd, d],
-                lin,
-                rows(nq * dd),
-                own,
-            );
-            if c.aug_q_dim > 0 {
-                let a = c.aug_q_dim as i64;
-                p(
-                    format!("{pre}.attn.aug_q.gate.weight"),
-                    vec![a, nq * dd],
-                    lin,
-                    rows(a),
-                    own,
-                );
-                p(
-                    format!("{pre}.attn.aug_q.up.weight"),
-                    vec![a, nq * dd],
-                    lin,
-                    rows(a),
-                    own,
-                );
-                p(
-                    format!("{pre}.attn.aug_q.down.weight"),
-                    vec![nq * dd, a],
-                    lin,
-                    cols(a),
-                    own,
-                );
-            }
-            p(
-                format!("{pre}.attn.k_proj.weight"),
-                vec![nk * dk, d],
-                lin,
-                k_rows,
-                k_sync,
-            );
-            if c.k_compression == KCompression::Projected {
-                let sync = if self.tp > 1 { GradSync::SumTp } else { own };
-                p(
-                    format!("{pre}.attn.k_up.weight"),
-                    vec![dd, dk],
-                    lin,
-                    none,
-                    sync,
-                );
-            }
-            p(
-                format!("{pre}.attn.v_proj.weight"),
-                vec![nv * dv, d],
-                lin,
-                v_rows,
-                v_sync,
-            );
-            p(
-                format!("{pre}.attn.o_proj.weight"),
-                vec![d, nq * dv],
-                res,
-                cols(nq * dv),
-                own,
-            );
-            p(format!("{pre}.ffn_norm.weight"), vec![d], norm, none, rep);
-            let f = c.ffn_dim as i64;
-            p(
-                format!("{pre}.ffn.gate.weight"),
-                vec![f, d],
-                lin,
-                rows(f),
-                own,
-            );
-            p(
-                format!("{pre}.ffn.up.weight"),
-                vec![f, d],
-                lin,
-                rows(f),
-                own,
-            );
-            p(
-                format!("{pre}.ffn.down.weight"),
-                vec![d, f],
-                res,
-                cols(f),
-                own,
-            );
+        let mut s = ParamSpec::whole(key, decl.shape, decl.kind);
+        if let Some((dim, (off, len))) = split {
+            s.block[dim] = (off, len);
+            s.shape[dim] = len;
         }
-        p("final_norm.weight".into(), vec![d], norm, none, rep);
-        if !c.tie_embeddings {
-            p(
-                "lm_head.weight".into(),
-                vec![vocab, d],
-                ParamKind::Embedding,
-                rows(vocab),
-                own,
-            );
+        s.sync = sync;
+        s
+    }
+
+    /// The heads this rank computes with.
+    pub fn heads(&self) -> Heads {
+        Heads {
+            q: self.q_heads,
+            k: self.k_heads,
+            v: self.v_heads,
         }
-        self.writers(s)
+    }
+
+    /// Whether blocks run as parts joined by collectives (tp > 1) rather
+    /// than whole.
+    pub fn splits_blocks(&self) -> bool {
+        self.tp > 1
+    }
+
+    /// Where the collectives go: the one after output `out` of `at`, across
+    /// the tensor-parallel group (Megatron's f/g operators, with or without
+    /// sequence parallelism). Backward applies each one's conjugate.
+    pub fn comm_after(&self, at: CommPoint, out: usize) -> Option<Comm> {
+        if self.tp == 1 {
+            return None;
+        }
+        // Into a column-parallel region, and out of a row-parallel one.
+        let (into, from) = if self.sequence_parallel {
+            (Comm::GatherSeq, Comm::ScatterSeq)
+        } else {
+            (Comm::Copy, Comm::AllReduce)
+        };
+        match (at, out) {
+            // The vocabulary-parallel lookup: each rank's rows, summed.
+            (CommPoint::Embed, 0) => Some(from),
+            (CommPoint::Part(Part::AttnNorm), 0) => Some(into),
+            // AugQ reads the whole projected query of every head.
+            (CommPoint::Part(Part::Qkv), 0) if self.aug_q => Some(Comm::GatherFeat),
+            (CommPoint::Part(Part::AugQ), 0) => Some(Comm::ScatterFeat),
+            (CommPoint::Part(Part::Attend), 0) => Some(from),
+            (CommPoint::Part(Part::AddNorm), 1) => Some(into),
+            (CommPoint::Part(Part::Ffn), 0) => Some(from),
+            // Into the vocabulary-parallel output head.
+            (CommPoint::FinalNorm, 0) => Some(into),
+            _ => None,
+        }
+    }
+
+    /// Shape of the activation [micro-batch, tokens, d_model] that crosses
+    /// pipeline stages: under sequence parallelism each rank holds
+    /// `seq_len / tp` of the tokens.
+    pub fn activation_shape(&self, rows: usize, seq_len: usize, d_model: usize) -> Vec<i64> {
+        let t = if self.sequence_parallel {
+            seq_len / self.tp
+        } else {
+            seq_len
+        };
+        vec![rows as i64, t as i64, d_model as i64]
+    }
+
+    /// The embedding lookup of this rank: the whole table on one rank; under
+    /// tensor parallelism the rows it holds, other tokens giving zeros (the
+    /// ranks' outputs sum to the lookup).
+    pub fn embed(&self, f: &Fwd<'_>, c: &ModelConfig, tokens: &Tensor) -> Tensor {
+        if self.tp == 1 {
+            return f.embed(tokens);
+        }
+        let w = f.p(f.id(ParamKey::Embed));
+        let (first, rows) = self.vocab_rows(c);
+        let local = tokens - first;
+        let mine = local.ge(0).logical_and(&local.lt(rows));
+        let e = Tensor::embedding(w, &local.clamp(0, rows - 1), -1, false, false);
+        e * mine.unsqueeze(-1).to_kind(w.kind())
     }
 
     /// First vocabulary row this rank holds, and how many.
@@ -330,6 +287,88 @@ impl TpPlan {
         let per = (c.vocab_size / self.tp) as i64;
         (self.rank as i64 * per, per)
     }
+}
+
+/// Where in a program a collective can follow a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommPoint {
+    /// The embedding lookup.
+    Embed,
+    /// A part of a block.
+    Part(Part),
+    /// The final norm, before the output head.
+    FinalNorm,
+}
+
+/// A collective across the tensor-parallel group between two segments. The
+/// backward pass applies the conjugate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comm {
+    /// Sum the ranks' partial results (backward: identity).
+    AllReduce,
+    /// Identity into a column-parallel region (backward: all-reduce).
+    Copy,
+    /// All-gather along the sequence (backward: reduce-scatter).
+    GatherSeq,
+    /// Reduce-scatter along the sequence (backward: all-gather).
+    ScatterSeq,
+    /// All-gather along the features (backward: reduce-scatter).
+    GatherFeat,
+    /// Reduce-scatter along the features (backward: all-gather).
+    ScatterFeat,
+}
+
+impl Comm {
+    pub fn conjugate(self) -> Comm {
+        match self {
+            Comm::AllReduce => Comm::Copy,
+            Comm::Copy => Comm::AllReduce,
+            Comm::GatherSeq => Comm::ScatterSeq,
+            Comm::ScatterSeq => Comm::GatherSeq,
+            Comm::GatherFeat => Comm::ScatterFeat,
+            Comm::ScatterFeat => Comm::GatherFeat,
+        }
+    }
+}
+
+/// Vocabulary-parallel cross-entropy of this rank's logits [b, t, rows]
+/// (rows `first..first + rows` of the vocabulary): the max, the sum of
+/// exponentials and the target's logit are reduced across the group, the full
+/// logits never gathered. Returns the loss summed over positions and, with
+/// `scale`, the gradient of `scale * loss` with respect to the local logits
+/// (softmax minus one-hot, in closed form).
+pub fn vocab_parallel_cross_entropy(
+    c: &mut dyn Collectives,
+    logits: &Tensor,
+    targets: &Tensor,
+    first: i64,
+    scale: Option<f64>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    tch::no_grad(|| {
+        let rows = logits.size()[2];
+        let l = logits.reshape([-1, rows]);
+        let (m_local, _) = l.max_dim(-1, false);
+        let m = Tensor::stack(&c.all_gather(&m_local.contiguous())?, 0).amax([0].as_slice(), false);
+        let e = (&l - m.unsqueeze(1)).exp();
+        let t = targets.reshape([-1]) - first;
+        let mine = t.ge(0).logical_and(&t.lt(rows));
+        let idx = t.clamp(0, rows - 1).unsqueeze(1);
+        let t_local = l.gather(1, &idx, false).squeeze_dim(1) * mine.to_kind(l.kind());
+        let mut both = Tensor::cat(
+            &[e.sum_dim_intlist([1].as_slice(), false, l.kind()), t_local],
+            0,
+        );
+        c.all_reduce_sum(&mut both)?;
+        let n = m.size()[0];
+        let (z, tl) = (both.narrow(0, 0, n), both.narrow(0, n, n));
+        let loss = (z.log() + &m - tl).sum(Kind::Double);
+        let grad = scale.map(|s| {
+            let g = &e / z.unsqueeze(1);
+            let g = g.scatter_add(1, &idx, &(-mine.to_kind(l.kind())).unsqueeze(1));
+            (g * s).view(logits.size().as_slice())
+        });
+        Ok((loss, grad))
+    })
 }
 
 /// Make whole the gradients of parameters held by several tensor-parallel
@@ -460,7 +499,12 @@ mod tests {
             let whole = plans[0][i].global_numel();
             let sync = plans[0][i].sync;
             let held: i64 = plans.iter().map(|p| p[i].numel()).sum();
-            assert_eq!(held, whole * sync.copies(tp) as i64, "{}", plans[0][i].name);
+            assert_eq!(
+                held,
+                whole * sync.copies(tp) as i64,
+                "{}",
+                plans[0][i].name()
+            );
         }
     }
 }

@@ -117,30 +117,8 @@ impl MetricsWriter {
     }
 }
 
-/// Visit every leaf of a JSON object tree with its path (keys joined by `sep`).
-pub fn flatten_json(
-    prefix: &str,
-    sep: &str,
-    v: &serde_json::Value,
-    leaf: &mut dyn FnMut(&str, &serde_json::Value),
-) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, x) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}{sep}{k}")
-                };
-                flatten_json(&key, sep, x, leaf);
-            }
-        }
-        x => leaf(prefix, x),
-    }
-}
-
 fn flatten_scalars(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, f32)>) {
-    flatten_json(prefix, "/", v, &mut |k, x| {
+    crate::config::flatten_json(prefix, "/", v, &mut |k, x| {
         if let (serde_json::Value::Number(n), false) = (x, k == "step") {
             out.push((k.to_string(), n.as_f64().unwrap_or(0.0) as f32));
         }

@@ -193,9 +193,12 @@ impl AdamW {
         let mut sq = sum_squares(&g, self.chunk, fast);
         // Elements held by several tensor-parallel ranks count once: weight 1/copies.
         for &(off, n, copies) in &self.shared {
-            let (a, b) = (off.max(start), (off + n).min(start + len));
-            if a < b {
-                let part = sum_squares(&g.narrow(0, a - start, b - a), self.chunk, fast);
+            if let Some(r) = crate::model::params::intersect(off..off + n, start..start + len) {
+                let part = sum_squares(
+                    &g.narrow(0, r.start - start, r.end - r.start),
+                    self.chunk,
+                    fast,
+                );
                 sq -= part * (1.0 - 1.0 / copies as f64);
             }
         }
@@ -344,6 +347,7 @@ mod tests {
     use super::*;
     use crate::config::{ModelConfig, OptimConfig, Schedule};
     use crate::model::Model;
+    use crate::model::ModelInit;
 
     fn tiny() -> (Model, AdamW) {
         tiny_with(false)
@@ -356,7 +360,16 @@ mod tests {
              num_k_heads = 1\nnum_v_heads = 2\nqk_head_dim = 4\nv_head_dim = 4\n",
         )
         .expect("config");
-        let m = Model::new(&c, 1, false, false, tch::Device::Cpu, mixed);
+        let m = Model::new(
+            &c,
+            &ModelInit {
+                seed: 1,
+                decay_norms: false,
+                decay_embeddings: false,
+                device: tch::Device::Cpu,
+                mixed: mixed,
+            },
+        );
         let o = OptimConfig {
             lr: 0.1,
             min_lr: 0.0,

@@ -1,0 +1,186 @@
+//! The operations the model is written in: matmuls by a weight (with the
+//! gradient sink and the merged gate/up matmul where they apply), RMSNorm
+//! into the compute dtype (with the residual add before it), RoPE. Each
+//! picks the fused kernel (`crate::kernels::training`) on a GPU in bf16 and
+//! the tensor operations elsewhere.
+//!
+//! Mixed precision: parameters stay fp32; matmuls run in the compute dtype
+//! (bf16 on GPU) on a working copy of the weights that the trainer refreshes
+//! once per change of them (`Params::weight`; without one, each matmul casts
+//! its weight), each norm's output is cast once for the matmuls that read
+//! it; norms, residual stream and the loss run in fp32. (tch's autocast
+//! cannot select bf16, hence explicit casts.)
+
+use std::cell::Cell;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::model::params::ParamId;
+use crate::model::Fwd;
+
+thread_local! {
+    /// Merged gate/up matmuls of a frozen model on this thread.
+    static MERGED_CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Gate/up pairs that a frozen model ran as one matmul on this thread so far.
+pub fn frozen_merged_calls_on_this_thread() -> u64 {
+    MERGED_CALLS.with(|c| c.get())
+}
+
+impl Fwd<'_> {
+    /// `x` times parameter `id` (a matmul weight [out, in]): [.., in] -> [.., out].
+    pub fn linear(&self, x: &Tensor, id: ParamId) -> Tensor {
+        let w = self.w(id);
+        match self.exec.sink {
+            Some(sink) if x.kind() == w.kind() => {
+                let (o, n) = (self.params.offsets[id.0], self.params.specs[id.0].numel());
+                let main = sink.buffer.narrow(0, o, n).view(w.size().as_slice());
+                crate::kernels::fused::linear_accum(x, w, &main, Some(&sink.queue))
+            }
+            _ => self.mm(x, w),
+        }
+    }
+
+    /// `x` times two weights that read it, as one matmul [.., rows_a + rows_b]
+    /// (their working copies, and gradients in the sink, are contiguous):
+    /// only with a working copy and `b` right after `a` in the parameter
+    /// layout. With the gradient sink the matmul adds its weight gradient
+    /// there; without one only for frozen weights under `no_grad`
+    /// (evaluation, generation): the merged view of the working copy is not
+    /// a leaf that autograd would give gradients to.
+    fn linear_merged(&self, x: &Tensor, a: ParamId, b: ParamId) -> Option<Tensor> {
+        let sink = self.exec.sink;
+        if sink.is_none() && (!self.exec.frozen || crate::kernels::fused::grad_enabled()) {
+            return None;
+        }
+        let (w, o) = self.params.merged_weight(a, b)?;
+        if x.kind() != w.kind() {
+            return None;
+        }
+        let Some(sink) = sink else {
+            MERGED_CALLS.with(|c| c.set(c.get() + 1));
+            return Some(x.linear::<Tensor>(&w, None));
+        };
+        let main = sink
+            .buffer
+            .narrow(0, o, w.numel() as i64)
+            .view(w.size().as_slice());
+        Some(crate::kernels::fused::linear_accum(
+            x,
+            &w,
+            &main,
+            Some(&sink.queue),
+        ))
+    }
+
+    /// `silu(x gate^T) * (x up^T)`, SwiGLU's and AugQ's gating: one matmul by
+    /// both weights and the fused SwiGLU (crate::kernels::training) where
+    /// `linear_merged` applies, else two matmuls and the tensor form.
+    pub fn gated(&self, x: &Tensor, gate: ParamId, up: ParamId) -> Tensor {
+        match self.linear_merged(x, gate, up) {
+            Some(gu) => crate::kernels::training::swiglu(&gu),
+            None => self.linear(x, gate).silu() * self.linear(x, up),
+        }
+    }
+
+    /// `x w^T` in the compute dtype, casting what is not in it.
+    pub fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        if x.kind() == self.compute && w.kind() == self.compute {
+            x.linear::<Tensor>(w, None)
+        } else {
+            x.to_kind(self.compute)
+                .linear::<Tensor>(&w.to_kind(self.compute), None)
+        }
+    }
+
+    /// RMSNorm in the parameter dtype (fp32): libtorch's `rms_norm`, one
+    /// fused kernel forward and backward on GPU (it needs the input and the
+    /// weight in one dtype).
+    pub fn rms_norm(&self, x: &Tensor, w: ParamId) -> Tensor {
+        let w = self.p(w);
+        x.to_kind(w.kind())
+            .rms_norm([w.size()[0]], Some(w), self.cfg.norm_eps)
+    }
+
+    /// `rms_norm` cast to the compute dtype: the input of the matmuls that
+    /// follow, cast once for all of them. An fp32 stream into bf16 on GPU:
+    /// one kernel each way (crate::kernels::training::rms_norm_bf16).
+    pub fn norm_in(&self, x: &Tensor, w: ParamId) -> Tensor {
+        if self.compute == Kind::BFloat16 && x.kind() == Kind::Float {
+            if let Some(y) =
+                crate::kernels::training::rms_norm_bf16(x, self.p(w), self.cfg.norm_eps)
+            {
+                return y;
+            }
+        }
+        self.rms_norm(x, w).to_kind(self.compute)
+    }
+
+    /// The residual add `x + y` (fp32 stream, branch output in the compute
+    /// dtype) and `norm_in` of the sum with weight `w`: (sum, normalised).
+    /// On a GPU in bf16 one kernel each way (crate::kernels::training::
+    /// add_rms_norm_bf16), else the two tensor operations.
+    pub fn add_norm_in(&self, x: &Tensor, y: &Tensor, w: ParamId) -> (Tensor, Tensor) {
+        if self.compute == Kind::BFloat16 && x.kind() == Kind::Float {
+            if let Some(r) =
+                crate::kernels::training::add_rms_norm_bf16(x, y, self.p(w), self.cfg.norm_eps)
+            {
+                return r;
+            }
+        }
+        let s = x + y;
+        let h = self.norm_in(&s, w);
+        (s, h)
+    }
+
+    /// RoPE tables [t, dim] for positions 0..t (angles computed in f64), in
+    /// the layout of `rope_at`: `[cos, cos]` and `[-sin, sin]` over the two
+    /// halves of a head; made once per dtype: no cast per call.
+    fn rope_tables(&self, t: i64, dim: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
+        let mut cache = self.rope.borrow_mut();
+        let (c, s) = cache.entry((t, dim, kind)).or_insert_with(|| {
+            let opts = (Kind::Double, Device::Cpu);
+            let inv = (Tensor::arange_start_step(0, dim, 2, opts) / dim as f64
+                * -(self.cfg.rope_theta.ln()))
+            .exp();
+            let ang = Tensor::arange(t, opts).unsqueeze(1) * inv.unsqueeze(0);
+            let (cos, sin) = (ang.cos(), ang.sin());
+            let on = |x: Tensor| x.to_kind(kind).to_device(device);
+            (
+                on(Tensor::cat(&[&cos, &cos], 1)),
+                on(Tensor::cat(&[&(-&sin), &sin], 1)),
+            )
+        });
+        (c.shallow_clone(), s.shallow_clone())
+    }
+
+    /// Rotary embedding of [b, t, h, dim] (token-major, as projections give
+    /// it) at positions `start..start + t`, rotating the two halves of each
+    /// head: `x * [cos, cos] + swap_halves(x) * [-sin, sin]`, which is
+    /// `[x1 cos - x2 sin, x2 cos + x1 sin]` to the bit, in four contiguous
+    /// kernels (the swap is one flip) instead of strided halves and a `cat`;
+    /// on a GPU in bf16 one kernel each way (`kernels::training::rope`, fp32
+    /// math: the tensor form's roundings of the products are not made).
+    /// The table covers a power-of-two length (each angle is computed on its
+    /// own, so a longer table holds the same values): decoding one position
+    /// after another reuses a few tables instead of making one per length.
+    pub fn rope_at(&self, x: &Tensor, start: i64) -> Tensor {
+        let size = x.size();
+        let (b, t, h, dim) = (size[0], size[1], size[2], size[3]);
+        let len = ((start + t) as u64).next_power_of_two() as i64;
+        let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
+        if let Some(y) = crate::kernels::training::rope(x, &cos, &sin, start) {
+            return y;
+        }
+        let (cos, sin) = (
+            cos.narrow(0, start, t).unsqueeze(1),
+            sin.narrow(0, start, t).unsqueeze(1),
+        );
+        let swapped = x
+            .reshape([b, t, h, 2, dim / 2])
+            .flip([3])
+            .view([b, t, h, dim]);
+        x * cos + swapped * sin
+    }
+}
