@@ -80,25 +80,92 @@ impl ModelConfig {
         }
     }
 
-    // `!(x > 0.0)` on purpose: NaN fails it, where `x <= 0.0` would let NaN through.
-    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    /// Check the model's sizes and their combinations; each error names the
+    /// key and the rule.
     pub fn validate(&self) -> Result<()> {
+        self.validate_sizes()?;
+        self.validate_heads()?;
+        self.validate_k_compression()?;
+        self.validate_floats()
+    }
+
+    /// Every count positive and within [`MAX_MODEL_DIM`] (or the layer and
+    /// vocabulary bounds), and the parameter count representable: nothing
+    /// is allocated or counted for a model sigma could never hold.
+    fn validate_sizes(&self) -> Result<()> {
         let bad = |field: &str, msg: String| Err(TrainError::config(format!("model.{field}"), msg));
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("d_model", self.d_model),
-            ("num_layers", self.num_layers),
-            ("ffn_dim", self.ffn_dim),
-            ("num_q_heads", self.num_q_heads),
-            ("num_k_heads", self.num_k_heads),
-            ("num_v_heads", self.num_v_heads),
-            ("qk_head_dim", self.qk_head_dim),
-            ("v_head_dim", self.v_head_dim),
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("d_model", self.d_model, MAX_MODEL_DIM),
+            ("num_layers", self.num_layers, MAX_LAYERS),
+            ("ffn_dim", self.ffn_dim, MAX_MODEL_DIM),
+            ("num_q_heads", self.num_q_heads, MAX_MODEL_DIM),
+            ("num_k_heads", self.num_k_heads, MAX_MODEL_DIM),
+            ("num_v_heads", self.num_v_heads, MAX_MODEL_DIM),
+            ("qk_head_dim", self.qk_head_dim, MAX_MODEL_DIM),
+            ("v_head_dim", self.v_head_dim, MAX_MODEL_DIM),
         ] {
             if v == 0 {
                 return bad(name, "must be positive".into());
             }
+            if v > max {
+                return bad(name, format!("{v} is larger than sigma supports ({max})"));
+            }
         }
+        if self.aug_q_dim > MAX_MODEL_DIM {
+            let msg = format!(
+                "{} is larger than sigma supports ({MAX_MODEL_DIM})",
+                self.aug_q_dim
+            );
+            return bad("aug_q_dim", msg);
+        }
+        match self.param_count() {
+            Some(n) if n <= MAX_PARAMS => Ok(()),
+            n => bad(
+                "d_model",
+                format!(
+                    "the model would have {} parameters, more than sigma supports ({MAX_PARAMS}); check d_model, num_layers, ffn_dim, vocab_size and the head sizes",
+                    n.map_or("more than 2^64".to_string(), |n| n.to_string())
+                ),
+            ),
+        }
+    }
+
+    /// Parameters of the whole model, in checked arithmetic (None: more than
+    /// `u64` holds). The same count `sigma model summary` prints.
+    pub fn param_count(&self) -> Option<u64> {
+        let u = |x: usize| x as u64;
+        let (d, nq, nk, nv) = (
+            u(self.d_model),
+            u(self.num_q_heads),
+            u(self.num_k_heads),
+            u(self.num_v_heads),
+        );
+        let (dd, dk, dv) = (u(self.dot_dim()), u(self.k_cache_dim()), u(self.v_head_dim));
+        let (f, a) = (u(self.ffn_dim), u(self.aug_q_dim));
+        let mul = |x: u64, y: u64| x.checked_mul(y);
+        let q = mul(nq, dd)?;
+        let mut layer = mul(q, d)?
+            .checked_add(mul(mul(nk, dk)?, d)?)?
+            .checked_add(mul(mul(nv, dv)?, d)?)?
+            .checked_add(mul(d, mul(nq, dv)?)?)?
+            .checked_add(mul(3, mul(f, d)?)?)?
+            .checked_add(mul(2, d)?)?
+            .checked_add(mul(3, mul(a, q)?)?)?;
+        if self.k_compression == KCompression::Projected {
+            layer = layer.checked_add(mul(dd, dk)?)?;
+        }
+        let embed = mul(u(self.vocab_size), d)?;
+        let heads = if self.tie_embeddings { 1 } else { 2 };
+        mul(layer, u(self.num_layers))?
+            .checked_add(mul(heads, embed)?)?
+            .checked_add(d)
+    }
+
+    /// Query heads in contiguous groups per K and per V head, the K and V
+    /// groups nested; RoPE needs an even dimension.
+    fn validate_heads(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(TrainError::config(format!("model.{field}"), msg));
         if !self.num_q_heads.is_multiple_of(self.num_k_heads) {
             return bad(
                 "num_k_heads",
@@ -134,39 +201,56 @@ impl ModelConfig {
                 format!("must be even for RoPE, got {}", self.qk_head_dim),
             );
         }
+        Ok(())
+    }
+
+    /// `k_dim` present exactly when K is compressed, and what each reading needs.
+    fn validate_k_compression(&self) -> Result<()> {
+        let bad = |msg: String| Err(TrainError::config("model.k_dim", msg));
         match (self.k_compression, self.k_dim) {
-            (KCompression::None, Some(d)) if d != self.qk_head_dim => {
-                return bad("k_dim", format!("is {d} but k_compression is \"none\"; set k_compression = \"projected\" or \"native\", or drop k_dim"))
-            }
-            (KCompression::None, _) => {}
-            (_, None) => return bad("k_dim", "required when k_compression is \"projected\" or \"native\"".into()),
+            (KCompression::None, Some(d)) if d != self.qk_head_dim => bad(format!("is {d} but k_compression is \"none\"; set k_compression = \"projected\" or \"native\", or drop k_dim")),
+            (KCompression::None, _) => Ok(()),
+            (_, None) => bad("required when k_compression is \"projected\" or \"native\"".into()),
+            (_, Some(0)) => bad("must be positive".into()),
             (KCompression::Projected, Some(d)) if d >= self.qk_head_dim => {
-                return bad("k_dim", format!("{d} must be smaller than qk_head_dim ({}) to compress K", self.qk_head_dim))
+                bad(format!("{d} must be smaller than qk_head_dim ({}) to compress K", self.qk_head_dim))
             }
-            (KCompression::Native, Some(d)) if d % 2 != 0 => return bad("k_dim", format!("must be even for RoPE, got {d}")),
-            _ => {}
+            (KCompression::Native, Some(d)) if d % 2 != 0 => bad(format!("must be even for RoPE, got {d}")),
+            (KCompression::Native, Some(d)) if d > MAX_MODEL_DIM => {
+                bad(format!("{d} is larger than sigma supports ({MAX_MODEL_DIM})"))
+            }
+            _ => Ok(()),
         }
-        if !(self.rope_theta > 0.0) {
-            return bad(
-                "rope_theta",
-                format!("must be positive, got {}", self.rope_theta),
-            );
-        }
-        if !(self.norm_eps > 0.0) {
-            return bad(
-                "norm_eps",
-                format!("must be positive, got {}", self.norm_eps),
-            );
-        }
-        if !(self.init_std > 0.0) {
-            return bad(
-                "init_std",
-                format!("must be positive, got {}", self.init_std),
-            );
+    }
+
+    // `!(x > 0.0)` on purpose: NaN fails it, where `x <= 0.0` would let NaN through.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate_floats(&self) -> Result<()> {
+        for (name, v) in [
+            ("rope_theta", self.rope_theta),
+            ("norm_eps", self.norm_eps),
+            ("init_std", self.init_std),
+        ] {
+            if !(v > 0.0) {
+                return Err(TrainError::config(
+                    format!("model.{name}"),
+                    format!("must be positive, got {v}"),
+                ));
+            }
         }
         Ok(())
     }
 }
+
+/// The largest width, head count or head dimension sigma accepts.
+pub const MAX_MODEL_DIM: usize = 1 << 20;
+/// The most layers sigma accepts.
+pub const MAX_LAYERS: usize = 1 << 14;
+/// The largest vocabulary: token ids are 32-bit in the data pipeline.
+pub const MAX_VOCAB: usize = u32::MAX as usize;
+/// The most parameters sigma accepts (10^13: past any model that fits the
+/// machines it runs on, well inside the counters' range).
+pub const MAX_PARAMS: u64 = 10_000_000_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -609,6 +693,13 @@ pub fn typed<T: serde::de::DeserializeOwned>(
             (false, p) => format!("{at}.{p}"),
         };
         let msg = e.inner().message().to_string();
+        // An unknown key is reported at its table: name the key itself, so
+        // that a `--set` that wrote it is found.
+        let path = match unknown_field(&msg) {
+            Some(k) if path.is_empty() || path == "." => k.to_string(),
+            Some(k) => format!("{path}.{k}"),
+            None => path,
+        };
         if path.is_empty() || path == "." {
             TrainError::config(file, msg)
         } else {
@@ -616,6 +707,11 @@ pub fn typed<T: serde::de::DeserializeOwned>(
             TrainError::config(path, format!("{msg} ({from})"))
         }
     })
+}
+
+/// The key of serde's "unknown field `KEY`, expected ..." message.
+fn unknown_field(msg: &str) -> Option<&str> {
+    msg.strip_prefix("unknown field `")?.split('`').next()
 }
 
 impl RunConfig {
@@ -634,10 +730,19 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("config serializes")
     }
 
-    // Negated comparisons on purpose, as in `ModelConfig::validate`: NaN fails them.
-    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    /// Check every section's fields and their combinations (the layout's
+    /// against the model: `parallel::Layout::check`); each error names the
+    /// key and the rule.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        self.validate_train()?;
+        self.validate_optim()?;
+        self.validate_parallel()?;
+        self.validate_checkpoint()?;
+        self.validate_metrics()
+    }
+
+    fn validate_train(&self) -> Result<()> {
         let t = &self.train;
         if t.steps == 0 || t.micro_batch_size == 0 || t.grad_accum_steps == 0 {
             return Err(TrainError::config(
@@ -656,6 +761,27 @@ impl RunConfig {
                 ),
             ));
         }
+        if t.cpu_threads == Some(0) {
+            return Err(TrainError::config(
+                "train.cpu_threads",
+                "must be at least 1 (or left out: all cores)",
+            ));
+        }
+        if t.eval_steps == 0 && t.eval_every > 0 {
+            return Err(TrainError::config(
+                "train.eval_steps",
+                format!(
+                    "is 0, so the validation every {} steps (train.eval_every) would score nothing; set eval_steps >= 1 or eval_every = 0",
+                    t.eval_every
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    // Negated comparisons on purpose, as in `ModelConfig::validate`: NaN fails them.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate_optim(&self) -> Result<()> {
         let o = &self.optim;
         if !(o.lr > 0.0) || o.min_lr < 0.0 || o.min_lr > o.lr {
             return Err(TrainError::config(
@@ -684,14 +810,6 @@ impl RunConfig {
                 format!("must be positive, got {}", o.eps),
             ));
         }
-        if let Some(p) = self.metrics.peak_flops {
-            if !(p > 0.0) {
-                return Err(TrainError::config(
-                    "metrics.peak_flops",
-                    format!("must be positive (FLOP/s of one device), got {p}"),
-                ));
-            }
-        }
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(TrainError::config(
                 "optim.betas",
@@ -704,15 +822,21 @@ impl RunConfig {
                 "required (> 0) for schedule = \"wsd\"",
             ));
         }
+        Ok(())
+    }
+
+    // Negated comparisons on purpose, as in `ModelConfig::validate`: NaN fails them.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate_parallel(&self) -> Result<()> {
         let p = &self.parallel;
-        if p.dp == 0 {
-            return Err(TrainError::config("parallel.dp", "must be positive"));
-        }
-        if p.tp == 0 {
-            return Err(TrainError::config("parallel.tp", "must be positive"));
-        }
-        if p.pp == 0 {
-            return Err(TrainError::config("parallel.pp", "must be positive"));
+        for (field, v) in [
+            ("parallel.dp", p.dp),
+            ("parallel.tp", p.tp),
+            ("parallel.pp", p.pp),
+        ] {
+            if v == 0 {
+                return Err(TrainError::config(field, "must be positive"));
+            }
         }
         match (p.pp_schedule, p.pp_virtual_stages) {
             (PpSchedule::OneFOneB, Some(v)) if v != 1 => {
@@ -737,19 +861,6 @@ impl RunConfig {
                 "needs tensor parallelism (parallel.tp > 1)",
             ));
         }
-        let ck = &self.checkpoint;
-        if ck.keep_last == 0 {
-            return Err(TrainError::config(
-                "checkpoint.keep_last",
-                "must be at least 1 (the newest checkpoint is always kept)",
-            ));
-        }
-        if !(ck.every_minutes >= 0.0) {
-            return Err(TrainError::config(
-                "checkpoint.every_minutes",
-                format!("must be >= 0, got {}", ck.every_minutes),
-            ));
-        }
         if !(p.bucket_mb > 0.0) {
             return Err(TrainError::config(
                 "parallel.bucket_mb",
@@ -764,6 +875,51 @@ impl RunConfig {
                     p.zero
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    // Negated comparison on purpose, as in `ModelConfig::validate`: NaN fails it.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate_checkpoint(&self) -> Result<()> {
+        let ck = &self.checkpoint;
+        if ck.keep_last == 0 {
+            return Err(TrainError::config(
+                "checkpoint.keep_last",
+                "must be at least 1 (the newest checkpoint is always kept)",
+            ));
+        }
+        if ck.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(TrainError::config(
+                "checkpoint.dir",
+                "is empty; name a directory, or leave it out for <metrics.output_dir>/checkpoints",
+            ));
+        }
+        if !(ck.every_minutes >= 0.0) {
+            return Err(TrainError::config(
+                "checkpoint.every_minutes",
+                format!("must be >= 0, got {}", ck.every_minutes),
+            ));
+        }
+        Ok(())
+    }
+
+    // Negated comparison on purpose, as in `ModelConfig::validate`: NaN fails it.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate_metrics(&self) -> Result<()> {
+        if self.metrics.output_dir.trim().is_empty() {
+            return Err(TrainError::config(
+                "metrics.output_dir",
+                "is empty; name the run's directory (e.g. runs/NAME): it receives config.toml and metrics.jsonl",
+            ));
+        }
+        if let Some(p) = self.metrics.peak_flops {
+            if !(p > 0.0) {
+                return Err(TrainError::config(
+                    "metrics.peak_flops",
+                    format!("must be positive (FLOP/s of one device), got {p}"),
+                ));
+            }
         }
         Ok(())
     }

@@ -32,6 +32,46 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// A file that is not what it should be.
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    /// A command-line flag or a request's value that a command cannot use.
+    #[error("{input}: {message}")]
+    Input { input: String, message: String },
+    /// A collective across a process group failed (a lost or hung rank, a
+    /// shape the group cannot split).
+    #[error("collective {op} in group `{group}` (rank {rank} of {world}): {message}")]
+    Collective {
+        op: String,
+        group: String,
+        rank: usize,
+        world: usize,
+        message: String,
+    },
+    /// A GPU library or kernel failed: NCCL, the CUDA runtime, sigma's NVRTC
+    /// kernels, libtorch's fused optimizer.
+    #[error("{library} {what}: {message}")]
+    Gpu {
+        library: &'static str,
+        what: String,
+        message: String,
+    },
+    /// A step's loss or gradient was not finite and `train.nan_policy` is "abort".
+    #[error("step {step}: non-finite loss {loss} / grad norm {grad_norm}; aborting (train.nan_policy = \"abort\")")]
+    NonFinite {
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+    },
+    /// A checkpoint directory that cannot be read as one.
+    #[error("checkpoint {dir}: {message}")]
+    BadCheckpoint { dir: String, message: String },
+    /// A checkpoint's ranks did not all write their shards.
+    #[error("checkpoint step {step}: {message}")]
+    Checkpoint { step: u64, message: String },
+    /// The process could not set up what it needs (threads, signal handlers).
+    #[error("cannot {what}: {message}")]
+    Setup { what: String, message: String },
     #[error("{0}")]
     Other(String),
 }
@@ -40,6 +80,25 @@ impl TrainError {
     pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         TrainError::Config {
             field: field.into(),
+            message: message.into(),
+        }
+    }
+    pub fn file(path: impl std::fmt::Display, message: impl Into<String>) -> Self {
+        TrainError::File {
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+    pub fn input(input: impl Into<String>, message: impl Into<String>) -> Self {
+        TrainError::Input {
+            input: input.into(),
+            message: message.into(),
+        }
+    }
+    pub fn gpu(library: &'static str, what: impl Into<String>, message: impl Into<String>) -> Self {
+        TrainError::Gpu {
+            library,
+            what: what.into(),
             message: message.into(),
         }
     }

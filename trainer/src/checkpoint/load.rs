@@ -18,7 +18,10 @@ use crate::model::params::Params;
 use crate::optim::AdamW;
 
 fn err(dir: &Path, m: impl std::fmt::Display) -> TrainError {
-    TrainError::Other(format!("checkpoint {}: {m}", dir.display()))
+    TrainError::BadCheckpoint {
+        dir: dir.display().to_string(),
+        message: m.to_string(),
+    }
 }
 
 /// `--resume auto`: the newest committed checkpoint under `root` (None: start
@@ -28,6 +31,38 @@ pub fn resolve(spec: &str, root: &Path) -> Result<Option<PathBuf>> {
         return Ok(latest(root).map(|(_, p)| p));
     }
     Ok(Some(PathBuf::from(spec)))
+}
+
+/// The step a checkpoint says it holds, three times: its directory's name
+/// (`step-NNNNNNN`, when it has that form), its commit marker and its
+/// metadata. They must agree: a disagreement is a copied, renamed or edited
+/// checkpoint, whose step would be trusted wrongly.
+fn check_step(dir: &Path, meta: &Metadata) -> Result<()> {
+    let step = meta.progress.step;
+    let named = dir
+        .file_name()
+        .and_then(|n| crate::checkpoint::parse_step_dir(&n.to_string_lossy()));
+    if let Some(n) = named.filter(|&n| n != step) {
+        return Err(err(
+            dir,
+            format!("its name says step {n} but metadata.json says step {step}: renamed or edited; rename it or use the checkpoint it was"),
+        ));
+    }
+    let marker = std::fs::read(dir.join(MARKER)).map_err(|e| err(dir, format!("{MARKER}: {e}")))?;
+    let marked = serde_json::from_slice::<serde_json::Value>(&marker)
+        .ok()
+        .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+    match marked {
+        Some(m) if m == step => Ok(()),
+        Some(m) => Err(err(
+            dir,
+            format!("its {MARKER} marker says step {m} but metadata.json says step {step}: edited or mixed up"),
+        )),
+        None => Err(err(
+            dir,
+            format!("its {MARKER} marker is not the one a save writes ({{\"step\": N}})"),
+        )),
+    }
 }
 
 /// An opened, verified checkpoint.
@@ -53,6 +88,7 @@ impl Checkpoint {
             ));
         }
         let meta = Metadata::read(dir)?;
+        check_step(dir, &meta)?;
         for (name, f) in &meta.files {
             let p = dir.join(name);
             let len = std::fs::metadata(&p)
@@ -190,7 +226,7 @@ impl Checkpoint {
                 .into_iter()
                 .map(|w| {
                     w.join().map_err(|_| {
-                        TrainError::Other("checkpoint reader thread panicked".into())
+                        TrainError::internal_state("a checkpoint reader thread panicked")
                     })?
                 })
                 .collect::<Result<Vec<()>>>()

@@ -150,25 +150,26 @@ impl Metadata {
         let p = dir.join(METADATA);
         let text = std::fs::read(&p).map_err(|e| TrainError::io(p.display().to_string(), e))?;
         let m: Metadata = serde_json::from_slice(&text).map_err(|e| {
-            TrainError::Other(format!(
-                "{}: not a sigma checkpoint metadata file: {e}",
-                p.display()
-            ))
+            TrainError::file(
+                p.display(),
+                format!("not a sigma checkpoint metadata file: {e}"),
+            )
         })?;
         if m.format != FORMAT || m.format_version != FORMAT_VERSION {
-            return Err(TrainError::Other(format!(
-                "{}: format {} version {}, this build reads {FORMAT} version {FORMAT_VERSION}",
+            return Err(TrainError::file(
                 p.display(),
-                m.format,
-                m.format_version
-            )));
+                format!(
+                    "format {} version {}, this build reads {FORMAT} version {FORMAT_VERSION}",
+                    m.format, m.format_version
+                ),
+            ));
         }
         Ok(m)
     }
 
     pub fn run_config(&self) -> Result<crate::RunConfig> {
         serde_json::from_value(self.config.clone())
-            .map_err(|e| TrainError::Other(format!("checkpoint config: {e}")))
+            .map_err(|e| TrainError::file(METADATA, format!("its run config does not parse: {e}")))
     }
 }
 

@@ -23,8 +23,8 @@ fn dtype_name(k: Kind) -> Result<&'static str> {
         Kind::Double => "F64",
         Kind::Int64 => "I64",
         k => {
-            return Err(TrainError::Other(format!(
-                "safetensors: unsupported dtype {k:?}"
+            return Err(TrainError::internal_state(format!(
+                "safetensors: no dtype name for {k:?}"
             )))
         }
     })
@@ -121,7 +121,7 @@ pub struct Reader {
 impl Reader {
     pub fn open(path: &Path) -> Result<Reader> {
         let p = path.display().to_string();
-        let bad = |m: String| TrainError::Other(format!("{p}: not a valid safetensors file: {m}"));
+        let bad = |m: String| TrainError::file(&p, format!("not a valid safetensors file: {m}"));
         let mut file = File::open(path).map_err(|e| TrainError::io(p.clone(), e))?;
         let len = file
             .metadata()
@@ -200,14 +200,14 @@ impl Reader {
         let e = self
             .entries
             .get(name)
-            .ok_or_else(|| TrainError::Other(format!("{}: no tensor `{name}`", self.path)))?;
+            .ok_or_else(|| TrainError::file(&self.path, format!("no tensor `{name}`")))?;
         let es = e.kind.elt_size_in_bytes() as u64;
         let (b, kind) = (e.begin + start as u64 * es, e.kind);
         if e.begin + end as u64 * es > e.end || start > end {
-            return Err(TrainError::Other(format!(
-                "{}: `{name}` has no elements {start}..{end}",
-                self.path
-            )));
+            return Err(TrainError::file(
+                &self.path,
+                format!("`{name}` has no elements {start}..{end}"),
+            ));
         }
         let mut buf = vec![0u8; ((end - start) as u64 * es) as usize];
         self.file
@@ -223,7 +223,7 @@ impl Reader {
             .entries
             .get(name)
             .map(|e| e.shape.clone())
-            .ok_or_else(|| TrainError::Other(format!("{}: no tensor `{name}`", self.path)))?;
+            .ok_or_else(|| TrainError::file(&self.path, format!("no tensor `{name}`")))?;
         let n: i64 = shape.iter().product();
         Ok(self.read_range(name, 0, n)?.view(shape.as_slice()))
     }

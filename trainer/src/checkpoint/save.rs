@@ -178,7 +178,7 @@ impl Saver {
         match self.writer.take() {
             Some(h) => h
                 .join()
-                .map_err(|_| TrainError::Other("checkpoint writer thread panicked".into()))?,
+                .map_err(|_| TrainError::internal_state("the checkpoint writer thread panicked"))?,
             None => Ok(()),
         }
     }
@@ -408,37 +408,33 @@ impl WriteJob {
         if let Some(s) = store.as_mut() {
             for r in 1..self.world {
                 let k = self.key(r);
-                s.wait(std::slice::from_ref(&k), s.timeout).map_err(|e| {
-                    TrainError::Other(format!(
-                        "checkpoint step {}: rank {r} did not report its shard: {e}",
-                        self.step
-                    ))
-                })?;
-                let v: serde_json::Value = serde_json::from_slice(&s.get(&k)?).map_err(|e| {
-                    TrainError::Other(format!("checkpoint report of rank {r}: {e}"))
-                })?;
+                let step = self.step;
+                let failed = |message: String| TrainError::Checkpoint { step, message };
+                s.wait(std::slice::from_ref(&k), s.timeout)
+                    .map_err(|e| failed(format!("rank {r} did not report its shard: {e}")))?;
+                let v: serde_json::Value = serde_json::from_slice(&s.get(&k)?)
+                    .map_err(|e| failed(format!("the report of rank {r} does not parse: {e}")))?;
                 if let Some(err) = v.get("err") {
-                    return Err(TrainError::Other(format!(
-                        "checkpoint step {}: rank {r} could not write its shard: {}",
-                        self.step,
-                        err.as_str().unwrap_or_default()
-                    )));
+                    let err = err.as_str().unwrap_or_default();
+                    return Err(failed(format!("rank {r} could not write its shard: {err}")));
                 }
-                let rep: Report = serde_json::from_value(v["ok"].clone()).map_err(|e| {
-                    TrainError::Other(format!("checkpoint report of rank {r}: {e}"))
-                })?;
+                let rep: Report = serde_json::from_value(v["ok"].clone())
+                    .map_err(|e| failed(format!("the report of rank {r} does not parse: {e}")))?;
                 reports.push((shard_file_name(r, self.world), rep));
                 let _ = s.delete(&k);
             }
         }
         for (file, rep) in reports {
             for (name, p) in rep.pieces {
-                let e = meta.tensors.get_mut(&name).ok_or_else(|| {
-                    TrainError::Other(format!(
-                        "checkpoint step {}: {file} reports a piece of {name}, which rank 0's model does not have",
-                        self.step
-                    ))
-                })?;
+                let e = meta
+                    .tensors
+                    .get_mut(&name)
+                    .ok_or_else(|| TrainError::Checkpoint {
+                        step: self.step,
+                        message: format!(
+                            "{file} reports a piece of {name}, which rank 0's model does not have"
+                        ),
+                    })?;
                 e.pieces.push(p);
             }
             meta.files.insert(file, rep.file);
@@ -448,11 +444,13 @@ impl WriteJob {
                 .sort_by(|a, b| (&a.block, a.start, &a.file).cmp(&(&b.block, b.start, &b.file)));
             let held: i64 = e.pieces.iter().map(|p| p.end - p.start).sum();
             if held != e.shape.iter().product::<i64>() {
-                return Err(TrainError::Other(format!(
-                    "checkpoint step {}: the pieces of {name} hold {held} elements, the tensor has {}",
-                    self.step,
-                    e.shape.iter().product::<i64>()
-                )));
+                return Err(TrainError::Checkpoint {
+                    step: self.step,
+                    message: format!(
+                        "the pieces of {name} hold {held} elements, the tensor has {}",
+                        e.shape.iter().product::<i64>()
+                    ),
+                });
             }
         }
         meta.saved_unix_s = std::time::SystemTime::now()

@@ -32,10 +32,13 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn bench_allreduce(sizes: &[usize], iters: usize) -> Result<Vec<Row>> {
     let env = DistEnv::from_env()?;
     if env.world < 2 {
-        return Err(TrainError::Other("bench-allreduce needs at least 2 ranks: run it under `sigma launch --nproc-per-node N`".into()));
+        return Err(TrainError::input(
+            "dist bench-allreduce",
+            "needs at least 2 ranks: run it under `sigma launch --nproc-per-node N`",
+        ));
     }
     if !tch::Cuda::is_available() {
-        return Err(TrainError::Other("bench-allreduce needs CUDA GPUs".into()));
+        return Err(TrainError::input("dist bench-allreduce", "needs CUDA GPUs"));
     }
     let t = std::time::Duration::from_secs(env.timeout_s);
     let (_server, mut store) = super::rendezvous(&env)?;

@@ -121,14 +121,12 @@ impl StoreCollectives {
                 .filter(|&r| self.store.get(&keys[r]).is_err())
                 .map(|r| r.to_string())
                 .collect();
-            return Err(TrainError::Other(format!(
-                "collective {op} in group `{}` (rank {} of {}): rank(s) {} did not arrive within {:?} (lost or hung): {e}",
-                self.group,
-                self.rank,
-                self.world,
+            let message = format!(
+                "rank(s) {} did not arrive within {:?} (lost or hung): {e}",
                 missing.join(", "),
                 self.timeout
-            )));
+            );
+            return Err(self.error(op, message));
         }
         let all = keys
             .iter()
@@ -143,10 +141,17 @@ impl StoreCollectives {
     }
 
     fn timeout_error(&self, op: &str, e: TrainError) -> TrainError {
-        TrainError::Other(format!(
-            "collective {op} in group `{}` (rank {} of {}): {e}",
-            self.group, self.rank, self.world
-        ))
+        self.error(op, e.to_string())
+    }
+
+    fn error(&self, op: &str, message: String) -> TrainError {
+        TrainError::Collective {
+            op: op.into(),
+            group: self.group.clone(),
+            rank: self.rank,
+            world: self.world,
+            message,
+        }
     }
 }
 
@@ -189,10 +194,8 @@ impl Collectives for StoreCollectives {
     fn reduce_scatter_sum(&mut self, t: &Tensor) -> Result<Tensor> {
         let n = t.numel() as i64;
         if n % self.world as i64 != 0 {
-            return Err(TrainError::Other(format!(
-                "reduce_scatter: {n} elements do not split over {} ranks",
-                self.world
-            )));
+            let message = format!("{n} elements do not split over {} ranks", self.world);
+            return Err(self.error("reduce_scatter", message));
         }
         let mut full = t.copy();
         self.all_reduce_sum(&mut full)?;

@@ -39,7 +39,13 @@ fn dtype(k: Kind) -> Result<nccl::ncclDataType_t> {
         Kind::Half => nccl::ncclDataType_t::ncclFloat16,
         Kind::Int64 => nccl::ncclDataType_t::ncclInt64,
         Kind::Int => nccl::ncclDataType_t::ncclInt32,
-        k => return Err(TrainError::Other(format!("NCCL: unsupported dtype {k:?}"))),
+        k => {
+            return Err(TrainError::gpu(
+                "NCCL",
+                "dtype",
+                format!("{k:?} is not supported"),
+            ))
+        }
     })
 }
 
@@ -51,14 +57,14 @@ fn check(r: nccl::ncclResult_t, what: &str) -> Result<()> {
     let msg = unsafe { CStr::from_ptr(nccl::ncclGetErrorString(r)) }
         .to_string_lossy()
         .into_owned();
-    Err(TrainError::Other(format!("NCCL {what}: {msg} ({r:?})")))
+    Err(TrainError::gpu("NCCL", what, format!("{msg} ({r:?})")))
 }
 
 fn cuda_check(r: cuda::cudaError_t, what: &str) -> Result<()> {
     if r == cuda::cudaError_t::cudaSuccess {
         Ok(())
     } else {
-        Err(TrainError::Other(format!("CUDA {what}: {r:?}")))
+        Err(TrainError::gpu("CUDA", what, format!("{r:?}")))
     }
 }
 
@@ -398,9 +404,11 @@ impl NcclCollectives {
 
 fn contiguous_cuda(t: &Tensor, op: &str) -> Result<()> {
     if !t.device().is_cuda() || !t.is_contiguous() {
-        return Err(TrainError::Other(format!(
-            "NCCL {op}: tensors must be contiguous and on a CUDA device"
-        )));
+        return Err(TrainError::gpu(
+            "NCCL",
+            op,
+            "tensors must be contiguous and on a CUDA device",
+        ));
     }
     Ok(())
 }
@@ -500,10 +508,11 @@ impl Collectives for NcclCollectives {
         contiguous_cuda(t, "reduce_scatter")?;
         let n = t.numel();
         if !n.is_multiple_of(self.world) {
-            return Err(TrainError::Other(format!(
-                "reduce_scatter: {n} elements do not split over {} ranks",
-                self.world
-            )));
+            return Err(TrainError::gpu(
+                "NCCL",
+                "reduce_scatter",
+                format!("{n} elements do not split over {} ranks", self.world),
+            ));
         }
         let out = Tensor::empty([(n / self.world) as i64], (t.kind(), t.device()));
         let (s, r, dt) = (t.data_ptr(), out.data_ptr(), dtype(t.kind())?);

@@ -15,6 +15,7 @@ use crate::checkpoint::load::Checkpoint;
 use crate::config::{ModelConfig, RunConfig};
 use crate::engine::{ExecOptions, Runner};
 use crate::error::{Result, TrainError};
+use crate::model::summary::check_host_memory;
 use crate::model::{Fwd, Model, ModelInit};
 use crate::parallel::tp::TpPlan;
 
@@ -74,11 +75,14 @@ impl Files {
                 .map(|c| c.to_vec())
                 .collect();
             if w.is_empty() {
-                return Err(TrainError::Other(format!(
-                    "{input}: {} tokens, fewer than one window of data.seq_len + 1 = {}",
-                    stream.len(),
-                    seq_len + 1
-                )));
+                return Err(TrainError::file(
+                    input,
+                    format!(
+                        "{} tokens, fewer than one window of data.seq_len + 1 = {}",
+                        stream.len(),
+                        seq_len + 1
+                    ),
+                ));
             }
             names.push(input.clone());
             windows.push(w);
@@ -242,6 +246,9 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
             ck.verify(crate::checkpoint::TOKENIZER)?;
         }
         let run = ck.meta.run_config()?;
+        run.model.validate()?;
+        let n = run.model.param_count().unwrap_or(u64::MAX) as f64;
+        check_host_memory(8.0 * n, "loading the checkpoint's model")?;
         let model = Model::new(
             &run.model,
             &ModelInit {
@@ -249,7 +256,7 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
                 decay_norms: false,
                 decay_embeddings: false,
                 device: Device::Cpu,
-                mixed: mixed,
+                mixed,
             },
         );
         ck.check_model(&run.model)?;
@@ -267,12 +274,16 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
     }
     let weights = path.join("model.safetensors");
     if !weights.is_file() || !path.join("config.json").is_file() {
-        return Err(TrainError::Other(format!(
-            "{}: neither a checkpoint (no metadata.json) nor an export (no model.safetensors and config.json)",
-            path.display()
-        )));
+        return Err(TrainError::file(
+            path.display(),
+            "neither a checkpoint (no metadata.json) nor an export (no model.safetensors and config.json)",
+        ));
     }
     let cfg = exported_model_config(&path.join("config.json"))?;
+    let n = cfg.param_count().unwrap_or(u64::MAX) as f64;
+    check_host_memory(8.0 * n, "loading the exported model")?;
+    let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
+    check_export_shapes(&cfg, &r, &weights)?;
     let model = Model::new(
         &cfg,
         &ModelInit {
@@ -280,10 +291,9 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
             decay_norms: false,
             decay_embeddings: false,
             device: Device::Cpu,
-            mixed: mixed,
+            mixed,
         },
     );
-    let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
     tch::no_grad(|| -> Result<()> {
         for (i, spec) in model.params.specs.iter().enumerate() {
             let t = r.read(&spec.name())?;
@@ -301,6 +311,35 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         tokenizer,
         run: None,
     })
+}
+
+/// Every weight `cfg` declares is in the export's safetensors file with the
+/// shape `cfg` gives it: an export whose config.json and weights do not
+/// belong together is refused, naming the first tensor that differs.
+fn check_export_shapes(
+    cfg: &ModelConfig,
+    r: &crate::checkpoint::safetensors::Reader,
+    weights: &Path,
+) -> Result<()> {
+    for spec in crate::model::params::whole_specs(cfg) {
+        let name = spec.name();
+        let Some(e) = r.entries.get(&name) else {
+            return Err(TrainError::file(
+                weights.display(),
+                format!("has no tensor {name}, which config.json's model has: the two are not one export"),
+            ));
+        };
+        if e.shape != spec.global_shape {
+            return Err(TrainError::file(
+                weights.display(),
+                format!(
+                    "{name} is {:?}, but config.json's model makes it {:?}: the two are not one export",
+                    e.shape, spec.global_shape
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The options of passes over a loaded model: frozen weights, the head in
@@ -335,7 +374,7 @@ pub fn move_model(model: Model, device: Device) -> Model {
 pub fn exported_model_config(path: &Path) -> Result<ModelConfig> {
     let text = std::fs::read(path).map_err(|e| TrainError::io(path.display().to_string(), e))?;
     let v: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| TrainError::Other(format!("{}: not JSON: {e}", path.display())))?;
+        .map_err(|e| TrainError::file(path.display(), format!("not JSON: {e}")))?;
     let keys = [
         "vocab_size",
         "d_model",
@@ -360,9 +399,8 @@ pub fn exported_model_config(path: &Path) -> Result<ModelConfig> {
             m.insert(k.to_string(), x.clone());
         }
     }
-    let cfg: ModelConfig = serde_json::from_value(serde_json::Value::Object(m)).map_err(|e| {
-        TrainError::Other(format!("{}: not a sigma model config: {e}", path.display()))
-    })?;
+    let cfg: ModelConfig = serde_json::from_value(serde_json::Value::Object(m))
+        .map_err(|e| TrainError::file(path.display(), format!("not a sigma model config: {e}")))?;
     cfg.validate()?;
     Ok(cfg)
 }

@@ -47,14 +47,27 @@ impl KvCache {
         let raw_keys = model.try_id(ParamKey::Layer(0, W::KUp)).is_some();
         let (nk, nv) = (c.num_k_heads as i64, c.num_v_heads as i64);
         let (dk, dv) = (c.k_cache_dim() as i64, c.v_head_dim as i64);
+        let bytes = batch as f64
+            * capacity as f64
+            * c.num_layers as f64
+            * (nk * dk + nv * dv) as f64
+            * kind.elt_size_in_bytes() as f64;
+        if device == Device::Cpu {
+            let what = format!("the KV cache of {batch} sequences x {capacity} tokens");
+            crate::model::summary::check_host_memory(bytes, &what)?;
+        }
         let alloc = |shape: [i64; 4]| {
             Tensor::f_zeros(shape, (kind, device)).map_err(|e| {
-                TrainError::Other(format!(
-                    "the KV cache ({batch} sequences x {capacity} tokens, {:.2} GB) does not fit on {device:?}: {e}",
-                    (batch * capacity * c.num_layers as i64 * (nk * dk + nv * dv)) as f64
-                        * kind.elt_size_in_bytes() as f64
-                        / 1e9
-                ))
+                let gb = (batch * capacity * c.num_layers as i64 * (nk * dk + nv * dv)) as f64
+                    * kind.elt_size_in_bytes() as f64
+                    / 1e9;
+                TrainError::input(
+                    "the KV cache",
+                    format!(
+                        "{batch} sequences x {capacity} tokens ({gb:.2} GB) do not fit on {device:?}: {}",
+                        crate::error::clean_torch_message(&e.to_string())
+                    ),
+                )
             })
         };
         let mut k = Vec::with_capacity(c.num_layers);
@@ -400,16 +413,19 @@ pub fn generate(
     let b = prompts.len();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     if let Some((i, _)) = prompts.iter().enumerate().find(|(_, p)| p.is_empty()) {
-        return Err(TrainError::Other(format!(
-            "prompt {} is empty (no tokens)",
-            i + 1
-        )));
+        return Err(TrainError::input(
+            format!("prompt {}", i + 1),
+            "is empty (no tokens)",
+        ));
     }
     if longest + r.max_new_tokens > r.max_context {
-        return Err(TrainError::Other(format!(
-            "a prompt of {longest} tokens plus {} new tokens exceeds the maximum context of {} tokens (the training sequence length; --max-context raises it, at the quality RoPE gives beyond it)",
-            r.max_new_tokens, r.max_context
-        )));
+        return Err(TrainError::input(
+            "--max-new-tokens",
+            format!(
+                "a prompt of {longest} tokens plus {} new tokens exceeds the maximum context of {} tokens (the training sequence length; --max-context raises it, at the quality RoPE gives beyond it)",
+                r.max_new_tokens, r.max_context
+            ),
+        ));
     }
     let mut ids = vec![0i64; b * longest];
     let mut valid = vec![false; b * longest];

@@ -573,9 +573,11 @@ pub fn decode_attention(
     let (len32, chunk32, splits32) = (len as i32, chunk as i32, splits as i32);
     let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let launch_err = |e: cudarc::driver::DriverError| {
-        TrainError::Other(format!(
-            "the DiffQKV decode kernel failed on cuda:{ordinal}: {e}"
-        ))
+        TrainError::gpu(
+            "NVRTC kernel",
+            format!("DiffQKV decode attention on cuda:{ordinal}"),
+            e.to_string(),
+        )
     };
     let Some(stream) = current_stream(&kern.ctx, ordinal) else {
         return Ok(None);

@@ -107,8 +107,10 @@ pub fn adamw(
         )
     };
     if rc != 0 {
-        return Err(TrainError::Other(
-            "libtorch's fused AdamW failed (optimizer step)".into(),
+        return Err(TrainError::gpu(
+            "libtorch",
+            "fused AdamW (optimizer step)",
+            "the kernel reported a failure",
         ));
     }
     Ok(())
@@ -232,10 +234,11 @@ impl WgradQueue {
         if rc != 0 {
             // SAFETY: the shim NUL-terminated the message within the buffer.
             let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-            return Err(TrainError::Other(format!(
-                "weight gradient (put off to overlap a tensor-parallel collective): {}",
-                msg.to_string_lossy()
-            )));
+            return Err(TrainError::gpu(
+                "libtorch",
+                "weight gradient (put off to overlap a tensor-parallel collective)",
+                msg.to_string_lossy(),
+            ));
         }
         Ok(())
     }

@@ -244,6 +244,32 @@ impl fmt::Display for MemoryEstimate {
     }
 }
 
+/// Bytes of memory this machine has available for new allocations (Linux's
+/// `MemAvailable`), if known.
+pub fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuse to build what needs `need` bytes of host memory (`what`, for the
+/// message) on a machine with less available: a clear error before the
+/// allocation instead of the kernel's out-of-memory kill.
+pub fn check_host_memory(need: f64, what: &str) -> crate::error::Result<()> {
+    match host_memory_available() {
+        Some(have) if need > have as f64 => Err(crate::error::TrainError::config(
+            "model",
+            format!(
+                "{what} needs about {:.1} GB of host memory; this machine has {:.1} GB available: choose a smaller model (model.*) or a machine with more memory",
+                need / 1e9,
+                have as f64 / 1e9
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +316,90 @@ mod tests {
             head,
             loss_chunk_tokens,
         }
+    }
+
+    /// SIGMA-1.5B's parameters and training FLOPs per token, against the
+    /// arithmetic written out here (every MFU figure divides by them).
+    #[test]
+    fn sigma_1_5b_parameters_and_flops_match_the_arithmetic() {
+        let c = sigma_1_5b();
+        let d = 2048i64;
+        // Per block: q_proj (32 x 64 rows), k_proj (4 x 64), v_proj (16 x 64),
+        // o_proj, SwiGLU (3 x 6144), AugQ (3 x 3072 by the 2048-wide q0), 2 norms.
+        let matmul_per_layer =
+            32 * 64 * d + 4 * 64 * d + 16 * 64 * d + d * 32 * 64 + 3 * 6144 * d + 3 * 3072 * 2048;
+        assert_eq!(matmul_per_layer, 67_633_152);
+        let per_layer = matmul_per_layer + 2 * d;
+        let embedding = 128_256 * d;
+        let params = 26 * per_layer + embedding + d;
+        assert_eq!(params, 2_021_238_784);
+        let s = summarize(&c, 4096);
+        assert_eq!(s.params, params);
+        assert_eq!(c.param_count(), Some(params as u64));
+        // The tied head counts as a matmul; the embedding lookup does not.
+        assert_eq!(s.matmul_params, 26 * matmul_per_layer + embedding);
+        // 6 x matmul parameters + causal attention: 3 x 26 layers x 32 heads x (64 + 64) x 4096.
+        let attention = 3.0 * 26.0 * 32.0 * 128.0 * 4096.0;
+        assert_eq!(s.attention_flops_per_token, attention);
+        let want = 6.0 * 2_021_130_240.0 + attention;
+        assert_eq!(s.flops_per_token, want);
+        assert!((want - 13.4354e9).abs() < 1e5, "{want}");
+    }
+
+    /// The checked count of config validation is the count of the declared
+    /// weights, for every shape of the model (AugQ, K compression, untied).
+    #[test]
+    fn the_checked_parameter_count_equals_the_declared_weights() {
+        let base = sigma_1_5b();
+        let variants = [
+            base.clone(),
+            ModelConfig {
+                aug_q_dim: 0,
+                tie_embeddings: false,
+                ..base.clone()
+            },
+            ModelConfig {
+                k_compression: KCompression::Projected,
+                k_dim: Some(32),
+                ..base.clone()
+            },
+            ModelConfig {
+                k_compression: KCompression::Native,
+                k_dim: Some(32),
+                num_k_heads: 8,
+                ..base.clone()
+            },
+        ];
+        for c in variants {
+            assert_eq!(
+                c.param_count(),
+                Some(summarize(&c, 1).params as u64),
+                "{c:?}"
+            );
+        }
+        // Within every per-key bound, yet past the parameter bound...
+        let huge = ModelConfig {
+            vocab_size: 4_000_000_000,
+            d_model: 1 << 20,
+            ..base.clone()
+        };
+        assert!(huge
+            .param_count()
+            .is_some_and(|n| n > crate::config::MAX_PARAMS));
+        let e = huge.validate().unwrap_err().to_string();
+        assert!(e.contains("parameters, more than sigma supports"), "{e}");
+        // ... or past what 64 bits count: refused, not wrapped.
+        let wrapping = ModelConfig {
+            d_model: 1 << 20,
+            num_q_heads: 1 << 20,
+            qk_head_dim: 1 << 20,
+            aug_q_dim: 1 << 20,
+            num_layers: 1 << 14,
+            ..base
+        };
+        assert_eq!(wrapping.param_count(), None);
+        let e = wrapping.validate().unwrap_err().to_string();
+        assert!(e.contains("more than 2^64"), "{e}");
     }
 
     /// SIGMA-1.5B at micro-batch 4 without checkpointing runs out of memory on

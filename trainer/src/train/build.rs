@@ -5,6 +5,7 @@
 //! start or resume leaves everything as it was. And `resume`, which loads a
 //! checkpoint into a built trainer.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +21,7 @@ use crate::dist::{DistEnv, Job, PipelineGroups};
 use crate::engine::{ExecOptions, Program};
 use crate::error::{Result, TrainError};
 use crate::guard;
-use crate::model::summary::{memory_estimate, summarize, MemoryInputs};
+use crate::model::summary::{check_host_memory, memory_estimate, summarize, MemoryInputs};
 use crate::model::{GradSink, Model, ModelInit};
 use crate::optim::AdamW;
 use crate::parallel::Layout;
@@ -77,6 +78,7 @@ fn place(cfg: &RunConfig) -> Result<Placement> {
         ));
     }
     Layout::check(cfg)?;
+    check_outputs(cfg)?;
     let layout = Layout::new(cfg, env.rank);
     layout.mesh.check(env.world)?;
     let device = match pick_device(cfg.train.device)? {
@@ -123,6 +125,40 @@ fn memory_hint(cfg: &RunConfig, layout: &Layout, mixed: bool) -> String {
         },
     )
     .advice()
+}
+
+/// The directories the run writes (the metrics' and the checkpoints'), checked
+/// before anything is written: each is a directory or does not exist yet
+/// under one (a file in the way is refused, naming the key).
+fn check_outputs(cfg: &RunConfig) -> Result<()> {
+    let dirs = [
+        ("metrics.output_dir", PathBuf::from(&cfg.metrics.output_dir)),
+        ("checkpoint.dir", crate::checkpoint::save::root_dir(cfg)),
+    ];
+    for (key, dir) in dirs {
+        let mut p = dir.as_path();
+        loop {
+            if p.exists() {
+                if !p.is_dir() {
+                    let what = if p == dir { "is" } else { "is inside" };
+                    return Err(TrainError::config(
+                        key,
+                        format!(
+                            "{} {what} {}, which is a file, not a directory",
+                            dir.display(),
+                            p.display()
+                        ),
+                    ));
+                }
+                break;
+            }
+            match p.parent() {
+                Some(q) if !q.as_os_str().is_empty() => p = q,
+                _ => break,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Phase 2: join the job (more than one process), and describe the layout.
@@ -197,7 +233,9 @@ fn build_parts(
         device: pl.device,
         mixed: pl.mixed,
     };
-    let mut model = Model::from_share(&cfg.model, l.share(&cfg.model), &init);
+    let share = l.share(&cfg.model);
+    check_host_memory(host_bytes(cfg, &share, pl), "initialising the model")?;
+    let mut model = Model::from_share(&cfg.model, share, &init);
     // Matmuls read bf16 weights cast once per optimizer step.
     model.params.enable_work_copy(model.compute);
     let mut saver = Saver::new(cfg, job.map(|j| j.env.clone()), tokenizer);
@@ -235,6 +273,29 @@ fn build_parts(
         buckets,
         saver,
     })
+}
+
+/// Host memory to initialise this rank's share (the flat fp32 buffer and the
+/// largest whole tensor drawn at a time) and, on the CPU, to train it
+/// (gradient and AdamW moments).
+fn host_bytes(cfg: &RunConfig, share: &crate::model::Share, pl: &Placement) -> f64 {
+    let held = share.held_numel() as f64;
+    let largest = share
+        .specs
+        .iter()
+        .map(|s| s.global_numel())
+        .max()
+        .unwrap_or(0) as f64;
+    let init = 4.0 * (held + largest);
+    if pl.device.is_cuda() {
+        return init;
+    }
+    let shards = if cfg.parallel.zero == 1 {
+        cfg.parallel.dp
+    } else {
+        1
+    };
+    init + held * (4.0 + 8.0 / shards as f64)
 }
 
 /// Say why `parallel.tp_comm_overlap` will not act, where it cannot.

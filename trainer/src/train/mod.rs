@@ -173,8 +173,9 @@ impl Trainer {
         let prof = p.finish();
         let dir = PathBuf::from(&self.cfg.metrics.output_dir);
         let base = dir.join(format!("profile-rank{}", self.rank));
-        let json =
-            serde_json::to_string_pretty(prof).map_err(|e| TrainError::Other(e.to_string()))?;
+        let json = serde_json::to_string_pretty(prof).map_err(|e| {
+            TrainError::internal_state(format!("the profile does not serialise: {e}"))
+        })?;
         sigma_data::fsutil::write_atomic(&base.with_extension("json"), json.as_bytes())?;
         let table = prof.table();
         sigma_data::fsutil::write_atomic(&base.with_extension("txt"), table.as_bytes())?;
@@ -231,10 +232,12 @@ impl Trainer {
     /// ranks, optimizer), `record` (skips, logging), `maybe_validate` and
     /// `maybe_save` (which also decides to stop), and `end`.
     pub fn run(&mut self) -> Result<TrainReport> {
+        self.check_stop_after()?;
         let mut run = self.begin()?;
-        if self.start_step > 0 && self.stop_after == Some(self.start_step) {
-            // Stop at the step resumed from: write the loaded state in this
-            // run's layout (a checkpoint moved to another dp/tp), then stop.
+        if self.stop_after == Some(self.start_step) {
+            // Stop at the step started or resumed from: write the initial or
+            // loaded state in this run's layout (a checkpoint moved to
+            // another dp/tp), then stop.
             guard::at("checkpoint save", None);
             if let Some(stall) = self.save(self.start_step, self.resumed_lr, self.skipped_before)? {
                 run.report.checkpoints.push((self.start_step, stall));
@@ -277,6 +280,33 @@ impl Trainer {
             }
         }
         self.end(run)
+    }
+
+    /// `--stop-after N` must name a step this run reaches: from the step it
+    /// starts at (saving that state) to `train.steps`.
+    fn check_stop_after(&self) -> Result<()> {
+        let (Some(n), total) = (self.stop_after, self.cfg.train.steps) else {
+            return Ok(());
+        };
+        if n > total {
+            return Err(TrainError::input(
+                "--stop-after",
+                format!(
+                    "{n} is past the run's last step (train.steps = {total}): the run ends at step {total} anyway; give a step from {} to {total}",
+                    self.start_step
+                ),
+            ));
+        }
+        if n < self.start_step {
+            return Err(TrainError::input(
+                "--stop-after",
+                format!(
+                    "{n} is before step {}, where the checkpoint resumed from stands; give a step from {} to {total}",
+                    self.start_step, self.start_step
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Everything the run writes before its first step: the resolved config
@@ -339,9 +369,11 @@ impl Trainer {
                 o.loss, o.stats.grad_norm
             );
             if c.train.nan_policy == NanPolicy::Abort {
-                return Err(TrainError::Other(format!(
-                    "{msg}; aborting (train.nan_policy = \"abort\")"
-                )));
+                return Err(TrainError::NonFinite {
+                    step,
+                    loss: o.loss,
+                    grad_norm: o.stats.grad_norm,
+                });
             }
             let warning = format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
             if run.bar.is_hidden() {

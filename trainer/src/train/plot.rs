@@ -80,7 +80,7 @@ fn start<'a>(
     what: &'a str,
 ) -> Result<impl Fn(&dyn std::fmt::Display) -> TrainError + 'a> {
     let err = move |e: &dyn std::fmt::Display| {
-        TrainError::Other(format!("{}: cannot draw {what}: {e}", path.display()))
+        TrainError::file(path.display(), format!("cannot draw {what}: {e}"))
     };
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| err(&"font"))?;
