@@ -1,4 +1,4 @@
-//! Checkpoints: exact resume (after --stop-after, SIGTERM, and ten kill -9s
+//! Checkpoints: exact resume (after --stop-after, SIGTERM, and twelve kill -9s
 //! landing at random moments and during saves), resharding between
 //! data-parallel layouts, retention, upload, export against an independent
 //! safetensors reader, and clear refusals of damaged or mismatched checkpoints.
@@ -559,4 +559,29 @@ fn inspect_and_export_describe_the_checkpoint_for_outside_readers() {
         );
         assert_clean_failure(&o, &["not empty", "refusing to overwrite"]);
     }
+}
+
+/// `--stop-after 0` does what it says: it saves the initial state as the
+/// checkpoint of step 0 and stops without training; a run resumed from it
+/// follows the run that never stopped bit for bit.
+#[test]
+fn stop_after_0_saves_the_initial_state() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let common = ["train.micro_batch_size=4", "train.grad_accum_steps=1"];
+    let full = tmp.path().join("full");
+    run_ok(&args(&full, 3, &common), &[]);
+    let reference = losses(&full.join("metrics.jsonl"));
+    assert_eq!(reference.len(), 3);
+    let stopped = tmp.path().join("stopped");
+    let a = args(&stopped, 3, &common);
+    let log = run_ok(&with(a.clone(), &["--stop-after", "0"]), &[]);
+    assert!(log.contains("--stop-after 0: saved the checkpoint of step 0"), "{log}");
+    let steps: Vec<u64> = checkpoint::committed(&ck_root(&stopped))
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(steps, vec![0], "the initial state alone");
+    assert!(losses_or_empty(&stopped.join("metrics.jsonl")).is_empty());
+    run_ok(&with(a, &["--resume", "auto"]), &[]);
+    assert_eq!(losses(&stopped.join("metrics.jsonl")), reference);
 }

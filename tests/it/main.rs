@@ -1,6 +1,7 @@
 //! The one integration-test binary: topic modules share helpers from `sigma_tests`.
 
 mod ablate;
+mod architecture;
 mod bad_inputs;
 mod checkpoint;
 mod data_errors;

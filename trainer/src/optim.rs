@@ -189,30 +189,7 @@ impl AdamW {
             }
             (_, None) => (self.grad.shallow_clone(), 0, self.numel, None),
         };
-        let fast = g.device().is_cuda();
-        let mut sq = sum_squares(&g, self.chunk, fast);
-        // Elements held by several tensor-parallel ranks count once: weight 1/copies.
-        for &(off, n, copies) in &self.shared {
-            if let Some(r) = crate::model::params::intersect(off..off + n, start..start + len) {
-                let part = sum_squares(
-                    &g.narrow(0, r.start - start, r.end - r.start),
-                    self.chunk,
-                    fast,
-                );
-                sq -= part * (1.0 - 1.0 / copies as f64);
-            }
-        }
-        if let Some(c) = comm.as_deref_mut() {
-            let mut s = scalar(sq.double_value(&[]), self.grad.device());
-            c.all_reduce_sum(&mut s)?;
-            sq = s;
-        }
-        for c in spread {
-            let mut s = scalar(sq.double_value(&[]), self.grad.device());
-            c.all_reduce_sum(&mut s)?;
-            sq = s;
-        }
-        let norm = sq.double_value(&[]).sqrt();
+        let norm = self.global_norm(&g, start..start + len, comm.as_deref_mut(), spread)?;
         if !norm.is_finite() {
             return Ok(StepStats {
                 grad_norm: norm,
@@ -234,23 +211,71 @@ impl AdamW {
         // working copy is refreshed from it).
         params.mark_changed();
         if let (Some(s), Some(c)) = (self.shard, comm) {
-            // Share the updated shards: every rank ends with the whole new buffer.
-            let mine = Tensor::zeros([s.size], (params.flat.kind(), params.flat.device()));
-            if len > 0 {
-                mine.narrow(0, 0, len)
-                    .copy_(&params.flat.narrow(0, start, len));
-            }
-            for (q, part) in c.all_gather(&mine)?.iter().enumerate() {
-                let (qs, ql) = shard_range(self.numel, s.world, q);
-                if ql > 0 {
-                    params.flat.narrow(0, qs, ql).copy_(&part.narrow(0, 0, ql));
-                }
-            }
+            self.gather_shards(params, s, start, len, c)?;
         }
         Ok(StepStats {
             grad_norm: norm,
             applied: true,
         })
+    }
+
+    /// The global gradient norm: this rank's squares of `g` (its elements
+    /// `range` of the flat buffer), elements held by several tensor-parallel
+    /// ranks weighted 1/copies so each counts once, summed over the
+    /// data-parallel shards (`comm`, under ZeRO-1) and the tensor- and
+    /// pipeline-parallel groups (`spread`).
+    fn global_norm(
+        &self,
+        g: &Tensor,
+        range: std::ops::Range<i64>,
+        comm: Option<&mut (dyn Collectives + '_)>,
+        spread: Vec<&mut dyn Collectives>,
+    ) -> Result<f64> {
+        let fast = g.device().is_cuda();
+        let mut sq = sum_squares(g, self.chunk, fast);
+        for &(off, n, copies) in &self.shared {
+            if let Some(r) = crate::model::params::intersect(off..off + n, range.clone()) {
+                let part = g.narrow(0, r.start - range.start, r.end - r.start);
+                sq -= sum_squares(&part, self.chunk, fast) * (1.0 - 1.0 / copies as f64);
+            }
+        }
+        let device = self.grad.device();
+        let sum = |c: &mut dyn Collectives, sq: Tensor| -> Result<Tensor> {
+            let mut s = scalar(sq.double_value(&[]), device);
+            c.all_reduce_sum(&mut s)?;
+            Ok(s)
+        };
+        if let Some(c) = comm {
+            sq = sum(c, sq)?;
+        }
+        for c in spread {
+            sq = sum(c, sq)?;
+        }
+        Ok(sq.double_value(&[]).sqrt())
+    }
+
+    /// ZeRO-1: share the updated shards, so every rank ends with the whole
+    /// new buffer.
+    fn gather_shards(
+        &self,
+        params: &Params,
+        s: Shard,
+        start: i64,
+        len: i64,
+        c: &mut (dyn Collectives + '_),
+    ) -> Result<()> {
+        let mine = Tensor::zeros([s.size], (params.flat.kind(), params.flat.device()));
+        if len > 0 {
+            mine.narrow(0, 0, len)
+                .copy_(&params.flat.narrow(0, start, len));
+        }
+        for (q, part) in c.all_gather(&mine)?.iter().enumerate() {
+            let (qs, ql) = shard_range(self.numel, s.world, q);
+            if ql > 0 {
+                params.flat.narrow(0, qs, ql).copy_(&part.narrow(0, 0, ql));
+            }
+        }
+        Ok(())
     }
 
     /// The AdamW update of flat elements `start..start + len` (the first

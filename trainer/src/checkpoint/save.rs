@@ -185,7 +185,9 @@ impl Saver {
 
     /// Save the state after `info.progress.step` steps. Returns the training
     /// stall in seconds (what the caller waited for), or None when that step
-    /// is already committed.
+    /// is already committed. Phases: wait for the previous save, prepare the
+    /// staging directory (rank 0), snapshot this rank's range into host
+    /// memory, then write (in the background with `checkpoint.async`).
     pub fn save(
         &mut self,
         params: &Params,
@@ -207,61 +209,8 @@ impl Saver {
             return Ok(None);
         }
         let tmp = self.root.join(format!(".{}.tmp", step_dir_name(step)));
-        if self.rank == 0 {
-            std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
-            for p in clean_leftovers(&self.root)? {
-                eprintln!(
-                    "checkpoint: removed leftover of an interrupted save: {}",
-                    p.display()
-                );
-            }
-            std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        if let Some(s) = store {
-            s.barrier(&format!("ckpt/{step}/dir"), self.world)?;
-        }
-        // Snapshot this rank's range into host memory.
-        let n = params.numel();
-        let (start, len) = self.owned(params);
-        self.allocate_host(params);
-        let host = self.host.as_ref().expect("host buffers");
-        let moment_off = if optim.shard.is_some() { 0 } else { start };
-        tch::no_grad(|| {
-            host[0]
-                .shallow_clone()
-                .copy_(&params.flat.narrow(0, start, len));
-            host[1]
-                .shallow_clone()
-                .copy_(&optim.exp_avg.narrow(0, moment_off, len));
-            host[2]
-                .shallow_clone()
-                .copy_(&optim.exp_avg_sq.narrow(0, moment_off, len));
-        });
-        // This rank's pieces, as views of the host copies.
-        let mine = shard_file_name(self.rank, self.world);
-        let mut tensors = Vec::new();
-        let mut pieces = Vec::new();
-        for (b, buf) in BUFFERS.iter().enumerate() {
-            for (id, r) in params.overlapping(start..start + len) {
-                let (spec, off) = (params.spec(id), params.offsets[id.0]);
-                let (a, e) = (r.start, r.end);
-                // A copy held by several ranks is written by one of them.
-                if spec.writer {
-                    let name = tensor_name(buf, &spec.name());
-                    tensors.push((name.clone(), host[b].narrow(0, a - start, e - a)));
-                    pieces.push((
-                        name,
-                        Piece {
-                            file: mine.clone(),
-                            start: a - off,
-                            end: e - off,
-                            block: (!spec.is_whole()).then(|| spec.block.clone()),
-                            xxh3: String::new(), // the writer fills it in
-                        },
-                    ));
-                }
-            }
-        }
+        self.stage(&tmp, step, store)?;
+        let (tensors, pieces) = self.snapshot(params, optim);
         let job = WriteJob {
             step,
             rank: self.rank,
@@ -270,38 +219,10 @@ impl Saver {
             tmp,
             target,
             root: self.root.clone(),
-            file: mine,
+            file: shard_file_name(self.rank, self.world),
             tensors,
             pieces,
-            meta: (self.rank == 0).then(|| Metadata {
-                format: FORMAT.into(),
-                format_version: FORMAT_VERSION,
-                progress: info.progress.clone(),
-                data: info.data,
-                optimizer: OptimizerState {
-                    adam_steps: info.adam_steps,
-                },
-                scheduler: SchedulerState {
-                    step,
-                    total_steps: self.run.train.steps,
-                    last_lr: info.last_lr,
-                },
-                rng: RngState {
-                    seed: self.run.train.seed,
-                    data_seed: self.run.data.seed,
-                },
-                layout: Layout {
-                    dp: self.dims.dp,
-                    tp: self.dims.tp,
-                    pp: self.dims.pp,
-                    zero: self.run.parallel.zero,
-                    flat_numel: n,
-                },
-                config: serde_json::to_value(&self.run).expect("config serializes"),
-                tensors: entries(&crate::model::params::whole_specs(&self.run.model)),
-                files: BTreeMap::new(),
-                saved_unix_s: 0,
-            }),
+            meta: (self.rank == 0).then(|| self.metadata(&info, params.numel())),
             tokenizer: if self.rank == 0 {
                 self.tokenizer.clone()
             } else {
@@ -320,6 +241,111 @@ impl Saver {
             job.run()?;
         }
         Ok(Some(t0.elapsed().as_secs_f64()))
+    }
+
+    /// Rank 0 makes the staging directory `tmp` (removing leftovers of
+    /// interrupted saves); every rank waits until it exists.
+    fn stage(&self, tmp: &Path, step: u64, store: Option<&mut StoreClient>) -> Result<()> {
+        if self.rank == 0 {
+            std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+            for p in clean_leftovers(&self.root)? {
+                eprintln!(
+                    "checkpoint: removed leftover of an interrupted save: {}",
+                    p.display()
+                );
+            }
+            std::fs::create_dir_all(tmp).map_err(io(tmp))?;
+        }
+        if let Some(s) = store {
+            s.barrier(&format!("ckpt/{step}/dir"), self.world)?;
+        }
+        Ok(())
+    }
+
+    /// Copy this rank's range of the weights and moments into the host
+    /// buffers, and list its pieces as views of them: (tensor name, data)
+    /// and (tensor name, piece) for every parameter this rank writes (a copy
+    /// held by several ranks is written by one of them).
+    fn snapshot(
+        &mut self,
+        params: &Params,
+        optim: &AdamW,
+    ) -> (Vec<(String, Tensor)>, Vec<(String, Piece)>) {
+        let (start, len) = self.owned(params);
+        self.allocate_host(params);
+        let host = self.host.as_ref().expect("host buffers");
+        let moment_off = if optim.shard.is_some() { 0 } else { start };
+        tch::no_grad(|| {
+            host[0]
+                .shallow_clone()
+                .copy_(&params.flat.narrow(0, start, len));
+            host[1]
+                .shallow_clone()
+                .copy_(&optim.exp_avg.narrow(0, moment_off, len));
+            host[2]
+                .shallow_clone()
+                .copy_(&optim.exp_avg_sq.narrow(0, moment_off, len));
+        });
+        let mine = shard_file_name(self.rank, self.world);
+        let mut tensors = Vec::new();
+        let mut pieces = Vec::new();
+        for (b, buf) in BUFFERS.iter().enumerate() {
+            for (id, r) in params.overlapping(start..start + len) {
+                let (spec, off) = (params.spec(id), params.offsets[id.0]);
+                if !spec.writer {
+                    continue;
+                }
+                let name = tensor_name(buf, &spec.name());
+                tensors.push((
+                    name.clone(),
+                    host[b].narrow(0, r.start - start, r.end - r.start),
+                ));
+                pieces.push((
+                    name,
+                    Piece {
+                        file: mine.clone(),
+                        start: r.start - off,
+                        end: r.end - off,
+                        block: (!spec.is_whole()).then(|| spec.block.clone()),
+                        xxh3: String::new(), // the writer fills it in
+                    },
+                ));
+            }
+        }
+        (tensors, pieces)
+    }
+
+    /// Rank 0's metadata of the save (files and pieces filled in by the writer).
+    fn metadata(&self, info: &SaveInfo, flat_numel: i64) -> Metadata {
+        Metadata {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            progress: info.progress.clone(),
+            data: info.data.clone(),
+            optimizer: OptimizerState {
+                adam_steps: info.adam_steps,
+            },
+            scheduler: SchedulerState {
+                step: info.progress.step,
+                total_steps: self.run.train.steps,
+                last_lr: info.last_lr,
+            },
+            rng: RngState {
+                seed: self.run.train.seed,
+                data_seed: self.run.data.seed,
+            },
+            layout: Layout {
+                dp: self.dims.dp,
+                tp: self.dims.tp,
+                pp: self.dims.pp,
+                zero: self.run.parallel.zero,
+                flat_numel,
+            },
+            config: serde_json::to_value(&self.run).expect("config serializes"),
+            tensors: entries(&crate::model::params::whole_specs(&self.run.model)),
+            files: BTreeMap::new(),
+            saved_unix_s: 0,
+        }
     }
 }
 
@@ -363,30 +389,12 @@ impl WriteJob {
         format!("ckpt/{}/rank/{rank}", self.step)
     }
 
+    /// Write this rank's shard and report it; on rank 0, gather every
+    /// rank's report into the metadata and commit: metadata, fsync, rename,
+    /// then the marker; retention and upload after.
     fn run(self) -> Result<()> {
         let t0 = Instant::now();
-        let path = self.tmp.join(&self.file);
-        let written = super::safetensors::write(
-            &path,
-            &self.tensors,
-            &BTreeMap::from([("format".to_string(), "pt".to_string())]),
-        )
-        .map(|w| Report {
-            file: FileEntry {
-                bytes: w.bytes,
-                xxh3: format!("{:016x}", w.file_hash),
-            },
-            pieces: self
-                .pieces
-                .iter()
-                .zip(&w.tensor_hashes)
-                .map(|((n, p), h)| {
-                    let mut p = p.clone();
-                    p.xxh3 = format!("{h:016x}");
-                    (n.clone(), p)
-                })
-                .collect(),
-        });
+        let written = self.write_shard();
         fault_delay();
         let mut store = match &self.env {
             Some(env) => Some(crate::dist::connect(env)?),
@@ -406,35 +414,73 @@ impl WriteJob {
         };
         let mut reports = vec![(self.file.clone(), mine)];
         if let Some(s) = store.as_mut() {
-            for r in 1..self.world {
-                let k = self.key(r);
-                let step = self.step;
-                let failed = |message: String| TrainError::Checkpoint { step, message };
-                s.wait(std::slice::from_ref(&k), s.timeout)
-                    .map_err(|e| failed(format!("rank {r} did not report its shard: {e}")))?;
-                let v: serde_json::Value = serde_json::from_slice(&s.get(&k)?)
-                    .map_err(|e| failed(format!("the report of rank {r} does not parse: {e}")))?;
-                if let Some(err) = v.get("err") {
-                    let err = err.as_str().unwrap_or_default();
-                    return Err(failed(format!("rank {r} could not write its shard: {err}")));
-                }
-                let rep: Report = serde_json::from_value(v["ok"].clone())
-                    .map_err(|e| failed(format!("the report of rank {r} does not parse: {e}")))?;
-                reports.push((shard_file_name(r, self.world), rep));
-                let _ = s.delete(&k);
-            }
+            reports.extend(self.gather_reports(s)?);
         }
+        self.index_pieces(&mut meta, reports)?;
+        self.commit(meta, t0)
+    }
+
+    /// This rank's shard file, with the checksums of the file and of each piece.
+    fn write_shard(&self) -> Result<Report> {
+        let path = self.tmp.join(&self.file);
+        let format = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let w = super::safetensors::write(&path, &self.tensors, &format)?;
+        Ok(Report {
+            file: FileEntry {
+                bytes: w.bytes,
+                xxh3: format!("{:016x}", w.file_hash),
+            },
+            pieces: self
+                .pieces
+                .iter()
+                .zip(&w.tensor_hashes)
+                .map(|((n, p), h)| {
+                    let mut p = p.clone();
+                    p.xxh3 = format!("{h:016x}");
+                    (n.clone(), p)
+                })
+                .collect(),
+        })
+    }
+
+    /// Rank 0: every other rank's report, in rank order (an error if a rank
+    /// reports none in time or reports that it failed).
+    fn gather_reports(&self, s: &mut StoreClient) -> Result<Vec<(String, Report)>> {
+        let step = self.step;
+        let failed = |message: String| TrainError::Checkpoint { step, message };
+        let mut reports = Vec::new();
+        for r in 1..self.world {
+            let k = self.key(r);
+            s.wait(std::slice::from_ref(&k), s.timeout)
+                .map_err(|e| failed(format!("rank {r} did not report its shard: {e}")))?;
+            let v: serde_json::Value = serde_json::from_slice(&s.get(&k)?)
+                .map_err(|e| failed(format!("the report of rank {r} does not parse: {e}")))?;
+            if let Some(err) = v.get("err") {
+                let err = err.as_str().unwrap_or_default();
+                return Err(failed(format!("rank {r} could not write its shard: {err}")));
+            }
+            let rep: Report = serde_json::from_value(v["ok"].clone())
+                .map_err(|e| failed(format!("the report of rank {r} does not parse: {e}")))?;
+            reports.push((shard_file_name(r, self.world), rep));
+            let _ = s.delete(&k);
+        }
+        Ok(reports)
+    }
+
+    /// Put every reported piece under its tensor (sorted) and every file in
+    /// the file table; each tensor's pieces must cover it exactly.
+    fn index_pieces(&self, meta: &mut Metadata, reports: Vec<(String, Report)>) -> Result<()> {
+        let failed = |message: String| TrainError::Checkpoint {
+            step: self.step,
+            message,
+        };
         for (file, rep) in reports {
             for (name, p) in rep.pieces {
-                let e = meta
-                    .tensors
-                    .get_mut(&name)
-                    .ok_or_else(|| TrainError::Checkpoint {
-                        step: self.step,
-                        message: format!(
-                            "{file} reports a piece of {name}, which rank 0's model does not have"
-                        ),
-                    })?;
+                let e = meta.tensors.get_mut(&name).ok_or_else(|| {
+                    failed(format!(
+                        "{file} reports a piece of {name}, which rank 0's model does not have"
+                    ))
+                })?;
                 e.pieces.push(p);
             }
             meta.files.insert(file, rep.file);
@@ -443,16 +489,19 @@ impl WriteJob {
             e.pieces
                 .sort_by(|a, b| (&a.block, a.start, &a.file).cmp(&(&b.block, b.start, &b.file)));
             let held: i64 = e.pieces.iter().map(|p| p.end - p.start).sum();
-            if held != e.shape.iter().product::<i64>() {
-                return Err(TrainError::Checkpoint {
-                    step: self.step,
-                    message: format!(
-                        "the pieces of {name} hold {held} elements, the tensor has {}",
-                        e.shape.iter().product::<i64>()
-                    ),
-                });
+            let want = e.shape.iter().product::<i64>();
+            if held != want {
+                return Err(failed(format!(
+                    "the pieces of {name} hold {held} elements, the tensor has {want}"
+                )));
             }
         }
+        Ok(())
+    }
+
+    /// Rank 0: the tokenizer and metadata into the staging directory, fsync,
+    /// rename to `step-NNNNNNN/`, fsync, the marker; then retention and upload.
+    fn commit(&self, mut meta: Metadata, t0: Instant) -> Result<()> {
         meta.saved_unix_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -559,29 +559,43 @@ pub fn decode_attention(
     let part_o = Tensor::f_empty([b, splits, shape.n_q, shape.d_v], f32s)?;
     let part_ml = Tensor::f_empty([b, splits, shape.n_q, 2], f32s)?;
     let out = Tensor::f_empty([b, 1, shape.n_q * shape.d_v], (Kind::BFloat16, q.device()))?;
-    let ptr = |t: &Tensor| t.data_ptr() as u64;
-    let (qp, kp, vp, op, mp, outp) = (
-        ptr(&q),
-        ptr(k),
-        ptr(v),
-        ptr(&part_o),
-        ptr(&part_ml),
-        ptr(&out),
-    );
-    let (validp, valid_batch) = valid.map_or((0u64, 0i64), |m| (ptr(m), m.stride()[0]));
-    let (ks, vs) = (k.stride(), v.stride());
-    let (len32, chunk32, splits32) = (len as i32, chunk as i32, splits as i32);
-    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
-    let launch_err = |e: cudarc::driver::DriverError| {
-        TrainError::gpu(
-            "NVRTC kernel",
-            format!("DiffQKV decode attention on cuda:{ordinal}"),
-            e.to_string(),
-        )
-    };
     let Some(stream) = current_stream(&kern.ctx, ordinal) else {
         return Ok(None);
     };
+    let bufs = [&q, k, v, &part_o, &part_ml, &out];
+    launch_split_and_combine(&stream, &kern, shape, bufs, valid, (chunk, splits), scale).map_err(
+        |e| {
+            TrainError::gpu(
+                "NVRTC kernel",
+                format!("DiffQKV decode attention on cuda:{ordinal}"),
+                e.to_string(),
+            )
+        },
+    )?;
+    Ok(Some(out))
+}
+
+/// The two launches of a decoding step's attention: the split kernel (each
+/// block one chunk of the context, partial outputs and softmax statistics
+/// into `part_o` and `part_ml`) and the combine kernel (into `out`). `bufs`:
+/// q, k, v, part_o, part_ml, out.
+fn launch_split_and_combine(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    kern: &Loaded,
+    shape: DecodeShape,
+    bufs: [&Tensor; 6],
+    valid: Option<&Tensor>,
+    (chunk, splits): (i64, i64),
+    scale: f64,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    let ptr = |t: &Tensor| t.data_ptr() as u64;
+    let [q, k, v, part_o, part_ml, out] = bufs;
+    let (qp, kp, vp, op, mp, outp) = (ptr(q), ptr(k), ptr(v), ptr(part_o), ptr(part_ml), ptr(out));
+    let (validp, valid_batch) = valid.map_or((0u64, 0i64), |m| (ptr(m), m.stride()[0]));
+    let (ks, vs) = (k.stride(), v.stride());
+    let (b, len) = (q.size()[0], k.size()[2]);
+    let (len32, chunk32, splits32) = (len as i32, chunk as i32, splits as i32);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
     let split_cfg = LaunchConfig {
         grid_dim: (splits as u32, b as u32, 1),
         block_dim: (THREADS, 1, 1),
@@ -589,7 +603,7 @@ pub fn decode_attention(
     };
     // SAFETY: every pointer is a live libtorch tensor of the device whose
     // extent matches the kernel's indexing (checked by `refusal` and the
-    // shapes above); the tensors outlive the launches, which run on the
+    // caller's shapes); the tensors outlive the launches, which run on the
     // stream that any later use of them is ordered after.
     unsafe {
         stream
@@ -608,8 +622,7 @@ pub fn decode_attention(
             .arg(&len32)
             .arg(&chunk32)
             .arg(&scale_log2)
-            .launch(split_cfg)
-            .map_err(launch_err)?;
+            .launch(split_cfg)?;
         stream
             .launch_builder(&kern.combine)
             .arg(&op)
@@ -620,10 +633,9 @@ pub fn decode_attention(
                 grid_dim: (shape.n_q as u32, b as u32, 1),
                 block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 4 * splits as u32,
-            })
-            .map_err(launch_err)?;
+            })?;
     }
-    Ok(Some(out))
+    Ok(())
 }
 
 #[cfg(test)]

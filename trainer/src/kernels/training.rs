@@ -183,9 +183,18 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
     let k = loaded(ordinal)?;
     let stream = decode::current_stream(&k.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
-    // SwiGLU and RoPE: a thread per 8 columns (of F, of half a head);
-    // cross-entropy and RMSNorm: a block per row (RMSNorm backward: the
-    // shim's number of blocks, each with its weight-gradient partial).
+    let cfg = grid(a, &k)?;
+    if cfg.grid_dim.0 == 0 {
+        return Ok(());
+    }
+    launch_kernel(&stream, &k, a, cfg).map_err(|e| format!("launch on cuda:{ordinal}: {e}"))
+}
+
+/// The launch shape of operation `a.op`. SwiGLU and RoPE: a thread per 8
+/// columns (of F, of half a head); cross-entropy and RMSNorm: a block per
+/// row (RMSNorm backward: the shim's number of blocks, each with its
+/// weight-gradient partial).
+fn grid(a: &KernelArgs, k: &Loaded) -> Result<LaunchConfig, String> {
     let (blocks, threads) = match a.op {
         0..=3 => {
             let per_row = if a.op < 2 { a.f / 8 } else { a.f / 16 } as i64;
@@ -197,15 +206,21 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
         7 => (a.blocks as i64, NORM_THREADS),
         op => return Err(format!("unknown kernel operation {op}")),
     };
-    let cfg = LaunchConfig {
+    Ok(LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
-    };
-    if cfg.grid_dim.0 == 0 {
-        return Ok(());
-    }
-    let err = |e: cudarc::driver::DriverError| format!("launch on cuda:{ordinal}: {e}");
+    })
+}
+
+/// Launch operation `a.op` with its arguments: a flat table, one launch
+/// per kernel, longer than a screen by its argument lists alone.
+fn launch_kernel(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    k: &Loaded,
+    a: &KernelArgs,
+    cfg: LaunchConfig,
+) -> Result<(), cudarc::driver::DriverError> {
     let (pa, pb, pc, pd) = (a.a as u64, a.b as u64, a.c as u64, a.d as u64);
     let (pe, out, out2, out3) = (a.e as u64, a.out as u64, a.out2 as u64, a.out3 as u64);
     // SAFETY: the shim passes data pointers of live, contiguous, 16-byte
@@ -300,11 +315,10 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
                 .arg(&pe)
                 .arg(&out3)
                 .launch(cfg),
-            op => return Err(format!("unknown kernel operation {op}")),
+            _ => unreachable!("grid() refused the operation"),
         }
-        .map_err(err)?;
+        .map(|_| ())
     }
-    Ok(())
 }
 
 /// The launcher the shim calls (from autograd's threads too): 0 on success;

@@ -203,13 +203,16 @@ impl Model {
     pub fn from_share(cfg: &ModelConfig, share: Share, init: &ModelInit) -> Model {
         let Share { specs, held, heads } = share;
         let keys: Vec<ParamKey> = specs.iter().map(|s| s.key).collect();
+        let draws = params::Init {
+            seed: init.seed,
+            std: cfg.init_std,
+            num_layers: cfg.num_layers,
+        };
         let (params, ids) = Params::new(
             specs,
             |i, _| held[i],
             |s| init.decays(s.kind),
-            init.seed,
-            cfg.init_std,
-            cfg.num_layers,
+            draws,
             init.device,
         );
         let ids = keys

@@ -149,6 +149,57 @@ pub fn global_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     DRAWS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How parameters are initialised: seeded draws, the same on every layout.
+#[derive(Clone, Copy, Debug)]
+pub struct Init {
+    pub seed: u64,
+    /// Standard deviation of the normal draws of matmul weights and embeddings.
+    pub std: f64,
+    /// Layers of the whole model (projections into the residual stream are
+    /// drawn with `std / sqrt(2 * num_layers)`).
+    pub num_layers: usize,
+}
+
+impl Init {
+    /// Draw every whole tensor of `specs` on the CPU, decayed ones first and
+    /// otherwise in model order (the order of one device's flat buffer), and
+    /// copy into `flat` the block of each that this rank holds (`place(i)`:
+    /// its offset, None when not held). The draws use libtorch's global
+    /// generator under a process-wide lock.
+    fn draw(
+        &self,
+        specs: &[ParamSpec],
+        decays: &[bool],
+        place: &dyn Fn(usize) -> Option<i64>,
+        flat: &Tensor,
+    ) {
+        let mut draw: Vec<usize> = (0..specs.len()).collect();
+        draw.sort_by_key(|&i| !decays[i]);
+        // libtorch's generator is global: one user draws at a time in a
+        // process (threads of a test binary, say), or their draws interleave.
+        let _draws = global_rng_lock();
+        tch::manual_seed(self.seed as i64);
+        let residual_std = self.std / (2.0 * self.num_layers as f64).sqrt();
+        tch::no_grad(|| {
+            for &i in &draw {
+                let s = &specs[i];
+                let mut whole = Tensor::zeros([s.global_numel()], (Kind::Float, Device::Cpu));
+                let _ = match s.kind {
+                    ParamKind::Norm => whole.fill_(1.0),
+                    ParamKind::Linear | ParamKind::Embedding => whole.normal_(0.0, self.std),
+                    ParamKind::ResidualOut => whole.normal_(0.0, residual_std),
+                };
+                if let Some(off) = place(i) {
+                    let block = s.block_of(&whole.view(s.global_shape.as_slice()));
+                    flat.narrow(0, off, s.numel())
+                        .view(s.shape.as_slice())
+                        .copy_(&block);
+                }
+            }
+        });
+    }
+}
+
 /// A handle to one parameter of a [`Params`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ParamId(pub usize);
@@ -196,14 +247,13 @@ impl Params {
         specs: Vec<ParamSpec>,
         holds: impl Fn(usize, &ParamSpec) -> bool,
         decayed: impl Fn(&ParamSpec) -> bool,
-        seed: u64,
-        std: f64,
-        num_layers: usize,
+        init: Init,
         device: Device,
     ) -> (Params, Vec<Option<ParamId>>) {
+        let decays: Vec<bool> = specs.iter().map(&decayed).collect();
         let held: Vec<usize> = (0..specs.len()).filter(|&i| holds(i, &specs[i])).collect();
-        let mut order = held.clone();
-        order.sort_by_key(|&i| !decayed(&specs[i])); // stable: decayed first
+        let mut order = held;
+        order.sort_by_key(|&i| !decays[i]); // stable: decayed first
         let mut ids = vec![None; specs.len()];
         let mut offsets_of = vec![0i64; specs.len()];
         let mut off = 0;
@@ -214,41 +264,12 @@ impl Params {
         }
         let num_decayed: i64 = order
             .iter()
-            .filter(|&&i| decayed(&specs[i]))
+            .filter(|&&i| decays[i])
             .map(|&i| specs[i].numel())
             .sum();
-        let mut draw: Vec<usize> = (0..specs.len()).collect();
-        draw.sort_by_key(|&i| !decayed(&specs[i]));
-        // libtorch's generator is global: one user draws at a time in a
-        // process (threads of a test binary, say), or their draws interleave.
-        let draws = global_rng_lock();
-        tch::manual_seed(seed as i64);
         let flat_cpu = Tensor::zeros([off], (Kind::Float, Device::Cpu));
-        tch::no_grad(|| {
-            for &i in &draw {
-                let s = &specs[i];
-                let mut whole = Tensor::zeros([s.global_numel()], (Kind::Float, Device::Cpu));
-                match s.kind {
-                    ParamKind::Norm => {
-                        let _ = whole.fill_(1.0);
-                    }
-                    ParamKind::Linear | ParamKind::Embedding => {
-                        let _ = whole.normal_(0.0, std);
-                    }
-                    ParamKind::ResidualOut => {
-                        let _ = whole.normal_(0.0, std / (2.0 * num_layers as f64).sqrt());
-                    }
-                }
-                if ids[i].is_some() {
-                    let block = s.block_of(&whole.view(s.global_shape.as_slice()));
-                    flat_cpu
-                        .narrow(0, offsets_of[i], s.numel())
-                        .view(s.shape.as_slice())
-                        .copy_(&block);
-                }
-            }
-        });
-        drop(draws);
+        let place = |i: usize| ids[i].map(|_| offsets_of[i]);
+        init.draw(&specs, &decays, &place, &flat_cpu);
         let flat = if device == Device::Cpu {
             flat_cpu
         } else {
@@ -256,27 +277,17 @@ impl Params {
         };
         let specs: Vec<ParamSpec> = order.iter().map(|&i| specs[i].clone()).collect();
         let offsets: Vec<i64> = order.iter().map(|&i| offsets_of[i]).collect();
-        let tensors = specs
-            .iter()
-            .zip(&offsets)
-            .map(|(s, &o)| {
-                flat.narrow(0, o, s.numel())
-                    .view(s.shape.as_slice())
-                    .set_requires_grad(true)
-            })
-            .collect();
-        (
-            Params {
-                specs,
-                tensors,
-                offsets,
-                flat,
-                num_decayed,
-                work: None,
-                changes: std::cell::Cell::new(0),
-            },
-            ids,
-        )
+        let mut params = Params {
+            specs,
+            tensors: Vec::new(),
+            offsets,
+            flat: Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+            num_decayed,
+            work: None,
+            changes: std::cell::Cell::new(0),
+        };
+        params.replace_flat(flat);
+        (params, ids)
     }
 
     pub fn tensor(&self, id: ParamId) -> &Tensor {

@@ -91,6 +91,17 @@ struct RunState {
     interval_time: f64,
 }
 
+impl RunState {
+    /// A warning above the progress bar (or on stderr without one).
+    fn warn(&self, msg: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.bar.println(msg);
+        }
+    }
+}
+
 /// What one optimizer step produced.
 struct StepOutcome {
     loss: f64,
@@ -358,86 +369,83 @@ impl Trainer {
 
     /// Skip accounting (and `nan_policy = "abort"`), the step's record, the bar.
     fn record(&mut self, step: u64, o: &StepOutcome, run: &mut RunState) -> Result<()> {
-        let c = &self.cfg;
         run.interval_tokens += o.target_tokens as u64;
         run.interval_time += o.dt;
         run.report.losses.push(o.loss);
         if !o.stats.applied {
             run.report.skipped_steps += 1;
-            let msg = format!(
-                "step {step}: non-finite loss {} / grad norm {}",
-                o.loss, o.stats.grad_norm
-            );
-            if c.train.nan_policy == NanPolicy::Abort {
+            if self.cfg.train.nan_policy == NanPolicy::Abort {
                 return Err(TrainError::NonFinite {
                     step,
                     loss: o.loss,
                     grad_norm: o.stats.grad_norm,
                 });
             }
-            let warning = format!("warning: {msg}; update skipped (train.nan_policy = \"skip\")");
-            if run.bar.is_hidden() {
-                eprintln!("{warning}");
-            } else {
-                run.bar.println(warning);
-            }
+            run.warn(&format!(
+                "warning: step {step}: non-finite loss {} / grad norm {}; update skipped (train.nan_policy = \"skip\")",
+                o.loss, o.stats.grad_norm
+            ));
         }
         if step == 0
             && self.sink.is_some()
             && self.model.params.flat.device().is_cuda()
             && !crate::kernels::fused::linear_accum_fused_gemm()
         {
-            let warning =
+            run.warn(
                 "warning: libtorch refused the GEMM with an fp32 output that adds matmul \
-                           weight gradients into the gradient buffer; they are computed in bf16 \
-                           and added instead (slower; train.fused_weight_grad)";
-            if run.bar.is_hidden() {
-                eprintln!("{warning}");
-            } else {
-                run.bar.println(warning);
-            }
+                 weight gradients into the gradient buffer; they are computed in bf16 \
+                 and added instead (slower; train.fused_weight_grad)",
+            );
         }
-        let last = step + 1 == c.train.steps;
-        if (step + 1).is_multiple_of(c.train.log_every.max(1)) || last {
-            let devices = (c.parallel.dp * c.parallel.tp * c.parallel.pp) as f64;
-            let tps = run.interval_tokens as f64 / run.interval_time.max(1e-9);
-            // Global tokens/s over the peak of all devices of the job.
-            let mfu = self
-                .peak_flops
-                .map(|p| tps * self.flops_per_token / (p * devices));
-            let [t_data, t_fwd_bwd, t_optim] = o.phases;
-            let rec = json!({
-                "step": step + 1,
-                "loss": o.loss,
-                "lr": o.lr,
-                "grad_norm": o.stats.grad_norm,
-                "tokens_per_s": tps,
-                "mfu": mfu,
-                "global_batch_tokens": o.target_tokens,
-                "step_time_s": o.dt,
-                "phase_s": {"data": t_data, "forward_backward": t_fwd_bwd, "optimizer": t_optim},
-                "tp_comm_s": o.tp_comm_s,
-                "skipped": !o.stats.applied,
-                "optimizer_state_bytes": self.optim.state_bytes(),
-                "memory": self.memory_record(),
-            });
-            if let Some(m) = &mut self.metrics {
-                m.log(step + 1, &rec)?;
-            }
-            run.bar.set_message(format!(
-                "loss {:.4} lr {:.2e} {:.0} tok/s{}",
-                o.loss,
-                o.lr,
-                tps,
-                mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m))
-                    .unwrap_or_default()
-            ));
-            run.report.tokens_per_s = tps;
-            run.report.mfu = mfu;
-            run.interval_tokens = 0;
-            run.interval_time = 0.0;
+        let last = step + 1 == self.cfg.train.steps;
+        if (step + 1).is_multiple_of(self.cfg.train.log_every.max(1)) || last {
+            self.log_step(step, o, run)?;
         }
         run.bar.inc(1);
+        Ok(())
+    }
+
+    /// The step's line in metrics.jsonl (speed and MFU over the steps since
+    /// the last line) and the progress bar's message.
+    fn log_step(&mut self, step: u64, o: &StepOutcome, run: &mut RunState) -> Result<()> {
+        let c = &self.cfg;
+        let devices = (c.parallel.dp * c.parallel.tp * c.parallel.pp) as f64;
+        let tps = run.interval_tokens as f64 / run.interval_time.max(1e-9);
+        // Global tokens/s over the peak of all devices of the job.
+        let mfu = self
+            .peak_flops
+            .map(|p| tps * self.flops_per_token / (p * devices));
+        let [t_data, t_fwd_bwd, t_optim] = o.phases;
+        let rec = json!({
+            "step": step + 1,
+            "loss": o.loss,
+            "lr": o.lr,
+            "grad_norm": o.stats.grad_norm,
+            "tokens_per_s": tps,
+            "mfu": mfu,
+            "global_batch_tokens": o.target_tokens,
+            "step_time_s": o.dt,
+            "phase_s": {"data": t_data, "forward_backward": t_fwd_bwd, "optimizer": t_optim},
+            "tp_comm_s": o.tp_comm_s,
+            "skipped": !o.stats.applied,
+            "optimizer_state_bytes": self.optim.state_bytes(),
+            "memory": self.memory_record(),
+        });
+        if let Some(m) = &mut self.metrics {
+            m.log(step + 1, &rec)?;
+        }
+        run.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s{}",
+            o.loss,
+            o.lr,
+            tps,
+            mfu.map(|m| format!(" MFU {:.1}%", 100.0 * m))
+                .unwrap_or_default()
+        ));
+        run.report.tokens_per_s = tps;
+        run.report.mfu = mfu;
+        run.interval_tokens = 0;
+        run.interval_time = 0.0;
         Ok(())
     }
 
