@@ -2,6 +2,7 @@
 
 mod ablate;
 mod bad_inputs;
+mod bad_inputs_data;
 mod checkpoint;
 mod data_errors;
 mod data_pipeline;
