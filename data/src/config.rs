@@ -160,7 +160,7 @@ impl DataConfig {
             return Err(DataError::config(
                 "data.seq_len",
                 format!(
-                    "must be in 1..={MAX_SEQ_LEN} (a sample is held in memory whole), got {}",
+                    "must be from 1 to {MAX_SEQ_LEN} (a sample is held in memory whole), got {}",
                     self.seq_len
                 ),
             ));
@@ -174,7 +174,7 @@ impl DataConfig {
         if self.prefetch_batches == 0 || self.prefetch_batches > MAX_PREFETCH_BATCHES {
             return Err(DataError::config(
                 "data.prefetch_batches",
-                format!("must be in 1..={MAX_PREFETCH_BATCHES} (each is a batch held in memory), got {}", self.prefetch_batches),
+                format!("must be from 1 to {MAX_PREFETCH_BATCHES} (each is a batch held in memory), got {}", self.prefetch_batches),
             ));
         }
         if self

@@ -218,7 +218,7 @@ pub fn preview(cfg: &DataConfig, samples: u64, show: usize) -> Result<PreviewRep
         return Err(DataError::flag(
             "--samples",
             format!(
-                "must be in 1..={MAX_PREVIEW_SAMPLES} (samples simulated per stage), got {samples}"
+                "must be from 1 to {MAX_PREVIEW_SAMPLES} (samples simulated per stage), got {samples}"
             ),
         ));
     }

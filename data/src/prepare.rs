@@ -144,7 +144,7 @@ fn check_options(opts: &PrepareOptions) -> Result<()> {
         if v == 0 || v > max {
             return Err(DataError::flag(
                 flag,
-                format!("must be in 1..={max} ({why}), got {v}"),
+                format!("must be from 1 to {max} ({why}), got {v}"),
             ));
         }
     }

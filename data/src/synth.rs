@@ -320,7 +320,7 @@ pub fn check_options(path: &Path, num_docs: u64) -> Result<()> {
     if num_docs == 0 || num_docs > MAX_SYNTH_DOCS {
         return Err(DataError::flag(
             "--num-docs",
-            format!("must be in 1..={MAX_SYNTH_DOCS} (about 1 KB of text each), got {num_docs}"),
+            format!("must be from 1 to {MAX_SYNTH_DOCS} (about 1 KB of text each), got {num_docs}"),
         ));
     }
     Ok(())

@@ -96,7 +96,7 @@ pub fn check_vocab_size(vocab_size: u32) -> Result<()> {
         return Err(DataError::flag(
             "--vocab-size",
             format!(
-                "must be in {MIN_VOCAB_SIZE}..={MAX_VOCAB_SIZE} (256 bytes + 3 special tokens at least; training reserves memory for every entry up front), got {vocab_size}"
+                "must be from {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE} (256 bytes + 3 special tokens at least; training reserves memory for every entry up front), got {vocab_size}"
             ),
         ));
     }

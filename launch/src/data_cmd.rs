@@ -257,7 +257,7 @@ fn bench(config: &str, global_batch: usize, batches: u64) -> Result<()> {
         bail!("--global-batch: must be positive, got 0");
     }
     if batches == 0 || batches > MAX_BENCH_BATCHES {
-        bail!("--batches: must be in 1..={MAX_BENCH_BATCHES}, got {batches}");
+        bail!("--batches: must be from 1 to {MAX_BENCH_BATCHES}, got {batches}");
     }
     let cfg = load_config(config)?;
     let ds = Dataset::open_blocking(&cfg)?;
