@@ -9,13 +9,14 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 pub enum DataError {
     #[error("{url}: {message}")]
     Store { url: String, message: String },
-    #[error("cannot {op} {path}: {source}")]
+    /// The system's reason is part of the message (not a separate cause),
+    /// so the binary prints one line.
+    #[error("cannot {op} {path}: {}", io_text(cause))]
     Io {
         /// What was attempted: "read", "write", "create directory", ...
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{file}: {message}")]
     Input { file: String, message: String },
@@ -36,6 +37,16 @@ pub enum DataError {
     },
     #[error("config field `{field}`: {message}")]
     Config { field: String, message: String },
+    /// A command-line flag (`--vocab-size`) whose value cannot be used.
+    #[error("{flag}: {message}")]
+    Flag { flag: String, message: String },
+    /// An environment variable whose value cannot be used.
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env {
+        name: String,
+        value: String,
+        message: String,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -51,6 +62,20 @@ impl DataError {
         DataError::Config {
             field: field.into(),
             message: message.into(),
+        }
+    }
+    pub fn flag(flag: impl Into<String>, message: impl Into<String>) -> Self {
+        DataError::Flag {
+            flag: flag.into(),
+            message: message.into(),
+        }
+    }
+    /// A path or URL error reported as one about `flag` (the value the user
+    /// gave); other errors (an environment variable, say) stay as they are.
+    pub fn for_flag(self, flag: &str) -> Self {
+        match self {
+            DataError::Store { url, message } => DataError::flag(flag, format!("{url}: {message}")),
+            other => other,
         }
     }
     pub fn store(url: impl Into<String>, message: impl std::fmt::Display) -> Self {
@@ -75,7 +100,16 @@ impl DataError {
         DataError::Io {
             op,
             path: path.into(),
-            source,
+            cause: source,
         }
+    }
+}
+
+/// The system's reason for an I/O error, without the "(os error N)" suffix.
+pub fn io_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
     }
 }

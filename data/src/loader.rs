@@ -13,6 +13,7 @@ use crate::config::DataConfig;
 use crate::error::{DataError, Result};
 use crate::manifest::{Manifest, Split, TokenizerInfo, TOKENIZER_FILE};
 use crate::mixer::{Cursor, Mixer};
+use crate::shard::ShardReader;
 use crate::store::{block_on, Location};
 use crate::stream::{DomainStream, RowGroupRef, ShardHandle};
 use crate::tokenizer::Tokenizer;
@@ -78,89 +79,27 @@ pub struct Dataset {
     valid: Vec<Arc<DomainStream>>,
 }
 
+/// Shard footers read at once when a dataset is opened (remote stores: requests in flight).
+const OPEN_CONCURRENCY: usize = 32;
+
 impl Dataset {
-    /// Read the manifests of all sources and validate the config against them.
+    /// Read the manifests of all sources, validate the config against them,
+    /// and check every shard a stream will read against its manifest from the
+    /// file's footer (present, size, row groups, domain, split, tokenizer),
+    /// so a missing, truncated or foreign shard is refused here rather than
+    /// at the first batch that reaches it.
     pub async fn open(config: &DataConfig) -> Result<Dataset> {
-        let mut sources = Vec::new();
-        for (i, s) in config.sources.iter().enumerate() {
-            let (manifest, dir) = Manifest::load(&s.manifest).await.map_err(|e| {
-                DataError::config(format!("data.sources[{i}].manifest"), e.to_string())
-            })?;
-            let domain = s.domain.clone().unwrap_or_else(|| manifest.domain.clone());
-            sources.push(Source {
-                manifest_url: s.manifest.clone(),
-                domain,
-                manifest,
-                dir,
-            });
-        }
-        let tokenizer = sources[0].manifest.tokenizer.clone();
-        for s in &sources[1..] {
-            if s.manifest.tokenizer.sha256 != tokenizer.sha256 {
-                return Err(DataError::config(
-                    "data.sources",
-                    format!(
-                        "{} was tokenized with a different tokenizer (sha256 {}) than {} ({}); prepare all sources with one tokenizer",
-                        s.manifest_url, &s.manifest.tokenizer.sha256[..12], sources[0].manifest_url, &tokenizer.sha256[..12]
-                    ),
-                ));
-            }
-        }
+        config.validate()?;
+        let sources = load_sources(config).await?;
+        let tokenizer = common_tokenizer(&sources)?;
         if let Some(t) = &config.tokenizer {
-            let tok = Tokenizer::load_async(t)
-                .await
-                .map_err(|e| DataError::config("data.tokenizer", e.to_string()))?;
-            if tok.vocab_size != tokenizer.vocab_size {
-                return Err(DataError::config(
-                    "data.tokenizer",
-                    format!(
-                        "{t} has a vocabulary of {} tokens but {} was prepared with {} tokens; use the tokenizer the shards were prepared with",
-                        tok.vocab_size, sources[0].manifest_url, tokenizer.vocab_size
-                    ),
-                ));
-            }
-            if tok.sha256 != tokenizer.sha256 {
-                return Err(DataError::config(
-                    "data.tokenizer",
-                    format!(
-                        "{t} (sha256 {}) differs from the tokenizer that prepared {} ({})",
-                        &tok.sha256[..12],
-                        sources[0].manifest_url,
-                        &tokenizer.sha256[..12]
-                    ),
-                ));
-            }
+            check_config_tokenizer(t, &tokenizer, &sources[0].manifest_url).await?;
         }
         let source_domains: Vec<String> = sources.iter().map(|s| s.domain.clone()).collect();
         let stages = config.stages(&source_domains)?;
         let domains = config.domains();
-        let mut train = Vec::new();
-        let mut valid = Vec::new();
-        for d in &domains {
-            for (split, out) in [(Split::Train, &mut train), (Split::Valid, &mut valid)] {
-                let mut groups = Vec::new();
-                for s in sources.iter().filter(|s| &s.domain == d) {
-                    for sh in s.manifest.shards.iter().filter(|sh| sh.split == split) {
-                        let handle = ShardHandle::new(s.dir.join(&sh.file));
-                        for (i, rg) in sh.row_groups.iter().enumerate() {
-                            groups.push(RowGroupRef {
-                                shard: handle.clone(),
-                                index: i,
-                                info: rg.clone(),
-                            });
-                        }
-                    }
-                }
-                out.push(DomainStream::new(
-                    d,
-                    groups,
-                    config.seed,
-                    config.shuffle_window,
-                    tokenizer.eos_id,
-                    split == Split::Train,
-                ));
-            }
-        }
+        let shards = open_shards(&sources, &domains).await?;
+        let (train, valid) = build_streams(config, &domains, &sources, &shards, tokenizer.eos_id);
         for (i, d) in domains.iter().enumerate() {
             let used = stages.iter().any(|s| s.weights[i] > 0.0);
             if used && train[i].epoch_tokens() <= config.seq_len as u64 {
@@ -251,7 +190,9 @@ impl Dataset {
         self.next_sample(&mut c).await
     }
 
-    async fn next_sample(&self, c: &mut Cursor) -> Result<Sample> {
+    /// The sample at the cursor, which moves on by one (walking a cursor reads
+    /// consecutive samples without replaying the mixer for each).
+    pub async fn next_sample(&self, c: &mut Cursor) -> Result<Sample> {
         let index = c.index;
         let (d, j) = self.mixer.next(c);
         let mut s = Sample {
@@ -265,6 +206,175 @@ impl Dataset {
         Ok(s)
     }
 }
+
+/// The manifest of every source; one prepared directory may be listed once.
+async fn load_sources(config: &DataConfig) -> Result<Vec<Source>> {
+    let mut sources: Vec<Source> = Vec::new();
+    for (i, s) in config.sources.iter().enumerate() {
+        let field = format!("data.sources[{i}].manifest");
+        let (manifest, dir) = Manifest::load(&s.manifest)
+            .await
+            .map_err(|e| DataError::config(&field, e.to_string()))?;
+        let key = |l: &Location| {
+            l.local_path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| l.url.clone())
+        };
+        if let Some(j) = sources.iter().position(|o| key(&o.dir) == key(&dir)) {
+            return Err(DataError::config(
+                field,
+                format!("{} is the directory of data.sources[{j}] ({}); a source listed twice would be read twice as often", s.manifest, sources[j].manifest_url),
+            ));
+        }
+        let domain = s.domain.clone().unwrap_or_else(|| manifest.domain.clone());
+        sources.push(Source {
+            manifest_url: s.manifest.clone(),
+            domain,
+            manifest,
+            dir,
+        });
+    }
+    Ok(sources)
+}
+
+/// The tokenizer all sources were prepared with (they must agree).
+fn common_tokenizer(sources: &[Source]) -> Result<TokenizerInfo> {
+    let first = sources
+        .first()
+        .ok_or_else(|| DataError::config("data.sources", "no sources"))?;
+    let tokenizer = first.manifest.tokenizer.clone();
+    for s in &sources[1..] {
+        if s.manifest.tokenizer.sha256 != tokenizer.sha256 {
+            return Err(DataError::config(
+                "data.sources",
+                format!(
+                    "{} was tokenized with a different tokenizer (sha256 {}) than {} ({}); prepare all sources with one tokenizer",
+                    s.manifest_url, &s.manifest.tokenizer.sha256[..12], first.manifest_url, &tokenizer.sha256[..12]
+                ),
+            ));
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// `data.tokenizer`, when given, must be the tokenizer that prepared the shards.
+async fn check_config_tokenizer(
+    t: &str,
+    tokenizer: &TokenizerInfo,
+    first_source: &str,
+) -> Result<()> {
+    let tok = Tokenizer::load_async(t)
+        .await
+        .map_err(|e| DataError::config("data.tokenizer", e.to_string()))?;
+    if tok.vocab_size != tokenizer.vocab_size {
+        return Err(DataError::config(
+            "data.tokenizer",
+            format!(
+                "{t} has a vocabulary of {} tokens but {first_source} was prepared with {} tokens; use the tokenizer the shards were prepared with",
+                tok.vocab_size, tokenizer.vocab_size
+            ),
+        ));
+    }
+    if tok.sha256 != tokenizer.sha256 {
+        return Err(DataError::config(
+            "data.tokenizer",
+            format!(
+                "{t} (sha256 {}) differs from the tokenizer that prepared {first_source} ({})",
+                &tok.sha256[..12],
+                &tokenizer.sha256[..12]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every shard of the sources that feed `domains`, opened and checked against
+/// its manifest (footer reads only). Indexed like `sources[i].manifest.shards[j]`;
+/// `None` for the shards of sources no mixture uses.
+async fn open_shards(
+    sources: &[Source],
+    domains: &[String],
+) -> Result<Vec<Vec<Option<Arc<ShardHandle>>>>> {
+    use futures::StreamExt;
+    let jobs = sources.iter().enumerate().flat_map(|(i, s)| {
+        let used = domains.contains(&s.domain);
+        s.manifest
+            .shards
+            .iter()
+            .enumerate()
+            .map(move |(j, sh)| (i, j, used, s, sh))
+    });
+    let opened: Vec<_> = futures::stream::iter(jobs)
+        .map(|(i, j, used, s, sh)| async move {
+            if !used {
+                return Ok((i, j, None));
+            }
+            let r = ShardReader::open_checked(s.dir.join(&sh.file), &s.manifest, sh)
+                .await
+                .map_err(|e| {
+                    DataError::config(format!("data.sources[{i}].manifest"), e.to_string())
+                })?;
+            Ok::<_, DataError>((i, j, Some(ShardHandle::opened(r))))
+        })
+        .buffered(OPEN_CONCURRENCY)
+        .collect()
+        .await;
+    let mut out: Vec<Vec<Option<Arc<ShardHandle>>>> = sources
+        .iter()
+        .map(|s| vec![None; s.manifest.shards.len()])
+        .collect();
+    for r in opened {
+        let (i, j, h) = r?;
+        out[i][j] = h;
+    }
+    Ok(out)
+}
+
+/// The training and validation stream of each domain, from its sources' row groups.
+fn build_streams(
+    config: &DataConfig,
+    domains: &[String],
+    sources: &[Source],
+    shards: &[Vec<Option<Arc<ShardHandle>>>],
+    eos: u32,
+) -> (Vec<Arc<DomainStream>>, Vec<Arc<DomainStream>>) {
+    let mut train = Vec::new();
+    let mut valid = Vec::new();
+    for d in domains {
+        for (split, out) in [(Split::Train, &mut train), (Split::Valid, &mut valid)] {
+            let mut groups = Vec::new();
+            for (i, s) in sources.iter().enumerate().filter(|(_, s)| &s.domain == d) {
+                for (j, sh) in s.manifest.shards.iter().enumerate() {
+                    if sh.split != split {
+                        continue;
+                    }
+                    let handle = shards[i][j]
+                        .clone()
+                        .unwrap_or_else(|| ShardHandle::new(s.dir.join(&sh.file)));
+                    for (k, rg) in sh.row_groups.iter().enumerate() {
+                        groups.push(RowGroupRef {
+                            shard: handle.clone(),
+                            index: k,
+                            info: rg.clone(),
+                        });
+                    }
+                }
+            }
+            out.push(DomainStream::new(
+                d,
+                groups,
+                config.seed,
+                config.shuffle_window,
+                eos,
+                split == Split::Train,
+            ));
+        }
+    }
+    (train, valid)
+}
+
+/// Most tokens one rank's batch may hold (16 GiB of ids).
+pub const MAX_BATCH_TOKENS: u64 = 1 << 32;
 
 #[derive(Clone, Copy, Debug)]
 pub struct LoaderOptions {
@@ -301,6 +411,17 @@ impl Loader {
             return Err(DataError::config(
                 "global batch",
                 format!("{g} samples cannot be split evenly over {dp_size} data-parallel ranks"),
+            ));
+        }
+        let per_rank_tokens = (g / dp_size).checked_mul(ds.config.seq_len + 1);
+        if per_rank_tokens.is_none_or(|t| t as u64 > MAX_BATCH_TOKENS) {
+            return Err(DataError::config(
+                "global batch",
+                format!(
+                    "{} samples of {} tokens per rank is more than the {MAX_BATCH_TOKENS} tokens a batch may hold in memory; use a smaller batch or data.seq_len",
+                    g / dp_size,
+                    ds.config.seq_len + 1
+                ),
             ));
         }
         if start.consumed_samples % g as u64 != 0 {

@@ -81,6 +81,27 @@ impl Mixer {
         c
     }
 
+    /// Samples dealt to each domain among the first `n` samples of stage `s`
+    /// (at most the stage's length). The deal inside a stage depends only on
+    /// the stage's own counts, so earlier stages are not replayed.
+    pub fn stage_counts(&self, s: usize, n: u64) -> Vec<u64> {
+        let nd = self.domains.len();
+        let first = if s == 0 { 0 } else { self.stage_ends[s - 1] };
+        let n = n.min(self.stage_ends[s].saturating_sub(first));
+        let mut c = Cursor {
+            index: first,
+            stage: s,
+            stage_start: first,
+            in_stage: vec![0; nd],
+            total: vec![0; nd],
+        };
+        let mut counts = vec![0u64; nd];
+        for _ in 0..n {
+            counts[self.next(&mut c).0] += 1;
+        }
+        counts
+    }
+
     fn enter_stage(&self, c: &mut Cursor) {
         while c.stage + 1 < self.stages.len() && c.index >= self.stage_ends[c.stage] {
             c.stage += 1;
@@ -184,5 +205,32 @@ mod tests {
         assert_eq!(c.stage, 1);
         assert_eq!(c.total, vec![10, 2]);
         assert_eq!(m.seek(12), c);
+    }
+
+    #[test]
+    fn stage_counts_equal_the_replayed_deal() {
+        let m = Mixer::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            vec![
+                stage(Some(1000), &[0.5, 0.3, 0.2]),
+                stage(Some(1001), &[0.1, 0.1, 0.8]),
+                stage(Some(5000), &[0.2, 0.2, 0.6]),
+                stage(None, &[0.0, 0.7, 0.3]),
+            ],
+            16,
+        );
+        let mut c = m.start();
+        for s in 0..m.stages.len() {
+            let first = if s == 0 { 0 } else { m.stage_ends[s - 1] };
+            let len = m.stage_ends[s].saturating_sub(first).min(300);
+            while c.index < first {
+                m.next(&mut c);
+            }
+            let mut replayed = vec![0u64; 3];
+            for _ in 0..len {
+                replayed[m.next(&mut c).0] += 1;
+            }
+            assert_eq!(m.stage_counts(s, len), replayed, "stage {s}");
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! killed therefore never leaves a manifest pointing at missing or partial shards.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -17,14 +17,15 @@ use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{DataError, Result};
+use crate::fsutil::sha256_file;
 use crate::manifest::{
-    Manifest, ShardInfo, Split, TokenizerInfo, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
-    TOKENIZER_FILE,
+    valid_domain_name, Manifest, ShardInfo, Split, TokenizerInfo, FORMAT, FORMAT_VERSION,
+    MANIFEST_FILE, TOKENIZER_FILE,
 };
 use crate::readers::{read_file, Document};
 use crate::shard::ShardWriter;
 use crate::store::{block_on, expand_inputs, Location};
-use crate::tokenizer::{sha256_hex, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Debug)]
 pub struct PrepareOptions {
@@ -81,15 +82,71 @@ impl PrepareReport {
 }
 
 pub fn check_domain_name(domain: &str) -> Result<()> {
-    if domain.is_empty()
-        || !domain
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(DataError::config(
+    if !valid_domain_name(domain) {
+        return Err(DataError::flag(
             "--domain",
             format!("{domain:?} is not a valid domain name (use letters, digits, '-' and '_')"),
         ));
+    }
+    Ok(())
+}
+
+/// Bounds of the size flags of `data prepare`, checked before anything is read or written.
+pub const MAX_ROW_GROUP_TOKENS: u64 = 1 << 24;
+pub const MAX_SHARD_TOKENS: u64 = 1 << 34;
+pub const MAX_THREADS: usize = 1024;
+
+/// Every option on its own, before any input is read or output touched.
+fn check_options(opts: &PrepareOptions) -> Result<()> {
+    check_domain_name(&opts.domain)?;
+    if !(0.0..1.0).contains(&opts.valid_fraction) {
+        return Err(DataError::flag(
+            "--valid-fraction",
+            format!("must be in [0, 1), got {}", opts.valid_fraction),
+        ));
+    }
+    // The split is decided in millionths: a fraction that rounds to none or
+    // to all of them would silently give no validation or no training data.
+    let cut = (opts.valid_fraction * 1_000_000.0).round();
+    if (opts.valid_fraction > 0.0 && cut == 0.0) || cut >= 1_000_000.0 {
+        return Err(DataError::flag(
+            "--valid-fraction",
+            format!("{} rounds to {} at the split's resolution of 0.000001; use 0 for no validation split, or a fraction from 0.000001 to 0.999999", opts.valid_fraction, if cut == 0.0 { "0" } else { "1" }),
+        ));
+    }
+    if opts.text_field.is_empty() {
+        return Err(DataError::flag(
+            "--text-field",
+            "empty: name the JSON field or Parquet column that holds the text",
+        ));
+    }
+    let sizes = [
+        (
+            "--row-group-tokens",
+            opts.row_group_tokens,
+            MAX_ROW_GROUP_TOKENS,
+            "a row group is decoded in memory whole, by the loader too",
+        ),
+        (
+            "--shard-tokens",
+            opts.shard_tokens,
+            MAX_SHARD_TOKENS,
+            "64 GiB of token ids per file",
+        ),
+        (
+            "--threads",
+            opts.threads as u64,
+            MAX_THREADS as u64,
+            "one tokenizer thread each",
+        ),
+    ];
+    for (flag, v, max, why) in sizes {
+        if v == 0 || v > max {
+            return Err(DataError::flag(
+                flag,
+                format!("must be from 1 to {max} ({why}), got {v}"),
+            ));
+        }
     }
     Ok(())
 }
@@ -144,6 +201,7 @@ impl SplitWriter {
             let w = ShardWriter::create(
                 &dir.join(&file),
                 &opts.domain,
+                self.split,
                 tok_sha,
                 opts.row_group_tokens,
             )?;
@@ -172,80 +230,138 @@ impl SplitWriter {
 }
 
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
-    check_domain_name(&opts.domain)?;
-    if !(0.0..1.0).contains(&opts.valid_fraction) {
-        return Err(DataError::config(
-            "--valid-fraction",
-            format!("must be in [0, 1), got {}", opts.valid_fraction),
-        ));
-    }
-    if opts.row_group_tokens == 0 || opts.shard_tokens == 0 || opts.threads == 0 {
-        return Err(DataError::config(
-            "prepare",
-            "row-group tokens, shard tokens and threads must be positive",
-        ));
-    }
+    check_options(opts)?;
     let start = Instant::now();
     let tok = Tokenizer::load(&opts.tokenizer)?;
     let files = block_on(expand_inputs(&opts.inputs))?;
     let input_bytes: u64 = files.iter().map(|f| f.1).sum();
-    let out = Location::parse(&opts.output)?;
+    let out = Location::parse(&opts.output).map_err(|e| e.for_flag("--output"))?;
+    let old = block_on(check_output(&out, opts.overwrite))?;
+    let staging = Staging::create(&out)?;
+    let (writers, text_bytes) = tokenize(opts, &tok, &files, &staging.0, input_bytes)?;
+    let manifest = describe(opts, &tok, &writers, &staging.0)?;
+    block_on(commit(&out, &staging.0, &tok, &manifest, &old))?;
+    Ok(PrepareReport {
+        manifest,
+        input_bytes,
+        text_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// What the output held before: whether it had a manifest, and that manifest
+/// when it could be read (its shards are removed once the new data is in).
+struct OldOutput {
+    had_manifest: bool,
+    manifest: Option<Manifest>,
+}
+
+/// prepare writes into an empty (or new) directory; into one that holds
+/// anything else only with `--overwrite`. Nothing is written here.
+async fn check_output(out: &Location, overwrite: bool) -> Result<OldOutput> {
+    if let Some(p) = out.local_path() {
+        if p.exists() && !p.is_dir() {
+            return Err(DataError::flag(
+                "--output",
+                format!("{} is a file; give a directory to prepare into", out.url),
+            ));
+        }
+    }
     let manifest_loc = out.join(MANIFEST_FILE);
-    let old = if block_on(manifest_loc.size())?.is_some() {
-        if !opts.overwrite {
+    let had_manifest = manifest_loc.size().await?.is_some();
+    let first_entry = first_entry(out).await?;
+    if !overwrite {
+        if had_manifest {
             return Err(DataError::store(
                 &out.url,
                 "already holds prepared data (manifest.json); pass --overwrite to replace it",
             ));
         }
-        Some(block_on(Manifest::load(&out.url))?.0)
+        if let Some(name) = first_entry {
+            return Err(DataError::store(
+                &out.url,
+                format!("is not empty (it holds {name}); prepare writes into an empty directory: choose another --output, or pass --overwrite to write into it (files named like prepare's are replaced)"),
+            ));
+        }
+    }
+    // With --overwrite a manifest that cannot be read is replaced too; only
+    // its shards cannot be cleaned up (they are not known).
+    let manifest = if had_manifest {
+        Manifest::load(&out.url).await.ok().map(|(m, _)| m)
     } else {
         None
     };
+    Ok(OldOutput {
+        had_manifest,
+        manifest,
+    })
+}
 
-    // Staging: inside the output directory when it is local (same file system, so
-    // the final move is a rename), else in the system temp directory.
-    let staging_parent = match out.local_path() {
-        Some(p) => {
-            std::fs::create_dir_all(p).map_err(|e| DataError::io("create directory", p, e))?;
-            remove_stale_staging(p);
-            p.to_path_buf()
+/// The first thing inside `out` (by name), not counting staging directories
+/// of earlier runs of prepare.
+async fn first_entry(out: &Location) -> Result<Option<String>> {
+    if let Some(p) = out.local_path() {
+        if !p.is_dir() {
+            return Ok(None);
         }
-        None => std::env::temp_dir(),
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let staging =
-        Staging(staging_parent.join(format!(".staging-{}-{}", std::process::id(), nanos)));
-    std::fs::create_dir_all(&staging.0)
-        .map_err(|e| DataError::io("create directory", &staging.0, e))?;
+        let mut names: Vec<String> = std::fs::read_dir(p)
+            .map_err(|e| DataError::io("list", p, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".staging-"))
+            .collect();
+        names.sort();
+        return Ok(names.into_iter().next());
+    }
+    let prefix = format!("{}/", out.url);
+    Ok(out
+        .list()
+        .await?
+        .into_iter()
+        .map(|(l, _)| l.url.strip_prefix(&prefix).unwrap_or(&l.url).to_string())
+        .next())
+}
 
-    let bar = progress_bar(opts.progress, input_bytes);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .thread_name(|i| format!("sigma-tok-{i}"))
-        .build()
-        .map_err(|e| {
-            DataError::Other(format!(
-                "cannot start {} tokenizer threads: {e}",
-                opts.threads
-            ))
-        })?;
+impl Staging {
+    /// A private directory for the shards being written: inside the output
+    /// directory when it is local (same file system, so the final move is a
+    /// rename), else in the system temp directory.
+    fn create(out: &Location) -> Result<Staging> {
+        let parent = match out.local_path() {
+            Some(p) => {
+                std::fs::create_dir_all(p).map_err(|e| DataError::io("create directory", p, e))?;
+                remove_stale_staging(p);
+                p.to_path_buf()
+            }
+            None => std::env::temp_dir(),
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = parent.join(format!(".staging-{}-{}", std::process::id(), nanos));
+        std::fs::create_dir_all(&dir).map_err(|e| DataError::io("create directory", &dir, e))?;
+        Ok(Staging(dir))
+    }
+}
 
-    // Reader thread: documents in batches of ~1 MiB of text.
-    let (tx, rx) = sync_channel::<Result<Vec<Document>>>(opts.threads * 2 + 2);
-    let text_field = opts.text_field.clone();
-    let reader_files = files.clone();
-    let bar_r = bar.clone();
+/// Batches of documents from the reader thread (or the error that stopped it).
+type DocBatches = Receiver<Result<Vec<Document>>>;
+
+/// Read the inputs on a thread, in batches of about 1 MiB of text.
+fn spawn_reader(
+    files: Vec<(Location, u64)>,
+    text_field: String,
+    bar: ProgressBar,
+    threads: usize,
+) -> Result<(DocBatches, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = sync_channel::<Result<Vec<Document>>>(threads * 2 + 2);
     let reader = std::thread::Builder::new()
         .name("sigma-read".into())
         .spawn(move || {
             let mut batch = Vec::new();
             let mut batch_bytes = 0usize;
-            let mut sent_error = false;
-            for (file, size) in &reader_files {
+            for (file, size) in &files {
                 let tx2 = tx.clone();
                 let mut emit = |d: Document| -> Result<()> {
                     batch_bytes += d.text.len();
@@ -259,17 +375,44 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
                 };
                 if let Err(e) = block_on(read_file(file, &text_field, &mut emit)) {
                     let _ = tx.send(Err(e));
-                    sent_error = true;
-                    break;
+                    return;
                 }
-                bar_r.inc(*size);
+                bar.inc(*size);
             }
-            if !sent_error && !batch.is_empty() {
+            if !batch.is_empty() {
                 let _ = tx.send(Ok(batch));
             }
         })
         .map_err(|e| DataError::Other(format!("cannot start the reader thread: {e}")))?;
+    Ok((rx, reader))
+}
 
+/// Tokenize every document (a pool of `opts.threads`, order kept) into shards
+/// in `staging`; returns the closed writers and the bytes of text read.
+fn tokenize(
+    opts: &PrepareOptions,
+    tok: &Tokenizer,
+    files: &[(Location, u64)],
+    staging: &Path,
+    input_bytes: u64,
+) -> Result<([SplitWriter; 2], u64)> {
+    let bar = progress_bar(opts.progress, input_bytes);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .thread_name(|i| format!("sigma-tok-{i}"))
+        .build()
+        .map_err(|e| {
+            DataError::Other(format!(
+                "cannot start {} tokenizer threads (--threads): {e}",
+                opts.threads
+            ))
+        })?;
+    let (rx, reader) = spawn_reader(
+        files.to_vec(),
+        opts.text_field.clone(),
+        bar.clone(),
+        opts.threads,
+    )?;
     let mut writers = [
         SplitWriter::new(Split::Train),
         SplitWriter::new(Split::Valid),
@@ -284,7 +427,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
             let ids = ids.map_err(|e| DataError::input(&d.source, e.to_string()))?;
             let hash = xxh3_64(d.text.as_bytes());
             let w = &mut writers[split_of(hash, opts.valid_fraction) as usize];
-            w.add(&staging.0, opts, &tok.sha256, &ids, &d.source, hash)?;
+            w.add(staging, opts, &tok.sha256, &ids, &d.source, hash)?;
             docs += 1;
             tokens += ids.len() as u64;
             text_bytes += d.text.len() as u64;
@@ -308,25 +451,32 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         w.close()?;
     }
     bar.finish_and_clear();
+    Ok((writers, text_bytes))
+}
 
-    // Describe the shards.
+/// The manifest of the shards in `staging` (sizes and sha256 read back from the files).
+fn describe(
+    opts: &PrepareOptions,
+    tok: &Tokenizer,
+    writers: &[SplitWriter],
+    staging: &Path,
+) -> Result<Manifest> {
     let mut shards = Vec::new();
-    for w in &writers {
+    for w in writers {
         for (file, documents, tokens, row_groups) in &w.done {
-            let path = staging.0.join(file);
-            let data = std::fs::read(&path).map_err(|e| DataError::io("read", &path, e))?;
+            let (bytes, sha256) = sha256_file(&staging.join(file))?;
             shards.push(ShardInfo {
                 file: file.clone(),
                 split: w.split,
-                bytes: data.len() as u64,
-                sha256: sha256_hex(&data),
+                bytes,
+                sha256,
                 documents: *documents,
                 tokens: *tokens,
                 row_groups: row_groups.clone(),
             });
         }
     }
-    let manifest = Manifest {
+    Ok(Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
         domain: opts.domain.clone(),
@@ -345,37 +495,39 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         row_group_tokens: opts.row_group_tokens,
         skipped_documents: 0,
         shards,
-    };
-
-    // Commit.
-    block_on(async {
-        if old.is_some() {
-            manifest_loc.delete().await?;
-        }
-        for s in &manifest.shards {
-            out.join(&s.file).put_file(&staging.0.join(&s.file)).await?;
-        }
-        out.join(TOKENIZER_FILE)
-            .put_atomic(tok.json.clone())
-            .await?;
-        manifest_loc.put_atomic(manifest.to_json().into()).await?;
-        if let Some(old) = &old {
-            for s in old
-                .shards
-                .iter()
-                .filter(|s| !manifest.shards.iter().any(|n| n.file == s.file))
-            {
-                out.join(&s.file).delete().await?;
-            }
-        }
-        Ok::<(), DataError>(())
-    })?;
-    Ok(PrepareReport {
-        manifest,
-        input_bytes,
-        text_bytes,
-        seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Old manifest out, shards in, tokenizer.json, the manifest last; then the
+/// old shards the new manifest does not list.
+async fn commit(
+    out: &Location,
+    staging: &Path,
+    tok: &Tokenizer,
+    manifest: &Manifest,
+    old: &OldOutput,
+) -> Result<()> {
+    let manifest_loc = out.join(MANIFEST_FILE);
+    if old.had_manifest {
+        manifest_loc.delete().await?;
+    }
+    for s in &manifest.shards {
+        out.join(&s.file).put_file(&staging.join(&s.file)).await?;
+    }
+    out.join(TOKENIZER_FILE)
+        .put_atomic(tok.json.clone())
+        .await?;
+    manifest_loc.put_atomic(manifest.to_json().into()).await?;
+    if let Some(old) = &old.manifest {
+        for s in old
+            .shards
+            .iter()
+            .filter(|s| !manifest.shards.iter().any(|n| n.file == s.file))
+        {
+            out.join(&s.file).delete().await?;
+        }
+    }
+    Ok(())
 }
 
 fn remove_stale_staging(dir: &Path) {

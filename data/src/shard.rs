@@ -25,7 +25,9 @@ use parquet::file::properties::WriterProperties;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{DataError, Result};
-use crate::manifest::{RowGroupInfo, FORMAT_VERSION};
+use crate::manifest::{
+    Manifest, RowGroupInfo, ShardInfo, Split, FORMAT_VERSION, MAX_ROW_GROUP_TOKENS,
+};
 use crate::store::Location;
 
 fn schema() -> Arc<Schema> {
@@ -78,6 +80,7 @@ impl ShardWriter {
     pub fn create(
         path: &Path,
         domain: &str,
+        split: Split,
         tokenizer_sha256: &str,
         row_group_tokens: u64,
     ) -> Result<ShardWriter> {
@@ -89,6 +92,7 @@ impl ShardWriter {
             .set_key_value_metadata(Some(vec![
                 KeyValue::new("sigma.format_version".into(), FORMAT_VERSION.to_string()),
                 KeyValue::new("sigma.domain".into(), domain.to_string()),
+                KeyValue::new("sigma.split".into(), split.name().to_string()),
                 KeyValue::new(
                     "sigma.tokenizer_sha256".into(),
                     tokenizer_sha256.to_string(),
@@ -245,8 +249,88 @@ impl ShardReader {
             .and_then(|k| k.value.clone())
     }
 
+    /// Open a shard the manifest `m` lists as `s` and check, from the footer
+    /// only (no data pages are read), that it is the file the manifest
+    /// describes: its size, row groups and rows per row group, and the
+    /// format version, domain, split and tokenizer recorded in the file.
+    pub async fn open_checked(loc: Location, m: &Manifest, s: &ShardInfo) -> Result<ShardReader> {
+        let r = ShardReader::open(loc).await?;
+        r.check_against(m, s)?;
+        Ok(r)
+    }
+
+    fn check_against(&self, m: &Manifest, s: &ShardInfo) -> Result<()> {
+        let bad = |what: String| {
+            Err(DataError::shard(
+                &self.loc.url,
+                format!("{what}; the shard or the manifest was changed after `sigma data prepare` wrote them (prepare the data again)"),
+            ))
+        };
+        if self.size != s.bytes {
+            return bad(format!(
+                "{} bytes, the manifest records {}",
+                self.size, s.bytes
+            ));
+        }
+        if self.num_row_groups() != s.row_groups.len() {
+            return bad(format!(
+                "{} row groups, the manifest records {}",
+                self.num_row_groups(),
+                s.row_groups.len()
+            ));
+        }
+        for (i, g) in s.row_groups.iter().enumerate() {
+            let rows = self.meta.metadata().row_group(i).num_rows();
+            if u64::try_from(rows).ok() != Some(g.documents) {
+                return bad(format!(
+                    "row group {i} holds {rows} documents, the manifest records {}",
+                    g.documents
+                ));
+            }
+        }
+        let expect = [
+            (
+                "sigma.format_version",
+                FORMAT_VERSION.to_string(),
+                "format version",
+            ),
+            ("sigma.domain", m.domain.clone(), "domain"),
+            ("sigma.split", s.split.name().to_string(), "split"),
+            (
+                "sigma.tokenizer_sha256",
+                m.tokenizer.sha256.clone(),
+                "tokenizer sha256",
+            ),
+        ];
+        for (key, want, what) in expect {
+            match self.key_value(key) {
+                Some(v) if v != want => {
+                    return bad(format!(
+                        "{what} {v:?} recorded in the file, the manifest says {want:?}"
+                    ))
+                }
+                // Shards written before sigma recorded the split do not have it.
+                None if key != "sigma.split" => {
+                    return bad(format!(
+                        "no {what} recorded in the file (`{key}`): not a sigma shard"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Decode row group `rg` and check it against the manifest's counts and checksum.
     pub async fn read_row_group(&self, rg: usize, expect: &RowGroupInfo) -> Result<RowGroupTokens> {
+        let batches = self.decode_row_group(rg).await?;
+        let out = self.collect_tokens(&batches)?;
+        self.check_row_group(rg, &out, expect)?;
+        Ok(out)
+    }
+
+    /// The record batches of row group `rg`, `tokens` column only.
+    async fn decode_row_group(&self, rg: usize) -> Result<Vec<RecordBatch>> {
         let url = &self.loc.url;
         if rg >= self.num_row_groups() {
             return Err(DataError::shard(
@@ -267,36 +351,64 @@ impl ShardReader {
             .with_projection(mask)
             .with_batch_size(rows.max(1))
             .build()
-            .map_err(|e| DataError::shard(url, e))?;
-        let batches: Vec<RecordBatch> = stream
+            .map_err(|e| DataError::shard(url, format!("row group {rg} cannot be read: {e}")))?;
+        stream
             .try_collect()
             .await
-            .map_err(|e| DataError::shard(url, format!("row group {rg} is unreadable: {e}")))?;
+            .map_err(|e| DataError::shard(url, format!("row group {rg} is unreadable: {e}")))
+    }
+
+    /// The documents of decoded batches as one token buffer with offsets.
+    fn collect_tokens(&self, batches: &[RecordBatch]) -> Result<RowGroupTokens> {
+        let url = &self.loc.url;
+        // Sized by the decoded data, not by the manifest's count (checked after).
         let mut out = RowGroupTokens {
-            tokens: Vec::with_capacity(expect.tokens as usize),
+            tokens: Vec::new(),
             offsets: vec![0],
         };
-        for b in &batches {
+        for b in batches {
             let list = b
                 .column(0)
                 .as_any()
                 .downcast_ref::<ListArray>()
-                .ok_or_else(|| DataError::shard(url, "column `tokens` is not a list"))?;
+                .ok_or_else(|| {
+                    DataError::shard(url, "column `tokens` is not a list: not a sigma shard")
+                })?;
             let values = list
                 .values()
                 .as_any()
                 .downcast_ref::<UInt32Array>()
-                .ok_or_else(|| DataError::shard(url, "column `tokens` does not hold uint32"))?;
+                .ok_or_else(|| {
+                    DataError::shard(
+                        url,
+                        "column `tokens` does not hold uint32: not a sigma shard",
+                    )
+                })?;
             let offs = list.value_offsets();
             let (first, last) = (offs[0] as usize, offs[offs.len() - 1] as usize);
-            let base = out.tokens.len() as u32;
+            let base = out.tokens.len();
+            if base + (last - first) > MAX_ROW_GROUP_TOKENS as usize {
+                return Err(DataError::shard(url, format!("a row group holds more than {MAX_ROW_GROUP_TOKENS} tokens: not a sigma shard")));
+            }
+            out.tokens.reserve_exact(last - first);
             out.tokens.extend_from_slice(&values.values()[first..last]);
             out.offsets.extend(
                 offs[1..]
                     .iter()
-                    .map(|&o| base + (o as usize - first) as u32),
+                    .map(|&o| (base + (o as usize - first)) as u32),
             );
         }
+        Ok(out)
+    }
+
+    /// Counts and xxh3 of a decoded row group against the manifest's record.
+    fn check_row_group(
+        &self,
+        rg: usize,
+        out: &RowGroupTokens,
+        expect: &RowGroupInfo,
+    ) -> Result<()> {
+        let url = &self.loc.url;
         let mut h = RowGroupHasher::default();
         for i in 0..out.num_docs() {
             h.add(out.doc(i));
@@ -332,6 +444,6 @@ impl ShardReader {
                 ),
             });
         }
-        Ok(out)
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use crate::error::{DataError, Result};
-use crate::fsutil::{sync_dir, write_atomic};
+use crate::fsutil::{rename_durable, write_atomic};
 
 /// A file or a directory-like prefix, local or in an object store.
 #[derive(Clone)]
@@ -53,25 +53,66 @@ pub fn memory_store(name: &str) -> Arc<InMemory> {
         .clone()
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// Accepted values of the store's environment variables (inclusive).
+pub const STORE_RETRIES_RANGE: (u64, u64) = (0, 100);
+pub const STORE_TIMEOUT_S_RANGE: (u64, u64) = (1, 86_400);
+
+/// `SIGMA_STORE_RETRIES` and `SIGMA_STORE_TIMEOUT_S`, read and checked once per process.
+#[derive(Clone, Copy, Debug)]
+struct StoreEnv {
+    retries: u64,
+    timeout_s: u64,
 }
 
-fn retry_config() -> RetryConfig {
+/// The value of environment variable `name` (an integer in `range`), or
+/// `default` when it is not set. Anything else is refused, never replaced.
+pub fn env_in_range(name: &str, default: u64, range: (u64, u64)) -> Result<u64> {
+    let (lo, hi) = range;
+    let bad = |value: String, why: &str| DataError::Env {
+        name: name.into(),
+        value,
+        message: format!(
+            "{why}; set an integer from {lo} to {hi}, or unset it for the default {default}"
+        ),
+    };
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            Err(bad(v.to_string_lossy().into_owned(), "not valid UTF-8"))
+        }
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+            Ok(_) => Err(bad(v, "out of range")),
+            Err(_) => Err(bad(v, "not a whole number")),
+        },
+    }
+}
+
+fn store_env() -> Result<StoreEnv> {
+    static ENV: OnceLock<std::result::Result<StoreEnv, String>> = OnceLock::new();
+    let read = || -> Result<StoreEnv> {
+        Ok(StoreEnv {
+            retries: env_in_range("SIGMA_STORE_RETRIES", 3, STORE_RETRIES_RANGE)?,
+            timeout_s: env_in_range("SIGMA_STORE_TIMEOUT_S", 30, STORE_TIMEOUT_S_RANGE)?,
+        })
+    };
+    ENV.get_or_init(|| read().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(DataError::Other)
+}
+
+fn retry_config(env: StoreEnv) -> RetryConfig {
     RetryConfig {
-        max_retries: env_u64("SIGMA_STORE_RETRIES", 3) as usize,
-        retry_timeout: Duration::from_secs(env_u64("SIGMA_STORE_TIMEOUT_S", 30)),
+        max_retries: env.retries as usize,
+        retry_timeout: Duration::from_secs(env.timeout_s),
         ..Default::default()
     }
 }
 
 /// Connect and request timeouts, applied on top of whatever the environment
 /// configured (so `AWS_ALLOW_HTTP` and friends keep working).
-fn timeouts() -> [(ClientConfigKey, String); 2] {
-    let t = env_u64("SIGMA_STORE_TIMEOUT_S", 30).max(1);
+fn timeouts(env: StoreEnv) -> [(ClientConfigKey, String); 2] {
+    let t = env.timeout_s;
     [
         (ClientConfigKey::ConnectTimeout, format!("{}s", t.min(10))),
         (ClientConfigKey::Timeout, format!("{}s", t * 4)),
@@ -86,6 +127,12 @@ pub fn is_url(s: &str) -> bool {
 impl Location {
     /// Parse a local path or URL. Local paths need not exist yet.
     pub fn parse(s: &str) -> Result<Location> {
+        // Checked for every location, local ones too: a wrong value is
+        // refused where it is set, not when a remote store first needs it.
+        let env = store_env()?;
+        if s.is_empty() {
+            return Err(DataError::store("\"\"", "empty path or URL"));
+        }
         if !is_url(s) || s.starts_with("file://") {
             let p = s.strip_prefix("file://").unwrap_or(s);
             return Location::local(FsPath::new(p), s);
@@ -98,20 +145,20 @@ impl Location {
             "memory" => memory_store(&bucket),
             "s3" | "s3a" => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-                let b = AmazonS3Builder::from_env().with_bucket_name(&bucket).with_retry(retry_config());
-                let b = timeouts().into_iter().fold(b, |b, (k, v)| b.with_config(AmazonS3ConfigKey::Client(k), v));
+                let b = AmazonS3Builder::from_env().with_bucket_name(&bucket).with_retry(retry_config(env));
+                let b = timeouts(env).into_iter().fold(b, |b, (k, v)| b.with_config(AmazonS3ConfigKey::Client(k), v));
                 Arc::new(b.build().map_err(|e| DataError::store(s, e))?)
             }
             "gs" => {
                 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
-                let b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&bucket).with_retry(retry_config());
-                let b = timeouts().into_iter().fold(b, |b, (k, v)| b.with_config(GoogleConfigKey::Client(k), v));
+                let b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&bucket).with_retry(retry_config(env));
+                let b = timeouts(env).into_iter().fold(b, |b, (k, v)| b.with_config(GoogleConfigKey::Client(k), v));
                 Arc::new(b.build().map_err(|e| DataError::store(s, e))?)
             }
             "az" | "abfs" | "azure" => {
                 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-                let b = MicrosoftAzureBuilder::from_env().with_url(s).with_retry(retry_config());
-                let b = timeouts().into_iter().fold(b, |b, (k, v)| b.with_config(AzureConfigKey::Client(k), v));
+                let b = MicrosoftAzureBuilder::from_env().with_url(s).with_retry(retry_config(env));
+                let b = timeouts(env).into_iter().fold(b, |b, (k, v)| b.with_config(AzureConfigKey::Client(k), v));
                 Arc::new(b.build().map_err(|e| DataError::store(s, e))?)
             }
             other => {
@@ -204,6 +251,30 @@ impl Location {
             .map_err(|e| self.err(e))
     }
 
+    /// Size and sha256 (hex) of the object, read in pieces (memory stays small).
+    pub async fn sha256(&self) -> Result<(u64, String)> {
+        if let Some(p) = &self.local {
+            let p = p.clone();
+            return tokio::task::spawn_blocking(move || crate::fsutil::sha256_file(&p))
+                .await
+                .map_err(|e| DataError::Other(e.to_string()))?;
+        }
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut total = 0u64;
+        let mut stream = self
+            .store
+            .get(&self.path)
+            .await
+            .map_err(|e| self.err(e))?
+            .into_stream();
+        while let Some(chunk) = stream.try_next().await.map_err(|e| self.err(e))? {
+            h.update(&chunk);
+            total += chunk.len() as u64;
+        }
+        Ok((total, hex::encode(h.finalize())))
+    }
+
     /// Size in bytes, or None when the object does not exist.
     pub async fn size(&self) -> Result<Option<u64>> {
         match self.store.head(&self.path).await {
@@ -211,6 +282,33 @@ impl Location {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
+    }
+
+    /// This location may be written as a command's new output (`--output`):
+    /// locally a file name that is not a directory; anywhere, not an existing
+    /// file unless `overwrite`.
+    pub async fn check_new_output(&self, overwrite: bool) -> Result<()> {
+        if let Some(p) = &self.local {
+            crate::fsutil::check_file_target(p).map_err(|_| {
+                DataError::flag(
+                    "--output",
+                    format!(
+                        "{} is a directory or not a file name; give the path of a file",
+                        self.url
+                    ),
+                )
+            })?;
+        }
+        if !overwrite && self.size().await?.is_some() {
+            return Err(DataError::flag(
+                "--output",
+                format!(
+                    "{} already exists; pass --overwrite to replace it",
+                    self.url
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Write the whole object atomically.
@@ -231,12 +329,7 @@ impl Location {
     /// Upload (or move, when both are local) a finished local file to this location.
     pub async fn put_file(&self, file: &FsPath) -> Result<()> {
         if let Some(p) = &self.local {
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| DataError::io("create directory", parent, e))?;
-            }
-            std::fs::rename(file, p).map_err(|e| DataError::io("rename into", p, e))?;
-            return sync_dir(p.parent().unwrap_or(FsPath::new(".")));
+            return rename_durable(file, p);
         }
         self.stream_from(file).await
     }

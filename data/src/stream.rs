@@ -35,6 +35,13 @@ impl ShardHandle {
             reader: tokio::sync::OnceCell::new(),
         })
     }
+    /// A shard whose footer was already read (and checked) when the dataset was opened.
+    pub fn opened(reader: ShardReader) -> Arc<ShardHandle> {
+        Arc::new(ShardHandle {
+            loc: reader.loc.clone(),
+            reader: tokio::sync::OnceCell::new_with(Some(reader)),
+        })
+    }
     pub async fn reader(&self) -> Result<&ShardReader> {
         self.reader
             .get_or_try_init(|| ShardReader::open(self.loc.clone()))

@@ -4,9 +4,12 @@
 //! NCCL tests, SLURM, DCGM, InfiniBand, Kubernetes) and NL2KQL (request ->
 //! Kusto query over GPU telemetry and job tables).
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
 
 use crate::error::{DataError, Result};
+use crate::readers::{detect, Compression, Format};
 use crate::rng::SplitMix64;
 
 const PARTITIONS: &[&str] = &["gpu", "h100", "a100", "debug", "long", "batch"];
@@ -58,9 +61,27 @@ fn node(r: &mut SplitMix64) -> String {
     format!("node{:03}", r.below(512))
 }
 
+/// A request for a command line and its answer. The kind of exercise is
+/// drawn once (22 kinds); the function of its group draws what it needs.
 fn cmdgen(r: &mut SplitMix64) -> Ex {
     let gpu = r.below(8);
-    let (request, answer) = match r.below(22) {
+    let kind = r.below(22);
+    let (request, answer) = match kind {
+        0..=7 => nvidia_smi(r, kind, gpu),
+        8..=11 => nccl_tests(r, kind),
+        12..=18 => slurm(r, kind),
+        _ => node_tools(r, kind),
+    };
+    Ex {
+        kind: "command",
+        request,
+        answer,
+    }
+}
+
+/// Kinds 0-7: GPU queries and settings with nvidia-smi.
+fn nvidia_smi(r: &mut SplitMix64, kind: u64, gpu: u64) -> (String, String) {
+    match kind {
         0 => {
             let n = 1 + r.below(10);
             (format!("Show utilization and memory use of every GPU, refreshing every {n} seconds."),
@@ -80,6 +101,13 @@ fn cmdgen(r: &mut SplitMix64) -> Ex {
             let c = 1000 + 100 * r.below(10);
             (format!("Lock the graphics clock of GPU {gpu} at {c} MHz."), format!("sudo nvidia-smi -i {gpu} -lgc {c},{c}"))
         }
+        _ => unreachable!("cmdgen routes only kinds 0-7 here"),
+    }
+}
+
+/// Kinds 8-11: NCCL tests on one node and across nodes.
+fn nccl_tests(r: &mut SplitMix64, kind: u64) -> (String, String) {
+    match kind {
         8 | 9 => {
             let op = r.pick(OPS);
             let g = [2, 4, 8][r.below(3) as usize];
@@ -89,56 +117,96 @@ fn cmdgen(r: &mut SplitMix64) -> Ex {
         }
         10 => {
             let nodes = 2 + r.below(7);
-            let hosts: Vec<String> = (0..nodes.min(4)).map(|i| format!("node{:03}:8", i + 1)).collect();
+            let hosts: Vec<String> = (0..nodes.min(4))
+                .map(|i| format!("node{:03}:8", i + 1))
+                .collect();
             (format!("Run the NCCL all-reduce test across {nodes} nodes with 8 GPUs each, one process per GPU, with NCCL debug output."),
              format!("mpirun -np {} -H {}{} -x NCCL_DEBUG=INFO ./build/all_reduce_perf -b 8 -e 8G -f 2 -g 1", nodes * 8, hosts.join(","), if nodes > 4 { ",..." } else { "" }))
         }
-        11 => ("Run the all-reduce benchmark on 8 GPUs with NVLink SHARP (NVLS) disabled.".into(),
-               "NCCL_NVLS_ENABLE=0 ./build/all_reduce_perf -b 1M -e 4G -f 2 -g 8".into()),
+        11 => (
+            "Run the all-reduce benchmark on 8 GPUs with NVLink SHARP (NVLS) disabled.".into(),
+            "NCCL_NVLS_ENABLE=0 ./build/all_reduce_perf -b 1M -e 4G -f 2 -g 8".into(),
+        ),
+        _ => unreachable!("cmdgen routes only kinds 8-11 here"),
+    }
+}
+
+/// Kinds 12-18: SLURM jobs and nodes.
+fn slurm(r: &mut SplitMix64, kind: u64) -> (String, String) {
+    match kind {
         12 => {
-            let (p, n, g, h) = (r.pick(PARTITIONS), 1 + r.below(16), [1, 2, 4, 8][r.below(4) as usize], 1 + r.below(48));
+            let (p, n, g, h) = (
+                r.pick(PARTITIONS),
+                1 + r.below(16),
+                [1, 2, 4, 8][r.below(4) as usize],
+                1 + r.below(48),
+            );
             let s = r.pick(SCRIPTS);
             (format!("Submit {s} to the {p} partition on {n} nodes with {g} GPUs per node for {h} hours."),
              format!("sbatch -p {p} -N {n} --gpus-per-node={g} -t {h}:00:00 {s}"))
         }
-        13 => ("Show my pending and running jobs.".into(), "squeue -u $USER".into()),
+        13 => (
+            "Show my pending and running jobs.".into(),
+            "squeue -u $USER".into(),
+        ),
         14 => {
             let id = 100_000 + r.below(900_000);
             (format!("Cancel job {id}."), format!("scancel {id}"))
         }
         15 => {
             let (p, g) = (r.pick(PARTITIONS), [1, 2, 4, 8][r.below(4) as usize]);
-            (format!("Open an interactive shell on one node of partition {p} with {g} GPUs."),
-             format!("srun -p {p} -N 1 --gpus-per-node={g} --pty bash"))
+            (
+                format!("Open an interactive shell on one node of partition {p} with {g} GPUs."),
+                format!("srun -p {p} -N 1 --gpus-per-node={g} --pty bash"),
+            )
         }
         16 => {
             let id = 100_000 + r.below(900_000);
-            (format!("Show the elapsed time, state and exit code of job {id}."),
-             format!("sacct -j {id} --format=JobID,JobName,Elapsed,State,ExitCode"))
+            (
+                format!("Show the elapsed time, state and exit code of job {id}."),
+                format!("sacct -j {id} --format=JobID,JobName,Elapsed,State,ExitCode"),
+            )
         }
         17 => {
             let n = node(r);
             let reason = r.pick(REASONS);
-            (format!("Drain {n} because of {reason}."), format!("sudo scontrol update NodeName={n} State=DRAIN Reason=\"{reason}\""))
+            (
+                format!("Drain {n} because of {reason}."),
+                format!("sudo scontrol update NodeName={n} State=DRAIN Reason=\"{reason}\""),
+            )
         }
         18 => {
             let p = r.pick(PARTITIONS);
-            (format!("List every node of partition {p} with its state."), format!("sinfo -p {p} -N -l"))
+            (
+                format!("List every node of partition {p} with its state."),
+                format!("sinfo -p {p} -N -l"),
+            )
         }
+        _ => unreachable!("cmdgen routes only kinds 12-18 here"),
+    }
+}
+
+/// Kinds 19-21: DCGM, InfiniBand and Kubernetes.
+fn node_tools(r: &mut SplitMix64, kind: u64) -> (String, String) {
+    match kind {
         19 => {
             let level = 1 + r.below(3);
-            (format!("Run the level-{level} DCGM diagnostic on all GPUs of this node."), format!("dcgmi diag -r {level}"))
+            (
+                format!("Run the level-{level} DCGM diagnostic on all GPUs of this node."),
+                format!("dcgmi diag -r {level}"),
+            )
         }
-        20 => ("Show the state and rate of the InfiniBand ports on this host.".into(), "ibstat".into()),
+        20 => (
+            "Show the state and rate of the InfiniBand ports on this host.".into(),
+            "ibstat".into(),
+        ),
         _ => {
             let ns = r.pick(NAMESPACES);
-            (format!("List the pods of namespace {ns} with the nodes they run on."), format!("kubectl get pods -n {ns} -o wide"))
+            (
+                format!("List the pods of namespace {ns} with the nodes they run on."),
+                format!("kubectl get pods -n {ns} -o wide"),
+            )
         }
-    };
-    Ex {
-        kind: "command",
-        request,
-        answer,
     }
 }
 
@@ -219,30 +287,91 @@ pub fn document(seed: u64, i: u64) -> String {
     out
 }
 
-/// Write `num_docs` synthetic documents as JSONL (`.zst`/`.gz` by extension) atomically.
-pub fn write(path: &std::path::Path, seed: u64, num_docs: u64) -> Result<u64> {
-    let mut buf = Vec::new();
-    for i in 0..num_docs {
-        let line =
-            serde_json::json!({"text": document(seed, i), "source": format!("synth:{seed}:{i}")});
-        serde_json::to_writer(&mut buf, &line).map_err(|e| DataError::Other(e.to_string()))?;
-        buf.push(b'\n');
+/// Most documents `data synth` writes (about 100 GB of text).
+pub const MAX_SYNTH_DOCS: u64 = 100_000_000;
+/// Up to this many documents (about 60 MB of text) a `.zst` output gets the
+/// densest zstd level (the committed sample); larger corpora a fast one.
+const DENSE_ZSTD_DOCS: u64 = 50_000;
+
+/// `output` and `num_docs` of `data synth`, checked before anything is
+/// written: the file name must say JSONL (`.jsonl`, `.ndjson` or `.json`,
+/// optionally `.gz` or `.zst`), since `data prepare` picks the format by
+/// extension and would read anything else as one plain-text document.
+pub fn check_options(path: &Path, num_docs: u64) -> Result<()> {
+    crate::fsutil::check_file_target(path).map_err(|_| {
+        DataError::flag(
+            "--output",
+            format!(
+                "{:?} is a directory or not a file name; give a .jsonl file",
+                path.display().to_string()
+            ),
+        )
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if detect(&name).0 != Format::Jsonl {
+        return Err(DataError::flag(
+            "--output",
+            format!("{name}: data synth writes JSON lines, and `data prepare` reads those only from .jsonl, .ndjson or .json files (optionally .gz or .zst); name it e.g. {}.jsonl", name.split('.').next().unwrap_or("synthetic")),
+        ));
     }
-    let name = path.to_string_lossy();
-    let data = if name.ends_with(".zst") {
-        // Small files (the committed sample) get the densest level; large corpora a fast one.
-        let level = if buf.len() < 64 << 20 { 19 } else { 3 };
-        zstd::encode_all(&buf[..], level).map_err(|e| DataError::io("compress into", path, e))?
-    } else if name.ends_with(".gz") {
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        enc.write_all(&buf)
-            .map_err(|e| DataError::io("write", path, e))?;
-        enc.finish().map_err(|e| DataError::io("write", path, e))?
-    } else {
-        buf
-    };
-    crate::fsutil::write_atomic(path, &data)?;
-    Ok(data.len() as u64)
+    if num_docs == 0 || num_docs > MAX_SYNTH_DOCS {
+        return Err(DataError::flag(
+            "--num-docs",
+            format!("must be from 1 to {MAX_SYNTH_DOCS} (about 1 KB of text each), got {num_docs}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Write `num_docs` synthetic documents as JSONL (`.zst`/`.gz` by extension)
+/// atomically, streamed (memory does not grow with `num_docs`). Returns the
+/// file's size.
+pub fn write(path: &Path, seed: u64, num_docs: u64) -> Result<u64> {
+    check_options(path, num_docs)?;
+    let comp = detect(&path.to_string_lossy()).1;
+    let io = |e: std::io::Error| DataError::io("write", path, e);
+    crate::fsutil::replace_with(path, |tmp| {
+        let file = File::create(tmp).map_err(|e| DataError::io("create", path, e))?;
+        let file = match comp {
+            Compression::Zstd => {
+                let level = if num_docs <= DENSE_ZSTD_DOCS { 19 } else { 3 };
+                let mut enc = zstd::Encoder::new(file, level).map_err(io)?;
+                write_documents(&mut enc, seed, num_docs).map_err(io)?;
+                enc.finish().map_err(io)?
+            }
+            Compression::Gzip => {
+                let mut enc = flate2::write::GzEncoder::new(file, flate2::Compression::best());
+                write_documents(&mut enc, seed, num_docs).map_err(io)?;
+                enc.finish().map_err(io)?
+            }
+            Compression::None => {
+                let mut w = BufWriter::new(file);
+                write_documents(&mut w, seed, num_docs).map_err(io)?;
+                w.into_inner().map_err(|e| io(e.into_error()))?
+            }
+        };
+        file.sync_all().map_err(|e| DataError::io("sync", path, e))
+    })?;
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| DataError::io("stat", path, e))
+}
+
+/// One JSON object per line: `{"text": ..., "source": "synth:SEED:I"}`.
+fn write_documents(w: &mut impl Write, seed: u64, num_docs: u64) -> std::io::Result<()> {
+    let mut line = Vec::new();
+    for i in 0..num_docs {
+        line.clear();
+        let doc =
+            serde_json::json!({"text": document(seed, i), "source": format!("synth:{seed}:{i}")});
+        serde_json::to_writer(&mut line, &doc)?;
+        line.push(b'\n');
+        w.write_all(&line)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -262,5 +391,56 @@ mod tests {
         ] {
             assert!(all.contains(needle), "{needle}");
         }
+    }
+
+    /// The old writer: the whole file in memory, compressed in one call.
+    fn one_shot(seed: u64, n: u64, comp: super::Compression) -> Vec<u8> {
+        use std::io::Write;
+        let mut buf = Vec::new();
+        super::write_documents(&mut buf, seed, n).unwrap();
+        match comp {
+            super::Compression::Zstd => zstd::encode_all(&buf[..], 19).unwrap(),
+            super::Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                e.write_all(&buf).unwrap();
+                e.finish().unwrap()
+            }
+            super::Compression::None => buf,
+        }
+    }
+
+    #[test]
+    fn streamed_files_equal_the_one_shot_encoding() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, comp) in [
+            ("s.jsonl", super::Compression::None),
+            ("s.jsonl.zst", super::Compression::Zstd),
+            ("s.jsonl.gz", super::Compression::Gzip),
+        ] {
+            let p = d.path().join(name);
+            let n = super::write(&p, 3, 300).unwrap();
+            let got = std::fs::read(&p).unwrap();
+            assert_eq!(n, got.len() as u64);
+            assert!(got == one_shot(3, 300, comp), "{name} differs");
+        }
+    }
+
+    #[test]
+    fn outputs_that_prepare_would_misread_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["x.txt", "x.parquet", "x.jsonl.txt", "x"] {
+            let e = super::write(&d.path().join(name), 1, 5)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--output") && e.contains(".jsonl"),
+                "{name}: {e}"
+            );
+        }
+        let e = super::write(&d.path().join("x.jsonl"), 1, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--num-docs"), "{e}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 }

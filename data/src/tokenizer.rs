@@ -62,6 +62,47 @@ pub fn check_sha256(url: &str, data: &[u8], sha256: &str, recorded_in: &str) -> 
     Ok(())
 }
 
+/// Largest tokenizer.json sigma reads (the largest in use are tens of MB).
+pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
+/// Largest vocabulary `data tokenizer train` trains: ids are u32, but BPE
+/// training reserves about 70 bytes per entry before it reads a pair, and
+/// the largest vocabularies in use are about 2^18.
+pub const MAX_VOCAB_SIZE: u32 = 1 << 20;
+/// Smallest: the 256 byte tokens and the three special tokens.
+pub const MIN_VOCAB_SIZE: u32 = 256 + 3;
+
+/// The bytes of a tokenizer.json, refused when missing or implausibly large.
+async fn read_tokenizer_file(url: &str) -> Result<bytes::Bytes> {
+    let err = |m: String| DataError::Tokenizer {
+        path: url.into(),
+        message: m,
+    };
+    let loc = Location::parse(url)?;
+    if loc.local_path().is_some_and(|p| p.is_dir()) {
+        return Err(err("is a directory; give the tokenizer.json file".into()));
+    }
+    match loc.size().await.map_err(|e| err(e.to_string()))? {
+        None => Err(err("not found".into())),
+        Some(n) if n > MAX_TOKENIZER_BYTES => Err(err(format!(
+            "{n} bytes, more than the {MAX_TOKENIZER_BYTES} a tokenizer.json may have: not a tokenizer"
+        ))),
+        Some(_) => loc.get().await.map_err(|e| err(e.to_string())),
+    }
+}
+
+/// `--vocab-size` of `data tokenizer train`, checked before any input is read.
+pub fn check_vocab_size(vocab_size: u32) -> Result<()> {
+    if !(MIN_VOCAB_SIZE..=MAX_VOCAB_SIZE).contains(&vocab_size) {
+        return Err(DataError::flag(
+            "--vocab-size",
+            format!(
+                "must be from {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE} (256 bytes + 3 special tokens at least; training reserves memory for every entry up front), got {vocab_size}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     /// Load a tokenizer.json from a path or URL.
     pub fn load(url: &str) -> Result<Tokenizer> {
@@ -69,22 +110,14 @@ impl Tokenizer {
     }
 
     pub async fn load_async(url: &str) -> Result<Tokenizer> {
-        let loc = Location::parse(url)?;
-        let json = loc.get().await.map_err(|e| DataError::Tokenizer {
-            path: url.into(),
-            message: e.to_string(),
-        })?;
+        let json = read_tokenizer_file(url).await?;
         Tokenizer::from_bytes(url, json)
     }
 
     /// Load a tokenizer.json whose sha256 is recorded elsewhere (`recorded_in`,
     /// e.g. a manifest): a copy that was edited or damaged since is refused.
     pub async fn load_verified(url: &str, sha256: &str, recorded_in: &str) -> Result<Tokenizer> {
-        let loc = Location::parse(url)?;
-        let json = loc.get().await.map_err(|e| DataError::Tokenizer {
-            path: url.into(),
-            message: e.to_string(),
-        })?;
+        let json = read_tokenizer_file(url).await?;
         check_sha256(url, &json, sha256, recorded_in)?;
         Tokenizer::from_bytes(url, json)
     }
@@ -162,15 +195,7 @@ where
         path: "<training>".into(),
         message: m,
     };
-    let min_vocab = 256 + 3;
-    if vocab_size < min_vocab as u32 {
-        return Err(DataError::config(
-            "--vocab-size",
-            format!(
-                "must be at least {min_vocab} (256 bytes + 3 special tokens), got {vocab_size}"
-            ),
-        ));
-    }
+    check_vocab_size(vocab_size)?;
     let specials = [EOS, BOS, PAD]
         .iter()
         .map(|s| AddedToken::from(*s, true))
@@ -204,13 +229,24 @@ where
 }
 
 /// `sigma data tokenizer train`: read documents from `inputs`, train, and write
-/// the tokenizer.json atomically. Returns the loaded result.
+/// the tokenizer.json atomically (an existing `output` only with `overwrite`).
+/// Returns the loaded result.
 pub fn train_from_inputs(
     inputs: &[String],
     text_field: &str,
     vocab_size: u32,
     output: &str,
+    overwrite: bool,
 ) -> Result<Tokenizer> {
+    check_vocab_size(vocab_size)?;
+    if text_field.is_empty() {
+        return Err(DataError::flag(
+            "--text-field",
+            "empty: name the JSON field or Parquet column that holds the text",
+        ));
+    }
+    let out = Location::parse(output).map_err(|e| e.for_flag("--output"))?;
+    block_on(out.check_new_output(overwrite))?;
     let files = block_on(crate::store::expand_inputs(inputs))?;
     let mut docs: Vec<String> = Vec::new();
     for (f, _) in &files {
@@ -226,7 +262,6 @@ pub fn train_from_inputs(
         });
     }
     let json = train_bpe(docs.iter(), vocab_size, 2)?;
-    let out = Location::parse(output)?;
     block_on(out.put_atomic(json.clone().into()))?;
     Tokenizer::from_bytes(output, json.into())
 }

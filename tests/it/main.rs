@@ -3,6 +3,7 @@
 mod ablate;
 mod architecture;
 mod bad_inputs;
+mod bad_inputs_data;
 mod checkpoint;
 mod data_errors;
 mod data_pipeline;
