@@ -30,5 +30,5 @@ python3 scripts/corpus_from_debian.py --scale "$scale" --output "$out"
 for d in general system; do
   zstd -q -19 -f --rm "$out/$d.jsonl" -o "$out/$d.jsonl.zst"
 done
-target/release/sigma data synth --seed 1 --num-docs "$synth_docs" --output "$out/synthetic.jsonl.zst"
+target/release/sigma data synth --seed 1 --num-docs "$synth_docs" --output "$out/synthetic.jsonl.zst" --overwrite
 ls -la "$out"

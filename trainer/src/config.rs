@@ -735,6 +735,7 @@ impl RunConfig {
     /// key and the rule.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        self.data.validate()?;
         self.validate_train()?;
         self.validate_optim()?;
         self.validate_parallel()?;
@@ -893,6 +894,12 @@ impl RunConfig {
             return Err(TrainError::config(
                 "checkpoint.dir",
                 "is empty; name a directory, or leave it out for <metrics.output_dir>/checkpoints",
+            ));
+        }
+        if ck.upload.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            return Err(TrainError::config(
+                "checkpoint.upload",
+                "is empty; give an object-store URL (s3://, gs://, az://, file://) or leave it out",
             ));
         }
         if !(ck.every_minutes >= 0.0) {
