@@ -15,9 +15,10 @@
 //!    `early-death`: the templates' rule for a rank that died of the signal
 //!    before sigma could hold it (srun exits 138): requeue. Simulated by a
 //!    `SIGMA` that kills itself with SIGUSR1 in the job's first run.
-//!    `batch-launch`: `sigma launch` as the batch script itself (`exec`, no
-//!    srun), stopped with `scancel --full --signal=USR1` (the launcher and
-//!    its ranks): every rank saves once and the launcher exits 75.
+//!    `batch-full`, `batch-batch`: `sigma launch` as the batch script itself
+//!    (`exec`, no srun), stopped with `scancel --full --signal=USR1` (the
+//!    launcher and its ranks) or `scancel --batch --signal=USR1` (the
+//!    launcher only): every rank saves once and the launcher exits 75.
 //! 3. `launch-a`, `launch-b`: launch/slurm/launch.sbatch (`srun sigma
 //!    launch`) twice on the node at once, each with the rendezvous port of
 //!    its job id; launch-b is pre-empted with `scancel --signal=USR1`: SLURM
@@ -512,27 +513,25 @@ fn slurm_templates_pre_emption_start_up_time_limit_and_launch_forms() {
     let batch_script = dir("batch-launch.sbatch");
     write_file(
         &batch_script,
-        format!(
-            "#!/bin/bash\n#SBATCH --ntasks=1\n#SBATCH --cpus-per-task=2\n#SBATCH --open-mode=append\nset -eu\nCONFIG=$1\nshift\nexec \"$SIGMA\" launch --nproc-per-node 2 --log-dir {:?} -- train --config \"$CONFIG\" --stopped-exit-code 75 \"$@\"\n",
-            dir("batch-launch-logs")
+        b"#!/bin/bash\n#SBATCH --ntasks=1\n#SBATCH --cpus-per-task=2\n#SBATCH --open-mode=append\nset -eu\nCONFIG=$1\nshift\nexec \"$SIGMA\" launch --nproc-per-node 2 --log-dir \"$LAUNCH_LOGS\" -- train --config \"$CONFIG\" --stopped-exit-code 75 \"$@\"\n",
+    );
+    let batch_job = |name: &'static str, how: &'static [&'static str]| {
+        let logs = dir(&format!("{name}-logs")).to_string_lossy().into_owned();
+        plan(
+            name,
+            &batch_script,
+            &[],
+            train_args(&dir(name), 100_000, &["checkpoint.every_steps=1000000"]),
+            &[("LAUNCH_LOGS", &logs)],
+            Some((2, how)),
         )
-        .as_bytes(),
-    );
-    let batch = plan(
-        "batch-launch",
-        &batch_script,
-        &[],
-        train_args(
-            &dir("batch-launch"),
-            100_000,
-            &["checkpoint.every_steps=1000000"],
-        ),
-        &[],
-        Some((2, &["--full", "--signal=USR1"][..])),
-    );
-    signal_when_ready(&cluster, &[&batch], None);
+    };
+    let full = batch_job("batch-full", &["--full", "--signal=USR1"]);
+    let batch = batch_job("batch-batch", &["--batch", "--signal=USR1"]);
+    signal_when_ready(&cluster, &[&full, &batch], None);
     check_start_up(&cluster, &start_up);
     check_early_death(&cluster, &early);
+    check_batch_launch(&cluster, &full);
     check_batch_launch(&cluster, &batch);
 
     // 3. `srun sigma launch` twice on the node at once, one pre-empted.
@@ -575,7 +574,7 @@ fn check_start_up(cluster: &Cluster, p: &Planned) {
         "start-up: {j:?}\n{out}"
     );
     assert!(
-        out.contains("SIGUSR1 received")
+        out.contains("SIGUSR1 received (sent during start-up, held until the handlers were ready)")
             && out.contains("sigma stopped early with a checkpoint saved"),
         "{out}"
     );
@@ -710,9 +709,11 @@ fn check_launch_jobs(cluster: &Cluster, a: &Planned, b: &Planned) {
     assert_eq!(steps_logged(&b.metrics()), 12, "{out}");
 }
 
-/// `batch-launch`: `scancel --full --signal=USR1` reached the launcher (the
-/// batch step) and its ranks; each saved once and the launcher exited 75.
-/// Nothing requeues this form: the job ends with that status.
+/// `batch-full` / `batch-batch`: `scancel --full --signal=USR1` (the
+/// launcher, which is the batch step, and its ranks) or `--batch` (the
+/// launcher only) reached the launcher, which passed it on; each rank saved
+/// once and the launcher exited 75. Nothing requeues this form: the job ends
+/// with that status.
 fn check_batch_launch(cluster: &Cluster, p: &Planned) {
     let j = cluster.wait_end(&p.id);
     let out = cluster.output(&p.id);
@@ -722,7 +723,8 @@ fn check_batch_launch(cluster: &Cluster, p: &Planned) {
         "batch-launch: {j:?}\n{out}"
     );
     assert!(
-        out.contains("every rank saved and stopped (exit status 75)"),
+        out.contains("SIGUSR1 passed on to the ranks")
+            && out.contains("every rank saved and stopped (exit status 75)"),
         "{out}"
     );
     assert!(!out.contains("exiting now"), "{out}");

@@ -23,7 +23,7 @@
 //! A watcher thread receives the signals, so it can say what will happen (on
 //! rank 0), which a signal handler cannot do safely.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,24 @@ pub fn block_stop_signals() {
 /// now (to the handlers installed by then, or with its default action).
 pub fn unblock_stop_signals() {
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&stop_sigset()), None);
+}
+
+/// The stop signals pending for this process or the calling thread (sent
+/// while they were blocked), as a bit mask (bit `n - 1` for signal `n`), from
+/// `/proc/thread-self/status` (0 where it cannot be read).
+fn pending_stop_signals() -> u64 {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let stop = STOP_SIGNALS
+        .iter()
+        .fold(0u64, |m, &s| m | 1 << (s as i32 - 1));
+    (field("ShdPnd:") | field("SigPnd:")) & stop
 }
 
 /// True while the calling thread blocks `sig`.
@@ -122,6 +140,9 @@ impl StopSignals {
             s.which.clone(),
             s.interrupt_saves.clone(),
         );
+        // Signals that came while they were blocked (start-up), set before they are unblocked.
+        let held = Arc::new(AtomicU64::new(0));
+        let held_w = held.clone();
         std::thread::Builder::new()
             .name("sigma-signals".into())
             .spawn(move || {
@@ -150,10 +171,16 @@ impl StopSignals {
                             first = Some(now);
                             which.store(sig, Ordering::SeqCst);
                             requested.store(true, Ordering::SeqCst);
+                            let was_held = held_w.load(Ordering::SeqCst) & 1 << (sig - 1) != 0;
                             if announce {
                                 eprintln!(
-                                    "\nsigma: {} received: saving a checkpoint at the end of this step, then exiting (a stop signal more than {} s later exits at once)",
+                                    "\nsigma: {} received{}: saving a checkpoint at the end of this step, then exiting (a stop signal more than {} s later exits at once)",
                                     name(sig),
+                                    if was_held {
+                                        " (sent during start-up, held until the handlers were ready)"
+                                    } else {
+                                        ""
+                                    },
                                     DUPLICATE_WINDOW.as_secs()
                                 );
                             }
@@ -162,6 +189,7 @@ impl StopSignals {
                 }
             })
             .map_err(|e| TrainError::Other(format!("cannot start the signal thread: {e}")))?;
+        held.store(pending_stop_signals(), Ordering::SeqCst);
         unblock_stop_signals();
         Ok(s)
     }
@@ -207,15 +235,25 @@ mod tests {
     }
 
     #[test]
-    fn block_and_unblock_the_stop_signals_of_a_thread() {
+    fn a_blocked_stop_signal_is_held_and_delivered_on_unblocking() {
         // A thread of its own: the test harness's threads keep their masks.
         std::thread::spawn(|| {
+            let got = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(SIGUSR1, got.clone()).expect("handler");
             assert!(!is_blocked(Signal::SIGUSR1));
             block_stop_signals();
             assert!(STOP_SIGNALS.iter().all(|&s| is_blocked(s)));
             assert!(!is_blocked(Signal::SIGHUP));
+            assert_eq!(pending_stop_signals(), 0);
+            // Sent to this thread while blocked: pending, not delivered.
+            nix::sys::signal::raise(Signal::SIGUSR1).expect("raise");
+            assert!(!got.load(Ordering::SeqCst));
+            assert_eq!(pending_stop_signals(), 1 << (SIGUSR1 - 1));
+            // Delivered as the mask is lifted.
             unblock_stop_signals();
+            assert!(got.load(Ordering::SeqCst));
             assert!(STOP_SIGNALS.iter().all(|&s| !is_blocked(s)));
+            assert_eq!(pending_stop_signals(), 0);
         })
         .join()
         .expect("thread");
