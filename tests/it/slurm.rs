@@ -243,9 +243,21 @@ impl Drop for Cluster {
 }
 
 fn is_final(state: &str) -> bool {
-    !matches!(
+    // Everything else is on its way (PENDING, RUNNING, SIGNALING while SLURM
+    // sends a --signal, COMPLETING, REQUEUED, ...).
+    matches!(
         state,
-        "PENDING" | "RUNNING" | "COMPLETING" | "REQUEUED" | "CONFIGURING" | "SUSPENDED"
+        "COMPLETED"
+            | "CANCELLED"
+            | "FAILED"
+            | "TIMEOUT"
+            | "NODE_FAIL"
+            | "PREEMPTED"
+            | "BOOT_FAIL"
+            | "DEADLINE"
+            | "OUT_OF_MEMORY"
+            | "SPECIAL_EXIT"
+            | "REVOKED"
     )
 }
 
