@@ -78,8 +78,8 @@ port_busy() { # port: something accepts connections on it
 }
 
 pick_ports() {
-  # 10000-19999: clear of the templates' MASTER_PORT range (20000 + job id %
-  # 20000) and of Linux's ephemeral ports (32768 and up).
+  # 10000-19999: clear of sigma's per-job rendezvous ports (20000 + job id %
+  # 9500) and of Linux's ephemeral ports (32768 and up).
   local base i
   for i in $(seq 1 50); do
     base=$((10000 + RANDOM % 9999))

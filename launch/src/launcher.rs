@@ -4,7 +4,17 @@
 //!
 //! Signals: SIGINT/SIGTERM are forwarded as SIGTERM (ranks save a checkpoint
 //! and stop), SIGUSR1 as is. Ranks run in process groups of their own, so a
-//! Ctrl-C at the terminal reaches them once, through the launcher.
+//! Ctrl-C at the terminal reaches them once, through the launcher. Ranks start
+//! with the stop signals blocked (trainer/src/signals.rs): one that arrives
+//! while a rank loads libtorch stays pending until its handlers are in place.
+//! Under `srun sigma launch`, SLURM signals the ranks as well as the launcher;
+//! a rank takes the copy the launcher passes on as the same request. Once a
+//! stop signal has reached the launcher, nothing is restarted: it waits for
+//! every rank and reports how each one ended (saved and stopped, or not).
+//!
+//! The rendezvous port: `--master-port`, else `MASTER_PORT`, else under SLURM
+//! one derived from `SLURM_JOB_ID` (`dist::env::port_for_job`, as `sigma
+//! train` started by `srun` takes it), else 29500.
 //!
 //! Failures and restarts (`--max-restarts N`, torchrun's convention): when a
 //! rank fails, every rank of the job is stopped; with restarts left, the job
@@ -29,6 +39,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sigma_trainer::dist::env as vars;
 use sigma_trainer::dist::{StoreClient, StoreServer};
+use sigma_trainer::signals::{block_stop_signals, unblock_stop_signals, EXIT_INTERRUPTED};
 
 #[derive(clap::Args)]
 pub struct LaunchArgs {
@@ -42,8 +53,10 @@ pub struct LaunchArgs {
     /// Address of node 0, where the rendezvous store runs.
     #[arg(long, default_value = "127.0.0.1")]
     pub master_addr: String,
-    #[arg(long, default_value_t = 29500)]
-    pub master_port: u16,
+    /// Port of the rendezvous store [default: MASTER_PORT, else under SLURM
+    /// one from SLURM_JOB_ID, else 29500].
+    #[arg(long)]
+    pub master_port: Option<u16>,
     /// Where ranks other than 0 write their output.
     #[arg(long, default_value = "runs/launch-logs")]
     pub log_dir: PathBuf,
@@ -135,9 +148,13 @@ enum Outcome {
 struct Launcher {
     a: LaunchArgs,
     secret: String,
+    /// The rendezvous port (see the module docs).
+    port: u16,
     exe: PathBuf,
     stop: Arc<AtomicBool>,
     usr1: Arc<AtomicBool>,
+    /// A stop signal was passed on to the ranks: no rank exit restarts the job.
+    stopping: bool,
     /// Connection to the store, for agreeing on failures across nodes.
     control: Option<StoreClient>,
 }
@@ -181,7 +198,17 @@ impl Launcher {
         cmd
     }
 
+    /// Start this node's ranks. The stop signals are blocked here meanwhile,
+    /// so no rank ever runs with them unblocked before `sigma train` installs
+    /// its handlers; one sent to the launcher meanwhile is passed on after.
     fn spawn(&self, attempt: usize) -> Result<Ranks> {
+        block_stop_signals();
+        let ranks = self.spawn_ranks(attempt);
+        unblock_stop_signals();
+        ranks
+    }
+
+    fn spawn_ranks(&self, attempt: usize) -> Result<Ranks> {
         let a = &self.a;
         let world = a.nproc_per_node * a.nnodes;
         let cmd = self.command(attempt);
@@ -195,14 +222,14 @@ impl Launcher {
                 .env(vars::WORLD_SIZE, world.to_string())
                 .env(vars::LOCAL_WORLD_SIZE, a.nproc_per_node.to_string())
                 .env(vars::MASTER_ADDR, &a.master_addr)
-                .env(vars::MASTER_PORT, a.master_port.to_string())
+                .env(vars::MASTER_PORT, self.port.to_string())
                 .env(vars::JOB_SECRET, &self.secret)
                 .env(vars::STORE_HOSTED, "1")
                 .env(vars::RESTART_COUNT, attempt.to_string())
                 .stdin(Stdio::null())
                 // A group of its own: a terminal's Ctrl-C reaches the ranks once, through us.
                 .process_group(0);
-            die_with_launcher(&mut c);
+            prepare_rank(&mut c);
             if rank != 0 {
                 let log = self.rank_log(rank);
                 let mut f = std::fs::OpenOptions::new()
@@ -243,14 +270,16 @@ impl Launcher {
 
     /// Watch one attempt's ranks until it ends.
     fn supervise(&mut self, ranks: &mut Ranks, attempt: usize) -> Result<Outcome> {
+        let stop_code = stopped_code(&self.a.command);
         let mut next_poll = Instant::now();
         loop {
             if self.usr1.swap(false, Ordering::Relaxed) {
                 eprintln!("sigma launch: SIGUSR1 passed on to the ranks (save and stop)");
                 ranks.signal(Signal::SIGUSR1);
+                self.stopping = true;
             }
             if self.stop.load(Ordering::Relaxed) {
-                return self.stop_on_signal(ranks);
+                return self.stop_on_signal(ranks, stop_code);
             }
             if self.a.nnodes > 1 && Instant::now() >= next_poll {
                 next_poll = Instant::now() + Duration::from_millis(500);
@@ -263,14 +292,17 @@ impl Launcher {
                 }
             }
             let mut running = 0;
-            let stop_code = stopped_code(&self.a.command);
             for i in 0..ranks.children.len() {
                 let rank = ranks.children[i].0;
                 match ranks.children[i].1.try_wait() {
                     // A rank stopped by a signal after saving (SIGUSR1 passed on,
                     // or a signal that reached it another way): every rank stops
                     // at the same step, so wait for the others; not a failure.
-                    Ok(Some(st)) if stop_code != 0 && st.code() == Some(stop_code) => {
+                    // After a stop signal, no exit is a failure to restart from.
+                    Ok(Some(st))
+                        if (stop_code != 0 && st.code() == Some(stop_code))
+                            || (self.stopping && !st.success()) =>
+                    {
                         return self.wait_stopped(ranks, stop_code);
                     }
                     Ok(Some(st)) if !st.success() => {
@@ -296,11 +328,14 @@ impl Launcher {
         }
     }
 
-    /// A rank exited with the stop status: wait (without signalling anyone,
-    /// which would be a second stop signal) for every rank, which must all
-    /// have stopped the same way.
+    /// The job is stopping on a signal: wait (without signalling anyone,
+    /// which would be another stop signal) up to `--signal-grace-s` for
+    /// every rank, and report the truth. Only if every rank exited with the
+    /// stop status `code` did every rank save and stop; otherwise each
+    /// rank's status is named and the launcher fails (no restart).
     fn wait_stopped(&mut self, ranks: &mut Ranks, code: i32) -> Result<Outcome> {
-        let deadline = Instant::now() + Duration::from_secs(self.a.signal_grace_s);
+        let grace = self.a.signal_grace_s;
+        let deadline = Instant::now() + Duration::from_secs(grace);
         let mut statuses = Vec::new();
         for (r, c) in ranks.children.iter_mut() {
             let st = loop {
@@ -314,63 +349,49 @@ impl Launcher {
             };
             statuses.push((*r, st));
         }
-        let bad: Vec<String> = statuses
+        if statuses
             .iter()
-            .filter(|(_, st)| st.and_then(|s| s.code()) != Some(code))
-            .map(|(r, st)| match st {
-                Some(s) => format!("rank {r} ({})", describe(*s)),
-                None => format!("rank {r} (still running after {} s)", self.a.signal_grace_s),
-            })
-            .collect();
-        if bad.is_empty() {
+            .all(|(_, st)| st.and_then(|s| s.code()) == Some(code))
+        {
             eprintln!("sigma launch: every rank saved and stopped (exit status {code})");
             return Ok(Outcome::Stopped(code));
         }
+        let each: Vec<String> = statuses
+            .iter()
+            .map(|(r, st)| format!("rank {r}: {}", stop_status(*st, code, grace)))
+            .collect();
         ranks.stop(Duration::from_secs(self.a.grace_s));
         bail!(
-            "a rank stopped with status {code} (saved and stopped) but not all did: {}",
-            bad.join(", ")
+            "a stop signal reached the job, but not every rank saved a checkpoint and stopped: {}",
+            each.join("; ")
         )
     }
 
     /// SIGINT/SIGTERM reached the launcher: ask every rank to save and stop.
-    fn stop_on_signal(&mut self, ranks: &mut Ranks) -> Result<Outcome> {
+    fn stop_on_signal(&mut self, ranks: &mut Ranks, code: i32) -> Result<Outcome> {
         eprintln!(
             "sigma launch: signal received; asking {} rank(s) to save and stop (up to {} s)",
             ranks.children.len(),
             self.a.signal_grace_s
         );
-        ranks.stop(Duration::from_secs(self.a.signal_grace_s));
-        let codes: Vec<(usize, std::io::Result<ExitStatus>)> = ranks
-            .children
-            .iter_mut()
-            .map(|(r, c)| (*r, c.wait()))
-            .collect();
-        let first = codes
-            .first()
-            .and_then(|(_, s)| s.as_ref().ok())
-            .and_then(|s| s.code());
-        let same = first.is_some()
-            && codes
-                .iter()
-                .all(|(_, s)| s.as_ref().ok().and_then(|s| s.code()) == first);
-        match (same, first) {
-            (true, Some(code)) => {
-                eprintln!("sigma launch: every rank saved and stopped");
-                Ok(Outcome::Stopped(code))
-            }
-            _ => {
-                let failed: Vec<String> = codes
-                    .iter()
-                    .filter_map(|(r, s)| match s {
-                        Ok(st) if st.success() => None,
-                        Ok(st) => Some(format!("rank {r} ({})", describe(*st))),
-                        Err(e) => Some(format!("rank {r} ({e})")),
-                    })
-                    .collect();
-                bail!("interrupted; not cleanly stopped: {}", failed.join(", "))
-            }
+        ranks.signal(Signal::SIGTERM);
+        self.wait_stopped(ranks, code)
+    }
+}
+
+/// How a rank ended after a stop signal, for the launcher's report.
+fn stop_status(st: Option<ExitStatus>, code: i32, grace_s: u64) -> String {
+    match st {
+        Some(s) if s.code() == Some(code) => {
+            format!("saved and stopped (exit code {code})")
         }
+        Some(s) if s.code() == Some(EXIT_INTERRUPTED) => format!(
+            "exit code {EXIT_INTERRUPTED}: exited without saving (a second stop signal, more than {} s after the first)",
+            sigma_trainer::signals::DUPLICATE_WINDOW.as_secs()
+        ),
+        Some(s) if s.success() => "exit code 0: finished the run".into(),
+        Some(s) => format!("{}: did not save", describe(s)),
+        None => format!("still running after {grace_s} s: killed"),
     }
 }
 
@@ -388,108 +409,145 @@ pub fn launch(a: LaunchArgs) -> Result<i32> {
         ),
         _ => random_secret()?,
     };
+    let (port, from) = match a.master_port {
+        Some(p) => (p, "--master-port".to_string()),
+        None => port_from_env()?,
+    };
     // Node 0 hosts the store for the whole job, across restarts.
     let _server = if a.node_rank == 0 {
         Some(
-            StoreServer::start(&format!("0.0.0.0:{}", a.master_port), &secret).with_context(
-                || {
-                    format!(
-                        "--master-port {} (pick a free one, e.g. from the job id)",
-                        a.master_port
-                    )
-                },
-            )?,
+            StoreServer::start(&format!("0.0.0.0:{port}"), &secret).with_context(|| {
+                format!("port {port} ({from}): choose a free one with --master-port or MASTER_PORT")
+            })?,
         )
     } else {
         None
     };
+    let control = control_connection(&a, port, &secret)?;
+    std::fs::create_dir_all(&a.log_dir)
+        .with_context(|| format!("cannot create log dir {}", a.log_dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find the sigma binary")?;
+    let (stop, usr1) = install_signals()?;
+    let mut l = Launcher {
+        a,
+        secret,
+        port,
+        exe,
+        stop,
+        usr1,
+        stopping: false,
+        control,
+    };
+    l.run_attempts()
+}
+
+/// The port when `--master-port` is not given, and where it came from.
+fn port_from_env() -> Result<(u16, String)> {
+    let get = |k: &str| std::env::var(k).ok();
+    let port = vars::master_port(&get)?;
+    let from = match (get(vars::MASTER_PORT), get(vars::SLURM_JOB_ID)) {
+        (Some(_), _) => "MASTER_PORT".to_string(),
+        (None, Some(id)) => format!("derived from SLURM_JOB_ID {id}"),
+        (None, None) => "the default".to_string(),
+    };
+    Ok((port, from))
+}
+
+/// Launchers agree on failures through the store (needed with several nodes).
+fn control_connection(a: &LaunchArgs, port: u16, secret: &str) -> Result<Option<StoreClient>> {
+    if a.nnodes == 1 {
+        return Ok(None);
+    }
     let timeout = Duration::from_secs(
         std::env::var(vars::TIMEOUT_S)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(300),
     );
-    // Launchers agree on failures through the store (needed with several nodes).
-    let control = if a.nnodes > 1 {
-        Some(StoreClient::connect_in(
-            &format!("{}:{}", a.master_addr, a.master_port),
-            &secret,
-            u32::MAX - a.node_rank as u32,
-            timeout,
-            "launch/",
-        )?)
-    } else {
-        None
-    };
-    std::fs::create_dir_all(&a.log_dir)
-        .with_context(|| format!("cannot create log dir {}", a.log_dir.display()))?;
-    let exe = std::env::current_exe().context("cannot find the sigma binary")?;
+    Ok(Some(StoreClient::connect_in(
+        &format!("{}:{port}", a.master_addr),
+        secret,
+        u32::MAX - a.node_rank as u32,
+        timeout,
+        "launch/",
+    )?))
+}
+
+/// SIGINT/SIGTERM set the stop flag, SIGUSR1 (SLURM's `--signal=USR1@secs`)
+/// the one passed on as is; then the stop signals, blocked since the process
+/// started (launch/src/early_signals.rs), are unblocked: one that came
+/// meanwhile is seen now.
+fn install_signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
     }
-    // SIGUSR1 (SLURM's `--signal=USR1@secs`): passed on; ranks save and stop.
     let usr1 = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())
         .context("cannot install signal handlers")?;
-    let mut l = Launcher {
-        a,
-        secret,
-        exe,
-        stop,
-        usr1,
-        control,
-    };
-    let max = l.a.max_restarts;
-    for attempt in 0..=max {
-        let mut ranks = l.spawn(attempt)?;
-        match l.supervise(&mut ranks, attempt)? {
-            Outcome::Finished => return Ok(0),
-            Outcome::Stopped(code) => return Ok(code),
-            Outcome::Failed { what, tail } => {
-                let tail = if tail.is_empty() {
-                    String::new()
+    unblock_stop_signals();
+    Ok((stop, usr1))
+}
+
+impl Launcher {
+    /// Every attempt, until one finishes, stops on a signal, or fails with no
+    /// restart left.
+    fn run_attempts(&mut self) -> Result<i32> {
+        let max = self.a.max_restarts;
+        for attempt in 0..=max {
+            let mut ranks = self.spawn(attempt)?;
+            let (what, tail) = match self.supervise(&mut ranks, attempt)? {
+                Outcome::Finished => return Ok(0),
+                Outcome::Stopped(code) => return Ok(code),
+                Outcome::Failed { what, tail } => (what, tail),
+            };
+            let tail = if tail.is_empty() {
+                String::new()
+            } else {
+                format!(" Last lines of its output:\n{tail}")
+            };
+            if attempt == max {
+                let restarts = if max > 0 {
+                    format!(" (after {max} restart(s), --max-restarts {max})")
                 } else {
-                    format!(" Last lines of its output:\n{tail}")
+                    String::new()
                 };
-                if attempt == max {
-                    let restarts = if max > 0 {
-                        format!(" (after {max} restart(s), --max-restarts {max})")
-                    } else {
-                        String::new()
-                    };
-                    bail!("{what}{restarts}; stopped the other ranks.{tail}");
+                bail!("{what}{restarts}; stopped the other ranks.{tail}");
+            }
+            eprintln!(
+                "sigma launch: {what}; stopped the other ranks.{tail}\nsigma launch: restart {} of {max} in {} s, resuming from the newest checkpoint",
+                attempt + 1,
+                self.a.restart_backoff_s
+            );
+            let until = Instant::now() + Duration::from_secs(self.a.restart_backoff_s);
+            while Instant::now() < until {
+                if self.stop.load(Ordering::Relaxed) || self.usr1.load(Ordering::Relaxed) {
+                    bail!("interrupted while waiting to restart ({what})");
                 }
-                eprintln!(
-                    "sigma launch: {what}; stopped the other ranks.{tail}\nsigma launch: restart {} of {max} in {} s, resuming from the newest checkpoint",
-                    attempt + 1,
-                    l.a.restart_backoff_s
-                );
-                let until = Instant::now() + Duration::from_secs(l.a.restart_backoff_s);
-                while Instant::now() < until {
-                    if l.stop.load(Ordering::Relaxed) {
-                        bail!("interrupted while waiting to restart ({what})");
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
+        unreachable!("the loop returns on its last attempt")
     }
-    unreachable!("the loop returns on its last attempt")
 }
 
 /// A rank outlives nothing it needs: if the launcher dies without stopping
 /// its ranks (SIGKILL, the out-of-memory killer), the kernel kills them too
 /// (Linux's parent-death signal), instead of leaving orphans that hold GPU
 /// memory and the store's port. The launcher spawns from its main thread,
-/// which lives as long as it does.
+/// which lives as long as it does. And a rank starts with the stop signals
+/// blocked (blocked signals stay pending across `exec`), so one that comes
+/// before `sigma train` has its handlers is acted on, not fatal.
 #[allow(unsafe_code)] // pre_exec: runs between fork and exec.
-fn die_with_launcher(c: &mut Command) {
+fn prepare_rank(c: &mut Command) {
     let parent = nix::unistd::getpid();
-    // SAFETY: prctl and getppid are async-signal-safe, and nothing here
-    // allocates (the forked child of a multithreaded process must not).
+    let stop = sigma_trainer::signals::stop_sigset();
+    // SAFETY: prctl, sigprocmask and getppid are async-signal-safe, and
+    // nothing here allocates (the forked child of a multithreaded process
+    // must not).
     unsafe {
         c.pre_exec(move || {
+            stop.thread_block()?;
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
             // The launcher may have died before the signal was armed.
             if nix::unistd::getppid() != parent {

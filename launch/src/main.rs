@@ -6,6 +6,7 @@ mod bench_fused;
 mod bench_model;
 mod cuda_libs;
 mod data_cmd;
+mod early_signals;
 mod eval_cmd;
 mod generate_cmd;
 mod launcher;
@@ -87,6 +88,12 @@ fn run(command: Command) -> anyhow::Result<i32> {
 
 fn main() {
     let cli = Cli::parse();
+    // The stop signals are blocked since before libtorch loaded
+    // (early_signals.rs): `train` and `launch` unblock them once their
+    // handlers are installed; every other command takes them as usual.
+    if !matches!(cli.command, Command::Train(_) | Command::Launch(_)) {
+        sigma_trainer::signals::unblock_stop_signals();
+    }
     // GPU machines: make cudarc find libtorch's own NCCL (may restart the process once).
     cuda_libs::ensure();
     // libtorch failures (and bugs) come back as errors, not panics.

@@ -1,10 +1,14 @@
 //! Data parallelism on CPU with several processes: equivalence with one
-//! process, two "nodes" on loopback, a lost rank, a wrong job secret.
+//! process, two "nodes" on loopback, a lost rank (crashed, killed, or
+//! frozen), a wrong job secret.
 //!
 //! Tolerance: see `REL_TOL` in lib.rs.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use sigma_tests::*;
 
@@ -49,8 +53,7 @@ fn val_losses(metrics: &std::path::Path) -> std::collections::BTreeMap<String, f
     let last = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("val_loss").is_some())
-        .last()
+        .rfind(|v| v.get("val_loss").is_some())
         .expect("a validation record");
     last["val_loss"]
         .as_object()
@@ -169,7 +172,7 @@ impl Drop for NetNs {
 fn two_nodes_in_separate_network_namespaces_match_one_node_of_four() {
     let Some(ns) = NetNs::create() else {
         // Covered on loopback by the test above; this machine forbids namespaces.
-        eprintln!("skipped: needs root and iproute2 to create network namespaces");
+        skip_unless_ci("needs root and iproute2 to create network namespaces");
         return;
     };
     let (a, b) = (ns.names[0].as_str(), ns.names[1].as_str());
@@ -194,49 +197,103 @@ fn a_lost_rank_stops_the_job_and_is_named() {
     );
     assert_clean_failure(&o, &["rank 1 failed", "signal 6", "SIGMA_FAULT_ABORT"]);
     assert!(t0.elapsed() < Duration::from_secs(60));
-    // Without a launcher (srun-style: each process started on its own): the
-    // others notice the silence through the liveness heartbeats long before
-    // the collective timeout (120 s here) and name the lost rank.
-    let p = port().to_string();
-    let d = tempfile::tempdir().expect("tmp");
-    let args = dp_args(d.path(), 2, 50);
+    // Without a launcher (srun-style: each process started on its own), rank 1
+    // killed outright (kill -9) after 2 steps: rank 0, which hosts the store,
+    // sees rank 1's connection close and stops within a heartbeat or two,
+    // naming it, long before the liveness timeout (30 s by default) and the
+    // collective timeout (120 s here).
+    let (out0, took) = lose_rank_1(Signal::SIGKILL, &[]);
+    eprintln!("rank 0 stopped {took:?} after rank 1 was killed");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_clean_failure(
+        &out0,
+        &["rank 0", "rank(s) 1 lost", "connection to the store closed"],
+    );
+    // A rank that falls silent with its connection open (a frozen process; a
+    // lost node looks the same): the heartbeat timeout names it.
     let env = [
-        ("SIGMA_FAULT_ABORT", "1:2"),
-        ("SIGMA_DIST_TIMEOUT_S", "120"),
         ("SIGMA_LIVENESS_TIMEOUT_S", "3"),
         ("SIGMA_HEARTBEAT_S", "0.5"),
     ];
-    let procs: Vec<_> = (0..2)
-        .map(|r| spawn_rank(&args, r, &p, "s", &env))
-        .collect();
-    let t0 = Instant::now();
-    let outs: Vec<_> = procs
-        .into_iter()
-        .map(|p| p.wait_with_output().expect("wait"))
-        .collect();
-    assert!(
-        t0.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        t0.elapsed()
-    );
-    assert_clean_failure(&outs[0], &["rank 0", "rank(s) 1 lost", "no heartbeat"]);
-    assert!(!outs[1].status.success());
-    // With a short collective timeout instead, the collective names the missing rank.
+    let (out0, took) = lose_rank_1(Signal::SIGSTOP, &env);
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_clean_failure(&out0, &["rank 0", "rank(s) 1 lost", "no heartbeat"]);
+    // Frozen with a short collective timeout instead: the collective names the missing rank.
+    let (out0, _) = lose_rank_1(Signal::SIGSTOP, &[("SIGMA_DIST_TIMEOUT_S", "5")]);
+    assert_clean_failure(&out0, &["rank(s) 1 did not arrive", "all_reduce", "`dp`"]);
+}
+
+/// Steps in a metrics.jsonl so far (0 while it does not exist).
+fn steps_logged(metrics: &std::path::Path) -> usize {
+    std::fs::read_to_string(metrics)
+        .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+        .unwrap_or(0)
+}
+
+/// Two ranks started by hand (srun-style, rank 0 hosting the store); once 2
+/// steps are logged, rank 1 gets `sig`. Rank 0's output, and how long it ran
+/// after the signal. Rank 1 is killed at the end whatever `sig` was.
+fn lose_rank_1(sig: Signal, env: &[(&str, &str)]) -> (std::process::Output, Duration) {
     let p = port().to_string();
     let d = tempfile::tempdir().expect("tmp");
-    let args = dp_args(d.path(), 2, 50);
-    let procs: Vec<_> = (0..2)
-        .map(|r| spawn_rank(&args, r, &p, "s", &[("SIGMA_FAULT_ABORT", "1:2")]))
-        .collect();
-    let outs: Vec<_> = procs
-        .into_iter()
-        .map(|p| p.wait_with_output().expect("wait"))
-        .collect();
+    let args = dp_args(d.path(), 2, 10_000);
+    let mut env = env.to_vec();
+    env.insert(0, ("SIGMA_DIST_TIMEOUT_S", "120"));
+    let r0 = spawn_rank(&args, 0, &p, "s", &env);
+    let mut r1 = spawn_rank(&args, 1, &p, "s", &env);
+    let metrics = d.path().join("metrics.jsonl");
+    let t0 = Instant::now();
+    while steps_logged(&metrics) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no 2 steps logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(Pid::from_raw(r1.id() as i32), sig).expect("signal rank 1");
+    let t0 = Instant::now();
+    let out0 = r0.wait_with_output().expect("wait");
+    let took = t0.elapsed();
+    let _ = r1.kill();
+    let _ = r1.wait();
+    (out0, took)
+}
+
+#[test]
+fn sigma_launch_takes_its_port_from_master_port_or_the_slurm_job_id() {
+    // A port of the per-job range, free here and then held: the launcher
+    // started for that job id (no --master-port, no MASTER_PORT) must try
+    // exactly it, fail to listen, and say where the port came from.
+    let (held, p) = (20000..29500u16)
+        .find_map(|p| {
+            std::net::TcpListener::bind(("0.0.0.0", p))
+                .ok()
+                .map(|l| (l, p))
+        })
+        .expect("a free port in 20000-29499");
+    let id = (p - 20000).to_string();
+    let run = |env: &[(&str, &str)]| {
+        let mut c = sigma_command();
+        c.args(["launch", "--nproc-per-node", "1", "--", "train"])
+            .args(["--config", "configs/tiny.toml"])
+            .env_remove("MASTER_PORT")
+            .env_remove("SLURM_JOB_ID");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("run sigma launch")
+    };
+    let o = run(&[("SLURM_JOB_ID", &id)]);
     assert_clean_failure(
-        &outs[0],
-        &["rank(s) 1 did not arrive", "all_reduce", "`dp`"],
+        &o,
+        &[
+            &format!("port {p} (derived from SLURM_JOB_ID {id})"),
+            "--master-port or MASTER_PORT",
+        ],
     );
-    assert!(!outs[1].status.success());
+    // MASTER_PORT comes first (here: the held port, under another job id).
+    let o = run(&[("SLURM_JOB_ID", "7"), ("MASTER_PORT", &p.to_string())]);
+    assert_clean_failure(&o, &[&format!("port {p} (MASTER_PORT)")]);
+    let o = run(&[("MASTER_PORT", "http")]);
+    assert_clean_failure(&o, &["environment MASTER_PORT", "not a port"]);
+    drop(held);
 }
 
 #[test]

@@ -397,3 +397,24 @@ pub fn assert_close(a: &[f64], b: &[f64], what: &str) {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Prerequisites of tests that need root or system packages (SLURM, network
+// namespaces). CI has every one of them, so there a missing one is a failure,
+// not a skip.
+
+/// True when running under CI (`CI=true`, as CI services set it).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// A test that cannot run on this machine for `why`: under CI that fails the
+/// test (every prerequisite is installed there); elsewhere it prints
+/// `skipped: <why>` and the caller returns.
+pub fn skip_unless_ci(why: &str) {
+    assert!(
+        !in_ci(),
+        "CI=true, but this test cannot run: {why} (CI has every prerequisite: install it, or fix the machine)"
+    );
+    eprintln!("skipped: {why}");
+}

@@ -1,7 +1,10 @@
 //! Restarts and signals: `sigma launch --max-restarts` brings a job back after
 //! a rank is killed (on one node and across two), and the finished job's
 //! losses equal an uninterrupted run's bit for bit; Ctrl-C saves and stops
-//! (a second one exits at once); a signal during start-up is not lost; losing
+//! (a copy of it changes nothing, a second one later exits at once); a signal
+//! during start-up is not lost, even while libtorch initialises or before a
+//! launched rank has run at all; copies of one signal to the ranks and the
+//! launcher save once, and the launcher reports each rank truthfully; losing
 //! the rendezvous store's host stops the others with one message.
 
 use std::path::Path;
@@ -191,20 +194,31 @@ fn ctrl_c_saves_and_stops_and_a_second_one_exits_at_once() {
         .join(format!("checkpoints/step-{stopped:07}/COMMITTED"));
     assert!(ck.is_file(), "no checkpoint at step {stopped}: {err}");
 
-    // A second Ctrl-C while the first is being handled (the save is slowed
-    // down to make room for it): out at once, 130, nothing committed.
+    // While the first is being handled (the save is slowed down to make room):
+    // a copy soon after it changes nothing (SLURM and `sigma launch` both
+    // deliver one request); a second Ctrl-C after the copy window exits at
+    // once, 130, nothing committed.
     let d2 = tempfile::tempdir().expect("tmp");
     let a = tiny_train_args(d2.path(), 100000, &["checkpoint.every_steps=100000"]);
     let child = spawn_train(&a, &[("SIGMA_FAULT_SAVE_DELAY_MS", "20000")]);
     wait_for_steps(&d2.path().join("metrics.jsonl"), 1, Duration::from_secs(60));
     let pid = Pid::from_raw(child.id() as i32);
     kill(pid, Signal::SIGINT).expect("SIGINT");
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(300));
+    kill(pid, Signal::SIGINT).expect("SIGINT");
+    std::thread::sleep(sigma_trainer::signals::DUPLICATE_WINDOW + Duration::from_millis(500));
     kill(pid, Signal::SIGINT).expect("SIGINT");
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("a copy of the same stop request"), "{err}");
     assert!(err.contains("exiting now"), "{err}");
+    assert!(
+        !d2.path()
+            .join("checkpoints/step-0000001/COMMITTED")
+            .exists(),
+        "{err}"
+    );
 
     // Without checkpointing, Ctrl-C ends the run at once.
     let d3 = tempfile::tempdir().expect("tmp");
@@ -370,4 +384,219 @@ fn ranks_do_not_outlive_a_killed_launcher() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The `SigBlk` (blocked) and `SigCgt` (caught) masks of process `pid`, if it is running.
+fn signal_masks(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+    };
+    Some((mask("SigBlk:")?, mask("SigCgt:")?))
+}
+
+fn bit(sig: Signal) -> u64 {
+    1 << (sig as i32 - 1)
+}
+
+/// The path process `pid` runs (its `exec`ed program).
+fn exe_of(pid: u32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+#[test]
+fn a_stop_signal_while_libtorch_initialises_is_held_and_acted_on() {
+    // `sigma train` started directly (as srun starts it): the stop signals are
+    // blocked before libtorch's static initialisers run (~0.4 s before
+    // `main`), so a SIGUSR1 then stays pending until the handlers are in
+    // place: the run saves at the end of its first step and exits with its
+    // stop status. The timeline is printed (exec, signals blocked, handlers).
+    let d = tempfile::tempdir().expect("tmp");
+    let mut a = tiny_train_args(d.path(), 1000, &["checkpoint.every_steps=100000"]);
+    a.extend(["--stopped-exit-code".into(), "75".into()]);
+    let bin = std::fs::canonicalize(sigma_bin()).expect("sigma");
+    let t0 = Instant::now();
+    let child = spawn_train(&a, &[]);
+    let pid = child.id();
+    let (mut exec_at, mut blocked_at, mut sent_at, mut caught_at) = (None, None, None, None);
+    while caught_at.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no SIGUSR1 handler");
+        let Some((blk, cgt)) = signal_masks(pid) else {
+            break; // exited
+        };
+        let now = t0.elapsed();
+        if exec_at.is_none() && exe_of(pid).as_deref() == Some(bin.as_path()) {
+            exec_at = Some(now);
+        }
+        if exec_at.is_some() && blocked_at.is_none() && blk & bit(Signal::SIGUSR1) != 0 {
+            blocked_at = Some(now);
+        }
+        if cgt & bit(Signal::SIGUSR1) != 0 {
+            caught_at = Some(now);
+        } else if blocked_at.is_some() && sent_at.is_none() {
+            kill(Pid::from_raw(pid as i32), Signal::SIGUSR1).expect("SIGUSR1");
+            sent_at = Some(now);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    eprintln!(
+        "start-up timeline from spawn: exec seen {exec_at:?}, stop signals blocked {blocked_at:?}, SIGUSR1 sent {sent_at:?}, handlers installed {caught_at:?}"
+    );
+    if blocked_at.is_none() || sent_at.is_none() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        panic!("the stop signals were never seen blocked before the handlers were installed");
+    }
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("SIGUSR1 received (sent during start-up, held until the handlers were ready)"),
+        "{err}"
+    );
+    assert_eq!(losses(&d.path().join("metrics.jsonl")).len(), 1, "{err}");
+    assert!(d
+        .path()
+        .join("checkpoints/step-0000001/COMMITTED")
+        .is_file());
+}
+
+#[test]
+fn ranks_of_sigma_launch_start_with_the_stop_signals_blocked() {
+    // A signal to a rank before it has installed its handlers (here: as soon
+    // as it has `exec`ed) is held, not fatal: every rank saves at the end of
+    // its first step and stops, and the launcher says so.
+    let d = tempfile::tempdir().expect("tmp");
+    let p = port();
+    let mut train = dp_args(d.path(), 2, 10_000);
+    train.extend(["--stopped-exit-code".into(), "75".into()]);
+    let mut node = start_node(2, 1, 0, p, &[], &train);
+    let t0 = Instant::now();
+    let mut pending: Vec<usize> = vec![0, 1];
+    let mut rank0_had_handlers = false;
+    let mut unblocked = None;
+    while !pending.is_empty() && unblocked.is_none() && t0.elapsed() < Duration::from_secs(60) {
+        pending.retain(|&r| {
+            let Some(pid) = rank_pid(p, r, 0) else {
+                return true;
+            };
+            let (blk, cgt) = signal_masks(pid as u32).expect("rank running");
+            if blk & bit(Signal::SIGUSR1) == 0 {
+                unblocked = Some(r);
+                return false;
+            }
+            if cgt & bit(Signal::SIGUSR1) != 0 {
+                eprintln!("note: rank {r} had its handlers before it was seen");
+                rank0_had_handlers |= r == 0;
+            }
+            kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("SIGUSR1");
+            false
+        });
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if unblocked.is_some() || !pending.is_empty() {
+        // Its ranks die with it (parent-death signal).
+        let _ = node.kill();
+        let _ = node.wait();
+        panic!(
+            "rank {unblocked:?} started with SIGUSR1 unblocked, or ranks {pending:?} did not start"
+        );
+    }
+    let out = node.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("every rank saved and stopped (exit status 75)"),
+        "{err}"
+    );
+    // Rank 0 prints how it got the signal (rank 1 writes to its log).
+    assert!(
+        rank0_had_handlers || err.contains("held until the handlers were ready"),
+        "{err}"
+    );
+    assert_eq!(losses(&d.path().join("metrics.jsonl")).len(), 1, "{err}");
+    assert!(d
+        .path()
+        .join("checkpoints/step-0000001/COMMITTED")
+        .is_file());
+}
+
+/// `sigma launch` of 2 ranks on `port` with restarts allowed, the ranks
+/// stopping with status 75, checkpoints slowed down by `save_delay_ms`.
+fn start_slow_saving_node(out: &Path, port: u16, save_delay_ms: &str) -> Child {
+    let mut train = dp_args(out, 2, 10_000);
+    train.extend(["--stopped-exit-code".into(), "75".into()]);
+    train.extend(["--set".into(), "checkpoint.every_steps=100000".into()]);
+    sigma_command()
+        .args(["launch", "--nproc-per-node", "2", "--max-restarts", "2"])
+        .args(["--master-port", &port.to_string(), "--grace-s", "2"])
+        .args(["--log-dir", &out.join("logs").to_string_lossy()])
+        .arg("--")
+        .arg("train")
+        .args(&train)
+        .env("SIGMA_FAULT_SAVE_DELAY_MS", save_delay_ms)
+        .env("SIGMA_LIVENESS_TIMEOUT_S", "3")
+        .env("SIGMA_HEARTBEAT_S", "0.5")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launch")
+}
+
+#[test]
+fn copies_of_one_stop_signal_save_once_and_the_launcher_reports_each_rank() {
+    // `srun sigma launch` at the time limit: SLURM sends SIGTERM to every
+    // process of the step, the ranks and the launcher, which passes it on.
+    // Each rank gets it twice (the save is slowed down, so the copy comes
+    // while it saves), saves once and exits with the stop status.
+    let d = tempfile::tempdir().expect("tmp");
+    let p = port();
+    let node = start_slow_saving_node(d.path(), p, "2000");
+    let metrics = d.path().join("metrics.jsonl");
+    wait_for_steps(&metrics, 2, Duration::from_secs(60));
+    for r in 0..2 {
+        let pid = rank_pid(p, r, 0).expect("rank running");
+        kill(Pid::from_raw(pid), Signal::SIGTERM).expect("SIGTERM");
+    }
+    // The launcher's copy comes later than the direct one, as a separate delivery.
+    std::thread::sleep(Duration::from_millis(300));
+    kill(Pid::from_raw(node.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let out = node.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("every rank saved and stopped (exit status 75)"),
+        "{err}"
+    );
+    assert!(err.contains("a copy of the same stop request"), "{err}");
+    assert!(!err.contains("exiting now"), "{err}");
+    let stopped = losses(&metrics).len() as u64;
+    assert!(d
+        .path()
+        .join(format!("checkpoints/step-{stopped:07}/COMMITTED"))
+        .is_file());
+
+    // A rank that really exits without saving (a second SIGTERM well after
+    // the first, while the save is slowed down): the launcher names each
+    // rank's status, fails, and does not restart.
+    let d = tempfile::tempdir().expect("tmp");
+    let p = port();
+    let node = start_slow_saving_node(d.path(), p, "15000");
+    wait_for_steps(&d.path().join("metrics.jsonl"), 1, Duration::from_secs(60));
+    let rank1 = rank_pid(p, 1, 0).expect("rank 1 running");
+    kill(Pid::from_raw(node.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    std::thread::sleep(sigma_trainer::signals::DUPLICATE_WINDOW + Duration::from_secs(1));
+    kill(Pid::from_raw(rank1), Signal::SIGTERM).expect("SIGTERM");
+    let out = node.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("every rank saved and stopped"), "{err}");
+    assert!(!err.contains("restart 1"), "{err}");
+    assert!(
+        err.contains("not every rank saved a checkpoint and stopped")
+            && err.contains("rank 1: exit code 130: exited without saving"),
+        "{err}"
+    );
 }

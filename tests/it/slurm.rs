@@ -1,11 +1,33 @@
 //! sigma under a real SLURM (Debian's slurm-wlm, one host): a local cluster
-//! from scripts/slurm-local.sh, a 2-task CPU job through
-//! launch/slurm/cpu.sbatch, pre-empted with SIGUSR1, continued (the template
-//! requeues itself; by hand where sigma has no `--stopped-exit-code` yet), and
-//! its losses compared bit for bit with an uninterrupted `sigma launch` run.
+//! from scripts/slurm-local.sh runs these jobs, a few at a time, each with 2
+//! CPU ranks of configs/tiny.toml:
 //!
-//! Skipped (with a message) where SLURM or munge is not installed or the test
-//! does not run as root (slurmd must be root).
+//! 1. `time-limit`: launch/slurm/cpu.sbatch with `--time=1
+//!    --signal=USR1@50`: SLURM's own signal before the time limit makes the
+//!    ranks save; the job requeues itself and continues (again if a run gets
+//!    the signal again) and its losses equal bit for bit those of an
+//!    uninterrupted `sigma launch` run.
+//! 2. `start-up`: the same template, signalled (`scancel --signal=USR1`) as
+//!    soon as both ranks have blocked the stop signals, in their first
+//!    milliseconds, while libtorch initialises and before any handler
+//!    exists: the ranks hold the signal, save after their first step, and the
+//!    job requeues and completes.
+//!    `early-death`: the templates' rule for a rank that died of the signal
+//!    before sigma could hold it (srun exits 138): requeue. Simulated by a
+//!    `SIGMA` that kills itself with SIGUSR1 in the job's first run.
+//!    `batch-full`, `batch-batch`: `sigma launch` as the batch script itself
+//!    (`exec`, no srun), stopped with `scancel --full --signal=USR1` (the
+//!    launcher and its ranks) or `scancel --batch --signal=USR1` (the
+//!    launcher only): every rank saves once and the launcher exits 75.
+//! 3. `launch-a`, `launch-b`: launch/slurm/launch.sbatch (`srun sigma
+//!    launch`) twice on the node at once, each with the rendezvous port of
+//!    its job id; launch-b is pre-empted with `scancel --signal=USR1`: SLURM
+//!    signals the launcher and every rank, the launcher passes the signal on
+//!    too, each rank saves once, the launcher exits 75 and the job requeues
+//!    and completes.
+//!
+//! Without SLURM, munge or root: skipped with a message, except under
+//! `CI=true`, where that is a failure.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,9 +37,10 @@ use std::time::{Duration, Instant};
 use sigma_tests::*;
 
 const STEPS: u64 = 24;
-/// Pre-empt once this many steps are in metrics.jsonl.
-const PREEMPT_AFTER: usize = 7;
-const WAIT: Duration = Duration::from_secs(150);
+/// Longest wait for any one thing a job should do (the jobs share 2 cores).
+const WAIT: Duration = Duration::from_secs(300);
+/// CPUs the node declares (every job at once; the cores are shared).
+const NODE_CPUS: usize = 8;
 
 fn on_path(bin: &str) -> bool {
     let path = std::env::var("PATH").unwrap_or_default();
@@ -45,10 +68,11 @@ struct Cluster {
     conf: String,
 }
 
+type JobInfo = HashMap<String, String>;
+
 impl Cluster {
-    fn up() -> Cluster {
+    fn up(cpus: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("tmp");
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         let o = Command::new(repo_root().join("scripts/slurm-local.sh"))
             .args(["up", &dir.path().to_string_lossy()])
             .args(["--cpus", &cpus.to_string()])
@@ -68,11 +92,16 @@ impl Cluster {
             .lines()
             .find_map(|l| l.strip_prefix("export SLURM_CONF=").map(str::to_string))
             .unwrap_or_else(|| panic!("no SLURM_CONF in:\n{}", text(&o)));
+        std::fs::create_dir_all(c.jobs_dir()).expect("mkdir");
         c
     }
 
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     fn jobs_dir(&self) -> PathBuf {
-        self.dir.path().join("jobs")
+        self.path("jobs")
     }
 
     /// A SLURM client command for this cluster.
@@ -92,8 +121,51 @@ impl Cluster {
         stdout(&o)
     }
 
+    /// `sbatch SCRIPT ARGS...` with this environment (the CPU pins included),
+    /// `SIGMA` = the sigma under test, and `env` on top; the job id.
+    fn submit(
+        &self,
+        script: &Path,
+        opts: &[&str],
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> String {
+        let o = self
+            .cmd("sbatch")
+            // --export=ALL: the job sees this environment (MKL_CBWR's value
+            // holds a comma, which --export=NAME=VALUE cannot carry).
+            .args(["--parsable", "--export=ALL"])
+            .arg(format!(
+                "--output={}",
+                self.jobs_dir().join("sigma-%j.out").display()
+            ))
+            .args(opts)
+            .arg(script)
+            .arg("configs/tiny.toml")
+            .args(args)
+            .envs(CPU_PINS)
+            .env("SIGMA", sigma_bin())
+            .envs(env.iter().copied())
+            .output()
+            .expect("sbatch");
+        assert!(o.status.success(), "sbatch:\n{}", text(&o));
+        let id = stdout(&o)
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        assert!(!id.is_empty(), "sbatch printed no job id:\n{}", text(&o));
+        id
+    }
+
+    /// The job's output file so far.
+    fn output(&self, id: &str) -> String {
+        std::fs::read_to_string(self.jobs_dir().join(format!("sigma-{id}.out"))).unwrap_or_default()
+    }
+
     /// `scontrol show job` as key=value pairs (JobState, Restarts, ExitCode, ...).
-    fn job(&self, id: &str) -> HashMap<String, String> {
+    fn job(&self, id: &str) -> JobInfo {
         self.run("scontrol", &["show", "job", "-o", id])
             .split_whitespace()
             .filter_map(|kv| kv.split_once('='))
@@ -102,19 +174,16 @@ impl Cluster {
     }
 
     /// Wait until `done(job)` holds; fail if the job reaches a final state first.
-    fn wait_job(&self, id: &str, what: &str, done: impl Fn(&HashMap<String, String>) -> bool) {
+    fn wait_job(&self, id: &str, what: &str, done: impl Fn(&JobInfo) -> bool) -> JobInfo {
         let t0 = Instant::now();
         loop {
             let j = self.job(id);
             if done(&j) {
-                return;
+                return j;
             }
             let state = j.get("JobState").map_or("?", |s| s.as_str());
             assert!(
-                matches!(
-                    state,
-                    "PENDING" | "RUNNING" | "COMPLETING" | "REQUEUED" | "CONFIGURING"
-                ),
+                !is_final(state),
                 "job {id} ended ({state}, exit code {}) while waiting for {what}",
                 j.get("ExitCode").map_or("?", |s| s.as_str())
             );
@@ -122,6 +191,19 @@ impl Cluster {
                 t0.elapsed() < WAIT,
                 "job {id}: no {what} within {WAIT:?} (state {state})"
             );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Wait for the job's final state.
+    fn wait_end(&self, id: &str) -> JobInfo {
+        let t0 = Instant::now();
+        loop {
+            let j = self.job(id);
+            if is_final(&j["JobState"]) {
+                return j;
+            }
+            assert!(t0.elapsed() < WAIT, "job {id} did not end within {WAIT:?}");
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -160,6 +242,25 @@ impl Drop for Cluster {
     }
 }
 
+fn is_final(state: &str) -> bool {
+    // Everything else is on its way (PENDING, RUNNING, SIGNALING while SLURM
+    // sends a --signal, COMPLETING, REQUEUED, ...).
+    matches!(
+        state,
+        "COMPLETED"
+            | "CANCELLED"
+            | "FAILED"
+            | "TIMEOUT"
+            | "NODE_FAIL"
+            | "PREEMPTED"
+            | "BOOT_FAIL"
+            | "DEADLINE"
+            | "OUT_OF_MEMORY"
+            | "SPECIAL_EXIT"
+            | "REVOKED"
+    )
+}
+
 /// Steps in a metrics.jsonl so far (0 while it does not exist).
 fn steps_logged(metrics: &Path) -> usize {
     std::fs::read_to_string(metrics)
@@ -181,152 +282,468 @@ fn committed(dir: &Path) -> Vec<u64> {
     v
 }
 
-#[test]
-fn cpu_template_preempted_and_continued_matches_an_uninterrupted_run() {
+/// The `sigma train` arguments after CONFIG (the templates take CONFIG
+/// first): 2 ranks of tiny for `steps` steps, CPU, writing to `out`, `extra`
+/// as further `--set`s.
+fn train_args(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut a = dp_args(out, 2, steps);
+    assert_eq!(a[..2], ["--config", "configs/tiny.toml"]);
+    a.drain(..2);
+    for e in ["train.device=\"cpu\""].iter().chain(extra) {
+        a.extend(["--set".to_string(), e.to_string()]);
+    }
+    a
+}
+
+/// The sigma processes (after `exec`) of SLURM job `id`.
+fn job_ranks(id: &str, bin: &Path) -> Vec<u32> {
+    let want = format!("SLURM_JOB_ID={id}");
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|x| x == bin))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == want.as_bytes()))
+        })
+        .collect()
+}
+
+fn prerequisites() -> bool {
     let missing: Vec<&str> = ["slurmctld", "slurmd", "munged", "sbatch", "scontrol"]
         .into_iter()
         .filter(|b| !on_path(b))
         .collect();
     if !missing.is_empty() {
-        eprintln!(
-            "skipped: SLURM test needs {} (apt-get install slurm-wlm munge; scripts/setup.sh does this as root)",
+        skip_unless_ci(&format!(
+            "SLURM test needs {} (apt-get install slurm-wlm munge; scripts/setup.sh does this as root)",
             missing.join(", ")
-        );
-        return;
+        ));
+        return false;
     }
     if !is_root() {
-        eprintln!("skipped: SLURM test needs root (slurmd runs the jobs)");
+        skip_unless_ci("SLURM test needs root (slurmd runs the jobs)");
+        return false;
+    }
+    true
+}
+
+/// A job, the directory it trains into, and a signal to send it once it has
+/// logged some steps.
+struct Planned {
+    name: &'static str,
+    id: String,
+    out: PathBuf,
+    /// (steps logged, scancel arguments before the job id), sent once.
+    signal_after: Option<(usize, &'static [&'static str])>,
+}
+
+impl Planned {
+    fn metrics(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+}
+
+/// The `SigBlk` (blocked) and `SigCgt` (caught) masks of process `pid`.
+fn signal_masks(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+    };
+    Some((mask("SigBlk:")?, mask("SigCgt:")?))
+}
+
+/// Signal the start-up job as soon as both of its ranks have blocked the
+/// stop signals (`sigma`'s pre-initialiser ran), before either has handlers.
+fn signal_at_start_up(cluster: &Cluster, id: &str) {
+    let bin = std::fs::canonicalize(sigma_bin()).expect("sigma");
+    let usr1 = 1u64 << 9;
+    let t0 = Instant::now();
+    let mut next_look = t0;
+    let mut first_seen: Option<Instant> = None;
+    loop {
+        let r = job_ranks(id, &bin);
+        if !r.is_empty() && first_seen.is_none() {
+            first_seen = Some(Instant::now());
+        }
+        let masks: Vec<(u64, u64)> = r.iter().filter_map(|&p| signal_masks(p)).collect();
+        if masks.len() == 2 && masks.iter().all(|(blk, _)| blk & usr1 != 0) {
+            assert!(
+                masks.iter().all(|(_, cgt)| cgt & usr1 == 0),
+                "a rank of the start-up job had its handlers before it was seen with SIGUSR1 blocked"
+            );
+            break;
+        }
+        if Instant::now() >= next_look {
+            // Now and then (scontrol is slow next to this loop).
+            next_look = Instant::now() + Duration::from_millis(500);
+            let j = cluster.job(id);
+            assert!(
+                !is_final(&j["JobState"]),
+                "start-up job ended before its ranks were seen: {j:?}"
+            );
+            assert!(
+                t0.elapsed() < WAIT,
+                "the start-up job's ranks were not seen with the stop signals blocked"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cluster.run("scancel", &["--signal=USR1", id]);
+    eprintln!(
+        "start-up job {id}: scancel --signal=USR1 returned {:.0?} after its first rank was seen running sigma (both with the stop signals blocked, no handlers yet)",
+        first_seen.map(|t| t.elapsed()).unwrap_or_default()
+    );
+}
+
+/// Send each job its signal once it has logged enough steps (jobs without
+/// one are only watched); fail if one ends first. `together`: two jobs that
+/// must be seen running at the same time.
+fn signal_when_ready(cluster: &Cluster, jobs: &[&Planned], together: Option<(&Planned, &Planned)>) {
+    let mut pending: Vec<&&Planned> = jobs.iter().filter(|j| j.signal_after.is_some()).collect();
+    let mut seen_together = together.is_none();
+    let t0 = Instant::now();
+    while !pending.is_empty() || !seen_together {
+        assert!(
+            t0.elapsed() < WAIT,
+            "jobs {:?} did not get far enough, or two jobs were never seen running together (seen: {seen_together})",
+            pending.iter().map(|j| j.name).collect::<Vec<_>>()
+        );
+        if let Some((a, b)) = together {
+            let running = |j: &Planned| cluster.job(&j.id)["JobState"] == "RUNNING";
+            seen_together = seen_together || (running(a) && running(b));
+        }
+        pending.retain(|j| {
+            let (after, how) = j.signal_after.expect("planned");
+            if steps_logged(&j.metrics()) < after {
+                let st = cluster.job(&j.id);
+                assert!(
+                    !is_final(&st["JobState"]),
+                    "{} ended before its signal: {st:?}",
+                    j.name
+                );
+                return true;
+            }
+            let mut a: Vec<&str> = how.to_vec();
+            a.push(&j.id);
+            cluster.run("scancel", &a);
+            false
+        });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn slurm_templates_pre_emption_start_up_time_limit_and_launch_forms() {
+    if !prerequisites() {
         return;
     }
-    // Every sigma started here uses the same CPU kernels (bit-identical losses).
-    let pin = CPU_PINS;
-    let extra = ["checkpoint.every_steps=5", "train.device=\"cpu\""];
-    let with_extra = |mut a: Vec<String>| {
-        for e in extra {
-            a.extend(["--set".to_string(), e.to_string()]);
-        }
-        a
-    };
-
-    // The uninterrupted reference, while the cluster comes up and the job runs.
+    let t_start = Instant::now();
+    // The uninterrupted reference of `time-limit`, while the cluster comes up and the job runs.
     let ref_dir = tempfile::tempdir().expect("tmp");
-    let ref_args = with_extra(dp_args(ref_dir.path(), 2, STEPS));
+    let mut ref_args = dp_args(ref_dir.path(), 2, STEPS);
+    for e in ["checkpoint.every_steps=5", "train.device=\"cpu\""] {
+        ref_args.extend(["--set".to_string(), e.to_string()]);
+    }
+    let pin = CPU_PINS;
     let reference = std::thread::spawn(move || launch(2, &[], &ref_args, &pin));
 
-    let cluster = Cluster::up();
-    let template = repo_root().join("launch/slurm/cpu.sbatch");
-    let body = std::fs::read_to_string(&template).expect("cpu.sbatch");
-    assert!(body.contains("#SBATCH --signal=USR1@") && !body.contains("--signal=B:"));
-    assert!(body.contains("--stopped-exit-code 75") && body.contains("scontrol requeue"));
-    let help = stdout(&sigma(&["train", "--help"], &[]));
-    let self_requeue = help.contains("--stopped-exit-code");
-    let script = if self_requeue {
-        template
-    } else {
-        eprintln!(
-            "note: this sigma has no --stopped-exit-code: the job is submitted without it and resubmitted by hand"
-        );
-        let p = cluster.dir.path().join("cpu-no-stopped-exit-code.sbatch");
-        write_file(&p, body.replace(" --stopped-exit-code 75", "").as_bytes());
-        p
+    let cluster = Cluster::up(NODE_CPUS);
+    let cpu = repo_root().join("launch/slurm/cpu.sbatch");
+    let launch_t = repo_root().join("launch/slurm/launch.sbatch");
+    for t in [&cpu, &launch_t] {
+        let body = std::fs::read_to_string(t).expect("template");
+        assert!(body.contains("#SBATCH --signal=USR1@") && !body.contains("--signal=B:"));
+        assert!(body.contains("--stopped-exit-code 75") && body.contains("scontrol requeue"));
+    }
+    let plan = |name: &'static str,
+                script: &Path,
+                opts: &[&str],
+                args: Vec<String>,
+                env: &[(&str, &str)],
+                signal_after| Planned {
+        name,
+        id: cluster.submit(script, opts, &args, env),
+        out: cluster.path(name),
+        signal_after,
     };
+    let dir = |name: &str| cluster.path(name);
+    // The jobs run a few at a time: the cores are shared (and slurmd and
+    // munged must keep up).
 
-    let out = cluster.dir.path().join("run");
-    // The template takes CONFIG first, then `sigma train` arguments.
-    let mut train = with_extra(dp_args(&out, 2, STEPS));
-    assert_eq!(train[..2], ["--config", "configs/tiny.toml"]);
-    train.drain(..2);
-    std::fs::create_dir_all(cluster.jobs_dir()).expect("mkdir");
-    let output = cluster.jobs_dir().join("sigma-%j.out");
-    let submit = || -> String {
-        let o = cluster
-            .cmd("sbatch")
-            // --export=ALL: the job sees this environment, the CPU pins included
-            // (MKL_CBWR's value holds a comma, which --export=NAME=VALUE cannot).
-            .args(["--parsable", "--export=ALL"])
-            .envs(CPU_PINS)
-            .arg(format!("--output={}", output.display()))
-            .arg(&script)
-            .arg("configs/tiny.toml")
-            .args(&train)
-            .env("SIGMA", sigma_bin())
-            .output()
-            .expect("sbatch");
-        assert!(o.status.success(), "sbatch:\n{}", text(&o));
-        let id = stdout(&o)
-            .trim()
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        assert!(!id.is_empty(), "sbatch printed no job id:\n{}", text(&o));
-        id
-    };
-    let id = submit();
-    let metrics = out.join("metrics.jsonl");
-    cluster.wait_job(&id, &format!("{PREEMPT_AFTER} steps"), |_| {
-        steps_logged(&metrics) >= PREEMPT_AFTER
-    });
+    // 1. The time-limit signal (every run of the job gets it 50 s before its
+    //    1-minute limit, or earlier): save, requeue, resume, as many times as
+    //    it takes, and the losses of an uninterrupted run.
+    let time_limit = plan(
+        "time-limit",
+        &cpu,
+        &["--time=1", "--signal=USR1@50"],
+        train_args(&dir("time-limit"), STEPS, &["checkpoint.every_steps=5"]),
+        &[],
+        None,
+    );
+    check_time_limit(&cluster, &time_limit, reference, ref_dir.path());
 
-    // SIGUSR1 to the tasks, as `--signal=USR1@T` sends it (without --full: not the batch shell).
-    cluster.run("scancel", &["--signal=USR1", &id]);
-    let job_out = cluster.jobs_dir().join(format!("sigma-{id}.out"));
-    let final_id = if self_requeue {
-        // The script sees srun exit 75 and requeues the job: it waits (cred_expire) as PENDING.
-        cluster.wait_job(&id, "the requeue", |j| {
-            j.get("Restarts").is_some_and(|r| r != "0")
-        });
-        let j = cluster.job(&id);
-        assert_eq!(j["Restarts"], "1", "{j:?}");
-        id
-    } else {
-        cluster.wait_job(&id, "the end of the job", |j| {
-            !matches!(j["JobState"].as_str(), "PENDING" | "RUNNING" | "COMPLETING")
-        });
-        let j = cluster.job(&id);
-        assert_eq!(
-            (j["JobState"].as_str(), j["ExitCode"].as_str()),
-            ("COMPLETED", "0:0"),
-            "a job stopped by SIGUSR1 ends cleanly"
-        );
-        submit()
+    // 2. A signal in the ranks' first milliseconds; the templates' rule for a
+    //    rank that died of one; `sigma launch` as the batch script.
+    let start_up = plan(
+        "start-up",
+        &cpu,
+        &[],
+        train_args(&dir("start-up"), 3, &["checkpoint.every_steps=1000"]),
+        &[],
+        None,
+    );
+    signal_at_start_up(&cluster, &start_up.id);
+    let early_sigma = dir("die-of-usr1-first.sh");
+    write_file(
+        &early_sigma,
+        b"#!/bin/sh\n# On the job's first run only: die of SIGUSR1 before sigma starts, as a\n# rank signalled before it could block the signal would.\nif [ \"${SLURM_RESTART_COUNT:-0}\" = 0 ]; then kill -USR1 $$; fi\nexec \"$REAL_SIGMA\" \"$@\"\n",
+    );
+    std::fs::set_permissions(
+        &early_sigma,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let real = sigma_bin().to_string_lossy().into_owned();
+    let early = plan(
+        "early-death",
+        &cpu,
+        &[],
+        train_args(&dir("early-death"), 2, &[]),
+        &[
+            ("SIGMA", &early_sigma.to_string_lossy()),
+            ("REAL_SIGMA", &real),
+        ],
+        None,
+    );
+    let batch_script = dir("batch-launch.sbatch");
+    write_file(
+        &batch_script,
+        b"#!/bin/bash\n#SBATCH --ntasks=1\n#SBATCH --cpus-per-task=2\n#SBATCH --open-mode=append\nset -eu\nCONFIG=$1\nshift\nexec \"$SIGMA\" launch --nproc-per-node 2 --log-dir \"$LAUNCH_LOGS\" -- train --config \"$CONFIG\" --stopped-exit-code 75 \"$@\"\n",
+    );
+    let batch_job = |name: &'static str, how: &'static [&'static str]| {
+        let logs = dir(&format!("{name}-logs")).to_string_lossy().into_owned();
+        plan(
+            name,
+            &batch_script,
+            &[],
+            train_args(&dir(name), 100_000, &["checkpoint.every_steps=1000000"]),
+            &[("LAUNCH_LOGS", &logs)],
+            Some((2, how)),
+        )
     };
-    let stopped_at = steps_logged(&metrics) as u64;
-    let ckpts = committed(&out.join("checkpoints"));
+    let full = batch_job("batch-full", &["--full", "--signal=USR1"]);
+    let batch = batch_job("batch-batch", &["--batch", "--signal=USR1"]);
+    signal_when_ready(&cluster, &[&full, &batch], None);
+    check_start_up(&cluster, &start_up);
+    check_early_death(&cluster, &early);
+    check_batch_launch(&cluster, &full);
+    check_batch_launch(&cluster, &batch);
+
+    // 3. `srun sigma launch` twice on the node at once, one pre-empted.
+    let logs = |n: &str| dir(&format!("{n}-logs")).to_string_lossy().into_owned();
+    let (logs_a, logs_b) = (logs("launch-a"), logs("launch-b"));
+    let a = plan(
+        "launch-a",
+        &launch_t,
+        &[],
+        train_args(&dir("launch-a"), 12, &[]),
+        &[("NPROC", "2"), ("LOG_DIR", &logs_a)],
+        None,
+    );
+    let b = plan(
+        "launch-b",
+        &launch_t,
+        &[],
+        train_args(&dir("launch-b"), 12, &["checkpoint.every_steps=5"]),
+        &[("NPROC", "2"), ("LOG_DIR", &logs_b)],
+        Some((3, &["--signal=USR1"][..])),
+    );
+    signal_when_ready(&cluster, &[&a, &b], Some((&a, &b)));
+    check_launch_jobs(&cluster, &a, &b);
+    eprintln!("SLURM test: {:.0?} in all", t_start.elapsed());
+}
+
+/// `start-up`: the signal sent while the ranks loaded libtorch was held until
+/// their handlers were in place: both saved after step 1, the job requeued
+/// itself, resumed from step 1 and completed.
+fn check_start_up(cluster: &Cluster, p: &Planned) {
+    let j = cluster.wait_end(&p.id);
+    let out = cluster.output(&p.id);
+    assert_eq!(
+        (
+            j["JobState"].as_str(),
+            j["ExitCode"].as_str(),
+            j["Restarts"].as_str()
+        ),
+        ("COMPLETED", "0:0", "1"),
+        "start-up: {j:?}\n{out}"
+    );
     assert!(
-        stopped_at >= PREEMPT_AFTER as u64 && stopped_at < STEPS,
+        out.contains("SIGUSR1 received (sent during start-up, held until the handlers were ready)")
+            && out.contains("sigma stopped early with a checkpoint saved"),
+        "{out}"
+    );
+    assert!(!out.contains("died of a stop signal"), "{out}");
+    assert!(
+        out.contains("(step 1,"),
+        "the requeued job did not resume from step 1:\n{out}"
+    );
+    assert_eq!(steps_logged(&p.metrics()), 3, "{out}");
+}
+
+/// `time-limit`: SLURM's own signal before the time limit stopped it at a
+/// committed checkpoint and it requeued itself (more than once if a run
+/// got the signal again), appending to its output; it completed, each run
+/// resuming from the step the previous one stopped at, with the losses of
+/// the uninterrupted reference.
+fn check_time_limit(
+    cluster: &Cluster,
+    p: &Planned,
+    reference: std::thread::JoinHandle<Output>,
+    ref_dir: &Path,
+) {
+    let j = cluster.wait_job(&p.id, "the requeue at the time-limit signal", |j| {
+        j.get("Restarts").is_some_and(|r| r != "0")
+    });
+    let stopped_at = steps_logged(&p.metrics()) as u64;
+    let first = cluster.output(&p.id);
+    assert!(
+        first.contains("SIGUSR1 received") && first.contains("requeueing job"),
+        "{j:?}\n{first}"
+    );
+    assert!(
+        stopped_at < STEPS,
         "the job stopped at step {stopped_at} of {STEPS}"
     );
+    let ckpts = committed(&p.out.join("checkpoints"));
     assert!(
         ckpts.contains(&stopped_at),
         "no committed checkpoint at the stop step {stopped_at}: {ckpts:?}"
     );
-    let first = std::fs::read_to_string(&job_out).expect("job output");
-    if self_requeue {
-        assert!(first.contains("requeueing job"), "{first}");
-    }
-
-    cluster.wait_job(&final_id, "completion", |j| j["JobState"] == "COMPLETED");
-    let j = cluster.job(&final_id);
-    assert_eq!(j["ExitCode"], "0:0", "{j:?}");
-    let last = std::fs::read_to_string(cluster.jobs_dir().join(format!("sigma-{final_id}.out")))
-        .expect("job output");
+    let j = cluster.wait_end(&p.id);
+    let last = cluster.output(&p.id);
+    assert_eq!(
+        (j["JobState"].as_str(), j["ExitCode"].as_str()),
+        ("COMPLETED", "0:0"),
+        "{j:?}\n{last}"
+    );
     assert!(
         last.contains(&format!("(step {stopped_at},")),
         "the continued job did not resume from step {stopped_at}:\n{last}"
     );
-    if self_requeue {
-        // --open-mode=append: the requeued run added to the first run's output.
-        assert!(last.starts_with(&first[..first.len().min(200)]), "{last}");
-    }
-
+    // --open-mode=append: the requeued run added to the first run's output.
+    assert!(last.starts_with(&first[..first.len().min(200)]), "{last}");
     let r = reference.join().expect("reference thread");
     assert!(r.status.success(), "reference run:\n{}", stderr(&r));
-    let want = losses(&ref_dir.path().join("metrics.jsonl"));
-    let got = losses(&metrics);
+    let want = losses(&ref_dir.join("metrics.jsonl"));
     assert_eq!(want.len(), STEPS as usize);
     assert_eq!(
-        got, want,
-        "losses of the pre-empted SLURM job (stopped at step {stopped_at}) vs an uninterrupted run"
+        losses(&p.metrics()),
+        want,
+        "losses of the job stopped at the time-limit signal (first at step {stopped_at}, {} restart(s)) vs an uninterrupted run",
+        j["Restarts"]
+    );
+}
+
+/// `early-death`: srun exited 138 (its tasks died of SIGUSR1 before sigma
+/// started); the template requeued the job, which then completed.
+fn check_early_death(cluster: &Cluster, p: &Planned) {
+    let j = cluster.wait_end(&p.id);
+    let out = cluster.output(&p.id);
+    assert_eq!(
+        (
+            j["JobState"].as_str(),
+            j["ExitCode"].as_str(),
+            j["Restarts"].as_str()
+        ),
+        ("COMPLETED", "0:0", "1"),
+        "early-death: {j:?}\n{out}"
+    );
+    assert!(
+        out.contains("died of a stop signal (srun exit 138) while starting"),
+        "{out}"
+    );
+    assert_eq!(steps_logged(&p.metrics()), 2, "{out}");
+}
+
+/// `launch-a` ran to completion next to `launch-b`; `launch-b` was
+/// pre-empted under `srun sigma launch`: every rank saved once (no "exiting
+/// now"), the launcher said so, the job requeued and completed every step
+/// exactly once from the stop checkpoint.
+fn check_launch_jobs(cluster: &Cluster, a: &Planned, b: &Planned) {
+    let j = cluster.wait_end(&a.id);
+    let out = cluster.output(&a.id);
+    assert_eq!(
+        (j["JobState"].as_str(), j["ExitCode"].as_str()),
+        ("COMPLETED", "0:0"),
+        "launch-a: {j:?}\n{out}"
+    );
+    assert_eq!(steps_logged(&a.metrics()), 12, "{out}");
+    let j = cluster.wait_job(&b.id, "the requeue", |j| {
+        j.get("Restarts").is_some_and(|r| r != "0")
+    });
+    let stopped_at = steps_logged(&b.metrics()) as u64;
+    let first = cluster.output(&b.id);
+    assert!(
+        first.contains("every rank saved and stopped (exit status 75)")
+            && first.contains("requeueing job"),
+        "{first}"
+    );
+    assert!(!first.contains("exiting now"), "{first}");
+    assert!(
+        committed(&b.out.join("checkpoints")).contains(&stopped_at),
+        "{first}"
+    );
+    eprintln!(
+        "launch-b: rank 0 {} the launcher's copy of SLURM's SIGUSR1",
+        if first.contains("a copy of the same stop request") {
+            "saw"
+        } else {
+            "did not see"
+        }
+    );
+    assert_eq!(j["Restarts"], "1", "{j:?}");
+    let j = cluster.wait_end(&b.id);
+    let out = cluster.output(&b.id);
+    assert_eq!(
+        (j["JobState"].as_str(), j["ExitCode"].as_str()),
+        ("COMPLETED", "0:0"),
+        "launch-b: {j:?}\n{out}"
+    );
+    assert!(out.contains(&format!("(step {stopped_at},")), "{out}");
+    assert_eq!(steps_logged(&b.metrics()), 12, "{out}");
+}
+
+/// `batch-full` / `batch-batch`: `scancel --full --signal=USR1` (the
+/// launcher, which is the batch step, and its ranks) or `--batch` (the
+/// launcher only) reached the launcher, which passed it on; each rank saved
+/// once and the launcher exited 75. Nothing requeues this form: the job ends
+/// with that status.
+fn check_batch_launch(cluster: &Cluster, p: &Planned) {
+    let j = cluster.wait_end(&p.id);
+    let out = cluster.output(&p.id);
+    assert_eq!(
+        (j["JobState"].as_str(), j["ExitCode"].as_str()),
+        ("FAILED", "75:0"),
+        "batch-launch: {j:?}\n{out}"
+    );
+    assert!(
+        out.contains("SIGUSR1 passed on to the ranks")
+            && out.contains("every rank saved and stopped (exit status 75)"),
+        "{out}"
+    );
+    assert!(!out.contains("exiting now"), "{out}");
+    let stopped_at = steps_logged(&p.metrics()) as u64;
+    assert_eq!(
+        committed(&p.out.join("checkpoints")),
+        vec![stopped_at],
+        "{out}"
     );
 }

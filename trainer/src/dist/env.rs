@@ -16,9 +16,44 @@ pub const SLURM_NTASKS: &str = "SLURM_NTASKS";
 pub const SLURM_LOCALID: &str = "SLURM_LOCALID";
 pub const SLURM_NTASKS_PER_NODE: &str = "SLURM_NTASKS_PER_NODE";
 pub const SLURM_JOB_NODELIST: &str = "SLURM_JOB_NODELIST";
-/// Under SLURM without MASTER_PORT, the port is `20000 + SLURM_JOB_ID % 20000`
-/// (as in launch/slurm/), so jobs sharing a node do not collide.
+/// Under SLURM without MASTER_PORT, the port comes from the job id
+/// (`port_for_job`), so jobs sharing a node do not collide.
 pub const SLURM_JOB_ID: &str = "SLURM_JOB_ID";
+/// The rendezvous port when nothing else chooses one (torchrun's default).
+pub const DEFAULT_PORT: u16 = 29500;
+/// Ports derived from a job id lie in `PORT_BASE .. PORT_BASE + PORT_SPAN`
+/// (20000-29499): below Linux's ephemeral range (32768-60999 by default,
+/// `/proc/sys/net/ipv4/ip_local_port_range`, where the kernel picks the local
+/// port of every outgoing connection, so a listener there may find its port
+/// taken), below Kubernetes' NodePort range (30000-32767), and below
+/// `DEFAULT_PORT`.
+pub const PORT_BASE: u16 = 20000;
+pub const PORT_SPAN: u16 = 9500;
+
+/// The rendezvous port of SLURM job `id`: two jobs on one node get the same
+/// one only when their ids differ by a multiple of `PORT_SPAN`.
+pub fn port_for_job(id: u64) -> u16 {
+    PORT_BASE + (id % u64::from(PORT_SPAN)) as u16
+}
+
+/// The rendezvous port from the environment: `MASTER_PORT`, else (under
+/// SLURM) `port_for_job(SLURM_JOB_ID)`, else `DEFAULT_PORT`. `sigma train`
+/// started by `srun` and `sigma launch` without `--master-port` both take it.
+pub fn master_port(get: &dyn Fn(&str) -> Option<String>) -> Result<u16> {
+    if let Some(p) = get(MASTER_PORT) {
+        return match p.trim().parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(TrainError::config(
+                "environment MASTER_PORT",
+                format!("{p:?} is not a port (1-65535)"),
+            )),
+        };
+    }
+    Ok(match var(get, SLURM_JOB_ID)? {
+        Some(id) => port_for_job(id as u64),
+        None => DEFAULT_PORT,
+    })
+}
 /// The job secret every rendezvous connection must present.
 pub const JOB_SECRET: &str = "SIGMA_JOB_SECRET";
 /// Set by `sigma launch` when it hosts the rendezvous store itself.
@@ -122,7 +157,7 @@ impl DistEnv {
     }
 
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<DistEnv> {
-        let (rank, world, local_rank, local_world, default_addr, default_port) =
+        let (rank, world, local_rank, local_world, default_addr, slurm) =
             if let Some(r) = var(get, RANK)? {
                 let w = var(get, WORLD_SIZE)?.ok_or_else(|| {
                     TrainError::config(
@@ -136,7 +171,7 @@ impl DistEnv {
                     var(get, LOCAL_RANK)?.unwrap_or(r),
                     var(get, LOCAL_WORLD_SIZE)?.unwrap_or(w),
                     None,
-                    None,
+                    false,
                 )
             } else if let Some(r) = var(get, SLURM_PROCID)? {
                 let w = var(get, SLURM_NTASKS)?.ok_or_else(|| {
@@ -154,10 +189,10 @@ impl DistEnv {
                     var(get, SLURM_LOCALID)?.unwrap_or(0),
                     lw,
                     get(SLURM_JOB_NODELIST).map(|l| first_slurm_host(&l)),
-                    var(get, SLURM_JOB_ID)?.map(|id| (20000 + id % 20000) as u16),
+                    true,
                 )
             } else {
-                (0, 1, 0, 1, None, None)
+                (0, 1, 0, 1, None, false)
             };
         if rank >= world {
             return Err(TrainError::config(
@@ -168,11 +203,12 @@ impl DistEnv {
         let master_addr = get(MASTER_ADDR)
             .or(default_addr)
             .unwrap_or_else(|| "127.0.0.1".into());
-        let master_port = match get(MASTER_PORT) {
-            Some(p) => p.parse().map_err(|_| {
-                TrainError::config("environment MASTER_PORT", format!("{p:?} is not a port"))
-            })?,
-            None => default_port.unwrap_or(29500),
+        // The job id chooses the port only for processes SLURM started
+        // (a launcher's ranks are given MASTER_PORT).
+        let master_port = if slurm || get(MASTER_PORT).is_some() {
+            master_port(get)?
+        } else {
+            DEFAULT_PORT
         };
         let secret = get(JOB_SECRET).unwrap_or_default();
         if world > 1 && secret.is_empty() {
@@ -210,7 +246,7 @@ mod tests {
 
     #[test]
     fn torchrun_slurm_and_single_process() {
-        let e = env(&[]).unwrap();
+        let e = env(&[]).expect("environment");
         assert_eq!((e.rank, e.world), (0, 1));
         let e = env(&[
             ("RANK", "3"),
@@ -220,7 +256,7 @@ mod tests {
             ("MASTER_PORT", "1234"),
             ("SIGMA_JOB_SECRET", "x"),
         ])
-        .unwrap();
+        .expect("environment");
         assert_eq!(
             (
                 e.rank,
@@ -241,9 +277,9 @@ mod tests {
             ("SLURM_JOB_ID", "123456"),
             ("SIGMA_JOB_SECRET", "x"),
         ])
-        .unwrap();
+        .expect("environment");
         // The port comes from the job id when MASTER_PORT is not set.
-        assert_eq!(e.master_port as u32, 20000 + 123456 % 20000);
+        assert_eq!(e.master_port, 20000 + (123456 % 9500) as u16);
         assert_eq!(
             (
                 e.rank,
@@ -255,7 +291,7 @@ mod tests {
             (0, 8, 4, "gpu012", true)
         );
         assert!(env(&[("RANK", "0"), ("WORLD_SIZE", "2")])
-            .unwrap_err()
+            .expect_err("refused")
             .to_string()
             .contains("SIGMA_JOB_SECRET"));
         assert!(env(&[
@@ -263,10 +299,49 @@ mod tests {
             ("WORLD_SIZE", "2"),
             ("SIGMA_JOB_SECRET", "x")
         ])
-        .unwrap_err()
+        .expect_err("refused")
         .to_string()
         .contains("rank 2"));
         assert_eq!(first_slurm_host("a1,b2"), "a1");
         assert_eq!(first_slurm_host("node[7,9-10]"), "node7");
+    }
+
+    #[test]
+    fn derived_ports_stay_below_the_ephemeral_range_and_master_port_wins() {
+        // Every job id, and the ids around a wrap of the span.
+        let (lo, hi) = (PORT_BASE, PORT_BASE + PORT_SPAN - 1);
+        for id in (0..200_000u64).chain(u64::MAX - 20_000..=u64::MAX) {
+            let p = port_for_job(id);
+            assert!((lo..=hi).contains(&p), "job {id}: port {p}");
+            // Linux's default ephemeral range, Kubernetes' NodePorts, torchrun's default.
+            assert!(p < 30000 && p != DEFAULT_PORT, "job {id}: port {p}");
+        }
+        assert_ne!(port_for_job(41), port_for_job(42));
+        let port_of = |pairs: &[(&str, &str)]| {
+            let m: std::collections::HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            master_port(&|k| m.get(k).cloned())
+        };
+        assert_eq!(port_of(&[]).expect("environment"), DEFAULT_PORT);
+        assert_eq!(
+            port_of(&[("SLURM_JOB_ID", "12")]).expect("environment"),
+            20012
+        );
+        assert_eq!(
+            port_of(&[("SLURM_JOB_ID", "12"), ("MASTER_PORT", "4242")]).expect("environment"),
+            4242
+        );
+        for bad in ["0", "65536", "x", ""] {
+            let e = port_of(&[("MASTER_PORT", bad)])
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains("MASTER_PORT") && e.contains("not a port"), "{e}");
+        }
+        // torchrun-style ranks inside a SLURM job keep the default unless told.
+        let e = env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("SLURM_JOB_ID", "12")])
+            .expect("environment");
+        assert_eq!(e.master_port, DEFAULT_PORT);
     }
 }

@@ -1,9 +1,13 @@
 //! Liveness: every rank heartbeats to the rendezvous store from a thread of
-//! its own and asks it which ranks have fallen silent. A rank that dies (kill
-//! -9, a lost node) is noticed within `SIGMA_LIVENESS_TIMEOUT_S` by every
-//! other rank, which then stops naming it, instead of waiting for a collective
-//! timeout. A rank that finishes says so first, so a clean exit is not a loss;
-//! losing the store itself (its host died) is fatal too. The thread does not
+//! its own and asks it which ranks are lost. A rank whose process dies (kill
+//! -9, a crash) closes its connection to the store, which its kernel does at
+//! once, and the others learn it at their next heartbeat (within
+//! `SIGMA_HEARTBEAT_S`); a rank that falls silent without closing it (a lost
+//! node, a cut network) is noticed within `SIGMA_LIVENESS_TIMEOUT_S`. Either
+//! way every other rank stops naming it, instead of waiting for a collective
+//! timeout. A rank that finishes says so first (and one that fails, that it
+//! failed), so a clean exit is not a loss; losing the store itself (its host
+//! died) is fatal too. The thread does not
 //! end the process itself: it records the reason (`abort`), the main thread
 //! reports it and exits 1; only if the main thread is stuck past
 //! `ABORT_GRACE` does the thread end the process (without destructors).
@@ -14,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::env::{secs_var, DistEnv};
+use super::store::{LostRank, StoreClient};
 use crate::error::Result;
 
 /// Seconds between heartbeats (default 1).
@@ -43,6 +48,64 @@ const FAILED_COUNT: &str = "liveness/failed";
 
 fn failed_key(n: i64) -> String {
     format!("liveness/failed/{n}")
+}
+
+/// The first rank that stopped on an error, if any did.
+fn failed_rank(client: &mut StoreClient) -> Result<Option<String>> {
+    if client.add(FAILED_COUNT, 0)? == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        client
+            .get(&failed_key(1))
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .map(|b| u32::from_le_bytes(b).to_string())
+            .unwrap_or_else(|| "another rank".into()),
+    ))
+}
+
+/// Why the job must stop, if it must: a rank failed (it said so), or ranks
+/// are lost (their liveness connection closed without a clean finish, or
+/// they fell silent for `timeout`).
+fn check_peers(client: &mut StoreClient, timeout: Duration) -> Result<Option<String>> {
+    client.heartbeat()?;
+    if let Some(who) = failed_rank(client)? {
+        return Ok(Some(format!("rank {who} failed (its own output says why)")));
+    }
+    let lost: Vec<LostRank> = client
+        .lost_ranks(timeout)?
+        .into_iter()
+        .filter(|l| client.get(&done_key(l.rank)).is_err())
+        .collect();
+    if lost.is_empty() {
+        return Ok(None);
+    }
+    // A failing rank records its failure before its connection closes: look again.
+    if let Some(who) = failed_rank(client)? {
+        return Ok(Some(format!("rank {who} failed (its own output says why)")));
+    }
+    let list = |gone: bool| {
+        let r: Vec<String> = lost
+            .iter()
+            .filter(|l| l.disconnected == gone)
+            .map(|l| l.rank.to_string())
+            .collect();
+        r.join(", ")
+    };
+    let mut why = Vec::new();
+    let (gone, silent) = (list(true), list(false));
+    if !gone.is_empty() {
+        why.push(format!(
+            "rank(s) {gone} lost: its connection to the store closed without a clean finish (its process ended: killed or crashed)"
+        ));
+    }
+    if !silent.is_empty() {
+        why.push(format!(
+            "rank(s) {silent} lost: no heartbeat for {timeout:.0?}"
+        ));
+    }
+    Ok(Some(why.join("; ")))
 }
 
 impl Liveness {
@@ -87,35 +150,12 @@ impl Liveness {
                         continue;
                     }
                     next = Instant::now() + interval;
-                    let failed = client.heartbeat().and_then(|_| client.add(FAILED_COUNT, 0));
-                    if let Ok(n) = failed {
-                        if n > 0 {
-                            let who = client
-                                .get(&failed_key(1))
-                                .ok()
-                                .and_then(|b| b.try_into().ok())
-                                .map(|b| u32::from_le_bytes(b).to_string())
-                                .unwrap_or_else(|| "another rank".into());
-                            fatal(format!("rank {who} failed (its own output says why)"));
-                        }
-                    }
-                    let lost = failed.and_then(|_| {
-                        let silent = client.dead_ranks(timeout)?;
-                        Ok(silent
-                            .into_iter()
-                            .filter(|&r| client.get(&done_key(r)).is_err())
-                            .collect::<Vec<u32>>())
-                    });
-                    match lost {
+                    match check_peers(&mut client, timeout) {
                         Err(e) => fatal(format!(
                             "lost the rendezvous store at {addr} (its host, rank 0 or the launcher, is gone?): {e}"
                         )),
-                        Ok(l) if !l.is_empty() => fatal(format!(
-                            "rank(s) {} lost: no heartbeat for {:.0?}",
-                            l.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
-                            timeout
-                        )),
-                        Ok(_) => {}
+                        Ok(Some(why)) => fatal(why),
+                        Ok(None) => {}
                     }
                 }
             })

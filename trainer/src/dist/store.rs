@@ -76,12 +76,34 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A rank's liveness as the store sees it.
+struct Beat {
+    /// Its last heartbeat.
+    at: Instant,
+    /// Its liveness connection has closed.
+    gone: bool,
+}
+
+/// Causes in a DEAD reply.
+const SILENT: u8 = 0;
+const GONE: u8 = 1;
+
 #[derive(Default)]
 struct State {
     data: Mutex<HashMap<String, Vec<u8>>>,
     changed: Notify,
-    /// Last heartbeat per (namespace, rank).
-    heartbeats: Mutex<HashMap<(String, u32), Instant>>,
+    /// Liveness per (namespace, rank).
+    heartbeats: Mutex<HashMap<(String, u32), Beat>>,
+}
+
+impl State {
+    fn data(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn beats(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Beat>> {
+        self.heartbeats.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A running store server; it stops when dropped.
@@ -141,91 +163,98 @@ async fn write_frame(s: &mut tokio::net::TcpStream, code: u8, body: &[u8]) -> st
     s.write_all(&out).await
 }
 
+/// What a connection is, once authenticated.
+struct Conn {
+    rank: u32,
+    ns: String,
+    /// It has sent heartbeats: it is its rank's liveness connection.
+    heartbeats: bool,
+}
+
+/// Serve one connection: the hello with the job secret, then requests until
+/// it closes. When a rank's liveness connection closes, the rank is marked
+/// gone at once (a killed process's sockets are closed by its kernel), so
+/// the others need not wait out the heartbeat timeout; a rank that finishes
+/// or fails says so through keys first (`liveness`).
 async fn serve(
     mut sock: tokio::net::TcpStream,
     st: Arc<State>,
     secret: Vec<u8>,
 ) -> std::io::Result<()> {
     let _ = sock.set_nodelay(true);
-    // Authentication first, with a deadline so idle strangers do not hold a task.
-    let hello = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut sock)).await;
-    let (rank, ns) = match hello {
-        Ok(Ok((HELLO, body))) => {
-            let mut r = Reader(&body);
-            let (s, rank, ns) = (
-                r.bytes().unwrap_or_default().to_vec(),
-                r.u32().unwrap_or(u32::MAX),
-                r.string().unwrap_or_default(),
-            );
-            if !constant_time_eq(&s, &secret) {
-                return write_frame(&mut sock, ERR, b"wrong job secret: connection refused").await;
-            }
-            write_frame(&mut sock, OK, &[]).await?;
-            (rank, ns)
-        }
-        _ => return write_frame(&mut sock, ERR, b"expected hello with the job secret").await,
+    let Some((rank, ns)) = authenticate(&mut sock, &secret).await? else {
+        return Ok(());
     };
+    let mut conn = Conn {
+        rank,
+        ns,
+        heartbeats: false,
+    };
+    let r = requests(&mut sock, &st, &mut conn).await;
+    if conn.heartbeats {
+        if let Some(b) = st.beats().get_mut(&(conn.ns, conn.rank)) {
+            b.gone = true;
+        }
+    }
+    r
+}
+
+/// The hello: the job secret, the rank and the namespace (None: refused,
+/// and told why), with a deadline so idle strangers do not hold a task.
+async fn authenticate(
+    sock: &mut tokio::net::TcpStream,
+    secret: &[u8],
+) -> std::io::Result<Option<(u32, String)>> {
+    let hello = tokio::time::timeout(Duration::from_secs(10), read_frame(sock)).await;
+    let Ok(Ok((HELLO, body))) = hello else {
+        write_frame(sock, ERR, b"expected hello with the job secret").await?;
+        return Ok(None);
+    };
+    let mut r = Reader(&body);
+    let (s, rank, ns) = (
+        r.bytes().unwrap_or_default().to_vec(),
+        r.u32().unwrap_or(u32::MAX),
+        r.string().unwrap_or_default(),
+    );
+    if !constant_time_eq(&s, secret) {
+        write_frame(sock, ERR, b"wrong job secret: connection refused").await?;
+        return Ok(None);
+    }
+    write_frame(sock, OK, &[]).await?;
+    Ok(Some((rank, ns)))
+}
+
+/// Answer requests until the connection closes (or sends a bad one).
+async fn requests(
+    sock: &mut tokio::net::TcpStream,
+    st: &State,
+    conn: &mut Conn,
+) -> std::io::Result<()> {
     loop {
-        let (op, body) = read_frame(&mut sock).await?;
+        let (op, body) = read_frame(sock).await?;
         let mut r = Reader(&body);
-        match op {
+        let (code, reply): (u8, Vec<u8>) = match op {
             SET => {
                 let (Some(k), Some(v)) = (r.string(), r.bytes()) else {
-                    return write_frame(&mut sock, ERR, b"bad set").await;
+                    return write_frame(sock, ERR, b"bad set").await;
                 };
-                st.data
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(k, v.to_vec());
+                st.data().insert(k, v.to_vec());
                 st.changed.notify_waiters();
-                write_frame(&mut sock, OK, &[]).await?;
+                (OK, Vec::new())
             }
             GET => {
                 let k = r.string().unwrap_or_default();
-                let v = st
-                    .data
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&k)
-                    .cloned();
+                let v = st.data().get(&k).cloned();
                 match v {
-                    Some(v) => write_frame(&mut sock, OK, &v).await?,
-                    None => write_frame(&mut sock, ERR, format!("no key {k}").as_bytes()).await?,
+                    Some(v) => (OK, v),
+                    None => (ERR, format!("no key {k}").into_bytes()),
                 }
             }
-            WAIT => {
-                let ms = r.u32().unwrap_or(0) as u64;
-                let n = r.u32().unwrap_or(0);
-                let keys: Vec<String> = (0..n).filter_map(|_| r.string()).collect();
-                let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
-                loop {
-                    let notified = st.changed.notified();
-                    let missing: Vec<String> = {
-                        let d = st.data.lock().unwrap_or_else(|e| e.into_inner());
-                        keys.iter()
-                            .filter(|k| !d.contains_key(*k))
-                            .cloned()
-                            .collect()
-                    };
-                    if missing.is_empty() {
-                        write_frame(&mut sock, OK, &[]).await?;
-                        break;
-                    }
-                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                        write_frame(
-                            &mut sock,
-                            TIMEOUT,
-                            format!("timed out waiting for {}", missing.join(", ")).as_bytes(),
-                        )
-                        .await?;
-                        break;
-                    }
-                }
-            }
+            WAIT => wait_keys(st, &mut r).await,
             ADD => {
                 let (k, delta) = (r.string().unwrap_or_default(), r.i64().unwrap_or(0));
                 let v = {
-                    let mut d = st.data.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut d = st.data();
                     let cur = d
                         .get(&k)
                         .and_then(|v| v.as_slice().try_into().ok())
@@ -235,35 +264,83 @@ async fn serve(
                     cur + delta
                 };
                 st.changed.notify_waiters();
-                write_frame(&mut sock, OK, &v.to_le_bytes()).await?;
+                (OK, v.to_le_bytes().to_vec())
             }
             DELETE => {
-                let k = r.string().unwrap_or_default();
-                st.data.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
-                write_frame(&mut sock, OK, &[]).await?;
+                st.data().remove(&r.string().unwrap_or_default());
+                (OK, Vec::new())
             }
             HEARTBEAT => {
-                st.heartbeats
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((ns.clone(), rank), Instant::now());
-                write_frame(&mut sock, OK, &[]).await?;
+                conn.heartbeats = true;
+                st.beats().insert(
+                    (conn.ns.clone(), conn.rank),
+                    Beat {
+                        at: Instant::now(),
+                        gone: false,
+                    },
+                );
+                (OK, Vec::new())
             }
-            DEAD => {
-                let ms = r.u32().unwrap_or(0) as u64;
-                let dead: Vec<u8> = st
-                    .heartbeats
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .filter(|((n, _), t)| *n == ns && t.elapsed() > Duration::from_millis(ms))
-                    .flat_map(|((_, r), _)| r.to_le_bytes())
-                    .collect();
-                write_frame(&mut sock, OK, &dead).await?;
-            }
-            _ => return write_frame(&mut sock, ERR, b"unknown operation").await,
+            DEAD => (OK, lost(st, &conn.ns, r.u32().unwrap_or(0))),
+            _ => return write_frame(sock, ERR, b"unknown operation").await,
+        };
+        write_frame(sock, code, &reply).await?;
+    }
+}
+
+/// WAIT: until every key exists (OK) or the request's deadline (TIMEOUT, naming the missing keys).
+async fn wait_keys(st: &State, r: &mut Reader<'_>) -> (u8, Vec<u8>) {
+    let ms = r.u32().unwrap_or(0) as u64;
+    let n = r.u32().unwrap_or(0);
+    let keys: Vec<String> = (0..n).filter_map(|_| r.string()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    loop {
+        let notified = st.changed.notified();
+        let missing: Vec<String> = {
+            let d = st.data();
+            keys.iter()
+                .filter(|k| !d.contains_key(*k))
+                .cloned()
+                .collect()
+        };
+        if missing.is_empty() {
+            return (OK, Vec::new());
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let msg = format!("timed out waiting for {}", missing.join(", "));
+            return (TIMEOUT, msg.into_bytes());
         }
     }
+}
+
+/// DEAD: the ranks of namespace `ns` that are lost, as `u32 rank | u8 cause`
+/// entries: `GONE` (their liveness connection closed) at once, `SILENT` (no
+/// heartbeat for `ms` milliseconds) otherwise.
+fn lost(st: &State, ns: &str, ms: u32) -> Vec<u8> {
+    let silent = Duration::from_millis(u64::from(ms));
+    let mut out = Vec::new();
+    for ((n, rank), b) in st.beats().iter() {
+        let cause = if b.gone {
+            GONE
+        } else if b.at.elapsed() > silent {
+            SILENT
+        } else {
+            continue;
+        };
+        if n == ns {
+            out.extend_from_slice(&rank.to_le_bytes());
+            out.push(cause);
+        }
+    }
+    out
+}
+
+/// A rank the store counts as lost (`StoreClient::lost_ranks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostRank {
+    pub rank: u32,
+    /// Its liveness connection closed (else: it fell silent).
+    pub disconnected: bool,
 }
 
 /// A blocking client, one TCP connection.
@@ -458,18 +535,24 @@ impl StoreClient {
         self.call(HEARTBEAT, &[], "heartbeat").map(|_| ())
     }
 
-    /// Ranks whose last heartbeat is older than `timeout`.
-    pub fn dead_ranks(&mut self, timeout: Duration) -> Result<Vec<u32>> {
+    /// Ranks of this namespace that are lost, by rank: those whose liveness
+    /// connection closed (at once) and those whose last heartbeat is older
+    /// than `timeout`. A rank that finished cleanly is among them once its
+    /// connection closes: callers tell it apart by what it left in the store.
+    pub fn lost_ranks(&mut self, timeout: Duration) -> Result<Vec<LostRank>> {
         let v = self.call(
             DEAD,
             &(timeout.as_millis().min(u32::MAX as u128) as u32).to_le_bytes(),
             "liveness",
         )?;
-        let mut out: Vec<u32> = v
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        let mut out: Vec<LostRank> = v
+            .chunks_exact(5)
+            .map(|c| LostRank {
+                rank: u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                disconnected: c[4] == GONE,
+            })
             .collect();
-        out.sort();
+        out.sort_by_key(|l| l.rank);
         Ok(out)
     }
 }
@@ -480,27 +563,27 @@ mod tests {
 
     #[test]
     fn set_get_wait_add_barrier_and_secret() {
-        let server = StoreServer::start("127.0.0.1:0", "s3cret").unwrap();
+        let server = StoreServer::start("127.0.0.1:0", "s3cret").expect("store");
         let addr = server.addr.to_string();
         let t = Duration::from_secs(5);
-        let mut a = StoreClient::connect(&addr, "s3cret", 0, t).unwrap();
+        let mut a = StoreClient::connect(&addr, "s3cret", 0, t).expect("store");
         let addr2 = addr.clone();
         let waiter = std::thread::spawn(move || {
-            let mut b = StoreClient::connect(&addr2, "s3cret", 1, t).unwrap();
-            b.wait(&["k".into()], t).unwrap();
-            let v = b.get("k").unwrap();
-            b.barrier("end", 2).unwrap();
+            let mut b = StoreClient::connect(&addr2, "s3cret", 1, t).expect("store");
+            b.wait(&["k".into()], t).expect("store");
+            let v = b.get("k").expect("store");
+            b.barrier("end", 2).expect("store");
             v
         });
         std::thread::sleep(Duration::from_millis(100));
-        a.set("k", b"value").unwrap();
-        assert_eq!(a.add("n", 2).unwrap(), 2);
-        assert_eq!(a.add("n", 3).unwrap(), 5);
-        a.barrier("end", 2).unwrap();
-        assert_eq!(waiter.join().unwrap(), b"value");
+        a.set("k", b"value").expect("store");
+        assert_eq!(a.add("n", 2).expect("store"), 2);
+        assert_eq!(a.add("n", 3).expect("store"), 5);
+        a.barrier("end", 2).expect("store");
+        assert_eq!(waiter.join().expect("store"), b"value");
         let e = a
             .wait(&["never".into()], Duration::from_millis(200))
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(e.contains("never") && e.contains("timed out"), "{e}");
         let e = StoreClient::connect(&addr, "wrong", 2, t)
@@ -508,17 +591,61 @@ mod tests {
             .expect("refused")
             .to_string();
         assert!(e.contains("wrong job secret"), "{e}");
-        a.heartbeat().unwrap();
+        a.heartbeat().expect("store");
         std::thread::sleep(Duration::from_millis(150));
-        assert_eq!(a.dead_ranks(Duration::from_millis(100)).unwrap(), vec![0]);
-        // Another namespace sees neither the keys nor the heartbeats of the first.
-        let mut n = StoreClient::connect_in(&addr, "s3cret", 0, t, "attempt1/").unwrap();
-        assert!(n.get("k").is_err());
-        n.set("k", b"other").unwrap();
-        assert_eq!(a.get("k").unwrap(), b"value");
+        let silent = LostRank {
+            rank: 0,
+            disconnected: false,
+        };
         assert_eq!(
-            n.dead_ranks(Duration::from_millis(100)).unwrap(),
-            Vec::<u32>::new()
+            a.lost_ranks(Duration::from_millis(100)).expect("store"),
+            vec![silent]
         );
+        // Another namespace sees neither the keys nor the heartbeats of the first.
+        let mut n = StoreClient::connect_in(&addr, "s3cret", 0, t, "attempt1/").expect("store");
+        assert!(n.get("k").is_err());
+        n.set("k", b"other").expect("store");
+        assert_eq!(a.get("k").expect("store"), b"value");
+        assert_eq!(
+            n.lost_ranks(Duration::from_millis(100)).expect("store"),
+            Vec::<LostRank>::new()
+        );
+    }
+
+    #[test]
+    fn a_closed_liveness_connection_is_a_lost_rank_at_once() {
+        let server = StoreServer::start("127.0.0.1:0", "s").expect("store");
+        let addr = server.addr.to_string();
+        let t = Duration::from_secs(5);
+        let long = Duration::from_secs(3600);
+        let mut watcher = StoreClient::connect_in(&addr, "s", 0, t, "ns/").expect("store");
+        watcher.heartbeat().expect("store");
+        // Rank 1 heartbeats, rank 2 never does (a control connection); both close.
+        let mut r1 = StoreClient::connect_in(&addr, "s", 1, t, "ns/").expect("store");
+        r1.heartbeat().expect("store");
+        let r2 = StoreClient::connect_in(&addr, "s", 2, t, "ns/").expect("store");
+        // Another attempt's rank 1 stays connected.
+        let mut other = StoreClient::connect_in(&addr, "s", 1, t, "other/").expect("store");
+        other.heartbeat().expect("store");
+        assert!(watcher.lost_ranks(long).expect("store").is_empty());
+        drop((r1, r2));
+        let t0 = Instant::now();
+        let gone = LostRank {
+            rank: 1,
+            disconnected: true,
+        };
+        loop {
+            let lost = watcher.lost_ranks(long).expect("store");
+            if !lost.is_empty() {
+                assert_eq!(lost, vec![gone]);
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the closed connection was not seen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(other.lost_ranks(long).expect("store").is_empty());
     }
 }
