@@ -7,6 +7,7 @@
 //! data-parallel slicing).
 
 pub mod config;
+pub mod env;
 pub mod error;
 pub mod fsutil;
 pub mod inspect;

@@ -75,12 +75,9 @@ pub fn env_in_range(name: &str, default: u64, range: (u64, u64)) -> Result<u64> 
             "{why}; set an integer from {lo} to {hi}, or unset it for the default {default}"
         ),
     };
-    match std::env::var(name) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(std::env::VarError::NotUnicode(v)) => {
-            Err(bad(v.to_string_lossy().into_owned(), "not valid UTF-8"))
-        }
-        Ok(v) => match v.trim().parse::<u64>() {
+    match crate::env::var(name) {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<u64>() {
             Ok(n) if (lo..=hi).contains(&n) => Ok(n),
             Ok(_) => Err(bad(v, "out of range")),
             Err(_) => Err(bad(v, "not a whole number")),

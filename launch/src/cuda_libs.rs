@@ -17,7 +17,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 /// Set in the restarted process: the directory of links (also a guard against a second restart).
-pub const CUDA_LIBS_DIR: &str = "SIGMA_CUDA_LIBS_DIR";
+pub use sigma_data::env::CUDA_LIBS_DIR;
 
 /// A directory only this user can write, holding `name -> target` links for
 /// `libs`; made under a temporary name and renamed into place, so concurrent
@@ -55,7 +55,7 @@ fn links_dir(libs: &[(&str, PathBuf)]) -> Option<PathBuf> {
 /// runtime first on the library path (see the module docs). Returns when no
 /// restart is needed or possible (CPU-only machines, a second start).
 pub fn ensure() {
-    if std::env::var_os(CUDA_LIBS_DIR).is_some() || !Path::new("/dev/nvidiactl").exists() {
+    if sigma_data::env::is_set(CUDA_LIBS_DIR) || !Path::new("/dev/nvidiactl").exists() {
         return;
     }
     let libs = sigma_trainer::dist::nccl::loaded_cuda_libs();
@@ -69,8 +69,8 @@ pub fn ensure() {
         );
         return;
     };
-    let ld = match std::env::var("LD_LIBRARY_PATH") {
-        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+    let ld = match sigma_data::env::var("LD_LIBRARY_PATH") {
+        Some(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
         _ => dir.display().to_string(),
     };
     let Ok(exe) = std::env::current_exe() else {

@@ -401,8 +401,8 @@ pub fn launch(a: LaunchArgs) -> Result<i32> {
     if a.nproc_per_node == 0 || a.nnodes == 0 || a.node_rank >= a.nnodes {
         bail!("--nproc-per-node and --nnodes must be positive and --node-rank below --nnodes (got {}, {}, {})", a.nproc_per_node, a.nnodes, a.node_rank);
     }
-    let secret = match std::env::var(vars::JOB_SECRET) {
-        Ok(s) if !s.is_empty() => s,
+    let secret = match sigma_data::env::var(vars::JOB_SECRET) {
+        Some(s) if !s.is_empty() => s,
         _ if a.nnodes > 1 => bail!(
             "{} must be set (to the same value on every node) for a job of several nodes",
             vars::JOB_SECRET
@@ -443,7 +443,7 @@ pub fn launch(a: LaunchArgs) -> Result<i32> {
 
 /// The port when `--master-port` is not given, and where it came from.
 fn port_from_env() -> Result<(u16, String)> {
-    let get = |k: &str| std::env::var(k).ok();
+    let get = sigma_data::env::var;
     let port = vars::master_port(&get)?;
     let from = match (get(vars::MASTER_PORT), get(vars::SLURM_JOB_ID)) {
         (Some(_), _) => "MASTER_PORT".to_string(),
@@ -458,12 +458,7 @@ fn control_connection(a: &LaunchArgs, port: u16, secret: &str) -> Result<Option<
     if a.nnodes == 1 {
         return Ok(None);
     }
-    let timeout = Duration::from_secs(
-        std::env::var(vars::TIMEOUT_S)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(300),
-    );
+    let timeout = Duration::from_secs_f64(vars::secs_var(vars::TIMEOUT_S, 300.0)?);
     Ok(Some(StoreClient::connect_in(
         &format!("{}:{port}", a.master_addr),
         secret,

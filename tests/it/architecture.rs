@@ -30,7 +30,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The module path of a source file under `src` (`model/mod.rs` -> [model]).
 fn module_of(src: &Path, file: &Path) -> Vec<String> {
-    let rel = file.strip_prefix(src).expect("under src").with_extension("");
+    let rel = file
+        .strip_prefix(src)
+        .expect("under src")
+        .with_extension("");
     let mut parts: Vec<String> = rel
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -118,7 +121,10 @@ fn references(code: &str, here: &[String]) -> BTreeSet<Vec<String>> {
             .take_while(|p| !p.is_empty())
             .collect()
     };
-    for (i, _) in code.match_indices("crate::").chain(code.match_indices("super::")) {
+    for (i, _) in code
+        .match_indices("crate::")
+        .chain(code.match_indices("super::"))
+    {
         if i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_') {
             continue;
         }
@@ -257,16 +263,25 @@ fn no_module_depends_on_itself_through_others() {
     for krate in ["trainer/src", "launch/src"] {
         for depth in [1, 2] {
             let g = edges(&repo_root().join(krate), depth);
-            assert!(!g.is_empty(), "{krate}: no dependencies found (the parser is broken)");
+            assert!(
+                !g.is_empty(),
+                "{krate}: no dependencies found (the parser is broken)"
+            );
             if let Some(c) = a_cycle(&g) {
-                panic!("{krate}: a module cycle at depth {depth}: {}", c.join(" -> "));
+                panic!(
+                    "{krate}: a module cycle at depth {depth}: {}",
+                    c.join(" -> ")
+                );
             }
         }
     }
     // The checker sees a cycle when there is one.
     let mut g = edges(&repo_root().join("trainer/src"), 1);
     let (model, engine) = (vec!["model".to_string()], vec!["engine".to_string()]);
-    assert!(g.get(&engine).is_some_and(|s| s.contains(&model)), "engine uses model");
+    assert!(
+        g.get(&engine).is_some_and(|s| s.contains(&model)),
+        "engine uses model"
+    );
     g.entry(model).or_default().insert(engine);
     assert!(a_cycle(&g).is_some(), "a planted cycle is found");
 }
@@ -327,7 +342,11 @@ fn no_function_is_longer_than_a_screen_but_the_flat_tables() {
         rust_files(&repo_root().join(krate), &mut files);
         for f in files {
             let text = std::fs::read_to_string(&f).expect("read");
-            let rel = f.strip_prefix(repo_root()).expect("in the repo").display().to_string();
+            let rel = f
+                .strip_prefix(repo_root())
+                .expect("in the repo")
+                .display()
+                .to_string();
             for (name, line, n) in long_functions(&text, MAX_FN_LINES) {
                 if !FLAT_TABLES.contains(&format!("{rel}:{name}").as_str()) {
                     long.push(format!("{rel}:{line} {name} ({n} lines)"));
@@ -335,9 +354,44 @@ fn no_function_is_longer_than_a_screen_but_the_flat_tables() {
             }
         }
     }
-    assert!(long.is_empty(), "functions over {MAX_FN_LINES} lines:\n{}", long.join("\n"));
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FN_LINES} lines:\n{}",
+        long.join("\n")
+    );
     // The measure finds a long function when there is one.
     let body = "    let x = 1;\n".repeat(MAX_FN_LINES);
     let text = format!("fn long() {{\n{body}}}\n");
     assert_eq!(long_functions(&text, MAX_FN_LINES).len(), 1);
+}
+
+/// The process environment is read in one module, `sigma_data::env`
+/// (data/src/env.rs): no other source file of the workspace calls
+/// `std::env::var`, `var_os` or `vars`.
+#[test]
+fn the_environment_is_read_in_one_module() {
+    let mut readers = Vec::new();
+    for krate in ["data/src", "trainer/src", "launch/src"] {
+        let mut files = Vec::new();
+        rust_files(&repo_root().join(krate), &mut files);
+        for f in files {
+            let text = std::fs::read_to_string(&f).expect("read");
+            let code = code(&text);
+            let reads = ["env::var(", "env::var_os(", "env::vars("]
+                .iter()
+                .any(|p| code.contains(&format!("std::{p}")));
+            let rel = f
+                .strip_prefix(repo_root())
+                .expect("in the repo")
+                .display()
+                .to_string();
+            if reads && rel != "data/src/env.rs" {
+                readers.push(rel);
+            }
+        }
+    }
+    assert!(
+        readers.is_empty(),
+        "read the environment through sigma_data::env, not in: {readers:?}"
+    );
 }

@@ -575,7 +575,10 @@ fn stop_after_0_saves_the_initial_state() {
     let stopped = tmp.path().join("stopped");
     let a = args(&stopped, 3, &common);
     let log = run_ok(&with(a.clone(), &["--stop-after", "0"]), &[]);
-    assert!(log.contains("--stop-after 0: saved the checkpoint of step 0"), "{log}");
+    assert!(
+        log.contains("--stop-after 0: saved the checkpoint of step 0"),
+        "{log}"
+    );
     let steps: Vec<u64> = checkpoint::committed(&ck_root(&stopped))
         .iter()
         .map(|c| c.0)

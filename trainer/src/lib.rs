@@ -19,7 +19,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod dist;
 pub mod engine;
-pub mod env;
 pub mod error;
 pub mod guard;
 pub mod infer;

@@ -33,7 +33,7 @@ use crate::optim::AdamW;
 
 /// Fault injection for tests: milliseconds each writer sleeps after writing
 /// its shard and before reporting it (widens the window in which a kill lands mid-save).
-pub const FAULT_SAVE_DELAY_MS: &str = "SIGMA_FAULT_SAVE_DELAY_MS";
+pub use sigma_data::env::FAULT_SAVE_DELAY_MS;
 
 /// Everything about a save except the tensors.
 #[derive(Clone, Debug)]
@@ -376,9 +376,7 @@ struct WriteJob {
 }
 
 fn fault_delay() {
-    if let Some(ms) = std::env::var(FAULT_SAVE_DELAY_MS)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
+    if let Some(ms) = sigma_data::env::var(FAULT_SAVE_DELAY_MS).and_then(|v| v.parse::<u64>().ok())
     {
         std::thread::sleep(Duration::from_millis(ms));
     }

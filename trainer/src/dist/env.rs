@@ -54,22 +54,20 @@ pub fn master_port(get: &dyn Fn(&str) -> Option<String>) -> Result<u16> {
         None => DEFAULT_PORT,
     })
 }
-/// The job secret every rendezvous connection must present.
-pub const JOB_SECRET: &str = "SIGMA_JOB_SECRET";
-/// Set by `sigma launch` when it hosts the rendezvous store itself.
-pub const STORE_HOSTED: &str = "SIGMA_STORE_HOSTED";
-/// Set by `sigma launch`: how many times the job has been restarted (0 at
-/// first); each attempt uses a namespace of its own in the store.
-pub const RESTART_COUNT: &str = "SIGMA_RESTART_COUNT";
-/// Seconds any wait on a peer may take before it is an error (default 300).
-pub const TIMEOUT_S: &str = "SIGMA_DIST_TIMEOUT_S";
-/// Fault injection for tests: `RANK:STEP` makes that rank abort (like a crash)
-/// when it starts that step.
-pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
+/// sigma's own variables of the job (listed with the others in `sigma_data::env`):
+/// the job secret every rendezvous connection must present; set by `sigma
+/// launch` when it hosts the rendezvous store itself; set by `sigma launch`:
+/// how many times the job has been restarted (0 at first; each attempt uses
+/// a namespace of its own in the store); seconds any wait on a peer may take
+/// before it is an error (default 300); fault injection for tests
+/// (`RANK:STEP` makes that rank abort, like a crash, when it starts that step).
+pub use sigma_data::env::{
+    DIST_TIMEOUT_S as TIMEOUT_S, FAULT_ABORT, JOB_SECRET, RESTART_COUNT, STORE_HOSTED,
+};
 
 /// Abort this process if the fault-injection variable names this rank and step.
 pub fn maybe_inject_fault(rank: usize, step: u64) {
-    if let Ok(v) = std::env::var(FAULT_ABORT) {
+    if let Some(v) = sigma_data::env::var(FAULT_ABORT) {
         if v.split_once(':')
             .map(|(r, s)| (r.parse::<usize>().ok(), s.parse::<u64>().ok()))
             == Some((Some(rank), Some(step)))
@@ -117,9 +115,9 @@ fn var(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<usize>
 
 /// A positive number of seconds from environment variable `name` (or `default`).
 pub fn secs_var(name: &str, default: f64) -> Result<f64> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(v) => match v.trim().parse::<f64>() {
+    match sigma_data::env::var(name) {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<f64>() {
             Ok(x) if x > 0.0 && x.is_finite() => Ok(x),
             _ => Err(TrainError::config(
                 format!("environment {name}"),
@@ -153,7 +151,7 @@ pub fn first_slurm_host(list: &str) -> String {
 impl DistEnv {
     /// Read the process environment. Single-process runs (nothing set) get world 1.
     pub fn from_env() -> Result<DistEnv> {
-        DistEnv::from_lookup(&|k| std::env::var(k).ok())
+        DistEnv::from_lookup(&sigma_data::env::var)
     }
 
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<DistEnv> {

@@ -71,7 +71,7 @@ impl ExecOptions {
             checkpoint: cfg.train.activation_checkpointing,
             loss_chunk_tokens: cfg.train.loss_chunk_tokens,
             tp_comm_overlap: cfg.parallel.tp_comm_overlap,
-            time_collectives: crate::env::time_collectives(),
+            time_collectives: sigma_data::env::switch(sigma_data::env::TIME_COLLECTIVES, false),
             frozen: false,
         }
     }

@@ -179,13 +179,15 @@ impl Tuning {
 /// The process's tuning (see [`Tuning`]).
 pub fn tuning() -> Tuning {
     static T: OnceLock<Tuning> = OnceLock::new();
-    *T.get_or_init(|| match std::env::var("SIGMA_DECODE_TUNING") {
-        Ok(text) => Tuning::parse(&text).unwrap_or_else(|e| {
-            eprintln!("warning: SIGMA_DECODE_TUNING ignored: {e}");
-            Tuning::DEFAULT
-        }),
-        Err(_) => Tuning::DEFAULT,
-    })
+    *T.get_or_init(
+        || match sigma_data::env::var(sigma_data::env::DECODE_TUNING) {
+            Some(text) => Tuning::parse(&text).unwrap_or_else(|e| {
+                eprintln!("warning: SIGMA_DECODE_TUNING ignored: {e}");
+                Tuning::DEFAULT
+            }),
+            None => Tuning::DEFAULT,
+        },
+    )
 }
 
 /// Head counts and dimensions that select one compiled decode kernel.
@@ -419,7 +421,7 @@ pub fn decode_kernel_enabled() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     match DECODE_KERNEL.load(Relaxed) {
         0 => {
-            let off = std::env::var("SIGMA_DECODE_KERNEL").is_ok_and(|v| v == "off" || v == "0");
+            let off = !sigma_data::env::switch(sigma_data::env::DECODE_KERNEL, true);
             DECODE_KERNEL.store(if off { 2 } else { 1 }, Relaxed);
             !off
         }

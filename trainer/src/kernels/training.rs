@@ -341,7 +341,7 @@ static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::ne
 
 /// Whether training may use the kernels: unless `SIGMA_TRAIN_KERNELS=off`.
 pub fn kernels_enabled() -> bool {
-    std::env::var("SIGMA_TRAIN_KERNELS").map_or(true, |v| v != "off")
+    sigma_data::env::switch(sigma_data::env::TRAIN_KERNELS, true)
 }
 
 fn register() {

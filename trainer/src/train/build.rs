@@ -310,7 +310,7 @@ fn note_idle_overlap(sink: bool, opts: &ExecOptions) {
         eprintln!(
             "note: {}=1 runs every tensor-parallel collective to completion: \
              parallel.tp_comm_overlap is off for this run",
-            crate::env::TIME_COLLECTIVES
+            sigma_data::env::TIME_COLLECTIVES
         );
     }
 }

@@ -1,0 +1,212 @@
+//! The process environment: every variable sigma reads is read here and
+//! only here (a test holds it: `tests/it/architecture.rs`), in the crate
+//! every binary links. The table [`SIGMA_VARS`] lists sigma's own variables
+//! with what each does; `sigma` checks them all at start-up
+//! ([`check_sigma_vars`]), so a malformed value is refused, naming the
+//! variable, before anything runs. The job's layout (torchrun's and SLURM's
+//! variables) is interpreted by `sigma_trainer::dist::env`, through [`var`].
+
+use crate::error::{DataError, Result};
+
+/// What a variable holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `1`/`on`/`true` or `0`/`off`/`false`.
+    Switch,
+    /// A whole number from `min` to `max`.
+    Number { min: u64, max: u64 },
+    /// Free text (a secret, a path, a list), interpreted where it is used.
+    Text,
+}
+
+/// One of sigma's variables.
+#[derive(Clone, Copy, Debug)]
+pub struct Var {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub meaning: &'static str,
+}
+
+pub const STORE_RETRIES: &str = "SIGMA_STORE_RETRIES";
+pub const STORE_TIMEOUT_S: &str = "SIGMA_STORE_TIMEOUT_S";
+pub const TIME_COLLECTIVES: &str = "SIGMA_TIME_COLLECTIVES";
+pub const TRAIN_KERNELS: &str = "SIGMA_TRAIN_KERNELS";
+pub const DECODE_KERNEL: &str = "SIGMA_DECODE_KERNEL";
+pub const DECODE_TUNING: &str = "SIGMA_DECODE_TUNING";
+pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
+pub const FAULT_SAVE_DELAY_MS: &str = "SIGMA_FAULT_SAVE_DELAY_MS";
+pub const JOB_SECRET: &str = "SIGMA_JOB_SECRET";
+pub const STORE_HOSTED: &str = "SIGMA_STORE_HOSTED";
+pub const RESTART_COUNT: &str = "SIGMA_RESTART_COUNT";
+pub const DIST_TIMEOUT_S: &str = "SIGMA_DIST_TIMEOUT_S";
+pub const CUDA_LIBS_DIR: &str = "SIGMA_CUDA_LIBS_DIR";
+
+/// sigma's own variables. A flat table: one entry per variable.
+pub const SIGMA_VARS: &[Var] = &[
+    Var {
+        name: STORE_RETRIES,
+        kind: Kind::Number { min: 0, max: 100 },
+        meaning: "retries of a failed object-store request (default 3)",
+    },
+    Var {
+        name: STORE_TIMEOUT_S,
+        kind: Kind::Number { min: 1, max: 86_400 },
+        meaning: "seconds an object-store request may take (default 30)",
+    },
+    Var {
+        name: TIME_COLLECTIVES,
+        kind: Kind::Switch,
+        meaning: "time every tensor-parallel collective (logged as tp_comm_s; turns the communication overlap off)",
+    },
+    Var {
+        name: TRAIN_KERNELS,
+        kind: Kind::Switch,
+        meaning: "use sigma's fused training kernels on a GPU (default on)",
+    },
+    Var {
+        name: DECODE_KERNEL,
+        kind: Kind::Switch,
+        meaning: "use sigma's DiffQKV decode kernel on a GPU (default on)",
+    },
+    Var {
+        name: DECODE_TUNING,
+        kind: Kind::Text,
+        meaning: "the decode kernel's split and chunking (key=value pairs, docs/inference.md)",
+    },
+    Var {
+        name: FAULT_ABORT,
+        kind: Kind::Text,
+        meaning: "tests: RANK:STEP makes that rank abort when it starts that step",
+    },
+    Var {
+        name: FAULT_SAVE_DELAY_MS,
+        kind: Kind::Number { min: 0, max: 3_600_000 },
+        meaning: "tests: milliseconds each checkpoint write is slowed down by",
+    },
+    Var {
+        name: JOB_SECRET,
+        kind: Kind::Text,
+        meaning: "the secret every rendezvous connection must present",
+    },
+    Var {
+        name: STORE_HOSTED,
+        kind: Kind::Switch,
+        meaning: "set by sigma launch: it hosts the rendezvous store",
+    },
+    Var {
+        name: RESTART_COUNT,
+        kind: Kind::Number { min: 0, max: 1_000_000 },
+        meaning: "set by sigma launch: restarts of the job so far",
+    },
+    Var {
+        name: DIST_TIMEOUT_S,
+        kind: Kind::Text,
+        meaning: "seconds any wait on a peer may take (a positive number; default 300)",
+    },
+    Var {
+        name: CUDA_LIBS_DIR,
+        kind: Kind::Text,
+        meaning: "set by sigma on GPU machines: libtorch's CUDA libraries, after its one re-exec",
+    },
+];
+
+/// The value of environment variable `name`, if it is set (a value that is
+/// not UTF-8 counts as set, with its lossy text).
+pub fn var(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+/// Whether `name` is set at all.
+pub fn is_set(name: &str) -> bool {
+    std::env::var_os(name).is_some()
+}
+
+fn switch_value(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => Some(true),
+        "0" | "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Switch `name`: `default` when unset. A value that is neither on nor off
+/// reads as `default` here; [`check_sigma_vars`] refuses it at start-up.
+pub fn switch(name: &str, default: bool) -> bool {
+    var(name).and_then(|v| switch_value(&v)).unwrap_or(default)
+}
+
+/// Number `name` (unset: `default`); refused when malformed or outside the
+/// table's range for it (or `range` for a variable not in the table).
+pub fn number(name: &str, default: u64, range: (u64, u64)) -> Result<u64> {
+    let (lo, hi) = match SIGMA_VARS.iter().find(|v| v.name == name).map(|v| v.kind) {
+        Some(Kind::Number { min, max }) => (min, max),
+        _ => range,
+    };
+    let bad = |value: String, why: &str| DataError::Env {
+        name: name.into(),
+        value,
+        message: format!(
+            "{why}; set an integer from {lo} to {hi}, or unset it for the default {default}"
+        ),
+    };
+    match var(name) {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+            Ok(_) => Err(bad(v, "out of range")),
+            Err(_) => Err(bad(v, "not a whole number")),
+        },
+    }
+}
+
+/// Check every switch and number of [`SIGMA_VARS`] that is set: the first
+/// malformed one is refused, naming it, its value and what it takes.
+pub fn check_sigma_vars() -> Result<()> {
+    for v in SIGMA_VARS {
+        let Some(value) = var(v.name) else {
+            continue;
+        };
+        match v.kind {
+            Kind::Switch if switch_value(&value).is_none() => {
+                return Err(DataError::Env {
+                    name: v.name.into(),
+                    value,
+                    message: format!(
+                        "not a switch; set 1 (on) or 0 (off), or unset it ({})",
+                        v.meaning
+                    ),
+                })
+            }
+            Kind::Number { .. } => {
+                number(v.name, 0, (0, u64::MAX))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_read_on_and_off_and_every_table_entry_is_sigmas() {
+        for (v, want) in [
+            ("1", Some(true)),
+            ("off", Some(false)),
+            (" TRUE ", Some(true)),
+            ("2", None),
+        ] {
+            assert_eq!(switch_value(v), want, "{v:?}");
+        }
+        for v in SIGMA_VARS {
+            assert!(v.name.starts_with("SIGMA_"), "{}", v.name);
+            assert!(!v.meaning.is_empty(), "{}", v.name);
+        }
+        let mut names: Vec<&str> = SIGMA_VARS.iter().map(|v| v.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SIGMA_VARS.len(), "a variable listed twice");
+    }
+}
