@@ -56,6 +56,9 @@ pub enum TrainError {
         what: String,
         message: String,
     },
+    /// The rendezvous store (`addr`: where it is, or should be).
+    #[error("rendezvous store {addr}: {message}")]
+    Store { addr: String, message: String },
     /// A step's loss or gradient was not finite and `train.nan_policy` is "abort".
     #[error("step {step}: non-finite loss {loss} / grad norm {grad_norm}; aborting (train.nan_policy = \"abort\")")]
     NonFinite {

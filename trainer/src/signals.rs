@@ -133,8 +133,11 @@ impl StopSignals {
     /// `announce`: print what happens (rank 0).
     pub fn install(announce: bool) -> Result<StopSignals> {
         let s = StopSignals::none();
-        let mut signals = Signals::new([SIGTERM, SIGUSR1, SIGINT])
-            .map_err(|e| TrainError::Other(format!("cannot install signal handlers: {e}")))?;
+        let mut signals =
+            Signals::new([SIGTERM, SIGUSR1, SIGINT]).map_err(|e| TrainError::Setup {
+                what: "install signal handlers".into(),
+                message: e.to_string(),
+            })?;
         let (requested, which, interrupt_saves) = (
             s.requested.clone(),
             s.which.clone(),
@@ -188,7 +191,10 @@ impl StopSignals {
                     }
                 }
             })
-            .map_err(|e| TrainError::Other(format!("cannot start the signal thread: {e}")))?;
+            .map_err(|e| TrainError::Setup {
+                what: "start the signal thread".into(),
+                message: e.to_string(),
+            })?;
         held.store(pending_stop_signals(), Ordering::SeqCst);
         unblock_stop_signals();
         Ok(s)

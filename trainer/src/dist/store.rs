@@ -120,17 +120,20 @@ impl StoreServer {
             .thread_name("sigma-store")
             .enable_all()
             .build()
-            .map_err(|e| {
-                TrainError::Other(format!("rendezvous store: cannot start runtime: {e}"))
+            .map_err(|e| TrainError::Store {
+                addr: bind.to_string(),
+                message: format!("cannot start its runtime: {e}"),
             })?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(bind))
-            .map_err(|e| {
-                TrainError::Other(format!("rendezvous store: cannot listen on {bind}: {e}"))
+            .map_err(|e| TrainError::Store {
+                addr: bind.to_string(),
+                message: format!("cannot listen: {e}"),
             })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| TrainError::Other(e.to_string()))?;
+        let addr = listener.local_addr().map_err(|e| TrainError::Store {
+            addr: bind.to_string(),
+            message: format!("no local address: {e}"),
+        })?;
         let state = Arc::new(State::default());
         let secret = secret.as_bytes().to_vec();
         rt.spawn(async move {
@@ -376,10 +379,12 @@ impl StoreClient {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => {
-                    return Err(TrainError::Other(format!(
-                        "rendezvous store {addr}: cannot connect within {:?}: {e} (is rank 0 / the launcher running, and MASTER_ADDR/MASTER_PORT right?)",
-                        timeout
-                    )))
+                    return Err(TrainError::Store {
+                        addr: addr.to_string(),
+                        message: format!(
+                            "cannot connect within {timeout:?}: {e} (is rank 0 / the launcher running, and MASTER_ADDR/MASTER_PORT right?)"
+                        ),
+                    })
                 }
             }
         };
@@ -407,21 +412,18 @@ impl StoreClient {
     fn call(&mut self, op: u8, body: &[u8], what: &str) -> Result<Vec<u8>> {
         match self.call_raw(op, body, what)? {
             (OK, v) => Ok(v),
-            (_, v) => Err(TrainError::Other(format!(
-                "rendezvous store {}: {what}: {}",
-                self.addr,
-                String::from_utf8_lossy(&v)
-            ))),
+            (_, v) => Err(TrainError::Store {
+                addr: self.addr.clone(),
+                message: format!("{what}: {}", String::from_utf8_lossy(&v)),
+            }),
         }
     }
 
     /// One request; the reply's code and body.
     fn call_raw(&mut self, op: u8, body: &[u8], what: &str) -> Result<(u8, Vec<u8>)> {
-        let err = |m: String| {
-            TrainError::Other(format!(
-                "rendezvous store {}: {what}: {m} (is the store's host, rank 0 or the launcher, gone?)",
-                self.addr
-            ))
+        let err = |m: String| TrainError::Store {
+            addr: self.addr.clone(),
+            message: format!("{what}: {m} (is the store's host, rank 0 or the launcher, gone?)"),
         };
         let mut out = Vec::with_capacity(body.len() + 5);
         out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
@@ -483,19 +485,20 @@ impl StoreClient {
                 (TIMEOUT, v) => {
                     super::abort::check()?;
                     if Instant::now() >= deadline {
-                        return Err(TrainError::Other(format!(
-                            "rendezvous store {}: wait: {} (after {timeout:?})",
-                            self.addr,
-                            String::from_utf8_lossy(&v)
-                        )));
+                        return Err(TrainError::Store {
+                            addr: self.addr.clone(),
+                            message: format!(
+                                "wait: {} (after {timeout:?})",
+                                String::from_utf8_lossy(&v)
+                            ),
+                        });
                     }
                 }
                 (_, v) => {
-                    return Err(TrainError::Other(format!(
-                        "rendezvous store {}: wait: {}",
-                        self.addr,
-                        String::from_utf8_lossy(&v)
-                    )))
+                    return Err(TrainError::Store {
+                        addr: self.addr.clone(),
+                        message: format!("wait: {}", String::from_utf8_lossy(&v)),
+                    })
                 }
             }
         }
@@ -506,11 +509,12 @@ impl StoreClient {
         put_bytes(&mut b, self.full(key).as_bytes());
         b.extend_from_slice(&delta.to_le_bytes());
         let v = self.call(ADD, &b, &format!("add {key}"))?;
-        Ok(i64::from_le_bytes(
-            v.as_slice()
-                .try_into()
-                .map_err(|_| TrainError::Other("bad add reply".into()))?,
-        ))
+        Ok(i64::from_le_bytes(v.as_slice().try_into().map_err(
+            |_| TrainError::Store {
+                addr: self.addr.clone(),
+                message: format!("add {key}: a reply of {} bytes, not 8", v.len()),
+            },
+        )?))
     }
 
     pub fn delete(&mut self, key: &str) -> Result<()> {
@@ -527,8 +531,16 @@ impl StoreClient {
             self.set(&done, b"1")?;
         }
         let t = self.timeout;
-        self.wait(&[done], t)
-            .map_err(|e| TrainError::Other(format!("barrier `{name}` ({world} participants): {e}")))
+        self.wait(&[done], t).map_err(|e| {
+            let why = match e {
+                TrainError::Store { message, .. } => message,
+                e => e.to_string(),
+            };
+            TrainError::Store {
+                addr: self.addr.clone(),
+                message: format!("barrier `{name}` ({world} participants): {why}"),
+            }
+        })
     }
 
     pub fn heartbeat(&mut self) -> Result<()> {
