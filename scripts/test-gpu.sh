@@ -32,6 +32,14 @@
 #   tp2, pp2       (2+ GPUs) tiny at tensor parallelism 2 (sequence parallel, the
 #                  communication overlap) and pipeline parallelism 2 (interleaved)
 #                  against one GPU: within 3e-3 relative; NCCL all-reduce bench
+#   fp8-*          (compute capability 8.9+; the FP8 block below, written without
+#                  a GPU and never run on one before) sigma bench fp8: _scaled_mm
+#                  tensorwise and rowwise against its emulation (1e-2 of the largest
+#                  value) and fp32 (0.15 normwise) at SIGMA-1.5B's shapes, timed
+#                  against bf16; tiny in fp8 (each recipe) against the CPU fp32 run
+#                  within 5e-3 relative (the CPU emulation: 6e-4 at step 20); the
+#                  emulation on the GPU against the real run within 5e-3; SIGMA-1.5B,
+#                  3 steps of micro-batch 1 in fp8 against fp32 on the GPU: 1e-2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 torch_dir=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))') || {
@@ -153,6 +161,30 @@ if [ "$gpus" -ge 2 ]; then
 else
   echo "skip    tp2, pp2, nccl: one GPU visible"
 fi
+
+# ---------------------------------------------------------------------------
+# FP8 (train.precision = "fp8", docs/precision.md). Added on branch fp8 without
+# a GPU: nothing below has run on one yet. Needs compute capability 8.9 or later.
+cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+if [ "${cc:-0}" -ge 89 ]; then
+  if $sigma bench fp8 --steps 5 --device cuda > "$out/fp8-layer.log" 2>&1; then
+    ok fp8-layer "$(tail -1 "$out/fp8-layer.log")"
+  else bad fp8-layer "$(grep -m1 -E 'off|error|panicked' "$out/fp8-layer.log" || tail -1 "$out/fp8-layer.log")"; fi
+  for recipe in tensorwise rowwise; do
+    if train "fp8-$recipe" --set train.device='"cuda"' --set train.precision='"fp8"' --set fp8.recipe="\"$recipe\""; then
+      check "tiny-fp8-$recipe" "$out/cpu/metrics.jsonl" "$out/fp8-$recipe/metrics.jsonl" 5e-3
+    else bad "tiny-fp8-$recipe" "$(why "$out/fp8-$recipe.log")"; fi
+  done
+  if train fp8-emulated --set train.device='"cuda"' --set train.precision='"fp8"' --set fp8.emulate=true; then
+    check tiny-fp8-emulated "$out/fp8-tensorwise/metrics.jsonl" "$out/fp8-emulated/metrics.jsonl" 5e-3
+  else bad tiny-fp8-emulated "$(why "$out/fp8-emulated.log")"; fi
+  if big big-fp8 fp8; then
+    check 1.5b-fp8 "$out/big-fp32/metrics.jsonl" "$out/big-fp8/metrics.jsonl" 1e-2
+  else bad 1.5b-fp8 "$(why "$out/big-fp8.log")"; fi
+else
+  echo "skip    fp8-*: compute capability ${cc:-unknown} (FP8 GEMMs need 8.9 or later)"
+fi
+# ---------------------------------------------------------------------------
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "test-gpu: ${#passed[@]} passed, ${#failed[@]} failed${failed:+ (${failed[*]})} on $gpus x $card, commit $commit, $(date -u +%Y-%m-%d)"

@@ -4,8 +4,9 @@
 // AdamW (csrc/fused_adamw.cpp), a linear layer that adds its weight
 // gradient into the fp32 gradient buffer (csrc/linear_accum.cpp), SwiGLU
 // and RoPE as autograd functions over NVRTC kernels (csrc/kernel_ops.cpp),
-// autograd's grad with seeded outputs (csrc/autograd_grad.cpp), and
-// libtorch's current CUDA stream for the NVRTC kernels (csrc/cuda_stream.cpp).
+// autograd's grad with seeded outputs (csrc/autograd_grad.cpp), libtorch's
+// current CUDA stream for the NVRTC kernels (csrc/cuda_stream.cpp), and the
+// FP8 linear layer over `_scaled_mm` and its emulation (csrc/fp8_linear.cpp).
 #[path = "../build/libtorch.rs"]
 mod libtorch;
 
@@ -51,6 +52,8 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/linear_accum.cpp");
     println!("cargo:rerun-if-changed=csrc/kernel_ops.cpp");
     println!("cargo:rerun-if-changed=csrc/autograd_grad.cpp");
+    println!("cargo:rerun-if-changed=csrc/fp8_linear.cpp");
+    println!("cargo:rerun-if-changed=csrc/wgrad.h");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
@@ -61,6 +64,7 @@ fn main() {
         .file("csrc/linear_accum.cpp")
         .file("csrc/kernel_ops.cpp")
         .file("csrc/autograd_grad.cpp")
+        .file("csrc/fp8_linear.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

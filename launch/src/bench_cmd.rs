@@ -3,7 +3,8 @@
 //! against GQA through libtorch's SDPA, at several batch sizes and context
 //! lengths; `--check` compares the kernel with an fp32 reference on many
 //! shapes; `--model` times whole-model decoding (bench_model.rs).
-//! `sigma bench fused`: the fused training operations (bench_fused.rs).
+//! `sigma bench fused`: the fused training operations (bench_fused.rs);
+//! `sigma bench fp8`: the FP8 linear layer (bench_fp8.rs).
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
@@ -20,6 +21,9 @@ pub enum BenchCommand {
     /// RMSNorm and add + RMSNorm kernels, fp32 weight-gradient GEMM): checked
     /// against fp32 and timed against tensor operations.
     Fused(FusedArgs),
+    /// The FP8 linear layer (train.precision = "fp8") on a GPU: _scaled_mm against its
+    /// emulation and fp32, timed against bf16 (bench_fp8.rs).
+    Fp8(FusedArgs),
 }
 
 #[derive(clap::Args)]
@@ -124,6 +128,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }
             return crate::bench_fused::run(crate::eval_cmd::device(&f.device)?, f.steps);
         }
+        BenchCommand::Fp8(f) if f.steps > 0 => {
+            return crate::bench_fp8::run(crate::eval_cmd::device(&f.device)?, f.steps)
+        }
+        BenchCommand::Fp8(_) => bail!("--steps must be positive"),
     };
     // --model takes its heads from the config (and checks --gqa-kv against them).
     let heads = if a.model.is_some() {

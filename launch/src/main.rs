@@ -2,6 +2,7 @@
 
 mod ablate;
 mod bench_cmd;
+mod bench_fp8;
 mod bench_fused;
 mod bench_model;
 mod cuda_libs;

@@ -423,7 +423,7 @@ fn cases() -> Vec<(Case, Vec<String>)> {
         ),
         t(
             "unknown enum value",
-            &["--set", "train.precision=\"fp8\""],
+            &["--set", "train.precision=\"fp16\""],
             &["train.precision", "unknown variant"],
         ),
         t(

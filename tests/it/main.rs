@@ -10,6 +10,7 @@ mod data_pipeline;
 mod data_s3;
 mod distributed;
 mod eval;
+mod fp8;
 mod generate;
 mod hf_export;
 mod model;

@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "shim_error.h"
+#include "wgrad.h"
 
 #include <array>
 #include <atomic>
@@ -98,6 +99,16 @@ struct LinearAccum : public torch::autograd::Function<LinearAccum> {
   }
 };
 }  // namespace
+
+namespace sigma_wgrad {
+void accumulate(at::Tensor& main, const at::Tensor& g2, const at::Tensor& x2) {
+  ::accumulate(main, g2, x2);
+}
+bool offer(int64_t queue, const at::Tensor& main, const at::Tensor& g2, const at::Tensor& x2) {
+  auto* q = reinterpret_cast<WgradQueue*>(queue);
+  return q != nullptr && q->offer(main, g2, x2);
+}
+}  // namespace sigma_wgrad
 
 // y = x w^T into the (already allocated, undefined) tensor handle `out`;
 // `main`: a view of the gradient buffer shaped like `w`; `queue`: a

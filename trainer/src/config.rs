@@ -274,6 +274,8 @@ pub enum Precision {
     Auto,
     Fp32,
     Bf16,
+    /// bf16, with the block linears in FP8 as `[fp8]` says (docs/precision.md).
+    Fp8,
 }
 
 fn one() -> usize {
@@ -565,6 +567,102 @@ impl Default for MetricsConfig {
     }
 }
 
+/// What one FP8 scale covers (docs/precision.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fp8Recipe {
+    /// One scale per tensor, from its amax.
+    Tensorwise,
+    /// One scale per row of each GEMM operand (along the contraction).
+    Rowwise,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fp8Format {
+    /// 4 exponent, 3 mantissa bits; largest value 448.
+    E4m3,
+    /// 5 exponent, 2 mantissa bits; largest value 57344.
+    E5m2,
+}
+
+/// Where the weight-gradient GEMM of an FP8 linear runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightGrad {
+    Fp8,
+    /// bf16 operands, accumulated in fp32 into the gradient buffer (as in bf16 runs).
+    Bf16,
+}
+
+fn d_recipe() -> Fp8Recipe {
+    Fp8Recipe::Tensorwise
+}
+fn d_e4m3() -> Fp8Format {
+    Fp8Format::E4m3
+}
+fn d_wgrad() -> WeightGrad {
+    WeightGrad::Fp8
+}
+
+/// The largest `fp8.margin`: past it most of e4m3's range goes unused.
+pub const MAX_FP8_MARGIN: u32 = 8;
+
+/// `[fp8]`: how `train.precision = "fp8"` runs (docs/precision.md).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fp8Config {
+    #[serde(default = "d_recipe")]
+    pub recipe: Fp8Recipe,
+    /// Scales are `2^margin` below what the amax allows (headroom).
+    #[serde(default)]
+    pub margin: u32,
+    /// Format of the forward operands (activations and weights): e4m3 only.
+    #[serde(default = "d_e4m3")]
+    pub forward_format: Fp8Format,
+    /// Format of the output gradients; default e5m2 for tensorwise, e4m3 for rowwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_format: Option<Fp8Format>,
+    #[serde(default = "d_wgrad")]
+    pub weight_grad: WeightGrad,
+    /// The first this many blocks keep bf16 linears.
+    #[serde(default = "one")]
+    pub bf16_first_layers: usize,
+    /// The last this many blocks keep bf16 linears.
+    #[serde(default = "one")]
+    pub bf16_last_layers: usize,
+    /// Quantise and dequantise with the same scales, then multiply in fp32
+    /// (no FP8 hardware needed): a test and debug mode, slower than bf16.
+    #[serde(default)]
+    pub emulate: bool,
+}
+
+impl Default for Fp8Config {
+    fn default() -> Self {
+        Fp8Config {
+            recipe: d_recipe(),
+            margin: 0,
+            forward_format: d_e4m3(),
+            grad_format: None,
+            weight_grad: d_wgrad(),
+            bf16_first_layers: 1,
+            bf16_last_layers: 1,
+            emulate: false,
+        }
+    }
+}
+
+impl Fp8Config {
+    /// The gradient format: as given, else the recipe's (e5m2 for
+    /// tensorwise, e4m3 for rowwise).
+    pub fn grad_format(&self) -> Fp8Format {
+        self.grad_format.unwrap_or(match self.recipe {
+            Fp8Recipe::Tensorwise => Fp8Format::E5m2,
+            Fp8Recipe::Rowwise => Fp8Format::E4m3,
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -578,6 +676,9 @@ pub struct RunConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// With `train.precision = "fp8"` (filled with its defaults then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8: Option<Fp8Config>,
 }
 
 /// Apply `section.key=value` (value parsed as TOML, else taken as a string).
@@ -697,6 +798,8 @@ pub fn typed<T: serde::de::DeserializeOwned>(
         // that a `--set` that wrote it is found.
         let path = match unknown_field(&msg) {
             Some(k) if path.is_empty() || path == "." => k.to_string(),
+            // serde_path_to_error may already end the path with the key.
+            Some(k) if path == k || path.ends_with(&format!(".{k}")) => path,
             Some(k) => format!("{path}.{k}"),
             None => path,
         };
@@ -717,8 +820,13 @@ fn unknown_field(msg: &str) -> Option<&str> {
 impl RunConfig {
     pub fn parse(file: &str, text: &str, overrides: &[String]) -> Result<RunConfig> {
         let doc = parse_doc(file, text, overrides)?;
-        let cfg: RunConfig = typed(doc, "", file, overrides)?;
+        let mut cfg: RunConfig = typed(doc, "", file, overrides)?;
         cfg.validate()?;
+        if cfg.train.precision == Precision::Fp8 {
+            // Record what runs: the section and its gradient format explicit.
+            let f = cfg.fp8.get_or_insert_with(Fp8Config::default);
+            f.grad_format = Some(f.grad_format());
+        }
         Ok(cfg)
     }
 
@@ -740,7 +848,52 @@ impl RunConfig {
         self.validate_optim()?;
         self.validate_parallel()?;
         self.validate_checkpoint()?;
-        self.validate_metrics()
+        self.validate_metrics()?;
+        self.validate_fp8()
+    }
+
+    /// The FP8 settings of this run: `[fp8]` (or its defaults) when
+    /// `train.precision = "fp8"`, else None.
+    pub fn fp8(&self) -> Option<Fp8Config> {
+        (self.train.precision == Precision::Fp8).then(|| self.fp8.clone().unwrap_or_default())
+    }
+
+    /// `[fp8]`'s fields and, in an FP8 run, that some block stays in FP8.
+    /// What the device and the shapes allow is checked when the model is
+    /// built (`model::fp8`).
+    fn validate_fp8(&self) -> Result<()> {
+        let Some(f) = &self.fp8 else {
+            return Ok(());
+        };
+        if f.forward_format != Fp8Format::E4m3 {
+            return Err(TrainError::config(
+                "fp8.forward_format",
+                "only \"e4m3\": the forward operands need its 3 mantissa bits (e5m2 has 2; it is for gradients, fp8.grad_format)",
+            ));
+        }
+        if f.margin > MAX_FP8_MARGIN {
+            return Err(TrainError::config(
+                "fp8.margin",
+                format!(
+                    "{} is more than {MAX_FP8_MARGIN}: each unit halves the scale, leaving that much of the format's range unused",
+                    f.margin
+                ),
+            ));
+        }
+        let (first, last, n) = (
+            f.bf16_first_layers,
+            f.bf16_last_layers,
+            self.model.num_layers,
+        );
+        if self.train.precision == Precision::Fp8 && first.saturating_add(last) >= n {
+            return Err(TrainError::config(
+                "fp8.bf16_first_layers",
+                format!(
+                    "bf16_first_layers ({first}) + bf16_last_layers ({last}) cover all {n} layers (model.num_layers): no block would run in FP8; lower them, or set train.precision = \"bf16\""
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_train(&self) -> Result<()> {

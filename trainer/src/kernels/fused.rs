@@ -257,6 +257,12 @@ impl WgradQueue {
         unsafe { sigma_wgrad_queue_clear(self.0) }
     }
 
+    /// The C++ queue, for another autograd shim that queues into it
+    /// (`kernels::fp8::linear`).
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.0
+    }
+
     /// How many queued GEMMs have run since the queue was made.
     pub fn drained(&self) -> u64 {
         // SAFETY: a live queue.

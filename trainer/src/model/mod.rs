@@ -8,7 +8,8 @@
 //!   embedding, final norm and head; `block.rs`: the block (its weights,
 //!   parts and wiring); `ops.rs`: the operations it is written in;
 //! - `params.rs`: the flat parameter buffer; `summary.rs`: counts, FLOPs
-//!   and the memory a run needs.
+//!   and the memory a run needs; `fp8.rs`: which weights multiply in FP8
+//!   (`train.precision = "fp8"`) and their FP8 copies.
 //!
 //! [`Model`] is the structure and the weights; [`Fwd`] computes with them
 //! under an execution context ([`Exec`]: where weight gradients go, whether
@@ -16,6 +17,7 @@
 
 pub mod block;
 pub mod decl;
+pub mod fp8;
 pub mod key;
 pub mod ops;
 pub mod params;
@@ -124,6 +126,8 @@ pub struct Model {
     pub compute: Kind,
     /// RoPE tables by (positions, dim, dtype), on the model's device.
     rope: RefCell<RopeTables>,
+    /// FP8 copies of the weights that multiply in FP8 (`Model::enable_fp8`).
+    fp8: Option<fp8::Fp8Weights>,
 }
 
 /// `[cos, cos]` and `[-sin, sin]` tables by (positions, dim, dtype).
@@ -231,7 +235,31 @@ impl Model {
                 Kind::Float
             },
             rope: RefCell::new(HashMap::new()),
+            fp8: None,
         }
+    }
+
+    /// Run the matmuls of the weights `plan` names in FP8 (`model::fp8`),
+    /// after checking their shapes (`tokens`: of a micro-batch); the model
+    /// must keep a bf16 working copy (mixed precision).
+    pub fn enable_fp8(&mut self, plan: fp8::Fp8Plan, tokens: i64) -> crate::error::Result<()> {
+        assert!(
+            self.params.has_work_copy(),
+            "FP8 matmuls need the bf16 working copy"
+        );
+        plan.check_shapes(&self.params, tokens)?;
+        self.fp8 = Some(fp8::Fp8Weights::new(plan, &self.params));
+        Ok(())
+    }
+
+    /// The FP8 weights, when the model has them.
+    pub fn fp8(&self) -> Option<&fp8::Fp8Weights> {
+        self.fp8.as_ref()
+    }
+
+    /// Whether parameter `id` multiplies in FP8.
+    pub fn is_fp8(&self, id: ParamId) -> bool {
+        self.fp8.as_ref().is_some_and(|f| f.covers(id))
     }
 
     /// The same model in float64 (tests: references and finite differences).

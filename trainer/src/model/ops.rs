@@ -30,16 +30,29 @@ pub fn frozen_merged_calls_on_this_thread() -> u64 {
 
 impl Fwd<'_> {
     /// `x` times parameter `id` (a matmul weight [out, in]): [.., in] -> [.., out].
+    /// In FP8 when the model runs that weight in FP8 (`model::fp8`).
     pub fn linear(&self, x: &Tensor, id: ParamId) -> Tensor {
         let w = self.w(id);
+        if let Some(f) = self.fp8() {
+            if let Some(q) = f.weight(&self.params, id) {
+                let main = self.exec.sink.map(|s| self.sink_view(s, id, w));
+                let queue = self.exec.sink.map(|s| &s.queue);
+                return crate::kernels::fp8::linear(x, w, &q, main.as_ref(), queue, &f.plan.opts);
+            }
+        }
         match self.exec.sink {
             Some(sink) if x.kind() == w.kind() => {
-                let (o, n) = (self.params.offsets[id.0], self.params.specs[id.0].numel());
-                let main = sink.buffer.narrow(0, o, n).view(w.size().as_slice());
+                let main = self.sink_view(sink, id, w);
                 crate::kernels::fused::linear_accum(x, w, &main, Some(&sink.queue))
             }
             _ => self.mm(x, w),
         }
+    }
+
+    /// Parameter `id`'s gradient in the sink, shaped like its weight `w`.
+    fn sink_view(&self, sink: &crate::model::GradSink, id: ParamId, w: &Tensor) -> Tensor {
+        let (o, n) = (self.params.offsets[id.0], self.params.specs[id.0].numel());
+        sink.buffer.narrow(0, o, n).view(w.size().as_slice())
     }
 
     /// `x` times two weights that read it, as one matmul [.., rows_a + rows_b]
@@ -77,8 +90,10 @@ impl Fwd<'_> {
     /// `silu(x gate^T) * (x up^T)`, SwiGLU's and AugQ's gating: one matmul by
     /// both weights and the fused SwiGLU (crate::kernels::training) where
     /// `linear_merged` applies, else two matmuls and the tensor form.
+    /// FP8 weights (each with its own scale) run as two matmuls.
     pub fn gated(&self, x: &Tensor, gate: ParamId, up: ParamId) -> Tensor {
-        match self.linear_merged(x, gate, up) {
+        let fp8 = self.is_fp8(gate) || self.is_fp8(up);
+        match (!fp8).then(|| self.linear_merged(x, gate, up)).flatten() {
             Some(gu) => crate::kernels::training::swiglu(&gu),
             None => self.linear(x, gate).silu() * self.linear(x, up),
         }

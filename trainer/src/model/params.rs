@@ -336,7 +336,7 @@ impl Params {
         let Some(w) = &self.work else {
             return self.tensor(id);
         };
-        let now = (self.flat.internal_version(), self.changes.get());
+        let now = self.version();
         if w.made_from.get() != now {
             tch::no_grad(|| w.flat.shallow_clone().copy_(&self.flat));
             w.made_from.set(now);
@@ -361,6 +361,14 @@ impl Params {
             .narrow(0, oa, n + self.specs[b.0].numel())
             .view([sa[0] + sb[0], sa[1]]);
         Some((merged, oa))
+    }
+
+    /// Which state of the master weights this is: `flat`'s version counter
+    /// and the count of announced changes (see [`WorkCopy`]). Copies made
+    /// from the weights (the working copy, the FP8 copies of `model::fp8`)
+    /// are stale when it moved.
+    pub fn version(&self) -> (i64, u64) {
+        (self.flat.internal_version(), self.changes.get())
     }
 
     /// Announce that the master weights changed (the optimizer, after every

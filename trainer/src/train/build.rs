@@ -21,6 +21,7 @@ use crate::dist::{DistEnv, Job, PipelineGroups};
 use crate::engine::{ExecOptions, Program};
 use crate::error::{Result, TrainError};
 use crate::guard;
+use crate::model::fp8::{self, Fp8Plan};
 use crate::model::summary::{check_host_memory, memory_estimate, summarize, MemoryInputs};
 use crate::model::{GradSink, Model, ModelInit};
 use crate::optim::AdamW;
@@ -37,6 +38,8 @@ struct Placement {
     device: Device,
     /// bf16 matmuls.
     mixed: bool,
+    /// `train.precision = "fp8"`: which matmuls run in FP8, and how.
+    fp8: Option<Fp8Plan>,
 }
 
 /// The model and what trains it.
@@ -93,15 +96,30 @@ fn place(cfg: &RunConfig) -> Result<Placement> {
     });
     let mixed = match cfg.train.precision {
         Precision::Auto => device.is_cuda(),
-        Precision::Bf16 => true,
+        Precision::Bf16 | Precision::Fp8 => true,
         Precision::Fp32 => false,
     };
+    let fp8 = match cfg.fp8() {
+        Some(f) => Some(Fp8Plan::new(
+            &f,
+            cfg.model.num_layers,
+            fp8::gemm_for(device, f.emulate)?,
+        )),
+        None => None,
+    };
+    if cfg.fp8.is_some() && fp8.is_none() && rank == 0 {
+        eprintln!(
+            "note: [fp8] has no effect: train.precision is {}, not \"fp8\"",
+            serde_json::to_string(&cfg.train.precision).expect("serializes")
+        );
+    }
     guard::set_memory_hint(memory_hint(cfg, &layout, mixed));
     Ok(Placement {
         env,
         layout,
         device,
         mixed,
+        fp8,
     })
 }
 
@@ -238,6 +256,14 @@ fn build_parts(
     let mut model = Model::from_share(&cfg.model, share, &init);
     // Matmuls read bf16 weights cast once per optimizer step.
     model.params.enable_work_copy(model.compute);
+    if let Some(plan) = &pl.fp8 {
+        // And FP8 weights quantised once per optimizer step.
+        let tokens = (cfg.train.micro_batch_size * cfg.data.seq_len) as i64;
+        model.enable_fp8(plan.clone(), tokens)?;
+        if pl.env.rank == 0 {
+            eprintln!("{}", plan.describe());
+        }
+    }
     let mut saver = Saver::new(cfg, job.map(|j| j.env.clone()), tokenizer);
     if cfg.checkpointing() {
         saver.allocate_host(&model.params);

@@ -341,11 +341,12 @@ impl Trainer {
         let out = PathBuf::from(&c.metrics.output_dir);
         if self.rank == 0 {
             sigma_data::fsutil::write_atomic(&out.join("config.toml"), c.to_toml().as_bytes())?;
-            self.metrics = Some(MetricsWriter::create(
-                &out,
-                c.metrics.tensorboard,
-                self.start_step,
-            )?);
+            let mut m = MetricsWriter::create(&out, c.metrics.tensorboard, self.start_step)?;
+            if let Some(f) = self.model.fp8() {
+                let rec = json!({"step": self.start_step, "fp8": f.record(&self.model.params)});
+                m.log(self.start_step, &rec)?;
+            }
+            self.metrics = Some(m);
         }
         bar.set_position(self.start_step);
         if self.start_step >= total {

@@ -1,0 +1,214 @@
+//! `sigma bench fp8`: the FP8 linear layer of `train.precision = "fp8"`
+//! (docs/precision.md) on a GPU, at SIGMA-1.5B's block shapes, for each
+//! recipe: libtorch's `_scaled_mm` path against the emulation (the same
+//! quantised operands multiplied in fp32: equal but for the order and the
+//! precision of the sums) and against an fp32 reference (within FP8's
+//! rounding), forward, input gradient and weight gradient; then timed
+//! against the bf16 layer of bf16 runs (forward and backward, the weight
+//! gradient added into an fp32 buffer). Exits non-zero past a tolerance.
+//!
+//! On the CPU (`--device cpu`) it runs what libtorch runs there, the
+//! tensorwise recipe at small shapes: a check of the bench itself, not of
+//! FP8 hardware; the timings then mean nothing.
+//!
+//! Written without a GPU: this file has compiled and run on the CPU only.
+
+use anyhow::{bail, Result};
+use sigma_trainer::kernels::fp8::{self, Format, Fp8Opts, Fp8Weight, Gemm, Scaling};
+use sigma_trainer::kernels::fused;
+use tch::{Device, Kind, Tensor};
+
+use crate::bench_cmd::{device_name, median_time};
+
+/// The `_scaled_mm` path against the emulation, largest |difference| over
+/// the largest |emulated value|: the same FP8 products summed in another
+/// order (and on Hopper by the tensor cores' accumulator), then rounded to
+/// bf16 (2^-8 of a value) or written in fp32.
+const TOL_EMULATION: f64 = 1e-2;
+
+/// Either path against fp32, normwise (||a - b|| / ||b||): e4m3 rounds a
+/// value by up to 2^-4 of itself, e5m2 by 2^-3, independently per element,
+/// so a sum of products is off by about 2^-4 / sqrt(3) (e4m3 x e4m3) to
+/// 2^-3 / sqrt(3) (e5m2 x e4m3) of its norm; 0.15 leaves room above both.
+const TOL_FP32: f64 = 0.15;
+
+/// (tokens, in, out, what): SIGMA-1.5B's block linears at micro-batch 4 x 2048.
+const SHAPES_1_5B: [(i64, i64, i64, &str); 8] = [
+    (8192, 2048, 2048, "q_proj"),
+    (8192, 2048, 256, "k_proj"),
+    (8192, 2048, 1024, "v_proj"),
+    (8192, 1024, 2048, "o_proj"),
+    (8192, 2048, 3072, "aug_q gate/up"),
+    (8192, 3072, 2048, "aug_q down"),
+    (8192, 2048, 6144, "ffn gate/up"),
+    (8192, 6144, 2048, "ffn down"),
+];
+
+const SHAPES_SMALL: [(i64, i64, i64, &str); 2] = [(64, 128, 96, "small"), (48, 64, 80, "small")];
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let e = (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
+    }
+}
+
+fn norm_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let e = (a - &b).norm().double_value(&[]) / b.norm().double_value(&[]);
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
+    }
+}
+
+/// One layer's inputs: x [rows, in], w [out, in] (fp32 master), gy [rows, out].
+struct Case {
+    x: Tensor,
+    w: Tensor,
+    gy: Tensor,
+}
+
+impl Case {
+    fn new(device: Device, rows: i64, din: i64, dout: i64) -> Case {
+        let opts = (Kind::Float, device);
+        Case {
+            x: Tensor::randn([rows, din], opts).to_kind(Kind::BFloat16),
+            w: Tensor::randn([dout, din], opts) * 0.02,
+            gy: (Tensor::randn([rows, dout], opts) * 1e-3).to_kind(Kind::BFloat16),
+        }
+    }
+
+    /// Output, input gradient and weight gradient (added into a zero fp32 buffer).
+    fn fp8(&self, o: &Fp8Opts) -> [Tensor; 3] {
+        let weight = Fp8Weight::new(&self.w, o.scaling, o.margin);
+        let wb = self.w.to_kind(Kind::BFloat16);
+        let x = self.x.detach().set_requires_grad(true);
+        let main = self.w.zeros_like();
+        let y = fp8::linear(&x, &wb, &weight, Some(&main), None, o);
+        let g = fused::grad(&[&y], &[&self.gy], &[&x]);
+        [y, g[0].shallow_clone(), main]
+    }
+
+    /// The bf16 layer of bf16 runs, forward and backward.
+    fn bf16(&self, main: &Tensor) {
+        let wb = self.w.to_kind(Kind::BFloat16);
+        let x = self.x.detach().set_requires_grad(true);
+        let y = fused::linear_accum(&x, &wb, main, None);
+        let _ = fused::grad(&[&y], &[&self.gy], &[&x]);
+    }
+
+    /// The fp32 reference: x w^T, gy w, gy^T x.
+    fn reference(&self) -> [Tensor; 3] {
+        let (x, gy) = (self.x.to_kind(Kind::Float), self.gy.to_kind(Kind::Float));
+        [
+            x.matmul(&self.w.tr()),
+            gy.matmul(&self.w),
+            gy.tr().matmul(&x),
+        ]
+    }
+}
+
+fn opts(scaling: Scaling, gemm: Gemm) -> Fp8Opts {
+    Fp8Opts {
+        scaling,
+        grad: match scaling {
+            Scaling::Tensorwise => Format::E5m2,
+            Scaling::Rowwise => Format::E4m3,
+        },
+        wgrad_fp8: true,
+        margin: 0,
+        gemm,
+    }
+}
+
+/// Check and time one shape under one recipe: (worst vs emulation, worst vs fp32).
+fn case(
+    device: Device,
+    steps: usize,
+    shape: (i64, i64, i64, &str),
+    s: Scaling,
+) -> Result<(f64, f64)> {
+    let (rows, din, dout, what) = shape;
+    let c = Case::new(device, rows, din, dout);
+    let (real_o, emu_o) = (opts(s, Gemm::ScaledMm), opts(s, Gemm::Emulated));
+    let (real, emu, reference) = (c.fp8(&real_o), c.fp8(&emu_o), c.reference());
+    let vs_emu: Vec<f64> = real.iter().zip(&emu).map(|(a, b)| max_rel(a, b)).collect();
+    let vs_fp32: Vec<f64> = real
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| norm_rel(a, b))
+        .collect();
+    let t_fp8 = median_time(device, steps, &mut || {
+        let _ = c.fp8(&real_o);
+        Ok(())
+    })?;
+    let scratch = c.w.zeros_like();
+    let t_bf16 = median_time(device, steps, &mut || {
+        c.bf16(&scratch);
+        Ok(())
+    })?;
+    let e = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:>9.2e}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "{what:>14} {rows:>5} {din:>5} {dout:>5}  {}  {}  {:>8.3} {:>8.3} {:>6.2}x",
+        e(&vs_emu),
+        e(&vs_fp32),
+        t_fp8 * 1e3,
+        t_bf16 * 1e3,
+        t_bf16 / t_fp8
+    );
+    let worst = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    Ok((worst(&vs_emu), worst(&vs_fp32)))
+}
+
+pub fn run(device: Device, steps: usize) -> Result<()> {
+    let (shapes, recipes): (&[_], &[_]) = match device {
+        Device::Cuda(_) => (&SHAPES_1_5B, &[Scaling::Tensorwise, Scaling::Rowwise]),
+        _ => {
+            println!("on the CPU: libtorch's _scaled_mm takes tensorwise scales only; small shapes; the times mean nothing");
+            (&SHAPES_SMALL, &[Scaling::Tensorwise])
+        }
+    };
+    println!(
+        "FP8 linear layer on {} (_scaled_mm vs emulation: largest |difference| / largest |value|, tolerance {TOL_EMULATION}; vs fp32: normwise, tolerance {TOL_FP32}; y, dx, dw each; forward + backward times, FP8 vs bf16)",
+        device_name(device)
+    );
+    let (mut worst_emu, mut worst_fp32) = (0f64, 0f64);
+    for &s in recipes {
+        println!(
+            "{s:?} scaling (gradients in {}):",
+            opts(s, Gemm::Emulated).grad.name()
+        );
+        println!(
+            "{:>14} {:>5} {:>5} {:>5}  {:>29}  {:>29}  {:>8} {:>8} {:>7}",
+            "layer",
+            "rows",
+            "in",
+            "out",
+            "vs emulation (y dx dw)",
+            "vs fp32 (y dx dw)",
+            "fp8 ms",
+            "bf16 ms",
+            "speedup"
+        );
+        for &shape in shapes {
+            let (e, f) = case(device, steps, shape, s)?;
+            worst_emu = worst_emu.max(e);
+            worst_fp32 = worst_fp32.max(f);
+        }
+    }
+    if worst_emu > TOL_EMULATION || worst_fp32 > TOL_FP32 {
+        bail!("the FP8 layer is off: {worst_emu:.3e} from the emulation (tolerance {TOL_EMULATION}), {worst_fp32:.3e} from fp32 (tolerance {TOL_FP32})");
+    }
+    println!("fp8 check passed: largest difference {worst_emu:.2e} from the emulation, {worst_fp32:.2e} from fp32");
+    Ok(())
+}

@@ -1,0 +1,252 @@
+// FP8 linear layer y = x w^T (train.precision = "fp8", docs/precision.md) as
+// an autograd function: the forward GEMM and the input-gradient GEMM run on
+// FP8 operands scaled from their amax, with fp32 accumulation; the
+// weight-gradient GEMM in FP8 too or in bf16 (fp8.weight_grad).
+//
+// Scaling ("current" scaling: from the tensor being cast, every time):
+//   scale = fmax * 2^-margin / amax   (1 where amax = 0; at most FLT_MAX)
+//   q     = cast(clamp(x * scale, -fmax, fmax))   (round to nearest even)
+// with fmax the format's largest finite value (e4m3fn 448, e5m2 57344) and
+// amax over the whole tensor (tensorwise) or over each row (rowwise). A
+// GEMM takes the dequantisation scales 1 / scale, as `at::_scaled_mm` does:
+//   a (x) b = (sum_k a_q[m,k] b_q[k,n]) * (sa * sb)     in fp32.
+// Two ways to compute that product, chosen by the caller:
+//   kScaledMm: at::_scaled_mm, the FP8 tensor-core GEMM on CUDA (compute
+//              capability 8.9 or later). libtorch also runs it on the CPU
+//              for tensorwise scales, which is how CI checks this path's
+//              operand layouts and scale convention; rowwise needs CUDA.
+//   kEmulated: the FP8 operands converted to fp32 (exactly) and multiplied
+//              by at::mm in fp32, then the scales applied: the same numbers
+//              up to the order of the fp32 sums. For CPUs and tests.
+// Operand layouts are those _scaled_mm wants (a row-major, b column-major),
+// in both modes, so the emulation also exercises them.
+//
+// The weight is quantised once per optimizer step by the caller (Rust,
+// model/fp8.rs) with `sigma_fp8_quantize`: wq [N, K] for the forward
+// (b = wq^T, column-major) and wt [K, N] = W^T quantised for the input
+// gradient (b = wt^T); for tensorwise scaling wt is wq transposed with the
+// same scale, for rowwise W^T quantised per row (per column of W).
+//
+// Backward: gx = gy w with gy quantised to the gradient format (scales per
+// tensor or per row of gy); the weight gradient gy^T x either in FP8 (gy^T
+// and x quantised along the token dimension: for tensorwise the forward's
+// quantised x and the quantised gy, transposed; for rowwise requantised per
+// row of gy^T and x^T) or in bf16 from the bf16 x; it is added into `main`
+// (a view of the fp32 gradient buffer, the gradient sink) when one is given
+// (a bf16 one through the queue of put-off GEMMs, as linear_accum.cpp does),
+// else returned through `w` (the bf16 working weight) in its dtype.
+// No exception crosses into Rust.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "shim_error.h"
+#include "wgrad.h"
+
+#include <cfloat>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+namespace {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kE4m3 = 0;  // formats, as Rust's kernels::fp8::Format
+constexpr int64_t kEmulated = 0;  // GEMMs, as Rust's kernels::fp8::Gemm
+constexpr int64_t kScaledMm = 1;
+
+at::ScalarType format(int64_t f) {
+  return f == kE4m3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
+}
+
+double fmax_of(at::ScalarType t) { return t == at::kFloat8_e4m3fn ? 448.0 : 57344.0; }
+
+// (q, dequantisation scale) of 2-D `x`: one scale ([]) or one per row
+// ([rows, 1]), from x's amax or, when `given` is defined, from that amax
+// (of the scale's shape): an amax below x's saturates the values past it.
+std::pair<at::Tensor, at::Tensor> quantize(const at::Tensor& x, at::ScalarType fmt, bool rows,
+                                           int64_t margin, const at::Tensor& given = {}) {
+  const double top = std::ldexp(fmax_of(fmt), -static_cast<int>(margin));
+  const auto xf = x.to(at::kFloat);
+  const auto amax = given.defined() ? given.to(at::kFloat)
+                    : rows          ? xf.abs().amax({1}, /*keepdim=*/true)
+                                    : xf.abs().amax();
+  // One correctly rounded division (top is exact in fp32); amax = 0 gives
+  // inf there, replaced by 1.
+  const auto scale =
+      at::where(amax > 0, at::full_like(amax, top) / amax, at::ones_like(amax)).clamp_max(FLT_MAX);
+  const double fmax = fmax_of(fmt);
+  auto q = (xf * scale).clamp(-fmax, fmax).to(fmt).contiguous();
+  return {q, at::reciprocal(scale)};
+}
+
+// a [M, K] row-major, b [K, N] column-major (FP8), sa [] or [M, 1], sb [] or [1, N].
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                const at::Tensor& sb, at::ScalarType out, int64_t mode) {
+  if (mode == kScaledMm) {
+    return at::_scaled_mm(a, b, sa, sb, std::nullopt, std::nullopt, out,
+                          /*use_fast_accum=*/false);
+  }
+  const auto acc = at::mm(a.to(at::kFloat), b.to(at::kFloat));
+  return (acc * (sa * sb)).to(out);
+}
+
+struct Opts {
+  bool rows;       // rowwise scaling (else tensorwise)
+  int64_t grad;    // format of output gradients (kE4m3 or e5m2)
+  bool wgrad_fp8;  // the weight-gradient GEMM in FP8 (else bf16)
+  int64_t margin;  // amax margin: scales 2^-margin smaller
+  int64_t mode;    // kEmulated or kScaledMm
+};
+
+Opts opts_of(AutogradContext* ctx) {
+  auto& d = ctx->saved_data;
+  return {d["rows"].toBool(), d["grad"].toInt(), d["wgrad_fp8"].toBool(), d["margin"].toInt(),
+          d["mode"].toInt()};
+}
+
+// The weight gradient gy^T x [N, K] by FP8 GEMM: fp32 for tensorwise scales,
+// bf16 for rowwise ones (the only output _scaled_mm's rowwise kernels write).
+at::Tensor wgrad_fp8(const Opts& o, const at::Tensor& gy2, const at::Tensor& gyq,
+                     const at::Tensor& sg, const at::Tensor& xs, const at::Tensor& sx) {
+  if (!o.rows) {
+    // gy^T [N, M] row-major from the quantised gy; x [M, K] column-major from
+    // the forward's quantised x (xs).
+    const auto a = gyq.t().contiguous();
+    const auto b = xs.t().contiguous().t();
+    return gemm(a, sg, b, sx, at::kFloat, o.mode);
+  }
+  auto [a, sa] = quantize(gy2.t().contiguous(), format(o.grad), true, o.margin);
+  auto [bt, sbt] = quantize(xs.t().contiguous(), at::kFloat8_e4m3fn, true, o.margin);
+  return gemm(a, sa, bt.t(), sbt.view({1, -1}), at::kBFloat16, o.mode);
+}
+
+struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& wq, const at::Tensor& wq_scale,
+                            const at::Tensor& wt, const at::Tensor& wt_scale,
+                            const std::optional<at::Tensor>& main, int64_t queue, bool rows,
+                            int64_t grad,
+                            bool wgrad_fp8, int64_t margin, int64_t mode) {
+    const auto k = x.size(-1);
+    const auto x2 = x.reshape({-1, k});
+    auto [xq, sx] = quantize(x2, at::kFloat8_e4m3fn, rows, margin);
+    const auto sw = rows ? wq_scale.view({1, -1}) : wq_scale;
+    auto y = gemm(xq, sx, wq.t(), sw, w.scalar_type(), mode);
+    // Tensorwise FP8 weight gradients reuse the quantised x (half the bytes
+    // of bf16); every other case keeps the bf16 x.
+    const bool keep_q = !rows && wgrad_fp8;
+    ctx->save_for_backward({keep_q ? xq : x2, keep_q ? sx : at::Tensor(), wt, wt_scale});
+    // Not a saved variable: the buffer is written in place between uses.
+    ctx->saved_data["main"] = main.has_value() ? c10::IValue(*main) : c10::IValue();
+    ctx->saved_data["queue"] = queue;
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["grad"] = grad;
+    ctx->saved_data["wgrad_fp8"] = wgrad_fp8;
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["w_dtype"] = static_cast<int64_t>(w.scalar_type());
+    auto sizes = x.sizes().vec();
+    sizes.back() = wq.size(0);
+    return y.view(sizes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto o = opts_of(ctx);
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& xs = saved[0];  // x2 (bf16) or its FP8 form
+    const at::Tensor& sx = saved[1];
+    const at::Tensor& wt = saved[2];
+    const at::Tensor& wt_scale = saved[3];
+    const auto& m = ctx->saved_data["main"];
+    at::Tensor main = m.isNone() ? at::Tensor() : m.toTensor();
+    const auto n = wt.size(1);
+    const auto gy2 = grads[0].reshape({-1, n});
+    const bool want_w = main.defined() || ctx->needs_input_grad(1);
+    // gy quantised along its rows: the input gradient's operand, and for
+    // tensorwise scaling (one scale) the weight gradient's too.
+    at::Tensor gyq, sg;
+    if (ctx->needs_input_grad(0) || (want_w && o.wgrad_fp8 && !o.rows)) {
+      std::tie(gyq, sg) = quantize(gy2, format(o.grad), o.rows, o.margin);
+    }
+    at::Tensor gx;
+    if (ctx->needs_input_grad(0)) {
+      const auto sw = o.rows ? wt_scale.view({1, -1}) : wt_scale;
+      gx = gemm(gyq, sg, wt.t(), sw, gy2.scalar_type(), o.mode)
+               .view(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    at::Tensor gw;
+    if (want_w) {
+      if (o.wgrad_fp8) {
+        gw = wgrad_fp8(o, gy2, gyq, sg, xs, sx);
+        if (main.defined()) main.add_(gw);
+      } else if (main.defined()) {
+        const auto q = ctx->saved_data["queue"].toInt();
+        if (!sigma_wgrad::offer(q, main, gy2, xs)) sigma_wgrad::accumulate(main, gy2, xs);
+      } else {
+        gw = at::mm(gy2.t(), xs);
+      }
+      if (main.defined()) {
+        gw = at::Tensor();
+      } else {
+        const auto dt = static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt());
+        gw = gw.to(dt);
+      }
+    }
+    variable_list out(13);
+    out[0] = gx;
+    out[1] = gw;
+    return out;
+  }
+};
+
+at::Tensor& handle(void* p) { return *static_cast<at::Tensor*>(p); }
+}  // namespace
+
+// Quantise 2-D `x` to format `fmt` (0 e4m3fn, 1 e5m2) with one scale, or one
+// per row when `rows`, `margin` powers of two below the amax (x's, or the
+// defined tensor `amax`): the FP8 tensor into handle `out_q`, the
+// dequantisation scale (fp32, [] or [rows, 1]) into `out_scale`.
+extern "C" int sigma_fp8_quantize(void* x, int64_t fmt, int rows, int64_t margin, void* amax,
+                                  void* out_q, void* out_scale, char* err, size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    at::NoGradGuard no_grad;
+    auto [q, s] = quantize(handle(x), format(fmt), rows != 0, margin, handle(amax));
+    handle(out_q) = q;
+    handle(out_scale) = s;
+  });
+}
+
+// The FP8 GEMM of two quantised operands (layouts and scales as `gemm`
+// above) into `out` with dtype `out_dtype` (a c10::ScalarType number).
+extern "C" int sigma_fp8_gemm(void* a, void* sa, void* b, void* sb, int64_t out_dtype,
+                              int64_t mode, void* out, char* err, size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    at::NoGradGuard no_grad;
+    handle(out) = gemm(handle(a), handle(sa), handle(b), handle(sb),
+                       static_cast<at::ScalarType>(out_dtype), mode);
+  });
+}
+
+// y = x w^T through Fp8Linear into handle `out`. `w`: the bf16 working weight
+// [N, K] (its gradient when `main` is undefined); `wq`, `wq_scale`, `wt`,
+// `wt_scale`: its FP8 forms (see the top); `main`: a view of the fp32
+// gradient buffer shaped like `w`, or an undefined tensor; `queue`: a
+// WgradQueue or null.
+extern "C" int sigma_fp8_linear(void* x, void* w, void* wq, void* wq_scale, void* wt,
+                                void* wt_scale, void* main, void* queue, int rows, int64_t grad,
+                                int wgrad_fp8, int64_t margin, int64_t mode, void* out, char* err,
+                                size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    const auto q = static_cast<int64_t>(reinterpret_cast<intptr_t>(queue));
+    const auto& mt = handle(main);
+    const auto m = mt.defined() ? std::optional<at::Tensor>(mt) : std::nullopt;
+    handle(out) = Fp8Linear::apply(handle(x), handle(w), handle(wq), handle(wq_scale), handle(wt),
+                                   handle(wt_scale), m, q, rows != 0, grad, wgrad_fp8 != 0, margin,
+                                   mode);
+  });
+}
