@@ -1,9 +1,7 @@
 //! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
 
 mod ablate;
-mod bench_cmd;
-mod bench_fused;
-mod bench_model;
+mod bench;
 mod cuda_libs;
 mod data_cmd;
 mod eval_cmd;
@@ -50,7 +48,7 @@ enum Command {
     /// Micro-benchmarks (decode attention, fused training operations).
     Bench {
         #[command(subcommand)]
-        command: bench_cmd::BenchCommand,
+        command: bench::BenchCommand,
     },
     /// Sample text from a checkpoint or an export (DiffQKV KV cache).
     Generate(generate_cmd::GenerateArgs),
@@ -81,7 +79,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Eval(args) => ok(eval_cmd::eval(args)),
         Command::Ablate(args) => ablate::ablate(args),
         Command::Generate(args) => ok(generate_cmd::run(args)),
-        Command::Bench { command } => ok(bench_cmd::run(command)),
+        Command::Bench { command } => ok(bench::run(command)),
     }
 }
 
