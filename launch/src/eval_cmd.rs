@@ -6,6 +6,8 @@ use sigma_trainer::config::{parse_doc, read_config, typed};
 use sigma_trainer::infer::eval::{evaluate, load, DomainScore, Files, Validation};
 use sigma_trainer::RunConfig;
 
+use crate::device::DeviceArg;
+
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// A checkpoint directory (step-NNNNNNN) or the output of `sigma checkpoint export`.
@@ -31,27 +33,16 @@ pub struct EvalArgs {
     /// Windows per forward pass (default: train.micro_batch_size).
     #[arg(long)]
     pub batch: Option<u64>,
-    /// "auto" (a GPU when one is usable), "cpu" or "cuda".
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to run (auto: a GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
-/// `--device auto|cpu|cuda` (auto: GPU 0 when CUDA is usable).
-pub fn device(name: &str) -> Result<tch::Device> {
-    Ok(match name {
-        "cpu" => tch::Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
-        "cuda" => bail!("--device cuda: no CUDA device is usable"),
-        "auto" => tch::Device::cuda_if_available(),
-        d => bail!("--device {d}: use auto, cpu or cuda"),
-    })
-}
-
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let device = device(&a.device)?;
+    let device = a.device.resolve()?;
     let loaded = load(&a.checkpoint, device)?;
     // The run's config: given, or the checkpoint's.
     let run: Option<RunConfig> = match &a.config {

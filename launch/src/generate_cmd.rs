@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use sigma_trainer::infer::eval::load;
 use sigma_trainer::infer::generate::{generate, Request, Sampling};
 
+use crate::device::DeviceArg;
+
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// A checkpoint directory (step-NNNNNNN) or the output of `sigma checkpoint export`.
@@ -39,9 +41,9 @@ pub struct GenerateArgs {
     /// Prompt + new tokens limit (default: the training sequence length).
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// "auto" (a GPU when one is usable), "cpu" or "cuda".
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to run (auto: a GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
 }
 
 /// The training sequence length: from the run config, or an export's config.json.
@@ -109,7 +111,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.batch == 0 || a.max_new_tokens == 0 {
         bail!("--batch and --max-new-tokens must be positive");
     }
-    let device = crate::eval_cmd::device(&a.device)?;
+    let device = a.device.resolve()?;
     let prompts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![p.clone()],
         (None, Some(f)) => read_prompts(f)?,

@@ -4,10 +4,12 @@ mod ablate;
 mod bench;
 mod cuda_libs;
 mod data_cmd;
+mod device;
 mod eval_cmd;
 mod generate_cmd;
 mod launcher;
 mod train_cmd;
+mod usage;
 
 use clap::{Parser, Subcommand};
 
@@ -84,7 +86,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage::exit(e));
     // GPU machines: make cudarc find libtorch's own NCCL (may restart the process once).
     cuda_libs::ensure();
     // libtorch failures (and bugs) come back as errors, not panics.

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
+use sigma_trainer::checkpoint::tools;
 use sigma_trainer::model::summary::summarize;
 use sigma_trainer::train::Trainer;
 use sigma_trainer::RunConfig;
@@ -40,18 +41,55 @@ pub enum CheckpointCommand {
         path: std::path::PathBuf,
         #[arg(long)]
         output: std::path::PathBuf,
-        /// Weight dtype of the export: f32 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// "sigma" (weights, config.json, tokenizer.json) or "hf": a directory
-        /// that Hugging Face transformers loads with trust_remote_code=True.
-        #[arg(long, default_value = "sigma")]
-        format: String,
+        /// Weight dtype of the export.
+        #[arg(long, value_enum, default_value_t = ExportDtypeArg::F32)]
+        dtype: ExportDtypeArg,
+        /// What to write.
+        #[arg(long, value_enum, default_value_t = ExportFormatArg::Sigma)]
+        format: ExportFormatArg,
     },
 }
 
+/// `--dtype` of `sigma checkpoint export` (tools::ExportDtype).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportDtypeArg {
+    /// float32 weights, as trained.
+    #[value(alias = "float32")]
+    F32,
+    /// bfloat16 weights (half the size).
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<ExportDtypeArg> for tools::ExportDtype {
+    fn from(d: ExportDtypeArg) -> Self {
+        match d {
+            ExportDtypeArg::F32 => tools::ExportDtype::F32,
+            ExportDtypeArg::Bf16 => tools::ExportDtype::Bf16,
+        }
+    }
+}
+
+/// `--format` of `sigma checkpoint export` (tools::ExportFormat).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormatArg {
+    /// model.safetensors, config.json and tokenizer.json.
+    Sigma,
+    /// a directory that Hugging Face transformers loads with trust_remote_code=True.
+    #[value(alias = "huggingface")]
+    Hf,
+}
+
+impl From<ExportFormatArg> for tools::ExportFormat {
+    fn from(f: ExportFormatArg) -> Self {
+        match f {
+            ExportFormatArg::Sigma => tools::ExportFormat::Sigma,
+            ExportFormatArg::Hf => tools::ExportFormat::HuggingFace,
+        }
+    }
+}
+
 pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
-    use sigma_trainer::checkpoint::tools;
     match cmd {
         CheckpointCommand::Inspect { path } => print!("{}", tools::inspect(&path)?),
         CheckpointCommand::Export {
@@ -60,12 +98,8 @@ pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
             dtype,
             format,
         } => {
-            let f = match format.as_str() {
-                "sigma" => tools::ExportFormat::Sigma,
-                "hf" | "huggingface" => tools::ExportFormat::HuggingFace,
-                f => anyhow::bail!("--format {f}: use sigma or hf"),
-            };
-            tools::export(&path, &output, &dtype, f)?;
+            let f = tools::ExportFormat::from(format);
+            tools::export(&path, &output, dtype.into(), f)?;
             println!(
                 "exported {} to {} ({})",
                 path.display(),

@@ -3,14 +3,16 @@
 
 use anyhow::{bail, Result};
 
+use crate::device::DeviceArg;
+
 #[derive(clap::Args)]
 pub struct FusedArgs {
     /// Timed runs per case (the median is reported), after 5 warm-up runs.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// "auto", "cpu" or "cuda".
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to run (auto: a GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
 }
 
 impl FusedArgs {
@@ -48,9 +50,9 @@ pub struct DecodeArgs {
     /// Timed steps per case (the median is reported), after 5 warm-up steps.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    /// "auto", "cpu" or "cuda".
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to run (auto: a GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
     /// Card peak memory bandwidth in GB/s, for the fraction reached (H100 SXM: 3350).
     #[arg(long)]
     pub peak_gbps: Option<f64>,

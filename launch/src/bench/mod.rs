@@ -37,11 +37,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Fused(f) => {
             f.validate()?;
-            fused::run(crate::eval_cmd::device(&f.device)?, f.steps)
+            fused::run(f.device.resolve()?, f.steps)
         }
         BenchCommand::Decode(a) => {
             a.validate()?;
-            let device = crate::eval_cmd::device(&a.device)?;
+            let device = a.device.resolve()?;
             if a.check {
                 return decode::check(device);
             }

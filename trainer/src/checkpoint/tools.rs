@@ -129,6 +129,30 @@ fn config_json(meta: &Metadata, dtype: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// The weight dtype of an export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+}
+
+impl ExportDtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            ExportDtype::F32 => Kind::Float,
+            ExportDtype::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    /// The name config.json gives it (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
 /// What `sigma checkpoint export` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportFormat {
@@ -196,14 +220,14 @@ fn hf_tokenizer_config(tok: &sigma_data::Tokenizer, max_len: usize) -> serde_jso
 fn write_export(
     ck: &mut Checkpoint,
     meta: &super::Metadata,
-    kind: Kind,
+    dtype: ExportDtype,
     tok: &Path,
     tmp: &Path,
     format: ExportFormat,
 ) -> Result<()> {
     let mut tensors = Vec::new();
     for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
-        let t = ck.read(name)?.to_kind(kind);
+        let t = ck.read(name)?.to_kind(dtype.kind());
         tensors.push((name.trim_start_matches("model/").to_string(), t));
     }
     let md = BTreeMap::from([
@@ -211,11 +235,6 @@ fn write_export(
         ("sigma_step".to_string(), meta.progress.step.to_string()),
     ]);
     super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
-    let dtype = if kind == Kind::Float {
-        "float32"
-    } else {
-        "bfloat16"
-    };
     let tokenizer = if tok.is_file() {
         let data = std::fs::read(tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
         write_atomic(&tmp.join(TOKENIZER), &data)?;
@@ -227,7 +246,7 @@ fn write_export(
         None
     };
     let cfg = match format {
-        ExportFormat::Sigma => config_json(meta, dtype)?,
+        ExportFormat::Sigma => config_json(meta, dtype.torch_name())?,
         ExportFormat::HuggingFace => {
             write_atomic(&tmp.join("modeling_sigma.py"), HF_MODELING.as_bytes())?;
             write_atomic(
@@ -241,7 +260,7 @@ fn write_export(
                     serde_json::to_string_pretty(&tc).expect("json").as_bytes(),
                 )?;
             }
-            hf_config_json(meta, dtype, tokenizer.as_ref())?
+            hf_config_json(meta, dtype.torch_name(), tokenizer.as_ref())?
         }
     };
     write_atomic(
@@ -252,15 +271,10 @@ fn write_export(
     Ok(())
 }
 
-/// One consolidated `model.safetensors` (weights only, `dtype` f32 or bf16),
+/// One consolidated `model.safetensors` (weights only, in `dtype`),
 /// `config.json` and the tokenizer, written into a temporary directory that is
 /// renamed to `out` when complete. An existing non-empty `out` is refused.
-pub fn export(dir: &Path, out: &Path, dtype: &str, format: ExportFormat) -> Result<()> {
-    let kind = match dtype {
-        "f32" | "float32" => Kind::Float,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        d => return Err(TrainError::Other(format!("--dtype {d}: use f32 or bf16"))),
-    };
+pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) -> Result<()> {
     if out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
@@ -293,7 +307,7 @@ pub fn export(dir: &Path, out: &Path, dtype: &str, format: ExportFormat) -> Resu
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(tmp.display().to_string(), e))?;
     // Nothing half-written stays behind: on any failure the temporary directory goes.
-    let written = write_export(&mut ck, &meta, kind, &tok, &tmp, format);
+    let written = write_export(&mut ck, &meta, dtype, &tok, &tmp, format);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
