@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use sigma_trainer::checkpoint::tools;
 use sigma_trainer::model::summary::summarize;
-use sigma_trainer::train::Trainer;
+use sigma_trainer::train::{TrainReport, Trainer};
 use sigma_trainer::RunConfig;
 
 #[derive(clap::Args)]
@@ -285,14 +285,22 @@ pub fn train(a: TrainArgs) -> Result<i32> {
     if let Some(spec) = &a.resume {
         t.resume(spec)?;
     }
-    if !rank0 {
-        let r = t.run()?;
-        return Ok(if r.stopped_by_signal {
-            a.stopped_exit_code as i32
-        } else {
-            0
-        });
+    if rank0 {
+        print_setup(&t, &cfg);
     }
+    let r = t.run()?;
+    if rank0 {
+        print_outcome(&r, &cfg);
+    }
+    Ok(if r.stopped_by_signal {
+        a.stopped_exit_code as i32
+    } else {
+        0
+    })
+}
+
+/// Rank 0, before the first step: device, parameters, FLOPs, optimizer state.
+fn print_setup(t: &Trainer, cfg: &RunConfig) {
     let total = summarize(&cfg.model, cfg.data.seq_len).params;
     let local = t.model.params.numel();
     println!(
@@ -322,7 +330,11 @@ pub fn train(a: TrainArgs) -> Result<i32> {
             .map(|s| format!(" (ZeRO-1: shard {} of {})", s.rank, s.world))
             .unwrap_or_default()
     );
-    let r = t.run()?;
+}
+
+/// Rank 0, at the end: how the run stopped, its checkpoints, speed,
+/// validation and where the metrics are.
+fn print_outcome(r: &TrainReport, cfg: &RunConfig) {
     let last = r.losses.last().copied().unwrap_or(f64::NAN);
     if let Some(s) = r.stopped_at {
         println!("stopped after step {s} with a checkpoint; continue with --resume auto");
@@ -362,11 +374,6 @@ pub fn train(a: TrainArgs) -> Result<i32> {
             ""
         }
     );
-    Ok(if r.stopped_by_signal {
-        a.stopped_exit_code as i32
-    } else {
-        0
-    })
 }
 
 pub fn model(cmd: ModelCommand) -> Result<()> {
