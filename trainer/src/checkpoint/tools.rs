@@ -22,8 +22,33 @@ pub fn inspect(dir: &Path) -> Result<String> {
     let mut ck = Checkpoint::open(dir)?;
     let m = ck.meta.clone();
     let mut o = String::new();
-    let l = &m.layout;
     let _ = writeln!(o, "checkpoint {} (committed)", dir.display());
+    describe_state(&mut o, &m);
+    describe_contents(&mut o, &m);
+    ck.verify_all()?;
+    let mut bad = BTreeMap::new();
+    for (name, e) in &m.tensors {
+        let n: i64 = e.shape.iter().product();
+        let t = ck.read(name)?;
+        let nonfinite = n - i64::try_from(t.isfinite().sum(Kind::Int64)).unwrap_or(0);
+        if nonfinite > 0 {
+            bad.insert(name.clone(), nonfinite);
+        }
+    }
+    let _ = writeln!(o, "health       all {} checksums match", m.files.len());
+    if bad.is_empty() {
+        let _ = writeln!(o, "             weights and moments are finite");
+    } else {
+        for (k, n) in &bad {
+            let _ = writeln!(o, "             {k}: {n} non-finite value(s)");
+        }
+    }
+    Ok(o)
+}
+
+/// Format, progress, data position, optimizer, seeds and layout.
+fn describe_state(o: &mut String, m: &Metadata) {
+    let l = &m.layout;
     let _ = writeln!(
         o,
         "format       {} v{}, saved at unix time {}",
@@ -58,6 +83,10 @@ pub fn inspect(dir: &Path) -> Result<String> {
         "layout       dp {} tp {} pp {} zero {}; {} elements in rank 0's local buffers",
         l.dp, l.tp, l.pp, l.zero, l.flat_numel
     );
+}
+
+/// Every file with its size and checksum, every parameter with its shape.
+fn describe_contents(o: &mut String, m: &Metadata) {
     let total: u64 = m.files.values().map(|f| f.bytes).sum();
     let _ = writeln!(o, "files        {} file(s), {}", m.files.len(), mb(total));
     for (name, f) in &m.files {
@@ -87,25 +116,6 @@ pub fn inspect(dir: &Path) -> Result<String> {
             e.pieces.len()
         );
     }
-    ck.verify_all()?;
-    let mut bad = BTreeMap::new();
-    for (name, e) in &m.tensors {
-        let n: i64 = e.shape.iter().product();
-        let t = ck.read(name)?;
-        let nonfinite = n - i64::try_from(t.isfinite().sum(Kind::Int64)).unwrap_or(0);
-        if nonfinite > 0 {
-            bad.insert(name.clone(), nonfinite);
-        }
-    }
-    let _ = writeln!(o, "health       all {} checksums match", m.files.len());
-    if bad.is_empty() {
-        let _ = writeln!(o, "             weights and moments are finite");
-    } else {
-        for (k, n) in &bad {
-            let _ = writeln!(o, "             {k}: {n} non-finite value(s)");
-        }
-    }
-    Ok(o)
 }
 
 /// Architecture description for use outside sigma: the [model] section plus
