@@ -282,8 +282,8 @@ fn print_plan(plan: &Plan, states: &[State], todo: &[usize], slots: &[Slot], ste
         "variant", "params", "FLOPs/token", "KV B/tok", "est. time", "status"
     );
     let mut total = 0.0;
-    for i in 0..plan.variants.len() {
-        let est = print_variant_row(plan, i, &states[i], todo.contains(&i), step_s);
+    for (i, state) in states.iter().enumerate() {
+        let est = print_variant_row(plan, i, state, todo.contains(&i), step_s);
         if todo.contains(&i) {
             total += est.unwrap_or(0.0);
         }
