@@ -347,6 +347,11 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             },
             &["model.safetensors", "config.json", "not one export"],
         ),
+        t(
+            "resume of a checkpoint of another model",
+            &["--resume", "auto", "--set", "model.ffn_dim=96"],
+            &["ffn", "checkpoint"],
+        ),
         raw(
             "an export whose tokenizer.json was swapped",
             &["eval", "--checkpoint", "{F}/export", "--device", "cpu"],
