@@ -173,7 +173,7 @@ fn plan_cmd(a: &RunArgs) -> Result<()> {
     }
     let fixed = Fixed::parse(a.layout.as_deref().unwrap_or(""))?;
     let cal = match &a.calibration {
-        Some(p) => Calibration::load(p)?,
+        Some(p) => Calibration::load(p).map_err(|e| anyhow!("--calibration: {e}"))?,
         None => Calibration::built_in(a.gpu.name())?,
     };
     let base = RunConfig::load(path, &a.overrides)?;
@@ -209,10 +209,10 @@ fn plan_cmd(a: &RunArgs) -> Result<()> {
     );
     if outcomes.len() == 1 {
         if let Outcome::Planned(p) = &outcomes[0] {
-            detail(p, &base);
+            detail(p);
         }
     }
-    ranked(&fit, a.top, &base);
+    ranked(&fit, a.top);
     list_refused(&refused, a.all);
     Ok(())
 }
@@ -258,7 +258,7 @@ fn does_not_fit(p: &Prediction) -> String {
     )
 }
 
-fn ranked(fit: &[&Prediction], top: usize, base: &RunConfig) {
+fn ranked(fit: &[&Prediction], top: usize) {
     if fit.is_empty() {
         println!("no layout fits");
         return;
@@ -288,7 +288,6 @@ fn ranked(fit: &[&Prediction], top: usize, base: &RunConfig) {
             fit.len() - top
         );
     }
-    let _ = base;
 }
 
 fn list_refused(refused: &[(String, String)], all: bool) {
@@ -313,7 +312,7 @@ fn list_refused(refused: &[(String, String)], all: bool) {
 }
 
 /// One layout in detail: each pipeline rank's memory by part and its time.
-fn detail(p: &Prediction, base: &RunConfig) {
+fn detail(p: &Prediction) {
     println!(
         "\nlayout {} ({} micro-batches per step per data-parallel rank)",
         p.cand.describe(),
@@ -336,7 +335,6 @@ fn detail(p: &Prediction, base: &RunConfig) {
         100.0 * p.mfu,
         if p.fits { "fits".to_string() } else { format!("does NOT fit (pipeline rank {})", w.pp_rank) }
     );
-    let _ = base;
 }
 
 fn rank_detail(r: &RankPlan, p: &Prediction) {
@@ -366,17 +364,20 @@ fn rank_detail(r: &RankPlan, p: &Prediction) {
     );
     for (i, c) in r.chunks.iter().enumerate() {
         println!(
-            "  chunk {i}: forward {:.1} ms, backward {:.1} ms per micro-batch (GEMM {:.1}, attention {:.1}, elementwise {:.1}, TP collectives exposed {:.1} ms); busy {:.3} s of the step, idle {:.1} %",
+            "  chunk {i}: forward {:.1} ms, backward {:.1} ms per micro-batch (GEMM {:.1}, attention {:.1}, elementwise {:.1}, TP collectives exposed {:.1} ms)",
             1e3 * c.fwd,
             1e3 * c.bwd,
             1e3 * c.gemm,
             1e3 * c.attention,
             1e3 * c.elementwise,
             1e3 * c.tp_comm,
-            r.busy,
-            100.0 * r.bubble
         );
     }
+    println!(
+        "  computes {:.3} s of the step's passes, idle {:.1} % of its stretch",
+        r.busy,
+        100.0 * r.bubble
+    );
 }
 
 fn validate_cmd(v: &ValidateArgs) -> Result<()> {
