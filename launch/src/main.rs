@@ -9,6 +9,7 @@ mod early_signals;
 mod eval_cmd;
 mod generate_cmd;
 mod launcher;
+mod plan_cmd;
 mod train_cmd;
 mod usage;
 
@@ -67,6 +68,8 @@ enum Command {
         #[command(subcommand)]
         command: train_cmd::ModelCommand,
     },
+    /// Memory and speed of layouts before launching, simulated (no GPU); `plan calibrate` on a GPU.
+    Plan(plan_cmd::PlanArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<i32> {
@@ -83,6 +86,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Ablate(args) => ablate::ablate(args),
         Command::Generate(args) => ok(generate_cmd::run(args)),
         Command::Bench { command } => ok(bench::run(command)),
+        Command::Plan(args) => plan_cmd::run(args),
     }
 }
 
