@@ -4,8 +4,10 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use sigma_trainer::infer::eval::load;
+use sigma_trainer::infer::eval::{load, Loaded};
 use sigma_trainer::infer::generate::{generate, Request, Sampling};
+
+use crate::device::DeviceArg;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -39,9 +41,9 @@ pub struct GenerateArgs {
     /// Prompt + new tokens limit (default: the training sequence length).
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// "auto" (a GPU when one is usable), "cpu" or "cuda".
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to run (auto: a GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
 }
 
 /// The training sequence length: from the run config, or an export's config.json.
@@ -96,7 +98,8 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+/// Sampling settings and sizes that are out of range.
+fn check_args(a: &GenerateArgs) -> Result<()> {
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
         bail!(
             "--temperature {}: must be 0 (greedy) or positive",
@@ -109,7 +112,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.batch == 0 || a.max_new_tokens == 0 {
         bail!("--batch and --max-new-tokens must be positive");
     }
-    let device = crate::eval_cmd::device(&a.device)?;
+    Ok(())
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    check_args(&a)?;
+    let device = a.device.resolve()?;
     let prompts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![p.clone()],
         (None, Some(f)) => read_prompts(f)?,
@@ -139,49 +147,69 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .iter()
         .map(|p| tok.encode(p))
         .collect::<Result<_, _>>()?;
-    let stdout = std::io::stdout();
     if a.prompt.is_some() {
-        // Stream: print the decoded text as it grows (a token may complete a character only later).
-        let mut out = stdout.lock();
-        let mut ids: Vec<u32> = Vec::new();
-        let mut shown = 0;
-        let mut failed: Option<std::io::Error> = None;
-        let mut started = false;
-        let mut start = |out: &mut std::io::StdoutLock| -> std::io::Result<()> {
-            if !started {
-                started = true;
-                write!(out, "{}", prompts[0])?;
-            }
-            Ok(())
-        };
-        generate(&loaded.fwd(), &encoded, &request, 0, &mut |_, t| {
-            if let Err(e) = start(&mut out) {
-                failed.get_or_insert(e);
-            }
-            if Some(t) == request.eos {
-                return;
-            }
-            ids.push(t);
-            if let Ok(text) = tok.decode(&ids, true) {
-                if text.len() > shown && text.is_char_boundary(shown) {
-                    if let Err(e) = write!(out, "{}", &text[shown..]).and_then(|_| out.flush()) {
-                        failed.get_or_insert(e);
-                    }
-                    shown = text.len();
-                }
-            }
-        })?;
-        start(&mut out)?;
-        writeln!(out)?;
-        if let Some(e) = failed {
-            return Err(e.into());
-        }
-        return Ok(());
+        stream(&loaded, &prompts[0], &encoded, &request)
+    } else {
+        json_lines(&loaded, &prompts, &encoded, &request, a.batch)
     }
+}
+
+/// One prompt: print the prompt, then the decoded text as it grows (a token
+/// may complete a character only later).
+fn stream(loaded: &Loaded, prompt: &str, encoded: &[Vec<u32>], request: &Request) -> Result<()> {
+    let tok = &loaded.tokenizer;
+    let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for (c, chunk) in encoded.chunks(a.batch).enumerate() {
-        let first = c * a.batch;
-        let new = generate(&loaded.fwd(), chunk, &request, first as u64, &mut |_, _| {})?;
+    let mut ids: Vec<u32> = Vec::new();
+    let mut shown = 0;
+    let mut failed: Option<std::io::Error> = None;
+    let mut started = false;
+    let mut start = |out: &mut std::io::StdoutLock| -> std::io::Result<()> {
+        if !started {
+            started = true;
+            write!(out, "{prompt}")?;
+        }
+        Ok(())
+    };
+    generate(&loaded.fwd(), encoded, request, 0, &mut |_, t| {
+        if let Err(e) = start(&mut out) {
+            failed.get_or_insert(e);
+        }
+        if Some(t) == request.eos {
+            return;
+        }
+        ids.push(t);
+        if let Ok(text) = tok.decode(&ids, true) {
+            if text.len() > shown && text.is_char_boundary(shown) {
+                if let Err(e) = write!(out, "{}", &text[shown..]).and_then(|_| out.flush()) {
+                    failed.get_or_insert(e);
+                }
+                shown = text.len();
+            }
+        }
+    })?;
+    start(&mut out)?;
+    writeln!(out)?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// A file of prompts: `batch` at a time, one JSON line per prompt.
+fn json_lines(
+    loaded: &Loaded,
+    prompts: &[String],
+    encoded: &[Vec<u32>],
+    request: &Request,
+    batch: usize,
+) -> Result<()> {
+    let tok = &loaded.tokenizer;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for (c, chunk) in encoded.chunks(batch).enumerate() {
+        let first = c * batch;
+        let new = generate(&loaded.fwd(), chunk, request, first as u64, &mut |_, _| {})?;
         for (j, ids) in new.iter().enumerate() {
             let stopped = ids.last() == Some(&tok.eos_id);
             let text_ids = if stopped {

@@ -1,17 +1,17 @@
 //! The `sigma` binary: parse arguments, call the libraries, print, pick the exit code.
 
 mod ablate;
-mod bench_cmd;
-mod bench_fp8;
-mod bench_fused;
-mod bench_model;
+mod bench;
 mod cuda_libs;
 mod data_cmd;
+mod device;
 mod early_signals;
 mod eval_cmd;
 mod generate_cmd;
 mod launcher;
+mod plan_cmd;
 mod train_cmd;
+mod usage;
 
 use clap::{Parser, Subcommand};
 
@@ -52,7 +52,7 @@ enum Command {
     /// Micro-benchmarks (decode attention, fused training operations).
     Bench {
         #[command(subcommand)]
-        command: bench_cmd::BenchCommand,
+        command: bench::BenchCommand,
     },
     /// Sample text from a checkpoint or an export (DiffQKV KV cache).
     Generate(generate_cmd::GenerateArgs),
@@ -68,6 +68,8 @@ enum Command {
         #[command(subcommand)]
         command: train_cmd::ModelCommand,
     },
+    /// Memory and speed of layouts before launching, simulated (no GPU); `plan calibrate` on a GPU.
+    Plan(plan_cmd::PlanArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<i32> {
@@ -83,17 +85,23 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Eval(args) => ok(eval_cmd::eval(args)),
         Command::Ablate(args) => ablate::ablate(args),
         Command::Generate(args) => ok(generate_cmd::run(args)),
-        Command::Bench { command } => ok(bench_cmd::run(command)),
+        Command::Bench { command } => ok(bench::run(command)),
+        Command::Plan(args) => plan_cmd::run(args),
     }
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage::exit(e));
     // The stop signals are blocked since before libtorch loaded
     // (early_signals.rs): `train` and `launch` unblock them once their
     // handlers are installed; every other command takes them as usual.
     if !matches!(cli.command, Command::Train(_) | Command::Launch(_)) {
         sigma_trainer::signals::unblock_stop_signals();
+    }
+    // sigma's own environment variables, checked before anything runs.
+    if let Err(e) = sigma_data::env::check_sigma_vars() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
     }
     // GPU machines: make cudarc find libtorch's own NCCL (may restart the process once).
     cuda_libs::ensure();

@@ -2,8 +2,9 @@
 
 use anyhow::Result;
 use clap::Subcommand;
+use sigma_trainer::checkpoint::tools;
 use sigma_trainer::model::summary::summarize;
-use sigma_trainer::train::Trainer;
+use sigma_trainer::train::{TrainReport, Trainer};
 use sigma_trainer::RunConfig;
 
 #[derive(clap::Args)]
@@ -40,18 +41,55 @@ pub enum CheckpointCommand {
         path: std::path::PathBuf,
         #[arg(long)]
         output: std::path::PathBuf,
-        /// Weight dtype of the export: f32 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// "sigma" (weights, config.json, tokenizer.json) or "hf": a directory
-        /// that Hugging Face transformers loads with trust_remote_code=True.
-        #[arg(long, default_value = "sigma")]
-        format: String,
+        /// Weight dtype of the export.
+        #[arg(long, value_enum, default_value_t = ExportDtypeArg::F32)]
+        dtype: ExportDtypeArg,
+        /// What to write.
+        #[arg(long, value_enum, default_value_t = ExportFormatArg::Sigma)]
+        format: ExportFormatArg,
     },
 }
 
+/// `--dtype` of `sigma checkpoint export` (tools::ExportDtype).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportDtypeArg {
+    /// float32 weights, as trained.
+    #[value(alias = "float32")]
+    F32,
+    /// bfloat16 weights (half the size).
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<ExportDtypeArg> for tools::ExportDtype {
+    fn from(d: ExportDtypeArg) -> Self {
+        match d {
+            ExportDtypeArg::F32 => tools::ExportDtype::F32,
+            ExportDtypeArg::Bf16 => tools::ExportDtype::Bf16,
+        }
+    }
+}
+
+/// `--format` of `sigma checkpoint export` (tools::ExportFormat).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormatArg {
+    /// model.safetensors, config.json and tokenizer.json.
+    Sigma,
+    /// a directory that Hugging Face transformers loads with trust_remote_code=True.
+    #[value(alias = "huggingface")]
+    Hf,
+}
+
+impl From<ExportFormatArg> for tools::ExportFormat {
+    fn from(f: ExportFormatArg) -> Self {
+        match f {
+            ExportFormatArg::Sigma => tools::ExportFormat::Sigma,
+            ExportFormatArg::Hf => tools::ExportFormat::HuggingFace,
+        }
+    }
+}
+
 pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
-    use sigma_trainer::checkpoint::tools;
     match cmd {
         CheckpointCommand::Inspect { path } => print!("{}", tools::inspect(&path)?),
         CheckpointCommand::Export {
@@ -60,12 +98,8 @@ pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
             dtype,
             format,
         } => {
-            let f = match format.as_str() {
-                "sigma" => tools::ExportFormat::Sigma,
-                "hf" | "huggingface" => tools::ExportFormat::HuggingFace,
-                f => anyhow::bail!("--format {f}: use sigma or hf"),
-            };
-            tools::export(&path, &output, &dtype, f)?;
+            let f = tools::ExportFormat::from(format);
+            tools::export(&path, &output, dtype.into(), f)?;
             println!(
                 "exported {} to {} ({})",
                 path.display(),
@@ -217,11 +251,7 @@ pub enum ModelCommand {
 
 /// This process's rank when it is part of a job of several (from the environment).
 pub fn job_rank() -> Option<usize> {
-    let get = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-    };
+    let get = |k: &str| sigma_data::env::var(k).and_then(|v| v.trim().parse::<usize>().ok());
     let (rank, world) = match get("RANK") {
         Some(r) => (r, get("WORLD_SIZE")),
         None => (get("SLURM_PROCID")?, get("SLURM_NTASKS")),
@@ -251,14 +281,22 @@ pub fn train(a: TrainArgs) -> Result<i32> {
     if let Some(spec) = &a.resume {
         t.resume(spec)?;
     }
-    if !rank0 {
-        let r = t.run()?;
-        return Ok(if r.stopped_by_signal {
-            a.stopped_exit_code as i32
-        } else {
-            0
-        });
+    if rank0 {
+        print_setup(&t, &cfg);
     }
+    let r = t.run()?;
+    if rank0 {
+        print_outcome(&r, &cfg);
+    }
+    Ok(if r.stopped_by_signal {
+        a.stopped_exit_code as i32
+    } else {
+        0
+    })
+}
+
+/// Rank 0, before the first step: device, parameters, FLOPs, optimizer state.
+fn print_setup(t: &Trainer, cfg: &RunConfig) {
     let total = summarize(&cfg.model, cfg.data.seq_len).params;
     let local = t.model.params.numel();
     println!(
@@ -288,7 +326,11 @@ pub fn train(a: TrainArgs) -> Result<i32> {
             .map(|s| format!(" (ZeRO-1: shard {} of {})", s.rank, s.world))
             .unwrap_or_default()
     );
-    let r = t.run()?;
+}
+
+/// Rank 0, at the end: how the run stopped, its checkpoints, speed,
+/// validation and where the metrics are.
+fn print_outcome(r: &TrainReport, cfg: &RunConfig) {
     let last = r.losses.last().copied().unwrap_or(f64::NAN);
     if let Some(s) = r.stopped_at {
         println!("stopped after step {s} with a checkpoint; continue with --resume auto");
@@ -328,11 +370,6 @@ pub fn train(a: TrainArgs) -> Result<i32> {
             ""
         }
     );
-    Ok(if r.stopped_by_signal {
-        a.stopped_exit_code as i32
-    } else {
-        0
-    })
 }
 
 pub fn model(cmd: ModelCommand) -> Result<()> {

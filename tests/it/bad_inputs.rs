@@ -347,6 +347,69 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             },
             &["model.safetensors", "config.json", "not one export"],
         ),
+        t(
+            "resume of a checkpoint of another model",
+            &["--resume", "auto", "--set", "model.ffn_dim=96"],
+            &["ffn", "checkpoint"],
+        ),
+        raw(
+            "an export whose tokenizer.json was swapped",
+            &["eval", "--checkpoint", "{F}/export", "--device", "cpu"],
+            &[],
+            |f| {
+                let out = f.join("export");
+                let ck = ck(f).display().to_string();
+                let o = sigma(
+                    &[
+                        "checkpoint",
+                        "export",
+                        &ck,
+                        "--output",
+                        &out.display().to_string(),
+                    ],
+                    &[],
+                );
+                assert!(o.status.success(), "export: {}", stderr(&o));
+                let t = out.join("tokenizer.json");
+                let mut text = std::fs::read(&t).expect("tokenizer.json");
+                text.extend_from_slice(b"\n");
+                std::fs::write(&t, text).expect("write");
+            },
+            &[
+                "tokenizer.json",
+                "not the tokenizer this export was made with",
+            ],
+        ),
+        raw(
+            "eval of no tokens",
+            &[
+                "eval",
+                "--checkpoint",
+                "{F}/run/checkpoints/step-0000004",
+                "--max-tokens",
+                "0",
+                "--device",
+                "cpu",
+            ],
+            &[],
+            NONE,
+            &["--max-tokens 0"],
+        ),
+        raw(
+            "eval in batches of nothing",
+            &[
+                "eval",
+                "--checkpoint",
+                "{F}/run/checkpoints/step-0000004",
+                "--batch",
+                "0",
+                "--device",
+                "cpu",
+            ],
+            &[],
+            NONE,
+            &["--batch 0"],
+        ),
         raw(
             "a KV cache larger than this machine's memory",
             &[

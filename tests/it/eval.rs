@@ -203,3 +203,81 @@ fn eval_bad_inputs_fail_cleanly() {
     );
     assert_clean_failure(&o, &["--device tpu"]);
 }
+
+/// A value outside a closed choice (`--device` of eval, generate and bench;
+/// `--dtype` and `--format` of checkpoint export) is a usage error: exit code
+/// 1 and one line naming the flag, the value and the valid values. Other
+/// usage errors exit 1 too; `--help` succeeds and lists the values.
+#[test]
+fn closed_choices_name_the_flag_and_its_valid_values() {
+    let d = tempfile::tempdir().expect("tmp");
+    let ck = d.path().join("ck").to_string_lossy().into_owned();
+    let out = d.path().join("out").to_string_lossy().into_owned();
+    let device = ("--device gpu", "(valid values: auto, cpu, cuda)");
+    let cases: [(Vec<&str>, (&str, &str)); 6] = [
+        (vec!["eval", "--checkpoint", &ck, "--device", "gpu"], device),
+        (
+            vec![
+                "generate",
+                "--checkpoint",
+                &ck,
+                "--prompt",
+                "x",
+                "--device",
+                "gpu",
+            ],
+            device,
+        ),
+        (vec!["bench", "decode", "--device", "gpu"], device),
+        (vec!["bench", "fused", "--device", "gpu"], device),
+        (
+            vec![
+                "checkpoint",
+                "export",
+                &ck,
+                "--output",
+                &out,
+                "--dtype",
+                "f16",
+            ],
+            ("--dtype f16", "(valid values: f32, bf16)"),
+        ),
+        (
+            vec![
+                "checkpoint",
+                "export",
+                &ck,
+                "--output",
+                &out,
+                "--format",
+                "onnx",
+            ],
+            ("--format onnx", "(valid values: sigma, hf)"),
+        ),
+    ];
+    for (args, (flag, valid)) in cases {
+        let o = sigma(&args, &[]);
+        assert_clean_failure(&o, &[flag, valid]);
+        let err = stderr(&o);
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line:\n{err}"
+        );
+    }
+    assert!(!Path::new(&out).exists(), "a usage error wrote {out}");
+    let o = sigma(&["eval", "--checkpoint", &ck, "--bogus"], &[]);
+    assert_clean_failure(&o, &["--bogus"]);
+    let o = sigma(&["checkpoint", "export", "-h"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for values in [
+        "[possible values: f32, bf16]",
+        "[possible values: sigma, hf]",
+    ] {
+        assert!(
+            stdout(&o).contains(values),
+            "help lists {values}:\n{}",
+            stdout(&o)
+        );
+    }
+}

@@ -15,6 +15,7 @@ mod generate;
 mod hf_export;
 mod model;
 mod pipeline;
+mod plan;
 mod restarts;
 mod slurm;
 mod tensor_parallel;

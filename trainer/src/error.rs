@@ -75,8 +75,6 @@ pub enum TrainError {
     /// The process could not set up what it needs (threads, signal handlers).
     #[error("cannot {what}: {message}")]
     Setup { what: String, message: String },
-    #[error("{0}")]
-    Other(String),
 }
 
 impl TrainError {

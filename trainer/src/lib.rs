@@ -26,6 +26,7 @@ pub mod kernels;
 pub mod model;
 pub mod optim;
 pub mod parallel;
+pub mod plan;
 pub mod signals;
 pub mod train;
 

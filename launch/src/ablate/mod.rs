@@ -64,16 +64,7 @@ pub enum AblateCommand {
 
 pub fn ablate(a: AblateArgs) -> Result<i32> {
     if let Some(AblateCommand::Report { dir }) = a.command {
-        let r = report::write(&dir)?;
-        let finished = r.variants.iter().filter(|v| v.finished).count();
-        println!(
-            "report of {} ({} of {} variants finished): {}",
-            r.name,
-            finished,
-            r.variants.len(),
-            dir.join("report.md").display()
-        );
-        return Ok(0);
+        return report_only(&dir);
     }
     let (Some(base), Some(grid), Some(out)) =
         (a.base.as_deref(), a.grid.as_deref(), a.output.as_ref())
@@ -81,28 +72,7 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
         bail!("sigma ablate needs --base CONFIG, --grid ABLATION.toml and --output DIR (or: sigma ablate report DIR)");
     };
     let plan = plan::build(base, grid, out, &a.sets)?;
-    for o in &a.only {
-        if !plan.variants.iter().any(|v| &v.name == o) {
-            let names: Vec<&str> = plan.variants.iter().map(|v| v.name.as_str()).collect();
-            bail!(
-                "--only {o}: no such variant in {grid} (variants: {})",
-                names.join(", ")
-            );
-        }
-    }
-    // Finished variants must still be what the plan says (checked before anything is written).
-    let mut states: Vec<State> = Vec::new();
-    for (i, v) in plan.variants.iter().enumerate() {
-        states.push(if a.only.contains(&v.name) {
-            State::At(0)
-        } else {
-            runner::state(&plan, i)?
-        });
-    }
-    let todo: Vec<usize> = (0..plan.variants.len())
-        .filter(|&i| a.only.is_empty() || a.only.contains(&plan.variants[i].name))
-        .filter(|&i| !matches!(states[i], State::Done))
-        .collect();
+    let (states, todo) = select(&plan, &a.only, grid)?;
     let slots = runner::slots(a.gpus_per_run, &plan)?;
     // A dry run writes nothing under --output (its probe runs in a temporary directory).
     let probe_dir = if a.dry_run {
@@ -119,13 +89,65 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
     if a.dry_run {
         return Ok(0);
     }
+    start_output(&plan, out, &a.only)?;
+    let stop = stop_on_signals()?;
+    let outcome = runner::run(&plan, todo, &slots, stop, |_| {
+        // A partial report after every variant; errors wait for the final one.
+        let _ = report::write(out);
+    })?;
+    finish(out, &outcome)
+}
+
+/// `sigma ablate report DIR`.
+fn report_only(dir: &std::path::Path) -> Result<i32> {
+    let r = report::write(dir)?;
+    let finished = r.variants.iter().filter(|v| v.finished).count();
+    println!(
+        "report of {} ({} of {} variants finished): {}",
+        r.name,
+        finished,
+        r.variants.len(),
+        dir.join("report.md").display()
+    );
+    Ok(0)
+}
+
+/// Each variant's state and the variants to run (`--only`'s, else every
+/// unfinished one). Finished variants must still be what the plan says
+/// (checked before anything is written).
+fn select(plan: &Plan, only: &[String], grid: &str) -> Result<(Vec<State>, Vec<usize>)> {
+    for o in only {
+        if !plan.variants.iter().any(|v| &v.name == o) {
+            let names: Vec<&str> = plan.variants.iter().map(|v| v.name.as_str()).collect();
+            bail!(
+                "--only {o}: no such variant in {grid} (variants: {})",
+                names.join(", ")
+            );
+        }
+    }
+    let mut states: Vec<State> = Vec::new();
+    for (i, v) in plan.variants.iter().enumerate() {
+        states.push(if only.contains(&v.name) {
+            State::At(0)
+        } else {
+            runner::state(plan, i)?
+        });
+    }
+    let todo: Vec<usize> = (0..plan.variants.len())
+        .filter(|&i| only.is_empty() || only.contains(&plan.variants[i].name))
+        .filter(|&i| !matches!(states[i], State::Done))
+        .collect();
+    Ok((states, todo))
+}
+
+/// Create the output directory with plan.json; `--only` variants start over.
+fn start_output(plan: &Plan, out: &std::path::Path, only: &[String]) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     sigma_data::fsutil::write_atomic(
         &plan.plan_json(),
         serde_json::to_string_pretty(&plan.file)?.as_bytes(),
     )?;
-    // --only: that variant starts over.
-    for o in &a.only {
+    for o in only {
         let v = plan
             .variants
             .iter()
@@ -136,6 +158,11 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
                 .with_context(|| format!("cannot remove {}", v.dir().display()))?;
         }
     }
+    Ok(())
+}
+
+/// A flag set by SIGINT, SIGTERM and SIGUSR1 (the runner passes the stop on).
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [
         signal_hook::consts::SIGINT,
@@ -144,10 +171,11 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
     ] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
     }
-    let outcome = runner::run(&plan, todo, &slots, stop, |_| {
-        // A partial report after every variant; errors wait for the final one.
-        let _ = report::write(out);
-    })?;
+    Ok(stop)
+}
+
+/// The final report, and the exit status: interrupted, failed variants, or 0.
+fn finish(out: &std::path::Path, outcome: &runner::Outcome) -> Result<i32> {
     let r = report::write(out)?;
     println!("report: {}", out.join("report.md").display());
     let finished = r.variants.iter().filter(|v| v.finished).count();
@@ -245,7 +273,47 @@ fn duration(s: f64) -> String {
     }
 }
 
+/// The plan: what is compared on which data, a row per variant (size, cost,
+/// estimated time, status), and where and how long it runs.
 fn print_plan(plan: &Plan, states: &[State], todo: &[usize], slots: &[Slot], step_s: Option<f64>) {
+    print_plan_header(plan);
+    println!(
+        "{:<18} {:>10} {:>12} {:>9} {:>11}  {:<14} overrides",
+        "variant", "params", "FLOPs/token", "KV B/tok", "est. time", "status"
+    );
+    let mut total = 0.0;
+    for (i, state) in states.iter().enumerate() {
+        let est = print_variant_row(plan, i, state, todo.contains(&i), step_s);
+        if todo.contains(&i) {
+            total += est.unwrap_or(0.0);
+        }
+    }
+    let where_ = if slots[0].gpus.is_none() {
+        "one after another on the CPU".to_string()
+    } else {
+        format!(
+            "{} at a time on {}",
+            slots.len(),
+            slots
+                .iter()
+                .map(|s| s.describe())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )
+    };
+    match step_s {
+        Some(s) => println!(
+            "measured step of {}: {:.3} s (others scaled by FLOPs per token); about {} of training in all, {where_} (evaluation and start-up not included)",
+            plan.variants[plan.base].name,
+            s,
+            duration(total / slots.len() as f64)
+        ),
+        None => println!("runs {where_}"),
+    }
+}
+
+/// What the ablation compares, from which files, on which data stream.
+fn print_plan_header(plan: &Plan) {
     let b = &plan.variants[plan.base];
     let c = &b.cfg;
     let mix = c
@@ -277,63 +345,44 @@ fn print_plan(plan: &Plan, states: &[State], todo: &[usize], slots: &[Slot], ste
         c.train.steps,
         h(plan.tokens_per_variant() as f64)
     );
-    println!(
-        "{:<18} {:>10} {:>12} {:>9} {:>11}  {:<14} overrides",
-        "variant", "params", "FLOPs/token", "KV B/tok", "est. time", "status"
-    );
-    let mut total = 0.0;
-    for (i, v) in plan.variants.iter().enumerate() {
-        let steps_left = match states[i] {
-            State::Done => 0,
-            State::At(s) => v.cfg.train.steps.saturating_sub(s),
-        };
-        let status = match (&states[i], todo.contains(&i)) {
-            (State::Done, _) => "done, skipped".to_string(),
-            (_, false) => "not selected".to_string(),
-            (State::At(0), true) => "to run".to_string(),
-            (State::At(s), true) => format!("resume at {s}"),
-        };
-        let est = step_s
-            .map(|s| s * v.summary.flops_per_token / b.summary.flops_per_token * steps_left as f64);
-        if todo.contains(&i) {
-            total += est.unwrap_or(0.0);
-        }
-        let set = &plan.file.variants[i].set;
-        println!(
-            "{:<18} {:>10} {:>12} {:>9} {:>11}  {:<14} {}",
-            v.name,
-            h(v.summary.params as f64),
-            h(v.summary.flops_per_token),
-            v.summary.kv_cache_bytes_per_token,
-            est.map(duration).unwrap_or_else(|| "-".into()),
-            status,
-            if set.is_empty() {
-                "(base config)".to_string()
-            } else {
-                set.join(" ")
-            }
-        );
-    }
-    let where_ = if slots[0].gpus.is_none() {
-        "one after another on the CPU".to_string()
-    } else {
-        format!(
-            "{} at a time on {}",
-            slots.len(),
-            slots
-                .iter()
-                .map(|s| s.describe())
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )
+}
+
+/// Variant `i`'s row; returns its estimated training time in seconds
+/// (the base variant's measured step scaled by FLOPs per token).
+fn print_variant_row(
+    plan: &Plan,
+    i: usize,
+    state: &State,
+    selected: bool,
+    step_s: Option<f64>,
+) -> Option<f64> {
+    let (v, b) = (&plan.variants[i], &plan.variants[plan.base]);
+    let steps_left = match state {
+        State::Done => 0,
+        State::At(s) => v.cfg.train.steps.saturating_sub(*s),
     };
-    match step_s {
-        Some(s) => println!(
-            "measured step of {}: {:.3} s (others scaled by FLOPs per token); about {} of training in all, {where_} (evaluation and start-up not included)",
-            b.name,
-            s,
-            duration(total / slots.len() as f64)
-        ),
-        None => println!("runs {where_}"),
-    }
+    let status = match (state, selected) {
+        (State::Done, _) => "done, skipped".to_string(),
+        (_, false) => "not selected".to_string(),
+        (State::At(0), true) => "to run".to_string(),
+        (State::At(s), true) => format!("resume at {s}"),
+    };
+    let est = step_s
+        .map(|s| s * v.summary.flops_per_token / b.summary.flops_per_token * steps_left as f64);
+    let set = &plan.file.variants[i].set;
+    println!(
+        "{:<18} {:>10} {:>12} {:>9} {:>11}  {:<14} {}",
+        v.name,
+        h(v.summary.params as f64),
+        h(v.summary.flops_per_token),
+        v.summary.kv_cache_bytes_per_token,
+        est.map(duration).unwrap_or_else(|| "-".into()),
+        status,
+        if set.is_empty() {
+            "(base config)".to_string()
+        } else {
+            set.join(" ")
+        }
+    );
+    est
 }

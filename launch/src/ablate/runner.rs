@@ -67,8 +67,8 @@ pub fn slots(per_run: usize, plan: &Plan) -> Result<Vec<Slot>> {
             v.cfg.parallel.pp
         );
     }
-    let visible: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
-        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
+    let visible: Vec<String> = match sigma_data::env::var("CUDA_VISIBLE_DEVICES") {
+        Some(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
         _ => (0..n).map(|i| i.to_string()).collect(),
     };
     Ok(visible
@@ -246,28 +246,56 @@ fn run_variant(plan: &Plan, i: usize, slot: &Slot, shared: &Shared) -> Result<()
     std::fs::create_dir_all(v.dir()).with_context(|| format!("{}", v.dir().display()))?;
     let log = v.dir().join("train.log");
     let t0 = Instant::now();
+    train_variant(plan, i, slot, shared, &log)?;
+    let ck = final_checkpoint(v)?;
+    shared.phase.lock().expect("lock")[i] = "eval".into();
+    let out = eval_variant(&ck, slot, shared, &log)?;
+    sigma_data::fsutil::write_atomic(&v.dir().join("eval.json"), &out)?;
+    let done = Done {
+        base_config: plan.file.base_config.clone(),
+        sets: recorded(plan, i),
+        checkpoint: ck.to_string_lossy().into_owned(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    sigma_data::fsutil::write_atomic(
+        &done_path(v),
+        serde_json::to_string_pretty(&done)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Train variant `i` to its last step, resuming from its newest checkpoint
+/// (nothing to do when that is the last step already).
+fn train_variant(plan: &Plan, i: usize, slot: &Slot, shared: &Shared, log: &Path) -> Result<()> {
+    let v = &plan.variants[i];
     let at = sigma_trainer::checkpoint::latest(&v.checkpoints())
         .map(|(s, _)| s)
         .unwrap_or(0);
-    if at < v.cfg.train.steps {
-        shared.phase.lock().expect("lock")[i] = "train".into();
-        let status = run_child(
-            shared,
-            train_command(v, &plan.file.base_config, slot, &[], true)?,
-            &log,
-            None,
-        )?;
-        if status.code() == Some(STOPPED) || shared.stop.load(Ordering::SeqCst) {
-            bail!("stopped");
-        }
-        if !status.success() {
-            bail!(
-                "training failed ({}); see {}",
-                describe_exit(status),
-                log.display()
-            );
-        }
+    if at >= v.cfg.train.steps {
+        return Ok(());
     }
+    shared.phase.lock().expect("lock")[i] = "train".into();
+    let status = run_child(
+        shared,
+        train_command(v, &plan.file.base_config, slot, &[], true)?,
+        log,
+        None,
+    )?;
+    if status.code() == Some(STOPPED) || shared.stop.load(Ordering::SeqCst) {
+        bail!("stopped");
+    }
+    if !status.success() {
+        bail!(
+            "training failed ({}); see {}",
+            describe_exit(status),
+            log.display()
+        );
+    }
+    Ok(())
+}
+
+/// The checkpoint of the variant's last step.
+fn final_checkpoint(v: &Variant) -> Result<PathBuf> {
     let (step, ck) = sigma_trainer::checkpoint::latest(&v.checkpoints()).ok_or_else(|| {
         anyhow::anyhow!(
             "no checkpoint under {} after training",
@@ -281,10 +309,15 @@ fn run_variant(plan: &Plan, i: usize, slot: &Slot, shared: &Shared) -> Result<()
             v.cfg.train.steps
         );
     }
-    shared.phase.lock().expect("lock")[i] = "eval".into();
+    Ok(ck)
+}
+
+/// `sigma eval --json` of checkpoint `ck` on the slot's first GPU (or the
+/// CPU); returns the JSON it printed.
+fn eval_variant(ck: &Path, slot: &Slot, shared: &Shared, log: &Path) -> Result<Vec<u8>> {
     let exe = std::env::current_exe()?;
     let mut c = Command::new(exe);
-    c.args(["eval", "--json", "--checkpoint"]).arg(&ck);
+    c.args(["eval", "--json", "--checkpoint"]).arg(ck);
     match &slot.gpus {
         Some(g) => {
             c.env("CUDA_VISIBLE_DEVICES", &g[0])
@@ -296,7 +329,7 @@ fn run_variant(plan: &Plan, i: usize, slot: &Slot, shared: &Shared) -> Result<()
     }
     c.process_group(0).stdin(Stdio::null());
     let mut out = Vec::new();
-    let status = run_child(shared, c, &log, Some(&mut out))?;
+    let status = run_child(shared, c, log, Some(&mut out))?;
     if shared.stop.load(Ordering::SeqCst) {
         bail!("stopped");
     }
@@ -309,18 +342,7 @@ fn run_variant(plan: &Plan, i: usize, slot: &Slot, shared: &Shared) -> Result<()
     }
     serde_json::from_slice::<serde_json::Value>(&out)
         .context("sigma eval --json printed no JSON")?;
-    sigma_data::fsutil::write_atomic(&v.dir().join("eval.json"), &out)?;
-    let done = Done {
-        base_config: plan.file.base_config.clone(),
-        sets: recorded(plan, i),
-        checkpoint: ck.to_string_lossy().into_owned(),
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    sigma_data::fsutil::write_atomic(
-        &done_path(v),
-        serde_json::to_string_pretty(&done)?.as_bytes(),
-    )?;
-    Ok(())
+    Ok(out)
 }
 
 /// The newest training step in a metrics.jsonl, reading from `offset` on.
@@ -366,103 +388,24 @@ pub fn run(
         alive: AtomicUsize::new(slots.len()),
     });
     let results: Results = Arc::new(Mutex::new((0..n).map(|_| None).collect()));
-    let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-    let quiet = mp.is_hidden();
-    let total = mp.add(ProgressBar::new(todo.len() as u64));
-    total.set_style(
-        ProgressStyle::with_template(
-            "ablation {msg} [{bar:30}] {pos}/{len} variants, {elapsed_precise}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    total.set_message(plan.file.name.clone());
-    let say = |m: String| {
-        if quiet {
-            eprintln!("{m}");
-        } else {
-            mp.println(m).ok();
-        }
-    };
+    let mut view = Progress::new(plan, todo.len());
     std::thread::scope(|scope| -> Result<Outcome> {
         for slot in slots {
             let (shared, results) = (shared.clone(), results.clone());
-            scope.spawn(move || {
-                loop {
-                    if shared.stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Some(i) = shared.queue.lock().expect("lock").pop_front() else {
-                        break;
-                    };
-                    let r = run_variant(plan, i, slot, &shared).map_err(|e| format!("{e:#}"));
-                    results.lock().expect("lock")[i] = Some(r);
-                    shared.phase.lock().expect("lock")[i] = "finished".into();
-                }
-                shared.alive.fetch_sub(1, Ordering::SeqCst);
-            });
+            scope.spawn(move || worker(plan, slot, &shared, &results));
         }
-        // Progress view: one bar per running variant, fed by its metrics.jsonl.
-        let mut bars: Vec<Option<Bar>> = (0..n).map(|_| None).collect();
-        let mut reported = vec![false; n];
         let mut forwarded = false;
         loop {
             let alive = shared.alive.load(Ordering::SeqCst);
             if stop.load(Ordering::SeqCst) && !forwarded {
                 forwarded = true;
-                shared.stop.store(true, Ordering::SeqCst);
-                say("sigma ablate: stop requested; the running variants save a checkpoint and stop (rerun the same command to resume)".into());
-                for &pid in shared.children.lock().expect("lock").iter() {
-                    let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGTERM);
-                }
+                forward_stop(&shared, &view);
             }
             let phases = shared.phase.lock().expect("lock").clone();
-            for i in 0..n {
-                let v = &plan.variants[i];
-                match phases[i].as_str() {
-                    "train" | "eval" => {
-                        let b = bars[i].get_or_insert_with(|| {
-                            let b = mp.insert_before(&total, ProgressBar::new(v.cfg.train.steps));
-                            b.set_style(
-                                ProgressStyle::with_template(
-                                    "  {prefix:<16} [{bar:30}] step {pos}/{len} {msg} eta {eta}",
-                                )
-                                .expect("template")
-                                .progress_chars("=> "),
-                            );
-                            b.set_prefix(v.name.clone());
-                            (b, 0, 0, None)
-                        });
-                        let (bar, off, step, loss) = b;
-                        last_step(&v.dir().join("metrics.jsonl"), off, step, loss);
-                        bar.set_position(*step);
-                        let l = loss.map(|l| format!("loss {l:.4}")).unwrap_or_default();
-                        bar.set_message(if phases[i] == "eval" {
-                            format!("{l}, evaluating")
-                        } else {
-                            l
-                        });
-                    }
-                    "finished" if !reported[i] => {
-                        reported[i] = true;
-                        if let Some((b, ..)) = bars[i].take() {
-                            b.finish_and_clear();
-                        }
-                        let r = results.lock().expect("lock")[i].clone();
-                        match r {
-                            Some(Ok(())) => {
-                                total.inc(1);
-                                say(format!("variant {}: done", v.name));
-                                on_done(i);
-                            }
-                            Some(Err(e)) if e == "stopped" => say(format!(
-                                "variant {}: stopped; it resumes from its last checkpoint",
-                                v.name
-                            )),
-                            Some(Err(e)) => say(format!("variant {}: FAILED: {e}", v.name)),
-                            None => {}
-                        }
-                    }
+            for (i, phase) in phases.iter().enumerate() {
+                match phase.as_str() {
+                    "train" | "eval" => view.show_running(plan, i, phase == "eval"),
+                    "finished" => view.report_finished(plan, i, &results, &mut on_done),
                     _ => {}
                 }
             }
@@ -472,17 +415,151 @@ pub fn run(
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        total.finish_and_clear();
-        let r = results.lock().expect("lock");
-        let failed = (0..n)
-            .filter_map(|i| match &r[i] {
-                Some(Err(e)) if e != "stopped" => Some((plan.variants[i].name.clone(), e.clone())),
-                _ => None,
-            })
-            .collect();
-        Ok(Outcome {
-            failed,
-            interrupted: shared.stop.load(Ordering::SeqCst),
-        })
+        view.total.finish_and_clear();
+        Ok(outcome(plan, &results, &shared))
     })
+}
+
+/// A worker thread: take the next variant from the queue and run it, until
+/// the queue is empty or a stop is requested.
+fn worker(plan: &Plan, slot: &Slot, shared: &Shared, results: &Results) {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Some(i) = shared.queue.lock().expect("lock").pop_front() else {
+            break;
+        };
+        let r = run_variant(plan, i, slot, shared).map_err(|e| format!("{e:#}"));
+        results.lock().expect("lock")[i] = Some(r);
+        shared.phase.lock().expect("lock")[i] = "finished".into();
+    }
+    shared.alive.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Pass a stop request on: no new variants, and one SIGTERM to each running
+/// child's process group (they save a checkpoint and stop).
+fn forward_stop(shared: &Shared, view: &Progress) {
+    shared.stop.store(true, Ordering::SeqCst);
+    view.say("sigma ablate: stop requested; the running variants save a checkpoint and stop (rerun the same command to resume)".into());
+    for &pid in shared.children.lock().expect("lock").iter() {
+        let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGTERM);
+    }
+}
+
+/// The variants that failed (a stop is not a failure), and whether a stop was requested.
+fn outcome(plan: &Plan, results: &Results, shared: &Shared) -> Outcome {
+    let r = results.lock().expect("lock");
+    let failed = (0..plan.variants.len())
+        .filter_map(|i| match &r[i] {
+            Some(Err(e)) if e != "stopped" => Some((plan.variants[i].name.clone(), e.clone())),
+            _ => None,
+        })
+        .collect();
+    Outcome {
+        failed,
+        interrupted: shared.stop.load(Ordering::SeqCst),
+    }
+}
+
+/// The progress view on stderr: a bar per running variant under one for the
+/// whole ablation, and a line per finished variant (plain lines when stderr
+/// is not a terminal).
+struct Progress {
+    mp: MultiProgress,
+    total: ProgressBar,
+    quiet: bool,
+    bars: Vec<Option<Bar>>,
+    reported: Vec<bool>,
+}
+
+impl Progress {
+    fn new(plan: &Plan, todo: usize) -> Self {
+        let n = plan.variants.len();
+        let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let quiet = mp.is_hidden();
+        let total = mp.add(ProgressBar::new(todo as u64));
+        total.set_style(
+            ProgressStyle::with_template(
+                "ablation {msg} [{bar:30}] {pos}/{len} variants, {elapsed_precise}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        total.set_message(plan.file.name.clone());
+        Progress {
+            mp,
+            total,
+            quiet,
+            bars: (0..n).map(|_| None).collect(),
+            reported: vec![false; n],
+        }
+    }
+
+    fn say(&self, m: String) {
+        if self.quiet {
+            eprintln!("{m}");
+        } else {
+            self.mp.println(m).ok();
+        }
+    }
+
+    /// Variant `i` trains or is evaluated: its bar, fed by its metrics.jsonl.
+    fn show_running(&mut self, plan: &Plan, i: usize, evaluating: bool) {
+        let v = &plan.variants[i];
+        let (mp, total) = (&self.mp, &self.total);
+        let b = self.bars[i].get_or_insert_with(|| {
+            let b = mp.insert_before(total, ProgressBar::new(v.cfg.train.steps));
+            b.set_style(
+                ProgressStyle::with_template(
+                    "  {prefix:<16} [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            b.set_prefix(v.name.clone());
+            (b, 0, 0, None)
+        });
+        let (bar, off, step, loss) = b;
+        last_step(&v.dir().join("metrics.jsonl"), off, step, loss);
+        bar.set_position(*step);
+        let l = loss.map(|l| format!("loss {l:.4}")).unwrap_or_default();
+        bar.set_message(if evaluating {
+            format!("{l}, evaluating")
+        } else {
+            l
+        });
+    }
+
+    /// Variant `i` finished: clear its bar and say how it ended, once.
+    fn report_finished(
+        &mut self,
+        plan: &Plan,
+        i: usize,
+        results: &Results,
+        on_done: &mut impl FnMut(usize),
+    ) {
+        if self.reported[i] {
+            return;
+        }
+        self.reported[i] = true;
+        let v = &plan.variants[i];
+        if let Some((b, ..)) = self.bars[i].take() {
+            b.finish_and_clear();
+        }
+        let r = results.lock().expect("lock")[i].clone();
+        match r {
+            Some(Ok(())) => {
+                self.total.inc(1);
+                self.say(format!("variant {}: done", v.name));
+                on_done(i);
+            }
+            Some(Err(e)) if e == "stopped" => self.say(format!(
+                "variant {}: stopped; it resumes from its last checkpoint",
+                v.name
+            )),
+            Some(Err(e)) => self.say(format!("variant {}: FAILED: {e}", v.name)),
+            None => {}
+        }
+    }
 }

@@ -22,8 +22,33 @@ pub fn inspect(dir: &Path) -> Result<String> {
     let mut ck = Checkpoint::open(dir)?;
     let m = ck.meta.clone();
     let mut o = String::new();
-    let l = &m.layout;
     let _ = writeln!(o, "checkpoint {} (committed)", dir.display());
+    describe_state(&mut o, &m);
+    describe_contents(&mut o, &m);
+    ck.verify_all()?;
+    let mut bad = BTreeMap::new();
+    for (name, e) in &m.tensors {
+        let n: i64 = e.shape.iter().product();
+        let t = ck.read(name)?;
+        let nonfinite = n - i64::try_from(t.isfinite().sum(Kind::Int64)).unwrap_or(0);
+        if nonfinite > 0 {
+            bad.insert(name.clone(), nonfinite);
+        }
+    }
+    let _ = writeln!(o, "health       all {} checksums match", m.files.len());
+    if bad.is_empty() {
+        let _ = writeln!(o, "             weights and moments are finite");
+    } else {
+        for (k, n) in &bad {
+            let _ = writeln!(o, "             {k}: {n} non-finite value(s)");
+        }
+    }
+    Ok(o)
+}
+
+/// Format, progress, data position, optimizer, seeds and layout.
+fn describe_state(o: &mut String, m: &Metadata) {
+    let l = &m.layout;
     let _ = writeln!(
         o,
         "format       {} v{}, saved at unix time {}",
@@ -58,6 +83,10 @@ pub fn inspect(dir: &Path) -> Result<String> {
         "layout       dp {} tp {} pp {} zero {}; {} elements in rank 0's local buffers",
         l.dp, l.tp, l.pp, l.zero, l.flat_numel
     );
+}
+
+/// Every file with its size and checksum, every parameter with its shape.
+fn describe_contents(o: &mut String, m: &Metadata) {
     let total: u64 = m.files.values().map(|f| f.bytes).sum();
     let _ = writeln!(o, "files        {} file(s), {}", m.files.len(), mb(total));
     for (name, f) in &m.files {
@@ -87,25 +116,6 @@ pub fn inspect(dir: &Path) -> Result<String> {
             e.pieces.len()
         );
     }
-    ck.verify_all()?;
-    let mut bad = BTreeMap::new();
-    for (name, e) in &m.tensors {
-        let n: i64 = e.shape.iter().product();
-        let t = ck.read(name)?;
-        let nonfinite = n - i64::try_from(t.isfinite().sum(Kind::Int64)).unwrap_or(0);
-        if nonfinite > 0 {
-            bad.insert(name.clone(), nonfinite);
-        }
-    }
-    let _ = writeln!(o, "health       all {} checksums match", m.files.len());
-    if bad.is_empty() {
-        let _ = writeln!(o, "             weights and moments are finite");
-    } else {
-        for (k, n) in &bad {
-            let _ = writeln!(o, "             {k}: {n} non-finite value(s)");
-        }
-    }
-    Ok(o)
 }
 
 /// Architecture description for use outside sigma: the [model] section plus
@@ -122,11 +132,47 @@ fn config_json(meta: &Metadata, dtype: &str) -> Result<serde_json::Value> {
         "tensor_names": "as in sigma: embed.weight, layers.{i}.*, final_norm.weight, lm_head.weight (absent when tie_embeddings)",
         "sigma_checkpoint_step": meta.progress.step,
         "sigma_tokens_seen": meta.progress.consumed_tokens,
+        "sigma_tokenizer_xxh3": tokenizer_xxh3(meta),
     });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         o.extend(e.clone());
     }
     Ok(v)
+}
+
+/// The key of an export's config.json that records the xxh3 of its
+/// tokenizer.json (`sigma eval` and `sigma generate` check it).
+pub const TOKENIZER_XXH3: &str = "sigma_tokenizer_xxh3";
+
+/// The checkpoint's record of its tokenizer's xxh3 (null without one).
+fn tokenizer_xxh3(meta: &Metadata) -> serde_json::Value {
+    meta.files
+        .get(TOKENIZER)
+        .map_or(serde_json::Value::Null, |f| json!(f.xxh3))
+}
+
+/// The weight dtype of an export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+}
+
+impl ExportDtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            ExportDtype::F32 => Kind::Float,
+            ExportDtype::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    /// The name config.json gives it (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "float32",
+            ExportDtype::Bf16 => "bfloat16",
+        }
+    }
 }
 
 /// What `sigma checkpoint export` writes.
@@ -172,6 +218,7 @@ fn hf_config_json(
         "use_cache": false,
         "sigma_checkpoint_step": meta.progress.step,
         "sigma_tokens_seen": meta.progress.consumed_tokens,
+        "sigma_tokenizer_xxh3": tokenizer_xxh3(meta),
     });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         o.extend(e.clone());
@@ -196,14 +243,14 @@ fn hf_tokenizer_config(tok: &sigma_data::Tokenizer, max_len: usize) -> serde_jso
 fn write_export(
     ck: &mut Checkpoint,
     meta: &super::Metadata,
-    kind: Kind,
+    dtype: ExportDtype,
     tok: &Path,
     tmp: &Path,
     format: ExportFormat,
 ) -> Result<()> {
     let mut tensors = Vec::new();
     for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
-        let t = ck.read(name)?.to_kind(kind);
+        let t = ck.read(name)?.to_kind(dtype.kind());
         tensors.push((name.trim_start_matches("model/").to_string(), t));
     }
     let md = BTreeMap::from([
@@ -211,11 +258,6 @@ fn write_export(
         ("sigma_step".to_string(), meta.progress.step.to_string()),
     ]);
     super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
-    let dtype = if kind == Kind::Float {
-        "float32"
-    } else {
-        "bfloat16"
-    };
     let tokenizer = if tok.is_file() {
         let data = std::fs::read(tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
         write_atomic(&tmp.join(TOKENIZER), &data)?;
@@ -227,7 +269,7 @@ fn write_export(
         None
     };
     let cfg = match format {
-        ExportFormat::Sigma => config_json(meta, dtype)?,
+        ExportFormat::Sigma => config_json(meta, dtype.torch_name())?,
         ExportFormat::HuggingFace => {
             write_atomic(&tmp.join("modeling_sigma.py"), HF_MODELING.as_bytes())?;
             write_atomic(
@@ -241,7 +283,7 @@ fn write_export(
                     serde_json::to_string_pretty(&tc).expect("json").as_bytes(),
                 )?;
             }
-            hf_config_json(meta, dtype, tokenizer.as_ref())?
+            hf_config_json(meta, dtype.torch_name(), tokenizer.as_ref())?
         }
     };
     write_atomic(
@@ -252,24 +294,19 @@ fn write_export(
     Ok(())
 }
 
-/// One consolidated `model.safetensors` (weights only, `dtype` f32 or bf16),
+/// One consolidated `model.safetensors` (weights only, in `dtype`),
 /// `config.json` and the tokenizer, written into a temporary directory that is
 /// renamed to `out` when complete. An existing non-empty `out` is refused.
-pub fn export(dir: &Path, out: &Path, dtype: &str, format: ExportFormat) -> Result<()> {
-    let kind = match dtype {
-        "f32" | "float32" => Kind::Float,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        d => return Err(TrainError::Other(format!("--dtype {d}: use f32 or bf16"))),
-    };
+pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) -> Result<()> {
     if out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(TrainError::Other(format!(
-            "{} exists and is not empty; refusing to overwrite it",
-            out.display()
-        )));
+        return Err(TrainError::file(
+            out.display(),
+            "exists and is not empty; refusing to overwrite it (remove it or choose another --output)",
+        ));
     }
     let mut ck = Checkpoint::open(dir)?;
     let meta = ck.meta.clone();
@@ -293,7 +330,7 @@ pub fn export(dir: &Path, out: &Path, dtype: &str, format: ExportFormat) -> Resu
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(tmp.display().to_string(), e))?;
     // Nothing half-written stays behind: on any failure the temporary directory goes.
-    let written = write_export(&mut ck, &meta, kind, &tok, &tmp, format);
+    let written = write_export(&mut ck, &meta, dtype, &tok, &tmp, format);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }

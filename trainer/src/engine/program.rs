@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 
+use crate::config::ModelConfig;
 use crate::model::block::{wiring, Part, Val};
 use crate::model::key::ParamKey;
 use crate::model::params::ParamId;
@@ -135,6 +136,19 @@ impl Program {
         first: bool,
         last: bool,
     ) -> Program {
+        Program::of_config(&model.cfg, plan, layers, first, last)
+    }
+
+    /// [`Program::chunk`] from the model's config alone, without its
+    /// weights (the program depends only on the config and the plan):
+    /// `sigma plan` reads the segments of models it does not build.
+    pub fn of_config(
+        cfg: &ModelConfig,
+        plan: &TpPlan,
+        layers: Range<usize>,
+        first: bool,
+        last: bool,
+    ) -> Program {
         let mut b = Builder {
             plan,
             steps: Vec::new(),
@@ -146,7 +160,7 @@ impl Program {
             Some(x) => x,
             None => b.run(Seg::Embed, Some(CommPoint::Embed), &[], 1)[0],
         };
-        let wires = wiring(&model.cfg);
+        let wires = wiring(cfg);
         for l in layers {
             let s = b.steps.len();
             x = if plan.splits_blocks() {

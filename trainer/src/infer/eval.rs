@@ -280,6 +280,7 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         ));
     }
     let cfg = exported_model_config(&path.join("config.json"))?;
+    check_export_tokenizer(&path.join("config.json"), &tok_path)?;
     let n = cfg.param_count().unwrap_or(u64::MAX) as f64;
     check_host_memory(8.0 * n, "loading the exported model")?;
     let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
@@ -311,6 +312,41 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         tokenizer,
         run: None,
     })
+}
+
+/// The export's tokenizer.json must be the one it was made with: its xxh3
+/// against what config.json records (`sigma_tokenizer_xxh3`). Exports of
+/// earlier versions record none: said, and not checked.
+fn check_export_tokenizer(config: &Path, tokenizer: &Path) -> Result<()> {
+    let text =
+        std::fs::read(config).map_err(|e| TrainError::io(config.display().to_string(), e))?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| TrainError::file(config.display(), format!("not JSON: {e}")))?;
+    let key = crate::checkpoint::tools::TOKENIZER_XXH3;
+    let Some(recorded) = v.get(key) else {
+        eprintln!(
+            "note: {} records no tokenizer checksum (an export of an earlier sigma): {} is not checked",
+            config.display(),
+            tokenizer.display()
+        );
+        return Ok(());
+    };
+    let Some(recorded) = recorded.as_str() else {
+        return Ok(()); // the checkpoint had no tokenizer to record
+    };
+    let bytes =
+        std::fs::read(tokenizer).map_err(|e| TrainError::io(tokenizer.display().to_string(), e))?;
+    let have = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
+    if have != recorded {
+        return Err(TrainError::file(
+            tokenizer.display(),
+            format!(
+                "is not the tokenizer this export was made with (xxh3 {have}; {} records {recorded}): put the export's own tokenizer.json back",
+                config.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Every weight `cfg` declares is in the export's safetensors file with the

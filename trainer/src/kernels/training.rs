@@ -628,7 +628,7 @@ mod tests {
     #[test]
     fn the_training_kernels_compile() {
         if !decode::cuda_build() {
-            eprintln!("skipped: libtorch is not a CUDA build");
+            decode::skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
             return;
         }
         let ptx = decode::compile(SOURCE, &[], 90).expect("compiles");

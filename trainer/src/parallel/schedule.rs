@@ -225,6 +225,100 @@ pub fn simulate(s: &Schedule) -> std::result::Result<Simulation, String> {
     })
 }
 
+/// A schedule run with durations: when each pass of each rank started and
+/// ended, its rank's passes in order. Time 0 is the start of the step, when
+/// every rank begins (the step before ended with collectives over all of them).
+#[derive(Clone, Debug)]
+pub struct Timeline {
+    pub passes: Vec<Vec<(f64, f64)>>,
+}
+
+impl Timeline {
+    /// When the last pass of any rank ends.
+    pub fn end(&self) -> f64 {
+        (0..self.passes.len())
+            .map(|r| self.rank_end(r))
+            .fold(0.0, f64::max)
+    }
+
+    /// When rank `r`'s last pass ends.
+    pub fn rank_end(&self, r: usize) -> f64 {
+        self.passes[r].last().map_or(0.0, |p| p.1)
+    }
+
+    /// Time rank `r` computes.
+    pub fn busy(&self, r: usize) -> f64 {
+        self.passes[r].iter().map(|(a, b)| b - a).sum()
+    }
+
+    /// The fraction of rank `r`'s stretch, from the start of the step to the
+    /// end of its last pass, in which it computed nothing: what a trace logs
+    /// as `pipeline_bubble` (`engine::pipeline::Trace::bubble`).
+    pub fn bubble(&self, r: usize) -> f64 {
+        let end = self.rank_end(r);
+        if end > 0.0 {
+            1.0 - self.busy(r) / end
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Run `s` as the trainer does, with durations: each rank runs its passes
+/// in its order, a pass starting when its rank is free and its input has
+/// arrived. `dur(rank, action)`: how long a pass takes; `link(from, to)`:
+/// how long a message from virtual stage `from` takes to reach `to` (sends
+/// never hold their sender). `Err` names a deadlock.
+pub fn simulate_timed(
+    s: &Schedule,
+    dur: &dyn Fn(usize, Action) -> f64,
+    link: &dyn Fn(usize, usize) -> f64,
+) -> std::result::Result<Timeline, String> {
+    use std::collections::HashMap;
+    let n = s.num_stages();
+    // End of each pass: (is backward, micro-batch, virtual stage).
+    let mut ended: HashMap<(bool, usize, usize), f64> = HashMap::new();
+    let mut pc = vec![0usize; s.pp];
+    let mut free = vec![0.0f64; s.pp];
+    let mut passes: Vec<Vec<(f64, f64)>> = vec![Vec::new(); s.pp];
+    loop {
+        let mut progress = false;
+        for (r, acts) in s.ranks.iter().enumerate() {
+            while let Some(&a) = acts.get(pc[r]) {
+                let st = s.stage(r, a.chunk());
+                let (bwd, from) = match a {
+                    Action::Forward { .. } => (false, (st > 0).then(|| st - 1)),
+                    Action::Backward { .. } => (true, (st + 1 < n).then_some(st + 1)),
+                };
+                let ready = match from {
+                    None => Some(0.0),
+                    Some(f) => ended.get(&(bwd, a.mb(), f)).map(|&e| e + link(f, st)),
+                };
+                let Some(ready) = ready else { break };
+                if bwd && !ended.contains_key(&(false, a.mb(), st)) {
+                    return Err(format!(
+                        "rank {r}: backward of micro-batch {} on stage {st} before its forward",
+                        a.mb()
+                    ));
+                }
+                let start = free[r].max(ready);
+                let end = start + dur(r, a);
+                ended.insert((bwd, a.mb(), st), end);
+                passes[r].push((start, end));
+                free[r] = end;
+                pc[r] += 1;
+                progress = true;
+            }
+        }
+        if (0..s.pp).all(|r| pc[r] == s.ranks[r].len()) {
+            return Ok(Timeline { passes });
+        }
+        if !progress {
+            return Err(format!("deadlock: every rank waits ({pc:?})"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

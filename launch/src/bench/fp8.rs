@@ -18,7 +18,7 @@ use sigma_trainer::kernels::fp8::{self, Format, Fp8Opts, Fp8Weight, Gemm, Scalin
 use sigma_trainer::kernels::fused;
 use tch::{Device, Kind, Tensor};
 
-use crate::bench_cmd::{device_name, median_time};
+use super::timing::{device_name, median_time};
 
 /// The `_scaled_mm` path against the emulation, largest |difference| over
 /// the largest |emulated value|: the same FP8 products summed in another

@@ -1,0 +1,95 @@
+//! The arguments of `sigma bench decode`, `sigma bench fused` and `sigma bench fp8`, and the
+//! checks on them that need no device.
+
+use anyhow::{bail, Result};
+
+use crate::device::DeviceArg;
+
+#[derive(clap::Args)]
+pub struct FusedArgs {
+    /// Timed runs per case (the median is reported), after 5 warm-up runs.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Where to run (auto: a GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+}
+
+impl FusedArgs {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            bail!("--steps must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// Batch sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub batch: Vec<i64>,
+    /// Context lengths (cached tokens; comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384,32768,65536")]
+    pub context: Vec<i64>,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    pub n_q: i64,
+    /// DiffQKV key heads.
+    #[arg(long, default_value_t = 4)]
+    pub n_k: i64,
+    /// DiffQKV value heads.
+    #[arg(long, default_value_t = 16)]
+    pub n_v: i64,
+    /// Head dimension (q, k and v).
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: i64,
+    /// Key and value heads of the GQA baseline.
+    #[arg(long, default_value_t = 16)]
+    pub gqa_kv: i64,
+    /// Timed steps per case (the median is reported), after 5 warm-up steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Where to run (auto: a GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Card peak memory bandwidth in GB/s, for the fraction reached (H100 SXM: 3350).
+    #[arg(long)]
+    pub peak_gbps: Option<f64>,
+    /// Check the decode kernel against an fp32 reference on many shapes (with
+    /// padding masks) instead of timing; exits non-zero past the tolerance.
+    #[arg(long)]
+    pub check: bool,
+    /// Time whole-model decoding of this config's model (random weights)
+    /// against its GQA counterpart (`--gqa-kv` K and V heads, all else equal).
+    #[arg(long, value_name = "CONFIG")]
+    pub model: Option<String>,
+}
+
+impl DecodeArgs {
+    /// Head counts, steps, head dimension, batch sizes and context lengths.
+    pub fn validate(&self) -> Result<()> {
+        // --model takes its heads from the config (and checks --gqa-kv against them).
+        let heads = if self.model.is_some() {
+            vec![]
+        } else {
+            vec![
+                ("--n-k", self.n_k),
+                ("--n-v", self.n_v),
+                ("--gqa-kv", self.gqa_kv),
+            ]
+        };
+        for (name, n) in heads {
+            if n <= 0 || self.n_q % n != 0 {
+                bail!("{name} {n}: must divide --n-q {}", self.n_q);
+            }
+        }
+        if self.steps == 0 || self.head_dim <= 0 {
+            bail!("--steps and --head-dim must be positive");
+        }
+        if let Some(&b) = self.batch.iter().chain(&self.context).find(|&&n| n <= 0) {
+            bail!("--batch and --context must be positive, got {b}");
+        }
+        Ok(())
+    }
+}

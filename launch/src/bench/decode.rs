@@ -1,0 +1,242 @@
+//! `sigma bench decode`: one decoding step's attention against a KV cache,
+//! DiffQKV (sigma's decode kernel on a GPU, and its tensor-operation path)
+//! against GQA through libtorch's SDPA, at several batch sizes and context
+//! lengths (`attention`); `--check` compares the kernel with an fp32
+//! reference on many shapes (`check`).
+
+use anyhow::{bail, Result};
+use sigma_trainer::infer::generate::{decode_attention, decode_attention_ops};
+use sigma_trainer::kernels::decode;
+use tch::{Device, Kind, Tensor};
+
+use super::args::DecodeArgs;
+use super::timing::{device_name, median_time};
+
+/// Where the kernel is used, "(kernel)"; where not, why.
+fn kernel_note(q: &Tensor, k: &Tensor, v: &Tensor) -> String {
+    match decode::decode_kernel_available(q, k, v) {
+        Ok(()) => "the fused decode kernel".into(),
+        Err(why) => format!("tensor operations (the kernel does not run: {why})"),
+    }
+}
+
+/// The timing table: what is compared, which path DiffQKV takes, the header.
+fn print_attention_header(a: &DecodeArgs, kind: Kind, device: Device) {
+    let d = a.head_dim;
+    let probe = |n: i64| Tensor::zeros([1, n, 1, d], (kind, device));
+    println!(
+        "decode attention, one new token per sequence: DiffQKV {}/{}/{} vs GQA {}/{}/{} (SDPA), head dim {d}, {kind:?} on {}",
+        a.n_q, a.n_k, a.n_v, a.n_q, a.gqa_kv, a.gqa_kv, device_name(device)
+    );
+    println!(
+        "DiffQKV runs through {}; \"ops\" is its tensor-operation path",
+        kernel_note(&probe(a.n_q), &probe(a.n_k), &probe(a.n_v))
+    );
+    println!(
+        "{:>6} {:>8} {:>12} {:>9} {:>9} {:>9} {:>12} {:>12}{}",
+        "batch",
+        "context",
+        "DiffQKV ms",
+        "ops ms",
+        "GQA ms",
+        "saving",
+        "DiffQKV GB/s",
+        "GQA GB/s",
+        if a.peak_gbps.is_some() {
+            "  of peak (DiffQKV, GQA)"
+        } else {
+            ""
+        }
+    );
+}
+
+/// One row of the timing table: batch `b`, context `s` (a note instead
+/// when the caches do not fit).
+fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) -> Result<()> {
+    let d = a.head_dim;
+    let scale = 1.0 / (d as f64).sqrt();
+    let elt = kind.elt_size_in_bytes() as f64;
+    let opts = (kind, device);
+    let q = Tensor::randn([b, a.n_q, 1, d], opts);
+    let alloc = || -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        Ok((
+            Tensor::f_randn([b, a.n_k, s, d], opts)?,
+            Tensor::f_randn([b, a.n_v, s, d], opts)?,
+            Tensor::f_randn([b, a.gqa_kv, s, d], opts)?,
+            Tensor::f_randn([b, a.gqa_kv, s, d], opts)?,
+        ))
+    };
+    let Ok((k, v, gk, gv)) = alloc() else {
+        println!("{b:>6} {s:>8}  (does not fit in memory: skipped)");
+        return Ok(());
+    };
+    if device.is_cuda() {
+        if let Err(why) = decode::decode_kernel_available(&q, &k, &v) {
+            println!(
+                "{b:>6} {s:>8}  (the kernel does not run here: {why}; timing the tensor path)"
+            );
+        }
+    }
+    let ours = median_time(device, a.steps, &mut || {
+        let _ = decode_attention(&q, &k, &v, None, scale)?;
+        Ok(())
+    })?;
+    let ops = median_time(device, a.steps, &mut || {
+        let _ = decode_attention_ops(&q, &k, &v, None, scale);
+        Ok(())
+    })?;
+    let gqa = median_time(device, a.steps, &mut || {
+        let _ = Tensor::f_scaled_dot_product_attention::<Tensor>(
+            &q, &gk, &gv, None, 0.0, false, scale, true,
+        )?;
+        Ok(())
+    })?;
+    let bytes_ours = (b * s * d * (a.n_k + a.n_v)) as f64 * elt;
+    let bytes_gqa = (b * s * d * 2 * a.gqa_kv) as f64 * elt;
+    let (bw_o, bw_g) = (bytes_ours / ours / 1e9, bytes_gqa / gqa / 1e9);
+    println!(
+        "{b:>6} {s:>8} {:>12.4} {:>9.4} {:>9.4} {:>8.1}% {:>12.0} {:>12.0}{}",
+        ours * 1e3,
+        ops * 1e3,
+        gqa * 1e3,
+        100.0 * (1.0 - ours / gqa),
+        bw_o,
+        bw_g,
+        a.peak_gbps
+            .map(|p| format!("  {:.0} %, {:.0} %", 100.0 * bw_o / p, 100.0 * bw_g / p))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Time DiffQKV (kernel and tensor path) and GQA at every batch size and
+/// context length, then print how much smaller the DiffQKV cache is.
+pub fn attention(a: &DecodeArgs, device: Device) -> Result<()> {
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    print_attention_header(a, kind, device);
+    for &b in &a.batch {
+        for &s in &a.context {
+            attention_case(a, b, s, kind, device)?;
+        }
+    }
+    let d = a.head_dim;
+    println!(
+        "bound: the DiffQKV cache is {:.1} % smaller than GQA's ({} vs {} elements per token per layer)",
+        100.0 * (1.0 - (a.n_k + a.n_v) as f64 / (2 * a.gqa_kv) as f64),
+        (a.n_k + a.n_v) * d,
+        2 * a.gqa_kv * d
+    );
+    Ok(())
+}
+
+/// The largest absolute difference between two tensors, in f64.
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// bf16 output rounding is at most 2^-9 of a value: 1 % of the largest
+/// output is five times that, and far below what a lost row or chunk costs.
+const CHECK_TOLERANCE: f64 = 1e-2;
+
+/// One shape of the kernel check: (n_q, n_k, n_v, d_k, d_v, batch, len, masked).
+type Case = (i64, i64, i64, i64, i64, i64, i64, bool);
+
+/// Shapes of every kind sigma produces (a flat table).
+const CHECK_CASES: &[Case] = &[
+    (32, 4, 16, 64, 64, 1, 1, false),
+    (32, 4, 16, 64, 64, 2, 100, true),
+    (32, 4, 16, 64, 64, 16, 4096, false),
+    (32, 4, 16, 64, 64, 3, 5000, true),
+    (32, 4, 16, 64, 64, 1, 65536, false),
+    (32, 1, 16, 64, 64, 2, 777, true),
+    (8, 8, 2, 64, 64, 4, 1500, true),
+    (32, 4, 16, 32, 64, 2, 2049, false),
+    (32, 4, 16, 16, 64, 2, 333, true),
+    (16, 16, 16, 128, 128, 2, 1024, false),
+    (32, 16, 16, 64, 64, 8, 8192, false),
+    (64, 4, 2, 64, 64, 2, 3000, true),
+    (8, 2, 4, 8, 8, 3, 700, true),
+    (8, 2, 4, 256, 256, 2, 1100, false),
+    (12, 3, 6, 64, 64, 2, 999, true),
+];
+
+/// The kernel against an fp32 reference (the tensor path on the same bf16
+/// values upcast) and, for scale, the bf16 tensor path against the same
+/// reference: shapes of every kind sigma produces, left-padding masks,
+/// contexts that are and are not a multiple of the chunk, K and V read
+/// through a larger cache (as decoding does).
+pub fn check(device: Device) -> Result<()> {
+    if !device.is_cuda() {
+        bail!("--check compares the GPU decode kernel with its reference: it needs --device cuda (or auto on a GPU machine)");
+    }
+    println!(
+        "decode kernel vs fp32 reference on {} (bf16 operands; errors relative to the largest |output|, tolerance {CHECK_TOLERANCE})",
+        device_name(device)
+    );
+    println!(
+        "{:<24} {:>5} {:>7} {:>6} {:>10} {:>12} {:>12}",
+        "n_q/n_k/n_v d_k/d_v", "batch", "context", "masked", "max |out|", "kernel err", "ops err"
+    );
+    let mut worst: f64 = 0.0;
+    for &case in CHECK_CASES {
+        worst = worst.max(check_case(case, device)?);
+    }
+    if worst > CHECK_TOLERANCE {
+        bail!(
+            "the decode kernel is off by {worst:.3e} of the largest output (tolerance {CHECK_TOLERANCE})"
+        );
+    }
+    println!("decode kernel check passed: largest relative error {worst:.2e}");
+    Ok(())
+}
+
+/// One row of the kernel check; returns the kernel's relative error (NaN as infinity).
+fn check_case(case: Case, device: Device) -> Result<f64> {
+    let (nq, nk, nv, dk, dv, b, len, masked) = case;
+    let opts = (Kind::BFloat16, device);
+    let cap = len + 37; // read through a larger cache, as decoding does
+    let q = Tensor::randn([b, nq, 1, dk], opts);
+    let k = Tensor::randn([b, nk, cap, dk], opts).narrow(2, 0, len);
+    let v = Tensor::randn([b, nv, cap, dv], opts).narrow(2, 0, len);
+    // Left padding: sequence i has its first (i * len / (b + 1)) slots masked.
+    let valid = Tensor::ones([b, cap], (Kind::Bool, device));
+    if masked {
+        for i in 0..b {
+            let pad = i * len / (b + 1);
+            let _ = valid.get(i).narrow(0, 0, pad).fill_(0);
+        }
+    }
+    let valid = valid.narrow(1, 0, len);
+    let m = masked.then_some(&valid);
+    let scale = 1.0 / (dk as f64).sqrt();
+    let kernel = match decode::decode_attention(&q, &k, &v, m, scale)? {
+        Some(o) => o,
+        None => bail!(
+            "the kernel did not run for n_q {nq}, n_k {nk}, n_v {nv}, d_k {dk}, d_v {dv}: {}",
+            decode::decode_kernel_available(&q, &k, &v)
+                .err()
+                .unwrap_or_default()
+        ),
+    };
+    let f = |t: &Tensor| t.to_kind(Kind::Float);
+    let reference = decode_attention_ops(&f(&q), &f(&k), &f(&v), m, scale);
+    let ops = decode_attention_ops(&q, &k, &v, m, scale);
+    let top = reference.abs().max().double_value(&[]);
+    let (ek, eo) = (
+        max_abs(&kernel, &reference) / top,
+        max_abs(&ops, &reference) / top,
+    );
+    println!(
+        "{:<24} {b:>5} {len:>7} {:>6} {top:>10.3e} {ek:>12.2e} {eo:>12.2e}",
+        format!("{nq}/{nk}/{nv} {dk}/{dv}"),
+        if masked { "yes" } else { "no" }
+    );
+    Ok(if ek.is_nan() { f64::INFINITY } else { ek })
+}

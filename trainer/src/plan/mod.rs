@@ -1,0 +1,37 @@
+//! `sigma plan`: the memory and speed of a layout before launching it, and
+//! a projection to more GPUs than were measured, by simulation calibrated
+//! on measured runs (docs/plan.md).
+//!
+//! One source of truth: a layout is checked by `parallel::Layout::check`
+//! (the refusals of `sigma train`'s start-up), each rank's share of the
+//! model comes from `parallel::Layout::new` and `share` (the `ParamSpec`s
+//! the trainer allocates), its activations from the segments of the
+//! engine's program (`engine::Program`), its pipeline schedule from
+//! `parallel::schedule` (the schedule the trainer runs, simulated with
+//! durations). What is modelled rather than read: what autograd keeps inside
+//! each part of the block (`acts`), how long a GEMM, an attention, an
+//! elementwise pass and a collective take (`cost`, `net`, from a
+//! calibration: `calib`).
+//!
+//! - `layout.rs`: a candidate layout and the config it makes;
+//! - `acts.rs`: a micro-batch's activations through a chunk of layers;
+//! - `memory.rs`: a rank's state, its schedule's peak, the optimizer's temporaries;
+//! - `cost.rs`, `net.rs`: seconds per segment and per collective;
+//! - `step.rs`: one step of a layout, simulated;
+//! - `search.rs`: every layout of a job;
+//! - `calib.rs`: calibration files; `calibrate.rs`: measuring one on a GPU;
+//! - `recorded.rs`: the runs of docs/benchmarks.md, predicted again.
+
+pub mod acts;
+pub mod calib;
+pub mod calibrate;
+pub mod cost;
+pub mod layout;
+pub mod memory;
+pub mod net;
+pub mod recorded;
+pub mod search;
+pub mod step;
+
+#[cfg(test)]
+mod tests;
