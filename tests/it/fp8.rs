@@ -758,11 +758,12 @@ fn checkpoints_resume_across_fp8_and_bf16() {
 }
 
 /// FP8 under tensor parallelism (2 ranks, sequence parallel; each rank
-/// scales its own shards) and pipeline parallelism (2 stages, interleaved,
-/// activation checkpointing): the first 4 losses within 5e-3 of one
-/// process's FP8 run.
+/// scales its own shards), pipeline parallelism (2 stages, interleaved,
+/// activation checkpointing) and data parallelism with ZeRO-1 (2 ranks, half
+/// the micro-batch each: the same global batch, tensorwise scales from half
+/// the tokens): the first 4 losses within 5e-3 of one process's FP8 run.
 #[test]
-fn fp8_runs_under_tensor_and_pipeline_parallelism() {
+fn fp8_runs_under_tensor_pipeline_and_data_parallelism() {
     let tmp = tempfile::tempdir().expect("tmp");
     let common = [
         "train.precision=\"fp8\"",
@@ -793,6 +794,14 @@ fn fp8_runs_under_tensor_and_pipeline_parallelism() {
                 "parallel.pp=2",
                 "parallel.pp_schedule=\"interleaved\"",
                 "train.activation_checkpointing=true",
+            ],
+        ),
+        (
+            "dp2",
+            vec![
+                "parallel.dp=2",
+                "parallel.zero=1",
+                "train.micro_batch_size=4",
             ],
         ),
     ] {
