@@ -163,8 +163,8 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-# FP8 (train.precision = "fp8", docs/precision.md). Added on branch fp8 without
-# a GPU: nothing below has run on one yet. Needs compute capability 8.9 or later.
+# FP8 (train.precision = "fp8", docs/precision.md). Written without a GPU:
+# nothing below has run on one yet. Needs compute capability 8.9 or later.
 cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 if [ "${cc:-0}" -ge 89 ]; then
   if $sigma bench fp8 --steps 5 --device cuda > "$out/fp8-layer.log" 2>&1; then

@@ -177,6 +177,7 @@ fn plan_cmd(a: &RunArgs) -> Result<()> {
         None => Calibration::built_in(a.gpu.name())?,
     };
     let base = RunConfig::load(path, &a.overrides)?;
+    sigma_trainer::plan::check_precision(&base)?;
     let t = &base.train;
     let global = a
         .global_batch

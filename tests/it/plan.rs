@@ -177,6 +177,13 @@ fn bad_flags_are_refused_in_one_line_naming_the_flag() {
     assert_clean_failure(&o, &["--gpus"]);
     let o = sigma(&["plan", "--gpus", "8"], &[]);
     assert_clean_failure(&o, &["--config"]);
+    // Precisions the model has no rates for are refused, not planned as bf16.
+    for p in ["fp8", "fp32"] {
+        let set = format!("train.precision=\"{p}\"");
+        let args: Vec<&str> = base.iter().copied().chain(["--set", &set]).collect();
+        let o = sigma(&args, &[]);
+        assert_clean_failure(&o, &["train.precision", p, "bf16"]);
+    }
 }
 
 /// `plan calibrate` measures on a GPU and says so where there is none.

@@ -35,3 +35,24 @@ pub mod step;
 
 #[cfg(test)]
 mod tests;
+
+use crate::config::{Precision, RunConfig};
+use crate::TrainError;
+
+/// The precisions the model covers: bf16 mixed precision, what GPU runs use
+/// (`"auto"` on a GPU). Every rate in the calibrations is a bf16 one, and no
+/// FP8 or fp32 GPU run exists to calibrate another; planning one with bf16
+/// figures would print numbers that are not its own, so it is refused.
+pub fn check_precision(cfg: &RunConfig) -> Result<(), TrainError> {
+    let name = match cfg.train.precision {
+        Precision::Auto | Precision::Bf16 => return Ok(()),
+        Precision::Fp32 => "fp32",
+        Precision::Fp8 => "fp8",
+    };
+    Err(TrainError::input(
+        "train.precision",
+        format!(
+            "sigma plan models bf16 mixed precision only (its calibrations are bf16 rates); \"{name}\" is not modelled: plan with \"bf16\" or \"auto\""
+        ),
+    ))
+}
