@@ -13,7 +13,9 @@
 //!   schedules, metrics, profile and plots;
 //! - `infer/`: evaluation and generation;
 //! - `kernels/`: what tch does not bind: NVRTC kernels and C++ shims;
-//! - `checkpoint/`: sharded checkpoints, resharding, export.
+//! - `checkpoint/`: sharded checkpoints, resharding, export;
+//! - `plan/`: `sigma plan`, a layout's memory and step time simulated
+//!   before launching (docs/plan.md).
 
 pub mod checkpoint;
 pub mod config;

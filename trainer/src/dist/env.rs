@@ -1,5 +1,6 @@
-//! Where this process sits in the job, read from the environment. One place
-//! for every variable sigma reads (torchrun-style, SLURM, sigma's own).
+//! Where this process sits in the job: the job-layout variables
+//! (torchrun-style, SLURM, sigma's own) interpreted, each read through
+//! `sigma_data::env`, the one module that reads the environment.
 
 use crate::error::{Result, TrainError};
 
