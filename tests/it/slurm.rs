@@ -36,7 +36,14 @@ use std::time::{Duration, Instant};
 
 use sigma_tests::*;
 
-const STEPS: u64 = 24;
+/// Steps of the time-limit job and its reference. SLURM sends the
+/// `--signal=USR1@50` of a 1-minute job at its first time-limit check (every
+/// 30 s, counted from slurmctld's start) at which 50 s or less remain: 10 to
+/// 40 s into a run. A run must still be training then, or the job completes
+/// unsignalled and the test has nothing to check: 24 steps once finished in
+/// 22 s on a quiet 2-core machine. 64 steps take about 50 s there, and the
+/// first run shares the cores with the reference run, which lasts as long.
+const STEPS: u64 = 64;
 /// Longest wait for any one thing a job should do (the jobs share 2 cores).
 const WAIT: Duration = Duration::from_secs(300);
 /// CPUs the node declares (every job at once; the cores are shared).
