@@ -578,6 +578,33 @@ impl Collectives for NcclCollectives {
         })
     }
 
+    /// One grouped call (send and receive together), so a ring of ranks
+    /// that all send first cannot deadlock; the compute stream then waits
+    /// for it (the send buffer is kept until `wait_pending`).
+    fn send_recv(&mut self, t: &Tensor, to: usize, into: &mut Tensor, from: usize) -> Result<()> {
+        contiguous_cuda(t, "send_recv")?;
+        contiguous_cuda(into, "send_recv")?;
+        let (sp, sn, sdt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
+        let (rp, rn, rdt) = (into.data_ptr(), into.numel(), dtype(into.kind())?);
+        let ok = nccl::ncclResult_t::ncclSuccess;
+        // SAFETY: reads a live contiguous device buffer of sn elements (kept
+        // alive in `pending`) and writes one of rn elements, both on this
+        // communicator's stream, inside one NCCL group.
+        self.run("send_recv", || unsafe {
+            let r = nccl::ncclGroupStart();
+            if r != ok {
+                return r;
+            }
+            let (comm, stream) = (self.comm, self.nccl_stream());
+            let s = nccl::ncclSend(sp as *const c_void, sn, sdt, to as c_int, comm, stream);
+            let r = nccl::ncclRecv(rp, rn, rdt, from as c_int, comm, stream);
+            let e = nccl::ncclGroupEnd();
+            [s, r, e].into_iter().find(|x| *x != ok).unwrap_or(ok)
+        })?;
+        self.pending.push(t.shallow_clone());
+        Ok(())
+    }
+
     fn barrier(&mut self) -> Result<()> {
         let mut one = Tensor::ones([1], (Kind::Float, tch::Device::Cuda(self.device)));
         self.all_reduce_sum(&mut one)
