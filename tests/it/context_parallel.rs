@@ -224,6 +224,12 @@ fn model_gradients_at_cp_2_and_4_equal_one_device() {
 
 fn close(a: &[f64], b: &[f64], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: step counts");
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / x.abs())
+        .fold(0.0, f64::max);
+    eprintln!("{what}: largest relative difference over {} steps {worst:.2e}", a.len());
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert!(
             (x - y).abs() <= CP_TOL * x.abs(),

@@ -29,6 +29,16 @@ fn check_cp(cfg: &RunConfig) -> Result<()> {
             ),
         ));
     }
+    let local = seq / cp;
+    if cp > 1 && cfg.parallel.sequence_parallel() && !local.is_multiple_of(cfg.parallel.tp) {
+        return Err(TrainError::config(
+            "data.seq_len",
+            format!(
+                "{seq} / parallel.cp ({cp}) = {local} tokens per rank is not divisible by parallel.tp ({}): sequence parallelism splits each rank's tokens over the tensor-parallel group (or set parallel.sequence_parallel = false)",
+                cfg.parallel.tp
+            ),
+        ));
+    }
     Ok(())
 }
 
