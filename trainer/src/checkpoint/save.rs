@@ -168,7 +168,11 @@ impl Saver {
     fn owned(&self, params: &Params) -> (i64, i64) {
         // The ranks holding the same parameters (dp x cp) write a share each.
         let c = self.dims.coords(self.rank);
-        owned_range(params.numel(), self.dims.replicas(), self.dims.replica_index(c))
+        owned_range(
+            params.numel(),
+            self.dims.replicas(),
+            self.dims.replica_index(c),
+        )
     }
 
     /// Wait for the background write of the previous save (and, on rank 0, its commit).

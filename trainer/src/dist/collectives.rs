@@ -65,6 +65,18 @@ pub trait Collectives {
         self.start_send(t, to)?;
         self.recv(into, from)
     }
+    /// `send_recv` started without waiting: `into` may be read, and `t`
+    /// written, only after `wait_pending` (the CPU store completes it
+    /// before returning).
+    fn start_send_recv(
+        &mut self,
+        t: &Tensor,
+        to: usize,
+        into: &mut Tensor,
+        from: usize,
+    ) -> Result<()> {
+        self.send_recv(t, to, into, from)
+    }
     fn barrier(&mut self) -> Result<()>;
 }
 

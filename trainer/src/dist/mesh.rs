@@ -375,9 +375,17 @@ mod tests {
         assert_eq!(m.tp_group(5), vec![4, 5]);
         assert_eq!(m.dp_group(5), vec![1, 3, 5, 7]);
         assert_eq!(m.replica_index(c), 2);
-        let names: Vec<String> = m.groups_of(5, &[], 1, false).into_iter().map(|g| g.name).collect();
+        let names: Vec<String> = m
+            .groups_of(5, &[], 1, false)
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
         assert_eq!(names, ["dp.pp0.tp1", "tp.pp0.dp1.cp0", "cp.pp0.dp1.tp1"]);
-        assert!(m.describe().contains("cp rings {0,2} {1,3} {4,6} {5,7}"), "{}", m.describe());
+        assert!(
+            m.describe().contains("cp rings {0,2} {1,3} {4,6} {5,7}"),
+            "{}",
+            m.describe()
+        );
         let e = m.check(4).unwrap_err().to_string();
         assert!(e.contains("parallel.cp (2)") && e.contains("= 8"), "{e}");
     }

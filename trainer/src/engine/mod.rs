@@ -294,7 +294,8 @@ impl<'a> Pass<'a> {
                 } => {
                     at("context-parallel attention (ring)", Some(*layer));
                     let [q, k, v] = inputs.map(|s| self.input(s));
-                    let (o, saved) = tch::no_grad(|| self.ring().forward(&q, &k, &v, self.scale()))?;
+                    let (o, saved) =
+                        tch::no_grad(|| self.ring().forward(&q, &k, &v, self.scale()))?;
                     self.val[*output] = Some(leaf(&o));
                     self.ring_saved[i] = keep.then_some(saved);
                 }
@@ -319,7 +320,9 @@ impl<'a> Pass<'a> {
     fn backward_ring(&mut self, i: usize, inputs: [Slot; 3], output: Slot) -> Result<()> {
         let [q, k, v] = inputs.map(|s| self.input(s));
         let saved = self.ring_saved[i].take().ok_or_else(|| {
-            TrainError::internal_state(format!("ring step {i} reached backward without its forward"))
+            TrainError::internal_state(format!(
+                "ring step {i} reached backward without its forward"
+            ))
         })?;
         // Every rank of the ring must take part, gradient or not.
         let g = match self.grad[output].take() {
@@ -435,7 +438,11 @@ impl<'a> Pass<'a> {
                 self.backward_comm(tp, i, op, from, to)?;
                 Ok(false)
             }
-            Step::Ring { layer, inputs, output } => {
+            Step::Ring {
+                layer,
+                inputs,
+                output,
+            } => {
                 at("context-parallel attention (ring, backward)", Some(*layer));
                 let (inputs, output) = (*inputs, *output);
                 self.backward_ring(i, inputs, output)?;

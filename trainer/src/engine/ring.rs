@@ -45,8 +45,10 @@ impl Ring {
         }
     }
 
-    /// Send every tensor to the next rank and receive its like from the
-    /// previous one.
+    /// Start sending every tensor to the next rank and receiving its like
+    /// from the previous one; the received tensors may be read only after
+    /// [`Ring::land`] (on NCCL the attention of the piece in hand runs
+    /// meanwhile; the CPU store completes each hop at once).
     fn hop(&self, ts: &[&Tensor]) -> Result<Vec<Tensor>> {
         let (n, i) = (self.pieces.n, self.pieces.i);
         let mut comm = self.comm.borrow_mut();
@@ -54,16 +56,25 @@ impl Ring {
             .map(|t| {
                 let t = t.contiguous();
                 let mut into = t.empty_like();
-                comm.send_recv(&t, (i + 1) % n, &mut into, (i + n - 1) % n)?;
+                comm.start_send_recv(&t, (i + 1) % n, &mut into, (i + n - 1) % n)?;
                 Ok(into)
             })
             .collect()
     }
 
+    /// Order what follows after every hop started.
+    fn land(&self) -> Result<()> {
+        self.comm.borrow_mut().wait_pending()
+    }
+
     /// The (local query piece, K/V piece in hand, causal) pairs that attend
     /// at the step where the K/V of ring rank `src` are in hand.
     fn pairs(&self, src: usize) -> Vec<(usize, usize, bool)> {
-        let theirs = Pieces { i: src, ..self.pieces }.ids();
+        let theirs = Pieces {
+            i: src,
+            ..self.pieces
+        }
+        .ids();
         let mut out = Vec::new();
         for (a, &ga) in self.pieces.ids().iter().enumerate() {
             for (b, &gb) in theirs.iter().enumerate() {
@@ -79,14 +90,20 @@ impl Ring {
     /// whole sequence's keys and values, of which this rank holds `k`
     /// [b, n_k, 2c, d_qk] and `v` [b, n_v, 2c, d_v]: the heads' outputs
     /// `[b, 2c, n_q d_v]` in `q`'s dtype, and what backward needs.
-    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Saved)> {
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Saved)> {
         let n = self.pieces.n;
         let c = q.size()[2] / 2;
         let (mut kk, mut vv) = (k.contiguous(), v.contiguous());
         let mut acc: [Option<Partial>; 2] = [None, None];
         for s in 0..n {
             let src = (self.pieces.i + n - s) % n;
-            // The next step's K/V travel first (on GPUs the design's overlap).
+            // The next step's K/V travel while this step's pairs are computed.
             let next = if s + 1 < n {
                 Some(self.hop(&[&kk, &vv])?)
             } else {
@@ -103,6 +120,7 @@ impl Ring {
                 acc[a] = Some(lse::merge(acc[a].take(), part));
             }
             if let Some(mut kv) = next {
+                self.land()?;
                 vv = kv.pop().expect("v");
                 kk = kv.pop().expect("k");
             }
@@ -166,6 +184,7 @@ impl Ring {
             // step this hop takes them home.
             if n > 1 {
                 let mut d = self.hop(&[&dk, &dv])?;
+                self.land()?;
                 dv = d.pop().expect("dv");
                 dk = d.pop().expect("dk");
             }

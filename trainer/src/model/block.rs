@@ -414,13 +414,7 @@ impl Fwd<'_> {
 
     /// Attention of the query heads `q` [b, n_q, t, d_qk] to `k` and `v`
     /// (causal unless `mask`): the heads' outputs side by side, `[b, t, n_q d_v]`.
-    pub fn attend_core(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Tensor {
+    pub fn attend_core(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (b, t) = (q.size()[0], q.size()[2]);
         let (nq, nk, nv) = (
             self.heads.q as i64,

@@ -208,7 +208,12 @@ impl Fwd<'_> {
         let half = x.size()[1] / 2;
         let starts = p.starts(x.size()[1]);
         let parts: Vec<Tensor> = (0..2)
-            .map(|j| self.rope_at(&x.narrow(1, j * half, half).contiguous(), starts[j as usize]))
+            .map(|j| {
+                self.rope_at(
+                    &x.narrow(1, j * half, half).contiguous(),
+                    starts[j as usize],
+                )
+            })
             .collect();
         Tensor::cat(&parts, 1)
     }

@@ -71,7 +71,12 @@ impl Layout {
         }
         check_cp(cfg)?;
         // Under context parallelism a rank holds seq_len / cp tokens of each sequence.
-        TpPlan::check(&cfg.model, p.tp, cfg.data.seq_len / p.cp, p.sequence_parallel())?;
+        TpPlan::check(
+            &cfg.model,
+            p.tp,
+            cfg.data.seq_len / p.cp,
+            p.sequence_parallel(),
+        )?;
         if t.loss_chunk_tokens > 0 && p.tp > 1 {
             return Err(TrainError::config(
                 "train.loss_chunk_tokens",

@@ -450,7 +450,13 @@ impl Trainer {
         self.resumed_lr = m.scheduler.last_lr;
         let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
         let (p, l) = (&self.cfg.parallel, &m.layout);
-        let cp = |n: usize| if n > 1 { format!(" cp {n}") } else { String::new() };
+        let cp = |n: usize| {
+            if n > 1 {
+                format!(" cp {n}")
+            } else {
+                String::new()
+            }
+        };
         self.say(format!(
             "resume: {} (step {}, {} tokens; saved with dp {}{} tp {} pp {} zero {}, now dp {}{} tp {} pp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
             dir.display(),

@@ -297,7 +297,11 @@ impl Trainer {
         if let (Some(job), true) = (self.job.as_mut(), part.1 * cp as u64 > 1) {
             let first = job.coords.cp == 0;
             let mut v: Vec<f64> = scores.iter().map(|s| s.loss_sum).collect();
-            v.extend(scores.iter().map(|s| if first { s.tokens as f64 } else { 0.0 }));
+            v.extend(
+                scores
+                    .iter()
+                    .map(|s| if first { s.tokens as f64 } else { 0.0 }),
+            );
             let mut t = Tensor::from_slice(&v).to_device(device);
             job.dp.all_reduce_sum(&mut t)?;
             let v = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
