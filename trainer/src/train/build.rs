@@ -258,7 +258,8 @@ fn build_parts(
     model.params.enable_work_copy(model.compute);
     if let Some(plan) = &pl.fp8 {
         // And FP8 weights quantised once per optimizer step.
-        let tokens = (cfg.train.micro_batch_size * cfg.data.seq_len) as i64;
+        // The tokens of a micro-batch this rank computes (seq_len / cp of each row).
+        let tokens = (cfg.train.micro_batch_size * l.local_seq_len(cfg.data.seq_len)) as i64;
         model.enable_fp8(plan.clone(), tokens)?;
         if pl.env.rank == 0 {
             eprintln!("{}", plan.describe());
