@@ -5,6 +5,7 @@ mod architecture;
 mod bad_inputs;
 mod bad_inputs_data;
 mod checkpoint;
+mod context_parallel;
 mod data_errors;
 mod data_pipeline;
 mod data_s3;

@@ -645,10 +645,12 @@ fn merged_gating_without_a_sink_runs_only_frozen_under_no_grad() {
     let training = m.fwd(Exec {
         sink: None,
         frozen: false,
+        pieces: None,
     });
     let frozen = m.fwd(Exec {
         sink: None,
         frozen: true,
+        pieces: None,
     });
     for (input, (gate, up)) in [(&x, ffn), (&q0, aug)] {
         assert!(

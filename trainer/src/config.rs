@@ -407,6 +407,10 @@ pub struct OptimConfig {
 pub struct ParallelConfig {
     #[serde(default = "one")]
     pub dp: usize,
+    /// Context-parallel ranks: each sequence split over a ring of `cp` ranks
+    /// (docs/context-parallel.md).
+    #[serde(default = "one")]
+    pub cp: usize,
     /// Tensor-parallel ranks (Megatron-style, docs/parallelism.md).
     #[serde(default = "one")]
     pub tp: usize,
@@ -474,6 +478,7 @@ impl Default for ParallelConfig {
     fn default() -> Self {
         ParallelConfig {
             dp: 1,
+            cp: 1,
             tp: 1,
             sequence_parallel: None,
             pp: 1,
@@ -985,6 +990,7 @@ impl RunConfig {
         let p = &self.parallel;
         for (field, v) in [
             ("parallel.dp", p.dp),
+            ("parallel.cp", p.cp),
             ("parallel.tp", p.tp),
             ("parallel.pp", p.pp),
         ] {

@@ -47,10 +47,10 @@ impl Slot {
 /// The slots of this host: the visible GPUs in groups of `per_run`, or the CPU.
 pub fn slots(per_run: usize, plan: &Plan) -> Result<Vec<Slot>> {
     let n = tch::Cuda::device_count() as usize;
-    let world = |v: &Variant| v.cfg.parallel.dp * v.cfg.parallel.tp * v.cfg.parallel.pp;
+    let world = |v: &Variant| sigma_trainer::dist::MeshDims::of(&v.cfg.parallel).world();
     if n == 0 {
         if let Some(v) = plan.variants.iter().find(|v| world(v) > 1) {
-            bail!("variant {} needs {} processes (parallel.dp x tp x pp) and runs one per GPU; no GPU is usable here", v.name, world(v));
+            bail!("variant {} needs {} processes (parallel.dp x cp x tp x pp) and runs one per GPU; no GPU is usable here", v.name, world(v));
         }
         return Ok(vec![Slot { gpus: None }]);
     }
@@ -59,10 +59,11 @@ pub fn slots(per_run: usize, plan: &Plan) -> Result<Vec<Slot>> {
     }
     if let Some(v) = plan.variants.iter().find(|v| world(v) != per_run) {
         bail!(
-            "variant {} runs {} process(es) (parallel.dp x tp x pp = {} x {} x {}) but --gpus-per-run is {per_run}: make them equal",
+            "variant {} runs {} process(es) (parallel.dp x cp x tp x pp = {} x {} x {} x {}) but --gpus-per-run is {per_run}: make them equal",
             v.name,
             world(v),
             v.cfg.parallel.dp,
+            v.cfg.parallel.cp,
             v.cfg.parallel.tp,
             v.cfg.parallel.pp
         );

@@ -50,10 +50,21 @@ pub fn shard_file_name(rank: usize, world: usize) -> String {
     format!("shard-{rank:05}-of-{world:05}.safetensors")
 }
 
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
 /// How the state was distributed when it was saved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     pub dp: usize,
+    /// Context-parallel ranks (absent in checkpoints from before `parallel.cp`: 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub cp: usize,
     pub tp: usize,
     pub pp: usize,
     pub zero: u8,

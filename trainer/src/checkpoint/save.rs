@@ -128,11 +128,7 @@ pub fn retain(root: &Path, keep_last: usize, keep_every: u64) -> Result<Vec<u64>
 impl Saver {
     pub fn new(run: &RunConfig, env: Option<DistEnv>, tokenizer: Option<Vec<u8>>) -> Saver {
         let (rank, world) = env.as_ref().map(|e| (e.rank, e.world)).unwrap_or((0, 1));
-        let dims = MeshDims {
-            dp: run.parallel.dp,
-            tp: run.parallel.tp,
-            pp: run.parallel.pp,
-        };
+        let dims = MeshDims::of(&run.parallel);
         Saver {
             dims,
             root: root_dir(run),
@@ -170,7 +166,13 @@ impl Saver {
 
     /// The range of the local flat buffers this rank owns: its data-parallel share.
     fn owned(&self, params: &Params) -> (i64, i64) {
-        owned_range(params.numel(), self.dims.dp, self.dims.coords(self.rank).dp)
+        // The ranks holding the same parameters (dp x cp) write a share each.
+        let c = self.dims.coords(self.rank);
+        owned_range(
+            params.numel(),
+            self.dims.replicas(),
+            self.dims.replica_index(c),
+        )
     }
 
     /// Wait for the background write of the previous save (and, on rank 0, its commit).
@@ -336,6 +338,7 @@ impl Saver {
             },
             layout: Layout {
                 dp: self.dims.dp,
+                cp: self.dims.cp,
                 tp: self.dims.tp,
                 pp: self.dims.pp,
                 zero: self.run.parallel.zero,

@@ -57,6 +57,26 @@ pub trait Collectives {
         self.send(t, to)
     }
     fn recv(&mut self, t: &mut Tensor, from: usize) -> Result<()>;
+    /// Send `t` to `to` and receive `into` from `from` as one step (a hop of
+    /// a ring, where every rank sends and receives, so neither side may
+    /// wait for the other first). Backends whose sends never wait (the CPU
+    /// store) send, then receive.
+    fn send_recv(&mut self, t: &Tensor, to: usize, into: &mut Tensor, from: usize) -> Result<()> {
+        self.start_send(t, to)?;
+        self.recv(into, from)
+    }
+    /// `send_recv` started without waiting: `into` may be read, and `t`
+    /// written, only after `wait_pending` (the CPU store completes it
+    /// before returning).
+    fn start_send_recv(
+        &mut self,
+        t: &Tensor,
+        to: usize,
+        into: &mut Tensor,
+        from: usize,
+    ) -> Result<()> {
+        self.send_recv(t, to, into, from)
+    }
     fn barrier(&mut self) -> Result<()>;
 }
 

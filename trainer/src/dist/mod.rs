@@ -38,6 +38,9 @@ pub struct Job {
     pub coords: Coords,
     pub dp: Box<dyn Collectives>,
     pub tp: Option<Box<dyn Collectives>>,
+    /// The context-parallel ring (cp > 1); the trainer moves it into the
+    /// engine's `Ring`.
+    pub cp: Option<Box<dyn Collectives>>,
     pub replicas: Vec<(usize, Box<dyn Collectives>)>,
     /// All stages of this rank's pipeline (pp > 1).
     pub pp: Option<Box<dyn Collectives>>,
@@ -158,13 +161,14 @@ impl Job {
                 None => Box::new(StoreCollectives::new(connect(&env)?, &name, rank, size, t)),
             })
         };
-        let (mut dp, mut tp, mut replicas) = (None, None, Vec::new());
+        let (mut dp, mut tp, mut cp, mut replicas) = (None, None, None, Vec::new());
         let (mut pp, mut tied, mut links) = (None, None, Links::default());
         for g in dims.groups_of(env.rank, replica_sizes, pipeline.v, pipeline.tied) {
             let comm = group(&mut store, g.name.clone(), g.rank, g.size())?;
             match g.kind {
                 GroupKind::Dp => dp = Some(comm),
                 GroupKind::Tp => tp = Some(comm),
+                GroupKind::Cp => cp = Some(comm),
                 GroupKind::Replicas(size) => replicas.push((size, comm)),
                 GroupKind::Pp => pp = Some(comm),
                 GroupKind::Tied => tied = Some(comm),
@@ -186,6 +190,7 @@ impl Job {
             coords: c,
             dp,
             tp,
+            cp,
             replicas,
             pp,
             tied,

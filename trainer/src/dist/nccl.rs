@@ -578,6 +578,46 @@ impl Collectives for NcclCollectives {
         })
     }
 
+    fn send_recv(&mut self, t: &Tensor, to: usize, into: &mut Tensor, from: usize) -> Result<()> {
+        self.start_send_recv(t, to, into, from)?;
+        self.wait_pending()
+    }
+
+    /// One grouped call (send and receive together), so a ring of ranks
+    /// that all send first cannot deadlock, on the communication stream
+    /// after the compute work issued so far; the compute stream is not made
+    /// to wait (both buffers are kept until `wait_pending`).
+    fn start_send_recv(
+        &mut self,
+        t: &Tensor,
+        to: usize,
+        into: &mut Tensor,
+        from: usize,
+    ) -> Result<()> {
+        contiguous_cuda(t, "send_recv")?;
+        contiguous_cuda(into, "send_recv")?;
+        let (sp, sn, sdt) = (t.data_ptr(), t.numel(), dtype(t.kind())?);
+        let (rp, rn, rdt) = (into.data_ptr(), into.numel(), dtype(into.kind())?);
+        let ok = nccl::ncclResult_t::ncclSuccess;
+        // SAFETY: reads a live contiguous device buffer of sn elements and
+        // writes one of rn elements, both kept alive in `pending` until the
+        // compute stream is made to wait, inside one NCCL group.
+        self.enqueue("send_recv", || unsafe {
+            let r = nccl::ncclGroupStart();
+            if r != ok {
+                return r;
+            }
+            let (comm, stream) = (self.comm, self.nccl_stream());
+            let s = nccl::ncclSend(sp as *const c_void, sn, sdt, to as c_int, comm, stream);
+            let r = nccl::ncclRecv(rp, rn, rdt, from as c_int, comm, stream);
+            let e = nccl::ncclGroupEnd();
+            [s, r, e].into_iter().find(|x| *x != ok).unwrap_or(ok)
+        })?;
+        self.pending.push(t.shallow_clone());
+        self.pending.push(into.shallow_clone());
+        Ok(())
+    }
+
     fn barrier(&mut self) -> Result<()> {
         let mut one = Tensor::ones([1], (Kind::Float, tch::Device::Cuda(self.device)));
         self.all_reduce_sum(&mut one)

@@ -29,6 +29,7 @@
 pub mod comm;
 pub mod pipeline;
 pub mod program;
+pub mod ring;
 
 use std::ops::Range;
 
@@ -44,6 +45,7 @@ use crate::parallel::tp::{vocab_parallel_cross_entropy, TpPlan};
 pub use comm::take_comm_seconds;
 use comm::{communicate, finish, start_communicate, InFlight};
 pub use program::{Program, Seg, Slot, Step};
+pub use ring::Ring;
 
 /// How passes run, beyond the model: resolved once from the config (and
 /// the environment), passed to the engine.
@@ -85,6 +87,9 @@ pub struct Runner<'a> {
     pub plan: &'a TpPlan,
     pub opts: ExecOptions,
     pub sink: Option<&'a GradSink>,
+    /// The context-parallel ring (cp > 1): this rank computes the pieces
+    /// of each sequence the ring gives it, attention across the ring.
+    pub ring: Option<&'a Ring>,
 }
 
 impl<'a> Runner<'a> {
@@ -94,7 +99,14 @@ impl<'a> Runner<'a> {
             plan,
             opts,
             sink: None,
+            ring: None,
         }
+    }
+
+    /// Attention across `ring` (context parallelism).
+    pub fn with_ring(mut self, ring: Option<&'a Ring>) -> Runner<'a> {
+        self.ring = ring;
+        self
     }
 
     /// Matmul weight gradients into `sink` (its buffer must be the `grads`
@@ -109,6 +121,7 @@ impl<'a> Runner<'a> {
         self.model.fwd(Exec {
             sink: self.sink,
             frozen: self.opts.frozen,
+            pieces: self.ring.map(|r| r.pieces),
         })
     }
 
@@ -122,7 +135,7 @@ impl<'a> Runner<'a> {
 
     /// The program of the whole model.
     pub fn program(&self) -> Program {
-        Program::new(self.model, self.plan)
+        Program::with_ring(self.model, self.plan, self.ring.is_some())
     }
 }
 
@@ -156,6 +169,8 @@ fn run_seg(
         Seg::FinalNorm => vec![f.final_norm(&inputs[0])],
         Seg::Head => vec![f.head_loss_sum_chunked(&inputs[0], targets, head_chunk)],
         Seg::HeadLogits => vec![f.head_logits(&inputs[0])],
+        Seg::AttendHeads(_) => vec![f.query_heads(&inputs[0])],
+        Seg::AttendOut(l) => vec![f.attend_out(l, &inputs[0])],
     }
 }
 
@@ -178,6 +193,8 @@ pub struct Pass<'a> {
     /// The backward collective of the Comm step at this index, started while
     /// the weight gradients of the segment after it ran (`parallel.tp_comm_overlap`).
     in_flight: Option<(usize, InFlight)>,
+    /// What each ring step's forward kept for its backward, by step.
+    ring_saved: Vec<Option<ring::Saved>>,
 }
 
 pub type Tp<'t> = Option<&'t mut dyn Collectives>;
@@ -197,17 +214,24 @@ fn group<'t>(tp: &'t mut Tp<'_>) -> &'t mut dyn Collectives {
 impl<'a> Pass<'a> {
     fn new(run: Runner<'a>, prog: &'a Program, tokens: &Tensor, checkpoint: bool) -> Pass<'a> {
         let t = tokens.size()[1] - 1;
+        // Context parallelism: this rank's pieces of each sequence (inputs
+        // and their next tokens, the targets).
+        let mine = |x: Tensor| match run.ring {
+            Some(r) => r.pieces.select(&x, t),
+            None => x,
+        };
         Pass {
             run,
             prog,
-            tokens: tokens.narrow(1, 0, t),
-            targets: tokens.narrow(1, 1, t),
+            tokens: mine(tokens.narrow(1, 0, t)),
+            targets: mine(tokens.narrow(1, 1, t)),
             val: (0..prog.slots).map(|_| None).collect(),
             graph: (0..prog.slots).map(|_| None).collect(),
             grad: (0..prog.slots).map(|_| None).collect(),
             checkpoint,
             head_deferred: None,
             in_flight: None,
+            ring_saved: (0..prog.steps.len()).map(|_| None).collect(),
         }
     }
 
@@ -263,8 +287,53 @@ impl<'a> Pass<'a> {
                     let y = communicate(group(tp), *op, &x, self.run.opts.time_collectives)?;
                     self.val[*to] = Some(leaf(&y));
                 }
+                Step::Ring {
+                    layer,
+                    inputs,
+                    output,
+                } => {
+                    at("context-parallel attention (ring)", Some(*layer));
+                    let [q, k, v] = inputs.map(|s| self.input(s));
+                    let (o, saved) =
+                        tch::no_grad(|| self.ring().forward(&q, &k, &v, self.scale()))?;
+                    self.val[*output] = Some(leaf(&o));
+                    self.ring_saved[i] = keep.then_some(saved);
+                }
             }
         }
+        Ok(())
+    }
+
+    fn ring(&self) -> &'a Ring {
+        match self.run.ring {
+            Some(r) => r,
+            None => panic!("a program with ring steps needs the runner's ring"),
+        }
+    }
+
+    /// The attention's softmax scale.
+    fn scale(&self) -> f64 {
+        1.0 / (self.run.model.cfg.dot_dim() as f64).sqrt()
+    }
+
+    /// Backward of the ring step `i`: the gradients of its query heads, K and V.
+    fn backward_ring(&mut self, i: usize, inputs: [Slot; 3], output: Slot) -> Result<()> {
+        let [q, k, v] = inputs.map(|s| self.input(s));
+        let saved = self.ring_saved[i].take().ok_or_else(|| {
+            TrainError::internal_state(format!(
+                "ring step {i} reached backward without its forward"
+            ))
+        })?;
+        // Every rank of the ring must take part, gradient or not.
+        let g = match self.grad[output].take() {
+            Some(g) => g,
+            None => self.input(output).zeros_like(),
+        };
+        let grads = tch::no_grad(|| self.ring().backward(&g, &q, &k, &v, &saved, self.scale()))?;
+        for (s, gi) in inputs.into_iter().zip([grads.0, grads.1, grads.2]) {
+            self.add_grad(s, gi);
+        }
+        self.val[output] = None;
         Ok(())
     }
 
@@ -291,7 +360,9 @@ impl<'a> Pass<'a> {
             let outs: Vec<Slot> = match &self.prog.steps[i] {
                 Step::Run { outputs, .. } => outputs.clone(),
                 Step::Comm { to, .. } => vec![*to],
+                Step::Ring { output, .. } => vec![*output],
             };
+            self.ring_saved[i] = None;
             if i != last {
                 for s in outs {
                     self.val[s] = None;
@@ -365,6 +436,16 @@ impl<'a> Pass<'a> {
             Step::Comm { op, from, to } => {
                 let (op, from, to) = (*op, *from, *to);
                 self.backward_comm(tp, i, op, from, to)?;
+                Ok(false)
+            }
+            Step::Ring {
+                layer,
+                inputs,
+                output,
+            } => {
+                at("context-parallel attention (ring, backward)", Some(*layer));
+                let (inputs, output) = (*inputs, *output);
+                self.backward_ring(i, inputs, output)?;
                 Ok(false)
             }
             Step::Run {

@@ -29,12 +29,16 @@ pub enum Seg {
     Head,
     /// [h] -> logits of this rank's vocabulary rows.
     HeadLogits,
+    /// [q] -> query heads (RoPE) of block `l`, before a [`Step::Ring`].
+    AttendHeads(usize),
+    /// [a] -> o: the output projection of block `l` after a [`Step::Ring`].
+    AttendOut(usize),
 }
 
 impl Seg {
     pub fn layer(self) -> Option<usize> {
         match self {
-            Seg::Block(l) | Seg::Part(l, _) => Some(l),
+            Seg::Block(l) | Seg::Part(l, _) | Seg::AttendHeads(l) | Seg::AttendOut(l) => Some(l),
             _ => None,
         }
     }
@@ -53,6 +57,13 @@ pub enum Step {
         op: Comm,
         from: Slot,
         to: Slot,
+    },
+    /// Context parallelism: the attention of block `layer` across the ring
+    /// (`engine/ring.rs`), from [query heads, K, V] to the heads' outputs.
+    Ring {
+        layer: usize,
+        inputs: [Slot; 3],
+        output: Slot,
     },
 }
 
@@ -75,6 +86,8 @@ pub struct Program {
 
 struct Builder<'p> {
     plan: &'p TpPlan,
+    /// Attention runs across the context-parallel ring.
+    ring: bool,
     steps: Vec<Step>,
     slots: usize,
 }
@@ -118,10 +131,34 @@ impl Builder<'_> {
     }
 }
 
+impl Builder<'_> {
+    /// Part `part` of block `l` on `ins`, followed by the plan's
+    /// collectives; the attention part across the ring when there is one.
+    fn part(&mut self, l: usize, part: Part, ins: &[Slot], n_out: usize) -> Vec<Slot> {
+        let point = Some(CommPoint::Part(part));
+        if !(self.ring && part == Part::Attend) {
+            return self.run(Seg::Part(l, part), point, ins, n_out);
+        }
+        let q = self.run(Seg::AttendHeads(l), None, &ins[..1], 1)[0];
+        let output = self.slot();
+        self.steps.push(Step::Ring {
+            layer: l,
+            inputs: [q, ins[1], ins[2]],
+            output,
+        });
+        self.run(Seg::AttendOut(l), point, &[output], 1)
+    }
+}
+
 impl Program {
     /// The whole model.
     pub fn new(model: &Model, plan: &TpPlan) -> Program {
         Program::chunk(model, plan, 0..model.cfg.num_layers, true, true)
+    }
+
+    /// The whole model, its attention across a context-parallel ring when `ring`.
+    pub fn with_ring(model: &Model, plan: &TpPlan, ring: bool) -> Program {
+        Program::build(&model.cfg, plan, 0..model.cfg.num_layers, true, true, ring)
     }
 
     /// Layers `layers`, with the embedding in front when `first` and the head
@@ -149,8 +186,23 @@ impl Program {
         first: bool,
         last: bool,
     ) -> Program {
+        Program::build(cfg, plan, layers, first, last, false)
+    }
+
+    /// [`Program::of_config`]; with `ring` (context parallelism) a block
+    /// runs as its parts, and its attention part as the query heads, the
+    /// ring ([`Step::Ring`]) and the output projection.
+    pub fn build(
+        cfg: &ModelConfig,
+        plan: &TpPlan,
+        layers: Range<usize>,
+        first: bool,
+        last: bool,
+        ring: bool,
+    ) -> Program {
         let mut b = Builder {
             plan,
+            ring,
             steps: Vec::new(),
             slots: 0,
         };
@@ -163,13 +215,12 @@ impl Program {
         let wires = wiring(cfg);
         for l in layers {
             let s = b.steps.len();
-            x = if plan.splits_blocks() {
+            x = if plan.splits_blocks() || ring {
                 let mut at = [usize::MAX; Val::COUNT];
                 at[Val::X as usize] = x;
                 for w in &wires {
                     let ins: Vec<Slot> = w.inputs.iter().map(|&v| at[v as usize]).collect();
-                    let point = Some(CommPoint::Part(w.part));
-                    let outs = b.run(Seg::Part(l, w.part), point, &ins, w.outputs.len());
+                    let outs = b.part(l, w.part, &ins, w.outputs.len());
                     for (&v, o) in w.outputs.iter().zip(outs) {
                         at[v as usize] = o;
                     }
@@ -211,6 +262,8 @@ impl Program {
             Seg::FinalNorm => final_norm().into_iter().collect(),
             Seg::Head => final_norm().into_iter().chain(head()).collect(),
             Seg::HeadLogits => head().into_iter().collect(),
+            Seg::AttendHeads(_) => Vec::new(),
+            Seg::AttendOut(l) => model.layer_params(l, Some(Part::Attend)),
         }
     }
 
@@ -221,7 +274,7 @@ impl Program {
             .rev()
             .filter_map(|s| match s {
                 Step::Run { seg, .. } => Some(*seg),
-                Step::Comm { .. } => None,
+                Step::Comm { .. } | Step::Ring { .. } => None,
             })
             .collect()
     }
@@ -242,6 +295,7 @@ impl Program {
     pub(crate) fn block_layer(&self, blk: &Range<usize>) -> Option<usize> {
         match &self.steps[blk.start] {
             Step::Run { seg, .. } => seg.layer(),
+            Step::Ring { layer, .. } => Some(*layer),
             Step::Comm { .. } => None,
         }
     }

@@ -325,7 +325,8 @@ impl Fwd<'_> {
 
     /// Query features [b, t, heads * dot_dim] -> heads with RoPE: [b, heads, t, dot_dim].
     pub fn query_heads(&self, q: &Tensor) -> Tensor {
-        self.query_heads_at(q, 0)
+        let (b, t, dd) = (q.size()[0], q.size()[1], self.cfg.dot_dim() as i64);
+        self.rope_seq(&q.view([b, t, -1, dd])).transpose(1, 2)
     }
 
     /// `query_heads` for positions `start..start + t` (decoding).
@@ -336,7 +337,12 @@ impl Fwd<'_> {
 
     /// Key heads after projection, optional up-projection and RoPE: [b, k_heads, t, dot_dim].
     pub fn keys(&self, l: usize, h: &Tensor) -> Tensor {
-        self.keys_from_raw(l, &self.keys_raw(l, h), 0)
+        let k = self.keys_raw(l, h);
+        let k = match self.try_lid(l, W::KUp) {
+            Some(up) => self.linear(&k, up),
+            None => k,
+        };
+        self.rope_seq(&k).transpose(1, 2)
     }
 
     /// Key heads as computed from `h`, what a KV cache stores under the
@@ -398,6 +404,17 @@ impl Fwd<'_> {
         v: &Tensor,
         mask: Option<&Tensor>,
     ) -> Tensor {
+        self.attend_out(l, &self.attend_core(q, k, v, mask))
+    }
+
+    /// The output projection of the attention heads' outputs `[b, t, n_q d_v]`.
+    pub fn attend_out(&self, l: usize, o: &Tensor) -> Tensor {
+        self.linear(o, self.lid(l, W::OProj))
+    }
+
+    /// Attention of the query heads `q` [b, n_q, t, d_qk] to `k` and `v`
+    /// (causal unless `mask`): the heads' outputs side by side, `[b, t, n_q d_v]`.
+    pub fn attend_core(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (b, t) = (q.size()[0], q.size()[2]);
         let (nq, nk, nv) = (
             self.heads.q as i64,
@@ -435,10 +452,8 @@ impl Fwd<'_> {
             scale,
             nq != kv_heads,
         );
-        let o = o
-            .transpose(1, 2)
-            .reshape([b, t, nq * self.cfg.v_head_dim as i64]);
-        self.linear(&o, self.lid(l, W::OProj))
+        o.transpose(1, 2)
+            .reshape([b, t, nq * self.cfg.v_head_dim as i64])
     }
 
     /// SwiGLU of this rank's share of the hidden width (a partial sum under

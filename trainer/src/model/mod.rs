@@ -7,6 +7,8 @@
 //! - `key.rs`: the typed parameter key and the declaration of the
 //!   embedding, final norm and head; `block.rs`: the block (its weights,
 //!   parts and wiring); `ops.rs`: the operations it is written in;
+//! - `lse.rs`: attention that returns its log-sum-exp, the merge of partial
+//!   results and their backward (context parallelism's pieces);
 //! - `params.rs`: the flat parameter buffer; `summary.rs`: counts, FLOPs
 //!   and the memory a run needs; `fp8.rs`: which weights multiply in FP8
 //!   (`train.precision = "fp8"`) and their FP8 copies.
@@ -19,6 +21,7 @@ pub mod block;
 pub mod decl;
 pub mod fp8;
 pub mod key;
+pub mod lse;
 pub mod ops;
 pub mod params;
 pub mod summary;
@@ -180,6 +183,42 @@ pub struct Exec<'a> {
     /// forward (under `no_grad`) must compute what its recompute (with
     /// gradients) computes.
     pub frozen: bool,
+    /// Where the tokens of a sequence sit (None: positions `0..t`).
+    pub pieces: Option<Pieces>,
+}
+
+/// The local sequence of `t` tokens is two equal pieces of a longer one cut
+/// into `2 n` pieces: piece `i` and piece `2 n - 1 - i` (context
+/// parallelism's head-tail split, docs/context-parallel.md). The model uses
+/// it for positions only (RoPE); which tokens it was given is the caller's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pieces {
+    pub n: usize,
+    pub i: usize,
+}
+
+impl Pieces {
+    /// The global piece numbers of the two local pieces, in local order.
+    pub fn ids(self) -> [usize; 2] {
+        [self.i, 2 * self.n - 1 - self.i]
+    }
+
+    /// The first position of each local half of a local sequence of `t` tokens.
+    pub fn starts(self, t: i64) -> [i64; 2] {
+        self.ids().map(|p| p as i64 * (t / 2))
+    }
+
+    /// This device's two pieces (along dim 1) of `whole`, a `[b, total, ..]`
+    /// sequence of `total` tokens, side by side.
+    pub fn select(self, whole: &Tensor, total: i64) -> Tensor {
+        let c = total / (2 * self.n as i64);
+        let parts: Vec<Tensor> = self
+            .ids()
+            .iter()
+            .map(|&p| whole.narrow(1, p as i64 * c, c))
+            .collect();
+        Tensor::cat(&parts, 1)
+    }
 }
 
 /// The model computing under an execution context (derefs to the model).
@@ -340,6 +379,7 @@ impl Model {
         self.fwd(Exec {
             sink: None,
             frozen: true,
+            pieces: None,
         })
     }
 

@@ -198,4 +198,23 @@ impl Fwd<'_> {
             .view([b, t, h, dim]);
         x * cos + swapped * sin
     }
+
+    /// RoPE of a training sequence [b, t, h, dim]: positions `0..t`, or
+    /// with `Exec::pieces` each half at its piece's positions.
+    pub fn rope_seq(&self, x: &Tensor) -> Tensor {
+        let Some(p) = self.exec.pieces else {
+            return self.rope_at(x, 0);
+        };
+        let half = x.size()[1] / 2;
+        let starts = p.starts(x.size()[1]);
+        let parts: Vec<Tensor> = (0..2)
+            .map(|j| {
+                self.rope_at(
+                    &x.narrow(1, j * half, half).contiguous(),
+                    starts[j as usize],
+                )
+            })
+            .collect();
+        Tensor::cat(&parts, 1)
+    }
 }

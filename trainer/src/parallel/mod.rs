@@ -15,6 +15,33 @@ use crate::model::Share;
 use pipeline::PipelinePlan;
 use tp::TpPlan;
 
+/// Context parallelism cuts every sequence into `2 cp` equal pieces (each
+/// rank of the ring holds two, docs/context-parallel.md).
+fn check_cp(cfg: &RunConfig) -> Result<()> {
+    let (cp, seq) = (cfg.parallel.cp, cfg.data.seq_len);
+    if cp > 1 && !seq.is_multiple_of(2 * cp) {
+        return Err(TrainError::config(
+            "data.seq_len",
+            format!(
+                "{seq} is not divisible by 2 x parallel.cp ({}): context parallelism cuts each sequence into 2 x cp equal pieces, two per rank; choose a data.seq_len that is a multiple of {} or another parallel.cp",
+                2 * cp,
+                2 * cp
+            ),
+        ));
+    }
+    let local = seq / cp;
+    if cp > 1 && cfg.parallel.sequence_parallel() && !local.is_multiple_of(cfg.parallel.tp) {
+        return Err(TrainError::config(
+            "data.seq_len",
+            format!(
+                "{seq} / parallel.cp ({cp}) = {local} tokens per rank is not divisible by parallel.tp ({}): sequence parallelism splits each rank's tokens over the tensor-parallel group (or set parallel.sequence_parallel = false)",
+                cfg.parallel.tp
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// One rank's place in the job and its share of the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -42,7 +69,14 @@ impl Layout {
                 schedule::check(p.pp, v, m)?;
             }
         }
-        TpPlan::check(&cfg.model, p.tp, cfg.data.seq_len, p.sequence_parallel())?;
+        check_cp(cfg)?;
+        // Under context parallelism a rank holds seq_len / cp tokens of each sequence.
+        TpPlan::check(
+            &cfg.model,
+            p.tp,
+            cfg.data.seq_len / p.cp,
+            p.sequence_parallel(),
+        )?;
         if t.loss_chunk_tokens > 0 && p.tp > 1 {
             return Err(TrainError::config(
                 "train.loss_chunk_tokens",
@@ -55,14 +89,15 @@ impl Layout {
         Ok(())
     }
 
+    /// Tokens of each sequence this rank computes: `seq_len / cp`.
+    pub fn local_seq_len(&self, seq_len: usize) -> usize {
+        seq_len / self.mesh.cp
+    }
+
     /// Rank `rank`'s layout of `cfg` ([`Layout::check`] must have passed).
     pub fn new(cfg: &RunConfig, rank: usize) -> Layout {
         let p = &cfg.parallel;
-        let mesh = MeshDims {
-            dp: p.dp,
-            tp: p.tp,
-            pp: p.pp,
-        };
+        let mesh = MeshDims::of(p);
         let coords = mesh.coords(rank);
         Layout {
             mesh,
@@ -80,11 +115,7 @@ impl Layout {
 
     /// Everything on one device.
     pub fn single(c: &ModelConfig) -> Layout {
-        let mesh = MeshDims {
-            dp: 1,
-            tp: 1,
-            pp: 1,
-        };
+        let mesh = MeshDims::new(1, 1, 1);
         Layout {
             mesh,
             coords: mesh.coords(0),
@@ -101,7 +132,7 @@ impl Layout {
         rank: usize,
         sequence_parallel: bool,
     ) -> Layout {
-        let mesh = MeshDims { dp: 1, tp, pp: 1 };
+        let mesh = MeshDims::new(1, tp, 1);
         Layout {
             mesh,
             coords: mesh.coords(rank),

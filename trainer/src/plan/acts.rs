@@ -189,6 +189,10 @@ pub fn slots(c: &ModelConfig, plan: &TpPlan, prog: &Program) -> (Vec<Per>, Vec<b
                     Seg::FinalNorm => vec![val(c, plan, Val::H)],
                     Seg::HeadLogits => vec![logits(c, plan, FP32)],
                     Seg::Head => vec![Per::NONE],
+                    // Context parallelism (not modelled by sigma plan): the
+                    // query heads and the attention output are as wide as q.
+                    Seg::AttendHeads(_) => vec![val(c, plan, Val::Q0)],
+                    Seg::AttendOut(_) => vec![val(c, plan, Val::O)],
                 };
                 for (&s, p) in outputs.iter().zip(outs) {
                     slot[s] = p;
@@ -198,6 +202,7 @@ pub fn slots(c: &ModelConfig, plan: &TpPlan, prog: &Program) -> (Vec<Per>, Vec<b
                 slot[*to] = after(slot[*from], *op, plan.tp as f64);
                 alias[*to] = *op == Comm::Copy;
             }
+            Step::Ring { output, .. } => slot[*output] = val(c, plan, Val::Q0),
         }
     }
     (slot, alias)
@@ -244,6 +249,7 @@ fn seg_internal(c: &ModelConfig, plan: &TpPlan, seg: Seg, o: &PassOptions) -> Ve
         ],
         // The loss gradient over the logits, made in the forward (closed form).
         Seg::HeadLogits => vec![logits(c, plan, FP32)],
+        Seg::AttendHeads(_) | Seg::AttendOut(_) => vec![],
     }
 }
 
@@ -289,6 +295,7 @@ pub fn step_bytes(
                 (outputs.iter().map(|&s| out(s)).sum(), inside, head)
             }
             Step::Comm { to, .. } => (out(*to), 0.0, false),
+            Step::Ring { output, .. } => (out(*output), 0.0, false),
         })
         .collect()
 }
@@ -393,6 +400,8 @@ fn seg_working(c: &ModelConfig, plan: &TpPlan, seg: Seg, t: Tokens, o: &PassOpti
             2.0 * t.of(val(c, plan, Val::Y)) + parts
         }
         Seg::Part(_, p) => part(p),
+        // Context parallelism (not modelled): as the attention part.
+        Seg::AttendHeads(_) | Seg::AttendOut(_) => part(Part::Attend),
         Seg::FinalNorm => t.seq * (FP32 + BF16) * d,
         Seg::Head if o.loss_chunk_tokens > 0 => {
             let chunk = t.all.min(o.loss_chunk_tokens as f64);

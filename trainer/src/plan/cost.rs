@@ -79,7 +79,8 @@ impl Ctx<'_> {
                 .map(|&w| ParamKey::Layer(l, w))
                 .collect(),
             Seg::Head | Seg::HeadLogits => vec![head],
-            Seg::Embed | Seg::FinalNorm => vec![],
+            Seg::AttendOut(l) => vec![ParamKey::Layer(l, LayerWeight::OProj)],
+            Seg::Embed | Seg::FinalNorm | Seg::AttendHeads(_) => vec![],
         };
         self.share
             .specs
@@ -174,6 +175,17 @@ pub fn chunk_time(x: &Ctx<'_>, prog: &Program) -> ChunkTime {
     for (i, step) in prog.steps.iter().enumerate() {
         let st = match step {
             Step::Run { seg, .. } => seg_time(x, *seg, bytes[i].0 + bytes[i].1, &mut tally),
+            // sigma plan does not model context parallelism (its programs have
+            // no ring); the attention alone, without the ring's transfers.
+            Step::Ring { .. } => {
+                let attn = x.attention();
+                tally.attention += attn;
+                StepTime {
+                    fwd: attn / 3.0,
+                    bwd: 2.0 * attn / 3.0,
+                    ..StepTime::default()
+                }
+            }
             Step::Comm { op, from, to } => {
                 let (a, b) = (x.tokens.of(slot[*from]), x.tokens.of(slot[*to]));
                 let full = a.max(b);

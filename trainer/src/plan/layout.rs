@@ -73,12 +73,7 @@ impl Candidate {
         let c = self.apply(base);
         c.validate()?;
         Layout::check(&c)?;
-        MeshDims {
-            dp: c.parallel.dp,
-            tp: c.parallel.tp,
-            pp: c.parallel.pp,
-        }
-        .check(gpus)?;
+        MeshDims::new(c.parallel.dp, c.parallel.tp, c.parallel.pp).check(gpus)?;
         Ok(c)
     }
 

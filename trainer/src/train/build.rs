@@ -18,7 +18,7 @@ use crate::checkpoint::save::Saver;
 use crate::config::{DeviceChoice, Precision, RunConfig};
 use crate::dist::buckets::GradBuckets;
 use crate::dist::{DistEnv, Job, PipelineGroups};
-use crate::engine::{ExecOptions, Program};
+use crate::engine::{ExecOptions, Program, Ring};
 use crate::error::{Result, TrainError};
 use crate::guard;
 use crate::model::fp8::{self, Fp8Plan};
@@ -71,7 +71,7 @@ fn place(cfg: &RunConfig) -> Result<Placement> {
     }
     let env = DistEnv::from_env()?;
     let p = &cfg.parallel;
-    if p.tp == 1 && p.pp == 1 && env.world != p.dp {
+    if p.tp == 1 && p.pp == 1 && p.cp == 1 && env.world != p.dp {
         return Err(TrainError::config(
             "parallel.dp",
             format!(
@@ -258,7 +258,8 @@ fn build_parts(
     model.params.enable_work_copy(model.compute);
     if let Some(plan) = &pl.fp8 {
         // And FP8 weights quantised once per optimizer step.
-        let tokens = (cfg.train.micro_batch_size * cfg.data.seq_len) as i64;
+        // The tokens of a micro-batch this rank computes (seq_len / cp of each row).
+        let tokens = (cfg.train.micro_batch_size * l.local_seq_len(cfg.data.seq_len)) as i64;
         model.enable_fp8(plan.clone(), tokens)?;
         if pl.env.rank == 0 {
             eprintln!("{}", plan.describe());
@@ -268,7 +269,9 @@ fn build_parts(
     if cfg.checkpointing() {
         saver.allocate_host(&model.params);
     }
-    let zero = (p.zero == 1 && p.dp > 1).then_some((l.coords.dp, p.dp));
+    // The dp x cp ranks hold the same parameters: ZeRO-1 shards over all of them.
+    let replicas = l.mesh.replicas();
+    let zero = (p.zero == 1 && replicas > 1).then_some((l.mesh.replica_index(l.coords), replicas));
     let optim = AdamW::new(&cfg.optim, &model.params, zero, p.tp);
     // Matmul weight gradients straight into the fp32 buffer (mixed precision).
     let sink = cfg
@@ -279,10 +282,10 @@ fn build_parts(
     if pl.env.rank == 0 && p.tp > 1 && p.tp_comm_overlap && pl.device.is_cuda() {
         note_idle_overlap(sink.is_some(), opts);
     }
-    let buckets = (p.dp > 1 && zero.is_none()).then(|| {
+    let buckets = (replicas > 1 && zero.is_none()).then(|| {
         let n = model.params.specs.len();
         let ready = if p.pp == 1 {
-            Program::new(&model, &l.tp).final_positions(&model)
+            Program::with_ring(&model, &l.tp, p.cp > 1).final_positions(&model)
         } else {
             vec![usize::MAX; n]
         };
@@ -317,7 +320,7 @@ fn host_bytes(cfg: &RunConfig, share: &crate::model::Share, pl: &Placement) -> f
         return init;
     }
     let shards = if cfg.parallel.zero == 1 {
-        cfg.parallel.dp
+        cfg.parallel.dp * cfg.parallel.cp
     } else {
         1
     };
@@ -346,7 +349,8 @@ impl Trainer {
     /// only when `run` starts, so a refused resume leaves everything as it was.
     pub fn build(cfg: &RunConfig, progress: bool, signals: StopSignals) -> Result<Trainer> {
         let pl = place(cfg)?;
-        let job = join(cfg, &pl)?;
+        let mut job = join(cfg, &pl)?;
+        let ring = job.as_mut().and_then(|j| j.cp.take()).map(Ring::new);
         let (rank, dp_rank) = (pl.env.rank, pl.layout.coords.dp);
         let (dataset, tokenizer) = open_data(cfg, rank)?;
         let opts = ExecOptions::training(cfg);
@@ -386,6 +390,7 @@ impl Trainer {
             skipped_before: 0,
             stop_after: None,
             job,
+            ring,
             buckets: parts.buckets,
             device_name,
             peak_flops,
@@ -446,13 +451,20 @@ impl Trainer {
         self.resumed_lr = m.scheduler.last_lr;
         let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
         let (p, l) = (&self.cfg.parallel, &m.layout);
+        let cp = |n: usize| {
+            if n > 1 {
+                format!(" cp {n}")
+            } else {
+                String::new()
+            }
+        };
         self.say(format!(
-            "resume: {} (step {}, {} tokens; saved with dp {} tp {} pp {} zero {}, now dp {} tp {} pp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
+            "resume: {} (step {}, {} tokens; saved with dp {}{} tp {} pp {} zero {}, now dp {}{} tp {} pp {} zero {}); loaded and verified in {load_s:.2} s ({:.2} GB checkpoint)",
             dir.display(),
             m.progress.step,
             m.progress.consumed_tokens,
-            l.dp, l.tp, l.pp, l.zero,
-            p.dp, p.tp, p.pp, p.zero,
+            l.dp, cp(l.cp), l.tp, l.pp, l.zero,
+            p.dp, cp(p.cp), p.tp, p.pp, p.zero,
             bytes as f64 / 1e9
         ));
         Ok(Some(m.progress.step))

@@ -64,6 +64,8 @@ pub struct Trainer {
     pub stop_after: Option<u64>,
     /// Set when the job has more than one process.
     pub job: Option<Job>,
+    /// The context-parallel ring (cp > 1), its group moved out of the job.
+    ring: Option<crate::engine::Ring>,
     /// Plain data parallelism: gradient buckets reduced during backward.
     buckets: Option<GradBuckets>,
     pub device_name: String,
@@ -410,7 +412,7 @@ impl Trainer {
     /// the last line) and the progress bar's message.
     fn log_step(&mut self, step: u64, o: &StepOutcome, run: &mut RunState) -> Result<()> {
         let c = &self.cfg;
-        let devices = (c.parallel.dp * c.parallel.tp * c.parallel.pp) as f64;
+        let devices = (c.parallel.dp * c.parallel.cp * c.parallel.tp * c.parallel.pp) as f64;
         let tps = run.interval_tokens as f64 / run.interval_time.max(1e-9);
         // Global tokens/s over the peak of all devices of the job.
         let mfu = self

@@ -37,6 +37,7 @@ macro_rules! runner {
             plan: &$t.layout.tp,
             opts: $t.opts,
             sink: $t.sink.as_ref(),
+            ring: $t.ring.as_ref(),
         }
     };
 }
@@ -221,12 +222,16 @@ impl Trainer {
     fn chunks(&self, rows: usize) -> (Vec<Program>, Vec<i64>) {
         let (pipe, tp) = (&self.layout.pipe, &self.layout.tp);
         let n = pipe.num_stages();
+        let ring = self.ring.is_some();
         let progs = pipe
             .chunks()
             .into_iter()
-            .map(|(_, s, layers)| Program::chunk(&self.model, tp, layers, s == 0, s + 1 == n))
+            .map(|(_, s, layers)| {
+                Program::build(&self.model.cfg, tp, layers, s == 0, s + 1 == n, ring)
+            })
             .collect();
-        let (seq, d) = (self.cfg.data.seq_len, self.cfg.model.d_model);
+        let seq = self.layout.local_seq_len(self.cfg.data.seq_len);
+        let d = self.cfg.model.d_model;
         (progs, tp.activation_shape(rows, seq, d))
     }
 
@@ -286,9 +291,17 @@ impl Trainer {
             None,
             part,
         )?;
-        if let (Some(job), true) = (self.job.as_mut(), part.1 > 1) {
+        // The cp ranks of a data-parallel rank score pieces of the same
+        // batches: their loss sums add up, their tokens count once.
+        let cp = self.layout.mesh.cp;
+        if let (Some(job), true) = (self.job.as_mut(), part.1 * cp as u64 > 1) {
+            let first = job.coords.cp == 0;
             let mut v: Vec<f64> = scores.iter().map(|s| s.loss_sum).collect();
-            v.extend(scores.iter().map(|s| s.tokens as f64));
+            v.extend(
+                scores
+                    .iter()
+                    .map(|s| if first { s.tokens as f64 } else { 0.0 }),
+            );
             let mut t = Tensor::from_slice(&v).to_device(device);
             job.dp.all_reduce_sum(&mut t)?;
             let v = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
