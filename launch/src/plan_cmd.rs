@@ -177,7 +177,7 @@ fn plan_cmd(a: &RunArgs) -> Result<()> {
         None => Calibration::built_in(a.gpu.name())?,
     };
     let base = RunConfig::load(path, &a.overrides)?;
-    sigma_trainer::plan::check_precision(&base)?;
+    sigma_trainer::plan::check_supported(&base)?;
     let t = &base.train;
     let global = a
         .global_batch
@@ -236,7 +236,7 @@ fn header(
         cal.gpu, a.gpus_per_node, base.data.seq_len
     );
     println!(
-        "model: {} parameters, {}FLOP per token; layouts over tp, pp, v (interleaved chunks), dp, ZeRO-1, micro-batch, activation checkpointing, head chunks ({LAYOUT_KEYS}); context parallelism is not an axis: sigma has none",
+        "model: {} parameters, {}FLOP per token; layouts over tp, pp, v (interleaved chunks), dp, ZeRO-1, micro-batch, activation checkpointing, head chunks ({LAYOUT_KEYS}); context parallelism (parallel.cp) is not modelled: every layout has cp = 1",
         h(s.params as f64),
         h(s.flops_per_token)
     );

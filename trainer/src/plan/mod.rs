@@ -39,11 +39,21 @@ mod tests;
 use crate::config::{Precision, RunConfig};
 use crate::TrainError;
 
-/// The precisions the model covers: bf16 mixed precision, what GPU runs use
-/// (`"auto"` on a GPU). Every rate in the calibrations is a bf16 one, and no
-/// FP8 or fp32 GPU run exists to calibrate another; planning one with bf16
-/// figures would print numbers that are not its own, so it is refused.
-pub fn check_precision(cfg: &RunConfig) -> Result<(), TrainError> {
+/// What the model covers: bf16 mixed precision, what GPU runs use (`"auto"`
+/// on a GPU), without context parallelism. Every rate in the calibrations is
+/// a bf16 one and no FP8, fp32 or context-parallel GPU run exists to
+/// calibrate another; planning one with those figures would print numbers
+/// that are not its own, so it is refused, naming the key.
+pub fn check_supported(cfg: &RunConfig) -> Result<(), TrainError> {
+    if cfg.parallel.cp > 1 {
+        return Err(TrainError::input(
+            "parallel.cp",
+            format!(
+                "sigma plan does not model context parallelism (its layouts have cp = 1), got {}: plan with parallel.cp = 1",
+                cfg.parallel.cp
+            ),
+        ));
+    }
     let name = match cfg.train.precision {
         Precision::Auto | Precision::Bf16 => return Ok(()),
         Precision::Fp32 => "fp32",
