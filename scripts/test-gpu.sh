@@ -33,8 +33,8 @@
 #   tp2, pp2       (2+ GPUs) tiny at tensor parallelism 2 (sequence parallel, the
 #                  communication overlap) and pipeline parallelism 2 (interleaved)
 #                  against one GPU: within 3e-3 relative; NCCL all-reduce bench
-#   fp8-*          (compute capability 8.9+; the FP8 block below, written without
-#                  a GPU and never run on one before) sigma bench fp8: _scaled_mm
+#   fp8-*          (compute capability 8.9+; first passed on an H100 on 2026-12-05,
+#                  docs/gpu-checks.md) sigma bench fp8: _scaled_mm
 #                  tensorwise and rowwise against its emulation (1e-2 of the largest
 #                  value) and fp32 (0.15 normwise) at SIGMA-1.5B's shapes, timed
 #                  against bf16; tiny in fp8 (each recipe) against the CPU fp32 run
@@ -165,8 +165,8 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-# FP8 (train.precision = "fp8", docs/precision.md). Written without a GPU:
-# nothing below has run on one yet. Needs compute capability 8.9 or later.
+# FP8 (train.precision = "fp8", docs/precision.md). Needs compute capability 8.9
+# or later.
 cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 if [ "${cc:-0}" -ge 89 ]; then
   if $sigma bench fp8 --steps 5 --device cuda > "$out/fp8-layer.log" 2>&1; then

@@ -123,7 +123,8 @@ pub fn is_out_of_memory(message: &str) -> bool {
 }
 
 fn to_error(c: Caught) -> TrainError {
-    if !is_torch(&c.message) {
+    // Running out of memory is never a bug in sigma, whoever panicked with it.
+    if !is_torch(&c.message) && !is_out_of_memory(&c.message) {
         return TrainError::Internal {
             message: c.message,
             location: c.location,
@@ -178,6 +179,37 @@ mod tests {
         assert!(is_out_of_memory(
             "DefaultCPUAllocator: can't allocate memory: you tried"
         ));
+    }
+
+    /// A C++ shim's failure (`kernels::fused::shim_failed`, how every shim
+    /// reports libtorch's exception) is a libtorch failure of the phase and
+    /// layer, with the out-of-memory advice; so is any panic that says it ran
+    /// out of memory. Neither is "internal error (a bug in sigma)", as an FP8
+    /// linear and the fused weight gradient's GEMM were on an H100.
+    #[test]
+    fn a_shim_failure_and_out_of_memory_are_never_internal_errors() {
+        install();
+        let text = b"CUDA out of memory. Tried to allocate 384.00 MiB.";
+        let mut err = [0 as std::ffi::c_char; 64];
+        for (d, s) in err.iter_mut().zip(text) {
+            *d = *s as std::ffi::c_char;
+        }
+        let r: Result<(), TrainError> = catch(|| {
+            at("backward", Some(7));
+            crate::kernels::fused::shim_failed("FP8 linear layer", &err)
+        });
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("backward, layer 7")
+                && e.contains("FP8 linear layer: CUDA out of memory. Tried to allocate 384.00 MiB.")
+                && e.contains("out of memory."),
+            "{e}"
+        );
+        assert!(!e.contains("internal error"), "{e}");
+        let r: Result<(), TrainError> =
+            catch(|| panic!("a step: CUDA out of memory. Tried to allocate 1.00 GiB"));
+        let e = r.unwrap_err().to_string();
+        assert!(!e.contains("internal error") && e.contains("out of memory"), "{e}");
     }
 
     #[test]

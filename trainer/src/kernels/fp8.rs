@@ -171,9 +171,7 @@ pub struct Fp8Opts {
 /// libtorch failures as panics, which the trainer's guard turns into errors).
 fn check(rc: i32, err: &[c_char], what: &str) {
     if rc != 0 {
-        // SAFETY: the shim NUL-terminated the message within the buffer.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-        panic!("{what}: {}", msg.to_string_lossy());
+        crate::kernels::fused::shim_failed(what, err);
     }
 }
 

@@ -145,14 +145,23 @@ pub fn linear_accum(x: &Tensor, w: &Tensor, main: &Tensor, queue: Option<&WgradQ
         )
     };
     if rc != 0 {
-        // SAFETY: the shim NUL-terminated the message within the buffer.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-        panic!(
-            "linear layer (fused weight gradient): {}",
-            msg.to_string_lossy()
-        );
+        shim_failed("linear layer (fused weight gradient)", &err);
     }
     out
+}
+
+/// A C++ shim returned non-zero with libtorch's exception text in `err`
+/// (NUL-terminated within the buffer, as every shim writes it): panic with a
+/// message that names libtorch, so `guard` reports it as a libtorch failure
+/// of the phase and layer at hand (with the out-of-memory advice when it is
+/// one), never as an internal error. Every shim's failure goes through here.
+pub fn shim_failed(what: &str, err: &[std::ffi::c_char]) -> ! {
+    let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
+    let bytes: Vec<u8> = err[..end].iter().map(|&c| c as u8).collect();
+    panic!(
+        "libtorch failed in {what}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
 }
 
 /// Whether autograd records operations on this thread now (false inside
@@ -192,9 +201,7 @@ pub fn grad(outputs: &[&Tensor], grads: &[&Tensor], inputs: &[&Tensor]) -> Vec<T
         )
     };
     if rc != 0 {
-        // SAFETY: the shim NUL-terminated the message within the buffer.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-        panic!("backward: {}", msg.to_string_lossy());
+        shim_failed("backward", &err);
     }
     results
 }
