@@ -31,7 +31,10 @@ fn plan_ranks_the_layouts_of_sigma_10b_on_16_gpus() {
         out.contains("on 16 x NVIDIA H100 80GB HBM3 (8 per node"),
         "{out}"
     );
-    assert!(out.contains("context parallelism (parallel.cp) is not modelled"), "{out}");
+    assert!(
+        out.contains("context parallelism (parallel.cp) is not modelled"),
+        "{out}"
+    );
     let rows: Vec<&str> = out
         .lines()
         .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains("tp="))
@@ -185,7 +188,11 @@ fn bad_flags_are_refused_in_one_line_naming_the_flag() {
         let o = sigma(&args, &[]);
         assert_clean_failure(&o, &["train.precision", p, "bf16"]);
     }
-    let args: Vec<&str> = base.iter().copied().chain(["--set", "parallel.cp=2"]).collect();
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--set", "parallel.cp=2"])
+        .collect();
     assert_clean_failure(&sigma(&args, &[]), &["parallel.cp", "context parallelism"]);
 }
 

@@ -201,7 +201,9 @@ mod tests {
         let e = r.unwrap_err().to_string();
         assert!(
             e.contains("backward, layer 7")
-                && e.contains("FP8 linear layer: CUDA out of memory. Tried to allocate 384.00 MiB.")
+                && e.contains(
+                    "FP8 linear layer: CUDA out of memory. Tried to allocate 384.00 MiB."
+                )
                 && e.contains("out of memory."),
             "{e}"
         );
@@ -209,7 +211,10 @@ mod tests {
         let r: Result<(), TrainError> =
             catch(|| panic!("a step: CUDA out of memory. Tried to allocate 1.00 GiB"));
         let e = r.unwrap_err().to_string();
-        assert!(!e.contains("internal error") && e.contains("out of memory"), "{e}");
+        assert!(
+            !e.contains("internal error") && e.contains("out of memory"),
+            "{e}"
+        );
     }
 
     #[test]
