@@ -10,7 +10,8 @@
 #   LABEL=before SIGMA_BIN=old/sigma RUNS="mbs2 mbs4-ac" scripts/bench-train-gpu.sh   # a subset, prefixed
 #   LABEL=unfused EXTRA="--set train.fused_weight_grad=false" RUNS=mbs2 scripts/bench-train-gpu.sh  # overrides for every run
 #   RUNS="mbs2 peer-compile-mbs2" scripts/bench-train-gpu.sh   # sigma beside the PyTorch peer (scripts/peer-torch.py)
-# Peer runs (peer-eager-mbsN, peer-compile-mbsN, peer-gqa16-compile-mbs2) take STEPS and ACCUM too.
+# Peer runs (peer-eager-mbsN, peer-compile-mbsN, peer-gqa16-compile-mbs2, and with torchao's FP8
+# peer-fp8-tensorwise-compile-mbsN, peer-fp8-rowwise-compile-mbsN) take STEPS and ACCUM too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
@@ -66,6 +67,8 @@ for r in $runs; do
     peer-eager-mbs[0-9]*)   peer $r --mbs "${r##*mbs}" ;;
     peer-compile-mbs[0-9]*) peer $r --mbs "${r##*mbs}" --compile ;;
     peer-gqa16-compile-mbs2) peer $r --mbs 2 --compile --set num_k_heads=16 --set aug_q_dim=0 ;;
+    peer-fp8-tensorwise-compile-mbs[0-9]*) peer $r --mbs "${r##*mbs}" --compile --float8 tensorwise ;;
+    peer-fp8-rowwise-compile-mbs[0-9]*)    peer $r --mbs "${r##*mbs}" --compile --float8 rowwise ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
 done

@@ -10,7 +10,14 @@ the caching allocator's peak allocation, and the loss of the first and last
 step. Used by scripts/bench-train-gpu.sh (RUNS=peer-...) to put sigma and this
 peer side by side in one call on one card.
 
+With --float8 RECIPE the block linears train in FP8 through torchao's
+convert_to_float8_training (recipe "tensorwise" or "rowwise"), all but
+those of the first and last block, as sigma's train.precision = "fp8"
+does by default (the issue #27 peer; torchao is not in the GPU image: carry
+its wheel, docs/precision.md).
+
   python3 scripts/peer-torch.py --config configs/sigma-1.5b.toml --mbs 2 --accum 2 --compile
+  python3 scripts/peer-torch.py --config configs/sigma-1.5b.toml --mbs 2 --compile --float8 tensorwise
 """
 import argparse
 import json
@@ -104,6 +111,23 @@ class Model(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def to_float8(model, recipe, layers):
+    """torchao's FP8 training for the linears of blocks 1..layers-2."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        sys.exit(f"error: --float8 needs torchao ({e})")
+    ends = {"blocks.0.", f"blocks.{layers - 1}."}
+
+    def keep(mod, fqn):
+        return (isinstance(mod, nn.Linear) and fqn.startswith("blocks.")
+                and not any(fqn.startswith(e) for e in ends)
+                and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=keep)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="a sigma config TOML (its [model] and data.seq_len)")
@@ -111,6 +135,8 @@ def main():
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps (the first two are not timed)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--float8", choices=["tensorwise", "rowwise"],
+                    help="the block linears in FP8 through torchao (first and last block in bf16)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a [model] key, e.g. num_k_heads=16")
     a = ap.parse_args()
@@ -128,6 +154,8 @@ def main():
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = Model(m, seq).to(dev)
+    if a.float8:
+        to_float8(model, a.float8, m["num_layers"])
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=True)
     step_fn = torch.compile(model) if a.compile else model
@@ -153,7 +181,8 @@ def main():
     timed = times[2:] if len(times) > 2 else times
     tokens = a.mbs * seq * a.accum
     print(json.dumps({
-        "peer": "torch.compile" if a.compile else "eager",
+        "peer": ("torch.compile" if a.compile else "eager")
+        + (f" + torchao float8 {a.float8}" if a.float8 else ""),
         "mbs": a.mbs, "accum": a.accum, "steps": a.steps,
         "tokens_per_s": tokens / statistics.median(timed),
         "allocated_mib_peak": torch.cuda.max_memory_allocated() // 2**20,
