@@ -55,6 +55,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/fp8_linear.cpp");
     println!("cargo:rerun-if-changed=csrc/wgrad.h");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
+    println!("cargo:rerun-if-changed=csrc/kernel_args.h");
     cc::Build::new()
         .cpp(true)
         .file("csrc/cuda_memory.cpp")

@@ -203,6 +203,7 @@ fn run_linear(o: &Fp8Opts, x: &Tensor, w: &Tensor, g: &Tensor, sink: bool) -> [T
 fn opts(scaling: Scaling, grad: Format, wgrad_fp8: bool, gemm: Gemm) -> Fp8Opts {
     Fp8Opts {
         scaling,
+        fast_accum: false,
         grad,
         wgrad_fp8,
         margin: 0,
@@ -435,6 +436,40 @@ fn the_block_linears_between_the_bf16_ends_run_in_fp8_and_nothing_else() {
             );
         }
     });
+}
+
+/// Gate and up read one input and are one FP8 weight: the layer's output
+/// is, bit for bit, SwiGLU of the FP8 linear layer by their merged matrix
+/// quantised as one (one tensorwise scale for both), and not what two FP8
+/// layers with a scale each compute.
+#[test]
+fn gate_and_up_are_one_fp8_weight() {
+    use sigma_trainer::model::block::LayerWeight;
+    let m = mixed_model(Some(&fp8_config(0, 0, Fp8Recipe::Tensorwise, WeightGrad::Fp8)));
+    let f = m.fp8().expect("fp8");
+    // (gate, up, their rows, their input's width: d_model, or AugQ's q)
+    for (gate, up, n, width) in [
+        (LayerWeight::FfnGate, LayerWeight::FfnUp, 48, 32),
+        (LayerWeight::AugQGate, LayerWeight::AugQUp, 32, 64),
+    ] {
+        let x = {
+            let _rng = sigma_trainer::model::params::global_rng_lock();
+            tch::manual_seed(11);
+            Tensor::randn([2, 16, width], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)
+        };
+        let (g, u) = (m.lid(1, gate), m.lid(1, up));
+        let got = m.plain().gated(&x, g, u);
+        let w = Tensor::cat(&[m.params.tensor(g), m.params.tensor(u)], 0).detach();
+        let q = Fp8Weight::new(&w, Scaling::Tensorwise, f.plan.opts.margin);
+        let y = fp8::linear(&x, &w.to_kind(Kind::BFloat16), &q, None, None, &f.plan.opts);
+        let want = y.narrow(-1, 0, n).silu() * y.narrow(-1, n, n);
+        assert!(got.equal(&want), "{gate:?}/{up:?}: not the merged FP8 layer");
+        let two = m.plain().linear(&x, g).silu() * m.plain().linear(&x, u);
+        assert!(!got.equal(&two), "{gate:?}/{up:?}: the same as two scales");
+        let rel = ((&got - &two).to_kind(Kind::Double).norm() / two.to_kind(Kind::Double).norm())
+            .double_value(&[]);
+        assert!(rel < 0.1, "{gate:?}/{up:?}: {rel} from two FP8 layers");
+    }
 }
 
 /// The FP8 copies are made once per change of the master weights (the

@@ -18,6 +18,11 @@
 //   kEmulated: the FP8 operands converted to fp32 (exactly) and multiplied
 //              by at::mm in fp32, then the scales applied: the same numbers
 //              up to the order of the fp32 sums. For CPUs and tests.
+// On a GPU in bf16, the quantisation runs as two kernels of
+// csrc/train_kernels.cu (fp8_amax, then fp8_cast, which also writes the
+// transposed copy a weight-gradient GEMM reads), computing the same bytes
+// as the tensor form below; elsewhere (CPU, fp32, odd widths) the tensor
+// form runs. `SIGMA_TRAIN_KERNELS=off` turns the kernels off.
 // Operand layouts are those _scaled_mm wants (a row-major, b column-major),
 // in both modes, so the emulation also exercises them.
 //
@@ -39,6 +44,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "kernel_args.h"
 #include "shim_error.h"
 #include "wgrad.h"
 
@@ -67,6 +73,8 @@ double fmax_of(at::ScalarType t) { return t == at::kFloat8_e4m3fn ? 448.0 : 5734
 // (q, dequantisation scale) of 2-D `x`: one scale ([]) or one per row
 // ([rows, 1]), from x's amax or, when `given` is defined, from that amax
 // (of the scale's shape): an amax below x's saturates the values past it.
+// The tensor form: the rule as libtorch operations (see `Quantizer` for the
+// kernels that training uses where they apply).
 std::pair<at::Tensor, at::Tensor> quantize(const at::Tensor& x, at::ScalarType fmt, bool rows,
                                            int64_t margin, const at::Tensor& given = {}) {
   const double top = std::ldexp(fmax_of(fmt), -static_cast<int>(margin));
@@ -83,12 +91,101 @@ std::pair<at::Tensor, at::Tensor> quantize(const at::Tensor& x, at::ScalarType f
   return {q, at::reciprocal(scale)};
 }
 
+// What one amax (and scale) covers in a `quantize_2d`: the whole tensor, a
+// row, or a column (the rowwise scaling of x^T, which is written transposed).
+enum Amax : int { kTensor = 0, kRows = 1, kCols = 2 };
+// Which way `quantize_2d` computes: the kernels where they take the tensor
+// (else the tensor form), the tensor form only, or the kernels only.
+enum Path : int { kAuto = 0, kTensorForm = 1, kKernels = 2 };
+
+// x [rows, cols] quantised with scales per `Amax`: q [rows, cols] (kTensor,
+// kRows), its transpose qt [cols, rows] (kTensor, kCols: then the rows of
+// qt are what one scale covers), and the dequantisation scales: [] for
+// kTensor, [rows, 1] for kRows, [cols, 1] for kCols (a scale per row of qt).
+struct Quantized {
+  at::Tensor q, qt, scale;
+};
+
+// The kernels of csrc/train_kernels.cu (fp8_amax, fp8_cast) take x: a
+// registered launcher, bf16 on CUDA, contiguous and 16-byte aligned, columns
+// a multiple of 8, and for a transposed output rows a multiple of 16; row
+// tiles within the grid's limit.
+bool kernels_take(const at::Tensor& x, bool transposed) {
+  const auto rows = x.size(0), cols = x.size(1);
+  return sigma_kernels::ready() && x.is_cuda() && x.scalar_type() == at::kBFloat16 &&
+         x.is_contiguous() && reinterpret_cast<std::uintptr_t>(x.data_ptr()) % 16 == 0 &&
+         rows > 0 && cols > 0 && cols % 8 == 0 && (!transposed || rows % 16 == 0) &&
+         (rows + 63) / 64 <= 65535;
+}
+
+// The kernels' `quantize_2d`; false (nothing usable) where a launch failed,
+// which turns the kernels off for the process (the launcher reported it).
+bool quantize_kernels(const at::Tensor& x, at::ScalarType fmt, Amax kind, int64_t margin,
+                      bool want_q, bool want_qt, Quantized& out) {
+  const auto rows = x.size(0), cols = x.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t n = kind == kTensor ? 1 : kind == kRows ? rows : cols;
+  const at::Tensor amax = at::zeros({n}, f32);
+  sigma_kernels::KernelArgs a{};
+  a.op = 8, a.device = static_cast<int>(x.get_device());
+  a.a = x.data_ptr(), a.out = amax.data_ptr(), a.rows = rows, a.cols = cols, a.f = kind;
+  if (sigma_kernels::launch(a) != 0) {
+    sigma_kernels::disable();
+    return false;
+  }
+  const auto bytes = x.options().dtype(fmt);
+  if (want_q) out.q = at::empty({rows, cols}, bytes);
+  if (want_qt) out.qt = at::empty({cols, rows}, bytes);
+  const at::Tensor inv = at::empty({n}, f32);
+  sigma_kernels::KernelArgs c{};
+  c.op = 9, c.device = a.device, c.a = x.data_ptr(), c.b = amax.data_ptr();
+  c.out = want_q ? out.q.data_ptr() : nullptr;
+  c.out2 = want_qt ? out.qt.data_ptr() : nullptr;
+  c.out3 = inv.data_ptr();
+  c.rows = rows, c.cols = cols, c.f = kind, c.t = fmt == at::kFloat8_e5m2 ? 1 : 0;
+  c.eps = static_cast<float>(std::ldexp(fmax_of(fmt), -static_cast<int>(margin)));
+  if (sigma_kernels::launch(c) != 0) {
+    sigma_kernels::disable();
+    return false;
+  }
+  out.scale = kind == kTensor ? inv.view({}) : inv.view({n, 1});
+  return true;
+}
+
+// x (2-D) quantised as `Quantized` says, by `path`. The kernels compute the
+// tensor form's numbers bit for bit (scripts/test-gpu.sh checks it through
+// `sigma bench fp8`).
+Quantized quantize_2d(const at::Tensor& x, at::ScalarType fmt, Amax kind, int64_t margin,
+                      bool want_q, bool want_qt, Path path = kAuto) {
+  TORCH_CHECK(x.dim() == 2, "FP8 quantisation of a ", x.dim(), "-D tensor (2-D expected)");
+  TORCH_CHECK(!(kind == kRows && want_qt) && !(kind == kCols && want_q),
+              "FP8 quantisation: per-row scales give q only, per-column ones qt only");
+  Quantized out;
+  if (path != kTensorForm && kernels_take(x, want_qt) &&
+      quantize_kernels(x, fmt, kind, margin, want_q, want_qt, out)) {
+    return out;
+  }
+  TORCH_CHECK(path != kKernels, "the FP8 quantisation kernels do not take this tensor (",
+              x.sizes(), ", ", x.scalar_type(), ", ", x.device(),
+              "): they need bf16 on a GPU, columns a multiple of 8 and, transposed, rows a "
+              "multiple of 16");
+  if (kind == kCols) {
+    std::tie(out.qt, out.scale) = quantize(x.t().contiguous(), fmt, true, margin);
+    return out;
+  }
+  std::tie(out.q, out.scale) = quantize(x, fmt, kind == kRows, margin);
+  if (want_qt) out.qt = out.q.t().contiguous();
+  if (!want_q) out.q = at::Tensor();
+  return out;
+}
+
 // a [M, K] row-major, b [K, N] column-major (FP8), sa [] or [M, 1], sb [] or [1, N].
+// `fast`: the tensor cores' fast accumulation (on CUDA; ignored elsewhere).
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
-                const at::Tensor& sb, at::ScalarType out, int64_t mode) {
+                const at::Tensor& sb, at::ScalarType out, int64_t mode, bool fast = false) {
   if (mode == kScaledMm) {
     return at::_scaled_mm(a, b, sa, sb, std::nullopt, std::nullopt, out,
-                          /*use_fast_accum=*/false);
+                          /*use_fast_accum=*/fast && a.is_cuda());
   }
   const auto acc = at::mm(a.to(at::kFloat), b.to(at::kFloat));
   return (acc * (sa * sb)).to(out);
@@ -110,18 +207,20 @@ Opts opts_of(AutogradContext* ctx) {
 
 // The weight gradient gy^T x [N, K] by FP8 GEMM: fp32 for tensorwise scales,
 // bf16 for rowwise ones (the only output _scaled_mm's rowwise kernels write).
-at::Tensor wgrad_fp8(const Opts& o, const at::Tensor& gy2, const at::Tensor& gyq,
-                     const at::Tensor& sg, const at::Tensor& xs, const at::Tensor& sx) {
+// `g`: gy quantised tensorwise with its transpose (tensorwise only); `xs`,
+// `sx`: what forward kept (the quantised x^T [K, M] and its scale, or the
+// bf16 x [M, K]).
+at::Tensor wgrad_fp8(const Opts& o, const at::Tensor& gy2, const Quantized& g, const at::Tensor& xs,
+                     const at::Tensor& sx) {
   if (!o.rows) {
-    // gy^T [N, M] row-major from the quantised gy; x [M, K] column-major from
-    // the forward's quantised x (xs).
-    const auto a = gyq.t().contiguous();
-    const auto b = xs.t().contiguous().t();
-    return gemm(a, sg, b, sx, at::kFloat, o.mode);
+    // gy^T [N, M] row-major; x [M, K] column-major: x^T [K, M] row-major.
+    return gemm(g.qt, g.scale, xs.t(), sx, at::kFloat, o.mode);
   }
-  auto [a, sa] = quantize(gy2.t().contiguous(), format(o.grad), true, o.margin);
-  auto [bt, sbt] = quantize(xs.t().contiguous(), at::kFloat8_e4m3fn, true, o.margin);
-  return gemm(a, sa, bt.t(), sbt.view({1, -1}), at::kBFloat16, o.mode);
+  // Rowwise along the tokens: a scale per column of gy and of x, each
+  // written transposed (gy^T [N, M], x^T [K, M]).
+  const auto a = quantize_2d(gy2, format(o.grad), kCols, o.margin, false, true);
+  const auto b = quantize_2d(xs, at::kFloat8_e4m3fn, kCols, o.margin, false, true);
+  return gemm(a.qt, a.scale, b.qt.t(), b.scale.view({1, -1}), at::kBFloat16, o.mode);
 }
 
 struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
@@ -130,16 +229,17 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
                             const at::Tensor& wt, const at::Tensor& wt_scale,
                             const std::optional<at::Tensor>& main, int64_t queue, bool rows,
                             int64_t grad,
-                            bool wgrad_fp8, int64_t margin, int64_t mode) {
+                            bool wgrad_fp8, int64_t margin, bool fast, int64_t mode) {
     const auto k = x.size(-1);
-    const auto x2 = x.reshape({-1, k});
-    auto [xq, sx] = quantize(x2, at::kFloat8_e4m3fn, rows, margin);
-    const auto sw = rows ? wq_scale.view({1, -1}) : wq_scale;
-    auto y = gemm(xq, sx, wq.t(), sw, w.scalar_type(), mode);
+    const auto x2 = x.reshape({-1, k}).contiguous();
     // Tensorwise FP8 weight gradients reuse the quantised x (half the bytes
-    // of bf16); every other case keeps the bf16 x.
+    // of bf16), kept transposed as that GEMM reads it; every other case
+    // keeps the bf16 x.
     const bool keep_q = !rows && wgrad_fp8;
-    ctx->save_for_backward({keep_q ? xq : x2, keep_q ? sx : at::Tensor(), wt, wt_scale});
+    const auto xq = quantize_2d(x2, at::kFloat8_e4m3fn, rows ? kRows : kTensor, margin, true, keep_q);
+    const auto sw = rows ? wq_scale.view({1, -1}) : wq_scale;
+    auto y = gemm(xq.q, xq.scale, wq.t(), sw, w.scalar_type(), mode, fast);
+    ctx->save_for_backward({keep_q ? xq.qt : x2, keep_q ? xq.scale : at::Tensor(), wt, wt_scale});
     // Not a saved variable: the buffer is written in place between uses.
     ctx->saved_data["main"] = main.has_value() ? c10::IValue(*main) : c10::IValue();
     ctx->saved_data["queue"] = queue;
@@ -165,24 +265,26 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
     const auto& m = ctx->saved_data["main"];
     at::Tensor main = m.isNone() ? at::Tensor() : m.toTensor();
     const auto n = wt.size(1);
-    const auto gy2 = grads[0].reshape({-1, n});
+    const auto gy2 = grads[0].reshape({-1, n}).contiguous();
     const bool want_w = main.defined() || ctx->needs_input_grad(1);
     // gy quantised along its rows: the input gradient's operand, and for
-    // tensorwise scaling (one scale) the weight gradient's too.
-    at::Tensor gyq, sg;
-    if (ctx->needs_input_grad(0) || (want_w && o.wgrad_fp8 && !o.rows)) {
-      std::tie(gyq, sg) = quantize(gy2, format(o.grad), o.rows, o.margin);
+    // tensorwise scaling (one scale) the weight gradient's too, transposed.
+    const bool want_gx = ctx->needs_input_grad(0);
+    const bool want_gt = want_w && o.wgrad_fp8 && !o.rows;
+    Quantized g;
+    if (want_gx || want_gt) {
+      g = quantize_2d(gy2, format(o.grad), o.rows ? kRows : kTensor, o.margin, want_gx, want_gt);
     }
     at::Tensor gx;
-    if (ctx->needs_input_grad(0)) {
+    if (want_gx) {
       const auto sw = o.rows ? wt_scale.view({1, -1}) : wt_scale;
-      gx = gemm(gyq, sg, wt.t(), sw, gy2.scalar_type(), o.mode)
+      gx = gemm(g.q, g.scale, wt.t(), sw, gy2.scalar_type(), o.mode)
                .view(ctx->saved_data["x_sizes"].toIntVector());
     }
     at::Tensor gw;
     if (want_w) {
       if (o.wgrad_fp8) {
-        gw = wgrad_fp8(o, gy2, gyq, sg, xs, sx);
+        gw = wgrad_fp8(o, gy2, g, xs, sx);
         if (main.defined()) main.add_(gw);
       } else if (main.defined()) {
         const auto q = ctx->saved_data["queue"].toInt();
@@ -197,7 +299,7 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
         gw = gw.to(dt);
       }
     }
-    variable_list out(13);
+    variable_list out(14);
     out[0] = gx;
     out[1] = gw;
     return out;
@@ -221,6 +323,26 @@ extern "C" int sigma_fp8_quantize(void* x, int64_t fmt, int rows, int64_t margin
   });
 }
 
+// Quantise 2-D `x` as `quantize_2d` does: `kind` 0 one scale, 1 one per row,
+// 2 one per column (written transposed); `want_q`, `want_qt` which outputs;
+// `path` 0 the kernels where they take x (else the tensor form), 1 the tensor
+// form, 2 the kernels or an error. Outputs into the handles `out_q`,
+// `out_qt` (undefined where not wanted) and `out_scale`.
+extern "C" int sigma_fp8_quantize_2d(void* x, int64_t fmt, int kind, int64_t margin, int want_q,
+                                     int want_qt, int path, void* out_q, void* out_qt,
+                                     void* out_scale, char* err, size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    at::NoGradGuard no_grad;
+    TORCH_CHECK(kind >= kTensor && kind <= kCols && path >= kAuto && path <= kKernels,
+                "FP8 quantisation: amax kind ", kind, ", path ", path);
+    auto r = quantize_2d(handle(x), format(fmt), static_cast<Amax>(kind), margin, want_q != 0,
+                         want_qt != 0, static_cast<Path>(path));
+    handle(out_q) = r.q;
+    handle(out_qt) = r.qt;
+    handle(out_scale) = r.scale;
+  });
+}
+
 // The FP8 GEMM of two quantised operands (layouts and scales as `gemm`
 // above) into `out` with dtype `out_dtype` (a c10::ScalarType number).
 extern "C" int sigma_fp8_gemm(void* a, void* sa, void* b, void* sb, int64_t out_dtype,
@@ -239,14 +361,14 @@ extern "C" int sigma_fp8_gemm(void* a, void* sa, void* b, void* sb, int64_t out_
 // WgradQueue or null.
 extern "C" int sigma_fp8_linear(void* x, void* w, void* wq, void* wq_scale, void* wt,
                                 void* wt_scale, void* main, void* queue, int rows, int64_t grad,
-                                int wgrad_fp8, int64_t margin, int64_t mode, void* out, char* err,
-                                size_t err_len) {
+                                int wgrad_fp8, int64_t margin, int fast_accum, int64_t mode,
+                                void* out, char* err, size_t err_len) {
   return sigma_shim::guarded(err, err_len, [&] {
     const auto q = static_cast<int64_t>(reinterpret_cast<intptr_t>(queue));
     const auto& mt = handle(main);
     const auto m = mt.defined() ? std::optional<at::Tensor>(mt) : std::nullopt;
     handle(out) = Fp8Linear::apply(handle(x), handle(w), handle(wq), handle(wq_scale), handle(wt),
                                    handle(wt_scale), m, q, rows != 0, grad, wgrad_fp8 != 0, margin,
-                                   mode);
+                                   fast_accum != 0, mode);
   });
 }

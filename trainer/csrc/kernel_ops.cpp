@@ -18,55 +18,21 @@
 #include <tuple>
 #include <utility>
 
+#include "kernel_args.h"
 #include "shim_error.h"
 
 namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// One launch; mirrored by `KernelArgs` in trainer/src/train_kernels.rs.
-struct KernelArgs {
-  int op;  // 0 SwiGLU forward (a = gu), 1 its backward (a = dy, b = gu),
-           // 2 RoPE (a = x, b = cos table, c = sin table), 3 its backward (a = dy),
-           // 4 cross-entropy (a = logits, b = targets; out = row losses, out2 = lse),
-           // 5 its backward (a = logits, b = targets, c = lse, d = gradient of the sum),
-           // 6 RMSNorm (a = x, b = w; out = bf16 y, out2 = rstd; with e = a bf16
-           //   addend of x, out3 = the fp32 sum, which is what is normalised),
-           // 7 its backward (a = dy, b = x, c = w, d = rstd; out = dx, out2 = weight
-           //   gradient partials [blocks, f]; e = a gradient added to dx or null,
-           //   out3 = dx in bf16 or null)
-  int device;
-  const void* a;
-  const void* b;
-  const void* c;
-  const void* d;
-  const void* e;
-  void* out;
-  void* out2;
-  void* out3;
-  long long rows;
-  long long cols;    // cross-entropy: the vocabulary
-  long long ignore;  // cross-entropy: the target index that counts nothing
-  int f;             // SwiGLU: F. RoPE: the head dimension
-  int t;             // RoPE: positions, heads, first position
-  int heads;
-  int start;
-  int blocks;  // RMSNorm backward: the blocks, one weight-gradient partial each
-  float eps;   // RMSNorm
-};
-static_assert(sizeof(KernelArgs) == 120, "KernelArgs must match trainer/src/train_kernels.rs");
-typedef int (*Launcher)(const KernelArgs*);
+using sigma_kernels::KernelArgs;
+using sigma_kernels::Launcher;
 std::atomic<Launcher> launcher{nullptr};
 
 bool aligned(const at::Tensor& t) {
   return t.is_contiguous() && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// 0 on success; a failure was reported by the launcher.
-int launch(KernelArgs a) {
-  Launcher l = launcher.load();
-  return l == nullptr ? 1 : l(&a);
-}
 
 bool swiglu_kernel_takes(const at::Tensor& gu, int64_t f) {
   return launcher.load() != nullptr && gu.is_cuda() && gu.scalar_type() == at::kBFloat16 &&
@@ -290,6 +256,15 @@ struct AddRmsNormBf16 : public torch::autograd::Function<AddRmsNormBf16> {
 }  // namespace
 
 extern "C" void sigma_kernel_ops_set_launcher(Launcher l) { launcher.store(l); }
+
+namespace sigma_kernels {
+bool ready() { return launcher.load() != nullptr; }
+int launch(const KernelArgs& a) {
+  Launcher l = launcher.load();
+  return l == nullptr ? 1 : l(&a);
+}
+void disable() { launcher.store(nullptr); }
+}  // namespace sigma_kernels
 
 // silu(gu[.., :F]) * gu[.., F:] into the (allocated, undefined) handle `out`.
 extern "C" int sigma_swiglu(void* gu, void* out, char* err, size_t err_len) {

@@ -311,3 +311,172 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
     *reinterpret_cast<float4*>(part + c) = make_float4(dw[k][0], dw[k][1], dw[k][2], dw[k][3]);
   }
 }
+
+// FP8 quantisation with current scaling (train.precision = "fp8"; the rule
+// is csrc/fp8_linear.cpp's, which these kernels compute bit for bit): two
+// passes over a bf16 x [rows, cols] instead of the tensor form's chain of
+// fp32 copies. fp8_amax reduces |x| to one amax, one per row or one per
+// column; fp8_cast scales, clamps and rounds to e4m3fn or e5m2 and writes
+// the FP8 tensor, its transpose, or both (the transpose through a tile in
+// shared memory), and the dequantisation scales. A tile is 64 columns (8
+// threads of 8) by 32 rows (amax) or 64 rows (cast). The caller checks:
+// cols a multiple of 8, 16-byte aligned rows, rows a multiple of 16 for the
+// transpose, the amax buffer zeroed.
+#define FP8_COLS 64
+#define FP8_AMAX_ROWS 32
+#define FP8_CAST_ROWS 64
+
+// |v| as bits: ordered as the values for non-negative floats, NaN above
+// infinity, so an integer max propagates NaN as the tensor form's amax does.
+__device__ __forceinline__ unsigned int abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+// kind 0: amax[0] = max |x|; 1: amax[r] = max over row r; 2: amax[c] over column c.
+extern "C" __global__ void fp8_amax(const bf16* __restrict__ x, unsigned int* __restrict__ amax,
+                                    long long rows, long long cols, int kind) {
+  __shared__ unsigned int col_max[FP8_AMAX_ROWS][FP8_COLS + 1];
+  __shared__ unsigned int warp_max[8];
+  const int tx = threadIdx.x & 7, ty = threadIdx.x >> 3;
+  const long long c0 = (long long)blockIdx.x * FP8_COLS + tx * 8;
+  unsigned int m = 0;
+  unsigned int cm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // rb is the same for the whole block, so every lane takes each shuffle.
+  for (long long rb = (long long)blockIdx.y * FP8_AMAX_ROWS; rb < rows;
+       rb += (long long)gridDim.y * FP8_AMAX_ROWS) {
+    const long long r = rb + ty;
+    unsigned int rm = 0;
+    if (r < rows && c0 < cols) {
+      float f[8];
+      load8(x + r * cols + c0, f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const unsigned int b = abs_bits(f[j]);
+        rm = max(rm, b);
+        cm[j] = max(cm[j], b);
+      }
+    }
+    if (kind == 1) {  // the 8 threads of a row are 8 neighbouring lanes
+      rm = max(rm, __shfl_xor_sync(0xffffffffu, rm, 1));
+      rm = max(rm, __shfl_xor_sync(0xffffffffu, rm, 2));
+      rm = max(rm, __shfl_xor_sync(0xffffffffu, rm, 4));
+      if (tx == 0 && r < rows && rm != 0) atomicMax(amax + r, rm);
+    }
+    m = max(m, rm);
+  }
+  if (kind == 0) {
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned int b = 0;
+      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) b = max(b, warp_max[w]);
+      if (b != 0) atomicMax(amax, b);
+    }
+  } else if (kind == 2) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) col_max[ty][tx * 8 + j] = cm[j];
+    __syncthreads();
+    if (threadIdx.x < FP8_COLS) {
+      unsigned int b = 0;
+      for (int i = 0; i < FP8_AMAX_ROWS; ++i) b = max(b, col_max[i][threadIdx.x]);
+      const long long c = (long long)blockIdx.x * FP8_COLS + threadIdx.x;
+      if (c < cols && b != 0) atomicMax(amax + c, b);
+    }
+  }
+}
+
+// The scale from an amax: top / amax (top = the format's largest value times
+// 2^-margin), 1 where amax is 0 (or NaN), at most FLT_MAX.
+__device__ __forceinline__ float fp8_scale(float amax, float top) {
+  return amax > 0.0f ? fminf(top / amax, 3.402823466e38f) : 1.0f;
+}
+
+// Clamp to [-m, m], NaN kept (as the tensor form's clamp does).
+__device__ __forceinline__ float clamp_keep_nan(float v, float m) {
+  return v > m ? m : (v < -m ? -m : v);
+}
+
+// Two floats rounded to nearest even into FP8 (lo in the low byte): one
+// conversion instruction of compute capability 8.9 and later (FP8 refuses
+// older GPUs before anything launches).
+__device__ __forceinline__ unsigned int fp8x2(float lo, float hi, int e5m2) {
+#if __CUDA_ARCH__ >= 890
+  unsigned short r;
+  if (e5m2) {
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %2, %1;" : "=h"(r) : "f"(lo), "f"(hi));
+  } else {
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;" : "=h"(r) : "f"(lo), "f"(hi));
+  }
+  return r;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+// q = fp8(clamp(x * scale, -fmax, fmax)) with scales from amax of `kind`
+// (as fp8_amax); q [rows, cols] and/or qt [cols, rows] (either may be null);
+// inv (or null) gets the dequantisation scales 1 / scale.
+extern "C" __global__ void fp8_cast(const bf16* __restrict__ x, const float* __restrict__ amax,
+                                    unsigned char* __restrict__ q, unsigned char* __restrict__ qt,
+                                    float* __restrict__ inv, long long rows, long long cols,
+                                    int kind, int e5m2, float top) {
+  __shared__ __align__(16) unsigned char tile[FP8_CAST_ROWS][FP8_COLS + 16];
+  const float fmax = e5m2 ? 57344.0f : 448.0f;
+  const int tx = threadIdx.x & 7, ty = threadIdx.x >> 3;
+  const long long c0 = (long long)blockIdx.x * FP8_COLS + tx * 8;
+  const long long r0 = (long long)blockIdx.y * FP8_CAST_ROWS;
+  float s[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    s[j] = kind == 2 ? (c0 + j < cols ? fp8_scale(amax[c0 + j], top) : 1.0f)
+                     : (kind == 0 ? fp8_scale(amax[0], top) : 1.0f);
+  }
+  for (int h = 0; h < FP8_CAST_ROWS / 32; ++h) {
+    const int lr = ty + 32 * h;
+    const long long r = r0 + lr;
+    if (r >= rows || c0 >= cols) continue;
+    if (kind == 1) {
+      const float a = fp8_scale(amax[r], top);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s[j] = a;
+    }
+    float f[8];
+    load8(x + r * cols + c0, f);
+    unsigned int p[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      p[j] = fp8x2(clamp_keep_nan(f[2 * j] * s[2 * j], fmax),
+                   clamp_keep_nan(f[2 * j + 1] * s[2 * j + 1], fmax), e5m2);
+    }
+    const uint2 w = make_uint2(p[0] | (p[1] << 16), p[2] | (p[3] << 16));
+    if (q != nullptr) *reinterpret_cast<uint2*>(q + r * cols + c0) = w;
+    if (qt != nullptr) *reinterpret_cast<uint2*>(&tile[lr][tx * 8]) = w;
+  }
+  if (qt != nullptr) {
+    __syncthreads();
+    // Column lc of the tile is 64 bytes of row c of qt: 4 threads of 16.
+    const int lc = threadIdx.x >> 2, part = threadIdx.x & 3;
+    const long long c = (long long)blockIdx.x * FP8_COLS + lc;
+    const long long r = r0 + part * 16;
+    if (c < cols && r < rows) {
+      unsigned int w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int b = part * 16 + 4 * i;
+        w[i] = (unsigned int)tile[b][lc] | ((unsigned int)tile[b + 1][lc] << 8) |
+               ((unsigned int)tile[b + 2][lc] << 16) | ((unsigned int)tile[b + 3][lc] << 24);
+      }
+      *reinterpret_cast<uint4*>(qt + c * rows + r) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+  if (inv == nullptr) return;
+  if (kind == 0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+    inv[0] = 1.0f / fp8_scale(amax[0], top);
+  } else if (kind == 1 && blockIdx.x == 0 && threadIdx.x < FP8_CAST_ROWS) {
+    const long long r = r0 + threadIdx.x;
+    if (r < rows) inv[r] = 1.0f / fp8_scale(amax[r], top);
+  } else if (kind == 2 && blockIdx.y == 0 && threadIdx.x < FP8_COLS) {
+    const long long c = (long long)blockIdx.x * FP8_COLS + threadIdx.x;
+    if (c < cols) inv[c] = 1.0f / fp8_scale(amax[c], top);
+  }
+}

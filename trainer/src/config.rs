@@ -630,6 +630,12 @@ pub struct Fp8Config {
     pub grad_format: Option<Fp8Format>,
     #[serde(default = "d_wgrad")]
     pub weight_grad: WeightGrad,
+    /// The forward GEMM accumulates in the tensor cores' fast mode
+    /// (`_scaled_mm`'s `use_fast_accum`: partial sums kept at lower
+    /// precision, as torchao's recipes do for the forward); the gradients'
+    /// GEMMs never do.
+    #[serde(default = "default_true")]
+    pub fast_accum: bool,
     /// The first this many blocks keep bf16 linears.
     #[serde(default = "one")]
     pub bf16_first_layers: usize,
@@ -650,6 +656,7 @@ impl Default for Fp8Config {
             forward_format: d_e4m3(),
             grad_format: None,
             weight_grad: d_wgrad(),
+            fast_accum: true,
             bf16_first_layers: 1,
             bf16_last_layers: 1,
             emulate: false,

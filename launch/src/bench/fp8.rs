@@ -7,6 +7,12 @@
 //! against the bf16 layer of bf16 runs (forward and backward, the weight
 //! gradient added into an fp32 buffer). Exits non-zero past a tolerance.
 //!
+//! First, on a GPU, the quantisation kernels (csrc/train_kernels.cu's
+//! fp8_amax and fp8_cast) against the tensor form of the same rule: the
+//! same bytes for every kind of scale, both formats, odd shapes, zero rows
+//! and columns, magnitudes down to FP8's subnormals, NaN kept; and their
+//! time against the tensor form's at the layer's largest operands.
+//!
 //! On the CPU (`--device cpu`) it runs what libtorch runs there, the
 //! tensorwise recipe at small shapes: a check of the bench itself, not of
 //! FP8 hardware; the timings then mean nothing.
@@ -14,7 +20,9 @@
 //! First run on a GPU (an H100) on 2026-12-05: docs/benchmarks.md.
 
 use anyhow::{bail, Result};
-use sigma_trainer::kernels::fp8::{self, Format, Fp8Opts, Fp8Weight, Gemm, Scaling};
+use sigma_trainer::kernels::fp8::{
+    self, Amax, Format, Fp8Opts, Fp8Weight, Gemm, QuantPath, Scaling,
+};
 use sigma_trainer::kernels::fused;
 use tch::{Device, Kind, Tensor};
 
@@ -116,6 +124,7 @@ impl Case {
 fn opts(scaling: Scaling, gemm: Gemm) -> Fp8Opts {
     Fp8Opts {
         scaling,
+        fast_accum: true,
         grad: match scaling {
             Scaling::Tensorwise => Format::E5m2,
             Scaling::Rowwise => Format::E4m3,
@@ -170,7 +179,107 @@ fn case(
     Ok((worst(&vs_emu), worst(&vs_fp32)))
 }
 
+/// The bf16 inputs the quantisation check runs over: (what, tensor).
+fn quant_inputs(device: Device) -> Vec<(String, Tensor)> {
+    let opts = (Kind::Float, device);
+    let mut v = Vec::new();
+    for (rows, cols) in [(64, 64), (48, 80), (208, 136), (8192, 2048), (1000, 24)] {
+        let normal = Tensor::randn([rows, cols], opts);
+        // Magnitudes over 2^-40..2^40: scaled values reach FP8's subnormals.
+        let wide = &normal * (Tensor::randn([rows, cols], opts) * 8.0).exp();
+        let holes = &normal * 1e-3;
+        let _ = holes.narrow(0, rows / 3, 1).fill_(0.0);
+        let _ = holes.narrow(1, cols / 2, 1).fill_(0.0);
+        for (what, t) in [
+            ("normal", normal),
+            ("wide", wide),
+            ("zero row/col", holes),
+        ] {
+            v.push((format!("{rows}x{cols} {what}"), t.to_kind(Kind::BFloat16)));
+        }
+        v.push((
+            format!("{rows}x{cols} zeros"),
+            Tensor::zeros([rows, cols], (Kind::BFloat16, device)),
+        ));
+    }
+    let nan = Tensor::randn([64, 64], opts);
+    let _ = nan.narrow(0, 5, 1).narrow(1, 7, 1).fill_(f64::NAN);
+    v.push(("64x64 one NaN".into(), nan.to_kind(Kind::BFloat16)));
+    v
+}
+
+/// Whether two FP8 tensors hold the same bytes (or are both undefined).
+fn same_bytes(a: &Tensor, b: &Tensor) -> bool {
+    match (a.defined(), b.defined()) {
+        (false, false) => true,
+        (true, true) => {
+            a.size() == b.size() && a.view_dtype(Kind::Uint8).equal(&b.view_dtype(Kind::Uint8))
+        }
+        _ => false,
+    }
+}
+
+/// The quantisation kernels against the tensor form on the GPU: how many of
+/// the cases differed (each printed).
+fn check_quantisation(device: Device, steps: usize) -> Result<usize> {
+    let mut bad = 0;
+    let mut cases = 0;
+    let kinds = [
+        (Amax::Tensor, (true, true)),
+        (Amax::Tensor, (true, false)),
+        (Amax::Rows, (true, false)),
+        (Amax::Cols, (false, true)),
+    ];
+    for (what, x) in quant_inputs(device) {
+        for fmt in [Format::E4m3, Format::E5m2] {
+            for (kind, want) in kinds {
+                if want.1 && x.size()[0] % 16 != 0 {
+                    continue; // the kernels write a transpose for rows in 16s
+                }
+                for margin in [0, 2] {
+                    cases += 1;
+                    let k = fp8::quantize_2d(&x, fmt, kind, margin, want, QuantPath::Kernels);
+                    let t = fp8::quantize_2d(&x, fmt, kind, margin, want, QuantPath::TensorForm);
+                    let scales = k.2.size() == t.2.size()
+                        && k.2.view_dtype(Kind::Int).equal(&t.2.view_dtype(Kind::Int));
+                    if !(same_bytes(&k.0, &t.0) && same_bytes(&k.1, &t.1) && scales) {
+                        bad += 1;
+                        println!("  MISMATCH {what} {} {kind:?} margin {margin}: q {} qt {} scales {scales}",
+                            fmt.name(), same_bytes(&k.0, &t.0), same_bytes(&k.1, &t.1));
+                    }
+                }
+            }
+        }
+    }
+    println!("quantisation kernels vs tensor form: {} of {cases} cases the same bytes", cases - bad);
+    for (rows, cols, what) in [(8192, 2048, "x of q/k/v"), (8192, 6144, "gy of ffn gate/up")] {
+        let x = Tensor::randn([rows, cols], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let t = |path| {
+            median_time(device, steps, &mut || {
+                let _ = fp8::quantize_2d(&x, Format::E4m3, Amax::Tensor, 0, (true, true), path);
+                Ok(())
+            })
+        };
+        let (k, f) = (t(QuantPath::Kernels)?, t(QuantPath::TensorForm)?);
+        println!(
+            "  tensorwise q and q^T of {what} [{rows}, {cols}]: kernels {:.3} ms, tensor form {:.3} ms ({:.1}x)",
+            k * 1e3,
+            f * 1e3,
+            f / k
+        );
+    }
+    Ok(bad)
+}
+
 pub fn run(device: Device, steps: usize) -> Result<()> {
+    if device.is_cuda() {
+        let bad = check_quantisation(device, steps)?;
+        if bad > 0 {
+            bail!("the FP8 quantisation kernels differ from the tensor form in {bad} cases");
+        }
+    } else {
+        println!("on the CPU: the quantisation kernels need a GPU (not checked)");
+    }
     let (shapes, recipes): (&[_], &[_]) = match device {
         Device::Cuda(_) => (&SHAPES_1_5B, &[Scaling::Tensorwise, Scaling::Rowwise]),
         _ => {

@@ -30,6 +30,21 @@ extern "C" {
         err_len: usize,
     ) -> i32;
     #[allow(clippy::too_many_arguments)]
+    fn sigma_fp8_quantize_2d(
+        x: *mut c_void,
+        fmt: i64,
+        kind: i32,
+        margin: i64,
+        want_q: i32,
+        want_qt: i32,
+        path: i32,
+        out_q: *mut c_void,
+        out_qt: *mut c_void,
+        out_scale: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    #[allow(clippy::too_many_arguments)]
     fn sigma_fp8_gemm(
         a: *mut c_void,
         sa: *mut c_void,
@@ -55,6 +70,7 @@ extern "C" {
         grad: i64,
         wgrad_fp8: i32,
         margin: i64,
+        fast_accum: i32,
         mode: i64,
         out: *mut c_void,
         err: *mut c_char,
@@ -164,6 +180,9 @@ pub struct Fp8Opts {
     pub wgrad_fp8: bool,
     /// Scales `2^-margin` below what the amax allows.
     pub margin: u32,
+    /// The forward GEMM in the tensor cores' fast accumulation mode
+    /// (`_scaled_mm` on a GPU; the emulation and the CPU ignore it).
+    pub fast_accum: bool,
     pub gemm: Gemm,
 }
 
@@ -238,6 +257,83 @@ fn quantize_from(
     (q, s)
 }
 
+/// What one scale of a [`quantize_2d`] covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Amax {
+    /// The whole tensor.
+    Tensor,
+    /// A row.
+    Rows,
+    /// A column (the rowwise scaling of the transpose, which is what is
+    /// written).
+    Cols,
+}
+
+/// Which way [`quantize_2d`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantPath {
+    /// The kernels (csrc/train_kernels.cu) where they take the tensor (bf16
+    /// on a GPU, columns a multiple of 8, rows a multiple of 16 for a
+    /// transposed output), else the tensor form: what training runs.
+    Auto,
+    /// libtorch operations only (the rule as written; any device, any dtype).
+    TensorForm,
+    /// The kernels, or an error where they do not take the tensor.
+    Kernels,
+}
+
+/// `x` [rows, cols] quantised to `fmt` with current scaling, one scale per
+/// `kind`, `margin` powers of two below the amax: `(q, qt, scale)` with q
+/// [rows, cols] (for `Tensor` and `Rows`, when `want_q`), its transpose qt
+/// [cols, rows] (for `Tensor` and `Cols`, when `want_qt`; undefined tensors
+/// where not wanted) and the dequantisation scales: `[]`, `[rows, 1]` or
+/// `[cols, 1]` (one per row of qt). Both paths give the same bytes; the GPU
+/// check (`sigma bench fp8`) holds them to it. Panics with libtorch's message
+/// (or the kernels' refusal under `QuantPath::Kernels`).
+pub fn quantize_2d(
+    x: &Tensor,
+    fmt: Format,
+    kind: Amax,
+    margin: u32,
+    (want_q, want_qt): (bool, bool),
+    path: QuantPath,
+) -> (Tensor, Tensor, Tensor) {
+    crate::kernels::training::register();
+    let (q, qt, s) = (Tensor::new(), Tensor::new(), Tensor::new());
+    let mut err = [0 as c_char; 512];
+    let kind = match kind {
+        Amax::Tensor => 0,
+        Amax::Rows => 1,
+        Amax::Cols => 2,
+    };
+    let path = match path {
+        QuantPath::Auto => 0,
+        QuantPath::TensorForm => 1,
+        QuantPath::Kernels => 2,
+    };
+    // SAFETY: x, q, qt and s are live tch tensor handles for the call; the
+    // shim assigns into q, qt and s, writes at most `err.len()` bytes
+    // NUL-terminated into `err`, and catches every C++ exception.
+    let rc = unsafe {
+        sigma_fp8_quantize_2d(
+            ptr(x),
+            fmt.code(),
+            kind,
+            margin as i64,
+            want_q as i32,
+            want_qt as i32,
+            path,
+            ptr(&q),
+            ptr(&qt),
+            ptr(&s),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    check(rc, &err, "FP8 quantisation");
+    (q, qt, s)
+}
+
 /// The scaled GEMM `(a_q b_q) * (sa * sb)` of quantised operands: `a`
 /// [M, K] row-major, `b` [K, N] column-major, scales `[]` or `[M, 1]` and
 /// `[1, N]`; the result in `out`.
@@ -294,6 +390,16 @@ impl Fp8Weight {
         })
     }
 
+    /// Another handle to the same tensors.
+    pub fn shallow_clone(&self) -> Fp8Weight {
+        Fp8Weight {
+            q: self.q.shallow_clone(),
+            scale: self.scale.shallow_clone(),
+            t: self.t.shallow_clone(),
+            t_scale: self.t_scale.shallow_clone(),
+        }
+    }
+
     /// Bytes of its two FP8 forms.
     pub fn bytes(&self) -> i64 {
         (self.q.numel() + self.t.numel()) as i64
@@ -315,6 +421,7 @@ pub fn linear(
     queue: Option<&crate::kernels::fused::WgradQueue>,
     o: &Fp8Opts,
 ) -> Tensor {
+    crate::kernels::training::register();
     let out = Tensor::new();
     let none = Tensor::new();
     let mut err = [0 as c_char; 512];
@@ -336,6 +443,7 @@ pub fn linear(
             o.grad.code(),
             o.wgrad_fp8 as i32,
             o.margin as i64,
+            o.fast_accum as i32,
             o.gemm.code(),
             ptr(&out),
             err.as_mut_ptr(),

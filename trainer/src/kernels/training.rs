@@ -30,6 +30,12 @@
 //!   residual's gradient to the norm's and writes the bf16 gradient of the
 //!   branch output, where autograd would run a separate add and a cast.
 //!
+//! - **FP8 quantisation** (`train.precision = "fp8"`,
+//!   [`crate::kernels::fp8::quantize_2d`] through csrc/fp8_linear.cpp): an
+//!   amax pass (one, per row or per column) and a cast pass that writes the
+//!   FP8 tensor and its transpose, where the tensor form makes fp32 copies
+//!   and runs five operations and a transposing copy.
+//!
 //! `SIGMA_TRAIN_KERNELS=off` turns them all off (the tensor forms run); a build
 //! or launch failure is reported once and has the same effect (a launch that
 //! fails inside backward still fails that step).
@@ -49,6 +55,8 @@ pub const SOURCE: &str = include_str!("../../csrc/train_kernels.cu");
 const THREADS: u32 = 256;
 /// Threads per row of the cross-entropy kernels (the source's CE_THREADS).
 const CE_THREADS: u32 = 512;
+/// Columns of an FP8 kernel's tile (the source's FP8_COLS).
+const FP8_COLS: i64 = 64;
 /// Threads per row of the RMSNorm kernels (the source's NORM_THREADS).
 const NORM_THREADS: u32 = 256;
 /// The widest row the RMSNorm backward takes (4 x NORM_THREADS x NORM_CHUNKS).
@@ -132,6 +140,8 @@ struct Loaded {
     ce_backward: CudaFunction,
     norm_forward: CudaFunction,
     norm_backward: CudaFunction,
+    fp8_amax: CudaFunction,
+    fp8_cast: CudaFunction,
     sms: i64,
 }
 
@@ -152,6 +162,8 @@ fn load(ordinal: usize) -> Result<Arc<Loaded>, String> {
             .map_err(drv)?,
         norm_forward: module.load_function("rms_norm_forward").map_err(drv)?,
         norm_backward: module.load_function("rms_norm_backward").map_err(drv)?,
+        fp8_amax: module.load_function("fp8_amax").map_err(drv)?,
+        fp8_cast: module.load_function("fp8_cast").map_err(drv)?,
         ctx,
         sms,
     }))
@@ -204,6 +216,7 @@ fn grid(a: &KernelArgs, k: &Loaded) -> Result<LaunchConfig, String> {
         4 | 5 => (a.rows.min(1 << 30), CE_THREADS),
         6 => (a.rows.min(1 << 30), NORM_THREADS),
         7 => (a.blocks as i64, NORM_THREADS),
+        8 | 9 => return Ok(fp8_grid(a, k.sms)),
         op => return Err(format!("unknown kernel operation {op}")),
     };
     Ok(LaunchConfig {
@@ -211,6 +224,26 @@ fn grid(a: &KernelArgs, k: &Loaded) -> Result<LaunchConfig, String> {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// The FP8 kernels' tiles: 64 columns by 32 rows (amax, whose blocks loop
+/// over rows, about 8 blocks per multiprocessor in all) or by 64 rows (cast;
+/// the shim keeps the row tiles within the grid's limit). No blocks for an
+/// empty tensor.
+fn fp8_grid(a: &KernelArgs, sms: i64) -> LaunchConfig {
+    let x = (a.cols + FP8_COLS - 1) / FP8_COLS;
+    let y = if a.op == 8 {
+        let tiles = (a.rows + 31) / 32;
+        tiles.min((sms * 8 / x.max(1)).max(1))
+    } else {
+        (a.rows + 63) / 64
+    };
+    let x = if y == 0 { 0 } else { x };
+    LaunchConfig {
+        grid_dim: (x as u32, y.max(1) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Launch operation `a.op` with its arguments: a flat table, one launch
@@ -234,7 +267,11 @@ fn launch_kernel(
     // RMSNorm x, dx, its sum and residual gradient [rows, f] fp32 (or null),
     // y, dy, its addend and dx16 [rows, f] bf16 (or null), w [f] fp32, rstd
     // [rows] fp32, partials [blocks, f] fp32, f a multiple of 4 and at most
-    // NORM_MAX_DIM (checked by `rms_norm_bf16` and the shim). The
+    // NORM_MAX_DIM (checked by `rms_norm_bf16` and the shim); FP8 x [rows,
+    // cols] bf16 (cols a multiple of 8), amax fp32 [1], [rows] or [cols]
+    // (zeroed for op 8), q [rows, cols] and qt [cols, rows] bytes (rows a
+    // multiple of 16 for qt) or null, scales fp32 of amax's length or null
+    // (checked by csrc/fp8_linear.cpp). The
     // launch is on the stream that every later use of them is ordered after.
     unsafe {
         match a.op {
@@ -315,6 +352,27 @@ fn launch_kernel(
                 .arg(&pe)
                 .arg(&out3)
                 .launch(cfg),
+            8 => stream
+                .launch_builder(&k.fp8_amax)
+                .arg(&pa)
+                .arg(&out)
+                .arg(&a.rows)
+                .arg(&a.cols)
+                .arg(&a.f)
+                .launch(cfg),
+            9 => stream
+                .launch_builder(&k.fp8_cast)
+                .arg(&pa)
+                .arg(&pb)
+                .arg(&out)
+                .arg(&out2)
+                .arg(&out3)
+                .arg(&a.rows)
+                .arg(&a.cols)
+                .arg(&a.f)
+                .arg(&a.t)
+                .arg(&a.eps)
+                .launch(cfg),
             _ => unreachable!("grid() refused the operation"),
         }
         .map(|_| ())
@@ -344,7 +402,7 @@ pub fn kernels_enabled() -> bool {
     sigma_data::env::switch(sigma_data::env::TRAIN_KERNELS, true)
 }
 
-fn register() {
+pub(crate) fn register() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if kernels_enabled() {
@@ -631,17 +689,26 @@ mod tests {
             decode::skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
             return;
         }
-        let ptx = decode::compile(SOURCE, &[], 90).expect("compiles");
-        for k in [
-            "swiglu_forward",
-            "swiglu_backward",
-            "rope",
-            "cross_entropy_forward",
-            "cross_entropy_backward",
-            "rms_norm_forward",
-            "rms_norm_backward",
-        ] {
-            assert!(ptx.contains(k), "{k} missing from the PTX");
+        // Hopper, and Ampere (where the FP8 kernels' conversion is left out:
+        // FP8 refuses GPUs before compute capability 8.9).
+        for arch in [90, 80] {
+            let ptx = decode::compile(SOURCE, &[], arch).expect("compiles");
+            for k in [
+                "swiglu_forward",
+                "swiglu_backward",
+                "rope",
+                "cross_entropy_forward",
+                "cross_entropy_backward",
+                "rms_norm_forward",
+                "rms_norm_backward",
+                "fp8_amax",
+                "fp8_cast",
+            ] {
+                assert!(ptx.contains(&format!(".entry {k}")), "{k} missing from the PTX");
+            }
+            let converts = ptx.contains("cvt.rn.satfinite.e4m3x2.f32")
+                && ptx.contains("cvt.rn.satfinite.e5m2x2.f32");
+            assert_eq!(converts, arch >= 89, "sm_{arch}");
         }
     }
 }

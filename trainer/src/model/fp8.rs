@@ -13,14 +13,17 @@
 //!
 //! The FP8 copies ([`Fp8Weights`]) are made from the fp32 master weights
 //! once per change of them, as the bf16 working copy is (`Params::weight`):
-//! at the first matmul after the optimizer's update or a checkpoint load,
-//! not per micro-batch or recompute.
+//! at a weight's first matmul after the optimizer's update or a checkpoint
+//! load, not per micro-batch or recompute. Gate and up (the FFN's and
+//! AugQ's), which read one input, are one FP8 weight: their merged matrix,
+//! with scales over both ([`Fp8Weights::merged`]).
 //!
 //! [`LayerWeight`]: crate::model::block::LayerWeight
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::config::{Fp8Config, Fp8Format, Fp8Recipe, WeightGrad};
 use crate::error::{Result, TrainError};
@@ -61,6 +64,7 @@ impl Fp8Plan {
                 grad: format(f.grad_format()),
                 wgrad_fp8: f.weight_grad == WeightGrad::Fp8,
                 margin: f.margin,
+                fast_accum: f.fast_accum,
                 gemm,
             },
             bf16_first_layers: f.bf16_first_layers,
@@ -125,9 +129,10 @@ impl Fp8Plan {
             Gemm::Emulated => "EMULATED (fp8.emulate: quantise-dequantise, fp32 matmuls)",
         };
         format!(
-            "fp8: {} scaling (margin {}), e4m3 forward, {} gradients, weight gradients in {}; the block linears of layers {}..={} in FP8, layers 0..{} and {}..{} and the embedding, head, norms and attention in bf16; {how}",
+            "fp8: {} scaling (margin {}), e4m3 forward{}, {} gradients, weight gradients in {}; the block linears of layers {}..={} in FP8, layers 0..{} and {}..{} and the embedding, head, norms and attention in bf16; {how}",
             scaling_name(o.scaling),
             o.margin,
+            if o.fast_accum { " (fast accumulation)" } else { "" },
             o.grad.name(),
             if o.wgrad_fp8 { "FP8" } else { "bf16 (fp32 accumulation)" },
             fp8.first().copied().unwrap_or(0),
@@ -194,7 +199,11 @@ pub struct Fp8Weights {
     pub plan: Fp8Plan,
     /// By parameter: whether it multiplies in FP8.
     fp8: Vec<bool>,
+    /// By parameter: its FP8 forms, made at its first use after a change.
     copies: RefCell<Vec<Option<Fp8Weight>>>,
+    /// Merged pairs (gate and up) by their first parameter: the FP8 forms
+    /// of the two as one weight, made at first use after a change.
+    merged: RefCell<HashMap<usize, Fp8Weight>>,
     /// The master weights' version the copies were made from (`Params::version`).
     made_from: Cell<Option<(i64, u64)>>,
     refreshes: Cell<u64>,
@@ -210,6 +219,7 @@ impl Fp8Weights {
             .collect();
         Fp8Weights {
             copies: RefCell::new(fp8.iter().map(|_| None).collect()),
+            merged: RefCell::new(HashMap::new()),
             fp8,
             plan,
             made_from: Cell::new(None),
@@ -230,34 +240,52 @@ impl Fp8Weights {
             .collect()
     }
 
+    /// Drop the copies when the master weights `params` changed since they
+    /// were made (each is made again at its next use).
+    fn sync(&self, params: &Params) {
+        let now = params.version();
+        if self.made_from.get() != Some(now) {
+            self.copies.borrow_mut().iter_mut().for_each(|c| *c = None);
+            self.merged.borrow_mut().clear();
+            self.made_from.set(Some(now));
+            self.refreshes.set(self.refreshes.get() + 1);
+        }
+    }
+
+    fn make(&self, w: &Tensor) -> Fp8Weight {
+        Fp8Weight::new(w, self.plan.opts.scaling, self.plan.opts.margin)
+    }
+
     /// The FP8 forms of parameter `id` when it multiplies in FP8, made anew
     /// from the master weights `params` first if those changed.
     pub fn weight(&self, params: &Params, id: ParamId) -> Option<Fp8Weight> {
         if !self.fp8[id.0] {
             return None;
         }
-        let now = params.version();
-        if self.made_from.get() != Some(now) {
-            let mut copies = self.copies.borrow_mut();
-            for (i, c) in copies.iter_mut().enumerate() {
-                if self.fp8[i] {
-                    let w = params.tensor(ParamId(i));
-                    *c = Some(Fp8Weight::new(
-                        w,
-                        self.plan.opts.scaling,
-                        self.plan.opts.margin,
-                    ));
-                }
-            }
-            self.made_from.set(Some(now));
-            self.refreshes.set(self.refreshes.get() + 1);
+        self.sync(params);
+        let mut copies = self.copies.borrow_mut();
+        let c = copies[id.0].get_or_insert_with(|| self.make(params.tensor(id)));
+        Some(c.shallow_clone())
+    }
+
+    /// The FP8 forms of matmul weights `a` and `b` as one weight [rows_a +
+    /// rows_b, in]: gate and up, which read one input, so that it is
+    /// quantised once and multiplied by one GEMM. Its scales cover both
+    /// (tensorwise: one for the pair; rowwise: per row of each form, so the
+    /// transposed form's rows span both). None unless both multiply in FP8
+    /// and read inputs of one width.
+    pub fn merged(&self, params: &Params, a: ParamId, b: ParamId) -> Option<Fp8Weight> {
+        let (wa, wb) = (params.tensor(a), params.tensor(b));
+        if !(self.fp8[a.0] && self.fp8[b.0]) || wa.dim() != 2 || wa.size()[1..] != wb.size()[1..]
+        {
+            return None;
         }
-        self.copies.borrow()[id.0].as_ref().map(|w| Fp8Weight {
-            q: w.q.shallow_clone(),
-            scale: w.scale.shallow_clone(),
-            t: w.t.shallow_clone(),
-            t_scale: w.t_scale.shallow_clone(),
-        })
+        self.sync(params);
+        let mut merged = self.merged.borrow_mut();
+        let c = merged
+            .entry(a.0)
+            .or_insert_with(|| self.make(&tch::no_grad(|| Tensor::cat(&[wa, wb], 0))));
+        Some(c.shallow_clone())
     }
 
     /// How many times the copies were made so far.
@@ -273,6 +301,7 @@ impl Fp8Weights {
         serde_json::json!({
             "recipe": scaling_name(o.scaling),
             "margin": o.margin,
+            "fast_accum": o.fast_accum,
             "forward_format": "e4m3",
             "grad_format": o.grad.name(),
             "weight_grad": if o.wgrad_fp8 { "fp8" } else { "bf16" },

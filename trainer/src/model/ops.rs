@@ -89,14 +89,48 @@ impl Fwd<'_> {
 
     /// `silu(x gate^T) * (x up^T)`, SwiGLU's and AugQ's gating: one matmul by
     /// both weights and the fused SwiGLU (crate::kernels::training) where
-    /// `linear_merged` applies, else two matmuls and the tensor form.
-    /// FP8 weights (each with its own scale) run as two matmuls.
+    /// `linear_merged` (bf16) or `fp8_merged` applies, else two matmuls and
+    /// the tensor form.
     pub fn gated(&self, x: &Tensor, gate: ParamId, up: ParamId) -> Tensor {
         let fp8 = self.is_fp8(gate) || self.is_fp8(up);
-        match (!fp8).then(|| self.linear_merged(x, gate, up)).flatten() {
+        let merged = if fp8 {
+            self.fp8_merged(x, gate, up)
+        } else {
+            self.linear_merged(x, gate, up)
+        };
+        match merged {
             Some(gu) => crate::kernels::training::swiglu(&gu),
             None => self.linear(x, gate).silu() * self.linear(x, up),
         }
+    }
+
+    /// `x` times FP8 weights `a` and `b` as one FP8 GEMM [.., rows_a +
+    /// rows_b]: their merged FP8 forms (`Fp8Weights::merged`), x quantised
+    /// once. Where `linear_merged`'s layout holds (a working copy, b right
+    /// after a), with the gradient sink or without: the weight gradient goes
+    /// into the sink's merged view, or through autograd to both working
+    /// weights (joined for the call), so both routes compute alike.
+    fn fp8_merged(&self, x: &Tensor, a: ParamId, b: ParamId) -> Option<Tensor> {
+        let f = self.fp8()?;
+        let (w, o) = self.params.merged_weight(a, b)?;
+        if x.kind() != w.kind() {
+            return None;
+        }
+        let q = f.merged(&self.params, a, b)?;
+        let opts = &f.plan.opts;
+        Some(match self.exec.sink {
+            Some(sink) => {
+                let main = sink
+                    .buffer
+                    .narrow(0, o, w.numel() as i64)
+                    .view(w.size().as_slice());
+                crate::kernels::fp8::linear(x, &w, &q, Some(&main), Some(&sink.queue), opts)
+            }
+            None => {
+                let w = Tensor::cat(&[self.w(a), self.w(b)], 0);
+                crate::kernels::fp8::linear(x, &w, &q, None, None, opts)
+            }
+        })
     }
 
     /// `x w^T` in the compute dtype, casting what is not in it.
