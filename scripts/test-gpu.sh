@@ -34,7 +34,8 @@
 #                  communication overlap) and pipeline parallelism 2 (interleaved)
 #                  against one GPU: within 3e-3 relative; NCCL all-reduce bench
 #   fp8-*          (compute capability 8.9+; first passed on an H100 on 2026-12-05,
-#                  docs/gpu-checks.md) sigma bench fp8: _scaled_mm
+#                  docs/gpu-checks.md) sigma bench fp8: the quantisation kernels
+#                  (amax, cast and transpose) give the tensor form's bytes; _scaled_mm
 #                  tensorwise and rowwise against its emulation (1e-2 of the largest
 #                  value) and fp32 (0.15 normwise) at SIGMA-1.5B's shapes, timed
 #                  against bf16; tiny in fp8 (each recipe) against the CPU fp32 run
