@@ -33,6 +33,7 @@ pub const TIME_COLLECTIVES: &str = "SIGMA_TIME_COLLECTIVES";
 pub const TRAIN_KERNELS: &str = "SIGMA_TRAIN_KERNELS";
 pub const DECODE_KERNEL: &str = "SIGMA_DECODE_KERNEL";
 pub const DECODE_TUNING: &str = "SIGMA_DECODE_TUNING";
+pub const DECODE_TUNING_CACHE: &str = "SIGMA_DECODE_TUNING_CACHE";
 pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
 pub const FAULT_SAVE_DELAY_MS: &str = "SIGMA_FAULT_SAVE_DELAY_MS";
 pub const JOB_SECRET: &str = "SIGMA_JOB_SECRET";
@@ -71,7 +72,12 @@ pub const SIGMA_VARS: &[Var] = &[
     Var {
         name: DECODE_TUNING,
         kind: Kind::Text,
-        meaning: "the decode kernel's split and chunking (key=value pairs, docs/inference.md)",
+        meaning: "the decode kernel's split and chunking, fixed instead of searched per device (key=value pairs, docs/inference.md)",
+    },
+    Var {
+        name: DECODE_TUNING_CACHE,
+        kind: Kind::Text,
+        meaning: "the file of the decode kernel's per-device search results (default: sigma/decode-tuning.tsv in the user's cache directory; off: none)",
     },
     Var {
         name: FAULT_ABORT,
@@ -114,6 +120,25 @@ pub const SIGMA_VARS: &[Var] = &[
 /// not UTF-8 counts as set, with its lossy text).
 pub fn var(name: &str) -> Option<String> {
     std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+/// The decode kernel's tuning cache file: `SIGMA_DECODE_TUNING_CACHE` if
+/// set (`off`, `0` or empty: none), else `sigma/decode-tuning.tsv` in the
+/// user's cache directory (`$XDG_CACHE_HOME`, else `$HOME/.cache`; None
+/// when neither is set).
+pub fn decode_tuning_cache() -> Option<std::path::PathBuf> {
+    if let Some(v) = var(DECODE_TUNING_CACHE) {
+        let v = v.trim();
+        return match v.to_ascii_lowercase().as_str() {
+            "" | "off" | "0" => None,
+            _ => Some(v.into()),
+        };
+    }
+    let base = match var("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(var("HOME").filter(|h| !h.is_empty())?).join(".cache"),
+    };
+    Some(base.join("sigma").join("decode-tuning.tsv"))
 }
 
 /// Whether `name` is set at all.

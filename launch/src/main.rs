@@ -99,7 +99,10 @@ fn main() {
         sigma_trainer::signals::unblock_stop_signals();
     }
     // sigma's own environment variables, checked before anything runs.
-    if let Err(e) = sigma_data::env::check_sigma_vars() {
+    // (SIGMA_DECODE_TUNING's fields are the decode kernel's to check.)
+    let env_ok = sigma_data::env::check_sigma_vars()
+        .and_then(|()| sigma_trainer::kernels::decode::env_tuning().map(|_| ()));
+    if let Err(e) = env_ok {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

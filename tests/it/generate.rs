@@ -221,24 +221,95 @@ fn bench_decode_model_times_the_config_and_its_gqa_counterpart() {
             "2".into(),
         ]
     };
-    let a = args("4");
-    let out = ok(sigma(
-        &a.iter().map(String::as_str).collect::<Vec<_>>(),
-        &[],
-    ));
-    let rows: Vec<Vec<&str>> = out
+    let run = |extra: &[&str]| {
+        let mut a = args("4");
+        a.extend(extra.iter().map(|s| s.to_string()));
+        ok(sigma(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[],
+        ))
+    };
+    let out = run(&[]);
+    let rows = |out: &str| -> Vec<Vec<f64>> {
+        out.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|w| w.first().is_some_and(|m| *m == "DiffQKV" || *m == "GQA"))
+            .map(|w| {
+                w[2..]
+                    .iter()
+                    .map(|x| x.trim_end_matches('%').parse().expect("a number"))
+                    .collect()
+            })
+            .collect()
+    };
+    let heads: Vec<&str> = out
         .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.first().is_some_and(|m| *m == "DiffQKV" || *m == "GQA"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .filter(|_| l.starts_with("DiffQKV") || l.starts_with("GQA"))
+        })
         .collect();
-    assert_eq!(rows.len(), 4, "two models x two contexts:\n{out}");
     // tiny: 8 query heads, DiffQKV 2 K / 4 V heads against GQA 4 / 4.
-    assert_eq!(rows[0][1], "8/2/4", "{out}");
-    assert_eq!(rows[2][1], "8/4/4", "{out}");
-    for r in &rows {
-        let tok_s: f64 = r[5].parse().expect("tokens/s");
-        assert!(tok_s > 0.0 && tok_s.is_finite(), "{r:?}");
-    }
+    assert_eq!(
+        heads,
+        ["8/2/4", "8/2/4", "8/4/4", "8/4/4"],
+        "two models x two contexts:\n{out}"
+    );
+    // The CPU has no table entry: the bandwidth is measured, and said so.
+    assert!(out.contains("(measured on cpu: a copy of 64 MiB"), "{out}");
+    let gbps = |out: &str| -> f64 {
+        let l = out
+            .lines()
+            .find(|l| l.starts_with("memory bandwidth"))
+            .expect("bandwidth line");
+        l.split_whitespace()
+            .nth(2)
+            .expect("GB/s")
+            .parse()
+            .expect("GB/s")
+    };
+    // batch, context, weights MB, cache MB, kernel tok/s, ops tok/s, kernel ms, bound ms, of bound %.
+    let check = |out: &str| {
+        let g = gbps(out);
+        for r in rows(out) {
+            let [b, s, w_mb, c_mb, tok_s, ops_tok_s, ms, bound_ms, share] = r[..] else {
+                panic!("{r:?}\n{out}");
+            };
+            assert_eq!((b, [16.0, 32.0].contains(&s)), (2.0, true), "{out}");
+            assert!(tok_s > 0.0 && ops_tok_s > 0.0 && tok_s.is_finite(), "{r:?}");
+            // A step gives one token per sequence.
+            let want = b / (ms / 1e3);
+            assert!((want - tok_s).abs() < 0.06 + 0.02 * want, "{r:?}: {want}");
+            // The bound: (weights + cache) / bandwidth, and the share of it reached.
+            let want = (w_mb + c_mb) * 1e6 / (g * 1e9) * 1e3;
+            assert!((bound_ms / want - 1.0).abs() < 0.02, "{r:?}: {want}");
+            let want = 100.0 * bound_ms / ms;
+            assert!((share - want).abs() < 0.006 + 0.02 * want, "{r:?}: {want}");
+        }
+        // tiny's 2.1 M parameters in fp32 on the CPU (tied embeddings: read by the head).
+        assert!(
+            rows(out).iter().all(|r| (8.0..9.5).contains(&r[2])),
+            "{out}"
+        );
+    };
+    check(&out);
+    // --peak-gbps replaces the measurement.
+    let out = run(&["--peak-gbps", "1000"]);
+    assert!(
+        out.contains("memory bandwidth 1000.0 GB/s (--peak-gbps)"),
+        "{out}"
+    );
+    check(&out);
+    // A malformed SIGMA_DECODE_TUNING is refused before anything runs, naming the field.
+    let a = args("4");
+    assert_clean_failure(
+        &sigma(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[("SIGMA_DECODE_TUNING", "max_chunk=256,uv=40")],
+        ),
+        &["SIGMA_DECODE_TUNING", "uv = 40 is out of range (1 to 16)"],
+    );
     let a = args("3");
     assert_clean_failure(
         &sigma(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]),

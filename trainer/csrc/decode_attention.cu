@@ -1,6 +1,11 @@
 // DiffQKV decode attention: one new query token per sequence against a KV
 // cache of `len` slots, flash-decoding style (split over the sequence, then
-// a combine). Compiled at run time by NVRTC (trainer/src/kernels), once per
+// a merge of the chunks' partial results). One launch where it pays: with a
+// single split the block normalises and writes the output itself; with
+// `fold` set the last block of a sequence to finish (an atomic counter per
+// sequence in a workspace that the last block resets, so it never needs a
+// memset) merges the sequence's partials and writes the output; otherwise
+// the combine kernel does, in a second launch. Compiled at run time by NVRTC (trainer/src/kernels), once per
 // shape, with these macros defined by the caller:
 //   NQ, NK, NV   query, key and value heads (NK and NV divide NQ)
 //   DK, DV       key (dot-product) and value head dimensions, multiples of 8
@@ -67,9 +72,55 @@ __device__ __forceinline__ void reduce_scatter(float* acc, int kl) {
   }
 }
 
+// The merge of sequence b's `splits` partial results (unnormalised output,
+// max m and sum l per query head, base 2) into its output: rescale every
+// chunk to the common max M, l = sum l_i 2^(m_i - M), o = sum o_i 2^(m_i -
+// M) / l; a head with no valid slot (every m_i minus infinity) gives zeros.
+// Run by one whole block; `ml` is NQ x 2 floats of its shared memory.
+// Partials are read with __ldcg (L2): other blocks wrote them.
+__device__ __forceinline__ void merge_partials(const float* part_o, const float* part_ml,
+                                               bf16* out, int b, int splits, float* ml) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const float* pml = part_ml + (long long)b * splits * 2 * NQ;
+  const float* po = part_o + (long long)b * splits * NQ * DV;
+  for (int qh = warp; qh < NQ; qh += WARPS) {
+    float m = NEG_INF;
+    for (int i = lane; i < splits; i += 32) m = fmaxf(m, __ldcg(pml + (long long)i * 2 * NQ + 2 * qh));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float l = 0.f;
+    for (int i = lane; i < splits; i += 32) {
+      const float mi = __ldcg(pml + (long long)i * 2 * NQ + 2 * qh);
+      if (mi != NEG_INF) l += __ldcg(pml + (long long)i * 2 * NQ + 2 * qh + 1) * exp2f(mi - m);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+    if (lane == 0) {
+      ml[2 * qh] = m;
+      ml[2 * qh + 1] = l;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < NQ * DV; i += THREADS) {
+    const int qh = i / DV;
+    const float m = ml[2 * qh], l = ml[2 * qh + 1];
+    float o = 0.f;
+    if (l > 0.f) {
+#pragma unroll 4
+      for (int s = 0; s < splits; ++s) {
+        const float ms = __ldcg(pml + (long long)s * 2 * NQ + 2 * qh);
+        if (ms != NEG_INF) o = fmaf(__ldcg(po + (long long)s * NQ * DV + i), exp2f(ms - m), o);
+      }
+    }
+    out[(long long)b * NQ * DV + i] = f2bf(l > 0.f ? o / l : 0.f);
+  }
+}
+
 // Block (split, b): slots [split*chunk, min(len, (split+1)*chunk)) of
-// sequence b. Writes the chunk's unnormalised output (sum of p·v with
-// p = 2^(score - m)), its max m and its sum l per query head.
+// sequence b. Computes the chunk's unnormalised output (sum of p·v with
+// p = 2^(score - m)), its max m and its sum l per query head; writes the
+// output itself when it is the only split, else the partials (and, with
+// `fold`, the last block of the sequence merges them).
 // Strides are in elements; a key row (DK) and a value row (DV) are contiguous.
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
 diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
@@ -79,9 +130,11 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
                      long long k_batch, long long k_head,
                      long long v_batch, long long v_head,
                      long long valid_batch,
-                     float* __restrict__ part_o,       // [B, splits, NQ, DV]
-                     float* __restrict__ part_ml,      // [B, splits, NQ, 2]
-                     int len, int chunk, float scale_log2) {
+                     float* __restrict__ part_o,       // [B, splits, NQ, DV] (splits > 1)
+                     float* __restrict__ part_ml,      // [B, splits, NQ, 2] (splits > 1)
+                     bf16* __restrict__ out,           // [B, NQ, DV]
+                     unsigned int* __restrict__ done,  // [>= B], zero between launches (fold)
+                     int len, int chunk, float scale_log2, int fold) {
   extern __shared__ float smem[];
   float* qs = smem;              // [NQ][DK], scaled by scale * log2(e)
   float* os = qs + NQ * DK;      // [NQ][DV] output accumulator
@@ -226,9 +279,33 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   }
   __syncthreads();
 
+  if (splits == 1) {  // the whole context in this block: normalise and write
+    for (int i = tid; i < NQ * DV; i += THREADS) {
+      const float l = ml[2 * (i / DV) + 1];
+      out[(long long)b * NQ * DV + i] = f2bf(l > 0.f ? os[i] / l : 0.f);
+    }
+    return;
+  }
   const long long part = (long long)b * splits + split;
   for (int i = tid; i < NQ * DV; i += THREADS) part_o[part * NQ * DV + i] = os[i];
   for (int i = tid; i < 2 * NQ; i += THREADS) part_ml[part * 2 * NQ + i] = ml[i];
+  if (!fold) return;
+
+  // Folded combine: every thread's partials are made visible device-wide
+  // before one thread counts the block in; the block that brings the count
+  // to `splits` is the last of its sequence, resets the counter for the
+  // next launch and merges (reading the partials through L2, not L1).
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned int before = atomicAdd(done + b, 1u);
+    last = before == (unsigned int)(splits - 1);
+    if (last) atomicExch(done + b, 0u);
+    __threadfence();
+  }
+  __syncthreads();
+  if (last) merge_partials(part_o, part_ml, out, b, splits, ml);
 }
 
 __device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {

@@ -53,15 +53,19 @@ pub struct DecodeArgs {
     /// Where to run (auto: a GPU when one is usable).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    /// Card peak memory bandwidth in GB/s, for the fraction reached (H100 SXM: 3350).
+    /// Card peak memory bandwidth in GB/s, for the fraction reached (H100 SXM: 3350);
+    /// with --model, instead of the table by GPU name or a measured copy.
     #[arg(long)]
     pub peak_gbps: Option<f64>,
     /// Check the decode kernel against an fp32 reference on many shapes (with
-    /// padding masks) instead of timing; exits non-zero past the tolerance.
+    /// padding masks), by its tuned plan and by every candidate plan (one split,
+    /// combine folded, combine kernel), instead of timing; exits non-zero past the tolerance.
     #[arg(long)]
     pub check: bool,
     /// Time whole-model decoding of this config's model (random weights)
-    /// against its GQA counterpart (`--gqa-kv` K and V heads, all else equal).
+    /// against its GQA counterpart (`--gqa-kv` K and V heads, all else equal):
+    /// tokens/s, ms per step and the share of the memory bound (weights + cache
+    /// bytes read per step / bandwidth) at each --batch and --context.
     #[arg(long, value_name = "CONFIG")]
     pub model: Option<String>,
 }

@@ -165,13 +165,17 @@ const CHECK_CASES: &[Case] = &[
     (8, 2, 4, 8, 8, 3, 700, true),
     (8, 2, 4, 256, 256, 2, 1100, false),
     (12, 3, 6, 64, 64, 2, 999, true),
+    (32, 4, 16, 64, 64, 64, 2000, true),
 ];
 
 /// The kernel against an fp32 reference (the tensor path on the same bf16
 /// values upcast) and, for scale, the bf16 tensor path against the same
 /// reference: shapes of every kind sigma produces, left-padding masks,
 /// contexts that are and are not a multiple of the chunk, K and V read
-/// through a larger cache (as decoding does).
+/// through a larger cache (as decoding does); each case by its tuned plan
+/// and by every candidate plan (one split, the combine folded into the
+/// split kernel, the combine kernel), one after another on one stream, so
+/// a folded launch that left its counters wrong spoils the next.
 pub fn check(device: Device) -> Result<()> {
     if !device.is_cuda() {
         bail!("--check compares the GPU decode kernel with its reference: it needs --device cuda (or auto on a GPU machine)");
@@ -181,8 +185,18 @@ pub fn check(device: Device) -> Result<()> {
         device_name(device)
     );
     println!(
-        "{:<24} {:>5} {:>7} {:>6} {:>10} {:>12} {:>12}",
-        "n_q/n_k/n_v d_k/d_v", "batch", "context", "masked", "max |out|", "kernel err", "ops err"
+        "plans: the tuned one and every candidate (one launch: one split or the combine folded; + two: the combine kernel); kernel err: the worst of them"
+    );
+    println!(
+        "{:<24} {:>5} {:>7} {:>6} {:>9} {:>10} {:>12} {:>12}",
+        "n_q/n_k/n_v d_k/d_v",
+        "batch",
+        "context",
+        "masked",
+        "plans",
+        "max |out|",
+        "kernel err",
+        "ops err"
     );
     let mut worst: f64 = 0.0;
     for &case in CHECK_CASES {
@@ -216,27 +230,50 @@ fn check_case(case: Case, device: Device) -> Result<f64> {
     let valid = valid.narrow(1, 0, len);
     let m = masked.then_some(&valid);
     let scale = 1.0 / (dk as f64).sqrt();
-    let kernel = match decode::decode_attention(&q, &k, &v, m, scale)? {
-        Some(o) => o,
-        None => bail!(
-            "the kernel did not run for n_q {nq}, n_k {nk}, n_v {nv}, d_k {dk}, d_v {dv}: {}",
-            decode::decode_kernel_available(&q, &k, &v)
-                .err()
-                .unwrap_or_default()
-        ),
-    };
     let f = |t: &Tensor| t.to_kind(Kind::Float);
     let reference = decode_attention_ops(&f(&q), &f(&k), &f(&v), m, scale);
     let ops = decode_attention_ops(&q, &k, &v, m, scale);
     let top = reference.abs().max().double_value(&[]);
-    let (ek, eo) = (
-        max_abs(&kernel, &reference) / top,
-        max_abs(&ops, &reference) / top,
-    );
+    let err = |t: &Tensor| {
+        let e = max_abs(t, &reference) / top;
+        if e.is_nan() {
+            f64::INFINITY
+        } else {
+            e
+        }
+    };
+    // The tuned plan, then every plan the search would time: one split,
+    // the combine folded and separate, chunks that do and do not divide.
+    let not_run = || {
+        anyhow::anyhow!(
+            "the kernel did not run for n_q {nq}, n_k {nk}, n_v {nv}, d_k {dk}, d_v {dv}: {}",
+            decode::decode_kernel_available(&q, &k, &v)
+                .err()
+                .unwrap_or_default()
+        )
+    };
+    let tuned = decode::decode_attention(&q, &k, &v, m, scale)?.ok_or_else(not_run)?;
+    let mut ek = err(&tuned);
+    let shape = decode::DecodeShape {
+        n_q: nq,
+        n_k: nk,
+        n_v: nv,
+        d_k: dk,
+        d_v: dv,
+    };
+    let plans = decode::plan::candidates(&shape, len);
+    for &p in &plans {
+        let o = decode::decode_attention_by(&q, &k, &v, m, scale, p)?.ok_or_else(not_run)?;
+        ek = ek.max(err(&o));
+    }
+    let launches = |n: u32| plans.iter().filter(|p| p.launches() == n).count();
+    let eo = max_abs(&ops, &reference) / top;
     println!(
-        "{:<24} {b:>5} {len:>7} {:>6} {top:>10.3e} {ek:>12.2e} {eo:>12.2e}",
+        "{:<24} {b:>5} {len:>7} {:>6} {:>5}+{:<3} {top:>10.3e} {ek:>12.2e} {eo:>12.2e}",
         format!("{nq}/{nk}/{nv} {dk}/{dv}"),
-        if masked { "yes" } else { "no" }
+        if masked { "yes" } else { "no" },
+        launches(1),
+        launches(2),
     );
-    Ok(if ek.is_nan() { f64::INFINITY } else { ek })
+    Ok(ek)
 }

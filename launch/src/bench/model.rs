@@ -1,7 +1,10 @@
 //! `sigma bench decode --model CONFIG`: whole-model decoding tokens/s of a
 //! config's model (random weights: speed does not depend on them) against
 //! its GQA counterpart, at each batch size and context length, with the
-//! decode kernel and with the tensor-operation path.
+//! decode kernel and with the tensor-operation path, and how close a step
+//! comes to the memory bound: the weights and the cache read once per step
+//! at the memory's bandwidth (a table by GPU name, `--peak-gbps`, or a
+//! measured device-to-device copy; the header says which).
 
 use anyhow::{bail, Result};
 use sigma_trainer::config::{KCompression, ModelConfig, RunConfig};
@@ -64,20 +67,120 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
             );
         }
     }
+    let (gbps, source) = bandwidth(a.peak_gbps, device)?;
+    println!("memory bandwidth {gbps:.1} GB/s ({source}); the bound of a step: its weights and its sequences' cache read once at that rate");
     println!(
-        "{:<8} {:>9} {:>6} {:>8} {:>14} {:>12} {:>12} {:>12}",
-        "model", "heads", "batch", "context", "cache MB", "kernel tok/s", "ops tok/s", "kernel ms"
+        "{:<8} {:>9} {:>6} {:>8} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>9}",
+        "model",
+        "heads",
+        "batch",
+        "context",
+        "weights MB",
+        "cache MB",
+        "kernel tok/s",
+        "ops tok/s",
+        "kernel ms",
+        "bound ms",
+        "of bound"
     );
     for (name, c) in variants {
         let model = build(&c, device);
         let heads = format!("{}/{}/{}", c.num_q_heads, c.num_k_heads, c.num_v_heads);
+        let weights = weight_bytes_read(&c, if device.is_cuda() { 2 } else { 4 });
         for &b in &a.batch {
             for &s in &a.context {
-                time_case(a, (name, &heads), &c, &model, (b, s), device)?;
+                let case = Case {
+                    name,
+                    heads: &heads,
+                    weights,
+                    gbps,
+                };
+                time_case(a, &case, &c, &model, (b, s), device)?;
             }
         }
     }
     Ok(())
+}
+
+/// GB/s of peak memory bandwidth of some GPUs, by a part of the name the
+/// driver gives (the first that matches, so the more specific first).
+const PEAK_GBPS: &[(&str, f64)] = &[
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0), // SXM (HBM3)
+    ("H800", 3350.0),
+    ("GH200", 4000.0),
+    ("B200", 8000.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100-PCIE-40GB", 1555.0),
+    ("A100-SXM4-40GB", 1555.0),
+    ("L40S", 864.0),
+    ("A10G", 600.0),
+];
+
+/// The table's bandwidth for a GPU name, if it is listed.
+fn table_gbps(name: &str) -> Option<f64> {
+    PEAK_GBPS
+        .iter()
+        .find(|(part, _)| name.contains(part))
+        .map(|&(_, g)| g)
+}
+
+/// The bandwidth the bound uses and where it came from: `--peak-gbps`, the
+/// table (a GPU it lists) or a measured copy (anything else, the CPU too).
+fn bandwidth(flag: Option<f64>, device: Device) -> Result<(f64, String)> {
+    if let Some(g) = flag {
+        return Ok((g, "--peak-gbps".into()));
+    }
+    let name = device_name(device);
+    if device.is_cuda() {
+        if let Some(g) = table_gbps(&name) {
+            return Ok((g, format!("table: {name}")));
+        }
+    }
+    let mb = if device.is_cuda() { 1024 } else { 64 };
+    let n = mb * (1 << 20) / 4;
+    let src = Tensor::f_ones([n], (Kind::Float, device))?;
+    let mut dst = Tensor::f_empty([n], (Kind::Float, device))?;
+    let t = median_time(device, 5, &mut || {
+        dst.f_copy_(&src)?;
+        Ok(())
+    })?;
+    let gbps = 2.0 * (mb as f64 * (1 << 20) as f64) / t / 1e9;
+    Ok((
+        gbps,
+        format!("measured on {name}: a copy of {mb} MiB, read and written"),
+    ))
+}
+
+/// Bytes of weights one decoding step reads at `elt` bytes per parameter:
+/// every parameter but an untied input embedding (of which a step reads
+/// one row per sequence, left out); tied, the head reads it whole.
+fn weight_bytes_read(c: &ModelConfig, elt: i64) -> i64 {
+    let params = sigma_trainer::model::summary::summarize(c, 1).params;
+    let embedding = if c.tie_embeddings {
+        0
+    } else {
+        (c.vocab_size * c.d_model) as i64
+    };
+    (params - embedding) * elt
+}
+
+/// The memory bound of a step (seconds to read `bytes` at `gbps`) and the
+/// share of it a step of `seconds` reaches.
+fn bound(bytes: i64, gbps: f64, seconds: f64) -> (f64, f64) {
+    let t = bytes as f64 / (gbps * 1e9);
+    (t, t / seconds)
+}
+
+/// What a row of the table is about besides its batch and context.
+struct Case<'a> {
+    name: &'a str,
+    heads: &'a str,
+    weights: i64,
+    gbps: f64,
 }
 
 /// Which path a model's decode attention takes on a GPU (its shapes, bf16).
@@ -95,17 +198,19 @@ fn attention_path(c: &ModelConfig, device: Device) -> String {
     }
 }
 
-/// One row: `model` (named `name`, heads `heads`) decoding batch `b` at
-/// context `s`, with the decode kernel and with the tensor path (a note
-/// instead when the cache does not fit or the run is out of memory).
+/// One row: `model` (`case`: its name, heads, weight bytes) decoding
+/// batch `b` at context `s`, with the decode kernel and with the tensor
+/// path, and the kernel's step against the memory bound (a note instead
+/// when the cache does not fit or the run is out of memory).
 fn time_case(
     a: &DecodeArgs,
-    (name, heads): (&str, &str),
+    case: &Case,
     c: &ModelConfig,
     model: &Model,
     (b, s): (i64, i64),
     device: Device,
 ) -> Result<()> {
+    let (name, heads) = (case.name, case.heads);
     let capacity = s + a.steps as i64 + 8;
     let Ok(mut cache) = KvCache::new(model, b, capacity, device) else {
         println!("{name:<8} {heads:>9} {b:>6} {s:>8}  (the cache does not fit: skipped)");
@@ -131,12 +236,57 @@ fn time_case(
         }
         Err(e) => return Err(e),
     };
+    let (bound_s, share) = bound(case.weights + bytes, case.gbps, kernel);
     println!(
-        "{name:<8} {heads:>9} {b:>6} {s:>8} {:>14.0} {:>12.0} {:>12.0} {:>12.3}",
+        "{name:<8} {heads:>9} {b:>6} {s:>8} {:>10.1} {:>10.3} {:>12.1} {:>12.1} {:>10.3} {:>10.4} {:>8.2}%",
+        case.weights as f64 / 1e6,
         bytes as f64 / 1e6,
         b as f64 / kernel,
         b as f64 / ops,
-        kernel * 1e3
+        kernel * 1e3,
+        bound_s * 1e3,
+        100.0 * share
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bandwidth_table_knows_the_cards_by_the_names_their_drivers_give() {
+        for (name, want) in [
+            ("NVIDIA H100 80GB HBM3", Some(3350.0)),
+            ("NVIDIA H100 PCIe", Some(2000.0)),
+            ("NVIDIA H100 NVL", Some(3900.0)),
+            ("NVIDIA H200", Some(4800.0)),
+            ("NVIDIA A100-SXM4-80GB", Some(2039.0)),
+            ("NVIDIA GeForce RTX 4090", None),
+            ("cpu", None),
+        ] {
+            assert_eq!(table_gbps(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_bound_counts_weights_once_and_the_cache_per_sequence() {
+        // 1 GB at 1,000 GB/s: 1 ms; a step of 2 ms reaches half of it.
+        assert_eq!(bound(1_000_000_000, 1000.0, 2e-3), (1e-3, 0.5));
+        let c = sigma_trainer::config::RunConfig::load(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/sigma-1.5b.toml"),
+            &[],
+        )
+        .expect("the SIGMA-1.5B config")
+        .model;
+        // Tied: all 2.02 B parameters (the head reads the embedding whole).
+        let tied = weight_bytes_read(&c, 2);
+        assert!((4.0e9..4.1e9).contains(&(tied as f64)), "{tied}");
+        // Untied: the input embedding is not read whole.
+        let untied = ModelConfig {
+            tie_embeddings: false,
+            ..c.clone()
+        };
+        assert_eq!(weight_bytes_read(&untied, 2), tied);
+    }
 }

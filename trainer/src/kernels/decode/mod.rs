@@ -1,0 +1,317 @@
+//! CUDA kernels compiled at run time with NVRTC (through cudarc) and
+//! launched on libtorch's current stream over libtorch's tensors: the
+//! DiffQKV decode attention (csrc/decode_attention.cu, here), which
+//! [`crate::infer::generate::decode_attention`] calls on a GPU and which falls back
+//! to tensor operations wherever it cannot run; and SwiGLU's forward and
+//! backward for training ([`crate::swiglu`]). Every source is compiled after
+//! the bf16 helpers of csrc/bf16.cuh.
+//!
+//! - **Libraries.** NVRTC is found beside the CUDA runtime that libtorch
+//!   loaded (pip's CUDA wheels put `libnvrtc.so.N` and its builtins in the
+//!   same directory) and opened by its full path, so that cudarc's lookup by
+//!   name finds the very same library; the driver is the system's (nvrtc.rs).
+//! - **Compilation.** Once per (device, shape): the shapes are macros, so
+//!   every loop over heads and dimensions is unrolled; the PTX targets the
+//!   device's compute capability. A compile or load failure is reported once
+//!   and the tensor path is used from then on for that shape (launch.rs).
+//! - **Plans.** How a step is cut into blocks and whether the combine is
+//!   folded into the split kernel (plan.rs, no device), chosen per device
+//!   by a timed search at first use or fixed by `SIGMA_DECODE_TUNING`
+//!   (tune.rs); reference.rs is the same split-and-merge arithmetic on the
+//!   CPU, for tests.
+//! - **Streams.** Kernels run on libtorch's current stream of the tensors'
+//!   device (a C++ shim reads it), so they are ordered with the operations
+//!   around them like any libtorch kernel; scratch buffers come from
+//!   libtorch's caching allocator.
+#![allow(unsafe_code)] // FFI: NVRTC, the CUDA driver and the stream shim.
+
+mod launch;
+mod nvrtc;
+pub mod plan;
+pub mod reference;
+mod tune;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+
+pub use launch::DECODE_SOURCE;
+#[cfg(test)]
+pub(crate) use nvrtc::skip_unless_ci;
+pub use nvrtc::{compile, cuda_build, nvrtc, StreamTimer};
+pub(crate) use nvrtc::{current_stream, device, RestoreContext};
+pub use plan::{DecodeShape, Plan, Tuning};
+pub use tune::env_tuning;
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static DECODE_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether decoding may use the kernel: on unless `SIGMA_DECODE_KERNEL=off`
+/// (or [`set_decode_kernel`]`(false)`).
+pub fn decode_kernel_enabled() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match DECODE_KERNEL.load(Relaxed) {
+        0 => {
+            let off = !sigma_data::env::switch(sigma_data::env::DECODE_KERNEL, true);
+            DECODE_KERNEL.store(if off { 2 } else { 1 }, Relaxed);
+            !off
+        }
+        v => v == 1,
+    }
+}
+
+/// Turn the decode kernel on or off for this process (benchmarks compare both).
+pub fn set_decode_kernel(on: bool) {
+    DECODE_KERNEL.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the kernel would run for these operands; Err says why not
+/// (for benchmarks and checks that must not silently time the fallback).
+pub fn decode_kernel_available(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> std::result::Result<(), String> {
+    let (shape, ordinal) = check(q, k, v, None)?;
+    let _restore = RestoreContext::save();
+    let t = tune::env_tuning()
+        .map_err(|e| e.to_string())?
+        .unwrap_or(Tuning::DEFAULT);
+    launch::kernels(ordinal, shape, &t).map(|_| ())
+}
+
+/// The kernel's shape and device for these operands, or why it cannot take
+/// them (turned off, not CUDA, layout, shape); nothing is compiled here.
+fn check(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+) -> std::result::Result<(DecodeShape, usize), String> {
+    if !decode_kernel_enabled() {
+        return Err("turned off (SIGMA_DECODE_KERNEL=off)".into());
+    }
+    if let Some(r) = refusal(q, k, v, valid) {
+        return Err(r);
+    }
+    let shape = shape_of(q, k, v);
+    if let Some(r) = shape.unsupported() {
+        return Err(r);
+    }
+    let Device::Cuda(ordinal) = q.device() else {
+        return Err("not on a CUDA device".into());
+    };
+    Ok((shape, ordinal))
+}
+
+fn shape_of(q: &Tensor, k: &Tensor, v: &Tensor) -> DecodeShape {
+    DecodeShape {
+        n_q: q.size()[1],
+        n_k: k.size()[1],
+        n_v: v.size()[1],
+        d_k: k.size()[3],
+        d_v: v.size()[3],
+    }
+}
+
+/// Why the kernel cannot run these operands (None: it can). q [b, n_q, 1,
+/// d_k], k [b, n_k, S, d_k], v [b, n_v, S, d_v], valid [b, S] bool.
+fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option<String> {
+    let dev = q.device();
+    if !dev.is_cuda() || k.device() != dev || v.device() != dev {
+        return Some("not on one CUDA device".into());
+    }
+    if [q.kind(), k.kind(), v.kind()] != [Kind::BFloat16; 3] {
+        return Some("not bf16".into());
+    }
+    if q.dim() != 4
+        || k.dim() != 4
+        || v.dim() != 4
+        || q.size()[2] != 1
+        || q.size()[3] != k.size()[3]
+    {
+        return Some("not one query per sequence".into());
+    }
+    let (b, len) = (q.size()[0], k.size()[2]);
+    if k.size()[0] != b || v.size()[0] != b || v.size()[2] != len {
+        return Some("q, K and V differ in batch or K and V in length (no broadcasting)".into());
+    }
+    if b == 0 || b > 65535 || len == 0 {
+        return Some(format!(
+            "batch {b} and context {len}: the kernel takes 1 to 65,535 sequences of at least one slot"
+        ));
+    }
+    let (ks, vs) = (k.stride(), v.stride());
+    let (dk, dv) = (k.size()[3], v.size()[3]);
+    // A row of K and of V contiguous, every row 16-byte aligned.
+    let aligned = |t: &Tensor, s: &[i64]| {
+        s[3] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0 && (t.data_ptr() as usize).is_multiple_of(16)
+    };
+    if ks[2] != dk || vs[2] != dv || !aligned(k, &ks) || !aligned(v, &vs) {
+        return Some("K or V rows not contiguous and 16-byte aligned".into());
+    }
+    if let Some(m) = valid {
+        if m.kind() != Kind::Bool
+            || m.device() != dev
+            || m.dim() != 2
+            || m.size()[0] != b
+            || m.size()[1] < len
+            || m.stride()[1] != 1
+        {
+            return Some("the slot mask is not a bool [b, S] tensor with contiguous rows".into());
+        }
+    }
+    if k.size()[2] > i32::MAX as i64 {
+        return Some("context too long".into());
+    }
+    None
+}
+
+/// DiffQKV decode attention by the kernel: Ok(None) where it cannot run
+/// (CPU, not bf16, a shape or layout it does not take, NVRTC missing,
+/// `SIGMA_DECODE_KERNEL=off`); the caller then uses tensor operations. A
+/// malformed `SIGMA_DECODE_TUNING` is an error. The plan comes from tune.rs
+/// (searched at the first step of each device, shape, batch and context
+/// bucket). Same contract as [`crate::infer::generate::decode_attention`]:
+/// -> [b, 1, n_q * d_v].
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    step(q, k, v, valid, scale, None)
+}
+
+/// [`decode_attention`] by a given plan instead of the tuned one (for
+/// checks that must run every kind of plan); a plan that does not cover
+/// the context exactly or does not fit the kernel is an error.
+pub fn decode_attention_by(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+    scale: f64,
+    plan: Plan,
+) -> Result<Option<Tensor>> {
+    let len = k.size()[2];
+    let shape = shape_of(q, k, v);
+    let chunk_ok =
+        plan.chunk > 0 && plan.chunk % 32 == 0 && plan.chunk <= shape.max_chunk(i64::MAX);
+    if !chunk_ok || plan != Plan::new(plan.chunk, len, plan.fold) || plan.splits > plan::MAX_SPLITS
+    {
+        return Err(crate::error::TrainError::Invariant {
+            what: format!("decode plan {plan:?} for {len} slots of {shape:?}"),
+        });
+    }
+    step(q, k, v, valid, scale, Some(plan))
+}
+
+fn step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    valid: Option<&Tensor>,
+    scale: f64,
+    given: Option<Plan>,
+) -> Result<Option<Tensor>> {
+    let Ok((shape, ordinal)) = check(q, k, v, valid) else {
+        return Ok(None);
+    };
+    let t = tune::env_tuning()?.unwrap_or(Tuning::DEFAULT);
+    let _restore = RestoreContext::save();
+    let Ok(kern) = launch::kernels(ordinal, shape, &t) else {
+        return Ok(None);
+    };
+    let b = q.size()[0];
+    let q = q.contiguous();
+    let out = Tensor::f_empty([b, 1, shape.n_q * shape.d_v], (Kind::BFloat16, q.device()))?;
+    let o = launch::Operands {
+        q: &q,
+        k,
+        v,
+        valid,
+        out: &out,
+        scale,
+    };
+    let (plan, written) = match given {
+        Some(p) => (p, false),
+        None => tune::plan_for(&kern, ordinal, shape, &o)?,
+    };
+    if plan.splits > plan::MAX_SPLITS {
+        return Ok(None);
+    }
+    if written || launch::run(&kern, ordinal, shape, &o, plan)? {
+        Ok(Some(out))
+    } else {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel source compiles (NVRTC, for Hopper and Ampere) for every
+    /// kind of shape sigma produces: SIGMA's 32/4/16, one K head (AugQ),
+    /// n_k > n_v, compressed K dimensions, GQA-like equal heads, large
+    /// groups; with the default rows loaded ahead and the largest the
+    /// override takes. Both kernels (the split kernel, which also writes
+    /// the output of one split and merges the folded combine, and the
+    /// combine kernel) are in the PTX, and the folded merge's counter
+    /// (an atomic add) with them. Needs a CUDA build of libtorch (NVRTC
+    /// beside its runtime), no GPU.
+    #[test]
+    fn the_decode_kernel_compiles_for_every_kind_of_shape() {
+        if !cuda_build() {
+            skip_unless_ci("this libtorch is not a CUDA build (no NVRTC beside it)");
+            return;
+        }
+        nvrtc().expect("a CUDA build of libtorch ships NVRTC beside its runtime");
+        let shapes = [
+            (32, 4, 16, 64, 64),
+            (32, 1, 16, 64, 64),
+            (8, 8, 2, 64, 64),
+            (32, 4, 16, 32, 64),
+            (32, 4, 16, 16, 64),
+            (16, 16, 16, 128, 128),
+            (32, 16, 16, 64, 64),
+            (64, 4, 2, 64, 64),
+            (8, 2, 4, 8, 8),
+            (8, 2, 4, 256, 256),
+            (12, 3, 6, 64, 64),
+        ];
+        let t = Tuning::DEFAULT;
+        for (i, (n_q, n_k, n_v, d_k, d_v)) in shapes.into_iter().enumerate() {
+            let s = DecodeShape {
+                n_q,
+                n_k,
+                n_v,
+                d_k,
+                d_v,
+            };
+            assert_eq!(s.unsupported(), None, "{s:?}");
+            let (uk, uv) = if i == 0 { (16, 16) } else { (t.uk, t.uv) };
+            for arch in [90, 80] {
+                let ptx = compile(DECODE_SOURCE, &s.defines(launch::THREADS, uk, uv), arch)
+                    .unwrap_or_else(|e| panic!("{s:?} sm_{arch}: {e}"));
+                assert!(ptx.contains(".entry diffqkv_decode_split"), "{s:?}");
+                assert!(ptx.contains(".entry diffqkv_decode_combine"), "{s:?}");
+                assert!(ptx.contains("atom.global.add.u32"), "{s:?}: no counter");
+                assert!(
+                    ptx.contains("ld.global.cg.f32"),
+                    "{s:?}: no L2 read of partials"
+                );
+            }
+        }
+        // A broken source reports NVRTC's log.
+        let err = compile(
+            "extern \"C\" __global__ void f() { undefined_name; }",
+            &[],
+            90,
+        )
+        .unwrap_err();
+        assert!(err.contains("undefined_name"), "{err}");
+    }
+}

@@ -1,0 +1,191 @@
+//! NVRTC and the CUDA driver for sigma's run-time compiled kernels (the
+//! decode attention here, the training kernels in kernels/training.rs):
+//! finding libtorch's NVRTC, compiling a source after csrc/bf16.cuh, a
+//! device's context, compute capability and multiprocessors, libtorch's
+//! current stream, timing on it with CUDA events, and putting the thread's
+//! CUDA context back after cudarc changed it.
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::CudaContext;
+
+/// bf16 conversions and packing, put before every kernel source.
+const BF16_HEADER: &str = include_str!("../../../csrc/bf16.cuh");
+extern "C" {
+    fn sigma_cuda_current_stream(device: i32, out: *mut *mut std::ffi::c_void) -> i32;
+}
+
+/// The directory of libtorch's CUDA runtime (NVRTC's too, for pip's CUDA wheels).
+fn cuda_runtime_dir() -> Option<std::path::PathBuf> {
+    crate::kernels::cuda_libs::loaded_library("libcudart.so.")
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+}
+
+/// Whether this libtorch is a CUDA build (its CUDA runtime is loaded), GPU or not.
+pub fn cuda_build() -> bool {
+    cuda_runtime_dir().is_some()
+}
+
+/// Make NVRTC loadable: open libtorch's (beside its CUDA runtime) by full
+/// path, builtins first, so that cudarc's lookup by name finds it. The
+/// error says where it was looked for.
+pub fn nvrtc() -> std::result::Result<(), String> {
+    static READY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let dir = cuda_runtime_dir();
+            if let Some(dir) = &dir {
+                let mut files: Vec<_> = std::fs::read_dir(dir)
+                    .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                // Builtins before the compiler that opens them; never the ".alt" variants.
+                files.sort_by_key(|p| !p.to_string_lossy().contains("builtins"));
+                for f in files {
+                    let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let name = name.unwrap_or_default();
+                    if name.starts_with("libnvrtc") && name.contains(".so.") && !name.contains(".alt.") {
+                        // SAFETY: NVIDIA's NVRTC libraries run no code of
+                        // consequence when loaded; the handle is kept open for
+                        // the life of the process (leaked) so that symbols
+                        // cudarc resolves stay valid.
+                        if let Ok(lib) = unsafe { libloading::Library::new(&f) } {
+                            std::mem::forget(lib);
+                        }
+                    }
+                }
+            }
+            // SAFETY: only tries to open the library by its usual names.
+            if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                Ok(())
+            } else {
+                Err(format!(
+                    "NVRTC (libnvrtc.so) was not found beside libtorch's CUDA runtime ({}) nor on the library path",
+                    dir.map(|d| d.display().to_string())
+                        .unwrap_or_else(|| "not loaded".into())
+                ))
+            }
+        })
+        .clone()
+}
+
+/// Compile CUDA C `src` (after csrc/bf16.cuh) to PTX for compute capability
+/// `arch` (e.g. 90) with `defines`.
+pub fn compile(
+    src: &str,
+    defines: &[(&str, i64)],
+    arch: i32,
+) -> std::result::Result<String, String> {
+    nvrtc()?;
+    let mut options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+    options.push(format!("--gpu-architecture=compute_{arch}"));
+    options.push("--std=c++17".into());
+    let opts = cudarc::nvrtc::CompileOptions {
+        options,
+        ..Default::default()
+    };
+    match cudarc::nvrtc::compile_ptx_with_opts(format!("{BF16_HEADER}\n{src}"), opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(format!(
+            "NVRTC could not compile the kernel:\n{}",
+            log.to_string_lossy()
+        )),
+        Err(e) => Err(format!("NVRTC: {e:?}")),
+    }
+}
+/// Puts the thread's current CUDA context back when dropped: cudarc makes
+/// the tensors' device current, while libtorch keeps its own current device.
+pub(crate) struct RestoreContext(Option<cudarc::driver::sys::CUcontext>);
+
+impl RestoreContext {
+    pub(crate) fn save() -> RestoreContext {
+        RestoreContext(cudarc::driver::result::ctx::get_current().ok().flatten())
+    }
+}
+
+impl Drop for RestoreContext {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            // SAFETY: a context that was current on this thread a moment ago
+            // (a primary context, which lives as long as the process).
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(c) };
+        }
+    }
+}
+
+/// libtorch's current stream of CUDA device `ordinal`, for cudarc.
+pub(crate) fn current_stream(
+    ctx: &Arc<CudaContext>,
+    ordinal: usize,
+) -> Option<Arc<cudarc::driver::CudaStream>> {
+    let mut raw = std::ptr::null_mut();
+    // SAFETY: the shim writes one pointer and catches every C++ exception.
+    if unsafe { sigma_cuda_current_stream(ordinal as i32, &mut raw) } != 0 {
+        return None;
+    }
+    // SAFETY: libtorch's current stream of this device, alive for the process.
+    Some(unsafe { ctx.wrap_borrowed_stream(raw as _) })
+}
+
+/// Times work on libtorch's current stream of a CUDA device with CUDA
+/// events (device time between two points of the stream, no host clock).
+pub struct StreamTimer {
+    stream: Arc<cudarc::driver::CudaStream>,
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+}
+
+impl StreamTimer {
+    pub fn new(ordinal: usize) -> std::result::Result<StreamTimer, String> {
+        let _restore = RestoreContext::save();
+        let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        let stream = current_stream(&ctx, ordinal)
+            .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        Ok(StreamTimer {
+            start: ctx.new_event(timed).map_err(drv)?,
+            end: ctx.new_event(timed).map_err(drv)?,
+            stream,
+        })
+    }
+
+    /// Mark the start on the stream.
+    pub fn start(&self) -> std::result::Result<(), String> {
+        let _restore = RestoreContext::save();
+        self.start
+            .record(&self.stream)
+            .map_err(|e| format!("CUDA event: {e}"))
+    }
+
+    /// Mark the end, wait for it, and return the milliseconds since `start`.
+    pub fn stop_ms(&self) -> std::result::Result<f64, String> {
+        let _restore = RestoreContext::save();
+        let err = |e: cudarc::driver::DriverError| format!("CUDA event: {e}");
+        self.end.record(&self.stream).map_err(err)?;
+        self.end.synchronize().map_err(err)?;
+        Ok(self.start.elapsed_ms(&self.end).map_err(err)? as f64)
+    }
+}
+
+/// CUDA device `ordinal`'s context (cudarc's, on the primary context that
+/// libtorch uses too), compute capability (e.g. 90) and multiprocessor count.
+pub(crate) fn device(ordinal: usize) -> std::result::Result<(Arc<CudaContext>, i32, i64), String> {
+    let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
+    let ctx = CudaContext::new(ordinal).map_err(drv)?;
+    let attr = |a| ctx.attribute(a).map_err(drv);
+    let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as i64;
+    Ok((ctx, major * 10 + minor, sms))
+}
+
+/// Tests: a prerequisite this machine lacks skips the test (saying so),
+/// except under `CI=true`, where every prerequisite is installed and a
+/// missing one is a failure.
+#[cfg(test)]
+pub(crate) fn skip_unless_ci(why: &str) {
+    let ci = sigma_data::env::var("CI").is_some_and(|v| v == "true");
+    assert!(!ci, "CI=true, but this test cannot run: {why}");
+    eprintln!("skipped: {why}");
+}

@@ -1,0 +1,560 @@
+//! How a decoding step's attention is cut into blocks, with no device in
+//! sight: the shapes the kernel takes ([`DecodeShape`]), the plan of one
+//! launch ([`Plan`]: chunk length, splits, whether the combine is folded
+//! into the split kernel), the candidates the per-device search times
+//! ([`candidates`]), the key its result is remembered under ([`TuneKey`]),
+//! the choice of the fastest ([`fastest`]), the tuning cache file's text
+//! ([`format_cache`], [`parse_cache`]) and the `SIGMA_DECODE_TUNING`
+//! override ([`Tuning`]). Everything here is tested on the CPU; only the
+//! timing itself (tune.rs) needs a GPU.
+
+use std::collections::BTreeMap;
+
+/// Splits the separate combine kernel takes (one float of shared memory each).
+pub const MAX_SPLITS: i64 = 8192;
+/// Dynamic shared memory a split block may use (scores of its chunk, q, output).
+pub const MAX_SMEM: i64 = 96 * 1024;
+/// The most splits whose merge the last block of a sequence takes on (it
+/// reads `splits x n_q x (d_v + 2)` floats alone); more use the combine kernel.
+pub const MAX_FOLD_SPLITS: i64 = 256;
+/// The chunk lengths the search tries (each also bounded by shared memory).
+const CHUNKS: [i64; 7] = [32, 64, 128, 256, 512, 1024, 2048];
+
+/// `SIGMA_DECODE_TUNING`: when set, no search runs and every step uses the
+/// fixed rule of [`DecodeShape::plan`] with these values over the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// The longest chunk of slots one block takes (a multiple of 32).
+    pub max_chunk: i64,
+    /// Blocks per multiprocessor the split aims at.
+    pub blocks_per_sm: i64,
+    /// Key rows and value rows a lane loads before using any (compiled in).
+    pub uk: i64,
+    pub uv: i64,
+    /// Fold the combine into the split kernel (up to [`MAX_FOLD_SPLITS`] splits).
+    pub fold: bool,
+}
+
+impl Tuning {
+    pub const DEFAULT: Tuning = Tuning {
+        max_chunk: 512,
+        blocks_per_sm: 8,
+        uk: 4,
+        uv: 8,
+        fold: true,
+    };
+
+    /// `key=value` pairs separated by commas, over the defaults; an error
+    /// names the field and what it takes.
+    pub fn parse(text: &str) -> Result<Tuning, String> {
+        let mut t = Tuning::DEFAULT;
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not key=value"))?;
+            let (key, value) = (key.trim(), value.trim());
+            if key == "fold" {
+                t.fold = match value {
+                    "1" | "on" | "true" => true,
+                    "0" | "off" | "false" => false,
+                    _ => return Err(format!("fold = {value:?} is not 1 (on) or 0 (off)")),
+                };
+                continue;
+            }
+            let v: i64 = value
+                .parse()
+                .map_err(|_| format!("{key} = {value:?} is not an integer"))?;
+            let (field, ok, range) = match key {
+                "max_chunk" => (
+                    &mut t.max_chunk,
+                    (32..=4096).contains(&v) && v % 32 == 0,
+                    "a multiple of 32 from 32 to 4096",
+                ),
+                "blocks_per_sm" => (&mut t.blocks_per_sm, (1..=64).contains(&v), "1 to 64"),
+                "uk" => (&mut t.uk, (1..=16).contains(&v), "1 to 16"),
+                "uv" => (&mut t.uv, (1..=16).contains(&v), "1 to 16"),
+                k => {
+                    return Err(format!(
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold)"
+                    ))
+                }
+            };
+            if !ok {
+                return Err(format!("{key} = {v} is out of range ({range})"));
+            }
+            *field = v;
+        }
+        Ok(t)
+    }
+}
+
+/// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
+/// them per sequence; with one split the block writes the output itself,
+/// else `fold` says whether the last block of each sequence merges the
+/// partial results (one launch) or the combine kernel does (two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub chunk: i64,
+    pub splits: i64,
+    pub fold: bool,
+}
+
+impl Plan {
+    /// `len` slots in chunks of `chunk`, folded if `fold` and the splits allow it.
+    pub fn new(chunk: i64, len: i64, fold: bool) -> Plan {
+        let splits = (len + chunk - 1) / chunk;
+        Plan {
+            chunk,
+            splits,
+            fold: fold && splits > 1 && splits <= MAX_FOLD_SPLITS,
+        }
+    }
+
+    /// Kernel launches this plan takes.
+    pub fn launches(&self) -> u32 {
+        if self.splits == 1 || self.fold {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// Head counts and dimensions that select one compiled decode kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DecodeShape {
+    pub n_q: i64,
+    pub n_k: i64,
+    pub n_v: i64,
+    pub d_k: i64,
+    pub d_v: i64,
+}
+
+impl DecodeShape {
+    /// Why the kernel cannot take this shape (None: it can).
+    pub fn unsupported(&self) -> Option<String> {
+        let lanes_ok = |d: i64| d > 0 && d % 8 == 0 && 32 % (d / 8) == 0;
+        let group_ok = |g: i64| g <= 8 || g % 8 == 0;
+        let s = self;
+        if s.n_k <= 0 || s.n_v <= 0 || s.n_q % s.n_k != 0 || s.n_q % s.n_v != 0 {
+            Some(format!(
+                "n_k {} and n_v {} must divide n_q {}",
+                s.n_k, s.n_v, s.n_q
+            ))
+        } else if !lanes_ok(s.d_k) || !lanes_ok(s.d_v) {
+            Some(format!(
+                "head dimensions {} (K) and {} (V) must be 8, 16, 32, 64, 128 or 256",
+                s.d_k, s.d_v
+            ))
+        } else if !group_ok(s.n_q / s.n_k) || !group_ok(s.n_q / s.n_v) {
+            Some(format!(
+                "query heads per K head ({}) and per V head ({}) must be at most 8 or a multiple of 8",
+                s.n_q / s.n_k,
+                s.n_q / s.n_v
+            ))
+        } else if self.max_chunk(i64::MAX) < 32 {
+            Some(format!(
+                "{} query heads leave no room for a chunk in shared memory",
+                s.n_q
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// The compile-time constants of this shape's kernel, with `uk` and `uv` rows loaded ahead.
+    pub fn defines(&self, threads: u32, uk: i64, uv: i64) -> [(&'static str, i64); 8] {
+        [
+            ("NQ", self.n_q),
+            ("NK", self.n_k),
+            ("NV", self.n_v),
+            ("DK", self.d_k),
+            ("DV", self.d_v),
+            ("THREADS", threads as i64),
+            ("UK", uk),
+            ("UV", uv),
+        ]
+    }
+
+    /// Shared memory of a split block, in bytes, for a chunk of `chunk` slots.
+    pub fn smem_bytes(&self, chunk: i64) -> i64 {
+        4 * self.n_q * (self.d_k + self.d_v + 2 + chunk)
+    }
+
+    /// The largest chunk (a multiple of 32, at most `limit`) whose block fits [`MAX_SMEM`].
+    pub fn max_chunk(&self, limit: i64) -> i64 {
+        let free = MAX_SMEM / 4 - self.n_q * (self.d_k + self.d_v + 2);
+        ((free / self.n_q.max(1)) / 32 * 32).min(limit)
+    }
+
+    /// The fixed rule (`SIGMA_DECODE_TUNING`, or no search possible): split
+    /// `len` slots of `batch` sequences into chunks so that about
+    /// `t.blocks_per_sm` blocks per multiprocessor exist, chunk a multiple
+    /// of 32 and `splits * chunk >= len > (splits - 1) * chunk`.
+    pub fn plan(&self, batch: i64, len: i64, sms: i64, t: &Tuning) -> Plan {
+        let want_splits = ((t.blocks_per_sm * sms + batch - 1) / batch).max(1);
+        let chunk = (len + want_splits - 1) / want_splits;
+        let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk(t.max_chunk).max(32));
+        Plan::new(chunk, len, t.fold)
+    }
+}
+
+/// The plans the search times for `len` slots: every chunk of [`CHUNKS`]
+/// that fits shared memory up to the first that holds the whole context,
+/// each with the combine folded and separate (one plan where one split
+/// suffices or folding is not offered), none past [`MAX_SPLITS`].
+pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
+    let most = shape.max_chunk(i64::MAX);
+    let mut out = Vec::new();
+    for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
+        let folded = Plan::new(chunk, len, true);
+        if folded.splits <= MAX_SPLITS {
+            out.push(folded);
+            let separate = Plan::new(chunk, len, false);
+            if separate != folded {
+                out.push(separate);
+            }
+        }
+        if chunk >= len {
+            break;
+        }
+    }
+    out
+}
+
+/// The context lengths one search serves: the next power of two (at least 32).
+pub fn context_bucket(len: i64) -> i64 {
+    (len.max(32) as u64).next_power_of_two() as i64
+}
+
+/// What a search result is remembered under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TuneKey {
+    /// The GPU's name, as its driver gives it.
+    pub device: String,
+    pub shape: DecodeShape,
+    pub batch: i64,
+    /// [`context_bucket`] of the context.
+    pub bucket: i64,
+}
+
+/// A search's result: the chunk and whether to fold; [`Plan::new`] makes
+/// the plan of any context of the bucket from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub chunk: i64,
+    pub fold: bool,
+}
+
+/// The fastest of `plans` by `seconds` (the same order; a time that is not
+/// a positive finite number does not count); the earlier on a tie. None
+/// when no time counts.
+pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
+    plans
+        .iter()
+        .zip(seconds)
+        .filter(|(_, t)| t.is_finite() && **t > 0.0)
+        .fold(None, |best: Option<(Plan, f64)>, (p, &t)| match best {
+            Some((_, bt)) if bt <= t => best,
+            _ => Some((*p, t)),
+        })
+        .map(|(p, _)| p)
+}
+
+/// The first line of a tuning cache file (its format's version).
+pub const CACHE_HEADER: &str = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)";
+
+/// The text of a tuning cache file: the header, then one line per key, sorted.
+pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
+    let mut out = format!("{CACHE_HEADER}\n");
+    for (k, c) in entries {
+        let s = &k.shape;
+        out.push_str(&format!(
+            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\n",
+            k.device,
+            s.n_q,
+            s.n_k,
+            s.n_v,
+            s.d_k,
+            s.d_v,
+            k.batch,
+            k.bucket,
+            c.chunk,
+            u8::from(c.fold)
+        ));
+    }
+    out
+}
+
+/// The entries of a tuning cache file; an error names the first bad line
+/// and what is wrong with it (the caller then ignores the whole file).
+pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(CACHE_HEADER) {
+        return Err("line 1: not a sigma decode tuning file of this version".into());
+    }
+    let mut out = BTreeMap::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let (key, choice) = parse_line(line).map_err(|e| format!("line {}: {e}", i + 2))?;
+        out.insert(key, choice);
+    }
+    Ok(out)
+}
+
+fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let [device, shape, batch, bucket, chunk, fold] = f[..] else {
+        return Err(format!("{} fields, not 6", f.len()));
+    };
+    let num = |what: &str, s: &str| -> Result<i64, String> {
+        s.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{what} {s:?} is not a positive integer"))
+    };
+    let dims = shape
+        .split(' ')
+        .map(|s| num("head count or dimension", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let [n_q, n_k, n_v, d_k, d_v] = dims[..] else {
+        return Err(format!("shape {shape:?} is not n_q n_k n_v d_k d_v"));
+    };
+    let shape = DecodeShape {
+        n_q,
+        n_k,
+        n_v,
+        d_k,
+        d_v,
+    };
+    if let Some(why) = shape.unsupported() {
+        return Err(format!("shape {shape:?}: {why}"));
+    }
+    let chunk = num("chunk", chunk)?;
+    if chunk % 32 != 0 || chunk > shape.max_chunk(i64::MAX) {
+        return Err(format!(
+            "chunk {chunk} is not a multiple of 32 that fits shared memory"
+        ));
+    }
+    let fold = match fold.trim() {
+        "0" => false,
+        "1" => true,
+        other => return Err(format!("fold {other:?} is not 0 or 1")),
+    };
+    let key = TuneKey {
+        device: device.to_string(),
+        shape,
+        batch: num("batch", batch)?,
+        bucket: num("context bucket", bucket)?,
+    };
+    Ok((key, Choice { chunk, fold }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sigma_1_5b() -> DecodeShape {
+        DecodeShape {
+            n_q: 32,
+            n_k: 4,
+            n_v: 16,
+            d_k: 64,
+            d_v: 64,
+        }
+    }
+
+    #[test]
+    fn plans_cover_the_context_exactly_and_fill_the_device() {
+        let s = sigma_1_5b();
+        let t = Tuning::DEFAULT;
+        for (b, len) in [
+            (1, 1),
+            (1, 4096),
+            (16, 32768),
+            (64, 4096),
+            (3, 1000),
+            (1, 65536),
+        ] {
+            let p = s.plan(b, len, 132, &t);
+            assert_eq!(p.chunk % 32, 0);
+            assert!(
+                p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len,
+                "{b} {len}"
+            );
+            assert!(s.smem_bytes(p.chunk) <= MAX_SMEM);
+            // Enough blocks for the 132 multiprocessors whenever the context allows it.
+            if len >= 32 * 1056 / b {
+                assert!(b * p.splits >= 132, "{b} {len}: {p:?}");
+            }
+            assert_eq!(p.fold, p.splits > 1 && p.splits <= MAX_FOLD_SPLITS);
+        }
+        let p = s.plan(16, 32768, 132, &t);
+        assert_eq!(
+            (p.chunk, p.splits, p.fold, p.launches()),
+            (512, 64, true, 1)
+        );
+        // One split: one launch, nothing to fold.
+        let p = s.plan(64, 32, 132, &t);
+        assert_eq!((p.splits, p.fold, p.launches()), (1, false, 1));
+        // Too many splits to fold, or folding turned off: the combine kernel.
+        let p = s.plan(1, 65536, 132, &t);
+        assert_eq!(
+            (p.chunk, p.splits, p.fold, p.launches()),
+            (64, 1024, false, 2)
+        );
+        let off = Tuning { fold: false, ..t };
+        assert_eq!(s.plan(16, 32768, 132, &off).launches(), 2);
+    }
+
+    #[test]
+    fn candidates_cover_the_context_fit_shared_memory_and_offer_both_combines() {
+        let s = sigma_1_5b();
+        for len in [1, 31, 32, 33, 100, 1000, 4096, 5000, 32768, 65536, 1 << 20] {
+            let c = candidates(&s, len);
+            assert!(!c.is_empty(), "{len}");
+            for p in &c {
+                assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
+                assert!(s.smem_bytes(p.chunk) <= MAX_SMEM, "{p:?}");
+                assert!(p.splits <= MAX_SPLITS && p.chunk % 32 == 0);
+                assert!(!p.fold || p.splits <= MAX_FOLD_SPLITS);
+            }
+            // No two alike; no chunk beyond the first that holds the context.
+            for (i, p) in c.iter().enumerate() {
+                assert!(!c[i + 1..].contains(p), "{len}: {p:?} twice");
+            }
+            assert!(c.iter().filter(|p| p.splits == 1).count() <= 1, "{len}");
+        }
+        // 4096 slots: chunks 32..512 (SIGMA's shared memory stops at 608),
+        // folded where 256 splits or fewer, and always separately.
+        let c = candidates(&s, 4096);
+        let chunks: Vec<i64> = c.iter().map(|p| p.chunk).collect();
+        assert_eq!(chunks, [32, 32, 64, 64, 128, 128, 256, 256, 512, 512]);
+        assert_eq!((c[0].splits, c[0].fold, c[1].fold), (128, true, false));
+        assert_eq!(c.iter().filter(|p| p.fold).count(), 5);
+        // A million slots: chunks of 32 and 64 would take too many splits,
+        // and 8,192 splits are too many to fold.
+        let c = candidates(&s, 1 << 20);
+        assert_eq!(c[0], Plan::new(128, 1 << 20, false));
+        assert!(c.iter().all(|p| p.chunk >= 128));
+        // A short context ends with the single split.
+        let c = candidates(&s, 40);
+        assert_eq!(c.last(), Some(&Plan::new(64, 40, true)));
+        assert_eq!(c.last().map(|p| (p.splits, p.launches())), Some((1, 1)));
+        // Smaller heads fit longer chunks.
+        let small = DecodeShape {
+            n_q: 8,
+            n_k: 2,
+            n_v: 4,
+            d_k: 16,
+            d_v: 16,
+        };
+        assert!(candidates(&small, 65536).iter().any(|p| p.chunk == 2048));
+    }
+
+    #[test]
+    fn the_fastest_counts_only_real_times_and_keeps_the_first_on_a_tie() {
+        let p: Vec<Plan> = [32, 64, 128].map(|c| Plan::new(c, 1000, true)).to_vec();
+        assert_eq!(fastest(&p, &[3.0, 1.0, 2.0]), Some(p[1]));
+        assert_eq!(fastest(&p, &[2.0, f64::NAN, 2.0]), Some(p[0]));
+        assert_eq!(fastest(&p, &[f64::INFINITY, 0.0, 5.0]), Some(p[2]));
+        assert_eq!(fastest(&p, &[f64::NAN; 3]), None);
+        assert_eq!(fastest(&[], &[]), None);
+    }
+
+    #[test]
+    fn buckets_are_powers_of_two_that_hold_the_context() {
+        for (len, b) in [(1, 32), (32, 32), (33, 64), (4096, 4096), (4097, 8192)] {
+            assert_eq!(context_bucket(len), b, "{len}");
+        }
+    }
+
+    #[test]
+    fn the_cache_file_round_trips_and_a_bad_one_is_named() {
+        let mut m = BTreeMap::new();
+        let key = |device: &str, batch, bucket| TuneKey {
+            device: device.into(),
+            shape: sigma_1_5b(),
+            batch,
+            bucket,
+        };
+        m.insert(
+            key("NVIDIA H100 80GB HBM3", 1, 4096),
+            Choice {
+                chunk: 128,
+                fold: true,
+            },
+        );
+        m.insert(
+            key("NVIDIA H200", 16, 32768),
+            Choice {
+                chunk: 512,
+                fold: false,
+            },
+        );
+        let text = format_cache(&m);
+        assert_eq!(parse_cache(&text), Ok(m.clone()));
+        assert!(
+            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\n"),
+            "{text}"
+        );
+        assert_eq!(
+            parse_cache(&format_cache(&BTreeMap::new())),
+            Ok(BTreeMap::new())
+        );
+        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0";
+        let bad =
+            |body: &str| parse_cache(&format!("{CACHE_HEADER}\n{line}\n{body}\n")).unwrap_err();
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64").contains("line 3: 5 fields"));
+        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1").contains("not n_q n_k n_v d_k d_v"));
+        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1").contains("must divide"));
+        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1").contains("batch \"0\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1").contains("chunk 100"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes").contains("fold \"yes\""));
+        assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
+        assert!(parse_cache("").unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn tuning_overrides_parse_and_bad_ones_are_named() {
+        assert_eq!(Tuning::parse("").unwrap(), Tuning::DEFAULT);
+        let t = Tuning::parse("max_chunk=256, uv=4, fold=0").unwrap();
+        assert_eq!(
+            (t.max_chunk, t.uv, t.uk, t.fold),
+            (256, 4, Tuning::DEFAULT.uk, false)
+        );
+        let e = Tuning::parse("max_chunk=100").unwrap_err();
+        assert!(
+            e.contains("max_chunk = 100 is out of range (a multiple of 32"),
+            "{e}"
+        );
+        assert!(Tuning::parse("uv=x")
+            .unwrap_err()
+            .contains("uv = \"x\" is not an integer"));
+        assert!(Tuning::parse("uk=17").unwrap_err().contains("uk = 17"));
+        assert!(Tuning::parse("fold=2")
+            .unwrap_err()
+            .contains("fold = \"2\""));
+        assert!(Tuning::parse("warps=4")
+            .unwrap_err()
+            .contains("unknown key \"warps\""));
+        assert!(Tuning::parse("uk").unwrap_err().contains("not key=value"));
+    }
+
+    #[test]
+    fn shapes_the_kernel_cannot_take_are_named() {
+        let ok = sigma_1_5b();
+        assert_eq!(ok.unsupported(), None);
+        let bad = DecodeShape { d_k: 48, ..ok };
+        assert!(bad.unsupported().unwrap().contains("48"));
+        let bad = DecodeShape {
+            n_q: 48,
+            n_k: 4,
+            ..ok
+        };
+        assert!(bad.unsupported().unwrap().contains("per K head (12)"));
+        let bad = DecodeShape { n_k: 5, ..ok };
+        assert!(bad.unsupported().unwrap().contains("must divide"));
+    }
+}

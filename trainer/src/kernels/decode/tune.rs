@@ -1,0 +1,216 @@
+//! Which [`Plan`] a step uses, per device: `SIGMA_DECODE_TUNING`, when set,
+//! fixes the rule for the process (no search); otherwise the first step of
+//! each (GPU name, shape, batch, context bucket) times every candidate plan
+//! ([`super::plan::candidates`]) on the step's own operands, a few runs
+//! each with CUDA events on libtorch's stream, and keeps the fastest for
+//! the process and in the tuning cache file (`SIGMA_DECODE_TUNING_CACHE`,
+//! by default under the user's cache directory; written whole to a
+//! temporary name, synced, then renamed over the old one). A file that
+//! cannot be read as one is reported once and ignored (the next search
+//! rewrites it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use sigma_data::env;
+
+use super::launch::{run, Loaded, Operands};
+use super::nvrtc::StreamTimer;
+use super::plan::{
+    candidates, context_bucket, fastest, format_cache, parse_cache, Choice, DecodeShape, Plan,
+    TuneKey, Tuning, MAX_SPLITS,
+};
+use crate::error::Result;
+
+/// Timed runs per candidate (the median counts), after [`WARMUP`] untimed ones.
+const RUNS: usize = 5;
+const WARMUP: usize = 2;
+
+/// `SIGMA_DECODE_TUNING` read once: None when unset; a bad value is an
+/// error naming the variable and the field.
+pub fn env_tuning() -> std::result::Result<Option<Tuning>, sigma_data::DataError> {
+    static T: OnceLock<std::result::Result<Option<Tuning>, String>> = OnceLock::new();
+    let text = env::var(env::DECODE_TUNING);
+    let parsed = T.get_or_init(|| text.as_deref().map(Tuning::parse).transpose());
+    parsed
+        .clone()
+        .map_err(|message| sigma_data::DataError::Env {
+            name: env::DECODE_TUNING.into(),
+            value: text.unwrap_or_default(),
+            message,
+        })
+}
+
+/// The search results of this process, with those of the cache file read
+/// at first use.
+fn known() -> &'static Mutex<BTreeMap<TuneKey, Choice>> {
+    static KNOWN: OnceLock<Mutex<BTreeMap<TuneKey, Choice>>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        let from_file = env::decode_tuning_cache()
+            .map(|p| read_cache(&p))
+            .unwrap_or_default();
+        Mutex::new(from_file)
+    })
+}
+
+/// The entries of the cache file at `path` (none if it does not exist;
+/// a bad file is reported and ignored).
+fn read_cache(path: &Path) -> BTreeMap<TuneKey, Choice> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_cache(&text).unwrap_or_else(|e| {
+            eprintln!(
+                "warning: decode tuning cache {}: {e}; ignored (the next search rewrites it)",
+                path.display()
+            );
+            BTreeMap::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            eprintln!(
+                "warning: decode tuning cache {}: {e}; ignored",
+                path.display()
+            );
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Write `text` to `path` atomically: a temporary file beside it, synced,
+/// then renamed over it.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = PathBuf::from(path);
+    tmp.set_file_name(format!(
+        ".{}.tmp.{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Add `key -> choice` to the cache file (merged with what it holds now,
+/// which another process may have added to); a failure is a warning.
+fn save(key: &TuneKey, choice: Choice) {
+    let Some(path) = env::decode_tuning_cache() else {
+        return;
+    };
+    let mut all = read_cache(&path);
+    all.insert(key.clone(), choice);
+    if let Err(e) = write_atomically(&path, &format_cache(&all)) {
+        eprintln!(
+            "warning: decode tuning cache {}: not written: {e}",
+            path.display()
+        );
+    }
+}
+
+/// The plan of this step: the fixed rule under `SIGMA_DECODE_TUNING`, the
+/// remembered choice of its key, or a search now, which also leaves the
+/// chosen plan's output in `o.out` (then the flag is true).
+pub fn plan_for(
+    kern: &Loaded,
+    ordinal: usize,
+    shape: DecodeShape,
+    o: &Operands,
+) -> Result<(Plan, bool)> {
+    let (b, len) = (o.q.size()[0], o.k.size()[2]);
+    if let Some(t) = env_tuning()? {
+        return Ok((shape.plan(b, len, kern.sms, &t), false));
+    }
+    let key = TuneKey {
+        device: kern.device_name.clone(),
+        shape,
+        batch: b,
+        bucket: context_bucket(len),
+    };
+    let remembered = known()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .copied();
+    if let Some(c) = remembered {
+        let p = Plan::new(c.chunk, len, c.fold);
+        if p.splits <= MAX_SPLITS {
+            return Ok((p, false));
+        }
+    }
+    let p = search(kern, ordinal, shape, o)?;
+    let choice = Choice {
+        chunk: p.chunk,
+        fold: p.fold,
+    };
+    known()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.clone(), choice);
+    save(&key, choice);
+    Ok((p, true))
+}
+
+/// Time every candidate plan on these operands and return the fastest
+/// (the fixed rule's plan if the device cannot be timed).
+fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Result<Plan> {
+    let (b, len) = (o.q.size()[0], o.k.size()[2]);
+    let fallback = shape.plan(b, len, kern.sms, &Tuning::DEFAULT);
+    let Ok(timer) = StreamTimer::new(ordinal) else {
+        return Ok(fallback);
+    };
+    let plans = candidates(&shape, len);
+    let mut seconds = Vec::with_capacity(plans.len());
+    for &p in &plans {
+        seconds.push(time_plan(kern, ordinal, shape, o, p, &timer)?);
+    }
+    let best = fastest(&plans, &seconds).unwrap_or(fallback);
+    eprintln!(
+        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {} ({} candidates)",
+        kern.device_name,
+        context_bucket(len),
+        best.chunk,
+        if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
+        plans.len()
+    );
+    // Leave the chosen plan's output in `o.out`.
+    run(kern, ordinal, shape, o, best)?;
+    Ok(best)
+}
+
+/// Median seconds of `RUNS` runs of plan `p` (NaN if it could not run or be timed).
+fn time_plan(
+    kern: &Loaded,
+    ordinal: usize,
+    shape: DecodeShape,
+    o: &Operands,
+    p: Plan,
+    timer: &StreamTimer,
+) -> Result<f64> {
+    for _ in 0..WARMUP {
+        if !run(kern, ordinal, shape, o, p)? {
+            return Ok(f64::NAN);
+        }
+    }
+    let mut t = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        if timer.start().is_err() {
+            return Ok(f64::NAN);
+        }
+        run(kern, ordinal, shape, o, p)?;
+        match timer.stop_ms() {
+            Ok(ms) => t.push(ms / 1e3),
+            Err(_) => return Ok(f64::NAN),
+        }
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
