@@ -5,7 +5,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use sigma_trainer::infer::eval::{load, Loaded};
-use sigma_trainer::infer::generate::{generate, Request, Sampling};
+use sigma_trainer::infer::generate::{generate, KeyCache, Request, Sampling};
 
 use crate::device::DeviceArg;
 
@@ -44,6 +44,17 @@ pub struct GenerateArgs {
     /// Where to run (auto: a GPU when one is usable).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Models with `k_compression = "projected"`: cache the keys expanded
+    /// (up-projected and rotated once; each step reads the cache once) or
+    /// compressed (the smallest cache; expanded again at every step).
+    #[arg(long, value_enum, default_value_t = KeyCacheArg::Expanded)]
+    pub key_cache: KeyCacheArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum KeyCacheArg {
+    Expanded,
+    Compressed,
 }
 
 /// The training sequence length: from the run config, or an export's config.json.
@@ -142,6 +153,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         eos: Some(tok.eos_id),
         max_context,
+        key_cache: match a.key_cache {
+            KeyCacheArg::Expanded => KeyCache::Expanded,
+            KeyCacheArg::Compressed => KeyCache::Compressed,
+        },
     };
     let encoded: Vec<Vec<u32>> = prompts
         .iter()

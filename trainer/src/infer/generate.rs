@@ -6,10 +6,15 @@
 //! and `Attend` parts.
 //!
 //! Cache layout per layer (preallocated for prompt + new tokens):
-//! - keys [b, n_k, capacity, k_cache_dim]: after RoPE for standard and
-//!   native-compressed K; for the projected reading the compressed keys
-//!   before the up-projection and RoPE, which are applied at use (RoPE acts
-//!   on the up-projected vector, so a rotated compressed key cannot exist);
+//! - keys [b, n_k, capacity, d]: after RoPE for standard and
+//!   native-compressed K (d = k_cache_dim). For the projected reading, by
+//!   default ([`KeyCache::Expanded`]) the keys as attention reads them,
+//!   up-projected and rotated once when written (d = the dot-product
+//!   dimension), so a step reads the cache once; or
+//!   ([`KeyCache::Compressed`], the smallest cache) the compressed keys
+//!   before the up-projection and RoPE (d = k_dim), both applied to every
+//!   cached key at every step (RoPE acts on the up-projected vector, so a
+//!   rotated compressed key cannot exist);
 //! - values [b, n_v, capacity, d_v].
 //!
 //! Batches of prompts of different lengths are left-padded: a sequence's
@@ -25,6 +30,22 @@ use crate::model::key::ParamKey;
 use crate::model::{Fwd, Model};
 use sigma_data::rng::SplitMix64;
 
+/// What the cache keeps of the keys under the projected K-compression
+/// reading (`model.k_compression = "projected"`; other models cache their
+/// keys one way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyCache {
+    /// Up-projected and rotated once, when written: the keys attention
+    /// reads, so a decoding step reads the cache once (keys at the
+    /// dot-product dimension).
+    #[default]
+    Expanded,
+    /// The compressed keys (k_dim: the smallest cache), up-projected and
+    /// rotated again at every step (each step writes and reads the whole
+    /// expanded keys once more).
+    Compressed,
+}
+
 /// Per-layer cached keys and values.
 pub struct KvCache {
     k: Vec<Tensor>,
@@ -39,14 +60,32 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `batch` sequences of up to `capacity` tokens; an
-    /// error (not a panic) when it does not fit the device.
+    /// An empty cache for `batch` sequences of up to `capacity` tokens
+    /// (keys [`KeyCache::Expanded`]); an error (not a panic) when it does
+    /// not fit the device.
     pub fn new(model: &Model, batch: i64, capacity: i64, device: Device) -> Result<KvCache> {
+        Self::with_keys(model, batch, capacity, device, KeyCache::default())
+    }
+
+    /// [`KvCache::new`] keeping the keys of the projected reading as `keys` says.
+    pub fn with_keys(
+        model: &Model,
+        batch: i64,
+        capacity: i64,
+        device: Device,
+        keys: KeyCache,
+    ) -> Result<KvCache> {
         let c = &model.cfg;
         let kind = model.compute;
-        let raw_keys = model.try_id(ParamKey::Layer(0, W::KUp)).is_some();
+        let projected = model.try_id(ParamKey::Layer(0, W::KUp)).is_some();
+        let raw_keys = projected && keys == KeyCache::Compressed;
         let (nk, nv) = (c.num_k_heads as i64, c.num_v_heads as i64);
-        let (dk, dv) = (c.k_cache_dim() as i64, c.v_head_dim as i64);
+        let dk = if projected && !raw_keys {
+            c.dot_dim()
+        } else {
+            c.k_cache_dim()
+        } as i64;
+        let dv = c.v_head_dim as i64;
         let bytes = batch as f64
             * capacity as f64
             * c.num_layers as f64
@@ -398,6 +437,8 @@ pub struct Request {
     pub eos: Option<u32>,
     /// Prompt + new tokens may not exceed this.
     pub max_context: usize,
+    /// The keys of the projected K-compression reading in the cache.
+    pub key_cache: KeyCache,
 }
 
 /// Generate for a batch of prompts; `on_token(sequence, token)` sees each
@@ -441,7 +482,8 @@ pub fn generate(
     let valid = Tensor::from_slice(&valid)
         .view([b64, t64])
         .to_device(device);
-    let mut cache = KvCache::new(model, b64, t64 + r.max_new_tokens as i64, device)?;
+    let capacity = t64 + r.max_new_tokens as i64;
+    let mut cache = KvCache::with_keys(model, b64, capacity, device, r.key_cache)?;
     let mut rngs: Vec<SplitMix64> = (0..b)
         .map(|i| stream_rng(r.seed, first_stream + i as u64))
         .collect();
@@ -533,13 +575,15 @@ mod tests {
     /// only rounding differs, the two paths order the sums differently).
     #[test]
     fn cached_decoding_matches_the_full_forward_at_every_step() {
-        for (name, c) in configs() {
+        let keys = [KeyCache::Expanded, KeyCache::Compressed];
+        for ((name, c), keys) in configs().into_iter().flat_map(|c| keys.map(|k| (c.clone(), k))) {
             let m = Model::new(&c, &ModelInit::cpu(7)).to_double();
             let seq: Vec<i64> = (0..14).map(|i| (i * 17 + 3) % 61).collect();
             let all = Tensor::from_slice(&seq).view([1, -1]);
             let full = tch::no_grad(|| m.plain().forward(&all));
             let prompt = 5;
-            let mut cache = KvCache::new(&m, 1, seq.len() as i64, Device::Cpu).expect("cache");
+            let mut cache = KvCache::with_keys(&m, 1, seq.len() as i64, Device::Cpu, keys)
+                .expect("cache");
             let valid = Tensor::ones([1, prompt], (Kind::Bool, Device::Cpu));
             let l = tch::no_grad(|| {
                 m.plain()
@@ -554,7 +598,7 @@ mod tests {
             }
             assert!(
                 worst < 1e-10,
-                "{name}: cached vs full logits differ by {worst:e}"
+                "{name} ({keys:?} keys): cached vs full logits differ by {worst:e}"
             );
         }
     }
@@ -575,6 +619,7 @@ mod tests {
                 seed: 0,
                 eos: None,
                 max_context: 64,
+                key_cache: KeyCache::default(),
             };
             let together = generate(&m.plain(), &prompts, &r, 0, &mut |_, _| {}).expect("batch");
             for (i, p) in prompts.iter().enumerate() {
@@ -607,9 +652,14 @@ mod tests {
     fn the_cache_holds_n_k_keys_at_the_cached_dimension() {
         let c = cfg(2, 4, 40, KCompression::Projected, Some(4));
         let m = Model::new(&c, &ModelInit::cpu(1));
-        let cache = KvCache::new(&m, 1, 16, Device::Cpu).expect("cache");
+        let with = |k| KvCache::with_keys(&m, 1, 16, Device::Cpu, k).expect("cache");
         // 2 layers x (2 heads x 4 + 4 heads x 6) x 4 bytes (fp32 on CPU).
-        assert_eq!(cache.bytes_per_token(), 2 * (2 * 4 + 4 * 6) * 4);
+        let small = with(KeyCache::Compressed);
+        assert_eq!(small.bytes_per_token(), 2 * (2 * 4 + 4 * 6) * 4);
+        // Expanded: the keys at the dot-product dimension.
+        let dd = c.dot_dim() as i64;
+        assert_ne!(dd, 4);
+        assert_eq!(with(KeyCache::Expanded).bytes_per_token(), 2 * (2 * dd + 4 * 6) * 4);
     }
 
     #[test]
