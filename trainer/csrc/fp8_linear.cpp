@@ -148,7 +148,7 @@ bool quantize_kernels(const at::Tensor& x, at::ScalarType fmt, Amax kind, int64_
     sigma_kernels::disable();
     return false;
   }
-  out.scale = kind == kTensor ? inv.view({}) : inv.view({n, 1});
+  out.scale = kind == kTensor ? inv.squeeze(0) : inv.view({n, 1});
   return true;
 }
 
