@@ -576,14 +576,17 @@ mod tests {
     #[test]
     fn cached_decoding_matches_the_full_forward_at_every_step() {
         let keys = [KeyCache::Expanded, KeyCache::Compressed];
-        for ((name, c), keys) in configs().into_iter().flat_map(|c| keys.map(|k| (c.clone(), k))) {
+        for ((name, c), keys) in configs()
+            .into_iter()
+            .flat_map(|c| keys.map(|k| (c.clone(), k)))
+        {
             let m = Model::new(&c, &ModelInit::cpu(7)).to_double();
             let seq: Vec<i64> = (0..14).map(|i| (i * 17 + 3) % 61).collect();
             let all = Tensor::from_slice(&seq).view([1, -1]);
             let full = tch::no_grad(|| m.plain().forward(&all));
             let prompt = 5;
-            let mut cache = KvCache::with_keys(&m, 1, seq.len() as i64, Device::Cpu, keys)
-                .expect("cache");
+            let mut cache =
+                KvCache::with_keys(&m, 1, seq.len() as i64, Device::Cpu, keys).expect("cache");
             let valid = Tensor::ones([1, prompt], (Kind::Bool, Device::Cpu));
             let l = tch::no_grad(|| {
                 m.plain()
@@ -659,7 +662,10 @@ mod tests {
         // Expanded: the keys at the dot-product dimension.
         let dd = c.dot_dim() as i64;
         assert_ne!(dd, 4);
-        assert_eq!(with(KeyCache::Expanded).bytes_per_token(), 2 * (2 * dd + 4 * 6) * 4);
+        assert_eq!(
+            with(KeyCache::Expanded).bytes_per_token(),
+            2 * (2 * dd + 4 * 6) * 4
+        );
     }
 
     #[test]

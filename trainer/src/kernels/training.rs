@@ -704,7 +704,10 @@ mod tests {
                 "fp8_amax",
                 "fp8_cast",
             ] {
-                assert!(ptx.contains(&format!(".entry {k}")), "{k} missing from the PTX");
+                assert!(
+                    ptx.contains(&format!(".entry {k}")),
+                    "{k} missing from the PTX"
+                );
             }
             let converts = ptx.contains("cvt.rn.satfinite.e4m3x2.f32")
                 && ptx.contains("cvt.rn.satfinite.e5m2x2.f32");

@@ -276,8 +276,7 @@ impl Fp8Weights {
     /// and read inputs of one width.
     pub fn merged(&self, params: &Params, a: ParamId, b: ParamId) -> Option<Fp8Weight> {
         let (wa, wb) = (params.tensor(a), params.tensor(b));
-        if !(self.fp8[a.0] && self.fp8[b.0]) || wa.dim() != 2 || wa.size()[1..] != wb.size()[1..]
-        {
+        if !(self.fp8[a.0] && self.fp8[b.0]) || wa.dim() != 2 || wa.size()[1..] != wb.size()[1..] {
             return None;
         }
         self.sync(params);
