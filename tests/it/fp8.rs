@@ -445,7 +445,12 @@ fn the_block_linears_between_the_bf16_ends_run_in_fp8_and_nothing_else() {
 #[test]
 fn gate_and_up_are_one_fp8_weight() {
     use sigma_trainer::model::block::LayerWeight;
-    let m = mixed_model(Some(&fp8_config(0, 0, Fp8Recipe::Tensorwise, WeightGrad::Fp8)));
+    let m = mixed_model(Some(&fp8_config(
+        0,
+        0,
+        Fp8Recipe::Tensorwise,
+        WeightGrad::Fp8,
+    )));
     let f = m.fp8().expect("fp8");
     // (gate, up, their rows, their input's width: d_model, or AugQ's q)
     for (gate, up, n, width) in [
@@ -463,7 +468,10 @@ fn gate_and_up_are_one_fp8_weight() {
         let q = Fp8Weight::new(&w, Scaling::Tensorwise, f.plan.opts.margin);
         let y = fp8::linear(&x, &w.to_kind(Kind::BFloat16), &q, None, None, &f.plan.opts);
         let want = y.narrow(-1, 0, n).silu() * y.narrow(-1, n, n);
-        assert!(got.equal(&want), "{gate:?}/{up:?}: not the merged FP8 layer");
+        assert!(
+            got.equal(&want),
+            "{gate:?}/{up:?}: not the merged FP8 layer"
+        );
         let two = m.plain().linear(&x, g).silu() * m.plain().linear(&x, u);
         assert!(!got.equal(&two), "{gate:?}/{up:?}: the same as two scales");
         let rel = ((&got - &two).to_kind(Kind::Double).norm() / two.to_kind(Kind::Double).norm())
