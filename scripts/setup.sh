@@ -5,7 +5,8 @@
 #   - creates the Python venv .venv (ignored by git) with torch 2.11.0 (libtorch for
 #     tch; the CUDA build, which also runs on CPU-only machines) and the test
 #     services (moto[server], an S3-compatible server for the object-store tests)
-#     and transformers (the Hugging Face export is loaded and compared in a test)
+#     and transformers (the Hugging Face export is loaded and compared in a test),
+#     and the CUDA runtime's crt headers (the CUDA-graph shim builds against them)
 #   - builds the sigma binary in release mode against that libtorch
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,13 @@ fi
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.11.0")' >/dev/null 2>&1; then
   say "installing torch 2.11.0 into .venv (about 4.6 GB, a few minutes)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.11.0
+fi
+# The CUDA runtime's crt/ headers, which torch's CUDA wheels leave out: the CUDA-graph
+# shim (trainer/csrc/cuda_graph.cpp) is built against them; a small wheel (~170 kB).
+cuda=$(.venv/bin/python -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null || true)
+if [ "${cuda%%.*}" = 13 ] && ! .venv/bin/python -c 'import glob, sys, sysconfig; sys.exit(not glob.glob(sysconfig.get_paths()["purelib"] + "/nvidia/cu13/include/crt/host_config.h"))' >/dev/null 2>&1; then
+  say "installing the CUDA $cuda crt headers into .venv (for CUDA graphs)"
+  .venv/bin/pip install -q --disable-pip-version-check "nvidia-cuda-crt~=$cuda.0"
 fi
 if ! .venv/bin/python -c 'import moto.server, flask' >/dev/null 2>&1; then
   say "installing moto[server] into .venv"

@@ -4,8 +4,9 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
+use sigma_trainer::infer::decoder::StepMode;
 use sigma_trainer::infer::eval::{load, Loaded};
-use sigma_trainer::infer::generate::{generate, KeyCache, Request, Sampling};
+use sigma_trainer::infer::generate::{generate_timed, KeyCache, Request, Sampling, Timing};
 
 use crate::device::DeviceArg;
 
@@ -49,6 +50,25 @@ pub struct GenerateArgs {
     /// compressed (the smallest cache; expanded again at every step).
     #[arg(long, value_enum, default_value_t = KeyCacheArg::Expanded)]
     pub key_cache: KeyCacheArg,
+    /// On a GPU, record each decoding step as a CUDA graph (one per 256
+    /// positions) and replay it per token; off: launch every kernel from
+    /// the host. Prefill is never recorded.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub cuda_graph: Switch,
+    /// Generate exactly --max-new-tokens tokens, not stopping at the
+    /// end-of-text token (for timing).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print the prefill and decoding times of each batch on stderr (one
+    /// JSON line per batch).
+    #[arg(long)]
+    pub timing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -151,11 +171,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
         },
         seed: a.seed,
-        eos: Some(tok.eos_id),
+        eos: (!a.ignore_eos).then_some(tok.eos_id),
         max_context,
         key_cache: match a.key_cache {
             KeyCacheArg::Expanded => KeyCache::Expanded,
             KeyCacheArg::Compressed => KeyCache::Compressed,
+        },
+        steps: match a.cuda_graph {
+            Switch::On => StepMode::Graph,
+            Switch::Off => StepMode::Eager,
         },
     };
     let encoded: Vec<Vec<u32>> = prompts
@@ -163,15 +187,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .map(|p| tok.encode(p))
         .collect::<Result<_, _>>()?;
     if a.prompt.is_some() {
-        stream(&loaded, &prompts[0], &encoded, &request)
+        stream(&loaded, &prompts[0], &encoded, &request, a.timing)
     } else {
-        json_lines(&loaded, &prompts, &encoded, &request, a.batch)
+        json_lines(&loaded, &prompts, &encoded, &request, a.batch, a.timing)
     }
 }
 
 /// One prompt: print the prompt, then the decoded text as it grows (a token
 /// may complete a character only later).
-fn stream(loaded: &Loaded, prompt: &str, encoded: &[Vec<u32>], request: &Request) -> Result<()> {
+fn stream(
+    loaded: &Loaded,
+    prompt: &str,
+    encoded: &[Vec<u32>],
+    request: &Request,
+    timing: bool,
+) -> Result<()> {
     let tok = &loaded.tokenizer;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -186,7 +216,7 @@ fn stream(loaded: &Loaded, prompt: &str, encoded: &[Vec<u32>], request: &Request
         }
         Ok(())
     };
-    generate(&loaded.fwd(), encoded, request, 0, &mut |_, t| {
+    let (_, times) = generate_timed(&loaded.fwd(), encoded, request, 0, &mut |_, t| {
         if let Err(e) = start(&mut out) {
             failed.get_or_insert(e);
         }
@@ -205,6 +235,9 @@ fn stream(loaded: &Loaded, prompt: &str, encoded: &[Vec<u32>], request: &Request
     })?;
     start(&mut out)?;
     writeln!(out)?;
+    if timing {
+        report(encoded, &times);
+    }
     if let Some(e) = failed {
         return Err(e.into());
     }
@@ -218,15 +251,20 @@ fn json_lines(
     encoded: &[Vec<u32>],
     request: &Request,
     batch: usize,
+    timing: bool,
 ) -> Result<()> {
     let tok = &loaded.tokenizer;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for (c, chunk) in encoded.chunks(batch).enumerate() {
         let first = c * batch;
-        let new = generate(&loaded.fwd(), chunk, request, first as u64, &mut |_, _| {})?;
+        let (new, times) =
+            generate_timed(&loaded.fwd(), chunk, request, first as u64, &mut |_, _| {})?;
+        if timing {
+            report(chunk, &times);
+        }
         for (j, ids) in new.iter().enumerate() {
-            let stopped = ids.last() == Some(&tok.eos_id);
+            let stopped = request.eos.is_some() && ids.last() == request.eos.as_ref();
             let text_ids = if stopped {
                 &ids[..ids.len() - 1]
             } else {
@@ -245,4 +283,24 @@ fn json_lines(
         out.flush()?;
     }
     Ok(())
+}
+
+/// One JSON line on stderr: a batch's prefill and decoding times.
+fn report(batch: &[Vec<u32>], t: &Timing) {
+    let per = if t.steps > 0 {
+        t.decode_s / t.steps as f64
+    } else {
+        0.0
+    };
+    let row = serde_json::json!({
+        "batch": batch.len(),
+        "prompt_tokens": batch.iter().map(|p| p.len()).max().unwrap_or(0),
+        "prefill_ms": t.prefill_s * 1e3,
+        "decode_steps": t.steps,
+        "decode_ms_per_step": per * 1e3,
+        "tokens_per_s": if per > 0.0 { batch.len() as f64 / per } else { 0.0 },
+        "steps": format!("{:?}", t.mode).to_lowercase(),
+        "cuda_graphs": t.graphs,
+    });
+    eprintln!("{row}");
 }

@@ -1,13 +1,15 @@
 //! `sigma bench decode --model CONFIG`: whole-model decoding tokens/s of a
 //! config's model (random weights: speed does not depend on them) against
 //! its GQA counterpart, at each batch size and context length, with the
-//! decode kernel and with the tensor-operation path, and how close a step
-//! comes to the memory bound: the weights and the cache read once per step
+//! decode kernel and with the tensor-operation path (steps launched from the
+//! host), and with the decode kernel recorded as a CUDA graph and replayed
+//! (on a GPU: infer::decoder), and how close a step comes to the memory bound: the weights and the cache read once per step
 //! at the memory's bandwidth (a table by GPU name, `--peak-gbps`, or a
 //! measured device-to-device copy; the header says which).
 
 use anyhow::{bail, Result};
 use sigma_trainer::config::{KCompression, ModelConfig, RunConfig};
+use sigma_trainer::infer::decoder::{Decoder, StepMode};
 use sigma_trainer::infer::generate::KvCache;
 use sigma_trainer::model::ModelInit;
 use sigma_trainer::{kernels, Model};
@@ -69,8 +71,9 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
     }
     let (gbps, source) = bandwidth(a.peak_gbps, device)?;
     println!("memory bandwidth {gbps:.1} GB/s ({source}); the bound of a step: its weights and its sequences' cache read once at that rate");
+    println!("\"kernel\" and \"ops\": steps launched from the host; \"graph\": the kernel's step recorded as a CUDA graph and replayed (GPU); \"of bound\": the fastest step's share of the bound");
     println!(
-        "{:<8} {:>9} {:>6} {:>8} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>9}",
+        "{:<8} {:>9} {:>6} {:>8} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9}",
         "model",
         "heads",
         "batch",
@@ -79,7 +82,9 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
         "cache MB",
         "kernel tok/s",
         "ops tok/s",
+        "graph tok/s",
         "kernel ms",
+        "graph ms",
         "bound ms",
         "of bound"
     );
@@ -228,7 +233,12 @@ fn time_case(
     };
     let timed = time(true, &mut cache).and_then(|k| Ok((k, time(false, &mut cache)?)));
     kernels::decode::set_decode_kernel(true);
-    let (kernel, ops) = match timed {
+    let fwd = model.frozen();
+    let graphed = match (&timed, device.is_cuda()) {
+        (Ok(_), true) => time_graph(c, &fwd, cache, (b, s), a.steps).map(Some),
+        _ => Ok(None),
+    };
+    let (kernel, ops, graph) = match timed.and_then(|(k, o)| Ok((k, o, graphed?))) {
         Ok(t) => t,
         Err(e) if e.to_string().contains("out of memory") => {
             println!("{name:<8} {heads:>9} {b:>6} {s:>8}  (out of memory: skipped)");
@@ -236,18 +246,48 @@ fn time_case(
         }
         Err(e) => return Err(e),
     };
-    let (bound_s, share) = bound(case.weights + bytes, case.gbps, kernel);
+    let best = graph.map_or(kernel, |g| g.min(kernel));
+    let (bound_s, share) = bound(case.weights + bytes, case.gbps, best);
+    let dash = || "-".to_string();
     println!(
-        "{name:<8} {heads:>9} {b:>6} {s:>8} {:>10.1} {:>10.3} {:>12.1} {:>12.1} {:>10.3} {:>10.4} {:>8.2}%",
+        "{name:<8} {heads:>9} {b:>6} {s:>8} {:>10.1} {:>10.3} {:>12.1} {:>12.1} {:>12} {:>10.3} {:>10} {:>10.4} {:>8.2}%",
         case.weights as f64 / 1e6,
         bytes as f64 / 1e6,
         b as f64 / kernel,
         b as f64 / ops,
+        graph.map_or_else(dash, |g| format!("{:.1}", b as f64 / g)),
         kernel * 1e3,
+        graph.map_or_else(dash, |g| format!("{:.3}", g * 1e3)),
         bound_s * 1e3,
         100.0 * share
     );
     Ok(())
+}
+
+/// The median step of batch `b` at context `s` recorded as CUDA graphs
+/// and replayed (the first step of each bucket records, in the warm-up).
+fn time_graph(
+    c: &ModelConfig,
+    fwd: &sigma_trainer::model::Fwd<'_>,
+    mut cache: KvCache,
+    (b, s): (i64, i64),
+    steps: usize,
+) -> Result<f64> {
+    let device = cache.device();
+    cache.pretend_filled(s);
+    let mut decoder = Decoder::new(fwd, cache, StepMode::Graph)?;
+    if decoder.mode() != StepMode::Graph {
+        bail!("CUDA graphs cannot run here (see the warning above)");
+    }
+    let tokens = Tensor::randint(c.vocab_size as i64, [b], (Kind::Int64, device));
+    let t = median_time(device, steps, &mut || {
+        let _ = tch::no_grad(|| decoder.step(&tokens))?;
+        Ok(())
+    })?;
+    if decoder.mode() != StepMode::Graph {
+        bail!("recording the step as a CUDA graph failed (see the warning above)");
+    }
+    Ok(t)
 }
 
 #[cfg(test)]

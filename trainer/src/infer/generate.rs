@@ -24,9 +24,11 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::decoder::{Decoder, StepMode};
 use crate::error::{Result, TrainError};
 use crate::model::block::{wiring, LayerWeight as W, Part, Val, Vals};
 use crate::model::key::ParamKey;
+use crate::model::ops::Positions;
 use crate::model::{Fwd, Model};
 use sigma_data::rng::SplitMix64;
 
@@ -126,12 +128,23 @@ impl KvCache {
     }
 
     /// Mark the first `len` slots of every sequence as holding tokens,
-    /// whatever they hold: for timing decoding at a given context without
-    /// a prefill (`sigma bench decode --model`).
+    /// whatever they hold, and the rest as empty: for timing decoding at a
+    /// given context without a prefill (`sigma bench decode --model`).
     pub fn pretend_filled(&mut self, len: i64) {
         let len = len.min(self.capacity);
         let _ = self.valid.narrow(1, 0, len).fill_(1);
+        let _ = self.valid.narrow(1, len, self.capacity - len).fill_(0);
         self.len = len;
+    }
+
+    /// The device the cache is on.
+    pub fn device(&self) -> Device {
+        self.valid.device()
+    }
+
+    /// Sequences the cache holds.
+    pub fn batch(&self) -> i64 {
+        self.valid.size()[0]
     }
 
     /// Bytes the cache holds per token (all layers), at its dtype.
@@ -198,10 +211,34 @@ pub fn decode_attention_ops(
 }
 
 /// How a generation pass attends: prefill over the prompt with a mask, or
-/// one decoding step against the whole cache.
+/// one decoding step against the cache.
 enum Mode<'m> {
-    Prefill { mask: &'m Tensor },
-    Decode { pos: i64 },
+    Prefill {
+        mask: &'m Tensor,
+    },
+    /// One token per sequence at slot `pos`, attending to slots `0..=pos`.
+    Decode {
+        pos: i64,
+    },
+    /// One token per sequence at the slot held by the device tensor `pos`
+    /// ([1], int64), attending to the first `span` slots under the cache's
+    /// slot mask: shapes and launches that do not depend on the position
+    /// below `span`, so a CUDA graph can record them (infer::decoder).
+    Static {
+        pos: &'m Tensor,
+        span: i64,
+    },
+}
+
+impl Mode<'_> {
+    /// The positions of the pass's tokens.
+    fn positions(&self) -> Positions<'_> {
+        match self {
+            Mode::Prefill { .. } => Positions::From(0),
+            Mode::Decode { pos } => Positions::From(*pos),
+            Mode::Static { pos, span } => Positions::Device { pos, span: *span },
+        }
+    }
 }
 
 impl Fwd<'_> {
@@ -226,6 +263,33 @@ impl Fwd<'_> {
         let h = self.run_blocks(cache, tokens, Mode::Prefill { mask: &mask })?;
         cache.len = t;
         Ok(self.head_logits(&h.narrow(1, t - 1, 1)).squeeze_dim(1))
+    }
+
+    /// One decoding step with static shapes: `tokens` [b] at the slot that
+    /// `pos` ([1], int64, on the cache's device) holds, below `span` (at
+    /// most the capacity), attending to the first `span` slots under the
+    /// slot mask; returns logits [b, vocab]. Reads no value to the host and
+    /// leaves `cache.len` to the caller, so a CUDA graph can record it
+    /// (infer::decoder). Slots from `pos + 1` to `span` must be marked
+    /// empty (a fresh cache's are).
+    pub fn decode_step_static(
+        &self,
+        cache: &mut KvCache,
+        tokens: &Tensor,
+        pos: &Tensor,
+        span: i64,
+    ) -> Result<Tensor> {
+        let b = tokens.size()[0];
+        if span > cache.capacity || span < 1 {
+            return Err(TrainError::internal_state(format!(
+                "a static decoding step over {span} slots of a cache of {}",
+                cache.capacity
+            )));
+        }
+        let _ = cache.valid.f_index_fill_(1, pos, 1)?;
+        let mode = Mode::Static { pos, span };
+        let h = self.run_blocks(cache, &tokens.view([b, 1]), mode)?;
+        Ok(self.head_logits(&h).squeeze_dim(1))
     }
 
     /// One decoding step: `tokens` [b] at the next slot; returns logits [b, vocab].
@@ -300,18 +364,27 @@ impl Fwd<'_> {
         let q0 = self.q0(l, &h);
         let raw = self.keys_raw(l, &h);
         let v = self.values(l, &h);
-        let (start, t) = match mode {
-            Mode::Prefill { .. } => (0, h.size()[1]),
-            Mode::Decode { pos } => (*pos, 1),
-        };
         let roped = (!cache.raw_keys || matches!(mode, Mode::Prefill { .. }))
-            .then(|| self.keys_from_raw(l, &raw, start));
+            .then(|| self.keys_from_raw(l, &raw, mode.positions()));
         let stored = match &roped {
             Some(k) if !cache.raw_keys => k.shallow_clone(),
             _ => raw.transpose(1, 2),
         };
-        cache.k[l].narrow(2, start, t).copy_(&stored);
-        cache.v[l].narrow(2, start, t).copy_(&v);
+        match mode {
+            Mode::Prefill { .. } | Mode::Decode { .. } => {
+                let start = match mode {
+                    Mode::Decode { pos } => *pos,
+                    _ => 0,
+                };
+                let t = h.size()[1];
+                cache.k[l].narrow(2, start, t).copy_(&stored);
+                cache.v[l].narrow(2, start, t).copy_(&v);
+            }
+            Mode::Static { pos, .. } => {
+                let _ = cache.k[l].index_copy_(2, pos, &stored);
+                let _ = cache.v[l].index_copy_(2, pos, &v);
+            }
+        }
         vals.set(Val::Q0, q0);
         if let Some(k) = roped {
             vals.set(Val::K, k);
@@ -339,13 +412,19 @@ impl Fwd<'_> {
                 let (k, v) = (vals.get(Val::K), vals.get(Val::V));
                 Ok(self.attend_masked(l, &self.query_heads(q), k, v, mask))
             }
-            Mode::Decode { pos } => {
-                let q = self.query_heads_at(q, *pos).to_kind(self.compute);
-                let n = pos + 1;
+            Mode::Decode { .. } | Mode::Static { .. } => {
+                let q = self
+                    .query_heads_at(q, mode.positions())
+                    .to_kind(self.compute);
+                let n = match mode {
+                    Mode::Decode { pos } => pos + 1,
+                    Mode::Static { span, .. } => *span,
+                    Mode::Prefill { .. } => unreachable!("matched above"),
+                };
                 let k = cache.k[l].narrow(2, 0, n);
                 let k = if cache.raw_keys {
                     // Contiguous rows, as the decode kernel reads them (made anew each step anyway).
-                    self.keys_from_raw(l, &k.transpose(1, 2), 0)
+                    self.keys_from_raw(l, &k.transpose(1, 2), Positions::From(0))
                         .to_kind(self.compute)
                         .contiguous()
                 } else {
@@ -439,6 +518,8 @@ pub struct Request {
     pub max_context: usize,
     /// The keys of the projected K-compression reading in the cache.
     pub key_cache: KeyCache,
+    /// How decoding steps run (CUDA graphs by default, on a GPU).
+    pub steps: StepMode,
 }
 
 /// Generate for a batch of prompts; `on_token(sequence, token)` sees each
@@ -450,6 +531,35 @@ pub fn generate(
     first_stream: u64,
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<Vec<Vec<u32>>> {
+    generate_timed(model, prompts, r, first_stream, on_token).map(|(out, _)| out)
+}
+
+/// Where a [`generate_timed`] call spent its time (host clock; every step
+/// ends with its logits copied to the host, so each interval is complete).
+#[derive(Clone, Debug, Default)]
+pub struct Timing {
+    /// From the start to the first new tokens chosen: the prefill, its
+    /// logits to the host and sampling.
+    pub prefill_s: f64,
+    /// Decoding steps run after the prefill, and their time (each step,
+    /// its logits to the host, sampling).
+    pub steps: usize,
+    pub decode_s: f64,
+    /// How the steps ran, and the CUDA graphs recorded.
+    pub mode: StepMode,
+    pub graphs: usize,
+}
+
+/// [`generate`], also returning where the time went.
+pub fn generate_timed(
+    model: &Fwd<'_>,
+    prompts: &[Vec<u32>],
+    r: &Request,
+    first_stream: u64,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<(Vec<Vec<u32>>, Timing)> {
+    let started = std::time::Instant::now();
+    let mut timing = Timing::default();
     let device = model.params.flat.device();
     let b = prompts.len();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -483,13 +593,15 @@ pub fn generate(
         .view([b64, t64])
         .to_device(device);
     let capacity = t64 + r.max_new_tokens as i64;
-    let mut cache = KvCache::with_keys(model, b64, capacity, device, r.key_cache)?;
+    let cache = KvCache::with_keys(model, b64, capacity, device, r.key_cache)?;
+    let mut decoder = Decoder::new(model, cache, r.steps)?;
     let mut rngs: Vec<SplitMix64> = (0..b)
         .map(|i| stream_rng(r.seed, first_stream + i as u64))
         .collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
-    let mut logits = tch::no_grad(|| model.prefill(&mut cache, &tokens, &valid))?;
+    let mut logits = tch::no_grad(|| decoder.prefill(&tokens, &valid))?;
+    let mut decoding: Option<std::time::Instant> = None;
     for _ in 0..r.max_new_tokens {
         let l = logits
             .to_kind(Kind::Float)
@@ -512,13 +624,21 @@ pub fn generate(
                 done[i] = true;
             }
         }
+        if decoding.is_none() {
+            timing.prefill_s = started.elapsed().as_secs_f64();
+            decoding = Some(std::time::Instant::now());
+        }
         if done.iter().all(|&d| d) || out.iter().all(|o| o.len() == r.max_new_tokens) {
             break;
         }
         let t = Tensor::from_slice(&next).to_device(device);
-        logits = tch::no_grad(|| model.decode_step(&mut cache, &t))?;
+        logits = tch::no_grad(|| decoder.step(&t))?;
+        timing.steps += 1;
     }
-    Ok(out)
+    timing.decode_s = decoding.map_or(0.0, |d| d.elapsed().as_secs_f64());
+    timing.mode = decoder.mode();
+    timing.graphs = decoder.graphs();
+    Ok((out, timing))
 }
 
 #[cfg(test)]
@@ -623,6 +743,7 @@ mod tests {
                 eos: None,
                 max_context: 64,
                 key_cache: KeyCache::default(),
+                steps: StepMode::Eager,
             };
             let together = generate(&m.plain(), &prompts, &r, 0, &mut |_, _| {}).expect("batch");
             for (i, p) in prompts.iter().enumerate() {
@@ -648,6 +769,59 @@ mod tests {
                 max_diff(&l.get(0), &alone.get(0).get(2)) < 1e-10,
                 "{name}: padded prefill"
             );
+        }
+    }
+
+    /// The static step (what a CUDA graph records: the slot on the device,
+    /// attention over a bucket of slots under the slot mask) gives the eager
+    /// step's logits at every step (f64: rounding only), so greedy
+    /// generation picks the same tokens: every kind of model, both key
+    /// caches, a left-padded batch whose steps cross a bucket boundary.
+    #[test]
+    fn static_steps_decode_like_eager_steps() {
+        use crate::infer::decoder::{Decoder, StepMode, SPAN_BUCKET};
+        let keys = [KeyCache::Expanded, KeyCache::Compressed];
+        for ((name, c), keys) in configs()
+            .into_iter()
+            .flat_map(|c| keys.map(|k| (c.clone(), k)))
+        {
+            let m = Model::new(&c, &ModelInit::cpu(5)).to_double();
+            let fwd = m.plain();
+            let longest = SPAN_BUCKET - 3;
+            let ids: Vec<i64> = (0..2 * longest).map(|i| (i * 7 + 1) % 61).collect();
+            let mut valid = vec![true; 2 * longest as usize];
+            valid[longest as usize..2 * longest as usize - 5].fill(false); // row 2: 5 tokens, left-padded
+            let tokens = Tensor::from_slice(&ids).view([2, longest]);
+            let valid = Tensor::from_slice(&valid).view([2, longest]);
+            let capacity = longest + 10;
+            let decoder = |mode| {
+                let cache = KvCache::with_keys(&m, 2, capacity, Device::Cpu, keys).expect("cache");
+                Decoder::new(&fwd, cache, mode).expect("decoder")
+            };
+            let (mut eager, mut fixed) = (decoder(StepMode::Eager), decoder(StepMode::Static));
+            assert_eq!(fixed.mode(), StepMode::Static);
+            assert_eq!(
+                decoder(StepMode::Graph).mode(),
+                StepMode::Eager,
+                "no graphs on a CPU"
+            );
+            let mut a = tch::no_grad(|| eager.prefill(&tokens, &valid)).expect("prefill");
+            let mut b = tch::no_grad(|| fixed.prefill(&tokens, &valid)).expect("prefill");
+            for step in 0..10 {
+                let next = a.argmax(-1, false);
+                assert_eq!(
+                    Vec::<i64>::try_from(&next).unwrap(),
+                    Vec::<i64>::try_from(&b.argmax(-1, false)).unwrap(),
+                    "{name} ({keys:?} keys): step {step} picks other tokens"
+                );
+                a = tch::no_grad(|| eager.step(&next)).expect("eager step");
+                b = tch::no_grad(|| fixed.step(&next)).expect("static step");
+                let d = max_diff(&a, &b);
+                assert!(d < 1e-10, "{name} ({keys:?} keys): step {step}: {d:e}");
+            }
+            assert_eq!(fixed.cache.len, capacity);
+            let full = tch::no_grad(|| fixed.step(&a.argmax(-1, false)));
+            assert!(full.is_err(), "{name}: a step past the capacity");
         }
     }
 

@@ -1,4 +1,6 @@
-//! Evaluation (`sigma eval`, validation) and generation (`sigma generate`).
+//! Evaluation (`sigma eval`, validation) and generation (`sigma generate`,
+//! its decoding steps eager or as CUDA graphs in `decoder`).
 
+pub mod decoder;
 pub mod eval;
 pub mod generate;

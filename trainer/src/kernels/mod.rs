@@ -1,8 +1,9 @@
 //! What tch does not bind: kernels of sigma's own compiled with NVRTC
 //! (`decode`, `training`) and C++ shims over libtorch (`fused`,
-//! `gpu_memory`, `fp8`: FP8 matmuls, and the loading of CUDA libraries in
-//! `cuda_libs`).
+//! `gpu_memory`, `fp8`: FP8 matmuls, `cuda_graph`: libtorch's CUDA graphs,
+//! and the loading of CUDA libraries in `cuda_libs`).
 
+pub mod cuda_graph;
 pub mod cuda_libs;
 pub mod decode;
 pub mod fp8;

@@ -27,6 +27,7 @@ use tch::Tensor;
 
 use crate::config::{KCompression, ModelConfig};
 use crate::model::decl::{Decl, ParamKind, Split};
+use crate::model::ops::Positions;
 use crate::model::Fwd;
 
 /// A weight of a transformer block.
@@ -329,10 +330,10 @@ impl Fwd<'_> {
         self.rope_seq(&q.view([b, t, -1, dd])).transpose(1, 2)
     }
 
-    /// `query_heads` for positions `start..start + t` (decoding).
-    pub fn query_heads_at(&self, q: &Tensor, start: i64) -> Tensor {
+    /// `query_heads` at positions `at` (decoding).
+    pub fn query_heads_at(&self, q: &Tensor, at: Positions<'_>) -> Tensor {
         let (b, t, dd) = (q.size()[0], q.size()[1], self.cfg.dot_dim() as i64);
-        self.rope_at(&q.view([b, t, -1, dd]), start).transpose(1, 2)
+        self.rope(&q.view([b, t, -1, dd]), at).transpose(1, 2)
     }
 
     /// Key heads after projection, optional up-projection and RoPE: [b, k_heads, t, dot_dim].
@@ -358,15 +359,15 @@ impl Fwd<'_> {
         ])
     }
 
-    /// Raw keys [b, t, k_heads, k_cache_dim] at positions `start..start + t`
-    /// -> keys for the dot product [b, k_heads, t, dot_dim]: the projected
-    /// reading's up-projection, then RoPE.
-    pub fn keys_from_raw(&self, l: usize, k: &Tensor, start: i64) -> Tensor {
+    /// Raw keys [b, t, k_heads, k_cache_dim] at positions `at` -> keys for
+    /// the dot product [b, k_heads, t, dot_dim]: the projected reading's
+    /// up-projection, then RoPE.
+    pub fn keys_from_raw(&self, l: usize, k: &Tensor, at: Positions<'_>) -> Tensor {
         let k = match self.try_lid(l, W::KUp) {
             Some(up) => self.linear(k, up),
             None => k.shallow_clone(),
         };
-        self.rope_at(&k, start).transpose(1, 2)
+        self.rope(&k, at).transpose(1, 2)
     }
 
     /// Value heads: [b, v_heads, t, v_head_dim].

@@ -215,10 +215,25 @@ impl Fwd<'_> {
     /// own, so a longer table holds the same values): decoding one position
     /// after another reuses a few tables instead of making one per length.
     pub fn rope_at(&self, x: &Tensor, start: i64) -> Tensor {
+        self.rope(x, Positions::From(start))
+    }
+
+    /// [`Fwd::rope_at`] at `at`: positions known on the host, or one token
+    /// at a position held on the device, whose table rows are gathered there
+    /// (the same values, so the same result to the bit).
+    pub fn rope(&self, x: &Tensor, at: Positions<'_>) -> Tensor {
         let size = x.size();
         let (b, t, h, dim) = (size[0], size[1], size[2], size[3]);
-        let len = ((start + t) as u64).next_power_of_two() as i64;
+        let (rows, start) = match at {
+            Positions::From(start) => (start + t, start),
+            Positions::Device { span, .. } => (span, 0),
+        };
+        let len = (rows as u64).next_power_of_two() as i64;
         let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
+        let (cos, sin) = match at {
+            Positions::From(_) => (cos, sin),
+            Positions::Device { pos, .. } => (cos.index_select(0, pos), sin.index_select(0, pos)),
+        };
         if let Some(y) = crate::kernels::training::rope(x, &cos, &sin, start) {
             return y;
         }
@@ -251,4 +266,15 @@ impl Fwd<'_> {
             .collect();
         Tensor::cat(&parts, 1)
     }
+}
+
+/// Where the tokens that RoPE rotates sit.
+#[derive(Clone, Copy)]
+pub enum Positions<'a> {
+    /// `start..start + t`, known on the host.
+    From(i64),
+    /// One token per sequence at the position held by `pos` ([1], int64,
+    /// on the tensors' device), below `span`: no host value enters, so a
+    /// CUDA graph that records it serves any position below `span`.
+    Device { pos: &'a Tensor, span: i64 },
 }
