@@ -52,9 +52,11 @@ pub struct GenerateArgs {
     pub key_cache: KeyCacheArg,
     /// On a GPU, record each decoding step as a CUDA graph (one per 256
     /// positions) and replay it per token; off: launch every kernel from
-    /// the host. Prefill is never recorded.
-    #[arg(long, value_enum, default_value_t = Switch::On)]
-    pub cuda_graph: Switch,
+    /// the host; static: the recorded step's arithmetic without recording
+    /// (for checks: it gives the graphs' tokens to the bit). Prefill is
+    /// never recorded.
+    #[arg(long, value_enum, default_value_t = GraphArg::On)]
+    pub cuda_graph: GraphArg,
     /// Generate exactly --max-new-tokens tokens, not stopping at the
     /// end-of-text token (for timing).
     #[arg(long)]
@@ -66,9 +68,10 @@ pub struct GenerateArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Switch {
+pub enum GraphArg {
     On,
     Off,
+    Static,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -178,8 +181,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             KeyCacheArg::Compressed => KeyCache::Compressed,
         },
         steps: match a.cuda_graph {
-            Switch::On => StepMode::Graph,
-            Switch::Off => StepMode::Eager,
+            GraphArg::On => StepMode::Graph,
+            GraphArg::Off => StepMode::Eager,
+            GraphArg::Static => StepMode::Static,
         },
     };
     let encoded: Vec<Vec<u32>> = prompts

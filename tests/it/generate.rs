@@ -66,6 +66,17 @@ fn generation_reproduces_and_exports_generate_the_same() {
         "a seed fixes the sample"
     );
 
+    // The CUDA-graph step's arithmetic without recording (slot on the
+    // device, attention over a bucket under the mask) picks the same tokens;
+    // graphs asked for on a CPU decode eagerly.
+    let with = |mode: &str| {
+        let mut g = greedy.to_vec();
+        g.extend(["--cuda-graph", mode]);
+        ok(generate(&ck, &g))
+    };
+    assert_eq!(with("static"), a, "static steps");
+    assert_eq!(with("off"), a, "eager steps");
+
     let export = d.path().join("export");
     export_checkpoint(&ck, &export, &["--format", "hf"]);
     assert_eq!(
@@ -107,6 +118,62 @@ fn generation_reproduces_and_exports_generate_the_same() {
         // Fewer than asked only on EOS.
         let stop = r["stop"].as_str().expect("stop");
         assert!(stop == "eos" || (stop == "length" && n == 5), "{r}");
+    }
+}
+
+/// `--timing` reports each batch's prefill and steps on stderr (one JSON
+/// line per batch), and `--ignore-eos` generates exactly the tokens asked for.
+#[test]
+fn generation_reports_its_timing_and_can_ignore_eos() {
+    let d = tempfile::tempdir().expect("tmp");
+    let ck = checkpoint(d.path());
+    let prompts = d.path().join("prompts.txt");
+    write_file(&prompts, b"one\ntwo three\nfour\n");
+    let o = generate(
+        &ck,
+        &[
+            "--prompts",
+            &prompts.to_string_lossy(),
+            "--max-new-tokens",
+            "7",
+            "--batch",
+            "2",
+            "--ignore-eos",
+            "--timing",
+            "--temperature",
+            "0",
+        ],
+    );
+    let out = ok(o.clone());
+    for l in out.lines() {
+        let r: serde_json::Value = serde_json::from_str(l).expect("json line");
+        assert_eq!(
+            (r["new_tokens"].as_u64(), r["stop"].as_str()),
+            (Some(7), Some("length")),
+            "{l}"
+        );
+    }
+    let times: Vec<serde_json::Value> = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("timing json"))
+        .collect();
+    assert_eq!(times.len(), 2, "two batches: {}", stderr(&o));
+    for (t, b) in times.iter().zip([2, 1]) {
+        assert_eq!(t["batch"], b, "{t}");
+        assert_eq!(
+            t["decode_steps"], 6,
+            "7 tokens: one from the prefill, 6 steps: {t}"
+        );
+        assert_eq!(t["steps"], "eager", "no graphs on a CPU: {t}");
+        assert_eq!(t["cuda_graphs"], 0, "{t}");
+        let ms = t["decode_ms_per_step"].as_f64().expect("ms");
+        let tps = t["tokens_per_s"].as_f64().expect("tok/s");
+        assert!(
+            ms > 0.0 && t["prefill_ms"].as_f64().expect("prefill") > 0.0,
+            "{t}"
+        );
+        assert!((tps - b as f64 / (ms / 1e3)).abs() < 1e-6 * tps, "{t}");
     }
 }
 
@@ -237,7 +304,10 @@ fn bench_decode_model_times_the_config_and_its_gqa_counterpart() {
             .map(|w| {
                 w[2..]
                     .iter()
-                    .map(|x| x.trim_end_matches('%').parse().expect("a number"))
+                    .map(|x| match *x {
+                        "-" => f64::NAN, // no graph column off a GPU
+                        x => x.trim_end_matches('%').parse().expect("a number"),
+                    })
                     .collect()
             })
             .collect()
@@ -269,13 +339,18 @@ fn bench_decode_model_times_the_config_and_its_gqa_counterpart() {
             .parse()
             .expect("GB/s")
     };
-    // batch, context, weights MB, cache MB, kernel tok/s, ops tok/s, kernel ms, bound ms, of bound %.
+    // batch, context, weights MB, cache MB, kernel tok/s, ops tok/s, graph
+    // tok/s, kernel ms, graph ms, bound ms, of bound %.
     let check = |out: &str| {
         let g = gbps(out);
         for r in rows(out) {
-            let [b, s, w_mb, c_mb, tok_s, ops_tok_s, ms, bound_ms, share] = r[..] else {
+            let [b, s, w_mb, c_mb, tok_s, ops_tok_s, graph_tok_s, ms, graph_ms, bound_ms, share] =
+                r[..]
+            else {
                 panic!("{r:?}\n{out}");
             };
+            // CUDA graphs run on a GPU only.
+            assert!(graph_tok_s.is_nan() && graph_ms.is_nan(), "{r:?}\n{out}");
             assert_eq!((b, [16.0, 32.0].contains(&s)), (2.0, true), "{out}");
             assert!(tok_s > 0.0 && ops_tok_s > 0.0 && tok_s.is_finite(), "{r:?}");
             // A step gives one token per sequence.
