@@ -329,11 +329,16 @@ class SigmaForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+    def create_masks_for_generate(
+        self, config, inputs_embeds, attention_mask, cache=None, position_ids=None, **kwargs
+    ):
         """The mask of a forward under `generate()` with a static cache,
         made before the (compiled) forward: boolean [b or 1, 1, t, max_cache_len]
         from the 2-D padding mask (or none) and the cache's length, which is
-        read as a device tensor (no synchronisation, no recompilation)."""
+        read as a device tensor (no synchronisation, no recompilation). (The
+        cache comes as `cache`, or as `past_key_values` before transformers 5.2x.)"""
+        if cache is None:
+            cache = kwargs.get("past_key_values")
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask
         t = inputs_embeds.shape[1]
