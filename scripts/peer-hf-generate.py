@@ -34,7 +34,9 @@ cost of one decoding step for the whole batch. tokens_per_s counts all B*N
 new tokens over total_ms; decode_tokens_per_s = B / decode step. The device
 is synchronised around each call. One JSON line per repeat, then one with
 the medians ("run": "median"). --show first prints each prompt's
-completion as `sigma generate --prompts` does ({"prompt", "completion"}).
+completion as `sigma generate --prompts` does ({"prompt", "completion"}),
+with its token ids ("tokens": ids past the tokenizer's vocabulary, which
+a freshly initialised model picks, decode to no text).
 """
 
 import argparse
@@ -106,7 +108,7 @@ def parse_args():
     ap.add_argument(
         "--show",
         action="store_true",
-        help='also print each prompt\'s greedy completion as a JSON line {"prompt", "completion"}',
+        help='also print each prompt\'s greedy completion as a JSON line {"prompt", "completion", "tokens"}',
     )
     a = ap.parse_args()
     if a.batch < 1:
@@ -216,7 +218,8 @@ def main():
     if a.show:
         run(n)
         for p, row in zip(batch, last["out"][:, longest:].tolist()):
-            print(json.dumps({"prompt": p, "completion": tok.decode(row, skip_special_tokens=True)}), flush=True)
+            text = tok.decode(row, skip_special_tokens=True)
+            print(json.dumps({"prompt": p, "completion": text, "tokens": row}), flush=True)
     info = {
         "peer": "transformers generate()",
         "export": os.path.basename(os.path.normpath(a.export)),
