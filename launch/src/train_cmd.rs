@@ -38,7 +38,23 @@ pub enum CheckpointCommand {
     Inspect { path: std::path::PathBuf },
     /// One consolidated safetensors file, config.json and the tokenizer, for use outside sigma.
     Export {
-        path: std::path::PathBuf,
+        /// The checkpoint (`step-NNNNNNN/`) to export.
+        #[arg(required_unless_present = "init", conflicts_with = "init")]
+        path: Option<std::path::PathBuf>,
+        /// Export a freshly initialised model of this run config instead of a
+        /// checkpoint (no training): the weights a one-device run of it with
+        /// train.seed = --seed starts from.
+        #[arg(long, value_name = "CONFIG.toml")]
+        init: Option<std::path::PathBuf>,
+        /// --init: the seed of the initial draws.
+        #[arg(long, default_value_t = 0, requires = "init")]
+        seed: u64,
+        /// --init: the tokenizer.json the model is for (default: the config's data.tokenizer).
+        #[arg(long, value_name = "PATH", requires = "init")]
+        tokenizer: Option<String>,
+        /// --init: override a config value, section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE", requires = "init")]
+        overrides: Vec<String>,
         #[arg(long)]
         output: std::path::PathBuf,
         /// Weight dtype of the export.
@@ -94,15 +110,34 @@ pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
         CheckpointCommand::Inspect { path } => print!("{}", tools::inspect(&path)?),
         CheckpointCommand::Export {
             path,
+            init,
+            seed,
+            tokenizer,
+            overrides,
             output,
             dtype,
             format,
         } => {
             let f = tools::ExportFormat::from(format);
-            tools::export(&path, &output, dtype.into(), f)?;
+            let source = match (&path, &init) {
+                (Some(p), _) => {
+                    tools::export(p, &output, dtype.into(), f)?;
+                    p.display().to_string()
+                }
+                (None, Some(c)) => {
+                    let req = tools::InitExport {
+                        config: c,
+                        overrides: &overrides,
+                        seed,
+                        tokenizer: tokenizer.as_deref(),
+                    };
+                    tools::export_init(&req, &output, dtype.into(), f)?;
+                    format!("a model of {} initialised with seed {seed}", c.display())
+                }
+                (None, None) => anyhow::bail!("give a checkpoint path or --init CONFIG.toml"),
+            };
             println!(
-                "exported {} to {} ({})",
-                path.display(),
+                "exported {source} to {} ({})",
                 output.display(),
                 match f {
                     tools::ExportFormat::Sigma => "model.safetensors, config.json, tokenizer.json",

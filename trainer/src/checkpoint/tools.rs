@@ -10,7 +10,10 @@ use tch::Kind;
 
 use super::load::Checkpoint;
 use super::*;
+use crate::config::RunConfig;
 use crate::error::{Result, TrainError};
+use crate::model::summary::check_host_memory;
+use tch::Tensor;
 
 fn mb(b: u64) -> String {
     format!("{:.2} MB", b as f64 / 1e6)
@@ -118,10 +121,54 @@ fn describe_contents(o: &mut String, m: &Metadata) {
     }
 }
 
+/// Where an export's weights come from: a checkpoint (its run's config,
+/// progress and tokenizer record) or a freshly initialised model (`--init`).
+struct Origin {
+    run: RunConfig,
+    step: u64,
+    tokens: u64,
+    /// The tokenizer's xxh3 (null without one).
+    tokenizer_xxh3: serde_json::Value,
+    /// `--init`: the seed of the draws (no training).
+    init_seed: Option<u64>,
+}
+
+impl Origin {
+    fn of_checkpoint(meta: &Metadata) -> Result<Origin> {
+        Ok(Origin {
+            run: meta.run_config()?,
+            step: meta.progress.step,
+            tokens: meta.progress.consumed_tokens,
+            tokenizer_xxh3: tokenizer_xxh3(meta),
+            init_seed: None,
+        })
+    }
+
+    /// The keys every config.json of an export records about its origin.
+    fn keys(&self) -> serde_json::Value {
+        let mut v = json!({
+            "sigma_checkpoint_step": self.step,
+            "sigma_tokens_seen": self.tokens,
+            "sigma_tokenizer_xxh3": self.tokenizer_xxh3,
+        });
+        if let (Some(seed), Some(o)) = (self.init_seed, v.as_object_mut()) {
+            o.insert("sigma_init_seed".into(), json!(seed));
+        }
+        v
+    }
+}
+
+/// Merge the object `extra` into the object `v`.
+fn extend(v: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+}
+
 /// Architecture description for use outside sigma: the [model] section plus
 /// the names and conventions a reader needs.
-fn config_json(meta: &Metadata, dtype: &str) -> Result<serde_json::Value> {
-    let run = meta.run_config()?;
+fn config_json(origin: &Origin, dtype: &str) -> serde_json::Value {
+    let run = &origin.run;
     let mut v = serde_json::to_value(&run.model).expect("model config serializes");
     let extra = json!({
         "architectures": ["SigmaForCausalLM"],
@@ -130,14 +177,10 @@ fn config_json(meta: &Metadata, dtype: &str) -> Result<serde_json::Value> {
         "max_position_embeddings": run.data.seq_len,
         "attention": "DiffQKV: num_q_heads query, num_k_heads key (dim qk_head_dim) and num_v_heads value (dim v_head_dim) heads; when aug_q_dim > 0 the projected query q passes through down(silu(gate(q)) * up(q)) (width aug_q_dim) before RoPE; linear weights are [out, in]",
         "tensor_names": "as in sigma: embed.weight, layers.{i}.*, final_norm.weight, lm_head.weight (absent when tie_embeddings)",
-        "sigma_checkpoint_step": meta.progress.step,
-        "sigma_tokens_seen": meta.progress.consumed_tokens,
-        "sigma_tokenizer_xxh3": tokenizer_xxh3(meta),
     });
-    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-        o.extend(e.clone());
-    }
-    Ok(v)
+    extend(&mut v, extra);
+    extend(&mut v, origin.keys());
+    v
 }
 
 /// The key of an export's config.json that records the xxh3 of its
@@ -192,11 +235,11 @@ static HF_CONFIGURATION: &str = include_str!("../../assets/hf/configuration_sigm
 
 /// config.json of a Hugging Face export.
 fn hf_config_json(
-    meta: &Metadata,
+    origin: &Origin,
     dtype: &str,
     tok: Option<&sigma_data::Tokenizer>,
-) -> Result<serde_json::Value> {
-    let run = meta.run_config()?;
+) -> serde_json::Value {
+    let run = &origin.run;
     let mut v = serde_json::to_value(&run.model).expect("model config serializes");
     let token = |id: Option<u32>| {
         id.map(|i| serde_json::json!(i))
@@ -216,14 +259,10 @@ fn hf_config_json(
         "bos_token_id": token(tok.and_then(|t| t.bos_id)),
         "pad_token_id": token(tok.and_then(|t| t.pad_id)),
         "use_cache": false,
-        "sigma_checkpoint_step": meta.progress.step,
-        "sigma_tokens_seen": meta.progress.consumed_tokens,
-        "sigma_tokenizer_xxh3": tokenizer_xxh3(meta),
     });
-    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-        o.extend(e.clone());
-    }
-    Ok(v)
+    extend(&mut v, extra);
+    extend(&mut v, origin.keys());
+    v
 }
 
 /// tokenizer_config.json for `AutoTokenizer`: the fast tokenizer of tokenizer.json and its special tokens.
@@ -239,51 +278,41 @@ fn hf_tokenizer_config(tok: &sigma_data::Tokenizer, max_len: usize) -> serde_jso
     })
 }
 
-/// The files of an export, into `tmp`.
+/// The files of an export, into `tmp`: `tensors` (sigma's names, in the
+/// export's dtype), the tokenizer (its tokenizer.json bytes, if any).
 fn write_export(
-    ck: &mut Checkpoint,
-    meta: &super::Metadata,
+    origin: &Origin,
+    tensors: &[(String, Tensor)],
     dtype: ExportDtype,
-    tok: &Path,
+    tokenizer: Option<&(Vec<u8>, sigma_data::Tokenizer)>,
     tmp: &Path,
     format: ExportFormat,
 ) -> Result<()> {
-    let mut tensors = Vec::new();
-    for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
-        let t = ck.read(name)?.to_kind(dtype.kind());
-        tensors.push((name.trim_start_matches("model/").to_string(), t));
-    }
     let md = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
-        ("sigma_step".to_string(), meta.progress.step.to_string()),
+        ("sigma_step".to_string(), origin.step.to_string()),
     ]);
-    super::safetensors::write(&tmp.join("model.safetensors"), &tensors, &md)?;
-    let tokenizer = if tok.is_file() {
-        let data = std::fs::read(tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
-        write_atomic(&tmp.join(TOKENIZER), &data)?;
-        Some(sigma_data::Tokenizer::from_bytes(
-            &tok.display().to_string(),
-            data.into(),
-        )?)
-    } else {
-        None
-    };
+    super::safetensors::write(&tmp.join("model.safetensors"), tensors, &md)?;
+    if let Some((data, _)) = tokenizer {
+        write_atomic(&tmp.join(TOKENIZER), data)?;
+    }
+    let tokenizer = tokenizer.map(|(_, t)| t);
     let cfg = match format {
-        ExportFormat::Sigma => config_json(meta, dtype.torch_name())?,
+        ExportFormat::Sigma => config_json(origin, dtype.torch_name()),
         ExportFormat::HuggingFace => {
             write_atomic(&tmp.join("modeling_sigma.py"), HF_MODELING.as_bytes())?;
             write_atomic(
                 &tmp.join("configuration_sigma.py"),
                 HF_CONFIGURATION.as_bytes(),
             )?;
-            if let Some(t) = &tokenizer {
-                let tc = hf_tokenizer_config(t, meta.run_config()?.data.seq_len);
+            if let Some(t) = tokenizer {
+                let tc = hf_tokenizer_config(t, origin.run.data.seq_len);
                 write_atomic(
                     &tmp.join("tokenizer_config.json"),
                     serde_json::to_string_pretty(&tc).expect("json").as_bytes(),
                 )?;
             }
-            hf_config_json(meta, dtype.torch_name(), tokenizer.as_ref())?
+            hf_config_json(origin, dtype.torch_name(), tokenizer)
         }
     };
     write_atomic(
@@ -294,10 +323,8 @@ fn write_export(
     Ok(())
 }
 
-/// One consolidated `model.safetensors` (weights only, in `dtype`),
-/// `config.json` and the tokenizer, written into a temporary directory that is
-/// renamed to `out` when complete. An existing non-empty `out` is refused.
-pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) -> Result<()> {
+/// An existing non-empty `out` is refused.
+fn check_output(out: &Path) -> Result<()> {
     if out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
@@ -308,13 +335,13 @@ pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) 
             "exists and is not empty; refusing to overwrite it (remove it or choose another --output)",
         ));
     }
-    let mut ck = Checkpoint::open(dir)?;
-    let meta = ck.meta.clone();
-    let tok = dir.join(TOKENIZER);
-    if meta.files.contains_key(TOKENIZER) {
-        // The tokenizer must be the one the checkpoint recorded, byte for byte.
-        ck.verify(TOKENIZER)?;
-    }
+    Ok(())
+}
+
+/// Run `write` on a temporary directory next to `out` and rename it to `out`
+/// when it succeeds; on any failure the temporary directory goes, so nothing
+/// half-written stays behind.
+fn publish(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -329,8 +356,7 @@ pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) 
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(tmp.display().to_string(), e))?;
-    // Nothing half-written stays behind: on any failure the temporary directory goes.
-    let written = write_export(&mut ck, &meta, dtype, &tok, &tmp, format);
+    let written = write(&tmp);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -341,4 +367,139 @@ pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) 
     std::fs::rename(&tmp, out).map_err(|e| TrainError::io(out.display().to_string(), e))?;
     sync_dir(parent)?;
     Ok(())
+}
+
+/// One consolidated `model.safetensors` (weights only, in `dtype`),
+/// `config.json` and the tokenizer, written into a temporary directory that is
+/// renamed to `out` when complete. An existing non-empty `out` is refused.
+pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) -> Result<()> {
+    check_output(out)?;
+    let mut ck = Checkpoint::open(dir)?;
+    let meta = ck.meta.clone();
+    let tok = dir.join(TOKENIZER);
+    if meta.files.contains_key(TOKENIZER) {
+        // The tokenizer must be the one the checkpoint recorded, byte for byte.
+        ck.verify(TOKENIZER)?;
+    }
+    let origin = Origin::of_checkpoint(&meta)?;
+    publish(out, |tmp| {
+        let mut tensors = Vec::new();
+        for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {
+            let t = ck.read(name)?.to_kind(dtype.kind());
+            tensors.push((name.trim_start_matches("model/").to_string(), t));
+        }
+        let tokenizer = if tok.is_file() {
+            let data =
+                std::fs::read(&tok).map_err(|e| TrainError::io(tok.display().to_string(), e))?;
+            let t =
+                sigma_data::Tokenizer::from_bytes(&tok.display().to_string(), data.clone().into())?;
+            Some((data, t))
+        } else {
+            None
+        };
+        write_export(&origin, &tensors, dtype, tokenizer.as_ref(), tmp, format)
+    })
+}
+
+/// What `export_init` exports.
+pub struct InitExport<'a> {
+    /// The run config (TOML) whose [model] is initialised.
+    pub config: &'a Path,
+    /// `--set` overrides of it.
+    pub overrides: &'a [String],
+    /// The seed of the draws (`train.seed` of a run that starts from them).
+    pub seed: u64,
+    /// A tokenizer.json (path or URL); None: the config's `data.tokenizer`.
+    pub tokenizer: Option<&'a str>,
+}
+
+/// Export a freshly initialised model of a run config, without training:
+/// the weights a one-device run of that config with `train.seed = seed`
+/// starts from (the same draws, in the same order), each drawn in fp32 and
+/// kept in `dtype` (the whole model is never held in fp32), with the
+/// tokenizer `init.tokenizer` or the config's `data.tokenizer` names. Files
+/// as [`export`]'s; config.json records `sigma_init_seed` and step 0.
+pub fn export_init(
+    init: &InitExport,
+    out: &Path,
+    dtype: ExportDtype,
+    format: ExportFormat,
+) -> Result<()> {
+    use crate::model::params::{whole_specs, Init};
+    check_output(out)?;
+    let file = init.config.display().to_string();
+    let run = RunConfig::load(&file, init.overrides)?;
+    run.model.validate()?;
+    let (source, what, named) = match (init.tokenizer, run.data.tokenizer.as_deref()) {
+        (Some(t), _) => (t.to_string(), "--tokenizer", String::new()),
+        (None, Some(t)) => (
+            t.to_string(),
+            "data.tokenizer",
+            format!(" (named by {file}; a relative path is from the working directory)"),
+        ),
+        (None, None) => {
+            return Err(TrainError::config(
+                &file,
+                "names no tokenizer (data.tokenizer): give --tokenizer tokenizer.json, the tokenizer the model is for (the sample corpus's is data/sample/tokenizer.json)",
+            ))
+        }
+    };
+    let tok = sigma_data::Tokenizer::load(&source)
+        .map_err(|e| TrainError::config(what, format!("{e}{named}")))?;
+    if (run.model.vocab_size as u64) < tok.vocab_size as u64 {
+        return Err(TrainError::config(
+            "model.vocab_size",
+            format!(
+                "{} is smaller than the vocabulary of {source} ({} tokens, {what}{named})",
+                run.model.vocab_size, tok.vocab_size
+            ),
+        ));
+    }
+    let data = tok.json.to_vec();
+    let specs = whole_specs(&run.model);
+    let elt = dtype.kind().elt_size_in_bytes() as f64;
+    let numels: Vec<i64> = specs.iter().map(|s| s.global_numel()).collect();
+    let largest = numels.iter().copied().max().unwrap_or(0) as f64;
+    let total = numels.iter().sum::<i64>() as f64;
+    // The weights in `dtype`, one whole tensor in fp32 as it is drawn, one
+    // tensor's bytes as the file is written.
+    check_host_memory(
+        total * elt + largest * (4.0 + elt),
+        "initialising and exporting the model",
+    )?;
+    let mi = crate::model::ModelInit {
+        seed: init.seed,
+        decay_norms: run.optim.decay_norms,
+        decay_embeddings: run.optim.decay_embeddings,
+        device: tch::Device::Cpu,
+        mixed: false,
+    };
+    let decays: Vec<bool> = specs.iter().map(|s| mi.decays(s.kind)).collect();
+    let draws = Init {
+        seed: init.seed,
+        std: run.model.init_std,
+        num_layers: run.model.num_layers,
+    };
+    let mut drawn: Vec<Option<Tensor>> = specs.iter().map(|_| None).collect();
+    draws.draw_whole(&specs, &decays, &mut |i, whole| {
+        let t = whole
+            .view(specs[i].global_shape.as_slice())
+            .to_kind(dtype.kind());
+        drawn[i] = Some(t);
+    });
+    let tensors: Vec<(String, Tensor)> = specs
+        .iter()
+        .zip(drawn)
+        .map(|(s, t)| (s.name(), t.expect("every tensor is drawn")))
+        .collect();
+    let origin = Origin {
+        run,
+        step: 0,
+        tokens: 0,
+        tokenizer_xxh3: json!(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data))),
+        init_seed: Some(init.seed),
+    };
+    publish(out, |tmp| {
+        write_export(&origin, &tensors, dtype, Some(&(data, tok)), tmp, format)
+    })
 }

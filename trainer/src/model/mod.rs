@@ -73,7 +73,9 @@ impl ModelInit {
         }
     }
 
-    fn decays(&self, kind: ParamKind) -> bool {
+    /// Whether parameters of `kind` receive weight decay (they come first in
+    /// the flat buffer and are drawn first).
+    pub fn decays(&self, kind: ParamKind) -> bool {
         match kind {
             ParamKind::Norm => self.decay_norms,
             ParamKind::Embedding => self.decay_embeddings,

@@ -173,6 +173,27 @@ impl Init {
         place: &dyn Fn(usize) -> Option<i64>,
         flat: &Tensor,
     ) {
+        self.draw_whole(specs, decays, &mut |i, whole| {
+            if let Some(off) = place(i) {
+                let s = &specs[i];
+                let block = s.block_of(&whole.view(s.global_shape.as_slice()));
+                flat.narrow(0, off, s.numel())
+                    .view(s.shape.as_slice())
+                    .copy_(&block);
+            }
+        });
+    }
+
+    /// The draws of [`Init::draw`], each whole tensor (fp32, flat, on the
+    /// CPU) handed to `take` with its index in `specs` as it is drawn: a
+    /// consumer that keeps each in another form (an export in bf16) never
+    /// holds the whole model in fp32.
+    pub fn draw_whole(
+        &self,
+        specs: &[ParamSpec],
+        decays: &[bool],
+        take: &mut dyn FnMut(usize, Tensor),
+    ) {
         let mut draw: Vec<usize> = (0..specs.len()).collect();
         draw.sort_by_key(|&i| !decays[i]);
         // libtorch's generator is global: one user draws at a time in a
@@ -189,12 +210,7 @@ impl Init {
                     ParamKind::Linear | ParamKind::Embedding => whole.normal_(0.0, self.std),
                     ParamKind::ResidualOut => whole.normal_(0.0, residual_std),
                 };
-                if let Some(off) = place(i) {
-                    let block = s.block_of(&whole.view(s.global_shape.as_slice()));
-                    flat.narrow(0, off, s.numel())
-                        .view(s.shape.as_slice())
-                        .copy_(&block);
-                }
+                take(i, whole);
             }
         });
     }
