@@ -457,6 +457,17 @@ pub fn stream_rng(seed: u64, stream: u64) -> SplitMix64 {
     SplitMix64::new(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
+/// Greedy picks of logits [b, vocab] on their device: each row's highest
+/// logit, the lowest id on a tie (as [`sample`] at temperature 0), only
+/// the b ids copied to the host.
+pub fn greedy_picks(logits: &Tensor) -> Result<Vec<u32>> {
+    let ids = logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?;
+    Ok(Vec::<i64>::try_from(&ids)?
+        .into_iter()
+        .map(|i| i as u32)
+        .collect())
+}
+
 /// Pick a token from one row of logits.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
     let argmax = || {
@@ -602,21 +613,32 @@ pub fn generate_timed(
     let mut done = vec![false; b];
     let mut logits = tch::no_grad(|| decoder.prefill(&tokens, &valid))?;
     let mut decoding: Option<std::time::Instant> = None;
+    let greedy = r.sampling.temperature <= 0.0;
     for _ in 0..r.max_new_tokens {
-        let l = logits
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-            .contiguous();
-        let vocab = l.size()[1] as usize;
-        let mut flat = vec![0f32; l.numel()];
-        l.copy_data(&mut flat, l.numel());
+        // Greedy: the argmax on the device, b ids to the host; sampling:
+        // the whole rows (b x vocab floats).
+        let (picks, flat, vocab) = if greedy {
+            (greedy_picks(&logits)?, Vec::new(), 0)
+        } else {
+            let l = logits
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .contiguous();
+            let mut flat = vec![0f32; l.numel()];
+            l.copy_data(&mut flat, l.numel());
+            (Vec::new(), flat, l.size()[1] as usize)
+        };
         let mut next = vec![0i64; b];
         for i in 0..b {
             if done[i] {
                 next[i] = r.eos.unwrap_or(0) as i64;
                 continue;
             }
-            let t = sample(&flat[i * vocab..(i + 1) * vocab], &r.sampling, &mut rngs[i]);
+            let t = if greedy {
+                picks[i]
+            } else {
+                sample(&flat[i * vocab..(i + 1) * vocab], &r.sampling, &mut rngs[i])
+            };
             out[i].push(t);
             on_token(i, t);
             next[i] = t as i64;
@@ -840,6 +862,31 @@ mod tests {
             with(KeyCache::Expanded).bytes_per_token(),
             2 * (2 * dd + 4 * 6) * 4
         );
+    }
+
+    /// Greedy picks on the device are the host's greedy sample, ties to
+    /// the lowest id included.
+    #[test]
+    fn greedy_picks_are_greedy_samples_ties_included() {
+        let rows: [&[f32]; 4] = [
+            &[0.5, 3.0, 2.9, -1.0, 3.0],
+            &[7.0, 7.0, 7.0, 7.0, 7.0],
+            &[-1.0, -2.0, -0.5, -0.5, -3.0],
+            &[0.0, 0.0, 0.0, 0.0, 1e-7],
+        ];
+        let flat: Vec<f32> = rows.concat();
+        let picks = greedy_picks(&Tensor::from_slice(&flat).view([4, 5])).expect("picks");
+        let s = Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let want: Vec<u32> = rows
+            .iter()
+            .map(|r| sample(r, &s, &mut stream_rng(0, 0)))
+            .collect();
+        assert_eq!(picks, want);
+        assert_eq!(picks, [1, 0, 2, 4]);
     }
 
     #[test]
