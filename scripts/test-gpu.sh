@@ -31,7 +31,8 @@
 #                  stopped at step 10 and resumed: steps 11-20 within 1e-3 relative
 #                  of the run that never stopped
 #   decode-graph   sigma generate on the resumed tiny checkpoint, 4 left-padded
-#                  prompts, 300 greedy tokens (two 256-slot buckets): the steps
+#                  prompts, 600 greedy tokens (two graphs: slots to 256, then to
+#                  the capacity, the short last bucket merged): the steps
 #                  recorded as CUDA graphs and replayed give the same tokens as
 #                  the same steps run unrecorded (--cuda-graph static), and at
 #                  least two graphs were recorded; the eager steps' agreement
@@ -160,8 +161,8 @@ else bad resume-async "$(why "$out/resume.log")"; fi
 # CUDA-graph decoding against the same steps unrecorded
 gen() { # MODE: completions to $out/gen-MODE.jsonl, timing to $out/gen-MODE.log
   # one decode plan file for the three runs: plans searched per process could differ, and so rounding
-  SIGMA_DECODE_TUNING_CACHE="$out/decode-plans.json" $sigma generate --checkpoint "$ckpt" --prompts "$out/prompts.txt" --batch 4 --max-new-tokens 300 \
-    --max-context 512 --temperature 0 --ignore-eos --timing --cuda-graph "$1" \
+  SIGMA_DECODE_TUNING_CACHE="$out/decode-plans.json" $sigma generate --checkpoint "$ckpt" --prompts "$out/prompts.txt" --batch 4 --max-new-tokens 600 \
+    --max-context 1024 --temperature 0 --ignore-eos --timing --cuda-graph "$1" \
     > "$out/gen-$1.jsonl" 2> "$out/gen-$1.log"
 }
 ckpt=$(ls -d "$out"/resume/checkpoints/step-* 2>/dev/null | tail -1)
@@ -170,9 +171,9 @@ if [ -z "$ckpt" ]; then bad decode-graph "no checkpoint from the resume check"
 elif gen on && gen static && gen off; then
   graphs=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["cuda_graphs"])' "$out/gen-on.log" 2>/dev/null)
   agree=$(python3 -c 'import json,sys; a,b=[[json.loads(l)["completion"] for l in open(p)] for p in sys.argv[1:3]]; print(sum(x==y for x,y in zip(a,b)), "of", len(a))' "$out/gen-on.jsonl" "$out/gen-off.jsonl")
-  ms() { grep -o '"decode_ms_per_step":[0-9.]*' "$1" | tail -1 | cut -d: -f2; }
+  ms() { grep -o '"steady_ms_per_step":[0-9.]*' "$1" | tail -1 | cut -d: -f2 | cut -c1-6; }
   if cmp -s "$out/gen-on.jsonl" "$out/gen-static.jsonl" && [ "${graphs:-0}" -ge 2 ]; then
-    ok decode-graph "graph = static on 4 x 300 tokens, $graphs graphs; eager gives the same completion for $agree prompts; $(ms "$out/gen-on.log") ms per step (graph) vs $(ms "$out/gen-off.log") (eager)"
+    ok decode-graph "graph = static on 4 x 600 tokens, $graphs graphs; eager gives the same completion for $agree prompts; $(ms "$out/gen-on.log") ms per step (graph, recordings left out) vs $(ms "$out/gen-off.log") (eager)"
   else bad decode-graph "graph and static completions differ or fewer than 2 graphs (${graphs:-none}): $(diff <(cut -c1-200 "$out/gen-on.jsonl") <(cut -c1-200 "$out/gen-static.jsonl") | head -3 | tr '\n' ' ')"; fi
 else bad decode-graph "$(why "$out/gen-on.log")$(why "$out/gen-static.log")$(why "$out/gen-off.log")"; fi
 

@@ -296,6 +296,12 @@ fn report(batch: &[Vec<u32>], t: &Timing) {
     } else {
         0.0
     };
+    // Steps that replayed or ran eagerly, without the ones that recorded.
+    let steady = if t.steps > t.graphs {
+        (t.decode_s - t.recording_s) / (t.steps - t.graphs) as f64
+    } else {
+        0.0
+    };
     let row = serde_json::json!({
         "batch": batch.len(),
         "prompt_tokens": batch.iter().map(|p| p.len()).max().unwrap_or(0),
@@ -303,8 +309,10 @@ fn report(batch: &[Vec<u32>], t: &Timing) {
         "decode_steps": t.steps,
         "decode_ms_per_step": per * 1e3,
         "tokens_per_s": if per > 0.0 { batch.len() as f64 / per } else { 0.0 },
+        "steady_ms_per_step": steady * 1e3,
         "steps": format!("{:?}", t.mode).to_lowercase(),
         "cuda_graphs": t.graphs,
+        "recording_ms": t.recording_s * 1e3,
     });
     eprintln!("{row}");
 }

@@ -37,13 +37,20 @@ pub enum StepMode {
 }
 
 /// Slots per bucket: a step attends to the filled slots rounded up to a
-/// multiple of this (at most the capacity), so one graph serves this many
-/// positions and a step reads at most this many empty slots.
+/// multiple of this, so one graph serves this many positions and a step
+/// reads fewer than twice this many empty slots. A last bucket shorter
+/// than this is merged into the one before (the capacity ends it), which
+/// saves a recording at the cost of reading up to that many slots more.
 pub const SPAN_BUCKET: i64 = 256;
 
 /// The slots a static step at slot `pos` attends to.
 pub fn span_for(pos: i64, capacity: i64) -> i64 {
-    ((pos + 1 + SPAN_BUCKET - 1) / SPAN_BUCKET * SPAN_BUCKET).min(capacity)
+    let span = (pos + 1 + SPAN_BUCKET - 1) / SPAN_BUCKET * SPAN_BUCKET;
+    if capacity - span < SPAN_BUCKET {
+        capacity
+    } else {
+        span
+    }
 }
 
 /// One bucket's recording and the logits tensor each replay rewrites.
@@ -62,6 +69,9 @@ pub struct Decoder<'f, 'm> {
     tokens: Tensor,
     pos: Tensor,
     recorded: Vec<Recorded>,
+    /// Host time of the steps that recorded a graph (each runs the step,
+    /// then records it).
+    recording_s: f64,
 }
 
 impl<'f, 'm> Decoder<'f, 'm> {
@@ -84,6 +94,7 @@ impl<'f, 'm> Decoder<'f, 'm> {
             tokens: Tensor::f_zeros([b], (Kind::Int64, device))?,
             pos: Tensor::f_zeros([1], (Kind::Int64, device))?,
             recorded: Vec::new(),
+            recording_s: 0.0,
         })
     }
 
@@ -95,6 +106,12 @@ impl<'f, 'm> Decoder<'f, 'm> {
     /// Graphs recorded so far (one per bucket of positions reached).
     pub fn graphs(&self) -> usize {
         self.recorded.len()
+    }
+
+    /// Seconds the steps that recorded a graph took (running the step,
+    /// then recording it).
+    pub fn recording_s(&self) -> f64 {
+        self.recording_s
     }
 
     /// Prefill (eager): see [`Fwd::prefill`].
@@ -139,6 +156,14 @@ impl<'f, 'm> Decoder<'f, 'm> {
         let Device::Cuda(ordinal) = self.cache.device() else {
             return self.static_step(span);
         };
+        let started = std::time::Instant::now();
+        let out = self.record(ordinal, span);
+        self.recording_s += started.elapsed().as_secs_f64();
+        out
+    }
+
+    /// Run the step at `span` on a new graph's side stream, then record it.
+    fn record(&mut self, ordinal: usize, span: i64) -> Result<Tensor> {
         let mut graph = CudaGraph::new(ordinal, self.recorded.first().map(|r| &r.graph))?;
         let logits = graph.on_side(|| self.static_step(span))?;
         match graph.capture(|| self.static_step(span)) {
@@ -179,11 +204,21 @@ mod tests {
         assert_eq!(span_for(0, 10_000), SPAN_BUCKET);
         assert_eq!(span_for(SPAN_BUCKET - 1, 10_000), SPAN_BUCKET);
         assert_eq!(span_for(SPAN_BUCKET, 10_000), 2 * SPAN_BUCKET);
-        assert_eq!(span_for(4096, 4200), 4200);
         assert_eq!(span_for(9, 10), 10);
-        for pos in 0..700 {
-            let s = span_for(pos, 700);
-            assert!(s > pos && s <= 700 && (s == 700 || s % SPAN_BUCKET == 0));
+        // A short last bucket joins the one before: 4,096 to 4,199 is one graph.
+        assert_eq!(span_for(4000, 4200), 4200);
+        assert_eq!(span_for(4096, 4200), 4200);
+        for cap in [1, 255, 256, 257, 511, 700, 1024] {
+            let spans: Vec<i64> = (0..cap).map(|pos| span_for(pos, cap)).collect();
+            for (pos, &s) in spans.iter().enumerate() {
+                assert!(s > pos as i64 && s <= cap, "{cap}: {pos} -> {s}");
+                assert!(s == cap || s % SPAN_BUCKET == 0, "{cap}: {pos} -> {s}");
+                assert!(s - (pos as i64) <= 2 * SPAN_BUCKET, "{cap}: {pos} -> {s}");
+            }
+            let mut distinct = spans.clone();
+            distinct.dedup();
+            let want = (cap / SPAN_BUCKET).max(1);
+            assert_eq!(distinct.len() as i64, want, "{cap}: {distinct:?}");
         }
     }
 }

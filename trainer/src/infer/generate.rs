@@ -559,6 +559,9 @@ pub struct Timing {
     /// How the steps ran, and the CUDA graphs recorded.
     pub mode: StepMode,
     pub graphs: usize,
+    /// Of `decode_s`, the steps that recorded a graph (each ran its step,
+    /// then recorded it).
+    pub recording_s: f64,
 }
 
 /// [`generate`], also returning where the time went.
@@ -660,6 +663,7 @@ pub fn generate_timed(
     timing.decode_s = decoding.map_or(0.0, |d| d.elapsed().as_secs_f64());
     timing.mode = decoder.mode();
     timing.graphs = decoder.graphs();
+    timing.recording_s = decoder.recording_s();
     Ok((out, timing))
 }
 
@@ -801,7 +805,7 @@ mod tests {
     /// caches, a left-padded batch whose steps cross a bucket boundary.
     #[test]
     fn static_steps_decode_like_eager_steps() {
-        use crate::infer::decoder::{Decoder, StepMode, SPAN_BUCKET};
+        use crate::infer::decoder::{span_for, Decoder, StepMode, SPAN_BUCKET};
         let keys = [KeyCache::Expanded, KeyCache::Compressed];
         for ((name, c), keys) in configs()
             .into_iter()
@@ -815,15 +819,20 @@ mod tests {
             valid[longest as usize..2 * longest as usize - 5].fill(false); // row 2: 5 tokens, left-padded
             let tokens = Tensor::from_slice(&ids).view([2, longest]);
             let valid = Tensor::from_slice(&valid).view([2, longest]);
-            let capacity = longest + 10;
-            let decoder = |mode| {
+            // Ten steps from slot 253: buckets of 256 slots, then the rest.
+            let capacity = 2 * SPAN_BUCKET + 10;
+            assert_ne!(span_for(longest, capacity), span_for(longest + 9, capacity));
+            let decoder = |mode, capacity| {
                 let cache = KvCache::with_keys(&m, 2, capacity, Device::Cpu, keys).expect("cache");
                 Decoder::new(&fwd, cache, mode).expect("decoder")
             };
-            let (mut eager, mut fixed) = (decoder(StepMode::Eager), decoder(StepMode::Static));
+            let (mut eager, mut fixed) = (
+                decoder(StepMode::Eager, capacity),
+                decoder(StepMode::Static, capacity),
+            );
             assert_eq!(fixed.mode(), StepMode::Static);
             assert_eq!(
-                decoder(StepMode::Graph).mode(),
+                decoder(StepMode::Graph, capacity).mode(),
                 StepMode::Eager,
                 "no graphs on a CPU"
             );
@@ -841,8 +850,13 @@ mod tests {
                 let d = max_diff(&a, &b);
                 assert!(d < 1e-10, "{name} ({keys:?} keys): step {step}: {d:e}");
             }
-            assert_eq!(fixed.cache.len, capacity);
-            let full = tch::no_grad(|| fixed.step(&a.argmax(-1, false)));
+            assert_eq!(fixed.cache.len, longest + 10);
+            // One slot after the prompt: one step, then the cache is full.
+            let mut small = decoder(StepMode::Static, longest + 1);
+            let l = tch::no_grad(|| small.prefill(&tokens, &valid)).expect("prefill");
+            let next = l.argmax(-1, false);
+            tch::no_grad(|| small.step(&next)).expect("the last slot");
+            let full = tch::no_grad(|| small.step(&next));
             assert!(full.is_err(), "{name}: a step past the capacity");
         }
     }
