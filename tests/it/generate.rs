@@ -389,6 +389,12 @@ fn bench_decode_model_times_the_config_and_its_gqa_counterpart() {
         ),
         &["SIGMA_DECODE_TUNING", "uv = 40 is out of range (1 to 16)"],
     );
+    let mut a = args("4");
+    a.push("--profile".into());
+    assert_clean_failure(
+        &sigma(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]),
+        &["--profile", "needs --device cuda"],
+    );
     let a = args("3");
     assert_clean_failure(
         &sigma(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]),

@@ -68,6 +68,11 @@ pub struct DecodeArgs {
     /// bytes read per step / bandwidth) at each --batch and --context.
     #[arg(long, value_name = "CONFIG")]
     pub model: Option<String>,
+    /// With --model on a GPU: after timing each case, profile 5 of its
+    /// graph steps with libtorch's profiler and print where the device
+    /// time goes (kernel categories, the top kernels with their counts).
+    #[arg(long, requires = "model")]
+    pub profile: bool,
 }
 
 impl DecodeArgs {

@@ -12,6 +12,7 @@ use sigma_trainer::config::{KCompression, ModelConfig, RunConfig};
 use sigma_trainer::infer::decoder::{Decoder, StepMode};
 use sigma_trainer::infer::generate::KvCache;
 use sigma_trainer::model::ModelInit;
+use sigma_trainer::train::profile::{Profiler, Window};
 use sigma_trainer::{kernels, Model};
 use tch::{Device, Kind, Tensor};
 
@@ -44,6 +45,9 @@ fn build(cfg: &ModelConfig, device: Device) -> Model {
 }
 
 pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
+    if a.profile && !device.is_cuda() {
+        bail!("--profile profiles the CUDA-graph step: it needs --device cuda");
+    }
     let cfg = RunConfig::load(config, &[])?.model;
     if a.gqa_kv <= 0 || cfg.num_q_heads % a.gqa_kv as usize != 0 {
         bail!(
@@ -235,7 +239,7 @@ fn time_case(
     kernels::decode::set_decode_kernel(true);
     let fwd = model.frozen();
     let graphed = match (&timed, device.is_cuda()) {
-        (Ok(_), true) => time_graph(c, &fwd, cache, (b, s), a.steps).map(Some),
+        (Ok(_), true) => time_graph(c, &fwd, cache, (b, s), a.steps, a.profile).map(Some),
         _ => Ok(None),
     };
     let (kernel, ops, graph) = match timed.and_then(|(k, o)| Ok((k, o, graphed?))) {
@@ -272,6 +276,7 @@ fn time_graph(
     mut cache: KvCache,
     (b, s): (i64, i64),
     steps: usize,
+    profile: bool,
 ) -> Result<f64> {
     let device = cache.device();
     cache.pretend_filled(s);
@@ -286,6 +291,19 @@ fn time_graph(
     })?;
     if decoder.mode() != StepMode::Graph {
         bail!("recording the step as a CUDA graph failed (see the warning above)");
+    }
+    if profile {
+        let Device::Cuda(ordinal) = device else {
+            unreachable!("graphs run on CUDA devices only")
+        };
+        let mut p = Profiler::new(Some(ordinal), device_name(device));
+        for _ in 0..5 {
+            p.begin(Window::Decode);
+            let _ = tch::no_grad(|| decoder.step(&tokens))?;
+            p.end();
+            p.add_step(0.0);
+        }
+        println!("graph step, batch {b}, context {s}: {}", p.finish().table());
     }
     Ok(t)
 }

@@ -84,10 +84,10 @@ pub fn kernel_category(name: &str) -> &'static str {
     let has = |keys: &[&str]| keys.iter().any(|k| n.contains(k));
     if has(&["nccl"]) {
         "communication"
-    } else if has(&["flash", "fmha", "attention", "sdpa", "cudnn"]) {
+    } else if has(&["flash", "fmha", "attention", "sdpa", "cudnn", "diffqkv"]) {
         "attention"
     } else if has(&[
-        "gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_",
+        "gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_",
     ]) {
         "matmul"
     } else if has(&["rms_norm", "rmsnorm", "layer_norm", "rowwisemoments"]) {
@@ -200,6 +200,8 @@ fn busy(mut iv: Vec<(u64, u64)>) -> u64 {
 pub enum Window {
     ForwardBackward,
     Optimizer,
+    /// One decoding step (`sigma bench decode --model --profile`).
+    Decode,
 }
 
 /// Per-step seconds by category, accumulated over the profiled steps.
@@ -286,6 +288,7 @@ impl Profiler {
         let window = match w {
             Window::ForwardBackward => "forward_backward",
             Window::Optimizer => "optimizer",
+            Window::Decode => "decoding step",
         };
         *p.wall.entry(window.into()).or_default() += wall;
         let mut add = |cat: &str, name: &str, ns: u64| {
@@ -345,14 +348,26 @@ impl Profile {
     /// The table: per step, milliseconds and share of the step by category.
     pub fn table(&self) -> String {
         let step: f64 = self.wall.values().sum();
+        // The windows a step had, in the order of a training step.
+        let parts: Vec<String> = ["data", "forward_backward", "optimizer", "decoding step"]
+            .iter()
+            .filter_map(|&k| {
+                let v = self.wall.get(k).copied()?;
+                let name = if k == "forward_backward" {
+                    "forward/backward"
+                } else {
+                    k
+                };
+                (k != "data" || v > 0.0 || self.wall.contains_key("forward_backward"))
+                    .then(|| format!("{name} {:.1} ms", v * 1e3))
+            })
+            .collect();
         let mut out = format!(
-            "profile of {} step(s) on {} (per step: {:.1} ms; data {:.1} ms, forward/backward {:.1} ms, optimizer {:.1} ms)\n",
+            "profile of {} step(s) on {} (per step: {:.1} ms; {})\n",
             self.steps,
             self.device,
             step * 1e3,
-            self.wall.get("data").copied().unwrap_or(0.0) * 1e3,
-            self.wall.get("forward_backward").copied().unwrap_or(0.0) * 1e3,
-            self.wall.get("optimizer").copied().unwrap_or(0.0) * 1e3,
+            parts.join(", ")
         );
         out += &format!("{:<24} {:>10} {:>7}\n", "category", "ms/step", "share");
         let mut rows: Vec<(&String, &f64)> = self.seconds.iter().collect();
@@ -385,6 +400,12 @@ mod tests {
                 "matmul",
             ),
             ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+            (
+                "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128>",
+                "matmul",
+            ),
+            ("diffqkv_decode_split", "attention"),
+            ("diffqkv_decode_combine", "attention"),
             (
                 "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>",
                 "attention",
