@@ -41,6 +41,7 @@ pub const STORE_HOSTED: &str = "SIGMA_STORE_HOSTED";
 pub const RESTART_COUNT: &str = "SIGMA_RESTART_COUNT";
 pub const DIST_TIMEOUT_S: &str = "SIGMA_DIST_TIMEOUT_S";
 pub const CUDA_LIBS_DIR: &str = "SIGMA_CUDA_LIBS_DIR";
+pub const MAX_INPUT_MIB: &str = "SIGMA_MAX_INPUT_MIB";
 
 /// sigma's own variables. A flat table: one entry per variable.
 pub const SIGMA_VARS: &[Var] = &[
@@ -108,6 +109,14 @@ pub const SIGMA_VARS: &[Var] = &[
         name: DIST_TIMEOUT_S,
         kind: Kind::Text,
         meaning: "seconds any wait on a peer may take (a positive number; default 300)",
+    },
+    Var {
+        name: MAX_INPUT_MIB,
+        kind: Kind::Number {
+            min: 1,
+            max: 1 << 30,
+        },
+        meaning: "MiB one input file of `sigma data prepare` may hold once decompressed (default 16384); a larger one is refused",
     },
     Var {
         name: CUDA_LIBS_DIR,

@@ -161,11 +161,21 @@ pub fn split_of(doc_hash: u64, valid_fraction: f64) -> Split {
     }
 }
 
-/// Removes the staging directory unless the run committed.
-struct Staging(PathBuf);
+/// The staging directory, removed when the run ends (emptied by a commit,
+/// or holding what a failed run wrote), and the directories the run made
+/// for its output, removed too if they are still empty: a refused or
+/// failed run leaves no trace.
+struct Staging {
+    dir: PathBuf,
+    /// Directories this run created, deepest first.
+    created: Vec<PathBuf>,
+}
 impl Drop for Staging {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for d in &self.created {
+            let _ = std::fs::remove_dir(d); // only when empty
+        }
     }
 }
 
@@ -238,9 +248,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let out = Location::parse(&opts.output).map_err(|e| e.for_flag("--output"))?;
     let old = block_on(check_output(&out, opts.overwrite))?;
     let staging = Staging::create(&out)?;
-    let (writers, text_bytes) = tokenize(opts, &tok, &files, &staging.0, input_bytes)?;
-    let manifest = describe(opts, &tok, &writers, &staging.0)?;
-    block_on(commit(&out, &staging.0, &tok, &manifest, &old))?;
+    let (writers, text_bytes) = tokenize(opts, &tok, &files, &staging.dir, input_bytes)?;
+    let manifest = describe(opts, &tok, &writers, &staging.dir)?;
+    block_on(commit(&out, &staging.dir, &tok, &manifest, &old))?;
     Ok(PrepareReport {
         manifest,
         input_bytes,
@@ -327,8 +337,14 @@ impl Staging {
     /// directory when it is local (same file system, so the final move is a
     /// rename), else in the system temp directory.
     fn create(out: &Location) -> Result<Staging> {
+        let mut created = Vec::new();
         let parent = match out.local_path() {
             Some(p) => {
+                let mut missing = Some(p);
+                while let Some(d) = missing.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                    created.push(d.to_path_buf());
+                    missing = d.parent();
+                }
                 std::fs::create_dir_all(p).map_err(|e| DataError::io("create directory", p, e))?;
                 remove_stale_staging(p);
                 p.to_path_buf()
@@ -340,8 +356,10 @@ impl Staging {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let dir = parent.join(format!(".staging-{}-{}", std::process::id(), nanos));
-        std::fs::create_dir_all(&dir).map_err(|e| DataError::io("create directory", &dir, e))?;
-        Ok(Staging(dir))
+        let staging = Staging { dir, created };
+        std::fs::create_dir_all(&staging.dir)
+            .map_err(|e| DataError::io("create directory", &staging.dir, e))?;
+        Ok(staging)
     }
 }
 

@@ -52,16 +52,50 @@ pub fn detect(name: &str) -> (Format, Compression) {
     (format, comp)
 }
 
-fn decompress(url: &str, raw: Bytes, comp: Compression) -> Result<Vec<u8>> {
+/// MiB one input file may hold once decompressed, unless `SIGMA_MAX_INPUT_MIB` says otherwise.
+pub const DEFAULT_MAX_INPUT_MIB: u64 = 16 << 10;
+
+/// The most bytes one input file may hold once decompressed.
+fn max_input_bytes() -> Result<u64> {
+    let mib = crate::env::number(
+        crate::env::MAX_INPUT_MIB,
+        DEFAULT_MAX_INPUT_MIB,
+        (1, 1 << 30),
+    )?;
+    Ok(mib << 20)
+}
+
+/// The file's bytes, decompressed, at most `limit` of them: a file that
+/// holds more (a decompression bomb, or a file to split) is an error naming
+/// it and the limit, found after reading `limit + 1` bytes, never more.
+fn decompress(url: &str, raw: Bytes, comp: Compression, limit: u64) -> Result<Vec<u8>> {
+    let too_big = |what: &str| {
+        DataError::input(
+            url,
+            format!(
+                "{what} more than {} MiB, the most one input file may hold (SIGMA_MAX_INPUT_MIB): split the file, or raise the limit",
+                limit >> 20
+            ),
+        )
+    };
     let mut out = Vec::new();
     let r = match comp {
-        Compression::None => return Ok(raw.to_vec()),
-        Compression::Gzip => flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out),
-        Compression::Zstd => {
-            zstd::stream::read::Decoder::new(&raw[..]).and_then(|mut d| d.read_to_end(&mut out))
+        Compression::None => {
+            if raw.len() as u64 > limit {
+                return Err(too_big("holds"));
+            }
+            return Ok(raw.to_vec());
         }
+        Compression::Gzip => flate2::read::MultiGzDecoder::new(&raw[..])
+            .take(limit + 1)
+            .read_to_end(&mut out),
+        Compression::Zstd => zstd::stream::read::Decoder::new(&raw[..])
+            .and_then(|d| d.take(limit + 1).read_to_end(&mut out)),
     };
     r.map_err(|e| DataError::input(url, format!("cannot decompress ({comp:?}): {e}")))?;
+    if out.len() as u64 > limit {
+        return Err(too_big(&format!("decompresses ({comp:?}) to")));
+    }
     Ok(out)
 }
 
@@ -73,6 +107,7 @@ pub async fn read_file(
     emit: &mut (dyn FnMut(Document) -> Result<()> + Send),
 ) -> Result<u64> {
     let (format, comp) = detect(&file.file_name());
+    let limit = max_input_bytes()?;
     let raw = file.get().await?;
     let url = file.url.as_str();
     match format {
@@ -80,11 +115,14 @@ pub async fn read_file(
             if comp != Compression::None {
                 return Err(DataError::input(url, "compressed Parquet files are not supported; Parquet compresses its pages itself"));
             }
+            if raw.len() as u64 > limit {
+                return Err(DataError::input(url, format!("holds more than {} MiB, the most one input file may hold (SIGMA_MAX_INPUT_MIB): split the file, or raise the limit", limit >> 20)));
+            }
             read_parquet(url, raw, text_field, emit)
         }
-        Format::Jsonl => read_jsonl(url, &decompress(url, raw, comp)?, text_field, emit),
+        Format::Jsonl => read_jsonl(url, &decompress(url, raw, comp, limit)?, text_field, emit),
         Format::Text => {
-            let bytes = decompress(url, raw, comp)?;
+            let bytes = decompress(url, raw, comp, limit)?;
             let text = String::from_utf8(bytes).map_err(|e| {
                 DataError::input(
                     url,

@@ -807,3 +807,71 @@ fn a_toml_syntax_error_names_the_file_and_line() {
         &["c.toml line 3"],
     );
 }
+
+/// An input file that decompresses past `SIGMA_MAX_INPUT_MIB` (a
+/// decompression bomb, or a file to split) is refused naming the file and
+/// the limit, whatever its compression, without decompressing more than the
+/// limit; a file within the limit is read. A malformed limit is refused
+/// before anything runs.
+#[test]
+fn prepare_refuses_an_input_that_decompresses_past_the_limit() {
+    use std::io::Write;
+    let d = tmp();
+    let tok = sample("tokenizer.json");
+    // 3 MiB of text in JSON lines: a few kB compressed.
+    let line = format!("{{\"text\": \"{}\"}}\n", "many words ".repeat(6 << 10));
+    let text: String = line.repeat(48);
+    let zst = zstd::encode_all(text.as_bytes(), 19).expect("zstd");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(text.as_bytes()).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    assert!(zst.len() < 64 << 10 && gz.len() < 64 << 10);
+    let inputs = d.path().join("inputs");
+    std::fs::create_dir_all(&inputs).expect("mkdir");
+    write_file(&inputs.join("bomb.jsonl.zst"), &zst);
+    write_file(&inputs.join("bomb.jsonl.gz"), &gz);
+    write_file(&inputs.join("big.jsonl"), text.as_bytes());
+    let prepare = |name: &str| {
+        let input = s(&inputs.join(name));
+        vec![
+            "data".to_string(),
+            "prepare".into(),
+            "--input".into(),
+            input,
+            "--domain".into(),
+            "general".into(),
+            "--tokenizer".into(),
+            tok.clone(),
+            "--output".into(),
+            "out".into(),
+            "--quiet".into(),
+        ]
+    };
+    let mut failed = Vec::new();
+    for (name, what) in [
+        ("bomb.jsonl.zst", "decompresses (Zstd) to more than 2 MiB"),
+        ("bomb.jsonl.gz", "decompresses (Gzip) to more than 2 MiB"),
+        ("big.jsonl", "holds more than 2 MiB"),
+    ] {
+        let a = prepare(name);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let needles = [name, what, "SIGMA_MAX_INPUT_MIB"];
+        if let Err(e) =
+            check_refused_unchanged(d.path(), &a, &[("SIGMA_MAX_INPUT_MIB", "2")], &needles)
+        {
+            failed.push(format!("{name}: {e}"));
+        }
+    }
+    all_passed(failed);
+    // Within the limit (4 MiB) the same file is read.
+    let a = prepare("bomb.jsonl.zst");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = sigma_in(d.path(), &a, &[("SIGMA_MAX_INPUT_MIB", "4")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.path().join("out/manifest.json").is_file());
+    // A limit of 0 is refused, naming the variable.
+    let a = prepare("big.jsonl");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = sigma_in(d.path(), &a, &[("SIGMA_MAX_INPUT_MIB", "0")]);
+    assert_refused(&o, &["SIGMA_MAX_INPUT_MIB"]);
+}
