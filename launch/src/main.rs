@@ -93,9 +93,12 @@ fn run(command: Command) -> anyhow::Result<i32> {
 fn main() {
     let cli = Cli::try_parse().unwrap_or_else(|e| usage::exit(e));
     // The stop signals are blocked since before libtorch loaded
-    // (early_signals.rs): `train` and `launch` unblock them once their
-    // handlers are installed; every other command takes them as usual.
-    if !matches!(cli.command, Command::Train(_) | Command::Launch(_)) {
+    // (early_signals.rs): `train`, `launch` and `ablate` unblock them once
+    // their handlers are installed; every other command takes them as usual.
+    if !matches!(
+        cli.command,
+        Command::Train(_) | Command::Launch(_) | Command::Ablate(_)
+    ) {
         sigma_trainer::signals::unblock_stop_signals();
     }
     // sigma's own environment variables, checked before anything runs.

@@ -287,6 +287,46 @@ fn an_interrupted_ablation_resumes_to_the_uninterrupted_numbers() {
     }
 }
 
+/// A stop signal that comes while the runner starts (loading libtorch,
+/// planning, the probe run that times a step) is not lost and does not kill
+/// it with its default action: the runner stops before any variant starts,
+/// with the interrupted exit status and a message, and no variant's
+/// directory exists.
+#[test]
+fn a_stop_while_the_ablation_starts_ends_it_before_any_variant() {
+    let d = tempfile::tempdir().expect("tmp");
+    let grid = d.path().join("one.toml");
+    write_file(&grid, b"[[variant]]\nname = \"only\"\n");
+    let out = d.path().join("ablation");
+    let a = ablate_args(&grid.to_string_lossy(), &out, 8, &[]);
+    // (Not at once: a process has a few milliseconds of loading before it
+    // blocks the signals, launch/src/early_signals.rs.)
+    for delay_ms in [150u64, 600, 2000] {
+        let mut c = sigma_command();
+        c.args(&a[..]);
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let child = c.spawn().expect("spawn");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("kill");
+        let o = child.wait_with_output().expect("wait");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(130), "after {delay_ms} ms: {err}");
+        assert!(
+            err.contains("stopped before any variant started"),
+            "after {delay_ms} ms: {err}"
+        );
+        assert!(
+            !out.join("runs/only").exists(),
+            "after {delay_ms} ms: a variant started"
+        );
+    }
+}
+
 #[test]
 fn bad_ablations_fail_cleanly() {
     let d = tempfile::tempdir().expect("tmp");

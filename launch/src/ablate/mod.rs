@@ -64,8 +64,14 @@ pub enum AblateCommand {
 
 pub fn ablate(a: AblateArgs) -> Result<i32> {
     if let Some(AblateCommand::Report { dir }) = a.command {
+        sigma_trainer::signals::unblock_stop_signals();
         return report_only(&dir);
     }
+    // The stop signals are blocked since the process started
+    // (early_signals.rs): from here on they set the flag, through the probe
+    // run too, and none is lost or kills the runner with its children.
+    let stop = stop_on_signals()?;
+    sigma_trainer::signals::unblock_stop_signals();
     let (Some(base), Some(grid), Some(out)) =
         (a.base.as_deref(), a.grid.as_deref(), a.output.as_ref())
     else {
@@ -83,14 +89,19 @@ pub fn ablate(a: AblateArgs) -> Result<i32> {
     let step_s = if a.no_estimate || todo.is_empty() {
         None
     } else {
-        measure_step(&plan, &slots[0], &probe_dir)?
+        measure_step(&plan, &slots[0], &probe_dir, &stop)?
     };
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!(
+            "sigma ablate: stopped before any variant started; rerun the same command to start"
+        );
+        return Ok(sigma_trainer::signals::EXIT_INTERRUPTED);
+    }
     print_plan(&plan, &states, &todo, &slots, step_s);
     if a.dry_run {
         return Ok(0);
     }
     start_output(&plan, out, &a.only)?;
-    let stop = stop_on_signals()?;
     let outcome = runner::run(&plan, todo, &slots, stop, |_| {
         // A partial report after every variant; errors wait for the final one.
         let _ = report::write(out);
@@ -204,7 +215,12 @@ fn finish(out: &std::path::Path, outcome: &runner::Outcome) -> Result<i32> {
 
 /// Median step time in seconds of the base variant: from a run of this
 /// ablation that already logged steps, else from a 4-step probe run.
-fn measure_step(plan: &Plan, slot: &Slot, dir: &std::path::Path) -> Result<Option<f64>> {
+fn measure_step(
+    plan: &Plan,
+    slot: &Slot,
+    dir: &std::path::Path,
+    stop: &AtomicBool,
+) -> Result<Option<f64>> {
     let median_step = |path: &std::path::Path| -> Option<f64> {
         let text = std::fs::read_to_string(path).ok()?;
         let mut t: Vec<f64> = text
@@ -252,7 +268,12 @@ fn measure_step(plan: &Plan, slot: &Slot, dir: &std::path::Path) -> Result<Optio
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .output()?;
+    let s = median_step(&dir.join("metrics.jsonl"));
+    let _ = std::fs::remove_dir_all(&dir);
     if !o.status.success() {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None); // stopped too: the caller reports the stop
+        }
         let err = String::from_utf8_lossy(&o.stderr);
         bail!(
             "the probe run of variant {} failed:\n{}",
@@ -260,8 +281,6 @@ fn measure_step(plan: &Plan, slot: &Slot, dir: &std::path::Path) -> Result<Optio
             err.trim_end()
         );
     }
-    let s = median_step(&dir.join("metrics.jsonl"));
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(s)
 }
 
