@@ -220,7 +220,9 @@ fn time_case(
     device: Device,
 ) -> Result<()> {
     let (name, heads) = (case.name, case.heads);
-    let capacity = s + a.steps as i64 + 8;
+    // Each timing starts from `s` filled slots: median_time's 5 warm-up
+    // steps, the timed steps, and the profiled ones.
+    let capacity = s + 5 + a.steps as i64 + PROFILED_STEPS as i64 + 8;
     let Ok(mut cache) = KvCache::new(model, b, capacity, device) else {
         println!("{name:<8} {heads:>9} {b:>6} {s:>8}  (the cache does not fit: skipped)");
         return Ok(());
@@ -268,6 +270,9 @@ fn time_case(
     Ok(())
 }
 
+/// Graph steps `--profile` profiles per case.
+const PROFILED_STEPS: usize = 5;
+
 /// The median step of batch `b` at context `s` recorded as CUDA graphs
 /// and replayed (the first step of each bucket records, in the warm-up).
 fn time_graph(
@@ -297,7 +302,7 @@ fn time_graph(
             unreachable!("graphs run on CUDA devices only")
         };
         let mut p = Profiler::new(Some(ordinal), device_name(device));
-        for _ in 0..5 {
+        for _ in 0..PROFILED_STEPS {
             p.begin(Window::Decode);
             let _ = tch::no_grad(|| decoder.step(&tokens))?;
             p.end();
