@@ -425,11 +425,32 @@ pub fn export_init(
     dtype: ExportDtype,
     format: ExportFormat,
 ) -> Result<()> {
-    use crate::model::params::{whole_specs, Init};
     check_output(out)?;
     let file = init.config.display().to_string();
     let run = RunConfig::load(&file, init.overrides)?;
     run.model.validate()?;
+    let (data, tok) = init_tokenizer(init, &run, &file)?;
+    let tensors = init_weights(&run, init.seed, dtype)?;
+    let origin = Origin {
+        run,
+        step: 0,
+        tokens: 0,
+        tokenizer_xxh3: json!(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data))),
+        init_seed: Some(init.seed),
+    };
+    publish(out, |tmp| {
+        write_export(&origin, &tensors, dtype, Some(&(data, tok)), tmp, format)
+    })
+}
+
+/// The tokenizer an `--init` export is for (`--tokenizer`, else the
+/// config's `data.tokenizer`), its bytes and itself; its vocabulary must
+/// fit the model's.
+fn init_tokenizer(
+    init: &InitExport,
+    run: &RunConfig,
+    file: &str,
+) -> Result<(Vec<u8>, sigma_data::Tokenizer)> {
     let (source, what, named) = match (init.tokenizer, run.data.tokenizer.as_deref()) {
         (Some(t), _) => (t.to_string(), "--tokenizer", String::new()),
         (None, Some(t)) => (
@@ -439,7 +460,7 @@ pub fn export_init(
         ),
         (None, None) => {
             return Err(TrainError::config(
-                &file,
+                file,
                 "names no tokenizer (data.tokenizer): give --tokenizer tokenizer.json, the tokenizer the model is for (the sample corpus's is data/sample/tokenizer.json)",
             ))
         }
@@ -455,7 +476,14 @@ pub fn export_init(
             ),
         ));
     }
-    let data = tok.json.to_vec();
+    Ok((tok.json.to_vec(), tok))
+}
+
+/// The first weights of a one-device run of `run` seeded `seed`, whole
+/// and named, in `dtype` (each drawn in fp32 and cast at once, so the
+/// model is never held in fp32).
+fn init_weights(run: &RunConfig, seed: u64, dtype: ExportDtype) -> Result<Vec<(String, Tensor)>> {
+    use crate::model::params::{whole_specs, Init};
     let specs = whole_specs(&run.model);
     let elt = dtype.kind().elt_size_in_bytes() as f64;
     let numels: Vec<i64> = specs.iter().map(|s| s.global_numel()).collect();
@@ -468,7 +496,7 @@ pub fn export_init(
         "initialising and exporting the model",
     )?;
     let mi = crate::model::ModelInit {
-        seed: init.seed,
+        seed,
         decay_norms: run.optim.decay_norms,
         decay_embeddings: run.optim.decay_embeddings,
         device: tch::Device::Cpu,
@@ -476,7 +504,7 @@ pub fn export_init(
     };
     let decays: Vec<bool> = specs.iter().map(|s| mi.decays(s.kind)).collect();
     let draws = Init {
-        seed: init.seed,
+        seed,
         std: run.model.init_std,
         num_layers: run.model.num_layers,
     };
@@ -487,19 +515,9 @@ pub fn export_init(
             .to_kind(dtype.kind());
         drawn[i] = Some(t);
     });
-    let tensors: Vec<(String, Tensor)> = specs
+    Ok(specs
         .iter()
         .zip(drawn)
         .map(|(s, t)| (s.name(), t.expect("every tensor is drawn")))
-        .collect();
-    let origin = Origin {
-        run,
-        step: 0,
-        tokens: 0,
-        tokenizer_xxh3: json!(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data))),
-        init_seed: Some(init.seed),
-    };
-    publish(out, |tmp| {
-        write_export(&origin, &tensors, dtype, Some(&(data, tok)), tmp, format)
-    })
+        .collect())
 }

@@ -16,7 +16,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::generate::KvCache;
+use super::cache::KvCache;
 use crate::error::{Result, TrainError};
 use crate::kernels::cuda_graph::{self, CudaGraph};
 use crate::model::Fwd;

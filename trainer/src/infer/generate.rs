@@ -24,139 +24,14 @@
 
 use tch::{Device, Kind, Tensor};
 
+pub use super::cache::{KeyCache, KvCache};
 use super::decoder::{Decoder, StepMode};
 use crate::error::{Result, TrainError};
 use crate::model::block::{wiring, LayerWeight as W, Part, Val, Vals};
 use crate::model::key::ParamKey;
-use crate::model::ops::Positions;
-use crate::model::{Fwd, Model};
+use crate::model::positions::Positions;
+use crate::model::Fwd;
 use sigma_data::rng::SplitMix64;
-
-/// What the cache keeps of the keys under the projected K-compression
-/// reading (`model.k_compression = "projected"`; other models cache their
-/// keys one way).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum KeyCache {
-    /// Up-projected and rotated once, when written: the keys attention
-    /// reads, so a decoding step reads the cache once (keys at the
-    /// dot-product dimension).
-    #[default]
-    Expanded,
-    /// The compressed keys (k_dim: the smallest cache), up-projected and
-    /// rotated again at every step (each step writes and reads the whole
-    /// expanded keys once more).
-    Compressed,
-}
-
-/// Per-layer cached keys and values.
-pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-    /// Filled slots (the same for every sequence: padding fills the rest).
-    pub len: i64,
-    pub capacity: i64,
-    /// [b, capacity] bool: the slot holds a real token of that sequence.
-    valid: Tensor,
-    /// The projected reading: keys are cached before up-projection and RoPE.
-    raw_keys: bool,
-}
-
-impl KvCache {
-    /// An empty cache for `batch` sequences of up to `capacity` tokens
-    /// (keys [`KeyCache::Expanded`]); an error (not a panic) when it does
-    /// not fit the device.
-    pub fn new(model: &Model, batch: i64, capacity: i64, device: Device) -> Result<KvCache> {
-        Self::with_keys(model, batch, capacity, device, KeyCache::default())
-    }
-
-    /// [`KvCache::new`] keeping the keys of the projected reading as `keys` says.
-    pub fn with_keys(
-        model: &Model,
-        batch: i64,
-        capacity: i64,
-        device: Device,
-        keys: KeyCache,
-    ) -> Result<KvCache> {
-        let c = &model.cfg;
-        let kind = model.compute;
-        let projected = model.try_id(ParamKey::Layer(0, W::KUp)).is_some();
-        let raw_keys = projected && keys == KeyCache::Compressed;
-        let (nk, nv) = (c.num_k_heads as i64, c.num_v_heads as i64);
-        let dk = if projected && !raw_keys {
-            c.dot_dim()
-        } else {
-            c.k_cache_dim()
-        } as i64;
-        let dv = c.v_head_dim as i64;
-        let bytes = batch as f64
-            * capacity as f64
-            * c.num_layers as f64
-            * (nk * dk + nv * dv) as f64
-            * kind.elt_size_in_bytes() as f64;
-        if device == Device::Cpu {
-            let what = format!("the KV cache of {batch} sequences x {capacity} tokens");
-            crate::model::summary::check_host_memory(bytes, &what)?;
-        }
-        let alloc = |shape: [i64; 4]| {
-            Tensor::f_zeros(shape, (kind, device)).map_err(|e| {
-                let gb = (batch * capacity * c.num_layers as i64 * (nk * dk + nv * dv)) as f64
-                    * kind.elt_size_in_bytes() as f64
-                    / 1e9;
-                TrainError::input(
-                    "the KV cache",
-                    format!(
-                        "{batch} sequences x {capacity} tokens ({gb:.2} GB) do not fit on {device:?}: {}",
-                        crate::error::clean_torch_message(&e.to_string())
-                    ),
-                )
-            })
-        };
-        let mut k = Vec::with_capacity(c.num_layers);
-        let mut v = Vec::with_capacity(c.num_layers);
-        for _ in 0..c.num_layers {
-            k.push(alloc([batch, nk, capacity, dk])?);
-            v.push(alloc([batch, nv, capacity, dv])?);
-        }
-        Ok(KvCache {
-            k,
-            v,
-            len: 0,
-            capacity,
-            valid: Tensor::f_zeros([batch, capacity], (Kind::Bool, device))?,
-            raw_keys,
-        })
-    }
-
-    /// Mark the first `len` slots of every sequence as holding tokens,
-    /// whatever they hold, and the rest as empty: for timing decoding at a
-    /// given context without a prefill (`sigma bench decode --model`).
-    pub fn pretend_filled(&mut self, len: i64) {
-        let len = len.min(self.capacity);
-        let _ = self.valid.narrow(1, 0, len).fill_(1);
-        let _ = self.valid.narrow(1, len, self.capacity - len).fill_(0);
-        self.len = len;
-    }
-
-    /// The device the cache is on.
-    pub fn device(&self) -> Device {
-        self.valid.device()
-    }
-
-    /// Sequences the cache holds.
-    pub fn batch(&self) -> i64 {
-        self.valid.size()[0]
-    }
-
-    /// Bytes the cache holds per token (all layers), at its dtype.
-    pub fn bytes_per_token(&self) -> i64 {
-        let per = |t: &Tensor| t.size()[1] * t.size()[3] * t.kind().elt_size_in_bytes() as i64;
-        self.k
-            .iter()
-            .zip(&self.v)
-            .map(|(k, v)| per(k) + per(v))
-            .sum()
-    }
-}
 
 /// Attention of one new query per sequence against `len` cached slots,
 /// without repeating K or V. q [b, n_q, 1, dd], k [b, n_k, S, dd],
@@ -576,6 +451,50 @@ pub fn generate_timed(
     let mut timing = Timing::default();
     let device = model.params.flat.device();
     let b = prompts.len();
+    let (tokens, valid) = padded_prompts(prompts, r, device)?;
+    let capacity = tokens.size()[1] + r.max_new_tokens as i64;
+    let cache = KvCache::with_keys(model, b as i64, capacity, device, r.key_cache)?;
+    let mut decoder = Decoder::new(model, cache, r.steps)?;
+    let mut rngs: Vec<SplitMix64> = (0..b)
+        .map(|i| stream_rng(r.seed, first_stream + i as u64))
+        .collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut logits = tch::no_grad(|| decoder.prefill(&tokens, &valid))?;
+    let mut decoding: Option<std::time::Instant> = None;
+    for _ in 0..r.max_new_tokens {
+        let picks = pick(&logits, &done, r, &mut rngs)?;
+        let mut next = vec![r.eos.unwrap_or(0) as i64; b];
+        for (i, t) in picks.into_iter().enumerate() {
+            let Some(t) = t else { continue };
+            out[i].push(t);
+            on_token(i, t);
+            next[i] = t as i64;
+            done[i] |= Some(t) == r.eos;
+        }
+        if decoding.is_none() {
+            timing.prefill_s = started.elapsed().as_secs_f64();
+            decoding = Some(std::time::Instant::now());
+        }
+        if done.iter().all(|&d| d) || out.iter().all(|o| o.len() == r.max_new_tokens) {
+            break;
+        }
+        let t = Tensor::from_slice(&next).to_device(device);
+        logits = tch::no_grad(|| decoder.step(&t))?;
+        timing.steps += 1;
+    }
+    timing.decode_s = decoding.map_or(0.0, |d| d.elapsed().as_secs_f64());
+    timing.mode = decoder.mode();
+    timing.graphs = decoder.graphs();
+    timing.recording_s = decoder.recording_s();
+    Ok((out, timing))
+}
+
+/// The prompts checked (none empty, each with the new tokens within the
+/// maximum context) and left-padded to the longest: tokens and the mask of
+/// real ones, [b, longest], on `device`.
+fn padded_prompts(prompts: &[Vec<u32>], r: &Request, device: Device) -> Result<(Tensor, Tensor)> {
+    let b = prompts.len();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     if let Some((i, _)) = prompts.iter().enumerate().find(|(_, p)| p.is_empty()) {
         return Err(TrainError::input(
@@ -601,77 +520,50 @@ pub fn generate_timed(
             valid[i * longest + pad + j] = true;
         }
     }
-    let (b64, t64) = (b as i64, longest as i64);
-    let tokens = Tensor::from_slice(&ids).view([b64, t64]).to_device(device);
-    let valid = Tensor::from_slice(&valid)
-        .view([b64, t64])
-        .to_device(device);
-    let capacity = t64 + r.max_new_tokens as i64;
-    let cache = KvCache::with_keys(model, b64, capacity, device, r.key_cache)?;
-    let mut decoder = Decoder::new(model, cache, r.steps)?;
-    let mut rngs: Vec<SplitMix64> = (0..b)
-        .map(|i| stream_rng(r.seed, first_stream + i as u64))
-        .collect();
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done = vec![false; b];
-    let mut logits = tch::no_grad(|| decoder.prefill(&tokens, &valid))?;
-    let mut decoding: Option<std::time::Instant> = None;
-    let greedy = r.sampling.temperature <= 0.0;
-    for _ in 0..r.max_new_tokens {
-        // Greedy: the argmax on the device, b ids to the host; sampling:
-        // the whole rows (b x vocab floats).
-        let (picks, flat, vocab) = if greedy {
-            (greedy_picks(&logits)?, Vec::new(), 0)
-        } else {
-            let l = logits
-                .to_kind(Kind::Float)
-                .to_device(Device::Cpu)
-                .contiguous();
-            let mut flat = vec![0f32; l.numel()];
-            l.copy_data(&mut flat, l.numel());
-            (Vec::new(), flat, l.size()[1] as usize)
-        };
-        let mut next = vec![0i64; b];
-        for i in 0..b {
-            if done[i] {
-                next[i] = r.eos.unwrap_or(0) as i64;
-                continue;
-            }
-            let t = if greedy {
-                picks[i]
-            } else {
-                sample(&flat[i * vocab..(i + 1) * vocab], &r.sampling, &mut rngs[i])
-            };
-            out[i].push(t);
-            on_token(i, t);
-            next[i] = t as i64;
-            if Some(t) == r.eos {
-                done[i] = true;
-            }
-        }
-        if decoding.is_none() {
-            timing.prefill_s = started.elapsed().as_secs_f64();
-            decoding = Some(std::time::Instant::now());
-        }
-        if done.iter().all(|&d| d) || out.iter().all(|o| o.len() == r.max_new_tokens) {
-            break;
-        }
-        let t = Tensor::from_slice(&next).to_device(device);
-        logits = tch::no_grad(|| decoder.step(&t))?;
-        timing.steps += 1;
+    let shape = [b as i64, longest as i64];
+    Ok((
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&valid).view(shape).to_device(device),
+    ))
+}
+
+/// The next token of every sequence not `done` (None for those): greedy by
+/// the argmax on the device (b ids to the host), else sampled on the host
+/// from the whole rows (b x vocab floats), each sequence by its own stream.
+fn pick(
+    logits: &Tensor,
+    done: &[bool],
+    r: &Request,
+    rngs: &mut [SplitMix64],
+) -> Result<Vec<Option<u32>>> {
+    if r.sampling.temperature <= 0.0 {
+        let picks = greedy_picks(logits)?;
+        return Ok(picks
+            .into_iter()
+            .zip(done)
+            .map(|(t, &d)| (!d).then_some(t))
+            .collect());
     }
-    timing.decode_s = decoding.map_or(0.0, |d| d.elapsed().as_secs_f64());
-    timing.mode = decoder.mode();
-    timing.graphs = decoder.graphs();
-    timing.recording_s = decoder.recording_s();
-    Ok((out, timing))
+    let l = logits
+        .to_kind(Kind::Float)
+        .to_device(Device::Cpu)
+        .contiguous();
+    let vocab = l.size()[1] as usize;
+    let mut flat = vec![0f32; l.numel()];
+    l.copy_data(&mut flat, l.numel());
+    Ok(flat
+        .chunks(vocab)
+        .zip(done)
+        .zip(rngs.iter_mut())
+        .map(|((row, &d), rng)| (!d).then(|| sample(row, &r.sampling, rng)))
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{KCompression, ModelConfig};
-    use crate::model::ModelInit;
+    use crate::model::{Model, ModelInit};
 
     fn cfg(
         nk: usize,

@@ -27,7 +27,7 @@ use tch::Tensor;
 
 use crate::config::{KCompression, ModelConfig};
 use crate::model::decl::{Decl, ParamKind, Split};
-use crate::model::ops::Positions;
+use crate::model::positions::Positions;
 use crate::model::Fwd;
 
 /// A weight of a transformer block.

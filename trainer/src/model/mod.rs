@@ -24,6 +24,7 @@ pub mod key;
 pub mod lse;
 pub mod ops;
 pub mod params;
+pub mod positions;
 pub mod summary;
 
 use std::cell::RefCell;

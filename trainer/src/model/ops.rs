@@ -16,6 +16,7 @@ use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::params::ParamId;
+use crate::model::positions::Positions;
 use crate::model::Fwd;
 
 thread_local! {
@@ -266,15 +267,4 @@ impl Fwd<'_> {
             .collect();
         Tensor::cat(&parts, 1)
     }
-}
-
-/// Where the tokens that RoPE rotates sit.
-#[derive(Clone, Copy)]
-pub enum Positions<'a> {
-    /// `start..start + t`, known on the host.
-    From(i64),
-    /// One token per sequence at the position held by `pos` ([1], int64,
-    /// on the tensors' device), below `span`: no host value enters, so a
-    /// CUDA graph that records it serves any position below `span`.
-    Device { pos: &'a Tensor, span: i64 },
 }
