@@ -35,6 +35,15 @@ fn ablate_args(grid: &str, out: &Path, steps: u64, extra: &[&str]) -> Vec<String
     a
 }
 
+/// One SIGTERM to a running `sigma ablate`.
+fn sigterm(child: &std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+}
+
 fn run(a: &[String]) -> std::process::Output {
     sigma(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[])
 }
@@ -254,11 +263,7 @@ fn an_interrupted_ablation_resumes_to_the_uninterrupted_numbers() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("kill");
+    sigterm(&child);
     let o = child.wait_with_output().expect("wait");
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(130), "{err}");
@@ -308,11 +313,7 @@ fn a_stop_while_the_ablation_starts_ends_it_before_any_variant() {
             .stderr(std::process::Stdio::piped());
         let child = c.spawn().expect("spawn");
         std::thread::sleep(Duration::from_millis(delay_ms));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("kill");
+        sigterm(&child);
         let o = child.wait_with_output().expect("wait");
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(130), "after {delay_ms} ms: {err}");

@@ -183,11 +183,6 @@ impl<'f, 'm> Decoder<'f, 'm> {
         }
         Ok(logits)
     }
-
-    /// The cache back (graphs dropped).
-    pub fn into_cache(self) -> KvCache {
-        self.cache
-    }
 }
 
 fn warn_once(msg: &str) {

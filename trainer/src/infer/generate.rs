@@ -421,14 +421,14 @@ pub fn generate(
 }
 
 /// Where a [`generate_timed`] call spent its time (host clock; every step
-/// ends with its logits copied to the host, so each interval is complete).
+/// ends with its picks on the host, so each interval is complete).
 #[derive(Clone, Debug, Default)]
 pub struct Timing {
-    /// From the start to the first new tokens chosen: the prefill, its
-    /// logits to the host and sampling.
+    /// From the start to the first new tokens chosen: the prefill and the
+    /// first picks.
     pub prefill_s: f64,
-    /// Decoding steps run after the prefill, and their time (each step,
-    /// its logits to the host, sampling).
+    /// Decoding steps run after the prefill, and their time (each step and
+    /// its picks).
     pub steps: usize,
     pub decode_s: f64,
     /// How the steps ran, and the CUDA graphs recorded.
