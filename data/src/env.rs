@@ -32,6 +32,7 @@ pub const STORE_TIMEOUT_S: &str = "SIGMA_STORE_TIMEOUT_S";
 pub const TIME_COLLECTIVES: &str = "SIGMA_TIME_COLLECTIVES";
 pub const TRAIN_KERNELS: &str = "SIGMA_TRAIN_KERNELS";
 pub const DECODE_KERNEL: &str = "SIGMA_DECODE_KERNEL";
+pub const GEMV_KERNEL: &str = "SIGMA_GEMV_KERNEL";
 pub const DECODE_TUNING: &str = "SIGMA_DECODE_TUNING";
 pub const DECODE_TUNING_CACHE: &str = "SIGMA_DECODE_TUNING_CACHE";
 pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
@@ -69,6 +70,11 @@ pub const SIGMA_VARS: &[Var] = &[
         name: DECODE_KERNEL,
         kind: Kind::Switch,
         meaning: "use sigma's DiffQKV decode kernel on a GPU (default on)",
+    },
+    Var {
+        name: GEMV_KERNEL,
+        kind: Kind::Switch,
+        meaning: "use sigma's matrix-vector kernels for decoding's matmuls on a GPU (default on)",
     },
     Var {
         name: DECODE_TUNING,

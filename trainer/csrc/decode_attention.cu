@@ -5,8 +5,10 @@
 // `fold` set the last block of a sequence to finish (an atomic counter per
 // sequence in a workspace that the last block resets, so it never needs a
 // memset) merges the sequence's partials and writes the output; otherwise
-// the combine kernel does, in a second launch. Compiled at run time by NVRTC (trainer/src/kernels), once per
-// shape, with these macros defined by the caller:
+// the combine kernel does, in a second launch. A third kernel writes a
+// step's new keys (after RoPE) and values into the cache. Compiled at run
+// time by NVRTC (trainer/src/kernels), once per shape, with these macros
+// defined by the caller:
 //   NQ, NK, NV   query, key and value heads (NK and NV divide NQ)
 //   DK, DV       key (dot-product) and value head dimensions, multiples of 8
 //                whose eighth divides 32
@@ -359,5 +361,37 @@ diffqkv_decode_combine(const float* __restrict__ part_o,
   if (tid < DV) {
     for (int i = 1; i < G; ++i) o += red[i * DV + tid];
     out[((long long)b * NQ + qh) * DV + tid] = f2bf(l > 0.f ? o / l : 0.f);
+  }
+}
+
+// The new token of each sequence written into the caches at slot `*pos`, a
+// device value, so that one launch serves every step of a CUDA graph: its
+// keys rotated by RoPE (the table's rows at that position, cs = [cos, cos]
+// and sn = [-sin, sin], DK each; fp32 products as the training kernel's
+// RoPE), its values as they are. k_new [b, NK * DK] and v_new [b, NV * DV]
+// contiguous; the caches [b, heads, slots, D] with rows D apart and the
+// given batch and head strides (elements). One block per sequence.
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
+    diffqkv_decode_append(const bf16* __restrict__ k_new, const bf16* __restrict__ v_new,
+                          const bf16* __restrict__ cs, const bf16* __restrict__ sn,
+                          const long long* __restrict__ pos, bf16* __restrict__ kc,
+                          bf16* __restrict__ vc, long long k_batch, long long k_head,
+                          long long v_batch, long long v_head) {
+  const long long b = blockIdx.x;
+  const long long p = *pos;
+  const int half = DK / 2;
+  for (int i = threadIdx.x; i < NK * half; i += blockDim.x) {
+    const int h = i / half, j = i - (i / half) * half;
+    const bf16* kr = k_new + (b * NK + h) * DK;
+    const float x1 = bf2f(kr[j]), x2 = bf2f(kr[j + half]);
+    const float y1 = x1 * bf2f(cs[j]) + x2 * bf2f(sn[j]);
+    const float y2 = x2 * bf2f(cs[j + half]) + x1 * bf2f(sn[j + half]);
+    bf16* out = kc + b * k_batch + h * k_head + p * DK;
+    out[j] = f2bf(y1);
+    out[j + half] = f2bf(y2);
+  }
+  for (int i = threadIdx.x; i < NV * DV; i += blockDim.x) {
+    const int h = i / DV, j = i - (i / DV) * DV;
+    vc[b * v_batch + h * v_head + p * DV + j] = v_new[b * NV * DV + i];
   }
 }

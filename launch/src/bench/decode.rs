@@ -202,6 +202,7 @@ pub fn check(device: Device) -> Result<()> {
     for &case in CHECK_CASES {
         worst = worst.max(check_case(case, device)?);
     }
+    worst = worst.max(check_append(device)?);
     if worst > CHECK_TOLERANCE {
         bail!(
             "the decode kernel is off by {worst:.3e} of the largest output (tolerance {CHECK_TOLERANCE})"
@@ -209,6 +210,61 @@ pub fn check(device: Device) -> Result<()> {
     }
     println!("decode kernel check passed: largest relative error {worst:.2e}");
     Ok(())
+}
+
+/// The cache append (`kernels::decode::append`) against RoPE in fp32 and
+/// copies: keys within bf16's rounding of the largest, values and every
+/// other slot exact. Returns the keys' relative error.
+fn check_append(device: Device) -> Result<f64> {
+    println!(
+        "cache append (new keys rotated by RoPE, values copied, at a slot held on the device):"
+    );
+    let mut worst: f64 = 0.0;
+    for (nq, nk, nv, d, b, cap, slot) in [
+        (32, 4, 16, 64, 1, 300, 257),
+        (8, 2, 4, 128, 3, 64, 0),
+        (12, 3, 6, 64, 2, 40, 39),
+    ] {
+        let bf = (Kind::BFloat16, device);
+        let k = Tensor::randn([b, 1, nk * d], bf);
+        let v = Tensor::randn([b, 1, nv * d], bf);
+        let ang = Tensor::rand([1, d / 2], (Kind::Float, device)) * 6.0;
+        let cos = Tensor::cat(&[ang.cos(), ang.cos()], 1).to_kind(Kind::BFloat16);
+        let sin = Tensor::cat(&[-ang.sin(), ang.sin()], 1).to_kind(Kind::BFloat16);
+        let pos = Tensor::from_slice(&[slot]).to_device(device);
+        let kc = Tensor::zeros([b, nk, cap, d], bf);
+        let vc = Tensor::zeros([b, nv, cap, d], bf);
+        let ran =
+            sigma_trainer::kernels::decode::append(nq, &k, &v, (&cos, &sin), &pos, (&kc, &vc))?;
+        if !ran {
+            bail!("the cache append kernel did not run for {nq}/{nk}/{nv} d {d}");
+        }
+        // The reference: [x1 c1 + x2 s1, x2 c2 + x1 s2] in fp32.
+        let x = k.to_kind(Kind::Float).view([b, nk, d]);
+        let swapped = Tensor::cat(&[x.narrow(2, d / 2, d / 2), x.narrow(2, 0, d / 2)], 2);
+        let want = &x * cos.to_kind(Kind::Float) + swapped * sin.to_kind(Kind::Float);
+        let got = kc.narrow(2, slot, 1).squeeze_dim(2).to_kind(Kind::Float);
+        let top = want.abs().max().double_value(&[]);
+        let err = (&got - &want).abs().max().double_value(&[]) / top;
+        let v_exact = vc
+            .narrow(2, slot, 1)
+            .squeeze_dim(2)
+            .equal(&v.view([b, nv, d]));
+        let others = kc.abs().sum(Kind::Float).double_value(&[])
+            - got.abs().sum(Kind::Float).double_value(&[]);
+        let v_others = vc.abs().sum(Kind::Float).double_value(&[])
+            - v.to_kind(Kind::Float)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]);
+        let untouched = others.abs() < 1e-3 * top && v_others.abs() < 1e-3 * top;
+        println!("  {nq}/{nk}/{nv} d {d} batch {b} slot {slot} of {cap}: keys err {err:.2e}, values exact {v_exact}, other slots untouched {untouched}");
+        if !v_exact || !untouched {
+            bail!("the cache append wrote wrong values or outside its slot");
+        }
+        worst = worst.max(if err.is_nan() { f64::INFINITY } else { err });
+    }
+    Ok(worst)
 }
 
 /// One row of the kernel check; returns the kernel's relative error (NaN as infinity).

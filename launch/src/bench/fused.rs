@@ -4,8 +4,8 @@
 //! gate/up activation), the RoPE kernels, the cross-entropy kernels, the
 //! RMSNorm kernels (fp32 in, bf16 out) with and without the residual add
 //! before the norm, and the weight-gradient GEMM that
-//! accumulates in fp32 into the gradient buffer. Exits non-zero past the
-//! tolerance.
+//! accumulates in fp32 into the gradient buffer; and decoding's
+//! matrix-vector kernels (gemv.rs). Exits non-zero past the tolerance.
 //!
 //! One function per kernel family prints its table and returns its worst
 //! error (of the fused form; the tensor form's errors are printed for scale).
@@ -47,6 +47,7 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
     worst = worst.max(rms_norm(device, steps)?);
     worst = worst.max(add_rms_norm(device, steps)?);
     worst = worst.max(weight_grad(device, steps)?);
+    worst = worst.max(super::gemv::check(device, steps)?);
     if worst > TOLERANCE {
         bail!("a fused operation is off by {worst:.3e} of its reference (tolerance {TOLERANCE})");
     }

@@ -6,7 +6,8 @@
 //!   lengths; `--check` compares the kernel with an fp32 reference on many
 //!   shapes; `--model` times whole-model decoding (model.rs).
 //! - `fused` (fused.rs): the fused training operations, checked against fp32
-//!   and timed against the tensor operations they replace.
+//!   and timed against the tensor operations they replace, and decoding's
+//!   matrix-vector kernels against cuBLAS (gemv.rs).
 //! - `fp8` (fp8.rs): the FP8 linear layer of `train.precision = "fp8"`,
 //!   `_scaled_mm` against its emulation and fp32, timed against bf16.
 //!
@@ -17,6 +18,7 @@ mod args;
 mod decode;
 mod fp8;
 mod fused;
+mod gemv;
 mod model;
 mod timing;
 

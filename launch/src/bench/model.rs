@@ -308,7 +308,10 @@ fn time_graph(
             p.end();
             p.add_step(0.0);
         }
-        println!("graph step, batch {b}, context {s}: {}", p.finish().table());
+        println!(
+            "graph step, batch {b}, context {s}: {}",
+            p.finish().table_top(20)
+        );
     }
     Ok(t)
 }

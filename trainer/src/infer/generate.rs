@@ -99,9 +99,11 @@ enum Mode<'m> {
     /// ([1], int64), attending to the first `span` slots under the cache's
     /// slot mask: shapes and launches that do not depend on the position
     /// below `span`, so a CUDA graph can record them (infer::decoder).
+    /// `rope`: the RoPE table's rows at `pos`, gathered once for every layer.
     Static {
         pos: &'m Tensor,
         span: i64,
+        rope: &'m (Tensor, Tensor),
     },
 }
 
@@ -111,7 +113,10 @@ impl Mode<'_> {
         match self {
             Mode::Prefill { .. } => Positions::From(0),
             Mode::Decode { pos } => Positions::From(*pos),
-            Mode::Static { pos, span } => Positions::Device { pos, span: *span },
+            Mode::Static { rope, .. } => Positions::Device {
+                cos: &rope.0,
+                sin: &rope.1,
+            },
         }
     }
 }
@@ -162,7 +167,12 @@ impl Fwd<'_> {
             )));
         }
         let _ = cache.valid.f_index_fill_(1, pos, 1)?;
-        let mode = Mode::Static { pos, span };
+        let rope = self.rope_rows(pos, span, self.cfg.dot_dim() as i64);
+        let mode = Mode::Static {
+            pos,
+            span,
+            rope: &rope,
+        };
         let h = self.run_blocks(cache, &tokens.view([b, 1]), mode)?;
         Ok(self.head_logits(&h).squeeze_dim(1))
     }
@@ -202,7 +212,7 @@ impl Fwd<'_> {
             for wire in &wires {
                 match wire.part {
                     Part::AttnNorm => {} // fused into the previous add
-                    Part::Qkv => self.qkv_cached(l, cache, &mut vals, &mode),
+                    Part::Qkv => self.qkv_cached(l, cache, &mut vals, &mode)?,
                     Part::Attend => {
                         let o = self.attend_cached(l, cache, &vals, &mode)?;
                         vals.set(Val::O, o);
@@ -234,11 +244,32 @@ impl Fwd<'_> {
     /// them, the keys before the projected reading's up-projection (what the
     /// cache keeps under it) and, otherwise, after RoPE at their positions;
     /// the new keys and values written into the cache.
-    fn qkv_cached(&self, l: usize, cache: &mut KvCache, vals: &mut Vals, mode: &Mode<'_>) {
+    /// A static step's rotation and cache writes are one kernel where it
+    /// runs (`kernels::decode::append`: the keys as projected, no
+    /// up-projection, rotated and cached).
+    fn qkv_cached(
+        &self,
+        l: usize,
+        cache: &mut KvCache,
+        vals: &mut Vals,
+        mode: &Mode<'_>,
+    ) -> Result<()> {
         let h = vals.get(Val::H).shallow_clone();
-        let q0 = self.q0(l, &h);
-        let raw = self.keys_raw(l, &h);
-        let v = self.values(l, &h);
+        // q, k and v read the same input: one launch while decoding (Fwd::linears).
+        let ids = [W::QProj, W::KProj, W::VProj].map(|w| self.lid(l, w));
+        let [q0, raw, v]: [Tensor; 3] = self.linears(&h, &ids).try_into().expect("three products");
+        if let Mode::Static { pos, rope, .. } = mode {
+            let plain_keys = !cache.raw_keys && self.try_lid(l, W::KUp).is_none();
+            let caches = (&cache.k[l], &cache.v[l]);
+            let n_q = self.heads.q as i64;
+            let rows = (&rope.0, &rope.1);
+            if plain_keys && crate::kernels::decode::append(n_q, &raw, &v, rows, pos, caches)? {
+                vals.set(Val::Q0, q0);
+                vals.set(Val::V, self.value_heads(&v));
+                return Ok(());
+            }
+        }
+        let (raw, v) = (self.key_heads_raw(&raw), self.value_heads(&v));
         let roped = (!cache.raw_keys || matches!(mode, Mode::Prefill { .. }))
             .then(|| self.keys_from_raw(l, &raw, mode.positions()));
         let stored = match &roped {
@@ -265,6 +296,7 @@ impl Fwd<'_> {
             vals.set(Val::K, k);
         }
         vals.set(Val::V, v);
+        Ok(())
     }
 
     /// The `Attend` part with a cache: prefill attends over the prompt under

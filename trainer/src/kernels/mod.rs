@@ -1,5 +1,5 @@
 //! What tch does not bind: kernels of sigma's own compiled with NVRTC
-//! (`decode`, `training`) and C++ shims over libtorch (`fused`,
+//! (`decode`, `training`, `gemv`) and C++ shims over libtorch (`fused`,
 //! `gpu_memory`, `fp8`: FP8 matmuls, `cuda_graph`: libtorch's CUDA graphs,
 //! and the loading of CUDA libraries in `cuda_libs`).
 
@@ -8,5 +8,6 @@ pub mod cuda_libs;
 pub mod decode;
 pub mod fp8;
 pub mod fused;
+pub mod gemv;
 pub mod gpu_memory;
 pub mod training;

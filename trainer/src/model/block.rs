@@ -350,13 +350,13 @@ impl Fwd<'_> {
     /// projected reading: [b, t, k_heads, k_cache_dim], before any
     /// up-projection and RoPE.
     pub fn keys_raw(&self, l: usize, h: &Tensor) -> Tensor {
-        let (b, t) = (h.size()[0], h.size()[1]);
-        self.linear(h, self.lid(l, W::KProj)).view([
-            b,
-            t,
-            self.heads.k as i64,
-            self.cfg.k_cache_dim() as i64,
-        ])
+        self.key_heads_raw(&self.linear(h, self.lid(l, W::KProj)))
+    }
+
+    /// The k_proj product [b, t, k_heads * k_cache_dim] as [`Fwd::keys_raw`]'s heads.
+    pub fn key_heads_raw(&self, k: &Tensor) -> Tensor {
+        let (b, t) = (k.size()[0], k.size()[1]);
+        k.view([b, t, self.heads.k as i64, self.cfg.k_cache_dim() as i64])
     }
 
     /// Raw keys [b, t, k_heads, k_cache_dim] at positions `at` -> keys for
@@ -372,8 +372,12 @@ impl Fwd<'_> {
 
     /// Value heads: [b, v_heads, t, v_head_dim].
     pub fn values(&self, l: usize, h: &Tensor) -> Tensor {
-        let (b, t) = (h.size()[0], h.size()[1]);
-        let v = self.linear(h, self.lid(l, W::VProj));
+        self.value_heads(&self.linear(h, self.lid(l, W::VProj)))
+    }
+
+    /// The v_proj product [b, t, v_heads * v_head_dim] as [`Fwd::values`]' heads.
+    pub fn value_heads(&self, v: &Tensor) -> Tensor {
+        let (b, t) = (v.size()[0], v.size()[1]);
         v.view([b, t, self.heads.v as i64, self.cfg.v_head_dim as i64])
             .transpose(1, 2)
     }

@@ -94,6 +94,13 @@ impl Fwd<'_> {
     /// the tensor form.
     pub fn gated(&self, x: &Tensor, gate: ParamId, up: ParamId) -> Tensor {
         let fp8 = self.is_fp8(gate) || self.is_fp8(up);
+        if !fp8 && self.exec.sink.is_none() {
+            // A few rows without autograd (decoding): one kernel for both matmuls and SwiGLU.
+            let merged = self.params.merged_weight(gate, up);
+            if let Some(y) = merged.and_then(|(w, _)| crate::kernels::gemv::gemv_swiglu(x, &w)) {
+                return y;
+            }
+        }
         let merged = if fp8 {
             self.fp8_merged(x, gate, up)
         } else {
@@ -134,9 +141,30 @@ impl Fwd<'_> {
         })
     }
 
-    /// `x w^T` in the compute dtype, casting what is not in it.
+    /// `x` times each of the weights `ids` (which all read it): as many
+    /// [`Fwd::linear`]s, or, for a few rows without autograd or FP8
+    /// (decoding), one launch of the matrix-vector kernel
+    /// (`crate::kernels::gemv`) for up to three of them.
+    pub fn linears(&self, x: &Tensor, ids: &[ParamId]) -> Vec<Tensor> {
+        if self.exec.sink.is_none() && !ids.iter().any(|&id| self.is_fp8(id)) {
+            let ws: Vec<&Tensor> = ids.iter().map(|&id| self.w(id)).collect();
+            if ws.iter().all(|w| w.kind() == self.compute) {
+                if let Some(ys) = crate::kernels::gemv::gemv(x, &ws) {
+                    return ys;
+                }
+            }
+        }
+        ids.iter().map(|&id| self.linear(x, id)).collect()
+    }
+
+    /// `x w^T` in the compute dtype, casting what is not in it. A few rows
+    /// without autograd (decoding) by the matrix-vector kernel where it runs
+    /// (`crate::kernels::gemv`).
     pub fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
         if x.kind() == self.compute && w.kind() == self.compute {
+            if let Some(mut y) = crate::kernels::gemv::gemv(x, &[w]) {
+                return y.pop().expect("one weight, one product");
+            }
             x.linear::<Tensor>(w, None)
         } else {
             x.to_kind(self.compute)
@@ -225,15 +253,14 @@ impl Fwd<'_> {
     pub fn rope(&self, x: &Tensor, at: Positions<'_>) -> Tensor {
         let size = x.size();
         let (b, t, h, dim) = (size[0], size[1], size[2], size[3]);
-        let (rows, start) = match at {
-            Positions::From(start) => (start + t, start),
-            Positions::Device { span, .. } => (span, 0),
-        };
-        let len = (rows as u64).next_power_of_two() as i64;
-        let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
-        let (cos, sin) = match at {
-            Positions::From(_) => (cos, sin),
-            Positions::Device { pos, .. } => (cos.index_select(0, pos), sin.index_select(0, pos)),
+        let (cos, sin, start) = match at {
+            Positions::From(start) => {
+                let len = ((start + t) as u64).next_power_of_two() as i64;
+                let (cos, sin) = self.rope_tables(len, dim, x.device(), x.kind());
+                (cos, sin, start)
+            }
+            // Gathered in the compute dtype: the same kind as x (no copy) but in a check.
+            Positions::Device { cos, sin } => (cos.to_kind(x.kind()), sin.to_kind(x.kind()), 0),
         };
         if let Some(y) = crate::kernels::training::rope(x, &cos, &sin, start) {
             return y;
@@ -247,6 +274,16 @@ impl Fwd<'_> {
             .flip([3])
             .view([b, t, h, dim]);
         x * cos + swapped * sin
+    }
+
+    /// The rows of the RoPE tables (`dim` wide, the compute dtype) at the
+    /// position that `pos` ([1], int64, on the device) holds, below `span`:
+    /// [`Positions::Device`]'s, gathered on the device, the same values as
+    /// the host's table rows.
+    pub fn rope_rows(&self, pos: &Tensor, span: i64, dim: i64) -> (Tensor, Tensor) {
+        let len = (span as u64).next_power_of_two() as i64;
+        let (cos, sin) = self.rope_tables(len, dim, pos.device(), self.compute);
+        (cos.index_select(0, pos), sin.index_select(0, pos))
     }
 
     /// RoPE of a training sequence [b, t, h, dim]: positions `0..t`, or

@@ -8,8 +8,10 @@ use tch::Tensor;
 pub enum Positions<'a> {
     /// `start..start + t`, known on the host.
     From(i64),
-    /// One token per sequence at the position held by `pos` ([1], int64,
-    /// on the tensors' device), below `span`: no host value enters, so a
-    /// CUDA graph that records it serves any position below `span`.
-    Device { pos: &'a Tensor, span: i64 },
+    /// One token per sequence at a position held on the device: the RoPE
+    /// table's rows at that position ([1, dim] each, gathered on the device
+    /// once per step by [`crate::model::Fwd::rope_rows`] for every layer).
+    /// No host value enters, so a CUDA graph that records it serves any
+    /// position the table covers.
+    Device { cos: &'a Tensor, sin: &'a Tensor },
 }

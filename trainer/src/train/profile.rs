@@ -345,8 +345,14 @@ impl Profiler {
 }
 
 impl Profile {
-    /// The table: per step, milliseconds and share of the step by category.
+    /// The table: per step, milliseconds and share of the step by category,
+    /// and the 8 entries that took most time.
     pub fn table(&self) -> String {
+        self.table_top(8)
+    }
+
+    /// [`Profile::table`] with the `n` entries that took most time (at most 20 are kept).
+    pub fn table_top(&self, n: usize) -> String {
         let step: f64 = self.wall.values().sum();
         // The windows a step had, in the order of a training step.
         let parts: Vec<String> = ["data", "forward_backward", "optimizer", "decoding step"]
@@ -380,7 +386,7 @@ impl Profile {
             );
         }
         out += "top entries (ms/step, calls):\n";
-        for (name, s, c) in self.top.iter().take(8) {
+        for (name, s, c) in self.top.iter().take(n) {
             let short: String = name.chars().take(70).collect();
             out += &format!("  {:>9.2} {:>6}  {short}\n", s * 1e3, c);
         }

@@ -30,6 +30,7 @@ pub struct Loaded {
     pub ctx: Arc<CudaContext>,
     split: CudaFunction,
     combine: CudaFunction,
+    append: CudaFunction,
     /// The device's multiprocessors and its name (the driver's).
     pub sms: i64,
     pub device_name: String,
@@ -57,6 +58,7 @@ fn load(
     let combine = module
         .load_function("diffqkv_decode_combine")
         .map_err(drv)?;
+    let append = module.load_function("diffqkv_decode_append").map_err(drv)?;
     split
         .set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -68,6 +70,7 @@ fn load(
         ctx,
         split,
         combine,
+        append,
         sms,
         device_name,
     }))
@@ -236,4 +239,60 @@ fn launch(
         }
     }
     Ok(())
+}
+
+/// The operands of one cache append: the new token's keys `k` [b, 1,
+/// n_k * d_k] and values `v` [b, 1, n_v * d_v] (contiguous), RoPE's table
+/// rows `cos` and `sin` ([1, d_k] contiguous), the slot `pos` ([1] int64),
+/// the caches `kc` [b, n_k, S, d_k] and `vc` [b, n_v, S, d_v] with
+/// contiguous rows (checked by the caller).
+pub struct Append<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub pos: &'a Tensor,
+    pub kc: &'a Tensor,
+    pub vc: &'a Tensor,
+}
+
+/// One append on libtorch's current stream of device `ordinal`; false
+/// when that stream cannot be read (nothing ran).
+pub fn append(kern: &Loaded, ordinal: usize, a: &Append) -> Result<bool> {
+    let Some(stream) = current_stream(&kern.ctx, ordinal) else {
+        return Ok(false);
+    };
+    let ptr = |t: &Tensor| t.data_ptr() as u64;
+    let (ks, vs) = (a.kc.stride(), a.vc.stride());
+    let cfg = LaunchConfig {
+        grid_dim: (a.k.size()[0] as u32, 1, 1),
+        block_dim: (COMBINE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let ps = [a.k, a.v, a.cos, a.sin, a.pos, a.kc, a.vc].map(ptr);
+    // SAFETY: every pointer is a live libtorch tensor of the device with
+    // the layout the kernel indexes (checked by the caller: contiguous new
+    // keys and values of the shape's heads, table rows of d_k, one int64
+    // slot, caches with rows d apart); the slot is below the caches'
+    // length (the decoder keeps it so); the launch runs on the stream that
+    // any later use of the tensors is ordered after.
+    let r = unsafe {
+        let mut b = stream.launch_builder(&kern.append);
+        for p in &ps {
+            b.arg(p);
+        }
+        b.arg(&ks[0])
+            .arg(&ks[1])
+            .arg(&vs[0])
+            .arg(&vs[1])
+            .launch(cfg)
+    };
+    r.map_err(|e| {
+        TrainError::gpu(
+            "NVRTC kernel",
+            format!("DiffQKV decode cache append on cuda:{ordinal}"),
+            e.to_string(),
+        )
+    })?;
+    Ok(true)
 }

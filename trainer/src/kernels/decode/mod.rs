@@ -167,6 +167,91 @@ fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option
     None
 }
 
+/// Write a decoding step's new keys (rotated by RoPE's table rows `cos`
+/// and `sin`, [1, d_k]) and values into the caches at the slot that `pos`
+/// ([1], int64) holds, in one launch that reads the slot on the device (a
+/// CUDA graph replays it at any slot): Ok(false) where the kernel cannot
+/// run (the caller then rotates and copies with tensor operations). k [b,
+/// 1, n_k * d_k] and v [b, 1, n_v * d_v] as the projections give them, kc
+/// [b, n_k, S, d_k] and vc [b, n_v, S, d_v]; `n_q`: the model's query
+/// heads (the kernels are compiled per attention shape).
+pub fn append(
+    n_q: i64,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    pos: &Tensor,
+    (kc, vc): (&Tensor, &Tensor),
+) -> Result<bool> {
+    let Device::Cuda(ordinal) = k.device() else {
+        return Ok(false);
+    };
+    if !decode_kernel_enabled() || append_refusal(k, v, (cos, sin), pos, (kc, vc)).is_some() {
+        return Ok(false);
+    }
+    let shape = DecodeShape {
+        n_q,
+        n_k: kc.size()[1],
+        n_v: vc.size()[1],
+        d_k: kc.size()[3],
+        d_v: vc.size()[3],
+    };
+    if shape.unsupported().is_some() {
+        return Ok(false);
+    }
+    let _restore = RestoreContext::save();
+    let t = tune::env_tuning()?.unwrap_or(Tuning::DEFAULT);
+    let Ok(kern) = launch::kernels(ordinal, shape, &t) else {
+        return Ok(false);
+    };
+    let a = launch::Append {
+        k,
+        v,
+        cos,
+        sin,
+        pos,
+        kc,
+        vc,
+    };
+    launch::append(&kern, ordinal, &a)
+}
+
+/// Why [`append`]'s kernel cannot take these operands (None: it can).
+fn append_refusal(
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    pos: &Tensor,
+    (kc, vc): (&Tensor, &Tensor),
+) -> Option<String> {
+    let dev = k.device();
+    let all = [k, v, cos, sin, pos, kc, vc];
+    if !dev.is_cuda() || all.iter().any(|t| t.device() != dev) {
+        return Some("not on one CUDA device".into());
+    }
+    if [k, v, cos, sin, kc, vc]
+        .iter()
+        .any(|t| t.kind() != Kind::BFloat16)
+        || pos.kind() != Kind::Int64
+    {
+        return Some("not bf16 (or the slot not int64)".into());
+    }
+    if kc.dim() != 4 || vc.dim() != 4 || pos.numel() != 1 {
+        return Some("caches not [b, heads, slots, d] or more than one slot".into());
+    }
+    let (b, nk, dk) = (kc.size()[0], kc.size()[1], kc.size()[3]);
+    let (nv, dv) = (vc.size()[1], vc.size()[3]);
+    let rows = |t: &Tensor, d: i64| t.stride()[3] == 1 && t.stride()[2] == d;
+    let dense = |t: &Tensor, n: i64| t.is_contiguous() && t.numel() as i64 == n;
+    if vc.size()[0] != b || !rows(kc, dk) || !rows(vc, dv) || dk % 2 != 0 {
+        return Some("cache rows not contiguous, or the batches differ".into());
+    }
+    if !dense(k, b * nk * dk) || !dense(v, b * nv * dv) || !dense(cos, dk) || !dense(sin, dk) {
+        return Some("new keys, values or table rows not contiguous of the caches' shape".into());
+    }
+    None
+}
+
 /// DiffQKV decode attention by the kernel: Ok(None) where it cannot run
 /// (CPU, not bf16, a shape or layout it does not take, NVRTC missing,
 /// `SIGMA_DECODE_KERNEL=off`); the caller then uses tensor operations. A
@@ -298,6 +383,7 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{s:?} sm_{arch}: {e}"));
                 assert!(ptx.contains(".entry diffqkv_decode_split"), "{s:?}");
                 assert!(ptx.contains(".entry diffqkv_decode_combine"), "{s:?}");
+                assert!(ptx.contains(".entry diffqkv_decode_append"), "{s:?}");
                 assert!(ptx.contains("atom.global.add.u32"), "{s:?}: no counter");
                 assert!(
                     ptx.contains("ld.global.cg.f32"),

@@ -1,0 +1,269 @@
+//! The decoding matrix-vector kernels (`sigma_trainer::kernels::gemv`) in
+//! `sigma bench fused`: checked against an fp32 product of the same bf16
+//! operands and timed against libtorch's matmul (cuBLAS) at SIGMA-1.5B's
+//! shapes, with the memory bandwidth each reaches. Each timed run reads a
+//! different copy of the weights, enough copies to exceed the L2 cache, so
+//! the times are the memory's, as in a decoding step.
+
+use anyhow::{bail, Result};
+use sigma_trainer::kernels::gemv;
+use tch::{Device, Kind, Tensor};
+
+use super::timing::median_time;
+
+/// Bytes of weight copies a timing cycles through (above any L2 cache).
+const CYCLE_BYTES: i64 = 256 << 20;
+
+/// Largest |a - b| over the largest |b|, in f64.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let top = b.abs().max().double_value(&[]);
+    let e = (a - &b).abs().max().double_value(&[]) / top;
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
+    }
+}
+
+/// One case: `rows` activation rows, the weights' row counts (one to
+/// three; or one merged gate/up weight of 2 x `ns[0]` rows when `gated`),
+/// the input width `k`.
+struct Case {
+    name: &'static str,
+    rows: i64,
+    ns: &'static [i64],
+    k: i64,
+    gated: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "q,k,v",
+        rows: 1,
+        ns: &[2048, 256, 1024],
+        k: 2048,
+        gated: false,
+    },
+    Case {
+        name: "ffn gate/up",
+        rows: 1,
+        ns: &[6144],
+        k: 2048,
+        gated: true,
+    },
+    Case {
+        name: "ffn down",
+        rows: 1,
+        ns: &[2048],
+        k: 6144,
+        gated: false,
+    },
+    Case {
+        name: "aug_q down",
+        rows: 1,
+        ns: &[2048],
+        k: 3072,
+        gated: false,
+    },
+    Case {
+        name: "o_proj",
+        rows: 1,
+        ns: &[2048],
+        k: 1024,
+        gated: false,
+    },
+    Case {
+        name: "head",
+        rows: 1,
+        ns: &[128256],
+        k: 2048,
+        gated: false,
+    },
+    Case {
+        name: "q,k,v",
+        rows: 2,
+        ns: &[2048, 256, 1024],
+        k: 2048,
+        gated: false,
+    },
+    Case {
+        name: "ffn gate/up",
+        rows: 2,
+        ns: &[6144],
+        k: 2048,
+        gated: true,
+    },
+    Case {
+        name: "ffn down",
+        rows: 2,
+        ns: &[2048],
+        k: 6144,
+        gated: false,
+    },
+    Case {
+        name: "q,k,v",
+        rows: 4,
+        ns: &[2048, 256, 1024],
+        k: 2048,
+        gated: false,
+    },
+    Case {
+        name: "ffn gate/up",
+        rows: 3,
+        ns: &[6144],
+        k: 2048,
+        gated: true,
+    },
+    Case {
+        name: "ffn down",
+        rows: 8,
+        ns: &[2048],
+        k: 6144,
+        gated: false,
+    },
+    Case {
+        name: "odd",
+        rows: 5,
+        ns: &[37, 3, 11],
+        k: 296,
+        gated: false,
+    },
+    Case {
+        name: "odd gated",
+        rows: 7,
+        ns: &[13],
+        k: 264,
+        gated: true,
+    },
+];
+
+/// The reference and the two timed forms of one case over one weight set.
+fn reference(c: &Case, x: &Tensor, ws: &[Tensor]) -> Vec<Tensor> {
+    let xf = x.to_kind(Kind::Float);
+    if c.gated {
+        let gu = xf.matmul(&ws[0].to_kind(Kind::Float).tr());
+        let n = c.ns[0];
+        return vec![gu.narrow(-1, 0, n).silu() * gu.narrow(-1, n, n)];
+    }
+    ws.iter()
+        .map(|w| xf.matmul(&w.to_kind(Kind::Float).tr()))
+        .collect()
+}
+
+fn kernel(c: &Case, x: &Tensor, ws: &[Tensor], v: gemv::Variant) -> Result<Vec<Tensor>> {
+    let refs: Vec<&Tensor> = ws.iter().collect();
+    match gemv::gemv_by(x, &refs, c.gated, v) {
+        Some(y) => Ok(y),
+        None => bail!(
+            "the gemv kernel did not run for {} ({:?})",
+            c.name,
+            gemv::refusal(x, &refs, c.gated)
+        ),
+    }
+}
+
+fn cublas(c: &Case, x: &Tensor, ws: &[Tensor]) -> Vec<Tensor> {
+    if c.gated {
+        let gu = x.linear::<Tensor>(&ws[0], None);
+        let n = c.ns[0];
+        return vec![gu.narrow(-1, 0, n).silu() * gu.narrow(-1, n, n)];
+    }
+    ws.iter().map(|w| x.linear::<Tensor>(w, None)).collect()
+}
+
+/// Launches per timed run: back to back, as in a decoding step, so that
+/// the events' own cost is spread over them.
+const LAUNCHES: usize = 20;
+
+/// Median seconds of one of `f`'s launches, over weight copies in turn.
+fn per_launch(
+    device: Device,
+    steps: usize,
+    sets: &[Vec<Tensor>],
+    f: &mut dyn FnMut(&[Tensor]) -> Result<()>,
+) -> Result<f64> {
+    let mut i = 0usize;
+    let t = median_time(device, steps, &mut || {
+        for _ in 0..LAUNCHES {
+            i += 1;
+            f(&sets[i % sets.len()])?;
+        }
+        Ok(())
+    })?;
+    Ok(t / LAUNCHES as f64)
+}
+
+/// Checks every case (every variant against the fp32 product) and times
+/// it; returns the largest relative error.
+pub fn check(device: Device, steps: usize) -> Result<f64> {
+    if !gemv::gemv_kernel_enabled() {
+        bail!("SIGMA_GEMV_KERNEL=off: unset it to check the decoding matrix-vector kernels");
+    }
+    println!("decoding matrix-vector kernels (bf16, fp32 sums; {LAUNCHES} launches back to back over weights beyond the L2 cache; GB/s of weights read; us per launch of each variant u<unroll>w<warps per column>, * the one picked):");
+    let _guard = tch::no_grad_guard();
+    let mut worst: f64 = 0.0;
+    for c in CASES {
+        let bf = (Kind::BFloat16, device);
+        let wrows: Vec<i64> = if c.gated {
+            vec![2 * c.ns[0]]
+        } else {
+            c.ns.to_vec()
+        };
+        let bytes: i64 = wrows.iter().map(|n| n * c.k * 2).sum();
+        let copies = (CYCLE_BYTES / bytes).clamp(2, 64);
+        let sets: Vec<Vec<Tensor>> = (0..copies)
+            .map(|_| {
+                wrows
+                    .iter()
+                    .map(|&n| Tensor::randn([n, c.k], bf) * 0.05)
+                    .collect()
+            })
+            .collect();
+        let x = Tensor::randn([c.rows, 1, c.k], bf);
+        let want = reference(c, &x, &sets[0]);
+        let err = |ys: &[Tensor]| {
+            ys.iter()
+                .zip(&want)
+                .fold(0.0f64, |a, (y, r)| a.max(rel_err(y, r)))
+        };
+        let picked = gemv::Variant::pick(c.gated);
+        let mut cells = Vec::new();
+        let (mut best, mut t_picked, mut case_err) = (f64::INFINITY, 0.0, 0.0f64);
+        for v in gemv::VARIANTS {
+            case_err = case_err.max(err(&kernel(c, &x, &sets[0], v)?));
+            let t = per_launch(device, steps, &sets, &mut |ws| {
+                kernel(c, &x, ws, v).map(|_| ())
+            })?;
+            best = best.min(t);
+            if v == picked {
+                t_picked = t;
+            }
+            let mark = if v == picked { "*" } else { "" };
+            cells.push(format!(
+                "u{}w{}{mark} {:.1}",
+                v.unroll,
+                v.warps_per_column,
+                t * 1e6
+            ));
+        }
+        worst = worst.max(case_err);
+        let ec = err(&cublas(c, &x, &sets[0]));
+        let tc = per_launch(device, steps, &sets, &mut |ws| {
+            let _ = cublas(c, &x, ws);
+            Ok(())
+        })?;
+        let cols =
+            c.ns.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join("+");
+        let cols = if c.gated { format!("2x{cols}") } else { cols };
+        let gbps = |t: f64| bytes as f64 / t / 1e9;
+        println!(
+            "{:<12} rows {} cols {cols} k {}: err {:.2e} (cuBLAS {:.2e}); picked {:.1} us {:.0} GB/s, best {:.1} us {:.0} GB/s, cuBLAS {:.1} us {:.0} GB/s | {}",
+            c.name, c.rows, c.k, case_err, ec, t_picked * 1e6, gbps(t_picked), best * 1e6, gbps(best), tc * 1e6, gbps(tc), cells.join(", ")
+        );
+    }
+    Ok(worst)
+}

@@ -1,0 +1,154 @@
+// Matrix-vector products of decoding (a few rows of activations times a
+// weight), compiled by NVRTC after bf16.cuh (trainer/src/kernels/gemv.rs).
+//
+// y_j[r, n] = sum_k x[r, k] w_j[n, k] for r < rows <= R, up to three weights
+// w_j [n_j, k] that read the same x [rows, k] (bf16 in and out, fp32 sums):
+// WPC warps per output column (1, 2 or 4; a block of GEMV_WARPS warps holds
+// GEMV_WARPS / WPC columns), their lanes striding over k in 16-byte pieces,
+// U pieces of the weight loaded before any is used so that enough bytes are
+// in flight to keep the memory busy; the warps of a column add their sums
+// through shared memory. The weights are streamed (read once, not kept in
+// L1); x is small and read through L1. The kernels of row bucket R (1, 2,
+// 4, 8), U and WPC are named gemv[_gated]_r{R}_u{U}_w{WPC}; the host picks
+// a variant per shape (trainer/src/kernels/gemv.rs).
+//
+// Gated (SwiGLU): one weight [2n, k], gate rows then up rows; the warp of
+// column c reads rows c and n + c and writes silu(gate) * up from the fp32
+// sums, so the [rows, 2n] product is never written.
+
+#define GEMV_WARPS 8
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One warp's share of a column: the pieces slice, slice + WPC, ... of 32
+// (each lane one of them), summed into acc (and, gated, the up row's into accb).
+template <int R, bool GATED, int U, int WPC>
+__device__ __forceinline__ void dot_slice(const uint4* __restrict__ x, const uint4* __restrict__ wa,
+                                          const uint4* __restrict__ wb, int rows, int chunks,
+                                          int slice, float* acc, float* accb) {
+  const int lane = threadIdx.x & 31;
+  for (int c0 = slice * 32 + lane; c0 < chunks; c0 += 32 * WPC * U) {
+    uint4 a[U], b[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * WPC * u;
+      a[u] = make_uint4(0, 0, 0, 0);
+      b[u] = a[u];
+      if (c < chunks) {
+        a[u] = load_stream(wa + c);
+        if (GATED) b[u] = load_stream(wb + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * WPC * u;
+      if (c < chunks) {
+        float fa[8], fb[8];
+        unpack8(a[u], fa);
+        if (GATED) unpack8(b[u], fb);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (r < rows) {
+            float fx[8];
+            unpack8(__ldg(x + (size_t)r * chunks + c), fx);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              acc[r] = fmaf(fa[i], fx[i], acc[r]);
+              if (GATED) accb[r] = fmaf(fb[i], fx[i], accb[r]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The block's columns: column `blockIdx.x * (GEMV_WARPS / WPC) + warp / WPC`
+// of the launch, which `pick` maps to a weight, its output and its width.
+template <int R, bool GATED, int U, int WPC, typename Pick>
+__device__ __forceinline__ void gemv_block(const bf16* x, int rows, int k, Pick pick) {
+  __shared__ float part[GEMV_WARPS][2 * R];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int chunks = k >> 3;
+  const bf16* w;
+  bf16* y;
+  int n, col = blockIdx.x * (GEMV_WARPS / WPC) + warp / WPC;
+  const bool active = pick(col, w, y, n);
+  float acc[R], accb[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) { acc[r] = 0.f; accb[r] = 0.f; }
+  if (active) {
+    const uint4* wa = reinterpret_cast<const uint4*>(w) + (size_t)col * chunks;
+    const uint4* wb = GATED ? reinterpret_cast<const uint4*>(w) + (size_t)(col + n) * chunks : wa;
+    dot_slice<R, GATED, U, WPC>(reinterpret_cast<const uint4*>(x), wa, wb, rows, chunks,
+                                warp % WPC, acc, accb);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    acc[r] = warp_sum(acc[r]);
+    if (GATED) accb[r] = warp_sum(accb[r]);
+  }
+  if (WPC > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) { part[warp][r] = acc[r]; part[warp][R + r] = accb[r]; }
+    }
+    __syncthreads();
+    if (warp % WPC != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int j = 1; j < WPC; ++j) { acc[r] += part[warp + j][r]; accb[r] += part[warp + j][R + r]; }
+    }
+  }
+  if (!active || lane != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < rows) {
+      float out = acc[r];
+      if (GATED) out = out / (1.f + __expf(-out)) * accb[r];
+      y[(size_t)r * n + col] = f2bf(out);
+    }
+  }
+}
+
+#define GEMV_KERNELS(R, U, WPC)                                                              \
+  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                             \
+      gemv_r##R##_u##U##_w##WPC(const bf16* x, const bf16* w0, bf16* y0, int n0,           \
+                                const bf16* w1, bf16* y1, int n1, const bf16* w2,          \
+                                bf16* y2, int n2, int rows, int k) {                       \
+    gemv_block<R, false, U, WPC>(x, rows, k, [&](int& col, const bf16*& w, bf16*& y, int& n) { \
+      w = w0; y = y0; n = n0;                                                                \
+      if (col < n0) return true;                                                            \
+      col -= n0; w = w1; y = y1; n = n1;                                                    \
+      if (col < n1) return true;                                                            \
+      col -= n1; w = w2; y = y2; n = n2;                                                    \
+      return col < n2;                                                                      \
+    });                                                                                      \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                             \
+      gemv_gated_r##R##_u##U##_w##WPC(const bf16* x, const bf16* wg, bf16* yg, int ng,     \
+                                      int rows, int k) {                                   \
+    gemv_block<R, true, U, WPC>(x, rows, k, [&](int& col, const bf16*& w, bf16*& y, int& n) { \
+      w = wg; y = yg; n = ng;                                                                \
+      return col < ng;                                                                      \
+    });                                                                                      \
+  }
+
+// One row bucket and variant per compilation: the host compiles those it
+// launches (-DGEMV_R=.. -DGEMV_U=.. -DGEMV_WPC=..).
+// (through one more macro, so that the numbers, not the macros' names, are pasted)
+#define GEMV_EXPAND(R, U, WPC) GEMV_KERNELS(R, U, WPC)
+GEMV_EXPAND(GEMV_R, GEMV_U, GEMV_WPC)
