@@ -38,6 +38,10 @@
 #                  least two graphs were recorded; the eager steps' agreement
 #                  is reported (their attention reads other lengths, so
 #                  rounding, and near-ties of a tiny model, may differ)
+#   decode-graph-b1  the same one prompt at a time, where the steps' matmuls run
+#                  in sigma's matrix-vector kernels: graph = static byte for byte,
+#                  and the agreement with cuBLAS's products (SIGMA_GEMV_KERNEL=off)
+#                  reported
 #   tp2, pp2       (2+ GPUs) tiny at tensor parallelism 2 (sequence parallel, the
 #                  communication overlap) and pipeline parallelism 2 (interleaved)
 #                  against one GPU: within 3e-3 relative; NCCL all-reduce bench
@@ -159,11 +163,11 @@ if train resume "${ck[@]}" --stop-after 10 && train resume "${ck[@]}" --resume a
 else bad resume-async "$(why "$out/resume.log")"; fi
 
 # CUDA-graph decoding against the same steps unrecorded
-gen() { # MODE: completions to $out/gen-MODE.jsonl, timing to $out/gen-MODE.log
-  # one decode plan file for the three runs: plans searched per process could differ, and so rounding
-  SIGMA_DECODE_TUNING_CACHE="$out/decode-plans.json" $sigma generate --checkpoint "$ckpt" --prompts "$out/prompts.txt" --batch 4 --max-new-tokens 600 \
+gen() { # MODE [BATCH [TAG]]: completions to $out/gen-MODE[TAG].jsonl, timing to .log
+  # one decode plan file for every run: plans searched per process could differ, and so rounding
+  SIGMA_DECODE_TUNING_CACHE="$out/decode-plans.json" $sigma generate --checkpoint "$ckpt" --prompts "$out/prompts.txt" --batch "${2:-4}" --max-new-tokens 600 \
     --max-context 1024 --temperature 0 --ignore-eos --timing --cuda-graph "$1" \
-    > "$out/gen-$1.jsonl" 2> "$out/gen-$1.log"
+    > "$out/gen-$1${3:-}.jsonl" 2> "$out/gen-$1${3:-}.log"
 }
 ckpt=$(ls -d "$out"/resume/checkpoints/step-* 2>/dev/null | tail -1)
 printf '%s\n' "The" "Once upon a time there was" "A B C D E F G H I J K L M N O P" "In 1900," > "$out/prompts.txt"
@@ -176,6 +180,15 @@ elif gen on && gen static && gen off; then
     ok decode-graph "graph = static on 4 x 600 tokens, $graphs graphs; eager gives the same completion for $agree prompts; $(ms "$out/gen-on.log") ms per step (graph, recordings left out) vs $(ms "$out/gen-off.log") (eager)"
   else bad decode-graph "graph and static completions differ or fewer than 2 graphs (${graphs:-none}): $(diff <(cut -c1-200 "$out/gen-on.jsonl") <(cut -c1-200 "$out/gen-static.jsonl") | head -3 | tr '\n' ' ')"; fi
 else bad decode-graph "$(why "$out/gen-on.log")$(why "$out/gen-static.log")$(why "$out/gen-off.log")"; fi
+# One sequence at a time: the steps' products run in sigma's matrix-vector
+# kernels (one row; the batch of 4 above takes cuBLAS's), recorded and not.
+if [ -z "$ckpt" ]; then bad decode-graph-b1 "no checkpoint from the resume check"
+elif gen on 1 -b1 && gen static 1 -b1 && SIGMA_GEMV_KERNEL=off gen static 1 -b1-cublas; then
+  agree=$(python3 -c 'import json,sys; a,b=[[json.loads(l)["completion"] for l in open(p)] for p in sys.argv[1:3]]; print(sum(x==y for x,y in zip(a,b)), "of", len(a))' "$out/gen-static-b1.jsonl" "$out/gen-static-b1-cublas.jsonl")
+  if cmp -s "$out/gen-on-b1.jsonl" "$out/gen-static-b1.jsonl" && grep -q '"cuda_graphs":[1-9]' "$out/gen-on-b1.log"; then
+    ok decode-graph-b1 "graph = static one sequence at a time, 4 x 600 tokens (matrix-vector kernels); with cuBLAS's products instead the same completion for $agree prompts"
+  else bad decode-graph-b1 "graph and static completions differ, or no graph recorded: $(diff <(cut -c1-200 "$out/gen-on-b1.jsonl") <(cut -c1-200 "$out/gen-static-b1.jsonl") | head -3 | tr '\n' ' ')"; fi
+else bad decode-graph-b1 "$(why "$out/gen-on-b1.log")$(why "$out/gen-static-b1.log")$(why "$out/gen-static-b1-cublas.log")"; fi
 
 # two GPUs: tensor and pipeline parallelism against one GPU, NCCL
 if [ "$gpus" -ge 2 ]; then
