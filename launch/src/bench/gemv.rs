@@ -28,15 +28,42 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 /// One case: `rows` activation rows, the weights' row counts (one to
 /// three; or one merged gate/up weight of 2 x `ns[0]` rows when `gated`),
-/// the input width `k`.
+/// the input width `k`, and how x lies in memory.
 struct Case {
     name: &'static str,
     rows: i64,
     ns: &'static [i64],
     k: i64,
     gated: bool,
+    x: Layout,
 }
 
+/// How a case's input lies in memory (the kernels read it in 16-byte
+/// pieces, so the last two are copied first).
+#[derive(Clone, Copy)]
+enum Layout {
+    Dense,
+    /// Contiguous, 2 bytes past a 16-byte boundary (a slice of a larger tensor).
+    Offset,
+    /// Rows of a wider tensor.
+    Strided,
+}
+
+/// Random bf16 input [rows, 1, k] laid out as `layout` says.
+fn input(rows: i64, k: i64, layout: Layout, device: Device) -> Tensor {
+    let bf = (Kind::BFloat16, device);
+    match layout {
+        Layout::Dense => Tensor::randn([rows, 1, k], bf),
+        Layout::Offset => Tensor::randn([rows * k + 1], bf)
+            .narrow(0, 1, rows * k)
+            .view([rows, 1, k]),
+        Layout::Strided => Tensor::randn([rows, 1, k + 8], bf).narrow(2, 8, k),
+    }
+}
+
+/// SIGMA-1.5B's products at 1 to 8 rows, then odd widths and column counts
+/// (not multiples of the warps' stride or of a block's columns) with an
+/// input at a 2-byte offset ("odd") and a strided one ("odd gated").
 const CASES: &[Case] = &[
     Case {
         name: "q,k,v",
@@ -44,6 +71,7 @@ const CASES: &[Case] = &[
         ns: &[2048, 256, 1024],
         k: 2048,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "ffn gate/up",
@@ -51,6 +79,7 @@ const CASES: &[Case] = &[
         ns: &[6144],
         k: 2048,
         gated: true,
+        x: Layout::Dense,
     },
     Case {
         name: "ffn down",
@@ -58,6 +87,7 @@ const CASES: &[Case] = &[
         ns: &[2048],
         k: 6144,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "aug_q down",
@@ -65,6 +95,7 @@ const CASES: &[Case] = &[
         ns: &[2048],
         k: 3072,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "o_proj",
@@ -72,6 +103,7 @@ const CASES: &[Case] = &[
         ns: &[2048],
         k: 1024,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "head",
@@ -79,6 +111,7 @@ const CASES: &[Case] = &[
         ns: &[128256],
         k: 2048,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "q,k,v",
@@ -86,6 +119,7 @@ const CASES: &[Case] = &[
         ns: &[2048, 256, 1024],
         k: 2048,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "ffn gate/up",
@@ -93,6 +127,7 @@ const CASES: &[Case] = &[
         ns: &[6144],
         k: 2048,
         gated: true,
+        x: Layout::Dense,
     },
     Case {
         name: "ffn down",
@@ -100,6 +135,7 @@ const CASES: &[Case] = &[
         ns: &[2048],
         k: 6144,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "q,k,v",
@@ -107,6 +143,7 @@ const CASES: &[Case] = &[
         ns: &[2048, 256, 1024],
         k: 2048,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "ffn gate/up",
@@ -114,6 +151,7 @@ const CASES: &[Case] = &[
         ns: &[6144],
         k: 2048,
         gated: true,
+        x: Layout::Dense,
     },
     Case {
         name: "ffn down",
@@ -121,6 +159,7 @@ const CASES: &[Case] = &[
         ns: &[2048],
         k: 6144,
         gated: false,
+        x: Layout::Dense,
     },
     Case {
         name: "odd",
@@ -128,6 +167,7 @@ const CASES: &[Case] = &[
         ns: &[37, 3, 11],
         k: 296,
         gated: false,
+        x: Layout::Offset,
     },
     Case {
         name: "odd gated",
@@ -135,6 +175,7 @@ const CASES: &[Case] = &[
         ns: &[13],
         k: 264,
         gated: true,
+        x: Layout::Strided,
     },
 ];
 
@@ -220,7 +261,7 @@ pub fn check(device: Device, steps: usize) -> Result<f64> {
                     .collect()
             })
             .collect();
-        let x = Tensor::randn([c.rows, 1, c.k], bf);
+        let x = input(c.rows, c.k, c.x, device);
         let want = reference(c, &x, &sets[0]);
         let err = |ys: &[Tensor]| {
             ys.iter()

@@ -277,7 +277,17 @@ fn launch(x: &Tensor, ws: &[&Tensor], outs: &[Tensor], gated: bool, v: Variant) 
     let Device::Cuda(ordinal) = x.device() else {
         return false;
     };
-    let x = x.contiguous();
+    // The kernels read x in 16-byte pieces: a contiguous view that starts
+    // off a 16-byte boundary (a slice of a larger tensor) is copied too.
+    let x = if !x.is_contiguous() {
+        x.contiguous() // a fresh allocation: aligned
+    } else if (x.data_ptr() as usize).is_multiple_of(16) {
+        x.shallow_clone()
+    } else {
+        let mut fresh = Tensor::empty(x.size(), (x.kind(), x.device()));
+        fresh.copy_(x);
+        fresh
+    };
     match launch_on(ordinal, &x, ws, outs, (gated, v)) {
         Ok(()) => true,
         Err(e) => {
@@ -349,8 +359,8 @@ fn launch_args(
     }
     b.arg(&rows).arg(&k);
     // SAFETY: x, the weights and the outputs are live, contiguous, 16-byte
-    // aligned bf16 tensors of this device (refusal, `contiguous`, and
-    // `out_like`'s fresh tensors) with the extents the kernels index: x
+    // aligned bf16 tensors of this device (refusal, `launch`'s copy of an
+    // unaligned or strided x, and `out_like`'s fresh tensors) with the extents the kernels index: x
     // [rows, k], weight j [n_j, k] (gated: [2n, k]), output j [rows, n_j];
     // they outlive the launch, which runs on the stream that any later use
     // of them is ordered after. Unused weight slots have zero columns and
