@@ -101,7 +101,7 @@ const CASES: &[Case] = &[
         name: "o_proj",
         rows: 1,
         ns: &[2048],
-        k: 1024,
+        k: 2048,
         gated: false,
         x: Layout::Dense,
     },

@@ -84,6 +84,18 @@ impl Fp8Plan {
         matches!(key, ParamKey::Layer(l, _) if matmul && self.fp8_layer(l))
     }
 
+    /// Elements of the parameters `share` holds that multiply in FP8 (each
+    /// has FP8 copies: the memory estimate counts them).
+    pub fn params_in_fp8(&self, share: &crate::model::Share) -> i64 {
+        share
+            .specs
+            .iter()
+            .zip(&share.held)
+            .filter(|(s, &held)| held && self.runs_in_fp8(s.key, s.kind))
+            .map(|(s, _)| s.shape.iter().product::<i64>())
+            .sum()
+    }
+
     /// The FP8 weights of `params` whose shapes `_scaled_mm` cannot take:
     /// both dimensions of each (this rank's block) and, with FP8 weight
     /// gradients, the tokens of a micro-batch (the contraction of that

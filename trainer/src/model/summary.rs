@@ -119,7 +119,12 @@ impl fmt::Display for Summary {
 /// a fused kernel (no T x T scores kept).
 #[derive(Clone, Copy, Debug)]
 pub struct MemoryEstimate {
+    /// fp32 weights, gradient, AdamW moments, the bf16 working copy and the
+    /// FP8 copies (`fp8_copies` of it).
     pub state: f64,
+    /// The FP8 forms of the weights that multiply in FP8 (each weight and
+    /// its transpose, a byte an element; `train.precision = "fp8"`).
+    pub fp8_copies: f64,
     pub activations: f64,
     pub logits: f64,
     /// What the output head in chunks of [`SUGGESTED_LOSS_CHUNK_TOKENS`]
@@ -152,6 +157,9 @@ pub struct MemoryInputs {
     pub head: bool,
     /// `train.loss_chunk_tokens` (0: the head's logits all at once).
     pub loss_chunk_tokens: usize,
+    /// Parameters of this rank that multiply in FP8 (0 unless
+    /// `train.precision = "fp8"`): each keeps an FP8 copy and its transpose.
+    pub fp8_params: i64,
 }
 
 pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
@@ -159,7 +167,8 @@ pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
     // fp32 weights and gradient, AdamW's two moments, and in mixed precision
     // the bf16 working copy of the weights.
     let work = if m.mixed { 2.0 } else { 0.0 };
-    let state = n * (4.0 + 4.0 + work + 8.0 / m.optimizer_shards.max(1) as f64);
+    let fp8_copies = 2.0 * m.fp8_params as f64;
+    let state = n * (4.0 + 4.0 + work + 8.0 / m.optimizer_shards.max(1) as f64) + fp8_copies;
     let tokens = (m.micro_batch_size * m.seq_len) as f64;
     let (ec, ef) = (if m.mixed { 2.0 } else { 4.0 }, 4.0);
     let d = c.d_model as f64;
@@ -195,6 +204,7 @@ pub fn memory_estimate(c: &ModelConfig, m: &MemoryInputs) -> MemoryEstimate {
     };
     MemoryEstimate {
         state,
+        fp8_copies,
         activations,
         logits,
         head_chunk_saving,
@@ -233,9 +243,14 @@ impl MemoryEstimate {
 impl fmt::Display for MemoryEstimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = |x: f64| format!("{:.2} GB", x / 1e9);
+        let fp8 = if self.fp8_copies > 0.0 {
+            format!(", of which FP8 weight copies {}", g(self.fp8_copies))
+        } else {
+            String::new()
+        };
         write!(
             f,
-            "By formula this rank needs about {}: weights, gradient and AdamW moments (and the bf16 working copy) {}, activations {}, output logits {}",
+            "By formula this rank needs about {}: weights, gradient and AdamW moments (and the bf16 working copy) {}{fp8}, activations {}, output logits {}",
             g(self.total()),
             g(self.state),
             g(self.activations),
@@ -315,6 +330,7 @@ mod tests {
             in_flight: 1,
             head,
             loss_chunk_tokens,
+            fp8_params: 0,
         }
     }
 
@@ -400,6 +416,39 @@ mod tests {
         assert_eq!(wrapping.param_count(), None);
         let e = wrapping.validate().unwrap_err().to_string();
         assert!(e.contains("more than 2^64"), "{e}");
+    }
+
+    /// In FP8 the estimate counts the FP8 forms of the weights that
+    /// multiply in FP8 (each and its transpose, a byte an element): for
+    /// SIGMA-1.5B with the default first and last blocks in bf16, the
+    /// matmul weights of 24 blocks (67,633,152 each, the arithmetic of the
+    /// test above), 3.25 GB; other parameters (embedding, norms) have none.
+    #[test]
+    fn the_memory_estimate_counts_the_fp8_copies_of_the_fp8_weights() {
+        let c = sigma_1_5b();
+        let plan = crate::model::fp8::Fp8Plan::new(
+            &crate::config::Fp8Config::default(),
+            c.num_layers,
+            crate::kernels::fp8::Gemm::Emulated,
+        );
+        let n = plan.params_in_fp8(&crate::model::Share::whole(&c));
+        assert_eq!(n, 24 * 67_633_152);
+        let bf16 = memory_estimate(&c, &inputs(4, 1, true, 0));
+        let fp8 = memory_estimate(
+            &c,
+            &MemoryInputs {
+                fp8_params: n,
+                ..inputs(4, 1, true, 0)
+            },
+        );
+        assert_eq!(fp8.fp8_copies, 2.0 * n as f64);
+        assert_eq!(fp8.state - bf16.state, 2.0 * n as f64);
+        assert!(
+            fp8.to_string()
+                .contains("of which FP8 weight copies 3.25 GB"),
+            "{fp8}"
+        );
+        assert!(!bf16.to_string().contains("FP8"), "{bf16}");
     }
 
     /// SIGMA-1.5B at micro-batch 4 without checkpointing runs out of memory on

@@ -113,7 +113,7 @@ fn place(cfg: &RunConfig) -> Result<Placement> {
             serde_json::to_string(&cfg.train.precision).expect("serializes")
         );
     }
-    guard::set_memory_hint(memory_hint(cfg, &layout, mixed));
+    guard::set_memory_hint(memory_hint(cfg, &layout, mixed, fp8.as_ref()));
     Ok(Placement {
         env,
         layout,
@@ -124,8 +124,9 @@ fn place(cfg: &RunConfig) -> Result<Placement> {
 }
 
 /// What an out-of-memory error tells the user: the run's needs by formula.
-fn memory_hint(cfg: &RunConfig, layout: &Layout, mixed: bool) -> String {
+fn memory_hint(cfg: &RunConfig, layout: &Layout, mixed: bool, fp8: Option<&Fp8Plan>) -> String {
     let p = &cfg.parallel;
+    let share = layout.share(&cfg.model);
     memory_estimate(
         &cfg.model,
         &MemoryInputs {
@@ -134,12 +135,13 @@ fn memory_hint(cfg: &RunConfig, layout: &Layout, mixed: bool) -> String {
             activation_checkpointing: cfg.train.activation_checkpointing,
             mixed,
             optimizer_shards: if p.zero == 1 { p.dp } else { 1 },
-            params: layout.share(&cfg.model).held_numel(),
+            params: share.held_numel(),
             tp: p.tp,
             layers: layout.num_layers(),
             in_flight: layout.in_flight(cfg.train.grad_accum_steps),
             head: layout.pipe.last(),
             loss_chunk_tokens: cfg.train.loss_chunk_tokens,
+            fp8_params: fp8.map_or(0, |f| f.params_in_fp8(&share)),
         },
     )
     .advice()
