@@ -185,8 +185,12 @@ else bad decode-graph "$(why "$out/gen-on.log")$(why "$out/gen-static.log")$(why
 if [ -z "$ckpt" ]; then bad decode-graph-b1 "no checkpoint from the resume check"
 elif gen on 1 -b1 && gen static 1 -b1 && SIGMA_GEMV_KERNEL=off gen static 1 -b1-cublas; then
   agree=$(python3 -c 'import json,sys; a,b=[[json.loads(l)["completion"] for l in open(p)] for p in sys.argv[1:3]]; print(sum(x==y for x,y in zip(a,b)), "of", len(a))' "$out/gen-static-b1.jsonl" "$out/gen-static-b1-cublas.jsonl")
-  if cmp -s "$out/gen-on-b1.jsonl" "$out/gen-static-b1.jsonl" && grep -q '"cuda_graphs":[1-9]' "$out/gen-on-b1.log"; then
-    ok decode-graph-b1 "graph = static one sequence at a time, 4 x 600 tokens (matrix-vector kernels); with cuBLAS's products instead the same completion for $agree prompts"
+  # where the kernels did not run (refused, failed, off) this check proves nothing
+  launched=$(grep -o '"matvec_launches":[0-9]*' "$out/gen-on-b1.log" | tail -1 | cut -d: -f2)
+  if [ "${launched:-0}" -eq 0 ] || grep -q "matrix-vector kernels" "$out/gen-on-b1.log" "$out/gen-static-b1.log"; then
+    bad decode-graph-b1 "the matrix-vector kernels did not run (${launched:-no} launches): $(grep -h -m1 "matrix-vector kernels" "$out/gen-on-b1.log" "$out/gen-static-b1.log" | head -1 | cut -c1-200)"
+  elif cmp -s "$out/gen-on-b1.jsonl" "$out/gen-static-b1.jsonl" && grep -q '"cuda_graphs":[1-9]' "$out/gen-on-b1.log"; then
+    ok decode-graph-b1 "graph = static one sequence at a time, 4 x 600 tokens ($launched matrix-vector launches recorded or run); with cuBLAS's products instead the same completion for $agree prompts"
   else bad decode-graph-b1 "graph and static completions differ, or no graph recorded: $(diff <(cut -c1-200 "$out/gen-on-b1.jsonl") <(cut -c1-200 "$out/gen-static-b1.jsonl") | head -3 | tr '\n' ' ')"; fi
 else bad decode-graph-b1 "$(why "$out/gen-on-b1.log")$(why "$out/gen-static-b1.log")$(why "$out/gen-static-b1-cublas.log")"; fi
 

@@ -313,6 +313,7 @@ fn report(batch: &[Vec<u32>], t: &Timing) {
         "steps": format!("{:?}", t.mode).to_lowercase(),
         "cuda_graphs": t.graphs,
         "recording_ms": t.recording_s * 1e3,
+        "matvec_launches": sigma_trainer::kernels::gemv::launches(),
     });
     eprintln!("{row}");
 }

@@ -168,6 +168,10 @@ fn generation_reports_its_timing_and_can_ignore_eos() {
         assert_eq!(t["steps"], "eager", "no graphs on a CPU: {t}");
         assert_eq!(t["cuda_graphs"], 0, "{t}");
         assert_eq!(t["recording_ms"], 0.0, "{t}");
+        assert_eq!(
+            t["matvec_launches"], 0,
+            "no matrix-vector kernels on a CPU: {t}"
+        );
         let steady = t["steady_ms_per_step"].as_f64().expect("steady");
         let all = t["decode_ms_per_step"].as_f64().expect("ms");
         assert!((steady - all).abs() < 1e-9, "no recordings: {t}");

@@ -239,7 +239,8 @@ fn per_launch(
 /// it; returns the largest relative error.
 pub fn check(device: Device, steps: usize) -> Result<f64> {
     if !gemv::gemv_kernel_enabled() {
-        bail!("SIGMA_GEMV_KERNEL=off: unset it to check the decoding matrix-vector kernels");
+        println!("decoding matrix-vector kernels: not checked (SIGMA_GEMV_KERNEL=off)");
+        return Ok(0.0);
     }
     println!("decoding matrix-vector kernels (bf16, fp32 sums; {LAUNCHES} launches back to back over weights beyond the L2 cache; GB/s of weights read; us per launch of each variant u<unroll>w<warps per column>, * the one picked):");
     let _guard = tch::no_grad_guard();

@@ -34,8 +34,9 @@ const WARPS: u32 = 8;
 /// The most activation rows a launch takes.
 pub const MAX_ROWS: i64 = 8;
 /// The most rows the model's products hand to the kernels ([`gemv`],
-/// [`gemv_swiglu`]); more go to cuBLAS, which is faster there
-/// (docs/inference.md).
+/// [`gemv_swiglu`]); more go to cuBLAS: a first version of the kernels
+/// made a whole decoding step at 4 rows slower than cuBLAS did, and 3 to
+/// 8 rows were not measured in a whole step since (docs/inference.md).
 pub const AUTO_ROWS: i64 = 2;
 /// The row counts the kernels are built for (a launch takes the smallest
 /// that holds its rows).
@@ -50,7 +51,7 @@ pub struct Variant {
     pub warps_per_column: u32,
 }
 
-/// The variants the source builds (its GEMV_ROWS lines).
+/// The variants a launch may ask for (each compiled on first use).
 pub const VARIANTS: [Variant; 7] = [
     Variant::new(4, 1),
     Variant::new(8, 1),
@@ -84,6 +85,16 @@ impl Variant {
 
 /// 0: not yet read from the environment, 1: on, 2: off.
 static SWITCH: AtomicU8 = AtomicU8::new(0);
+
+/// Launches made so far by this process.
+static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The kernels' launches made so far by this process (a CUDA graph's
+/// replays launch nothing from the host: a recorded launch counts once).
+/// `sigma generate --timing` reports it, so a check can tell that they ran.
+pub fn launches() -> u64 {
+    LAUNCHES.load(Relaxed)
+}
 
 /// Whether the kernels may run: on unless `SIGMA_GEMV_KERNEL=off` (or
 /// [`set_gemv_kernel`]`(false)`, or a launch failed).
@@ -182,8 +193,10 @@ fn shape_refusal(x: &Tensor, ws: &[&Tensor], gated: bool) -> Option<String> {
     if ws.is_empty() || ws.len() > 3 || (gated && ws.len() != 1) {
         return Some(format!("{} weights (one to three, one gated)", ws.len()));
     }
-    let k = *x.size().last()?;
-    if x.dim() < 1 || k == 0 || k % 8 != 0 || k > i32::MAX as i64 {
+    let Some(&k) = x.size().last() else {
+        return Some("a scalar input (no width)".into());
+    };
+    if k == 0 || k % 8 != 0 || k > i32::MAX as i64 {
         return Some(format!("an input width of {k} (a positive multiple of 8)"));
     }
     let rows = x.numel() as i64 / k;
@@ -206,7 +219,8 @@ fn shape_refusal(x: &Tensor, ws: &[&Tensor], gated: bool) -> Option<String> {
             "a gated weight of {cols} rows (gate and up halves)"
         ));
     }
-    if cols == 0 || cols > i32::MAX as i64 {
+    // The kernels index columns in int, a block's worth past the last.
+    if cols == 0 || cols > (i32::MAX - WARPS as i32) as i64 {
         return Some(format!("{cols} output columns"));
     }
     None
@@ -228,6 +242,17 @@ fn rows_of(x: &Tensor) -> i64 {
     } else {
         x.numel() as i64 / k
     }
+}
+
+/// Whether the model should offer `x`'s products to [`gemv`] and
+/// [`gemv_swiglu`] at all: a bf16 CUDA input of at most [`AUTO_ROWS`] rows,
+/// autograd off, the kernels on. Cheap: callers ask before gathering weights.
+pub fn wants(x: &Tensor) -> bool {
+    x.device().is_cuda()
+        && x.kind() == Kind::BFloat16
+        && rows_of(x) <= AUTO_ROWS
+        && gemv_kernel_enabled()
+        && !crate::kernels::fused::grad_enabled()
 }
 
 /// `x` [.., k] times each of `ws` ([n_j, k], at most three): [.., n_j]
@@ -289,7 +314,10 @@ fn launch(x: &Tensor, ws: &[&Tensor], outs: &[Tensor], gated: bool, v: Variant) 
         fresh
     };
     match launch_on(ordinal, &x, ws, outs, (gated, v)) {
-        Ok(()) => true,
+        Ok(()) => {
+            LAUNCHES.fetch_add(1, Relaxed);
+            true
+        }
         Err(e) => {
             if SWITCH.swap(2, Relaxed) != 2 {
                 eprintln!("warning: the decoding matrix-vector kernels failed on cuda:{ordinal} and are off from now on (libtorch's matmul instead): {e}");
@@ -381,11 +409,18 @@ mod tests {
             decode::skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
             return;
         }
-        // Every variant at one row, every row bucket at one variant.
-        let cases = VARIANTS
-            .iter()
-            .map(|&v| (1, v))
-            .chain(ROW_BUCKETS[1..].iter().map(|&r| (r, Variant::new(8, 1))));
+        // Every variant at one row; at every row bucket the variants the
+        // model picks, and one more.
+        let picked = [
+            Variant::pick(false),
+            Variant::pick(true),
+            Variant::new(8, 1),
+        ];
+        let cases = VARIANTS.iter().map(|&v| (1, v)).chain(
+            ROW_BUCKETS[1..]
+                .iter()
+                .flat_map(|&r| picked.iter().map(move |&v| (r, v))),
+        );
         for (r, v) in cases {
             for arch in [90, 80] {
                 let ptx = decode::compile(SOURCE, &defines(r, v), arch)
@@ -438,5 +473,7 @@ mod tests {
         assert!(r(&x, &[&bf(&[31, 64])], true)
             .unwrap()
             .contains("gate and up"));
+        let scalar = Tensor::zeros([], (Kind::BFloat16, Device::Cpu));
+        assert!(r(&scalar, &[&w], false).unwrap().contains("scalar"));
     }
 }

@@ -94,7 +94,12 @@ impl Fwd<'_> {
     /// the tensor form.
     pub fn gated(&self, x: &Tensor, gate: ParamId, up: ParamId) -> Tensor {
         let fp8 = self.is_fp8(gate) || self.is_fp8(up);
-        if !fp8 && self.exec.sink.is_none() {
+        let halves = |id: ParamId| self.params.specs[id.0].shape[0];
+        if !fp8
+            && self.exec.sink.is_none()
+            && crate::kernels::gemv::wants(x)
+            && halves(gate) == halves(up)
+        {
             // A few rows without autograd (decoding): one kernel for both matmuls and SwiGLU.
             let merged = self.params.merged_weight(gate, up);
             if let Some(y) = merged.and_then(|(w, _)| crate::kernels::gemv::gemv_swiglu(x, &w)) {
@@ -146,7 +151,8 @@ impl Fwd<'_> {
     /// (decoding), one launch of the matrix-vector kernel
     /// (`crate::kernels::gemv`) for up to three of them.
     pub fn linears(&self, x: &Tensor, ids: &[ParamId]) -> Vec<Tensor> {
-        if self.exec.sink.is_none() && !ids.iter().any(|&id| self.is_fp8(id)) {
+        let fp8 = ids.iter().any(|&id| self.is_fp8(id));
+        if self.exec.sink.is_none() && !fp8 && crate::kernels::gemv::wants(x) {
             let ws: Vec<&Tensor> = ids.iter().map(|&id| self.w(id)).collect();
             if ws.iter().all(|w| w.kind() == self.compute) {
                 if let Some(ys) = crate::kernels::gemv::gemv(x, &ws) {
@@ -162,8 +168,10 @@ impl Fwd<'_> {
     /// (`crate::kernels::gemv`).
     pub fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
         if x.kind() == self.compute && w.kind() == self.compute {
-            if let Some(mut y) = crate::kernels::gemv::gemv(x, &[w]) {
-                return y.pop().expect("one weight, one product");
+            if crate::kernels::gemv::wants(x) {
+                if let Some(mut y) = crate::kernels::gemv::gemv(x, &[w]) {
+                    return y.pop().expect("one weight, one product");
+                }
             }
             x.linear::<Tensor>(w, None)
         } else {

@@ -174,7 +174,10 @@ fn refusal(q: &Tensor, k: &Tensor, v: &Tensor, valid: Option<&Tensor>) -> Option
 /// run (the caller then rotates and copies with tensor operations). k [b,
 /// 1, n_k * d_k] and v [b, 1, n_v * d_v] as the projections give them, kc
 /// [b, n_k, S, d_k] and vc [b, n_v, S, d_v]; `n_q`: the model's query
-/// heads (the kernels are compiled per attention shape).
+/// heads (the kernels are compiled per attention shape). The slot must be
+/// below S: the kernel cannot check a device value against it (the static
+/// decoding step marks the slot filled first, an `index_fill_` that
+/// libtorch checks on the device).
 pub fn append(
     n_q: i64,
     k: &Tensor,
