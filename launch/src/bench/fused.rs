@@ -14,19 +14,7 @@ use anyhow::{bail, Result};
 use sigma_trainer::kernels::{fused, training as train_kernels};
 use tch::{Device, Kind, Tensor};
 
-use super::timing::{device_name, median_time};
-
-/// Largest |a - b| over the largest |b|, in f64.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    let top = b.abs().max().double_value(&[]);
-    let e = (a - &b).abs().max().double_value(&[]) / top;
-    if e.is_nan() {
-        f64::INFINITY
-    } else {
-        e
-    }
-}
+use super::timing::{device_name, median_time, rel_err};
 
 /// bf16 rounds to 2^-9 of a value; results of one rounding (the kernels) or
 /// of a few (the tensor form, the bf16 gradient) stay within a few of those.

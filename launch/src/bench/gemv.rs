@@ -9,22 +9,10 @@ use anyhow::{bail, Result};
 use sigma_trainer::kernels::gemv;
 use tch::{Device, Kind, Tensor};
 
-use super::timing::median_time;
+use super::timing::{median_time, rel_err};
 
 /// Bytes of weight copies a timing cycles through (above any L2 cache).
 const CYCLE_BYTES: i64 = 256 << 20;
-
-/// Largest |a - b| over the largest |b|, in f64.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    let top = b.abs().max().double_value(&[]);
-    let e = (a - &b).abs().max().double_value(&[]) / top;
-    if e.is_nan() {
-        f64::INFINITY
-    } else {
-        e
-    }
-}
 
 /// One case: `rows` activation rows, the weights' row counts (one to
 /// three; or one merged gate/up weight of 2 x `ns[0]` rows when `gated`),
@@ -64,119 +52,40 @@ fn input(rows: i64, k: i64, layout: Layout, device: Device) -> Tensor {
 /// SIGMA-1.5B's products at 1 to 8 rows, then odd widths and column counts
 /// (not multiples of the warps' stride or of a block's columns) with an
 /// input at a 2-byte offset ("odd") and a strided one ("odd gated").
+/// A table row of [`CASES`].
+const fn case(
+    name: &'static str,
+    rows: i64,
+    ns: &'static [i64],
+    k: i64,
+    gated: bool,
+    x: Layout,
+) -> Case {
+    Case {
+        name,
+        rows,
+        ns,
+        k,
+        gated,
+        x,
+    }
+}
+
 const CASES: &[Case] = &[
-    Case {
-        name: "q,k,v",
-        rows: 1,
-        ns: &[2048, 256, 1024],
-        k: 2048,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "ffn gate/up",
-        rows: 1,
-        ns: &[6144],
-        k: 2048,
-        gated: true,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "ffn down",
-        rows: 1,
-        ns: &[2048],
-        k: 6144,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "aug_q down",
-        rows: 1,
-        ns: &[2048],
-        k: 3072,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "o_proj",
-        rows: 1,
-        ns: &[2048],
-        k: 2048,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "head",
-        rows: 1,
-        ns: &[128256],
-        k: 2048,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "q,k,v",
-        rows: 2,
-        ns: &[2048, 256, 1024],
-        k: 2048,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "ffn gate/up",
-        rows: 2,
-        ns: &[6144],
-        k: 2048,
-        gated: true,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "ffn down",
-        rows: 2,
-        ns: &[2048],
-        k: 6144,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "q,k,v",
-        rows: 4,
-        ns: &[2048, 256, 1024],
-        k: 2048,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "ffn gate/up",
-        rows: 3,
-        ns: &[6144],
-        k: 2048,
-        gated: true,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "ffn down",
-        rows: 8,
-        ns: &[2048],
-        k: 6144,
-        gated: false,
-        x: Layout::Dense,
-    },
-    Case {
-        name: "odd",
-        rows: 5,
-        ns: &[37, 3, 11],
-        k: 296,
-        gated: false,
-        x: Layout::Offset,
-    },
-    Case {
-        name: "odd gated",
-        rows: 7,
-        ns: &[13],
-        k: 264,
-        gated: true,
-        x: Layout::Strided,
-    },
+    case("q,k,v", 1, &[2048, 256, 1024], 2048, false, Layout::Dense),
+    case("ffn gate/up", 1, &[6144], 2048, true, Layout::Dense),
+    case("ffn down", 1, &[2048], 6144, false, Layout::Dense),
+    case("aug_q down", 1, &[2048], 3072, false, Layout::Dense),
+    case("o_proj", 1, &[2048], 2048, false, Layout::Dense),
+    case("head", 1, &[128256], 2048, false, Layout::Dense),
+    case("q,k,v", 2, &[2048, 256, 1024], 2048, false, Layout::Dense),
+    case("ffn gate/up", 2, &[6144], 2048, true, Layout::Dense),
+    case("ffn down", 2, &[2048], 6144, false, Layout::Dense),
+    case("q,k,v", 4, &[2048, 256, 1024], 2048, false, Layout::Dense),
+    case("ffn gate/up", 3, &[6144], 2048, true, Layout::Dense),
+    case("ffn down", 8, &[2048], 6144, false, Layout::Dense),
+    case("odd", 5, &[37, 3, 11], 296, false, Layout::Offset),
+    case("odd gated", 7, &[13], 264, true, Layout::Strided),
 ];
 
 /// The reference and the two timed forms of one case over one weight set.

@@ -1,5 +1,6 @@
 //! What every benchmark shares: waiting for the device, the median time of a
-//! closure, and the device's name for the header line.
+//! closure, the device's name for the header line, and the relative error
+//! of a result against its reference.
 
 use anyhow::Result;
 use sigma_trainer::kernels::decode;
@@ -49,5 +50,18 @@ pub fn device_name(d: Device) -> String {
             sigma_trainer::train::metrics::gpu_name(i).unwrap_or_else(|| format!("cuda:{i}"))
         }
         _ => "cpu".into(),
+    }
+}
+
+/// Largest |a - b| over the largest |b|, in f64 (NaN as infinity).
+pub fn rel_err(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    use tch::Kind;
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let top = b.abs().max().double_value(&[]);
+    let e = (a - &b).abs().max().double_value(&[]) / top;
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
     }
 }

@@ -256,10 +256,10 @@ pub fn wants(x: &Tensor) -> bool {
 }
 
 /// `x` [.., k] times each of `ws` ([n_j, k], at most three): [.., n_j]
-/// each, in one launch. None where the kernels cannot run or `x` has more
-/// than [`AUTO_ROWS`] rows.
+/// each, in one launch. None where the kernels cannot run or [`wants`]
+/// declines `x`.
 pub fn gemv(x: &Tensor, ws: &[&Tensor]) -> Option<Vec<Tensor>> {
-    if rows_of(x) > AUTO_ROWS {
+    if !wants(x) {
         return None;
     }
     gemv_by(x, ws, false, Variant::pick(false))
@@ -267,9 +267,9 @@ pub fn gemv(x: &Tensor, ws: &[&Tensor]) -> Option<Vec<Tensor>> {
 
 /// SwiGLU of `x` [.., k] times the merged gate/up weight `w` [2F, k]:
 /// `silu(x gate^T) * (x up^T)` [.., F] in one launch. None where the
-/// kernels cannot run or `x` has more than [`AUTO_ROWS`] rows.
+/// kernels cannot run or [`wants`] declines `x`.
 pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Option<Tensor> {
-    if rows_of(x) > AUTO_ROWS {
+    if !wants(x) {
         return None;
     }
     gemv_by(x, &[w], true, Variant::pick(true)).and_then(|mut y| y.pop())

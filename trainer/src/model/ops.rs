@@ -168,10 +168,8 @@ impl Fwd<'_> {
     /// (`crate::kernels::gemv`).
     pub fn mm(&self, x: &Tensor, w: &Tensor) -> Tensor {
         if x.kind() == self.compute && w.kind() == self.compute {
-            if crate::kernels::gemv::wants(x) {
-                if let Some(mut y) = crate::kernels::gemv::gemv(x, &[w]) {
-                    return y.pop().expect("one weight, one product");
-                }
+            if let Some(mut y) = crate::kernels::gemv::gemv(x, &[w]) {
+                return y.pop().expect("one weight, one product");
             }
             x.linear::<Tensor>(w, None)
         } else {

@@ -189,7 +189,16 @@ pub fn append(
     let Device::Cuda(ordinal) = k.device() else {
         return Ok(false);
     };
-    if !decode_kernel_enabled() || append_refusal(k, v, (cos, sin), pos, (kc, vc)).is_some() {
+    let a = launch::Append {
+        k,
+        v,
+        cos,
+        sin,
+        pos,
+        kc,
+        vc,
+    };
+    if !decode_kernel_enabled() || append_refusal(&a).is_some() {
         return Ok(false);
     }
     let shape = DecodeShape {
@@ -207,26 +216,12 @@ pub fn append(
     let Ok(kern) = launch::kernels(ordinal, shape, &t) else {
         return Ok(false);
     };
-    let a = launch::Append {
-        k,
-        v,
-        cos,
-        sin,
-        pos,
-        kc,
-        vc,
-    };
     launch::append(&kern, ordinal, &a)
 }
 
 /// Why [`append`]'s kernel cannot take these operands (None: it can).
-fn append_refusal(
-    k: &Tensor,
-    v: &Tensor,
-    (cos, sin): (&Tensor, &Tensor),
-    pos: &Tensor,
-    (kc, vc): (&Tensor, &Tensor),
-) -> Option<String> {
+fn append_refusal(a: &launch::Append) -> Option<String> {
+    let (k, v, cos, sin, pos, kc, vc) = (a.k, a.v, a.cos, a.sin, a.pos, a.kc, a.vc);
     let dev = k.device();
     let all = [k, v, cos, sin, pos, kc, vc];
     if !dev.is_cuda() || all.iter().any(|t| t.device() != dev) {
