@@ -327,6 +327,110 @@ fn scaled_mm_path_matches_the_emulation_where_the_cpu_runs_it() {
 }
 
 /// A 4-layer model with every block weight (AugQ, K up-projection), sizes multiples of 16.
+/// Three FP8 layers reading one input (q, k and v) with that input
+/// quantised once (`quantize_input`, `linear_with`) compute, bit for bit,
+/// what the three layers quantising it each give: outputs, the input's
+/// gradient (summed over the three) and each weight gradient in its sink;
+/// for both recipes and both kinds of weight gradient, emulated and (for
+/// tensorwise) through the CPU's `_scaled_mm`. An input quantised for
+/// another recipe (no transpose where tensorwise FP8 weight gradients keep
+/// one) is refused with the layer's message.
+#[test]
+fn an_input_quantised_once_serves_every_layer_that_reads_it() {
+    let (x, w, _) = linear_data();
+    let _rng = sigma_trainer::model::params::global_rng_lock();
+    tch::manual_seed(12);
+    let ws: Vec<Tensor> = [80, 32, 48]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let r = Tensor::randn([n, 64], (Kind::Float, Device::Cpu)) * 0.05;
+            if i == 0 { w.to_kind(Kind::Float) } else { r }.to_kind(Kind::BFloat16)
+        })
+        .collect();
+    let gs: Vec<Tensor> = ws
+        .iter()
+        .map(|w| {
+            (Tensor::randn([48, w.size()[0]], (Kind::Float, Device::Cpu)) * 1e-3)
+                .to_kind(Kind::BFloat16)
+        })
+        .collect();
+    let run = |o: &Fp8Opts, shared: bool| -> Vec<Tensor> {
+        let x = x.detach().set_requires_grad(true);
+        let input = shared.then(|| fp8::quantize_input(&x, o));
+        let mut out = Vec::new();
+        let mut ys = Vec::new();
+        let mut mains = Vec::new();
+        for w in &ws {
+            let weight = Fp8Weight::new(&w.to_kind(Kind::Float), o.scaling, o.margin);
+            let main = Tensor::zeros(w.size(), (Kind::Float, Device::Cpu));
+            ys.push(fp8::linear_with(
+                &x,
+                w,
+                &weight,
+                Some(&main),
+                None,
+                o,
+                input.as_ref(),
+            ));
+            mains.push(main);
+        }
+        let y_refs: Vec<&Tensor> = ys.iter().collect();
+        let g_refs: Vec<&Tensor> = gs.iter().collect();
+        let gx = fused::grad(&y_refs, &g_refs, &[&x]);
+        out.extend(ys);
+        out.push(gx[0].shallow_clone());
+        out.extend(mains);
+        out
+    };
+    let mut cases = vec![];
+    for scaling in [Scaling::Tensorwise, Scaling::Rowwise] {
+        for wgrad_fp8 in [true, false] {
+            cases.push(opts(scaling, Format::E5m2, wgrad_fp8, Gemm::Emulated));
+        }
+    }
+    cases.push(opts(
+        Scaling::Tensorwise,
+        Format::E5m2,
+        true,
+        Gemm::ScaledMm,
+    ));
+    for o in &cases {
+        let (each, once) = (run(o, false), run(o, true));
+        for (i, (a, b)) in each.iter().zip(&once).enumerate() {
+            assert!(a.defined() && a.equal(b), "{o:?}: output {i} differs");
+        }
+    }
+    // The layer multiplies what it is given: another input's quantised form
+    // gives another output (x * 3 has the same scale-free bytes only up to
+    // rounding, so its product differs).
+    let o = &cases[0];
+    let weight = Fp8Weight::new(&w.to_kind(Kind::Float), o.scaling, o.margin);
+    let other = fp8::quantize_input(
+        &(&x.to_kind(Kind::Float) * 3.0 + 0.25).to_kind(Kind::BFloat16),
+        o,
+    );
+    let y = fp8::linear_with(&x, &w, &weight, None, None, o, None);
+    let y_other = fp8::linear_with(&x, &w, &weight, None, None, o, Some(&other));
+    assert!(!y.equal(&y_other), "the given quantised input was not used");
+    // An input made for rowwise scaling has no transpose: tensorwise FP8
+    // weight gradients need one.
+    let rowwise = opts(Scaling::Rowwise, Format::E5m2, true, Gemm::Emulated);
+    let tensorwise = opts(Scaling::Tensorwise, Format::E5m2, true, Gemm::Emulated);
+    let input = fp8::quantize_input(&x, &rowwise);
+    let weight = Fp8Weight::new(&w.to_kind(Kind::Float), Scaling::Tensorwise, 0);
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fp8::linear_with(&x, &w, &weight, None, None, &tensorwise, Some(&input))
+    }))
+    .expect_err("refused");
+    let msg = err
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(msg.contains("quantised beforehand"), "{msg}");
+}
+
 fn model_cfg() -> ModelConfig {
     ModelConfig {
         vocab_size: 64,

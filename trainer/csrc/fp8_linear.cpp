@@ -106,13 +106,14 @@ struct Quantized {
   at::Tensor q, qt, scale;
 };
 
-// The kernels of csrc/train_kernels.cu (fp8_amax, fp8_cast) take x: a
-// registered launcher, bf16 on CUDA, contiguous and 16-byte aligned, columns
-// a multiple of 8, and for a transposed output rows a multiple of 16; row
-// tiles within the grid's limit.
+// The kernels of csrc/train_kernels.cu (fp8_amax, fp8_cast, and their fp32
+// forms) take x: a registered launcher, bf16 or fp32 on CUDA, contiguous
+// and 16-byte aligned, columns a multiple of 8, and for a transposed output
+// rows a multiple of 16; row tiles within the grid's limit.
 bool kernels_take(const at::Tensor& x, bool transposed) {
   const auto rows = x.size(0), cols = x.size(1);
-  return sigma_kernels::ready() && x.is_cuda() && x.scalar_type() == at::kBFloat16 &&
+  const auto t = x.scalar_type();
+  return sigma_kernels::ready() && x.is_cuda() && (t == at::kBFloat16 || t == at::kFloat) &&
          x.is_contiguous() && reinterpret_cast<std::uintptr_t>(x.data_ptr()) % 16 == 0 &&
          rows > 0 && cols > 0 && cols % 8 == 0 && (!transposed || rows % 16 == 0) &&
          (rows + 63) / 64 <= 65535;
@@ -126,8 +127,9 @@ bool quantize_kernels(const at::Tensor& x, at::ScalarType fmt, Amax kind, int64_
   const auto f32 = x.options().dtype(at::kFloat);
   const int64_t n = kind == kTensor ? 1 : kind == kRows ? rows : cols;
   const at::Tensor amax = at::zeros({n}, f32);
+  const bool from_f32 = x.scalar_type() == at::kFloat;  // ops 10, 11: the fp32 kernels
   sigma_kernels::KernelArgs a{};
-  a.op = 8, a.device = static_cast<int>(x.get_device());
+  a.op = from_f32 ? 10 : 8, a.device = static_cast<int>(x.get_device());
   a.a = x.data_ptr(), a.out = amax.data_ptr(), a.rows = rows, a.cols = cols, a.f = kind;
   if (sigma_kernels::launch(a) != 0) {
     sigma_kernels::disable();
@@ -138,7 +140,7 @@ bool quantize_kernels(const at::Tensor& x, at::ScalarType fmt, Amax kind, int64_
   if (want_qt) out.qt = at::empty({cols, rows}, bytes);
   const at::Tensor inv = at::empty({n}, f32);
   sigma_kernels::KernelArgs c{};
-  c.op = 9, c.device = a.device, c.a = x.data_ptr(), c.b = amax.data_ptr();
+  c.op = from_f32 ? 11 : 9, c.device = a.device, c.a = x.data_ptr(), c.b = amax.data_ptr();
   c.out = want_q ? out.q.data_ptr() : nullptr;
   c.out2 = want_qt ? out.qt.data_ptr() : nullptr;
   c.out3 = inv.data_ptr();
@@ -167,8 +169,8 @@ Quantized quantize_2d(const at::Tensor& x, at::ScalarType fmt, Amax kind, int64_
   }
   TORCH_CHECK(path != kKernels, "the FP8 quantisation kernels do not take this tensor (",
               x.sizes(), ", ", x.scalar_type(), ", ", x.device(),
-              "): they need bf16 on a GPU, columns a multiple of 8 and, transposed, rows a "
-              "multiple of 16");
+              "): they need bf16 or fp32 on a GPU, columns a multiple of 8 and, transposed, "
+              "rows a multiple of 16");
   if (kind == kCols) {
     std::tie(out.qt, out.scale) = quantize(x.t().contiguous(), fmt, true, margin);
     return out;
@@ -223,20 +225,44 @@ at::Tensor wgrad_fp8(const Opts& o, const at::Tensor& gy2, const Quantized& g, c
   return gemm(a.qt, a.scale, b.qt.t(), b.scale.view({1, -1}), at::kBFloat16, o.mode);
 }
 
+// Whether the layer keeps the quantised x for backward: tensorwise FP8
+// weight gradients reuse it (half the bytes of bf16), transposed as that
+// GEMM reads it; every other case keeps the bf16 x.
+bool keeps_quantised_x(bool rows, bool wgrad_fp8) { return !rows && wgrad_fp8; }
+
+// The layer's input x2 [M, K] quantised as its forward does: e4m3, one scale
+// or one per row, with the transpose where `keeps_quantised_x`. Layers that
+// read one input (q, k and v) take it made once (`sigma_fp8_quantize_input`).
+Quantized quantize_input(const at::Tensor& x2, bool rows, bool wgrad_fp8, int64_t margin) {
+  return quantize_2d(x2, at::kFloat8_e4m3fn, rows ? kRows : kTensor, margin, true,
+                     keeps_quantised_x(rows, wgrad_fp8));
+}
+
 struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
+  // `pq`, `pqt`, `ps`: x already quantised by `quantize_input` (q, its
+  // transpose or undefined, scale), or undefined: quantised here.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& wq, const at::Tensor& wq_scale,
                             const at::Tensor& wt, const at::Tensor& wt_scale,
                             const std::optional<at::Tensor>& main, int64_t queue, bool rows,
-                            int64_t grad,
-                            bool wgrad_fp8, int64_t margin, bool fast, int64_t mode) {
+                            int64_t grad, bool wgrad_fp8, int64_t margin, bool fast,
+                            int64_t mode, const std::optional<at::Tensor>& pq,
+                            const std::optional<at::Tensor>& pqt,
+                            const std::optional<at::Tensor>& ps) {
     const auto k = x.size(-1);
     const auto x2 = x.reshape({-1, k}).contiguous();
-    // Tensorwise FP8 weight gradients reuse the quantised x (half the bytes
-    // of bf16), kept transposed as that GEMM reads it; every other case
-    // keeps the bf16 x.
-    const bool keep_q = !rows && wgrad_fp8;
-    const auto xq = quantize_2d(x2, at::kFloat8_e4m3fn, rows ? kRows : kTensor, margin, true, keep_q);
+    const bool keep_q = keeps_quantised_x(rows, wgrad_fp8);
+    Quantized xq;
+    if (pq.has_value() && pq->defined()) {
+      xq.q = *pq;
+      xq.qt = pqt.has_value() ? *pqt : at::Tensor();
+      xq.scale = ps.value();
+      TORCH_CHECK(xq.q.sizes() == x2.sizes() && (!keep_q || xq.qt.defined()),
+                  "FP8 linear: the input quantised beforehand is ", xq.q.sizes(),
+                  " without the transpose this recipe keeps; the input is ", x2.sizes());
+    } else {
+      xq = quantize_input(x2, rows, wgrad_fp8, margin);
+    }
     const auto sw = rows ? wq_scale.view({1, -1}) : wq_scale;
     auto y = gemm(xq.q, xq.scale, wq.t(), sw, w.scalar_type(), mode, fast);
     ctx->save_for_backward({keep_q ? xq.qt : x2, keep_q ? xq.scale : at::Tensor(), wt, wt_scale});
@@ -299,7 +325,7 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
         gw = gw.to(dt);
       }
     }
-    variable_list out(14);
+    variable_list out(17);
     out[0] = gx;
     out[1] = gw;
     return out;
@@ -354,21 +380,43 @@ extern "C" int sigma_fp8_gemm(void* a, void* sa, void* b, void* sb, int64_t out_
   });
 }
 
+// The input `x` [.., K] of FP8 linear layers quantised once for all of them
+// (`quantize_input` of its [M, K] form) into the handles `out_q`, `out_qt`
+// (undefined unless the recipe keeps it) and `out_scale`.
+extern "C" int sigma_fp8_quantize_input(void* x, int rows, int wgrad_fp8, int64_t margin,
+                                        void* out_q, void* out_qt, void* out_scale, char* err,
+                                        size_t err_len) {
+  return sigma_shim::guarded(err, err_len, [&] {
+    at::NoGradGuard no_grad;
+    const auto& xt = handle(x);
+    auto r = quantize_input(xt.reshape({-1, xt.size(-1)}).contiguous(), rows != 0,
+                            wgrad_fp8 != 0, margin);
+    handle(out_q) = r.q;
+    handle(out_qt) = r.qt;
+    handle(out_scale) = r.scale;
+  });
+}
+
 // y = x w^T through Fp8Linear into handle `out`. `w`: the bf16 working weight
 // [N, K] (its gradient when `main` is undefined); `wq`, `wq_scale`, `wt`,
 // `wt_scale`: its FP8 forms (see the top); `main`: a view of the fp32
 // gradient buffer shaped like `w`, or an undefined tensor; `queue`: a
-// WgradQueue or null.
+// WgradQueue or null; `pq`, `pqt`, `ps`: x quantised beforehand by
+// `sigma_fp8_quantize_input` with the same recipe, or undefined handles.
 extern "C" int sigma_fp8_linear(void* x, void* w, void* wq, void* wq_scale, void* wt,
                                 void* wt_scale, void* main, void* queue, int rows, int64_t grad,
                                 int wgrad_fp8, int64_t margin, int fast_accum, int64_t mode,
-                                void* out, char* err, size_t err_len) {
+                                void* pq, void* pqt, void* ps, void* out, char* err,
+                                size_t err_len) {
   return sigma_shim::guarded(err, err_len, [&] {
     const auto q = static_cast<int64_t>(reinterpret_cast<intptr_t>(queue));
-    const auto& mt = handle(main);
-    const auto m = mt.defined() ? std::optional<at::Tensor>(mt) : std::nullopt;
+    const auto opt = [](void* p) {
+      const auto& t = handle(p);
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
     handle(out) = Fp8Linear::apply(handle(x), handle(w), handle(wq), handle(wq_scale), handle(wt),
-                                   handle(wt_scale), m, q, rows != 0, grad, wgrad_fp8 != 0, margin,
-                                   fast_accum != 0, mode);
+                                   handle(wt_scale), opt(main), q, rows != 0, grad,
+                                   wgrad_fp8 != 0, margin, fast_accum != 0, mode, opt(pq),
+                                   opt(pqt), opt(ps));
   });
 }

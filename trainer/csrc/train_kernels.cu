@@ -314,8 +314,9 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
 
 // FP8 quantisation with current scaling (train.precision = "fp8"; the rule
 // is csrc/fp8_linear.cpp's, which these kernels compute bit for bit): two
-// passes over a bf16 x [rows, cols] instead of the tensor form's chain of
-// fp32 copies. fp8_amax reduces |x| to one amax, one per row or one per
+// passes over x [rows, cols] instead of the tensor form's chain of fp32
+// copies; x in bf16 (activations, gradients: fp8_amax, fp8_cast) or fp32
+// (the master weights, once per optimizer step: fp8_amax_f32, fp8_cast_f32). fp8_amax reduces |x| to one amax, one per row or one per
 // column; fp8_cast scales, clamps and rounds to e4m3fn or e5m2 and writes
 // the FP8 tensor, its transpose, or both (the transpose through a tile in
 // shared memory), and the dequantisation scales. A tile is 64 columns (8
@@ -330,9 +331,18 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
 // infinity, so an integer max propagates NaN as the tensor form's amax does.
 __device__ __forceinline__ unsigned int abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
+// 8 consecutive fp32 values (32-byte aligned: cols a multiple of 8).
+__device__ __forceinline__ void load8(const float* p, float* f) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
 // kind 0: amax[0] = max |x|; 1: amax[r] = max over row r; 2: amax[c] over column c.
-extern "C" __global__ void fp8_amax(const bf16* __restrict__ x, unsigned int* __restrict__ amax,
-                                    long long rows, long long cols, int kind) {
+template <typename T>
+__device__ __forceinline__ void fp8_amax_body(const T* __restrict__ x,
+                                              unsigned int* __restrict__ amax, long long rows,
+                                              long long cols, int kind) {
   __shared__ unsigned int col_max[FP8_AMAX_ROWS][FP8_COLS + 1];
   __shared__ unsigned int warp_max[8];
   const int tx = threadIdx.x & 7, ty = threadIdx.x >> 3;
@@ -384,6 +394,17 @@ extern "C" __global__ void fp8_amax(const bf16* __restrict__ x, unsigned int* __
   }
 }
 
+extern "C" __global__ void fp8_amax(const bf16* __restrict__ x, unsigned int* __restrict__ amax,
+                                    long long rows, long long cols, int kind) {
+  fp8_amax_body(x, amax, rows, cols, kind);
+}
+
+extern "C" __global__ void fp8_amax_f32(const float* __restrict__ x,
+                                        unsigned int* __restrict__ amax, long long rows,
+                                        long long cols, int kind) {
+  fp8_amax_body(x, amax, rows, cols, kind);
+}
+
 // The scale from an amax: top / amax (top = the format's largest value times
 // 2^-margin), 1 where amax is 0 (or NaN), at most FLT_MAX.
 __device__ __forceinline__ float fp8_scale(float amax, float top) {
@@ -416,10 +437,13 @@ __device__ __forceinline__ unsigned int fp8x2(float lo, float hi, int e5m2) {
 // q = fp8(clamp(x * scale, -fmax, fmax)) with scales from amax of `kind`
 // (as fp8_amax); q [rows, cols] and/or qt [cols, rows] (either may be null);
 // inv (or null) gets the dequantisation scales 1 / scale.
-extern "C" __global__ void fp8_cast(const bf16* __restrict__ x, const float* __restrict__ amax,
-                                    unsigned char* __restrict__ q, unsigned char* __restrict__ qt,
-                                    float* __restrict__ inv, long long rows, long long cols,
-                                    int kind, int e5m2, float top) {
+template <typename T>
+__device__ __forceinline__ void fp8_cast_body(const T* __restrict__ x,
+                                              const float* __restrict__ amax,
+                                              unsigned char* __restrict__ q,
+                                              unsigned char* __restrict__ qt,
+                                              float* __restrict__ inv, long long rows,
+                                              long long cols, int kind, int e5m2, float top) {
   __shared__ __align__(16) unsigned char tile[FP8_CAST_ROWS][FP8_COLS + 16];
   const float fmax = e5m2 ? 57344.0f : 448.0f;
   const int tx = threadIdx.x & 7, ty = threadIdx.x >> 3;
@@ -479,4 +503,20 @@ extern "C" __global__ void fp8_cast(const bf16* __restrict__ x, const float* __r
     const long long c = (long long)blockIdx.x * FP8_COLS + threadIdx.x;
     if (c < cols) inv[c] = 1.0f / fp8_scale(amax[c], top);
   }
+}
+
+extern "C" __global__ void fp8_cast(const bf16* __restrict__ x, const float* __restrict__ amax,
+                                    unsigned char* __restrict__ q, unsigned char* __restrict__ qt,
+                                    float* __restrict__ inv, long long rows, long long cols,
+                                    int kind, int e5m2, float top) {
+  fp8_cast_body(x, amax, q, qt, inv, rows, cols, kind, e5m2, top);
+}
+
+extern "C" __global__ void fp8_cast_f32(const float* __restrict__ x,
+                                        const float* __restrict__ amax,
+                                        unsigned char* __restrict__ q,
+                                        unsigned char* __restrict__ qt, float* __restrict__ inv,
+                                        long long rows, long long cols, int kind, int e5m2,
+                                        float top) {
+  fp8_cast_body(x, amax, q, qt, inv, rows, cols, kind, e5m2, top);
 }

@@ -189,8 +189,22 @@ fn case(
     Ok((worst(&vs_emu), worst(&vs_fp32)))
 }
 
-/// The bf16 inputs the quantisation check runs over: (what, tensor).
+/// The inputs the quantisation check runs over, each in bf16 (activations,
+/// gradients) and in fp32 (master weights): (what, tensor).
 fn quant_inputs(device: Device) -> Vec<(String, Tensor)> {
+    quant_inputs_f32(device)
+        .into_iter()
+        .flat_map(|(what, t)| {
+            [
+                (format!("{what} bf16"), t.to_kind(Kind::BFloat16)),
+                (format!("{what} fp32"), t),
+            ]
+        })
+        .collect()
+}
+
+/// [`quant_inputs`] in fp32.
+fn quant_inputs_f32(device: Device) -> Vec<(String, Tensor)> {
     let opts = (Kind::Float, device);
     let mut v = Vec::new();
     for (rows, cols) in [(64, 64), (48, 80), (208, 136), (8192, 2048), (1000, 24)] {
@@ -201,16 +215,16 @@ fn quant_inputs(device: Device) -> Vec<(String, Tensor)> {
         let _ = holes.narrow(0, rows / 3, 1).fill_(0.0);
         let _ = holes.narrow(1, cols / 2, 1).fill_(0.0);
         for (what, t) in [("normal", normal), ("wide", wide), ("zero row/col", holes)] {
-            v.push((format!("{rows}x{cols} {what}"), t.to_kind(Kind::BFloat16)));
+            v.push((format!("{rows}x{cols} {what}"), t));
         }
         v.push((
             format!("{rows}x{cols} zeros"),
-            Tensor::zeros([rows, cols], (Kind::BFloat16, device)),
+            Tensor::zeros([rows, cols], opts),
         ));
     }
     let nan = Tensor::randn([64, 64], opts);
     let _ = nan.narrow(0, 5, 1).narrow(1, 7, 1).fill_(f64::NAN);
-    v.push(("64x64 one NaN".into(), nan.to_kind(Kind::BFloat16)));
+    v.push(("64x64 one NaN".into(), nan));
     v
 }
 
@@ -270,11 +284,12 @@ fn check_quantisation(device: Device, steps: usize) -> Result<usize> {
         "quantisation kernels vs tensor form: {} of {cases} cases the same bytes",
         cases - bad
     );
-    for (rows, cols, what) in [
-        (8192, 2048, "x of q/k/v"),
-        (8192, 6144, "gy of ffn gate/up"),
+    for (rows, cols, kind, what) in [
+        (8192, 2048, Kind::BFloat16, "x of q/k/v"),
+        (8192, 6144, Kind::BFloat16, "gy of ffn gate/up"),
+        (12288, 2048, Kind::Float, "the fp32 master of ffn gate/up"),
     ] {
-        let x = Tensor::randn([rows, cols], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let x = Tensor::randn([rows, cols], (Kind::Float, device)).to_kind(kind);
         let t = |path| {
             median_time(device, steps, &mut || {
                 let _ = fp8::quantize_2d(&x, Format::E4m3, Amax::Tensor, 0, (true, true), path);

@@ -2,7 +2,8 @@
 //! states the scaling rule and the GEMM convention): quantisation with
 //! current scaling ([`quantize`]), the scaled GEMM of two quantised
 //! operands ([`gemm`]), a weight's FP8 forms ([`Fp8Weight`]) and the linear
-//! layer as an autograd function ([`linear`]).
+//! layer as an autograd function ([`linear`]; [`linear_with`] takes an
+//! input quantised once for several layers, [`quantize_input`]).
 //!
 //! Two ways to multiply ([`Gemm`]): `ScaledMm` calls libtorch's
 //! `_scaled_mm`, the FP8 tensor-core GEMM on a CUDA GPU of compute
@@ -72,7 +73,22 @@ extern "C" {
         margin: i64,
         fast_accum: i32,
         mode: i64,
+        pq: *mut c_void,
+        pqt: *mut c_void,
+        ps: *mut c_void,
         out: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn sigma_fp8_quantize_input(
+        x: *mut c_void,
+        rows: i32,
+        wgrad_fp8: i32,
+        margin: i64,
+        out_q: *mut c_void,
+        out_qt: *mut c_void,
+        out_scale: *mut c_void,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
@@ -273,7 +289,7 @@ pub enum Amax {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantPath {
     /// The kernels (csrc/train_kernels.cu) where they take the tensor (bf16
-    /// on a GPU, columns a multiple of 8, rows a multiple of 16 for a
+    /// or fp32 on a GPU, columns a multiple of 8, rows a multiple of 16 for a
     /// transposed output), else the tensor form: what training runs.
     Auto,
     /// libtorch operations only (the rule as written; any device, any dtype).
@@ -371,21 +387,32 @@ pub struct Fp8Weight {
 }
 
 impl Fp8Weight {
-    /// The FP8 forms of `w` (2-D, fp32 or bf16), in e4m3.
+    /// The FP8 forms of `w` (2-D, fp32 or bf16), in e4m3: by the
+    /// quantisation kernels where they take `w` (on a GPU: both forms of a
+    /// tensorwise weight from one amax pass and one cast pass), else the
+    /// tensor form; the same bytes either way ([`quantize_2d`]).
     pub fn new(w: &Tensor, scaling: Scaling, margin: u32) -> Fp8Weight {
         tch::no_grad(|| {
-            let rows = scaling == Scaling::Rowwise;
-            let (q, scale) = quantize(w, Format::E4m3, rows, margin);
-            let (t, t_scale) = if rows {
-                quantize(&w.tr().contiguous(), Format::E4m3, true, margin)
-            } else {
-                (q.tr().contiguous(), scale.shallow_clone())
-            };
+            let f = Format::E4m3;
+            let path = QuantPath::Auto;
+            if scaling == Scaling::Rowwise {
+                // A scale per row of W for the forward, per row of W^T (per
+                // column of W, written transposed) for the input gradient.
+                let (q, _, scale) = quantize_2d(w, f, Amax::Rows, margin, (true, false), path);
+                let (_, t, t_scale) = quantize_2d(w, f, Amax::Cols, margin, (false, true), path);
+                return Fp8Weight {
+                    q,
+                    scale,
+                    t,
+                    t_scale,
+                };
+            }
+            let (q, t, scale) = quantize_2d(w, f, Amax::Tensor, margin, (true, true), path);
             Fp8Weight {
                 q,
+                t_scale: scale.shallow_clone(),
                 scale,
                 t,
-                t_scale,
             }
         })
     }
@@ -406,6 +433,42 @@ impl Fp8Weight {
     }
 }
 
+/// The input of FP8 linear layers quantised once for all of them, as
+/// each layer's forward would (e4m3, the recipe's scales, the transpose
+/// where tensorwise FP8 weight gradients keep it): [`quantize_input`].
+pub struct Fp8Input {
+    q: Tensor,
+    qt: Tensor,
+    scale: Tensor,
+}
+
+/// `x` [.., K] quantised for FP8 linear layers of options `o` that all read
+/// it (q, k and v): passed to [`linear_with`], it replaces the quantisation
+/// each would run, with the same bytes. Panics with libtorch's message.
+pub fn quantize_input(x: &Tensor, o: &Fp8Opts) -> Fp8Input {
+    crate::kernels::training::register();
+    let (q, qt, scale) = (Tensor::new(), Tensor::new(), Tensor::new());
+    let mut err = [0 as c_char; 512];
+    // SAFETY: x, q, qt and scale are live tch tensor handles for the call;
+    // the shim assigns into the last three, writes at most `err.len()` bytes
+    // NUL-terminated into `err`, and catches every C++ exception.
+    let rc = unsafe {
+        sigma_fp8_quantize_input(
+            ptr(x),
+            (o.scaling == Scaling::Rowwise) as i32,
+            o.wgrad_fp8 as i32,
+            o.margin as i64,
+            ptr(&q),
+            ptr(&qt),
+            ptr(&scale),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    check(rc, &err, "FP8 quantisation");
+    Fp8Input { q, qt, scale }
+}
+
 /// `x w^T` [.., N] for `x` [.., K] (bf16) through FP8 GEMMs (see the
 /// shim's header): `w` is the bf16 working weight [N, K], whose gradient
 /// autograd receives when `main` is None; `weight` its FP8 forms; `main` a
@@ -420,6 +483,20 @@ pub fn linear(
     main: Option<&Tensor>,
     queue: Option<&crate::kernels::fused::WgradQueue>,
     o: &Fp8Opts,
+) -> Tensor {
+    linear_with(x, w, weight, main, queue, o, None)
+}
+
+/// [`linear`] with `x` already quantised by [`quantize_input`] with the
+/// same options (`input`), or quantised here (None).
+pub fn linear_with(
+    x: &Tensor,
+    w: &Tensor,
+    weight: &Fp8Weight,
+    main: Option<&Tensor>,
+    queue: Option<&crate::kernels::fused::WgradQueue>,
+    o: &Fp8Opts,
+    input: Option<&Fp8Input>,
 ) -> Tensor {
     crate::kernels::training::register();
     let out = Tensor::new();
@@ -445,6 +522,9 @@ pub fn linear(
             o.margin as i64,
             o.fast_accum as i32,
             o.gemm.code(),
+            ptr(input.map_or(&none, |i| &i.q)),
+            ptr(input.map_or(&none, |i| &i.qt)),
+            ptr(input.map_or(&none, |i| &i.scale)),
             ptr(&out),
             err.as_mut_ptr(),
             err.len(),

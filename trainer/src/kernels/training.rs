@@ -34,7 +34,9 @@
 //!   [`crate::kernels::fp8::quantize_2d`] through csrc/fp8_linear.cpp): an
 //!   amax pass (one, per row or per column) and a cast pass that writes the
 //!   FP8 tensor and its transpose, where the tensor form makes fp32 copies
-//!   and runs five operations and a transposing copy.
+//!   and runs five operations and a transposing copy: of bf16 activations
+//!   and gradients, and of the fp32 master weights (their FP8 forms, once
+//!   per optimizer step).
 //!
 //! `SIGMA_TRAIN_KERNELS=off` turns them all off (the tensor forms run); a build
 //! or launch failure is reported once and has the same effect (a launch that
@@ -142,6 +144,8 @@ struct Loaded {
     norm_backward: CudaFunction,
     fp8_amax: CudaFunction,
     fp8_cast: CudaFunction,
+    fp8_amax_f32: CudaFunction,
+    fp8_cast_f32: CudaFunction,
     sms: i64,
 }
 
@@ -164,6 +168,8 @@ fn load(ordinal: usize) -> Result<Arc<Loaded>, String> {
         norm_backward: module.load_function("rms_norm_backward").map_err(drv)?,
         fp8_amax: module.load_function("fp8_amax").map_err(drv)?,
         fp8_cast: module.load_function("fp8_cast").map_err(drv)?,
+        fp8_amax_f32: module.load_function("fp8_amax_f32").map_err(drv)?,
+        fp8_cast_f32: module.load_function("fp8_cast_f32").map_err(drv)?,
         ctx,
         sms,
     }))
@@ -216,7 +222,7 @@ fn grid(a: &KernelArgs, k: &Loaded) -> Result<LaunchConfig, String> {
         4 | 5 => (a.rows.min(1 << 30), CE_THREADS),
         6 => (a.rows.min(1 << 30), NORM_THREADS),
         7 => (a.blocks as i64, NORM_THREADS),
-        8 | 9 => return Ok(fp8_grid(a, k.sms)),
+        8..=11 => return Ok(fp8_grid(a, k.sms)),
         op => return Err(format!("unknown kernel operation {op}")),
     };
     Ok(LaunchConfig {
@@ -232,7 +238,7 @@ fn grid(a: &KernelArgs, k: &Loaded) -> Result<LaunchConfig, String> {
 /// empty tensor.
 fn fp8_grid(a: &KernelArgs, sms: i64) -> LaunchConfig {
     let x = (a.cols + FP8_COLS - 1) / FP8_COLS;
-    let y = if a.op == 8 {
+    let y = if a.op == 8 || a.op == 10 {
         let tiles = (a.rows + 31) / 32;
         tiles.min((sms * 8 / x.max(1)).max(1))
     } else {
@@ -268,8 +274,8 @@ fn launch_kernel(
     // y, dy, its addend and dx16 [rows, f] bf16 (or null), w [f] fp32, rstd
     // [rows] fp32, partials [blocks, f] fp32, f a multiple of 4 and at most
     // NORM_MAX_DIM (checked by `rms_norm_bf16` and the shim); FP8 x [rows,
-    // cols] bf16 (cols a multiple of 8), amax fp32 [1], [rows] or [cols]
-    // (zeroed for op 8), q [rows, cols] and qt [cols, rows] bytes (rows a
+    // cols] bf16 (ops 8, 9) or fp32 (10, 11; cols a multiple of 8), amax
+    // fp32 [1], [rows] or [cols] (zeroed for ops 8 and 10), q [rows, cols] and qt [cols, rows] bytes (rows a
     // multiple of 16 for qt) or null, scales fp32 of amax's length or null
     // (checked by csrc/fp8_linear.cpp). The
     // launch is on the stream that every later use of them is ordered after.
@@ -352,16 +358,24 @@ fn launch_kernel(
                 .arg(&pe)
                 .arg(&out3)
                 .launch(cfg),
-            8 => stream
-                .launch_builder(&k.fp8_amax)
+            8 | 10 => stream
+                .launch_builder(if a.op == 8 {
+                    &k.fp8_amax
+                } else {
+                    &k.fp8_amax_f32
+                })
                 .arg(&pa)
                 .arg(&out)
                 .arg(&a.rows)
                 .arg(&a.cols)
                 .arg(&a.f)
                 .launch(cfg),
-            9 => stream
-                .launch_builder(&k.fp8_cast)
+            9 | 11 => stream
+                .launch_builder(if a.op == 9 {
+                    &k.fp8_cast
+                } else {
+                    &k.fp8_cast_f32
+                })
                 .arg(&pa)
                 .arg(&pb)
                 .arg(&out)
@@ -703,6 +717,8 @@ mod tests {
                 "rms_norm_backward",
                 "fp8_amax",
                 "fp8_cast",
+                "fp8_amax_f32",
+                "fp8_cast_f32",
             ] {
                 assert!(
                     ptx.contains(&format!(".entry {k}")),

@@ -271,11 +271,7 @@ impl Fwd<'_> {
     pub fn part(&self, l: usize, part: Part, x: &[Tensor]) -> Vec<Tensor> {
         match part {
             Part::AttnNorm => vec![self.norm_in(&x[0], self.lid(l, W::AttnNorm))],
-            Part::Qkv => vec![
-                self.q0(l, &x[0]),
-                self.keys(l, &x[0]),
-                self.values(l, &x[0]),
-            ],
+            Part::Qkv => self.qkv(l, &x[0]),
             Part::AugQ => vec![self.aug_q(l, &x[0])],
             Part::Attend => vec![self.attend(l, &self.query_heads(&x[0]), &x[1], &x[2])],
             Part::AddNorm => {
@@ -312,9 +308,14 @@ impl Fwd<'_> {
         vals.take(Val::O).expect("the attention's output")
     }
 
-    /// The projected query q0 of this rank's heads: [b, t, q_heads * dot_dim].
-    pub fn q0(&self, l: usize, h: &Tensor) -> Tensor {
-        self.linear(h, self.lid(l, W::QProj))
+    /// [q0, keys, values] of block `l` from its normalised input `h`: the
+    /// three projections as [`Fwd::linears`] (which quantises `h` once for
+    /// FP8 weights), then the key heads ([`Fwd::keys_of`]) and the value
+    /// heads ([`Fwd::value_heads`]).
+    fn qkv(&self, l: usize, h: &Tensor) -> Vec<Tensor> {
+        let ids = [W::QProj, W::KProj, W::VProj].map(|w| self.lid(l, w));
+        let [q0, k, v]: [Tensor; 3] = self.linears(h, &ids).try_into().expect("three products");
+        vec![q0, self.keys_of(l, &k), self.value_heads(&v)]
     }
 
     /// AugQ on a whole projected query [b, t, n_q * dot_dim]; under tensor
@@ -336,9 +337,10 @@ impl Fwd<'_> {
         self.rope(&q.view([b, t, -1, dd]), at).transpose(1, 2)
     }
 
-    /// Key heads after projection, optional up-projection and RoPE: [b, k_heads, t, dot_dim].
-    pub fn keys(&self, l: usize, h: &Tensor) -> Tensor {
-        let k = self.keys_raw(l, h);
+    /// Key heads from the k_proj product [b, t, k_heads * k_cache_dim]:
+    /// optional up-projection and RoPE: [b, k_heads, t, dot_dim].
+    fn keys_of(&self, l: usize, k_proj: &Tensor) -> Tensor {
+        let k = self.key_heads_raw(k_proj);
         let k = match self.try_lid(l, W::KUp) {
             Some(up) => self.linear(&k, up),
             None => k,
@@ -346,14 +348,9 @@ impl Fwd<'_> {
         self.rope_seq(&k).transpose(1, 2)
     }
 
-    /// Key heads as computed from `h`, what a KV cache stores under the
-    /// projected reading: [b, t, k_heads, k_cache_dim], before any
-    /// up-projection and RoPE.
-    pub fn keys_raw(&self, l: usize, h: &Tensor) -> Tensor {
-        self.key_heads_raw(&self.linear(h, self.lid(l, W::KProj)))
-    }
-
-    /// The k_proj product [b, t, k_heads * k_cache_dim] as [`Fwd::keys_raw`]'s heads.
+    /// The k_proj product [b, t, k_heads * k_cache_dim] as key heads, what
+    /// a KV cache stores under the projected reading: [b, t, k_heads,
+    /// k_cache_dim], before any up-projection and RoPE.
     pub fn key_heads_raw(&self, k: &Tensor) -> Tensor {
         let (b, t) = (k.size()[0], k.size()[1]);
         k.view([b, t, self.heads.k as i64, self.cfg.k_cache_dim() as i64])
@@ -370,12 +367,7 @@ impl Fwd<'_> {
         self.rope(&k, at).transpose(1, 2)
     }
 
-    /// Value heads: [b, v_heads, t, v_head_dim].
-    pub fn values(&self, l: usize, h: &Tensor) -> Tensor {
-        self.value_heads(&self.linear(h, self.lid(l, W::VProj)))
-    }
-
-    /// The v_proj product [b, t, v_heads * v_head_dim] as [`Fwd::values`]' heads.
+    /// The v_proj product [b, t, v_heads * v_head_dim] as value heads.
     pub fn value_heads(&self, v: &Tensor) -> Tensor {
         let (b, t) = (v.size()[0], v.size()[1]);
         v.view([b, t, self.heads.v as i64, self.cfg.v_head_dim as i64])

@@ -293,9 +293,14 @@ impl Fp8Weights {
         }
         self.sync(params);
         let mut merged = self.merged.borrow_mut();
-        let c = merged
-            .entry(a.0)
-            .or_insert_with(|| self.make(&tch::no_grad(|| Tensor::cat(&[wa, wb], 0))));
+        let c = merged.entry(a.0).or_insert_with(|| {
+            // The pair's master weights side by side in the flat buffer are
+            // the merged matrix already: a view, no copy.
+            let w = params
+                .merged_master(a, b)
+                .unwrap_or_else(|| tch::no_grad(|| Tensor::cat(&[wa, wb], 0)));
+            self.make(&w)
+        });
         Some(c.shallow_clone())
     }
 

@@ -15,6 +15,7 @@ use std::cell::Cell;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::kernels::fp8::Fp8Input;
 use crate::model::params::ParamId;
 use crate::model::positions::Positions;
 use crate::model::Fwd;
@@ -33,12 +34,19 @@ impl Fwd<'_> {
     /// `x` times parameter `id` (a matmul weight [out, in]): [.., in] -> [.., out].
     /// In FP8 when the model runs that weight in FP8 (`model::fp8`).
     pub fn linear(&self, x: &Tensor, id: ParamId) -> Tensor {
+        self.linear_in(x, id, None)
+    }
+
+    /// [`Fwd::linear`], an FP8 weight reading `x` as quantised in `input`
+    /// (made once for the weights that read it, [`Fwd::linears`]).
+    fn linear_in(&self, x: &Tensor, id: ParamId, input: Option<&Fp8Input>) -> Tensor {
         let w = self.w(id);
         if let Some(f) = self.fp8() {
             if let Some(q) = f.weight(&self.params, id) {
                 let main = self.exec.sink.map(|s| self.sink_view(s, id, w));
                 let queue = self.exec.sink.map(|s| &s.queue);
-                return crate::kernels::fp8::linear(x, w, &q, main.as_ref(), queue, &f.plan.opts);
+                let o = &f.plan.opts;
+                return crate::kernels::fp8::linear_with(x, w, &q, main.as_ref(), queue, o, input);
             }
         }
         match self.exec.sink {
@@ -147,12 +155,13 @@ impl Fwd<'_> {
     }
 
     /// `x` times each of the weights `ids` (which all read it): as many
-    /// [`Fwd::linear`]s, or, for a few rows without autograd or FP8
+    /// [`Fwd::linear`]s, with `x` quantised once for all of them where they
+    /// are FP8 weights, or, for a few rows without autograd or FP8
     /// (decoding), one launch of the matrix-vector kernel
     /// (`crate::kernels::gemv`) for up to three of them.
     pub fn linears(&self, x: &Tensor, ids: &[ParamId]) -> Vec<Tensor> {
-        let fp8 = ids.iter().any(|&id| self.is_fp8(id));
-        if self.exec.sink.is_none() && !fp8 && crate::kernels::gemv::wants(x) {
+        let fp8 = ids.iter().filter(|&&id| self.is_fp8(id)).count();
+        if self.exec.sink.is_none() && fp8 == 0 && crate::kernels::gemv::wants(x) {
             let ws: Vec<&Tensor> = ids.iter().map(|&id| self.w(id)).collect();
             if ws.iter().all(|w| w.kind() == self.compute) {
                 if let Some(ys) = crate::kernels::gemv::gemv(x, &ws) {
@@ -160,7 +169,15 @@ impl Fwd<'_> {
                 }
             }
         }
-        ids.iter().map(|&id| self.linear(x, id)).collect()
+        let input = match self.fp8() {
+            Some(f) if fp8 == ids.len() && fp8 > 1 => {
+                Some(crate::kernels::fp8::quantize_input(x, &f.plan.opts))
+            }
+            _ => None,
+        };
+        ids.iter()
+            .map(|&id| self.linear_in(x, id, input.as_ref()))
+            .collect()
     }
 
     /// `x w^T` in the compute dtype, casting what is not in it. A few rows

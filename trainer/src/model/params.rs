@@ -365,18 +365,31 @@ impl Params {
     /// after a) with one input width, refreshed like [`Params::weight`];
     /// with its offset in the flat buffer.
     pub fn merged_weight(&self, a: ParamId, b: ParamId) -> Option<(Tensor, i64)> {
+        let (oa, n, shape) = self.merged_extent(a, b)?;
+        let _ = self.weight(a); // refreshes the copy when stale
+        let w = &self.work.as_ref()?.flat;
+        Some((w.narrow(0, oa, n).view(shape), oa))
+    }
+
+    /// The fp32 master weights of matmul weights `a` and `b` as one matrix
+    /// [rows_a + rows_b, in]: a view of the flat buffer where `b` follows
+    /// `a` there and they read inputs of one width, else None.
+    pub fn merged_master(&self, a: ParamId, b: ParamId) -> Option<Tensor> {
+        let (oa, n, shape) = self.merged_extent(a, b)?;
+        Some(tch::no_grad(|| self.flat.narrow(0, oa, n).view(shape)))
+    }
+
+    /// Where matmul weights `a` and `b` lie as one matrix in the flat layout:
+    /// (offset, elements, [rows_a + rows_b, in]) when `b` follows `a` and
+    /// they read inputs of one width.
+    fn merged_extent(&self, a: ParamId, b: ParamId) -> Option<(i64, i64, [i64; 2])> {
         let (sa, sb) = (&self.specs[a.0].shape, &self.specs[b.0].shape);
         let (oa, ob) = (self.offsets[a.0], self.offsets[b.0]);
         let n = self.specs[a.0].numel();
         if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[1] || ob != oa + n {
             return None;
         }
-        let _ = self.weight(a); // refreshes the copy when stale
-        let w = &self.work.as_ref()?.flat;
-        let merged = w
-            .narrow(0, oa, n + self.specs[b.0].numel())
-            .view([sa[0] + sb[0], sa[1]]);
-        Some((merged, oa))
+        Some((oa, n + self.specs[b.0].numel(), [sa[0] + sb[0], sa[1]]))
     }
 
     /// Which state of the master weights this is: `flat`'s version counter

@@ -337,7 +337,7 @@ impl Profiler {
         let mut top: Vec<(String, f64, u64)> =
             p.by_name.drain().map(|(k, (s, c))| (k, s / n, c)).collect();
         top.sort_by(|a, b| b.1.total_cmp(&a.1));
-        top.truncate(20);
+        top.truncate(40);
         p.top = top;
         p.steps = p.steps.max(1);
         p
@@ -351,7 +351,7 @@ impl Profile {
         self.table_top(8)
     }
 
-    /// [`Profile::table`] with the `n` entries that took most time (at most 20 are kept).
+    /// [`Profile::table`] with the `n` entries that took most time (at most 40 are kept).
     pub fn table_top(&self, n: usize) -> String {
         let step: f64 = self.wall.values().sum();
         // The windows a step had, in the order of a training step.
