@@ -10,6 +10,7 @@
 #   LABEL=before SIGMA_BIN=old/sigma RUNS="mbs2 mbs4-ac" scripts/bench-train-gpu.sh   # a subset, prefixed
 #   LABEL=unfused EXTRA="--set train.fused_weight_grad=false" RUNS=mbs2 scripts/bench-train-gpu.sh  # overrides for every run
 #   RUNS="mbs2 peer-compile-mbs2" scripts/bench-train-gpu.sh   # sigma beside the PyTorch peer (scripts/peer-torch.py)
+#   CONFIG=configs/sigma-10b.toml EXTRA="--set model.num_layers=6" RUNS=mbs1 scripts/bench-train-gpu.sh  # another model
 # Peer runs (peer-eager-mbsN, peer-compile-mbsN, peer-gqa16-compile-mbs2, and with torchao's FP8
 # peer-fp8-tensorwise-compile-mbsN, peer-fp8-rowwise-compile-mbsN) take STEPS and ACCUM too.
 set -uo pipefail
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 torch_lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH=$torch_lib:${LD_LIBRARY_PATH:-}
 sigma=${SIGMA_BIN:-target/release/sigma}
+config=${CONFIG:-configs/sigma-1.5b.toml}
 out=${BENCH_OUT:-runs/bench-train}
 steps=${STEPS:-8}
 accum=${ACCUM:-2}
@@ -33,7 +35,7 @@ done
 run() {
   local name=${label:+$label-}$1; shift
   local t0=$(date +%s)
-  if $sigma train --config configs/sigma-1.5b.toml --quiet --set train.steps="$steps" --set train.log_every=1 \
+  if $sigma train --config "$config" --quiet --set train.steps="$steps" --set train.log_every=1 \
       --set train.eval_steps=1 --set train.grad_accum_steps="$accum" --set metrics.output_dir="\"$out/$name\"" \
       --set metrics.plot=false "$@" $extra > "$out/$name.log" 2>&1; then
     echo "$name: ok ($(( $(date +%s) - t0 )) s)"
@@ -45,7 +47,7 @@ gqa="--set model.num_k_heads=16 --set model.aug_q_dim=0"
 peer() {
   local name=${label:+$label-}$1; shift
   local t0=$(date +%s)
-  if python3 scripts/peer-torch.py --config configs/sigma-1.5b.toml --steps "$steps" --accum "$accum" "$@" \
+  if python3 scripts/peer-torch.py --config "$config" --steps "$steps" --accum "$accum" "$@" \
       > "$out/$name.json" 2> "$out/$name.log"; then
     echo "$name: ok ($(( $(date +%s) - t0 )) s)"
   else

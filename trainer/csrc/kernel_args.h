@@ -22,7 +22,8 @@ struct KernelArgs {
            //   null, out2 = q transposed [cols, rows] or null, out3 = the
            //   dequantisation scales; t = 1 for e5m2 (else e4m3fn), eps = the
            //   largest value scaled to: the format's largest times 2^-margin),
-           // 10, 11 as 8, 9 for an fp32 x (the master weights)
+           // 10, 11 as 8, 9 for an fp32 x (the master weights),
+           // 12 zero `rows` bytes at `out` (a memset on the stream)
   int device;
   const void* a;
   const void* b;
