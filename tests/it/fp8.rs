@@ -968,7 +968,9 @@ fn fp8_runs_under_tensor_pipeline_and_data_parallelism() {
 }
 
 /// `sigma bench fp8` runs what the CPU can (tensorwise `_scaled_mm` against
-/// the emulation and fp32) and passes its own tolerances.
+/// the emulation and fp32) and passes its own tolerances; the weight
+/// gradients reach the buffer by `_scaled_mm` and an add there (cuBLASLt's
+/// GEMM is for CUDA tensors only).
 #[test]
 fn bench_fp8_checks_itself_on_the_cpu() {
     let o = sigma(&["bench", "fp8", "--device", "cpu", "--steps", "1"], &[]);
@@ -976,6 +978,10 @@ fn bench_fp8_checks_itself_on_the_cpu() {
     assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(
         out.contains("Tensorwise scaling") && out.contains("fp8 check passed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("weight gradients by _scaled_mm and an add (cuBLASLt's GEMM not tried)"),
         "{out}"
     );
 }

@@ -48,8 +48,10 @@
 #include "shim_error.h"
 #include "wgrad.h"
 
+#include <atomic>
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -244,6 +246,60 @@ Quantized quantize_input(const at::Tensor& x2, bool rows, bool wgrad_fp8, int64_
                      keeps_quantised_x(rows, wgrad_fp8));
 }
 
+// The tensorwise FP8 weight gradient added into `main` by the GEMM itself
+// (cuBLASLt with beta = 1: the launcher's operation 13,
+// trainer/src/kernels/fp8_wgrad.rs) instead of an fp32 product and an add.
+// The first call checks it against that product and add (within 1e-3 of
+// the product's largest value: a wrong layout or scale is off by far more;
+// the order of the fp32 sums is not) and keeps to them from then on where
+// it differs or fails (a warning says so). False: not taken, nothing done.
+enum LtState : int { kLtUntried = 0, kLtOn = 1, kLtOff = 2 };
+std::atomic<int> lt_state{kLtUntried};
+constexpr int64_t kLtWorkspace = 32 << 20;
+
+bool lt_launch(at::Tensor& dst, const Quantized& g, const at::Tensor& xs, const at::Tensor& sx) {
+  const auto ws = at::empty({kLtWorkspace}, dst.options().dtype(at::kByte));
+  sigma_kernels::KernelArgs a{};
+  a.op = 13, a.device = static_cast<int>(dst.get_device());
+  a.a = xs.data_ptr(), a.b = g.qt.data_ptr(), a.c = sx.data_ptr(), a.d = g.scale.data_ptr();
+  a.e = ws.data_ptr(), a.blocks = static_cast<int>(kLtWorkspace), a.out = dst.data_ptr();
+  a.rows = xs.size(1), a.cols = xs.size(0), a.ignore = g.qt.size(0);
+  a.t = g.qt.scalar_type() == at::kFloat8_e5m2 ? 1 : 0;
+  return sigma_kernels::launch(a) == 0;
+}
+
+bool wgrad_into_main(const Opts& o, at::Tensor& main, const at::Tensor& gy2, const Quantized& g,
+                     const at::Tensor& xs, const at::Tensor& sx) {
+  const int state = lt_state.load();
+  if (state == kLtOff || o.rows || o.mode != kScaledMm || !main.is_cuda() ||
+      !sigma_kernels::ready() || main.scalar_type() != at::kFloat || !main.is_contiguous() ||
+      !g.qt.is_contiguous() || !xs.is_contiguous() || xs.size(1) != g.qt.size(1) ||
+      main.size(0) != g.qt.size(0) || main.size(1) != xs.size(0)) {
+    return false;
+  }
+  if (state == kLtOn) {
+    if (lt_launch(main, g, xs, sx)) return true;
+    lt_state.store(kLtOff);
+    return false;
+  }
+  const auto product = wgrad_fp8(o, gy2, g, xs, sx);
+  auto got = main.clone();
+  double err = -1, top = product.abs().max().item<double>();
+  if (lt_launch(got, g, xs, sx)) err = (got - (main + product)).abs().max().item<double>();
+  if (err >= 0 && err <= 1e-3 * top) {
+    lt_state.store(kLtOn);
+    main.copy_(got);
+  } else {
+    lt_state.store(kLtOff);
+    fprintf(stderr,
+            "warning: the FP8 weight gradient's cuBLASLt GEMM %s (largest difference %g, "
+            "product up to %g): _scaled_mm and an add from now on\n",
+            err < 0 ? "failed" : "differs from _scaled_mm's", err, top);
+    main.add_(product);
+  }
+  return true;
+}
+
 struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
   // `pq`, `pqt`, `ps`: x already quantised by `quantize_input` (q, its
   // transpose or undefined, scale), or undefined: quantised here.
@@ -316,8 +372,10 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
     at::Tensor gw;
     if (want_w) {
       if (o.wgrad_fp8) {
-        gw = wgrad_fp8(o, gy2, g, xs, sx);
-        if (main.defined()) main.add_(gw);
+        if (!main.defined() || !wgrad_into_main(o, main, gy2, g, xs, sx)) {
+          gw = wgrad_fp8(o, gy2, g, xs, sx);
+          if (main.defined()) main.add_(gw);
+        }
       } else if (main.defined()) {
         const auto q = ctx->saved_data["queue"].toInt();
         if (!sigma_wgrad::offer(q, main, gy2, xs)) sigma_wgrad::accumulate(main, gy2, xs);
@@ -385,6 +443,10 @@ extern "C" int sigma_fp8_gemm(void* a, void* sa, void* b, void* sb, int64_t out_
                        static_cast<at::ScalarType>(out_dtype), mode);
   });
 }
+
+// How tensorwise FP8 weight gradients reached the gradient buffer so far:
+// 0 not yet, 1 by cuBLASLt's GEMM with beta = 1, 2 by _scaled_mm and an add.
+extern "C" int sigma_fp8_wgrad_gemm_state() { return lt_state.load(); }
 
 // The input `x` [.., K] of FP8 linear layers quantised once for all of them
 // (`quantize_input` of its [M, K] form) into the handles `out_q`, `out_qt`

@@ -80,6 +80,7 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+    fn sigma_fp8_wgrad_gemm_state() -> i32;
     #[allow(clippy::too_many_arguments)]
     fn sigma_fp8_quantize_input(
         x: *mut c_void,
@@ -430,6 +431,21 @@ impl Fp8Weight {
     /// Bytes of its two FP8 forms.
     pub fn bytes(&self) -> i64 {
         (self.q.numel() + self.t.numel()) as i64
+    }
+}
+
+/// How this process's tensorwise FP8 weight gradients have reached the
+/// fp32 gradient buffer (csrc/fp8_linear.cpp, `kernels::fp8_wgrad`): by
+/// cuBLASLt's GEMM adding into it (beta = 1, after a first result checked
+/// against the other way), or by `_scaled_mm` and an add: where cuBLASLt
+/// was not tried (a CPU, the emulation, rowwise scaling, no gradient
+/// buffer, none yet) or failed or differed.
+pub fn weight_grad_gemm() -> &'static str {
+    // SAFETY: reads an atomic of the shim; no arguments.
+    match unsafe { sigma_fp8_wgrad_gemm_state() } {
+        0 => "_scaled_mm and an add (cuBLASLt's GEMM not tried)",
+        1 => "cuBLASLt's GEMM adding into the buffer",
+        _ => "_scaled_mm and an add",
     }
 }
 

@@ -213,6 +213,24 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
         }
         .map_err(|e| format!("memset on cuda:{ordinal}: {e}"));
     }
+    if a.op == 13 {
+        let g = crate::kernels::fp8_wgrad::Accum {
+            device: a.device,
+            x_t: a.a,
+            x_scale: a.c,
+            gy_t: a.b,
+            gy_scale: a.d,
+            gy_e5m2: a.t == 1,
+            main: a.out,
+            tokens: a.rows,
+            k_in: a.cols,
+            n_out: a.ignore,
+            workspace: a.e as *mut c_void,
+            workspace_bytes: usize::try_from(a.blocks).map_err(|_| "workspace size")?,
+        };
+        return crate::kernels::fp8_wgrad::accumulate(&g, stream.cu_stream() as *mut c_void)
+            .map_err(|e| format!("the FP8 weight-gradient GEMM on cuda:{ordinal}: {e}"));
+    }
     let cfg = grid(a, &k)?;
     if cfg.grid_dim.0 == 0 {
         return Ok(());
