@@ -201,6 +201,12 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
     let k = loaded(ordinal)?;
     let stream = decode::current_stream(&k.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
+    if a.op >= 12 {
+        // Raw driver and cuBLASLt calls (cudarc's launches bind it themselves).
+        k.ctx
+            .bind_to_thread()
+            .map_err(|e| format!("cuda:{ordinal}'s context: {e}"))?;
+    }
     if a.op == 12 {
         // Zero a.rows bytes at a.out (the FP8 amax before its reduction): a
         // memset node, where a fill kernel would be a launch of its own.
