@@ -252,7 +252,9 @@ Quantized quantize_input(const at::Tensor& x2, bool rows, bool wgrad_fp8, int64_
 // The first call checks it against that product and add (within 1e-3 of
 // the product's largest value: a wrong layout or scale is off by far more;
 // the order of the fp32 sums is not) and keeps to them from then on where
-// it differs or fails (a warning says so). False: not taken, nothing done.
+// it differs or fails (a warning says so; a failure does not turn the
+// training kernels off, as a failed kernel launch does). False: not taken,
+// nothing done.
 enum LtState : int { kLtUntried = 0, kLtOn = 1, kLtOff = 2 };
 std::atomic<int> lt_state{kLtUntried};
 constexpr int64_t kLtWorkspace = 32 << 20;
@@ -291,10 +293,12 @@ bool wgrad_into_main(const Opts& o, at::Tensor& main, const at::Tensor& gy2, con
     main.copy_(got);
   } else {
     lt_state.store(kLtOff);
-    fprintf(stderr,
-            "warning: the FP8 weight gradient's cuBLASLt GEMM %s (largest difference %g, "
-            "product up to %g): _scaled_mm and an add from now on\n",
-            err < 0 ? "failed" : "differs from _scaled_mm's", err, top);
+    if (err >= 0) {  // a failed launch was reported by the launcher
+      fprintf(stderr,
+              "warning: the FP8 weight gradient's cuBLASLt GEMM differs from _scaled_mm's "
+              "(largest difference %g, product up to %g): _scaled_mm and an add from now on\n",
+              err, top);
+    }
     main.add_(product);
   }
   return true;
