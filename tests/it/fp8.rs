@@ -326,15 +326,12 @@ fn scaled_mm_path_matches_the_emulation_where_the_cpu_runs_it() {
     assert!(r.is_err(), "rowwise _scaled_mm on the CPU");
 }
 
-/// A 4-layer model with every block weight (AugQ, K up-projection), sizes multiples of 16.
 /// Three FP8 layers reading one input (q, k and v) with that input
 /// quantised once (`quantize_input`, `linear_with`) compute, bit for bit,
 /// what the three layers quantising it each give: outputs, the input's
 /// gradient (summed over the three) and each weight gradient in its sink;
 /// for both recipes and both kinds of weight gradient, emulated and (for
-/// tensorwise) through the CPU's `_scaled_mm`. An input quantised for
-/// another recipe (no transpose where tensorwise FP8 weight gradients keep
-/// one) is refused with the layer's message.
+/// tensorwise) through the CPU's `_scaled_mm`.
 #[test]
 fn an_input_quantised_once_serves_every_layer_that_reads_it() {
     let (x, w, _) = linear_data();
@@ -401,10 +398,21 @@ fn an_input_quantised_once_serves_every_layer_that_reads_it() {
             assert!(a.defined() && a.equal(b), "{o:?}: output {i} differs");
         }
     }
+}
+
+/// An FP8 layer multiplies the quantised input it is given (another
+/// input's gives another output), and refuses one made for another recipe:
+/// no transpose where tensorwise FP8 weight gradients keep one, or one
+/// scale where rowwise takes one per row, with the layer's message.
+#[test]
+fn a_layer_uses_the_quantised_input_given_and_refuses_another_recipes() {
+    let (x, w, _) = linear_data();
+    let rowwise = opts(Scaling::Rowwise, Format::E5m2, true, Gemm::Emulated);
+    let tensorwise = opts(Scaling::Tensorwise, Format::E5m2, true, Gemm::Emulated);
     // The layer multiplies what it is given: another input's quantised form
     // gives another output (x * 3 has the same scale-free bytes only up to
     // rounding, so its product differs).
-    let o = &cases[0];
+    let o = &tensorwise;
     let weight = Fp8Weight::new(&w.to_kind(Kind::Float), o.scaling, o.margin);
     let other = fp8::quantize_input(
         &(&x.to_kind(Kind::Float) * 3.0 + 0.25).to_kind(Kind::BFloat16),
@@ -415,8 +423,6 @@ fn an_input_quantised_once_serves_every_layer_that_reads_it() {
     assert!(!y.equal(&y_other), "the given quantised input was not used");
     // An input made for rowwise scaling has no transpose: tensorwise FP8
     // weight gradients need one.
-    let rowwise = opts(Scaling::Rowwise, Format::E5m2, true, Gemm::Emulated);
-    let tensorwise = opts(Scaling::Tensorwise, Format::E5m2, true, Gemm::Emulated);
     let input = fp8::quantize_input(&x, &rowwise);
     let weight = Fp8Weight::new(&w.to_kind(Kind::Float), Scaling::Tensorwise, 0);
     let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -429,8 +435,20 @@ fn an_input_quantised_once_serves_every_layer_that_reads_it() {
         .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_default();
     assert!(msg.contains("quantised beforehand"), "{msg}");
+    // And one made for tensorwise scaling (one scale) is not a rowwise
+    // layer's (a scale per row).
+    let input = fp8::quantize_input(&x, &tensorwise);
+    let weight = Fp8Weight::new(&w.to_kind(Kind::Float), Scaling::Rowwise, 0);
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fp8::linear_with(&x, &w, &weight, None, None, &rowwise, Some(&input))
+    }));
+    assert!(
+        refused.is_err(),
+        "a tensorwise input taken by a rowwise layer"
+    );
 }
 
+/// A 4-layer model with every block weight (AugQ, K up-projection), sizes multiples of 16.
 fn model_cfg() -> ModelConfig {
     ModelConfig {
         vocab_size: 64,

@@ -249,12 +249,12 @@ Quantized quantize_input(const at::Tensor& x2, bool rows, bool wgrad_fp8, int64_
 // The tensorwise FP8 weight gradient added into `main` by the GEMM itself
 // (cuBLASLt with beta = 1: the launcher's operation 13,
 // trainer/src/kernels/fp8_wgrad.rs) instead of an fp32 product and an add.
-// The first call checks it against that product and add (within 1e-3 of
-// the product's largest value: a wrong layout or scale is off by far more;
-// the order of the fp32 sums is not) and keeps to them from then on where
-// it differs or fails (a warning says so; a failure does not turn the
-// training kernels off, as a failed kernel launch does). False: not taken,
-// nothing done.
+// The first call with a nonzero finite product checks it against that
+// product and add (within 1e-3 of the product's largest value: a wrong
+// layout or scale is off by far more, fp32 rounding is not) and keeps to
+// them from then on where it differs or fails (a warning says so; a
+// failure does not turn the training kernels off, as a failed kernel
+// launch does). False: not taken for this call, nothing done.
 enum LtState : int { kLtUntried = 0, kLtOn = 1, kLtOff = 2 };
 std::atomic<int> lt_state{kLtUntried};
 constexpr int64_t kLtWorkspace = 32 << 20;
@@ -270,37 +270,57 @@ bool lt_launch(at::Tensor& dst, const Quantized& g, const at::Tensor& xs, const 
   return sigma_kernels::launch(a) == 0;
 }
 
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// The first call: the GEMM into `main` itself (the pointer later calls
+// use), then held to `before + product`. Undecided where the product is 0
+// or not finite (no evidence either way): that call keeps the reference.
+void first_wgrad_into_main(const Opts& o, at::Tensor& main, const at::Tensor& gy2,
+                           const Quantized& g, const at::Tensor& xs, const at::Tensor& sx) {
+  const auto product = wgrad_fp8(o, gy2, g, xs, sx);
+  const auto before = main.clone();
+  const bool launched = lt_launch(main, g, xs, sx);
+  const auto expected = before + product;
+  const double top = product.abs().max().item<double>();
+  if (!launched) {  // the launcher printed why; nothing was enqueued
+    lt_state.store(kLtOff);
+    main.copy_(expected);
+    return;
+  }
+  const double err = (main - expected).abs().max().item<double>();
+  if (!std::isfinite(top) || top == 0) {
+    main.copy_(expected);
+  } else if (std::isfinite(err) && err <= 1e-3 * top) {
+    int untried = kLtUntried;
+    lt_state.compare_exchange_strong(untried, kLtOn);
+  } else {
+    lt_state.store(kLtOff);
+    fprintf(stderr,
+            "warning: the FP8 weight gradient's cuBLASLt GEMM differs from _scaled_mm's "
+            "(largest difference %g, product up to %g): _scaled_mm and an add from now on\n",
+            err, top);
+    main.copy_(expected);
+  }
+}
+
 bool wgrad_into_main(const Opts& o, at::Tensor& main, const at::Tensor& gy2, const Quantized& g,
                      const at::Tensor& xs, const at::Tensor& sx) {
   const int state = lt_state.load();
   if (state == kLtOff || o.rows || o.mode != kScaledMm || !main.is_cuda() ||
       !sigma_kernels::ready() || main.scalar_type() != at::kFloat || !main.is_contiguous() ||
       !g.qt.is_contiguous() || !xs.is_contiguous() || xs.size(1) != g.qt.size(1) ||
-      main.size(0) != g.qt.size(0) || main.size(1) != xs.size(0)) {
-    return false;
+      main.size(0) != g.qt.size(0) || main.size(1) != xs.size(0) || !aligned16(main) ||
+      !aligned16(xs) || !aligned16(g.qt)) {
+    return false;  // this call only (FP8 GEMMs need 16-byte aligned operands)
   }
   if (state == kLtOn) {
     if (lt_launch(main, g, xs, sx)) return true;
     lt_state.store(kLtOff);
     return false;
   }
-  const auto product = wgrad_fp8(o, gy2, g, xs, sx);
-  auto got = main.clone();
-  double err = -1, top = product.abs().max().item<double>();
-  if (lt_launch(got, g, xs, sx)) err = (got - (main + product)).abs().max().item<double>();
-  if (err >= 0 && err <= 1e-3 * top) {
-    lt_state.store(kLtOn);
-    main.copy_(got);
-  } else {
-    lt_state.store(kLtOff);
-    if (err >= 0) {  // a failed launch was reported by the launcher
-      fprintf(stderr,
-              "warning: the FP8 weight gradient's cuBLASLt GEMM differs from _scaled_mm's "
-              "(largest difference %g, product up to %g): _scaled_mm and an add from now on\n",
-              err, top);
-    }
-    main.add_(product);
-  }
+  first_wgrad_into_main(o, main, gy2, g, xs, sx);
   return true;
 }
 
@@ -322,10 +342,20 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
     if (pq.has_value() && pq->defined()) {
       xq.q = *pq;
       xq.qt = pqt.has_value() ? *pqt : at::Tensor();
-      xq.scale = ps.value();
-      TORCH_CHECK(xq.q.sizes() == x2.sizes() && (!keep_q || xq.qt.defined()),
-                  "FP8 linear: the input quantised beforehand is ", xq.q.sizes(),
-                  " without the transpose this recipe keeps; the input is ", x2.sizes());
+      xq.scale = ps.has_value() ? *ps : at::Tensor();
+      // What `quantize_input` makes for this recipe: q [M, K] e4m3, the
+      // transpose [K, M] where kept, one scale or one per row.
+      const auto m = x2.size(0);
+      const bool scale_ok = xq.scale.defined() &&
+                            (rows ? xq.scale.sizes() == at::IntArrayRef({m, 1})
+                                  : xq.scale.dim() == 0);
+      const bool qt_ok = !keep_q || (xq.qt.defined() && xq.qt.size(0) == k && xq.qt.size(1) == m);
+      TORCH_CHECK(xq.q.sizes() == x2.sizes() && xq.q.scalar_type() == at::kFloat8_e4m3fn &&
+                      scale_ok && qt_ok,
+                  "FP8 linear: the input quantised beforehand (", xq.q.sizes(),
+                  ", its transpose ", xq.qt.defined() ? "given" : "missing", ", scale ",
+                  xq.scale.defined() ? xq.scale.sizes() : at::IntArrayRef({}),
+                  ") is not what this recipe quantises the input ", x2.sizes(), " into");
     } else {
       xq = quantize_input(x2, rows, wgrad_fp8, margin);
     }

@@ -331,7 +331,7 @@ extern "C" __global__ void rms_norm_backward(const bf16* __restrict__ dy, const 
 // infinity, so an integer max propagates NaN as the tensor form's amax does.
 __device__ __forceinline__ unsigned int abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
-// 8 consecutive fp32 values (32-byte aligned: cols a multiple of 8).
+// 8 consecutive fp32 values (16-byte aligned: the caller checks the base pointer, cols a multiple of 8).
 __device__ __forceinline__ void load8(const float* p, float* f) {
   const float4 a = *reinterpret_cast<const float4*>(p);
   const float4 b = *reinterpret_cast<const float4*>(p + 4);

@@ -52,6 +52,8 @@ const DESC_B_SCALE_POINTER: i32 = 18;
 const OP_N: i32 = 0;
 const OP_T: i32 = 1;
 const PREF_MAX_WORKSPACE_BYTES: i32 = 1;
+/// CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES: 5, 6, 7, 8.
+const PREF_MIN_ALIGNMENT_A_BYTES: i32 = 5;
 
 type SetAttr = unsafe extern "C" fn(Opaque, i32, *const c_void, usize) -> i32;
 type Heur = unsafe extern "C" fn(
@@ -126,7 +128,8 @@ fn open() -> Result<Lt, String> {
     }
 }
 
-/// One GEMM's shape and B format.
+/// One GEMM's shape, B format, workspace and the alignment of its
+/// pointers (A, B, C = D): the heuristic assumes 256 bytes unless told.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     device: i32,
@@ -135,6 +138,12 @@ struct Key {
     k: i64,
     b_e5m2: bool,
     workspace: usize,
+    align: [u32; 3],
+}
+
+/// The largest power of two, at most 256, that divides the address `p`.
+fn alignment(p: *const c_void) -> u32 {
+    1u32 << (p as usize).trailing_zeros().min(8)
 }
 
 /// Descriptors and the algorithm of one [`Key`], made once (never freed:
@@ -231,6 +240,15 @@ fn plan(s: &mut State, key: Key) -> Result<&Plan, String> {
                 (lt.pref_set)(pref, PREF_MAX_WORKSPACE_BYTES, wsp, 8),
                 "workspace",
             )?;
+            // A, B, C and D (= C): the alignments of this call's pointers.
+            for (i, v) in [key.align[0], key.align[1], key.align[2], key.align[2]]
+                .iter()
+                .enumerate()
+            {
+                let attr = PREF_MIN_ALIGNMENT_A_BYTES + i as i32;
+                let v = (v as *const u32).cast();
+                ok((lt.pref_set)(pref, attr, v, 4), "alignment")?;
+            }
             let mut h = std::mem::MaybeUninit::<Heuristic>::zeroed();
             let mut found = 0;
             let (d, a, b, c) = (p.desc, p.a, p.b, p.c);
@@ -278,7 +296,14 @@ pub fn accumulate(g: &Accum, stream: *mut c_void) -> Result<(), String> {
         k: g.tokens,
         b_e5m2: g.gy_e5m2,
         workspace: g.workspace_bytes,
+        align: [g.x_t, g.gy_t, g.main.cast_const()].map(alignment),
     };
+    if key.align.iter().any(|&a| a < 16) {
+        return Err(format!(
+            "operands must be 16-byte aligned for FP8 GEMMs (alignments {:?})",
+            key.align
+        ));
+    }
     let handle = s.handles[&g.device];
     let (desc, a, b, c, algo) = {
         let p = plan(&mut s, key)?;
