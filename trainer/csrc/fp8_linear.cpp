@@ -128,13 +128,7 @@ bool quantize_kernels(const at::Tensor& x, at::ScalarType fmt, Amax kind, int64_
   const auto rows = x.size(0), cols = x.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
   const int64_t n = kind == kTensor ? 1 : kind == kRows ? rows : cols;
-  const at::Tensor amax = at::empty({n}, f32);
-  sigma_kernels::KernelArgs z{};  // zeroed by a memset (op 12), not a fill kernel
-  z.op = 12, z.device = static_cast<int>(x.get_device()), z.out = amax.data_ptr(), z.rows = n * 4;
-  if (sigma_kernels::launch(z) != 0) {
-    sigma_kernels::disable();
-    return false;
-  }
+  const at::Tensor amax = at::zeros({n}, f32);
   const bool from_f32 = x.scalar_type() == at::kFloat;  // ops 10, 11: the fp32 kernels
   sigma_kernels::KernelArgs a{};
   a.op = from_f32 ? 10 : 8, a.device = static_cast<int>(x.get_device());

@@ -23,7 +23,6 @@ struct KernelArgs {
            //   dequantisation scales; t = 1 for e5m2 (else e4m3fn), eps = the
            //   largest value scaled to: the format's largest times 2^-margin),
            // 10, 11 as 8, 9 for an fp32 x (the master weights),
-           // 12 zero `rows` bytes at `out` (a memset on the stream),
            // 13 the FP8 weight gradient added into out = main [ignore, cols] fp32
            //   by one cuBLASLt GEMM (a = x^T [cols, rows] e4m3, b = gy^T
            //   [ignore, rows], t = 1 where it is e5m2, c and d their scales,

@@ -201,25 +201,11 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
     let k = loaded(ordinal)?;
     let stream = decode::current_stream(&k.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
-    if a.op >= 12 {
-        // Raw driver and cuBLASLt calls (cudarc's launches bind it themselves).
+    if a.op == 13 {
+        // A cuBLASLt call, not a cudarc launch (which binds the context itself).
         k.ctx
             .bind_to_thread()
             .map_err(|e| format!("cuda:{ordinal}'s context: {e}"))?;
-    }
-    if a.op == 12 {
-        // Zero a.rows bytes at a.out (the FP8 amax before its reduction): a
-        // memset node, where a fill kernel would be a launch of its own.
-        let bytes = usize::try_from(a.rows).map_err(|_| format!("{} bytes", a.rows))?;
-        // SAFETY: the shim passes the data pointer of a live tensor of this
-        // device holding at least `rows` bytes, and orders every later use
-        // of it after this stream.
-        return unsafe {
-            cudarc::driver::result::memset_d8_async(a.out as u64, 0, bytes, stream.cu_stream())
-        }
-        .map_err(|e| format!("memset on cuda:{ordinal}: {e}"));
-    }
-    if a.op == 13 {
         let g = crate::kernels::fp8_wgrad::Accum {
             device: a.device,
             x_t: a.a,
