@@ -255,9 +255,8 @@ impl Fwd<'_> {
         mode: &Mode<'_>,
     ) -> Result<()> {
         let h = vals.get(Val::H).shallow_clone();
-        // q, k and v read the same input: one launch while decoding (Fwd::linears).
-        let ids = [W::QProj, W::KProj, W::VProj].map(|w| self.lid(l, w));
-        let [q0, raw, v]: [Tensor; 3] = self.linears(&h, &ids).try_into().expect("three products");
+        // q, k and v read the same input: one launch while decoding.
+        let [q0, raw, v] = self.qkv_products(l, &h);
         if let Mode::Static { pos, rope, .. } = mode {
             let plain_keys = !cache.raw_keys && self.try_lid(l, W::KUp).is_none();
             let caches = (&cache.k[l], &cache.v[l]);

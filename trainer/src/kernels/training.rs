@@ -297,8 +297,8 @@ fn launch_kernel(
     // [rows] fp32, partials [blocks, f] fp32, f a multiple of 4 and at most
     // NORM_MAX_DIM (checked by `rms_norm_bf16` and the shim); FP8 x [rows,
     // cols] bf16 (ops 8, 9) or fp32 (10, 11; cols a multiple of 8), amax
-    // fp32 [1], [rows] or [cols] (zeroed for ops 8 and 10), q [rows, cols] and qt [cols, rows] bytes (rows a
-    // multiple of 16 for qt) or null, scales fp32 of amax's length or null
+    // fp32 [1], [rows] or [cols] (zeroed for ops 8 and 10), q [rows, cols]
+    // and qt [cols, rows] bytes (rows a multiple of 16 for qt) or null, scales fp32 of amax's length or null
     // (checked by csrc/fp8_linear.cpp). The
     // launch is on the stream that every later use of them is ordered after.
     unsafe {

@@ -309,13 +309,19 @@ impl Fwd<'_> {
     }
 
     /// [q0, keys, values] of block `l` from its normalised input `h`: the
-    /// three projections as [`Fwd::linears`] (which quantises `h` once for
-    /// FP8 weights), then the key heads ([`Fwd::keys_of`]) and the value
-    /// heads ([`Fwd::value_heads`]).
+    /// three projections ([`Fwd::qkv_products`]), then the key heads
+    /// ([`Fwd::keys_of`]) and the value heads ([`Fwd::value_heads`]).
     fn qkv(&self, l: usize, h: &Tensor) -> Vec<Tensor> {
-        let ids = [W::QProj, W::KProj, W::VProj].map(|w| self.lid(l, w));
-        let [q0, k, v]: [Tensor; 3] = self.linears(h, &ids).try_into().expect("three products");
+        let [q0, k, v] = self.qkv_products(l, h);
         vec![q0, self.keys_of(l, &k), self.value_heads(&v)]
+    }
+
+    /// The q, k and v products of block `l` on `h` [b, t, d], as
+    /// [`Fwd::linears`] computes weights that read one input: `h` quantised
+    /// once for FP8 weights; one matrix-vector launch while decoding.
+    pub fn qkv_products(&self, l: usize, h: &Tensor) -> [Tensor; 3] {
+        let ids = [W::QProj, W::KProj, W::VProj].map(|w| self.lid(l, w));
+        self.linears(h, &ids).try_into().expect("three products")
     }
 
     /// AugQ on a whole projected query [b, t, n_q * dot_dim]; under tensor
