@@ -33,6 +33,8 @@ pub const TIME_COLLECTIVES: &str = "SIGMA_TIME_COLLECTIVES";
 pub const TRAIN_KERNELS: &str = "SIGMA_TRAIN_KERNELS";
 pub const DECODE_KERNEL: &str = "SIGMA_DECODE_KERNEL";
 pub const GEMV_KERNEL: &str = "SIGMA_GEMV_KERNEL";
+pub const GEMV_NORM: &str = "SIGMA_GEMV_NORM";
+pub const DECODE_PDL: &str = "SIGMA_DECODE_PDL";
 pub const DECODE_TUNING: &str = "SIGMA_DECODE_TUNING";
 pub const DECODE_TUNING_CACHE: &str = "SIGMA_DECODE_TUNING_CACHE";
 pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
@@ -75,6 +77,16 @@ pub const SIGMA_VARS: &[Var] = &[
         name: GEMV_KERNEL,
         kind: Kind::Switch,
         meaning: "use sigma's matrix-vector kernels for decoding's matmuls on a GPU (default on)",
+    },
+    Var {
+        name: GEMV_NORM,
+        kind: Kind::Switch,
+        meaning: "let the matrix-vector kernels run the RMSNorm (and residual add) before a block's products (default on)",
+    },
+    Var {
+        name: DECODE_PDL,
+        kind: Kind::Switch,
+        meaning: "launch decoding's kernels (matrix-vector, attention, cache append) with programmatic dependent launch on sm_90 and later (default on)",
     },
     Var {
         name: DECODE_TUNING,

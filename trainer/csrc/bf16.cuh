@@ -1,7 +1,8 @@
-// bf16 as its bit pattern, for the NVRTC kernels (no CUDA headers): the
+// The prelude of every NVRTC kernel source (no CUDA headers; put before each
+// by trainer/src/kernels/decode/nvrtc.rs): bf16 as its bit pattern, the
 // conversions to and from float (round to nearest even, NaN kept quiet) and
-// eight values packed in 16 bytes (four in 8). Put before each kernel source by
-// trainer/src/kernels.rs.
+// eight values packed in 16 bytes (four in 8); and programmatic dependent
+// launch.
 
 typedef unsigned short bf16;
 
@@ -43,4 +44,23 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
   w.z = (unsigned int)f2bf(f[4]) | ((unsigned int)f2bf(f[5]) << 16);
   w.w = (unsigned int)f2bf(f[6]) | ((unsigned int)f2bf(f[7]) << 16);
   return w;
+}
+
+// Programmatic dependent launch (sm_90; no-ops before, and where a kernel was
+// launched without it: trainer/src/kernels/decode/nvrtc.rs, launch_ex). A
+// kernel launched with it may start while the kernel before it drains: it
+// must call wait_for_prior_kernels before reading anything earlier kernels
+// write (and before writing anything they read); let_next_kernel_start lets
+// the kernel after it start (which waits in turn) once every block of this
+// one has called it or ended.
+__device__ __forceinline__ void wait_for_prior_kernels() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_next_kernel_start() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 }

@@ -137,6 +137,9 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
                      bf16* __restrict__ out,           // [B, NQ, DV]
                      unsigned int* __restrict__ done,  // [>= B], zero between launches (fold)
                      int len, int chunk, float scale_log2, int fold) {
+  // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
+  let_next_kernel_start();
+  wait_for_prior_kernels();
   extern __shared__ float smem[];
   float* qs = smem;              // [NQ][DK], scaled by scale * log2(e)
   float* os = qs + NQ * DK;      // [NQ][DV] output accumulator
@@ -333,6 +336,9 @@ diffqkv_decode_combine(const float* __restrict__ part_o,
                        const float* __restrict__ part_ml,
                        bf16* __restrict__ out,  // [B, NQ, DV]
                        int splits) {
+  // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
+  let_next_kernel_start();
+  wait_for_prior_kernels();
   extern __shared__ float wt[];
   __shared__ float red[COMBINE_THREADS];
   const int qh = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
@@ -377,6 +383,9 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
                           const long long* __restrict__ pos, bf16* __restrict__ kc,
                           bf16* __restrict__ vc, long long k_batch, long long k_head,
                           long long v_batch, long long v_head) {
+  // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
+  let_next_kernel_start();
+  wait_for_prior_kernels();
   const long long b = blockIdx.x;
   const long long p = *pos;
   const int half = DK / 2;

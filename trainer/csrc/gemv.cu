@@ -1,5 +1,6 @@
 // Matrix-vector products of decoding (a few rows of activations times a
-// weight), compiled by NVRTC after bf16.cuh (trainer/src/kernels/gemv.rs).
+// weight), compiled by NVRTC after bf16.cuh and rms_norm.cuh
+// (trainer/src/kernels/gemv.rs).
 //
 // y_j[r, n] = sum_k x[r, k] w_j[n, k] for r < rows <= R, up to three weights
 // w_j [n_j, k] that read the same x [rows, k] (bf16 in and out, fp32 sums):
@@ -15,8 +16,20 @@
 // Gated (SwiGLU): one weight [2n, k], gate rows then up rows; the warp of
 // column c reads rows c and n + c and writes silu(gate) * up from the fp32
 // sums, so the [rows, 2n] product is never written.
+//
+// Normed (_norm): x is the fp32 residual stream and the kernel first runs
+// the RMSNorm (after a residual add) that makes the products' input, as
+// rms_norm_forward does (csrc/rms_norm.cuh, same rounding): every block
+// normalises the rows into shared memory and block 0 writes the sum x + add,
+// so a decoding step saves the norm's launch. Compiled after rms_norm.cuh.
+//
+// Programmatic dependent launch (sm_90, bf16.cuh): a kernel may start while
+// the kernel before it drains. It asks L2 for its first weight pieces
+// (weights are not written during decoding), lets the kernel after it start,
+// then waits for the kernels before it before reading anything they write.
 
 #define GEMV_WARPS 8
+static_assert(GEMV_WARPS * 32 == NORM_THREADS, "the norm runs on one block of the kernel");
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   uint4 v;
@@ -24,6 +37,10 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -34,7 +51,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // One warp's share of a column: the pieces slice, slice + WPC, ... of 32
 // (each lane one of them), summed into acc (and, gated, the up row's into accb).
-template <int R, bool GATED, int U, int WPC>
+template <int R, bool GATED, int U, int WPC, bool SHARED_X>
 __device__ __forceinline__ void dot_slice(const uint4* __restrict__ x, const uint4* __restrict__ wa,
                                           const uint4* __restrict__ wb, int rows, int chunks,
                                           int slice, float* acc, float* accb) {
@@ -62,7 +79,7 @@ __device__ __forceinline__ void dot_slice(const uint4* __restrict__ x, const uin
         for (int r = 0; r < R; ++r) {
           if (r < rows) {
             float fx[8];
-            unpack8(__ldg(x + (size_t)r * chunks + c), fx);
+            unpack8(SHARED_X ? x[(size_t)r * chunks + c] : __ldg(x + (size_t)r * chunks + c), fx);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
               acc[r] = fmaf(fa[i], fx[i], acc[r]);
@@ -75,10 +92,22 @@ __device__ __forceinline__ void dot_slice(const uint4* __restrict__ x, const uin
   }
 }
 
+// The normed kernels' first inputs (null for the others): the residual
+// stream x [rows, k] (fp32), the branch output to add to it (bf16, or
+// null), where the sum goes (fp32, with add), the norm's weight [k] and eps.
+struct NormIn {
+  const float* x;
+  const bf16* add;
+  float* sum;
+  const float* w;
+  float eps;
+};
+
 // The block's columns: column `blockIdx.x * (GEMV_WARPS / WPC) + warp / WPC`
 // of the launch, which `pick` maps to a weight, its output and its width.
-template <int R, bool GATED, int U, int WPC, typename Pick>
-__device__ __forceinline__ void gemv_block(const bf16* x, int rows, int k, Pick pick) {
+// NORM: x is made from `nx` into shared memory first ([rows, k] bf16).
+template <int R, bool GATED, int U, int WPC, bool NORM, typename Pick>
+__device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int rows, int k, Pick pick) {
   __shared__ float part[GEMV_WARPS][2 * R];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = k >> 3;
@@ -86,14 +115,37 @@ __device__ __forceinline__ void gemv_block(const bf16* x, int rows, int k, Pick 
   bf16* y;
   int n, col = blockIdx.x * (GEMV_WARPS / WPC) + warp / WPC;
   const bool active = pick(col, w, y, n);
+  const uint4* wa = nullptr;
+  const uint4* wb = nullptr;
+  if (active) {
+    wa = reinterpret_cast<const uint4*>(w) + (size_t)col * chunks;
+    wb = GATED ? reinterpret_cast<const uint4*>(w) + (size_t)(col + n) * chunks : wa;
+    // The weights' first pieces into L2 while the kernel before drains.
+    for (int u = 0, c = (warp % WPC) * 32 + lane; u < U && c < chunks; ++u, c += 32 * WPC) {
+      prefetch_l2(wa + c);
+      if (GATED) prefetch_l2(wb + c);
+    }
+  }
+  let_next_kernel_start();
+  wait_for_prior_kernels();
+  if (NORM) {
+    extern __shared__ uint4 xs[];  // [rows, k] bf16
+    __shared__ float sh[NORM_THREADS / 32];
+    for (int r = 0; r < rows; ++r) {
+      const size_t o = (size_t)r * k;
+      float* sum = nx.add != nullptr && blockIdx.x == 0 ? nx.sum + o : nullptr;
+      rms_norm_row(nx.x + o, nx.add != nullptr ? nx.add + o : nullptr, sum, nx.w,
+                   reinterpret_cast<bf16*>(xs) + o, k, nx.eps, sh);
+    }
+    __syncthreads();
+    x = reinterpret_cast<const bf16*>(xs);
+  }
   float acc[R], accb[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) { acc[r] = 0.f; accb[r] = 0.f; }
   if (active) {
-    const uint4* wa = reinterpret_cast<const uint4*>(w) + (size_t)col * chunks;
-    const uint4* wb = GATED ? reinterpret_cast<const uint4*>(w) + (size_t)(col + n) * chunks : wa;
-    dot_slice<R, GATED, U, WPC>(reinterpret_cast<const uint4*>(x), wa, wb, rows, chunks,
-                                warp % WPC, acc, accb);
+    dot_slice<R, GATED, U, WPC, NORM>(reinterpret_cast<const uint4*>(x), wa, wb, rows, chunks,
+                                      warp % WPC, acc, accb);
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -124,28 +176,39 @@ __device__ __forceinline__ void gemv_block(const bf16* x, int rows, int k, Pick 
   }
 }
 
-#define GEMV_KERNELS(R, U, WPC)                                                              \
-  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                             \
-      gemv_r##R##_u##U##_w##WPC(const bf16* x, const bf16* w0, bf16* y0, int n0,           \
-                                const bf16* w1, bf16* y1, int n1, const bf16* w2,          \
-                                bf16* y2, int n2, int rows, int k) {                       \
-    gemv_block<R, false, U, WPC>(x, rows, k, [&](int& col, const bf16*& w, bf16*& y, int& n) { \
-      w = w0; y = y0; n = n0;                                                                \
-      if (col < n0) return true;                                                            \
-      col -= n0; w = w1; y = y1; n = n1;                                                    \
-      if (col < n1) return true;                                                            \
-      col -= n1; w = w2; y = y2; n = n2;                                                    \
-      return col < n2;                                                                      \
-    });                                                                                      \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                             \
-      gemv_gated_r##R##_u##U##_w##WPC(const bf16* x, const bf16* wg, bf16* yg, int ng,     \
-                                      int rows, int k) {                                   \
-    gemv_block<R, true, U, WPC>(x, rows, k, [&](int& col, const bf16*& w, bf16*& y, int& n) { \
-      w = wg; y = yg; n = ng;                                                                \
-      return col < ng;                                                                      \
-    });                                                                                      \
+// Every kernel takes the same arguments: x (bf16 [rows, k]; the normed
+// ones read the NormIn fields instead and ignore it), the NormIn fields (null
+// and 0 for the others), three weight slots (weight, output, columns; the
+// gated kernels use the first, its weight [2n, k]; an unused slot has 0
+// columns), rows and k.
+#define GEMV_PARAMS                                                                          \
+  const bf16 *x, const float *nx, const bf16 *nadd, float *nsum, const float *nw, float eps, \
+      const bf16 *w0, bf16 *y0, int n0, const bf16 *w1, bf16 *y1, int n1, const bf16 *w2,   \
+      bf16 *y2, int n2, int rows, int k
+
+#define GEMV_BODY(GATED, NORM, R, U, WPC)                                                  \
+  {                                                                                        \
+    const NormIn norm{nx, nadd, nsum, nw, eps};                                            \
+    gemv_block<R, GATED, U, WPC, NORM>(x, norm, rows, k,                                   \
+                                       [&](int& col, const bf16*& w, bf16*& y, int& n) {   \
+      w = w0; y = y0; n = n0;                                                              \
+      if (col < n0 || GATED) return col < n0;                                              \
+      col -= n0; w = w1; y = y1; n = n1;                                                   \
+      if (col < n1) return true;                                                           \
+      col -= n1; w = w2; y = y2; n = n2;                                                   \
+      return col < n2;                                                                     \
+    });                                                                                    \
   }
+
+#define GEMV_KERNELS(R, U, WPC)                                                            \
+  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                           \
+      gemv_r##R##_u##U##_w##WPC(GEMV_PARAMS) GEMV_BODY(false, false, R, U, WPC)           \
+  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                           \
+      gemv_gated_r##R##_u##U##_w##WPC(GEMV_PARAMS) GEMV_BODY(true, false, R, U, WPC)      \
+  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                           \
+      gemv_norm_r##R##_u##U##_w##WPC(GEMV_PARAMS) GEMV_BODY(false, true, R, U, WPC)       \
+  extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                           \
+      gemv_gated_norm_r##R##_u##U##_w##WPC(GEMV_PARAMS) GEMV_BODY(true, true, R, U, WPC)
 
 // One row bucket and variant per compilation: the host compiles those it
 // launches (-DGEMV_R=.. -DGEMV_U=.. -DGEMV_WPC=..).

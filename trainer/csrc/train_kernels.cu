@@ -198,23 +198,9 @@ extern "C" __global__ void cross_entropy_backward(const bf16* logits,
 // The tensor form writes an fp32 output and then casts it. With `add` (bf16,
 // else null) the residual add before the norm in the same pass: the row
 // normalised is x + add, written in fp32 to `sum` (the new residual stream).
-#define NORM_THREADS 256
+// (NORM_THREADS, block_sum and rms_norm_row: csrc/rms_norm.cuh, compiled before this.)
 // Columns per thread that backward keeps in registers: d <= 4 * NORM_THREADS * NORM_CHUNKS.
 #define NORM_CHUNKS 8
-
-// Sum of `v` over the block (every thread gets it); `sh` holds NORM_THREADS / 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // sh may still be read from the previous call
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  float t = 0.0f;
-#pragma unroll
-  for (int w = 0; w < NORM_THREADS / 32; ++w) t += sh[w];
-  return t;
-}
 
 extern "C" __global__ void rms_norm_forward(const float* __restrict__ x, const float* __restrict__ w,
                                            bf16* __restrict__ y, float* __restrict__ rstd,
@@ -222,28 +208,9 @@ extern "C" __global__ void rms_norm_forward(const float* __restrict__ x, const f
                                            const bf16* __restrict__ add, float* __restrict__ sum) {
   __shared__ float sh[NORM_THREADS / 32];
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
-    const float* xr = x + row * d;
-    float ss = 0.0f;
-    for (int c = threadIdx.x * 4; c < d; c += NORM_THREADS * 4) {
-      float4 a = *reinterpret_cast<const float4*>(xr + c);
-      if (add != nullptr) {
-        const float4 e = unpack4(*reinterpret_cast<const uint2*>(add + row * d + c));
-        a = make_float4(a.x + e.x, a.y + e.y, a.z + e.z, a.w + e.w);
-        *reinterpret_cast<float4*>(sum + row * d + c) = a;
-      }
-      ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-    }
-    const float r = rsqrtf(block_sum(ss, sh) / d + eps);
+    const float r = rms_norm_row(x + row * d, add != nullptr ? add + row * d : nullptr,
+                                 add != nullptr ? sum + row * d : nullptr, w, y + row * d, d, eps, sh);
     if (threadIdx.x == 0) rstd[row] = r;
-    // With `add` the normalised row is the sum, which this thread wrote itself.
-    const float* sr = add != nullptr ? sum + row * d : xr;
-    bf16* yr = y + row * d;
-    for (int c = threadIdx.x * 4; c < d; c += NORM_THREADS * 4) {
-      const float4 a = *reinterpret_cast<const float4*>(sr + c);
-      const float4 g = *reinterpret_cast<const float4*>(w + c);
-      *reinterpret_cast<uint2*>(yr + c) =
-          pack4(make_float4(a.x * r * g.x, a.y * r * g.y, a.z * r * g.z, a.w * r * g.w));
-    }
   }
 }
 

@@ -36,6 +36,7 @@ pub fn run(device: Device, steps: usize) -> Result<()> {
     worst = worst.max(add_rms_norm(device, steps)?);
     worst = worst.max(weight_grad(device, steps)?);
     worst = worst.max(super::gemv::check(device, steps)?);
+    worst = worst.max(super::gemv::check_normed(device, steps)?);
     if worst > TOLERANCE {
         bail!("a fused operation is off by {worst:.3e} of its reference (tolerance {TOLERANCE})");
     }

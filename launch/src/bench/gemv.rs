@@ -218,3 +218,111 @@ pub fn check(device: Device, steps: usize) -> Result<f64> {
     }
     Ok(worst)
 }
+
+/// A case of the normed kernels: rows, the weights' row counts (gated: one
+/// merged weight of 2 x `ns[0]`), k, and whether a branch output is added
+/// before the norm (a block's later norms) or not (the first block's).
+const NORMED: &[(&str, i64, &[i64], i64, bool, bool)] = &[
+    ("q,k,v", 1, &[2048, 256, 1024], 2048, false, true),
+    ("ffn gate/up", 1, &[6144], 2048, true, true),
+    ("q,k,v first", 1, &[2048, 256, 1024], 2048, false, false),
+    ("ffn gate/up", 2, &[6144], 2048, true, true),
+    ("odd", 2, &[37, 3, 11], 296, false, true),
+    ("odd gated", 1, &[13], 264, true, false),
+];
+
+/// The normed kernels (`gemv::gemv_normed`: the RMSNorm, after a residual
+/// add, run by the matrix-vector kernel) against the norm kernel followed
+/// by the plain kernel (`add_rms_norm_bf16` / `rms_norm_bf16`, then
+/// `gemv_by`), which they must equal bit for bit, sum included, and
+/// against fp32 (the norm and products of the same operands); each timed
+/// against the two launches. Returns the largest relative error against
+/// fp32; a difference from the two launches is an error.
+pub fn check_normed(device: Device, steps: usize) -> Result<f64> {
+    if !gemv::gemv_kernel_enabled() || !gemv::norm_enabled() {
+        println!(
+            "normed matrix-vector kernels: not checked (SIGMA_GEMV_KERNEL or SIGMA_GEMV_NORM off)"
+        );
+        return Ok(0.0);
+    }
+    println!("normed matrix-vector kernels (the norm in the kernel, against the norm kernel and the plain kernel: must be equal bit for bit; us per launch pair, weights beyond the L2 cache):");
+    let _guard = tch::no_grad_guard();
+    let mut worst: f64 = 0.0;
+    let eps = 1e-5;
+    for &(name, rows, ns, k, gated, with_add) in NORMED {
+        let (bf, f32) = ((Kind::BFloat16, device), (Kind::Float, device));
+        let wrows: Vec<i64> = if gated { vec![2 * ns[0]] } else { ns.to_vec() };
+        let bytes: i64 = wrows.iter().map(|n| n * k * 2).sum();
+        let copies = (CYCLE_BYTES / bytes).clamp(2, 64);
+        let sets: Vec<Vec<Tensor>> = (0..copies)
+            .map(|_| {
+                wrows
+                    .iter()
+                    .map(|&n| Tensor::randn([n, k], bf) * 0.05)
+                    .collect()
+            })
+            .collect();
+        let x = Tensor::randn([rows, 1, k], f32) * 3.0;
+        let add = with_add.then(|| Tensor::randn([rows, 1, k], bf));
+        let w = Tensor::randn([k], f32) * 0.1 + 1.0;
+        let norm = gemv::Norm {
+            x: &x,
+            add: add.as_ref(),
+            w: &w,
+            eps,
+        };
+        let fused = |ws: &[Tensor]| -> Result<(Option<Tensor>, Vec<Tensor>)> {
+            let refs: Vec<&Tensor> = ws.iter().collect();
+            gemv::gemv_normed(&norm, &refs, gated)
+                .ok_or_else(|| anyhow::anyhow!("the normed kernel did not run for {name}"))
+        };
+        let apart = |ws: &[Tensor]| -> Result<(Tensor, Vec<Tensor>)> {
+            let refs: Vec<&Tensor> = ws.iter().collect();
+            let (s, h) = match &add {
+                Some(a) => sigma_trainer::kernels::training::add_rms_norm_bf16(&x, a, &w, eps),
+                None => sigma_trainer::kernels::training::rms_norm_bf16(&x, &w, eps)
+                    .map(|h| (x.shallow_clone(), h)),
+            }
+            .ok_or_else(|| anyhow::anyhow!("the norm kernel did not run for {name}"))?;
+            let ys = gemv::gemv_by(&h, &refs, gated, gemv::Variant::pick(gated))
+                .ok_or_else(|| anyhow::anyhow!("the plain kernel did not run for {name}"))?;
+            Ok((s, ys))
+        };
+        let (sum, ys) = fused(&sets[0])?;
+        let (s2, ys2) = apart(&sets[0])?;
+        let same = |a: &Tensor, b: &Tensor| a.equal(b);
+        if !ys.iter().zip(&ys2).all(|(a, b)| same(a, b))
+            || !sum.as_ref().is_none_or(|s| same(s, &s2))
+        {
+            bail!("the normed kernel differs from the norm kernel and the plain kernel for {name} ({rows} rows)");
+        }
+        // fp32: the norm of the same sum, the products of the same bf16 weights.
+        let s = add
+            .as_ref()
+            .map_or_else(|| x.shallow_clone(), |a| &x + a.to_kind(Kind::Float));
+        let h = &s * (s.square().mean_dim(-1, true, Kind::Float) + eps).rsqrt() * &w;
+        let c = Case {
+            name,
+            rows,
+            ns,
+            k,
+            gated,
+            x: Layout::Dense,
+        };
+        let want = reference(&c, &h, &sets[0]);
+        let err = ys
+            .iter()
+            .zip(&want)
+            .fold(0.0f64, |a, (y, r)| a.max(rel_err(y, r)));
+        worst = worst.max(err);
+        let t_fused = per_launch(device, steps, &sets, &mut |ws| fused(ws).map(|_| ()))?;
+        let t_apart = per_launch(device, steps, &sets, &mut |ws| apart(ws).map(|_| ()))?;
+        println!(
+            "{name:<12} rows {rows} k {k}{}: equal to the two launches; err {err:.2e} against fp32; normed {:.1} us, norm + plain {:.1} us",
+            if with_add { " (+ add)" } else { "" },
+            t_fused * 1e6,
+            t_apart * 1e6
+        );
+    }
+    Ok(worst)
+}

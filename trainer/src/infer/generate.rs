@@ -196,37 +196,38 @@ impl Fwd<'_> {
     /// The embedding and every block on `tokens`, walking the block's
     /// wiring (`model::block::wiring`) as training does, except that `Qkv`
     /// writes the new keys and values into the cache and `Attend` reads
-    /// them from it; and that each residual add is fused with the norm that
-    /// follows it (the next block's attention norm, or the final norm).
-    /// Returns the normalised output of the last block, the head's input.
+    /// them from it; and that each norm runs with the products that read
+    /// it (`Fwd::normed_products`: one launch while decoding a few rows),
+    /// each residual add with the norm that follows it (the next block's
+    /// attention norm, the FFN's norm, or the final norm). Returns the
+    /// normalised output of the last block, the head's input.
     fn run_blocks(&self, cache: &mut KvCache, tokens: &Tensor, mode: Mode<'_>) -> Result<Tensor> {
         let wires = wiring(&self.cfg);
         let n = self.cfg.num_layers;
-        let x = self.embed(tokens);
-        let mut h = self.norm_in(&x, self.lid(0, W::AttnNorm));
-        let mut x = x;
+        // The residual stream and the branch output not yet added to it.
+        let mut stream = (self.embed(tokens), None::<Tensor>);
         for l in 0..n {
             let mut vals = Vals::default();
-            vals.set(Val::X, x);
-            vals.set(Val::H, h);
             for wire in &wires {
                 match wire.part {
-                    Part::AttnNorm => {} // fused into the previous add
-                    Part::Qkv => self.qkv_cached(l, cache, &mut vals, &mode)?,
+                    Part::AttnNorm | Part::AddNorm => {} // with the products that follow
+                    Part::Qkv => self.qkv_cached(l, cache, &mut vals, &stream, &mode)?,
                     Part::Attend => {
                         let o = self.attend_cached(l, cache, &vals, &mode)?;
                         vals.set(Val::O, o);
                     }
+                    Part::Ffn => {
+                        let ids = [W::FfnGate, W::FfnUp].map(|w| self.lid(l, w));
+                        let x_o = (vals.get(Val::X), Some(vals.get(Val::O)));
+                        let (x2, mut g) =
+                            self.normed_products(x_o, self.lid(l, W::FfnNorm), &ids, true);
+                        let f = self.linear(&g.remove(0), self.lid(l, W::FfnDown));
+                        vals.set(Val::X2, x2);
+                        vals.set(Val::F, f);
+                    }
                     Part::Add => {
-                        let next = if l + 1 < n {
-                            self.lid(l + 1, W::AttnNorm)
-                        } else {
-                            self.id(ParamKey::FinalNorm)
-                        };
-                        let (y, h_next) =
-                            self.add_norm_in(vals.get(Val::X2), vals.get(Val::F), next);
-                        vals.set(Val::Y, y);
-                        vals.set(Val::H, h_next);
+                        let x2 = vals.take(Val::X2).expect("the FFN's residual stream");
+                        stream = (x2, vals.take(Val::F));
                     }
                     part => {
                         let outs = self.part(l, part, &vals.inputs(wire));
@@ -234,16 +235,21 @@ impl Fwd<'_> {
                     }
                 }
             }
-            x = vals.take(Val::Y).expect("block output");
-            h = vals.take(Val::H).expect("normalised block output");
         }
-        Ok(h)
+        let (x, f) = stream;
+        let norm = self.id(ParamKey::FinalNorm);
+        Ok(match f {
+            Some(f) => self.add_norm_in(&x, &f, norm).1,
+            None => self.norm_in(&x, norm),
+        })
     }
 
-    /// The `Qkv` part with a cache: q0 and the values as training computes
-    /// them, the keys before the projected reading's up-projection (what the
-    /// cache keeps under it) and, otherwise, after RoPE at their positions;
-    /// the new keys and values written into the cache.
+    /// The `Qkv` part with a cache, on the attention norm of `stream` (the
+    /// residual stream and a branch output to add first; the sum becomes
+    /// the block's `X`): q0 and the values as training computes them, the
+    /// keys before the projected reading's up-projection (what the cache
+    /// keeps under it) and, otherwise, after RoPE at their positions; the
+    /// new keys and values written into the cache.
     /// A static step's rotation and cache writes are one kernel where it
     /// runs (`kernels::decode::append`: the keys as projected, no
     /// up-projection, rotated and cached).
@@ -252,11 +258,15 @@ impl Fwd<'_> {
         l: usize,
         cache: &mut KvCache,
         vals: &mut Vals,
+        (x, add): &(Tensor, Option<Tensor>),
         mode: &Mode<'_>,
     ) -> Result<()> {
-        let h = vals.get(Val::H).shallow_clone();
-        // q, k and v read the same input: one launch while decoding.
-        let [q0, raw, v] = self.qkv_products(l, &h);
+        // The norm, then q, k and v, which read its output: one launch while decoding.
+        let norm = self.lid(l, W::AttnNorm);
+        let (x, qkv) = self.normed_products((x, add.as_ref()), norm, &self.qkv_ids(l), false);
+        let t = x.size()[1];
+        vals.set(Val::X, x);
+        let [q0, raw, v]: [Tensor; 3] = qkv.try_into().expect("three products");
         if let Mode::Static { pos, rope, .. } = mode {
             let plain_keys = !cache.raw_keys && self.try_lid(l, W::KUp).is_none();
             let caches = (&cache.k[l], &cache.v[l]);
@@ -281,7 +291,6 @@ impl Fwd<'_> {
                     Mode::Decode { pos } => *pos,
                     _ => 0,
                 };
-                let t = h.size()[1];
                 cache.k[l].narrow(2, start, t).copy_(&stored);
                 cache.v[l].narrow(2, start, t).copy_(&v);
             }

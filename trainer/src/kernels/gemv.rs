@@ -10,7 +10,15 @@
 //! - [`gemv`]: up to three weights that read the same input in one launch
 //!   (a block's q, k and v projections);
 //! - [`gemv_swiglu`]: the merged gate/up weight with SwiGLU applied to the
-//!   fp32 sums, the [rows, 2F] product never written.
+//!   fp32 sums, the [rows, 2F] product never written;
+//! - [`gemv_normed`]: either of those on the RMSNorm (after a residual add)
+//!   that makes their input, run by the kernel itself ([`Norm`]): a
+//!   decoding step launches no norm kernel of its own.
+//!
+//! On sm_90 and later they are launched with programmatic dependent launch
+//! (csrc/gemv.cu, `decode::launch_ex`): each may start, and fetch its first
+//! weights into L2, while the kernel before it drains
+//! (`SIGMA_DECODE_PDL=off`: plain launches).
 //!
 //! Only without autograd (generation, evaluation): the products have no
 //! backward. `None` wherever they cannot run (CPU, not bf16, more rows, a
@@ -22,13 +30,20 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::kernels::decode;
 
 /// The kernels' source (compiled after csrc/bf16.cuh).
-pub const SOURCE: &str = include_str!("../../csrc/gemv.cu");
+pub const SOURCE: &str = concat!(
+    include_str!("../../csrc/rms_norm.cuh"),
+    include_str!("../../csrc/gemv.cu")
+);
+/// The most shared memory the normed kernels use for their normalised input
+/// (rows x k bf16): what a launch gets without opting in to more (48 KiB,
+/// static and dynamic together), less room for the static arrays.
+const NORM_SHARED_BYTES: i64 = 40 * 1024;
 /// Warps per block (the source's GEMV_WARPS).
 const WARPS: u32 = 8;
 /// The most activation rows a launch takes.
@@ -114,11 +129,52 @@ pub fn set_gemv_kernel(on: bool) {
     SWITCH.store(if on { 1 } else { 2 }, Relaxed);
 }
 
-/// The plain and the gated kernel of one row bucket and variant.
+/// 0: not yet read, 1: on, 2: off ([`gemv_normed`]: `SIGMA_GEMV_NORM`).
+static NORM_SWITCH: AtomicU8 = AtomicU8::new(0);
+
+/// Whether [`gemv_normed`] runs the norm in the kernels: on unless
+/// `SIGMA_GEMV_NORM=off`.
+pub fn norm_enabled() -> bool {
+    match NORM_SWITCH.load(Relaxed) {
+        0 => {
+            let on = sigma_data::env::switch(sigma_data::env::GEMV_NORM, true);
+            NORM_SWITCH.store(if on { 1 } else { 2 }, Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// The four kernels of one row bucket and variant ([`Kind4::index`]), and
+/// whether the device takes programmatic dependent launch.
 struct Loaded {
     ctx: Arc<CudaContext>,
-    plain: CudaFunction,
-    gated: CudaFunction,
+    funcs: Vec<CudaFunction>,
+    pdl: bool,
+}
+
+/// Which of a variant's kernels: plain or gated, reading x or normalising it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Kind4 {
+    gated: bool,
+    norm: bool,
+}
+
+impl Kind4 {
+    const ALL: [Kind4; 4] = [
+        Kind4::new(false, false),
+        Kind4::new(true, false),
+        Kind4::new(false, true),
+        Kind4::new(true, true),
+    ];
+
+    const fn new(gated: bool, norm: bool) -> Kind4 {
+        Kind4 { gated, norm }
+    }
+
+    fn index(self) -> usize {
+        self.gated as usize + 2 * self.norm as usize
+    }
 }
 
 fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
@@ -128,14 +184,14 @@ fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
         .map_err(drv)?;
+    let funcs = Kind4::ALL
+        .iter()
+        .map(|&f| module.load_function(&kernel_name(f, rows, v)).map_err(drv))
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(Arc::new(Loaded {
-        plain: module
-            .load_function(&kernel_name(false, rows, v))
-            .map_err(drv)?,
-        gated: module
-            .load_function(&kernel_name(true, rows, v))
-            .map_err(drv)?,
+        funcs,
         ctx,
+        pdl: arch >= 90,
     }))
 }
 
@@ -149,9 +205,10 @@ fn defines(rows: i64, v: Variant) -> [(&'static str, i64); 3] {
 }
 
 /// The source's name of a kernel.
-fn kernel_name(gated: bool, rows: i64, v: Variant) -> String {
-    let g = if gated { "_gated" } else { "" };
-    format!("gemv{g}_r{rows}_u{}_w{}", v.unroll, v.warps_per_column)
+fn kernel_name(f: Kind4, rows: i64, v: Variant) -> String {
+    let g = if f.gated { "_gated" } else { "" };
+    let n = if f.norm { "_norm" } else { "" };
+    format!("gemv{g}{n}_r{rows}_u{}_w{}", v.unroll, v.warps_per_column)
 }
 
 /// The kernels of row bucket `rows` and variant `v` on CUDA device
@@ -190,6 +247,12 @@ fn shape_refusal(x: &Tensor, ws: &[&Tensor], gated: bool) -> Option<String> {
     if x.kind() != Kind::BFloat16 || ws.iter().any(|w| w.kind() != Kind::BFloat16) {
         return Some("not bf16".into());
     }
+    extent_refusal(x, ws, gated)
+}
+
+/// The rules on counts, widths and the weights' layout, for an input `x`
+/// [.., k] of any dtype.
+fn extent_refusal(x: &Tensor, ws: &[&Tensor], gated: bool) -> Option<String> {
     if ws.is_empty() || ws.len() > 3 || (gated && ws.len() != 1) {
         return Some(format!("{} weights (one to three, one gated)", ws.len()));
     }
@@ -248,11 +311,100 @@ fn rows_of(x: &Tensor) -> i64 {
 /// [`gemv_swiglu`] at all: a bf16 CUDA input of at most [`AUTO_ROWS`] rows,
 /// autograd off, the kernels on. Cheap: callers ask before gathering weights.
 pub fn wants(x: &Tensor) -> bool {
+    x.kind() == Kind::BFloat16 && offered(x)
+}
+
+/// Whether the model should offer the products on the RMSNorm of the fp32
+/// stream `x` to [`gemv_normed`]: as [`wants`] for an fp32 `x`, and the
+/// normed kernels on (`SIGMA_GEMV_NORM`).
+pub fn wants_normed(x: &Tensor) -> bool {
+    x.kind() == Kind::Float && offered(x) && norm_enabled()
+}
+
+/// A CUDA input of at most [`AUTO_ROWS`] rows, autograd off, the kernels on.
+fn offered(x: &Tensor) -> bool {
     x.device().is_cuda()
-        && x.kind() == Kind::BFloat16
         && rows_of(x) <= AUTO_ROWS
         && gemv_kernel_enabled()
         && !crate::kernels::fused::grad_enabled()
+}
+
+/// The RMSNorm whose output a block's products read: `x` [.., k] the fp32
+/// residual stream, `add` a bf16 branch output of its shape added to it
+/// first (the sum is the new stream), `w` the fp32 weight [k].
+pub struct Norm<'a> {
+    pub x: &'a Tensor,
+    pub add: Option<&'a Tensor>,
+    pub w: &'a Tensor,
+    pub eps: f64,
+}
+
+/// The products of `ws` ([`gemv`]'s, or with `gated` [`gemv_swiglu`]'s one
+/// merged weight) on `n`'s output, the norm run by the kernel: one launch
+/// instead of a norm and the products. The output rounds as the norm
+/// kernel's bf16 (csrc/rms_norm.cuh, shared). Returns the sum `x + add`
+/// (where `add` is given) and the products; None where the kernels cannot
+/// run or [`wants_normed`] declines `n.x`.
+pub fn gemv_normed(n: &Norm, ws: &[&Tensor], gated: bool) -> Option<(Option<Tensor>, Vec<Tensor>)> {
+    if !wants_normed(n.x) || norm_refusal(n, ws, gated).is_some() {
+        return None;
+    }
+    let v = Variant::pick(gated);
+    let sum = n
+        .add
+        .map(|_| Tensor::empty(n.x.size(), (Kind::Float, n.x.device())));
+    let outs = outputs(n.x, ws, gated);
+    let input = Input::Normed {
+        n,
+        sum: sum.as_ref(),
+    };
+    launch(input, ws, &outs, (gated, v)).then_some((sum, outs))
+}
+
+/// Why [`gemv_normed`] cannot take `n` with these weights (None: it can).
+fn norm_refusal(n: &Norm, ws: &[&Tensor], gated: bool) -> Option<String> {
+    let dev = n.x.device();
+    let on_dev = |t: &Tensor| t.device() == dev;
+    if !dev.is_cuda() || !ws.iter().all(|w| on_dev(w)) || !on_dev(n.w) || !n.add.is_none_or(on_dev)
+    {
+        return Some("not on one CUDA device".into());
+    }
+    norm_shape_refusal(n, ws, gated)
+}
+
+/// [`norm_refusal`]'s rules after the device's.
+fn norm_shape_refusal(n: &Norm, ws: &[&Tensor], gated: bool) -> Option<String> {
+    let bf = |t: &Tensor| t.kind() == Kind::BFloat16;
+    if n.x.kind() != Kind::Float || n.w.kind() != Kind::Float {
+        return Some("a norm whose stream or weight is not fp32".into());
+    }
+    if !ws.iter().all(|w| bf(w)) || !n.add.is_none_or(bf) {
+        return Some("weights or a branch output that are not bf16".into());
+    }
+    if let Some(r) = extent_refusal(n.x, ws, gated) {
+        return Some(r);
+    }
+    let k = *n.x.size().last().expect("extent_refusal checked the rank");
+    let dense = |t: &Tensor| t.is_contiguous() && (t.data_ptr() as usize).is_multiple_of(16);
+    if !dense(n.x) || !n.add.is_none_or(|a| dense(a) && a.size() == n.x.size()) {
+        return Some(
+            "a stream or branch output that is not contiguous, 16-byte aligned and of one shape"
+                .into(),
+        );
+    }
+    if n.w.size() != [k] || !dense(n.w) {
+        return Some(format!(
+            "a norm weight {:?} that is not a contiguous, aligned [{k}]",
+            n.w.size()
+        ));
+    }
+    let bytes = rows_of(n.x) * k * 2;
+    if bytes > NORM_SHARED_BYTES {
+        return Some(format!(
+            "a normalised input of {bytes} bytes (at most {NORM_SHARED_BYTES} in shared memory)"
+        ));
+    }
+    None
 }
 
 /// `x` [.., k] times each of `ws` ([n_j, k], at most three): [.., n_j]
@@ -281,12 +433,28 @@ pub fn gemv_by(x: &Tensor, ws: &[&Tensor], gated: bool, v: Variant) -> Option<Ve
     if skip(x, ws, gated) || !VARIANTS.contains(&v) {
         return None;
     }
-    let outs: Vec<Tensor> = if gated {
+    let outs = outputs(x, ws, gated);
+    launch(Input::Plain(x), ws, &outs, (gated, v)).then_some(outs)
+}
+
+/// Empty outputs for the products of `ws` on `x` (gated: one, half the
+/// merged weight's rows).
+fn outputs(x: &Tensor, ws: &[&Tensor], gated: bool) -> Vec<Tensor> {
+    if gated {
         vec![out_like(x, ws[0].size()[0] / 2)]
     } else {
         ws.iter().map(|w| out_like(x, w.size()[0])).collect()
-    };
-    launch(x, ws, &outs, gated, v).then_some(outs)
+    }
+}
+
+/// What a launch reads: a bf16 input, or the norm that makes it (and where
+/// the sum goes).
+enum Input<'a> {
+    Plain(&'a Tensor),
+    Normed {
+        n: &'a Norm<'a>,
+        sum: Option<&'a Tensor>,
+    },
 }
 
 /// An empty bf16 output [.., n] for input `x` [.., k].
@@ -298,22 +466,32 @@ fn out_like(x: &Tensor, n: i64) -> Tensor {
 
 /// The launch; false (with a warning, once, and the kernels turned off)
 /// when it could not be made.
-fn launch(x: &Tensor, ws: &[&Tensor], outs: &[Tensor], gated: bool, v: Variant) -> bool {
-    let Device::Cuda(ordinal) = x.device() else {
+fn launch(input: Input, ws: &[&Tensor], outs: &[Tensor], (gated, v): (bool, Variant)) -> bool {
+    let x0 = match &input {
+        Input::Plain(x) => *x,
+        Input::Normed { n, .. } => n.x,
+    };
+    let Device::Cuda(ordinal) = x0.device() else {
         return false;
     };
     // The kernels read x in 16-byte pieces: a contiguous view that starts
     // off a 16-byte boundary (a slice of a larger tensor) is copied too.
-    let x = if !x.is_contiguous() {
-        x.contiguous() // a fresh allocation: aligned
-    } else if (x.data_ptr() as usize).is_multiple_of(16) {
-        x.shallow_clone()
-    } else {
-        let mut fresh = Tensor::empty(x.size(), (x.kind(), x.device()));
-        fresh.copy_(x);
-        fresh
+    // (A norm's tensors were checked dense by `norm_refusal`.)
+    let plain = match input {
+        Input::Plain(x) if !x.is_contiguous() => Some(x.contiguous()), // fresh: aligned
+        Input::Plain(x) if (x.data_ptr() as usize).is_multiple_of(16) => Some(x.shallow_clone()),
+        Input::Plain(x) => {
+            let mut fresh = Tensor::empty(x.size(), (x.kind(), x.device()));
+            fresh.copy_(x);
+            Some(fresh)
+        }
+        Input::Normed { .. } => None,
     };
-    match launch_on(ordinal, &x, ws, outs, (gated, v)) {
+    let input = match (&plain, input) {
+        (Some(x), _) => Input::Plain(x),
+        (None, normed) => normed,
+    };
+    match launch_on(ordinal, &input, ws, outs, (gated, v)) {
         Ok(()) => {
             LAUNCHES.fetch_add(1, Relaxed);
             true
@@ -329,12 +507,16 @@ fn launch(x: &Tensor, ws: &[&Tensor], outs: &[Tensor], gated: bool, v: Variant) 
 
 fn launch_on(
     ordinal: usize,
-    x: &Tensor,
+    input: &Input,
     ws: &[&Tensor],
     outs: &[Tensor],
     (gated, v): (bool, Variant),
 ) -> Result<(), String> {
     let _restore = decode::RestoreContext::save();
+    let (x, norm) = match input {
+        Input::Plain(x) => (*x, false),
+        Input::Normed { n, .. } => (n.x, true),
+    };
     let k = *x.size().last().expect("refusal checked the rank");
     let rows = x.numel() as i64 / k;
     let bucket = *ROW_BUCKETS
@@ -344,7 +526,7 @@ fn launch_on(
     let kern = loaded(ordinal, bucket, v)?;
     let stream = decode::current_stream(&kern.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
-    let func = if gated { &kern.gated } else { &kern.plain };
+    let func = &kern.funcs[Kind4::new(gated, norm).index()];
     // Columns of the launch: the outputs' (a gated weight's half).
     let ns: Vec<i32> = outs.iter().map(|o| o.size()[o.dim() - 1] as i32).collect();
     let cols: i64 = ns.iter().map(|&n| n as i64).sum();
@@ -352,48 +534,78 @@ fn launch_on(
     let cfg = LaunchConfig {
         grid_dim: (((cols + per_block - 1) / per_block) as u32, 1, 1),
         block_dim: (WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: if norm { (rows * k * 2) as u32 } else { 0 },
     };
-    let dims = (rows as i32, k as i32, gated);
-    launch_args(&stream, func, cfg, (x, ws, outs, &ns), dims)
+    let args = Args::new(input, ws, outs, &ns, (rows as i32, k as i32));
+    kern.ctx
+        .bind_to_thread()
+        .map_err(|e| format!("CUDA driver: {e}"))?;
+    let pdl = kern.pdl && decode::pdl_enabled();
+    // SAFETY: `args` holds the kernel's arguments in its parameter order
+    // (csrc/gemv.cu, GEMV_PARAMS): x, the tensors of the norm and the
+    // weights' and outputs' are live, contiguous, 16-byte aligned tensors
+    // of this device (refusal, norm_refusal, `launch`'s copy of an
+    // unaligned or strided x, `outputs`' fresh tensors) with the extents
+    // the kernels index: x and the norm's stream and sum [rows, k], its
+    // weight [k], weight j [n_j, k] (gated: [2n, k]), output j [rows, n_j];
+    // they outlive the launch, which runs on the stream that any later use
+    // of them is ordered after. Unused weight slots have zero columns and
+    // are never read; the shared memory asked for holds [rows, k] bf16.
+    let mut args = args;
+    let mut params = args.pointers();
+    unsafe { decode::launch_ex(&stream, func, &cfg, &mut params, pdl) }
         .map_err(|e| format!("launch on cuda:{ordinal}: {e}"))
 }
 
-/// The launch itself: a gated kernel's arguments (x, w, y, n, rows, k) or
-/// a plain one's (x, then weight, output and width of three slots, unused
-/// ones empty, then rows, k).
-fn launch_args(
-    stream: &Arc<cudarc::driver::CudaStream>,
-    func: &CudaFunction,
-    cfg: LaunchConfig,
-    (x, ws, outs, ns): (&Tensor, &[&Tensor], &[Tensor], &[i32]),
-    (rows, k, gated): (i32, i32, bool),
-) -> Result<(), cudarc::driver::DriverError> {
-    let ptr = |t: &Tensor| t.data_ptr() as u64;
-    let xp = ptr(x);
-    let slot = |j: usize| {
-        (
-            ws.get(j).map_or(0, |w| ptr(w)),
-            outs.get(j).map_or(0, ptr),
-            ns.get(j).copied().unwrap_or(0),
-        )
-    };
-    let slots = [slot(0), slot(1), slot(2)];
-    let mut b = stream.launch_builder(func);
-    b.arg(&xp);
-    let used = if gated { 1 } else { 3 };
-    for s in &slots[..used] {
-        b.arg(&s.0).arg(&s.1).arg(&s.2);
+/// The kernels' arguments by value, in the parameter order of csrc/gemv.cu
+/// (GEMV_PARAMS), for `cuLaunchKernelEx`.
+#[derive(Clone, Copy)]
+struct Args {
+    /// x, then the norm's stream, branch output, sum and weight (0: none).
+    ptrs: [u64; 5],
+    eps: f32,
+    slots: [(u64, u64, i32); 3],
+    dims: (i32, i32),
+}
+
+impl Args {
+    fn new(input: &Input, ws: &[&Tensor], outs: &[Tensor], ns: &[i32], dims: (i32, i32)) -> Args {
+        let ptr = |t: &Tensor| t.data_ptr() as u64;
+        let opt = |t: Option<&Tensor>| t.map_or(0, ptr);
+        let (ptrs, eps) = match input {
+            Input::Plain(x) => ([ptr(x), 0, 0, 0, 0], 0.0),
+            Input::Normed { n, sum } => {
+                ([0, ptr(n.x), opt(n.add), opt(*sum), ptr(n.w)], n.eps as f32)
+            }
+        };
+        let slot = |j: usize| {
+            (
+                ws.get(j).map_or(0, |w| ptr(w)),
+                outs.get(j).map_or(0, ptr),
+                ns.get(j).copied().unwrap_or(0),
+            )
+        };
+        Args {
+            ptrs,
+            eps,
+            slots: [slot(0), slot(1), slot(2)],
+            dims,
+        }
     }
-    b.arg(&rows).arg(&k);
-    // SAFETY: x, the weights and the outputs are live, contiguous, 16-byte
-    // aligned bf16 tensors of this device (refusal, `launch`'s copy of an
-    // unaligned or strided x, and `out_like`'s fresh tensors) with the extents the kernels index: x
-    // [rows, k], weight j [n_j, k] (gated: [2n, k]), output j [rows, n_j];
-    // they outlive the launch, which runs on the stream that any later use
-    // of them is ordered after. Unused weight slots have zero columns and
-    // are never read.
-    unsafe { b.launch(cfg) }.map(|_| ())
+
+    /// Pointers to each argument, as the driver takes them.
+    fn pointers(&mut self) -> Vec<*mut std::ffi::c_void> {
+        fn p<T>(v: &mut T) -> *mut std::ffi::c_void {
+            v as *mut T as *mut std::ffi::c_void
+        }
+        let [x, nx, nadd, nsum, nw] = &mut self.ptrs;
+        let mut v = vec![p(x), p(nx), p(nadd), p(nsum), p(nw), p(&mut self.eps)];
+        for (w, y, n) in &mut self.slots {
+            v.extend([p(w), p(y), p(n)]);
+        }
+        v.extend([p(&mut self.dims.0), p(&mut self.dims.1)]);
+        v
+    }
 }
 
 #[cfg(test)]
@@ -425,19 +637,30 @@ mod tests {
             for arch in [90, 80] {
                 let ptx = decode::compile(SOURCE, &defines(r, v), arch)
                     .unwrap_or_else(|e| panic!("{r} rows, {v:?}, sm_{arch}: {e}"));
-                for g in [false, true] {
-                    let k = kernel_name(g, r, v);
-                    assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing");
+                for f in Kind4::ALL {
+                    let k = kernel_name(f, r, v);
+                    let body = entry(&ptx, &k).unwrap_or_else(|| panic!("{k} missing"));
+                    let shared = body.contains(".shared");
+                    assert_eq!(
+                        shared,
+                        f.norm || v.warps_per_column > 1,
+                        "{k}: shared memory only to add warps' sums and for a norm's output"
+                    );
+                    // Dependent launch: the wait before reading x, on sm_90 only.
+                    let waits = body.contains("griddepcontrol.wait");
+                    assert_eq!(waits, arch >= 90, "{k}, sm_{arch}: griddepcontrol");
+                    assert!(body.contains("prefetch.global.L2"), "{k}: no L2 prefetch");
                 }
                 assert!(ptx.contains("L1::no_allocate"), "weights not streamed");
-                let shared = ptx.contains(".shared");
-                assert_eq!(
-                    shared,
-                    v.warps_per_column > 1,
-                    "{v:?}: shared memory only to add warps' sums"
-                );
             }
         }
+    }
+
+    /// The PTX of kernel `name`: from its `.entry` to the next one.
+    fn entry<'p>(ptx: &'p str, name: &str) -> Option<&'p str> {
+        let start = ptx.find(&format!(".entry {name}("))?;
+        let rest = &ptx[start + 1..];
+        Some(&ptx[start..start + 1 + rest.find(".entry").unwrap_or(rest.len())])
     }
 
     /// What the kernels refuse, said in words (the rules after the
@@ -475,5 +698,60 @@ mod tests {
             .contains("gate and up"));
         let scalar = Tensor::zeros([], (Kind::BFloat16, Device::Cpu));
         assert!(r(&scalar, &[&w], false).unwrap().contains("scalar"));
+    }
+
+    /// What the normed kernels refuse, said in words (CPU tensors, through
+    /// `norm_shape_refusal`, after `norm_refusal`'s device rule).
+    #[test]
+    fn the_normed_kernels_refuse_what_they_cannot_take() {
+        let t = |s: &[i64], k: Kind| Tensor::zeros(s, (k, Device::Cpu));
+        let (bf, f) = (Kind::BFloat16, Kind::Float);
+        let (x, add, g, w) = (
+            t(&[1, 1, 64], f),
+            t(&[1, 1, 64], bf),
+            t(&[64], f),
+            t(&[32, 64], bf),
+        );
+        let norm = |x, add, g| Norm {
+            x,
+            add,
+            w: g,
+            eps: 1e-5,
+        };
+        let r = |n: &Norm, ws: &[&Tensor], gated| norm_shape_refusal(n, ws, gated);
+        assert_eq!(
+            norm_refusal(&norm(&x, Some(&add), &g), &[&w], false).as_deref(),
+            Some("not on one CUDA device")
+        );
+        assert_eq!(r(&norm(&x, Some(&add), &g), &[&w], false), None);
+        assert_eq!(r(&norm(&x, None, &g), &[&w, &w, &w], false), None);
+        assert_eq!(r(&norm(&x, Some(&add), &g), &[&w], true), None);
+        let x16 = t(&[1, 1, 64], bf);
+        assert!(r(&norm(&x16, None, &g), &[&w], false)
+            .unwrap()
+            .contains("not fp32"));
+        let add32 = t(&[1, 1, 64], f);
+        assert!(r(&norm(&x, Some(&add32), &g), &[&w], false)
+            .unwrap()
+            .contains("not bf16"));
+        let wide = t(&[2, 1, 64], bf);
+        assert!(r(&norm(&x, Some(&wide), &g), &[&w], false)
+            .unwrap()
+            .contains("one shape"));
+        let g32 = t(&[32], f);
+        assert!(r(&norm(&x, None, &g32), &[&w], false)
+            .unwrap()
+            .contains("[32]"));
+        // Rows x k in bf16 must fit 40 KiB of shared memory.
+        let (big, gbig) = (t(&[2, 10_248], f), t(&[10_248], f));
+        let wbig = t(&[8, 10_248], bf);
+        assert!(r(&norm(&big, None, &gbig), &[&wbig], false)
+            .unwrap()
+            .contains("40992 bytes"));
+        let one = big.narrow(0, 0, 1);
+        assert_eq!(r(&norm(&one, None, &gbig), &[&wbig], false), None);
+        assert!(r(&norm(&x, None, &g), &[&w, &w], true)
+            .unwrap()
+            .contains("2 weights"));
     }
 }

@@ -53,7 +53,10 @@ use tch::{Kind, Tensor};
 use crate::kernels::decode;
 
 /// The kernels' source (compiled after csrc/bf16.cuh).
-pub const SOURCE: &str = include_str!("../../csrc/train_kernels.cu");
+pub const SOURCE: &str = concat!(
+    include_str!("../../csrc/rms_norm.cuh"),
+    include_str!("../../csrc/train_kernels.cu")
+);
 const THREADS: u32 = 256;
 /// Threads per row of the cross-entropy kernels (the source's CE_THREADS).
 const CE_THREADS: u32 = 512;

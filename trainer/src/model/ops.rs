@@ -235,6 +235,68 @@ impl Fwd<'_> {
         (s, h)
     }
 
+    /// The products of `ids` (with `gated`, one gate/up pair and SwiGLU,
+    /// as [`Fwd::gated`]) on the RMSNorm with weight `norm` of `x` plus
+    /// `add` (or of `x`): returns the sum (or `x`) and the products. For a
+    /// few rows without autograd or FP8 (decoding) one matrix-vector launch
+    /// that runs the norm too (`crate::kernels::gemv::gemv_normed`, which
+    /// rounds as the norm kernel does); else [`Fwd::add_norm_in`] or
+    /// [`Fwd::norm_in`], then [`Fwd::gated`] or [`Fwd::linears`].
+    pub fn normed_products(
+        &self,
+        (x, add): (&Tensor, Option<&Tensor>),
+        norm: ParamId,
+        ids: &[ParamId],
+        gated: bool,
+    ) -> (Tensor, Vec<Tensor>) {
+        if let Some(r) = self.normed_by_gemv((x, add), norm, ids, gated) {
+            return r;
+        }
+        let (s, h) = match add {
+            Some(a) => self.add_norm_in(x, a, norm),
+            None => (x.shallow_clone(), self.norm_in(x, norm)),
+        };
+        let ys = if gated {
+            vec![self.gated(&h, ids[0], ids[1])]
+        } else {
+            self.linears(&h, ids)
+        };
+        (s, ys)
+    }
+
+    /// [`Fwd::normed_products`] by the matrix-vector kernel, where it runs.
+    fn normed_by_gemv(
+        &self,
+        (x, add): (&Tensor, Option<&Tensor>),
+        norm: ParamId,
+        ids: &[ParamId],
+        gated: bool,
+    ) -> Option<(Tensor, Vec<Tensor>)> {
+        let plain = self.exec.sink.is_none() && !ids.iter().any(|&id| self.is_fp8(id));
+        if !plain || self.compute != Kind::BFloat16 || !crate::kernels::gemv::wants_normed(x) {
+            return None;
+        }
+        let merged;
+        let ws: Vec<&Tensor> = if gated {
+            let halves = |id: ParamId| self.params.specs[id.0].shape[0];
+            if ids.len() != 2 || halves(ids[0]) != halves(ids[1]) {
+                return None;
+            }
+            merged = self.params.merged_weight(ids[0], ids[1])?.0;
+            vec![&merged]
+        } else {
+            ids.iter().map(|&id| self.w(id)).collect()
+        };
+        let n = crate::kernels::gemv::Norm {
+            x,
+            add,
+            w: self.p(norm),
+            eps: self.cfg.norm_eps,
+        };
+        let (sum, ys) = crate::kernels::gemv::gemv_normed(&n, &ws, gated)?;
+        Some((sum.unwrap_or_else(|| x.shallow_clone()), ys))
+    }
+
     /// RoPE tables [t, dim] for positions 0..t (angles computed in f64), in
     /// the layout of `rope_at`: `[cos, cos]` and `[-sin, sin]` over the two
     /// halves of a head; made once per dtype: no cast per call.

@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
 
-use super::nvrtc::{compile, current_stream, device};
+use super::nvrtc::{compile, current_stream, device, launch_ex};
 use super::plan::{DecodeShape, Plan, Tuning, MAX_SMEM};
 use crate::error::{Result, TrainError};
 
@@ -34,6 +34,23 @@ pub struct Loaded {
     /// The device's multiprocessors and its name (the driver's).
     pub sms: i64,
     pub device_name: String,
+    /// Compute capability 9.0 or later: dependent launch possible.
+    hopper: bool,
+}
+
+impl Loaded {
+    /// Whether to launch with programmatic dependent launch.
+    fn pdl(&self) -> bool {
+        self.hopper && super::nvrtc::pdl_enabled()
+    }
+}
+
+/// Pointers to each of the named values (locals that outlive the launch),
+/// as `cuLaunchKernelEx` takes a kernel's parameters.
+macro_rules! params {
+    ($($v:expr),* $(,)?) => {
+        [$(std::ptr::addr_of!($v) as *mut std::ffi::c_void),*]
+    };
 }
 
 type Cache = Mutex<HashMap<(usize, DecodeShape), std::result::Result<Arc<Loaded>, String>>>;
@@ -73,6 +90,7 @@ fn load(
         append,
         sms,
         device_name,
+        hopper: arch >= 90,
     }))
 }
 
@@ -202,40 +220,36 @@ fn launch(
     // batch); the tensors outlive the launches, which run on the stream
     // that any later use of them is ordered after. The partials are read
     // only when the plan has more than one split, the counters only when
-    // it folds.
+    // it folds. The parameters are in the kernels' order and types.
     unsafe {
-        stream
-            .launch_builder(&kern.split)
-            .arg(&qp)
-            .arg(&kp)
-            .arg(&vp)
-            .arg(&validp)
-            .arg(&ks[0])
-            .arg(&ks[1])
-            .arg(&vs[0])
-            .arg(&vs[1])
-            .arg(&valid_batch)
-            .arg(&op)
-            .arg(&mp)
-            .arg(&outp)
-            .arg(&done)
-            .arg(&len32)
-            .arg(&chunk32)
-            .arg(&scale_log2)
-            .arg(&fold)
-            .launch(split_cfg)?;
+        let mut split = params![
+            qp,
+            kp,
+            vp,
+            validp,
+            ks[0],
+            ks[1],
+            vs[0],
+            vs[1],
+            valid_batch,
+            op,
+            mp,
+            outp,
+            done,
+            len32,
+            chunk32,
+            scale_log2,
+            fold
+        ];
+        launch_ex(stream, &kern.split, &split_cfg, &mut split, kern.pdl())?;
         if plan.launches() == 2 {
-            stream
-                .launch_builder(&kern.combine)
-                .arg(&op)
-                .arg(&mp)
-                .arg(&outp)
-                .arg(&splits32)
-                .launch(LaunchConfig {
-                    grid_dim: (shape.n_q as u32, b as u32, 1),
-                    block_dim: (COMBINE_THREADS, 1, 1),
-                    shared_mem_bytes: 4 * splits32 as u32,
-                })?;
+            let cfg = LaunchConfig {
+                grid_dim: (shape.n_q as u32, b as u32, 1),
+                block_dim: (COMBINE_THREADS, 1, 1),
+                shared_mem_bytes: 4 * splits32 as u32,
+            };
+            let mut combine = params![op, mp, outp, splits32];
+            launch_ex(stream, &kern.combine, &cfg, &mut combine, kern.pdl())?;
         }
     }
     Ok(())
@@ -275,18 +289,11 @@ pub fn append(kern: &Loaded, ordinal: usize, a: &Append) -> Result<bool> {
     // keys and values of the shape's heads, table rows of d_k, one int64
     // slot, caches with rows d apart); the slot is below the caches'
     // length (the decoder keeps it so); the launch runs on the stream that
-    // any later use of the tensors is ordered after.
-    let r = unsafe {
-        let mut b = stream.launch_builder(&kern.append);
-        for p in &ps {
-            b.arg(p);
-        }
-        b.arg(&ks[0])
-            .arg(&ks[1])
-            .arg(&vs[0])
-            .arg(&vs[1])
-            .launch(cfg)
-    };
+    // any later use of the tensors is ordered after. The parameters are in
+    // the kernel's order and types.
+    let [kp, vp, cp, sp, pp, kcp, vcp] = ps;
+    let mut params = params![kp, vp, cp, sp, pp, kcp, vcp, ks[0], ks[1], vs[0], vs[1]];
+    let r = unsafe { launch_ex(&stream, &kern.append, &cfg, &mut params, kern.pdl()) };
     r.map_err(|e| {
         TrainError::gpu(
             "NVRTC kernel",

@@ -38,8 +38,8 @@ use crate::error::Result;
 pub use launch::DECODE_SOURCE;
 #[cfg(test)]
 pub(crate) use nvrtc::skip_unless_ci;
-pub use nvrtc::{compile, cuda_build, nvrtc, StreamTimer};
-pub(crate) use nvrtc::{current_stream, device, RestoreContext};
+pub use nvrtc::{compile, cuda_build, nvrtc, pdl_enabled, StreamTimer};
+pub(crate) use nvrtc::{current_stream, device, launch_ex, RestoreContext};
 pub use plan::{DecodeShape, Plan, Tuning};
 pub use tune::env_tuning;
 
@@ -383,6 +383,9 @@ mod tests {
                 assert!(ptx.contains(".entry diffqkv_decode_combine"), "{s:?}");
                 assert!(ptx.contains(".entry diffqkv_decode_append"), "{s:?}");
                 assert!(ptx.contains("atom.global.add.u32"), "{s:?}: no counter");
+                // Dependent launch on Hopper: each of the three kernels waits.
+                let waits = ptx.matches("griddepcontrol.wait").count();
+                assert_eq!(waits, if arch >= 90 { 3 } else { 0 }, "{s:?} sm_{arch}");
                 assert!(
                     ptx.contains("ld.global.cg.f32"),
                     "{s:?}: no L2 read of partials"

@@ -2,15 +2,17 @@
 //! decode attention here, the training kernels in kernels/training.rs):
 //! finding libtorch's NVRTC, compiling a source after csrc/bf16.cuh, a
 //! device's context, compute capability and multiprocessors, libtorch's
-//! current stream, timing on it with CUDA events, and putting the thread's
-//! CUDA context back after cudarc changed it.
+//! current stream, launching with programmatic dependent launch, timing on
+//! it with CUDA events, and putting the thread's CUDA context back after
+//! cudarc changed it.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 
-/// bf16 conversions and packing, put before every kernel source.
+/// The prelude of every kernel source (bf16, dependent launch).
 const BF16_HEADER: &str = include_str!("../../../csrc/bf16.cuh");
 extern "C" {
     fn sigma_cuda_current_stream(device: i32, out: *mut *mut std::ffi::c_void) -> i32;
@@ -125,6 +127,85 @@ pub(crate) fn current_stream(
     }
     // SAFETY: libtorch's current stream of this device, alive for the process.
     Some(unsafe { ctx.wrap_borrowed_stream(raw as _) })
+}
+
+/// One launch by `cuLaunchKernelEx` on `stream` (its context bound to the
+/// thread), with programmatic stream serialization where `pdl` (the kernel
+/// may start before the one before it ends: csrc/bf16.cuh). Where the
+/// driver refuses the attribute, the launch is made without it, with a
+/// warning once, and [`pdl_enabled`] is false from then on.
+///
+/// # Safety
+/// `params` must point at values that match `func`'s parameters, and
+/// every device pointer among them must be valid for what the kernel
+/// reads and writes.
+pub(crate) unsafe fn launch_ex(
+    stream: &cudarc::driver::CudaStream,
+    func: &CudaFunction,
+    cfg: &LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+    pdl: bool,
+) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    // SAFETY: a plain C struct of integers and a union; zero is a valid value.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+        numAttrs: pdl as u32,
+    };
+    // SAFETY: the caller's contract; the values `params` points at live
+    // until the call returns (the driver copies them at launch).
+    let go = |config: &sys::CUlaunchConfig, params: &mut [*mut std::ffi::c_void]| unsafe {
+        sys::cuLaunchKernelEx(
+            config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+    };
+    match go(&config, params) {
+        Err(e) if pdl => {
+            if PDL_SWITCH.swap(2, Ordering::Relaxed) != 2 {
+                eprintln!("warning: decoding's kernels cannot use programmatic dependent launch here ({e}); plain launches from now on");
+            }
+            let plain = sys::CUlaunchConfig {
+                attrs: std::ptr::null_mut(),
+                numAttrs: 0,
+                ..config
+            };
+            go(&plain, params)
+        }
+        r => r,
+    }
+}
+
+/// 0: not yet read, 1: on, 2: off.
+static PDL_SWITCH: AtomicU8 = AtomicU8::new(0);
+
+/// Whether decoding's kernels (matrix-vector products, attention, cache
+/// append) are launched with programmatic dependent launch on devices of
+/// compute capability 9.0 and later: on unless `SIGMA_DECODE_PDL=off` or
+/// the driver refused it.
+pub fn pdl_enabled() -> bool {
+    match PDL_SWITCH.load(Ordering::Relaxed) {
+        0 => {
+            let on = sigma_data::env::switch(sigma_data::env::DECODE_PDL, true);
+            PDL_SWITCH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
 }
 
 /// Times work on libtorch's current stream of a CUDA device with CUDA
