@@ -24,9 +24,10 @@
 // so a decoding step saves the norm's launch. Compiled after rms_norm.cuh.
 //
 // Programmatic dependent launch (sm_90, bf16.cuh): a kernel may start while
-// the kernel before it drains. It asks L2 for its first weight pieces
-// (weights are not written during decoding), lets the kernel after it start,
-// then waits for the kernels before it before reading anything they write.
+// the kernel before it drains. It loads its first weight pieces and asks L2
+// for the next (weights are not written during decoding), lets the kernel
+// after it start, then waits for the kernels before it before reading
+// anything they write.
 
 #define GEMV_WARPS 8
 static_assert(GEMV_WARPS * 32 == NORM_THREADS, "the norm runs on one block of the kernel");
@@ -49,25 +50,35 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The U pieces of weight of one lane from piece c0 on (zeros past the end),
+// and of the up row where gated.
+template <bool GATED, int U, int WPC>
+__device__ __forceinline__ void load_pieces(const uint4* __restrict__ wa, const uint4* __restrict__ wb,
+                                            int c0, int chunks, uint4* a, uint4* b) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + 32 * WPC * u;
+    a[u] = make_uint4(0, 0, 0, 0);
+    b[u] = a[u];
+    if (c < chunks) {
+      a[u] = load_stream(wa + c);
+      if (GATED) b[u] = load_stream(wb + c);
+    }
+  }
+}
+
 // One warp's share of a column: the pieces slice, slice + WPC, ... of 32
-// (each lane one of them), summed into acc (and, gated, the up row's into accb).
+// (each lane one of them), summed into acc (and, gated, the up row's into
+// accb). The first U pieces of each lane are in a and b already (loaded
+// before the kernel waited for the ones before it).
 template <int R, bool GATED, int U, int WPC, bool SHARED_X>
 __device__ __forceinline__ void dot_slice(const uint4* __restrict__ x, const uint4* __restrict__ wa,
                                           const uint4* __restrict__ wb, int rows, int chunks,
-                                          int slice, float* acc, float* accb) {
+                                          int slice, float* acc, float* accb, uint4* a, uint4* b) {
   const int lane = threadIdx.x & 31;
-  for (int c0 = slice * 32 + lane; c0 < chunks; c0 += 32 * WPC * U) {
-    uint4 a[U], b[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * WPC * u;
-      a[u] = make_uint4(0, 0, 0, 0);
-      b[u] = a[u];
-      if (c < chunks) {
-        a[u] = load_stream(wa + c);
-        if (GATED) b[u] = load_stream(wb + c);
-      }
-    }
+  const int first = slice * 32 + lane;
+  for (int c0 = first; c0 < chunks; c0 += 32 * WPC * U) {
+    if (c0 != first) load_pieces<GATED, U, WPC>(wa, wb, c0, chunks, a, b);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * WPC * u;
@@ -103,27 +114,51 @@ struct NormIn {
   float eps;
 };
 
-// The block's columns: column `blockIdx.x * (GEMV_WARPS / WPC) + warp / WPC`
-// of the launch, which `pick` maps to a weight, its output and its width.
+// One group of a block's columns: column `group * (GEMV_WARPS / WPC) + warp /
+// WPC` of the launch, which `pick` maps to a weight, its output and its
+// width; the warp's first weight piece and, gated, the up row's.
+struct Group {
+  bool active;
+  int col, n;
+  bf16* y;
+  const uint4* wa;
+  const uint4* wb;
+};
+
+template <bool GATED, int WPC, typename Pick>
+__device__ __forceinline__ Group group_of(int group, int chunks, Pick pick) {
+  Group g;
+  const bf16* w;
+  g.col = group * (GEMV_WARPS / WPC) + (threadIdx.x >> 5) / WPC;
+  g.active = pick(g.col, w, g.y, g.n);
+  g.wa = g.wb = nullptr;
+  if (g.active) {
+    g.wa = reinterpret_cast<const uint4*>(w) + (size_t)g.col * chunks;
+    g.wb = GATED ? reinterpret_cast<const uint4*>(w) + (size_t)(g.col + g.n) * chunks : g.wa;
+  }
+  return g;
+}
+
+// The block's groups of columns: blockIdx.x, then every gridDim.x-th up to
+// `groups` (one each, except for the normed kernels, which the host launches
+// with fewer blocks so that each normalises its input once for several).
 // NORM: x is made from `nx` into shared memory first ([rows, k] bf16).
 template <int R, bool GATED, int U, int WPC, bool NORM, typename Pick>
-__device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int rows, int k, Pick pick) {
+__device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int rows, int k,
+                                           int groups, Pick pick) {
   __shared__ float part[GEMV_WARPS][2 * R];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = k >> 3;
-  const bf16* w;
-  bf16* y;
-  int n, col = blockIdx.x * (GEMV_WARPS / WPC) + warp / WPC;
-  const bool active = pick(col, w, y, n);
-  const uint4* wa = nullptr;
-  const uint4* wb = nullptr;
-  if (active) {
-    wa = reinterpret_cast<const uint4*>(w) + (size_t)col * chunks;
-    wb = GATED ? reinterpret_cast<const uint4*>(w) + (size_t)(col + n) * chunks : wa;
-    // The weights' first pieces into L2 while the kernel before drains.
-    for (int u = 0, c = (warp % WPC) * 32 + lane; u < U && c < chunks; ++u, c += 32 * WPC) {
-      prefetch_l2(wa + c);
-      if (GATED) prefetch_l2(wb + c);
+  const int first = (warp % WPC) * 32 + lane;
+  Group g = group_of<GATED, WPC>(blockIdx.x, chunks, pick);
+  uint4 a[U], b[U];
+  if (g.active) {
+    // The weights' first pieces, loaded while the kernel before drains
+    // (weights are not written while decoding), the next ones asked of L2.
+    load_pieces<GATED, U, WPC>(g.wa, g.wb, first, chunks, a, b);
+    for (int u = 0, c = first + 32 * WPC * U; u < U && c < chunks; ++u, c += 32 * WPC) {
+      prefetch_l2(g.wa + c);
+      if (GATED) prefetch_l2(g.wb + c);
     }
   }
   let_next_kernel_start();
@@ -140,38 +175,47 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
     __syncthreads();
     x = reinterpret_cast<const bf16*>(xs);
   }
-  float acc[R], accb[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) { acc[r] = 0.f; accb[r] = 0.f; }
-  if (active) {
-    dot_slice<R, GATED, U, WPC, NORM>(reinterpret_cast<const uint4*>(x), wa, wb, rows, chunks,
-                                      warp % WPC, acc, accb);
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    acc[r] = warp_sum(acc[r]);
-    if (GATED) accb[r] = warp_sum(accb[r]);
-  }
-  if (WPC > 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) { part[warp][r] = acc[r]; part[warp][R + r] = accb[r]; }
+  for (int gi = blockIdx.x; gi < groups; gi += gridDim.x) {
+    if (gi != (int)blockIdx.x) {
+      g = group_of<GATED, WPC>(gi, chunks, pick);
+      if (g.active) load_pieces<GATED, U, WPC>(g.wa, g.wb, first, chunks, a, b);
     }
-    __syncthreads();
-    if (warp % WPC != 0) return;
+    float acc[R], accb[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) { acc[r] = 0.f; accb[r] = 0.f; }
+    if (g.active) {
+      dot_slice<R, GATED, U, WPC, NORM>(reinterpret_cast<const uint4*>(x), g.wa, g.wb, rows,
+                                        chunks, warp % WPC, acc, accb, a, b);
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int j = 1; j < WPC; ++j) { acc[r] += part[warp + j][r]; accb[r] += part[warp + j][R + r]; }
+      acc[r] = warp_sum(acc[r]);
+      if (GATED) accb[r] = warp_sum(accb[r]);
     }
-  }
-  if (!active || lane != 0) return;
+    if (WPC > 1) {
+      if (lane == 0) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r < rows) {
-      float out = acc[r];
-      if (GATED) out = out / (1.f + __expf(-out)) * accb[r];
-      y[(size_t)r * n + col] = f2bf(out);
+        for (int r = 0; r < R; ++r) { part[warp][r] = acc[r]; part[warp][R + r] = accb[r]; }
+      }
+      __syncthreads();
+      if (warp % WPC == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int j = 1; j < WPC; ++j) { acc[r] += part[warp + j][r]; accb[r] += part[warp + j][R + r]; }
+        }
+      }
+      __syncthreads();  // part is written again by the next group
+    }
+    if (g.active && lane == 0 && warp % WPC == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+          float out = acc[r];
+          if (GATED) out = out / (1.f + __expf(-out)) * accb[r];
+          g.y[(size_t)r * g.n + g.col] = f2bf(out);
+        }
+      }
     }
   }
 }
@@ -180,16 +224,17 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
 // ones read the NormIn fields instead and ignore it), the NormIn fields (null
 // and 0 for the others), three weight slots (weight, output, columns; the
 // gated kernels use the first, its weight [2n, k]; an unused slot has 0
-// columns), rows and k.
+// columns), rows, k and the launch's groups of columns (GEMV_WARPS / WPC
+// columns each).
 #define GEMV_PARAMS                                                                          \
   const bf16 *x, const float *nx, const bf16 *nadd, float *nsum, const float *nw, float eps, \
       const bf16 *w0, bf16 *y0, int n0, const bf16 *w1, bf16 *y1, int n1, const bf16 *w2,   \
-      bf16 *y2, int n2, int rows, int k
+      bf16 *y2, int n2, int rows, int k, int groups
 
 #define GEMV_BODY(GATED, NORM, R, U, WPC)                                                  \
   {                                                                                        \
     const NormIn norm{nx, nadd, nsum, nw, eps};                                            \
-    gemv_block<R, GATED, U, WPC, NORM>(x, norm, rows, k,                                   \
+    gemv_block<R, GATED, U, WPC, NORM>(x, norm, rows, k, groups,                           \
                                        [&](int& col, const bf16*& w, bf16*& y, int& n) {   \
       w = w0; y = y0; n = n0;                                                              \
       if (col < n0 || GATED) return col < n0;                                              \

@@ -44,6 +44,9 @@ pub const SOURCE: &str = concat!(
 /// (rows x k bf16): what a launch gets without opting in to more (48 KiB,
 /// static and dynamic together), less room for the static arrays.
 const NORM_SHARED_BYTES: i64 = 40 * 1024;
+/// Blocks per multiprocessor of a normed launch (fewer than fit: each
+/// normalises the input once, then takes groups of columns in turn).
+const NORM_BLOCKS_PER_SM: i64 = 4;
 /// Warps per block (the source's GEMV_WARPS).
 const WARPS: u32 = 8;
 /// The most activation rows a launch takes.
@@ -151,6 +154,8 @@ struct Loaded {
     ctx: Arc<CudaContext>,
     funcs: Vec<CudaFunction>,
     pdl: bool,
+    /// The device's multiprocessors.
+    sms: i64,
 }
 
 /// Which of a variant's kernels: plain or gated, reading x or normalising it.
@@ -179,7 +184,7 @@ impl Kind4 {
 
 fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
-    let (ctx, arch, _) = decode::device(ordinal)?;
+    let (ctx, arch, sms) = decode::device(ordinal)?;
     let ptx = decode::compile(SOURCE, &defines(rows, v), arch)?;
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -192,6 +197,7 @@ fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
         funcs,
         ctx,
         pdl: arch >= 90,
+        sms,
     }))
 }
 
@@ -531,12 +537,20 @@ fn launch_on(
     let ns: Vec<i32> = outs.iter().map(|o| o.size()[o.dim() - 1] as i32).collect();
     let cols: i64 = ns.iter().map(|&n| n as i64).sum();
     let per_block = (WARPS / v.warps_per_column) as i64;
+    let groups = (cols + per_block - 1) / per_block;
+    // A normed kernel's blocks normalise the input once each: no more of
+    // them than the device runs at once, each taking several groups.
+    let blocks = if norm {
+        groups.min(kern.sms * NORM_BLOCKS_PER_SM)
+    } else {
+        groups
+    };
     let cfg = LaunchConfig {
-        grid_dim: (((cols + per_block - 1) / per_block) as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (WARPS * 32, 1, 1),
         shared_mem_bytes: if norm { (rows * k * 2) as u32 } else { 0 },
     };
-    let args = Args::new(input, ws, outs, &ns, (rows as i32, k as i32));
+    let args = Args::new(input, ws, outs, &ns, [rows as i32, k as i32, groups as i32]);
     kern.ctx
         .bind_to_thread()
         .map_err(|e| format!("CUDA driver: {e}"))?;
@@ -565,11 +579,12 @@ struct Args {
     ptrs: [u64; 5],
     eps: f32,
     slots: [(u64, u64, i32); 3],
-    dims: (i32, i32),
+    /// rows, k and the groups of columns.
+    dims: [i32; 3],
 }
 
 impl Args {
-    fn new(input: &Input, ws: &[&Tensor], outs: &[Tensor], ns: &[i32], dims: (i32, i32)) -> Args {
+    fn new(input: &Input, ws: &[&Tensor], outs: &[Tensor], ns: &[i32], dims: [i32; 3]) -> Args {
         let ptr = |t: &Tensor| t.data_ptr() as u64;
         let opt = |t: Option<&Tensor>| t.map_or(0, ptr);
         let (ptrs, eps) = match input {
@@ -603,7 +618,7 @@ impl Args {
         for (w, y, n) in &mut self.slots {
             v.extend([p(w), p(y), p(n)]);
         }
-        v.extend([p(&mut self.dims.0), p(&mut self.dims.1)]);
+        v.extend(self.dims.iter_mut().map(p));
         v
     }
 }
@@ -650,6 +665,8 @@ mod tests {
                     let waits = body.contains("griddepcontrol.wait");
                     assert_eq!(waits, arch >= 90, "{k}, sm_{arch}: griddepcontrol");
                     assert!(body.contains("prefetch.global.L2"), "{k}: no L2 prefetch");
+                    // The weights loaded ahead stay in registers.
+                    assert!(!body.contains(".local"), "{k}: local memory");
                 }
                 assert!(ptx.contains("L1::no_allocate"), "weights not streamed");
             }
