@@ -610,8 +610,16 @@ impl Args {
 
     /// Pointers to each argument, as the driver takes them.
     fn pointers(&mut self) -> Vec<*mut std::ffi::c_void> {
-        fn p<T>(v: &mut T) -> *mut std::ffi::c_void {
-            v as *mut T as *mut std::ffi::c_void
+        self.fields().into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// Each argument's address and size, in the kernels' parameter order.
+    fn fields(&mut self) -> Vec<(*mut std::ffi::c_void, usize)> {
+        fn p<T>(v: &mut T) -> (*mut std::ffi::c_void, usize) {
+            (
+                v as *mut T as *mut std::ffi::c_void,
+                std::mem::size_of::<T>(),
+            )
         }
         let [x, nx, nadd, nsum, nw] = &mut self.ptrs;
         let mut v = vec![p(x), p(nx), p(nadd), p(nsum), p(nw), p(&mut self.eps)];
@@ -670,6 +678,37 @@ mod tests {
                 }
                 assert!(ptx.contains("L1::no_allocate"), "weights not streamed");
             }
+        }
+    }
+
+    /// The arguments `launch_on` passes have the sizes of every kernel's
+    /// parameters, in order (the PTX's `.param` list): a mismatch would
+    /// be read as garbage on the GPU, with no error.
+    #[test]
+    fn the_arguments_match_every_kernels_parameters() {
+        if !decode::cuda_build() {
+            decode::skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
+            return;
+        }
+        let x = Tensor::zeros([1, 64], (Kind::BFloat16, Device::Cpu));
+        let mut args = Args::new(&Input::Plain(&x), &[], &[], &[], [1, 64, 1]);
+        let sizes: Vec<usize> = args.fields().iter().map(|&(_, n)| n).collect();
+        let v = Variant::pick(true);
+        let ptx = decode::compile(SOURCE, &defines(2, v), 90).expect("compiles");
+        for f in Kind4::ALL {
+            let name = kernel_name(f, 2, v);
+            let body = entry(&ptx, &name).expect("the kernel");
+            let head = &body[..body.find(')').expect("a parameter list")];
+            let params: Vec<usize> = head
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix(".param ."))
+                .map(|t| match &t[..3] {
+                    "u64" | "b64" | "s64" => 8,
+                    "u32" | "b32" | "s32" | "f32" => 4,
+                    other => panic!("{name}: a parameter of type {other}"),
+                })
+                .collect();
+            assert_eq!(params, sizes, "{name}");
         }
     }
 
