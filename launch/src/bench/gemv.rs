@@ -248,59 +248,7 @@ pub fn check_normed(device: Device, steps: usize) -> Result<f64> {
     println!("normed matrix-vector kernels (the norm in the kernel, against the norm kernel and the plain kernel: must be equal bit for bit; us per launch pair, weights beyond the L2 cache):");
     let _guard = tch::no_grad_guard();
     let mut worst: f64 = 0.0;
-    let eps = 1e-5;
     for &(name, rows, ns, k, gated, with_add) in NORMED {
-        let (bf, f32) = ((Kind::BFloat16, device), (Kind::Float, device));
-        let wrows: Vec<i64> = if gated { vec![2 * ns[0]] } else { ns.to_vec() };
-        let bytes: i64 = wrows.iter().map(|n| n * k * 2).sum();
-        let copies = (CYCLE_BYTES / bytes).clamp(2, 64);
-        let sets: Vec<Vec<Tensor>> = (0..copies)
-            .map(|_| {
-                wrows
-                    .iter()
-                    .map(|&n| Tensor::randn([n, k], bf) * 0.05)
-                    .collect()
-            })
-            .collect();
-        let x = Tensor::randn([rows, 1, k], f32) * 3.0;
-        let add = with_add.then(|| Tensor::randn([rows, 1, k], bf));
-        let w = Tensor::randn([k], f32) * 0.1 + 1.0;
-        let norm = gemv::Norm {
-            x: &x,
-            add: add.as_ref(),
-            w: &w,
-            eps,
-        };
-        let fused = |ws: &[Tensor]| -> Result<(Option<Tensor>, Vec<Tensor>)> {
-            let refs: Vec<&Tensor> = ws.iter().collect();
-            gemv::gemv_normed(&norm, &refs, gated)
-                .ok_or_else(|| anyhow::anyhow!("the normed kernel did not run for {name}"))
-        };
-        let apart = |ws: &[Tensor]| -> Result<(Tensor, Vec<Tensor>)> {
-            let refs: Vec<&Tensor> = ws.iter().collect();
-            let (s, h) = match &add {
-                Some(a) => sigma_trainer::kernels::training::add_rms_norm_bf16(&x, a, &w, eps),
-                None => sigma_trainer::kernels::training::rms_norm_bf16(&x, &w, eps)
-                    .map(|h| (x.shallow_clone(), h)),
-            }
-            .ok_or_else(|| anyhow::anyhow!("the norm kernel did not run for {name}"))?;
-            let ys = gemv::gemv_by(&h, &refs, gated, gemv::Variant::pick(gated))
-                .ok_or_else(|| anyhow::anyhow!("the plain kernel did not run for {name}"))?;
-            Ok((s, ys))
-        };
-        let (sum, ys) = fused(&sets[0])?;
-        let (s2, ys2) = apart(&sets[0])?;
-        let same = |a: &Tensor, b: &Tensor| a.equal(b);
-        if !ys.iter().zip(&ys2).all(|(a, b)| same(a, b))
-            || !sum.as_ref().is_none_or(|s| same(s, &s2))
-        {
-            bail!("the normed kernel differs from the norm kernel and the plain kernel for {name} ({rows} rows)");
-        }
-        // fp32: the norm of the same sum, the products of the same bf16 weights.
-        let s = add
-            .as_ref()
-            .map_or_else(|| x.shallow_clone(), |a| &x + a.to_kind(Kind::Float));
-        let h = &s * (s.square().mean_dim(-1, true, Kind::Float) + eps).rsqrt() * &w;
         let c = Case {
             name,
             rows,
@@ -309,20 +257,79 @@ pub fn check_normed(device: Device, steps: usize) -> Result<f64> {
             gated,
             x: Layout::Dense,
         };
-        let want = reference(&c, &h, &sets[0]);
-        let err = ys
-            .iter()
-            .zip(&want)
-            .fold(0.0f64, |a, (y, r)| a.max(rel_err(y, r)));
-        worst = worst.max(err);
-        let t_fused = per_launch(device, steps, &sets, &mut |ws| fused(ws).map(|_| ()))?;
-        let t_apart = per_launch(device, steps, &sets, &mut |ws| apart(ws).map(|_| ()))?;
-        println!(
-            "{name:<12} rows {rows} k {k}{}: equal to the two launches; err {err:.2e} against fp32; normed {:.1} us, norm + plain {:.1} us",
-            if with_add { " (+ add)" } else { "" },
-            t_fused * 1e6,
-            t_apart * 1e6
-        );
+        worst = worst.max(normed_case(&c, with_add, device, steps)?);
     }
     Ok(worst)
+}
+
+/// One case of [`check_normed`]: its error against fp32.
+fn normed_case(c: &Case, with_add: bool, device: Device, steps: usize) -> Result<f64> {
+    let (name, rows, k, gated, eps) = (c.name, c.rows, c.k, c.gated, 1e-5);
+    let (bf, f32) = ((Kind::BFloat16, device), (Kind::Float, device));
+    let wrows: Vec<i64> = if gated {
+        vec![2 * c.ns[0]]
+    } else {
+        c.ns.to_vec()
+    };
+    let bytes: i64 = wrows.iter().map(|n| n * k * 2).sum();
+    let copies = (CYCLE_BYTES / bytes).clamp(2, 64);
+    let sets: Vec<Vec<Tensor>> = (0..copies)
+        .map(|_| {
+            wrows
+                .iter()
+                .map(|&n| Tensor::randn([n, k], bf) * 0.05)
+                .collect()
+        })
+        .collect();
+    let x = Tensor::randn([rows, 1, k], f32) * 3.0;
+    let add = with_add.then(|| Tensor::randn([rows, 1, k], bf));
+    let w = Tensor::randn([k], f32) * 0.1 + 1.0;
+    let norm = gemv::Norm {
+        x: &x,
+        add: add.as_ref(),
+        w: &w,
+        eps,
+    };
+    let fused = |ws: &[Tensor]| -> Result<(Option<Tensor>, Vec<Tensor>)> {
+        let refs: Vec<&Tensor> = ws.iter().collect();
+        gemv::gemv_normed(&norm, &refs, gated)
+            .ok_or_else(|| anyhow::anyhow!("the normed kernel did not run for {name}"))
+    };
+    let apart = |ws: &[Tensor]| -> Result<(Tensor, Vec<Tensor>)> {
+        let refs: Vec<&Tensor> = ws.iter().collect();
+        let (s, h) = match &add {
+            Some(a) => sigma_trainer::kernels::training::add_rms_norm_bf16(&x, a, &w, eps),
+            None => sigma_trainer::kernels::training::rms_norm_bf16(&x, &w, eps)
+                .map(|h| (x.shallow_clone(), h)),
+        }
+        .ok_or_else(|| anyhow::anyhow!("the norm kernel did not run for {name}"))?;
+        let ys = gemv::gemv_by(&h, &refs, gated, gemv::Variant::pick(gated))
+            .ok_or_else(|| anyhow::anyhow!("the plain kernel did not run for {name}"))?;
+        Ok((s, ys))
+    };
+    let (sum, ys) = fused(&sets[0])?;
+    let (s2, ys2) = apart(&sets[0])?;
+    let same = |a: &Tensor, b: &Tensor| a.equal(b);
+    if !ys.iter().zip(&ys2).all(|(a, b)| same(a, b)) || !sum.as_ref().is_none_or(|s| same(s, &s2)) {
+        bail!("the normed kernel differs from the norm kernel and the plain kernel for {name} ({rows} rows)");
+    }
+    // fp32: the norm of the same sum, the products of the same bf16 weights.
+    let s = add
+        .as_ref()
+        .map_or_else(|| x.shallow_clone(), |a| &x + a.to_kind(Kind::Float));
+    let h = &s * (s.square().mean_dim(-1, true, Kind::Float) + eps).rsqrt() * &w;
+    let want = reference(c, &h, &sets[0]);
+    let err = ys
+        .iter()
+        .zip(&want)
+        .fold(0.0f64, |a, (y, r)| a.max(rel_err(y, r)));
+    let t_fused = per_launch(device, steps, &sets, &mut |ws| fused(ws).map(|_| ()))?;
+    let t_apart = per_launch(device, steps, &sets, &mut |ws| apart(ws).map(|_| ()))?;
+    println!(
+        "{name:<12} rows {rows} k {k}{}: equal to the two launches; err {err:.2e} against fp32; normed {:.1} us, norm + plain {:.1} us",
+        if with_add { " (+ add)" } else { "" },
+        t_fused * 1e6,
+        t_apart * 1e6
+    );
+    Ok(err)
 }

@@ -27,7 +27,7 @@ use tch::{Device, Kind, Tensor};
 pub use super::cache::{KeyCache, KvCache};
 use super::decoder::{Decoder, StepMode};
 use crate::error::{Result, TrainError};
-use crate::model::block::{wiring, LayerWeight as W, Part, Val, Vals};
+use crate::model::block::{wiring, LayerWeight as W, Part, Val, Vals, QKV};
 use crate::model::key::ParamKey;
 use crate::model::positions::Positions;
 use crate::model::Fwd;
@@ -263,7 +263,8 @@ impl Fwd<'_> {
     ) -> Result<()> {
         // The norm, then q, k and v, which read its output: one launch while decoding.
         let norm = self.lid(l, W::AttnNorm);
-        let (x, qkv) = self.normed_products((x, add.as_ref()), norm, &self.qkv_ids(l), false);
+        let ids = QKV.map(|w| self.lid(l, w));
+        let (x, qkv) = self.normed_products((x, add.as_ref()), norm, &ids, false);
         let t = x.size()[1];
         vals.set(Val::X, x);
         let [q0, raw, v]: [Tensor; 3] = qkv.try_into().expect("three products");

@@ -27,7 +27,6 @@ use tch::Tensor;
 
 use crate::config::{KCompression, ModelConfig};
 use crate::model::decl::{Decl, ParamKind, Split};
-use crate::model::params::ParamId;
 use crate::model::positions::Positions;
 use crate::model::Fwd;
 
@@ -51,6 +50,9 @@ pub enum LayerWeight {
 }
 
 use LayerWeight as W;
+
+/// The q, k and v projections, in the order their products are returned.
+pub const QKV: [LayerWeight; 3] = [W::QProj, W::KProj, W::VProj];
 
 impl LayerWeight {
     /// In model order (initialisation draws them in this order).
@@ -321,14 +323,9 @@ impl Fwd<'_> {
     /// [`Fwd::linears`] computes weights that read one input: `h` quantised
     /// once for FP8 weights; one matrix-vector launch while decoding.
     pub fn qkv_products(&self, l: usize, h: &Tensor) -> [Tensor; 3] {
-        self.linears(h, &self.qkv_ids(l))
+        self.linears(h, &QKV.map(|w| self.lid(l, w)))
             .try_into()
             .expect("three products")
-    }
-
-    /// The q, k and v projections of block `l`, in that order.
-    pub fn qkv_ids(&self, l: usize) -> [ParamId; 3] {
-        [W::QProj, W::KProj, W::VProj].map(|w| self.lid(l, w))
     }
 
     /// AugQ on a whole projected query [b, t, n_q * dot_dim]; under tensor
