@@ -239,9 +239,9 @@ const NORMED: &[(&str, i64, &[i64], i64, bool, bool)] = &[
 /// against the two launches. Returns the largest relative error against
 /// fp32; a difference from the two launches is an error.
 pub fn check_normed(device: Device, steps: usize) -> Result<f64> {
-    if !gemv::gemv_kernel_enabled() || !gemv::norm_enabled() {
+    if !gemv::gemv_kernel_enabled() || !gemv::norm_enabled() || !train_kernels_on() {
         println!(
-            "normed matrix-vector kernels: not checked (SIGMA_GEMV_KERNEL or SIGMA_GEMV_NORM off)"
+            "normed matrix-vector kernels: not checked (SIGMA_GEMV_KERNEL, SIGMA_GEMV_NORM or SIGMA_TRAIN_KERNELS off)"
         );
         return Ok(0.0);
     }
@@ -260,6 +260,11 @@ pub fn check_normed(device: Device, steps: usize) -> Result<f64> {
         worst = worst.max(normed_case(&c, with_add, device, steps)?);
     }
     Ok(worst)
+}
+
+/// Whether the training kernels (the norm kernel among them) are on.
+fn train_kernels_on() -> bool {
+    sigma_trainer::kernels::training::kernels_enabled()
 }
 
 /// One case of [`check_normed`]: its error against fp32.

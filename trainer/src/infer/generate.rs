@@ -204,6 +204,12 @@ impl Fwd<'_> {
     fn run_blocks(&self, cache: &mut KvCache, tokens: &Tensor, mode: Mode<'_>) -> Result<Tensor> {
         let wires = wiring(&self.cfg);
         let n = self.cfg.num_layers;
+        // The working weights refreshed (if stale) before the first kernel:
+        // the matrix-vector kernels read their weights before waiting on
+        // the kernel launched just before them (kernels::gemv).
+        if n > 0 {
+            let _ = self.w(self.lid(0, W::QProj));
+        }
         // The residual stream and the branch output not yet added to it.
         let mut stream = (self.embed(tokens), None::<Tensor>);
         for l in 0..n {

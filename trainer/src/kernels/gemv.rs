@@ -16,9 +16,12 @@
 //!   decoding step launches no norm kernel of its own.
 //!
 //! On sm_90 and later they are launched with programmatic dependent launch
-//! (csrc/gemv.cu, `decode::launch_ex`): each may start, and fetch its first
-//! weights into L2, while the kernel before it drains
-//! (`SIGMA_DECODE_PDL=off`: plain launches).
+//! (csrc/gemv.cu, `decode::launch_ex`): each may start, and load its first
+//! weights, while the kernel before it drains (`SIGMA_DECODE_PDL=off`:
+//! plain launches). So the weights must not be written by the last kernel
+//! on the stream before the launch (its input may: it is read after the
+//! wait); the decoding walk refreshes the working weights before its first
+//! kernel.
 //!
 //! Only without autograd (generation, evaluation): the products have no
 //! backward. `None` wherever they cannot run (CPU, not bf16, more rows, a
@@ -324,7 +327,10 @@ pub fn wants(x: &Tensor) -> bool {
 /// stream `x` to [`gemv_normed`]: as [`wants`] for an fp32 `x`, and the
 /// normed kernels on (`SIGMA_GEMV_NORM`).
 pub fn wants_normed(x: &Tensor) -> bool {
-    x.kind() == Kind::Float && offered(x) && norm_enabled()
+    x.kind() == Kind::Float
+        && offered(x)
+        && norm_enabled()
+        && crate::kernels::training::kernels_enabled()
 }
 
 /// A CUDA input of at most [`AUTO_ROWS`] rows, autograd off, the kernels on.
@@ -391,6 +397,14 @@ fn norm_shape_refusal(n: &Norm, ws: &[&Tensor], gated: bool) -> Option<String> {
         return Some(r);
     }
     let k = *n.x.size().last().expect("extent_refusal checked the rank");
+    // Where the norm kernel would not run, the other paths (prefill, the
+    // switch off) normalise by libtorch's rms_norm and round otherwise.
+    if k > crate::kernels::training::NORM_MAX_DIM {
+        return Some(format!(
+            "a width of {k} (the norm kernel's limit: {})",
+            crate::kernels::training::NORM_MAX_DIM
+        ));
+    }
     let dense = |t: &Tensor| t.is_contiguous() && (t.data_ptr() as usize).is_multiple_of(16);
     if !dense(n.x) || !n.add.is_none_or(|a| dense(a) && a.size() == n.x.size()) {
         return Some(
@@ -799,13 +813,18 @@ mod tests {
             .unwrap()
             .contains("[32]"));
         // Rows x k in bf16 must fit 40 KiB of shared memory.
-        let (big, gbig) = (t(&[2, 10_248], f), t(&[10_248], f));
-        let wbig = t(&[8, 10_248], bf);
+        let (big, gbig) = (t(&[3, 8192], f), t(&[8192], f));
+        let wbig = t(&[8, 8192], bf);
         assert!(r(&norm(&big, None, &gbig), &[&wbig], false)
             .unwrap()
-            .contains("40992 bytes"));
+            .contains("49152 bytes"));
         let one = big.narrow(0, 0, 1);
         assert_eq!(r(&norm(&one, None, &gbig), &[&wbig], false), None);
+        // Wider than the norm kernel takes (8,192).
+        let (x9, g9) = (t(&[1, 8200], f), t(&[8200], f));
+        assert!(r(&norm(&x9, None, &g9), &[&t(&[8, 8200], bf)], false)
+            .unwrap()
+            .contains("8200"));
         assert!(r(&norm(&x, None, &g), &[&w, &w], true)
             .unwrap()
             .contains("2 weights"));

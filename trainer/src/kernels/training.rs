@@ -65,7 +65,7 @@ const FP8_COLS: i64 = 64;
 /// Threads per row of the RMSNorm kernels (the source's NORM_THREADS).
 const NORM_THREADS: u32 = 256;
 /// The widest row the RMSNorm backward takes (4 x NORM_THREADS x NORM_CHUNKS).
-const NORM_MAX_DIM: i64 = 8192;
+pub(crate) const NORM_MAX_DIM: i64 = 8192;
 
 /// One launch, as csrc/kernel_ops.cpp describes it (`KernelArgs` there).
 #[repr(C)]

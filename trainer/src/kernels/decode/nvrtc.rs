@@ -129,11 +129,12 @@ pub(crate) fn current_stream(
     Some(unsafe { ctx.wrap_borrowed_stream(raw as _) })
 }
 
-/// One launch by `cuLaunchKernelEx` on `stream` (its context bound to the
-/// thread), with programmatic stream serialization where `pdl` (the kernel
-/// may start before the one before it ends: csrc/bf16.cuh). Where the
-/// driver refuses the attribute, the launch is made without it, with a
-/// warning once, and [`pdl_enabled`] is false from then on.
+/// One launch by `cuLaunchKernelEx` on `stream`, its context bound to the
+/// thread first, with programmatic stream serialization where `pdl` (the
+/// kernel may start before the one before it ends: csrc/bf16.cuh). Where
+/// the driver refuses the attribute (not supported, an invalid value), the
+/// launch is made without it, with a warning once, and [`pdl_enabled`] is
+/// false from then on; any other error is returned as it is.
 ///
 /// # Safety
 /// `params` must point at values that match `func`'s parameters, and
@@ -147,6 +148,7 @@ pub(crate) unsafe fn launch_ex(
     pdl: bool,
 ) -> Result<(), cudarc::driver::DriverError> {
     use cudarc::driver::sys;
+    stream.context().bind_to_thread()?;
     // SAFETY: a plain C struct of integers and a union; zero is a valid value.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -174,8 +176,14 @@ pub(crate) unsafe fn launch_ex(
         )
         .result()
     };
+    let refused = |e: &cudarc::driver::DriverError| {
+        matches!(
+            e.0,
+            sys::CUresult::CUDA_ERROR_NOT_SUPPORTED | sys::CUresult::CUDA_ERROR_INVALID_VALUE
+        )
+    };
     match go(&config, params) {
-        Err(e) if pdl => {
+        Err(e) if pdl && refused(&e) => {
             if PDL_SWITCH.swap(2, Ordering::Relaxed) != 2 {
                 eprintln!("warning: decoding's kernels cannot use programmatic dependent launch here ({e}); plain launches from now on");
             }
