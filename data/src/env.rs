@@ -187,6 +187,48 @@ pub fn switch(name: &str, default: bool) -> bool {
     var(name).and_then(|v| switch_value(&v)).unwrap_or(default)
 }
 
+/// A switch read from the environment at its first use (on unless set
+/// off), then held for the process, which may turn it on or off itself
+/// (benchmarks comparing both paths, a kernel that failed).
+pub struct ProcessSwitch {
+    name: &'static str,
+    /// 0: not yet read, 1: on, 2: off.
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl ProcessSwitch {
+    pub const fn new(name: &'static str) -> ProcessSwitch {
+        ProcessSwitch {
+            name,
+            state: std::sync::atomic::AtomicU8::new(0),
+        }
+    }
+
+    /// Whether it is on (reading the environment the first time).
+    pub fn get(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.state.load(Relaxed) {
+            0 => {
+                let on = switch(self.name, true);
+                self.state.store(if on { 1 } else { 2 }, Relaxed);
+                on
+            }
+            v => v == 1,
+        }
+    }
+
+    /// Turn it on or off for the rest of the process.
+    pub fn set(&self, on: bool) {
+        let v = if on { 1 } else { 2 };
+        self.state.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Turn it off; true when it was not off already (to warn once).
+    pub fn turn_off(&self) -> bool {
+        self.state.swap(2, std::sync::atomic::Ordering::Relaxed) != 2
+    }
+}
+
 /// Number `name` (unset: `default`); refused when malformed or outside the
 /// table's range for it (or `range` for a variable not in the table).
 pub fn number(name: &str, default: u64, range: (u64, u64)) -> Result<u64> {

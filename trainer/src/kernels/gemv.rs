@@ -30,10 +30,11 @@
 #![allow(unsafe_code)] // kernel launches over raw device pointers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
+use sigma_data::env::ProcessSwitch;
 use tch::{Device, Kind, Tensor};
 
 use crate::kernels::decode;
@@ -104,8 +105,8 @@ impl Variant {
     }
 }
 
-/// 0: not yet read from the environment, 1: on, 2: off.
-static SWITCH: AtomicU8 = AtomicU8::new(0);
+/// `SIGMA_GEMV_KERNEL` (off after a failed launch too).
+static SWITCH: ProcessSwitch = ProcessSwitch::new(sigma_data::env::GEMV_KERNEL);
 
 /// Launches made so far by this process.
 static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -120,35 +121,21 @@ pub fn launches() -> u64 {
 /// Whether the kernels may run: on unless `SIGMA_GEMV_KERNEL=off` (or
 /// [`set_gemv_kernel`]`(false)`, or a launch failed).
 pub fn gemv_kernel_enabled() -> bool {
-    match SWITCH.load(Relaxed) {
-        0 => {
-            let on = sigma_data::env::switch(sigma_data::env::GEMV_KERNEL, true);
-            SWITCH.store(if on { 1 } else { 2 }, Relaxed);
-            on
-        }
-        v => v == 1,
-    }
+    SWITCH.get()
 }
 
 /// Turn the kernels on or off for this process (benchmarks compare both).
 pub fn set_gemv_kernel(on: bool) {
-    SWITCH.store(if on { 1 } else { 2 }, Relaxed);
+    SWITCH.set(on);
 }
 
-/// 0: not yet read, 1: on, 2: off ([`gemv_normed`]: `SIGMA_GEMV_NORM`).
-static NORM_SWITCH: AtomicU8 = AtomicU8::new(0);
+/// `SIGMA_GEMV_NORM` ([`gemv_normed`]).
+static NORM_SWITCH: ProcessSwitch = ProcessSwitch::new(sigma_data::env::GEMV_NORM);
 
 /// Whether [`gemv_normed`] runs the norm in the kernels: on unless
 /// `SIGMA_GEMV_NORM=off`.
 pub fn norm_enabled() -> bool {
-    match NORM_SWITCH.load(Relaxed) {
-        0 => {
-            let on = sigma_data::env::switch(sigma_data::env::GEMV_NORM, true);
-            NORM_SWITCH.store(if on { 1 } else { 2 }, Relaxed);
-            on
-        }
-        v => v == 1,
-    }
+    NORM_SWITCH.get()
 }
 
 /// The four kernels of one row bucket and variant ([`Kind4::index`]), and
@@ -494,22 +481,14 @@ fn launch(input: Input, ws: &[&Tensor], outs: &[Tensor], (gated, v): (bool, Vari
     let Device::Cuda(ordinal) = x0.device() else {
         return false;
     };
-    // The kernels read x in 16-byte pieces: a contiguous view that starts
-    // off a 16-byte boundary (a slice of a larger tensor) is copied too.
     // (A norm's tensors were checked dense by `norm_refusal`.)
-    let plain = match input {
-        Input::Plain(x) if !x.is_contiguous() => Some(x.contiguous()), // fresh: aligned
-        Input::Plain(x) if (x.data_ptr() as usize).is_multiple_of(16) => Some(x.shallow_clone()),
+    let dense;
+    let input = match input {
         Input::Plain(x) => {
-            let mut fresh = Tensor::empty(x.size(), (x.kind(), x.device()));
-            fresh.copy_(x);
-            Some(fresh)
+            dense = dense_input(x);
+            Input::Plain(&dense)
         }
-        Input::Normed { .. } => None,
-    };
-    let input = match (&plain, input) {
-        (Some(x), _) => Input::Plain(x),
-        (None, normed) => normed,
+        normed => normed,
     };
     match launch_on(ordinal, &input, ws, outs, (gated, v)) {
         Ok(()) => {
@@ -517,11 +496,26 @@ fn launch(input: Input, ws: &[&Tensor], outs: &[Tensor], (gated, v): (bool, Vari
             true
         }
         Err(e) => {
-            if SWITCH.swap(2, Relaxed) != 2 {
+            if SWITCH.turn_off() {
                 eprintln!("warning: the decoding matrix-vector kernels failed on cuda:{ordinal} and are off from now on (libtorch's matmul instead): {e}");
             }
             false
         }
+    }
+}
+
+/// `x`, or a copy where it is not contiguous from a 16-byte boundary: the
+/// kernels read it in 16-byte pieces (a contiguous slice of a larger
+/// tensor may start off one).
+fn dense_input(x: &Tensor) -> Tensor {
+    if !x.is_contiguous() {
+        x.contiguous() // a fresh allocation: aligned
+    } else if (x.data_ptr() as usize).is_multiple_of(16) {
+        x.shallow_clone()
+    } else {
+        let mut fresh = Tensor::empty(x.size(), (x.kind(), x.device()));
+        fresh.copy_(x);
+        fresh
     }
 }
 

@@ -43,26 +43,19 @@ pub(crate) use nvrtc::{current_stream, device, launch_ex, RestoreContext};
 pub use plan::{DecodeShape, Plan, Tuning};
 pub use tune::env_tuning;
 
-/// 0: not yet read from the environment, 1: on, 2: off.
-static DECODE_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// `SIGMA_DECODE_KERNEL`.
+static DECODE_KERNEL: sigma_data::env::ProcessSwitch =
+    sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_KERNEL);
 
 /// Whether decoding may use the kernel: on unless `SIGMA_DECODE_KERNEL=off`
 /// (or [`set_decode_kernel`]`(false)`).
 pub fn decode_kernel_enabled() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match DECODE_KERNEL.load(Relaxed) {
-        0 => {
-            let off = !sigma_data::env::switch(sigma_data::env::DECODE_KERNEL, true);
-            DECODE_KERNEL.store(if off { 2 } else { 1 }, Relaxed);
-            !off
-        }
-        v => v == 1,
-    }
+    DECODE_KERNEL.get()
 }
 
 /// Turn the decode kernel on or off for this process (benchmarks compare both).
 pub fn set_decode_kernel(on: bool) {
-    DECODE_KERNEL.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    DECODE_KERNEL.set(on);
 }
 
 /// Whether the kernel would run for these operands; Err says why not

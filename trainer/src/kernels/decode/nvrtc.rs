@@ -6,7 +6,6 @@
 //! it with CUDA events, and putting the thread's CUDA context back after
 //! cudarc changed it.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::CUdevice_attribute;
@@ -184,7 +183,7 @@ pub(crate) unsafe fn launch_ex(
     };
     match go(&config, params) {
         Err(e) if pdl && refused(&e) => {
-            if PDL_SWITCH.swap(2, Ordering::Relaxed) != 2 {
+            if PDL_SWITCH.turn_off() {
                 eprintln!("warning: decoding's kernels cannot use programmatic dependent launch here ({e}); plain launches from now on");
             }
             let plain = sys::CUlaunchConfig {
@@ -198,22 +197,16 @@ pub(crate) unsafe fn launch_ex(
     }
 }
 
-/// 0: not yet read, 1: on, 2: off.
-static PDL_SWITCH: AtomicU8 = AtomicU8::new(0);
+/// `SIGMA_DECODE_PDL` (off after the driver refused the attribute too).
+static PDL_SWITCH: sigma_data::env::ProcessSwitch =
+    sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_PDL);
 
 /// Whether decoding's kernels (matrix-vector products, attention, cache
 /// append) are launched with programmatic dependent launch on devices of
 /// compute capability 9.0 and later: on unless `SIGMA_DECODE_PDL=off` or
 /// the driver refused it.
 pub fn pdl_enabled() -> bool {
-    match PDL_SWITCH.load(Ordering::Relaxed) {
-        0 => {
-            let on = sigma_data::env::switch(sigma_data::env::DECODE_PDL, true);
-            PDL_SWITCH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-        v => v == 1,
-    }
+    PDL_SWITCH.get()
 }
 
 /// Times work on libtorch's current stream of a CUDA device with CUDA
