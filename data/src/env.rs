@@ -35,6 +35,8 @@ pub const DECODE_KERNEL: &str = "SIGMA_DECODE_KERNEL";
 pub const GEMV_KERNEL: &str = "SIGMA_GEMV_KERNEL";
 pub const GEMV_NORM: &str = "SIGMA_GEMV_NORM";
 pub const DECODE_PDL: &str = "SIGMA_DECODE_PDL";
+pub const DECODE_PREFETCH: &str = "SIGMA_DECODE_PREFETCH";
+pub const DECODE_ROPE: &str = "SIGMA_DECODE_ROPE";
 pub const DECODE_TUNING: &str = "SIGMA_DECODE_TUNING";
 pub const DECODE_TUNING_CACHE: &str = "SIGMA_DECODE_TUNING_CACHE";
 pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
@@ -87,6 +89,16 @@ pub const SIGMA_VARS: &[Var] = &[
         name: DECODE_PDL,
         kind: Kind::Switch,
         meaning: "launch decoding's kernels (matrix-vector, attention, cache append) with programmatic dependent launch on sm_90 and later (default on)",
+    },
+    Var {
+        name: DECODE_PREFETCH,
+        kind: Kind::Switch,
+        meaning: "let the decode attention kernel ask L2 for its chunk of the cache before it waits on the kernels before it, where the cache read fits half of L2 (default on)",
+    },
+    Var {
+        name: DECODE_ROPE,
+        kind: Kind::Switch,
+        meaning: "let the decode attention kernel rotate the query by RoPE itself, instead of a kernel before it (default on)",
     },
     Var {
         name: DECODE_TUNING,

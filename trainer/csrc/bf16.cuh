@@ -1,8 +1,8 @@
 // The prelude of every NVRTC kernel source (no CUDA headers; put before each
 // by trainer/src/kernels/decode/nvrtc.rs): bf16 as its bit pattern, the
 // conversions to and from float (round to nearest even, NaN kept quiet) and
-// eight values packed in 16 bytes (four in 8); and programmatic dependent
-// launch.
+// eight values packed in 16 bytes (four in 8); programmatic dependent
+// launch; and a prefetch into L2.
 
 typedef unsigned short bf16;
 
@@ -63,4 +63,10 @@ __device__ __forceinline__ void let_next_kernel_start() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
+}
+
+// Ask L2 for the 128-byte line that holds p (no register, no L1): safe
+// before wait_for_prior_kernels, as L2 is where every SM's writes meet.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }

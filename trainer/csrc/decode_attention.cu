@@ -5,7 +5,10 @@
 // `fold` set the last block of a sequence to finish (an atomic counter per
 // sequence in a workspace that the last block resets, so it never needs a
 // memset) merges the sequence's partials and writes the output; otherwise
-// the combine kernel does, in a second launch. A third kernel writes a
+// the combine kernel does, in a second launch. The split kernel can also
+// rotate the query by RoPE (one less launch before it) and ask L2 for its
+// chunk of the cache before it waits on the kernels before it (dependent
+// launch: the cache is read while they drain). A third kernel writes a
 // step's new keys (after RoPE) and values into the cache. Compiled at run
 // time by NVRTC (trainer/src/kernels), once per shape, with these macros
 // defined by the caller:
@@ -52,6 +55,19 @@ __device__ __forceinline__ void load_rows(uint4* w, const bf16* p, int first, in
   for (int u = 0; u < U; ++u) {
     const int s = first + u * STEP;
     w[u] = s < n ? *reinterpret_cast<const uint4*>(p + (long long)s * D) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Ask L2 for `n` rows of D elements from `first`, in each of `heads` heads
+// `head` elements apart (the rows of a head are contiguous): the block's
+// threads take the 128-byte lines in turn.
+template <int D>
+__device__ __forceinline__ void prefetch_rows(const bf16* first, long long head, int heads, int n) {
+  // One line more than the bytes need: the rows need not start on a line.
+  const long long bytes = (long long)n * D * 2, lines = (bytes + 127) / 128 + 1;
+  for (long long i = threadIdx.x; i < heads * lines; i += THREADS) {
+    const long long h = i / lines, off = min((i - h * lines) * 128, bytes - 1);
+    prefetch_l2(reinterpret_cast<const char*>(first + h * head) + off);
   }
 }
 
@@ -136,10 +152,9 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
                      float* __restrict__ part_ml,      // [B, splits, NQ, 2] (splits > 1)
                      bf16* __restrict__ out,           // [B, NQ, DV]
                      unsigned int* __restrict__ done,  // [>= B], zero between launches (fold)
-                     int len, int chunk, float scale_log2, int fold) {
-  // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
-  let_next_kernel_start();
-  wait_for_prior_kernels();
+                     const bf16* __restrict__ cs,      // [DK] RoPE row [cos, cos], or null
+                     const bf16* __restrict__ sn,      // [DK] RoPE row [-sin, sin], or null
+                     int len, int chunk, float scale_log2, int fold, int prefetch) {
   extern __shared__ float smem[];
   float* qs = smem;              // [NQ][DK], scaled by scale * log2(e)
   float* os = qs + NQ * DK;      // [NQ][DV] output accumulator
@@ -151,7 +166,31 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   const int n = min(chunk, len - s0);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-  for (int i = tid; i < NQ * DK; i += THREADS) qs[i] = bf2f(q[(long long)b * NQ * DK + i]) * scale_log2;
+  // The chunk's cached rows asked of L2 while the kernels before drain
+  // (the host sets `prefetch` where the launch's K and V fit L2 with room).
+  // Only the slot that this step's append writes is being written, and L2
+  // holds whatever write lands: the loads after the wait see it.
+  if (prefetch) {
+    prefetch_rows<DK>(k + (long long)b * k_batch + (long long)s0 * DK, k_head, NK, n);
+    prefetch_rows<DV>(v + (long long)b * v_batch + (long long)s0 * DV, v_head, NV, n);
+  }
+  // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
+  let_next_kernel_start();
+  wait_for_prior_kernels();
+
+  // The query, rotated here when the RoPE rows are given: y_j = x_j c_j +
+  // x_{j +- DK/2} s_j in fp32, rounded to bf16 as the training RoPE kernel
+  // writes it, so the scores are those of a query rotated before the launch.
+  const bf16* qb = q + (long long)b * NQ * DK;
+  for (int i = tid; i < NQ * DK; i += THREADS) {
+    float x = bf2f(qb[i]);
+    if (cs != nullptr) {
+      const int j = i % DK;
+      const float other = bf2f(qb[j < DK / 2 ? i + DK / 2 : i - DK / 2]);
+      x = bf2f(f2bf(x * bf2f(cs[j]) + other * bf2f(sn[j])));
+    }
+    qs[i] = x * scale_log2;
+  }
   for (int i = tid; i < NQ * DV; i += THREADS) os[i] = 0.f;
   __syncthreads();
 

@@ -175,7 +175,10 @@ const CHECK_CASES: &[Case] = &[
 /// through a larger cache (as decoding does); each case by its tuned plan
 /// and by every candidate plan (one split, the combine folded into the
 /// split kernel, the combine kernel), one after another on one stream, so
-/// a folded launch that left its counters wrong spoils the next.
+/// a folded launch that left its counters wrong spoils the next. Then the
+/// query rotated by RoPE in the kernel against the query rotated first by
+/// the training RoPE kernel, by the same plans: the same bits (where the
+/// kernel's sums have a fixed order: at least 4 V heads).
 pub fn check(device: Device) -> Result<()> {
     if !device.is_cuda() {
         bail!("--check compares the GPU decode kernel with its reference: it needs --device cuda (or auto on a GPU machine)");
@@ -188,7 +191,7 @@ pub fn check(device: Device) -> Result<()> {
         "plans: the tuned one and every candidate (one launch: one split or the combine folded; + two: the combine kernel); kernel err: the worst of them"
     );
     println!(
-        "{:<24} {:>5} {:>7} {:>6} {:>9} {:>10} {:>12} {:>12}",
+        "{:<24} {:>5} {:>7} {:>6} {:>9} {:>10} {:>12} {:>12} {:>10}",
         "n_q/n_k/n_v d_k/d_v",
         "batch",
         "context",
@@ -196,16 +199,28 @@ pub fn check(device: Device) -> Result<()> {
         "plans",
         "max |out|",
         "kernel err",
-        "ops err"
+        "ops err",
+        "rotated"
     );
     let mut worst: f64 = 0.0;
+    let mut rotation_differs = Vec::new();
     for &case in CHECK_CASES {
-        worst = worst.max(check_case(case, device)?);
+        let (err, rotated) = check_case(case, device)?;
+        worst = worst.max(err);
+        if rotated == Rotated::Differs {
+            rotation_differs.push(format!("{case:?}"));
+        }
     }
     worst = worst.max(check_append(device)?);
     if worst > CHECK_TOLERANCE {
         bail!(
             "the decode kernel is off by {worst:.3e} of the largest output (tolerance {CHECK_TOLERANCE})"
+        );
+    }
+    if !rotation_differs.is_empty() {
+        bail!(
+            "the query rotated in the decode kernel gave other bits than rotated first, in {}",
+            rotation_differs.join(", ")
         );
     }
     println!("decode kernel check passed: largest relative error {worst:.2e}");
@@ -267,8 +282,65 @@ fn check_append(device: Device) -> Result<f64> {
     Ok(worst)
 }
 
-/// One row of the kernel check; returns the kernel's relative error (NaN as infinity).
-fn check_case(case: Case, device: Device) -> Result<f64> {
+/// How the query rotated in the kernel compared with the query rotated first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Rotated {
+    /// The same bits by every plan.
+    Same,
+    /// Within the tolerance of each other (no fixed order of sums to hold bits to).
+    Close,
+    /// Not the same bits where they must be, or past the tolerance.
+    Differs,
+    /// The kernel does not rotate for this shape (the model rotates first).
+    NotTaken,
+}
+
+/// The kernel rotating the query by RoPE rows against the query rotated
+/// first by the training RoPE kernel, by each of `plans`.
+fn check_rotated(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    m: Option<&Tensor>,
+    scale: f64,
+    plans: &[decode::Plan],
+) -> Result<Rotated> {
+    let (b, nq, dk, nv) = (q.size()[0], q.size()[1], q.size()[3], v.size()[1]);
+    let device = q.device();
+    let ang = Tensor::rand([1, dk / 2], (Kind::Float, device)) * 6.0;
+    let cos = Tensor::cat(&[ang.cos(), ang.cos()], 1).to_kind(Kind::BFloat16);
+    let sin = Tensor::cat(&[-ang.sin(), ang.sin()], 1).to_kind(Kind::BFloat16);
+    let Some(first) =
+        sigma_trainer::kernels::training::rope(&q.view([b, 1, nq, dk]), &cos, &sin, 0)
+    else {
+        return Ok(Rotated::NotTaken);
+    };
+    let first = first.view([b, nq, 1, dk]);
+    let mut same = true;
+    let mut worst: f64 = 0.0;
+    for &p in plans {
+        let rows = (&cos, &sin);
+        let Some(got) = decode::decode_attention_rotated(q, rows, (k, v), m, scale, Some(p))?
+        else {
+            return Ok(Rotated::NotTaken);
+        };
+        let want = decode::decode_attention_by(&first, k, v, m, scale, p)?
+            .ok_or_else(|| anyhow::anyhow!("the kernel did not run on the rotated query"))?;
+        same &= got.equal(&want);
+        worst = worst.max(max_abs(&got, &want) / want.abs().max().double_value(&[]));
+    }
+    // With fewer than 4 V heads, 4 or more warps add into one output in no fixed order.
+    Ok(if same {
+        Rotated::Same
+    } else if nv < 4 && worst <= CHECK_TOLERANCE {
+        Rotated::Close
+    } else {
+        Rotated::Differs
+    })
+}
+
+/// One row of the kernel check; returns the kernel's relative error (NaN as
+/// infinity) and how the query rotated in the kernel compared.
+fn check_case(case: Case, device: Device) -> Result<(f64, Rotated)> {
     let (nq, nk, nv, dk, dv, b, len, masked) = case;
     let opts = (Kind::BFloat16, device);
     let cap = len + 37; // read through a larger cache, as decoding does
@@ -324,12 +396,19 @@ fn check_case(case: Case, device: Device) -> Result<f64> {
     }
     let launches = |n: u32| plans.iter().filter(|p| p.launches() == n).count();
     let eo = max_abs(&ops, &reference) / top;
+    let rotated = check_rotated(&q, (&k, &v), m, scale, &plans)?;
+    let shown = match rotated {
+        Rotated::Same => "same bits",
+        Rotated::Close => "close",
+        Rotated::Differs => "DIFFERS",
+        Rotated::NotTaken => "-",
+    };
     println!(
-        "{:<24} {b:>5} {len:>7} {:>6} {:>5}+{:<3} {top:>10.3e} {ek:>12.2e} {eo:>12.2e}",
+        "{:<24} {b:>5} {len:>7} {:>6} {:>5}+{:<3} {top:>10.3e} {ek:>12.2e} {eo:>12.2e} {shown:>10}",
         format!("{nq}/{nk}/{nv} {dk}/{dv}"),
         if masked { "yes" } else { "no" },
         launches(1),
         launches(2),
     );
-    Ok(ek)
+    Ok((ek, rotated))
 }

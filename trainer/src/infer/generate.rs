@@ -329,35 +329,67 @@ impl Fwd<'_> {
         } else {
             vals.get(Val::Q0)
         };
-        match mode {
+        let n = match mode {
             Mode::Prefill { mask } => {
                 let (k, v) = (vals.get(Val::K), vals.get(Val::V));
-                Ok(self.attend_masked(l, &self.query_heads(q), k, v, mask))
+                return Ok(self.attend_masked(l, &self.query_heads(q), k, v, mask));
             }
-            Mode::Decode { .. } | Mode::Static { .. } => {
-                let q = self
-                    .query_heads_at(q, mode.positions())
-                    .to_kind(self.compute);
-                let n = match mode {
-                    Mode::Decode { pos } => pos + 1,
-                    Mode::Static { span, .. } => *span,
-                    Mode::Prefill { .. } => unreachable!("matched above"),
-                };
-                let k = cache.k[l].narrow(2, 0, n);
-                let k = if cache.raw_keys {
-                    // Contiguous rows, as the decode kernel reads them (made anew each step anyway).
-                    self.keys_from_raw(l, &k.transpose(1, 2), Positions::From(0))
-                        .to_kind(self.compute)
-                        .contiguous()
-                } else {
-                    k
-                };
-                let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
-                let valid = cache.valid.narrow(1, 0, n);
-                let o = decode_attention(&q, &k, &cache.v[l].narrow(2, 0, n), Some(&valid), scale)?;
-                Ok(self.linear(&o, self.lid(l, W::OProj)))
+            Mode::Decode { pos } => pos + 1,
+            Mode::Static { span, .. } => *span,
+        };
+        let o = self.attend_step(l, cache, q, n, mode.positions())?;
+        Ok(self.linear(&o, self.lid(l, W::OProj)))
+    }
+
+    /// A decoding step's attention of the query features `q` [b, 1, n_q *
+    /// dot_dim] (before RoPE) at `at` against the first `n` cached slots:
+    /// the kernel rotates the query itself where it can (one launch less),
+    /// else the query is rotated first. -> [b, 1, n_q * d_v].
+    fn attend_step(
+        &self,
+        l: usize,
+        cache: &KvCache,
+        q: &Tensor,
+        n: i64,
+        at: Positions<'_>,
+    ) -> Result<Tensor> {
+        let k = cache.k[l].narrow(2, 0, n);
+        let v = cache.v[l].narrow(2, 0, n);
+        let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
+        let valid = cache.valid.narrow(1, 0, n);
+        let dd = self.cfg.dot_dim() as i64;
+        // Where the model rotates by the training RoPE kernel, whose arithmetic the decode kernel's is.
+        let by_kernel = match q.device() {
+            Device::Cuda(ordinal) => crate::kernels::training::rope_kernel_runs(ordinal, dd),
+            _ => false,
+        };
+        if !cache.raw_keys && by_kernel {
+            let (b, t) = (q.size()[0], q.size()[1]);
+            let q0 = q.view([b, t, -1, dd]).transpose(1, 2).to_kind(self.compute);
+            let (cos, sin) = self.rope_rows_at(at, dd, q.device(), self.compute);
+            let kv = (&k, &v);
+            let rotated = crate::kernels::decode::decode_attention_rotated(
+                &q0,
+                (&cos, &sin),
+                kv,
+                Some(&valid),
+                scale,
+                None,
+            )?;
+            if let Some(o) = rotated {
+                return Ok(o);
             }
         }
+        let q = self.query_heads_at(q, at).to_kind(self.compute);
+        let k = if cache.raw_keys {
+            // Contiguous rows, as the decode kernel reads them (made anew each step anyway).
+            self.keys_from_raw(l, &k.transpose(1, 2), Positions::From(0))
+                .to_kind(self.compute)
+                .contiguous()
+        } else {
+            k
+        };
+        decode_attention(&q, &k, &v, Some(&valid), scale)
     }
 }
 

@@ -670,7 +670,7 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{r} rows, {v:?}, sm_{arch}: {e}"));
                 for f in Kind4::ALL {
                     let k = kernel_name(f, r, v);
-                    let body = entry(&ptx, &k).unwrap_or_else(|| panic!("{k} missing"));
+                    let body = decode::ptx_entry(&ptx, &k).unwrap_or_else(|| panic!("{k} missing"));
                     let shared = body.contains(".shared");
                     assert_eq!(
                         shared,
@@ -705,26 +705,9 @@ mod tests {
         let ptx = decode::compile(SOURCE, &defines(2, v), 90).expect("compiles");
         for f in Kind4::ALL {
             let name = kernel_name(f, 2, v);
-            let body = entry(&ptx, &name).expect("the kernel");
-            let head = &body[..body.find(')').expect("a parameter list")];
-            let params: Vec<usize> = head
-                .lines()
-                .filter_map(|l| l.trim().strip_prefix(".param ."))
-                .map(|t| match &t[..3] {
-                    "u64" | "b64" | "s64" => 8,
-                    "u32" | "b32" | "s32" | "f32" => 4,
-                    other => panic!("{name}: a parameter of type {other}"),
-                })
-                .collect();
+            let params = decode::ptx_param_sizes(&ptx, &name).expect("the kernel");
             assert_eq!(params, sizes, "{name}");
         }
-    }
-
-    /// The PTX of kernel `name`: from its `.entry` to the next one.
-    fn entry<'p>(ptx: &'p str, name: &str) -> Option<&'p str> {
-        let start = ptx.find(&format!(".entry {name}("))?;
-        let rest = &ptx[start + 1..];
-        Some(&ptx[start..start + 1 + rest.find(".entry").unwrap_or(rest.len())])
     }
 
     /// What the kernels refuse, said in words (the rules after the

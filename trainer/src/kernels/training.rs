@@ -645,6 +645,14 @@ fn norm_applies(x: &Tensor, w: &Tensor) -> bool {
         && available(ordinal)
 }
 
+/// Whether [`rope`] runs its kernel on CUDA device `ordinal` for a head
+/// dimension `dim` (given the other conditions it checks): decoding lets
+/// the decode kernel rotate a query in this kernel's arithmetic only where
+/// the model would have rotated it by this kernel.
+pub fn rope_kernel_runs(ordinal: usize, dim: i64) -> bool {
+    dim % 16 == 0 && available(ordinal)
+}
+
 /// RoPE of `x` [b, t, heads, dim] at positions `start..start + t` with the
 /// tables `cs` = [cos, cos] and `sn` = [-sin, sin] ([positions, dim], see
 /// `Model::rope_at`) by the kernels, differentiable; None where they do not

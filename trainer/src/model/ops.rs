@@ -361,6 +361,26 @@ impl Fwd<'_> {
         x * cos + swapped * sin
     }
 
+    /// The RoPE table rows ([1, dim] each, dtype `kind`) that [`Fwd::rope`]
+    /// rotates one token at `at` by: the rows the decode kernel rotates a
+    /// decoding step's query by (`kernels::decode::decode_attention_rotated`).
+    pub fn rope_rows_at(
+        &self,
+        at: Positions<'_>,
+        dim: i64,
+        device: Device,
+        kind: Kind,
+    ) -> (Tensor, Tensor) {
+        match at {
+            Positions::From(start) => {
+                let len = ((start + 1) as u64).next_power_of_two() as i64;
+                let (cos, sin) = self.rope_tables(len, dim, device, kind);
+                (cos.narrow(0, start, 1), sin.narrow(0, start, 1))
+            }
+            Positions::Device { cos, sin } => (cos.to_kind(kind), sin.to_kind(kind)),
+        }
+    }
+
     /// The rows of the RoPE tables (`dim` wide, the compute dtype) at the
     /// position that `pos` ([1], int64, on the device) holds, below `span`:
     /// [`Positions::Device`]'s, gathered on the device, the same values as

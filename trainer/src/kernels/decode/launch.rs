@@ -15,7 +15,7 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
 
-use super::nvrtc::{compile, current_stream, device, launch_ex};
+use super::nvrtc::{arg_pointers, compile, current_stream, device, launch_ex, Arg};
 use super::plan::{DecodeShape, Plan, Tuning, MAX_SMEM};
 use crate::error::{Result, TrainError};
 
@@ -36,6 +36,8 @@ pub struct Loaded {
     pub device_name: String,
     /// Compute capability 9.0 or later: dependent launch possible.
     hopper: bool,
+    /// The device's L2 cache in bytes.
+    l2_bytes: i64,
 }
 
 impl Loaded {
@@ -43,15 +45,20 @@ impl Loaded {
     fn pdl(&self) -> bool {
         self.hopper && super::nvrtc::pdl_enabled()
     }
+
+    /// Whether the split kernel asks L2 for its chunk of the cache before
+    /// it waits: where the launch's K and V take at most half of L2 (more
+    /// would evict lines before they are read) and `SIGMA_DECODE_PREFETCH`
+    /// is not off.
+    fn prefetch(&self, shape: DecodeShape, batch: i64, len: i64) -> bool {
+        let bytes = batch * len * (shape.n_k * shape.d_k + shape.n_v * shape.d_v) * 2;
+        PREFETCH.get() && bytes <= self.l2_bytes / 2
+    }
 }
 
-/// Pointers to each of the named values (locals that outlive the launch),
-/// as `cuLaunchKernelEx` takes a kernel's parameters.
-macro_rules! params {
-    ($($v:expr),* $(,)?) => {
-        [$(std::ptr::addr_of!($v) as *mut std::ffi::c_void),*]
-    };
-}
+/// `SIGMA_DECODE_PREFETCH`.
+static PREFETCH: sigma_data::env::ProcessSwitch =
+    sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_PREFETCH);
 
 type Cache = Mutex<HashMap<(usize, DecodeShape), std::result::Result<Arc<Loaded>, String>>>;
 
@@ -83,6 +90,8 @@ fn load(
         )
         .map_err(drv)?;
     let device_name = ctx.name().map_err(drv)?;
+    let l2 = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
+    let l2_bytes = ctx.attribute(l2).map_err(drv)? as i64;
     Ok(Arc::new(Loaded {
         ctx,
         split,
@@ -91,6 +100,7 @@ fn load(
         sms,
         device_name,
         hopper: arch >= 90,
+        l2_bytes,
     }))
 }
 
@@ -137,9 +147,12 @@ fn workspace(ordinal: usize, stream: &CudaStream, batch: i64) -> Result<u64> {
 
 /// The operands of one step: q [b, n_q, 1, d_k] contiguous, k [b, n_k, S,
 /// d_k] and v [b, n_v, S, d_v] with contiguous 16-byte aligned rows, valid
-/// [b, >=S] bool or None, out [b, 1, n_q * d_v] bf16 (checked by the caller).
+/// [b, >=S] bool or None, out [b, 1, n_q * d_v] bf16; `rope`: RoPE's
+/// table rows (cos, sin), [d_k] each contiguous, to rotate q by in the
+/// kernel, or None where q comes rotated (checked by the caller).
 pub struct Operands<'a> {
     pub q: &'a Tensor,
+    pub rope: Option<(&'a Tensor, &'a Tensor)>,
     pub k: &'a Tensor,
     pub v: &'a Tensor,
     pub valid: Option<&'a Tensor>,
@@ -190,6 +203,57 @@ pub fn run(
     Ok(true)
 }
 
+/// The split kernel's arguments, in csrc/decode_attention.cu's order:
+/// `parts` are the partial outputs, the partial max and sum and the
+/// counters (0 where unused).
+fn split_args(
+    o: &Operands,
+    (op, mp, done): (u64, u64, u64),
+    plan: Plan,
+    prefetch: bool,
+) -> Vec<Arg> {
+    let ptr = |t: &Tensor| Arg::Ptr(t.data_ptr() as u64);
+    let null = Arg::Ptr(0);
+    let (valid, valid_batch) = o.valid.map_or((null, 0), |m| (ptr(m), m.stride()[0]));
+    let (cs, sn) = o.rope.map_or((null, null), |(c, s)| (ptr(c), ptr(s)));
+    let (ks, vs) = (o.k.stride(), o.v.stride());
+    let scale_log2 = (o.scale * std::f64::consts::LOG2_E) as f32;
+    vec![
+        ptr(o.q),
+        ptr(o.k),
+        ptr(o.v),
+        valid,
+        Arg::I64(ks[0]),
+        Arg::I64(ks[1]),
+        Arg::I64(vs[0]),
+        Arg::I64(vs[1]),
+        Arg::I64(valid_batch),
+        Arg::Ptr(op),
+        Arg::Ptr(mp),
+        ptr(o.out),
+        Arg::Ptr(done),
+        cs,
+        sn,
+        Arg::I32(o.k.size()[2] as i32),
+        Arg::I32(plan.chunk as i32),
+        Arg::F32(scale_log2),
+        Arg::I32(i32::from(plan.fold)),
+        Arg::I32(i32::from(prefetch)),
+    ]
+}
+
+/// The combine kernel's arguments: the partial outputs, the partial max
+/// and sum, the output, the splits.
+fn combine_args(o: &Operands, (op, mp): (u64, u64), plan: Plan) -> Vec<Arg> {
+    let out = Arg::Ptr(o.out.data_ptr() as u64);
+    vec![
+        Arg::Ptr(op),
+        Arg::Ptr(mp),
+        out,
+        Arg::I32(plan.splits as i32),
+    ]
+}
+
 /// The launches of one step: the split kernel, then the combine kernel
 /// unless the plan has one split or folds it. `parts`: the partial
 /// outputs, the partial max and sum, the counters (0 where unused).
@@ -198,17 +262,12 @@ fn launch(
     kern: &Loaded,
     shape: DecodeShape,
     o: &Operands,
-    (op, mp, done): (u64, u64, u64),
+    parts: (u64, u64, u64),
     plan: Plan,
 ) -> std::result::Result<(), cudarc::driver::DriverError> {
-    let ptr = |t: &Tensor| t.data_ptr() as u64;
-    let (qp, kp, vp, outp) = (ptr(o.q), ptr(o.k), ptr(o.v), ptr(o.out));
-    let (validp, valid_batch) = o.valid.map_or((0u64, 0i64), |m| (ptr(m), m.stride()[0]));
-    let (ks, vs) = (o.k.stride(), o.v.stride());
-    let (b, len) = (o.q.size()[0], o.k.size()[2]);
-    let (len32, chunk32, splits32) = (len as i32, plan.chunk as i32, plan.splits as i32);
-    let fold = i32::from(plan.fold);
-    let scale_log2 = (o.scale * std::f64::consts::LOG2_E) as f32;
+    let b = o.q.size()[0];
+    let prefetch = kern.prefetch(shape, b, o.k.size()[2]);
+    let mut split = split_args(o, parts, plan, prefetch);
     let split_cfg = LaunchConfig {
         grid_dim: (plan.splits as u32, b as u32, 1),
         block_dim: (THREADS, 1, 1),
@@ -220,36 +279,20 @@ fn launch(
     // batch); the tensors outlive the launches, which run on the stream
     // that any later use of them is ordered after. The partials are read
     // only when the plan has more than one split, the counters only when
-    // it folds. The parameters are in the kernels' order and types.
+    // it folds, the RoPE rows (d_k each) only when given. The arguments
+    // are in the kernels' order and types (a test holds them to the PTX).
     unsafe {
-        let mut split = params![
-            qp,
-            kp,
-            vp,
-            validp,
-            ks[0],
-            ks[1],
-            vs[0],
-            vs[1],
-            valid_batch,
-            op,
-            mp,
-            outp,
-            done,
-            len32,
-            chunk32,
-            scale_log2,
-            fold
-        ];
-        launch_ex(stream, &kern.split, &split_cfg, &mut split, kern.pdl())?;
+        let mut ps = arg_pointers(&mut split);
+        launch_ex(stream, &kern.split, &split_cfg, &mut ps, kern.pdl())?;
         if plan.launches() == 2 {
             let cfg = LaunchConfig {
                 grid_dim: (shape.n_q as u32, b as u32, 1),
                 block_dim: (COMBINE_THREADS, 1, 1),
-                shared_mem_bytes: 4 * splits32 as u32,
+                shared_mem_bytes: 4 * plan.splits as u32,
             };
-            let mut combine = params![op, mp, outp, splits32];
-            launch_ex(stream, &kern.combine, &cfg, &mut combine, kern.pdl())?;
+            let mut combine = combine_args(o, (parts.0, parts.1), plan);
+            let mut ps = arg_pointers(&mut combine);
+            launch_ex(stream, &kern.combine, &cfg, &mut ps, kern.pdl())?;
         }
     }
     Ok(())
@@ -270,30 +313,38 @@ pub struct Append<'a> {
     pub vc: &'a Tensor,
 }
 
+/// The append kernel's arguments, in its order.
+fn append_args(a: &Append) -> Vec<Arg> {
+    let ptr = |t: &Tensor| Arg::Ptr(t.data_ptr() as u64);
+    let (ks, vs) = (a.kc.stride(), a.vc.stride());
+    let mut args: Vec<Arg> = [a.k, a.v, a.cos, a.sin, a.pos, a.kc, a.vc]
+        .map(ptr)
+        .to_vec();
+    args.extend([ks[0], ks[1], vs[0], vs[1]].map(Arg::I64));
+    args
+}
+
 /// One append on libtorch's current stream of device `ordinal`; false
 /// when that stream cannot be read (nothing ran).
 pub fn append(kern: &Loaded, ordinal: usize, a: &Append) -> Result<bool> {
     let Some(stream) = current_stream(&kern.ctx, ordinal) else {
         return Ok(false);
     };
-    let ptr = |t: &Tensor| t.data_ptr() as u64;
-    let (ks, vs) = (a.kc.stride(), a.vc.stride());
     let cfg = LaunchConfig {
         grid_dim: (a.k.size()[0] as u32, 1, 1),
         block_dim: (COMBINE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let ps = [a.k, a.v, a.cos, a.sin, a.pos, a.kc, a.vc].map(ptr);
+    let mut args = append_args(a);
     // SAFETY: every pointer is a live libtorch tensor of the device with
     // the layout the kernel indexes (checked by the caller: contiguous new
     // keys and values of the shape's heads, table rows of d_k, one int64
     // slot, caches with rows d apart); the slot is below the caches'
     // length (the decoder keeps it so); the launch runs on the stream that
-    // any later use of the tensors is ordered after. The parameters are in
-    // the kernel's order and types.
-    let [kp, vp, cp, sp, pp, kcp, vcp] = ps;
-    let mut params = params![kp, vp, cp, sp, pp, kcp, vcp, ks[0], ks[1], vs[0], vs[1]];
-    let r = unsafe { launch_ex(&stream, &kern.append, &cfg, &mut params, kern.pdl()) };
+    // any later use of the tensors is ordered after. The arguments are in
+    // the kernel's order and types (a test holds them to the PTX).
+    let mut ps = arg_pointers(&mut args);
+    let r = unsafe { launch_ex(&stream, &kern.append, &cfg, &mut ps, kern.pdl()) };
     r.map_err(|e| {
         TrainError::gpu(
             "NVRTC kernel",
@@ -302,4 +353,75 @@ pub fn append(kern: &Loaded, ordinal: usize, a: &Append) -> Result<bool> {
         )
     })?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::decode::{cuda_build, ptx_param_sizes, skip_unless_ci};
+
+    /// The arguments each launch passes have the sizes of its kernel's
+    /// parameters, in order (the PTX's `.param` list): a mismatch would be
+    /// read as garbage on the GPU, with no error. With and without the
+    /// optional operands (mask, RoPE rows, partials), which change values,
+    /// never the list.
+    #[test]
+    fn the_arguments_match_every_kernels_parameters() {
+        if !cuda_build() {
+            skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
+            return;
+        }
+        let shape = DecodeShape {
+            n_q: 32,
+            n_k: 4,
+            n_v: 16,
+            d_k: 64,
+            d_v: 64,
+        };
+        let t = Tuning::DEFAULT;
+        let ptx =
+            compile(DECODE_SOURCE, &shape.defines(THREADS, t.uk, t.uv), 90).expect("compiles");
+        let sizes = |name: &str| ptx_param_sizes(&ptx, name).expect("the kernel");
+        let of = |args: &[Arg]| args.iter().map(Arg::size).collect::<Vec<_>>();
+        let bf = |s: &[i64]| Tensor::zeros(s, (Kind::BFloat16, tch::Device::Cpu));
+        let (q, k, v, out) = (
+            bf(&[2, 32, 1, 64]),
+            bf(&[2, 4, 9, 64]),
+            bf(&[2, 16, 9, 64]),
+            bf(&[2, 1, 2048]),
+        );
+        let valid = Tensor::ones([2, 9], (Kind::Bool, tch::Device::Cpu));
+        let (cos, sin) = (bf(&[1, 64]), bf(&[1, 64]));
+        let plan = Plan::new(32, 9, true);
+        for (m, rope) in [(None, None), (Some(&valid), Some((&cos, &sin)))] {
+            let o = Operands {
+                q: &q,
+                rope,
+                k: &k,
+                v: &v,
+                valid: m,
+                out: &out,
+                scale: 0.125,
+            };
+            for prefetch in [false, true] {
+                let args = split_args(&o, (1, 2, 3), plan, prefetch);
+                assert_eq!(of(&args), sizes("diffqkv_decode_split"));
+            }
+            assert_eq!(
+                of(&combine_args(&o, (1, 2), plan)),
+                sizes("diffqkv_decode_combine")
+            );
+        }
+        let pos = Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu));
+        let a = Append {
+            k: &bf(&[2, 1, 256]),
+            v: &bf(&[2, 1, 1024]),
+            cos: &cos,
+            sin: &sin,
+            pos: &pos,
+            kc: &k,
+            vc: &v,
+        };
+        assert_eq!(of(&append_args(&a)), sizes("diffqkv_decode_append"));
+    }
 }

@@ -40,6 +40,8 @@ pub use launch::DECODE_SOURCE;
 pub(crate) use nvrtc::skip_unless_ci;
 pub use nvrtc::{compile, cuda_build, nvrtc, pdl_enabled, StreamTimer};
 pub(crate) use nvrtc::{current_stream, device, launch_ex, RestoreContext};
+#[cfg(test)]
+pub(crate) use nvrtc::{ptx_entry, ptx_param_sizes};
 pub use plan::{DecodeShape, Plan, Tuning};
 pub use tune::env_tuning;
 
@@ -257,7 +259,45 @@ pub fn decode_attention(
     valid: Option<&Tensor>,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    step(q, k, v, valid, scale, None)
+    step((q, None), k, v, valid, scale, None)
+}
+
+/// `SIGMA_DECODE_ROPE`.
+static ROPE: sigma_data::env::ProcessSwitch =
+    sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_ROPE);
+
+/// [`decode_attention`] of a query not yet rotated by RoPE: the kernel
+/// rotates it by the table rows `rows` (cos and sin, d_k each, bf16,
+/// contiguous: one position for every sequence, as a decoding step's),
+/// in the training RoPE kernel's arithmetic (fp32, then rounded to bf16),
+/// so the result is that of rotating first by that kernel (callers use it
+/// where the model would: `kernels::training::rope_kernel_runs`). By the
+/// tuned plan, or by `plan` (checked as [`decode_attention_by`] checks
+/// it). Ok(None) where the kernel cannot take it (as [`decode_attention`],
+/// or rows of another shape, or `SIGMA_DECODE_ROPE=off`): the caller then
+/// rotates q itself.
+pub fn decode_attention_rotated(
+    q: &Tensor,
+    rows: (&Tensor, &Tensor),
+    (k, v): (&Tensor, &Tensor),
+    valid: Option<&Tensor>,
+    scale: f64,
+    plan: Option<Plan>,
+) -> Result<Option<Tensor>> {
+    let dev = q.device();
+    let row_ok = |t: &Tensor| {
+        t.device() == dev
+            && t.kind() == Kind::BFloat16
+            && t.is_contiguous()
+            && t.numel() as i64 == q.size().last().copied().unwrap_or(0)
+    };
+    if !ROPE.get() || !row_ok(rows.0) || !row_ok(rows.1) {
+        return Ok(None);
+    }
+    if let Some(p) = plan {
+        checked_plan(q, k, v, p)?;
+    }
+    step((q, Some(rows)), k, v, valid, scale, plan)
 }
 
 /// [`decode_attention`] by a given plan instead of the tuned one (for
@@ -271,6 +311,12 @@ pub fn decode_attention_by(
     scale: f64,
     plan: Plan,
 ) -> Result<Option<Tensor>> {
+    checked_plan(q, k, v, plan)?;
+    step((q, None), k, v, valid, scale, Some(plan))
+}
+
+/// A given plan must cover the context exactly and fit the kernel.
+fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let len = k.size()[2];
     let shape = shape_of(q, k, v);
     let chunk_ok =
@@ -281,11 +327,12 @@ pub fn decode_attention_by(
             what: format!("decode plan {plan:?} for {len} slots of {shape:?}"),
         });
     }
-    step(q, k, v, valid, scale, Some(plan))
+    Ok(())
 }
 
+/// One step by the kernel: q with or without RoPE's rows to rotate it by.
 fn step(
-    q: &Tensor,
+    (q, rope): (&Tensor, Option<(&Tensor, &Tensor)>),
     k: &Tensor,
     v: &Tensor,
     valid: Option<&Tensor>,
@@ -305,6 +352,7 @@ fn step(
     let out = Tensor::f_empty([b, 1, shape.n_q * shape.d_v], (Kind::BFloat16, q.device()))?;
     let o = launch::Operands {
         q: &q,
+        rope,
         k,
         v,
         valid,
@@ -383,6 +431,12 @@ mod tests {
                     ptx.contains("ld.global.cg.f32"),
                     "{s:?}: no L2 read of partials"
                 );
+                // The split kernel asks L2 for its chunk before it waits.
+                let split = ptx_entry(&ptx, "diffqkv_decode_split").expect("the split kernel");
+                let prefetch = split.find("prefetch.global.L2").expect("no L2 prefetch");
+                if let Some(wait) = split.find("griddepcontrol.wait") {
+                    assert!(prefetch < wait, "{s:?}: the prefetch after the wait");
+                }
             }
         }
         // A broken source reports NVRTC's log.

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 
-/// The prelude of every kernel source (bf16, dependent launch).
+/// The prelude of every kernel source (bf16, dependent launch, L2 prefetch).
 const BF16_HEADER: &str = include_str!("../../../csrc/bf16.cuh");
 extern "C" {
     fn sigma_cuda_current_stream(device: i32, out: *mut *mut std::ffi::c_void) -> i32;
@@ -126,6 +126,71 @@ pub(crate) fn current_stream(
     }
     // SAFETY: libtorch's current stream of this device, alive for the process.
     Some(unsafe { ctx.wrap_borrowed_stream(raw as _) })
+}
+
+/// One kernel argument by value: `cuLaunchKernelEx` takes a pointer to
+/// each, and reads as many bytes as the kernel's parameter has, so each
+/// must have its parameter's type (tests compare the sizes with the PTX's
+/// `.param` list: [`ptx_param_sizes`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Arg {
+    /// A device pointer (0: null).
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+impl Arg {
+    /// The bytes the kernel's parameter must have.
+    #[cfg(test)]
+    pub(crate) fn size(&self) -> usize {
+        match self {
+            Arg::Ptr(_) | Arg::I64(_) => 8,
+            Arg::I32(_) | Arg::F32(_) => 4,
+        }
+    }
+
+    /// Where the value is, as the driver takes it.
+    fn address(&mut self) -> *mut std::ffi::c_void {
+        match self {
+            Arg::Ptr(v) => v as *mut u64 as *mut std::ffi::c_void,
+            Arg::I64(v) => v as *mut i64 as *mut std::ffi::c_void,
+            Arg::I32(v) => v as *mut i32 as *mut std::ffi::c_void,
+            Arg::F32(v) => v as *mut f32 as *mut std::ffi::c_void,
+        }
+    }
+}
+
+/// Pointers to each of `args`, valid while `args` is neither moved nor dropped.
+pub(crate) fn arg_pointers(args: &mut [Arg]) -> Vec<*mut std::ffi::c_void> {
+    args.iter_mut().map(Arg::address).collect()
+}
+
+/// Tests: the PTX of kernel `name`, from its `.entry` to the next one.
+#[cfg(test)]
+pub(crate) fn ptx_entry<'p>(ptx: &'p str, name: &str) -> Option<&'p str> {
+    let start = ptx.find(&format!(".entry {name}("))?;
+    let rest = &ptx[start + 1..];
+    Some(&ptx[start..start + 1 + rest.find(".entry").unwrap_or(rest.len())])
+}
+
+/// Tests: the sizes in bytes of kernel `name`'s parameters, in order, as
+/// its PTX declares them.
+#[cfg(test)]
+pub(crate) fn ptx_param_sizes(ptx: &str, name: &str) -> Option<Vec<usize>> {
+    let body = ptx_entry(ptx, name)?;
+    let head = &body[..body.find(')')?];
+    let sizes = head
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(".param ."))
+        .map(|t| match &t[..3] {
+            "u64" | "b64" | "s64" => 8,
+            "u32" | "b32" | "s32" | "f32" => 4,
+            other => panic!("{name}: a parameter of type {other}"),
+        })
+        .collect();
+    Some(sizes)
 }
 
 /// One launch by `cuLaunchKernelEx` on `stream`, its context bound to the
