@@ -14,9 +14,13 @@ use std::collections::BTreeMap;
 pub const MAX_SPLITS: i64 = 8192;
 /// Dynamic shared memory a split block may use (scores of its chunk, q, output).
 pub const MAX_SMEM: i64 = 96 * 1024;
-/// The most splits whose merge the last block of a sequence takes on (it
-/// reads `splits x n_q x (d_v + 2)` floats alone); more use the combine kernel.
-pub const MAX_FOLD_SPLITS: i64 = 256;
+/// The most splits whose merge the last block of a sequence takes on; more
+/// use the combine kernel. That block reads `splits x n_q x (d_v + 2)`
+/// floats from L2 alone, through one multiprocessor: for SIGMA-1.5B 8 KiB
+/// a split. At 128 splits (1 MiB) the folded merge tripled the batch-1
+/// graph step of SIGMA-1.5B on an H100 (docs/benchmarks.md); 16 bound it
+/// to 128 KiB, which the combine kernel's launch costs about as much as.
+pub const MAX_FOLD_SPLITS: i64 = 16;
 /// The chunk lengths the search tries (each also bounded by shared memory).
 const CHUNKS: [i64; 7] = [32, 64, 128, 256, 512, 1024, 2048];
 
@@ -389,10 +393,16 @@ mod tests {
             }
             assert_eq!(p.fold, p.splits > 1 && p.splits <= MAX_FOLD_SPLITS);
         }
+        let p = s.plan(64, 2048, 132, &t);
+        assert_eq!(
+            (p.chunk, p.splits, p.fold, p.launches()),
+            (128, 16, true, 1)
+        );
+        // 64 splits: too many to fold.
         let p = s.plan(16, 32768, 132, &t);
         assert_eq!(
             (p.chunk, p.splits, p.fold, p.launches()),
-            (512, 64, true, 1)
+            (512, 64, false, 2)
         );
         // One split: one launch, nothing to fold.
         let p = s.plan(64, 32, 132, &t);
@@ -404,7 +414,7 @@ mod tests {
             (64, 1024, false, 2)
         );
         let off = Tuning { fold: false, ..t };
-        assert_eq!(s.plan(16, 32768, 132, &off).launches(), 2);
+        assert_eq!(s.plan(64, 2048, 132, &off).launches(), 2);
     }
 
     #[test]
@@ -426,12 +436,13 @@ mod tests {
             assert!(c.iter().filter(|p| p.splits == 1).count() <= 1, "{len}");
         }
         // 4096 slots: chunks 32..512 (SIGMA's shared memory stops at 608),
-        // folded where 256 splits or fewer, and always separately.
+        // folded where 16 splits or fewer, and always separately.
         let c = candidates(&s, 4096);
         let chunks: Vec<i64> = c.iter().map(|p| p.chunk).collect();
-        assert_eq!(chunks, [32, 32, 64, 64, 128, 128, 256, 256, 512, 512]);
-        assert_eq!((c[0].splits, c[0].fold, c[1].fold), (128, true, false));
-        assert_eq!(c.iter().filter(|p| p.fold).count(), 5);
+        assert_eq!(chunks, [32, 64, 128, 256, 256, 512, 512]);
+        assert_eq!((c[0].splits, c[0].fold), (128, false));
+        assert_eq!((c[3].splits, c[3].fold, c[4].fold), (16, true, false));
+        assert_eq!(c.iter().filter(|p| p.fold).count(), 2);
         // A million slots: chunks of 32 and 64 would take too many splits,
         // and 8,192 splits are too many to fold.
         let c = candidates(&s, 1 << 20);
