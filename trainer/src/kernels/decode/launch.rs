@@ -47,16 +47,22 @@ impl Loaded {
     }
 
     /// Whether the split kernel asks L2 for its chunk of the cache before
-    /// it waits: where the launch's K and V take at most half of L2 (more
-    /// would evict lines before they are read) and `SIGMA_DECODE_PREFETCH`
-    /// is not off.
-    fn prefetch(&self, shape: DecodeShape, batch: i64, len: i64) -> bool {
+    /// it waits: where the plan says so (the search found it faster), or
+    /// where the launch's K and V take at most half of L2 (more would evict
+    /// lines before they are read), so that the cache is read while the
+    /// kernels before drain; never when `SIGMA_DECODE_PREFETCH` is off.
+    fn prefetch(&self, shape: DecodeShape, batch: i64, len: i64, plan: Plan) -> bool {
         let bytes = batch * len * (shape.n_k * shape.d_k + shape.n_v * shape.d_v) * 2;
-        PREFETCH.get() && bytes <= self.l2_bytes / 2
+        prefetch_allowed() && (plan.prefetch || bytes <= self.l2_bytes / 2)
     }
 }
 
-/// `SIGMA_DECODE_PREFETCH`.
+/// `SIGMA_DECODE_PREFETCH` (on unless set off): whether any launch may
+/// prefetch, and whether the search offers plans that do.
+pub fn prefetch_allowed() -> bool {
+    PREFETCH.get()
+}
+
 static PREFETCH: sigma_data::env::ProcessSwitch =
     sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_PREFETCH);
 
@@ -266,7 +272,7 @@ fn launch(
     plan: Plan,
 ) -> std::result::Result<(), cudarc::driver::DriverError> {
     let b = o.q.size()[0];
-    let prefetch = kern.prefetch(shape, b, o.k.size()[2]);
+    let prefetch = kern.prefetch(shape, b, o.k.size()[2], plan);
     let mut split = split_args(o, parts, plan, prefetch);
     let split_cfg = LaunchConfig {
         grid_dim: (plan.splits as u32, b as u32, 1),

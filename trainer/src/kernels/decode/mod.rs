@@ -321,7 +321,9 @@ fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let shape = shape_of(q, k, v);
     let chunk_ok =
         plan.chunk > 0 && plan.chunk % 32 == 0 && plan.chunk <= shape.max_chunk(i64::MAX);
-    if !chunk_ok || plan != Plan::new(plan.chunk, len, plan.fold) || plan.splits > plan::MAX_SPLITS
+    if !chunk_ok
+        || plan != Plan::new(plan.chunk, len, plan.fold).prefetching(plan.prefetch)
+        || plan.splits > plan::MAX_SPLITS
     {
         return Err(crate::error::TrainError::Invariant {
             what: format!("decode plan {plan:?} for {len} slots of {shape:?}"),

@@ -1,7 +1,8 @@
 //! How a decoding step's attention is cut into blocks, with no device in
 //! sight: the shapes the kernel takes ([`DecodeShape`]), the plan of one
 //! launch ([`Plan`]: chunk length, splits, whether the combine is folded
-//! into the split kernel), the candidates the per-device search times
+//! into the split kernel, whether the blocks ask L2 for their chunk
+//! first), the candidates the per-device search times
 //! ([`candidates`]), the key its result is remembered under ([`TuneKey`]),
 //! the choice of the fastest ([`fastest`]), the tuning cache file's text
 //! ([`format_cache`], [`parse_cache`]) and the `SIGMA_DECODE_TUNING`
@@ -37,6 +38,8 @@ pub struct Tuning {
     pub uv: i64,
     /// Fold the combine into the split kernel (up to [`MAX_FOLD_SPLITS`] splits).
     pub fold: bool,
+    /// Every block asks L2 for its whole chunk before it loads any of it.
+    pub prefetch: bool,
 }
 
 impl Tuning {
@@ -46,6 +49,7 @@ impl Tuning {
         uk: 4,
         uv: 8,
         fold: true,
+        prefetch: false,
     };
 
     /// `key=value` pairs separated by commas, over the defaults; an error
@@ -57,12 +61,17 @@ impl Tuning {
                 .split_once('=')
                 .ok_or_else(|| format!("{item:?} is not key=value"))?;
             let (key, value) = (key.trim(), value.trim());
-            if key == "fold" {
-                t.fold = match value {
+            if key == "fold" || key == "prefetch" {
+                let on = match value {
                     "1" | "on" | "true" => true,
                     "0" | "off" | "false" => false,
-                    _ => return Err(format!("fold = {value:?} is not 1 (on) or 0 (off)")),
+                    _ => return Err(format!("{key} = {value:?} is not 1 (on) or 0 (off)")),
                 };
+                *(if key == "fold" {
+                    &mut t.fold
+                } else {
+                    &mut t.prefetch
+                }) = on;
                 continue;
             }
             let v: i64 = value
@@ -79,7 +88,7 @@ impl Tuning {
                 "uv" => (&mut t.uv, (1..=16).contains(&v), "1 to 16"),
                 k => {
                     return Err(format!(
-                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold)"
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, prefetch)"
                     ))
                 }
             };
@@ -95,23 +104,38 @@ impl Tuning {
 /// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
 /// them per sequence; with one split the block writes the output itself,
 /// else `fold` says whether the last block of each sequence merges the
-/// partial results (one launch) or the combine kernel does (two).
+/// partial results (one launch) or the combine kernel does (two). With
+/// `prefetch` every block first asks L2 for all of its chunk's K and V
+/// rows, so the V rows are on their way while the scores are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub chunk: i64,
     pub splits: i64,
     pub fold: bool,
+    pub prefetch: bool,
 }
 
 impl Plan {
-    /// `len` slots in chunks of `chunk`, folded if `fold` and the splits allow it.
+    /// `len` slots in chunks of `chunk`, folded if `fold` and the splits
+    /// allow it, without the prefetch.
     pub fn new(chunk: i64, len: i64, fold: bool) -> Plan {
         let splits = (len + chunk - 1) / chunk;
         Plan {
             chunk,
             splits,
             fold: fold && splits > 1 && splits <= MAX_FOLD_SPLITS,
+            prefetch: false,
         }
+    }
+
+    /// The same plan with the prefetch on or off.
+    pub fn prefetching(self, prefetch: bool) -> Plan {
+        Plan { prefetch, ..self }
+    }
+
+    /// The plan of `len` slots that a search's [`Choice`] stands for.
+    pub fn chosen(c: Choice, len: i64) -> Plan {
+        Plan::new(c.chunk, len, c.fold).prefetching(c.prefetch)
     }
 
     /// Kernel launches this plan takes.
@@ -199,24 +223,32 @@ impl DecodeShape {
         let want_splits = ((t.blocks_per_sm * sms + batch - 1) / batch).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
         let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk(t.max_chunk).max(32));
-        Plan::new(chunk, len, t.fold)
+        Plan::new(chunk, len, t.fold).prefetching(t.prefetch)
     }
 }
 
 /// The plans the search times for `len` slots: every chunk of [`CHUNKS`]
 /// that fits shared memory up to the first that holds the whole context,
 /// each with the combine folded and separate (one plan where one split
-/// suffices or folding is not offered), none past [`MAX_SPLITS`].
-pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
+/// suffices or folding is not offered), none past [`MAX_SPLITS`]; each
+/// without the prefetch and, when `prefetch` offers it, with it.
+pub fn candidates(shape: &DecodeShape, len: i64, prefetch: bool) -> Vec<Plan> {
     let most = shape.max_chunk(i64::MAX);
     let mut out = Vec::new();
     for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
         let folded = Plan::new(chunk, len, true);
         if folded.splits <= MAX_SPLITS {
-            out.push(folded);
             let separate = Plan::new(chunk, len, false);
-            if separate != folded {
-                out.push(separate);
+            let plans = if separate != folded {
+                vec![folded, separate]
+            } else {
+                vec![folded]
+            };
+            for p in plans {
+                out.push(p);
+                if prefetch {
+                    out.push(p.prefetching(true));
+                }
             }
         }
         if chunk >= len {
@@ -242,12 +274,23 @@ pub struct TuneKey {
     pub bucket: i64,
 }
 
-/// A search's result: the chunk and whether to fold; [`Plan::new`] makes
-/// the plan of any context of the bucket from it.
+/// A search's result: the chunk, whether to fold and whether to prefetch;
+/// [`Plan::chosen`] makes the plan of any context of the bucket from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice {
     pub chunk: i64,
     pub fold: bool,
+    pub prefetch: bool,
+}
+
+impl Choice {
+    pub fn of(p: Plan) -> Choice {
+        Choice {
+            chunk: p.chunk,
+            fold: p.fold,
+            prefetch: p.prefetch,
+        }
+    }
 }
 
 /// The fastest of `plans` by `seconds` (the same order; a time that is not
@@ -266,7 +309,10 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
 }
 
 /// The first line of a tuning cache file (its format's version).
-pub const CACHE_HEADER: &str = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)";
+pub const CACHE_HEADER: &str = "# sigma decode tuning v2: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, prefetch (tab-separated)";
+/// The first line of the previous version's files (no prefetch column:
+/// their choices are read as without it).
+const CACHE_HEADER_V1: &str = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)";
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
 pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
@@ -274,7 +320,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
     for (k, c) in entries {
         let s = &k.shape;
         out.push_str(&format!(
-            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\n",
+            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{}\n",
             k.device,
             s.n_q,
             s.n_k,
@@ -284,7 +330,8 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
             k.batch,
             k.bucket,
             c.chunk,
-            u8::from(c.fold)
+            u8::from(c.fold),
+            u8::from(c.prefetch)
         ));
     }
     out
@@ -294,21 +341,31 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
 /// and what is wrong with it (the caller then ignores the whole file).
 pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
     let mut lines = text.lines();
-    if lines.next() != Some(CACHE_HEADER) {
-        return Err("line 1: not a sigma decode tuning file of this version".into());
-    }
+    let v1 = match lines.next() {
+        Some(CACHE_HEADER) => false,
+        Some(CACHE_HEADER_V1) => true,
+        _ => return Err("line 1: not a sigma decode tuning file of version 1 or 2".into()),
+    };
     let mut out = BTreeMap::new();
     for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let (key, choice) = parse_line(line).map_err(|e| format!("line {}: {e}", i + 2))?;
+        let (key, choice) = parse_line(line, v1).map_err(|e| format!("line {}: {e}", i + 2))?;
         out.insert(key, choice);
     }
     Ok(out)
 }
 
-fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
+/// One line; `v1`: without the prefetch column.
+fn parse_line(line: &str, v1: bool) -> Result<(TuneKey, Choice), String> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [device, shape, batch, bucket, chunk, fold] = f[..] else {
-        return Err(format!("{} fields, not 6", f.len()));
+    let fields = if v1 { 6 } else { 7 };
+    if f.len() != fields {
+        return Err(format!("{} fields, not {fields}", f.len()));
+    }
+    let (device, shape, batch, bucket, chunk, fold) = (f[0], f[1], f[2], f[3], f[4], f[5]);
+    let flag = |what: &str, s: &str| match s.trim() {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        other => Err(format!("{what} {other:?} is not 0 or 1")),
     };
     let num = |what: &str, s: &str| -> Result<i64, String> {
         s.trim()
@@ -340,18 +397,22 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
             "chunk {chunk} is not a multiple of 32 that fits shared memory"
         ));
     }
-    let fold = match fold.trim() {
-        "0" => false,
-        "1" => true,
-        other => return Err(format!("fold {other:?} is not 0 or 1")),
-    };
+    let fold = flag("fold", fold)?;
+    let prefetch = if v1 { false } else { flag("prefetch", f[6])? };
     let key = TuneKey {
         device: device.to_string(),
         shape,
         batch: num("batch", batch)?,
         bucket: num("context bucket", bucket)?,
     };
-    Ok((key, Choice { chunk, fold }))
+    Ok((
+        key,
+        Choice {
+            chunk,
+            fold,
+            prefetch,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -421,7 +482,7 @@ mod tests {
     fn candidates_cover_the_context_fit_shared_memory_and_offer_both_combines() {
         let s = sigma_1_5b();
         for len in [1, 31, 32, 33, 100, 1000, 4096, 5000, 32768, 65536, 1 << 20] {
-            let c = candidates(&s, len);
+            let c = candidates(&s, len, false);
             assert!(!c.is_empty(), "{len}");
             for p in &c {
                 assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
@@ -434,10 +495,15 @@ mod tests {
                 assert!(!c[i + 1..].contains(p), "{len}: {p:?} twice");
             }
             assert!(c.iter().filter(|p| p.splits == 1).count() <= 1, "{len}");
+            assert!(c.iter().all(|p| !p.prefetch));
+            // Offered, the prefetch doubles the list: each plan without it, then with it.
+            let both = candidates(&s, len, true);
+            let twice: Vec<Plan> = c.iter().flat_map(|p| [*p, p.prefetching(true)]).collect();
+            assert_eq!(both, twice, "{len}");
         }
         // 4096 slots: chunks 32..512 (SIGMA's shared memory stops at 608),
         // folded where 16 splits or fewer, and always separately.
-        let c = candidates(&s, 4096);
+        let c = candidates(&s, 4096, false);
         let chunks: Vec<i64> = c.iter().map(|p| p.chunk).collect();
         assert_eq!(chunks, [32, 64, 128, 256, 256, 512, 512]);
         assert_eq!((c[0].splits, c[0].fold), (128, false));
@@ -445,11 +511,11 @@ mod tests {
         assert_eq!(c.iter().filter(|p| p.fold).count(), 2);
         // A million slots: chunks of 32 and 64 would take too many splits,
         // and 8,192 splits are too many to fold.
-        let c = candidates(&s, 1 << 20);
+        let c = candidates(&s, 1 << 20, false);
         assert_eq!(c[0], Plan::new(128, 1 << 20, false));
         assert!(c.iter().all(|p| p.chunk >= 128));
         // A short context ends with the single split.
-        let c = candidates(&s, 40);
+        let c = candidates(&s, 40, false);
         assert_eq!(c.last(), Some(&Plan::new(64, 40, true)));
         assert_eq!(c.last().map(|p| (p.splits, p.launches())), Some((1, 1)));
         // Smaller heads fit longer chunks.
@@ -460,7 +526,9 @@ mod tests {
             d_k: 16,
             d_v: 16,
         };
-        assert!(candidates(&small, 65536).iter().any(|p| p.chunk == 2048));
+        assert!(candidates(&small, 65536, false)
+            .iter()
+            .any(|p| p.chunk == 2048));
     }
 
     #[test]
@@ -494,6 +562,7 @@ mod tests {
             Choice {
                 chunk: 128,
                 fold: true,
+                prefetch: true,
             },
         );
         m.insert(
@@ -501,28 +570,44 @@ mod tests {
             Choice {
                 chunk: 512,
                 fold: false,
+                prefetch: false,
             },
         );
         let text = format_cache(&m);
         assert_eq!(parse_cache(&text), Ok(m.clone()));
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t0\n"),
             "{text}"
         );
         assert_eq!(
             parse_cache(&format_cache(&BTreeMap::new())),
             Ok(BTreeMap::new())
         );
-        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0";
+        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t1";
         let bad =
             |body: &str| parse_cache(&format!("{CACHE_HEADER}\n{line}\n{body}\n")).unwrap_err();
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64").contains("line 3: 5 fields"));
-        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1").contains("not n_q n_k n_v d_k d_v"));
-        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1").contains("must divide"));
-        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1").contains("batch \"0\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1").contains("chunk 100"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1").contains("fits shared memory"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes").contains("fold \"yes\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1").contains("line 3: 6 fields, not 7"));
+        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t0").contains("not n_q n_k n_v d_k d_v"));
+        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t0").contains("must divide"));
+        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t0").contains("batch \"0\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t0").contains("chunk 100"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t0").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t0").contains("fold \"yes\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t2").contains("prefetch \"2\""));
+        // A file of the previous version (no prefetch column) is read as
+        // choices without the prefetch; its lines must have its 6 fields.
+        let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
+        let old = parse_cache(v1).unwrap();
+        assert_eq!(
+            old.values().copied().collect::<Vec<_>>(),
+            [Choice {
+                chunk: 512,
+                fold: true,
+                prefetch: false
+            }]
+        );
+        let e = parse_cache(&format!("{v1}{line}\n")).unwrap_err();
+        assert!(e.contains("line 3: 7 fields, not 6"), "{e}");
         assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
         assert!(parse_cache("").unwrap_err().contains("line 1"));
     }
@@ -547,6 +632,13 @@ mod tests {
         assert!(Tuning::parse("fold=2")
             .unwrap_err()
             .contains("fold = \"2\""));
+        let t = Tuning::parse("prefetch=1").unwrap();
+        assert!(t.prefetch && t.fold);
+        assert!(sigma_1_5b().plan(1, 4096, 132, &t).prefetch);
+        assert!(!sigma_1_5b().plan(1, 4096, 132, &Tuning::DEFAULT).prefetch);
+        assert!(Tuning::parse("prefetch=yes")
+            .unwrap_err()
+            .contains("prefetch = \"yes\" is not 1 (on) or 0 (off)"));
         assert!(Tuning::parse("warps=4")
             .unwrap_err()
             .contains("unknown key \"warps\""));

@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 
 use sigma_data::env;
 
-use super::launch::{run, Loaded, Operands};
+use super::launch::{prefetch_allowed, run, Loaded, Operands};
 use super::nvrtc::StreamTimer;
 use super::plan::{
     candidates, context_bucket, fastest, format_cache, parse_cache, Choice, DecodeShape, Plan,
@@ -141,16 +141,13 @@ pub fn plan_for(
         .get(&key)
         .copied();
     if let Some(c) = remembered {
-        let p = Plan::new(c.chunk, len, c.fold);
+        let p = Plan::chosen(c, len);
         if p.splits <= MAX_SPLITS {
             return Ok((p, false));
         }
     }
     let p = search(kern, ordinal, shape, o)?;
-    let choice = Choice {
-        chunk: p.chunk,
-        fold: p.fold,
-    };
+    let choice = Choice::of(p);
     known()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -167,18 +164,19 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
     let Ok(timer) = StreamTimer::new(ordinal) else {
         return Ok(fallback);
     };
-    let plans = candidates(&shape, len);
+    let plans = candidates(&shape, len, prefetch_allowed());
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
         seconds.push(time_plan(kern, ordinal, shape, o, p, &timer)?);
     }
     let best = fastest(&plans, &seconds).unwrap_or(fallback);
     eprintln!(
-        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {} ({} candidates)",
+        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}{} ({} candidates)",
         kern.device_name,
         context_bucket(len),
         best.chunk,
         if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
+        if best.prefetch { ", the chunk asked of L2 first" } else { "" },
         plans.len()
     );
     // Leave the chosen plan's output in `o.out`.
