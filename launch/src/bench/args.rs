@@ -73,6 +73,11 @@ pub struct DecodeArgs {
     /// time goes (kernel categories, the top kernels with their counts).
     #[arg(long, requires = "model")]
     pub profile: bool,
+    /// Attention timing on a GPU: each call launched from the host between
+    /// CUDA events (the host's launch work counts, as in an eager decoding
+    /// step) instead of 16 calls recorded in a CUDA graph and replayed.
+    #[arg(long, conflicts_with_all = ["model", "check"])]
+    pub eager: bool,
 }
 
 impl DecodeArgs {

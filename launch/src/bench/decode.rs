@@ -10,7 +10,7 @@ use sigma_trainer::kernels::decode;
 use tch::{Device, Kind, Tensor};
 
 use super::args::DecodeArgs;
-use super::timing::{device_name, median_time};
+use super::timing::{device_name, graph_time, median_time, GRAPH_CALLS};
 
 /// Where the kernel is used, "(kernel)"; where not, why.
 fn kernel_note(q: &Tensor, k: &Tensor, v: &Tensor) -> String {
@@ -32,6 +32,12 @@ fn print_attention_header(a: &DecodeArgs, kind: Kind, device: Device) {
         "DiffQKV runs through {}; \"ops\" is its tensor-operation path",
         kernel_note(&probe(a.n_q), &probe(a.n_k), &probe(a.n_v))
     );
+    if device.is_cuda() && !a.eager {
+        println!(
+            "ms: device time of one call, {GRAPH_CALLS} calls recorded in a CUDA graph and replayed (no host launch work; --eager: from the host), each on its own copy of the cache up to {} MB of copies, so no call finds the previous one's in L2",
+            COPIES_BYTES / 1e6
+        );
+    }
     println!(
         "{:>6} {:>8} {:>12} {:>9} {:>9} {:>9} {:>12} {:>12}{}",
         "batch",
@@ -77,22 +83,62 @@ fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) ->
             );
         }
     }
-    let ours = median_time(device, a.steps, &mut || {
-        let _ = decode_attention(&q, &k, &v, None, scale)?;
+    let bytes_ours = (b * s * d * (a.n_k + a.n_v)) as f64 * elt;
+    let bytes_gqa = (b * s * d * 2 * a.gqa_kv) as f64 * elt;
+    // Graph timing cycles each side's calls over copies of its cache.
+    let graphs = match device {
+        Device::Cuda(i) if !a.eager => Some(i),
+        _ => None,
+    };
+    let copies = |bytes: f64, first: &[&Tensor]| -> Result<Vec<Vec<Tensor>>> {
+        let n = if graphs.is_some() {
+            copies_of(bytes)
+        } else {
+            1
+        };
+        let mut all = vec![first.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>()];
+        for _ in 1..n {
+            all.push(
+                first
+                    .iter()
+                    .map(|t| {
+                        let mut c = t.f_empty_like()?;
+                        c.f_copy_(t)?;
+                        Ok::<_, tch::TchError>(c)
+                    })
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        Ok(all)
+    };
+    let (Ok(kv), Ok(gkv)) = (
+        copies(bytes_ours, &[&k, &v]),
+        copies(bytes_gqa, &[&gk, &gv]),
+    ) else {
+        println!("{b:>6} {s:>8}  (the copies of the caches do not fit in memory: skipped)");
+        return Ok(());
+    };
+    let time = |f: &mut dyn FnMut(usize) -> Result<()>| match graphs {
+        Some(i) => graph_time(i, a.steps, f),
+        None => median_time(device, a.steps, &mut || f(0)),
+    };
+    let ours = time(&mut |i| {
+        let c = &kv[i % kv.len()];
+        let _ = decode_attention(&q, &c[0], &c[1], None, scale)?;
         Ok(())
     })?;
-    let ops = median_time(device, a.steps, &mut || {
-        let _ = decode_attention_ops(&q, &k, &v, None, scale);
+    let ops = time(&mut |i| {
+        let c = &kv[i % kv.len()];
+        let _ = decode_attention_ops(&q, &c[0], &c[1], None, scale);
         Ok(())
     })?;
-    let gqa = median_time(device, a.steps, &mut || {
+    let gqa = time(&mut |i| {
+        let c = &gkv[i % gkv.len()];
         let _ = Tensor::f_scaled_dot_product_attention::<Tensor>(
-            &q, &gk, &gv, None, 0.0, false, scale, true,
+            &q, &c[0], &c[1], None, 0.0, false, scale, true,
         )?;
         Ok(())
     })?;
-    let bytes_ours = (b * s * d * (a.n_k + a.n_v)) as f64 * elt;
-    let bytes_gqa = (b * s * d * 2 * a.gqa_kv) as f64 * elt;
     let (bw_o, bw_g) = (bytes_ours / ours / 1e9, bytes_gqa / gqa / 1e9);
     println!(
         "{b:>6} {s:>8} {:>12.4} {:>9.4} {:>9.4} {:>8.1}% {:>12.0} {:>12.0}{}",
@@ -107,6 +153,15 @@ fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) ->
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// The bytes of cache copies one graph timing cycles over at least (where
+/// [`GRAPH_CALLS`] copies allow): several times any current GPU's L2.
+const COPIES_BYTES: f64 = 256e6;
+
+/// Copies of a cache of `bytes` that make [`COPIES_BYTES`], at most one per call.
+fn copies_of(bytes: f64) -> usize {
+    ((COPIES_BYTES / bytes).ceil() as usize).clamp(1, GRAPH_CALLS)
 }
 
 /// Time DiffQKV (kernel and tensor path) and GQA at every batch size and

@@ -1,6 +1,7 @@
 //! What every benchmark shares: waiting for the device, the median time of a
-//! closure, the device's name for the header line, and the relative error
-//! of a result against its reference.
+//! closure (run from the host, or recorded in a CUDA graph and replayed),
+//! the device's name for the header line, and the relative error of a
+//! result against its reference.
 
 use anyhow::Result;
 use sigma_trainer::kernels::decode;
@@ -38,6 +39,54 @@ pub fn median_time(d: Device, steps: usize, f: &mut dyn FnMut() -> Result<()>) -
                 t.push(s.elapsed().as_secs_f64());
             }
         }
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+/// Calls of the timed closure recorded in one CUDA graph by [`graph_time`].
+pub const GRAPH_CALLS: usize = 16;
+
+/// Median device seconds of one call of `f(i)` (`i` = 0, 1, ...) when
+/// [`GRAPH_CALLS`] calls are recorded in a CUDA graph on device `device`
+/// and the graph is replayed `steps` times between CUDA events (after 3
+/// untimed replays): what the calls cost the GPU, without the host's
+/// launch work (as in a decoding step recorded as a graph). Before the
+/// recording each `f(i)` runs once from the host (first-use work: a tuning
+/// search, a compilation). `f` must not copy to or from the host.
+pub fn graph_time(
+    device: usize,
+    steps: usize,
+    f: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    use sigma_trainer::kernels::cuda_graph::CudaGraph;
+    for i in 0..GRAPH_CALLS {
+        f(i)?;
+    }
+    sync(Device::Cuda(device));
+    let mut g = CudaGraph::new(device, None)?;
+    g.capture(|| {
+        for i in 0..GRAPH_CALLS {
+            f(i).map_err(|e| {
+                sigma_trainer::error::TrainError::gpu(
+                    "CUDA graph",
+                    "a call recorded for timing",
+                    format!("{e:#}"),
+                )
+            })?;
+        }
+        Ok(())
+    })?;
+    for _ in 0..3 {
+        g.replay()?;
+    }
+    sync(Device::Cuda(device));
+    let timer = decode::StreamTimer::new(device).map_err(anyhow::Error::msg)?;
+    let mut t = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        timer.start().map_err(anyhow::Error::msg)?;
+        g.replay()?;
+        t.push(timer.stop_ms().map_err(anyhow::Error::msg)? / 1e3 / GRAPH_CALLS as f64);
     }
     t.sort_by(|a, b| a.total_cmp(b));
     Ok(t[t.len() / 2])
