@@ -37,7 +37,7 @@ pub struct Loaded {
     /// Compute capability 9.0 or later: dependent launch possible.
     hopper: bool,
     /// The device's L2 cache in bytes.
-    l2_bytes: i64,
+    pub l2_bytes: i64,
 }
 
 impl Loaded {
@@ -175,38 +175,93 @@ pub fn run(
     o: &Operands,
     plan: Plan,
 ) -> Result<bool> {
-    let Some(stream) = current_stream(&kern.ctx, ordinal) else {
-        return Ok(false);
-    };
-    let b = o.q.size()[0];
-    let f32s = (Kind::Float, o.q.device());
-    // One split writes the output itself: no partials.
-    let (part_o, part_ml) = if plan.splits > 1 {
-        (
-            Some(Tensor::f_empty(
-                [b, plan.splits, shape.n_q, shape.d_v],
-                f32s,
-            )?),
-            Some(Tensor::f_empty([b, plan.splits, shape.n_q, 2], f32s)?),
+    match Ready::new(kern, ordinal, shape, o, plan)? {
+        Some(r) => r.launch().map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// A plan's launches made ready on libtorch's current stream: the partial
+/// results allocated (libtorch's allocator, on that stream) and the
+/// counters found, so that [`Ready::launch`] only launches. The search
+/// launches a candidate several times back to back this way, so its
+/// timing is the device's, not the host's.
+pub struct Ready<'a> {
+    kern: &'a Loaded,
+    ordinal: usize,
+    shape: DecodeShape,
+    o: &'a Operands<'a>,
+    plan: Plan,
+    stream: Arc<CudaStream>,
+    /// The partial outputs and their max and sum (kept alive), and their
+    /// pointers with the counters' (0 where unused).
+    _partials: (Option<Tensor>, Option<Tensor>),
+    parts: (u64, u64, u64),
+}
+
+impl<'a> Ready<'a> {
+    /// None when libtorch's current stream cannot be read.
+    pub fn new(
+        kern: &'a Loaded,
+        ordinal: usize,
+        shape: DecodeShape,
+        o: &'a Operands<'a>,
+        plan: Plan,
+    ) -> Result<Option<Ready<'a>>> {
+        let Some(stream) = current_stream(&kern.ctx, ordinal) else {
+            return Ok(None);
+        };
+        let b = o.q.size()[0];
+        let f32s = (Kind::Float, o.q.device());
+        // One split writes the output itself: no partials.
+        let (part_o, part_ml) = if plan.splits > 1 {
+            (
+                Some(Tensor::f_empty(
+                    [b, plan.splits, shape.n_q, shape.d_v],
+                    f32s,
+                )?),
+                Some(Tensor::f_empty([b, plan.splits, shape.n_q, 2], f32s)?),
+            )
+        } else {
+            (None, None)
+        };
+        let done = if plan.fold {
+            workspace(ordinal, &stream, b)?
+        } else {
+            0
+        };
+        let ptr = |t: &Option<Tensor>| t.as_ref().map_or(0u64, |t| t.data_ptr() as u64);
+        let parts = (ptr(&part_o), ptr(&part_ml), done);
+        Ok(Some(Ready {
+            kern,
+            ordinal,
+            shape,
+            o,
+            plan,
+            stream,
+            _partials: (part_o, part_ml),
+            parts,
+        }))
+    }
+
+    /// The step's launches (each use rewrites `o.out` and the partials).
+    pub fn launch(&self) -> Result<()> {
+        launch(
+            &self.stream,
+            self.kern,
+            self.shape,
+            self.o,
+            self.parts,
+            self.plan,
         )
-    } else {
-        (None, None)
-    };
-    let done = if plan.fold {
-        workspace(ordinal, &stream, b)?
-    } else {
-        0
-    };
-    let ptr = |t: &Option<Tensor>| t.as_ref().map_or(0u64, |t| t.data_ptr() as u64);
-    let parts = (ptr(&part_o), ptr(&part_ml), done);
-    launch(&stream, kern, shape, o, parts, plan).map_err(|e| {
-        TrainError::gpu(
-            "NVRTC kernel",
-            format!("DiffQKV decode attention on cuda:{ordinal}"),
-            e.to_string(),
-        )
-    })?;
-    Ok(true)
+        .map_err(|e| {
+            TrainError::gpu(
+                "NVRTC kernel",
+                format!("DiffQKV decode attention on cuda:{}", self.ordinal),
+                e.to_string(),
+            )
+        })
+    }
 }
 
 /// The split kernel's arguments, in csrc/decode_attention.cu's order:

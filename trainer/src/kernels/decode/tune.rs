@@ -15,16 +15,23 @@ use std::sync::{Mutex, OnceLock};
 
 use sigma_data::env;
 
-use super::launch::{prefetch_allowed, run, Loaded, Operands};
+use super::launch::{prefetch_allowed, run, Loaded, Operands, Ready};
 use super::nvrtc::StreamTimer;
 use super::plan::{
     candidates, context_bucket, fastest, format_cache, parse_cache, Choice, DecodeShape, Plan,
     TuneKey, Tuning, MAX_SPLITS,
 };
 use crate::error::Result;
+use tch::{Kind, Tensor};
 
-/// Timed runs per candidate (the median counts), after [`WARMUP`] untimed ones.
-const RUNS: usize = 5;
+/// Timed runs per candidate (the median counts), after [`WARMUP`] untimed
+/// ones. Before each, L2 is flushed (a buffer of twice its size written),
+/// which also keeps the device busy while the host launches the run: the
+/// time is the device's reading the cache from memory, as a step of a
+/// model whose layers each read their own cache does, not the host's
+/// launch work (about what a step of one sequence takes the device) nor
+/// reads from an L2 that the previous run filled.
+const RUNS: usize = 7;
 const WARMUP: usize = 2;
 
 /// `SIGMA_DECODE_TUNING` read once: None when unset; a bad value is an
@@ -164,10 +171,14 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
     let Ok(timer) = StreamTimer::new(ordinal) else {
         return Ok(fallback);
     };
+    let flush = Tensor::f_empty(
+        [2 * kern.l2_bytes.max(1 << 20)],
+        (Kind::Uint8, o.q.device()),
+    )?;
     let plans = candidates(&shape, len, prefetch_allowed());
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
-        seconds.push(time_plan(kern, ordinal, shape, o, p, &timer)?);
+        seconds.push(time_plan(kern, ordinal, shape, o, p, (&timer, &flush))?);
     }
     let best = fastest(&plans, &seconds).unwrap_or(fallback);
     eprintln!(
@@ -184,26 +195,30 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
     Ok(best)
 }
 
-/// Median seconds of `RUNS` runs of plan `p` (NaN if it could not run or be timed).
+/// Median seconds of `RUNS` runs of plan `p`, each after an L2 flush (the
+/// writing of `flush`), timed by `timer` (NaN if it could not run or be
+/// timed).
 fn time_plan(
     kern: &Loaded,
     ordinal: usize,
     shape: DecodeShape,
     o: &Operands,
     p: Plan,
-    timer: &StreamTimer,
+    (timer, flush): (&StreamTimer, &Tensor),
 ) -> Result<f64> {
+    let Some(ready) = Ready::new(kern, ordinal, shape, o, p)? else {
+        return Ok(f64::NAN);
+    };
     for _ in 0..WARMUP {
-        if !run(kern, ordinal, shape, o, p)? {
-            return Ok(f64::NAN);
-        }
+        ready.launch()?;
     }
     let mut t = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
+        let _ = flush.shallow_clone().f_fill_(0)?;
         if timer.start().is_err() {
             return Ok(f64::NAN);
         }
-        run(kern, ordinal, shape, o, p)?;
+        ready.launch()?;
         match timer.stop_ms() {
             Ok(ms) => t.push(ms / 1e3),
             Err(_) => return Ok(f64::NAN),
