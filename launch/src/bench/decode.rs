@@ -159,9 +159,14 @@ fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) ->
 /// [`GRAPH_CALLS`] copies allow): several times any current GPU's L2.
 const COPIES_BYTES: f64 = 256e6;
 
-/// Copies of a cache of `bytes` that make [`COPIES_BYTES`], at most one per call.
+/// Copies of a cache of `bytes` that make [`COPIES_BYTES`]: a power of two
+/// (so a replay's last call and the next replay's first read different
+/// copies), at most one per call.
 fn copies_of(bytes: f64) -> usize {
-    ((COPIES_BYTES / bytes).ceil() as usize).clamp(1, GRAPH_CALLS)
+    ((COPIES_BYTES / bytes).ceil() as usize)
+        .clamp(1, GRAPH_CALLS)
+        .next_power_of_two()
+        .min(GRAPH_CALLS)
 }
 
 /// Time DiffQKV (kernel and tensor path) and GQA at every batch size and
@@ -444,7 +449,7 @@ fn check_case(case: Case, device: Device) -> Result<(f64, Rotated)> {
         d_k: dk,
         d_v: dv,
     };
-    let plans = decode::plan::candidates(&shape, len, true);
+    let plans = decode::plan::candidates(&shape, len, decode::prefetch_allowed());
     for &p in &plans {
         let o = decode::decode_attention_by(&q, &k, &v, m, scale, p)?.ok_or_else(not_run)?;
         ek = ek.max(err(&o));

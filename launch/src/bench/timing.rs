@@ -50,21 +50,32 @@ pub const GRAPH_CALLS: usize = 16;
 /// Median device seconds of one call of `f(i)` (`i` = 0, 1, ...) when
 /// [`GRAPH_CALLS`] calls are recorded in a CUDA graph on device `device`
 /// and the graph is replayed `steps` times between CUDA events (after 3
-/// untimed replays): what the calls cost the GPU, without the host's
-/// launch work (as in a decoding step recorded as a graph). Before the
-/// recording each `f(i)` runs once from the host (first-use work: a tuning
-/// search, a compilation). `f` must not copy to or from the host.
+/// untimed replays; each timed replay follows an untimed one, so the
+/// device is busy when the host launches it): what the calls cost the
+/// GPU, without the host's launch work (as in a decoding step recorded as
+/// a graph). Before the recording each `f(i)` runs once on the graph's
+/// stream (first-use work: a tuning search, a compilation, per-stream
+/// state). `f` must not copy to or from the host.
 pub fn graph_time(
     device: usize,
     steps: usize,
     f: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
     use sigma_trainer::kernels::cuda_graph::CudaGraph;
-    for i in 0..GRAPH_CALLS {
-        f(i)?;
-    }
-    sync(Device::Cuda(device));
     let mut g = CudaGraph::new(device, None)?;
+    g.on_side(|| {
+        for i in 0..GRAPH_CALLS {
+            f(i).map_err(|e| {
+                sigma_trainer::error::TrainError::gpu(
+                    "CUDA graph",
+                    "a call run before the recording",
+                    format!("{e:#}"),
+                )
+            })?;
+        }
+        Ok(())
+    })?;
+    sync(Device::Cuda(device));
     g.capture(|| {
         for i in 0..GRAPH_CALLS {
             f(i).map_err(|e| {
@@ -84,6 +95,7 @@ pub fn graph_time(
     let timer = decode::StreamTimer::new(device).map_err(anyhow::Error::msg)?;
     let mut t = Vec::with_capacity(steps);
     for _ in 0..steps {
+        g.replay()?;
         timer.start().map_err(anyhow::Error::msg)?;
         g.replay()?;
         t.push(timer.stop_ms().map_err(anyhow::Error::msg)? / 1e3 / GRAPH_CALLS as f64);

@@ -52,8 +52,8 @@ impl Loaded {
     /// lines before they are read), so that the cache is read while the
     /// kernels before drain; never when `SIGMA_DECODE_PREFETCH` is off.
     fn prefetch(&self, shape: DecodeShape, batch: i64, len: i64, plan: Plan) -> bool {
-        let bytes = batch * len * (shape.n_k * shape.d_k + shape.n_v * shape.d_v) * 2;
-        prefetch_allowed() && (plan.prefetch || bytes <= self.l2_bytes / 2)
+        let bytes = shape.cache_bytes(batch, len);
+        super::plan::prefetches(prefetch_allowed(), &plan, bytes, self.l2_bytes)
     }
 }
 

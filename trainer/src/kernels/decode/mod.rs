@@ -35,7 +35,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 
-pub use launch::DECODE_SOURCE;
+pub use launch::{prefetch_allowed, DECODE_SOURCE};
 #[cfg(test)]
 pub(crate) use nvrtc::skip_unless_ci;
 pub use nvrtc::{compile, cuda_build, nvrtc, pdl_enabled, StreamTimer};

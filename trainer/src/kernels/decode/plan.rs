@@ -204,6 +204,11 @@ impl DecodeShape {
         ]
     }
 
+    /// The bf16 K and V bytes a launch over `len` slots of `batch` sequences reads.
+    pub fn cache_bytes(&self, batch: i64, len: i64) -> i64 {
+        batch * len * (self.n_k * self.d_k + self.n_v * self.d_v) * 2
+    }
+
     /// Shared memory of a split block, in bytes, for a chunk of `chunk` slots.
     pub fn smem_bytes(&self, chunk: i64) -> i64 {
         4 * self.n_q * (self.d_k + self.d_v + 2 + chunk)
@@ -231,7 +236,8 @@ impl DecodeShape {
 /// that fits shared memory up to the first that holds the whole context,
 /// each with the combine folded and separate (one plan where one split
 /// suffices or folding is not offered), none past [`MAX_SPLITS`]; each
-/// without the prefetch and, when `prefetch` offers it, with it.
+/// without the prefetch and, when `prefetch` offers it (the caller's
+/// switch, and a cache too large for the launch to prefetch anyway), with it.
 pub fn candidates(shape: &DecodeShape, len: i64, prefetch: bool) -> Vec<Plan> {
     let most = shape.max_chunk(i64::MAX);
     let mut out = Vec::new();
@@ -256,6 +262,15 @@ pub fn candidates(shape: &DecodeShape, len: i64, prefetch: bool) -> Vec<Plan> {
         }
     }
     out
+}
+
+/// Whether a launch asks L2 for its chunks first: never unless `allowed`
+/// (`SIGMA_DECODE_PREFETCH`); where the plan says so; and where the
+/// launch's K and V (`bytes`) take at most half of L2 (`l2_bytes`), for the
+/// overlap with the kernels before it. The search offers the prefetch only
+/// past that size ([`candidates`]): below it both plans are the same launch.
+pub fn prefetches(allowed: bool, plan: &Plan, bytes: i64, l2_bytes: i64) -> bool {
+    allowed && (plan.prefetch || bytes <= l2_bytes / 2)
 }
 
 /// The context lengths one search serves: the next power of two (at least 32).
@@ -308,11 +323,10 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
         .map(|(p, _)| p)
 }
 
-/// The first line of a tuning cache file (its format's version).
+/// The first line of a tuning cache file (its format's version). Version
+/// 1 (no prefetch column; its choices timed from the host, c8b5efc) is not
+/// read: its file also had another default name.
 pub const CACHE_HEADER: &str = "# sigma decode tuning v2: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, prefetch (tab-separated)";
-/// The first line of the previous version's files (no prefetch column:
-/// their choices are read as without it).
-const CACHE_HEADER_V1: &str = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)";
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
 pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
@@ -341,27 +355,22 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
 /// and what is wrong with it (the caller then ignores the whole file).
 pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
     let mut lines = text.lines();
-    let v1 = match lines.next() {
-        Some(CACHE_HEADER) => false,
-        Some(CACHE_HEADER_V1) => true,
-        _ => return Err("line 1: not a sigma decode tuning file of version 1 or 2".into()),
-    };
+    if lines.next() != Some(CACHE_HEADER) {
+        return Err("line 1: not a sigma decode tuning file of version 2".into());
+    }
     let mut out = BTreeMap::new();
     for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let (key, choice) = parse_line(line, v1).map_err(|e| format!("line {}: {e}", i + 2))?;
+        let (key, choice) = parse_line(line).map_err(|e| format!("line {}: {e}", i + 2))?;
         out.insert(key, choice);
     }
     Ok(out)
 }
 
-/// One line; `v1`: without the prefetch column.
-fn parse_line(line: &str, v1: bool) -> Result<(TuneKey, Choice), String> {
+fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     let f: Vec<&str> = line.split('\t').collect();
-    let fields = if v1 { 6 } else { 7 };
-    if f.len() != fields {
-        return Err(format!("{} fields, not {fields}", f.len()));
-    }
-    let (device, shape, batch, bucket, chunk, fold) = (f[0], f[1], f[2], f[3], f[4], f[5]);
+    let [device, shape, batch, bucket, chunk, fold, prefetch] = f[..] else {
+        return Err(format!("{} fields, not 7", f.len()));
+    };
     let flag = |what: &str, s: &str| match s.trim() {
         "0" => Ok(false),
         "1" => Ok(true),
@@ -398,7 +407,7 @@ fn parse_line(line: &str, v1: bool) -> Result<(TuneKey, Choice), String> {
         ));
     }
     let fold = flag("fold", fold)?;
-    let prefetch = if v1 { false } else { flag("prefetch", f[6])? };
+    let prefetch = flag("prefetch", prefetch)?;
     let key = TuneKey {
         device: device.to_string(),
         shape,
@@ -542,6 +551,20 @@ mod tests {
     }
 
     #[test]
+    fn the_prefetch_runs_where_allowed_and_asked_or_where_the_cache_fits_half_of_l2() {
+        let l2 = 50 << 20;
+        let (with, without) = (
+            Plan::new(128, 4096, false).prefetching(true),
+            Plan::new(128, 4096, false),
+        );
+        assert!(prefetches(true, &with, l2, l2));
+        assert!(!prefetches(true, &without, l2, l2));
+        assert!(prefetches(true, &without, l2 / 2, l2));
+        assert!(!prefetches(false, &with, l2, l2));
+        assert!(!prefetches(false, &without, 1, l2));
+    }
+
+    #[test]
     fn buckets_are_powers_of_two_that_hold_the_context() {
         for (len, b) in [(1, 32), (32, 32), (33, 64), (4096, 4096), (4097, 8192)] {
             assert_eq!(context_bucket(len), b, "{len}");
@@ -594,20 +617,11 @@ mod tests {
         assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t0").contains("fits shared memory"));
         assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t0").contains("fold \"yes\""));
         assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t2").contains("prefetch \"2\""));
-        // A file of the previous version (no prefetch column) is read as
-        // choices without the prefetch; its lines must have its 6 fields.
+        // A file of version 1 (no prefetch column, choices timed otherwise) is not read.
         let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
-        let old = parse_cache(v1).unwrap();
-        assert_eq!(
-            old.values().copied().collect::<Vec<_>>(),
-            [Choice {
-                chunk: 512,
-                fold: true,
-                prefetch: false
-            }]
-        );
-        let e = parse_cache(&format!("{v1}{line}\n")).unwrap_err();
-        assert!(e.contains("line 3: 7 fields, not 6"), "{e}");
+        assert!(parse_cache(v1)
+            .unwrap_err()
+            .contains("line 1: not a sigma decode tuning file of version 2"));
         assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
         assert!(parse_cache("").unwrap_err().contains("line 1"));
     }

@@ -25,7 +25,7 @@ use crate::error::Result;
 use tch::{Kind, Tensor};
 
 /// Timed runs per candidate (the median counts), after [`WARMUP`] untimed
-/// ones. Before each, L2 is flushed (a buffer of twice its size written),
+/// ones. Before each, L2 is flushed (a buffer of twice its size read),
 /// which also keeps the device busy while the host launches the run: the
 /// time is the device's reading the cache from memory, as a step of a
 /// model whose layers each read their own cache does, not the host's
@@ -147,7 +147,9 @@ pub fn plan_for(
         .unwrap_or_else(|e| e.into_inner())
         .get(&key)
         .copied();
-    if let Some(c) = remembered {
+    // A choice with the prefetch was timed with it: with the prefetch
+    // switched off, search again.
+    if let Some(c) = remembered.filter(|c| prefetch_allowed() || !c.prefetch) {
         let p = Plan::chosen(c, len);
         if p.splits <= MAX_SPLITS {
             return Ok((p, false));
@@ -159,7 +161,11 @@ pub fn plan_for(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key.clone(), choice);
-    save(&key, choice);
+    // What a search without the prefetch (switched off) chose is not kept
+    // for the processes that have it.
+    if prefetch_allowed() {
+        save(&key, choice);
+    }
     Ok((p, true))
 }
 
@@ -171,14 +177,25 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
     let Ok(timer) = StreamTimer::new(ordinal) else {
         return Ok(fallback);
     };
-    let flush = Tensor::f_empty(
+    // Where the scratch does not fit, the runs are timed without the flush.
+    let flush = Tensor::f_zeros(
         [2 * kern.l2_bytes.max(1 << 20)],
         (Kind::Uint8, o.q.device()),
-    )?;
-    let plans = candidates(&shape, len, prefetch_allowed());
+    )
+    .ok();
+    // Below half of L2 every launch prefetches (launch.rs): nothing to offer.
+    let offer = prefetch_allowed() && shape.cache_bytes(b, len) > kern.l2_bytes / 2;
+    let plans = candidates(&shape, len, offer);
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
-        seconds.push(time_plan(kern, ordinal, shape, o, p, (&timer, &flush))?);
+        seconds.push(time_plan(
+            kern,
+            ordinal,
+            shape,
+            o,
+            p,
+            (&timer, flush.as_ref()),
+        )?);
     }
     let best = fastest(&plans, &seconds).unwrap_or(fallback);
     eprintln!(
@@ -195,16 +212,16 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
     Ok(best)
 }
 
-/// Median seconds of `RUNS` runs of plan `p`, each after an L2 flush (the
-/// writing of `flush`), timed by `timer` (NaN if it could not run or be
-/// timed).
+/// Median seconds of `RUNS` runs of plan `p`, each after an L2 flush (a
+/// reduction that reads `flush`, where there is one), timed by `timer`
+/// (NaN if it could not run or be timed).
 fn time_plan(
     kern: &Loaded,
     ordinal: usize,
     shape: DecodeShape,
     o: &Operands,
     p: Plan,
-    (timer, flush): (&StreamTimer, &Tensor),
+    (timer, flush): (&StreamTimer, Option<&Tensor>),
 ) -> Result<f64> {
     let Some(ready) = Ready::new(kern, ordinal, shape, o, p)? else {
         return Ok(f64::NAN);
@@ -214,7 +231,9 @@ fn time_plan(
     }
     let mut t = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
-        let _ = flush.shallow_clone().f_fill_(0)?;
+        if let Some(f) = flush {
+            let _ = f.f_max()?;
+        }
         if timer.start().is_err() {
             return Ok(f64::NAN);
         }
