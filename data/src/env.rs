@@ -93,7 +93,7 @@ pub const SIGMA_VARS: &[Var] = &[
     Var {
         name: DECODE_PREFETCH,
         kind: Kind::Switch,
-        meaning: "let the decode attention kernel ask L2 for its chunk of the cache before it waits on the kernels before it (where the cache read fits half of L2) or where the tuning search found it faster; off also keeps such plans out of the search (default on)",
+        meaning: "let the decode attention kernel ask L2 for its chunk of the cache before it waits on the kernels before it, where the cache read fits half of L2 (default on)",
     },
     Var {
         name: DECODE_ROPE,

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
 
 use super::nvrtc::{arg_pointers, compile, current_stream, device, launch_ex, Arg};
-use super::plan::{DecodeShape, Plan, Tuning, MAX_SMEM};
+use super::plan::{prefetches, DecodeShape, Plan, Rows, MAX_SMEM};
 use crate::error::{Result, TrainError};
 
 /// The decode attention source, compiled with the shape macros of [`DecodeShape::defines`].
@@ -47,18 +47,17 @@ impl Loaded {
     }
 
     /// Whether the split kernel asks L2 for its chunk of the cache before
-    /// it waits: where the plan says so (the search found it faster), or
-    /// where the launch's K and V take at most half of L2 (more would evict
-    /// lines before they are read), so that the cache is read while the
-    /// kernels before drain; never when `SIGMA_DECODE_PREFETCH` is off.
-    fn prefetch(&self, shape: DecodeShape, batch: i64, len: i64, plan: Plan) -> bool {
-        let bytes = shape.cache_bytes(batch, len);
-        super::plan::prefetches(prefetch_allowed(), &plan, bytes, self.l2_bytes)
+    /// it waits ([`prefetches`]).
+    fn prefetch(&self, shape: DecodeShape, batch: i64, len: i64) -> bool {
+        prefetches(
+            prefetch_allowed(),
+            shape.cache_bytes(batch, len),
+            self.l2_bytes,
+        )
     }
 }
 
-/// `SIGMA_DECODE_PREFETCH` (on unless set off): whether any launch may
-/// prefetch, and whether the search offers plans that do.
+/// `SIGMA_DECODE_PREFETCH` (on unless set off): whether any launch may prefetch.
 pub fn prefetch_allowed() -> bool {
     PREFETCH.get()
 }
@@ -66,7 +65,7 @@ pub fn prefetch_allowed() -> bool {
 static PREFETCH: sigma_data::env::ProcessSwitch =
     sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_PREFETCH);
 
-type Cache = Mutex<HashMap<(usize, DecodeShape), std::result::Result<Arc<Loaded>, String>>>;
+type Cache = Mutex<HashMap<(usize, DecodeShape, Rows), std::result::Result<Arc<Loaded>, String>>>;
 
 fn cache() -> &'static Cache {
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -76,11 +75,11 @@ fn cache() -> &'static Cache {
 fn load(
     ordinal: usize,
     shape: DecodeShape,
-    t: &Tuning,
+    rows: Rows,
 ) -> std::result::Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
     let (ctx, arch, sms) = device(ordinal)?;
-    let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, t.uk, t.uv), arch)?;
+    let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, rows), arch)?;
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
         .map_err(drv)?;
@@ -110,18 +109,18 @@ fn load(
     }))
 }
 
-/// The kernels for `shape` on CUDA device `ordinal` (with `t`'s rows
-/// loaded ahead), compiled on first use; a failure is printed once and
+/// The kernels for `shape` on CUDA device `ordinal` (with `rows` loaded
+/// ahead), compiled on first use; a failure is printed once and
 /// remembered.
 pub fn kernels(
     ordinal: usize,
     shape: DecodeShape,
-    t: &Tuning,
+    rows: Rows,
 ) -> std::result::Result<Arc<Loaded>, String> {
     let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
-    c.entry((ordinal, shape))
+    c.entry((ordinal, shape, rows))
         .or_insert_with(|| {
-            let r = load(ordinal, shape, t);
+            let r = load(ordinal, shape, rows);
             if let Err(e) = &r {
                 eprintln!("warning: the DiffQKV decode kernel is not used for {shape:?} on cuda:{ordinal} (tensor operations instead): {e}");
             }
@@ -327,7 +326,7 @@ fn launch(
     plan: Plan,
 ) -> std::result::Result<(), cudarc::driver::DriverError> {
     let b = o.q.size()[0];
-    let prefetch = kern.prefetch(shape, b, o.k.size()[2], plan);
+    let prefetch = kern.prefetch(shape, b, o.k.size()[2]);
     let mut split = split_args(o, parts, plan, prefetch);
     let split_cfg = LaunchConfig {
         grid_dim: (plan.splits as u32, b as u32, 1),
@@ -439,9 +438,8 @@ mod tests {
             d_k: 64,
             d_v: 64,
         };
-        let t = Tuning::DEFAULT;
-        let ptx =
-            compile(DECODE_SOURCE, &shape.defines(THREADS, t.uk, t.uv), 90).expect("compiles");
+        let t = Rows::DEFAULT;
+        let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, t), 90).expect("compiles");
         let sizes = |name: &str| ptx_param_sizes(&ptx, name).expect("the kernel");
         let of = |args: &[Arg]| args.iter().map(Arg::size).collect::<Vec<_>>();
         let bf = |s: &[i64]| Tensor::zeros(s, (Kind::BFloat16, tch::Device::Cpu));

@@ -35,7 +35,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 
-pub use launch::{prefetch_allowed, DECODE_SOURCE};
+pub use launch::DECODE_SOURCE;
 #[cfg(test)]
 pub(crate) use nvrtc::skip_unless_ci;
 pub use nvrtc::{compile, cuda_build, nvrtc, pdl_enabled, StreamTimer};
@@ -69,10 +69,8 @@ pub fn decode_kernel_available(
 ) -> std::result::Result<(), String> {
     let (shape, ordinal) = check(q, k, v, None)?;
     let _restore = RestoreContext::save();
-    let t = tune::env_tuning()
-        .map_err(|e| e.to_string())?
-        .unwrap_or(Tuning::DEFAULT);
-    launch::kernels(ordinal, shape, &t).map(|_| ())
+    let rows = tune::env_rows().map_err(|e| e.to_string())?;
+    launch::kernels(ordinal, shape, rows).map(|_| ())
 }
 
 /// The kernel's shape and device for these operands, or why it cannot take
@@ -207,8 +205,7 @@ pub fn append(
         return Ok(false);
     }
     let _restore = RestoreContext::save();
-    let t = tune::env_tuning()?.unwrap_or(Tuning::DEFAULT);
-    let Ok(kern) = launch::kernels(ordinal, shape, &t) else {
+    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?) else {
         return Ok(false);
     };
     launch::append(&kern, ordinal, &a)
@@ -321,8 +318,12 @@ fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let shape = shape_of(q, k, v);
     let chunk_ok =
         plan.chunk > 0 && plan.chunk % 32 == 0 && plan.chunk <= shape.max_chunk(i64::MAX);
+    let rows_ok = [plan.rows.uk, plan.rows.uv]
+        .iter()
+        .all(|r| (1..=16).contains(r));
     if !chunk_ok
-        || plan != Plan::new(plan.chunk, len, plan.fold).prefetching(plan.prefetch)
+        || !rows_ok
+        || plan != Plan::new(plan.chunk, len, plan.fold).with_rows(plan.rows)
         || plan.splits > plan::MAX_SPLITS
     {
         return Err(crate::error::TrainError::Invariant {
@@ -344,9 +345,8 @@ fn step(
     let Ok((shape, ordinal)) = check(q, k, v, valid) else {
         return Ok(None);
     };
-    let t = tune::env_tuning()?.unwrap_or(Tuning::DEFAULT);
     let _restore = RestoreContext::save();
-    let Ok(kern) = launch::kernels(ordinal, shape, &t) else {
+    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?) else {
         return Ok(None);
     };
     let b = q.size()[0];
@@ -368,6 +368,10 @@ fn step(
     if plan.splits > plan::MAX_SPLITS {
         return Ok(None);
     }
+    // The plan may be by another compiled kernel (its rows).
+    let Ok(kern) = launch::kernels(ordinal, shape, plan.rows) else {
+        return Ok(None);
+    };
     if written || launch::run(&kern, ordinal, shape, &o, plan)? {
         Ok(Some(out))
     } else {
@@ -408,7 +412,6 @@ mod tests {
             (8, 2, 4, 256, 256),
             (12, 3, 6, 64, 64),
         ];
-        let t = Tuning::DEFAULT;
         for (i, (n_q, n_k, n_v, d_k, d_v)) in shapes.into_iter().enumerate() {
             let s = DecodeShape {
                 n_q,
@@ -418,9 +421,17 @@ mod tests {
                 d_v,
             };
             assert_eq!(s.unsupported(), None, "{s:?}");
-            let (uk, uv) = if i == 0 { (16, 16) } else { (t.uk, t.uv) };
-            for arch in [90, 80] {
-                let ptx = compile(DECODE_SOURCE, &s.defines(launch::THREADS, uk, uv), arch)
+            // Every rows the search tries; the most the override allows once.
+            let rows = if i == 0 {
+                vec![plan::Rows { uk: 16, uv: 16 }]
+            } else {
+                plan::ROWS.to_vec()
+            };
+            for (arch, rows) in [90, 80]
+                .into_iter()
+                .flat_map(|a| rows.iter().map(move |r| (a, *r)))
+            {
+                let ptx = compile(DECODE_SOURCE, &s.defines(launch::THREADS, rows), arch)
                     .unwrap_or_else(|e| panic!("{s:?} sm_{arch}: {e}"));
                 assert!(ptx.contains(".entry diffqkv_decode_split"), "{s:?}");
                 assert!(ptx.contains(".entry diffqkv_decode_combine"), "{s:?}");

@@ -1,8 +1,7 @@
 //! How a decoding step's attention is cut into blocks, with no device in
 //! sight: the shapes the kernel takes ([`DecodeShape`]), the plan of one
 //! launch ([`Plan`]: chunk length, splits, whether the combine is folded
-//! into the split kernel, whether the blocks ask L2 for their chunk
-//! first), the candidates the per-device search times
+//! into the split kernel, the rows each lane loads ahead), the candidates the per-device search times
 //! ([`candidates`]), the key its result is remembered under ([`TuneKey`]),
 //! the choice of the fastest ([`fastest`]), the tuning cache file's text
 //! ([`format_cache`], [`parse_cache`]) and the `SIGMA_DECODE_TUNING`
@@ -38,8 +37,6 @@ pub struct Tuning {
     pub uv: i64,
     /// Fold the combine into the split kernel (up to [`MAX_FOLD_SPLITS`] splits).
     pub fold: bool,
-    /// Every block asks L2 for its whole chunk before it loads any of it.
-    pub prefetch: bool,
 }
 
 impl Tuning {
@@ -49,7 +46,6 @@ impl Tuning {
         uk: 4,
         uv: 8,
         fold: true,
-        prefetch: false,
     };
 
     /// `key=value` pairs separated by commas, over the defaults; an error
@@ -61,17 +57,12 @@ impl Tuning {
                 .split_once('=')
                 .ok_or_else(|| format!("{item:?} is not key=value"))?;
             let (key, value) = (key.trim(), value.trim());
-            if key == "fold" || key == "prefetch" {
-                let on = match value {
+            if key == "fold" {
+                t.fold = match value {
                     "1" | "on" | "true" => true,
                     "0" | "off" | "false" => false,
-                    _ => return Err(format!("{key} = {value:?} is not 1 (on) or 0 (off)")),
+                    _ => return Err(format!("fold = {value:?} is not 1 (on) or 0 (off)")),
                 };
-                *(if key == "fold" {
-                    &mut t.fold
-                } else {
-                    &mut t.prefetch
-                }) = on;
                 continue;
             }
             let v: i64 = value
@@ -88,7 +79,7 @@ impl Tuning {
                 "uv" => (&mut t.uv, (1..=16).contains(&v), "1 to 16"),
                 k => {
                     return Err(format!(
-                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, prefetch)"
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold)"
                     ))
                 }
             };
@@ -101,41 +92,60 @@ impl Tuning {
     }
 }
 
+/// The key rows and value rows each lane of the split kernel loads before
+/// it uses any (compiled into the kernel: each pair is its own module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rows {
+    pub uk: i64,
+    pub uv: i64,
+}
+
+impl Rows {
+    /// What the kernel used before the search chose (and the fixed rule's default).
+    pub const DEFAULT: Rows = Rows { uk: 4, uv: 8 };
+    /// Twice as many loads in flight per lane (more registers).
+    pub const DEEP: Rows = Rows { uk: 8, uv: 16 };
+}
+
+/// The rows the search tries (each a compiled kernel): on an H100
+/// (f334865) [`Rows::DEEP`] was 2-6 % faster at batch 4 and 1-3 % slower
+/// at batch 1 (docs/benchmarks.md).
+pub const ROWS: [Rows; 2] = [Rows::DEFAULT, Rows::DEEP];
+
 /// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
 /// them per sequence; with one split the block writes the output itself,
 /// else `fold` says whether the last block of each sequence merges the
-/// partial results (one launch) or the combine kernel does (two). With
-/// `prefetch` every block first asks L2 for all of its chunk's K and V
-/// rows, so the V rows are on their way while the scores are computed.
+/// partial results (one launch) or the combine kernel does (two); by the
+/// kernel compiled with `rows`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub chunk: i64,
     pub splits: i64,
     pub fold: bool,
-    pub prefetch: bool,
+    pub rows: Rows,
 }
 
 impl Plan {
     /// `len` slots in chunks of `chunk`, folded if `fold` and the splits
-    /// allow it, without the prefetch.
+    /// allow it, by the kernel of [`Rows::DEFAULT`].
     pub fn new(chunk: i64, len: i64, fold: bool) -> Plan {
         let splits = (len + chunk - 1) / chunk;
         Plan {
             chunk,
             splits,
             fold: fold && splits > 1 && splits <= MAX_FOLD_SPLITS,
-            prefetch: false,
+            rows: Rows::DEFAULT,
         }
     }
 
-    /// The same plan with the prefetch on or off.
-    pub fn prefetching(self, prefetch: bool) -> Plan {
-        Plan { prefetch, ..self }
+    /// The same plan by the kernel of `rows`.
+    pub fn with_rows(self, rows: Rows) -> Plan {
+        Plan { rows, ..self }
     }
 
     /// The plan of `len` slots that a search's [`Choice`] stands for.
     pub fn chosen(c: Choice, len: i64) -> Plan {
-        Plan::new(c.chunk, len, c.fold).prefetching(c.prefetch)
+        Plan::new(c.chunk, len, c.fold).with_rows(c.rows)
     }
 
     /// Kernel launches this plan takes.
@@ -190,8 +200,8 @@ impl DecodeShape {
         }
     }
 
-    /// The compile-time constants of this shape's kernel, with `uk` and `uv` rows loaded ahead.
-    pub fn defines(&self, threads: u32, uk: i64, uv: i64) -> [(&'static str, i64); 8] {
+    /// The compile-time constants of this shape's kernel, with `rows` loaded ahead.
+    pub fn defines(&self, threads: u32, rows: Rows) -> [(&'static str, i64); 8] {
         [
             ("NQ", self.n_q),
             ("NK", self.n_k),
@@ -199,8 +209,8 @@ impl DecodeShape {
             ("DK", self.d_k),
             ("DV", self.d_v),
             ("THREADS", threads as i64),
-            ("UK", uk),
-            ("UV", uv),
+            ("UK", rows.uk),
+            ("UV", rows.uv),
         ]
     }
 
@@ -228,17 +238,16 @@ impl DecodeShape {
         let want_splits = ((t.blocks_per_sm * sms + batch - 1) / batch).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
         let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk(t.max_chunk).max(32));
-        Plan::new(chunk, len, t.fold).prefetching(t.prefetch)
+        Plan::new(chunk, len, t.fold).with_rows(Rows { uk: t.uk, uv: t.uv })
     }
 }
 
 /// The plans the search times for `len` slots: every chunk of [`CHUNKS`]
 /// that fits shared memory up to the first that holds the whole context,
 /// each with the combine folded and separate (one plan where one split
-/// suffices or folding is not offered), none past [`MAX_SPLITS`]; each
-/// without the prefetch and, when `prefetch` offers it (the caller's
-/// switch, and a cache too large for the launch to prefetch anyway), with it.
-pub fn candidates(shape: &DecodeShape, len: i64, prefetch: bool) -> Vec<Plan> {
+/// suffices or folding is not offered), none past [`MAX_SPLITS`]; each by
+/// the kernel of every [`ROWS`].
+pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
     let most = shape.max_chunk(i64::MAX);
     let mut out = Vec::new();
     for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
@@ -251,10 +260,7 @@ pub fn candidates(shape: &DecodeShape, len: i64, prefetch: bool) -> Vec<Plan> {
                 vec![folded]
             };
             for p in plans {
-                out.push(p);
-                if prefetch {
-                    out.push(p.prefetching(true));
-                }
+                out.extend(ROWS.map(|r| p.with_rows(r)));
             }
         }
         if chunk >= len {
@@ -264,13 +270,14 @@ pub fn candidates(shape: &DecodeShape, len: i64, prefetch: bool) -> Vec<Plan> {
     out
 }
 
-/// Whether a launch asks L2 for its chunks first: never unless `allowed`
-/// (`SIGMA_DECODE_PREFETCH`); where the plan says so; and where the
-/// launch's K and V (`bytes`) take at most half of L2 (`l2_bytes`), for the
-/// overlap with the kernels before it. The search offers the prefetch only
-/// past that size ([`candidates`]): below it both plans are the same launch.
-pub fn prefetches(allowed: bool, plan: &Plan, bytes: i64, l2_bytes: i64) -> bool {
-    allowed && (plan.prefetch || bytes <= l2_bytes / 2)
+/// Whether a launch asks L2 for its chunks before it waits on the kernels
+/// before it: unless `allowed` is off (`SIGMA_DECODE_PREFETCH`), where the
+/// launch's K and V (`bytes`) take at most half of L2 (`l2_bytes`); more
+/// would evict lines before they are read. (Asked at the start of every
+/// launch, as a plan the search could choose, it was never chosen and,
+/// forced, 10-20 % slower at batch 1 and 4 on an H100: f334865.)
+pub fn prefetches(allowed: bool, bytes: i64, l2_bytes: i64) -> bool {
+    allowed && bytes <= l2_bytes / 2
 }
 
 /// The context lengths one search serves: the next power of two (at least 32).
@@ -289,13 +296,13 @@ pub struct TuneKey {
     pub bucket: i64,
 }
 
-/// A search's result: the chunk, whether to fold and whether to prefetch;
+/// A search's result: the chunk, whether to fold and the rows loaded ahead;
 /// [`Plan::chosen`] makes the plan of any context of the bucket from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice {
     pub chunk: i64,
     pub fold: bool,
-    pub prefetch: bool,
+    pub rows: Rows,
 }
 
 impl Choice {
@@ -303,7 +310,7 @@ impl Choice {
         Choice {
             chunk: p.chunk,
             fold: p.fold,
-            prefetch: p.prefetch,
+            rows: p.rows,
         }
     }
 }
@@ -324,9 +331,9 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
 }
 
 /// The first line of a tuning cache file (its format's version). Version
-/// 1 (no prefetch column; its choices timed from the host, c8b5efc) is not
-/// read: its file also had another default name.
-pub const CACHE_HEADER: &str = "# sigma decode tuning v2: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, prefetch (tab-separated)";
+/// 1 (no rows column; its choices timed from the host, before c8b5efc) is
+/// not read: its file also had another default name.
+pub const CACHE_HEADER: &str = "# sigma decode tuning v2: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)";
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
 pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
@@ -334,7 +341,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
     for (k, c) in entries {
         let s = &k.shape;
         out.push_str(&format!(
-            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{}\n",
+            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\n",
             k.device,
             s.n_q,
             s.n_k,
@@ -345,7 +352,8 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
             k.bucket,
             c.chunk,
             u8::from(c.fold),
-            u8::from(c.prefetch)
+            c.rows.uk,
+            c.rows.uv
         ));
     }
     out
@@ -368,14 +376,10 @@ pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
 
 fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [device, shape, batch, bucket, chunk, fold, prefetch] = f[..] else {
+    let [device, shape, batch, bucket, chunk, fold, rows] = f[..] else {
         return Err(format!("{} fields, not 7", f.len()));
     };
-    let flag = |what: &str, s: &str| match s.trim() {
-        "0" => Ok(false),
-        "1" => Ok(true),
-        other => Err(format!("{what} {other:?} is not 0 or 1")),
-    };
+
     let num = |what: &str, s: &str| -> Result<i64, String> {
         s.trim()
             .parse::<i64>()
@@ -406,22 +410,26 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
             "chunk {chunk} is not a multiple of 32 that fits shared memory"
         ));
     }
-    let fold = flag("fold", fold)?;
-    let prefetch = flag("prefetch", prefetch)?;
+    let fold = match fold.trim() {
+        "0" => false,
+        "1" => true,
+        other => return Err(format!("fold {other:?} is not 0 or 1")),
+    };
+    let rows = match rows
+        .split(' ')
+        .map(|s| num("rows", s))
+        .collect::<Result<Vec<_>, _>>()?[..]
+    {
+        [uk, uv] if uk <= 16 && uv <= 16 => Rows { uk, uv },
+        _ => return Err(format!("rows {rows:?} are not uk uv, each 1 to 16")),
+    };
     let key = TuneKey {
         device: device.to_string(),
         shape,
         batch: num("batch", batch)?,
         bucket: num("context bucket", bucket)?,
     };
-    Ok((
-        key,
-        Choice {
-            chunk,
-            fold,
-            prefetch,
-        },
-    ))
+    Ok((key, Choice { chunk, fold, rows }))
 }
 
 #[cfg(test)]
@@ -487,11 +495,27 @@ mod tests {
         assert_eq!(s.plan(64, 2048, 132, &off).launches(), 2);
     }
 
+    /// The plans by the kernel of [`Rows::DEFAULT`].
+    fn defaults(plans: &[Plan]) -> Vec<Plan> {
+        plans
+            .iter()
+            .copied()
+            .filter(|p| p.rows == Rows::DEFAULT)
+            .collect()
+    }
+
     #[test]
     fn candidates_cover_the_context_fit_shared_memory_and_offer_both_combines() {
         let s = sigma_1_5b();
         for len in [1, 31, 32, 33, 100, 1000, 4096, 5000, 32768, 65536, 1 << 20] {
-            let c = candidates(&s, len, false);
+            let all = candidates(&s, len);
+            // Every plan by the kernel of each rows, in turn.
+            let c = defaults(&all);
+            let each: Vec<Plan> = c
+                .iter()
+                .flat_map(|p| ROWS.map(|r| p.with_rows(r)))
+                .collect();
+            assert_eq!(all, each, "{len}");
             assert!(!c.is_empty(), "{len}");
             for p in &c {
                 assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
@@ -504,15 +528,10 @@ mod tests {
                 assert!(!c[i + 1..].contains(p), "{len}: {p:?} twice");
             }
             assert!(c.iter().filter(|p| p.splits == 1).count() <= 1, "{len}");
-            assert!(c.iter().all(|p| !p.prefetch));
-            // Offered, the prefetch doubles the list: each plan without it, then with it.
-            let both = candidates(&s, len, true);
-            let twice: Vec<Plan> = c.iter().flat_map(|p| [*p, p.prefetching(true)]).collect();
-            assert_eq!(both, twice, "{len}");
         }
         // 4096 slots: chunks 32..512 (SIGMA's shared memory stops at 608),
         // folded where 16 splits or fewer, and always separately.
-        let c = candidates(&s, 4096, false);
+        let c = defaults(&candidates(&s, 4096));
         let chunks: Vec<i64> = c.iter().map(|p| p.chunk).collect();
         assert_eq!(chunks, [32, 64, 128, 256, 256, 512, 512]);
         assert_eq!((c[0].splits, c[0].fold), (128, false));
@@ -520,11 +539,11 @@ mod tests {
         assert_eq!(c.iter().filter(|p| p.fold).count(), 2);
         // A million slots: chunks of 32 and 64 would take too many splits,
         // and 8,192 splits are too many to fold.
-        let c = candidates(&s, 1 << 20, false);
+        let c = defaults(&candidates(&s, 1 << 20));
         assert_eq!(c[0], Plan::new(128, 1 << 20, false));
         assert!(c.iter().all(|p| p.chunk >= 128));
         // A short context ends with the single split.
-        let c = candidates(&s, 40, false);
+        let c = defaults(&candidates(&s, 40));
         assert_eq!(c.last(), Some(&Plan::new(64, 40, true)));
         assert_eq!(c.last().map(|p| (p.splits, p.launches())), Some((1, 1)));
         // Smaller heads fit longer chunks.
@@ -535,9 +554,7 @@ mod tests {
             d_k: 16,
             d_v: 16,
         };
-        assert!(candidates(&small, 65536, false)
-            .iter()
-            .any(|p| p.chunk == 2048));
+        assert!(candidates(&small, 65536).iter().any(|p| p.chunk == 2048));
     }
 
     #[test]
@@ -551,17 +568,11 @@ mod tests {
     }
 
     #[test]
-    fn the_prefetch_runs_where_allowed_and_asked_or_where_the_cache_fits_half_of_l2() {
+    fn the_prefetch_runs_where_allowed_and_the_cache_fits_half_of_l2() {
         let l2 = 50 << 20;
-        let (with, without) = (
-            Plan::new(128, 4096, false).prefetching(true),
-            Plan::new(128, 4096, false),
-        );
-        assert!(prefetches(true, &with, l2, l2));
-        assert!(!prefetches(true, &without, l2, l2));
-        assert!(prefetches(true, &without, l2 / 2, l2));
-        assert!(!prefetches(false, &with, l2, l2));
-        assert!(!prefetches(false, &without, 1, l2));
+        assert!(prefetches(true, l2 / 2, l2));
+        assert!(!prefetches(true, l2 / 2 + 1, l2));
+        assert!(!prefetches(false, 1, l2));
     }
 
     #[test]
@@ -585,7 +596,7 @@ mod tests {
             Choice {
                 chunk: 128,
                 fold: true,
-                prefetch: true,
+                rows: Rows::DEEP,
             },
         );
         m.insert(
@@ -593,31 +604,33 @@ mod tests {
             Choice {
                 chunk: 512,
                 fold: false,
-                prefetch: false,
+                rows: Rows::DEFAULT,
             },
         );
         let text = format_cache(&m);
         assert_eq!(parse_cache(&text), Ok(m.clone()));
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t0\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\n"),
             "{text}"
         );
         assert_eq!(
             parse_cache(&format_cache(&BTreeMap::new())),
             Ok(BTreeMap::new())
         );
-        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t1";
+        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16";
         let bad =
             |body: &str| parse_cache(&format!("{CACHE_HEADER}\n{line}\n{body}\n")).unwrap_err();
         assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1").contains("line 3: 6 fields, not 7"));
-        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t0").contains("not n_q n_k n_v d_k d_v"));
-        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t0").contains("must divide"));
-        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t0").contains("batch \"0\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t0").contains("chunk 100"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t0").contains("fits shared memory"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t0").contains("fold \"yes\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t2").contains("prefetch \"2\""));
-        // A file of version 1 (no prefetch column, choices timed otherwise) is not read.
+        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8").contains("not n_q n_k n_v d_k d_v"));
+        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8").contains("must divide"));
+        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8").contains("batch \"0\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8").contains("chunk 100"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8").contains("fold \"yes\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4").contains("rows \"4\" are not uk uv"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17").contains("rows \"4 17\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8").contains("rows \"0\" is not a positive"));
+        // A file of version 1 (no rows column, choices timed from the host) is not read.
         let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
         assert!(parse_cache(v1)
             .unwrap_err()
@@ -646,13 +659,13 @@ mod tests {
         assert!(Tuning::parse("fold=2")
             .unwrap_err()
             .contains("fold = \"2\""));
-        let t = Tuning::parse("prefetch=1").unwrap();
-        assert!(t.prefetch && t.fold);
-        assert!(sigma_1_5b().plan(1, 4096, 132, &t).prefetch);
-        assert!(!sigma_1_5b().plan(1, 4096, 132, &Tuning::DEFAULT).prefetch);
-        assert!(Tuning::parse("prefetch=yes")
-            .unwrap_err()
-            .contains("prefetch = \"yes\" is not 1 (on) or 0 (off)"));
+        // The fixed rule's plan is by the kernel of its rows.
+        let t = Tuning::parse("uk=8,uv=16").unwrap();
+        assert_eq!(sigma_1_5b().plan(1, 4096, 132, &t).rows, Rows::DEEP);
+        assert_eq!(
+            sigma_1_5b().plan(1, 4096, 132, &Tuning::DEFAULT).rows,
+            Rows::DEFAULT
+        );
         assert!(Tuning::parse("warps=4")
             .unwrap_err()
             .contains("unknown key \"warps\""));

@@ -236,7 +236,7 @@ mod tests {
                 d_v: 16,
                 len: 1100,
             };
-            for p in candidates(&shape, 1100, false) {
+            for p in candidates(&shape, 1100) {
                 let (ours, full) = both(d, None, p.chunk as usize, 7);
                 assert!(max_diff(&ours, &full) < 1e-12, "{n_k}/{n_v} {p:?}");
             }

@@ -15,11 +15,11 @@ use std::sync::{Mutex, OnceLock};
 
 use sigma_data::env;
 
-use super::launch::{prefetch_allowed, run, Loaded, Operands, Ready};
+use super::launch::{kernels, run, Loaded, Operands, Ready};
 use super::nvrtc::StreamTimer;
 use super::plan::{
     candidates, context_bucket, fastest, format_cache, parse_cache, Choice, DecodeShape, Plan,
-    TuneKey, Tuning, MAX_SPLITS,
+    Rows, TuneKey, Tuning, MAX_SPLITS,
 };
 use crate::error::Result;
 use tch::{Kind, Tensor};
@@ -47,6 +47,12 @@ pub fn env_tuning() -> std::result::Result<Option<Tuning>, sigma_data::DataError
             value: text.unwrap_or_default(),
             message,
         })
+}
+
+/// The rows of the kernel a step starts from: `SIGMA_DECODE_TUNING`'s,
+/// else [`Rows::DEFAULT`] (a search may then choose another kernel).
+pub fn env_rows() -> std::result::Result<Rows, sigma_data::DataError> {
+    Ok(env_tuning()?.map_or(Rows::DEFAULT, |t| Rows { uk: t.uk, uv: t.uv }))
 }
 
 /// The search results of this process, with those of the cache file read
@@ -147,9 +153,7 @@ pub fn plan_for(
         .unwrap_or_else(|e| e.into_inner())
         .get(&key)
         .copied();
-    // A choice with the prefetch was timed with it: with the prefetch
-    // switched off, search again.
-    if let Some(c) = remembered.filter(|c| prefetch_allowed() || !c.prefetch) {
+    if let Some(c) = remembered {
         let p = Plan::chosen(c, len);
         if p.splits <= MAX_SPLITS {
             return Ok((p, false));
@@ -161,16 +165,14 @@ pub fn plan_for(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key.clone(), choice);
-    // What a search without the prefetch (switched off) chose is not kept
-    // for the processes that have it.
-    if prefetch_allowed() {
-        save(&key, choice);
-    }
+    save(&key, choice);
     Ok((p, true))
 }
 
-/// Time every candidate plan on these operands and return the fastest
-/// (the fixed rule's plan if the device cannot be timed).
+/// Time every candidate plan on these operands (each by the kernel of its
+/// rows, compiled now if need be; a kernel that does not compile leaves
+/// its plans out) and return the fastest (the fixed rule's plan if the
+/// device cannot be timed).
 fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Result<Plan> {
     let (b, len) = (o.q.size()[0], o.k.size()[2]);
     let fallback = shape.plan(b, len, kern.sms, &Tuning::DEFAULT);
@@ -183,32 +185,32 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
         (Kind::Uint8, o.q.device()),
     )
     .ok();
-    // Below half of L2 every launch prefetches (launch.rs): nothing to offer.
-    let offer = prefetch_allowed() && shape.cache_bytes(b, len) > kern.l2_bytes / 2;
-    let plans = candidates(&shape, len, offer);
+    let plans = candidates(&shape, len);
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
-        seconds.push(time_plan(
-            kern,
-            ordinal,
-            shape,
-            o,
-            p,
-            (&timer, flush.as_ref()),
-        )?);
+        let t = match kernels(ordinal, shape, p.rows) {
+            Ok(k) => time_plan(&k, ordinal, shape, o, p, (&timer, flush.as_ref()))?,
+            Err(_) => f64::NAN,
+        };
+        seconds.push(t);
     }
     let best = fastest(&plans, &seconds).unwrap_or(fallback);
     eprintln!(
-        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}{} ({} candidates)",
+        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{} ({} candidates)",
         kern.device_name,
         context_bucket(len),
         best.chunk,
         if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
-        if best.prefetch { ", the chunk asked of L2 first" } else { "" },
+        best.rows.uk,
+        best.rows.uv,
         plans.len()
     );
-    // Leave the chosen plan's output in `o.out`.
-    run(kern, ordinal, shape, o, best)?;
+    // Leave the chosen plan's output in `o.out`, by its kernel (compiled
+    // above: a plan whose kernel did not compile was not timed).
+    let chosen = kernels(ordinal, shape, best.rows).map_err(|e| {
+        crate::error::TrainError::gpu("NVRTC", format!("decode kernel for {shape:?}"), e)
+    })?;
+    run(&chosen, ordinal, shape, o, best)?;
     Ok(best)
 }
 
