@@ -90,30 +90,16 @@ fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) ->
         Device::Cuda(i) if !a.eager => Some(i),
         _ => None,
     };
-    let copies = |bytes: f64, first: &[&Tensor]| -> Result<Vec<Vec<Tensor>>> {
-        let n = if graphs.is_some() {
+    let n = |bytes: f64| {
+        if graphs.is_some() {
             copies_of(bytes)
         } else {
             1
-        };
-        let mut all = vec![first.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>()];
-        for _ in 1..n {
-            all.push(
-                first
-                    .iter()
-                    .map(|t| {
-                        let mut c = t.f_empty_like()?;
-                        c.f_copy_(t)?;
-                        Ok::<_, tch::TchError>(c)
-                    })
-                    .collect::<Result<_, _>>()?,
-            );
         }
-        Ok(all)
     };
     let (Ok(kv), Ok(gkv)) = (
-        copies(bytes_ours, &[&k, &v]),
-        copies(bytes_gqa, &[&gk, &gv]),
+        cache_copies(n(bytes_ours), &[&k, &v]),
+        cache_copies(n(bytes_gqa), &[&gk, &gv]),
     ) else {
         println!("{b:>6} {s:>8}  (the copies of the caches do not fit in memory: skipped)");
         return Ok(());
@@ -139,6 +125,18 @@ fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) ->
         )?;
         Ok(())
     })?;
+    print_row(a, (b, s), (ours, ops, gqa), (bytes_ours, bytes_gqa));
+    Ok(())
+}
+
+/// A row of the table: seconds of the kernel, its tensor path and SDPA,
+/// and the cache bytes each side reads.
+fn print_row(
+    a: &DecodeArgs,
+    (b, s): (i64, i64),
+    (ours, ops, gqa): (f64, f64, f64),
+    (bytes_ours, bytes_gqa): (f64, f64),
+) {
     let (bw_o, bw_g) = (bytes_ours / ours / 1e9, bytes_gqa / gqa / 1e9);
     println!(
         "{b:>6} {s:>8} {:>12.4} {:>9.4} {:>9.4} {:>8.1}% {:>12.0} {:>12.0}{}",
@@ -152,7 +150,20 @@ fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) ->
             .map(|p| format!("  {:.0} %, {:.0} %", 100.0 * bw_o / p, 100.0 * bw_g / p))
             .unwrap_or_default()
     );
-    Ok(())
+}
+
+/// `n` copies of the tensors `first` (the first copy: those tensors).
+fn cache_copies(n: usize, first: &[&Tensor]) -> Result<Vec<Vec<Tensor>>> {
+    let copy = |t: &&Tensor| -> Result<Tensor, tch::TchError> {
+        let mut c = t.f_empty_like()?;
+        c.f_copy_(t)?;
+        Ok(c)
+    };
+    let mut all = vec![first.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>()];
+    for _ in 1..n {
+        all.push(first.iter().map(copy).collect::<Result<_, _>>()?);
+    }
+    Ok(all)
 }
 
 /// The bytes of cache copies one graph timing cycles over at least (where
