@@ -483,3 +483,30 @@ fn check_case(case: Case, device: Device) -> Result<(f64, Rotated)> {
     );
     Ok((ek, rotated))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn graph_timing_cycles_a_power_of_two_of_copies_that_make_256_mb_where_16_allow() {
+        for (bytes, want) in [
+            (1e3, 16),
+            (42e6, 8),
+            (64e6, 4),
+            (67e6, 4),
+            (128e6, 2),
+            (200e6, 2),
+            (256e6, 1),
+            (3e9, 1),
+        ] {
+            let n = copies_of(bytes);
+            assert_eq!(n, want, "{bytes}");
+            assert!(n.is_power_of_two() && n <= GRAPH_CALLS);
+            assert!(
+                n == GRAPH_CALLS || n as f64 * bytes >= COPIES_BYTES,
+                "{bytes}"
+            );
+        }
+    }
+}

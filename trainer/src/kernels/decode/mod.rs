@@ -383,6 +383,24 @@ fn step(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_given_plan_must_cover_the_context_and_name_a_kernel_the_search_could_compile() {
+        let z = |n: i64, len: i64| Tensor::zeros([1, n, len, 64], (Kind::Float, tch::Device::Cpu));
+        let (q, k, v) = (z(32, 1), z(4, 1000), z(16, 1000));
+        let ok = Plan::new(128, 1000, false);
+        assert!(checked_plan(&q, &k, &v, ok).is_ok());
+        assert!(checked_plan(&q, &k, &v, ok.with_rows(plan::Rows::DEEP)).is_ok());
+        for bad in [
+            ok.with_rows(plan::Rows { uk: 0, uv: 8 }),
+            ok.with_rows(plan::Rows { uk: 4, uv: 17 }),
+            Plan { splits: 7, ..ok },
+            Plan::new(100, 1000, false),
+        ] {
+            let e = checked_plan(&q, &k, &v, bad).unwrap_err().to_string();
+            assert!(e.contains("decode plan") && e.contains("1000 slots"), "{e}");
+        }
+    }
+
     /// The kernel source compiles (NVRTC, for Hopper and Ampere) for every
     /// kind of shape sigma produces: SIGMA's 32/4/16, one K head (AugQ),
     /// n_k > n_v, compressed K dimensions, GQA-like equal heads, large
