@@ -108,7 +108,7 @@ pub const SIGMA_VARS: &[Var] = &[
     Var {
         name: DECODE_TUNING_CACHE,
         kind: Kind::Text,
-        meaning: "the file of the decode kernel's per-device search results (default: sigma/decode-tuning-v2.tsv in the user's cache directory; off: none)",
+        meaning: "the file of the decode kernel's per-device search results (default: sigma/decode-tuning-v3.tsv in the user's cache directory; off: none)",
     },
     Var {
         name: FAULT_ABORT,
@@ -162,7 +162,7 @@ pub fn var(name: &str) -> Option<String> {
 }
 
 /// The decode kernel's tuning cache file: `SIGMA_DECODE_TUNING_CACHE` if
-/// set (`off`, `0` or empty: none), else `sigma/decode-tuning-v2.tsv` in the
+/// set (`off`, `0` or empty: none), else `sigma/decode-tuning-v3.tsv` in the
 /// user's cache directory (`$XDG_CACHE_HOME`, else `$HOME/.cache`; None
 /// when neither is set).
 pub fn decode_tuning_cache() -> Option<std::path::PathBuf> {
@@ -177,7 +177,7 @@ pub fn decode_tuning_cache() -> Option<std::path::PathBuf> {
         Some(d) => std::path::PathBuf::from(d),
         None => std::path::PathBuf::from(var("HOME").filter(|h| !h.is_empty())?).join(".cache"),
     };
-    Some(base.join("sigma").join("decode-tuning-v2.tsv"))
+    Some(base.join("sigma").join("decode-tuning-v3.tsv"))
 }
 
 /// Whether `name` is set at all.

@@ -122,7 +122,10 @@ pub fn kernels(
         .or_insert_with(|| {
             let r = load(ordinal, shape, rows);
             if let Err(e) = &r {
-                eprintln!("warning: the DiffQKV decode kernel is not used for {shape:?} on cuda:{ordinal} (tensor operations instead): {e}");
+                eprintln!(
+                    "warning: the DiffQKV decode kernel loading {}/{} rows ahead does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
+                    rows.uk, rows.uv
+                );
             }
             r
         })

@@ -368,9 +368,11 @@ fn step(
     if plan.splits > plan::MAX_SPLITS {
         return Ok(None);
     }
-    // The plan may be by another compiled kernel (its rows).
-    let Ok(kern) = launch::kernels(ordinal, shape, plan.rows) else {
-        return Ok(None);
+    // The plan may be by another compiled kernel (its rows); where that
+    // one does not compile (a remembered choice), the same split by this one.
+    let (kern, plan) = match launch::kernels(ordinal, shape, plan.rows) {
+        Ok(k) => (k, plan),
+        Err(_) => (kern, plan.with_rows(tune::env_rows()?)),
     };
     if written || launch::run(&kern, ordinal, shape, &o, plan)? {
         Ok(Some(out))
@@ -440,11 +442,10 @@ mod tests {
             };
             assert_eq!(s.unsupported(), None, "{s:?}");
             // Every rows the search tries; the most the override allows once.
-            let rows = if i == 0 {
-                vec![plan::Rows { uk: 16, uv: 16 }]
-            } else {
-                plan::ROWS.to_vec()
-            };
+            let mut rows = plan::ROWS.to_vec();
+            if i == 0 {
+                rows.push(plan::Rows { uk: 16, uv: 16 });
+            }
             for (arch, rows) in [90, 80]
                 .into_iter()
                 .flat_map(|a| rows.iter().map(move |r| (a, *r)))

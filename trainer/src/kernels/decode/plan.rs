@@ -108,8 +108,9 @@ impl Rows {
 }
 
 /// The rows the search tries (each a compiled kernel): on an H100
-/// (f334865) [`Rows::DEEP`] was 2-6 % faster at batch 4 and 1-3 % slower
-/// at batch 1 (docs/benchmarks.md).
+/// (f334865, the fixed rule at 1 block per multiprocessor)
+/// [`Rows::DEEP`] was 2-6 % faster at batch 4 and 1-3 % slower at batch 1
+/// (docs/benchmarks.md).
 pub const ROWS: [Rows; 2] = [Rows::DEFAULT, Rows::DEEP];
 
 /// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
@@ -331,9 +332,10 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
 }
 
 /// The first line of a tuning cache file (its format's version). Version
-/// 1 (no rows column; its choices timed from the host, before c8b5efc) is
-/// not read: its file also had another default name.
-pub const CACHE_HEADER: &str = "# sigma decode tuning v2: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)";
+/// 1 (choices timed from the host, before c8b5efc) and version 2 (a
+/// prefetch column, c46dc6e to f334865) are not read: their files had
+/// other default names.
+pub const CACHE_HEADER: &str = "# sigma decode tuning v3: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)";
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
 pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
@@ -364,7 +366,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
 pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
     let mut lines = text.lines();
     if lines.next() != Some(CACHE_HEADER) {
-        return Err("line 1: not a sigma decode tuning file of version 2".into());
+        return Err("line 1: not a sigma decode tuning file of version 3".into());
     }
     let mut out = BTreeMap::new();
     for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -634,7 +636,7 @@ mod tests {
         let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
         assert!(parse_cache(v1)
             .unwrap_err()
-            .contains("line 1: not a sigma decode tuning file of version 2"));
+            .contains("line 1: not a sigma decode tuning file of version 3"));
         assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
         assert!(parse_cache("").unwrap_err().contains("line 1"));
     }

@@ -159,25 +159,32 @@ pub fn plan_for(
             return Ok((p, false));
         }
     }
-    let p = search(kern, ordinal, shape, o)?;
+    let Some((p, written)) = search(kern, ordinal, shape, o)? else {
+        // Nothing could be timed: the fixed rule, neither remembered nor run.
+        return Ok((shape.plan(b, len, kern.sms, &Tuning::DEFAULT), false));
+    };
     let choice = Choice::of(p);
     known()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key.clone(), choice);
     save(&key, choice);
-    Ok((p, true))
+    Ok((p, written))
 }
 
 /// Time every candidate plan on these operands (each by the kernel of its
 /// rows, compiled now if need be; a kernel that does not compile leaves
-/// its plans out) and return the fastest (the fixed rule's plan if the
-/// device cannot be timed).
-fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Result<Plan> {
+/// its plans out) and return the fastest, with whether its output is
+/// now in `o.out`; None when the device could not time any.
+fn search(
+    kern: &Loaded,
+    ordinal: usize,
+    shape: DecodeShape,
+    o: &Operands,
+) -> Result<Option<(Plan, bool)>> {
     let (b, len) = (o.q.size()[0], o.k.size()[2]);
-    let fallback = shape.plan(b, len, kern.sms, &Tuning::DEFAULT);
     let Ok(timer) = StreamTimer::new(ordinal) else {
-        return Ok(fallback);
+        return Ok(None);
     };
     // Where the scratch does not fit, the runs are timed without the flush.
     let flush = Tensor::f_zeros(
@@ -194,7 +201,9 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
         };
         seconds.push(t);
     }
-    let best = fastest(&plans, &seconds).unwrap_or(fallback);
+    let Some(best) = fastest(&plans, &seconds) else {
+        return Ok(None);
+    };
     eprintln!(
         "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{} ({} candidates)",
         kern.device_name,
@@ -205,13 +214,13 @@ fn search(kern: &Loaded, ordinal: usize, shape: DecodeShape, o: &Operands) -> Re
         best.rows.uv,
         plans.len()
     );
-    // Leave the chosen plan's output in `o.out`, by its kernel (compiled
-    // above: a plan whose kernel did not compile was not timed).
-    let chosen = kernels(ordinal, shape, best.rows).map_err(|e| {
-        crate::error::TrainError::gpu("NVRTC", format!("decode kernel for {shape:?}"), e)
-    })?;
-    run(&chosen, ordinal, shape, o, best)?;
-    Ok(best)
+    // Leave the chosen plan's output in `o.out`, by its kernel (compiled:
+    // a plan whose kernel did not compile was not timed).
+    let written = match kernels(ordinal, shape, best.rows) {
+        Ok(k) => run(&k, ordinal, shape, o, best)?,
+        Err(_) => false,
+    };
+    Ok(Some((best, written)))
 }
 
 /// Median seconds of `RUNS` runs of plan `p`, each after an L2 flush (a
