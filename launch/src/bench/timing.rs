@@ -61,33 +61,19 @@ pub fn graph_time(
     steps: usize,
     f: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
+    use sigma_trainer::error::TrainError;
     use sigma_trainer::kernels::cuda_graph::CudaGraph;
+    // Every call once, an error named by `what`.
+    let mut calls = |what: &str| -> sigma_trainer::error::Result<()> {
+        for i in 0..GRAPH_CALLS {
+            f(i).map_err(|e| TrainError::gpu("CUDA graph", what, format!("{e:#}")))?;
+        }
+        Ok(())
+    };
     let mut g = CudaGraph::new(device, None)?;
-    g.on_side(|| {
-        for i in 0..GRAPH_CALLS {
-            f(i).map_err(|e| {
-                sigma_trainer::error::TrainError::gpu(
-                    "CUDA graph",
-                    "a call run before the recording",
-                    format!("{e:#}"),
-                )
-            })?;
-        }
-        Ok(())
-    })?;
+    g.on_side(|| calls("a call run before the recording"))?;
     sync(Device::Cuda(device));
-    g.capture(|| {
-        for i in 0..GRAPH_CALLS {
-            f(i).map_err(|e| {
-                sigma_trainer::error::TrainError::gpu(
-                    "CUDA graph",
-                    "a call recorded for timing",
-                    format!("{e:#}"),
-                )
-            })?;
-        }
-        Ok(())
-    })?;
+    g.capture(|| calls("a call recorded for timing"))?;
     for _ in 0..3 {
         g.replay()?;
     }

@@ -434,13 +434,7 @@ mod tests {
             skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
             return;
         }
-        let shape = DecodeShape {
-            n_q: 32,
-            n_k: 4,
-            n_v: 16,
-            d_k: 64,
-            d_v: 64,
-        };
+        let shape = super::super::plan::tests::sigma_1_5b();
         let t = Rows::DEFAULT;
         let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, t), 90).expect("compiles");
         let sizes = |name: &str| ptx_param_sizes(&ptx, name).expect("the kernel");

@@ -48,6 +48,14 @@ impl Tuning {
         fold: true,
     };
 
+    /// The kernel's rows loaded ahead that this rule fixes.
+    pub fn rows(&self) -> Rows {
+        Rows {
+            uk: self.uk,
+            uv: self.uv,
+        }
+    }
+
     /// `key=value` pairs separated by commas, over the defaults; an error
     /// names the field and what it takes.
     pub fn parse(text: &str) -> Result<Tuning, String> {
@@ -239,7 +247,7 @@ impl DecodeShape {
         let want_splits = ((t.blocks_per_sm * sms + batch - 1) / batch).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
         let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk(t.max_chunk).max(32));
-        Plan::new(chunk, len, t.fold).with_rows(Rows { uk: t.uk, uv: t.uv })
+        Plan::new(chunk, len, t.fold).with_rows(t.rows())
     }
 }
 
@@ -435,9 +443,10 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// SIGMA-1.5B's heads (32/4/16, d 64), for the tests of this folder.
     pub(crate) fn sigma_1_5b() -> DecodeShape {
         DecodeShape {
             n_q: 32,

@@ -134,7 +134,7 @@ pub fn split_merge(
 mod tests {
     use super::*;
     use crate::infer::generate::decode_attention_ops;
-    use crate::kernels::decode::plan::{candidates, DecodeShape};
+    use crate::kernels::decode::plan::candidates;
     use tch::{Kind, Tensor};
 
     /// Deterministic values in [-2, 2) (splitmix64).
@@ -219,13 +219,7 @@ mod tests {
         }
         // Every plan the search would time, for SIGMA-1.5B's heads (n_k < n_v)
         // and for n_k > n_v.
-        let shape = DecodeShape {
-            n_q: 32,
-            n_k: 4,
-            n_v: 16,
-            d_k: 64,
-            d_v: 64,
-        };
+        let shape = crate::kernels::decode::plan::tests::sigma_1_5b();
         for (n_k, n_v) in [(4, 16), (16, 4)] {
             let d = Dims {
                 b: 1,

@@ -52,7 +52,7 @@ pub fn env_tuning() -> std::result::Result<Option<Tuning>, sigma_data::DataError
 /// The rows of the kernel a step starts from: `SIGMA_DECODE_TUNING`'s,
 /// else [`Rows::DEFAULT`] (a search may then choose another kernel).
 pub fn env_rows() -> std::result::Result<Rows, sigma_data::DataError> {
-    Ok(env_tuning()?.map_or(Rows::DEFAULT, |t| Rows { uk: t.uk, uv: t.uv }))
+    Ok(env_tuning()?.map_or(Rows::DEFAULT, |t| t.rows()))
 }
 
 /// The search results of this process, with those of the cache file read
