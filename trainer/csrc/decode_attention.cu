@@ -399,13 +399,15 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
 // scores one tile and adds its values in, the next STAGES - 1 are on
 // their way, so the keys and values of a chunk stream without the pauses
 // between phases that leave the split kernel's loads idle. Softmax is
-// online: per tile the running max m of each query head moves to the
-// tile's, the running sum and the lane's running output are rescaled by
-// 2^(m_old - m_new). Each lane keeps its V heads' output in registers
-// (HPW x GV x 8 floats, at most 64: the host offers the kernel only then),
-// summed over lanes and warps once at the end in a fixed order, so the
-// result has fixed bits for a given plan. One block per multiprocessor
-// (its shared memory); the host sizes the chunks to fill the device.
+// online and local to each lane: per tile a lane takes the max of each of
+// its query heads over the tile's scores (every lane of a head the same),
+// rescales its running sum and output by 2^(m_old - m_new) and adds its
+// rows; no softmax phase, two barriers a tile. Each lane keeps its V
+// heads' state in registers (HPW x GV x 8 output floats, at most 64: the
+// host offers the kernel only then), summed over lanes and warps once at
+// the end in a fixed order, so the result has fixed bits for a given
+// plan. One block per multiprocessor (its shared memory); the host sizes
+// the chunks to fill the device.
 #define NVW (WARPS / WPHV)               // warps (groups of WPHV) over the V heads
 #define HPW ((NV + NVW - 1) / NVW)       // V heads per warp
 #define KTILE (NK * TILE * DK)           // bf16 elements of a tile's keys
@@ -475,10 +477,9 @@ diffqkv_decode_stream(const bf16* __restrict__ q, const bf16* __restrict__ k,
   extern __shared__ __align__(16) unsigned char stream_smem[];
   bf16* stages = reinterpret_cast<bf16*>(stream_smem);  // [STAGES][KTILE + VTILE]
   float* qs = reinterpret_cast<float*>(stages + STAGES * (KTILE + VTILE));  // [NQ][DK]
-  float* os = qs + NQ * DK;     // [NQ][DV] the block's output, at the end
-  float* ml = os + NQ * DV;     // [NQ][2] running max and sum
-  float* alpha = ml + 2 * NQ;   // [NQ] this tile's rescaling of the running output
-  float* sc = alpha + NQ;       // [NQ][TILE] scores, then probabilities
+  float* sc = qs + NQ * DK;     // [NQ][TILE] the tile's scores (16-byte aligned rows)
+  float* os = sc + NQ * TILE;   // [NQ][DV] the block's output, at the end
+  float* ml = os + NQ * DV;     // [NQ][2] its max and sum, at the end
 
   const int b = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int s0 = split * chunk;
@@ -504,18 +505,23 @@ diffqkv_decode_stream(const bf16* __restrict__ q, const bf16* __restrict__ k,
     copy_commit();
   }
   load_query(qs, q + (long long)b * NQ * DK, cs, sn, scale_log2);
-  for (int i = tid; i < 2 * NQ; i += THREADS) ml[i] = (i & 1) ? 0.f : NEG_INF;
 
   const int kl = lane % LK, kr = lane / LK, ksub = warp % WPHK;
   const int vl = lane % LV, vr = lane / LV, vsub = warp % WPHV;
   const unsigned char* vrow = valid ? valid + (long long)b * valid_batch + s0 : 0;
-  float acc[HPW][GV][8];  // this lane's output: its elements, over its rows so far
+  // This lane's running state for the query heads of its V heads: the max
+  // (the same in every lane: each takes it over all the tile's scores),
+  // its rows' sum of p and its elements of sum p·v, both relative to it.
+  float m_run[HPW][GV], l_run[HPW][GV], acc[HPW][GV][8];
 #pragma unroll
   for (int hi = 0; hi < HPW; ++hi)
 #pragma unroll
-    for (int j = 0; j < GV; ++j)
+    for (int j = 0; j < GV; ++j) {
+      m_run[hi][j] = NEG_INF;
+      l_run[hi][j] = 0.f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[hi][j][e] = 0.f;
+    }
 
   for (int t = 0; t < tiles; ++t) {
     copy_wait<STAGES - 2>();
@@ -547,41 +553,30 @@ diffqkv_decode_stream(const bf16* __restrict__ q, const bf16* __restrict__ k,
     }
     __syncthreads();
 
-    // Online softmax: the running max moves to the tile's, p = 2^(s - m),
-    // the running sum is rescaled and the tile's added.
-    for (int qh = warp; qh < NQ; qh += WARPS) {
-      float* row = sc + qh * TILE;
-      float mt = NEG_INF;
-      for (int s = lane; s < TILE; s += 32) mt = fmaxf(mt, row[s]);
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
-      const float mo = ml[2 * qh], lo = ml[2 * qh + 1], mn = fmaxf(mo, mt);
-      float l = 0.f;
-      for (int s = lane; s < TILE; s += 32) {
-        const float p = mn == NEG_INF ? 0.f : exp2f(row[s] - mn);
-        row[s] = p;
-        l += p;
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
-      __syncwarp();
-      if (lane == 0) {
-        const float a = mo == NEG_INF ? 0.f : exp2f(mo - mn);
-        alpha[qh] = a;
-        ml[2 * qh] = mn;
-        ml[2 * qh + 1] = lo * a + l;
-      }
-    }
-    __syncthreads();
-
-    // p·V: the lane's running output rescaled, then its rows of the tile added.
+    // Online softmax and p·V in one pass, with no exchange between lanes:
+    // each lane takes the max of its query heads over the tile's scores,
+    // rescales its state by 2^(m_old - m_new) (0 while nothing was valid),
+    // then adds p = 2^(s - m) of its rows (the sum: once per row, by the
+    // lanes holding the row's first elements) and p·v.
 #pragma unroll
     for (int hi = 0; hi < HPW; ++hi) {
       const int h = warp / WPHV + hi * NVW;
       if (h < NV) {
+        float m_now[GV];
 #pragma unroll
         for (int j = 0; j < GV; ++j) {
-          const float a = alpha[h * GV + j];
+          const float4* row = reinterpret_cast<const float4*>(sc + (h * GV + j) * TILE);
+          float mt = NEG_INF;
+#pragma unroll
+          for (int i = 0; i < TILE / 4; ++i) {
+            const float4 x = row[i];
+            mt = fmaxf(mt, fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w)));
+          }
+          const float mo = m_run[hi][j], mn = fmaxf(mo, mt);
+          const float a = mo == NEG_INF ? 0.f : exp2f(mo - mn);
+          m_run[hi][j] = mn;
+          m_now[j] = mn;
+          l_run[hi][j] *= a;
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[hi][j][e] *= a;
         }
@@ -592,7 +587,9 @@ diffqkv_decode_stream(const bf16* __restrict__ q, const bf16* __restrict__ k,
             unpack8(*reinterpret_cast<const uint4*>(vs + (h * TILE + s) * DV + vl * 8), vf);
 #pragma unroll
             for (int j = 0; j < GV; ++j) {
-              const float p = sc[(h * GV + j) * TILE + s];
+              const float x = sc[(h * GV + j) * TILE + s];
+              const float p = m_now[j] == NEG_INF ? 0.f : exp2f(x - m_now[j]);
+              if (vl == 0) l_run[hi][j] += p;
 #pragma unroll
               for (int e = 0; e < 8; ++e) acc[hi][j][e] = fmaf(p, vf[e], acc[hi][j][e]);
             }
@@ -602,17 +599,20 @@ diffqkv_decode_stream(const bf16* __restrict__ q, const bf16* __restrict__ k,
     }
   }
 
-  // The lanes' outputs summed over each warp's row groups (lanes of equal
-  // vl), then over the warps of a head in order, into os.
+  // The lanes' sums and outputs summed over each warp's row groups (lanes
+  // of equal vl), then over the warps of a head in order, into os and ml.
 #pragma unroll
   for (int hi = 0; hi < HPW; ++hi)
 #pragma unroll
-    for (int j = 0; j < GV; ++j)
+    for (int j = 0; j < GV; ++j) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
+      for (int off = LV; off < 32; off <<= 1) {
+        l_run[hi][j] += __shfl_xor_sync(0xffffffffu, l_run[hi][j], off);
 #pragma unroll
-        for (int off = LV; off < 32; off <<= 1)
+        for (int e = 0; e < 8; ++e)
           acc[hi][j][e] += __shfl_xor_sync(0xffffffffu, acc[hi][j][e], off);
+      }
+    }
   for (int w = 0; w < WPHV; ++w) {
     if (vsub == w && vr == 0) {
 #pragma unroll
@@ -620,12 +620,18 @@ diffqkv_decode_stream(const bf16* __restrict__ q, const bf16* __restrict__ k,
         const int h = warp / WPHV + hi * NVW;
         if (h < NV) {
 #pragma unroll
-          for (int j = 0; j < GV; ++j)
+          for (int j = 0; j < GV; ++j) {
+            const int qh = h * GV + j;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-              float* o = &os[(h * GV + j) * DV + vl * 8 + e];
+              float* o = &os[qh * DV + vl * 8 + e];
               *o = w == 0 ? acc[hi][j][e] : *o + acc[hi][j][e];
             }
+            if (vl == 0) {
+              ml[2 * qh] = m_run[hi][j];
+              ml[2 * qh + 1] = w == 0 ? l_run[hi][j] : ml[2 * qh + 1] + l_run[hi][j];
+            }
+          }
         }
       }
     }
@@ -681,6 +687,8 @@ diffqkv_decode_combine(const float* __restrict__ part_o,
   float o = 0.f;
   if (g < G) {
     const float* po = part_o + ((long long)b * splits * NQ + qh) * DV + d;
+    // Unrolled so that 8 loads are in flight at once (the sum keeps its order).
+#pragma unroll 8
     for (int i = g; i < splits; i += G) o += po[(long long)i * NQ * DV] * wt[i];
   }
   __syncthreads();

@@ -287,9 +287,9 @@ impl DecodeShape {
     }
 
     /// The stream kernel's bytes of shared memory besides its tiles (q,
-    /// output, max and sum, rescaling, one tile's scores: fp32).
+    /// one tile's scores, the output with its max and sum: fp32).
     fn stream_fixed_bytes(&self) -> i64 {
-        4 * self.n_q * (self.d_k + self.d_v + 3 + STREAM_TILE)
+        4 * self.n_q * (self.d_k + self.d_v + 2 + STREAM_TILE)
     }
 
     /// The bytes of one tile of K and V (bf16).
@@ -354,7 +354,11 @@ impl DecodeShape {
         } else {
             self.max_chunk(t.max_chunk)
         };
-        let chunk = fill_chunk(len, batch, t.blocks_per_sm * sms).clamp(32, most.max(32));
+        // The stream kernel's blocks run one at a time per multiprocessor:
+        // at most the blocks asked for, so that no second wave starts.
+        let blocks = t.blocks_per_sm * sms;
+        let blocks = if stream { blocks / batch * batch } else { blocks };
+        let chunk = fill_chunk(len, batch, blocks).clamp(32, most.max(32));
         let p = Plan::new(chunk, len, t.fold);
         if stream {
             p.streamed()
@@ -365,7 +369,7 @@ impl DecodeShape {
 }
 
 /// The chunk (a multiple of 32) that cuts `len` slots of `batch`
-/// sequences into about `blocks` blocks in all.
+/// sequences into about `blocks` blocks in all (at least one a sequence).
 fn fill_chunk(len: i64, batch: i64, blocks: i64) -> i64 {
     let want_splits = ((blocks + batch - 1) / batch).max(1);
     let chunk = (len + want_splits - 1) / want_splits;
@@ -403,7 +407,8 @@ pub fn candidates(shape: &DecodeShape, len: i64, batch: i64, sms: i64) -> Vec<Pl
         }
     }
     if shape.stream_stages().is_some() {
-        let fill = fill_chunk(len, batch, sms).min(MAX_STREAM_CHUNK);
+        // One wave: at most one block per multiprocessor.
+        let fill = fill_chunk(len, batch, sms / batch * batch).min(MAX_STREAM_CHUNK);
         let mut chunks = vec![fill];
         let mut c = 64;
         while c <= MAX_STREAM_CHUNK {
@@ -762,9 +767,10 @@ pub(crate) mod tests {
             for (i, p) in st.iter().enumerate() {
                 assert!(!st[i + 1..].contains(p), "{len}: {p:?} twice");
             }
-            // The first fills the device: batch x splits about 132 blocks.
+            // The first fills the device in one wave: batch x splits at
+            // most 132 blocks, more than half of them.
             let blocks = batch * st[0].splits;
-            assert!(blocks <= 132 + batch && (len < 32 * 132 / batch || blocks > 66), "{len} {batch}: {blocks}");
+            assert!(blocks <= 132 && (len < 32 * 132 / batch || blocks > 66), "{len} {batch}: {blocks}");
         }
         // 16,384 slots of one sequence: 128 blocks of 128 slots (too many to
         // fold), then 64, 256, ... 16384.
@@ -795,7 +801,7 @@ pub(crate) mod tests {
         assert_eq!(s.stream_stages(), Some(3));
         assert_eq!(
             s.stream_smem_bytes(),
-            Some(3 * 40960 + 4 * 32 * (64 + 64 + 3 + 16))
+            Some(3 * 40960 + 4 * 32 * (64 + 64 + 2 + 16))
         );
         // GQA 16/16: tiles of 64 KiB, two fit.
         let gqa = DecodeShape { n_k: 16, ..s };
@@ -959,7 +965,7 @@ pub(crate) mod tests {
         let p = sigma_1_5b().plan(1, 65536, 132, &t);
         assert_eq!((p.kernel, p.chunk, p.splits), (Kernel::Stream, 512, 128));
         let p = sigma_1_5b().plan(64, 65536, 132, &t);
-        assert_eq!((p.kernel, p.chunk, p.splits), (Kernel::Stream, 21856, 3));
+        assert_eq!((p.kernel, p.chunk, p.splits), (Kernel::Stream, 32768, 2));
         assert!(Tuning::parse("kernel=fast")
             .unwrap_err()
             .contains("kernel = \"fast\" is not split or stream"));
