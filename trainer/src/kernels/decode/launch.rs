@@ -23,6 +23,10 @@ use crate::error::{Result, TrainError};
 pub const DECODE_SOURCE: &str = include_str!("../../../csrc/decode_attention.cu");
 /// Threads per block of the split kernel and of the combine kernel (the source's COMBINE_THREADS).
 pub const THREADS: u32 = 256;
+/// Threads per block of the stream kernel (its own module, compiled with
+/// THREADS set to this): one block per multiprocessor, so more warps to
+/// hide each tile's latency (at 128 registers, none spilled for SIGMA-1.5B).
+pub const STREAM_THREADS: u32 = 512;
 const COMBINE_THREADS: u32 = 256;
 
 /// One shape's kernels on one device.
@@ -107,6 +111,10 @@ fn load(
     let smem = CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
     let stream = match shape.stream_smem_bytes() {
         Some(bytes) if arch >= 80 => {
+            let ptx = compile(DECODE_SOURCE, &shape.defines(STREAM_THREADS, rows), arch)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(drv)?;
             let f = module.load_function("diffqkv_decode_stream").map_err(drv)?;
             f.set_attribute(smem, bytes as i32).is_ok().then_some(f)
         }
@@ -351,9 +359,9 @@ fn launch(
     let prefetch = kern.prefetch(shape, b, o.k.size()[2]);
     let mut split = split_args(o, parts, plan, prefetch);
     // The stream kernel takes the split kernel's arguments.
-    let (function, smem) = match (plan.kernel, &kern.stream, shape.stream_smem_bytes()) {
-        (Kernel::Split, _, _) => (&kern.split, shape.smem_bytes(plan.chunk)),
-        (Kernel::Stream, Some(f), Some(bytes)) => (f, bytes),
+    let (function, smem, threads) = match (plan.kernel, &kern.stream, shape.stream_smem_bytes()) {
+        (Kernel::Split, _, _) => (&kern.split, shape.smem_bytes(plan.chunk), THREADS),
+        (Kernel::Stream, Some(f), Some(bytes)) => (f, bytes, STREAM_THREADS),
         (Kernel::Stream, _, _) => {
             return Err(cudarc::driver::DriverError(
                 cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_SUPPORTED,
@@ -362,7 +370,7 @@ fn launch(
     };
     let split_cfg = LaunchConfig {
         grid_dim: (plan.splits as u32, b as u32, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // SAFETY: every pointer is a live libtorch tensor of the device whose

@@ -484,6 +484,14 @@ mod tests {
             if i == 0 {
                 rows.push(plan::Rows { uk: 16, uv: 16 });
             }
+            // The stream kernel's own module (more threads a block).
+            for arch in [90, 80] {
+                let defines = s.defines(launch::STREAM_THREADS, plan::Rows::DEFAULT);
+                let ptx = compile(DECODE_SOURCE, &defines, arch)
+                    .unwrap_or_else(|e| panic!("{s:?} sm_{arch}, stream: {e}"));
+                let stream = ptx_entry(&ptx, "diffqkv_decode_stream").expect("the stream kernel");
+                assert!(stream.contains("cp.async.wait_group"), "{s:?} sm_{arch}");
+            }
             for (arch, rows) in [90, 80]
                 .into_iter()
                 .flat_map(|a| rows.iter().map(move |r| (a, *r)))

@@ -302,7 +302,7 @@ impl DecodeShape {
     /// fewer than 2 tiles fit, or a lane's share of the output (V heads
     /// per warp x query heads per V head x 8) passes 64 registers.
     pub fn stream_stages(&self) -> Option<i64> {
-        let warps = super::launch::THREADS as i64 / 32;
+        let warps = super::launch::STREAM_THREADS as i64 / 32;
         let wphv = if self.n_v < warps { warps / self.n_v } else { 1 };
         let heads_per_warp = (self.n_v + warps / wphv - 1) / (warps / wphv);
         let registers = heads_per_warp * (self.n_q / self.n_v) * 8;
