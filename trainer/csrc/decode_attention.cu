@@ -8,10 +8,8 @@
 // the combine kernel does, in a second launch. The split kernel can also
 // rotate the query by RoPE (one less launch before it) and ask L2 for its
 // chunk of the cache before it waits on the kernels before it (dependent
-// launch: the cache is read while they drain). The stream kernel computes
-// the same blocks with the chunk copied into shared memory tile by tile
-// while earlier tiles are used (below). A last kernel writes a step's new
-// keys (after RoPE) and values into the cache. Compiled at run
+// launch: the cache is read while they drain). A third kernel writes a
+// step's new keys (after RoPE) and values into the cache. Compiled at run
 // time by NVRTC (trainer/src/kernels), once per shape, with these macros
 // defined by the caller:
 //   NQ, NK, NV   query, key and value heads (NK and NV divide NQ)
@@ -19,8 +17,6 @@
 //                whose eighth divides 32
 //   THREADS      threads per block of the split kernel (a multiple of 32)
 //   UK, UV       rows loaded ahead per lane (tuning; defaults below)
-//   TILE, STAGES the stream kernel's slots per tile and tiles in shared
-//                memory at once (defaults below)
 // Query head i reads key head i / (NQ/NK) and value head i / (NQ/NV)
 // (contiguous groups), so one block reads each key row of its chunk once for
 // the NQ/NK query heads of its group and each value row once for the NQ/NV
@@ -42,12 +38,6 @@
 #endif
 #ifndef UV
 #define UV 8                    // value rows likewise
-#endif
-#ifndef TILE
-#define TILE 16                 // stream kernel: slots per tile
-#endif
-#ifndef STAGES
-#define STAGES 3                // stream kernel: tiles in shared memory at once (>= 2)
 #endif
 // Warps per head: a head is streamed by WPH warps together (when there are
 // fewer heads than warps), else each warp streams whole heads alone.
@@ -100,61 +90,6 @@ __device__ __forceinline__ void reduce_scatter(float* acc, int kl) {
   }
 }
 
-// Sequence b's query (qb: its NQ x DK values) into shared memory, scaled
-// by scale * log2(e), rotated first when the RoPE rows are given: y_j =
-// x_j c_j + x_{j +- DK/2} s_j in fp32, rounded to bf16 as the training
-// RoPE kernel writes it, so the scores are those of a query rotated
-// before the launch.
-__device__ __forceinline__ void load_query(float* qs, const bf16* qb, const bf16* cs,
-                                           const bf16* sn, float scale_log2) {
-  for (int i = threadIdx.x; i < NQ * DK; i += THREADS) {
-    float x = bf2f(qb[i]);
-    if (cs != nullptr) {
-      const int j = i % DK;
-      const float other = bf2f(qb[j < DK / 2 ? i + DK / 2 : i - DK / 2]);
-      x = bf2f(f2bf(x * bf2f(cs[j]) + other * bf2f(sn[j])));
-    }
-    qs[i] = x * scale_log2;
-  }
-}
-
-// The scores of one key row for QTK query heads (qr: this lane's 8
-// elements of each), from this lane's 16 bytes of the row (w): summed over
-// the LK lanes of the row and stored, unless `keep` is false, at row[j *
-// stride] for the query heads j this lane ends with (minus infinity where
-// `masked`). Every lane of the warp must call it (shuffles).
-__device__ __forceinline__ void score_row(const float (&qr)[QTK][8], uint4 w, int kl, bool keep,
-                                          bool masked, float* row, int stride) {
-  float kf[8];
-  unpack8(w, kf);
-  float acc[QTK];
-#pragma unroll
-  for (int j = 0; j < QTK; ++j) {
-    float a = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) a = fmaf(qr[j][e], kf[e], a);
-    acc[j] = a;
-  }
-  if constexpr (QTK % LK == 0) {
-    reduce_scatter<QTK, LK>(acc, kl);
-    if (keep) {
-#pragma unroll
-      for (int i = 0; i < QTK / LK; ++i)
-        row[(kl * (QTK / LK) + i) * stride] = masked ? NEG_INF : acc[i];
-    }
-  } else {
-#pragma unroll
-    for (int off = LK / 2; off > 0; off >>= 1)
-#pragma unroll
-      for (int j = 0; j < QTK; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
-    if (keep) {
-#pragma unroll
-      for (int j = 0; j < QTK; ++j)
-        if (j % LK == kl) row[j * stride] = masked ? NEG_INF : acc[j];
-    }
-  }
-}
-
 // The merge of sequence b's `splits` partial results (unnormalised output,
 // max m and sum l per query head, base 2) into its output: rescale every
 // chunk to the common max M, l = sum l_i 2^(m_i - M), o = sum o_i 2^(m_i -
@@ -198,46 +133,6 @@ __device__ __forceinline__ void merge_partials(const float* part_o, const float*
     out[(long long)b * NQ * DV + i] = f2bf(l > 0.f ? o / l : 0.f);
   }
 }
-
-// The end of a split block (both split kernels): `os` and `ml` (shared
-// memory) hold the chunk's unnormalised output and its max and sum per
-// query head. With one split the block normalises and writes the output;
-// otherwise it writes its partials and, with `fold`, the last block of
-// the sequence to finish merges them. Called by every thread of the block.
-__device__ __forceinline__ void finish_block(const float* os, float* ml, bf16* out,
-                                             float* part_o, float* part_ml,
-                                             unsigned int* done, int b, int split,
-                                             int splits, int fold) {
-  const int tid = threadIdx.x;
-  if (splits == 1) {  // the whole context in this block: normalise and write
-    for (int i = tid; i < NQ * DV; i += THREADS) {
-      const float l = ml[2 * (i / DV) + 1];
-      out[(long long)b * NQ * DV + i] = f2bf(l > 0.f ? os[i] / l : 0.f);
-    }
-    return;
-  }
-  const long long part = (long long)b * splits + split;
-  for (int i = tid; i < NQ * DV; i += THREADS) part_o[part * NQ * DV + i] = os[i];
-  for (int i = tid; i < 2 * NQ; i += THREADS) part_ml[part * 2 * NQ + i] = ml[i];
-  if (!fold) return;
-
-  // Folded combine: every thread's partials are made visible device-wide
-  // before one thread counts the block in; the block that brings the count
-  // to `splits` is the last of its sequence, resets the counter for the
-  // next launch and merges (reading the partials through L2, not L1).
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const unsigned int before = atomicAdd(done + b, 1u);
-    last = before == (unsigned int)(splits - 1);
-    if (last) atomicExch(done + b, 0u);
-    __threadfence();
-  }
-  __syncthreads();
-  if (last) merge_partials(part_o, part_ml, out, b, splits, ml);
-}
-
 
 // Block (split, b): slots [split*chunk, min(len, (split+1)*chunk)) of
 // sequence b. Computes the chunk's unnormalised output (sum of p·v with
@@ -283,8 +178,19 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   let_next_kernel_start();
   wait_for_prior_kernels();
 
-  // The query (rotated here when the RoPE rows are given).
-  load_query(qs, q + (long long)b * NQ * DK, cs, sn, scale_log2);
+  // The query, rotated here when the RoPE rows are given: y_j = x_j c_j +
+  // x_{j +- DK/2} s_j in fp32, rounded to bf16 as the training RoPE kernel
+  // writes it, so the scores are those of a query rotated before the launch.
+  const bf16* qb = q + (long long)b * NQ * DK;
+  for (int i = tid; i < NQ * DK; i += THREADS) {
+    float x = bf2f(qb[i]);
+    if (cs != nullptr) {
+      const int j = i % DK;
+      const float other = bf2f(qb[j < DK / 2 ? i + DK / 2 : i - DK / 2]);
+      x = bf2f(f2bf(x * bf2f(cs[j]) + other * bf2f(sn[j])));
+    }
+    qs[i] = x * scale_log2;
+  }
   for (int i = tid; i < NQ * DV; i += THREADS) os[i] = 0.f;
   __syncthreads();
 
@@ -307,8 +213,35 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
 #pragma unroll
           for (int u = 0; u < UK; ++u) {
             const int s = base + u * WPHK * RK + kr;
+            float kf[8];
+            unpack8(w[u], kf);
+            float acc[QTK];
+#pragma unroll
+            for (int j = 0; j < QTK; ++j) {
+              float a = 0.f;
+#pragma unroll
+              for (int e = 0; e < 8; ++e) a = fmaf(qr[j][e], kf[e], a);
+              acc[j] = a;
+            }
             const bool masked = s < n && vrow && !vrow[s];
-            score_row(qr, w[u], kl, s < n, masked, sc + (h * GK + qt) * chunk + s, chunk);
+            if constexpr (QTK % LK == 0) {
+              reduce_scatter<QTK, LK>(acc, kl);
+              if (s < n) {
+#pragma unroll
+                for (int i = 0; i < QTK / LK; ++i)
+                  sc[(h * GK + qt + kl * (QTK / LK) + i) * chunk + s] = masked ? NEG_INF : acc[i];
+              }
+            } else {
+#pragma unroll
+              for (int off = LK / 2; off > 0; off >>= 1)
+#pragma unroll
+                for (int j = 0; j < QTK; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+              if (s < n) {
+#pragma unroll
+                for (int j = 0; j < QTK; ++j)
+                  if (j % LK == kl) sc[(h * GK + qt + j) * chunk + s] = masked ? NEG_INF : acc[j];
+              }
+            }
           }
         }
       }
@@ -390,255 +323,33 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   }
   __syncthreads();
 
-  finish_block(os, ml, out, part_o, part_ml, done, b, split, splits, fold);
-}
-
-// The stream kernel (sm_80 on): the same blocks and results as the split
-// kernel, but a block walks its chunk in tiles of TILE slots copied into
-// shared memory asynchronously (cp.async), STAGES tiles at once: while it
-// scores one tile and adds its values in, the next STAGES - 1 are on
-// their way, so the keys and values of a chunk stream without the pauses
-// between phases that leave the split kernel's loads idle. Softmax is
-// online and local to each lane: per tile a lane takes the max of each of
-// its query heads over the tile's scores (every lane of a head the same),
-// rescales its running sum and output by 2^(m_old - m_new) and adds its
-// rows; no softmax phase, two barriers a tile. Each lane keeps its V
-// heads' state in registers (HPW x GV x 8 output floats, at most 64: the
-// host offers the kernel only then), summed over lanes and warps once at
-// the end in a fixed order, so the result has fixed bits for a given
-// plan. One block per multiprocessor (its shared memory); the host sizes
-// the chunks to fill the device.
-#define NVW (WARPS / WPHV)               // warps (groups of WPHV) over the V heads
-#define HPW ((NV + NVW - 1) / NVW)       // V heads per warp
-#define KTILE (NK * TILE * DK)           // bf16 elements of a tile's keys
-#define VTILE (NV * TILE * DV)           // ... and of its values
-
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-// 16 bytes from global into shared memory, asynchronously; zeros where
-// `full` is false (nothing is read then).
-__device__ __forceinline__ void copy16(void* dst, const void* src, bool full) {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)),
-               "l"(src), "r"(full ? 16 : 0)
-               : "memory");
-#endif
-}
-
-__device__ __forceinline__ void copy_commit() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-// Wait until at most N of this thread's committed copy groups are pending.
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
-// Tile `t0 / TILE` of a chunk (kc, vc: its first row of head 0; `n`
-// slots) into `st`: keys [NK][TILE][DK], then values [NV][TILE][DV];
-// slots from n on are zeros. Every thread issues its share.
-__device__ __forceinline__ void issue_tile(bf16* st, const bf16* kc, long long k_head,
-                                           const bf16* vc, long long v_head, int t0, int n) {
-  for (int i = threadIdx.x; i < KTILE / 8; i += THREADS) {
-    const int c = i % (DK / 8), r = (i / (DK / 8)) % TILE, h = i / ((DK / 8) * TILE);
-    const int s = t0 + r;
-    copy16(st + i * 8, kc + h * k_head + (long long)(s < n ? s : 0) * DK + c * 8, s < n);
-  }
-  bf16* sv = st + KTILE;
-  for (int i = threadIdx.x; i < VTILE / 8; i += THREADS) {
-    const int c = i % (DV / 8), r = (i / (DV / 8)) % TILE, h = i / ((DV / 8) * TILE);
-    const int s = t0 + r;
-    copy16(sv + i * 8, vc + h * v_head + (long long)(s < n ? s : 0) * DV + c * 8, s < n);
-  }
-}
-
-// Block (split, b), as diffqkv_decode_split (same arguments, same chunks).
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-diffqkv_decode_stream(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                      const bf16* __restrict__ v, const unsigned char* __restrict__ valid,
-                      long long k_batch, long long k_head, long long v_batch, long long v_head,
-                      long long valid_batch, float* __restrict__ part_o,
-                      float* __restrict__ part_ml, bf16* __restrict__ out,
-                      unsigned int* __restrict__ done, const bf16* __restrict__ cs,
-                      const bf16* __restrict__ sn, int len, int chunk, float scale_log2, int fold,
-                      int prefetch) {
-#if __CUDA_ARCH__ < 800
-  __trap();  // no cp.async: the host never launches it there
-#else
-  extern __shared__ __align__(16) unsigned char stream_smem[];
-  bf16* stages = reinterpret_cast<bf16*>(stream_smem);  // [STAGES][KTILE + VTILE]
-  float* qs = reinterpret_cast<float*>(stages + STAGES * (KTILE + VTILE));  // [NQ][DK]
-  float* sc = qs + NQ * DK;     // [NQ][TILE] the tile's scores (16-byte aligned rows)
-  float* os = sc + NQ * TILE;   // [NQ][DV] the block's output, at the end
-  float* ml = os + NQ * DV;     // [NQ][2] its max and sum, at the end
-
-  const int b = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
-  const int s0 = split * chunk;
-  const int n = min(chunk, len - s0);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const bf16* kc = k + (long long)b * k_batch + (long long)s0 * DK;
-  const bf16* vc = v + (long long)b * v_batch + (long long)s0 * DV;
-
-  // As the split kernel: L2 asked for the chunk while the kernels before drain.
-  if (prefetch) {
-    prefetch_rows<DK>(kc, k_head, NK, n);
-    prefetch_rows<DV>(vc, v_head, NV, n);
-  }
-  let_next_kernel_start();
-  wait_for_prior_kernels();
-
-  // The first STAGES - 1 tiles on their way (a group each, empty past the
-  // last tile, so that the count of groups stays the tile's index).
-  const int tiles = (n + TILE - 1) / TILE;
-#pragma unroll
-  for (int t = 0; t < STAGES - 1; ++t) {
-    if (t < tiles) issue_tile(stages + t * (KTILE + VTILE), kc, k_head, vc, v_head, t * TILE, n);
-    copy_commit();
-  }
-  load_query(qs, q + (long long)b * NQ * DK, cs, sn, scale_log2);
-
-  const int kl = lane % LK, kr = lane / LK, ksub = warp % WPHK;
-  const int vl = lane % LV, vr = lane / LV, vsub = warp % WPHV;
-  const unsigned char* vrow = valid ? valid + (long long)b * valid_batch + s0 : 0;
-  // This lane's running state for the query heads of its V heads: the max
-  // (the same in every lane: each takes it over all the tile's scores),
-  // its rows' sum of p and its elements of sum p·v, both relative to it.
-  float m_run[HPW][GV], l_run[HPW][GV], acc[HPW][GV][8];
-#pragma unroll
-  for (int hi = 0; hi < HPW; ++hi)
-#pragma unroll
-    for (int j = 0; j < GV; ++j) {
-      m_run[hi][j] = NEG_INF;
-      l_run[hi][j] = 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[hi][j][e] = 0.f;
+  if (splits == 1) {  // the whole context in this block: normalise and write
+    for (int i = tid; i < NQ * DV; i += THREADS) {
+      const float l = ml[2 * (i / DV) + 1];
+      out[(long long)b * NQ * DV + i] = f2bf(l > 0.f ? os[i] / l : 0.f);
     }
-
-  for (int t = 0; t < tiles; ++t) {
-    copy_wait<STAGES - 2>();
-    __syncthreads();  // tile t is in, for every thread; all are done with tile t - 1
-    const int next = t + STAGES - 1;  // into the buffer of tile t - 1
-    if (next < tiles)
-      issue_tile(stages + (next % STAGES) * (KTILE + VTILE), kc, k_head, vc, v_head, next * TILE, n);
-    copy_commit();
-    const bf16* ks = stages + (t % STAGES) * (KTILE + VTILE);
-    const bf16* vs = ks + KTILE;
-    const int t0 = t * TILE;
-
-    // Scores of the tile's rows (minus infinity past the chunk or masked).
-    for (int h = warp / WPHK; h < NK; h += WARPS / WPHK) {
-      for (int qt = 0; qt < GK; qt += QTK) {
-        float qr[QTK][8];
-#pragma unroll
-        for (int j = 0; j < QTK; ++j)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) qr[j][e] = qs[(h * GK + qt + j) * DK + kl * 8 + e];
-        for (int base = ksub * RK; base < TILE; base += WPHK * RK) {
-          const int s = base + kr;
-          const uint4 w = s < TILE ? *reinterpret_cast<const uint4*>(ks + (h * TILE + s) * DK + kl * 8)
-                                   : make_uint4(0, 0, 0, 0);
-          const bool masked = t0 + s >= n || (vrow && !vrow[t0 + s]);
-          score_row(qr, w, kl, s < TILE, masked, sc + (h * GK + qt) * TILE + s, TILE);
-        }
-      }
-    }
-    __syncthreads();
-
-    // Online softmax and p·V in one pass, with no exchange between lanes:
-    // each lane takes the max of its query heads over the tile's scores,
-    // rescales its state by 2^(m_old - m_new) (0 while nothing was valid),
-    // then adds p = 2^(s - m) of its rows (the sum: once per row, by the
-    // lanes holding the row's first elements) and p·v.
-#pragma unroll
-    for (int hi = 0; hi < HPW; ++hi) {
-      const int h = warp / WPHV + hi * NVW;
-      if (h < NV) {
-        float m_now[GV];
-#pragma unroll
-        for (int j = 0; j < GV; ++j) {
-          const float4* row = reinterpret_cast<const float4*>(sc + (h * GV + j) * TILE);
-          float mt = NEG_INF;
-#pragma unroll
-          for (int i = 0; i < TILE / 4; ++i) {
-            const float4 x = row[i];
-            mt = fmaxf(mt, fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w)));
-          }
-          const float mo = m_run[hi][j], mn = fmaxf(mo, mt);
-          const float a = mo == NEG_INF ? 0.f : exp2f(mo - mn);
-          m_run[hi][j] = mn;
-          m_now[j] = mn;
-          l_run[hi][j] *= a;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[hi][j][e] *= a;
-        }
-        for (int base = vsub * RV; base < TILE; base += WPHV * RV) {
-          const int s = base + vr;
-          if (s < TILE) {
-            float vf[8];
-            unpack8(*reinterpret_cast<const uint4*>(vs + (h * TILE + s) * DV + vl * 8), vf);
-#pragma unroll
-            for (int j = 0; j < GV; ++j) {
-              const float x = sc[(h * GV + j) * TILE + s];
-              const float p = m_now[j] == NEG_INF ? 0.f : exp2f(x - m_now[j]);
-              if (vl == 0) l_run[hi][j] += p;
-#pragma unroll
-              for (int e = 0; e < 8; ++e) acc[hi][j][e] = fmaf(p, vf[e], acc[hi][j][e]);
-            }
-          }
-        }
-      }
-    }
+    return;
   }
+  const long long part = (long long)b * splits + split;
+  for (int i = tid; i < NQ * DV; i += THREADS) part_o[part * NQ * DV + i] = os[i];
+  for (int i = tid; i < 2 * NQ; i += THREADS) part_ml[part * 2 * NQ + i] = ml[i];
+  if (!fold) return;
 
-  // The lanes' sums and outputs summed over each warp's row groups (lanes
-  // of equal vl), then over the warps of a head in order, into os and ml.
-#pragma unroll
-  for (int hi = 0; hi < HPW; ++hi)
-#pragma unroll
-    for (int j = 0; j < GV; ++j) {
-#pragma unroll
-      for (int off = LV; off < 32; off <<= 1) {
-        l_run[hi][j] += __shfl_xor_sync(0xffffffffu, l_run[hi][j], off);
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          acc[hi][j][e] += __shfl_xor_sync(0xffffffffu, acc[hi][j][e], off);
-      }
-    }
-  for (int w = 0; w < WPHV; ++w) {
-    if (vsub == w && vr == 0) {
-#pragma unroll
-      for (int hi = 0; hi < HPW; ++hi) {
-        const int h = warp / WPHV + hi * NVW;
-        if (h < NV) {
-#pragma unroll
-          for (int j = 0; j < GV; ++j) {
-            const int qh = h * GV + j;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              float* o = &os[qh * DV + vl * 8 + e];
-              *o = w == 0 ? acc[hi][j][e] : *o + acc[hi][j][e];
-            }
-            if (vl == 0) {
-              ml[2 * qh] = m_run[hi][j];
-              ml[2 * qh + 1] = w == 0 ? l_run[hi][j] : ml[2 * qh + 1] + l_run[hi][j];
-            }
-          }
-        }
-      }
-    }
-    __syncthreads();
+  // Folded combine: every thread's partials are made visible device-wide
+  // before one thread counts the block in; the block that brings the count
+  // to `splits` is the last of its sequence, resets the counter for the
+  // next launch and merges (reading the partials through L2, not L1).
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const unsigned int before = atomicAdd(done + b, 1u);
+    last = before == (unsigned int)(splits - 1);
+    if (last) atomicExch(done + b, 0u);
+    __threadfence();
   }
-  finish_block(os, ml, out, part_o, part_ml, done, b, split, splits, fold);
-#endif
+  __syncthreads();
+  if (last) merge_partials(part_o, part_ml, out, b, splits, ml);
 }
 
 __device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
@@ -687,8 +398,6 @@ diffqkv_decode_combine(const float* __restrict__ part_o,
   float o = 0.f;
   if (g < G) {
     const float* po = part_o + ((long long)b * splits * NQ + qh) * DV + d;
-    // Unrolled so that 8 loads are in flight at once (the sum keeps its order).
-#pragma unroll 8
     for (int i = g; i < splits; i += G) o += po[(long long)i * NQ * DV] * wt[i];
   }
   __syncthreads();

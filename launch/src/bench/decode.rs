@@ -460,10 +460,7 @@ fn check_case(case: Case, device: Device) -> Result<(f64, Rotated)> {
         d_k: dk,
         d_v: dv,
     };
-    // The plans the search would time on this device (132: an H100's
-    // multiprocessors, where the driver cannot tell).
-    let sms = decode::multiprocessors(device).unwrap_or(132);
-    let plans = decode::plan::candidates(&shape, len, b, sms);
+    let plans = decode::plan::candidates(&shape, len);
     for &p in &plans {
         let o = decode::decode_attention_by(&q, &k, &v, m, scale, p)?.ok_or_else(not_run)?;
         ek = ek.max(err(&o));

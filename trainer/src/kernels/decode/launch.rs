@@ -16,26 +16,19 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
 
 use super::nvrtc::{arg_pointers, compile, current_stream, device, launch_ex, Arg};
-use super::plan::{prefetches, DecodeShape, Kernel, Plan, Rows, MAX_SMEM};
+use super::plan::{prefetches, DecodeShape, Plan, Rows, MAX_SMEM};
 use crate::error::{Result, TrainError};
 
 /// The decode attention source, compiled with the shape macros of [`DecodeShape::defines`].
 pub const DECODE_SOURCE: &str = include_str!("../../../csrc/decode_attention.cu");
 /// Threads per block of the split kernel and of the combine kernel (the source's COMBINE_THREADS).
 pub const THREADS: u32 = 256;
-/// Threads per block of the stream kernel (its own module, compiled with
-/// THREADS set to this): one block per multiprocessor, so more warps to
-/// hide each tile's latency (at 128 registers, none spilled for SIGMA-1.5B).
-pub const STREAM_THREADS: u32 = 512;
 const COMBINE_THREADS: u32 = 256;
 
 /// One shape's kernels on one device.
 pub struct Loaded {
     pub ctx: Arc<CudaContext>,
     split: CudaFunction,
-    /// The stream kernel, where the device has cp.async (compute
-    /// capability 8.0 on) and the kernel takes the shape.
-    stream: Option<CudaFunction>,
     combine: CudaFunction,
     append: CudaFunction,
     /// The device's multiprocessors and its name (the driver's).
@@ -48,11 +41,6 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Whether this device can run `plan`'s kernel.
-    pub fn runs(&self, plan: &Plan) -> bool {
-        plan.kernel == Kernel::Split || self.stream.is_some()
-    }
-
     /// Whether to launch with programmatic dependent launch.
     fn pdl(&self) -> bool {
         self.hopper && super::nvrtc::pdl_enabled()
@@ -106,27 +94,12 @@ fn load(
             MAX_SMEM as i32,
         )
         .map_err(drv)?;
-    // The stream kernel asks for its tiles' shared memory (over the 48 KiB
-    // default); where the device cannot give it, its plans are not run.
-    let smem = CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-    let stream = match shape.stream_smem_bytes() {
-        Some(bytes) if arch >= 80 => {
-            let ptx = compile(DECODE_SOURCE, &shape.defines(STREAM_THREADS, rows), arch)?;
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                .map_err(drv)?;
-            let f = module.load_function("diffqkv_decode_stream").map_err(drv)?;
-            f.set_attribute(smem, bytes as i32).is_ok().then_some(f)
-        }
-        _ => None,
-    };
     let device_name = ctx.name().map_err(drv)?;
     let l2 = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
     let l2_bytes = ctx.attribute(l2).map_err(drv)? as i64;
     Ok(Arc::new(Loaded {
         ctx,
         split,
-        stream,
         combine,
         append,
         sms,
@@ -358,20 +331,10 @@ fn launch(
     let b = o.q.size()[0];
     let prefetch = kern.prefetch(shape, b, o.k.size()[2]);
     let mut split = split_args(o, parts, plan, prefetch);
-    // The stream kernel takes the split kernel's arguments.
-    let (function, smem, threads) = match (plan.kernel, &kern.stream, shape.stream_smem_bytes()) {
-        (Kernel::Split, _, _) => (&kern.split, shape.smem_bytes(plan.chunk), THREADS),
-        (Kernel::Stream, Some(f), Some(bytes)) => (f, bytes, STREAM_THREADS),
-        (Kernel::Stream, _, _) => {
-            return Err(cudarc::driver::DriverError(
-                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_SUPPORTED,
-            ))
-        }
-    };
     let split_cfg = LaunchConfig {
         grid_dim: (plan.splits as u32, b as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shape.smem_bytes(plan.chunk) as u32,
     };
     // SAFETY: every pointer is a live libtorch tensor of the device whose
     // extent matches the kernel's indexing (checked by the caller and by
@@ -383,7 +346,7 @@ fn launch(
     // are in the kernels' order and types (a test holds them to the PTX).
     unsafe {
         let mut ps = arg_pointers(&mut split);
-        launch_ex(stream, function, &split_cfg, &mut ps, kern.pdl())?;
+        launch_ex(stream, &kern.split, &split_cfg, &mut ps, kern.pdl())?;
         if plan.launches() == 2 {
             let cfg = LaunchConfig {
                 grid_dim: (shape.n_q as u32, b as u32, 1),
@@ -499,7 +462,6 @@ mod tests {
             for prefetch in [false, true] {
                 let args = split_args(&o, (1, 2, 3), plan, prefetch);
                 assert_eq!(of(&args), sizes("diffqkv_decode_split"));
-                assert_eq!(of(&args), sizes("diffqkv_decode_stream"));
             }
             assert_eq!(
                 of(&combine_args(&o, (1, 2), plan)),

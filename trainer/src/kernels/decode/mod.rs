@@ -75,16 +75,6 @@ pub fn decode_kernel_available(
 
 /// The kernel's shape and device for these operands, or why it cannot take
 /// them (turned off, not CUDA, layout, shape); nothing is compiled here.
-/// The multiprocessors of `device` (None off CUDA or where the driver
-/// cannot tell): what the search's plans are sized by.
-pub fn multiprocessors(device: Device) -> Option<i64> {
-    let Device::Cuda(ordinal) = device else {
-        return None;
-    };
-    let _restore = RestoreContext::save();
-    nvrtc::device(ordinal).ok().map(|(_, _, sms)| sms)
-}
-
 fn check(
     q: &Tensor,
     k: &Tensor,
@@ -326,16 +316,14 @@ pub fn decode_attention_by(
 fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let len = k.size()[2];
     let shape = shape_of(q, k, v);
-    let chunk_ok = shape.chunk_fits(plan.kernel, plan.chunk);
+    let chunk_ok =
+        plan.chunk > 0 && plan.chunk % 32 == 0 && plan.chunk <= shape.max_chunk(i64::MAX);
     let rows_ok = [plan.rows.uk, plan.rows.uv]
         .iter()
         .all(|r| (1..=16).contains(r));
-    let rebuilt = Plan::chosen(plan::Choice::of(plan), len);
-    let kernel_ok = plan.kernel == plan::Kernel::Split || shape.stream_stages().is_some();
     if !chunk_ok
         || !rows_ok
-        || !kernel_ok
-        || plan != rebuilt
+        || plan != Plan::new(plan.chunk, len, plan.fold).with_rows(plan.rows)
         || plan.splits > plan::MAX_SPLITS
     {
         return Err(crate::error::TrainError::Invariant {
@@ -381,25 +369,10 @@ fn step(
         return Ok(None);
     }
     // The plan may be by another compiled kernel (its rows); where that
-    // one does not compile (a remembered choice), the same split by this
-    // one; a stream plan this device cannot run (a given or remembered
-    // one), the fixed rule's.
+    // one does not compile (a remembered choice), the same split by this one.
     let (kern, plan) = match launch::kernels(ordinal, shape, plan.rows) {
         Ok(k) => (k, plan),
         Err(_) => (kern, plan.with_rows(tune::env_rows()?)),
-    };
-    let plan = if kern.runs(&plan) {
-        plan
-    } else {
-        let fixed = Tuning {
-            kernel: plan::Kernel::Split,
-            ..tune::env_tuning()?.unwrap_or(Tuning::DEFAULT)
-        };
-        shape.plan(b, k.size()[2], kern.sms, &fixed)
-    };
-    let kern = match launch::kernels(ordinal, shape, plan.rows) {
-        Ok(k) => k,
-        Err(_) => return Ok(None),
     };
     if written || launch::run(&kern, ordinal, shape, &o, plan)? {
         Ok(Some(out))
@@ -419,17 +392,7 @@ mod tests {
         let ok = Plan::new(128, 1000, false);
         assert!(checked_plan(&q, &k, &v, ok).is_ok());
         assert!(checked_plan(&q, &k, &v, ok.with_rows(plan::Rows::DEEP)).is_ok());
-        // The stream kernel takes chunks past the split kernel's shared memory.
-        let long = Plan::new(1024, 1000, false);
-        assert!(checked_plan(&q, &k, &v, long.streamed()).is_ok());
-        assert!(checked_plan(&q, &k, &v, ok.streamed()).is_ok());
-        // ... but not a shape whose lane output passes its registers.
-        let (q64, v2) = (z(64, 1), z(2, 1000));
-        let e = checked_plan(&q64, &k, &v2, ok.streamed()).unwrap_err();
-        assert!(e.to_string().contains("decode plan"), "{e}");
         for bad in [
-            long,
-            ok.streamed().with_rows(plan::Rows::DEEP),
             ok.with_rows(plan::Rows { uk: 0, uv: 8 }),
             ok.with_rows(plan::Rows { uk: 4, uv: 17 }),
             Plan { splits: 7, ..ok },
@@ -444,11 +407,10 @@ mod tests {
     /// kind of shape sigma produces: SIGMA's 32/4/16, one K head (AugQ),
     /// n_k > n_v, compressed K dimensions, GQA-like equal heads, large
     /// groups; with the default rows loaded ahead and the largest the
-    /// override takes. Every kernel (the split kernel, which also writes
-    /// the output of one split and merges the folded combine, the stream
-    /// kernel with its asynchronous copies, the combine kernel and the
-    /// append) is in the PTX, and the folded merge's counter (an atomic
-    /// add) with them. Needs a CUDA build of libtorch (NVRTC
+    /// override takes. Both kernels (the split kernel, which also writes
+    /// the output of one split and merges the folded combine, and the
+    /// combine kernel) are in the PTX, and the folded merge's counter
+    /// (an atomic add) with them. Needs a CUDA build of libtorch (NVRTC
     /// beside its runtime), no GPU.
     #[test]
     fn the_decode_kernel_compiles_for_every_kind_of_shape() {
@@ -484,14 +446,6 @@ mod tests {
             if i == 0 {
                 rows.push(plan::Rows { uk: 16, uv: 16 });
             }
-            // The stream kernel's own module (more threads a block).
-            for arch in [90, 80] {
-                let defines = s.defines(launch::STREAM_THREADS, plan::Rows::DEFAULT);
-                let ptx = compile(DECODE_SOURCE, &defines, arch)
-                    .unwrap_or_else(|e| panic!("{s:?} sm_{arch}, stream: {e}"));
-                let stream = ptx_entry(&ptx, "diffqkv_decode_stream").expect("the stream kernel");
-                assert!(stream.contains("cp.async.wait_group"), "{s:?} sm_{arch}");
-            }
             for (arch, rows) in [90, 80]
                 .into_iter()
                 .flat_map(|a| rows.iter().map(move |r| (a, *r)))
@@ -499,28 +453,21 @@ mod tests {
                 let ptx = compile(DECODE_SOURCE, &s.defines(launch::THREADS, rows), arch)
                     .unwrap_or_else(|e| panic!("{s:?} sm_{arch}: {e}"));
                 assert!(ptx.contains(".entry diffqkv_decode_split"), "{s:?}");
-                // The stream kernel copies its tiles asynchronously, in groups.
-                let stream = ptx_entry(&ptx, "diffqkv_decode_stream").expect("the stream kernel");
-                for op in ["cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group"] {
-                    assert!(stream.contains(op), "{s:?} sm_{arch}: no {op}");
-                }
                 assert!(ptx.contains(".entry diffqkv_decode_combine"), "{s:?}");
                 assert!(ptx.contains(".entry diffqkv_decode_append"), "{s:?}");
                 assert!(ptx.contains("atom.global.add.u32"), "{s:?}: no counter");
-                // Dependent launch on Hopper: each of the four kernels waits.
+                // Dependent launch on Hopper: each of the three kernels waits.
                 let waits = ptx.matches("griddepcontrol.wait").count();
-                assert_eq!(waits, if arch >= 90 { 4 } else { 0 }, "{s:?} sm_{arch}");
+                assert_eq!(waits, if arch >= 90 { 3 } else { 0 }, "{s:?} sm_{arch}");
                 assert!(
                     ptx.contains("ld.global.cg.f32"),
                     "{s:?}: no L2 read of partials"
                 );
-                // Both split kernels ask L2 for their chunk before they wait.
-                for name in ["diffqkv_decode_split", "diffqkv_decode_stream"] {
-                    let k = ptx_entry(&ptx, name).expect("the kernel");
-                    let prefetch = k.find("prefetch.global.L2").expect("no L2 prefetch");
-                    if let Some(wait) = k.find("griddepcontrol.wait") {
-                        assert!(prefetch < wait, "{s:?} {name}: the prefetch after the wait");
-                    }
+                // The split kernel asks L2 for its chunk before it waits.
+                let split = ptx_entry(&ptx, "diffqkv_decode_split").expect("the split kernel");
+                let prefetch = split.find("prefetch.global.L2").expect("no L2 prefetch");
+                if let Some(wait) = split.find("griddepcontrol.wait") {
+                    assert!(prefetch < wait, "{s:?}: the prefetch after the wait");
                 }
             }
         }

@@ -23,15 +23,6 @@ pub const MAX_SMEM: i64 = 96 * 1024;
 pub const MAX_FOLD_SPLITS: i64 = 16;
 /// The chunk lengths the search tries (each also bounded by shared memory).
 const CHUNKS: [i64; 7] = [32, 64, 128, 256, 512, 1024, 2048];
-/// The stream kernel's slots per tile (the source's TILE).
-pub const STREAM_TILE: i64 = 16;
-/// Shared memory the stream kernel's tiles and its own state may take
-/// (below an A100's 163 KiB per block; an H100 or H200 has 227 KiB).
-pub const STREAM_SMEM: i64 = 160 * 1024;
-/// The most tiles in the stream kernel's shared memory at once.
-const MAX_STAGES: i64 = 4;
-/// The longest chunk of the stream kernel (bounded by no shared memory).
-pub const MAX_STREAM_CHUNK: i64 = 1 << 20;
 
 /// `SIGMA_DECODE_TUNING`: when set, no search runs and every step uses the
 /// fixed rule of [`DecodeShape::plan`] with these values over the defaults.
@@ -46,8 +37,6 @@ pub struct Tuning {
     pub uv: i64,
     /// Fold the combine into the split kernel (up to [`MAX_FOLD_SPLITS`] splits).
     pub fold: bool,
-    /// Which kernel.
-    pub kernel: Kernel,
 }
 
 impl Tuning {
@@ -57,7 +46,6 @@ impl Tuning {
         uk: 4,
         uv: 8,
         fold: true,
-        kernel: Kernel::Split,
     };
 
     /// The kernel's rows loaded ahead that this rule fixes.
@@ -77,11 +65,6 @@ impl Tuning {
                 .split_once('=')
                 .ok_or_else(|| format!("{item:?} is not key=value"))?;
             let (key, value) = (key.trim(), value.trim());
-            if key == "kernel" {
-                t.kernel = Kernel::parse(value)
-                    .ok_or_else(|| format!("kernel = {value:?} is not split or stream"))?;
-                continue;
-            }
             if key == "fold" {
                 t.fold = match value {
                     "1" | "on" | "true" => true,
@@ -96,15 +79,15 @@ impl Tuning {
             let (field, ok, range) = match key {
                 "max_chunk" => (
                     &mut t.max_chunk,
-                    (32..=MAX_STREAM_CHUNK).contains(&v) && v % 32 == 0,
-                    "a multiple of 32 from 32 to 1048576",
+                    (32..=4096).contains(&v) && v % 32 == 0,
+                    "a multiple of 32 from 32 to 4096",
                 ),
                 "blocks_per_sm" => (&mut t.blocks_per_sm, (1..=64).contains(&v), "1 to 64"),
                 "uk" => (&mut t.uk, (1..=16).contains(&v), "1 to 16"),
                 "uv" => (&mut t.uv, (1..=16).contains(&v), "1 to 16"),
                 k => {
                     return Err(format!(
-                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, kernel)"
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold)"
                     ))
                 }
             };
@@ -138,47 +121,17 @@ impl Rows {
 /// (docs/benchmarks.md).
 pub const ROWS: [Rows; 2] = [Rows::DEFAULT, Rows::DEEP];
 
-/// The kernel that computes each chunk: the split kernel (the chunk's
-/// scores in shared memory, its rows loaded into registers, [`Rows`]
-/// ahead) or the stream kernel (the chunk in tiles copied asynchronously
-/// into shared memory, [`DecodeShape::stream_stages`] at once, online
-/// softmax; any chunk length, one block per multiprocessor).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kernel {
-    Split,
-    Stream,
-}
-
-impl Kernel {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::Split => "split",
-            Kernel::Stream => "stream",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kernel> {
-        match s.trim() {
-            "split" => Some(Kernel::Split),
-            "stream" => Some(Kernel::Stream),
-            _ => None,
-        }
-    }
-}
-
 /// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
 /// them per sequence; with one split the block writes the output itself,
 /// else `fold` says whether the last block of each sequence merges the
-/// partial results (one launch) or the combine kernel does (two); by
-/// `kernel` (the split kernel compiled with `rows`; a stream plan keeps
-/// [`Rows::DEFAULT`], whose module holds it).
+/// partial results (one launch) or the combine kernel does (two); by the
+/// kernel compiled with `rows`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub chunk: i64,
     pub splits: i64,
     pub fold: bool,
     pub rows: Rows,
-    pub kernel: Kernel,
 }
 
 impl Plan {
@@ -191,7 +144,6 @@ impl Plan {
             splits,
             fold: fold && splits > 1 && splits <= MAX_FOLD_SPLITS,
             rows: Rows::DEFAULT,
-            kernel: Kernel::Split,
         }
     }
 
@@ -200,22 +152,9 @@ impl Plan {
         Plan { rows, ..self }
     }
 
-    /// The same chunks by the stream kernel (in the module of [`Rows::DEFAULT`]).
-    pub fn streamed(self) -> Plan {
-        Plan {
-            kernel: Kernel::Stream,
-            rows: Rows::DEFAULT,
-            ..self
-        }
-    }
-
     /// The plan of `len` slots that a search's [`Choice`] stands for.
     pub fn chosen(c: Choice, len: i64) -> Plan {
-        let p = Plan::new(c.chunk, len, c.fold);
-        match c.kernel {
-            Kernel::Split => p.with_rows(c.rows),
-            Kernel::Stream => p.streamed(),
-        }
+        Plan::new(c.chunk, len, c.fold).with_rows(c.rows)
     }
 
     /// Kernel launches this plan takes.
@@ -270,8 +209,8 @@ impl DecodeShape {
         }
     }
 
-    /// The compile-time constants of this shape's kernels, with `rows` loaded ahead.
-    pub fn defines(&self, threads: u32, rows: Rows) -> [(&'static str, i64); 10] {
+    /// The compile-time constants of this shape's kernel, with `rows` loaded ahead.
+    pub fn defines(&self, threads: u32, rows: Rows) -> [(&'static str, i64); 8] {
         [
             ("NQ", self.n_q),
             ("NK", self.n_k),
@@ -281,39 +220,7 @@ impl DecodeShape {
             ("THREADS", threads as i64),
             ("UK", rows.uk),
             ("UV", rows.uv),
-            ("TILE", STREAM_TILE),
-            ("STAGES", self.stream_stages().unwrap_or(2)),
         ]
-    }
-
-    /// The stream kernel's bytes of shared memory besides its tiles (q,
-    /// one tile's scores, the output with its max and sum: fp32).
-    fn stream_fixed_bytes(&self) -> i64 {
-        4 * self.n_q * (self.d_k + self.d_v + 2 + STREAM_TILE)
-    }
-
-    /// The bytes of one tile of K and V (bf16).
-    fn stream_tile_bytes(&self) -> i64 {
-        2 * STREAM_TILE * (self.n_k * self.d_k + self.n_v * self.d_v)
-    }
-
-    /// Tiles the stream kernel holds at once (2 to 4, as many as
-    /// [`STREAM_SMEM`] takes), or None where it cannot take this shape:
-    /// fewer than 2 tiles fit, or a lane's share of the output (V heads
-    /// per warp x query heads per V head x 8) passes 64 registers.
-    pub fn stream_stages(&self) -> Option<i64> {
-        let warps = super::launch::STREAM_THREADS as i64 / 32;
-        let wphv = if self.n_v < warps { warps / self.n_v } else { 1 };
-        let heads_per_warp = (self.n_v + warps / wphv - 1) / (warps / wphv);
-        let registers = heads_per_warp * (self.n_q / self.n_v) * 8;
-        let stages = (STREAM_SMEM - self.stream_fixed_bytes()) / self.stream_tile_bytes();
-        (registers <= 64 && stages >= 2).then_some(stages.min(MAX_STAGES))
-    }
-
-    /// The stream kernel's shared memory in bytes (None where it cannot take the shape).
-    pub fn stream_smem_bytes(&self) -> Option<i64> {
-        self.stream_stages()
-            .map(|s| s * self.stream_tile_bytes() + self.stream_fixed_bytes())
     }
 
     /// The bf16 K and V bytes a launch over `len` slots of `batch` sequences reads.
@@ -324,17 +231,6 @@ impl DecodeShape {
     /// Shared memory of a split block, in bytes, for a chunk of `chunk` slots.
     pub fn smem_bytes(&self, chunk: i64) -> i64 {
         4 * self.n_q * (self.d_k + self.d_v + 2 + chunk)
-    }
-
-    /// Whether `kernel` takes chunks of `chunk` slots of this shape: a
-    /// positive multiple of 32 that fits the split kernel's shared memory,
-    /// or at most [`MAX_STREAM_CHUNK`] for the stream kernel.
-    pub fn chunk_fits(&self, kernel: Kernel, chunk: i64) -> bool {
-        let most = match kernel {
-            Kernel::Split => self.max_chunk(i64::MAX),
-            Kernel::Stream => MAX_STREAM_CHUNK,
-        };
-        chunk > 0 && chunk % 32 == 0 && chunk <= most
     }
 
     /// The largest chunk (a multiple of 32, at most `limit`) whose block fits [`MAX_SMEM`].
@@ -348,80 +244,36 @@ impl DecodeShape {
     /// `t.blocks_per_sm` blocks per multiprocessor exist, chunk a multiple
     /// of 32 and `splits * chunk >= len > (splits - 1) * chunk`.
     pub fn plan(&self, batch: i64, len: i64, sms: i64, t: &Tuning) -> Plan {
-        let stream = t.kernel == Kernel::Stream && self.stream_stages().is_some();
-        let most = if stream {
-            t.max_chunk
-        } else {
-            self.max_chunk(t.max_chunk)
-        };
-        // The stream kernel's blocks run one at a time per multiprocessor:
-        // at most the blocks asked for, so that no second wave starts.
-        let blocks = t.blocks_per_sm * sms;
-        let blocks = if stream { blocks / batch * batch } else { blocks };
-        let chunk = fill_chunk(len, batch, blocks).clamp(32, most.max(32));
-        let p = Plan::new(chunk, len, t.fold);
-        if stream {
-            p.streamed()
-        } else {
-            p.with_rows(t.rows())
-        }
+        let want_splits = ((t.blocks_per_sm * sms + batch - 1) / batch).max(1);
+        let chunk = (len + want_splits - 1) / want_splits;
+        let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk(t.max_chunk).max(32));
+        Plan::new(chunk, len, t.fold).with_rows(t.rows())
     }
 }
 
-/// The chunk (a multiple of 32) that cuts `len` slots of `batch`
-/// sequences into about `blocks` blocks in all (at least one a sequence).
-fn fill_chunk(len: i64, batch: i64, blocks: i64) -> i64 {
-    let want_splits = ((blocks + batch - 1) / batch).max(1);
-    let chunk = (len + want_splits - 1) / want_splits;
-    (chunk + 31) / 32 * 32
-}
-
-/// A chunk's plans: the combine folded and separate (one plan where one
-/// split suffices or folding is not offered); none past [`MAX_SPLITS`].
-fn both_combines(chunk: i64, len: i64) -> Vec<Plan> {
-    let folded = Plan::new(chunk, len, true);
-    let separate = Plan::new(chunk, len, false);
-    match (folded.splits <= MAX_SPLITS, separate != folded) {
-        (false, _) => vec![],
-        (true, true) => vec![folded, separate],
-        (true, false) => vec![folded],
-    }
-}
-
-/// The plans the search times for `len` slots of `batch` sequences on a
-/// device of `sms` multiprocessors. The split kernel: every chunk of
-/// [`CHUNKS`] that fits shared memory up to the first that holds the
-/// whole context, by the kernel of every [`ROWS`]. The stream kernel
-/// (where it takes the shape): the chunk that gives one block per
-/// multiprocessor, and the powers of two from 64 to the first that holds
-/// the context. Each chunk with the combine folded and separate.
-pub fn candidates(shape: &DecodeShape, len: i64, batch: i64, sms: i64) -> Vec<Plan> {
+/// The plans the search times for `len` slots: every chunk of [`CHUNKS`]
+/// that fits shared memory up to the first that holds the whole context,
+/// each with the combine folded and separate (one plan where one split
+/// suffices or folding is not offered), none past [`MAX_SPLITS`]; each by
+/// the kernel of every [`ROWS`].
+pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
     let most = shape.max_chunk(i64::MAX);
     let mut out = Vec::new();
     for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
-        for p in both_combines(chunk, len) {
-            out.extend(ROWS.map(|r| p.with_rows(r)));
+        let folded = Plan::new(chunk, len, true);
+        if folded.splits <= MAX_SPLITS {
+            let separate = Plan::new(chunk, len, false);
+            let plans = if separate != folded {
+                vec![folded, separate]
+            } else {
+                vec![folded]
+            };
+            for p in plans {
+                out.extend(ROWS.map(|r| p.with_rows(r)));
+            }
         }
         if chunk >= len {
             break;
-        }
-    }
-    if shape.stream_stages().is_some() {
-        // One wave: at most one block per multiprocessor.
-        let fill = fill_chunk(len, batch, sms / batch * batch).min(MAX_STREAM_CHUNK);
-        let mut chunks = vec![fill];
-        let mut c = 64;
-        while c <= MAX_STREAM_CHUNK {
-            if c != fill {
-                chunks.push(c);
-            }
-            if c >= len {
-                break;
-            }
-            c *= 2;
-        }
-        for chunk in chunks {
-            out.extend(both_combines(chunk, len).into_iter().map(Plan::streamed));
         }
     }
     out
@@ -453,12 +305,10 @@ pub struct TuneKey {
     pub bucket: i64,
 }
 
-/// A search's result: the kernel, the chunk, whether to fold and the rows
-/// loaded ahead; [`Plan::chosen`] makes the plan of any context of the
-/// bucket from it.
+/// A search's result: the chunk, whether to fold and the rows loaded ahead;
+/// [`Plan::chosen`] makes the plan of any context of the bucket from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice {
-    pub kernel: Kernel,
     pub chunk: i64,
     pub fold: bool,
     pub rows: Rows,
@@ -467,7 +317,6 @@ pub struct Choice {
 impl Choice {
     pub fn of(p: Plan) -> Choice {
         Choice {
-            kernel: p.kernel,
             chunk: p.chunk,
             fold: p.fold,
             rows: p.rows,
@@ -491,10 +340,10 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
 }
 
 /// The first line of a tuning cache file (its format's version). Version
-/// 1 (choices timed from the host, before c8b5efc), version 2 (a prefetch
-/// column, c46dc6e to f334865) and version 3 (no kernel column, to
-/// 906b0eb) are not read: their files had other default names.
-pub const CACHE_HEADER: &str = "# sigma decode tuning v4: device, n_q n_k n_v d_k d_v, batch, context bucket, kernel, chunk, fold, uk uv (tab-separated)";
+/// 1 (choices timed from the host, before c8b5efc) and version 2 (a
+/// prefetch column, c46dc6e to f334865) are not read: their files had
+/// other default names.
+pub const CACHE_HEADER: &str = "# sigma decode tuning v3: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)";
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
 pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
@@ -502,7 +351,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
     for (k, c) in entries {
         let s = &k.shape;
         out.push_str(&format!(
-            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{}\t{} {}\n",
+            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\n",
             k.device,
             s.n_q,
             s.n_k,
@@ -511,7 +360,6 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
             s.d_v,
             k.batch,
             k.bucket,
-            c.kernel.name(),
             c.chunk,
             u8::from(c.fold),
             c.rows.uk,
@@ -526,7 +374,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
 pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
     let mut lines = text.lines();
     if lines.next() != Some(CACHE_HEADER) {
-        return Err("line 1: not a sigma decode tuning file of version 4".into());
+        return Err("line 1: not a sigma decode tuning file of version 3".into());
     }
     let mut out = BTreeMap::new();
     for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -538,8 +386,8 @@ pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
 
 fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [device, shape, batch, bucket, kernel, chunk, fold, rows] = f[..] else {
-        return Err(format!("{} fields, not 8", f.len()));
+    let [device, shape, batch, bucket, chunk, fold, rows] = f[..] else {
+        return Err(format!("{} fields, not 7", f.len()));
     };
 
     let num = |what: &str, s: &str| -> Result<i64, String> {
@@ -566,16 +414,10 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     if let Some(why) = shape.unsupported() {
         return Err(format!("shape {shape:?}: {why}"));
     }
-    let kernel = Kernel::parse(kernel)
-        .ok_or_else(|| format!("kernel {kernel:?} is not split or stream"))?;
-    if kernel == Kernel::Stream && shape.stream_stages().is_none() {
-        return Err(format!("the stream kernel does not take shape {shape:?}"));
-    }
     let chunk = num("chunk", chunk)?;
-    if !shape.chunk_fits(kernel, chunk) {
+    if chunk % 32 != 0 || chunk > shape.max_chunk(i64::MAX) {
         return Err(format!(
-            "chunk {chunk} is not a multiple of 32 that the {} kernel takes",
-            kernel.name()
+            "chunk {chunk} is not a multiple of 32 that fits shared memory"
         ));
     }
     let fold = match fold.trim() {
@@ -597,15 +439,7 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
         batch: num("batch", batch)?,
         bucket: num("context bucket", bucket)?,
     };
-    Ok((
-        key,
-        Choice {
-            kernel,
-            chunk,
-            fold,
-            rows,
-        },
-    ))
+    Ok((key, Choice { chunk, fold, rows }))
 }
 
 #[cfg(test)]
@@ -672,21 +506,12 @@ pub(crate) mod tests {
         assert_eq!(s.plan(64, 2048, 132, &off).launches(), 2);
     }
 
-    /// The split kernel's plans by the kernel of [`Rows::DEFAULT`].
+    /// The plans by the kernel of [`Rows::DEFAULT`].
     fn defaults(plans: &[Plan]) -> Vec<Plan> {
         plans
             .iter()
             .copied()
-            .filter(|p| p.rows == Rows::DEFAULT && p.kernel == Kernel::Split)
-            .collect()
-    }
-
-    /// The stream kernel's plans.
-    fn streamed(plans: &[Plan]) -> Vec<Plan> {
-        plans
-            .iter()
-            .copied()
-            .filter(|p| p.kernel == Kernel::Stream)
+            .filter(|p| p.rows == Rows::DEFAULT)
             .collect()
     }
 
@@ -694,15 +519,13 @@ pub(crate) mod tests {
     fn candidates_cover_the_context_fit_shared_memory_and_offer_both_combines() {
         let s = sigma_1_5b();
         for len in [1, 31, 32, 33, 100, 1000, 4096, 5000, 32768, 65536, 1 << 20] {
-            let all = candidates(&s, len, 1, 132);
-            // Every split plan by the kernel of each rows, in turn; then
-            // the stream plans.
+            let all = candidates(&s, len);
+            // Every plan by the kernel of each rows, in turn.
             let c = defaults(&all);
-            let mut each: Vec<Plan> = c
+            let each: Vec<Plan> = c
                 .iter()
                 .flat_map(|p| ROWS.map(|r| p.with_rows(r)))
                 .collect();
-            each.extend(streamed(&all));
             assert_eq!(all, each, "{len}");
             assert!(!c.is_empty(), "{len}");
             for p in &c {
@@ -719,7 +542,7 @@ pub(crate) mod tests {
         }
         // 4096 slots: chunks 32..512 (SIGMA's shared memory stops at 608),
         // folded where 16 splits or fewer, and always separately.
-        let c = defaults(&candidates(&s, 4096, 1, 132));
+        let c = defaults(&candidates(&s, 4096));
         let chunks: Vec<i64> = c.iter().map(|p| p.chunk).collect();
         assert_eq!(chunks, [32, 64, 128, 256, 256, 512, 512]);
         assert_eq!((c[0].splits, c[0].fold), (128, false));
@@ -727,11 +550,11 @@ pub(crate) mod tests {
         assert_eq!(c.iter().filter(|p| p.fold).count(), 2);
         // A million slots: chunks of 32 and 64 would take too many splits,
         // and 8,192 splits are too many to fold.
-        let c = defaults(&candidates(&s, 1 << 20, 1, 132));
+        let c = defaults(&candidates(&s, 1 << 20));
         assert_eq!(c[0], Plan::new(128, 1 << 20, false));
         assert!(c.iter().all(|p| p.chunk >= 128));
         // A short context ends with the single split.
-        let c = defaults(&candidates(&s, 40, 1, 132));
+        let c = defaults(&candidates(&s, 40));
         assert_eq!(c.last(), Some(&Plan::new(64, 40, true)));
         assert_eq!(c.last().map(|p| (p.splits, p.launches())), Some((1, 1)));
         // Smaller heads fit longer chunks.
@@ -742,91 +565,7 @@ pub(crate) mod tests {
             d_k: 16,
             d_v: 16,
         };
-        assert!(candidates(&small, 65536, 1, 132)
-            .iter()
-            .any(|p| p.chunk == 2048 && p.kernel == Kernel::Split));
-    }
-
-    /// The stream kernel's plans: first the chunk that gives one block per
-    /// multiprocessor, then powers of two from 64 to the first that holds
-    /// the context, each folded and separate; every plan covers the context
-    /// exactly, by the module of the default rows.
-    #[test]
-    fn stream_candidates_fill_the_device_first_then_try_powers_of_two() {
-        let s = sigma_1_5b();
-        for (len, batch) in [(1, 1), (100, 1), (16384, 1), (20000, 1), (65536, 4), (32768, 64), (1 << 20, 1)] {
-            let st = streamed(&candidates(&s, len, batch, 132));
-            assert!(!st.is_empty(), "{len}");
-            for p in &st {
-                assert_eq!(p.rows, Rows::DEFAULT);
-                assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
-                assert!(s.chunk_fits(Kernel::Stream, p.chunk), "{p:?}");
-                assert!(p.splits <= MAX_SPLITS);
-                assert!(!p.fold || p.splits <= MAX_FOLD_SPLITS);
-            }
-            for (i, p) in st.iter().enumerate() {
-                assert!(!st[i + 1..].contains(p), "{len}: {p:?} twice");
-            }
-            // The first fills the device in one wave: batch x splits at
-            // most 132 blocks, more than half of them.
-            let blocks = batch * st[0].splits;
-            assert!(blocks <= 132 && (len < 32 * 132 / batch || blocks > 66), "{len} {batch}: {blocks}");
-        }
-        // 16,384 slots of one sequence: 128 blocks of 128 slots (too many to
-        // fold), then 64, 256, ... 16384.
-        let st = streamed(&candidates(&s, 16384, 1, 132));
-        let chunks: Vec<i64> = st.iter().map(|p| p.chunk).collect();
-        assert_eq!(&chunks[..3], [128, 64, 256]);
-        assert_eq!(chunks.last(), Some(&16384));
-        assert_eq!(st[0].splits, 128);
-        // 20,000 slots: 132 blocks of 160 (not a power of two).
-        assert_eq!(streamed(&candidates(&s, 20000, 1, 132))[0].chunk, 160);
-        // A shape whose lane output would pass 64 registers: no stream plans.
-        let wide = DecodeShape {
-            n_q: 64,
-            n_k: 4,
-            n_v: 2,
-            d_k: 64,
-            d_v: 64,
-        };
-        assert_eq!(wide.stream_stages(), None);
-        assert!(streamed(&candidates(&wide, 4096, 1, 132)).is_empty());
-    }
-
-    /// The stream kernel's shared memory: SIGMA-1.5B holds 3 tiles (40 KiB
-    /// each) and its state; every shape it takes fits [`STREAM_SMEM`].
-    #[test]
-    fn the_stream_kernel_holds_as_many_tiles_as_fit() {
-        let s = sigma_1_5b();
-        assert_eq!(s.stream_stages(), Some(3));
-        assert_eq!(
-            s.stream_smem_bytes(),
-            Some(3 * 40960 + 4 * 32 * (64 + 64 + 2 + 16))
-        );
-        // GQA 16/16: tiles of 64 KiB, two fit.
-        let gqa = DecodeShape { n_k: 16, ..s };
-        assert_eq!(gqa.stream_stages(), Some(2));
-        // Small heads: at most 4.
-        let small = DecodeShape {
-            n_q: 8,
-            n_k: 2,
-            n_v: 4,
-            d_k: 16,
-            d_v: 16,
-        };
-        assert_eq!(small.stream_stages(), Some(4));
-        // 16 heads of 256 each way: a tile is 256 KiB, none fits.
-        let huge = DecodeShape {
-            n_q: 16,
-            n_k: 16,
-            n_v: 16,
-            d_k: 256,
-            d_v: 256,
-        };
-        assert_eq!(huge.stream_stages(), None);
-        for sh in [s, gqa, small] {
-            assert!(sh.stream_smem_bytes().unwrap() <= STREAM_SMEM);
-        }
+        assert!(candidates(&small, 65536).iter().any(|p| p.chunk == 2048));
     }
 
     #[test]
@@ -866,7 +605,6 @@ pub(crate) mod tests {
         m.insert(
             key("NVIDIA H100 80GB HBM3", 1, 4096),
             Choice {
-                kernel: Kernel::Split,
                 chunk: 128,
                 fold: true,
                 rows: Rows::DEEP,
@@ -875,17 +613,7 @@ pub(crate) mod tests {
         m.insert(
             key("NVIDIA H200", 16, 32768),
             Choice {
-                kernel: Kernel::Split,
                 chunk: 512,
-                fold: false,
-                rows: Rows::DEFAULT,
-            },
-        );
-        m.insert(
-            key("NVIDIA H200", 1, 65536),
-            Choice {
-                kernel: Kernel::Stream,
-                chunk: 8192,
                 fold: false,
                 rows: Rows::DEFAULT,
             },
@@ -893,48 +621,31 @@ pub(crate) mod tests {
         let text = format_cache(&m);
         assert_eq!(parse_cache(&text), Ok(m.clone()));
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\tsplit\t512\t0\t4 8\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\n"),
             "{text}"
         );
-        assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t1\t65536\tstream\t8192\t0\t4 8\n"),
-            "{text}"
-        );
-        // A remembered stream choice makes a stream plan of any context.
-        let p = Plan::chosen(m[&key("NVIDIA H200", 1, 65536)], 40000);
-        assert_eq!((p.kernel, p.chunk, p.splits), (Kernel::Stream, 8192, 5));
         assert_eq!(
             parse_cache(&format_cache(&BTreeMap::new())),
             Ok(BTreeMap::new())
         );
-        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\tsplit\t512\t0\t8 16";
+        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16";
         let bad =
             |body: &str| parse_cache(&format!("{CACHE_HEADER}\n{line}\n{body}\n")).unwrap_err();
-        let s = "x\t32 4 16 64 64\t1\t64\tsplit";
-        assert!(bad(&format!("{s}\t64\t1")).contains("line 3: 7 fields, not 8"));
-        assert!(bad("x\t32 4 16 64\t1\t64\tsplit\t64\t1\t4 8").contains("not n_q n_k n_v d_k d_v"));
-        assert!(bad("x\t32 5 16 64 64\t1\t64\tsplit\t64\t1\t4 8").contains("must divide"));
-        assert!(bad("x\t32 4 16 64 64\t0\t64\tsplit\t64\t1\t4 8").contains("batch \"0\""));
-        assert!(bad(&format!("{s}\t100\t1\t4 8")).contains("chunk 100"));
-        assert!(bad(&format!("{s}\t4096\t1\t4 8")).contains("the split kernel takes"));
-        assert!(bad(&format!("{s}\t64\tyes\t4 8")).contains("fold \"yes\""));
-        assert!(bad(&format!("{s}\t64\t1\t4")).contains("rows \"4\" are not uk uv"));
-        assert!(bad(&format!("{s}\t64\t1\t4 17")).contains("rows \"4 17\""));
-        assert!(bad(&format!("{s}\t64\t1\t0 8")).contains("rows \"0\" is not a positive"));
-        let st = "x\t32 4 16 64 64\t1\t64\tstream";
-        assert!(parse_cache(&format!("{CACHE_HEADER}\n{st}\t4096\t0\t4 8\n")).is_ok());
-        assert!(bad(&format!("{st}\t2097152\t0\t4 8")).contains("the stream kernel takes"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\tfast\t64\t1\t4 8").contains("kernel \"fast\""));
-        assert!(bad("x\t64 4 2 64 64\t1\t64\tstream\t64\t1\t4 8")
-            .contains("the stream kernel does not take"));
-        // Files of versions 1 (choices timed from the host) and 3 (no kernel column) are not read.
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1").contains("line 3: 6 fields, not 7"));
+        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8").contains("not n_q n_k n_v d_k d_v"));
+        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8").contains("must divide"));
+        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8").contains("batch \"0\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8").contains("chunk 100"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8").contains("fold \"yes\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4").contains("rows \"4\" are not uk uv"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17").contains("rows \"4 17\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8").contains("rows \"0\" is not a positive"));
+        // A file of version 1 (no rows column, choices timed from the host) is not read.
         let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
-        let v3 = "# sigma decode tuning v3: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\t4 8\n";
-        for old in [v1, v3] {
-            assert!(parse_cache(old)
-                .unwrap_err()
-                .contains("line 1: not a sigma decode tuning file of version 4"));
-        }
+        assert!(parse_cache(v1)
+            .unwrap_err()
+            .contains("line 1: not a sigma decode tuning file of version 3"));
         assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
         assert!(parse_cache("").unwrap_err().contains("line 1"));
     }
@@ -959,25 +670,6 @@ pub(crate) mod tests {
         assert!(Tuning::parse("fold=2")
             .unwrap_err()
             .contains("fold = \"2\""));
-        // The stream kernel by the fixed rule: chunks past the split
-        // kernel's shared memory, one block per multiprocessor asked.
-        let t = Tuning::parse("kernel=stream,blocks_per_sm=1,max_chunk=65536").unwrap();
-        let p = sigma_1_5b().plan(1, 65536, 132, &t);
-        assert_eq!((p.kernel, p.chunk, p.splits), (Kernel::Stream, 512, 128));
-        let p = sigma_1_5b().plan(64, 65536, 132, &t);
-        assert_eq!((p.kernel, p.chunk, p.splits), (Kernel::Stream, 32768, 2));
-        assert!(Tuning::parse("kernel=fast")
-            .unwrap_err()
-            .contains("kernel = \"fast\" is not split or stream"));
-        // A shape the stream kernel does not take gets the split kernel's plan.
-        let wide = DecodeShape {
-            n_q: 64,
-            n_k: 4,
-            n_v: 2,
-            d_k: 64,
-            d_v: 64,
-        };
-        assert_eq!(wide.plan(1, 4096, 132, &t).kernel, Kernel::Split);
         // The fixed rule's plan is by the kernel of its rows.
         let t = Tuning::parse("uk=8,uv=16").unwrap();
         assert_eq!(sigma_1_5b().plan(1, 4096, 132, &t).rows, Rows::DEEP);

@@ -7,8 +7,7 @@
 //! zeros. The same steps, in the same order, as csrc/decode_attention.cu
 //! (the split kernel, and the merge that the last block of a sequence or
 //! the combine kernel runs), so tests can hold the arithmetic against full
-//! attention without a GPU. The stream kernel reaches a chunk's partial
-//! by an online softmax over tiles instead ([`tiled_partial`]).
+//! attention without a GPU.
 
 /// The sizes of one step: `b` sequences of `len` cached slots.
 #[derive(Clone, Copy, Debug)]
@@ -67,59 +66,6 @@ pub fn chunk_partial<'a>(
     Partial { o, m, l }
 }
 
-/// Chunk `[s0, s1)` as the stream kernel computes it: tiles of `tile`
-/// slots in order; per tile the running max `m` moves to the largest of
-/// it and the tile's scores, the running sum and output are rescaled by
-/// `2^(m_old - m_new)` (0 while nothing was valid) and the tile's `p =
-/// 2^(s - m_new)` added. Equal, up to rounding, to [`chunk_partial`].
-pub fn tiled_partial<'a>(
-    q2: &[f64],
-    key: &dyn Fn(usize) -> &'a [f64],
-    value: &dyn Fn(usize) -> &'a [f64],
-    valid: &dyn Fn(usize) -> bool,
-    (s0, s1): (usize, usize),
-    tile: usize,
-) -> Partial {
-    assert!(tile > 0);
-    let mut run = Partial {
-        o: vec![0.0; value(s0).len()],
-        m: f64::NEG_INFINITY,
-        l: 0.0,
-    };
-    for t0 in (s0..s1).step_by(tile) {
-        let slots = t0..(t0 + tile).min(s1);
-        let scores: Vec<f64> = slots
-            .clone()
-            .map(|s| match valid(s) {
-                true => q2.iter().zip(key(s)).map(|(a, b)| a * b).sum(),
-                false => f64::NEG_INFINITY,
-            })
-            .collect();
-        let m = scores.iter().copied().fold(run.m, f64::max);
-        let alpha = if run.m == f64::NEG_INFINITY {
-            0.0
-        } else {
-            (run.m - m).exp2()
-        };
-        run.o.iter_mut().for_each(|x| *x *= alpha);
-        let mut l = 0.0;
-        for (s, &x) in slots.zip(&scores) {
-            let p = if m == f64::NEG_INFINITY {
-                0.0
-            } else {
-                (x - m).exp2()
-            };
-            l += p;
-            for (acc, v) in run.o.iter_mut().zip(value(s)) {
-                *acc += p * v;
-            }
-        }
-        run.l = run.l * alpha + l;
-        run.m = m;
-    }
-    run
-}
-
 /// The merged, normalised output of one query head's partials (`d_v` values).
 pub fn merge(parts: &[Partial], d_v: usize) -> Vec<f64> {
     let m = parts.iter().map(|p| p.m).fold(f64::NEG_INFINITY, f64::max);
@@ -147,10 +93,7 @@ pub fn merge(parts: &[Partial], d_v: usize) -> Vec<f64> {
 /// Decode attention as the kernel computes it, in chunks of `chunk` slots:
 /// q [b, n_q, d_k], k [b, n_k, len, d_k], v [b, n_v, len, d_v] (row-major),
 /// valid [b, len] or None -> [b, n_q, d_v]. Query head i reads K head
-/// i / (n_q / n_k) and V head i / (n_q / n_v). Each chunk's partial as
-/// the split kernel computes it, or with `tile` as the stream kernel
-/// does ([`tiled_partial`]).
-#[allow(clippy::too_many_arguments)]
+/// i / (n_q / n_k) and V head i / (n_q / n_v).
 pub fn split_merge(
     q: &[f64],
     k: &[f64],
@@ -158,7 +101,6 @@ pub fn split_merge(
     valid: Option<&[bool]>,
     d: Dims,
     chunk: usize,
-    tile: Option<usize>,
     scale: f64,
 ) -> Vec<f64> {
     assert!(chunk > 0 && d.n_q % d.n_k == 0 && d.n_q % d.n_v == 0);
@@ -179,10 +121,7 @@ pub fn split_merge(
             let parts: Vec<Partial> = (0..splits)
                 .map(|i| {
                     let range = (i * chunk, ((i + 1) * chunk).min(d.len));
-                    match tile {
-                        None => chunk_partial(&q2, &key, &value, &ok, range),
-                        Some(t) => tiled_partial(&q2, &key, &value, &ok, range, t),
-                    }
+                    chunk_partial(&q2, &key, &value, &ok, range)
                 })
                 .collect();
             out.extend(merge(&parts, d.d_v));
@@ -195,7 +134,7 @@ pub fn split_merge(
 mod tests {
     use super::*;
     use crate::infer::generate::decode_attention_ops;
-    use crate::kernels::decode::plan::{candidates, Kernel, STREAM_TILE};
+    use crate::kernels::decode::plan::candidates;
     use tch::{Kind, Tensor};
 
     /// Deterministic values in [-2, 2) (splitmix64).
@@ -221,21 +160,11 @@ mod tests {
 
     /// The split-and-merge result and full attention (the tensor path, f64).
     fn both(d: Dims, valid: Option<&[bool]>, chunk: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
-        both_tiled(d, valid, (chunk, None), seed)
-    }
-
-    /// [`both`], each chunk's partial by tiles of `tile` where given.
-    fn both_tiled(
-        d: Dims,
-        valid: Option<&[bool]>,
-        (chunk, tile): (usize, Option<usize>),
-        seed: u64,
-    ) -> (Vec<f64>, Vec<f64>) {
         let q = values(d.b * d.n_q * d.d_k, seed);
         let k = values(d.b * d.n_k * d.len * d.d_k, seed + 1);
         let v = values(d.b * d.n_v * d.len * d.d_v, seed + 2);
         let scale = 1.0 / (d.d_k as f64).sqrt();
-        let ours = split_merge(&q, &k, &v, valid, d, chunk, tile, scale);
+        let ours = split_merge(&q, &k, &v, valid, d, chunk, scale);
         let t = |x: &[f64], shape: [usize; 4]| Tensor::from_slice(x).view(shape.map(|n| n as i64));
         let m = valid.map(|m| {
             Tensor::from_slice(&m.iter().map(|&x| u8::from(x)).collect::<Vec<u8>>())
@@ -301,9 +230,8 @@ mod tests {
                 d_v: 16,
                 len: 1100,
             };
-            for p in candidates(&shape, 1100, 1, 132) {
-                let tile = (p.kernel == Kernel::Stream).then_some(STREAM_TILE as usize);
-                let (ours, full) = both_tiled(d, None, (p.chunk as usize, tile), 7);
+            for p in candidates(&shape, 1100) {
+                let (ours, full) = both(d, None, p.chunk as usize, 7);
                 assert!(max_diff(&ours, &full) < 1e-12, "{n_k}/{n_v} {p:?}");
             }
         }
@@ -337,47 +265,6 @@ mod tests {
         assert!(full[row..2 * row].iter().all(|x| x.is_nan()));
         assert!(max_diff(&ours[..row], &full[..row]) < 1e-12);
         assert!(max_diff(&ours[2 * row..], &full[2 * row..]) < 1e-12);
-    }
-
-    /// The stream kernel's online softmax over tiles gives each chunk's
-    /// partial (its max and sum too) and, merged, full attention: tiles
-    /// that do and do not divide the chunk, a tile of one slot, tiles
-    /// wholly padded before and after valid ones (the running max starting
-    /// at minus infinity), and a chunk with no valid slot.
-    #[test]
-    fn tiles_with_an_online_softmax_give_the_chunks_partial() {
-        let d = Dims {
-            b: 4,
-            len: 300,
-            ..SIGMA
-        };
-        let pad = [0, 37, 64, 250];
-        let valid = left_padding(d, &|i| pad[i]);
-        for (chunk, tile) in [(64, 16), (96, 16), (300, 16), (128, 7), (33, 1), (16, 16), (512, 48)] {
-            for m in [None, Some(&valid[..])] {
-                let (ours, full) = both_tiled(d, m, (chunk, Some(tile)), 5);
-                assert!(max_diff(&ours, &full) < 1e-12, "chunk {chunk} tile {tile}");
-            }
-        }
-        // Per chunk: the same max, sum and output as the chunk at once.
-        let q2 = values(16, 1);
-        let k = values(300 * 16, 2);
-        let v = values(300 * 8, 3);
-        let key = |s: usize| &k[s * 16..][..16];
-        let value = |s: usize| &v[s * 8..][..8];
-        for (lo, hi) in [(0, 300), (20, 90)] {
-            let ok = |s: usize| s >= lo && s < hi;
-            let whole = chunk_partial(&q2, &key, &value, &ok, (0, 300));
-            for tile in [1, 16, 50, 300] {
-                let t = tiled_partial(&q2, &key, &value, &ok, (0, 300), tile);
-                assert_eq!(t.m, whole.m, "tile {tile}");
-                assert!((t.l - whole.l).abs() < 1e-12 * whole.l, "tile {tile}");
-                assert!(max_diff(&t.o, &whole.o) < 1e-12, "tile {tile}");
-            }
-        }
-        let none = tiled_partial(&q2, &key, &value, &|_| false, (0, 300), 16);
-        assert_eq!((none.m, none.l), (f64::NEG_INFINITY, 0.0));
-        assert!(none.o.iter().all(|&x| x == 0.0));
     }
 
     #[test]

@@ -173,8 +173,8 @@ pub fn plan_for(
 }
 
 /// Time every candidate plan on these operands (each by the kernel of its
-/// rows, compiled now if need be; a kernel that does not compile, or a
-/// stream kernel the device cannot run, leaves its plans out) and return the fastest, with whether its output is
+/// rows, compiled now if need be; a kernel that does not compile leaves
+/// its plans out) and return the fastest, with whether its output is
 /// now in `o.out`; None when the device could not time any.
 fn search(
     kern: &Loaded,
@@ -192,12 +192,12 @@ fn search(
         (Kind::Uint8, o.q.device()),
     )
     .ok();
-    let plans = candidates(&shape, len, b, kern.sms);
+    let plans = candidates(&shape, len);
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
         let t = match kernels(ordinal, shape, p.rows) {
-            Ok(k) if k.runs(&p) => time_plan(&k, ordinal, shape, o, p, (&timer, flush.as_ref()))?,
-            _ => f64::NAN,
+            Ok(k) => time_plan(&k, ordinal, shape, o, p, (&timer, flush.as_ref()))?,
+            Err(_) => f64::NAN,
         };
         seconds.push(t);
     }
@@ -205,10 +205,9 @@ fn search(
         return Ok(None);
     };
     eprintln!(
-        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: {} kernel, chunk {}, {}, rows {}/{} ({} candidates)",
+        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{} ({} candidates)",
         kern.device_name,
         context_bucket(len),
-        best.kernel.name(),
         best.chunk,
         if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
         best.rows.uk,
