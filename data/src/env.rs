@@ -37,6 +37,16 @@ pub const GEMV_NORM: &str = "SIGMA_GEMV_NORM";
 pub const DECODE_PDL: &str = "SIGMA_DECODE_PDL";
 pub const DECODE_PREFETCH: &str = "SIGMA_DECODE_PREFETCH";
 pub const DECODE_ROPE: &str = "SIGMA_DECODE_ROPE";
+/// The version of the decode kernel's tuning cache format, in one place:
+/// the file's default name and its first line (the trainer's
+/// `kernels::decode::plan`) both take it, so a new format gets a new file.
+#[macro_export]
+macro_rules! decode_tuning_version {
+    () => {
+        3
+    };
+}
+
 pub const DECODE_TUNING: &str = "SIGMA_DECODE_TUNING";
 pub const DECODE_TUNING_CACHE: &str = "SIGMA_DECODE_TUNING_CACHE";
 pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
@@ -108,7 +118,11 @@ pub const SIGMA_VARS: &[Var] = &[
     Var {
         name: DECODE_TUNING_CACHE,
         kind: Kind::Text,
-        meaning: "the file of the decode kernel's per-device search results (default: sigma/decode-tuning-v3.tsv in the user's cache directory; off: none)",
+        meaning: concat!(
+            "the file of the decode kernel's per-device search results (default: sigma/decode-tuning-v",
+            decode_tuning_version!(),
+            ".tsv in the user's cache directory; off: none)"
+        ),
     },
     Var {
         name: FAULT_ABORT,
@@ -162,7 +176,8 @@ pub fn var(name: &str) -> Option<String> {
 }
 
 /// The decode kernel's tuning cache file: `SIGMA_DECODE_TUNING_CACHE` if
-/// set (`off`, `0` or empty: none), else `sigma/decode-tuning-v3.tsv` in the
+/// set (`off`, `0` or empty: none), else `sigma/decode-tuning-v3.tsv` (the
+/// format's version, [`decode_tuning_version`]) in the
 /// user's cache directory (`$XDG_CACHE_HOME`, else `$HOME/.cache`; None
 /// when neither is set).
 pub fn decode_tuning_cache() -> Option<std::path::PathBuf> {
@@ -177,7 +192,8 @@ pub fn decode_tuning_cache() -> Option<std::path::PathBuf> {
         Some(d) => std::path::PathBuf::from(d),
         None => std::path::PathBuf::from(var("HOME").filter(|h| !h.is_empty())?).join(".cache"),
     };
-    Some(base.join("sigma").join("decode-tuning-v3.tsv"))
+    let name = concat!("decode-tuning-v", decode_tuning_version!(), ".tsv");
+    Some(base.join("sigma").join(name))
 }
 
 /// Whether `name` is set at all.

@@ -339,11 +339,16 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
         .map(|(p, _)| p)
 }
 
-/// The first line of a tuning cache file (its format's version). Version
-/// 1 (choices timed from the host, before c8b5efc) and version 2 (a
-/// prefetch column, c46dc6e to f334865) are not read: their files had
-/// other default names.
-pub const CACHE_HEADER: &str = "# sigma decode tuning v3: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)";
+/// The first line of a tuning cache file (its format's version,
+/// `sigma_data::decode_tuning_version!`, which also names the default
+/// file). Version 1 (choices timed from the host, before c8b5efc) and
+/// version 2 (a prefetch column, c46dc6e to f334865) are not read: their
+/// files had other default names.
+pub const CACHE_HEADER: &str = concat!(
+    "# sigma decode tuning v",
+    sigma_data::decode_tuning_version!(),
+    ": device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)"
+);
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
 pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
@@ -374,7 +379,10 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
 pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
     let mut lines = text.lines();
     if lines.next() != Some(CACHE_HEADER) {
-        return Err("line 1: not a sigma decode tuning file of version 3".into());
+        return Err(format!(
+            "line 1: not a sigma decode tuning file of version {}",
+            sigma_data::decode_tuning_version!()
+        ));
     }
     let mut out = BTreeMap::new();
     for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -620,6 +628,7 @@ pub(crate) mod tests {
         );
         let text = format_cache(&m);
         assert_eq!(parse_cache(&text), Ok(m.clone()));
+        assert!(text.starts_with("# sigma decode tuning v3: "), "{text}");
         assert!(
             text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\n"),
             "{text}"
