@@ -17,13 +17,25 @@
 //                whose eighth divides 32
 //   THREADS      threads per block of the split kernel (a multiple of 32)
 //   UK, UV       rows loaded ahead per lane (tuning; defaults below)
+//   HG           head groups per sequence (tuning, default 1; divides NK
+//                and NV): a block takes one group's heads, NQ/HG query,
+//                NK/HG key and NV/HG value heads, over its chunk
 // Query head i reads key head i / (NQ/NK) and value head i / (NQ/NV)
 // (contiguous groups), so one block reads each key row of its chunk once for
-// the NQ/NK query heads of its group and each value row once for the NQ/NV
-// query heads of its group. bf16 in and out, fp32 accumulation; no headers
-// (bf16 is handled as its bit pattern, with the helpers of bf16.cuh, which
-// the caller puts before this source).
+// the NQ/NK query heads that share it and each value row once for the NQ/NV
+// query heads that share it. A head group is a sequence of its own to the
+// partial results, the counters and the combine: `seq` = b * HG + group;
+// the query and the output [B, NQ, D] are [B * HG, NQ/HG, D] read so.
+// bf16 in and out, fp32 accumulation; no headers (bf16 is handled as its
+// bit pattern, with the helpers of bf16.cuh, which the caller puts before
+// this source).
 
+#ifndef HG
+#define HG 1
+#endif
+#define NQB (NQ / HG)           // a block's query, key and value heads
+#define NKB (NK / HG)
+#define NVB (NV / HG)
 #define GK (NQ / NK)
 #define GV (NQ / NV)
 #define WARPS (THREADS / 32)
@@ -41,8 +53,8 @@
 #endif
 // Warps per head: a head is streamed by WPH warps together (when there are
 // fewer heads than warps), else each warp streams whole heads alone.
-#define WPHK (NK < WARPS ? WARPS / NK : 1)
-#define WPHV (NV < WARPS ? WARPS / NV : 1)
+#define WPHK (NKB < WARPS ? WARPS / NKB : 1)
+#define WPHV (NVB < WARPS ? WARPS / NVB : 1)
 #define COMBINE_THREADS 256
 #define NEG_INF (-__int_as_float(0x7f800000))
 
@@ -90,26 +102,27 @@ __device__ __forceinline__ void reduce_scatter(float* acc, int kl) {
   }
 }
 
-// The merge of sequence b's `splits` partial results (unnormalised output,
-// max m and sum l per query head, base 2) into its output: rescale every
-// chunk to the common max M, l = sum l_i 2^(m_i - M), o = sum o_i 2^(m_i -
-// M) / l; a head with no valid slot (every m_i minus infinity) gives zeros.
-// Run by one whole block; `ml` is NQ x 2 floats of its shared memory.
-// Partials are read with __ldcg (L2): other blocks wrote them.
+// The merge of (group) sequence seq's `splits` partial results
+// (unnormalised output, max m and sum l per query head, base 2) into its
+// output: rescale every chunk to the common max M, l = sum l_i 2^(m_i - M),
+// o = sum o_i 2^(m_i - M) / l; a head with no valid slot (every m_i minus
+// infinity) gives zeros. Run by one whole block; `ml` is NQB x 2 floats of
+// its shared memory. Partials are read with __ldcg (L2): other blocks
+// wrote them.
 __device__ __forceinline__ void merge_partials(const float* part_o, const float* part_ml,
-                                               bf16* out, int b, int splits, float* ml) {
+                                               bf16* out, int seq, int splits, float* ml) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const float* pml = part_ml + (long long)b * splits * 2 * NQ;
-  const float* po = part_o + (long long)b * splits * NQ * DV;
-  for (int qh = warp; qh < NQ; qh += WARPS) {
+  const float* pml = part_ml + (long long)seq * splits * 2 * NQB;
+  const float* po = part_o + (long long)seq * splits * NQB * DV;
+  for (int qh = warp; qh < NQB; qh += WARPS) {
     float m = NEG_INF;
-    for (int i = lane; i < splits; i += 32) m = fmaxf(m, __ldcg(pml + (long long)i * 2 * NQ + 2 * qh));
+    for (int i = lane; i < splits; i += 32) m = fmaxf(m, __ldcg(pml + (long long)i * 2 * NQB + 2 * qh));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     float l = 0.f;
     for (int i = lane; i < splits; i += 32) {
-      const float mi = __ldcg(pml + (long long)i * 2 * NQ + 2 * qh);
-      if (mi != NEG_INF) l += __ldcg(pml + (long long)i * 2 * NQ + 2 * qh + 1) * exp2f(mi - m);
+      const float mi = __ldcg(pml + (long long)i * 2 * NQB + 2 * qh);
+      if (mi != NEG_INF) l += __ldcg(pml + (long long)i * 2 * NQB + 2 * qh + 1) * exp2f(mi - m);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
@@ -119,26 +132,27 @@ __device__ __forceinline__ void merge_partials(const float* part_o, const float*
     }
   }
   __syncthreads();
-  for (int i = tid; i < NQ * DV; i += THREADS) {
+  for (int i = tid; i < NQB * DV; i += THREADS) {
     const int qh = i / DV;
     const float m = ml[2 * qh], l = ml[2 * qh + 1];
     float o = 0.f;
     if (l > 0.f) {
 #pragma unroll 4
       for (int s = 0; s < splits; ++s) {
-        const float ms = __ldcg(pml + (long long)s * 2 * NQ + 2 * qh);
-        if (ms != NEG_INF) o = fmaf(__ldcg(po + (long long)s * NQ * DV + i), exp2f(ms - m), o);
+        const float ms = __ldcg(pml + (long long)s * 2 * NQB + 2 * qh);
+        if (ms != NEG_INF) o = fmaf(__ldcg(po + (long long)s * NQB * DV + i), exp2f(ms - m), o);
       }
     }
-    out[(long long)b * NQ * DV + i] = f2bf(l > 0.f ? o / l : 0.f);
+    out[(long long)seq * NQB * DV + i] = f2bf(l > 0.f ? o / l : 0.f);
   }
 }
 
-// Block (split, b): slots [split*chunk, min(len, (split+1)*chunk)) of
-// sequence b. Computes the chunk's unnormalised output (sum of p·v with
-// p = 2^(score - m)), its max m and its sum l per query head; writes the
-// output itself when it is the only split, else the partials (and, with
-// `fold`, the last block of the sequence merges them).
+// Block (split, b, group): slots [split*chunk, min(len, (split+1)*chunk))
+// of sequence b for the heads of `group`. Computes the chunk's unnormalised
+// output (sum of p·v with p = 2^(score - m)), its max m and its sum l per
+// query head; writes the output itself when it is the only split, else the
+// partials (and, with `fold`, the last block of the group sequence merges
+// them).
 // Strides are in elements; a key row (DK) and a value row (DV) are contiguous.
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
 diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
@@ -148,20 +162,24 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
                      long long k_batch, long long k_head,
                      long long v_batch, long long v_head,
                      long long valid_batch,
-                     float* __restrict__ part_o,       // [B, splits, NQ, DV] (splits > 1)
-                     float* __restrict__ part_ml,      // [B, splits, NQ, 2] (splits > 1)
+                     float* __restrict__ part_o,       // [B * HG, splits, NQB, DV] (splits > 1)
+                     float* __restrict__ part_ml,      // [B * HG, splits, NQB, 2] (splits > 1)
                      bf16* __restrict__ out,           // [B, NQ, DV]
-                     unsigned int* __restrict__ done,  // [>= B], zero between launches (fold)
+                     unsigned int* __restrict__ done,  // [>= B * HG], zero between launches (fold)
                      const bf16* __restrict__ cs,      // [DK] RoPE row [cos, cos], or null
                      const bf16* __restrict__ sn,      // [DK] RoPE row [-sin, sin], or null
                      int len, int chunk, float scale_log2, int fold, int prefetch) {
   extern __shared__ float smem[];
-  float* qs = smem;              // [NQ][DK], scaled by scale * log2(e)
-  float* os = qs + NQ * DK;      // [NQ][DV] output accumulator
-  float* ml = os + NQ * DV;      // [NQ][2] max and sum
-  float* sc = ml + 2 * NQ;       // [NQ][chunk] scores, then probabilities
+  float* qs = smem;              // [NQB][DK], scaled by scale * log2(e)
+  float* os = qs + NQB * DK;     // [NQB][DV] output accumulator
+  float* ml = os + NQB * DV;     // [NQB][2] max and sum
+  float* sc = ml + 2 * NQB;      // [NQB][chunk] scores, then probabilities
 
   const int b = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
+  const int seq = b * HG + blockIdx.z;  // the group sequence
+  // The group's first key and value heads of sequence b.
+  const bf16* kg = k + (long long)b * k_batch + (long long)blockIdx.z * NKB * k_head;
+  const bf16* vg = v + (long long)b * v_batch + (long long)blockIdx.z * NVB * v_head;
   const int s0 = split * chunk;
   const int n = min(chunk, len - s0);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -171,8 +189,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   // Only the slot that this step's append writes is being written, and L2
   // holds whatever write lands: the loads after the wait see it.
   if (prefetch) {
-    prefetch_rows<DK>(k + (long long)b * k_batch + (long long)s0 * DK, k_head, NK, n);
-    prefetch_rows<DV>(v + (long long)b * v_batch + (long long)s0 * DV, v_head, NV, n);
+    prefetch_rows<DK>(kg + (long long)s0 * DK, k_head, NKB, n);
+    prefetch_rows<DV>(vg + (long long)s0 * DV, v_head, NVB, n);
   }
   // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
   let_next_kernel_start();
@@ -181,8 +199,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   // The query, rotated here when the RoPE rows are given: y_j = x_j c_j +
   // x_{j +- DK/2} s_j in fp32, rounded to bf16 as the training RoPE kernel
   // writes it, so the scores are those of a query rotated before the launch.
-  const bf16* qb = q + (long long)b * NQ * DK;
-  for (int i = tid; i < NQ * DK; i += THREADS) {
+  const bf16* qb = q + (long long)seq * NQB * DK;
+  for (int i = tid; i < NQB * DK; i += THREADS) {
     float x = bf2f(qb[i]);
     if (cs != nullptr) {
       const int j = i % DK;
@@ -191,7 +209,7 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
     }
     qs[i] = x * scale_log2;
   }
-  for (int i = tid; i < NQ * DV; i += THREADS) os[i] = 0.f;
+  for (int i = tid; i < NQB * DV; i += THREADS) os[i] = 0.f;
   __syncthreads();
 
   // Scores: each key row of the chunk is read once for its query group.
@@ -199,8 +217,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
     const int kl = lane % LK, kr = lane / LK;
     const int sub = warp % WPHK;
     const unsigned char* vrow = valid ? valid + (long long)b * valid_batch + s0 : 0;
-    for (int h = warp / WPHK; h < NK; h += WARPS / WPHK) {
-      const bf16* kh = k + (long long)b * k_batch + (long long)h * k_head + (long long)s0 * DK + kl * 8;
+    for (int h = warp / WPHK; h < NKB; h += WARPS / WPHK) {
+      const bf16* kh = kg + (long long)h * k_head + (long long)s0 * DK + kl * 8;
       for (int qt = 0; qt < GK; qt += QTK) {
         float qr[QTK][8];
 #pragma unroll
@@ -250,7 +268,7 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   __syncthreads();
 
   // Softmax pieces per query head over the chunk: m, p = 2^(s - m), l.
-  for (int qh = warp; qh < NQ; qh += WARPS) {
+  for (int qh = warp; qh < NQB; qh += WARPS) {
     float* row = sc + qh * chunk;
     float m = NEG_INF;
     for (int s = lane; s < n; s += 32) m = fmaxf(m, row[s]);
@@ -275,8 +293,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   {
     const int vl = lane % LV, vr = lane / LV;
     const int sub = warp % WPHV;
-    for (int h = warp / WPHV; h < NV; h += WARPS / WPHV) {
-      const bf16* vh = v + (long long)b * v_batch + (long long)h * v_head + (long long)s0 * DV + vl * 8;
+    for (int h = warp / WPHV; h < NVB; h += WARPS / WPHV) {
+      const bf16* vh = vg + (long long)h * v_head + (long long)s0 * DV + vl * 8;
       for (int qt = 0; qt < GV; qt += QTV) {
         float acc[QTV][8];
 #pragma unroll
@@ -324,32 +342,32 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   __syncthreads();
 
   if (splits == 1) {  // the whole context in this block: normalise and write
-    for (int i = tid; i < NQ * DV; i += THREADS) {
+    for (int i = tid; i < NQB * DV; i += THREADS) {
       const float l = ml[2 * (i / DV) + 1];
-      out[(long long)b * NQ * DV + i] = f2bf(l > 0.f ? os[i] / l : 0.f);
+      out[(long long)seq * NQB * DV + i] = f2bf(l > 0.f ? os[i] / l : 0.f);
     }
     return;
   }
-  const long long part = (long long)b * splits + split;
-  for (int i = tid; i < NQ * DV; i += THREADS) part_o[part * NQ * DV + i] = os[i];
-  for (int i = tid; i < 2 * NQ; i += THREADS) part_ml[part * 2 * NQ + i] = ml[i];
+  const long long part = (long long)seq * splits + split;
+  for (int i = tid; i < NQB * DV; i += THREADS) part_o[part * NQB * DV + i] = os[i];
+  for (int i = tid; i < 2 * NQB; i += THREADS) part_ml[part * 2 * NQB + i] = ml[i];
   if (!fold) return;
 
   // Folded combine: every thread's partials are made visible device-wide
   // before one thread counts the block in; the block that brings the count
-  // to `splits` is the last of its sequence, resets the counter for the
+  // to `splits` is the last of its group sequence, resets the counter for the
   // next launch and merges (reading the partials through L2, not L1).
   __shared__ int last;
   __threadfence();
   __syncthreads();
   if (tid == 0) {
-    const unsigned int before = atomicAdd(done + b, 1u);
+    const unsigned int before = atomicAdd(done + seq, 1u);
     last = before == (unsigned int)(splits - 1);
-    if (last) atomicExch(done + b, 0u);
+    if (last) atomicExch(done + seq, 0u);
     __threadfence();
   }
   __syncthreads();
-  if (last) merge_partials(part_o, part_ml, out, b, splits, ml);
+  if (last) merge_partials(part_o, part_ml, out, seq, splits, ml);
 }
 
 __device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
@@ -367,9 +385,9 @@ __device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) 
   return x;
 }
 
-// Block (query head, b), COMBINE_THREADS threads: rescale the chunks to their
-// common max and normalise. A head whose every slot is masked gives zeros.
-// Dynamic shared memory: one float per split.
+// Block (query head of the group, b, group), COMBINE_THREADS threads:
+// rescale the chunks to their common max and normalise. A head whose every
+// slot is masked gives zeros. Dynamic shared memory: one float per split.
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
 diffqkv_decode_combine(const float* __restrict__ part_o,
                        const float* __restrict__ part_ml,
@@ -380,32 +398,32 @@ diffqkv_decode_combine(const float* __restrict__ part_o,
   wait_for_prior_kernels();
   extern __shared__ float wt[];
   __shared__ float red[COMBINE_THREADS];
-  const int qh = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-  const float* mlb = part_ml + (long long)b * splits * 2 * NQ + 2 * qh;
+  const int qh = blockIdx.x, seq = blockIdx.y * HG + blockIdx.z, tid = threadIdx.x;
+  const float* mlb = part_ml + (long long)seq * splits * 2 * NQB + 2 * qh;
   float m = NEG_INF;
-  for (int i = tid; i < splits; i += COMBINE_THREADS) m = fmaxf(m, mlb[(long long)i * 2 * NQ]);
+  for (int i = tid; i < splits; i += COMBINE_THREADS) m = fmaxf(m, mlb[(long long)i * 2 * NQB]);
   m = block_reduce(m, true, red);
   float l = 0.f;
   for (int i = tid; i < splits; i += COMBINE_THREADS) {
-    const float mi = mlb[(long long)i * 2 * NQ];
+    const float mi = mlb[(long long)i * 2 * NQB];
     const float w = (mi == NEG_INF || m == NEG_INF) ? 0.f : exp2f(mi - m);
     wt[i] = w;
-    l += mlb[(long long)i * 2 * NQ + 1] * w;
+    l += mlb[(long long)i * 2 * NQB + 1] * w;
   }
   l = block_reduce(l, false, red);  // its barriers also publish wt
   // Groups of DV threads take every G-th split, then the groups are summed.
   const int G = COMBINE_THREADS / DV, g = tid / DV, d = tid % DV;
   float o = 0.f;
   if (g < G) {
-    const float* po = part_o + ((long long)b * splits * NQ + qh) * DV + d;
-    for (int i = g; i < splits; i += G) o += po[(long long)i * NQ * DV] * wt[i];
+    const float* po = part_o + ((long long)seq * splits * NQB + qh) * DV + d;
+    for (int i = g; i < splits; i += G) o += po[(long long)i * NQB * DV] * wt[i];
   }
   __syncthreads();
   red[tid] = o;
   __syncthreads();
   if (tid < DV) {
     for (int i = 1; i < G; ++i) o += red[i * DV + tid];
-    out[((long long)b * NQ + qh) * DV + tid] = f2bf(l > 0.f ? o / l : 0.f);
+    out[((long long)seq * NQB + qh) * DV + tid] = f2bf(l > 0.f ? o / l : 0.f);
   }
 }
 

@@ -1,5 +1,6 @@
 //! The decode kernels of one shape on one device (compiled by NVRTC on
-//! first use, a failure remembered) and the launches of one step by a
+//! first use per rows loaded ahead and head groups, a failure remembered)
+//! and the launches of one step by a
 //! [`Plan`]: the split kernel alone (one split, or the combine folded into
 //! it) or followed by the combine kernel. The folded combine counts each
 //! sequence's finished blocks in a workspace of `u32` counters kept per
@@ -65,7 +66,10 @@ pub fn prefetch_allowed() -> bool {
 static PREFETCH: sigma_data::env::ProcessSwitch =
     sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_PREFETCH);
 
-type Cache = Mutex<HashMap<(usize, DecodeShape, Rows), std::result::Result<Arc<Loaded>, String>>>;
+/// What one compiled module is for: the device, the shape, the rows
+/// loaded ahead, the head groups.
+type Key = (usize, DecodeShape, Rows, i64);
+type Cache = Mutex<HashMap<Key, std::result::Result<Arc<Loaded>, String>>>;
 
 fn cache() -> &'static Cache {
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -76,10 +80,11 @@ fn load(
     ordinal: usize,
     shape: DecodeShape,
     rows: Rows,
+    groups: i64,
 ) -> std::result::Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
     let (ctx, arch, sms) = device(ordinal)?;
-    let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, rows), arch)?;
+    let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, rows, groups), arch)?;
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
         .map_err(drv)?;
@@ -110,20 +115,21 @@ fn load(
 }
 
 /// The kernels for `shape` on CUDA device `ordinal` (with `rows` loaded
-/// ahead), compiled on first use; a failure is printed once and
-/// remembered.
+/// ahead, the heads in `groups` groups: [`DecodeShape::takes_groups`]),
+/// compiled on first use; a failure is printed once and remembered.
 pub fn kernels(
     ordinal: usize,
     shape: DecodeShape,
     rows: Rows,
+    groups: i64,
 ) -> std::result::Result<Arc<Loaded>, String> {
     let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
-    c.entry((ordinal, shape, rows))
+    c.entry((ordinal, shape, rows, groups))
         .or_insert_with(|| {
-            let r = load(ordinal, shape, rows);
+            let r = load(ordinal, shape, rows, groups);
             if let Err(e) = &r {
                 eprintln!(
-                    "warning: the DiffQKV decode kernel loading {}/{} rows ahead does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
+                    "warning: the DiffQKV decode kernel loading {}/{} rows ahead in {groups} head groups does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
                     rows.uk, rows.uv
                 );
             }
@@ -213,22 +219,23 @@ impl<'a> Ready<'a> {
         let Some(stream) = current_stream(&kern.ctx, ordinal) else {
             return Ok(None);
         };
-        let b = o.q.size()[0];
+        // Each head group is a sequence of its own to the partials and counters.
+        let (seqs, heads) = (o.q.size()[0] * plan.groups, shape.n_q / plan.groups);
         let f32s = (Kind::Float, o.q.device());
         // One split writes the output itself: no partials.
         let (part_o, part_ml) = if plan.splits > 1 {
             (
                 Some(Tensor::f_empty(
-                    [b, plan.splits, shape.n_q, shape.d_v],
+                    [seqs, plan.splits, heads, shape.d_v],
                     f32s,
                 )?),
-                Some(Tensor::f_empty([b, plan.splits, shape.n_q, 2], f32s)?),
+                Some(Tensor::f_empty([seqs, plan.splits, heads, 2], f32s)?),
             )
         } else {
             (None, None)
         };
         let done = if plan.fold {
-            workspace(ordinal, &stream, b)?
+            workspace(ordinal, &stream, seqs)?
         } else {
             0
         };
@@ -318,8 +325,10 @@ fn combine_args(o: &Operands, (op, mp): (u64, u64), plan: Plan) -> Vec<Arg> {
 }
 
 /// The launches of one step: the split kernel, then the combine kernel
-/// unless the plan has one split or folds it. `parts`: the partial
-/// outputs, the partial max and sum, the counters (0 where unused).
+/// unless the plan has one split or folds it, each with a block per head
+/// group in the grid's third dimension (`kern` is compiled for the plan's
+/// groups). `parts`: the partial outputs, the partial max and sum, the
+/// counters (0 where unused).
 fn launch(
     stream: &Arc<CudaStream>,
     kern: &Loaded,
@@ -331,10 +340,11 @@ fn launch(
     let b = o.q.size()[0];
     let prefetch = kern.prefetch(shape, b, o.k.size()[2]);
     let mut split = split_args(o, parts, plan, prefetch);
+    let groups = plan.groups as u32;
     let split_cfg = LaunchConfig {
-        grid_dim: (plan.splits as u32, b as u32, 1),
+        grid_dim: (plan.splits as u32, b as u32, groups),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: shape.smem_bytes(plan.chunk) as u32,
+        shared_mem_bytes: shape.grouped(plan.groups).smem_bytes(plan.chunk) as u32,
     };
     // SAFETY: every pointer is a live libtorch tensor of the device whose
     // extent matches the kernel's indexing (checked by the caller and by
@@ -342,14 +352,15 @@ fn launch(
     // batch); the tensors outlive the launches, which run on the stream
     // that any later use of them is ordered after. The partials are read
     // only when the plan has more than one split, the counters only when
-    // it folds, the RoPE rows (d_k each) only when given. The arguments
+    // it folds, the RoPE rows (d_k each) only when given; the grid's third
+    // dimension is the groups the kernel is compiled for. The arguments
     // are in the kernels' order and types (a test holds them to the PTX).
     unsafe {
         let mut ps = arg_pointers(&mut split);
         launch_ex(stream, &kern.split, &split_cfg, &mut ps, kern.pdl())?;
         if plan.launches() == 2 {
             let cfg = LaunchConfig {
-                grid_dim: (shape.n_q as u32, b as u32, 1),
+                grid_dim: ((shape.n_q / plan.groups) as u32, b as u32, groups),
                 block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 4 * plan.splits as u32,
             };
@@ -436,7 +447,7 @@ mod tests {
         }
         let shape = super::super::plan::tests::sigma_1_5b();
         let t = Rows::DEFAULT;
-        let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, t), 90).expect("compiles");
+        let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, t, 4), 90).expect("compiles");
         let sizes = |name: &str| ptx_param_sizes(&ptx, name).expect("the kernel");
         let of = |args: &[Arg]| args.iter().map(Arg::size).collect::<Vec<_>>();
         let bf = |s: &[i64]| Tensor::zeros(s, (Kind::BFloat16, tch::Device::Cpu));

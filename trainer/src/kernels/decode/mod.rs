@@ -70,7 +70,7 @@ pub fn decode_kernel_available(
     let (shape, ordinal) = check(q, k, v, None)?;
     let _restore = RestoreContext::save();
     let rows = tune::env_rows().map_err(|e| e.to_string())?;
-    launch::kernels(ordinal, shape, rows).map(|_| ())
+    launch::kernels(ordinal, shape, rows, 1).map(|_| ())
 }
 
 /// The kernel's shape and device for these operands, or why it cannot take
@@ -205,7 +205,7 @@ pub fn append(
         return Ok(false);
     }
     let _restore = RestoreContext::save();
-    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?) else {
+    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?, 1) else {
         return Ok(false);
     };
     launch::append(&kern, ordinal, &a)
@@ -316,14 +316,17 @@ pub fn decode_attention_by(
 fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let len = k.size()[2];
     let shape = shape_of(q, k, v);
-    let chunk_ok =
-        plan.chunk > 0 && plan.chunk % 32 == 0 && plan.chunk <= shape.max_chunk(i64::MAX);
+    let groups_ok = shape.takes_groups(plan.groups);
+    let chunk_ok = groups_ok
+        && plan.chunk > 0
+        && plan.chunk % 32 == 0
+        && plan.chunk <= shape.grouped(plan.groups).max_chunk(i64::MAX);
     let rows_ok = [plan.rows.uk, plan.rows.uv]
         .iter()
         .all(|r| (1..=16).contains(r));
     if !chunk_ok
         || !rows_ok
-        || plan != Plan::new(plan.chunk, len, plan.fold).with_rows(plan.rows)
+        || plan != Plan::grouped(plan.chunk, len, plan.fold, plan.groups).with_rows(plan.rows)
         || plan.splits > plan::MAX_SPLITS
     {
         return Err(crate::error::TrainError::Invariant {
@@ -346,10 +349,10 @@ fn step(
         return Ok(None);
     };
     let _restore = RestoreContext::save();
-    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?) else {
+    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?, 1) else {
         return Ok(None);
     };
-    let b = q.size()[0];
+    let (b, len) = (q.size()[0], k.size()[2]);
     let q = q.contiguous();
     let out = Tensor::f_empty([b, 1, shape.n_q * shape.d_v], (Kind::BFloat16, q.device()))?;
     let o = launch::Operands {
@@ -368,11 +371,18 @@ fn step(
     if plan.splits > plan::MAX_SPLITS {
         return Ok(None);
     }
-    // The plan may be by another compiled kernel (its rows); where that
-    // one does not compile (a remembered choice), the same split by this one.
-    let (kern, plan) = match launch::kernels(ordinal, shape, plan.rows) {
+    // The plan may be by another compiled kernel (its rows and groups);
+    // where that one does not compile (a remembered choice), the same split
+    // by this one, or, for a plan in groups (whose chunk may not fit one
+    // block of all heads), the fixed rule's plan in one group.
+    let (kern, plan) = match launch::kernels(ordinal, shape, plan.rows, plan.groups) {
         Ok(k) => (k, plan),
-        Err(_) => (kern, plan.with_rows(tune::env_rows()?)),
+        Err(_) if plan.groups == 1 => (kern, plan.with_rows(tune::env_rows()?)),
+        Err(_) => {
+            let t = tune::env_tuning()?.unwrap_or(Tuning::DEFAULT);
+            let one = shape.plan(b, len, kern.sms, &Tuning { groups: 1, ..t });
+            (kern, one)
+        }
     };
     if written || launch::run(&kern, ordinal, shape, &o, plan)? {
         Ok(Some(out))
@@ -392,11 +402,25 @@ mod tests {
         let ok = Plan::new(128, 1000, false);
         assert!(checked_plan(&q, &k, &v, ok).is_ok());
         assert!(checked_plan(&q, &k, &v, ok.with_rows(plan::Rows::DEEP)).is_ok());
+        // A chunk of 1,024 fits a block of a quarter of the heads, not of all.
+        let grouped = Plan::grouped(1024, 1000, true, 4);
+        assert!(checked_plan(&q, &k, &v, grouped).is_ok());
         for bad in [
             ok.with_rows(plan::Rows { uk: 0, uv: 8 }),
             ok.with_rows(plan::Rows { uk: 4, uv: 17 }),
             Plan { splits: 7, ..ok },
             Plan::new(100, 1000, false),
+            Plan {
+                groups: 1,
+                ..grouped
+            },
+            Plan { groups: 8, ..ok },
+            Plan { groups: 3, ..ok },
+            // Folding 32 splits is offered in 2 groups or more, not in one.
+            Plan {
+                fold: true,
+                ..Plan::new(32, 1000, false)
+            },
         ] {
             let e = checked_plan(&q, &k, &v, bad).unwrap_err().to_string();
             assert!(e.contains("decode plan") && e.contains("1000 slots"), "{e}");
@@ -407,7 +431,8 @@ mod tests {
     /// kind of shape sigma produces: SIGMA's 32/4/16, one K head (AugQ),
     /// n_k > n_v, compressed K dimensions, GQA-like equal heads, large
     /// groups; with the default rows loaded ahead and the largest the
-    /// override takes. Both kernels (the split kernel, which also writes
+    /// override takes, and (on Hopper) in every head groups the shape
+    /// takes beyond one. Both kernels (the split kernel, which also writes
     /// the output of one split and merges the folded combine, and the
     /// combine kernel) are in the PTX, and the folded merge's counter
     /// (an atomic add) with them. Needs a CUDA build of libtorch (NVRTC
@@ -446,12 +471,23 @@ mod tests {
             if i == 0 {
                 rows.push(plan::Rows { uk: 16, uv: 16 });
             }
-            for (arch, rows) in [90, 80]
+            let mut builds: Vec<(i32, plan::Rows, i64)> = [90, 80]
                 .into_iter()
-                .flat_map(|a| rows.iter().map(move |r| (a, *r)))
-            {
-                let ptx = compile(DECODE_SOURCE, &s.defines(launch::THREADS, rows), arch)
-                    .unwrap_or_else(|e| panic!("{s:?} sm_{arch}: {e}"));
+                .flat_map(|a| rows.iter().map(move |r| (a, *r, 1)))
+                .collect();
+            builds.extend(
+                s.groups()
+                    .into_iter()
+                    .skip(1)
+                    .map(|g| (90, plan::Rows::DEFAULT, g)),
+            );
+            for (arch, rows, groups) in builds {
+                let ptx = compile(
+                    DECODE_SOURCE,
+                    &s.defines(launch::THREADS, rows, groups),
+                    arch,
+                )
+                .unwrap_or_else(|e| panic!("{s:?} sm_{arch} in {groups} groups: {e}"));
                 assert!(ptx.contains(".entry diffqkv_decode_split"), "{s:?}");
                 assert!(ptx.contains(".entry diffqkv_decode_combine"), "{s:?}");
                 assert!(ptx.contains(".entry diffqkv_decode_append"), "{s:?}");

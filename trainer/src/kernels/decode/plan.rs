@@ -1,7 +1,8 @@
 //! How a decoding step's attention is cut into blocks, with no device in
 //! sight: the shapes the kernel takes ([`DecodeShape`]), the plan of one
 //! launch ([`Plan`]: chunk length, splits, whether the combine is folded
-//! into the split kernel, the rows each lane loads ahead), the candidates the per-device search times
+//! into the split kernel, the rows each lane loads ahead, the head groups
+//! a sequence's blocks divide its heads into), the candidates the per-device search times
 //! ([`candidates`]), the key its result is remembered under ([`TuneKey`]),
 //! the choice of the fastest ([`fastest`]), the tuning cache file's text
 //! ([`format_cache`], [`parse_cache`]) and the `SIGMA_DECODE_TUNING`
@@ -14,13 +15,17 @@ use std::collections::BTreeMap;
 pub const MAX_SPLITS: i64 = 8192;
 /// Dynamic shared memory a split block may use (scores of its chunk, q, output).
 pub const MAX_SMEM: i64 = 96 * 1024;
-/// The most splits whose merge the last block of a sequence takes on; more
-/// use the combine kernel. That block reads `splits x n_q x (d_v + 2)`
-/// floats from L2 alone, through one multiprocessor: for SIGMA-1.5B 8 KiB
-/// a split. At 128 splits (1 MiB) the folded merge tripled the batch-1
-/// graph step of SIGMA-1.5B on an H100 (docs/benchmarks.md); 16 bound it
-/// to 128 KiB, which the combine kernel's launch costs about as much as.
+/// The most splits whose merge the last block of a sequence takes on, per
+/// head group (see [`Plan::grouped`]); more use the combine kernel. That
+/// block reads `splits x n_q / groups x (d_v + 2)` floats from L2 alone,
+/// through one multiprocessor: for SIGMA-1.5B in one group 8 KiB a split.
+/// At 128 splits (1 MiB) the folded merge tripled the batch-1 graph step
+/// of SIGMA-1.5B on an H100 (docs/benchmarks.md); 16 bound it to 128
+/// KiB, which the combine kernel's launch costs about as much as.
 pub const MAX_FOLD_SPLITS: i64 = 16;
+/// The head groups a plan may divide a sequence's heads into (those that
+/// divide the shape's K and V heads, [`DecodeShape::takes_groups`]).
+pub const GROUPS: [i64; 4] = [1, 2, 4, 8];
 /// The chunk lengths the search tries (each also bounded by shared memory).
 const CHUNKS: [i64; 7] = [32, 64, 128, 256, 512, 1024, 2048];
 
@@ -35,8 +40,10 @@ pub struct Tuning {
     /// Key rows and value rows a lane loads before using any (compiled in).
     pub uk: i64,
     pub uv: i64,
-    /// Fold the combine into the split kernel (up to [`MAX_FOLD_SPLITS`] splits).
+    /// Fold the combine into the split kernel (up to [`MAX_FOLD_SPLITS`] splits a group).
     pub fold: bool,
+    /// Head groups per sequence, where the shape takes them (else 1).
+    pub groups: i64,
 }
 
 impl Tuning {
@@ -46,6 +53,7 @@ impl Tuning {
         uk: 4,
         uv: 8,
         fold: true,
+        groups: 1,
     };
 
     /// The kernel's rows loaded ahead that this rule fixes.
@@ -85,9 +93,10 @@ impl Tuning {
                 "blocks_per_sm" => (&mut t.blocks_per_sm, (1..=64).contains(&v), "1 to 64"),
                 "uk" => (&mut t.uk, (1..=16).contains(&v), "1 to 16"),
                 "uv" => (&mut t.uv, (1..=16).contains(&v), "1 to 16"),
+                "groups" => (&mut t.groups, GROUPS.contains(&v), "1, 2, 4 or 8"),
                 k => {
                     return Err(format!(
-                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold)"
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, groups)"
                     ))
                 }
             };
@@ -122,28 +131,40 @@ impl Rows {
 pub const ROWS: [Rows; 2] = [Rows::DEFAULT, Rows::DEEP];
 
 /// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
-/// them per sequence; with one split the block writes the output itself,
-/// else `fold` says whether the last block of each sequence merges the
-/// partial results (one launch) or the combine kernel does (two); by the
-/// kernel compiled with `rows`.
+/// them per sequence and head group (`groups` of them divide a sequence's
+/// heads, each group's blocks taking `n_q / groups` query heads with their
+/// K and V heads: `splits x groups` blocks a sequence); with one split the
+/// block writes its heads' output itself, else `fold` says whether the
+/// last block of each group merges the partial results (one launch) or
+/// the combine kernel does (two); by the kernel compiled with `rows` and
+/// `groups`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub chunk: i64,
     pub splits: i64,
     pub fold: bool,
     pub rows: Rows,
+    pub groups: i64,
 }
 
 impl Plan {
-    /// `len` slots in chunks of `chunk`, folded if `fold` and the splits
-    /// allow it, by the kernel of [`Rows::DEFAULT`].
+    /// `len` slots in chunks of `chunk`, all heads in one group, folded if
+    /// `fold` and the splits allow it, by the kernel of [`Rows::DEFAULT`].
     pub fn new(chunk: i64, len: i64, fold: bool) -> Plan {
+        Plan::grouped(chunk, len, fold, 1)
+    }
+
+    /// [`Plan::new`] with the heads in `groups` groups: the folded merge of
+    /// a group reads `1 / groups` of a sequence's partials per split, so it
+    /// is offered up to `groups x` [`MAX_FOLD_SPLITS`] splits.
+    pub fn grouped(chunk: i64, len: i64, fold: bool, groups: i64) -> Plan {
         let splits = (len + chunk - 1) / chunk;
         Plan {
             chunk,
             splits,
-            fold: fold && splits > 1 && splits <= MAX_FOLD_SPLITS,
+            fold: fold && splits > 1 && splits <= MAX_FOLD_SPLITS * groups,
             rows: Rows::DEFAULT,
+            groups,
         }
     }
 
@@ -154,7 +175,7 @@ impl Plan {
 
     /// The plan of `len` slots that a search's [`Choice`] stands for.
     pub fn chosen(c: Choice, len: i64) -> Plan {
-        Plan::new(c.chunk, len, c.fold).with_rows(c.rows)
+        Plan::grouped(c.chunk, len, c.fold, c.groups).with_rows(c.rows)
     }
 
     /// Kernel launches this plan takes.
@@ -209,8 +230,45 @@ impl DecodeShape {
         }
     }
 
-    /// The compile-time constants of this shape's kernel, with `rows` loaded ahead.
-    pub fn defines(&self, threads: u32, rows: Rows) -> [(&'static str, i64); 8] {
+    /// Whether a plan may divide this shape's heads into `groups` groups
+    /// (one of [`GROUPS`]): each group must have whole K and V heads, and
+    /// (beyond one group) at least 4 V heads, so that no V head is summed
+    /// by more than two of a block's 8 warps (two adds into shared memory
+    /// give the same bits in either order; more would not) and its block
+    /// fits a chunk of 32 slots.
+    pub fn takes_groups(&self, groups: i64) -> bool {
+        let s = self;
+        GROUPS.contains(&groups)
+            && (groups == 1
+                || (s.n_k % groups == 0
+                    && s.n_v % groups == 0
+                    && s.n_v / groups >= 4
+                    && s.grouped(groups).unsupported().is_none()))
+    }
+
+    /// The head groups a plan of this shape may take ([`Self::takes_groups`]).
+    pub fn groups(&self) -> Vec<i64> {
+        GROUPS
+            .into_iter()
+            .filter(|&g| self.takes_groups(g))
+            .collect()
+    }
+
+    /// The heads one block of a plan in `groups` groups takes: `1 /
+    /// groups` of each kind, same dimensions (its shared memory is this
+    /// shape's; `groups` divides the heads, [`Self::takes_groups`]).
+    pub fn grouped(&self, groups: i64) -> DecodeShape {
+        DecodeShape {
+            n_q: self.n_q / groups,
+            n_k: self.n_k / groups,
+            n_v: self.n_v / groups,
+            ..*self
+        }
+    }
+
+    /// The compile-time constants of this shape's kernel, with `rows`
+    /// loaded ahead and the heads in `groups` groups.
+    pub fn defines(&self, threads: u32, rows: Rows, groups: i64) -> [(&'static str, i64); 9] {
         [
             ("NQ", self.n_q),
             ("NK", self.n_k),
@@ -220,6 +278,7 @@ impl DecodeShape {
             ("THREADS", threads as i64),
             ("UK", rows.uk),
             ("UV", rows.uv),
+            ("HG", groups),
         ]
     }
 
@@ -228,7 +287,9 @@ impl DecodeShape {
         batch * len * (self.n_k * self.d_k + self.n_v * self.d_v) * 2
     }
 
-    /// Shared memory of a split block, in bytes, for a chunk of `chunk` slots.
+    /// Shared memory of a split block taking all of this shape's heads
+    /// (of a plan in groups: `grouped(groups).smem_bytes`), in bytes, for
+    /// a chunk of `chunk` slots.
     pub fn smem_bytes(&self, chunk: i64) -> i64 {
         4 * self.n_q * (self.d_k + self.d_v + 2 + chunk)
     }
@@ -239,41 +300,52 @@ impl DecodeShape {
         ((free / self.n_q.max(1)) / 32 * 32).min(limit)
     }
 
-    /// The fixed rule (`SIGMA_DECODE_TUNING`, or no search possible): split
-    /// `len` slots of `batch` sequences into chunks so that about
+    /// The fixed rule (`SIGMA_DECODE_TUNING`, or no search possible): the
+    /// heads in `t.groups` groups where this shape takes them (else one),
+    /// `len` slots of `batch` sequences split into chunks so that about
     /// `t.blocks_per_sm` blocks per multiprocessor exist, chunk a multiple
     /// of 32 and `splits * chunk >= len > (splits - 1) * chunk`.
     pub fn plan(&self, batch: i64, len: i64, sms: i64, t: &Tuning) -> Plan {
-        let want_splits = ((t.blocks_per_sm * sms + batch - 1) / batch).max(1);
+        let g = if self.takes_groups(t.groups) {
+            t.groups
+        } else {
+            1
+        };
+        let seqs = batch * g;
+        let want_splits = ((t.blocks_per_sm * sms + seqs - 1) / seqs).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
-        let chunk = ((chunk + 31) / 32 * 32).clamp(32, self.max_chunk(t.max_chunk).max(32));
-        Plan::new(chunk, len, t.fold).with_rows(t.rows())
+        let most = self.grouped(g).max_chunk(t.max_chunk).max(32);
+        let chunk = ((chunk + 31) / 32 * 32).clamp(32, most);
+        Plan::grouped(chunk, len, t.fold, g).with_rows(t.rows())
     }
 }
 
-/// The plans the search times for `len` slots: every chunk of [`CHUNKS`]
-/// that fits shared memory up to the first that holds the whole context,
+/// The plans the search times for `len` slots: for every head groups the
+/// shape takes ([`DecodeShape::groups`]), every chunk of [`CHUNKS`] whose
+/// block fits shared memory up to the first that holds the whole context,
 /// each with the combine folded and separate (one plan where one split
 /// suffices or folding is not offered), none past [`MAX_SPLITS`]; each by
 /// the kernel of every [`ROWS`].
 pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
-    let most = shape.max_chunk(i64::MAX);
     let mut out = Vec::new();
-    for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
-        let folded = Plan::new(chunk, len, true);
-        if folded.splits <= MAX_SPLITS {
-            let separate = Plan::new(chunk, len, false);
-            let plans = if separate != folded {
-                vec![folded, separate]
-            } else {
-                vec![folded]
-            };
-            for p in plans {
-                out.extend(ROWS.map(|r| p.with_rows(r)));
+    for groups in shape.groups() {
+        let most = shape.grouped(groups).max_chunk(i64::MAX);
+        for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
+            let folded = Plan::grouped(chunk, len, true, groups);
+            if folded.splits <= MAX_SPLITS {
+                let separate = Plan::grouped(chunk, len, false, groups);
+                let plans = if separate != folded {
+                    vec![folded, separate]
+                } else {
+                    vec![folded]
+                };
+                for p in plans {
+                    out.extend(ROWS.map(|r| p.with_rows(r)));
+                }
             }
-        }
-        if chunk >= len {
-            break;
+            if chunk >= len {
+                break;
+            }
         }
     }
     out
@@ -305,13 +377,15 @@ pub struct TuneKey {
     pub bucket: i64,
 }
 
-/// A search's result: the chunk, whether to fold and the rows loaded ahead;
-/// [`Plan::chosen`] makes the plan of any context of the bucket from it.
+/// A search's result: the chunk, whether to fold, the rows loaded ahead
+/// and the head groups; [`Plan::chosen`] makes the plan of any context of
+/// the bucket from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice {
     pub chunk: i64,
     pub fold: bool,
     pub rows: Rows,
+    pub groups: i64,
 }
 
 impl Choice {
@@ -320,6 +394,7 @@ impl Choice {
             chunk: p.chunk,
             fold: p.fold,
             rows: p.rows,
+            groups: p.groups,
         }
     }
 }
@@ -341,13 +416,13 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
 
 /// The first line of a tuning cache file (its format's version,
 /// `sigma_data::decode_tuning_version!`, which also names the default
-/// file). Version 1 (choices timed from the host, before c8b5efc) and
-/// version 2 (a prefetch column, c46dc6e to f334865) are not read: their
-/// files had other default names.
+/// file). Earlier versions are not read, and their files had other default
+/// names: 1 (choices timed from the host, before c8b5efc), 2 (a prefetch
+/// column, c46dc6e to f334865), 3 (no head groups column, to 906b0eb).
 pub const CACHE_HEADER: &str = concat!(
     "# sigma decode tuning v",
     sigma_data::decode_tuning_version!(),
-    ": device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)"
+    ": device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups (tab-separated)"
 );
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
@@ -356,7 +431,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
     for (k, c) in entries {
         let s = &k.shape;
         out.push_str(&format!(
-            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\n",
+            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\t{}\n",
             k.device,
             s.n_q,
             s.n_k,
@@ -368,7 +443,8 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
             c.chunk,
             u8::from(c.fold),
             c.rows.uk,
-            c.rows.uv
+            c.rows.uv,
+            c.groups
         ));
     }
     out
@@ -394,8 +470,8 @@ pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
 
 fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [device, shape, batch, bucket, chunk, fold, rows] = f[..] else {
-        return Err(format!("{} fields, not 7", f.len()));
+    let [device, shape, batch, bucket, chunk, fold, rows, groups] = f[..] else {
+        return Err(format!("{} fields, not 8", f.len()));
     };
 
     let num = |what: &str, s: &str| -> Result<i64, String> {
@@ -422,8 +498,14 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     if let Some(why) = shape.unsupported() {
         return Err(format!("shape {shape:?}: {why}"));
     }
+    let groups = num("head groups", groups)?;
+    if !shape.takes_groups(groups) {
+        return Err(format!(
+            "head groups {groups}: not 1, 2, 4 or 8 that divide the shape's K and V heads (at least 4 V heads a group)"
+        ));
+    }
     let chunk = num("chunk", chunk)?;
-    if chunk % 32 != 0 || chunk > shape.max_chunk(i64::MAX) {
+    if chunk % 32 != 0 || chunk > shape.grouped(groups).max_chunk(i64::MAX) {
         return Err(format!(
             "chunk {chunk} is not a multiple of 32 that fits shared memory"
         ));
@@ -447,7 +529,15 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
         batch: num("batch", batch)?,
         bucket: num("context bucket", bucket)?,
     };
-    Ok((key, Choice { chunk, fold, rows }))
+    Ok((
+        key,
+        Choice {
+            chunk,
+            fold,
+            rows,
+            groups,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -514,13 +604,18 @@ pub(crate) mod tests {
         assert_eq!(s.plan(64, 2048, 132, &off).launches(), 2);
     }
 
-    /// The plans by the kernel of [`Rows::DEFAULT`].
-    fn defaults(plans: &[Plan]) -> Vec<Plan> {
+    /// The plans by the kernel of [`Rows::DEFAULT`] in `groups` groups.
+    fn in_groups(plans: &[Plan], groups: i64) -> Vec<Plan> {
         plans
             .iter()
             .copied()
-            .filter(|p| p.rows == Rows::DEFAULT)
+            .filter(|p| p.rows == Rows::DEFAULT && p.groups == groups)
             .collect()
+    }
+
+    /// The plans by the kernel of [`Rows::DEFAULT`], all heads in one group.
+    fn defaults(plans: &[Plan]) -> Vec<Plan> {
+        in_groups(plans, 1)
     }
 
     #[test]
@@ -528,25 +623,29 @@ pub(crate) mod tests {
         let s = sigma_1_5b();
         for len in [1, 31, 32, 33, 100, 1000, 4096, 5000, 32768, 65536, 1 << 20] {
             let all = candidates(&s, len);
-            // Every plan by the kernel of each rows, in turn.
-            let c = defaults(&all);
-            let each: Vec<Plan> = c
-                .iter()
+            // For 1, 2 and 4 groups in turn (SIGMA's 4 K heads allow no
+            // more), every plan by the kernel of each rows, in turn.
+            let each: Vec<Plan> = [1, 2, 4]
+                .into_iter()
+                .flat_map(|g| in_groups(&all, g))
                 .flat_map(|p| ROWS.map(|r| p.with_rows(r)))
                 .collect();
             assert_eq!(all, each, "{len}");
-            assert!(!c.is_empty(), "{len}");
-            for p in &c {
-                assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
-                assert!(s.smem_bytes(p.chunk) <= MAX_SMEM, "{p:?}");
-                assert!(p.splits <= MAX_SPLITS && p.chunk % 32 == 0);
-                assert!(!p.fold || p.splits <= MAX_FOLD_SPLITS);
+            for g in [1, 2, 4] {
+                let c = in_groups(&all, g);
+                assert!(!c.is_empty(), "{len}");
+                for p in &c {
+                    assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
+                    assert!(s.grouped(g).smem_bytes(p.chunk) <= MAX_SMEM, "{p:?}");
+                    assert!(p.splits <= MAX_SPLITS && p.chunk % 32 == 0);
+                    assert!(!p.fold || p.splits <= MAX_FOLD_SPLITS * g);
+                }
+                // No two alike; no chunk beyond the first that holds the context.
+                for (i, p) in c.iter().enumerate() {
+                    assert!(!c[i + 1..].contains(p), "{len}: {p:?} twice");
+                }
+                assert!(c.iter().filter(|p| p.splits == 1).count() <= 1, "{len}");
             }
-            // No two alike; no chunk beyond the first that holds the context.
-            for (i, p) in c.iter().enumerate() {
-                assert!(!c[i + 1..].contains(p), "{len}: {p:?} twice");
-            }
-            assert!(c.iter().filter(|p| p.splits == 1).count() <= 1, "{len}");
         }
         // 4096 slots: chunks 32..512 (SIGMA's shared memory stops at 608),
         // folded where 16 splits or fewer, and always separately.
@@ -574,6 +673,68 @@ pub(crate) mod tests {
             d_v: 16,
         };
         assert!(candidates(&small, 65536).iter().any(|p| p.chunk == 2048));
+    }
+
+    #[test]
+    fn head_groups_divide_the_heads_fit_longer_chunks_and_fold_more_splits() {
+        let s = sigma_1_5b();
+        // 4 K heads and 16 V heads: 1, 2 or 4 groups (8 would leave half a K head).
+        assert_eq!(s.groups(), [1, 2, 4]);
+        assert_eq!(
+            s.grouped(4),
+            DecodeShape {
+                n_q: 8,
+                n_k: 1,
+                n_v: 4,
+                ..s
+            }
+        );
+        // A group's block holds a quarter of the heads: chunks to 2,048 fit.
+        let c = in_groups(&candidates(&s, 65536), 4);
+        assert_eq!(
+            c.iter().map(|p| p.chunk).max(),
+            Some(2048),
+            "{:?}",
+            c.iter().map(|p| p.chunk).collect::<Vec<_>>()
+        );
+        assert!(s.grouped(4).smem_bytes(2048) <= MAX_SMEM && s.smem_bytes(2048) > MAX_SMEM);
+        // The folded merge reads a quarter per split: offered to 64 splits.
+        assert!(Plan::grouped(256, 16384, true, 4).fold);
+        assert!(!Plan::grouped(256, 16384 + 1, true, 4).fold);
+        assert!(!Plan::new(256, 16384, true).fold);
+        // Fewer than 4 V heads a group, K or V heads the groups do not
+        // divide, or a count not offered: refused.
+        let gqa = DecodeShape {
+            n_q: 16,
+            n_k: 16,
+            n_v: 16,
+            d_k: 64,
+            d_v: 64,
+        };
+        assert_eq!(gqa.groups(), [1, 2, 4]);
+        let augq = DecodeShape { n_k: 1, ..s };
+        assert_eq!(augq.groups(), [1]);
+        let odd = DecodeShape {
+            n_q: 12,
+            n_k: 3,
+            n_v: 6,
+            ..s
+        };
+        assert_eq!(odd.groups(), [1]);
+        assert!(!s.takes_groups(3) && !s.takes_groups(0) && !s.takes_groups(16));
+        assert!(candidates(&augq, 4096).iter().all(|p| p.groups == 1));
+        // The fixed rule: blocks counted over the groups (a quarter the
+        // splits, about 8 blocks per multiprocessor still), one group where
+        // the shape does not take the tuning's.
+        let t = Tuning {
+            groups: 4,
+            ..Tuning::DEFAULT
+        };
+        let p = s.plan(1, 65536, 132, &t);
+        assert_eq!((p.groups, p.chunk, p.splits, p.fold), (4, 256, 256, false));
+        let p = s.plan(16, 4096, 132, &t);
+        assert_eq!((p.groups, p.chunk, p.splits, p.fold), (4, 256, 16, true));
+        assert_eq!(augq.plan(1, 65536, 132, &t).groups, 1);
     }
 
     #[test]
@@ -616,6 +777,7 @@ pub(crate) mod tests {
                 chunk: 128,
                 fold: true,
                 rows: Rows::DEEP,
+                groups: 1,
             },
         );
         m.insert(
@@ -624,37 +786,66 @@ pub(crate) mod tests {
                 chunk: 512,
                 fold: false,
                 rows: Rows::DEFAULT,
+                groups: 1,
+            },
+        );
+        m.insert(
+            key("NVIDIA H200", 1, 65536),
+            Choice {
+                chunk: 2048,
+                fold: true,
+                rows: Rows::DEFAULT,
+                groups: 4,
             },
         );
         let text = format_cache(&m);
         assert_eq!(parse_cache(&text), Ok(m.clone()));
-        assert!(text.starts_with("# sigma decode tuning v3: "), "{text}");
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\t1\n"),
             "{text}"
         );
+        assert!(
+            text.contains("NVIDIA H200\t32 4 16 64 64\t1\t65536\t2048\t1\t4 8\t4\n"),
+            "{text}"
+        );
+        assert!(text.starts_with("# sigma decode tuning v4: "), "{text}");
         assert_eq!(
             parse_cache(&format_cache(&BTreeMap::new())),
             Ok(BTreeMap::new())
         );
-        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16";
+        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16\t2";
         let bad =
             |body: &str| parse_cache(&format!("{CACHE_HEADER}\n{line}\n{body}\n")).unwrap_err();
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1").contains("line 3: 6 fields, not 7"));
-        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8").contains("not n_q n_k n_v d_k d_v"));
-        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8").contains("must divide"));
-        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8").contains("batch \"0\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8").contains("chunk 100"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8").contains("fits shared memory"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8").contains("fold \"yes\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4").contains("rows \"4\" are not uk uv"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17").contains("rows \"4 17\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8").contains("rows \"0\" is not a positive"));
-        // A file of version 1 (no rows column, choices timed from the host) is not read.
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8").contains("line 3: 7 fields, not 8"));
+        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8\t1").contains("not n_q n_k n_v d_k d_v"));
+        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8\t1").contains("must divide"));
+        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8\t1").contains("batch \"0\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8\t1").contains("chunk 100"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8\t1").contains("fits shared memory"));
+        // 2,048 slots fit a block of one of 4 groups, not of one group.
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t1").contains("fits shared memory"));
+        assert!(parse_cache(&format!(
+            "{CACHE_HEADER}\nx\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t4\n"
+        ))
+        .is_ok());
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8\t1").contains("fold \"yes\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4\t1").contains("rows \"4\" are not uk uv"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17\t1").contains("rows \"4 17\""));
+        assert!(
+            bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8\t1").contains("rows \"0\" is not a positive")
+        );
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t8").contains("head groups 8"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t3").contains("head groups 3"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\tx").contains("head groups \"x\""));
+        // Files of version 1 (no rows column, choices timed from the host)
+        // and 3 (no groups column) are not read.
         let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
-        assert!(parse_cache(v1)
-            .unwrap_err()
-            .contains("line 1: not a sigma decode tuning file of version 3"));
+        let v3 = "# sigma decode tuning v3: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\t4 8\n";
+        for old in [v1, v3] {
+            assert!(parse_cache(old)
+                .unwrap_err()
+                .contains("line 1: not a sigma decode tuning file of version 4"));
+        }
         assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
         assert!(parse_cache("").unwrap_err().contains("line 1"));
     }
@@ -689,6 +880,10 @@ pub(crate) mod tests {
         assert!(Tuning::parse("warps=4")
             .unwrap_err()
             .contains("unknown key \"warps\""));
+        assert_eq!(Tuning::parse("groups=4").unwrap().groups, 4);
+        assert!(Tuning::parse("groups=3")
+            .unwrap_err()
+            .contains("groups = 3 is out of range (1, 2, 4 or 8)"));
         assert!(Tuning::parse("uk").unwrap_err().contains("not key=value"));
     }
 

@@ -173,8 +173,8 @@ pub fn plan_for(
 }
 
 /// Time every candidate plan on these operands (each by the kernel of its
-/// rows, compiled now if need be; a kernel that does not compile leaves
-/// its plans out) and return the fastest, with whether its output is
+/// rows and head groups, compiled now if need be; a kernel that does not
+/// compile leaves its plans out) and return the fastest, with whether its output is
 /// now in `o.out`; None when the device could not time any.
 fn search(
     kern: &Loaded,
@@ -195,7 +195,7 @@ fn search(
     let plans = candidates(&shape, len);
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
-        let t = match kernels(ordinal, shape, p.rows) {
+        let t = match kernels(ordinal, shape, p.rows, p.groups) {
             Ok(k) => time_plan(&k, ordinal, shape, o, p, (&timer, flush.as_ref()))?,
             Err(_) => f64::NAN,
         };
@@ -205,18 +205,19 @@ fn search(
         return Ok(None);
     };
     eprintln!(
-        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{} ({} candidates)",
+        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{}, {} head groups ({} candidates)",
         kern.device_name,
         context_bucket(len),
         best.chunk,
         if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
         best.rows.uk,
         best.rows.uv,
+        best.groups,
         plans.len()
     );
     // Leave the chosen plan's output in `o.out`, by its kernel (compiled:
     // a plan whose kernel did not compile was not timed).
-    let written = match kernels(ordinal, shape, best.rows) {
+    let written = match kernels(ordinal, shape, best.rows, best.groups) {
         Ok(k) => run(&k, ordinal, shape, o, best)?,
         Err(_) => false,
     };
