@@ -17,7 +17,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
 
 use super::nvrtc::{arg_pointers, compile, current_stream, device, launch_ex, Arg};
-use super::plan::{prefetches, DecodeShape, Plan, Rows, MAX_SMEM};
+use super::plan::{prefetches, DecodeShape, Plan, Rows, GROUPS, MAX_SMEM};
 use crate::error::{Result, TrainError};
 
 /// The decode attention source, compiled with the shape macros of [`DecodeShape::defines`].
@@ -138,9 +138,10 @@ pub fn kernels(
         .clone()
 }
 
-/// The counters of the folded combine for `batch` sequences on `stream`
-/// of device `ordinal`: made zero (libtorch's fill, on the same stream)
-/// the first time and whenever a larger batch needs more, then kept.
+/// The counters of the folded combine for `batch` sequences (head groups
+/// count as sequences) on `stream` of device `ordinal`: made zero
+/// (libtorch's fill, on the same stream) the first time and whenever a
+/// larger batch needs more, then kept.
 fn workspace(ordinal: usize, stream: &CudaStream, batch: i64) -> Result<u64> {
     type Spaces = Mutex<HashMap<(usize, usize), Tensor>>;
     static SPACES: OnceLock<Spaces> = OnceLock::new();
@@ -234,8 +235,12 @@ impl<'a> Ready<'a> {
         } else {
             (None, None)
         };
+        // Counters for the most groups any plan takes, so that another
+        // bucket's plan in more groups finds them in place: a graph
+        // recorded earlier keeps their address.
+        let most = o.q.size()[0] * GROUPS[GROUPS.len() - 1];
         let done = if plan.fold {
-            workspace(ordinal, &stream, seqs)?
+            workspace(ordinal, &stream, most)?
         } else {
             0
         };
