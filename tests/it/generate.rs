@@ -265,6 +265,17 @@ fn bench_decode_times_each_case_and_checks_its_arguments() {
         &sigma(&["bench", "decode", "--device", "cpu", "--n-k", "5"], &[]),
         &["--n-k 5", "must divide --n-q 32"],
     );
+    for (flag, value, says) in [
+        ("--n-q", "0", "--n-q 0: must be positive"),
+        ("--peak-gbps", "nan", "--peak-gbps NaN: must be a positive"),
+        ("--peak-gbps", "0", "--peak-gbps 0: must be a positive"),
+        ("--peak-gbps", "inf", "--peak-gbps inf: must be a positive"),
+    ] {
+        assert_clean_failure(
+            &sigma(&["bench", "decode", "--device", "cpu", flag, value], &[]),
+            &[says],
+        );
+    }
     // The kernel check needs a GPU and says so.
     assert_clean_failure(
         &sigma(&["bench", "decode", "--device", "cpu", "--check"], &[]),

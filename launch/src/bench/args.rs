@@ -81,7 +81,8 @@ pub struct DecodeArgs {
 }
 
 impl DecodeArgs {
-    /// Head counts, steps, head dimension, batch sizes and context lengths.
+    /// Head counts, steps, head dimension, batch sizes, context lengths and
+    /// the peak bandwidth.
     pub fn validate(&self) -> Result<()> {
         // --model takes its heads from the config (and checks --gqa-kv against them).
         let heads = if self.model.is_some() {
@@ -93,6 +94,12 @@ impl DecodeArgs {
                 ("--gqa-kv", self.gqa_kv),
             ]
         };
+        if self.model.is_none() && self.n_q <= 0 {
+            bail!("--n-q {}: must be positive", self.n_q);
+        }
+        if let Some(p) = self.peak_gbps.filter(|p| !(p.is_finite() && *p > 0.0)) {
+            bail!("--peak-gbps {p}: must be a positive number of GB/s");
+        }
         for (name, n) in heads {
             if n <= 0 || self.n_q % n != 0 {
                 bail!("{name} {n}: must divide --n-q {}", self.n_q);
