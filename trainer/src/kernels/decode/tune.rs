@@ -205,14 +205,17 @@ fn search(
         return Ok(None);
     };
     eprintln!(
-        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{}, {} head groups ({} candidates)",
+        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{}, heads in {} ({} candidates)",
         kern.device_name,
         context_bucket(len),
         best.chunk,
         if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
         best.rows.uk,
         best.rows.uv,
-        best.groups,
+        match best.groups {
+            1 => "one group".to_string(),
+            g => format!("{g} groups"),
+        },
         plans.len()
     );
     // Leave the chosen plan's output in `o.out`, by its kernel (compiled:
