@@ -138,11 +138,14 @@ pub fn kernels(
         .clone()
 }
 
-/// The counters of the folded combine for `batch` sequences (head groups
-/// count as sequences) on `stream` of device `ordinal`: made zero
-/// (libtorch's fill, on the same stream) the first time and whenever a
-/// larger batch needs more, then kept.
+/// The counters of the folded combine for `batch` sequences on `stream`
+/// of device `ordinal`, one per sequence and head group for the most
+/// groups any plan takes (so that another bucket's plan in more groups
+/// finds them in place: a graph recorded earlier keeps their address):
+/// made zero (libtorch's fill, on the same stream) the first time and
+/// whenever a larger batch needs more, then kept.
 fn workspace(ordinal: usize, stream: &CudaStream, batch: i64) -> Result<u64> {
+    let counters = batch * GROUPS[GROUPS.len() - 1];
     type Spaces = Mutex<HashMap<(usize, usize), Tensor>>;
     static SPACES: OnceLock<Spaces> = OnceLock::new();
     let mut spaces = SPACES
@@ -150,10 +153,10 @@ fn workspace(ordinal: usize, stream: &CudaStream, batch: i64) -> Result<u64> {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let key = (ordinal, stream.cu_stream() as usize);
-    if let Some(t) = spaces.get(&key).filter(|t| t.size()[0] >= batch) {
+    if let Some(t) = spaces.get(&key).filter(|t| t.size()[0] >= counters) {
         return Ok(t.data_ptr() as u64);
     }
-    let n = (batch.max(64) as u64).next_power_of_two() as i64;
+    let n = (counters.max(64) as u64).next_power_of_two() as i64;
     let t = Tensor::f_zeros([n], (Kind::Int, tch::Device::Cuda(ordinal)))?;
     let p = t.data_ptr() as u64;
     spaces.insert(key, t);
@@ -235,12 +238,8 @@ impl<'a> Ready<'a> {
         } else {
             (None, None)
         };
-        // Counters for the most groups any plan takes, so that another
-        // bucket's plan in more groups finds them in place: a graph
-        // recorded earlier keeps their address.
-        let most = o.q.size()[0] * GROUPS[GROUPS.len() - 1];
         let done = if plan.fold {
-            workspace(ordinal, &stream, most)?
+            workspace(ordinal, &stream, o.q.size()[0])?
         } else {
             0
         };
