@@ -20,6 +20,12 @@
 //   HG           head groups per sequence (tuning, default 1; divides NK
 //                and NV): a block takes one group's heads, NQ/HG query,
 //                NK/HG key and NV/HG value heads, over its chunk
+//   WL           1: the warp-local form of the split kernel (tuning,
+//                default 0; needs NV a multiple of NK and NQ/NK <= 8):
+//                each warp takes a key head and a contiguous part of the
+//                chunk through the scores, the softmax and p·V on its own,
+//                with no barrier of the block between those phases, and
+//                the block merges its warps' pieces at the end
 // Query head i reads key head i / (NQ/NK) and value head i / (NQ/NV)
 // (contiguous groups), so one block reads each key row of its chunk once for
 // the NQ/NK query heads that share it and each value row once for the NQ/NV
@@ -32,6 +38,9 @@
 
 #ifndef HG
 #define HG 1
+#endif
+#ifndef WL
+#define WL 0
 #endif
 #define NQB (NQ / HG)           // a block's query, key and value heads
 #define NKB (NK / HG)
@@ -55,6 +64,15 @@
 // fewer heads than warps), else each warp streams whole heads alone.
 #define WPHK (NKB < WARPS ? WARPS / NKB : 1)
 #define WPHV (NVB < WARPS ? WARPS / NVB : 1)
+// Warp-local form: warps per key head (each a part of the chunk), and the
+// value heads of a key head (query head i's V head i / GV lies in its K
+// head's query heads when GV divides GK).
+#define WPHL (NKB < WARPS ? WARPS / NKB : 1)
+#define WSUB (WL ? WPHL : 1)        // the pieces of output a block merges
+#define VPK (NV / NK)
+#if WL
+static_assert(NV % NK == 0 && GK <= 8, "the warp-local form needs NV a multiple of NK and NQ/NK <= 8");
+#endif
 #define COMBINE_THREADS 256
 #define NEG_INF (-__int_as_float(0x7f800000))
 
@@ -147,6 +165,204 @@ __device__ __forceinline__ void merge_partials(const float* part_o, const float*
   }
 }
 
+// This lane's 8 elements (kl-th eighth) of QT query heads from q0 on, from
+// the block's scaled query in shared memory.
+template <int QT>
+__device__ __forceinline__ void query_lane(float (&qr)[QT][8], const float* qs, int q0, int kl) {
+#pragma unroll
+  for (int j = 0; j < QT; ++j)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qr[j][e] = qs[(q0 + j) * DK + kl * 8 + e];
+}
+
+// The scores of the key rows in w (chunk slot first + u * STEP for u < U;
+// from n on skipped) against QT query heads (this lane's elements in qr),
+// written to sc[(q0 + j) * chunk + s], minus infinity where vrow masks the
+// slot. A row's LK lanes (kl) sum their partial dot products first.
+template <int U, int STEP, int QT>
+__device__ __forceinline__ void score_rows(const uint4* w, const float (&qr)[QT][8], int first,
+                                           int n, int kl, const unsigned char* vrow, float* sc,
+                                           int q0, int chunk) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = first + u * STEP;
+    float kf[8];
+    unpack8(w[u], kf);
+    float acc[QT];
+#pragma unroll
+    for (int j = 0; j < QT; ++j) {
+      float a = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a = fmaf(qr[j][e], kf[e], a);
+      acc[j] = a;
+    }
+    const bool masked = s < n && vrow && !vrow[s];
+    if constexpr (QT % LK == 0) {
+      reduce_scatter<QT, LK>(acc, kl);
+      if (s < n) {
+#pragma unroll
+        for (int i = 0; i < QT / LK; ++i)
+          sc[(q0 + kl * (QT / LK) + i) * chunk + s] = masked ? NEG_INF : acc[i];
+      }
+    } else {
+#pragma unroll
+      for (int off = LK / 2; off > 0; off >>= 1)
+#pragma unroll
+        for (int j = 0; j < QT; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+      if (s < n) {
+#pragma unroll
+        for (int j = 0; j < QT; ++j)
+          if (j % LK == kl) sc[(q0 + j) * chunk + s] = masked ? NEG_INF : acc[j];
+      }
+    }
+  }
+}
+
+// One query head's softmax pieces over slots [lo, hi) of its score row, by
+// one warp: m (the max), p = 2^(s - m) written over the scores, l (the sum
+// of p); lane 0 writes m and l to ml2. No valid slot: m minus infinity, l 0.
+__device__ __forceinline__ void softmax_piece(float* row, int lo, int hi, int lane, float* ml2) {
+  float m = NEG_INF;
+  for (int s = lo + lane; s < hi; s += 32) m = fmaxf(m, row[s]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  float l = 0.f;
+  for (int s = lo + lane; s < hi; s += 32) {
+    const float p = m == NEG_INF ? 0.f : exp2f(row[s] - m);
+    row[s] = p;
+    l += p;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+  if (lane == 0) {
+    ml2[0] = m;
+    ml2[1] = l;
+  }
+}
+
+template <int QT>
+__device__ __forceinline__ void zero_acc(float (&acc)[QT][8]) {
+#pragma unroll
+  for (int j = 0; j < QT; ++j)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
+}
+
+// p·v over the value rows in w (chunk slot first + u * STEP for u < U; from
+// n on skipped) for QT query heads, p from sc[(q0 + j) * chunk + s], added
+// into this lane's 8 elements of each head's output.
+template <int U, int STEP, int QT>
+__device__ __forceinline__ void value_rows(float (&acc)[QT][8], const uint4* w, int first, int n,
+                                           const float* sc, int q0, int chunk) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = first + u * STEP;
+    if (s < n) {
+      float vf[8];
+      unpack8(w[u], vf);
+#pragma unroll
+      for (int j = 0; j < QT; ++j) {
+        const float p = sc[(q0 + j) * chunk + s];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[j][e] = fmaf(p, vf[e], acc[j][e]);
+      }
+    }
+  }
+}
+
+// acc summed over the lanes of the warp that hold the same elements (equal lane % LV).
+template <int QT>
+__device__ __forceinline__ void sum_row_groups(float (&acc)[QT][8]) {
+#pragma unroll
+  for (int off = LV; off < 32; off <<= 1)
+#pragma unroll
+    for (int j = 0; j < QT; ++j)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], off);
+}
+
+#if WL
+// The warp-local form's phases (WL): warp w takes key head w / WPHL (or,
+// where NKB >= WARPS, heads w, w + WARPS, ...) over part w % WPHL of the
+// chunk's n slots (contiguous parts, a multiple of 8 slots each), with its
+// GK query heads and the VPK value heads they read: the scores into sc, the
+// part's softmax pieces into wml[part], p·V into os[part], with no barrier
+// of the block between them; the first value rows are loaded before the
+// softmax. After one barrier the block merges the parts (rescaled to their
+// common max, in part order, so the same bits every time) into os[0 ..
+// NQB*DV) and ml. kg and vg point at the chunk's first slot of the group's
+// first heads.
+__device__ __forceinline__ void warp_local_phases(const bf16* kg, const bf16* vg, long long k_head,
+                                                  long long v_head, const unsigned char* vrow,
+                                                  int n, int chunk, const float* qs, float* os,
+                                                  float* ml, float* sc) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  float* wml = ml + 2 * NQB;  // [WSUB][NQB][2]
+  const int part = NKB < WARPS ? warp % WPHL : 0;
+  const int per = ((n + WPHL - 1) / WPHL + 7) / 8 * 8;
+  const int lo = min(n, part * per), hi = min(n, lo + per);
+  const int kl = lane % LK, kr = lane / LK, vl = lane % LV, vr = lane / LV;
+  for (int h = NKB < WARPS ? warp / WPHL : warp; h < NKB; h += NKB < WARPS ? NKB : WARPS) {
+    const bf16* kh = kg + (long long)h * k_head + kl * 8;
+    float qr[GK][8];
+    query_lane<GK>(qr, qs, h * GK, kl);
+    for (int base = lo; base < hi; base += RK * UK) {
+      uint4 w[UK];
+      load_rows<UK, RK, DK>(w, kh, base + kr, hi);
+      score_rows<UK, RK, GK>(w, qr, base + kr, hi, kl, vrow, sc, h * GK, chunk);
+    }
+    // The first value rows on their way while the softmax runs.
+    const bf16* vh = vg + (long long)(h * VPK) * v_head + vl * 8;
+    uint4 w[UV];
+    load_rows<UV, RV, DV>(w, vh, lo + vr, hi);
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < GK; ++j)
+      softmax_piece(sc + (h * GK + j) * chunk, lo, hi, lane, wml + 2 * (part * NQB + h * GK + j));
+    __syncwarp();
+    for (int t = 0; t < VPK; ++t) {
+      const int hv = h * VPK + t;
+      const bf16* vp = vh + (long long)t * v_head;
+      float acc[GV][8];
+      zero_acc<GV>(acc);
+      for (int base = lo; base < hi; base += RV * UV) {
+        if (t > 0 || base > lo) load_rows<UV, RV, DV>(w, vp, base + vr, hi);
+        value_rows<UV, RV, GV>(acc, w, base + vr, hi, sc, hv * GV, chunk);
+      }
+      sum_row_groups<GV>(acc);
+      if (vr == 0) {
+#pragma unroll
+        for (int j = 0; j < GV; ++j)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) os[(part * NQB + hv * GV + j) * DV + vl * 8 + e] = acc[j][e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < NQB * DV; i += THREADS) {
+    const int qh = i / DV;
+    float m = NEG_INF;
+#pragma unroll
+    for (int p = 0; p < WSUB; ++p) m = fmaxf(m, wml[2 * (p * NQB + qh)]);
+    float l = 0.f, o = 0.f;
+#pragma unroll
+    for (int p = 0; p < WSUB; ++p) {
+      const float mp = wml[2 * (p * NQB + qh)];
+      if (mp != NEG_INF) {
+        const float f = exp2f(mp - m);
+        l = fmaf(wml[2 * (p * NQB + qh) + 1], f, l);
+        o = fmaf(os[p * NQB * DV + i], f, o);
+      }
+    }
+    os[i] = o;  // only this thread reads or writes element i of part 0
+    if (i % DV == 0) {
+      ml[2 * qh] = m;
+      ml[2 * qh + 1] = l;
+    }
+  }
+}
+#endif
+
 // Block (split, b, group): slots [split*chunk, min(len, (split+1)*chunk))
 // of sequence b for the heads of `group`. Computes the chunk's unnormalised
 // output (sum of p·v with p = 2^(score - m)), its max m and its sum l per
@@ -171,9 +387,9 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
                      int len, int chunk, float scale_log2, int fold, int prefetch) {
   extern __shared__ float smem[];
   float* qs = smem;              // [NQB][DK], scaled by scale * log2(e)
-  float* os = qs + NQB * DK;     // [NQB][DV] output accumulator
-  float* ml = os + NQB * DV;     // [NQB][2] max and sum
-  float* sc = ml + 2 * NQB;      // [NQB][chunk] scores, then probabilities
+  float* os = qs + NQB * DK;     // [WSUB][NQB][DV] output accumulator (WL: each part's, merged into the first)
+  float* ml = os + WSUB * NQB * DV;  // [NQB][2] max and sum (WL: then [WSUB][NQB][2], each part's)
+  float* sc = ml + 2 * NQB * (WL ? 1 + WSUB : 1);  // [NQB][chunk] scores, then probabilities
 
   const int b = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int seq = b * HG + blockIdx.z;  // the group sequence
@@ -212,6 +428,10 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   for (int i = tid; i < NQB * DV; i += THREADS) os[i] = 0.f;
   __syncthreads();
 
+#if WL
+  warp_local_phases(kg + (long long)s0 * DK, vg + (long long)s0 * DV, k_head, v_head,
+                    valid ? valid + (long long)b * valid_batch + s0 : 0, n, chunk, qs, os, ml, sc);
+#else
   // Scores: each key row of the chunk is read once for its query group.
   {
     const int kl = lane % LK, kr = lane / LK;
@@ -221,46 +441,11 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
       const bf16* kh = kg + (long long)h * k_head + (long long)s0 * DK + kl * 8;
       for (int qt = 0; qt < GK; qt += QTK) {
         float qr[QTK][8];
-#pragma unroll
-        for (int j = 0; j < QTK; ++j)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) qr[j][e] = qs[(h * GK + qt + j) * DK + kl * 8 + e];
+        query_lane<QTK>(qr, qs, h * GK + qt, kl);
         for (int base = sub * RK; base < n; base += WPHK * RK * UK) {
           uint4 w[UK];
           load_rows<UK, WPHK * RK, DK>(w, kh, base + kr, n);
-#pragma unroll
-          for (int u = 0; u < UK; ++u) {
-            const int s = base + u * WPHK * RK + kr;
-            float kf[8];
-            unpack8(w[u], kf);
-            float acc[QTK];
-#pragma unroll
-            for (int j = 0; j < QTK; ++j) {
-              float a = 0.f;
-#pragma unroll
-              for (int e = 0; e < 8; ++e) a = fmaf(qr[j][e], kf[e], a);
-              acc[j] = a;
-            }
-            const bool masked = s < n && vrow && !vrow[s];
-            if constexpr (QTK % LK == 0) {
-              reduce_scatter<QTK, LK>(acc, kl);
-              if (s < n) {
-#pragma unroll
-                for (int i = 0; i < QTK / LK; ++i)
-                  sc[(h * GK + qt + kl * (QTK / LK) + i) * chunk + s] = masked ? NEG_INF : acc[i];
-              }
-            } else {
-#pragma unroll
-              for (int off = LK / 2; off > 0; off >>= 1)
-#pragma unroll
-                for (int j = 0; j < QTK; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
-              if (s < n) {
-#pragma unroll
-                for (int j = 0; j < QTK; ++j)
-                  if (j % LK == kl) sc[(h * GK + qt + j) * chunk + s] = masked ? NEG_INF : acc[j];
-              }
-            }
-          }
+          score_rows<UK, WPHK * RK, QTK>(w, qr, base + kr, n, kl, vrow, sc, h * GK + qt, chunk);
         }
       }
     }
@@ -268,25 +453,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   __syncthreads();
 
   // Softmax pieces per query head over the chunk: m, p = 2^(s - m), l.
-  for (int qh = warp; qh < NQB; qh += WARPS) {
-    float* row = sc + qh * chunk;
-    float m = NEG_INF;
-    for (int s = lane; s < n; s += 32) m = fmaxf(m, row[s]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    float l = 0.f;
-    for (int s = lane; s < n; s += 32) {
-      const float p = m == NEG_INF ? 0.f : exp2f(row[s] - m);
-      row[s] = p;
-      l += p;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
-    if (lane == 0) {
-      ml[2 * qh] = m;
-      ml[2 * qh + 1] = l;
-    }
-  }
+  for (int qh = warp; qh < NQB; qh += WARPS)
+    softmax_piece(sc + qh * chunk, 0, n, lane, ml + 2 * qh);
   __syncthreads();
 
   // p·V: each value row of the chunk is read once for its query group.
@@ -297,36 +465,15 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
       const bf16* vh = vg + (long long)h * v_head + (long long)s0 * DV + vl * 8;
       for (int qt = 0; qt < GV; qt += QTV) {
         float acc[QTV][8];
-#pragma unroll
-        for (int j = 0; j < QTV; ++j)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
+        zero_acc<QTV>(acc);
         for (int base = sub * RV; base < n; base += WPHV * RV * UV) {
           uint4 w[UV];
           load_rows<UV, WPHV * RV, DV>(w, vh, base + vr, n);
-#pragma unroll
-          for (int u = 0; u < UV; ++u) {
-            const int s = base + u * WPHV * RV + vr;
-            if (s < n) {
-              float vf[8];
-              unpack8(w[u], vf);
-#pragma unroll
-              for (int j = 0; j < QTV; ++j) {
-                const float p = sc[(h * GV + qt + j) * chunk + s];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[j][e] = fmaf(p, vf[e], acc[j][e]);
-              }
-            }
-          }
+          value_rows<UV, WPHV * RV, QTV>(acc, w, base + vr, n, sc, h * GV + qt, chunk);
         }
         // Sum over the warp's row groups (lanes of equal vl), then over the
         // warps sharing the head.
-#pragma unroll
-        for (int off = LV; off < 32; off <<= 1)
-#pragma unroll
-          for (int j = 0; j < QTV; ++j)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], off);
+        sum_row_groups<QTV>(acc);
         if (vr == 0) {
 #pragma unroll
           for (int j = 0; j < QTV; ++j)
@@ -339,6 +486,7 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
       }
     }
   }
+#endif
   __syncthreads();
 
   if (splits == 1) {  // the whole context in this block: normalise and write

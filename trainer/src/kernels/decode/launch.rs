@@ -17,13 +17,13 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
 
 use super::nvrtc::{arg_pointers, compile, current_stream, device, launch_ex, Arg};
-use super::plan::{prefetches, DecodeShape, Plan, Rows, GROUPS, MAX_SMEM};
+use super::plan::{prefetches, DecodeShape, Plan, Rows, GROUPS, MAX_SMEM, SPLIT_WARPS};
 use crate::error::{Result, TrainError};
 
 /// The decode attention source, compiled with the shape macros of [`DecodeShape::defines`].
 pub const DECODE_SOURCE: &str = include_str!("../../../csrc/decode_attention.cu");
 /// Threads per block of the split kernel and of the combine kernel (the source's COMBINE_THREADS).
-pub const THREADS: u32 = 256;
+pub const THREADS: u32 = 32 * SPLIT_WARPS as u32;
 const COMBINE_THREADS: u32 = 256;
 
 /// One shape's kernels on one device.
@@ -129,8 +129,10 @@ pub fn kernels(
             let r = load(ordinal, shape, rows, groups);
             if let Err(e) = &r {
                 eprintln!(
-                    "warning: the DiffQKV decode kernel loading {}/{} rows ahead in {groups} head groups does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
-                    rows.uk, rows.uv
+                    "warning: the DiffQKV decode kernel{} loading {}/{} rows ahead in {groups} head groups does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
+                    if rows.local { " (warp-local)" } else { "" },
+                    rows.uk,
+                    rows.uv
                 );
             }
             r
@@ -348,7 +350,9 @@ fn launch(
     let split_cfg = LaunchConfig {
         grid_dim: (plan.splits as u32, b as u32, groups),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: shape.grouped(plan.groups).smem_bytes(plan.chunk) as u32,
+        shared_mem_bytes: shape
+            .grouped(plan.groups)
+            .smem_bytes(plan.chunk, plan.rows.local) as u32,
     };
     // SAFETY: every pointer is a live libtorch tensor of the device whose
     // extent matches the kernel's indexing (checked by the caller and by

@@ -69,7 +69,7 @@ pub fn decode_kernel_available(
 ) -> std::result::Result<(), String> {
     let (shape, ordinal) = check(q, k, v, None)?;
     let _restore = RestoreContext::save();
-    let rows = tune::env_rows().map_err(|e| e.to_string())?;
+    let rows = tune::env_rows(shape).map_err(|e| e.to_string())?;
     launch::kernels(ordinal, shape, rows, 1).map(|_| ())
 }
 
@@ -205,7 +205,7 @@ pub fn append(
         return Ok(false);
     }
     let _restore = RestoreContext::save();
-    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?, 1) else {
+    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows(shape)?, 1) else {
         return Ok(false);
     };
     launch::append(&kern, ordinal, &a)
@@ -316,11 +316,15 @@ pub fn decode_attention_by(
 fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let len = k.size()[2];
     let shape = shape_of(q, k, v);
-    let groups_ok = shape.takes_groups(plan.groups);
+    let groups_ok = shape.takes_groups(plan.groups)
+        && (!plan.rows.local || shape.grouped(plan.groups).takes_local());
     let chunk_ok = groups_ok
         && plan.chunk > 0
         && plan.chunk % 32 == 0
-        && plan.chunk <= shape.grouped(plan.groups).max_chunk(i64::MAX);
+        && plan.chunk
+            <= shape
+                .grouped(plan.groups)
+                .max_chunk(i64::MAX, plan.rows.local);
     let rows_ok = [plan.rows.uk, plan.rows.uv]
         .iter()
         .all(|r| (1..=16).contains(r));
@@ -349,7 +353,7 @@ fn step(
         return Ok(None);
     };
     let _restore = RestoreContext::save();
-    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows()?, 1) else {
+    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows(shape)?, 1) else {
         return Ok(None);
     };
     let (b, len) = (q.size()[0], k.size()[2]);
@@ -371,13 +375,17 @@ fn step(
     if plan.splits > plan::MAX_SPLITS {
         return Ok(None);
     }
-    // The plan may be by another compiled kernel (its rows and groups);
-    // where that one does not compile (a remembered choice), the same split
-    // by this one, or, for a plan in groups (whose chunk may not fit one
-    // block of all heads), the fixed rule's plan in one group.
+    // The plan may be by another compiled kernel (its rows, form and
+    // groups); where that one does not compile (a remembered choice), the
+    // same split by this one where its chunk fits this one's block, or
+    // else (a plan in groups, whose chunk may not fit one block of all
+    // heads) the fixed rule's plan in one group.
+    let rows = tune::env_rows(shape)?;
     let (kern, plan) = match launch::kernels(ordinal, shape, plan.rows, plan.groups) {
         Ok(k) => (k, plan),
-        Err(_) if plan.groups == 1 => (kern, plan.with_rows(tune::env_rows()?)),
+        Err(_) if plan.groups == 1 && plan.chunk <= shape.max_chunk(i64::MAX, rows.local) => {
+            (kern, plan.with_rows(rows))
+        }
         Err(_) => {
             let t = tune::env_tuning()?.unwrap_or(Tuning::DEFAULT);
             let one = shape.plan(b, len, kern.sms, &Tuning { groups: 1, ..t });
@@ -406,8 +414,14 @@ mod tests {
         let grouped = Plan::grouped(1024, 1000, true, 4);
         assert!(checked_plan(&q, &k, &v, grouped).is_ok());
         for bad in [
-            ok.with_rows(plan::Rows { uk: 0, uv: 8 }),
-            ok.with_rows(plan::Rows { uk: 4, uv: 17 }),
+            ok.with_rows(plan::Rows {
+                uk: 0,
+                ..plan::Rows::DEFAULT
+            }),
+            ok.with_rows(plan::Rows {
+                uv: 17,
+                ..plan::Rows::DEFAULT
+            }),
             Plan { splits: 7, ..ok },
             Plan::new(100, 1000, false),
             Plan {
@@ -430,9 +444,10 @@ mod tests {
     /// The kernel source compiles (NVRTC, for Hopper and Ampere) for every
     /// kind of shape sigma produces: SIGMA's 32/4/16, one K head (AugQ),
     /// n_k > n_v, compressed K dimensions, GQA-like equal heads, large
-    /// groups; with the default rows loaded ahead and the largest the
-    /// override takes, and (on Hopper) in every head groups the shape
-    /// takes beyond one. Both kernels (the split kernel, which also writes
+    /// groups; by every rows and form the search tries (the warp-local
+    /// form where the shape takes it; where not, its compile fails with
+    /// the reason) and the largest rows the override takes, and (on
+    /// Hopper) in every head groups the shape takes beyond one. Both kernels (the split kernel, which also writes
     /// the output of one split and merges the folded combine, and the
     /// combine kernel) are in the PTX, and the folded merge's counter
     /// (an atomic add) with them. Needs a CUDA build of libtorch (NVRTC
@@ -467,20 +482,37 @@ mod tests {
             };
             assert_eq!(s.unsupported(), None, "{s:?}");
             // Every rows the search tries; the most the override allows once.
-            let mut rows = plan::ROWS.to_vec();
+            let mut rows: Vec<plan::Rows> = plan::ROWS
+                .into_iter()
+                .filter(|r| !r.local || s.takes_local())
+                .collect();
             if i == 0 {
-                rows.push(plan::Rows { uk: 16, uv: 16 });
+                rows.push(plan::Rows {
+                    uk: 16,
+                    uv: 16,
+                    local: false,
+                });
             }
             let mut builds: Vec<(i32, plan::Rows, i64)> = [90, 80]
                 .into_iter()
                 .flat_map(|a| rows.iter().map(move |r| (a, *r, 1)))
                 .collect();
-            builds.extend(
-                s.groups()
-                    .into_iter()
-                    .skip(1)
-                    .map(|g| (90, plan::Rows::DEFAULT, g)),
-            );
+            for g in s.groups().into_iter().skip(1) {
+                builds.push((90, plan::Rows::DEFAULT, g));
+                if s.grouped(g).takes_local() {
+                    builds.push((90, plan::Rows::LOCAL, g));
+                }
+            }
+            // The warp-local form refuses, at compile time, a shape it cannot take.
+            if !s.takes_local() {
+                let err = compile(
+                    DECODE_SOURCE,
+                    &s.defines(launch::THREADS, plan::Rows::LOCAL, 1),
+                    90,
+                )
+                .expect_err("the warp-local form compiled for a shape it cannot take");
+                assert!(err.contains("warp-local form needs"), "{s:?}: {err}");
+            }
             for (arch, rows, groups) in builds {
                 let ptx = compile(
                     DECODE_SOURCE,

@@ -26,6 +26,8 @@ pub const MAX_FOLD_SPLITS: i64 = 16;
 /// The head groups a plan may divide a sequence's heads into (those that
 /// divide the shape's K and V heads, [`DecodeShape::takes_groups`]).
 pub const GROUPS: [i64; 4] = [1, 2, 4, 8];
+/// Warps per block of the split kernel (its THREADS / 32).
+pub const SPLIT_WARPS: i64 = 8;
 /// The chunk lengths the search tries (each also bounded by shared memory).
 const CHUNKS: [i64; 7] = [32, 64, 128, 256, 512, 1024, 2048];
 
@@ -44,6 +46,9 @@ pub struct Tuning {
     pub fold: bool,
     /// Head groups per sequence, where the shape takes them (else 1).
     pub groups: i64,
+    /// The warp-local form of the split kernel, where the shape takes it
+    /// ([`DecodeShape::takes_local`]; else the block form).
+    pub local: bool,
 }
 
 impl Tuning {
@@ -54,6 +59,7 @@ impl Tuning {
         uv: 8,
         fold: true,
         groups: 1,
+        local: false,
     };
 
     /// The kernel's rows loaded ahead that this rule fixes.
@@ -61,6 +67,7 @@ impl Tuning {
         Rows {
             uk: self.uk,
             uv: self.uv,
+            local: self.local,
         }
     }
 
@@ -73,12 +80,17 @@ impl Tuning {
                 .split_once('=')
                 .ok_or_else(|| format!("{item:?} is not key=value"))?;
             let (key, value) = (key.trim(), value.trim());
-            if key == "fold" {
-                t.fold = match value {
+            if key == "fold" || key == "local" {
+                let on = match value {
                     "1" | "on" | "true" => true,
                     "0" | "off" | "false" => false,
-                    _ => return Err(format!("fold = {value:?} is not 1 (on) or 0 (off)")),
+                    _ => return Err(format!("{key} = {value:?} is not 1 (on) or 0 (off)")),
                 };
+                *(if key == "fold" {
+                    &mut t.fold
+                } else {
+                    &mut t.local
+                }) = on;
                 continue;
             }
             let v: i64 = value
@@ -96,7 +108,7 @@ impl Tuning {
                 "groups" => (&mut t.groups, GROUPS.contains(&v), "1, 2, 4 or 8"),
                 k => {
                     return Err(format!(
-                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, groups)"
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, groups, local)"
                     ))
                 }
             };
@@ -110,25 +122,48 @@ impl Tuning {
 }
 
 /// The key rows and value rows each lane of the split kernel loads before
-/// it uses any (compiled into the kernel: each pair is its own module).
+/// it uses any, and the kernel's form (compiled into the kernel: each is
+/// its own module). The block form takes a block's chunk phase by phase
+/// with a barrier between the scores, the softmax and p·V; the warp-local
+/// form (`local`) gives each warp a key head and a part of the chunk
+/// through all three phases alone and merges the warps' parts at the end
+/// (csrc/decode_attention.cu, `WL`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Rows {
     pub uk: i64,
     pub uv: i64,
+    pub local: bool,
 }
 
 impl Rows {
     /// What the kernel used before the search chose (and the fixed rule's default).
-    pub const DEFAULT: Rows = Rows { uk: 4, uv: 8 };
+    pub const DEFAULT: Rows = Rows {
+        uk: 4,
+        uv: 8,
+        local: false,
+    };
     /// Twice as many loads in flight per lane (more registers).
-    pub const DEEP: Rows = Rows { uk: 8, uv: 16 };
+    pub const DEEP: Rows = Rows {
+        uk: 8,
+        uv: 16,
+        local: false,
+    };
+    /// The warp-local form of each.
+    pub const LOCAL: Rows = Rows {
+        local: true,
+        ..Rows::DEFAULT
+    };
+    pub const LOCAL_DEEP: Rows = Rows {
+        local: true,
+        ..Rows::DEEP
+    };
 }
 
-/// The rows the search tries (each a compiled kernel): on an H100
-/// (f334865, the fixed rule at 1 block per multiprocessor)
-/// [`Rows::DEEP`] was 2-6 % faster at batch 4 and 1-3 % slower at batch 1
-/// (docs/benchmarks.md).
-pub const ROWS: [Rows; 2] = [Rows::DEFAULT, Rows::DEEP];
+/// The rows and forms the search tries (each a compiled kernel; the
+/// warp-local ones where the shape takes them): on an H100 (f334865, the
+/// fixed rule at 1 block per multiprocessor) [`Rows::DEEP`] was 2-6 %
+/// faster at batch 4 and 1-3 % slower at batch 1 (docs/benchmarks.md).
+pub const ROWS: [Rows; 4] = [Rows::DEFAULT, Rows::DEEP, Rows::LOCAL, Rows::LOCAL_DEEP];
 
 /// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
 /// them per sequence and head group (`groups` of them divide a sequence's
@@ -220,7 +255,7 @@ impl DecodeShape {
                 s.n_q / s.n_k,
                 s.n_q / s.n_v
             ))
-        } else if self.max_chunk(i64::MAX) < 32 {
+        } else if self.max_chunk(i64::MAX, false) < 32 {
             Some(format!(
                 "{} query heads leave no room for a chunk in shared memory",
                 s.n_q
@@ -246,6 +281,13 @@ impl DecodeShape {
                     && s.grouped(groups).unsupported().is_none()))
     }
 
+    /// Whether the warp-local form can take this shape: each K head's
+    /// query heads read whole V heads (`n_k` divides `n_v`) and are at most
+    /// 8 (one pass over the key rows).
+    pub fn takes_local(&self) -> bool {
+        self.n_v % self.n_k == 0 && self.n_q / self.n_k <= 8
+    }
+
     /// The head groups a plan of this shape may take ([`Self::takes_groups`]).
     pub fn groups(&self) -> Vec<i64> {
         GROUPS
@@ -268,7 +310,7 @@ impl DecodeShape {
 
     /// The compile-time constants of this shape's kernel, with `rows`
     /// loaded ahead and the heads in `groups` groups.
-    pub fn defines(&self, threads: u32, rows: Rows, groups: i64) -> [(&'static str, i64); 9] {
+    pub fn defines(&self, threads: u32, rows: Rows, groups: i64) -> [(&'static str, i64); 10] {
         [
             ("NQ", self.n_q),
             ("NK", self.n_k),
@@ -279,6 +321,7 @@ impl DecodeShape {
             ("UK", rows.uk),
             ("UV", rows.uv),
             ("HG", groups),
+            ("WL", i64::from(rows.local)),
         ]
     }
 
@@ -287,16 +330,35 @@ impl DecodeShape {
         batch * len * (self.n_k * self.d_k + self.n_v * self.d_v) * 2
     }
 
-    /// Shared memory of a split block taking all of this shape's heads
-    /// (of a plan in groups: `grouped(groups).smem_bytes`), in bytes, for
-    /// a chunk of `chunk` slots.
-    pub fn smem_bytes(&self, chunk: i64) -> i64 {
-        4 * self.n_q * (self.d_k + self.d_v + 2 + chunk)
+    /// The parts of a chunk whose outputs a block of the warp-local form
+    /// merges (the source's WSUB): the warps per K head; 1 in the block form.
+    pub fn local_parts(&self, local: bool) -> i64 {
+        if local && self.n_k < SPLIT_WARPS {
+            SPLIT_WARPS / self.n_k
+        } else {
+            1
+        }
     }
 
-    /// The largest chunk (a multiple of 32, at most `limit`) whose block fits [`MAX_SMEM`].
-    pub fn max_chunk(&self, limit: i64) -> i64 {
-        let free = MAX_SMEM / 4 - self.n_q * (self.d_k + self.d_v + 2);
+    /// Shared memory of a split block taking all of this shape's heads
+    /// (of a plan in groups: `grouped(groups).smem_bytes`), in bytes, for
+    /// a chunk of `chunk` slots, in the warp-local form if `local` (an
+    /// output, a max and a sum per query head and part).
+    pub fn smem_bytes(&self, chunk: i64, local: bool) -> i64 {
+        4 * self.n_q * (self.fixed_floats(local) + chunk)
+    }
+
+    /// A block's floats of shared memory per query head besides its scores.
+    fn fixed_floats(&self, local: bool) -> i64 {
+        let parts = self.local_parts(local);
+        let part_ml = if local { 2 * parts } else { 0 };
+        self.d_k + parts * self.d_v + 2 + part_ml
+    }
+
+    /// The largest chunk (a multiple of 32, at most `limit`) whose block
+    /// (in the warp-local form if `local`) fits [`MAX_SMEM`].
+    pub fn max_chunk(&self, limit: i64, local: bool) -> i64 {
+        let free = MAX_SMEM / 4 - self.n_q * self.fixed_floats(local);
         ((free / self.n_q.max(1)) / 32 * 32).min(limit)
     }
 
@@ -311,12 +373,16 @@ impl DecodeShape {
         } else {
             1
         };
+        let rows = Rows {
+            local: t.local && self.takes_local(),
+            ..t.rows()
+        };
         let seqs = batch * g;
         let want_splits = ((t.blocks_per_sm * sms + seqs - 1) / seqs).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
-        let most = self.grouped(g).max_chunk(t.max_chunk).max(32);
+        let most = self.grouped(g).max_chunk(t.max_chunk, rows.local).max(32);
         let chunk = ((chunk + 31) / 32 * 32).clamp(32, most);
-        Plan::grouped(chunk, len, t.fold, g).with_rows(t.rows())
+        Plan::grouped(chunk, len, t.fold, g).with_rows(rows)
     }
 }
 
@@ -325,11 +391,16 @@ impl DecodeShape {
 /// block fits shared memory up to the first that holds the whole context,
 /// each with the combine folded and separate (one plan where one split
 /// suffices or folding is not offered), none past [`MAX_SPLITS`]; each by
-/// the kernel of every [`ROWS`].
+/// the kernel of every [`ROWS`] (the warp-local ones where the shape takes
+/// them and the chunk fits their shared memory).
 pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
     let mut out = Vec::new();
     for groups in shape.groups() {
-        let most = shape.grouped(groups).max_chunk(i64::MAX);
+        let g = shape.grouped(groups);
+        let most = g.max_chunk(i64::MAX, false);
+        let fits = |r: &Rows, chunk: i64| {
+            !r.local || (g.takes_local() && chunk <= g.max_chunk(i64::MAX, true))
+        };
         for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
             let folded = Plan::grouped(chunk, len, true, groups);
             if folded.splits <= MAX_SPLITS {
@@ -340,7 +411,8 @@ pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
                     vec![folded]
                 };
                 for p in plans {
-                    out.extend(ROWS.map(|r| p.with_rows(r)));
+                    let rows = ROWS.into_iter().filter(|r| fits(r, chunk));
+                    out.extend(rows.map(|r| p.with_rows(r)));
                 }
             }
             if chunk >= len {
@@ -418,11 +490,12 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
 /// `sigma_data::decode_tuning_version!`, which also names the default
 /// file). Earlier versions are not read, and their files had other default
 /// names: 1 (choices timed from the host, before c8b5efc), 2 (a prefetch
-/// column, c46dc6e to f334865), 3 (no head groups column, to 906b0eb).
+/// column, c46dc6e to f334865), 3 (no head groups column, to 906b0eb), 4
+/// (no local column, to 1a65694).
 pub const CACHE_HEADER: &str = concat!(
     "# sigma decode tuning v",
     sigma_data::decode_tuning_version!(),
-    ": device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups (tab-separated)"
+    ": device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups, local (tab-separated)"
 );
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
@@ -431,7 +504,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
     for (k, c) in entries {
         let s = &k.shape;
         out.push_str(&format!(
-            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\t{}\n",
+            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\t{}\t{}\n",
             k.device,
             s.n_q,
             s.n_k,
@@ -444,7 +517,8 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
             u8::from(c.fold),
             c.rows.uk,
             c.rows.uv,
-            c.groups
+            c.groups,
+            u8::from(c.rows.local)
         ));
     }
     out
@@ -470,8 +544,8 @@ pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
 
 fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [device, shape, batch, bucket, chunk, fold, rows, groups] = f[..] else {
-        return Err(format!("{} fields, not 8", f.len()));
+    let [device, shape, batch, bucket, chunk, fold, rows, groups, local] = f[..] else {
+        return Err(format!("{} fields, not 9", f.len()));
     };
 
     let num = |what: &str, s: &str| -> Result<i64, String> {
@@ -505,22 +579,28 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
         ));
     }
     let chunk = num("chunk", chunk)?;
-    if chunk % 32 != 0 || chunk > shape.grouped(groups).max_chunk(i64::MAX) {
+    let flag = |what: &str, s: &str| match s.trim() {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        other => Err(format!("{what} {other:?} is not 0 or 1")),
+    };
+    let (fold, local) = (flag("fold", fold)?, flag("local", local)?);
+    if local && !shape.grouped(groups).takes_local() {
+        return Err(format!(
+            "local 1: the warp-local form does not take {shape:?} in {groups} groups"
+        ));
+    }
+    if chunk % 32 != 0 || chunk > shape.grouped(groups).max_chunk(i64::MAX, local) {
         return Err(format!(
             "chunk {chunk} is not a multiple of 32 that fits shared memory"
         ));
     }
-    let fold = match fold.trim() {
-        "0" => false,
-        "1" => true,
-        other => return Err(format!("fold {other:?} is not 0 or 1")),
-    };
     let rows = match rows
         .split(' ')
         .map(|s| num("rows", s))
         .collect::<Result<Vec<_>, _>>()?[..]
     {
-        [uk, uv] if uk <= 16 && uv <= 16 => Rows { uk, uv },
+        [uk, uv] if uk <= 16 && uv <= 16 => Rows { uk, uv, local },
         _ => return Err(format!("rows {rows:?} are not uk uv, each 1 to 16")),
     };
     let key = TuneKey {
@@ -573,7 +653,7 @@ pub(crate) mod tests {
                 p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len,
                 "{b} {len}"
             );
-            assert!(s.smem_bytes(p.chunk) <= MAX_SMEM);
+            assert!(s.smem_bytes(p.chunk, p.rows.local) <= MAX_SMEM);
             // Enough blocks for the 132 multiprocessors whenever the context allows it.
             if len >= 32 * 1056 / b {
                 assert!(b * p.splits >= 132, "{b} {len}: {p:?}");
@@ -636,7 +716,7 @@ pub(crate) mod tests {
                 assert!(!c.is_empty(), "{len}");
                 for p in &c {
                     assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
-                    assert!(s.grouped(g).smem_bytes(p.chunk) <= MAX_SMEM, "{p:?}");
+                    assert!(s.grouped(g).smem_bytes(p.chunk, false) <= MAX_SMEM, "{p:?}");
                     assert!(p.splits <= MAX_SPLITS && p.chunk % 32 == 0);
                     assert!(!p.fold || p.splits <= MAX_FOLD_SPLITS * g);
                 }
@@ -697,7 +777,10 @@ pub(crate) mod tests {
             "{:?}",
             c.iter().map(|p| p.chunk).collect::<Vec<_>>()
         );
-        assert!(s.grouped(4).smem_bytes(2048) <= MAX_SMEM && s.smem_bytes(2048) > MAX_SMEM);
+        assert!(
+            s.grouped(4).smem_bytes(2048, false) <= MAX_SMEM
+                && s.smem_bytes(2048, false) > MAX_SMEM
+        );
         // The folded merge reads a quarter per split: offered to 64 splits.
         assert!(Plan::grouped(256, 16384, true, 4).fold);
         assert!(!Plan::grouped(256, 16384 + 1, true, 4).fold);
@@ -798,17 +881,30 @@ pub(crate) mod tests {
                 groups: 4,
             },
         );
+        m.insert(
+            key("NVIDIA H100 80GB HBM3", 4, 16384),
+            Choice {
+                chunk: 1024,
+                fold: false,
+                rows: Rows::LOCAL_DEEP,
+                groups: 2,
+            },
+        );
         let text = format_cache(&m);
         assert_eq!(parse_cache(&text), Ok(m.clone()));
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\t1\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\t1\t0\n"),
             "{text}"
         );
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t1\t65536\t2048\t1\t4 8\t4\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t1\t65536\t2048\t1\t4 8\t4\t0\n"),
             "{text}"
         );
-        assert!(text.starts_with("# sigma decode tuning v4: "), "{text}");
+        assert!(
+            text.contains("NVIDIA H100 80GB HBM3\t32 4 16 64 64\t4\t16384\t1024\t0\t8 16\t2\t1\n"),
+            "{text}"
+        );
+        assert!(text.starts_with("# sigma decode tuning v5: "), "{text}");
         assert_eq!(
             parse_cache(&format_cache(&BTreeMap::new())),
             Ok(BTreeMap::new())
@@ -817,38 +913,54 @@ pub(crate) mod tests {
 
     #[test]
     fn a_bad_cache_file_is_refused_naming_the_line_and_field() {
-        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16\t2";
+        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16\t2\t1";
         let bad =
             |body: &str| parse_cache(&format!("{CACHE_HEADER}\n{line}\n{body}\n")).unwrap_err();
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8").contains("line 3: 7 fields, not 8"));
-        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8\t1").contains("not n_q n_k n_v d_k d_v"));
-        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8\t1").contains("must divide"));
-        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8\t1").contains("batch \"0\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8\t1").contains("chunk 100"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8\t1").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t1").contains("line 3: 8 fields, not 9"));
+        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8\t1\t0").contains("not n_q n_k n_v d_k d_v"));
+        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8\t1\t0").contains("must divide"));
+        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8\t1\t0").contains("batch \"0\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8\t1\t0").contains("chunk 100"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8\t1\t0").contains("fits shared memory"));
         // 2,048 slots fit a block of one of 4 groups, not of one group.
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t1").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t1\t0").contains("fits shared memory"));
         assert!(parse_cache(&format!(
-            "{CACHE_HEADER}\nx\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t4\n"
+            "{CACHE_HEADER}\nx\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t4\t1\n"
         ))
         .is_ok());
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8\t1").contains("fold \"yes\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4\t1").contains("rows \"4\" are not uk uv"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17\t1").contains("rows \"4 17\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8\t1\t0").contains("fold \"yes\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4\t1\t0").contains("rows \"4\" are not uk uv"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17\t1\t0").contains("rows \"4 17\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8\t1\t0")
+            .contains("rows \"0\" is not a positive"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t8\t0").contains("head groups 8"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t3\t0").contains("head groups 3"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\tx\t0").contains("head groups \"x\""));
+        // The warp-local flag: 0 or 1, for a shape (in its groups) the form
+        // takes, with a chunk that fits the form's shared memory (its parts'
+        // outputs: one K head's 8 warps leave a block of 8 query heads 2,464
+        // slots, not the block form's 2,912).
         assert!(
-            bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8\t1").contains("rows \"0\" is not a positive")
+            bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t1\t2").contains("local \"2\" is not 0 or 1")
         );
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t8").contains("head groups 8"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t3").contains("head groups 3"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\tx").contains("head groups \"x\""));
-        // Files of version 1 (no rows column, choices timed from the host)
-        // and 3 (no groups column) are not read.
+        assert!(bad("x\t64 4 2 64 64\t1\t64\t64\t1\t4 8\t1\t1")
+            .contains("warp-local form does not take"));
+        let wide = "x\t8 1 4 64 64\t1\t4096\t2912\t1\t4 8\t1";
+        assert!(parse_cache(&format!("{CACHE_HEADER}\n{wide}\t0\n")).is_ok());
+        assert!(bad(&format!("{wide}\t1")).contains("fits shared memory"));
+        assert!(parse_cache(&format!(
+            "{CACHE_HEADER}\nx\t8 1 4 64 64\t1\t4096\t2464\t1\t4 8\t1\t1\n"
+        ))
+        .is_ok());
+        // Files of version 1 (no rows column, choices timed from the host),
+        // 3 (no groups column) and 4 (no local column) are not read.
         let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
         let v3 = "# sigma decode tuning v3: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\t4 8\n";
-        for old in [v1, v3] {
+        let v4 = "# sigma decode tuning v4: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\t4 8\t1\n";
+        for old in [v1, v3, v4] {
             assert!(parse_cache(old)
                 .unwrap_err()
-                .contains("line 1: not a sigma decode tuning file of version 4"));
+                .contains("line 1: not a sigma decode tuning file of version 5"));
         }
         assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
         assert!(parse_cache("").unwrap_err().contains("line 1"));
@@ -889,6 +1001,80 @@ pub(crate) mod tests {
             .unwrap_err()
             .contains("groups = 3 is out of range (1, 2, 4 or 8)"));
         assert!(Tuning::parse("uk").unwrap_err().contains("not key=value"));
+        // The warp-local form where the shape takes it, else the block form.
+        let t = Tuning::parse("local=on,uk=8,uv=16").unwrap();
+        assert!(t.local);
+        assert_eq!(sigma_1_5b().plan(1, 4096, 132, &t).rows, Rows::LOCAL_DEEP);
+        let no_local = DecodeShape {
+            n_q: 64,
+            n_v: 2,
+            ..sigma_1_5b()
+        };
+        assert!(!no_local.takes_local());
+        assert_eq!(no_local.plan(1, 4096, 132, &t).rows, Rows::DEEP);
+        assert!(Tuning::parse("local=2")
+            .unwrap_err()
+            .contains("local = \"2\" is not 1 (on) or 0 (off)"));
+    }
+
+    #[test]
+    fn the_warp_local_form_is_offered_where_it_takes_the_shape_and_its_chunk_fits() {
+        let s = sigma_1_5b();
+        // SIGMA's 32/4/16 in 1, 2 and 4 groups: 2, 4 and 8 parts of a chunk,
+        // and the same chunks as the block form (their outputs fit beside).
+        for (g, parts) in [(1, 2), (2, 4), (4, 8)] {
+            let b = s.grouped(g);
+            assert!(b.takes_local());
+            assert_eq!(b.local_parts(true), parts);
+            assert_eq!(b.local_parts(false), 1);
+            assert_eq!(
+                b.smem_bytes(64, true) - b.smem_bytes(64, false),
+                4 * b.n_q * (parts - 1) * (b.d_v + 2) + 8 * b.n_q
+            );
+            let all = candidates(&s, 5000);
+            let form = |local: bool| -> Vec<(i64, bool)> {
+                all.iter()
+                    .filter(|p| p.groups == g && p.rows.local == local)
+                    .map(|p| (p.chunk, p.fold))
+                    .collect()
+            };
+            assert!(!form(true).is_empty());
+            assert_eq!(form(true), form(false), "{g} groups");
+        }
+        // A K head with more than 8 query heads, or V heads that K heads do
+        // not divide: never offered.
+        for shape in [
+            DecodeShape { n_k: 1, ..s },
+            DecodeShape {
+                n_q: 64,
+                n_v: 2,
+                ..s
+            },
+        ] {
+            assert!(!shape.takes_local());
+            assert!(candidates(&shape, 5000).iter().all(|p| !p.rows.local));
+        }
+        // 8 K heads or more: one part (each warp takes whole K heads).
+        let wide = DecodeShape {
+            n_k: 16,
+            n_v: 16,
+            ..s
+        };
+        assert!(wide.takes_local() && wide.local_parts(true) == 1);
+        // Where the form's outputs leave less room: its chunks stop earlier.
+        let one = DecodeShape {
+            n_q: 8,
+            n_k: 1,
+            n_v: 4,
+            ..s
+        };
+        assert_eq!(
+            (
+                one.max_chunk(i64::MAX, false),
+                one.max_chunk(i64::MAX, true)
+            ),
+            (2912, 2464)
+        );
     }
 
     #[test]

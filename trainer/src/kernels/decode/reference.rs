@@ -7,7 +7,9 @@
 //! zeros. The same steps, in the same order, as csrc/decode_attention.cu
 //! (the split kernel, and the merge that the last block of a sequence or
 //! the combine kernel runs), so tests can hold the arithmetic against full
-//! attention without a GPU.
+//! attention without a GPU. In the kernel's warp-local form a chunk is
+//! itself cut into parts ([`local_parts`]), whose partials the block
+//! merges, unnormalised, into the chunk's ([`combine`]).
 
 /// The sizes of one step: `b` sequences of `len` cached slots.
 #[derive(Clone, Copy, Debug)]
@@ -66,8 +68,10 @@ pub fn chunk_partial<'a>(
     Partial { o, m, l }
 }
 
-/// The merged, normalised output of one query head's partials (`d_v` values).
-pub fn merge(parts: &[Partial], d_v: usize) -> Vec<f64> {
+/// Partials rescaled to their common max and summed, not normalised: the
+/// partial of their slots together (`d_v` values; none or none valid: max
+/// minus infinity, zeros).
+pub fn combine(parts: &[Partial], d_v: usize) -> Partial {
     let m = parts.iter().map(|p| p.m).fold(f64::NEG_INFINITY, f64::max);
     let weight = |p: &Partial| {
         if p.m == f64::NEG_INFINITY {
@@ -78,29 +82,52 @@ pub fn merge(parts: &[Partial], d_v: usize) -> Vec<f64> {
     };
     let l: f64 = parts.iter().map(|p| p.l * weight(p)).sum();
     let mut o = vec![0.0; d_v];
-    if l > 0.0 {
-        for p in parts {
-            let w = weight(p);
-            for (acc, x) in o.iter_mut().zip(&p.o) {
-                *acc += x * w;
-            }
+    for p in parts {
+        let w = weight(p);
+        for (acc, x) in o.iter_mut().zip(&p.o) {
+            *acc += x * w;
         }
-        o.iter_mut().for_each(|x| *x /= l);
     }
-    o
+    Partial { o, m, l }
 }
 
-/// Decode attention as the kernel computes it, in chunks of `chunk` slots:
-/// q [b, n_q, d_k], k [b, n_k, len, d_k], v [b, n_v, len, d_v] (row-major),
-/// valid [b, len] or None -> [b, n_q, d_v]. Query head i reads K head
-/// i / (n_q / n_k) and V head i / (n_q / n_v).
+/// The merged, normalised output of one query head's partials (`d_v` values).
+pub fn merge(parts: &[Partial], d_v: usize) -> Vec<f64> {
+    let c = combine(parts, d_v);
+    if c.l > 0.0 {
+        c.o.iter().map(|x| x / c.l).collect()
+    } else {
+        vec![0.0; d_v]
+    }
+}
+
+/// The slots of chunk `[s0, s1)` that the warp-local form's `parts` warps
+/// of one K head take: contiguous, `ceil(n / parts)` rounded up to a
+/// multiple of 8 each, the last ones shorter or empty (an empty part has
+/// no valid slot: it weighs nothing in the merge). One part: the chunk.
+pub fn local_parts((s0, s1): (usize, usize), parts: usize) -> Vec<(usize, usize)> {
+    let n = s1 - s0;
+    let per = n.div_ceil(parts).div_ceil(8) * 8;
+    (0..parts)
+        .map(|j| {
+            let lo = (j * per).min(n);
+            (s0 + lo, s0 + (lo + per).min(n))
+        })
+        .collect()
+}
+
+/// Decode attention as the kernel computes it, in chunks of `chunk` slots,
+/// each cut into `parts` as the warp-local form cuts it (1: the block
+/// form): q [b, n_q, d_k], k [b, n_k, len, d_k], v [b, n_v, len, d_v]
+/// (row-major), valid [b, len] or None -> [b, n_q, d_v]. Query head i reads
+/// K head i / (n_q / n_k) and V head i / (n_q / n_v).
 pub fn split_merge(
     q: &[f64],
     k: &[f64],
     v: &[f64],
     valid: Option<&[bool]>,
     d: Dims,
-    chunk: usize,
+    (chunk, parts): (usize, usize),
     scale: f64,
 ) -> Vec<f64> {
     assert!(chunk > 0 && d.n_q % d.n_k == 0 && d.n_q % d.n_v == 0);
@@ -121,7 +148,12 @@ pub fn split_merge(
             let parts: Vec<Partial> = (0..splits)
                 .map(|i| {
                     let range = (i * chunk, ((i + 1) * chunk).min(d.len));
-                    chunk_partial(&q2, &key, &value, &ok, range)
+                    let pieces: Vec<Partial> = local_parts(range, parts)
+                        .into_iter()
+                        .filter(|(lo, hi)| lo < hi)
+                        .map(|r| chunk_partial(&q2, &key, &value, &ok, r))
+                        .collect();
+                    combine(&pieces, d.d_v)
                 })
                 .collect();
             out.extend(merge(&parts, d.d_v));
@@ -134,7 +166,7 @@ pub fn split_merge(
 mod tests {
     use super::*;
     use crate::infer::generate::decode_attention_ops;
-    use crate::kernels::decode::plan::candidates;
+    use crate::kernels::decode::plan::{candidates, DecodeShape};
     use tch::{Kind, Tensor};
 
     /// Deterministic values in [-2, 2) (splitmix64).
@@ -159,12 +191,17 @@ mod tests {
     }
 
     /// The split-and-merge result and full attention (the tensor path, f64).
-    fn both(d: Dims, valid: Option<&[bool]>, chunk: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
+    fn both(
+        d: Dims,
+        valid: Option<&[bool]>,
+        cut: (usize, usize),
+        seed: u64,
+    ) -> (Vec<f64>, Vec<f64>) {
         let q = values(d.b * d.n_q * d.d_k, seed);
         let k = values(d.b * d.n_k * d.len * d.d_k, seed + 1);
         let v = values(d.b * d.n_v * d.len * d.d_v, seed + 2);
         let scale = 1.0 / (d.d_k as f64).sqrt();
-        let ours = split_merge(&q, &k, &v, valid, d, chunk, scale);
+        let ours = split_merge(&q, &k, &v, valid, d, cut, scale);
         let t = |x: &[f64], shape: [usize; 4]| Tensor::from_slice(x).view(shape.map(|n| n as i64));
         let m = valid.map(|m| {
             Tensor::from_slice(&m.iter().map(|&x| u8::from(x)).collect::<Vec<u8>>())
@@ -214,8 +251,13 @@ mod tests {
             (33, 1),
         ] {
             let d = Dims { len, ..SIGMA };
-            let (ours, full) = both(d, None, chunk, len as u64);
-            assert!(max_diff(&ours, &full) < 1e-12, "len {len} chunk {chunk}");
+            for parts in [1, 2, 3, 8] {
+                let (ours, full) = both(d, None, (chunk, parts), len as u64);
+                assert!(
+                    max_diff(&ours, &full) < 1e-12,
+                    "len {len} chunk {chunk} parts {parts}"
+                );
+            }
         }
         // Every plan the search would time, for SIGMA-1.5B's heads (n_k < n_v)
         // and for n_k > n_v.
@@ -230,8 +272,14 @@ mod tests {
                 d_v: 16,
                 len: 1100,
             };
+            let own = DecodeShape {
+                n_k: n_k as i64,
+                n_v: n_v as i64,
+                ..shape
+            };
             for p in candidates(&shape, 1100) {
-                let (ours, full) = both(d, None, p.chunk as usize, 7);
+                let parts = own.grouped(p.groups).local_parts(p.rows.local) as usize;
+                let (ours, full) = both(d, None, (p.chunk as usize, parts), 7);
                 assert!(max_diff(&ours, &full) < 1e-12, "{n_k}/{n_v} {p:?}");
             }
         }
@@ -248,18 +296,24 @@ mod tests {
         // several whole chunks (which then contribute nothing).
         let pad = [0, 37, 64, 250];
         let valid = left_padding(d, &|i| pad[i]);
+        // In the warp-local form, parts wholly padded and parts padded in part.
         for chunk in [32, 64, 128, 512] {
-            let (ours, full) = both(d, Some(&valid), chunk, 11);
-            assert!(max_diff(&ours, &full) < 1e-12, "chunk {chunk}");
+            for parts in [1, 4, 8] {
+                let (ours, full) = both(d, Some(&valid), (chunk, parts), 11);
+                assert!(
+                    max_diff(&ours, &full) < 1e-12,
+                    "chunk {chunk} parts {parts}"
+                );
+            }
         }
         // The padding changes the result (it is not ignored).
-        let (unmasked, _) = both(d, None, 64, 11);
-        let (masked, _) = both(d, Some(&valid), 64, 11);
+        let (unmasked, _) = both(d, None, (64, 1), 11);
+        let (masked, _) = both(d, Some(&valid), (64, 1), 11);
         assert!(max_diff(&masked, &unmasked) > 1e-3);
         // A sequence whose every slot is padding: zeros (full attention's
         // softmax gives NaN there), and the other sequences are unaffected.
         let valid = left_padding(d, &|i| if i == 1 { d.len } else { pad[i] });
-        let (ours, full) = both(d, Some(&valid), 64, 11);
+        let (ours, full) = both(d, Some(&valid), (64, 4), 11);
         let row = d.n_q * d.d_v;
         assert!(ours[row..2 * row].iter().all(|&x| x == 0.0));
         assert!(full[row..2 * row].iter().all(|x| x.is_nan()));
@@ -291,5 +345,29 @@ mod tests {
         };
         assert_eq!(merge(&[empty.clone(), b.clone()], 2), merge(&[b], 2));
         assert_eq!(merge(&[empty.clone(), empty], 2), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn the_warp_local_parts_cover_a_chunk_in_order_in_multiples_of_8() {
+        assert_eq!(local_parts((0, 100), 1), vec![(0, 100)]);
+        // 100 slots in 4 parts: 25 rounded up to 32; the last part short.
+        assert_eq!(
+            local_parts((200, 300), 4),
+            vec![(200, 232), (232, 264), (264, 296), (296, 300)]
+        );
+        // A chunk shorter than its parts need: the last ones empty.
+        assert_eq!(
+            local_parts((64, 73), 8),
+            vec![
+                (64, 72),
+                (72, 73),
+                (73, 73),
+                (73, 73),
+                (73, 73),
+                (73, 73),
+                (73, 73),
+                (73, 73)
+            ]
+        );
     }
 }

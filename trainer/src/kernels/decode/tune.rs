@@ -49,10 +49,15 @@ pub fn env_tuning() -> std::result::Result<Option<Tuning>, sigma_data::DataError
         })
 }
 
-/// The rows of the kernel a step starts from: `SIGMA_DECODE_TUNING`'s,
-/// else [`Rows::DEFAULT`] (a search may then choose another kernel).
-pub fn env_rows() -> std::result::Result<Rows, sigma_data::DataError> {
-    Ok(env_tuning()?.map_or(Rows::DEFAULT, |t| t.rows()))
+/// The rows and form of the kernel a step of `shape` starts from:
+/// `SIGMA_DECODE_TUNING`'s (the warp-local form only where the shape takes
+/// it, as in [`DecodeShape::plan`]), else [`Rows::DEFAULT`] (a search may
+/// then choose another kernel).
+pub fn env_rows(shape: DecodeShape) -> std::result::Result<Rows, sigma_data::DataError> {
+    Ok(env_tuning()?.map_or(Rows::DEFAULT, |t| Rows {
+        local: t.local && shape.takes_local(),
+        ..t.rows()
+    }))
 }
 
 /// The search results of this process, with those of the cache file read
@@ -205,13 +210,14 @@ fn search(
         return Ok(None);
     };
     eprintln!(
-        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{}, heads in {} ({} candidates)",
+        "note: decode kernel tuned on {} for {shape:?}, batch {b}, contexts to {}: chunk {}, {}, rows {}/{}{}, heads in {} ({} candidates)",
         kern.device_name,
         context_bucket(len),
         best.chunk,
         if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
         best.rows.uk,
         best.rows.uv,
+        if best.rows.local { " warp-local" } else { "" },
         match best.groups {
             1 => "one group".to_string(),
             g => format!("{g} groups"),
