@@ -283,9 +283,10 @@ impl DecodeShape {
 
     /// Whether the warp-local form can take this shape: each K head's
     /// query heads read whole V heads (`n_k` divides `n_v`) and are at most
-    /// 8 (one pass over the key rows).
+    /// 8 (one pass over the key rows), and its block fits a chunk of 32
+    /// slots beside its parts' outputs.
     pub fn takes_local(&self) -> bool {
-        self.n_v % self.n_k == 0 && self.n_q / self.n_k <= 8
+        self.n_v % self.n_k == 0 && self.n_q / self.n_k <= 8 && self.max_chunk(i64::MAX, true) >= 32
     }
 
     /// The head groups a plan of this shape may take ([`Self::takes_groups`]).
@@ -1054,6 +1055,22 @@ pub(crate) mod tests {
             assert!(!shape.takes_local());
             assert!(candidates(&shape, 5000).iter().all(|p| !p.rows.local));
         }
+        // Wide heads whose parts' outputs leave no room for 32 slots (one
+        // group of 32/4/16 at d 256: 2 parts of 256 floats a query head):
+        // not taken, and the fixed rule's local=1 runs the block form.
+        let wide_heads = DecodeShape {
+            d_k: 256,
+            d_v: 256,
+            ..s
+        };
+        assert!(wide_heads.unsupported().is_none() && !wide_heads.takes_local());
+        assert!(wide_heads.max_chunk(i64::MAX, false) >= 32);
+        let t = Tuning {
+            local: true,
+            ..Tuning::DEFAULT
+        };
+        let p = wide_heads.plan(1, 4096, 132, &t);
+        assert!(!p.rows.local && wide_heads.smem_bytes(p.chunk, false) <= MAX_SMEM);
         // 8 K heads or more: one part (each warp takes whole K heads).
         let wide = DecodeShape {
             n_k: 16,
