@@ -445,9 +445,10 @@ mod tests {
     /// kind of shape sigma produces: SIGMA's 32/4/16, one K head (AugQ),
     /// n_k > n_v, compressed K dimensions, GQA-like equal heads, large
     /// groups; by every rows and form the search tries (the warp-local
-    /// form where the shape takes it; where not, its compile fails with
-    /// the reason) and the largest rows the override takes, and (on
-    /// Hopper) in every head groups the shape takes beyond one. Both kernels (the split kernel, which also writes
+    /// form where the shape takes it; where its head counts do not suit
+    /// that form, its compile fails with the reason) and the largest rows
+    /// the override takes, and (on Hopper) in every head groups the shape
+    /// takes beyond one, by the default rows in both forms. Both kernels (the split kernel, which also writes
     /// the output of one split and merges the folded combine, and the
     /// combine kernel) are in the PTX, and the folded merge's counter
     /// (an atomic add) with them. Needs a CUDA build of libtorch (NVRTC
