@@ -316,15 +316,10 @@ pub fn decode_attention_by(
 fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let len = k.size()[2];
     let shape = shape_of(q, k, v);
-    let groups_ok = shape.takes_groups(plan.groups)
-        && (!plan.rows.local || shape.grouped(plan.groups).takes_local());
-    let chunk_ok = groups_ok
+    let chunk_ok = shape.takes_groups(plan.groups)
         && plan.chunk > 0
         && plan.chunk % 32 == 0
-        && plan.chunk
-            <= shape
-                .grouped(plan.groups)
-                .max_chunk(i64::MAX, plan.rows.local);
+        && shape.grouped(plan.groups).fits(plan.chunk, plan.rows.local);
     let rows_ok = [plan.rows.uk, plan.rows.uv]
         .iter()
         .all(|r| (1..=16).contains(r));
@@ -353,7 +348,8 @@ fn step(
         return Ok(None);
     };
     let _restore = RestoreContext::save();
-    let Ok(kern) = launch::kernels(ordinal, shape, tune::env_rows(shape)?, 1) else {
+    let rows = tune::env_rows(shape)?;
+    let Ok(kern) = launch::kernels(ordinal, shape, rows, 1) else {
         return Ok(None);
     };
     let (b, len) = (q.size()[0], k.size()[2]);
@@ -380,10 +376,9 @@ fn step(
     // same split by this one where its chunk fits this one's block, or
     // else (a plan in groups, whose chunk may not fit one block of all
     // heads) the fixed rule's plan in one group.
-    let rows = tune::env_rows(shape)?;
     let (kern, plan) = match launch::kernels(ordinal, shape, plan.rows, plan.groups) {
         Ok(k) => (k, plan),
-        Err(_) if plan.groups == 1 && plan.chunk <= shape.max_chunk(i64::MAX, rows.local) => {
+        Err(_) if plan.groups == 1 && shape.fits(plan.chunk, rows.local) => {
             (kern, plan.with_rows(rows))
         }
         Err(_) => {

@@ -62,12 +62,13 @@ impl Tuning {
         local: false,
     };
 
-    /// The kernel's rows loaded ahead that this rule fixes.
-    pub fn rows(&self) -> Rows {
+    /// The kernel's rows loaded ahead and form that this rule fixes for
+    /// `shape`: the warp-local form only where the shape takes it.
+    pub fn rows_for(&self, shape: &DecodeShape) -> Rows {
         Rows {
             uk: self.uk,
             uv: self.uv,
-            local: self.local,
+            local: self.local && shape.takes_local(),
         }
     }
 
@@ -289,6 +290,13 @@ impl DecodeShape {
         self.n_v % self.n_k == 0 && self.n_q / self.n_k <= 8 && self.max_chunk(i64::MAX, true) >= 32
     }
 
+    /// Whether a block of this shape (a plan's group: `grouped(groups)`)
+    /// in the warp-local form if `local` can take a chunk of `chunk` slots:
+    /// the form takes the shape and the chunk fits its shared memory.
+    pub fn fits(&self, chunk: i64, local: bool) -> bool {
+        (!local || self.takes_local()) && chunk <= self.max_chunk(i64::MAX, local)
+    }
+
     /// The head groups a plan of this shape may take ([`Self::takes_groups`]).
     pub fn groups(&self) -> Vec<i64> {
         GROUPS
@@ -374,10 +382,7 @@ impl DecodeShape {
         } else {
             1
         };
-        let rows = Rows {
-            local: t.local && self.takes_local(),
-            ..t.rows()
-        };
+        let rows = t.rows_for(self);
         let seqs = batch * g;
         let want_splits = ((t.blocks_per_sm * sms + seqs - 1) / seqs).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
@@ -399,9 +404,6 @@ pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
     for groups in shape.groups() {
         let g = shape.grouped(groups);
         let most = g.max_chunk(i64::MAX, false);
-        let fits = |r: &Rows, chunk: i64| {
-            !r.local || (g.takes_local() && chunk <= g.max_chunk(i64::MAX, true))
-        };
         for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
             let folded = Plan::grouped(chunk, len, true, groups);
             if folded.splits <= MAX_SPLITS {
@@ -412,7 +414,7 @@ pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
                     vec![folded]
                 };
                 for p in plans {
-                    let rows = ROWS.into_iter().filter(|r| fits(r, chunk));
+                    let rows = ROWS.into_iter().filter(|r| g.fits(chunk, r.local));
                     out.extend(rows.map(|r| p.with_rows(r)));
                 }
             }

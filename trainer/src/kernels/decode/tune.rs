@@ -50,14 +50,10 @@ pub fn env_tuning() -> std::result::Result<Option<Tuning>, sigma_data::DataError
 }
 
 /// The rows and form of the kernel a step of `shape` starts from:
-/// `SIGMA_DECODE_TUNING`'s (the warp-local form only where the shape takes
-/// it, as in [`DecodeShape::plan`]), else [`Rows::DEFAULT`] (a search may
-/// then choose another kernel).
+/// `SIGMA_DECODE_TUNING`'s ([`Tuning::rows_for`]), else [`Rows::DEFAULT`]
+/// (a search may then choose another kernel).
 pub fn env_rows(shape: DecodeShape) -> std::result::Result<Rows, sigma_data::DataError> {
-    Ok(env_tuning()?.map_or(Rows::DEFAULT, |t| Rows {
-        local: t.local && shape.takes_local(),
-        ..t.rows()
-    }))
+    Ok(env_tuning()?.map_or(Rows::DEFAULT, |t| t.rows_for(&shape)))
 }
 
 /// The search results of this process, with those of the cache file read
