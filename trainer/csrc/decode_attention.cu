@@ -281,6 +281,32 @@ __device__ __forceinline__ void sum_row_groups(float (&acc)[QT][8]) {
       for (int e = 0; e < 8; ++e) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], off);
 }
 
+// This warp's part [lo, hi) of a chunk of n slots (warp-local form).
+__device__ __forceinline__ int2 local_part(int n, int warp) {
+  const int part = NKB < WARPS ? warp % WPHL : 0;
+  const int per = ((n + WPHL - 1) / WPHL + 7) / 8 * 8;
+  const int lo = min(n, part * per);
+  return make_int2(lo, min(n, lo + per));
+}
+
+// This warp's first key rows of its score loop (its first head's first
+// rows in either form), loaded right after the wait on the kernels before,
+// so that they are on their way while the block loads its query. kg points
+// at the chunk's first slot of the group's first key head.
+__device__ __forceinline__ void first_key_rows(uint4 (&w)[UK], const bf16* kg, long long k_head,
+                                               int n) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kl = lane % LK, kr = lane / LK;
+#if WL
+  const int h = NKB < WARPS ? warp / WPHL : warp;
+  const int2 r = local_part(n, warp);
+  if (h < NKB) load_rows<UK, RK, DK>(w, kg + (long long)h * k_head + kl * 8, r.x + kr, r.y);
+#else
+  const int h = warp / WPHK;
+  if (h < NKB)
+    load_rows<UK, WPHK * RK, DK>(w, kg + (long long)h * k_head + kl * 8, (warp % WPHK) * RK + kr, n);
+#endif
+}
+
 #if WL
 // The warp-local form's phases (WL): warp w takes key head w / WPHL (or,
 // where NKB >= WARPS, heads w, w + WARPS, ...) over part w % WPHL of the
@@ -291,24 +317,31 @@ __device__ __forceinline__ void sum_row_groups(float (&acc)[QT][8]) {
 // softmax. After one barrier the block merges the parts (rescaled to their
 // common max, in part order, so the same bits every time) into os[0 ..
 // NQB*DV) and ml. kg and vg point at the chunk's first slot of the group's
-// first heads.
+// first heads; w0 holds the warp's first key rows (first_key_rows).
 __device__ __forceinline__ void warp_local_phases(const bf16* kg, const bf16* vg, long long k_head,
                                                   long long v_head, const unsigned char* vrow,
                                                   int n, int chunk, const float* qs, float* os,
-                                                  float* ml, float* sc) {
+                                                  float* ml, float* sc, const uint4 (&w0)[UK]) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   float* wml = ml + 2 * NQB;  // [WSUB][NQB][2]
   const int part = NKB < WARPS ? warp % WPHL : 0;
-  const int per = ((n + WPHL - 1) / WPHL + 7) / 8 * 8;
-  const int lo = min(n, part * per), hi = min(n, lo + per);
+  const int2 range = local_part(n, warp);
+  const int lo = range.x, hi = range.y;
   const int kl = lane % LK, kr = lane / LK, vl = lane % LV, vr = lane / LV;
+  bool first = true;  // w0 holds the first rows
   for (int h = NKB < WARPS ? warp / WPHL : warp; h < NKB; h += NKB < WARPS ? NKB : WARPS) {
     const bf16* kh = kg + (long long)h * k_head + kl * 8;
     float qr[GK][8];
     query_lane<GK>(qr, qs, h * GK, kl);
     for (int base = lo; base < hi; base += RK * UK) {
       uint4 w[UK];
-      load_rows<UK, RK, DK>(w, kh, base + kr, hi);
+      if (first) {
+#pragma unroll
+        for (int u = 0; u < UK; ++u) w[u] = w0[u];
+        first = false;
+      } else {
+        load_rows<UK, RK, DK>(w, kh, base + kr, hi);
+      }
       score_rows<UK, RK, GK>(w, qr, base + kr, hi, kl, vrow, sc, h * GK, chunk);
     }
     // The first value rows on their way while the softmax runs.
@@ -411,6 +444,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
   let_next_kernel_start();
   wait_for_prior_kernels();
+  uint4 w0[UK];
+  first_key_rows(w0, kg + (long long)s0 * DK, k_head, n);
 
   // The query, rotated here when the RoPE rows are given: y_j = x_j c_j +
   // x_{j +- DK/2} s_j in fp32, rounded to bf16 as the training RoPE kernel
@@ -430,13 +465,14 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
 
 #if WL
   warp_local_phases(kg + (long long)s0 * DK, vg + (long long)s0 * DV, k_head, v_head,
-                    valid ? valid + (long long)b * valid_batch + s0 : 0, n, chunk, qs, os, ml, sc);
+                    valid ? valid + (long long)b * valid_batch + s0 : 0, n, chunk, qs, os, ml, sc, w0);
 #else
   // Scores: each key row of the chunk is read once for its query group.
   {
     const int kl = lane % LK, kr = lane / LK;
     const int sub = warp % WPHK;
     const unsigned char* vrow = valid ? valid + (long long)b * valid_batch + s0 : 0;
+    bool first = true;  // w0 holds the first rows
     for (int h = warp / WPHK; h < NKB; h += WARPS / WPHK) {
       const bf16* kh = kg + (long long)h * k_head + (long long)s0 * DK + kl * 8;
       for (int qt = 0; qt < GK; qt += QTK) {
@@ -444,7 +480,13 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
         query_lane<QTK>(qr, qs, h * GK + qt, kl);
         for (int base = sub * RK; base < n; base += WPHK * RK * UK) {
           uint4 w[UK];
-          load_rows<UK, WPHK * RK, DK>(w, kh, base + kr, n);
+          if (first) {
+#pragma unroll
+            for (int u = 0; u < UK; ++u) w[u] = w0[u];
+            first = false;
+          } else {
+            load_rows<UK, WPHK * RK, DK>(w, kh, base + kr, n);
+          }
           score_rows<UK, WPHK * RK, QTK>(w, qr, base + kr, n, kl, vrow, sc, h * GK + qt, chunk);
         }
       }
@@ -518,24 +560,20 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   if (last) merge_partials(part_o, part_ml, out, seq, splits, ml);
 }
 
-__device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, off);
-    x = is_max ? fmaxf(x, y) : x + y;
-  }
-  __syncthreads();  // red may still be read from a previous reduction
-  if (lane == 0) red[warp] = x;
-  __syncthreads();
-  x = red[0];
-  for (int i = 1; i < COMBINE_THREADS / 32; ++i) x = is_max ? fmaxf(x, red[i]) : x + red[i];
-  return x;
-}
+// Combine kernel: a row of DV partial outputs is read by CL threads, 4
+// floats (16 bytes) each; the block's threads form CG groups of CL.
+#define CL (DV / 4)
+#define CG (COMBINE_THREADS / CL)
+#define CU 8                    // splits a thread loads before using any
 
-// Block (query head of the group, b, group), COMBINE_THREADS threads:
-// rescale the chunks to their common max and normalise. A head whose every
-// slot is masked gives zeros. Dynamic shared memory: one float per split.
+// Block (query head of the group, b, group), COMBINE_THREADS threads: the
+// head's partials merged and normalised. Group g of the block takes splits
+// g, g + CG, g + 2 CG, ... (CU at a time: their max and sum and this
+// thread's 4 output elements loaded together, then rescaled to the running
+// max and added in split order); then the CG groups' pieces are rescaled
+// to their common max and added in group order (the same bits every
+// time). A head whose every slot is masked gives zeros. Partials are read
+// through L2 (__ldcg): the split kernel's blocks wrote them.
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
 diffqkv_decode_combine(const float* __restrict__ part_o,
                        const float* __restrict__ part_ml,
@@ -544,34 +582,68 @@ diffqkv_decode_combine(const float* __restrict__ part_o,
   // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
   let_next_kernel_start();
   wait_for_prior_kernels();
-  extern __shared__ float wt[];
-  __shared__ float red[COMBINE_THREADS];
+  __shared__ float gml[CG][2];
+  __shared__ float4 go[CG][CL];
   const int qh = blockIdx.x, seq = blockIdx.y * HG + blockIdx.z, tid = threadIdx.x;
-  const float* mlb = part_ml + (long long)seq * splits * 2 * NQB + 2 * qh;
-  float m = NEG_INF;
-  for (int i = tid; i < splits; i += COMBINE_THREADS) m = fmaxf(m, mlb[(long long)i * 2 * NQB]);
-  m = block_reduce(m, true, red);
-  float l = 0.f;
-  for (int i = tid; i < splits; i += COMBINE_THREADS) {
-    const float mi = mlb[(long long)i * 2 * NQB];
-    const float w = (mi == NEG_INF || m == NEG_INF) ? 0.f : exp2f(mi - m);
-    wt[i] = w;
-    l += mlb[(long long)i * 2 * NQB + 1] * w;
+  const int g = tid / CL, c = tid % CL;
+  const float2* mlb = reinterpret_cast<const float2*>(part_ml) + (long long)seq * splits * NQB + qh;
+  const float4* ob = reinterpret_cast<const float4*>(part_o) + ((long long)seq * splits * NQB + qh) * CL + c;
+  float m = NEG_INF, l = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int first = g; first < splits; first += CG * CU) {
+    float2 pm[CU];
+    float4 po[CU];
+#pragma unroll
+    for (int u = 0; u < CU; ++u) {
+      const int i = first + u * CG;
+      pm[u] = i < splits ? __ldcg(mlb + (long long)i * NQB) : make_float2(NEG_INF, 0.f);
+      po[u] = i < splits ? __ldcg(ob + (long long)i * NQB * CL) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float mb = m;
+#pragma unroll
+    for (int u = 0; u < CU; ++u) mb = fmaxf(mb, pm[u].x);
+    if (mb == NEG_INF) continue;  // nothing valid yet
+    const float r = m == NEG_INF ? 0.f : exp2f(m - mb);
+    l *= r;
+    o.x *= r; o.y *= r; o.z *= r; o.w *= r;
+#pragma unroll
+    for (int u = 0; u < CU; ++u) {
+      if (pm[u].x != NEG_INF) {
+        const float w = exp2f(pm[u].x - mb);
+        l = fmaf(pm[u].y, w, l);
+        o.x = fmaf(po[u].x, w, o.x); o.y = fmaf(po[u].y, w, o.y);
+        o.z = fmaf(po[u].z, w, o.z); o.w = fmaf(po[u].w, w, o.w);
+      }
+    }
+    m = mb;
   }
-  l = block_reduce(l, false, red);  // its barriers also publish wt
-  // Groups of DV threads take every G-th split, then the groups are summed.
-  const int G = COMBINE_THREADS / DV, g = tid / DV, d = tid % DV;
-  float o = 0.f;
-  if (g < G) {
-    const float* po = part_o + ((long long)seq * splits * NQB + qh) * DV + d;
-    for (int i = g; i < splits; i += G) o += po[(long long)i * NQB * DV] * wt[i];
+  if (c == 0) {
+    gml[g][0] = m;
+    gml[g][1] = l;
   }
+  go[g][c] = o;
   __syncthreads();
-  red[tid] = o;
-  __syncthreads();
-  if (tid < DV) {
-    for (int i = 1; i < G; ++i) o += red[i * DV + tid];
-    out[((long long)seq * NQB + qh) * DV + tid] = f2bf(l > 0.f ? o / l : 0.f);
+  if (tid < CL) {
+    float M = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < CG; ++j) M = fmaxf(M, gml[j][0]);
+    float L = 0.f;
+    float4 O = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (M != NEG_INF) {
+#pragma unroll
+      for (int j = 0; j < CG; ++j) {
+        if (gml[j][0] != NEG_INF) {
+          const float w = exp2f(gml[j][0] - M);
+          const float4 x = go[j][tid];
+          L = fmaf(gml[j][1], w, L);
+          O.x = fmaf(x.x, w, O.x); O.y = fmaf(x.y, w, O.y);
+          O.z = fmaf(x.z, w, O.z); O.w = fmaf(x.w, w, O.w);
+        }
+      }
+    }
+    const float4 y = L > 0.f ? make_float4(O.x / L, O.y / L, O.z / L, O.w / L)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+    *reinterpret_cast<uint2*>(out + ((long long)seq * NQB + qh) * DV + 4 * tid) = pack4(y);
   }
 }
 

@@ -371,7 +371,7 @@ fn launch(
             let cfg = LaunchConfig {
                 grid_dim: ((shape.n_q / plan.groups) as u32, b as u32, groups),
                 block_dim: (COMBINE_THREADS, 1, 1),
-                shared_mem_bytes: 4 * plan.splits as u32,
+                shared_mem_bytes: 0,
             };
             let mut combine = combine_args(o, (parts.0, parts.1), plan);
             let mut ps = arg_pointers(&mut combine);

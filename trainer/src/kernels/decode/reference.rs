@@ -101,6 +101,55 @@ pub fn merge(parts: &[Partial], d_v: usize) -> Vec<f64> {
     }
 }
 
+/// How the chunks' partials are merged. `Folded`: all at once (the folded
+/// combine's last block, one head per warp). `Combine`: as the combine
+/// kernel does, in `groups` groups of its block's threads (split `i` to
+/// group `i % groups`, `COMBINE_THREADS / (d_v / 4)` of them), each adding
+/// its splits `batch` at a time to its running piece (rescaled to the
+/// batch's max), then the groups' pieces merged in order.
+#[derive(Clone, Copy, Debug)]
+pub enum Merge {
+    Folded,
+    Combine { groups: usize, batch: usize },
+}
+
+impl Merge {
+    /// The combine kernel's merge for head dimension `d_v` (the source's
+    /// CG and CU).
+    pub fn combine_kernel(d_v: usize) -> Merge {
+        Merge::Combine {
+            groups: 256 / (d_v / 4),
+            batch: 8,
+        }
+    }
+
+    /// The merged, normalised output of one query head's partials.
+    pub fn apply(self, parts: &[Partial], d_v: usize) -> Vec<f64> {
+        match self {
+            Merge::Folded => merge(parts, d_v),
+            Merge::Combine { groups, batch } => {
+                let none = Partial {
+                    o: vec![0.0; d_v],
+                    m: f64::NEG_INFINITY,
+                    l: 0.0,
+                };
+                let pieces: Vec<Partial> = (0..groups)
+                    .map(|g| {
+                        let mine: Vec<Partial> =
+                            parts.iter().skip(g).step_by(groups).cloned().collect();
+                        mine.chunks(batch).fold(none.clone(), |acc, b| {
+                            let mut all = vec![acc];
+                            all.extend_from_slice(b);
+                            combine(&all, d_v)
+                        })
+                    })
+                    .collect();
+                merge(&pieces, d_v)
+            }
+        }
+    }
+}
+
 /// The slots of chunk `[s0, s1)` that the warp-local form's `parts` warps
 /// of one K head take: contiguous, `ceil(n / parts)` rounded up to a
 /// multiple of 8 each, the last ones shorter or empty (an empty part has
@@ -118,16 +167,17 @@ pub fn local_parts((s0, s1): (usize, usize), parts: usize) -> Vec<(usize, usize)
 
 /// Decode attention as the kernel computes it, in chunks of `chunk` slots,
 /// each cut into `parts` as the warp-local form cuts it (1: the block
-/// form): q [b, n_q, d_k], k [b, n_k, len, d_k], v [b, n_v, len, d_v]
-/// (row-major), valid [b, len] or None -> [b, n_q, d_v]. Query head i reads
-/// K head i / (n_q / n_k) and V head i / (n_q / n_v).
+/// form), the chunks' partials merged `by` the folded combine or the
+/// combine kernel's grouping: q [b, n_q, d_k], k [b, n_k, len, d_k], v [b,
+/// n_v, len, d_v] (row-major), valid [b, len] or None -> [b, n_q, d_v].
+/// Query head i reads K head i / (n_q / n_k) and V head i / (n_q / n_v).
 pub fn split_merge(
     q: &[f64],
     k: &[f64],
     v: &[f64],
     valid: Option<&[bool]>,
     d: Dims,
-    (chunk, parts): (usize, usize),
+    (chunk, parts, by): (usize, usize, Merge),
     scale: f64,
 ) -> Vec<f64> {
     assert!(chunk > 0 && d.n_q % d.n_k == 0 && d.n_q % d.n_v == 0);
@@ -156,7 +206,7 @@ pub fn split_merge(
                     combine(&pieces, d.d_v)
                 })
                 .collect();
-            out.extend(merge(&parts, d.d_v));
+            out.extend(by.apply(&parts, d.d_v));
         }
     }
     out
@@ -194,7 +244,7 @@ mod tests {
     fn both(
         d: Dims,
         valid: Option<&[bool]>,
-        cut: (usize, usize),
+        cut: (usize, usize, Merge),
         seed: u64,
     ) -> (Vec<f64>, Vec<f64>) {
         let q = values(d.b * d.n_q * d.d_k, seed);
@@ -251,12 +301,24 @@ mod tests {
             (33, 1),
         ] {
             let d = Dims { len, ..SIGMA };
+            // The folded merge, the combine kernel's groups, and groups
+            // that neither divide the splits nor take them in one batch.
+            let merges = [
+                Merge::Folded,
+                Merge::combine_kernel(d.d_v),
+                Merge::Combine {
+                    groups: 3,
+                    batch: 2,
+                },
+            ];
             for parts in [1, 2, 3, 8] {
-                let (ours, full) = both(d, None, (chunk, parts), len as u64);
-                assert!(
-                    max_diff(&ours, &full) < 1e-12,
-                    "len {len} chunk {chunk} parts {parts}"
-                );
+                for by in merges {
+                    let (ours, full) = both(d, None, (chunk, parts, by), len as u64);
+                    assert!(
+                        max_diff(&ours, &full) < 1e-12,
+                        "len {len} chunk {chunk} parts {parts} {by:?}"
+                    );
+                }
             }
         }
         // Every plan the search would time, for SIGMA-1.5B's heads (n_k < n_v)
@@ -279,7 +341,12 @@ mod tests {
             };
             for p in candidates(&shape, 1100) {
                 let parts = own.grouped(p.groups).local_parts(p.rows.local) as usize;
-                let (ours, full) = both(d, None, (p.chunk as usize, parts), 7);
+                let by = if p.fold {
+                    Merge::Folded
+                } else {
+                    Merge::combine_kernel(d.d_v)
+                };
+                let (ours, full) = both(d, None, (p.chunk as usize, parts, by), 7);
                 assert!(max_diff(&ours, &full) < 1e-12, "{n_k}/{n_v} {p:?}");
             }
         }
@@ -297,23 +364,27 @@ mod tests {
         let pad = [0, 37, 64, 250];
         let valid = left_padding(d, &|i| pad[i]);
         // In the warp-local form, parts wholly padded and parts padded in part.
+        // In the combine kernel's merge, groups and batches of splits that
+        // are wholly padded.
         for chunk in [32, 64, 128, 512] {
             for parts in [1, 4, 8] {
-                let (ours, full) = both(d, Some(&valid), (chunk, parts), 11);
-                assert!(
-                    max_diff(&ours, &full) < 1e-12,
-                    "chunk {chunk} parts {parts}"
-                );
+                for by in [Merge::Folded, Merge::Combine { groups: 2, batch: 2 }] {
+                    let (ours, full) = both(d, Some(&valid), (chunk, parts, by), 11);
+                    assert!(
+                        max_diff(&ours, &full) < 1e-12,
+                        "chunk {chunk} parts {parts} {by:?}"
+                    );
+                }
             }
         }
         // The padding changes the result (it is not ignored).
-        let (unmasked, _) = both(d, None, (64, 1), 11);
-        let (masked, _) = both(d, Some(&valid), (64, 1), 11);
+        let (unmasked, _) = both(d, None, (64, 1, Merge::Folded), 11);
+        let (masked, _) = both(d, Some(&valid), (64, 1, Merge::Folded), 11);
         assert!(max_diff(&masked, &unmasked) > 1e-3);
         // A sequence whose every slot is padding: zeros (full attention's
         // softmax gives NaN there), and the other sequences are unaffected.
         let valid = left_padding(d, &|i| if i == 1 { d.len } else { pad[i] });
-        let (ours, full) = both(d, Some(&valid), (64, 4), 11);
+        let (ours, full) = both(d, Some(&valid), (64, 4, Merge::combine_kernel(d.d_v)), 11);
         let row = d.n_q * d.d_v;
         assert!(ours[row..2 * row].iter().all(|&x| x == 0.0));
         assert!(full[row..2 * row].iter().all(|x| x.is_nan()));
