@@ -43,7 +43,7 @@ pub const DECODE_ROPE: &str = "SIGMA_DECODE_ROPE";
 #[macro_export]
 macro_rules! decode_tuning_version {
     () => {
-        6
+        5
     };
 }
 
@@ -176,7 +176,7 @@ pub fn var(name: &str) -> Option<String> {
 }
 
 /// The decode kernel's tuning cache file: `SIGMA_DECODE_TUNING_CACHE` if
-/// set (`off`, `0` or empty: none), else `sigma/decode-tuning-v6.tsv` (the
+/// set (`off`, `0` or empty: none), else `sigma/decode-tuning-v5.tsv` (the
 /// format's version, [`decode_tuning_version`]) in the
 /// user's cache directory (`$XDG_CACHE_HOME`, else `$HOME/.cache`; None
 /// when neither is set).

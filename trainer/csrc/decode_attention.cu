@@ -26,12 +26,6 @@
 //                chunk through the scores, the softmax and p·V on its own,
 //                with no barrier of the block between those phases, and
 //                the block merges its warps' pieces at the end
-//   BULK         1: the chunk's key and value rows copied into shared memory
-//                by the bulk copy engine (cp.async.bulk, compute capability
-//                9.0; tuning, default 0): one thread issues a copy per head
-//                as soon as the block may read, every byte of the chunk in
-//                flight at once and no register held for it; the phases
-//                then read the rows from shared memory (either form)
 // Query head i reads key head i / (NQ/NK) and value head i / (NQ/NV)
 // (contiguous groups), so one block reads each key row of its chunk once for
 // the NQ/NK query heads that share it and each value row once for the NQ/NV
@@ -47,12 +41,6 @@
 #endif
 #ifndef WL
 #define WL 0
-#endif
-#ifndef BULK
-#define BULK 0
-#endif
-#if BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#error "the bulk form needs compute capability 9.0 (cp.async.bulk)"
 #endif
 #define NQB (NQ / HG)           // a block's query, key and value heads
 #define NKB (NK / HG)
@@ -112,45 +100,6 @@ __device__ __forceinline__ void prefetch_rows(const bf16* first, long long head,
     prefetch_l2(reinterpret_cast<const char*>(first + h * head) + off);
   }
 }
-
-#if BULK
-// The bulk form's two transaction barriers: [0] the chunk's key rows, [1]
-// its value rows, each completed once per block (phase 0) when its bytes
-// have landed in shared memory.
-__shared__ __align__(8) unsigned long long bulk_bar[2];
-
-__device__ __forceinline__ unsigned shared_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-// By one thread: copies of `heads` heads' rows [s0, s0 + n) (D elements
-// each, heads `head` elements apart in global memory, `chunk` rows apart
-// in shared memory) into dst, completing barrier `bar` once all have
-// landed. Rows are 16-byte aligned and a multiple of 16 bytes (D a
-// multiple of 8).
-template <int D>
-__device__ __forceinline__ void bulk_rows(bf16* dst, const bf16* src, long long head, int heads,
-                                          int n, int chunk, unsigned long long* bar) {
-  const unsigned b = shared_addr(bar), bytes = (unsigned)n * D * 2;
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(bytes * heads)
-               : "memory");
-  for (int h = 0; h < heads; ++h)
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(shared_addr(dst + (long long)h * chunk * D)), "l"(src + h * head), "r"(bytes), "r"(b)
-                 : "memory");
-}
-
-// Wait until barrier `bar`'s first phase completes (its rows have landed).
-__device__ __forceinline__ void bulk_wait(unsigned long long* bar) {
-  const unsigned b = shared_addr(bar);
-  unsigned done = 0;
-  while (!done)
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done) : "r"(b) : "memory");
-}
-#endif
 
 // Sum acc[0..C) over the L aligned lanes of a row group so that lane kl
 // ends with the totals of elements [kl * C / L, (kl + 1) * C / L) in
@@ -379,7 +328,7 @@ __device__ __forceinline__ void warp_local_phases(const bf16* kg, const bf16* vg
   const int2 range = local_part(n, warp);
   const int lo = range.x, hi = range.y;
   const int kl = lane % LK, kr = lane / LK, vl = lane % LV, vr = lane / LV;
-  bool first = !BULK;  // w0 holds the first rows
+  bool first = true;  // w0 holds the first rows
   for (int h = NKB < WARPS ? warp / WPHL : warp; h < NKB; h += NKB < WARPS ? NKB : WARPS) {
     const bf16* kh = kg + (long long)h * k_head + kl * 8;
     float qr[GK][8];
@@ -396,9 +345,6 @@ __device__ __forceinline__ void warp_local_phases(const bf16* kg, const bf16* vg
       score_rows<UK, RK, GK>(w, qr, base + kr, hi, kl, vrow, sc, h * GK, chunk);
     }
     // The first value rows on their way while the softmax runs.
-#if BULK
-    bulk_wait(&bulk_bar[1]);
-#endif
     const bf16* vh = vg + (long long)(h * VPK) * v_head + vl * 8;
     uint4 w[UV];
     load_rows<UV, RV, DV>(w, vh, lo + vr, hi);
@@ -472,14 +418,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
                      const bf16* __restrict__ cs,      // [DK] RoPE row [cos, cos], or null
                      const bf16* __restrict__ sn,      // [DK] RoPE row [-sin, sin], or null
                      int len, int chunk, float scale_log2, int fold, int prefetch) {
-  extern __shared__ __align__(16) float smem[];
-#if BULK
-  bf16* kb = reinterpret_cast<bf16*>(smem);  // [NKB][chunk][DK] the chunk's key rows
-  bf16* vb = kb + NKB * chunk * DK;          // [NVB][chunk][DV] its value rows
-  float* qs = reinterpret_cast<float*>(vb + NVB * chunk * DV);
-#else
+  extern __shared__ float smem[];
   float* qs = smem;              // [NQB][DK], scaled by scale * log2(e)
-#endif
   float* os = qs + NQB * DK;     // [WSUB][NQB][DV] output accumulator (WL: each part's, merged into the first)
   float* ml = os + WSUB * NQB * DV;  // [NQB][2] max and sum (WL: then [WSUB][NQB][2], each part's)
   float* sc = ml + 2 * NQB * (WL ? 1 + WSUB : 1);  // [NQB][chunk] scores, then probabilities
@@ -504,25 +444,8 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
   let_next_kernel_start();
   wait_for_prior_kernels();
-  // Where the phases read the chunk's rows: shared memory (BULK: the copies
-  // issued now land there) or the cache; a head's rows `ks` (`vs`) apart.
-#if BULK
-  if (tid == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_addr(&bulk_bar[0])) : "memory");
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_addr(&bulk_bar[1])) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    bulk_rows<DK>(kb, kg + (long long)s0 * DK, k_head, NKB, n, chunk, &bulk_bar[0]);
-    bulk_rows<DV>(vb, vg + (long long)s0 * DV, v_head, NVB, n, chunk, &bulk_bar[1]);
-  }
-  const bf16 *kc = kb, *vc = vb;
-  const long long ks = (long long)chunk * DK, vs = (long long)chunk * DV;
-  uint4 w0[UK];  // unused: the first rows come from shared memory
-#else
-  const bf16 *kc = kg + (long long)s0 * DK, *vc = vg + (long long)s0 * DV;
-  const long long ks = k_head, vs = v_head;
   uint4 w0[UK];
-  first_key_rows(w0, kc, k_head, n);
-#endif
+  first_key_rows(w0, kg + (long long)s0 * DK, k_head, n);
 
   // The query, rotated here when the RoPE rows are given: y_j = x_j c_j +
   // x_{j +- DK/2} s_j in fp32, rounded to bf16 as the training RoPE kernel
@@ -538,23 +461,20 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
     qs[i] = x * scale_log2;
   }
   for (int i = tid; i < NQB * DV; i += THREADS) os[i] = 0.f;
-  __syncthreads();  // (BULK: also makes the barriers' initialisation visible)
-#if BULK
-  bulk_wait(&bulk_bar[0]);
-#endif
+  __syncthreads();
 
 #if WL
-  warp_local_phases(kc, vc, ks, vs, valid ? valid + (long long)b * valid_batch + s0 : 0, n, chunk,
-                    qs, os, ml, sc, w0);
+  warp_local_phases(kg + (long long)s0 * DK, vg + (long long)s0 * DV, k_head, v_head,
+                    valid ? valid + (long long)b * valid_batch + s0 : 0, n, chunk, qs, os, ml, sc, w0);
 #else
   // Scores: each key row of the chunk is read once for its query group.
   {
     const int kl = lane % LK, kr = lane / LK;
     const int sub = warp % WPHK;
     const unsigned char* vrow = valid ? valid + (long long)b * valid_batch + s0 : 0;
-    bool first = !BULK;  // w0 holds the first rows
+    bool first = true;  // w0 holds the first rows
     for (int h = warp / WPHK; h < NKB; h += WARPS / WPHK) {
-      const bf16* kh = kc + (long long)h * ks + kl * 8;
+      const bf16* kh = kg + (long long)h * k_head + (long long)s0 * DK + kl * 8;
       for (int qt = 0; qt < GK; qt += QTK) {
         float qr[QTK][8];
         query_lane<QTK>(qr, qs, h * GK + qt, kl);
@@ -580,14 +500,11 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   __syncthreads();
 
   // p·V: each value row of the chunk is read once for its query group.
-#if BULK
-  bulk_wait(&bulk_bar[1]);
-#endif
   {
     const int vl = lane % LV, vr = lane / LV;
     const int sub = warp % WPHV;
     for (int h = warp / WPHV; h < NVB; h += WARPS / WPHV) {
-      const bf16* vh = vc + (long long)h * vs + vl * 8;
+      const bf16* vh = vg + (long long)h * v_head + (long long)s0 * DV + vl * 8;
       for (int qt = 0; qt < GV; qt += QTV) {
         float acc[QTV][8];
         zero_acc<QTV>(acc);

@@ -460,7 +460,7 @@ fn check_case(case: Case, device: Device) -> Result<(f64, Rotated)> {
         d_k: dk,
         d_v: dv,
     };
-    let plans = decode::candidates_on(&q, &shape, len);
+    let plans = decode::plan::candidates(&shape, len);
     for &p in &plans {
         let o = decode::decode_attention_by(&q, &k, &v, m, scale, p)?.ok_or_else(not_run)?;
         ek = ek.max(err(&o));

@@ -43,12 +43,6 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Whether the device has the bulk copy engine (compute capability
-    /// 9.0 or later): the bulk forms are offered to the search.
-    pub fn bulk_copies(&self) -> bool {
-        self.hopper
-    }
-
     /// Whether to launch with programmatic dependent launch.
     fn pdl(&self) -> bool {
         self.hopper && super::nvrtc::pdl_enabled()
@@ -136,10 +130,10 @@ pub fn kernels(
             let r = load(ordinal, shape, rows, groups);
             if let Err(e) = &r {
                 eprintln!(
-                    "warning: the DiffQKV decode kernel (rows {}/{}{}, {groups} head groups) does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
+                    "warning: the DiffQKV decode kernel{} loading {}/{} rows ahead in {groups} head groups does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
+                    if rows.local { " (warp-local)" } else { "" },
                     rows.uk,
-                    rows.uv,
-                    rows.form()
+                    rows.uv
                 );
             }
             r
@@ -359,7 +353,7 @@ fn launch(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: shape
             .grouped(plan.groups)
-            .smem_bytes(plan.chunk, plan.rows) as u32,
+            .smem_bytes(plan.chunk, plan.rows.local) as u32,
     };
     // SAFETY: every pointer is a live libtorch tensor of the device whose
     // extent matches the kernel's indexing (checked by the caller and by

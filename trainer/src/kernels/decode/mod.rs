@@ -60,17 +60,6 @@ pub fn set_decode_kernel(on: bool) {
     DECODE_KERNEL.set(on);
 }
 
-/// The plans the search times for `len` slots of `shape` on the device of
-/// `q` ([`plan::candidates`]: the bulk forms where the device has the bulk
-/// copy engine, compute capability 9.0 or later).
-pub fn candidates_on(q: &Tensor, shape: &DecodeShape, len: i64) -> Vec<Plan> {
-    let bulk = match q.device() {
-        tch::Device::Cuda(i) => nvrtc::device(i).is_ok_and(|(_, arch, _)| arch >= 90),
-        _ => false,
-    };
-    plan::candidates(shape, len, bulk)
-}
-
 /// Whether the kernel would run for these operands; Err says why not
 /// (for benchmarks and checks that must not silently time the fallback).
 pub fn decode_kernel_available(
@@ -330,7 +319,7 @@ fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     let chunk_ok = shape.takes_groups(plan.groups)
         && plan.chunk > 0
         && plan.chunk % 32 == 0
-        && shape.grouped(plan.groups).fits(plan.chunk, plan.rows);
+        && shape.grouped(plan.groups).fits(plan.chunk, plan.rows.local);
     let rows_ok = [plan.rows.uk, plan.rows.uv]
         .iter()
         .all(|r| (1..=16).contains(r));
@@ -389,7 +378,7 @@ fn step(
     // heads) the fixed rule's plan in one group.
     let (kern, plan) = match launch::kernels(ordinal, shape, plan.rows, plan.groups) {
         Ok(k) => (k, plan),
-        Err(_) if plan.groups == 1 && shape.fits(plan.chunk, rows) => {
+        Err(_) if plan.groups == 1 && shape.fits(plan.chunk, rows.local) => {
             (kern, plan.with_rows(rows))
         }
         Err(_) => {
@@ -488,43 +477,28 @@ mod tests {
                 d_v,
             };
             assert_eq!(s.unsupported(), None, "{s:?}");
-            // Every rows the search tries (the bulk ones on Hopper, where a
-            // chunk of 32 fits); the most the override allows once.
+            // Every rows the search tries; the most the override allows once.
             let mut rows: Vec<plan::Rows> = plan::ROWS
                 .into_iter()
-                .filter(|r| (!r.local || s.takes_local()) && s.fits(32, *r))
+                .filter(|r| !r.local || s.takes_local())
                 .collect();
             if i == 0 {
                 rows.push(plan::Rows {
                     uk: 16,
                     uv: 16,
-                    ..plan::Rows::DEFAULT
+                    local: false,
                 });
             }
             let mut builds: Vec<(i32, plan::Rows, i64)> = [90, 80]
                 .into_iter()
                 .flat_map(|a| rows.iter().map(move |r| (a, *r, 1)))
-                .filter(|(a, r, _)| *a >= 90 || !r.bulk)
                 .collect();
             for g in s.groups().into_iter().skip(1) {
                 builds.push((90, plan::Rows::DEFAULT, g));
                 if s.grouped(g).takes_local() {
                     builds.push((90, plan::Rows::LOCAL, g));
                 }
-                if s.grouped(g).fits(32, plan::Rows::LOCAL_BULK) {
-                    builds.push((90, plan::Rows::LOCAL_BULK, g));
-                } else if s.grouped(g).fits(32, plan::Rows::BULK) {
-                    builds.push((90, plan::Rows::BULK, g));
-                }
             }
-            // The bulk copies refuse, at compile time, a device without them.
-            let bulk = compile(
-                DECODE_SOURCE,
-                &s.defines(launch::THREADS, plan::Rows::BULK, 1),
-                80,
-            )
-            .expect_err("the bulk form compiled for sm_80");
-            assert!(bulk.contains("needs compute capability 9.0"), "{s:?}: {bulk}");
             // The warp-local form refuses, at compile time, a shape it cannot take.
             if !s.takes_local() {
                 let err = compile(
@@ -555,15 +529,6 @@ mod tests {
                 );
                 // The split kernel asks L2 for its chunk before it waits.
                 let split = ptx_entry(&ptx, "diffqkv_decode_split").expect("the split kernel");
-                // The bulk form copies the chunk's rows by the copy engine
-                // after the wait and waits on its barriers; the others do not.
-                let copies = split.find("cp.async.bulk.shared::cluster.global");
-                assert_eq!(copies.is_some(), rows.bulk, "{s:?} {rows:?}");
-                if let (Some(copy), Some(wait)) = (copies, split.find("griddepcontrol.wait")) {
-                    assert!(wait < copy, "{s:?}: a bulk copy before the wait");
-                    assert!(split.contains("mbarrier.try_wait.parity"), "{s:?}");
-                    assert!(split.contains("mbarrier.arrive.expect_tx"), "{s:?}");
-                }
                 let prefetch = split.find("prefetch.global.L2").expect("no L2 prefetch");
                 if let Some(wait) = split.find("griddepcontrol.wait") {
                     assert!(prefetch < wait, "{s:?}: the prefetch after the wait");

@@ -49,10 +49,6 @@ pub struct Tuning {
     /// The warp-local form of the split kernel, where the shape takes it
     /// ([`DecodeShape::takes_local`]; else the block form).
     pub local: bool,
-    /// The chunk's rows copied into shared memory by the bulk copy engine
-    /// (compute capability 9.0; [`Rows::bulk`]), where a block of the shape
-    /// fits a chunk of 32 slots so.
-    pub bulk: bool,
 }
 
 impl Tuning {
@@ -64,26 +60,15 @@ impl Tuning {
         fold: true,
         groups: 1,
         local: false,
-        bulk: false,
     };
 
     /// The kernel's rows loaded ahead and form that this rule fixes for
-    /// `shape`: the warp-local form only where the shape takes it, the
-    /// bulk copies only where its block fits a chunk of 32 slots so.
+    /// `shape`: the warp-local form only where the shape takes it.
     pub fn rows_for(&self, shape: &DecodeShape) -> Rows {
-        let rows = Rows {
+        Rows {
             uk: self.uk,
             uv: self.uv,
             local: self.local && shape.takes_local(),
-            bulk: self.bulk,
-        };
-        if rows.bulk && !shape.fits(32, rows) {
-            Rows {
-                bulk: false,
-                ..rows
-            }
-        } else {
-            rows
         }
     }
 
@@ -96,18 +81,17 @@ impl Tuning {
                 .split_once('=')
                 .ok_or_else(|| format!("{item:?} is not key=value"))?;
             let (key, value) = (key.trim(), value.trim());
-            let flag = match key {
-                "fold" => Some(&mut t.fold),
-                "local" => Some(&mut t.local),
-                "bulk" => Some(&mut t.bulk),
-                _ => None,
-            };
-            if let Some(flag) = flag {
-                *flag = match value {
+            if key == "fold" || key == "local" {
+                let on = match value {
                     "1" | "on" | "true" => true,
                     "0" | "off" | "false" => false,
                     _ => return Err(format!("{key} = {value:?} is not 1 (on) or 0 (off)")),
                 };
+                *(if key == "fold" {
+                    &mut t.fold
+                } else {
+                    &mut t.local
+                }) = on;
                 continue;
             }
             let v: i64 = value
@@ -125,7 +109,7 @@ impl Tuning {
                 "groups" => (&mut t.groups, GROUPS.contains(&v), "1, 2, 4 or 8"),
                 k => {
                     return Err(format!(
-                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, groups, local, bulk)"
+                        "unknown key {k:?} (max_chunk, blocks_per_sm, uk, uv, fold, groups, local)"
                     ))
                 }
             };
@@ -144,17 +128,12 @@ impl Tuning {
 /// with a barrier between the scores, the softmax and p·V; the warp-local
 /// form (`local`) gives each warp a key head and a part of the chunk
 /// through all three phases alone and merges the warps' parts at the end
-/// (csrc/decode_attention.cu, `WL`). In either form, `bulk` has the
-/// chunk's key and value rows copied into shared memory by the bulk copy
-/// engine (`BULK`: compute capability 9.0), all of them in flight at once,
-/// and the phases read them from there; its block holds the chunk's rows,
-/// so its chunks are shorter.
+/// (csrc/decode_attention.cu, `WL`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Rows {
     pub uk: i64,
     pub uv: i64,
     pub local: bool,
-    pub bulk: bool,
 }
 
 impl Rows {
@@ -163,14 +142,12 @@ impl Rows {
         uk: 4,
         uv: 8,
         local: false,
-        bulk: false,
     };
     /// Twice as many loads in flight per lane (more registers).
     pub const DEEP: Rows = Rows {
         uk: 8,
         uv: 16,
         local: false,
-        bulk: false,
     };
     /// The warp-local form of each.
     pub const LOCAL: Rows = Rows {
@@ -181,40 +158,13 @@ impl Rows {
         local: true,
         ..Rows::DEEP
     };
-    /// Each form with the bulk copies (rows in flight need no registers).
-    pub const BULK: Rows = Rows {
-        bulk: true,
-        ..Rows::DEFAULT
-    };
-    pub const LOCAL_BULK: Rows = Rows {
-        bulk: true,
-        ..Rows::LOCAL
-    };
-
-    /// The form's words in notes and warnings ("" for the block form).
-    pub fn form(&self) -> &'static str {
-        match (self.local, self.bulk) {
-            (false, false) => "",
-            (true, false) => " warp-local",
-            (false, true) => " bulk",
-            (true, true) => " warp-local bulk",
-        }
-    }
 }
 
 /// The rows and forms the search tries (each a compiled kernel; the
-/// warp-local ones where the shape takes them, the bulk ones on devices
-/// of compute capability 9.0 where the chunk fits): on an H100 (f334865,
-/// the fixed rule at 1 block per multiprocessor) [`Rows::DEEP`] was 2-6 %
+/// warp-local ones where the shape takes them): on an H100 (f334865, the
+/// fixed rule at 1 block per multiprocessor) [`Rows::DEEP`] was 2-6 %
 /// faster at batch 4 and 1-3 % slower at batch 1 (docs/benchmarks.md).
-pub const ROWS: [Rows; 6] = [
-    Rows::DEFAULT,
-    Rows::DEEP,
-    Rows::LOCAL,
-    Rows::LOCAL_DEEP,
-    Rows::BULK,
-    Rows::LOCAL_BULK,
-];
+pub const ROWS: [Rows; 4] = [Rows::DEFAULT, Rows::DEEP, Rows::LOCAL, Rows::LOCAL_DEEP];
 
 /// One launch of the decode kernel: chunks of `chunk` slots, `splits` of
 /// them per sequence and head group (`groups` of them divide a sequence's
@@ -306,7 +256,7 @@ impl DecodeShape {
                 s.n_q / s.n_k,
                 s.n_q / s.n_v
             ))
-        } else if self.max_chunk(i64::MAX, Rows::DEFAULT) < 32 {
+        } else if self.max_chunk(i64::MAX, false) < 32 {
             Some(format!(
                 "{} query heads leave no room for a chunk in shared memory",
                 s.n_q
@@ -337,16 +287,14 @@ impl DecodeShape {
     /// 8 (one pass over the key rows), and its block fits a chunk of 32
     /// slots beside its parts' outputs.
     pub fn takes_local(&self) -> bool {
-        self.n_v % self.n_k == 0
-            && self.n_q / self.n_k <= 8
-            && self.max_chunk(i64::MAX, Rows::LOCAL) >= 32
+        self.n_v % self.n_k == 0 && self.n_q / self.n_k <= 8 && self.max_chunk(i64::MAX, true) >= 32
     }
 
     /// Whether a block of this shape (a plan's group: `grouped(groups)`)
-    /// by the kernel of `rows` can take a chunk of `chunk` slots: its form
-    /// takes the shape and the chunk fits its shared memory.
-    pub fn fits(&self, chunk: i64, rows: Rows) -> bool {
-        (!rows.local || self.takes_local()) && chunk <= self.max_chunk(i64::MAX, rows)
+    /// in the warp-local form if `local` can take a chunk of `chunk` slots:
+    /// the form takes the shape and the chunk fits its shared memory.
+    pub fn fits(&self, chunk: i64, local: bool) -> bool {
+        (!local || self.takes_local()) && chunk <= self.max_chunk(i64::MAX, local)
     }
 
     /// The head groups a plan of this shape may take ([`Self::takes_groups`]).
@@ -371,7 +319,7 @@ impl DecodeShape {
 
     /// The compile-time constants of this shape's kernel, with `rows`
     /// loaded ahead and the heads in `groups` groups.
-    pub fn defines(&self, threads: u32, rows: Rows, groups: i64) -> [(&'static str, i64); 11] {
+    pub fn defines(&self, threads: u32, rows: Rows, groups: i64) -> [(&'static str, i64); 10] {
         [
             ("NQ", self.n_q),
             ("NK", self.n_k),
@@ -383,7 +331,6 @@ impl DecodeShape {
             ("UV", rows.uv),
             ("HG", groups),
             ("WL", i64::from(rows.local)),
-            ("BULK", i64::from(rows.bulk)),
         ]
     }
 
@@ -404,22 +351,10 @@ impl DecodeShape {
 
     /// Shared memory of a split block taking all of this shape's heads
     /// (of a plan in groups: `grouped(groups).smem_bytes`), in bytes, for
-    /// a chunk of `chunk` slots, by the kernel of `rows`: a score per query
-    /// head and slot; in the warp-local form an output, a max and a sum
-    /// per query head and part; with the bulk copies the chunk's key and
-    /// value rows (bf16).
-    pub fn smem_bytes(&self, chunk: i64, rows: Rows) -> i64 {
-        4 * self.n_q * self.fixed_floats(rows.local) + chunk * self.slot_bytes(rows)
-    }
-
-    /// A split block's shared memory per slot of its chunk.
-    fn slot_bytes(&self, rows: Rows) -> i64 {
-        let copied = if rows.bulk {
-            2 * (self.n_k * self.d_k + self.n_v * self.d_v)
-        } else {
-            0
-        };
-        4 * self.n_q + copied
+    /// a chunk of `chunk` slots, in the warp-local form if `local` (an
+    /// output, a max and a sum per query head and part).
+    pub fn smem_bytes(&self, chunk: i64, local: bool) -> i64 {
+        4 * self.n_q * (self.fixed_floats(local) + chunk)
     }
 
     /// A block's floats of shared memory per query head besides its scores.
@@ -430,10 +365,10 @@ impl DecodeShape {
     }
 
     /// The largest chunk (a multiple of 32, at most `limit`) whose block
-    /// by the kernel of `rows` fits [`MAX_SMEM`] (below 32: none does).
-    pub fn max_chunk(&self, limit: i64, rows: Rows) -> i64 {
-        let free = MAX_SMEM - 4 * self.n_q * self.fixed_floats(rows.local);
-        ((free.max(0) / self.slot_bytes(rows).max(1)) / 32 * 32).min(limit)
+    /// (in the warp-local form if `local`) fits [`MAX_SMEM`].
+    pub fn max_chunk(&self, limit: i64, local: bool) -> i64 {
+        let free = MAX_SMEM / 4 - self.n_q * self.fixed_floats(local);
+        ((free / self.n_q.max(1)) / 32 * 32).min(limit)
     }
 
     /// The fixed rule (`SIGMA_DECODE_TUNING`, or no search possible): the
@@ -447,11 +382,11 @@ impl DecodeShape {
         } else {
             1
         };
-        let rows = t.rows_for(&self.grouped(g));
+        let rows = t.rows_for(self);
         let seqs = batch * g;
         let want_splits = ((t.blocks_per_sm * sms + seqs - 1) / seqs).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
-        let most = self.grouped(g).max_chunk(t.max_chunk, rows).max(32);
+        let most = self.grouped(g).max_chunk(t.max_chunk, rows.local).max(32);
         let chunk = ((chunk + 31) / 32 * 32).clamp(32, most);
         Plan::grouped(chunk, len, t.fold, g).with_rows(rows)
     }
@@ -462,14 +397,13 @@ impl DecodeShape {
 /// block fits shared memory up to the first that holds the whole context,
 /// each with the combine folded and separate (one plan where one split
 /// suffices or folding is not offered), none past [`MAX_SPLITS`]; each by
-/// the kernel of every [`ROWS`] whose form takes the shape and whose block
-/// fits the chunk, the bulk ones only where `bulk` (a device of compute
-/// capability 9.0 or later).
-pub fn candidates(shape: &DecodeShape, len: i64, bulk: bool) -> Vec<Plan> {
+/// the kernel of every [`ROWS`] (the warp-local ones where the shape takes
+/// them and the chunk fits their shared memory).
+pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
     let mut out = Vec::new();
     for groups in shape.groups() {
         let g = shape.grouped(groups);
-        let most = g.max_chunk(i64::MAX, Rows::DEFAULT);
+        let most = g.max_chunk(i64::MAX, false);
         for chunk in CHUNKS.into_iter().filter(|&c| c <= most) {
             let folded = Plan::grouped(chunk, len, true, groups);
             if folded.splits <= MAX_SPLITS {
@@ -480,9 +414,7 @@ pub fn candidates(shape: &DecodeShape, len: i64, bulk: bool) -> Vec<Plan> {
                     vec![folded]
                 };
                 for p in plans {
-                    let rows = ROWS
-                        .into_iter()
-                        .filter(|r| (bulk || !r.bulk) && g.fits(chunk, *r));
+                    let rows = ROWS.into_iter().filter(|r| g.fits(chunk, r.local));
                     out.extend(rows.map(|r| p.with_rows(r)));
                 }
             }
@@ -562,11 +494,11 @@ pub fn fastest(plans: &[Plan], seconds: &[f64]) -> Option<Plan> {
 /// file). Earlier versions are not read, and their files had other default
 /// names: 1 (choices timed from the host, before c8b5efc), 2 (a prefetch
 /// column, c46dc6e to f334865), 3 (no head groups column, to 906b0eb), 4
-/// (no local column, to 1a65694), 5 (no bulk column, to 4c98c02).
+/// (no local column, to 1a65694).
 pub const CACHE_HEADER: &str = concat!(
     "# sigma decode tuning v",
     sigma_data::decode_tuning_version!(),
-    ": device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups, local, bulk (tab-separated)"
+    ": device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups, local (tab-separated)"
 );
 
 /// The text of a tuning cache file: the header, then one line per key, sorted.
@@ -575,7 +507,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
     for (k, c) in entries {
         let s = &k.shape;
         out.push_str(&format!(
-            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\t{}\t{}\t{}\n",
+            "{}\t{} {} {} {} {}\t{}\t{}\t{}\t{}\t{} {}\t{}\t{}\n",
             k.device,
             s.n_q,
             s.n_k,
@@ -589,8 +521,7 @@ pub fn format_cache(entries: &BTreeMap<TuneKey, Choice>) -> String {
             c.rows.uk,
             c.rows.uv,
             c.groups,
-            u8::from(c.rows.local),
-            u8::from(c.rows.bulk)
+            u8::from(c.rows.local)
         ));
     }
     out
@@ -616,8 +547,8 @@ pub fn parse_cache(text: &str) -> Result<BTreeMap<TuneKey, Choice>, String> {
 
 fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [device, shape, batch, bucket, chunk, fold, rows, groups, local, bulk] = f[..] else {
-        return Err(format!("{} fields, not 10", f.len()));
+    let [device, shape, batch, bucket, chunk, fold, rows, groups, local] = f[..] else {
+        return Err(format!("{} fields, not 9", f.len()));
     };
 
     let num = |what: &str, s: &str| -> Result<i64, String> {
@@ -656,14 +587,15 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
         "1" => Ok(true),
         other => Err(format!("{what} {other:?} is not 0 or 1")),
     };
-    let (fold, local, bulk) = (
-        flag("fold", fold)?,
-        flag("local", local)?,
-        flag("bulk", bulk)?,
-    );
+    let (fold, local) = (flag("fold", fold)?, flag("local", local)?);
     if local && !shape.grouped(groups).takes_local() {
         return Err(format!(
             "local 1: the warp-local form does not take {shape:?} in {groups} groups"
+        ));
+    }
+    if chunk % 32 != 0 || chunk > shape.grouped(groups).max_chunk(i64::MAX, local) {
+        return Err(format!(
+            "chunk {chunk} is not a multiple of 32 that fits shared memory"
         ));
     }
     let rows = match rows
@@ -671,20 +603,9 @@ fn parse_line(line: &str) -> Result<(TuneKey, Choice), String> {
         .map(|s| num("rows", s))
         .collect::<Result<Vec<_>, _>>()?[..]
     {
-        [uk, uv] if uk <= 16 && uv <= 16 => Rows {
-            uk,
-            uv,
-            local,
-            bulk,
-        },
+        [uk, uv] if uk <= 16 && uv <= 16 => Rows { uk, uv, local },
         _ => return Err(format!("rows {rows:?} are not uk uv, each 1 to 16")),
     };
-    if chunk % 32 != 0 || chunk > shape.grouped(groups).max_chunk(i64::MAX, rows) {
-        return Err(format!(
-            "chunk {chunk} is not a multiple of 32 that fits shared memory{}",
-            if bulk { " with the bulk copies" } else { "" }
-        ));
-    }
     let key = TuneKey {
         device: device.to_string(),
         shape,
@@ -735,7 +656,7 @@ pub(crate) mod tests {
                 p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len,
                 "{b} {len}"
             );
-            assert!(s.smem_bytes(p.chunk, p.rows) <= MAX_SMEM);
+            assert!(s.smem_bytes(p.chunk, p.rows.local) <= MAX_SMEM);
             // Enough blocks for the 132 multiprocessors whenever the context allows it.
             if len >= 32 * 1056 / b {
                 assert!(b * p.splits >= 132, "{b} {len}: {p:?}");
@@ -781,69 +702,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_bulk_form_is_offered_with_the_copy_engine_where_its_block_holds_the_chunk() {
-        let s = sigma_1_5b();
-        for len in [1, 1000, 16384, 65536] {
-            let with = candidates(&s, len, true);
-            let without = candidates(&s, len, false);
-            // Without the copy engine none; with it the same others, in order.
-            assert!(without.iter().all(|p| !p.rows.bulk), "{len}");
-            let others: Vec<Plan> = with.iter().copied().filter(|p| !p.rows.bulk).collect();
-            assert_eq!(others, without, "{len}");
-            let bulk: Vec<Plan> = with.iter().copied().filter(|p| p.rows.bulk).collect();
-            // In both forms; a block of SIGMA-1.5B's heads holds 128 slots
-            // and their rows in 4 groups (the warp-local form 64 of the
-            // chunks tried), 64 in 2, not 32 in one.
-            for rows in [Rows::BULK, Rows::LOCAL_BULK] {
-                assert!(bulk.iter().any(|p| p.rows == rows), "{len} {rows:?}");
-            }
-            for p in &bulk {
-                let most = match p.groups {
-                    4 => 128,
-                    2 => 64,
-                    g => panic!("{len}: bulk in {g} groups: {p:?}"),
-                };
-                assert!(p.chunk <= most, "{len}: {p:?}");
-                assert!(s.grouped(p.groups).smem_bytes(p.chunk, p.rows) <= MAX_SMEM);
-            }
-            assert!(bulk.iter().any(|p| p.groups == 4 && p.chunk == 128.min(context_bucket(len).max(32))));
-        }
-        // The copied rows in shared memory: a slot's key and value rows in bf16.
-        let g = s.grouped(4);
-        assert_eq!(
-            g.smem_bytes(128, Rows::BULK) - g.smem_bytes(128, Rows::DEFAULT),
-            128 * 2 * (64 + 4 * 64)
-        );
-        // (The warp-local form's parts' outputs leave its block 96 slots.)
-        assert_eq!(g.max_chunk(i64::MAX, Rows::BULK), 128);
-        assert_eq!(g.max_chunk(i64::MAX, Rows::LOCAL_BULK), 96);
-        assert_eq!(s.max_chunk(i64::MAX, Rows::BULK), 0);
-        assert!(!s.fits(32, Rows::BULK) && g.fits(96, Rows::LOCAL_BULK) && !g.fits(160, Rows::BULK));
-        // The override: the fixed rule keeps the bulk copies where its
-        // group's block holds a chunk so (4 groups), not in one group.
-        let t = Tuning::parse("bulk=1, groups=4").unwrap();
-        let p = s.plan(1, 16384, 132, &t);
-        assert!(p.rows.bulk && p.groups == 4 && p.chunk <= 128, "{p:?}");
-        let one = s.plan(1, 16384, 132, &Tuning { groups: 1, ..t });
-        assert!(!one.rows.bulk && one.groups == 1, "{one:?}");
-        assert!(Tuning::parse("bulk=2").unwrap_err().contains("bulk = \"2\" is not 1 (on) or 0 (off)"));
-    }
-
-    #[test]
     fn candidates_cover_the_context_fit_shared_memory_and_offer_both_combines() {
         let s = sigma_1_5b();
         for len in [1, 31, 32, 33, 100, 1000, 4096, 5000, 32768, 65536, 1 << 20] {
-            let all = candidates(&s, len, false);
+            let all = candidates(&s, len);
             // For 1, 2 and 4 groups in turn (SIGMA's 4 K heads allow no
             // more), every plan by the kernel of each rows, in turn.
             let each: Vec<Plan> = [1, 2, 4]
                 .into_iter()
                 .flat_map(|g| in_groups(&all, g))
-                .flat_map(|p| {
-                    ROWS.into_iter()
-                        .filter(|r| !r.bulk)
-                        .map(move |r| p.with_rows(r))
-                })
+                .flat_map(|p| ROWS.map(|r| p.with_rows(r)))
                 .collect();
             assert_eq!(all, each, "{len}");
             for g in [1, 2, 4] {
@@ -851,7 +719,7 @@ pub(crate) mod tests {
                 assert!(!c.is_empty(), "{len}");
                 for p in &c {
                     assert!(p.splits * p.chunk >= len && (p.splits - 1) * p.chunk < len);
-                    assert!(s.grouped(g).smem_bytes(p.chunk, Rows::DEFAULT) <= MAX_SMEM, "{p:?}");
+                    assert!(s.grouped(g).smem_bytes(p.chunk, false) <= MAX_SMEM, "{p:?}");
                     assert!(p.splits <= MAX_SPLITS && p.chunk % 32 == 0);
                     assert!(!p.fold || p.splits <= MAX_FOLD_SPLITS * g);
                 }
@@ -864,7 +732,7 @@ pub(crate) mod tests {
         }
         // 4096 slots: chunks 32..512 (SIGMA's shared memory stops at 608),
         // folded where 16 splits or fewer, and always separately.
-        let c = defaults(&candidates(&s, 4096, false));
+        let c = defaults(&candidates(&s, 4096));
         let chunks: Vec<i64> = c.iter().map(|p| p.chunk).collect();
         assert_eq!(chunks, [32, 64, 128, 256, 256, 512, 512]);
         assert_eq!((c[0].splits, c[0].fold), (128, false));
@@ -872,11 +740,11 @@ pub(crate) mod tests {
         assert_eq!(c.iter().filter(|p| p.fold).count(), 2);
         // A million slots: chunks of 32 and 64 would take too many splits,
         // and 8,192 splits are too many to fold.
-        let c = defaults(&candidates(&s, 1 << 20, false));
+        let c = defaults(&candidates(&s, 1 << 20));
         assert_eq!(c[0], Plan::new(128, 1 << 20, false));
         assert!(c.iter().all(|p| p.chunk >= 128));
         // A short context ends with the single split.
-        let c = defaults(&candidates(&s, 40, false));
+        let c = defaults(&candidates(&s, 40));
         assert_eq!(c.last(), Some(&Plan::new(64, 40, true)));
         assert_eq!(c.last().map(|p| (p.splits, p.launches())), Some((1, 1)));
         // Smaller heads fit longer chunks.
@@ -887,7 +755,7 @@ pub(crate) mod tests {
             d_k: 16,
             d_v: 16,
         };
-        assert!(candidates(&small, 65536, false).iter().any(|p| p.chunk == 2048));
+        assert!(candidates(&small, 65536).iter().any(|p| p.chunk == 2048));
     }
 
     #[test]
@@ -905,7 +773,7 @@ pub(crate) mod tests {
             }
         );
         // A group's block holds a quarter of the heads: chunks to 2,048 fit.
-        let c = in_groups(&candidates(&s, 65536, false), 4);
+        let c = in_groups(&candidates(&s, 65536), 4);
         assert_eq!(
             c.iter().map(|p| p.chunk).max(),
             Some(2048),
@@ -913,8 +781,8 @@ pub(crate) mod tests {
             c.iter().map(|p| p.chunk).collect::<Vec<_>>()
         );
         assert!(
-            s.grouped(4).smem_bytes(2048, Rows::DEFAULT) <= MAX_SMEM
-                && s.smem_bytes(2048, Rows::DEFAULT) > MAX_SMEM
+            s.grouped(4).smem_bytes(2048, false) <= MAX_SMEM
+                && s.smem_bytes(2048, false) > MAX_SMEM
         );
         // The folded merge reads a quarter per split: offered to 64 splits.
         assert!(Plan::grouped(256, 16384, true, 4).fold);
@@ -940,7 +808,7 @@ pub(crate) mod tests {
         };
         assert_eq!(odd.groups(), [1]);
         assert!(!s.takes_groups(3) && !s.takes_groups(0) && !s.takes_groups(16));
-        assert!(candidates(&augq, 4096, false).iter().all(|p| p.groups == 1));
+        assert!(candidates(&augq, 4096).iter().all(|p| p.groups == 1));
         // The fixed rule: blocks counted over the groups (a quarter the
         // splits, about 8 blocks per multiprocessor still), one group where
         // the shape does not take the tuning's.
@@ -1025,34 +893,21 @@ pub(crate) mod tests {
                 groups: 2,
             },
         );
-        m.insert(
-            key("NVIDIA H100 80GB HBM3", 1, 16384),
-            Choice {
-                chunk: 128,
-                fold: false,
-                rows: Rows::BULK,
-                groups: 4,
-            },
-        );
         let text = format_cache(&m);
         assert_eq!(parse_cache(&text), Ok(m.clone()));
         assert!(
-            text.contains("NVIDIA H100 80GB HBM3\t32 4 16 64 64\t1\t16384\t128\t0\t4 8\t4\t0\t1\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\t1\t0\n"),
             "{text}"
         );
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t4 8\t1\t0\t0\n"),
+            text.contains("NVIDIA H200\t32 4 16 64 64\t1\t65536\t2048\t1\t4 8\t4\t0\n"),
             "{text}"
         );
         assert!(
-            text.contains("NVIDIA H200\t32 4 16 64 64\t1\t65536\t2048\t1\t4 8\t4\t0\t0\n"),
+            text.contains("NVIDIA H100 80GB HBM3\t32 4 16 64 64\t4\t16384\t1024\t0\t8 16\t2\t1\n"),
             "{text}"
         );
-        assert!(
-            text.contains("NVIDIA H100 80GB HBM3\t32 4 16 64 64\t4\t16384\t1024\t0\t8 16\t2\t1\t0\n"),
-            "{text}"
-        );
-        assert!(text.starts_with("# sigma decode tuning v6: "), "{text}");
+        assert!(text.starts_with("# sigma decode tuning v5: "), "{text}");
         assert_eq!(
             parse_cache(&format_cache(&BTreeMap::new())),
             Ok(BTreeMap::new())
@@ -1061,66 +916,54 @@ pub(crate) mod tests {
 
     #[test]
     fn a_bad_cache_file_is_refused_naming_the_line_and_field() {
-        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16\t2\t1\t0";
+        let line = "NVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t0\t8 16\t2\t1";
         let bad =
             |body: &str| parse_cache(&format!("{CACHE_HEADER}\n{line}\n{body}\n")).unwrap_err();
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t1\t0").contains("line 3: 9 fields, not 10"));
-        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8\t1\t0\t0").contains("not n_q n_k n_v d_k d_v"));
-        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8\t1\t0\t0").contains("must divide"));
-        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8\t1\t0\t0").contains("batch \"0\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8\t1\t0\t0").contains("chunk 100"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8\t1\t0\t0").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t1").contains("line 3: 8 fields, not 9"));
+        assert!(bad("x\t32 4 16 64\t1\t64\t64\t1\t4 8\t1\t0").contains("not n_q n_k n_v d_k d_v"));
+        assert!(bad("x\t32 5 16 64 64\t1\t64\t64\t1\t4 8\t1\t0").contains("must divide"));
+        assert!(bad("x\t32 4 16 64 64\t0\t64\t64\t1\t4 8\t1\t0").contains("batch \"0\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t100\t1\t4 8\t1\t0").contains("chunk 100"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t4096\t1\t4 8\t1\t0").contains("fits shared memory"));
         // 2,048 slots fit a block of one of 4 groups, not of one group.
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t1\t0\t0").contains("fits shared memory"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t1\t0").contains("fits shared memory"));
         assert!(parse_cache(&format!(
-            "{CACHE_HEADER}\nx\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t4\t1\t0\n"
+            "{CACHE_HEADER}\nx\t32 4 16 64 64\t1\t64\t2048\t1\t4 8\t4\t1\n"
         ))
         .is_ok());
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8\t1\t0\t0").contains("fold \"yes\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4\t1\t0\t0").contains("rows \"4\" are not uk uv"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17\t1\t0\t0").contains("rows \"4 17\""));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8\t1\t0\t0")
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\tyes\t4 8\t1\t0").contains("fold \"yes\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4\t1\t0").contains("rows \"4\" are not uk uv"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 17\t1\t0").contains("rows \"4 17\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t0 8\t1\t0")
             .contains("rows \"0\" is not a positive"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t8\t0\t0").contains("head groups 8"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t3\t0\t0").contains("head groups 3"));
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\tx\t0\t0").contains("head groups \"x\""));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t8\t0").contains("head groups 8"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t3\t0").contains("head groups 3"));
+        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\tx\t0").contains("head groups \"x\""));
         // The warp-local flag: 0 or 1, for a shape (in its groups) the form
         // takes, with a chunk that fits the form's shared memory (its parts'
         // outputs: one K head's 8 warps leave a block of 8 query heads 2,464
         // slots, not the block form's 2,912).
         assert!(
-            bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t1\t2\t0").contains("local \"2\" is not 0 or 1")
+            bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t1\t2").contains("local \"2\" is not 0 or 1")
         );
-        assert!(bad("x\t64 4 2 64 64\t1\t64\t64\t1\t4 8\t1\t1\t0")
+        assert!(bad("x\t64 4 2 64 64\t1\t64\t64\t1\t4 8\t1\t1")
             .contains("warp-local form does not take"));
         let wide = "x\t8 1 4 64 64\t1\t4096\t2912\t1\t4 8\t1";
-        assert!(parse_cache(&format!("{CACHE_HEADER}\n{wide}\t0\t0\n")).is_ok());
-        assert!(bad(&format!("{wide}\t1\t0")).contains("fits shared memory"));
+        assert!(parse_cache(&format!("{CACHE_HEADER}\n{wide}\t0\n")).is_ok());
+        assert!(bad(&format!("{wide}\t1")).contains("fits shared memory"));
         assert!(parse_cache(&format!(
-            "{CACHE_HEADER}\nx\t8 1 4 64 64\t1\t4096\t2464\t1\t4 8\t1\t1\t0\n"
+            "{CACHE_HEADER}\nx\t8 1 4 64 64\t1\t4096\t2464\t1\t4 8\t1\t1\n"
         ))
         .is_ok());
-        // The bulk flag: 0 or 1, with a chunk that fits a block holding its
-        // rows (SIGMA-1.5B: 128 slots in 4 groups, 64 in 2, none in one).
-        assert!(bad("x\t32 4 16 64 64\t1\t64\t64\t1\t4 8\t1\t0\t2").contains("bulk \"2\" is not 0 or 1"));
-        for (chunk, groups, ok) in [(128, 4, true), (160, 4, false), (64, 2, true), (128, 2, false), (32, 1, false)] {
-            let l = format!("x\t32 4 16 64 64\t1\t64\t{chunk}\t1\t4 8\t{groups}\t0\t1");
-            match parse_cache(&format!("{CACHE_HEADER}\n{l}\n")) {
-                Ok(_) => assert!(ok, "{l}"),
-                Err(e) => assert!(!ok && e.contains("fits shared memory with the bulk copies"), "{l}: {e}"),
-            }
-        }
         // Files of version 1 (no rows column, choices timed from the host),
-        // 3 (no groups column), 4 (no local column) and 5 (no bulk column)
-        // are not read.
+        // 3 (no groups column) and 4 (no local column) are not read.
         let v1 = "# sigma decode tuning v1: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\n";
         let v3 = "# sigma decode tuning v3: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\t4 8\n";
         let v4 = "# sigma decode tuning v4: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\t4 8\t1\n";
-        let v5 = "# sigma decode tuning v5: device, n_q n_k n_v d_k d_v, batch, context bucket, chunk, fold, uk uv, groups, local (tab-separated)\nNVIDIA H200\t32 4 16 64 64\t16\t32768\t512\t1\t4 8\t1\t0\n";
-        for old in [v1, v3, v4, v5] {
+        for old in [v1, v3, v4] {
             assert!(parse_cache(old)
                 .unwrap_err()
-                .contains("line 1: not a sigma decode tuning file of version 6"));
+                .contains("line 1: not a sigma decode tuning file of version 5"));
         }
         assert!(parse_cache("garbage\n").unwrap_err().contains("line 1"));
         assert!(parse_cache("").unwrap_err().contains("line 1"));
@@ -1188,10 +1031,10 @@ pub(crate) mod tests {
             assert_eq!(b.local_parts(true), parts);
             assert_eq!(b.local_parts(false), 1);
             assert_eq!(
-                b.smem_bytes(64, Rows::LOCAL) - b.smem_bytes(64, Rows::DEFAULT),
+                b.smem_bytes(64, true) - b.smem_bytes(64, false),
                 4 * b.n_q * (parts - 1) * (b.d_v + 2) + 8 * b.n_q
             );
-            let all = candidates(&s, 5000, false);
+            let all = candidates(&s, 5000);
             let form = |local: bool| -> Vec<(i64, bool)> {
                 all.iter()
                     .filter(|p| p.groups == g && p.rows.local == local)
@@ -1212,7 +1055,7 @@ pub(crate) mod tests {
             },
         ] {
             assert!(!shape.takes_local());
-            assert!(candidates(&shape, 5000, false).iter().all(|p| !p.rows.local));
+            assert!(candidates(&shape, 5000).iter().all(|p| !p.rows.local));
         }
         // Wide heads whose parts' outputs leave no room for 32 slots (one
         // group of 32/4/16 at d 256: 2 parts of 256 floats a query head):
@@ -1223,13 +1066,13 @@ pub(crate) mod tests {
             ..s
         };
         assert!(wide_heads.unsupported().is_none() && !wide_heads.takes_local());
-        assert!(wide_heads.max_chunk(i64::MAX, Rows::DEFAULT) >= 32);
+        assert!(wide_heads.max_chunk(i64::MAX, false) >= 32);
         let t = Tuning {
             local: true,
             ..Tuning::DEFAULT
         };
         let p = wide_heads.plan(1, 4096, 132, &t);
-        assert!(!p.rows.local && wide_heads.smem_bytes(p.chunk, Rows::DEFAULT) <= MAX_SMEM);
+        assert!(!p.rows.local && wide_heads.smem_bytes(p.chunk, false) <= MAX_SMEM);
         // 8 K heads or more: one part (each warp takes whole K heads).
         let wide = DecodeShape {
             n_k: 16,
@@ -1246,8 +1089,8 @@ pub(crate) mod tests {
         };
         assert_eq!(
             (
-                one.max_chunk(i64::MAX, Rows::DEFAULT),
-                one.max_chunk(i64::MAX, Rows::LOCAL)
+                one.max_chunk(i64::MAX, false),
+                one.max_chunk(i64::MAX, true)
             ),
             (2912, 2464)
         );

@@ -339,7 +339,7 @@ mod tests {
                 n_v: n_v as i64,
                 ..shape
             };
-            for p in candidates(&shape, 1100, true) {
+            for p in candidates(&shape, 1100) {
                 let parts = own.grouped(p.groups).local_parts(p.rows.local) as usize;
                 let by = if p.fold {
                     Merge::Folded

@@ -193,7 +193,7 @@ fn search(
         (Kind::Uint8, o.q.device()),
     )
     .ok();
-    let plans = candidates(&shape, len, kern.bulk_copies());
+    let plans = candidates(&shape, len);
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
         let t = match kernels(ordinal, shape, p.rows, p.groups) {
@@ -213,7 +213,7 @@ fn search(
         if best.launches() == 1 { "one launch" } else { "with the combine kernel" },
         best.rows.uk,
         best.rows.uv,
-        best.rows.form(),
+        if best.rows.local { " warp-local" } else { "" },
         match best.groups {
             1 => "one group".to_string(),
             g => format!("{g} groups"),
