@@ -281,31 +281,21 @@ __device__ __forceinline__ void sum_row_groups(float (&acc)[QT][8]) {
       for (int e = 0; e < 8; ++e) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], off);
 }
 
-// This warp's part [lo, hi) of a chunk of n slots (warp-local form).
-__device__ __forceinline__ int2 local_part(int n, int warp) {
-  const int part = NKB < WARPS ? warp % WPHL : 0;
-  const int per = ((n + WPHL - 1) / WPHL + 7) / 8 * 8;
-  const int lo = min(n, part * per);
-  return make_int2(lo, min(n, lo + per));
-}
-
-// This warp's first key rows of its score loop (its first head's first
-// rows in either form), loaded right after the wait on the kernels before,
-// so that they are on their way while the block loads its query. kg points
-// at the chunk's first slot of the group's first key head.
-__device__ __forceinline__ void first_key_rows(uint4 (&w)[UK], const bf16* kg, long long k_head,
+#if !WL
+// This warp's first key rows of the block form's score loop (its first
+// head's first rows), loaded right after the wait on the kernels before,
+// so that they are on their way while the block loads its query. kc points
+// at the chunk's first slot of the group's first key head. (In the
+// warp-local form, loaded so, they made its kernel slower on an H100:
+// 4c98c02, docs/benchmarks.md.)
+__device__ __forceinline__ void first_key_rows(uint4 (&w)[UK], const bf16* kc, long long k_head,
                                                int n) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kl = lane % LK, kr = lane / LK;
-#if WL
-  const int h = NKB < WARPS ? warp / WPHL : warp;
-  const int2 r = local_part(n, warp);
-  if (h < NKB) load_rows<UK, RK, DK>(w, kg + (long long)h * k_head + kl * 8, r.x + kr, r.y);
-#else
   const int h = warp / WPHK;
   if (h < NKB)
-    load_rows<UK, WPHK * RK, DK>(w, kg + (long long)h * k_head + kl * 8, (warp % WPHK) * RK + kr, n);
-#endif
+    load_rows<UK, WPHK * RK, DK>(w, kc + (long long)h * k_head + kl * 8, (warp % WPHK) * RK + kr, n);
 }
+#endif
 
 #if WL
 // The warp-local form's phases (WL): warp w takes key head w / WPHL (or,
@@ -317,31 +307,24 @@ __device__ __forceinline__ void first_key_rows(uint4 (&w)[UK], const bf16* kg, l
 // softmax. After one barrier the block merges the parts (rescaled to their
 // common max, in part order, so the same bits every time) into os[0 ..
 // NQB*DV) and ml. kg and vg point at the chunk's first slot of the group's
-// first heads; w0 holds the warp's first key rows (first_key_rows).
+// first heads.
 __device__ __forceinline__ void warp_local_phases(const bf16* kg, const bf16* vg, long long k_head,
                                                   long long v_head, const unsigned char* vrow,
                                                   int n, int chunk, const float* qs, float* os,
-                                                  float* ml, float* sc, const uint4 (&w0)[UK]) {
+                                                  float* ml, float* sc) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   float* wml = ml + 2 * NQB;  // [WSUB][NQB][2]
   const int part = NKB < WARPS ? warp % WPHL : 0;
-  const int2 range = local_part(n, warp);
-  const int lo = range.x, hi = range.y;
+  const int per = ((n + WPHL - 1) / WPHL + 7) / 8 * 8;
+  const int lo = min(n, part * per), hi = min(n, lo + per);
   const int kl = lane % LK, kr = lane / LK, vl = lane % LV, vr = lane / LV;
-  bool first = true;  // w0 holds the first rows
   for (int h = NKB < WARPS ? warp / WPHL : warp; h < NKB; h += NKB < WARPS ? NKB : WARPS) {
     const bf16* kh = kg + (long long)h * k_head + kl * 8;
     float qr[GK][8];
     query_lane<GK>(qr, qs, h * GK, kl);
     for (int base = lo; base < hi; base += RK * UK) {
       uint4 w[UK];
-      if (first) {
-#pragma unroll
-        for (int u = 0; u < UK; ++u) w[u] = w0[u];
-        first = false;
-      } else {
-        load_rows<UK, RK, DK>(w, kh, base + kr, hi);
-      }
+      load_rows<UK, RK, DK>(w, kh, base + kr, hi);
       score_rows<UK, RK, GK>(w, qr, base + kr, hi, kl, vrow, sc, h * GK, chunk);
     }
     // The first value rows on their way while the softmax runs.
@@ -444,8 +427,10 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
   let_next_kernel_start();
   wait_for_prior_kernels();
+#if !WL
   uint4 w0[UK];
   first_key_rows(w0, kg + (long long)s0 * DK, k_head, n);
+#endif
 
   // The query, rotated here when the RoPE rows are given: y_j = x_j c_j +
   // x_{j +- DK/2} s_j in fp32, rounded to bf16 as the training RoPE kernel
@@ -465,7 +450,7 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
 
 #if WL
   warp_local_phases(kg + (long long)s0 * DK, vg + (long long)s0 * DV, k_head, v_head,
-                    valid ? valid + (long long)b * valid_batch + s0 : 0, n, chunk, qs, os, ml, sc, w0);
+                    valid ? valid + (long long)b * valid_batch + s0 : 0, n, chunk, qs, os, ml, sc);
 #else
   // Scores: each key row of the chunk is read once for its query group.
   {

@@ -382,7 +382,7 @@ impl DecodeShape {
         } else {
             1
         };
-        let rows = t.rows_for(self);
+        let rows = t.rows_for(&self.grouped(g));
         let seqs = batch * g;
         let want_splits = ((t.blocks_per_sm * sms + seqs - 1) / seqs).max(1);
         let chunk = (len + want_splits - 1) / want_splits;
@@ -1015,6 +1015,20 @@ pub(crate) mod tests {
         };
         assert!(!no_local.takes_local());
         assert_eq!(no_local.plan(1, 4096, 132, &t).rows, Rows::DEEP);
+        // The form is that of the plan's group: 256-wide heads leave a
+        // block of all of 32/4/16's heads no chunk in the warp-local form,
+        // a block of a quarter of them (2,322 floats a query head) 736 slots.
+        let wide = DecodeShape {
+            d_k: 256,
+            d_v: 256,
+            ..sigma_1_5b()
+        };
+        assert!(!wide.takes_local() && wide.grouped(4).takes_local());
+        let t = Tuning::parse("local=1, groups=4").unwrap();
+        let p = wide.plan(1, 4096, 132, &t);
+        assert!(p.rows.local && p.groups == 4 && p.chunk <= 736, "{p:?}");
+        let one = wide.plan(1, 4096, 132, &Tuning { groups: 1, ..t });
+        assert!(!one.rows.local && one.groups == 1, "{one:?}");
         assert!(Tuning::parse("local=2")
             .unwrap_err()
             .contains("local = \"2\" is not 1 (on) or 0 (off)"));
