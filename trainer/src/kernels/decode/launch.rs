@@ -25,7 +25,7 @@ pub const DECODE_SOURCE: &str = include_str!("../../../csrc/decode_attention.cu"
 /// Threads per block of the split kernel.
 pub const THREADS: u32 = 32 * SPLIT_WARPS as u32;
 /// Threads per block of the combine and append kernels (the source's COMBINE_THREADS).
-const COMBINE_THREADS: u32 = 256;
+pub(crate) const COMBINE_THREADS: u32 = 256;
 
 /// One shape's kernels on one device.
 pub struct Loaded {

@@ -118,7 +118,7 @@ impl Merge {
     /// CG and CU).
     pub fn combine_kernel(d_v: usize) -> Merge {
         Merge::Combine {
-            groups: 256 / (d_v / 4),
+            groups: super::launch::COMBINE_THREADS as usize / (d_v / 4),
             batch: 8,
         }
     }
@@ -368,7 +368,13 @@ mod tests {
         // are wholly padded.
         for chunk in [32, 64, 128, 512] {
             for parts in [1, 4, 8] {
-                for by in [Merge::Folded, Merge::Combine { groups: 2, batch: 2 }] {
+                for by in [
+                    Merge::Folded,
+                    Merge::Combine {
+                        groups: 2,
+                        batch: 2,
+                    },
+                ] {
                     let (ours, full) = both(d, Some(&valid), (chunk, parts, by), 11);
                     assert!(
                         max_diff(&ours, &full) < 1e-12,
