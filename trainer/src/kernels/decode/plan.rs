@@ -46,8 +46,9 @@ pub struct Tuning {
     pub fold: bool,
     /// Head groups per sequence, where the shape takes them (else 1).
     pub groups: i64,
-    /// The warp-local form of the split kernel, where the shape takes it
-    /// ([`DecodeShape::takes_local`]; else the block form).
+    /// The warp-local form of the split kernel, where a block of the
+    /// plan's head group takes it ([`DecodeShape::takes_local`]; else the
+    /// block form).
     pub local: bool,
 }
 
