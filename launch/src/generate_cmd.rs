@@ -6,7 +6,9 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use sigma_trainer::infer::decoder::StepMode;
 use sigma_trainer::infer::eval::{load, Loaded};
-use sigma_trainer::infer::generate::{generate_timed, KeyCache, Request, Sampling, Timing};
+use sigma_trainer::infer::generate::{
+    check_prompts, generate_timed, KeyCache, Request, Sampling, Timing,
+};
 
 use crate::device::DeviceArg;
 
@@ -190,6 +192,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .iter()
         .map(|p| tok.encode(p))
         .collect::<Result<_, _>>()?;
+    // Every prompt before the first batch runs: a bad one anywhere in the
+    // file fails the command with nothing written.
+    check_prompts(&encoded, &request)?;
     if a.prompt.is_some() {
         stream(&loaded, &prompts[0], &encoded, &request, a.timing)
     } else {

@@ -204,6 +204,28 @@ fn bad_generation_requests_fail_cleanly() {
         &generate(&ck, &["--prompt", "x", "--top-p", "0"]),
         &["--top-p 0"],
     );
+    // A prompts file whose second prompt is too long, one prompt a batch:
+    // the command fails naming it before it generates for the first
+    // (nothing on stdout; until 5716c10 the first batch's line was written).
+    let long = d.path().join("long.txt");
+    let words = "word ".repeat(200);
+    write_file(&long, format!("hello\n{words}\n").as_bytes());
+    let o = generate(
+        &ck,
+        &[
+            "--prompts",
+            &long.to_string_lossy(),
+            "--batch",
+            "1",
+            "--max-new-tokens",
+            "8",
+        ],
+    );
+    assert_clean_failure(
+        &o,
+        &["prompt 2:", "exceeds the maximum context of 128 tokens"],
+    );
+    assert!(stdout(&o).is_empty(), "nothing printed before the error");
     let bad = d.path().join("bad.txt");
     write_file(&bad, b"ok\n{\"text\": \"no prompt field\"}\n");
     assert_clean_failure(

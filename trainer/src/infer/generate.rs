@@ -569,27 +569,41 @@ pub fn generate_timed(
     Ok((out, timing))
 }
 
-/// The prompts checked (none empty, each with the new tokens within the
-/// maximum context) and left-padded to the longest: tokens and the mask of
-/// real ones, [b, longest], on `device`.
+/// Every prompt has tokens and, with the request's new tokens, fits the
+/// maximum context; an error names the first that does not (prompt 1 is
+/// `prompts[0]`). A command checks all of its prompts so before it
+/// generates for any (nothing is written for a file whose tenth prompt is
+/// too long); [`generate_timed`] checks each batch again.
+pub fn check_prompts(prompts: &[Vec<u32>], r: &Request) -> Result<()> {
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(TrainError::input(
+                format!("prompt {}", i + 1),
+                "is empty (no tokens)",
+            ));
+        }
+        if p.len() + r.max_new_tokens > r.max_context {
+            return Err(TrainError::input(
+                "--max-new-tokens",
+                format!(
+                    "prompt {}: {} tokens plus {} new tokens exceeds the maximum context of {} tokens (the training sequence length; --max-context raises it, at the quality RoPE gives beyond it)",
+                    i + 1,
+                    p.len(),
+                    r.max_new_tokens,
+                    r.max_context
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The prompts checked ([`check_prompts`]) and left-padded to the longest:
+/// tokens and the mask of real ones, [b, longest], on `device`.
 fn padded_prompts(prompts: &[Vec<u32>], r: &Request, device: Device) -> Result<(Tensor, Tensor)> {
     let b = prompts.len();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    if let Some((i, _)) = prompts.iter().enumerate().find(|(_, p)| p.is_empty()) {
-        return Err(TrainError::input(
-            format!("prompt {}", i + 1),
-            "is empty (no tokens)",
-        ));
-    }
-    if longest + r.max_new_tokens > r.max_context {
-        return Err(TrainError::input(
-            "--max-new-tokens",
-            format!(
-                "a prompt of {longest} tokens plus {} new tokens exceeds the maximum context of {} tokens (the training sequence length; --max-context raises it, at the quality RoPE gives beyond it)",
-                r.max_new_tokens, r.max_context
-            ),
-        ));
-    }
+    check_prompts(prompts, r)?;
     let mut ids = vec![0i64; b * longest];
     let mut valid = vec![false; b * longest];
     for (i, p) in prompts.iter().enumerate() {
