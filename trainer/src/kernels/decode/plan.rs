@@ -82,17 +82,17 @@ impl Tuning {
                 .split_once('=')
                 .ok_or_else(|| format!("{item:?} is not key=value"))?;
             let (key, value) = (key.trim(), value.trim());
-            if key == "fold" || key == "local" {
-                let on = match value {
+            let flag = match key {
+                "fold" => Some(&mut t.fold),
+                "local" => Some(&mut t.local),
+                _ => None,
+            };
+            if let Some(flag) = flag {
+                *flag = match value {
                     "1" | "on" | "true" => true,
                     "0" | "off" | "false" => false,
                     _ => return Err(format!("{key} = {value:?} is not 1 (on) or 0 (off)")),
                 };
-                *(if key == "fold" {
-                    &mut t.fold
-                } else {
-                    &mut t.local
-                }) = on;
                 continue;
             }
             let v: i64 = value
