@@ -124,21 +124,87 @@ pub fn kernels(
     rows: Rows,
     groups: i64,
 ) -> std::result::Result<Arc<Loaded>, String> {
+    prepare(ordinal, shape, &[(rows, groups)]);
+    let c = cache().lock().unwrap_or_else(|e| e.into_inner());
+    c.get(&(ordinal, shape, rows, groups))
+        .cloned()
+        .unwrap_or_else(|| Err("the kernel was not built (no entry after building)".into()))
+}
+
+/// Build the kernels of `shape` on device `ordinal` for every (rows, head
+/// groups) in `wanted` that is not built yet, each in its own thread (at
+/// most one a core): a search's candidates, which one after another took
+/// most of a first search's time (NVRTC, then the driver's compiling of
+/// the PTX). Each result, failures included, is remembered and a failure
+/// printed once, as [`kernels`] does; no lock is held while compiling.
+pub fn prepare(ordinal: usize, shape: DecodeShape, wanted: &[(Rows, i64)]) {
+    let mut missing: Vec<Key> = {
+        let c = cache().lock().unwrap_or_else(|e| e.into_inner());
+        wanted
+            .iter()
+            .map(|&(rows, groups)| (ordinal, shape, rows, groups))
+            .filter(|k| !c.contains_key(k))
+            .collect()
+    };
+    missing.sort_by_key(|&(_, _, r, g)| (r.uk, r.uv, r.local, g));
+    missing.dedup();
+    let built = in_parallel(&missing, |&(o, s, r, g)| load(o, s, r, g));
     let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
-    c.entry((ordinal, shape, rows, groups))
-        .or_insert_with(|| {
-            let r = load(ordinal, shape, rows, groups);
+    for ((o, s, rows, groups), r) in missing.into_iter().zip(built) {
+        c.entry((o, s, rows, groups)).or_insert_with(|| {
             if let Err(e) = &r {
                 eprintln!(
-                    "warning: the DiffQKV decode kernel{} loading {}/{} rows ahead in {groups} head groups does not compile for {shape:?} on cuda:{ordinal} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
+                    "warning: the DiffQKV decode kernel{} loading {}/{} rows ahead in {groups} head groups does not compile for {s:?} on cuda:{o} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
                     if rows.local { " (warp-local)" } else { "" },
                     rows.uk,
                     rows.uv
                 );
             }
             r
+        });
+    }
+}
+
+/// `f` of every item, in item order, computed by up to one scoped thread a
+/// core taking the items in turn (on this thread where there is one item).
+/// A thread that panics gives an error for the items it had not finished.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> std::result::Result<R, String> + Sync,
+) -> Vec<std::result::Result<R, String>> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, items.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: Vec<Mutex<Option<std::result::Result<R, String>>>> =
+        items.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    *done[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                })
+            })
+            .collect();
+        // Joined here, so that a panic stays in its items' results.
+        for w in workers {
+            let _ = w.join();
+        }
+    });
+    done.into_iter()
+        .map(|d| {
+            d.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err("its build thread panicked".into()))
         })
-        .clone()
+        .collect()
 }
 
 /// The counters of the folded combine for `batch` sequences on `stream`
@@ -442,6 +508,62 @@ pub fn append(kern: &Loaded, ordinal: usize, a: &Append) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::kernels::decode::{cuda_build, ptx_param_sizes, skip_unless_ci};
+
+    /// Results come back in the items' order whatever thread computed
+    /// them, and a panicking item is an error of its own, not the others'.
+    #[test]
+    fn parallel_builds_keep_the_order_and_contain_a_panic() {
+        let items: Vec<u64> = (0..37).collect();
+        let out = in_parallel(&items, |&i| {
+            if i == 13 {
+                panic!("item 13 fails");
+            }
+            // Uneven work, so that threads finish out of order.
+            std::thread::sleep(std::time::Duration::from_millis((37 - i) % 5));
+            Ok(i * i)
+        });
+        assert_eq!(out.len(), 37);
+        for (i, r) in out.iter().enumerate() {
+            match r {
+                Ok(v) => assert_eq!(*v, (i * i) as u64, "item {i}"),
+                Err(e) => {
+                    assert_eq!(i, 13, "item {i}: {e}");
+                    assert!(e.contains("panicked"), "{e}");
+                }
+            }
+        }
+        assert!(out[13].is_err());
+        let one = in_parallel(&[5u64], |&i| Ok::<_, String>(i + 1));
+        assert_eq!(one, vec![Ok(6)]);
+        let none: Vec<std::result::Result<u64, String>> = in_parallel(&[], |&i: &u64| Ok(i));
+        assert!(none.is_empty());
+    }
+
+    /// NVRTC compiles a search's kernels in parallel threads to the same
+    /// PTX, byte for byte, as one after another (every rows and head
+    /// groups of SIGMA-1.5B's shape that the search builds).
+    #[test]
+    fn kernels_compiled_in_parallel_equal_those_compiled_in_turn() {
+        if !cuda_build() {
+            skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
+            return;
+        }
+        let shape = super::super::plan::tests::sigma_1_5b();
+        let mut builds: Vec<(Rows, i64)> = super::super::plan::candidates(&shape, 4096)
+            .iter()
+            .map(|p| (p.rows, p.groups))
+            .collect();
+        builds.sort_by_key(|&(r, g)| (r.uk, r.uv, r.local, g));
+        builds.dedup();
+        assert!(builds.len() >= 4, "{builds:?}");
+        let build =
+            |&(r, g): &(Rows, i64)| compile(DECODE_SOURCE, &shape.defines(THREADS, r, g), 90);
+        let parallel = in_parallel(&builds, build);
+        for (b, p) in builds.iter().zip(parallel) {
+            let p = p.unwrap_or_else(|e| panic!("{b:?}: {e}"));
+            assert_eq!(p, build(b).expect("compiles"), "{b:?}");
+        }
+    }
 
     /// The arguments each launch passes have the sizes of its kernel's
     /// parameters, in order (the PTX's `.param` list): a mismatch would be

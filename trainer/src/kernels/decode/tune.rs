@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 
 use sigma_data::env;
 
-use super::launch::{kernels, run, Loaded, Operands, Ready};
+use super::launch::{kernels, prepare, run, Loaded, Operands, Ready};
 use super::nvrtc::StreamTimer;
 use super::plan::{
     candidates, context_bucket, fastest, format_cache, parse_cache, Choice, DecodeShape, Plan,
@@ -174,8 +174,8 @@ pub fn plan_for(
 }
 
 /// Time every candidate plan on these operands (each by the kernel of its
-/// rows and head groups, compiled now if need be; a kernel that does not
-/// compile leaves its plans out) and return the fastest, with whether its output is
+/// rows and head groups; those not built yet are compiled first, in
+/// parallel; a kernel that does not compile leaves its plans out) and return the fastest, with whether its output is
 /// now in `o.out`; None when the device could not time any.
 fn search(
     kern: &Loaded,
@@ -194,6 +194,9 @@ fn search(
     )
     .ok();
     let plans = candidates(&shape, len);
+    // Every candidate's kernel built at once, in parallel, before any is timed.
+    let builds: Vec<(Rows, i64)> = plans.iter().map(|p| (p.rows, p.groups)).collect();
+    prepare(ordinal, shape, &builds);
     let mut seconds = Vec::with_capacity(plans.len());
     for &p in &plans {
         let t = match kernels(ordinal, shape, p.rows, p.groups) {
