@@ -18,6 +18,10 @@
 #                  gradient written over the logits, the fp32 weight-gradient GEMM
 #   decode         sigma bench decode --check: the DiffQKV decode kernel against
 #                  an fp32 reference over shapes that exercise every split, with masks
+#   kernel-cache   the same check twice more over the kernel cache it filled: the
+#                  second run loads every module from it (no file written), the
+#                  third finds every file's machine code damaged and compiles it
+#                  again to the same bytes (and passes)
 #   tiny-fp32      configs/tiny.toml, 20 steps on the GPU in fp32 against the same
 #                  20 steps on this machine's CPU: every loss within 1e-4 relative
 #                  (measured 7e-6 at step 20, docs/architecture.md)
@@ -69,6 +73,8 @@ if [ "$gpus" -lt 1 ]; then
 fi
 mkdir -p "$out"
 rm -rf "${out:?}"/*
+# Compiled kernels kept here, not in the user's cache: every run compiles afresh.
+export SIGMA_KERNEL_CACHE=$out/kernels
 passed=(); failed=()
 ok() { echo "ok      $1${2:+: $2}"; passed+=("$1"); }
 bad() { echo "FAILED  $1: $2"; failed+=("$1"); }
@@ -129,8 +135,34 @@ if $sigma bench fused --steps 3 --device cuda > "$out/kernels.log" 2>&1; then
 else
   bad kernels "$(grep -m1 -E 'off by|error|did not run' "$out/kernels.log" || tail -1 "$out/kernels.log")"
 fi
-if $sigma bench decode --check --device cuda > "$out/decode.log" 2>&1; then
+# The decode check fills an empty kernel cache; two more runs of it must load
+# every module from there (no file rewritten), then compile again and
+# restore files whose machine code was damaged (their header kept).
+kc=$out/kernel-cache
+listing() { (cd "$kc" && find . -name '*.cubin' -printf '%f %s %T@\n' | sort); }
+sums() { (cd "$kc" && sha256sum -- *.cubin); }
+if SIGMA_KERNEL_CACHE=$kc $sigma bench decode --check --device cuda > "$out/decode.log" 2>&1; then
   ok decode "$(tail -1 "$out/decode.log")"
+  files=$(listing | wc -l); before=$(listing); first=$(sums)
+  if [ "$files" -lt 1 ]; then bad kernel-cache "no file in $kc after the decode check"
+  elif ! SIGMA_KERNEL_CACHE=$kc $sigma bench decode --check --device cuda > "$out/kernel-cache-2.log" 2>&1; then
+    bad kernel-cache "the run from the cache: $(tail -1 "$out/kernel-cache-2.log")"
+  elif [ "$(listing)" != "$before" ]; then bad kernel-cache "the run from the cache wrote files"
+  else
+    python3 - "$kc" <<'EOF2'
+import pathlib, sys
+for p in pathlib.Path(sys.argv[1]).glob("*.cubin"):
+    b = p.read_bytes()
+    head = b[: b.index(b"\n") + 1]
+    assert head == f"sigma kernel cache 1 {p.stem}\n".encode(), (p.name, head)
+    p.write_bytes(head + b"\x7fELF" + b"\0damaged" * 64)
+EOF2
+    if [ $? -ne 0 ]; then bad kernel-cache "a file without its header"
+    elif ! SIGMA_KERNEL_CACHE=$kc $sigma bench decode --check --device cuda > "$out/kernel-cache-3.log" 2>&1; then
+      bad kernel-cache "the run over damaged files: $(tail -1 "$out/kernel-cache-3.log")"
+    elif [ "$(sums)" != "$first" ]; then bad kernel-cache "damaged files were not compiled again as before"
+    else ok kernel-cache "$files modules: loaded from the cache with no file written, damaged ones compiled again to the same bytes; $(tail -1 "$out/kernel-cache-3.log")"; fi
+  fi
 else
   bad decode "$(tail -1 "$out/decode.log")"
 fi

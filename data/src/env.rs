@@ -49,6 +49,7 @@ macro_rules! decode_tuning_version {
 
 pub const DECODE_TUNING: &str = "SIGMA_DECODE_TUNING";
 pub const DECODE_TUNING_CACHE: &str = "SIGMA_DECODE_TUNING_CACHE";
+pub const KERNEL_CACHE: &str = "SIGMA_KERNEL_CACHE";
 pub const FAULT_ABORT: &str = "SIGMA_FAULT_ABORT";
 pub const FAULT_SAVE_DELAY_MS: &str = "SIGMA_FAULT_SAVE_DELAY_MS";
 pub const JOB_SECRET: &str = "SIGMA_JOB_SECRET";
@@ -125,6 +126,11 @@ pub const SIGMA_VARS: &[Var] = &[
         ),
     },
     Var {
+        name: KERNEL_CACHE,
+        kind: Kind::Text,
+        meaning: "the directory where sigma keeps its run-time compiled GPU kernels between processes (default: sigma/kernels in the user's cache directory; off: none, each process compiles its own)",
+    },
+    Var {
         name: FAULT_ABORT,
         kind: Kind::Text,
         meaning: "tests: RANK:STEP makes that rank abort when it starts that step",
@@ -178,22 +184,41 @@ pub fn var(name: &str) -> Option<String> {
 /// The decode kernel's tuning cache file: `SIGMA_DECODE_TUNING_CACHE` if
 /// set (`off`, `0` or empty: none), else `sigma/decode-tuning-v5.tsv` (the
 /// format's version, [`decode_tuning_version`]) in the
-/// user's cache directory (`$XDG_CACHE_HOME`, else `$HOME/.cache`; None
-/// when neither is set).
+/// user's cache directory ([`user_cache_dir`]; None when there is none).
 pub fn decode_tuning_cache() -> Option<std::path::PathBuf> {
-    if let Some(v) = var(DECODE_TUNING_CACHE) {
+    let name = concat!("decode-tuning-v", decode_tuning_version!(), ".tsv");
+    cache_path(DECODE_TUNING_CACHE, name)
+}
+
+/// The directory of compiled GPU kernels kept between processes:
+/// `SIGMA_KERNEL_CACHE` if set (`off`, `0` or empty: none), else
+/// `sigma/kernels` in the user's cache directory ([`user_cache_dir`]).
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    cache_path(KERNEL_CACHE, "kernels")
+}
+
+/// Variable `name`'s path if it is set (`off`, `0` or empty: None), else
+/// `sigma/DEFAULT` in the user's cache directory.
+fn cache_path(name: &str, default: &str) -> Option<std::path::PathBuf> {
+    if let Some(v) = var(name) {
         let v = v.trim();
         return match v.to_ascii_lowercase().as_str() {
             "" | "off" | "0" => None,
             _ => Some(v.into()),
         };
     }
-    let base = match var("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        Some(d) => std::path::PathBuf::from(d),
-        None => std::path::PathBuf::from(var("HOME").filter(|h| !h.is_empty())?).join(".cache"),
-    };
-    let name = concat!("decode-tuning-v", decode_tuning_version!(), ".tsv");
-    Some(base.join("sigma").join(name))
+    Some(user_cache_dir()?.join("sigma").join(default))
+}
+
+/// The user's cache directory: `$XDG_CACHE_HOME`, else `$HOME/.cache`;
+/// None when neither is set.
+pub fn user_cache_dir() -> Option<std::path::PathBuf> {
+    match var("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        Some(d) => Some(std::path::PathBuf::from(d)),
+        None => {
+            Some(std::path::PathBuf::from(var("HOME").filter(|h| !h.is_empty())?).join(".cache"))
+        }
+    }
 }
 
 /// Whether `name` is set at all.

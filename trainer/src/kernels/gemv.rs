@@ -175,10 +175,7 @@ impl Kind4 {
 fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
     let (ctx, arch, sms) = decode::device(ordinal)?;
-    let ptx = decode::compile(SOURCE, &defines(rows, v), arch)?;
-    let module = ctx
-        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-        .map_err(drv)?;
+    let module = decode::load_module(&ctx, SOURCE, &defines(rows, v), arch)?;
     let funcs = Kind4::ALL
         .iter()
         .map(|&f| module.load_function(&kernel_name(f, rows, v)).map_err(drv))

@@ -155,10 +155,7 @@ struct Loaded {
 fn load(ordinal: usize) -> Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
     let (ctx, arch, sms) = decode::device(ordinal)?;
-    let ptx = decode::compile(SOURCE, &[], arch)?;
-    let module = ctx
-        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-        .map_err(drv)?;
+    let module = decode::load_module(&ctx, SOURCE, &[], arch)?;
     Ok(Arc::new(Loaded {
         swiglu_forward: module.load_function("swiglu_forward").map_err(drv)?,
         swiglu_backward: module.load_function("swiglu_backward").map_err(drv)?,

@@ -16,7 +16,8 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
 
-use super::nvrtc::{arg_pointers, compile, current_stream, device, launch_ex, Arg};
+use super::modules::load_module;
+use super::nvrtc::{arg_pointers, current_stream, device, launch_ex, Arg};
 use super::plan::{prefetches, DecodeShape, Plan, Rows, GROUPS, MAX_SMEM, SPLIT_WARPS};
 use crate::error::{Result, TrainError};
 
@@ -85,10 +86,12 @@ fn load(
 ) -> std::result::Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
     let (ctx, arch, sms) = device(ordinal)?;
-    let ptx = compile(DECODE_SOURCE, &shape.defines(THREADS, rows, groups), arch)?;
-    let module = ctx
-        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-        .map_err(drv)?;
+    let module = load_module(
+        &ctx,
+        DECODE_SOURCE,
+        &shape.defines(THREADS, rows, groups),
+        arch,
+    )?;
     let split = module.load_function("diffqkv_decode_split").map_err(drv)?;
     let combine = module
         .load_function("diffqkv_decode_combine")
@@ -507,7 +510,7 @@ pub fn append(kern: &Loaded, ordinal: usize, a: &Append) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::decode::{cuda_build, ptx_param_sizes, skip_unless_ci};
+    use crate::kernels::decode::{compile, cuda_build, ptx_param_sizes, skip_unless_ci};
 
     /// Results come back in the items' order whatever thread computed
     /// them, and a panicking item is an error of its own, not the others'.
@@ -540,14 +543,16 @@ mod tests {
     }
 
     /// NVRTC compiles a search's kernels in parallel threads to the same
-    /// PTX, byte for byte, as one after another (every rows and head
-    /// groups of SIGMA-1.5B's shape that the search builds).
+    /// machine code (sm_90, what a device loads), byte for byte, as one
+    /// after another: every rows and head groups of SIGMA-1.5B's shape
+    /// that the search builds.
     #[test]
     fn kernels_compiled_in_parallel_equal_those_compiled_in_turn() {
         if !cuda_build() {
             skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
             return;
         }
+        use super::super::nvrtc::{full_source, options, run_nvrtc};
         let shape = super::super::plan::tests::sigma_1_5b();
         let mut builds: Vec<(Rows, i64)> = super::super::plan::candidates(&shape, 4096)
             .iter()
@@ -556,11 +561,18 @@ mod tests {
         builds.sort_by_key(|&(r, g)| (r.uk, r.uv, r.local, g));
         builds.dedup();
         assert!(builds.len() >= 4, "{builds:?}");
-        let build =
-            |&(r, g): &(Rows, i64)| compile(DECODE_SOURCE, &shape.defines(THREADS, r, g), 90);
+        let text = full_source(DECODE_SOURCE);
+        let build = |&(r, g): &(Rows, i64)| {
+            run_nvrtc(
+                &text,
+                &options(&shape.defines(THREADS, r, g), "sm_90"),
+                true,
+            )
+        };
         let parallel = in_parallel(&builds, build);
         for (b, p) in builds.iter().zip(parallel) {
             let p = p.unwrap_or_else(|e| panic!("{b:?}: {e}"));
+            assert!(p.starts_with(b"\x7fELF"), "{b:?}: not an ELF image");
             assert_eq!(p, build(b).expect("compiles"), "{b:?}");
         }
     }

@@ -26,6 +26,7 @@
 #![allow(unsafe_code)] // FFI: NVRTC, the CUDA driver and the stream shim.
 
 mod launch;
+mod modules;
 mod nvrtc;
 pub mod plan;
 pub mod reference;
@@ -36,6 +37,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::Result;
 
 pub use launch::DECODE_SOURCE;
+pub(crate) use modules::load_module;
 #[cfg(test)]
 pub(crate) use nvrtc::skip_unless_ci;
 pub use nvrtc::{compile, cuda_build, nvrtc, pdl_enabled, StreamTimer};

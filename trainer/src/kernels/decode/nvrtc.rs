@@ -71,29 +71,105 @@ pub fn nvrtc() -> std::result::Result<(), String> {
 }
 
 /// Compile CUDA C `src` (after csrc/bf16.cuh) to PTX for compute capability
-/// `arch` (e.g. 90) with `defines`.
+/// `arch` (e.g. 90) with `defines` (what the tests read; devices load
+/// machine code, [`super::modules::load_module`]).
 pub fn compile(
     src: &str,
     defines: &[(&str, i64)],
     arch: i32,
 ) -> std::result::Result<String, String> {
-    nvrtc()?;
-    let mut options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
-    options.push(format!("--gpu-architecture=compute_{arch}"));
-    options.push("--std=c++17".into());
-    let opts = cudarc::nvrtc::CompileOptions {
-        options,
-        ..Default::default()
-    };
-    match cudarc::nvrtc::compile_ptx_with_opts(format!("{BF16_HEADER}\n{src}"), opts) {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(format!(
-            "NVRTC could not compile the kernel:\n{}",
-            log.to_string_lossy()
-        )),
-        Err(e) => Err(format!("NVRTC: {e:?}")),
-    }
+    let ptx = run_nvrtc(
+        &full_source(src),
+        &options(defines, &format!("compute_{arch}")),
+        false,
+    )?;
+    Ok(String::from_utf8_lossy(&ptx).into_owned())
 }
+
+/// The text NVRTC compiles: csrc/bf16.cuh, then `src`.
+pub(super) fn full_source(src: &str) -> String {
+    format!("{BF16_HEADER}\n{src}")
+}
+
+/// NVRTC's options: the macros, the target (`compute_90` for PTX, `sm_90`
+/// for machine code), C++17.
+pub(super) fn options(defines: &[(&str, i64)], target: &str) -> Vec<String> {
+    let mut options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+    options.push(format!("--gpu-architecture={target}"));
+    options.push("--std=c++17".into());
+    options
+}
+
+/// Run NVRTC on `text` with `options` and return its PTX, or with
+/// `cubin` its machine code (the target must then be an `sm_` one). The
+/// error carries NVRTC's log. Several threads may compile at once.
+pub(super) fn run_nvrtc(
+    text: &str,
+    options: &[String],
+    cubin: bool,
+) -> std::result::Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    nvrtc()?;
+    let c =
+        std::ffi::CString::new(text).map_err(|_| "a NUL byte in the kernel source".to_string())?;
+    let nv = |e: cudarc::nvrtc::result::NvrtcError| format!("NVRTC: {e:?}");
+    let prog = result::create_program(&c, None).map_err(nv)?;
+    /// Destroys the program however this function returns.
+    struct Program(sys::nvrtcProgram);
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: a program created above, destroyed once.
+            let _ = unsafe { result::destroy_program(self.0) };
+        }
+    }
+    let prog = Program(prog);
+    // SAFETY: a live program; the options are NUL-free strings.
+    if unsafe { result::compile_program(prog.0, options) }.is_err() {
+        // SAFETY: the program's log, NUL-terminated by NVRTC.
+        let log = unsafe { result::get_program_log(prog.0) }
+            .map(|l| {
+                unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        return Err(format!("NVRTC could not compile the kernel:\n{log}"));
+    }
+    let mut bytes = if cubin {
+        let mut n = 0usize;
+        // SAFETY: a compiled program; the buffer has the size NVRTC gave.
+        unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut n) }
+            .result()
+            .map_err(nv)?;
+        let mut buf = vec![0u8; n];
+        unsafe { sys::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr().cast()) }
+            .result()
+            .map_err(nv)?;
+        buf
+    } else {
+        // SAFETY: a compiled program.
+        let ptx = unsafe { result::get_ptx(prog.0) }.map_err(nv)?;
+        ptx.into_iter().map(|c| c as u8).collect()
+    };
+    if !cubin {
+        while bytes.last() == Some(&0) {
+            bytes.pop();
+        }
+    }
+    Ok(bytes)
+}
+
+/// NVRTC's version, "major.minor".
+pub(super) fn nvrtc_version() -> std::result::Result<String, String> {
+    nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| format!("NVRTC: {e:?}"))?;
+    Ok(format!("{major}.{minor}"))
+}
+
 /// Puts the thread's current CUDA context back when dropped: cudarc makes
 /// the tensors' device current, while libtorch keeps its own current device.
 pub(crate) struct RestoreContext(Option<cudarc::driver::sys::CUcontext>);

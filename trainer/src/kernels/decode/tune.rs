@@ -5,12 +5,13 @@
 //! each with CUDA events on libtorch's stream, and keeps the fastest for
 //! the process and in the tuning cache file (`SIGMA_DECODE_TUNING_CACHE`,
 //! by default under the user's cache directory; written whole to a
-//! temporary name, synced, then renamed over the old one). A file that
+//! temporary name, synced, then renamed over the old one:
+//! `sigma_data::fsutil::write_atomic`). A file that
 //! cannot be read as one is reported once and ignored (the next search
 //! rewrites it).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use sigma_data::env;
@@ -90,30 +91,6 @@ fn read_cache(path: &Path) -> BTreeMap<TuneKey, Choice> {
     }
 }
 
-/// Write `text` to `path` atomically: a temporary file beside it, synced,
-/// then renamed over it.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp = PathBuf::from(path);
-    tmp.set_file_name(format!(
-        ".{}.tmp.{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
 /// Add `key -> choice` to the cache file (merged with what it holds now,
 /// which another process may have added to); a failure is a warning.
 fn save(key: &TuneKey, choice: Choice) {
@@ -122,7 +99,7 @@ fn save(key: &TuneKey, choice: Choice) {
     };
     let mut all = read_cache(&path);
     all.insert(key.clone(), choice);
-    if let Err(e) = write_atomically(&path, &format_cache(&all)) {
+    if let Err(e) = sigma_data::fsutil::write_atomic(&path, format_cache(&all).as_bytes()) {
         eprintln!(
             "warning: decode tuning cache {}: not written: {e}",
             path.display()

@@ -1,0 +1,176 @@
+//! The modules of sigma's run-time compiled kernels on a device: machine
+//! code that NVRTC makes for the device's compute capability, kept in a
+//! cache directory between processes ([`sigma_data::env::kernel_cache_dir`],
+//! `SIGMA_KERNEL_CACHE`). A file is named by the sha256 of everything
+//! that went into its compile (NVRTC's version, the options with the
+//! macros and the target, the whole source) and starts with a line
+//! carrying that hash, so a file is only ever used for the compile that
+//! made it; files are written whole under a temporary name and renamed
+//! into place. Nothing removes old files: each is the code of one source,
+//! macro set and device (tens to a few hundred KB), and the directory may
+//! be deleted at any time.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaModule};
+
+use super::nvrtc::{full_source, nvrtc_version, options, run_nvrtc};
+
+/// The first line of a kernel cache file, before the machine code: the
+/// format and the hash of everything that made it.
+fn cache_header(hash: &str) -> String {
+    format!("sigma kernel cache 1 {hash}\n")
+}
+
+/// The hash naming the machine code of `text` compiled with `options` by
+/// NVRTC `version`: every input of the compile, so that a different source,
+/// macro, device or compiler is a different file.
+fn cache_hash(version: &str, options: &[String], text: &str) -> String {
+    let mut key = format!("nvrtc {version}\0");
+    for o in options {
+        key.push_str(o);
+        key.push('\0');
+    }
+    key.push_str(text);
+    sigma_data::tokenizer::sha256_hex(key.as_bytes())
+}
+
+/// The machine code kept in the cache file at `path` for `hash`, if the
+/// file is there, was written for it and holds an ELF image (the driver
+/// takes PTX text too, so anything else is refused here).
+fn read_cached(path: &std::path::Path, hash: &str) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(path).ok()?;
+    let header = cache_header(hash);
+    let code = bytes.strip_prefix(header.as_bytes())?;
+    code.starts_with(ELF).then(|| code.to_vec())
+}
+
+/// The first bytes of an ELF image, as NVRTC's machine code is.
+const ELF: &[u8] = b"\x7fELF";
+
+/// Keep `code` for `hash` at `path` (written whole, then renamed into
+/// place); a failure is a warning, once a process.
+fn write_cached(path: &std::path::Path, hash: &str, code: &[u8]) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let mut bytes = cache_header(hash).into_bytes();
+    bytes.extend_from_slice(code);
+    if let Err(e) = sigma_data::fsutil::write_atomic(path, &bytes) {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "warning: the GPU kernel cache ({}) could not be written, so each process compiles its kernels again: {e}",
+                path.parent().map(|d| d.display().to_string()).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The module of CUDA C `src` with `defines` on `ctx`, a device of compute
+/// capability `arch`: machine code for that capability (`sm_XX`), from
+/// the kernel cache ([`sigma_data::env::kernel_cache_dir`]) where it holds
+/// the code of exactly this source, macros, capability and NVRTC, else
+/// compiled now and kept there. NVRTC makes the machine code itself, so
+/// that several threads compile in parallel (the driver's compiling of
+/// PTX ran one module at a time), and a later process loads it without
+/// compiling. A cached file the driver refuses is compiled again and
+/// replaced.
+pub(crate) fn load_module(
+    ctx: &Arc<CudaContext>,
+    src: &str,
+    defines: &[(&str, i64)],
+    arch: i32,
+) -> std::result::Result<Arc<CudaModule>, String> {
+    let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
+    let load = |code: Vec<u8>| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(code));
+    let text = full_source(src);
+    let opts = options(defines, &format!("sm_{arch}"));
+    let cached = match sigma_data::env::kernel_cache_dir() {
+        Some(dir) => {
+            let hash = cache_hash(&nvrtc_version()?, &opts, &text);
+            Some((dir.join(format!("{hash}.cubin")), hash))
+        }
+        None => None,
+    };
+    if let Some((path, hash)) = &cached {
+        if let Some(code) = read_cached(path, hash) {
+            if let Ok(m) = load(code) {
+                return Ok(m);
+            }
+        }
+    }
+    let code = run_nvrtc(&text, &opts, true)?;
+    if let Some((path, hash)) = &cached {
+        write_cached(path, hash, &code);
+    }
+    load(code).map_err(drv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every input of a compile names another file; the same inputs the same one.
+    #[test]
+    fn the_cache_names_a_file_by_every_input_of_the_compile() {
+        let opts = |a: &str, d: &str| vec![d.to_string(), format!("--gpu-architecture={a}")];
+        let base = cache_hash("13.0", &opts("sm_90", "-DX=1"), "kernel text");
+        assert_eq!(base.len(), 64);
+        assert_eq!(
+            base,
+            cache_hash("13.0", &opts("sm_90", "-DX=1"), "kernel text")
+        );
+        for other in [
+            cache_hash("12.8", &opts("sm_90", "-DX=1"), "kernel text"),
+            cache_hash("13.0", &opts("sm_80", "-DX=1"), "kernel text"),
+            cache_hash("13.0", &opts("sm_90", "-DX=2"), "kernel text"),
+            cache_hash("13.0", &opts("sm_90", "-DX=1"), "kernel text "),
+            // Where one input ends and the next begins counts too.
+            cache_hash(
+                "13.0",
+                &["-DX=1--gpu-architecture=sm_90".into()],
+                "kernel text",
+            ),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    /// A kept file reads back as written, and only for its own hash; a
+    /// file of another hash, a bare header, one without its header, one
+    /// whose code is no ELF image or a missing file read as nothing; no
+    /// temporary file stays behind; an unwritable directory is a warning,
+    /// not an error.
+    #[test]
+    fn cached_code_reads_back_only_for_its_own_hash() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (h1, h2) = ("a".repeat(64), "b".repeat(64));
+        let p1 = dir.path().join("kernels").join(format!("{h1}.cubin"));
+        assert_eq!(read_cached(&p1, &h1), None);
+        let code = b"\x7fELF machine code".to_vec();
+        write_cached(&p1, &h1, &code);
+        assert_eq!(read_cached(&p1, &h1), Some(code.clone()));
+        assert_eq!(read_cached(&p1, &h2), None, "another hash's file");
+        std::fs::write(&p1, cache_header(&h1)).expect("write");
+        assert_eq!(read_cached(&p1, &h1), None, "a header and no code");
+        std::fs::write(&p1, &code).expect("write");
+        assert_eq!(read_cached(&p1, &h1), None, "no header");
+        let text = [cache_header(&h1).as_bytes(), b".version 8.0"].concat();
+        std::fs::write(&p1, text).expect("write");
+        assert_eq!(read_cached(&p1, &h1), None, "not an ELF image");
+        write_cached(&p1, &h1, &code);
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("kernels"))
+            .expect("the directory")
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, vec![format!("{h1}.cubin")]);
+        // A directory that is a file: nothing written, nothing panics.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, b"x").expect("write");
+        write_cached(&blocked.join("k.cubin"), &h1, &code);
+        assert_eq!(read_cached(&blocked.join("k.cubin"), &h1), None);
+    }
+}
