@@ -70,8 +70,8 @@ fn write_cached(path: &std::path::Path, hash: &str, code: &[u8]) {
 /// the code of exactly this source, macros, capability and NVRTC, else
 /// compiled now and kept there. NVRTC makes the machine code itself, so
 /// that several threads compile in parallel (the driver's compiling of
-/// PTX ran one module at a time), and a later process loads it without
-/// compiling. A cached file the driver refuses is compiled again and
+/// PTX did not go faster in parallel threads: docs/benchmarks.md), and a
+/// later process loads it without compiling. A cached file the driver refuses is compiled again and
 /// replaced.
 pub(crate) fn load_module(
     ctx: &Arc<CudaContext>,
