@@ -139,7 +139,7 @@ fi
 # every module from there (no file rewritten), then compile again and
 # restore files whose machine code was damaged (their header kept).
 kc=$out/kernel-cache
-listing() { (cd "$kc" && find . -name '*.cubin' -printf '%f %s %T@\n' | sort); }
+listing() { (cd "$kc" && find . -name '[!.]*.cubin' -printf '%f %s %T@\n' | sort); }
 sums() { (cd "$kc" && sha256sum -- *.cubin); }
 if SIGMA_KERNEL_CACHE=$kc $sigma bench decode --check --device cuda > "$out/decode.log" 2>&1; then
   ok decode "$(tail -1 "$out/decode.log")"
@@ -151,10 +151,10 @@ if SIGMA_KERNEL_CACHE=$kc $sigma bench decode --check --device cuda > "$out/deco
   else
     python3 - "$kc" <<'EOF2'
 import pathlib, sys
-for p in pathlib.Path(sys.argv[1]).glob("*.cubin"):
+for p in pathlib.Path(sys.argv[1]).glob("[!.]*.cubin"):
     b = p.read_bytes()
     head = b[: b.index(b"\n") + 1]
-    assert head == f"sigma kernel cache 1 {p.stem}\n".encode(), (p.name, head)
+    assert head.startswith(f"sigma kernel cache 2 {p.stem} ".encode()), (p.name, head)
     p.write_bytes(head + b"\x7fELF" + b"\0damaged" * 64)
 EOF2
     if [ $? -ne 0 ]; then bad kernel-cache "a file without its header"
@@ -165,6 +165,7 @@ EOF2
   fi
 else
   bad decode "$(tail -1 "$out/decode.log")"
+  bad kernel-cache "not run (the decode check failed)"
 fi
 
 # tiny on the GPU against the CPU

@@ -135,11 +135,12 @@ pub fn kernels(
 }
 
 /// Build the kernels of `shape` on device `ordinal` for every (rows, head
-/// groups) in `wanted` that is not built yet, each in its own thread (at
+/// groups) in `wanted` that is not built yet, in parallel threads (at
 /// most one a core): a search's candidates, which one after another took
-/// most of a first search's time (NVRTC, then the driver's compiling of
-/// the PTX). Each result, failures included, is remembered and a failure
-/// printed once, as [`kernels`] does; no lock is held while compiling.
+/// most of a first search's time. Each result, failures included, is
+/// remembered and a failure printed once, as [`kernels`] does; no lock is
+/// held while compiling (two threads asking for one module at once may
+/// both build it; the first result is kept).
 pub fn prepare(ordinal: usize, shape: DecodeShape, wanted: &[(Rows, i64)]) {
     let mut missing: Vec<Key> = {
         let c = cache().lock().unwrap_or_else(|e| e.into_inner());
@@ -170,13 +171,23 @@ pub fn prepare(ordinal: usize, shape: DecodeShape, wanted: &[(Rows, i64)]) {
 
 /// `f` of every item, in item order, computed by up to one scoped thread a
 /// core taking the items in turn (on this thread where there is one item).
-/// A thread that panics gives an error for the items it had not finished.
+/// An item whose `f` panics is an error carrying the panic's message.
 fn in_parallel<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> std::result::Result<R, String> + Sync,
 ) -> Vec<std::result::Result<R, String>> {
+    let run = |item: &T| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item))).unwrap_or_else(|p| {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("its build panicked: {why}"))
+        })
+    };
     if items.len() <= 1 {
-        return items.iter().map(&f).collect();
+        return items.iter().map(run).collect();
     }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -186,26 +197,20 @@ fn in_parallel<T: Sync, R: Send>(
     let done: Vec<Mutex<Option<std::result::Result<R, String>>>> =
         items.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    let r = f(item);
-                    *done[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                })
-            })
-            .collect();
-        // Joined here, so that a panic stays in its items' results.
-        for w in workers {
-            let _ = w.join();
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = run(item);
+                *done[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
         }
     });
     done.into_iter()
         .map(|d| {
             d.into_inner()
                 .unwrap_or_else(|e| e.into_inner())
-                .unwrap_or_else(|| Err("its build thread panicked".into()))
+                .unwrap_or_else(|| Err("its build did not finish".into()))
         })
         .collect()
 }
@@ -513,7 +518,8 @@ mod tests {
     use crate::kernels::decode::{compile, cuda_build, ptx_param_sizes, skip_unless_ci};
 
     /// Results come back in the items' order whatever thread computed
-    /// them, and a panicking item is an error of its own, not the others'.
+    /// them, and a panicking item is an error of its own with the panic's
+    /// message, not the others' (on a worker thread or alone).
     #[test]
     fn parallel_builds_keep_the_order_and_contain_a_panic() {
         let items: Vec<u64> = (0..37).collect();
@@ -531,13 +537,17 @@ mod tests {
                 Ok(v) => assert_eq!(*v, (i * i) as u64, "item {i}"),
                 Err(e) => {
                     assert_eq!(i, 13, "item {i}: {e}");
-                    assert!(e.contains("panicked"), "{e}");
+                    assert!(e.contains("panicked: item 13 fails"), "{e}");
                 }
             }
         }
         assert!(out[13].is_err());
         let one = in_parallel(&[5u64], |&i| Ok::<_, String>(i + 1));
         assert_eq!(one, vec![Ok(6)]);
+        let alone = in_parallel(&[5u64], |&i| -> std::result::Result<u64, String> {
+            panic!("alone {i}")
+        });
+        assert_eq!(alone, vec![Err("its build panicked: alone 5".to_string())]);
         let none: Vec<std::result::Result<u64, String>> = in_parallel(&[], |&i: &u64| Ok(i));
         assert!(none.is_empty());
     }

@@ -4,8 +4,8 @@
 //! `SIGMA_KERNEL_CACHE`). A file is named by the sha256 of everything
 //! that went into its compile (NVRTC's version, the options with the
 //! macros and the target, the whole source) and starts with a line
-//! carrying that hash, so a file is only ever used for the compile that
-//! made it; files are written whole under a temporary name and renamed
+//! carrying that hash and the code's length and sha256, so a file is only
+//! ever used for the compile that made it, and only whole; files are written whole under a temporary name and renamed
 //! into place. Nothing removes old files: each is the code of one source,
 //! macro set and device (tens to a few hundred KB), and the directory may
 //! be deleted at any time.
@@ -17,9 +17,14 @@ use cudarc::driver::{CudaContext, CudaModule};
 use super::nvrtc::{full_source, nvrtc_version, options, run_nvrtc};
 
 /// The first line of a kernel cache file, before the machine code: the
-/// format and the hash of everything that made it.
-fn cache_header(hash: &str) -> String {
-    format!("sigma kernel cache 1 {hash}\n")
+/// format, the hash of everything that made it, and the code's length and
+/// sha256 (checked before the driver, which takes no length, reads it).
+fn cache_header(hash: &str, code: &[u8]) -> String {
+    format!(
+        "sigma kernel cache 2 {hash} {} {}\n",
+        code.len(),
+        sigma_data::tokenizer::sha256_hex(code)
+    )
 }
 
 /// The hash naming the machine code of `text` compiled with `options` by
@@ -36,13 +41,15 @@ fn cache_hash(version: &str, options: &[String], text: &str) -> String {
 }
 
 /// The machine code kept in the cache file at `path` for `hash`, if the
-/// file is there, was written for it and holds an ELF image (the driver
-/// takes PTX text too, so anything else is refused here).
+/// file is there, was written for it, holds the code its header describes
+/// (length and sha256) and that code is an ELF image (the driver takes
+/// PTX text too, so anything else is refused here).
 fn read_cached(path: &std::path::Path, hash: &str) -> Option<Vec<u8>> {
     let bytes = std::fs::read(path).ok()?;
-    let header = cache_header(hash);
-    let code = bytes.strip_prefix(header.as_bytes())?;
-    code.starts_with(ELF).then(|| code.to_vec())
+    let end = bytes.iter().position(|&b| b == b'\n')?;
+    let code = &bytes[end + 1..];
+    let intact = bytes[..=end] == *cache_header(hash, code).as_bytes();
+    (intact && code.starts_with(ELF)).then(|| code.to_vec())
 }
 
 /// The first bytes of an ELF image, as NVRTC's machine code is.
@@ -52,7 +59,7 @@ const ELF: &[u8] = b"\x7fELF";
 /// place); a failure is a warning, once a process.
 fn write_cached(path: &std::path::Path, hash: &str, code: &[u8]) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let mut bytes = cache_header(hash).into_bytes();
+    let mut bytes = cache_header(hash, code).into_bytes();
     bytes.extend_from_slice(code);
     if let Err(e) = sigma_data::fsutil::write_atomic(path, &bytes) {
         if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -67,8 +74,9 @@ fn write_cached(path: &std::path::Path, hash: &str, code: &[u8]) {
 /// The module of CUDA C `src` with `defines` on `ctx`, a device of compute
 /// capability `arch`: machine code for that capability (`sm_XX`), from
 /// the kernel cache ([`sigma_data::env::kernel_cache_dir`]) where it holds
-/// the code of exactly this source, macros, capability and NVRTC, else
-/// compiled now and kept there. NVRTC makes the machine code itself, so
+/// the code of exactly this source, macros, capability and NVRTC (its
+/// major.minor version: patch releases share files), else compiled now
+/// and kept there once the driver has loaded it. NVRTC makes the machine code itself, so
 /// that several threads compile in parallel (the driver's compiling of
 /// PTX did not go faster in parallel threads: docs/benchmarks.md), and a
 /// later process loads it without compiling. A cached file the driver refuses is compiled again and
@@ -98,10 +106,12 @@ pub(crate) fn load_module(
         }
     }
     let code = run_nvrtc(&text, &opts, true)?;
+    let module = load(code.clone()).map_err(drv)?;
+    // Kept only once the driver took it.
     if let Some((path, hash)) = &cached {
         write_cached(path, hash, &code);
     }
-    load(code).map_err(drv)
+    Ok(module)
 }
 
 #[cfg(test)]
@@ -134,11 +144,11 @@ mod tests {
         }
     }
 
-    /// A kept file reads back as written, and only for its own hash; a
-    /// file of another hash, a bare header, one without its header, one
-    /// whose code is no ELF image or a missing file read as nothing; no
-    /// temporary file stays behind; an unwritable directory is a warning,
-    /// not an error.
+    /// A kept file reads back as written, and only for its own hash and
+    /// whole; a file of another hash, a header without its code, cut code,
+    /// damaged code behind an intact header, no header, code that is no
+    /// ELF image or a missing file read as nothing; no temporary file
+    /// stays behind; an unwritable directory is a warning, not an error.
     #[test]
     fn cached_code_reads_back_only_for_its_own_hash() {
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -149,14 +159,32 @@ mod tests {
         write_cached(&p1, &h1, &code);
         assert_eq!(read_cached(&p1, &h1), Some(code.clone()));
         assert_eq!(read_cached(&p1, &h2), None, "another hash's file");
-        std::fs::write(&p1, cache_header(&h1)).expect("write");
-        assert_eq!(read_cached(&p1, &h1), None, "a header and no code");
-        std::fs::write(&p1, &code).expect("write");
-        assert_eq!(read_cached(&p1, &h1), None, "no header");
-        let text = [cache_header(&h1).as_bytes(), b".version 8.0"].concat();
-        std::fs::write(&p1, text).expect("write");
-        assert_eq!(read_cached(&p1, &h1), None, "not an ELF image");
+        let header = cache_header(&h1, &code);
+        let kept = std::fs::read(&p1).expect("read");
+        assert_eq!(kept, [header.as_bytes(), &code].concat());
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("a header without its code", header.as_bytes().to_vec()),
+            ("cut code", kept[..kept.len() - 1].to_vec()),
+            (
+                "damaged code",
+                [header.as_bytes(), b"\x7fELF machine codE"].concat(),
+            ),
+            ("no header", code.clone()),
+            (
+                "not an ELF image",
+                [
+                    cache_header(&h1, b".version 8.0").as_bytes(),
+                    b".version 8.0",
+                ]
+                .concat(),
+            ),
+        ];
+        for (what, bytes) in cases {
+            std::fs::write(&p1, bytes).expect("write");
+            assert_eq!(read_cached(&p1, &h1), None, "{what}");
+        }
         write_cached(&p1, &h1, &code);
+        assert_eq!(read_cached(&p1, &h1), Some(code.clone()));
         let names: Vec<String> = std::fs::read_dir(dir.path().join("kernels"))
             .expect("the directory")
             .map(|e| {

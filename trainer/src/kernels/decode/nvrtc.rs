@@ -118,43 +118,47 @@ pub(super) fn run_nvrtc(
     struct Program(sys::nvrtcProgram);
     impl Drop for Program {
         fn drop(&mut self) {
-            // SAFETY: a program created above, destroyed once.
-            let _ = unsafe { result::destroy_program(self.0) };
+            // SAFETY: a program created above, destroyed once (NVRTC sets
+            // the handle it is given to null).
+            let _ = unsafe { sys::nvrtcDestroyProgram(&mut self.0) };
         }
     }
     let prog = Program(prog);
     // SAFETY: a live program; the options are NUL-free strings.
-    if unsafe { result::compile_program(prog.0, options) }.is_err() {
-        // SAFETY: the program's log, NUL-terminated by NVRTC.
+    if let Err(e) = unsafe { result::compile_program(prog.0, options) } {
+        // SAFETY: a live program; its log is copied out whole.
         let log = unsafe { result::get_program_log(prog.0) }
             .map(|l| {
-                unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }
-                    .to_string_lossy()
-                    .into_owned()
+                let bytes: Vec<u8> = l.into_iter().map(|c| c as u8).collect();
+                std::ffi::CStr::from_bytes_until_nul(&bytes)
+                    .map(|c| c.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned())
             })
             .unwrap_or_default();
-        return Err(format!("NVRTC could not compile the kernel:\n{log}"));
+        return Err(format!(
+            "NVRTC could not compile the kernel ({e:?}):\n{log}"
+        ));
     }
-    let mut bytes = if cubin {
+    if cubin {
         let mut n = 0usize;
         // SAFETY: a compiled program; the buffer has the size NVRTC gave.
         unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut n) }
             .result()
             .map_err(nv)?;
+        if n == 0 {
+            return Err("NVRTC made no machine code (the target is not an sm_ one?)".into());
+        }
         let mut buf = vec![0u8; n];
         unsafe { sys::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr().cast()) }
             .result()
             .map_err(nv)?;
-        buf
-    } else {
-        // SAFETY: a compiled program.
-        let ptx = unsafe { result::get_ptx(prog.0) }.map_err(nv)?;
-        ptx.into_iter().map(|c| c as u8).collect()
-    };
-    if !cubin {
-        while bytes.last() == Some(&0) {
-            bytes.pop();
-        }
+        return Ok(buf);
+    }
+    // SAFETY: a compiled program.
+    let ptx = unsafe { result::get_ptx(prog.0) }.map_err(nv)?;
+    let mut bytes: Vec<u8> = ptx.into_iter().map(|c| c as u8).collect();
+    while bytes.last() == Some(&0) {
+        bytes.pop();
     }
     Ok(bytes)
 }
