@@ -127,10 +127,17 @@ pub fn kernels(
     rows: Rows,
     groups: i64,
 ) -> std::result::Result<Arc<Loaded>, String> {
+    let key = (ordinal, shape, rows, groups);
+    let built = |c: &Cache| {
+        let c = c.lock().unwrap_or_else(|e| e.into_inner());
+        c.get(&key).cloned()
+    };
+    // Each step of each layer asks: one lookup where the kernel is built.
+    if let Some(r) = built(cache()) {
+        return r;
+    }
     prepare(ordinal, shape, &[(rows, groups)]);
-    let c = cache().lock().unwrap_or_else(|e| e.into_inner());
-    c.get(&(ordinal, shape, rows, groups))
-        .cloned()
+    built(cache())
         .unwrap_or_else(|| Err("the kernel was not built (no entry after building)".into()))
 }
 
@@ -142,16 +149,17 @@ pub fn kernels(
 /// held while compiling (two threads asking for one module at once may
 /// both build it; the first result is kept).
 pub fn prepare(ordinal: usize, shape: DecodeShape, wanted: &[(Rows, i64)]) {
-    let mut missing: Vec<Key> = {
+    let missing: Vec<Key> = {
         let c = cache().lock().unwrap_or_else(|e| e.into_inner());
-        wanted
-            .iter()
-            .map(|&(rows, groups)| (ordinal, shape, rows, groups))
-            .filter(|k| !c.contains_key(k))
-            .collect()
+        let mut m: Vec<Key> = Vec::new();
+        for &(rows, groups) in wanted {
+            let k = (ordinal, shape, rows, groups);
+            if !c.contains_key(&k) && !m.contains(&k) {
+                m.push(k);
+            }
+        }
+        m
     };
-    missing.sort_by_key(|&(_, _, r, g)| (r.uk, r.uv, r.local, g));
-    missing.dedup();
     let built = in_parallel(&missing, |&(o, s, r, g)| load(o, s, r, g));
     let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
     for ((o, s, rows, groups), r) in missing.into_iter().zip(built) {
@@ -169,13 +177,14 @@ pub fn prepare(ordinal: usize, shape: DecodeShape, wanted: &[(Rows, i64)]) {
     }
 }
 
-/// `f` of every item, in item order, computed by up to one scoped thread a
-/// core taking the items in turn (on this thread where there is one item).
-/// An item whose `f` panics is an error carrying the panic's message.
+/// `f` of every item, in item order, computed on rayon's threads (on this
+/// thread where there is one item). An item whose `f` panics is an error
+/// carrying the panic's message.
 fn in_parallel<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> std::result::Result<R, String> + Sync,
 ) -> Vec<std::result::Result<R, String>> {
+    use rayon::prelude::*;
     let run = |item: &T| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item))).unwrap_or_else(|p| {
             let why = p
@@ -189,30 +198,7 @@ fn in_parallel<T: Sync, R: Send>(
     if items.len() <= 1 {
         return items.iter().map(run).collect();
     }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, items.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let done: Vec<Mutex<Option<std::result::Result<R, String>>>> =
-        items.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                let r = run(item);
-                *done[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-            });
-        }
-    });
-    done.into_iter()
-        .map(|d| {
-            d.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
-                .unwrap_or_else(|| Err("its build did not finish".into()))
-        })
-        .collect()
+    items.par_iter().map(run).collect()
 }
 
 /// The counters of the folded combine for `batch` sequences on `stream`
