@@ -5,10 +5,11 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use sigma_trainer::infer::decoder::StepMode;
-use sigma_trainer::infer::eval::{load, Loaded};
+use sigma_trainer::infer::eval::{load_with, Loaded};
 use sigma_trainer::infer::generate::{
     check_prompts, generate_timed, KeyCache, Request, Sampling, Timing,
 };
+use sigma_trainer::infer::prebuild::Prebuild;
 
 use crate::device::DeviceArg;
 
@@ -159,7 +160,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (None, Some(f)) => read_prompts(f)?,
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
-    let loaded = load(&a.checkpoint, device)?;
+    // sigma's kernels compile (or load from the kernel cache) while the
+    // weights load, and are all built before the first batch runs.
+    let batch = if a.prompt.is_some() {
+        1
+    } else {
+        a.batch.min(prompts.len())
+    };
+    let mut prebuild = None;
+    let loaded = load_with(&a.checkpoint, device, &mut |cfg| {
+        prebuild = Some(Prebuild::start(cfg, device, batch as i64));
+    })?;
     if let Some(n) = loaded.run.as_ref().and_then(|r| r.train.cpu_threads) {
         tch::set_num_threads(n as i32);
     }
@@ -195,6 +206,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // Every prompt before the first batch runs: a bad one anywhere in the
     // file fails the command with nothing written.
     check_prompts(&encoded, &request)?;
+    if let Some(p) = prebuild {
+        p.wait();
+    }
     if a.prompt.is_some() {
         stream(&loaded, &prompts[0], &encoded, &request, a.timing)
     } else {

@@ -238,6 +238,17 @@ impl Loaded {
 /// Load `path`: a checkpoint (`step-NNNNNNN/`, committed) or the output of
 /// `sigma checkpoint export` (either format).
 pub fn load(path: &Path, device: Device) -> Result<Loaded> {
+    load_with(path, device, &mut |_| {})
+}
+
+/// [`load`], telling `on_config` the model's configuration as soon as it
+/// is read and checked, before the weights are (`sigma generate` starts
+/// building its kernels then: [`super::prebuild`]).
+pub fn load_with(
+    path: &Path,
+    device: Device,
+    on_config: &mut dyn FnMut(&ModelConfig),
+) -> Result<Loaded> {
     let mixed = device.is_cuda();
     let tok_path = path.join(crate::checkpoint::TOKENIZER);
     if path.join(crate::checkpoint::METADATA).is_file() {
@@ -247,6 +258,7 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
         }
         let run = ck.meta.run_config()?;
         run.model.validate()?;
+        on_config(&run.model);
         let n = run.model.param_count().unwrap_or(u64::MAX) as f64;
         check_host_memory(8.0 * n, "loading the checkpoint's model")?;
         let model = Model::new(
@@ -285,6 +297,7 @@ pub fn load(path: &Path, device: Device) -> Result<Loaded> {
     check_host_memory(8.0 * n, "loading the exported model")?;
     let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
     check_export_shapes(&cfg, &r, &weights)?;
+    on_config(&cfg);
     let model = Model::new(
         &cfg,
         &ModelInit {

@@ -33,6 +33,14 @@ use crate::model::positions::Positions;
 use crate::model::Fwd;
 use sigma_data::rng::SplitMix64;
 
+#[cfg(test)]
+thread_local! {
+    /// The attention shapes that decoding steps of this thread asked for
+    /// (tests: what `infer::prebuild` must build).
+    pub(crate) static STEP_SHAPES: std::cell::RefCell<Vec<crate::kernels::decode::DecodeShape>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Attention of one new query per sequence against `len` cached slots,
 /// without repeating K or V. q [b, n_q, 1, dd], k [b, n_k, S, dd],
 /// v [b, n_v, S, dv], valid [b, S] (None: every slot) -> [b, 1, n_q * dv].
@@ -45,6 +53,16 @@ pub fn decode_attention(
     valid: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    #[cfg(test)]
+    STEP_SHAPES.with(|s| {
+        s.borrow_mut().push(crate::kernels::decode::DecodeShape {
+            n_q: q.size()[1],
+            n_k: k.size()[1],
+            n_v: v.size()[1],
+            d_k: k.size()[3],
+            d_v: v.size()[3],
+        })
+    });
     match crate::kernels::decode::decode_attention(q, k, v, valid, scale)? {
         Some(o) => Ok(o),
         None => Ok(decode_attention_ops(q, k, v, valid, scale)),

@@ -5,3 +5,4 @@ pub mod cache;
 pub mod decoder;
 pub mod eval;
 pub mod generate;
+pub mod prebuild;

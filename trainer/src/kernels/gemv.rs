@@ -29,9 +29,9 @@
 //! failure, reported once); the caller then runs libtorch's matmul.
 #![allow(unsafe_code)] // kernel launches over raw device pointers.
 
-use std::collections::HashMap;
+use crate::kernels::built::Built;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 use sigma_data::env::ProcessSwitch;
@@ -204,24 +204,38 @@ fn kernel_name(f: Kind4, rows: i64, v: Variant) -> String {
     format!("gemv{g}{n}_r{rows}_u{}_w{}", v.unroll, v.warps_per_column)
 }
 
+/// Every matrix-vector module built by this process (failures included).
+static BUILT: Built<(usize, i64, Variant), Loaded> = Built::new(|&(ordinal, rows, v), e| {
+    eprintln!("warning: the decoding matrix-vector kernels ({rows} rows, {v:?}) are not used on cuda:{ordinal} (libtorch's matmul instead): {e}")
+});
+
 /// The kernels of row bucket `rows` and variant `v` on CUDA device
-/// `ordinal`, built on first use; a failure is printed once and remembered.
+/// `ordinal`, built on first use (or waited for where another thread is
+/// building them); a failure is printed once and remembered.
 fn loaded(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
-    type Cache = Mutex<HashMap<(usize, i64, Variant), Result<Arc<Loaded>, String>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let mut c = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    c.entry((ordinal, rows, v))
-        .or_insert_with(|| {
-            let r = load(ordinal, rows, v);
-            if let Err(e) = &r {
-                eprintln!("warning: the decoding matrix-vector kernels ({rows} rows, {v:?}) are not used on cuda:{ordinal} (libtorch's matmul instead): {e}");
-            }
-            r
-        })
-        .clone()
+    BUILT.get(&(ordinal, rows, v), || load(ordinal, rows, v))
+}
+
+/// Build, in parallel, the modules that products of `rows` rows on device
+/// `ordinal` will use ([`Variant::pick`]'s plain and gated variants of
+/// their row bucket), where the kernels are on and take that many rows;
+/// nothing otherwise. A failure is reported as at first use.
+pub fn prebuild(ordinal: usize, rows: i64) {
+    if !gemv_kernel_enabled() || !(1..=AUTO_ROWS).contains(&rows) {
+        return;
+    }
+    let bucket = bucket_of(rows);
+    let keys = [false, true].map(|gated| (ordinal, bucket, Variant::pick(gated)));
+    BUILT.build_all(&keys, |&(o, r, v)| load(o, r, v));
+}
+
+/// The row bucket a launch of `rows` rows takes: the smallest that holds
+/// them (`rows` within [`ROW_BUCKETS`]' largest).
+fn bucket_of(rows: i64) -> i64 {
+    *ROW_BUCKETS
+        .iter()
+        .find(|&&r| r >= rows)
+        .expect("refusal checked the rows")
 }
 
 /// Why `x` [.., k] times weights `ws` (each [n, k]) cannot run here, with
@@ -530,11 +544,7 @@ fn launch_on(
     };
     let k = *x.size().last().expect("refusal checked the rank");
     let rows = x.numel() as i64 / k;
-    let bucket = *ROW_BUCKETS
-        .iter()
-        .find(|&&r| r >= rows)
-        .expect("refusal checked the rows");
-    let kern = loaded(ordinal, bucket, v)?;
+    let kern = loaded(ordinal, bucket_of(rows), v)?;
     let stream = decode::current_stream(&kern.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
     let func = &kern.funcs[Kind4::new(gated, norm).index()];

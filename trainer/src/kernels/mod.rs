@@ -5,6 +5,7 @@
 //! libtorch's cuBLASLt (`fp8_wgrad`: the FP8 weight gradient accumulated by
 //! its GEMM).
 
+pub(crate) mod built;
 pub mod cuda_graph;
 pub mod cuda_libs;
 pub mod decode;

@@ -43,9 +43,9 @@
 //! fails inside backward still fails that step).
 #![allow(unsafe_code)] // FFI: the shim, and kernel launches over raw device pointers.
 
-use std::collections::HashMap;
+use crate::kernels::built::Built;
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Once};
 
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
 use tch::{Kind, Tensor};
@@ -175,24 +175,24 @@ fn load(ordinal: usize) -> Result<Arc<Loaded>, String> {
     }))
 }
 
-/// The kernels of CUDA device `ordinal`, built on first use; a failure is
-/// printed once and remembered.
+/// The training kernels built by this process, per device (failures included).
+static BUILT: Built<usize, Loaded> = Built::new(|ordinal, e| {
+    eprintln!("warning: the training kernels are not used on cuda:{ordinal} (tensor operations instead): {e}")
+});
+
+/// The kernels of CUDA device `ordinal`, built on first use (or waited
+/// for where another thread is building them); a failure is printed once
+/// and remembered.
 fn loaded(ordinal: usize) -> Result<Arc<Loaded>, String> {
-    type Cache = Mutex<HashMap<usize, Result<Arc<Loaded>, String>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let mut c = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    c.entry(ordinal)
-        .or_insert_with(|| {
-            let r = load(ordinal);
-            if let Err(e) = &r {
-                eprintln!("warning: the training kernels are not used on cuda:{ordinal} (tensor operations instead): {e}");
-            }
-            r
-        })
-        .clone()
+    BUILT.get(&ordinal, || load(ordinal))
+}
+
+/// Build the kernels of device `ordinal` now where they are on (so that
+/// their first use finds them built); a failure is reported as at first use.
+pub fn prebuild(ordinal: usize) {
+    if kernels_enabled() {
+        let _ = loaded(ordinal);
+    }
 }
 
 fn launch_on(a: &KernelArgs) -> Result<(), String> {

@@ -12,6 +12,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::kernels::built::Built;
+
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tch::{Kind, Tensor};
@@ -71,12 +73,16 @@ static PREFETCH: sigma_data::env::ProcessSwitch =
 /// What one compiled module is for: the device, the shape, the rows
 /// loaded ahead, the head groups.
 type Key = (usize, DecodeShape, Rows, i64);
-type Cache = Mutex<HashMap<Key, std::result::Result<Arc<Loaded>, String>>>;
 
-fn cache() -> &'static Cache {
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    CACHE.get_or_init(Default::default)
-}
+/// Every decode module built by this process (failures included).
+static BUILT: Built<Key, Loaded> = Built::new(|&(o, s, rows, groups), e| {
+    eprintln!(
+        "warning: the DiffQKV decode kernel{} loading {}/{} rows ahead in {groups} head groups does not compile for {s:?} on cuda:{o} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
+        if rows.local { " (warp-local)" } else { "" },
+        rows.uk,
+        rows.uv
+    )
+});
 
 fn load(
     ordinal: usize,
@@ -120,85 +126,34 @@ fn load(
 
 /// The kernels for `shape` on CUDA device `ordinal` (with `rows` loaded
 /// ahead, the heads in `groups` groups: [`DecodeShape::takes_groups`]),
-/// compiled on first use; a failure is printed once and remembered.
+/// compiled on first use (or waited for where another thread is compiling
+/// them); a failure is printed once and remembered.
 pub fn kernels(
     ordinal: usize,
     shape: DecodeShape,
     rows: Rows,
     groups: i64,
 ) -> std::result::Result<Arc<Loaded>, String> {
-    let key = (ordinal, shape, rows, groups);
-    let built = |c: &Cache| {
-        let c = c.lock().unwrap_or_else(|e| e.into_inner());
-        c.get(&key).cloned()
-    };
-    // Each step of each layer asks: one lookup where the kernel is built.
-    if let Some(r) = built(cache()) {
-        return r;
-    }
-    prepare(ordinal, shape, &[(rows, groups)]);
-    built(cache())
-        .unwrap_or_else(|| Err("the kernel was not built (no entry after building)".into()))
+    BUILT.get(&(ordinal, shape, rows, groups), || {
+        load(ordinal, shape, rows, groups)
+    })
 }
 
 /// Build the kernels of `shape` on device `ordinal` for every (rows, head
 /// groups) in `wanted` that is not built yet, in parallel threads (at
 /// most one a core): a search's candidates, which one after another took
-/// most of a first search's time. Each result, failures included, is
-/// remembered and a failure printed once, as [`kernels`] does; no lock is
-/// held while compiling (two threads asking for one module at once may
-/// both build it; the first result is kept).
+/// most of a first search's time, or the modules a generation will use
+/// ([`crate::infer::prebuild`]). Results and failures are those
+/// [`kernels`] then returns.
 pub fn prepare(ordinal: usize, shape: DecodeShape, wanted: &[(Rows, i64)]) {
-    let missing: Vec<Key> = {
-        let c = cache().lock().unwrap_or_else(|e| e.into_inner());
-        let mut m: Vec<Key> = Vec::new();
-        for &(rows, groups) in wanted {
-            let k = (ordinal, shape, rows, groups);
-            if !c.contains_key(&k) && !m.contains(&k) {
-                m.push(k);
-            }
+    let mut keys: Vec<Key> = Vec::with_capacity(wanted.len());
+    for &(rows, groups) in wanted {
+        let k = (ordinal, shape, rows, groups);
+        if !keys.contains(&k) {
+            keys.push(k);
         }
-        m
-    };
-    let built = in_parallel(&missing, |&(o, s, r, g)| load(o, s, r, g));
-    let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
-    for ((o, s, rows, groups), r) in missing.into_iter().zip(built) {
-        c.entry((o, s, rows, groups)).or_insert_with(|| {
-            if let Err(e) = &r {
-                eprintln!(
-                    "warning: the DiffQKV decode kernel{} loading {}/{} rows ahead in {groups} head groups does not compile for {s:?} on cuda:{o} (its plans are not used; where no kernel compiles, tensor operations run): {e}",
-                    if rows.local { " (warp-local)" } else { "" },
-                    rows.uk,
-                    rows.uv
-                );
-            }
-            r
-        });
     }
-}
-
-/// `f` of every item, in item order, computed on rayon's threads (on this
-/// thread where there is one item). An item whose `f` panics is an error
-/// carrying the panic's message.
-fn in_parallel<T: Sync, R: Send>(
-    items: &[T],
-    f: impl Fn(&T) -> std::result::Result<R, String> + Sync,
-) -> Vec<std::result::Result<R, String>> {
-    use rayon::prelude::*;
-    let run = |item: &T| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item))).unwrap_or_else(|p| {
-            let why = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(format!("its build panicked: {why}"))
-        })
-    };
-    if items.len() <= 1 {
-        return items.iter().map(run).collect();
-    }
-    items.par_iter().map(run).collect()
+    BUILT.build_all(&keys, |&(o, s, r, g)| load(o, s, r, g));
 }
 
 /// The counters of the folded combine for `batch` sequences on `stream`
@@ -503,41 +458,6 @@ mod tests {
     use super::*;
     use crate::kernels::decode::{compile, cuda_build, ptx_param_sizes, skip_unless_ci};
 
-    /// Results come back in the items' order whatever thread computed
-    /// them, and a panicking item is an error of its own with the panic's
-    /// message, not the others' (on a worker thread or alone).
-    #[test]
-    fn parallel_builds_keep_the_order_and_contain_a_panic() {
-        let items: Vec<u64> = (0..37).collect();
-        let out = in_parallel(&items, |&i| {
-            if i == 13 {
-                panic!("item 13 fails");
-            }
-            // Uneven work, so that threads finish out of order.
-            std::thread::sleep(std::time::Duration::from_millis((37 - i) % 5));
-            Ok(i * i)
-        });
-        assert_eq!(out.len(), 37);
-        for (i, r) in out.iter().enumerate() {
-            match r {
-                Ok(v) => assert_eq!(*v, (i * i) as u64, "item {i}"),
-                Err(e) => {
-                    assert_eq!(i, 13, "item {i}: {e}");
-                    assert!(e.contains("panicked: item 13 fails"), "{e}");
-                }
-            }
-        }
-        assert!(out[13].is_err());
-        let one = in_parallel(&[5u64], |&i| Ok::<_, String>(i + 1));
-        assert_eq!(one, vec![Ok(6)]);
-        let alone = in_parallel(&[5u64], |&i| -> std::result::Result<u64, String> {
-            panic!("alone {i}")
-        });
-        assert_eq!(alone, vec![Err("its build panicked: alone 5".to_string())]);
-        let none: Vec<std::result::Result<u64, String>> = in_parallel(&[], |&i: &u64| Ok(i));
-        assert!(none.is_empty());
-    }
-
     /// NVRTC compiles a search's kernels in parallel threads to the same
     /// machine code (sm_90, what a device loads), byte for byte, as one
     /// after another: every rows and head groups of SIGMA-1.5B's shape
@@ -565,7 +485,10 @@ mod tests {
                 true,
             )
         };
-        let parallel = in_parallel(&builds, build);
+        let parallel: Vec<_> = {
+            use rayon::prelude::*;
+            builds.par_iter().map(build).collect()
+        };
         for (b, p) in builds.iter().zip(parallel) {
             let p = p.unwrap_or_else(|e| panic!("{b:?}: {e}"));
             assert!(p.starts_with(b"\x7fELF"), "{b:?}: not an ELF image");

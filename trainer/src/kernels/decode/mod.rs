@@ -62,6 +62,22 @@ pub fn set_decode_kernel(on: bool) {
     DECODE_KERNEL.set(on);
 }
 
+/// Build now, in parallel, every kernel that decoding steps of `shape` on
+/// CUDA device `ordinal` may launch ([`plan::kernels_used`]: the search's
+/// candidates, or the fixed rule's kernel under `SIGMA_DECODE_TUNING`), so
+/// that the first step finds them built; nothing where the kernel is off,
+/// cannot take the shape, or the tuning variable is bad (the step reports
+/// that). Failures are reported as at first use.
+pub fn prebuild(ordinal: usize, shape: DecodeShape) {
+    if !decode_kernel_enabled() || shape.unsupported().is_some() {
+        return;
+    }
+    let Ok(fixed) = tune::env_tuning() else {
+        return;
+    };
+    launch::prepare(ordinal, shape, &plan::kernels_used(&shape, fixed.as_ref()));
+}
+
 /// Whether the kernel would run for these operands; Err says why not
 /// (for benchmarks and checks that must not silently time the fallback).
 pub fn decode_kernel_available(

@@ -427,6 +427,40 @@ pub fn candidates(shape: &DecodeShape, len: i64) -> Vec<Plan> {
     out
 }
 
+/// The kernels (rows loaded ahead and form, head groups) that decoding
+/// steps of `shape` may launch, each once: the one a step starts from
+/// (`fixed`'s rows, else [`Rows::DEFAULT`], in one group), then under a
+/// fixed rule (`SIGMA_DECODE_TUNING`) that rule's plan's, else every
+/// search candidate's at any context (the union of [`candidates`] over
+/// all lengths). What a generation builds ahead (`infer::prebuild`).
+pub fn kernels_used(shape: &DecodeShape, fixed: Option<&Tuning>) -> Vec<(Rows, i64)> {
+    let mut out = vec![(fixed.map_or(Rows::DEFAULT, |t| t.rows_for(shape)), 1)];
+    let mut add = |k: (Rows, i64)| {
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    };
+    match fixed {
+        Some(t) => {
+            // The rule's kernel depends on neither batch, length nor device.
+            let p = shape.plan(1, 32, 1, t);
+            add((p.rows, p.groups));
+        }
+        None => {
+            for groups in shape.groups() {
+                let g = shape.grouped(groups);
+                let most = g.max_chunk(i64::MAX, false);
+                for rows in ROWS {
+                    if CHUNKS.iter().any(|&c| c <= most && g.fits(c, rows.local)) {
+                        add((rows, groups));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Whether a launch asks L2 for its chunks before it waits on the kernels
 /// before it: unless `allowed` is off (`SIGMA_DECODE_PREFETCH`), where the
 /// launch's K and V (`bytes`) take at most half of L2 (`l2_bytes`); more
@@ -757,6 +791,87 @@ pub(crate) mod tests {
             d_v: 16,
         };
         assert!(candidates(&small, 65536).iter().any(|p| p.chunk == 2048));
+    }
+
+    /// What a generation builds ahead is exactly what its steps can ask
+    /// for: every candidate's kernel at any context (and no other), the
+    /// starting kernel first; under a fixed rule the starting kernel and
+    /// the rule's plan's, whatever the batch, context or device.
+    #[test]
+    fn the_kernels_built_ahead_are_those_the_steps_launch() {
+        let shapes = [
+            sigma_1_5b(),
+            DecodeShape {
+                n_k: 1,
+                ..sigma_1_5b()
+            },
+            DecodeShape {
+                n_q: 16,
+                n_k: 16,
+                n_v: 16,
+                d_k: 64,
+                d_v: 64,
+            },
+            DecodeShape {
+                n_q: 8,
+                n_k: 2,
+                n_v: 4,
+                d_k: 16,
+                d_v: 16,
+            },
+            DecodeShape {
+                n_q: 4,
+                n_k: 4,
+                n_v: 4,
+                d_k: 256,
+                d_v: 256,
+            },
+        ];
+        for s in shapes {
+            let used = kernels_used(&s, None);
+            assert_eq!(used[0], (Rows::DEFAULT, 1), "{s:?}");
+            for (i, k) in used.iter().enumerate() {
+                assert!(!used[i + 1..].contains(k), "{s:?}: {k:?} twice");
+            }
+            let mut union: Vec<(Rows, i64)> = Vec::new();
+            for len in [1, 31, 32, 100, 4096, 65536, 1 << 20] {
+                for p in candidates(&s, len) {
+                    assert!(used.contains(&(p.rows, p.groups)), "{s:?} {len}: {p:?}");
+                    if !union.contains(&(p.rows, p.groups)) {
+                        union.push((p.rows, p.groups));
+                    }
+                }
+            }
+            let extra: Vec<_> = used.iter().filter(|k| !union.contains(k)).collect();
+            // Only the starting kernel may be no candidate (a shape whose
+            // one-group block fits no chunk of the default rows).
+            assert!(extra.is_empty() || extra == [&used[0]], "{s:?}: {extra:?}");
+        }
+        let s = sigma_1_5b();
+        assert_eq!(
+            kernels_used(&s, None).len(),
+            12,
+            "SIGMA-1.5B's search builds 12 modules"
+        );
+        let t = Tuning {
+            groups: 4,
+            local: true,
+            uk: 2,
+            ..Tuning::DEFAULT
+        };
+        let fixed = kernels_used(&s, Some(&t));
+        let start = t.rows_for(&s);
+        for (batch, len, sms) in [(1, 4096, 132), (64, 65536, 114), (3, 40, 8)] {
+            let p = s.plan(batch, len, sms, &t);
+            assert!(fixed.contains(&(p.rows, p.groups)), "{p:?}");
+        }
+        assert_eq!(fixed[0], (start, 1));
+        assert!(fixed.len() <= 2);
+        let one = Tuning {
+            groups: 1,
+            ..Tuning::DEFAULT
+        };
+        assert_eq!(kernels_used(&s, Some(&one)), [(Rows::DEFAULT, 1)]);
     }
 
     #[test]

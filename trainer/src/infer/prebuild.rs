@@ -1,0 +1,151 @@
+//! The kernels a generation on a GPU will use, built while its model
+//! loads. sigma's own kernels are compiled by NVRTC at their first use
+//! (or loaded from the kernel cache, `SIGMA_KERNEL_CACHE`); on a machine
+//! whose cache is empty, compiling them one set after another at their
+//! first use cost seconds of the first batch (docs/benchmarks.md). A
+//! [`Prebuild`] compiles them all at once, on threads of its own, while
+//! the checkpoint is read and moved to the device: the training kernels
+//! (the prefill's norms and RoPE), the matrix-vector kernels of the
+//! batch's rows and every DiffQKV decode kernel that the first step's
+//! search may time. A kernel asked for while it is being built is waited
+//! for, not built twice (`kernels::built`). [`Prebuild::wait`] (or drop)
+//! joins it, before the first step, so no module is loaded while a
+//! decoding step is recorded as a CUDA graph.
+
+use tch::Device;
+
+use crate::config::ModelConfig;
+use crate::kernels::decode::DecodeShape;
+
+/// Kernels being built on a thread of their own (none off a GPU).
+pub struct Prebuild(Option<std::thread::JoinHandle<()>>);
+
+impl Prebuild {
+    /// Start building the kernels that generating with a model of `cfg`
+    /// for `batch` sequences at a time on `device` will use. Nothing
+    /// happens off a CUDA device, and a thread that cannot be started
+    /// leaves the kernels to their first use.
+    pub fn start(cfg: &ModelConfig, device: Device, batch: i64) -> Prebuild {
+        let Device::Cuda(ordinal) = device else {
+            return Prebuild(None);
+        };
+        let shape = attention_shape(cfg);
+        let spawned = std::thread::Builder::new()
+            .name("sigma-kernel-prebuild".into())
+            .spawn(move || {
+                use crate::kernels::{decode, gemv, training};
+                rayon::join(
+                    || decode::prebuild(ordinal, shape),
+                    || {
+                        rayon::join(
+                            || training::prebuild(ordinal),
+                            || gemv::prebuild(ordinal, batch),
+                        )
+                    },
+                );
+            });
+        Prebuild(spawned.ok())
+    }
+
+    /// Wait until every kernel it builds is built (or failed, reported).
+    pub fn wait(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        if let Some(h) = self.0.take() {
+            // A panic there was caught per kernel; nothing else can panic.
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Prebuild {
+    /// Joined, so that no kernel cache file is left half-written.
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// The heads and dimensions of a decoding step's attention for a model of
+/// `cfg`, as the decode kernel sees them: query heads, the cache's key
+/// heads at the dot-product dimension (the keys it reads, expanded where
+/// the projected reading caches them compressed) and value heads.
+pub fn attention_shape(cfg: &ModelConfig) -> DecodeShape {
+    DecodeShape {
+        n_q: cfg.num_q_heads as i64,
+        n_k: cfg.num_k_heads as i64,
+        n_v: cfg.num_v_heads as i64,
+        d_k: cfg.dot_dim() as i64,
+        d_v: cfg.v_head_dim as i64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KCompression;
+    use crate::infer::cache::{KeyCache, KvCache};
+    use crate::infer::generate::STEP_SHAPES;
+    use crate::model::{Model, ModelInit};
+    use tch::{Kind, Tensor};
+
+    /// The shape built ahead is the one every decoding step's attention
+    /// asks for: with and without AugQ, K heads fewer or more than V heads,
+    /// K compressed by projection (keys cached expanded or compressed) or
+    /// natively, K and V of different widths.
+    #[test]
+    fn the_shape_built_ahead_is_the_one_the_steps_ask_for() {
+        let cfg = |nk, nv, aug, kc, k_dim| ModelConfig {
+            vocab_size: 61,
+            d_model: 32,
+            num_layers: 2,
+            ffn_dim: 48,
+            num_q_heads: 8,
+            num_k_heads: nk,
+            num_v_heads: nv,
+            qk_head_dim: 8,
+            v_head_dim: 6,
+            aug_q_dim: aug,
+            k_compression: kc,
+            k_dim,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+            init_std: 0.3,
+        };
+        let configs = [
+            cfg(2, 4, 0, KCompression::None, None),
+            cfg(4, 2, 0, KCompression::None, None),
+            cfg(1, 8, 40, KCompression::None, None),
+            cfg(2, 4, 40, KCompression::Projected, Some(4)),
+            cfg(2, 4, 0, KCompression::Native, Some(4)),
+        ];
+        for c in configs {
+            let m = Model::new(&c, &ModelInit::cpu(3));
+            for keys in [KeyCache::Expanded, KeyCache::Compressed] {
+                let mut cache = KvCache::with_keys(&m, 2, 8, Device::Cpu, keys).expect("cache");
+                let prompt = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([2, 3]);
+                let valid = Tensor::ones([2, 3], (Kind::Bool, Device::Cpu));
+                STEP_SHAPES.with(|s| s.borrow_mut().clear());
+                tch::no_grad(|| -> crate::error::Result<()> {
+                    let _ = m.plain().prefill(&mut cache, &prompt, &valid)?;
+                    let _ = m
+                        .plain()
+                        .decode_step(&mut cache, &Tensor::from_slice(&[7i64, 8]))?;
+                    Ok(())
+                })
+                .expect("a prefill and a step");
+                let seen = STEP_SHAPES.with(|s| s.borrow().clone());
+                assert_eq!(
+                    seen.len(),
+                    c.num_layers,
+                    "{c:?} {keys:?}: one attention a layer"
+                );
+                for s in seen {
+                    assert_eq!(s, attention_shape(&c), "{c:?} {keys:?}");
+                }
+            }
+        }
+    }
+}
