@@ -139,7 +139,9 @@ fi
 # every module from there (no file rewritten), then compile again and
 # restore files whose machine code was damaged (their header kept).
 kc=$out/kernel-cache
-listing() { (cd "$kc" && find . -name '[!.]*.cubin' -printf '%f %s %T@\n' | sort); }
+# A file written again is a new file (renamed into place: another inode);
+# a load only renews its time, which the listing leaves out.
+listing() { (cd "$kc" && find . -name '[!.]*.cubin' -printf '%f %s %i\n' | sort); }
 sums() { (cd "$kc" && sha256sum -- *.cubin); }
 if SIGMA_KERNEL_CACHE=$kc $sigma bench decode --check --device cuda > "$out/decode.log" 2>&1; then
   ok decode "$(tail -1 "$out/decode.log")"

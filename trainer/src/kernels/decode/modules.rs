@@ -6,11 +6,16 @@
 //! macros and the target, the whole source) and starts with a line
 //! carrying that hash and the code's length and sha256, so a file is only
 //! ever used for the compile that made it, and only whole; files are written whole under a temporary name and renamed
-//! into place. Nothing removes old files: each is the code of one source,
+//! into place. The directory is kept within [`CACHE_BYTES`]: a process
+//! that writes a file first removes the least recently used ones beyond
+//! that (a file's time is renewed whenever a process loads it), and the
+//! temporaries of writers that died. Each file is the code of one source,
 //! macro set and device (tens to a few hundred KB), and the directory may
 //! be deleted at any time.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use cudarc::driver::{CudaContext, CudaModule};
 
@@ -44,12 +49,66 @@ fn cache_hash(version: &str, options: &[String], text: &str) -> String {
 /// file is there, was written for it, holds the code its header describes
 /// (length and sha256) and that code is an ELF image (the driver takes
 /// PTX text too, so anything else is refused here).
-fn read_cached(path: &std::path::Path, hash: &str) -> Option<Vec<u8>> {
+fn read_cached(path: &Path, hash: &str) -> Option<Vec<u8>> {
     let bytes = std::fs::read(path).ok()?;
     let end = bytes.iter().position(|&b| b == b'\n')?;
     let code = &bytes[end + 1..];
     let intact = bytes[..=end] == *cache_header(hash, code).as_bytes();
-    (intact && code.starts_with(ELF)).then(|| code.to_vec())
+    let found = (intact && code.starts_with(ELF)).then(|| code.to_vec());
+    if found.is_some() {
+        // Recently used: the last to be pruned (a read-only cache stays as it is).
+        let _ = std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(SystemTime::now()));
+    }
+    found
+}
+
+/// The most bytes the kernel cache directory keeps (about a thousand
+/// modules): beyond it, the least recently used files are removed.
+const CACHE_BYTES: u64 = 256 << 20;
+
+/// Temporaries older than this are a dead writer's and removed.
+const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
+
+/// Bring the cache directory `dir` within `bound` bytes of cached files:
+/// when they take more, the least recently used (by their time, renewed
+/// at each load) are removed until they take at most three quarters of
+/// it; hidden temporaries (`.NAME.tmp-...`) older than an hour go too.
+/// Other files are left alone, and a file that cannot be removed (another
+/// process's, removed already) is skipped.
+fn prune(dir: &Path, bound: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    let mut kept: Vec<(SystemTime, u64, std::path::PathBuf)> = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = e.metadata() else { continue };
+        let time = meta.modified().unwrap_or(now);
+        if name.starts_with('.') && name.contains(".tmp-") {
+            if now.duration_since(time).unwrap_or_default() > STALE_TEMPORARY {
+                let _ = std::fs::remove_file(e.path());
+            }
+        } else if meta.is_file() && name.ends_with(".cubin") {
+            kept.push((time, meta.len(), e.path()));
+        }
+    }
+    let mut total: u64 = kept.iter().map(|k| k.1).sum();
+    if total <= bound {
+        return;
+    }
+    kept.sort();
+    for (_, len, path) in kept {
+        if total <= bound / 4 * 3 {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
+    }
 }
 
 /// The first bytes of an ELF image, as NVRTC's machine code is.
@@ -57,8 +116,12 @@ const ELF: &[u8] = b"\x7fELF";
 
 /// Keep `code` for `hash` at `path` (written whole, then renamed into
 /// place); a failure is a warning, once a process.
-fn write_cached(path: &std::path::Path, hash: &str, code: &[u8]) {
+fn write_cached(path: &Path, hash: &str, code: &[u8]) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static PRUNED: std::sync::Once = std::sync::Once::new();
+    if let Some(dir) = path.parent() {
+        PRUNED.call_once(|| prune(dir, CACHE_BYTES));
+    }
     let mut bytes = cache_header(hash, code).into_bytes();
     bytes.extend_from_slice(code);
     if let Err(e) = sigma_data::fsutil::write_atomic(path, &bytes) {
@@ -200,5 +263,54 @@ mod tests {
         std::fs::write(&blocked, b"x").expect("write");
         write_cached(&blocked.join("k.cubin"), &h1, &code);
         assert_eq!(read_cached(&blocked.join("k.cubin"), &h1), None);
+    }
+
+    /// Beyond its bound the cache loses its least recently used files
+    /// (a load renews a file's time) down to three quarters of the bound;
+    /// within it nothing goes; stale temporaries go, fresh ones (a writer
+    /// at work) and other files stay.
+    #[test]
+    fn the_cache_keeps_its_most_recently_used_files_within_its_bound() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let now = SystemTime::now();
+        let at = |name: &str, len: usize, age_s: u64| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, vec![1u8; len]).expect("write");
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_modified(now - Duration::from_secs(age_s)))
+                .expect("set the time");
+            p
+        };
+        // Ten files of 100 bytes, the first the oldest.
+        let files: Vec<_> = (0..10)
+            .map(|i| at(&format!("{i:02}.cubin"), 100, 1000 - 10 * i as u64))
+            .collect();
+        let stale = at(".05.cubin.tmp-1-0.cubin", 50, 7200);
+        let fresh = at(".06.cubin.tmp-1-1.cubin", 50, 10);
+        let other = at("notes.txt", 5000, 9000);
+        prune(dir.path(), 1000);
+        assert!(files.iter().all(|f| f.exists()), "within the bound nothing goes");
+        assert!(!stale.exists() && fresh.exists() && other.exists());
+        // A load renews the oldest; over a bound of 800, down to 600.
+        let h = "c".repeat(64);
+        let code = b"\x7fELF code".to_vec();
+        let first = dir.path().join(format!("{h}.cubin"));
+        write_cached(&first, &h, &code);
+        std::fs::File::options()
+            .write(true)
+            .open(&first)
+            .and_then(|f| f.set_modified(now - Duration::from_secs(5000)))
+            .expect("set the time");
+        assert_eq!(read_cached(&first, &h), Some(code));
+        prune(dir.path(), 800);
+        let left: Vec<bool> = files.iter().map(|f| f.exists()).collect();
+        // The files' 1,000 bytes and the loaded one's 162: the six oldest go
+        // (562 left; five would leave 662).
+        assert_eq!(std::fs::metadata(&first).map(|m| m.len()).ok(), Some(162));
+        assert_eq!(left, [false, false, false, false, false, false, true, true, true, true]);
+        assert!(first.exists(), "the file just loaded stays");
+        assert!(fresh.exists() && other.exists());
     }
 }
