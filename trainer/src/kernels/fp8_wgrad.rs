@@ -268,7 +268,13 @@ fn plan(s: &mut State, key: Key) -> Result<&Plan, String> {
 
 /// `main += (gy^T x) * (s_gy * s_x)` on `stream` (libtorch's current one)
 /// by one cuBLASLt FP8 GEMM with fp32 accumulation and beta = 1.
-pub fn accumulate(g: &Accum, stream: *mut c_void) -> Result<(), String> {
+///
+/// # Safety
+/// `g`'s pointers must be live device memory of device `g.device` with the
+/// extents `g` states (x^T and gy^T contiguous, `main` contiguous fp32,
+/// each scale one fp32, a workspace of `g.workspace_bytes`), and `stream`
+/// a live CUDA stream of that device on which they are ordered.
+pub unsafe fn accumulate(g: &Accum, stream: *mut c_void) -> Result<(), String> {
     static STATE: OnceLock<Result<Mutex<State>, String>> = OnceLock::new();
     let state = STATE
         .get_or_init(|| {
@@ -374,7 +380,8 @@ mod tests {
             workspace: null,
             workspace_bytes: 0,
         };
-        let e = accumulate(&g, null).expect_err("no GPU");
+        // SAFETY: without a GPU the call is refused before any pointer is used.
+        let e = unsafe { accumulate(&g, null) }.expect_err("no GPU");
         eprintln!("refused: {e}");
         assert!(e.contains("cuBLASLt"), "{e}");
     }

@@ -220,8 +220,11 @@ fn launch_on(a: &KernelArgs) -> Result<(), String> {
             workspace: a.e as *mut c_void,
             workspace_bytes: usize::try_from(a.blocks).map_err(|_| "workspace size")?,
         };
-        return crate::kernels::fp8_wgrad::accumulate(&g, stream.cu_stream() as *mut c_void)
-            .map_err(|e| format!("the FP8 weight-gradient GEMM on cuda:{ordinal}: {e}"));
+        // SAFETY: the shim passes live device tensors of these extents on
+        // this device, ordered on libtorch's current stream, read above.
+        let r =
+            unsafe { crate::kernels::fp8_wgrad::accumulate(&g, stream.cu_stream() as *mut c_void) };
+        return r.map_err(|e| format!("the FP8 weight-gradient GEMM on cuda:{ordinal}: {e}"));
     }
     let cfg = grid(a, &k)?;
     if cfg.grid_dim.0 == 0 {

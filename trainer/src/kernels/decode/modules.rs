@@ -291,7 +291,10 @@ mod tests {
         let fresh = at(".06.cubin.tmp-1-1.cubin", 50, 10);
         let other = at("notes.txt", 5000, 9000);
         prune(dir.path(), 1000);
-        assert!(files.iter().all(|f| f.exists()), "within the bound nothing goes");
+        assert!(
+            files.iter().all(|f| f.exists()),
+            "within the bound nothing goes"
+        );
         assert!(!stale.exists() && fresh.exists() && other.exists());
         // A load renews the oldest; over a bound of 800, down to 600.
         let h = "c".repeat(64);
@@ -309,7 +312,10 @@ mod tests {
         // The files' 1,000 bytes and the loaded one's 162: the six oldest go
         // (562 left; five would leave 662).
         assert_eq!(std::fs::metadata(&first).map(|m| m.len()).ok(), Some(162));
-        assert_eq!(left, [false, false, false, false, false, false, true, true, true, true]);
+        assert_eq!(
+            left,
+            [false, false, false, false, false, false, true, true, true, true]
+        );
         assert!(first.exists(), "the file just loaded stays");
         assert!(fresh.exists() && other.exists());
     }
