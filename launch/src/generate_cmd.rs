@@ -167,9 +167,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     } else {
         a.batch.min(prompts.len())
     };
+    // The batches' sizes: `batch`, and a smaller last one.
+    let sizes: Vec<i64> = [batch, prompts.len().checked_rem(batch).unwrap_or(0)]
+        .into_iter()
+        .filter(|&b| b > 0)
+        .map(|b| b as i64)
+        .collect();
     let mut prebuild = None;
     let loaded = load_with(&a.checkpoint, device, &mut |cfg| {
-        prebuild = Some(Prebuild::start(cfg, device, batch as i64));
+        prebuild = Some(Prebuild::start(cfg, device, &sizes));
     })?;
     if let Some(n) = loaded.run.as_ref().and_then(|r| r.train.cpu_threads) {
         tch::set_num_threads(n as i32);

@@ -3,14 +3,16 @@
 //! (or loaded from the kernel cache, `SIGMA_KERNEL_CACHE`); on a machine
 //! whose cache is empty, compiling them one set after another at their
 //! first use cost seconds of the first batch (docs/benchmarks.md). A
-//! [`Prebuild`] compiles them all at once, on threads of its own, while
-//! the checkpoint is read and moved to the device: the training kernels
-//! (the prefill's norms and RoPE), the matrix-vector kernels of the
-//! batch's rows and every DiffQKV decode kernel that the first step's
-//! search may time. A kernel asked for while it is being built is waited
-//! for, not built twice (`kernels::built`). [`Prebuild::wait`] (or drop)
-//! joins it, before the first step, so no module is loaded while a
-//! decoding step is recorded as a CUDA graph.
+//! [`Prebuild`] compiles them all at once, from a thread of its own (its
+//! compiles on rayon's pool), while the checkpoint is read and moved to
+//! the device: the training kernels (the prefill's norms and RoPE), the
+//! matrix-vector kernels of the batches' rows and every DiffQKV decode
+//! kernel that a step's search may time. A kernel asked for while it is
+//! being built is waited for, not built twice (`kernels::built`).
+//! [`Prebuild::wait`] (or drop) joins it before the first batch runs.
+//! Still built at first use: the matrix-vector kernels of a one- or
+//! two-token prompt's prefill, and a decode kernel that a tuning cache
+//! file names with rows no search offers.
 
 use tch::Device;
 
@@ -22,14 +24,15 @@ pub struct Prebuild(Option<std::thread::JoinHandle<()>>);
 
 impl Prebuild {
     /// Start building the kernels that generating with a model of `cfg`
-    /// for `batch` sequences at a time on `device` will use. Nothing
-    /// happens off a CUDA device, and a thread that cannot be started
-    /// leaves the kernels to their first use.
-    pub fn start(cfg: &ModelConfig, device: Device, batch: i64) -> Prebuild {
+    /// on `device`, in batches of each size in `batches`, will use.
+    /// Nothing happens off a CUDA device, and a thread that cannot be
+    /// started leaves the kernels to their first use.
+    pub fn start(cfg: &ModelConfig, device: Device, batches: &[i64]) -> Prebuild {
         let Device::Cuda(ordinal) = device else {
             return Prebuild(None);
         };
         let shape = attention_shape(cfg);
+        let batches = batches.to_vec();
         let spawned = std::thread::Builder::new()
             .name("sigma-kernel-prebuild".into())
             .spawn(move || {
@@ -39,7 +42,7 @@ impl Prebuild {
                     || {
                         rayon::join(
                             || training::prebuild(ordinal),
-                            || gemv::prebuild(ordinal, batch),
+                            || batches.iter().for_each(|&b| gemv::prebuild(ordinal, b)),
                         )
                     },
                 );
@@ -54,14 +57,17 @@ impl Prebuild {
 
     fn join(&mut self) {
         if let Some(h) = self.0.take() {
-            // A panic there was caught per kernel; nothing else can panic.
+            // Each kernel's build catches its own panic; whatever else
+            // failed there leaves its kernels to their first use.
             let _ = h.join();
         }
     }
 }
 
 impl Drop for Prebuild {
-    /// Joined, so that no kernel cache file is left half-written.
+    /// Joined, so that the process never exits while that thread is inside
+    /// NVRTC or the CUDA driver (a command that fails after the model's
+    /// configuration was read waits for the builds first).
     fn drop(&mut self) {
         self.join();
     }

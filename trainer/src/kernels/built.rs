@@ -50,6 +50,9 @@ where
 
     /// The kernels of `key`: built by `build` where no thread built them
     /// yet; where another thread is building them, its result once done.
+    /// `build` must not use rayon nor ask for `key` itself: a thread
+    /// waiting in rayon could take up a job that asks for the key it is
+    /// building, and a build that asks for its own key never ends.
     pub fn get(&self, key: &K, build: impl FnOnce() -> Outcome<V>) -> Outcome<V> {
         self.cell(key)
             .get_or_init(|| {

@@ -56,13 +56,49 @@ fn read_cached(path: &Path, hash: &str) -> Option<Vec<u8>> {
     let intact = bytes[..=end] == *cache_header(hash, code).as_bytes();
     let found = (intact && code.starts_with(ELF)).then(|| code.to_vec());
     if found.is_some() {
-        // Recently used: the last to be pruned (a read-only cache stays as it is).
-        let _ = std::fs::File::options()
-            .write(true)
-            .open(path)
-            .and_then(|f| f.set_modified(SystemTime::now()));
+        renew(path);
     }
     found
+}
+
+/// Mark the file at `path` as just used (the last to be pruned): its
+/// times set to now, which write access to the file allows (so the loads
+/// of every user of a shared cache count, not only its owner's); a cache
+/// that cannot be written stays as it is.
+fn renew(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::File::open(path) {
+        // SAFETY: an open descriptor; null times mean "now" for both.
+        let _ = unsafe { nix::libc::futimens(f.as_raw_fd(), std::ptr::null()) };
+    }
+}
+
+/// Whether `name` is a file of the cache (`<sha256>.cubin`, as
+/// [`write_cached`] names them), or the temporary of one being written
+/// (`.<sha256>.cubin.tmp-<pid>-<n>.cubin`, fsutil's); nothing else in the
+/// directory is ever removed.
+fn cache_file(name: &str) -> bool {
+    let hex = |s: &str| {
+        s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    name.strip_suffix(".cubin").is_some_and(hex)
+}
+
+fn cache_temporary(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some(rest) = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".cubin"))
+    else {
+        return false;
+    };
+    let Some((file, tag)) = rest.split_once(".tmp-") else {
+        return false;
+    };
+    let pid_n = tag.split_once('-');
+    cache_file(file) && pid_n.is_some_and(|(p, n)| digits(p) && digits(n))
 }
 
 /// The most bytes the kernel cache directory keeps (about a thousand
@@ -72,12 +108,13 @@ const CACHE_BYTES: u64 = 256 << 20;
 /// Temporaries older than this are a dead writer's and removed.
 const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
-/// Bring the cache directory `dir` within `bound` bytes of cached files:
-/// when they take more, the least recently used (by their time, renewed
-/// at each load) are removed until they take at most three quarters of
-/// it; hidden temporaries (`.NAME.tmp-...`) older than an hour go too.
-/// Other files are left alone, and a file that cannot be removed (another
-/// process's, removed already) is skipped.
+/// Bring the cache directory `dir` within `bound` bytes of cache files
+/// ([`cache_file`]): when they take more, the least recently used (by
+/// their time, renewed at each load) are removed until they take at most
+/// three quarters of it; temporaries of cache files older than an hour go
+/// too. Other files are never touched. A file another process removed
+/// meanwhile counts as removed (so processes pruning at once do not
+/// empty the cache between them); one that cannot be removed is skipped.
 fn prune(dir: &Path, bound: u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -88,11 +125,11 @@ fn prune(dir: &Path, bound: u64) {
         let name = e.file_name().to_string_lossy().into_owned();
         let Ok(meta) = e.metadata() else { continue };
         let time = meta.modified().unwrap_or(now);
-        if name.starts_with('.') && name.contains(".tmp-") {
+        if cache_temporary(&name) {
             if now.duration_since(time).unwrap_or_default() > STALE_TEMPORARY {
                 let _ = std::fs::remove_file(e.path());
             }
-        } else if meta.is_file() && name.ends_with(".cubin") {
+        } else if meta.is_file() && cache_file(&name) {
             kept.push((time, meta.len(), e.path()));
         }
     }
@@ -105,8 +142,10 @@ fn prune(dir: &Path, bound: u64) {
         if total <= bound / 4 * 3 {
             break;
         }
-        if std::fs::remove_file(&path).is_ok() {
-            total -= len;
+        match std::fs::remove_file(&path) {
+            Ok(()) => total -= len,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= len,
+            Err(_) => {}
         }
     }
 }
@@ -283,19 +322,28 @@ mod tests {
                 .expect("set the time");
             p
         };
-        // Ten files of 100 bytes, the first the oldest.
+        // Ten cache files of 100 bytes, the first the oldest.
         let files: Vec<_> = (0..10)
-            .map(|i| at(&format!("{i:02}.cubin"), 100, 1000 - 10 * i as u64))
+            .map(|i| at(&format!("{i:064x}.cubin"), 100, 1000 - 10 * i as u64))
             .collect();
-        let stale = at(".05.cubin.tmp-1-0.cubin", 50, 7200);
-        let fresh = at(".06.cubin.tmp-1-1.cubin", 50, 10);
-        let other = at("notes.txt", 5000, 9000);
+        let h5 = format!("{:064x}", 5);
+        let stale = at(&format!(".{h5}.cubin.tmp-1-0.cubin"), 50, 7200);
+        let fresh = at(&format!(".{h5}.cubin.tmp-1-1.cubin"), 50, 10);
+        // Files sigma did not write stay, however old or large.
+        let others = [
+            at("notes.txt", 5000, 9000),
+            at("mine.cubin", 5000, 9000),
+            at(&format!("{}.cubin", "A".repeat(64)), 5000, 9000),
+            at(".mine.cubin.tmp-1-0.cubin", 50, 9000),
+            at(&format!(".{h5}.cubin.tmp-x-0.cubin"), 50, 9000),
+        ];
         prune(dir.path(), 1000);
         assert!(
             files.iter().all(|f| f.exists()),
             "within the bound nothing goes"
         );
-        assert!(!stale.exists() && fresh.exists() && other.exists());
+        assert!(!stale.exists() && fresh.exists());
+        assert!(others.iter().all(|f| f.exists()));
         // A load renews the oldest; over a bound of 800, down to 600.
         let h = "c".repeat(64);
         let code = b"\x7fELF code".to_vec();
@@ -317,6 +365,7 @@ mod tests {
             [false, false, false, false, false, false, true, true, true, true]
         );
         assert!(first.exists(), "the file just loaded stays");
-        assert!(fresh.exists() && other.exists());
+        assert!(fresh.exists() && others.iter().all(|f| f.exists()));
+        assert!(cache_file(&format!("{h}.cubin")) && !cache_file("x.cubin"));
     }
 }
