@@ -671,7 +671,7 @@ fn pick(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{KCompression, ModelConfig};
     use crate::model::{Model, ModelInit};
@@ -703,7 +703,8 @@ mod tests {
         }
     }
 
-    fn configs() -> Vec<(&'static str, ModelConfig)> {
+    /// Small models of every kind of attention decoding takes.
+    pub(crate) fn configs() -> Vec<(&'static str, ModelConfig)> {
         vec![
             ("n_k < n_v", cfg(2, 4, 0, KCompression::None, None)),
             ("n_k > n_v", cfg(4, 2, 0, KCompression::None, None)),

@@ -90,7 +90,6 @@ pub fn attention_shape(cfg: &ModelConfig) -> DecodeShape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KCompression;
     use crate::infer::cache::{KeyCache, KvCache};
     use crate::infer::generate::STEP_SHAPES;
     use crate::model::{Model, ModelInit};
@@ -102,32 +101,7 @@ mod tests {
     /// natively, K and V of different widths.
     #[test]
     fn the_shape_built_ahead_is_the_one_the_steps_ask_for() {
-        let cfg = |nk, nv, aug, kc, k_dim| ModelConfig {
-            vocab_size: 61,
-            d_model: 32,
-            num_layers: 2,
-            ffn_dim: 48,
-            num_q_heads: 8,
-            num_k_heads: nk,
-            num_v_heads: nv,
-            qk_head_dim: 8,
-            v_head_dim: 6,
-            aug_q_dim: aug,
-            k_compression: kc,
-            k_dim,
-            rope_theta: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: true,
-            init_std: 0.3,
-        };
-        let configs = [
-            cfg(2, 4, 0, KCompression::None, None),
-            cfg(4, 2, 0, KCompression::None, None),
-            cfg(1, 8, 40, KCompression::None, None),
-            cfg(2, 4, 40, KCompression::Projected, Some(4)),
-            cfg(2, 4, 0, KCompression::Native, Some(4)),
-        ];
-        for c in configs {
+        for (_, c) in crate::infer::generate::tests::configs() {
             let m = Model::new(&c, &ModelInit::cpu(3));
             for keys in [KeyCache::Expanded, KeyCache::Compressed] {
                 let mut cache = KvCache::with_keys(&m, 2, 8, Device::Cpu, keys).expect("cache");
