@@ -154,12 +154,18 @@ fn prune(dir: &Path, bound: u64) {
 const ELF: &[u8] = b"\x7fELF";
 
 /// Keep `code` for `hash` at `path` (written whole, then renamed into
-/// place); a failure is a warning, once a process.
+/// place), the directory first brought within [`CACHE_BYTES`] when this
+/// process writes there the first time; a failure is a warning, once a
+/// process.
 fn write_cached(path: &Path, hash: &str, code: &[u8]) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    static PRUNED: std::sync::Once = std::sync::Once::new();
+    static PRUNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
     if let Some(dir) = path.parent() {
-        PRUNED.call_once(|| prune(dir, CACHE_BYTES));
+        let mut pruned = PRUNED.lock().unwrap_or_else(|e| e.into_inner());
+        if !pruned.iter().any(|d| d == dir) {
+            pruned.push(dir.to_path_buf());
+            prune(dir, CACHE_BYTES);
+        }
     }
     let mut bytes = cache_header(hash, code).into_bytes();
     bytes.extend_from_slice(code);
@@ -367,5 +373,30 @@ mod tests {
         assert!(first.exists(), "the file just loaded stays");
         assert!(fresh.exists() && others.iter().all(|f| f.exists()));
         assert!(cache_file(&format!("{h}.cubin")) && !cache_file("x.cubin"));
+    }
+
+    /// A process's first write to a cache directory prunes it: an old
+    /// file (sparse, so the test writes nothing) taking more than the
+    /// bound goes, and a second write there does not scan again.
+    #[test]
+    fn the_first_write_to_a_directory_prunes_it() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let big = dir.path().join(format!("{}.cubin", "d".repeat(64)));
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(CACHE_BYTES + 1).expect("a sparse file");
+        f.set_modified(SystemTime::now() - Duration::from_secs(60))
+            .expect("set the time");
+        drop(f);
+        let (h1, h2) = ("e".repeat(64), "f".repeat(64));
+        write_cached(&dir.path().join(format!("{h1}.cubin")), &h1, b"\x7fELF 1");
+        assert!(!big.exists(), "the file beyond the bound went");
+        // Beyond the bound again: the same process does not prune twice.
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(CACHE_BYTES + 1).expect("a sparse file");
+        drop(f);
+        write_cached(&dir.path().join(format!("{h2}.cubin")), &h2, b"\x7fELF 2");
+        assert!(big.exists());
+        assert!(read_cached(&dir.path().join(format!("{h1}.cubin")), &h1).is_some());
+        assert!(read_cached(&dir.path().join(format!("{h2}.cubin")), &h2).is_some());
     }
 }
