@@ -249,40 +249,8 @@ pub fn load_with(
     device: Device,
     on_config: &mut dyn FnMut(&ModelConfig),
 ) -> Result<Loaded> {
-    let mixed = device.is_cuda();
-    let tok_path = path.join(crate::checkpoint::TOKENIZER);
     if path.join(crate::checkpoint::METADATA).is_file() {
-        let mut ck = Checkpoint::open(path)?;
-        if ck.meta.files.contains_key(crate::checkpoint::TOKENIZER) {
-            ck.verify(crate::checkpoint::TOKENIZER)?;
-        }
-        let run = ck.meta.run_config()?;
-        run.model.validate()?;
-        on_config(&run.model);
-        let n = run.model.param_count().unwrap_or(u64::MAX) as f64;
-        check_host_memory(8.0 * n, "loading the checkpoint's model")?;
-        let model = Model::new(
-            &run.model,
-            &ModelInit {
-                seed: run.train.seed,
-                decay_norms: false,
-                decay_embeddings: false,
-                device: Device::Cpu,
-                mixed,
-            },
-        );
-        ck.check_model(&run.model)?;
-        let n = model.params.numel();
-        let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
-        tch::no_grad(|| model.params.flat.shallow_clone().copy_(&w));
-        let model = move_model(model, device);
-        let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
-        return Ok(Loaded {
-            model,
-            opts: frozen(run.train.loss_chunk_tokens),
-            tokenizer,
-            run: Some(run),
-        });
+        return load_checkpoint(path, device, on_config);
     }
     let weights = path.join("model.safetensors");
     if !weights.is_file() || !path.join("config.json").is_file() {
@@ -291,23 +259,72 @@ pub fn load_with(
             "neither a checkpoint (no metadata.json) nor an export (no model.safetensors and config.json)",
         ));
     }
+    load_export(path, &weights, device, on_config)
+}
+
+/// A model of `cfg` on the host, its weights to be overwritten (fp32,
+/// with a bf16 working copy where it will compute on a GPU).
+fn host_model(cfg: &ModelConfig, seed: u64, device: Device) -> Model {
+    Model::new(
+        cfg,
+        &ModelInit {
+            seed,
+            decay_norms: false,
+            decay_embeddings: false,
+            device: Device::Cpu,
+            mixed: device.is_cuda(),
+        },
+    )
+}
+
+/// [`load_with`] of a committed checkpoint directory.
+fn load_checkpoint(
+    path: &Path,
+    device: Device,
+    on_config: &mut dyn FnMut(&ModelConfig),
+) -> Result<Loaded> {
+    let mut ck = Checkpoint::open(path)?;
+    if ck.meta.files.contains_key(crate::checkpoint::TOKENIZER) {
+        ck.verify(crate::checkpoint::TOKENIZER)?;
+    }
+    let run = ck.meta.run_config()?;
+    run.model.validate()?;
+    on_config(&run.model);
+    let n = run.model.param_count().unwrap_or(u64::MAX) as f64;
+    check_host_memory(8.0 * n, "loading the checkpoint's model")?;
+    let model = host_model(&run.model, run.train.seed, device);
+    ck.check_model(&run.model)?;
+    let n = model.params.numel();
+    let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
+    tch::no_grad(|| model.params.flat.shallow_clone().copy_(&w));
+    let model = move_model(model, device);
+    let tok_path = path.join(crate::checkpoint::TOKENIZER);
+    let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
+    Ok(Loaded {
+        model,
+        opts: frozen(run.train.loss_chunk_tokens),
+        tokenizer,
+        run: Some(run),
+    })
+}
+
+/// [`load_with`] of the output of `sigma checkpoint export` (`weights`
+/// its model.safetensors).
+fn load_export(
+    path: &Path,
+    weights: &Path,
+    device: Device,
+    on_config: &mut dyn FnMut(&ModelConfig),
+) -> Result<Loaded> {
+    let tok_path = path.join(crate::checkpoint::TOKENIZER);
     let cfg = exported_model_config(&path.join("config.json"))?;
     check_export_tokenizer(&path.join("config.json"), &tok_path)?;
     let n = cfg.param_count().unwrap_or(u64::MAX) as f64;
     check_host_memory(8.0 * n, "loading the exported model")?;
-    let mut r = crate::checkpoint::safetensors::Reader::open(&weights)?;
-    check_export_shapes(&cfg, &r, &weights)?;
+    let mut r = crate::checkpoint::safetensors::Reader::open(weights)?;
+    check_export_shapes(&cfg, &r, weights)?;
     on_config(&cfg);
-    let model = Model::new(
-        &cfg,
-        &ModelInit {
-            seed: 0,
-            decay_norms: false,
-            decay_embeddings: false,
-            device: Device::Cpu,
-            mixed,
-        },
-    );
+    let model = host_model(&cfg, 0, device);
     tch::no_grad(|| -> Result<()> {
         for (i, spec) in model.params.specs.iter().enumerate() {
             let t = r.read(&spec.name())?;
