@@ -178,6 +178,44 @@ fn exclusive_times(events: &[Event]) -> Vec<(usize, u64, &'static str)> {
     out
 }
 
+/// A kernel's name up to its arguments or template parameters, at most 48
+/// characters (what the chain table prints).
+fn short_name(name: &str) -> String {
+    let end = name.find(['(', '<']).unwrap_or(name.len());
+    name[..end].trim().chars().take(48).collect()
+}
+
+/// What each kernel of a chain of dependent kernels (one stream: a kernel
+/// ends after the one before it, though under programmatic dependent launch
+/// it may start before that one ends) adds to the chain: the kernels in
+/// order of their ends, each adding the time from the previous end to its
+/// own, of which `idle` is the part before it started (the device ran
+/// nothing of the chain). Keyed by the previous kernel's short name and its
+/// own ("a > b"), so one kernel after different ones (a product after the
+/// attention or after another product) is told apart. `(key, adds ns, idle
+/// ns)`; the adds sum to the span from the first start to the last end.
+fn chain_adds(kernels: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
+    let mut order: Vec<&(&str, u64, u64)> = kernels.iter().collect();
+    order.sort_by_key(|&&(_, start, end)| (end, start));
+    let Some(first) = kernels.iter().map(|k| k.1).min() else {
+        return Vec::new();
+    };
+    let (mut prev, mut prev_end) = ("(start)".to_string(), first);
+    let mut out = Vec::with_capacity(order.len());
+    for &&(name, start, end) in &order {
+        let name = short_name(name);
+        let idle = start.saturating_sub(prev_end);
+        out.push((
+            format!("{prev} > {name}"),
+            end.saturating_sub(prev_end),
+            idle,
+        ));
+        prev_end = prev_end.max(end);
+        prev = name;
+    }
+    out
+}
+
 /// Total length of the union of intervals.
 fn busy(mut iv: Vec<(u64, u64)>) -> u64 {
     iv.sort_unstable();
@@ -215,8 +253,14 @@ pub struct Profile {
     pub wall: BTreeMap<String, f64>,
     /// The operators (CPU) or kernels (GPU) that took most time: (name, seconds, count).
     pub top: Vec<(String, f64, u64)>,
+    /// Decoding windows: what each kernel adds to the step's chain of
+    /// kernels ([`chain_adds`]), the largest first: (kernel after kernel,
+    /// seconds added, of them idle, count).
+    pub chain: Vec<(String, f64, f64, u64)>,
     #[serde(skip)]
     by_name: HashMap<String, (f64, u64)>,
+    #[serde(skip)]
+    by_link: HashMap<String, (f64, f64, u64)>,
 }
 
 pub struct Profiler {
@@ -323,6 +367,19 @@ impl Profiler {
         for (cat, name, ns) in named {
             add(cat, name, ns);
         }
+        if w == Window::Decode && self.cuda.is_some() {
+            let k: Vec<(&str, u64, u64)> = events
+                .iter()
+                .filter(|e| e.on_cuda)
+                .map(|e| (e.name.as_str(), e.start, e.start + e.dur))
+                .collect();
+            for (key, adds, idle) in chain_adds(&k) {
+                let e = p.by_link.entry(key).or_default();
+                e.0 += adds as f64 * 1e-9;
+                e.1 += idle as f64 * 1e-9;
+                e.2 += 1;
+            }
+        }
         let host = (wall - device_busy as f64 * 1e-9).max(0.0);
         *p.seconds.entry("host (device idle)".into()).or_default() += host;
     }
@@ -339,6 +396,13 @@ impl Profiler {
         top.sort_by(|a, b| b.1.total_cmp(&a.1));
         top.truncate(40);
         p.top = top;
+        let mut chain: Vec<(String, f64, f64, u64)> = p
+            .by_link
+            .drain()
+            .map(|(k, (a, i, c))| (k, a / n, i / n, c))
+            .collect();
+        chain.sort_by(|a, b| b.1.total_cmp(&a.1));
+        p.chain = chain;
         p.steps = p.steps.max(1);
         p
     }
@@ -389,6 +453,22 @@ impl Profile {
         for (name, s, c) in self.top.iter().take(n) {
             let short: String = name.chars().take(70).collect();
             out += &format!("  {:>9.2} {:>6}  {short}\n", s * 1e3, c);
+        }
+        if !self.chain.is_empty() {
+            let total: f64 = self.chain.iter().map(|c| c.1).sum();
+            out += &format!(
+                "the step's chain of kernels, {:.3} ms/step: what each adds (its end after the \
+                 previous kernel's end; ms/step, of it idle, calls):\n",
+                total * 1e3
+            );
+            for (link, adds, idle, c) in &self.chain {
+                out += &format!(
+                    "  {:>8.3} {:>7.3} {:>6}  {link}\n",
+                    adds * 1e3,
+                    idle * 1e3,
+                    c
+                );
+            }
         }
         out
     }
@@ -479,6 +559,32 @@ mod tests {
                 (4, 5, "elementwise and other")
             ]
         );
+    }
+
+    #[test]
+    fn a_chain_charges_each_kernel_from_the_previous_end_to_its_own() {
+        // b starts before a ends (dependent launch), c after a gap of 5,
+        // b again after c; the kernels come in no particular order.
+        let k = [
+            ("c<float>(int)", 30, 45),
+            ("void a(float*)", 0, 20),
+            ("b", 40, 50),
+            ("b", 10, 25),
+        ];
+        let got = chain_adds(&k);
+        let want = [
+            ("(start) > void a", 20, 0),
+            ("void a > b", 5, 0),
+            ("b > c", 20, 5),
+            ("c > b", 5, 0),
+        ];
+        assert_eq!(got.len(), want.len());
+        for ((key, adds, idle), (wk, wa, wi)) in got.iter().zip(want) {
+            assert_eq!((key.as_str(), *adds, *idle), (wk, wa, wi));
+        }
+        // The adds make up the span from the first start to the last end.
+        assert_eq!(got.iter().map(|g| g.1).sum::<u64>(), 50);
+        assert!(chain_adds(&[]).is_empty());
     }
 
     #[test]
