@@ -48,8 +48,13 @@ pub const SOURCE: &str = concat!(
 /// (rows x k bf16): what a launch gets without opting in to more (48 KiB,
 /// static and dynamic together), less room for the static arrays.
 const NORM_SHARED_BYTES: i64 = 40 * 1024;
-/// Blocks per multiprocessor of a normed launch (fewer than fit: each
-/// normalises the input once, then takes groups of columns in turn).
+/// Blocks per multiprocessor of a normed launch at most (each normalises
+/// the input once, then takes groups of columns in turn); fewer where the
+/// kernel's registers or shared memory let fewer run at once
+/// ([`Loaded::norm_blocks_per_sm`]), so that every block starts at once: a
+/// second wave of blocks would each normalise and take their groups only
+/// after a first block ended (the gated kernel's 80 registers a thread fit
+/// 3 blocks of 256 threads on an H100's multiprocessor, not 4).
 const NORM_BLOCKS_PER_SM: i64 = 4;
 /// Warps per block (the source's GEMV_WARPS).
 const WARPS: u32 = 8;
@@ -146,6 +151,10 @@ struct Loaded {
     pdl: bool,
     /// The device's multiprocessors.
     sms: i64,
+    /// Per kernel ([`Kind4::index`]): the blocks of a normed launch per
+    /// multiprocessor, [`NORM_BLOCKS_PER_SM`] or fewer where fewer fit (at
+    /// the most shared memory a normed launch takes); 0 for the others.
+    norm_blocks_per_sm: [i64; 4],
 }
 
 /// Which of a variant's kernels: plain or gated, reading x or normalising it.
@@ -180,12 +189,33 @@ fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
         .iter()
         .map(|&f| module.load_function(&kernel_name(f, rows, v)).map_err(drv))
         .collect::<Result<Vec<_>, String>>()?;
+    let mut norm_blocks_per_sm = [0; 4];
+    for f in Kind4::ALL.iter().filter(|f| f.norm) {
+        let fit = funcs[f.index()]
+            .occupancy_max_active_blocks_per_multiprocessor(
+                WARPS * 32,
+                NORM_SHARED_BYTES as usize,
+                None,
+            )
+            .map_err(drv)?;
+        norm_blocks_per_sm[f.index()] = norm_blocks(fit as i64)?;
+    }
     Ok(Arc::new(Loaded {
         funcs,
         ctx,
         pdl: arch >= 90,
         sms,
+        norm_blocks_per_sm,
     }))
+}
+
+/// A normed launch's blocks per multiprocessor where `fit` of them can run
+/// at once: at most [`NORM_BLOCKS_PER_SM`]; an error where none fits.
+fn norm_blocks(fit: i64) -> Result<i64, String> {
+    if fit < 1 {
+        return Err("a normed kernel's block does not fit a multiprocessor".into());
+    }
+    Ok(fit.min(NORM_BLOCKS_PER_SM))
 }
 
 /// The source's macros for row bucket `rows` and variant `v`.
@@ -547,7 +577,8 @@ fn launch_on(
     let kern = loaded(ordinal, bucket_of(rows), v)?;
     let stream = decode::current_stream(&kern.ctx, ordinal)
         .ok_or_else(|| format!("no current CUDA stream for cuda:{ordinal}"))?;
-    let func = &kern.funcs[Kind4::new(gated, norm).index()];
+    let kind = Kind4::new(gated, norm).index();
+    let func = &kern.funcs[kind];
     // Columns of the launch: the outputs' (a gated weight's half).
     let ns: Vec<i32> = outs.iter().map(|o| o.size()[o.dim() - 1] as i32).collect();
     let cols: i64 = ns.iter().map(|&n| n as i64).sum();
@@ -556,7 +587,7 @@ fn launch_on(
     // A normed kernel's blocks normalise the input once each: no more of
     // them than the device runs at once, each taking several groups.
     let blocks = if norm {
-        groups.min(kern.sms * NORM_BLOCKS_PER_SM)
+        groups.min(kern.sms * kern.norm_blocks_per_sm[kind])
     } else {
         groups
     };
@@ -752,6 +783,19 @@ mod tests {
             .contains("gate and up"));
         let scalar = Tensor::zeros([], (Kind::BFloat16, Device::Cpu));
         assert!(r(&scalar, &[&w], false).unwrap().contains("scalar"));
+    }
+
+    /// A normed launch takes as many blocks a multiprocessor as fit, at
+    /// most NORM_BLOCKS_PER_SM, and none fitting is an error, not an
+    /// empty launch.
+    #[test]
+    fn a_normed_launch_takes_the_blocks_that_fit_at_once() {
+        assert_eq!(norm_blocks(3), Ok(3));
+        assert_eq!(norm_blocks(1), Ok(1));
+        assert_eq!(norm_blocks(NORM_BLOCKS_PER_SM), Ok(NORM_BLOCKS_PER_SM));
+        assert_eq!(norm_blocks(8), Ok(NORM_BLOCKS_PER_SM));
+        let e = norm_blocks(0).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
     }
 
     /// What the normed kernels refuse, said in words (CPU tensors, through
