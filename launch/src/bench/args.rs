@@ -70,7 +70,9 @@ pub struct DecodeArgs {
     pub model: Option<String>,
     /// With --model on a GPU: after timing each case, profile 5 of its
     /// graph steps with libtorch's profiler and print where the device
-    /// time goes (kernel categories, the top kernels with their counts).
+    /// time goes (kernel categories, the top kernels with their counts, and
+    /// what each kernel adds to the step's chain: its end after the end of
+    /// the kernel before it, by that pair of kernels).
     #[arg(long, requires = "model")]
     pub profile: bool,
     /// Attention timing on a GPU: each call launched from the host between
