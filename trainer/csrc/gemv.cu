@@ -28,14 +28,6 @@
 // for the next (weights are not written during decoding), lets the kernel
 // after it start, then waits for the kernels before it before reading
 // anything they write.
-//
-// One round ahead: while a lane sums one round of pieces (U pieces of its
-// column, loaded together), L2 has been asked for its next round, the same
-// column's next U pieces or, after its column's last, the first pieces of
-// the block's next group of columns. A block that takes several groups in
-// turn (the normed kernels, whose blocks the host launches only as many as
-// fit at once) so keeps the memory busy while it sums a group and adds its
-// warps' sums, instead of asking for the next group only then.
 
 #define GEMV_WARPS 8
 static_assert(GEMV_WARPS * 32 == NORM_THREADS, "the norm runs on one block of the kernel");
@@ -71,50 +63,18 @@ __device__ __forceinline__ void load_pieces(const uint4* __restrict__ wa, const 
   }
 }
 
-// Ask L2 for the U pieces of one lane from piece c0 on (and of the up row
-// where gated); nothing for a null wa (no next group).
-template <bool GATED, int U, int WPC>
-__device__ __forceinline__ void prefetch_pieces(const uint4* wa, const uint4* wb, int c0, int chunks) {
-  if (wa == nullptr) return;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int c = c0 + 32 * WPC * u;
-    if (c < chunks) {
-      prefetch_l2(wa + c);
-      if (GATED) prefetch_l2(wb + c);
-    }
-  }
-}
-
-// The round after the one from piece c0 on (the lane's first piece is
-// `first`): the same column's next U pieces, else the next group's first
-// (na, nb; null: none).
-template <bool GATED, int U, int WPC>
-__device__ __forceinline__ void prefetch_next_round(const uint4* wa, const uint4* wb, const uint4* na,
-                                                    const uint4* nb, int c0, int first, int chunks) {
-  const int c1 = c0 + 32 * WPC * U;
-  if (c1 < chunks) {
-    prefetch_pieces<GATED, U, WPC>(wa, wb, c1, chunks);
-  } else {
-    prefetch_pieces<GATED, U, WPC>(na, nb, first, chunks);
-  }
-}
-
 // One warp's share of a column: the pieces slice, slice + WPC, ... of 32
 // (each lane one of them), summed into acc (and, gated, the up row's into
-// accb). The first U pieces of each lane are in a and b already. Each round
-// asks L2 for the next (prefetch_next_round; na, nb: the block's next
-// group's column, null for none).
+// accb). The first U pieces of each lane are in a and b already (loaded
+// before the kernel waited for the ones before it).
 template <int R, bool GATED, int U, int WPC, bool SHARED_X>
 __device__ __forceinline__ void dot_slice(const uint4* __restrict__ x, const uint4* __restrict__ wa,
-                                          const uint4* __restrict__ wb, const uint4* na,
-                                          const uint4* nb, int rows, int chunks, int slice,
-                                          float* acc, float* accb, uint4* a, uint4* b) {
+                                          const uint4* __restrict__ wb, int rows, int chunks,
+                                          int slice, float* acc, float* accb, uint4* a, uint4* b) {
   const int lane = threadIdx.x & 31;
   const int first = slice * 32 + lane;
   for (int c0 = first; c0 < chunks; c0 += 32 * WPC * U) {
     if (c0 != first) load_pieces<GATED, U, WPC>(wa, wb, c0, chunks, a, b);
-    prefetch_next_round<GATED, U, WPC>(wa, wb, na, nb, c0, first, chunks);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * WPC * u;
@@ -175,21 +135,6 @@ __device__ __forceinline__ Group group_of(int group, int chunks, Pick pick) {
   return g;
 }
 
-// The group after `gi` that this block takes (`gi` + gridDim.x), inactive
-// past the last of `groups` (no column is indexed beyond it) and where the
-// block takes one group (SEVERAL false: the host launches a block a group,
-// and the kernel keeps no registers for a next one).
-template <bool GATED, int WPC, bool SEVERAL, typename Pick>
-__device__ __forceinline__ Group next_group(int gi, int groups, int chunks, Pick pick) {
-  if (SEVERAL && (long long)gi + gridDim.x < groups) return group_of<GATED, WPC>(gi + gridDim.x, chunks, pick);
-  Group g;
-  g.active = false;
-  g.col = g.n = 0;
-  g.y = nullptr;
-  g.wa = g.wb = nullptr;
-  return g;
-}
-
 // The block's groups of columns: blockIdx.x, then every gridDim.x-th up to
 // `groups` (one each, except for the normed kernels, which the host launches
 // with fewer blocks so that each normalises its input once for several).
@@ -202,15 +147,15 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
   const int chunks = k >> 3;
   const int first = (warp % WPC) * 32 + lane;
   Group g = group_of<GATED, WPC>(blockIdx.x, chunks, pick);
-  // The block's next group (inactive past the last).
-  Group ng = next_group<GATED, WPC, NORM>(blockIdx.x, groups, chunks, pick);
   uint4 a[U], b[U];
   if (g.active) {
     // The weights' first pieces, loaded while the kernel before drains
-    // (weights are not written while decoding), the next round asked of L2
-    // (dot_slice asks again: those lines are in L2 or on their way by then).
+    // (weights are not written while decoding), the next ones asked of L2.
     load_pieces<GATED, U, WPC>(g.wa, g.wb, first, chunks, a, b);
-    prefetch_next_round<GATED, U, WPC>(g.wa, g.wb, ng.wa, ng.wb, first, first, chunks);
+    for (int u = 0, c = first + 32 * WPC * U; u < U && c < chunks; ++u, c += 32 * WPC) {
+      prefetch_l2(g.wa + c);
+      if (GATED) prefetch_l2(g.wb + c);
+    }
   }
   let_next_kernel_start();
   wait_for_prior_kernels();
@@ -228,16 +173,15 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
   }
   for (int gi = blockIdx.x; gi < groups; gi += gridDim.x) {
     if (gi != (int)blockIdx.x) {
-      g = ng;
-      ng = next_group<GATED, WPC, NORM>(gi, groups, chunks, pick);
+      g = group_of<GATED, WPC>(gi, chunks, pick);
       if (g.active) load_pieces<GATED, U, WPC>(g.wa, g.wb, first, chunks, a, b);
     }
     float acc[R], accb[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) { acc[r] = 0.f; accb[r] = 0.f; }
     if (g.active) {
-      dot_slice<R, GATED, U, WPC, NORM>(reinterpret_cast<const uint4*>(x), g.wa, g.wb, ng.wa,
-                                        ng.wb, rows, chunks, warp % WPC, acc, accb, a, b);
+      dot_slice<R, GATED, U, WPC, NORM>(reinterpret_cast<const uint4*>(x), g.wa, g.wb, rows,
+                                        chunks, warp % WPC, acc, accb, a, b);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
