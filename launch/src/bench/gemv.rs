@@ -178,7 +178,7 @@ pub fn check(device: Device, steps: usize) -> Result<f64> {
                 .zip(&want)
                 .fold(0.0f64, |a, (y, r)| a.max(rel_err(y, r)))
         };
-        let picked = gemv::Variant::pick(c.gated);
+        let picked = gemv::Variant::pick(c.gated, c.k);
         let mut cells = Vec::new();
         let (mut best, mut t_picked, mut case_err) = (f64::INFINITY, 0.0, 0.0f64);
         for v in gemv::VARIANTS {
@@ -308,7 +308,7 @@ fn normed_case(c: &Case, with_add: bool, device: Device, steps: usize) -> Result
                 .map(|h| (x.shallow_clone(), h)),
         }
         .ok_or_else(|| anyhow::anyhow!("the norm kernel did not run for {name}"))?;
-        let ys = gemv::gemv_by(&h, &refs, gated, gemv::Variant::pick(gated))
+        let ys = gemv::gemv_by(&h, &refs, gated, gemv::Variant::pick(gated, k))
             .ok_or_else(|| anyhow::anyhow!("the plain kernel did not run for {name}"))?;
         Ok((s, ys))
     };

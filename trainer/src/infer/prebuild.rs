@@ -32,6 +32,7 @@ impl Prebuild {
             return Prebuild(None);
         };
         let shape = attention_shape(cfg);
+        let ks = product_widths(cfg);
         let batches = batches.to_vec();
         let spawned = std::thread::Builder::new()
             .name("sigma-kernel-prebuild".into())
@@ -42,7 +43,11 @@ impl Prebuild {
                     || {
                         rayon::join(
                             || training::prebuild(ordinal),
-                            || batches.iter().for_each(|&b| gemv::prebuild(ordinal, b)),
+                            || {
+                                batches
+                                    .iter()
+                                    .for_each(|&b| gemv::prebuild(ordinal, b, &ks))
+                            },
                         )
                     },
                 );
@@ -73,6 +78,26 @@ impl Drop for Prebuild {
     }
 }
 
+/// The input widths of a decoding step's matrix-vector products for a
+/// model of `cfg` (each once): the block's input (q, k, v, the FFN's
+/// gate/up and the head), the projected query (AugQ's gate/up), AugQ's
+/// width (its down product), the heads' outputs (o_proj) and the FFN's
+/// width (its down product).
+pub fn product_widths(cfg: &ModelConfig) -> Vec<i64> {
+    let mut ks = vec![
+        cfg.d_model as i64,
+        (cfg.num_q_heads * cfg.dot_dim()) as i64,
+        (cfg.num_q_heads * cfg.v_head_dim) as i64,
+        cfg.ffn_dim as i64,
+    ];
+    if cfg.aug_q_dim > 0 {
+        ks.push(cfg.aug_q_dim as i64);
+    }
+    ks.sort_unstable();
+    ks.dedup();
+    ks
+}
+
 /// The heads and dimensions of a decoding step's attention for a model of
 /// `cfg`, as the decode kernel sees them: query heads, the cache's key
 /// heads at the dot-product dimension (the keys it reads, expanded where
@@ -94,6 +119,23 @@ mod tests {
     use crate::infer::generate::STEP_SHAPES;
     use crate::model::{Model, ModelInit};
     use tch::{Kind, Tensor};
+
+    /// SIGMA-1.5B's products read inputs of 2048 (the block's input, the
+    /// projected query, the heads' outputs), 3072 (AugQ) and 6144 (the FFN)
+    /// wide; without AugQ no 3072.
+    #[test]
+    fn the_widths_built_ahead_are_the_products_inputs() {
+        let text = include_str!("../../../configs/sigma-1.5b.toml");
+        let cfg = crate::config::RunConfig::parse("sigma-1.5b.toml", text, &[])
+            .expect("the config")
+            .model;
+        assert_eq!(product_widths(&cfg), vec![2048, 3072, 6144]);
+        let plain = ModelConfig {
+            aug_q_dim: 0,
+            ..cfg
+        };
+        assert_eq!(product_widths(&plain), vec![2048, 6144]);
+    }
 
     /// The shape built ahead is the one every decoding step's attention
     /// asks for: with and without AugQ, K heads fewer or more than V heads,

@@ -79,7 +79,9 @@ pub struct Variant {
 }
 
 /// The variants a launch may ask for (each compiled on first use).
-pub const VARIANTS: [Variant; 7] = [
+pub const VARIANTS: [Variant; 9] = [
+    Variant::new(2, 2),
+    Variant::new(2, 4),
     Variant::new(4, 1),
     Variant::new(8, 1),
     Variant::new(16, 1),
@@ -97,16 +99,22 @@ impl Variant {
         }
     }
 
-    /// The variant [`gemv`] (`gated` false) and [`gemv_swiglu`] use:
-    /// measured fastest at SIGMA-1.5B's shapes on an H100
-    /// (docs/inference.md): two warps per column for the plain products,
-    /// four for the gated one.
-    pub fn pick(gated: bool) -> Variant {
-        if gated {
-            Variant::new(4, 4)
-        } else {
-            Variant::new(4, 2)
-        }
+    /// The variant [`gemv`] (`gated` false), [`gemv_swiglu`] and
+    /// [`gemv_normed`] use for an input of width `k`: two warps per column
+    /// for the plain products, four for the gated ones (measured fastest at
+    /// SIGMA-1.5B's shapes on an H100, docs/inference.md); each lane loads
+    /// 4 pieces of its row at a time, or 2 where its share of a row is at
+    /// most 2 pieces (a gated product at k = 2048): registers for pieces
+    /// past the row's end would hold nothing, and fewer registers let more
+    /// blocks run at once (the gated normed kernel takes 64 registers a
+    /// thread instead of 80, so 4 blocks of 256 threads a multiprocessor
+    /// instead of 3).
+    pub fn pick(gated: bool, k: i64) -> Variant {
+        let warps_per_column = if gated { 4 } else { 2 };
+        let lanes = 32 * warps_per_column;
+        let per_lane = (k / 8 + lanes - 1) / lanes;
+        let unroll = if per_lane <= 2 { 2 } else { 4 };
+        Variant::new(unroll, warps_per_column as u32)
     }
 }
 
@@ -247,16 +255,36 @@ fn loaded(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> 
 }
 
 /// Build, in parallel, the modules that products of `rows` rows on device
-/// `ordinal` will use ([`Variant::pick`]'s plain and gated variants of
-/// their row bucket), where the kernels are on and take that many rows;
-/// nothing otherwise. A failure is reported as at first use.
-pub fn prebuild(ordinal: usize, rows: i64) {
+/// `ordinal` will use, for inputs of the widths `ks` ([`prebuilt`]), where
+/// the kernels are on and take that many rows; nothing otherwise. A
+/// failure is reported as at first use.
+pub fn prebuild(ordinal: usize, rows: i64, ks: &[i64]) {
     if !gemv_kernel_enabled() || !(1..=AUTO_ROWS).contains(&rows) {
         return;
     }
-    let bucket = bucket_of(rows);
-    let keys = [false, true].map(|gated| (ordinal, bucket, Variant::pick(gated)));
+    let keys: Vec<_> = prebuilt(rows, ks)
+        .into_iter()
+        .map(|(r, v)| (ordinal, r, v))
+        .collect();
     BUILT.build_all(&keys, |&(o, r, v)| load(o, r, v));
+}
+
+/// The modules (row bucket, variant) that products of `rows` rows on
+/// inputs of the widths `ks` may use: [`Variant::pick`]'s plain and gated
+/// variants of each width (a module holds a variant's plain, gated and
+/// normed kernels), each once.
+fn prebuilt(rows: i64, ks: &[i64]) -> Vec<(i64, Variant)> {
+    let bucket = bucket_of(rows);
+    let mut keys: Vec<(i64, Variant)> = Vec::new();
+    for &k in ks {
+        for gated in [false, true] {
+            let key = (bucket, Variant::pick(gated, k));
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys
 }
 
 /// The row bucket a launch of `rows` rows takes: the smallest that holds
@@ -389,7 +417,7 @@ pub fn gemv_normed(n: &Norm, ws: &[&Tensor], gated: bool) -> Option<(Option<Tens
     if !wants_normed(n.x) || norm_refusal(n, ws, gated).is_some() {
         return None;
     }
-    let v = Variant::pick(gated);
+    let v = Variant::pick(gated, width(n.x));
     let sum = n
         .add
         .map(|_| Tensor::empty(n.x.size(), (Kind::Float, n.x.device())));
@@ -462,7 +490,12 @@ pub fn gemv(x: &Tensor, ws: &[&Tensor]) -> Option<Vec<Tensor>> {
     if !wants(x) {
         return None;
     }
-    gemv_by(x, ws, false, Variant::pick(false))
+    gemv_by(x, ws, false, Variant::pick(false, width(x)))
+}
+
+/// The width of `x` [.., k] (0 for a scalar).
+fn width(x: &Tensor) -> i64 {
+    x.size().last().copied().unwrap_or(0)
 }
 
 /// SwiGLU of `x` [.., k] times the merged gate/up weight `w` [2F, k]:
@@ -472,7 +505,7 @@ pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     if !wants(x) {
         return None;
     }
-    gemv_by(x, &[w], true, Variant::pick(true)).and_then(|mut y| y.pop())
+    gemv_by(x, &[w], true, Variant::pick(true, width(x))).and_then(|mut y| y.pop())
 }
 
 /// [`gemv`] (or, `gated`, [`gemv_swiglu`]'s one product) by variant `v`,
@@ -693,8 +726,9 @@ mod tests {
         // Every variant at one row; at every row bucket the variants the
         // model picks, and one more.
         let picked = [
-            Variant::pick(false),
-            Variant::pick(true),
+            Variant::pick(false, 2048),
+            Variant::pick(true, 2048),
+            Variant::pick(true, 6144),
             Variant::new(8, 1),
         ];
         let cases = VARIANTS.iter().map(|&v| (1, v)).chain(
@@ -739,7 +773,7 @@ mod tests {
         let x = Tensor::zeros([1, 64], (Kind::BFloat16, Device::Cpu));
         let mut args = Args::new(&Input::Plain(&x), &[], &[], &[], [1, 64, 1]);
         let sizes: Vec<usize> = args.fields().iter().map(|&(_, n)| n).collect();
-        let v = Variant::pick(true);
+        let v = Variant::pick(true, 2048);
         let ptx = decode::compile(SOURCE, &defines(2, v), 90).expect("compiles");
         for f in Kind4::ALL {
             let name = kernel_name(f, 2, v);
@@ -783,6 +817,56 @@ mod tests {
             .contains("gate and up"));
         let scalar = Tensor::zeros([], (Kind::BFloat16, Device::Cpu));
         assert!(r(&scalar, &[&w], false).unwrap().contains("scalar"));
+    }
+
+    /// A lane loads 2 pieces of a row at a time where its share of the row
+    /// is at most 2 (registers for more would hold nothing), else 4; every
+    /// variant picked is one the benches and compile tests cover.
+    #[test]
+    fn the_variant_fits_a_lanes_share_of_the_row() {
+        for (gated, k, want) in [
+            (true, 2048, Variant::new(2, 4)),
+            (true, 1024, Variant::new(2, 4)),
+            (true, 2056, Variant::new(4, 4)),
+            (true, 3072, Variant::new(4, 4)),
+            (true, 6144, Variant::new(4, 4)),
+            (false, 2048, Variant::new(4, 2)),
+            (false, 1032, Variant::new(4, 2)),
+            (false, 1024, Variant::new(2, 2)),
+            (false, 64, Variant::new(2, 2)),
+            (false, 6144, Variant::new(4, 2)),
+        ] {
+            assert_eq!(Variant::pick(gated, k), want, "gated {gated}, k {k}");
+        }
+        for k in (8..=16384).step_by(8) {
+            for gated in [false, true] {
+                let v = Variant::pick(gated, k);
+                assert!(VARIANTS.contains(&v), "{v:?} (k {k}) is not among VARIANTS");
+            }
+        }
+    }
+
+    /// The modules built ahead hold the variant of every width's plain and
+    /// gated products, at the rows' bucket, each once.
+    #[test]
+    fn the_modules_built_ahead_cover_every_width() {
+        let ks = [2048, 3072, 6144];
+        for rows in [1, 2] {
+            let got = prebuilt(rows, &ks);
+            for &k in &ks {
+                for gated in [false, true] {
+                    let key = (rows, Variant::pick(gated, k));
+                    assert_eq!(got.iter().filter(|&&g| g == key).count(), 1, "{key:?}");
+                }
+            }
+            // SIGMA-1.5B's widths: the plain variant, the gated one at 2048, at 3072 and 6144.
+            assert_eq!(got.len(), 3, "{got:?}");
+        }
+        assert_eq!(
+            prebuilt(2, &[2048])[0].0,
+            2,
+            "two rows take the bucket of 2"
+        );
     }
 
     /// A normed launch takes as many blocks a multiprocessor as fit, at
