@@ -268,6 +268,8 @@ else
 fi
 # ---------------------------------------------------------------------------
 
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The binary's commit (sigma --version); an older binary without it: the checkout's.
+commit=$("$sigma" --version 2>/dev/null | sed -n 's/.*(commit \([^)]*\)).*/\1/p')
+[ -n "$commit" ] || commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (the checkout's)"
 echo "test-gpu: ${#passed[@]} passed, ${#failed[@]} failed${failed:+ (${failed[*]})} on $gpus x $card, commit $commit, $(date -u +%Y-%m-%d)"
 [ ${#failed[@]} -eq 0 ]

@@ -15,10 +15,18 @@ mod usage;
 
 use clap::{Parser, Subcommand};
 
+/// `sigma --version`: the package's version and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SIGMA_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "sigma",
-    version,
+    version = VERSION,
     about = "sigma: data pipeline and pre-training for SIGMA (DiffQKV) language models"
 )]
 struct Cli {

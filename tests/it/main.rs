@@ -21,3 +21,4 @@ mod restarts;
 mod slurm;
 mod tensor_parallel;
 mod train;
+mod version;
