@@ -25,15 +25,21 @@ fn main() {
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
             .filter(|s| !s.is_empty())
     };
-    let commit = git(&["rev-parse", "--short=7", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    // Only the workspace's own checkout (not a repository it was unpacked into).
+    let own = git(&["rev-parse", "--show-toplevel"])
+        .and_then(|t| Path::new(&t).canonicalize().ok())
+        .is_some_and(|t| root.canonicalize().is_ok_and(|r| r == t));
+    let commit = own
+        .then(|| git(&["rev-parse", "--short=7", "HEAD"]))
+        .flatten()
+        .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=SIGMA_COMMIT={commit}");
-    // Built again when HEAD moves: HEAD itself, the branch it names, packed refs
-    // (only files that exist: a missing one would rebuild every time).
-    let mut watch = vec![git(&["rev-parse", "--git-path", "HEAD"])];
-    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        watch.push(git(&["rev-parse", "--git-path", &branch]));
-    }
-    watch.push(git(&["rev-parse", "--git-path", "packed-refs"]));
+    // Built again when HEAD moves: HEAD itself, its log (a line for every
+    // commit and checkout), the branches (a directory is watched whole),
+    // packed refs and reftable (only paths that exist: a missing one would
+    // rebuild every time).
+    let watch = ["HEAD", "logs/HEAD", "refs/heads", "packed-refs", "reftable"]
+        .map(|p| own.then(|| git(&["rev-parse", "--git-path", p])).flatten());
     for p in watch.into_iter().flatten() {
         let p = root.join(p);
         if p.exists() {

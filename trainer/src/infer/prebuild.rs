@@ -44,9 +44,10 @@ impl Prebuild {
                         rayon::join(
                             || training::prebuild(ordinal),
                             || {
+                                let widths = (ks.0.as_slice(), ks.1.as_slice());
                                 batches
                                     .iter()
-                                    .for_each(|&b| gemv::prebuild(ordinal, b, &ks))
+                                    .for_each(|&b| gemv::prebuild(ordinal, b, widths))
                             },
                         )
                     },
@@ -79,23 +80,26 @@ impl Drop for Prebuild {
 }
 
 /// The input widths of a decoding step's matrix-vector products for a
-/// model of `cfg` (each once): the block's input (q, k, v, the FFN's
-/// gate/up and the head), the projected query (AugQ's gate/up), AugQ's
-/// width (its down product), the heads' outputs (o_proj) and the FFN's
-/// width (its down product).
-pub fn product_widths(cfg: &ModelConfig) -> Vec<i64> {
-    let mut ks = vec![
+/// model of `cfg`, each once: (plain, gated). Plain: the block's input (q,
+/// k, v and the head), AugQ's width (its down product), the heads' outputs
+/// (o_proj) and the FFN's width (its down product); gated (SwiGLU): the
+/// block's input (the FFN's gate/up) and the projected query (AugQ's).
+pub fn product_widths(cfg: &ModelConfig) -> (Vec<i64>, Vec<i64>) {
+    let mut plain = vec![
         cfg.d_model as i64,
-        (cfg.num_q_heads * cfg.dot_dim()) as i64,
         (cfg.num_q_heads * cfg.v_head_dim) as i64,
         cfg.ffn_dim as i64,
     ];
+    let mut gated = vec![cfg.d_model as i64];
     if cfg.aug_q_dim > 0 {
-        ks.push(cfg.aug_q_dim as i64);
+        plain.push(cfg.aug_q_dim as i64);
+        gated.push((cfg.num_q_heads * cfg.dot_dim()) as i64);
     }
-    ks.sort_unstable();
-    ks.dedup();
-    ks
+    for ks in [&mut plain, &mut gated] {
+        ks.sort_unstable();
+        ks.dedup();
+    }
+    (plain, gated)
 }
 
 /// The heads and dimensions of a decoding step's attention for a model of
@@ -120,21 +124,22 @@ mod tests {
     use crate::model::{Model, ModelInit};
     use tch::{Kind, Tensor};
 
-    /// SIGMA-1.5B's products read inputs of 2048 (the block's input, the
-    /// projected query, the heads' outputs), 3072 (AugQ) and 6144 (the FFN)
-    /// wide; without AugQ no 3072.
+    /// SIGMA-1.5B's plain products read inputs of 2048 (the block's input,
+    /// the heads' outputs), 3072 (AugQ) and 6144 (the FFN) wide, its gated
+    /// ones 2048 (the block's input, the projected query); without AugQ no
+    /// 3072.
     #[test]
     fn the_widths_built_ahead_are_the_products_inputs() {
         let text = include_str!("../../../configs/sigma-1.5b.toml");
         let cfg = crate::config::RunConfig::parse("sigma-1.5b.toml", text, &[])
             .expect("the config")
             .model;
-        assert_eq!(product_widths(&cfg), vec![2048, 3072, 6144]);
+        assert_eq!(product_widths(&cfg), (vec![2048, 3072, 6144], vec![2048]));
         let plain = ModelConfig {
             aug_q_dim: 0,
             ..cfg
         };
-        assert_eq!(product_widths(&plain), vec![2048, 6144]);
+        assert_eq!(product_widths(&plain), (vec![2048, 6144], vec![2048]));
     }
 
     /// The shape built ahead is the one every decoding step's attention

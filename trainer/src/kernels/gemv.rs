@@ -50,11 +50,12 @@ pub const SOURCE: &str = concat!(
 const NORM_SHARED_BYTES: i64 = 40 * 1024;
 /// Blocks per multiprocessor of a normed launch at most (each normalises
 /// the input once, then takes groups of columns in turn); fewer where the
-/// kernel's registers or shared memory let fewer run at once
+/// kernel's registers or the launch's shared memory let fewer run at once
 /// ([`Loaded::norm_blocks_per_sm`]), so that every block starts at once: a
 /// second wave of blocks would each normalise and take their groups only
-/// after a first block ended (the gated kernel's 80 registers a thread fit
-/// 3 blocks of 256 threads on an H100's multiprocessor, not 4).
+/// after a first block ended (variant (4, 4)'s gated normed kernel, 80
+/// registers a thread, fits 3 blocks of 256 threads on an H100's
+/// multiprocessor, not 4).
 const NORM_BLOCKS_PER_SM: i64 = 4;
 /// Warps per block (the source's GEMV_WARPS).
 const WARPS: u32 = 8;
@@ -159,10 +160,30 @@ struct Loaded {
     pdl: bool,
     /// The device's multiprocessors.
     sms: i64,
-    /// Per kernel ([`Kind4::index`]): the blocks of a normed launch per
-    /// multiprocessor, [`NORM_BLOCKS_PER_SM`] or fewer where fewer fit (at
-    /// the most shared memory a normed launch takes); 0 for the others.
-    norm_blocks_per_sm: [i64; 4],
+    /// The blocks a normed launch runs per multiprocessor, by kernel
+    /// ([`Kind4::index`]) and dynamic shared memory, asked of the driver
+    /// once each ([`Loaded::norm_blocks_per_sm`]).
+    norm_fit: std::sync::Mutex<std::collections::HashMap<(usize, u32), i64>>,
+}
+
+impl Loaded {
+    /// The blocks per multiprocessor of a normed launch of kernel `kind`
+    /// with `shared` bytes of dynamic shared memory: as many as fit at once
+    /// by the driver's occupancy of the kernel, at most
+    /// [`NORM_BLOCKS_PER_SM`] ([`norm_blocks`]). The context must be
+    /// current.
+    fn norm_blocks_per_sm(&self, kind: usize, shared: u32) -> Result<i64, String> {
+        let mut fit = self.norm_fit.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&b) = fit.get(&(kind, shared)) {
+            return Ok(b);
+        }
+        let n = self.funcs[kind]
+            .occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, shared as usize, None)
+            .map_err(|e| format!("CUDA driver: {e}"))?;
+        let b = norm_blocks(n as i64)?;
+        fit.insert((kind, shared), b);
+        Ok(b)
+    }
 }
 
 /// Which of a variant's kernels: plain or gated, reading x or normalising it.
@@ -197,23 +218,12 @@ fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
         .iter()
         .map(|&f| module.load_function(&kernel_name(f, rows, v)).map_err(drv))
         .collect::<Result<Vec<_>, String>>()?;
-    let mut norm_blocks_per_sm = [0; 4];
-    for f in Kind4::ALL.iter().filter(|f| f.norm) {
-        let fit = funcs[f.index()]
-            .occupancy_max_active_blocks_per_multiprocessor(
-                WARPS * 32,
-                NORM_SHARED_BYTES as usize,
-                None,
-            )
-            .map_err(drv)?;
-        norm_blocks_per_sm[f.index()] = norm_blocks(fit as i64)?;
-    }
     Ok(Arc::new(Loaded {
         funcs,
         ctx,
         pdl: arch >= 90,
         sms,
-        norm_blocks_per_sm,
+        norm_fit: Default::default(),
     }))
 }
 
@@ -255,33 +265,32 @@ fn loaded(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> 
 }
 
 /// Build, in parallel, the modules that products of `rows` rows on device
-/// `ordinal` will use, for inputs of the widths `ks` ([`prebuilt`]), where
-/// the kernels are on and take that many rows; nothing otherwise. A
-/// failure is reported as at first use.
-pub fn prebuild(ordinal: usize, rows: i64, ks: &[i64]) {
+/// `ordinal` will use, plain ones on inputs of the widths `plain` and gated
+/// ones on `gated` ([`prebuilt`]), where the kernels are on and take that
+/// many rows; nothing otherwise. A failure is reported as at first use.
+pub fn prebuild(ordinal: usize, rows: i64, (plain, gated): (&[i64], &[i64])) {
     if !gemv_kernel_enabled() || !(1..=AUTO_ROWS).contains(&rows) {
         return;
     }
-    let keys: Vec<_> = prebuilt(rows, ks)
+    let keys: Vec<_> = prebuilt(rows, (plain, gated))
         .into_iter()
         .map(|(r, v)| (ordinal, r, v))
         .collect();
     BUILT.build_all(&keys, |&(o, r, v)| load(o, r, v));
 }
 
-/// The modules (row bucket, variant) that products of `rows` rows on
-/// inputs of the widths `ks` may use: [`Variant::pick`]'s plain and gated
-/// variants of each width (a module holds a variant's plain, gated and
-/// normed kernels), each once.
-fn prebuilt(rows: i64, ks: &[i64]) -> Vec<(i64, Variant)> {
+/// The modules (row bucket, variant) that products of `rows` rows may
+/// use, plain ones on inputs of the widths `plain` and gated ones on
+/// `gated`: [`Variant::pick`]'s variant of each (a module holds a variant's
+/// plain, gated and normed kernels), each once.
+fn prebuilt(rows: i64, (plain, gated): (&[i64], &[i64])) -> Vec<(i64, Variant)> {
     let bucket = bucket_of(rows);
+    let picks = (plain.iter().map(|&k| Variant::pick(false, k)))
+        .chain(gated.iter().map(|&k| Variant::pick(true, k)));
     let mut keys: Vec<(i64, Variant)> = Vec::new();
-    for &k in ks {
-        for gated in [false, true] {
-            let key = (bucket, Variant::pick(gated, k));
-            if !keys.contains(&key) {
-                keys.push(key);
-            }
+    for v in picks {
+        if !keys.contains(&(bucket, v)) {
+            keys.push((bucket, v));
         }
     }
     keys
@@ -617,22 +626,23 @@ fn launch_on(
     let cols: i64 = ns.iter().map(|&n| n as i64).sum();
     let per_block = (WARPS / v.warps_per_column) as i64;
     let groups = (cols + per_block - 1) / per_block;
+    let shared = if norm { (rows * k * 2) as u32 } else { 0 };
+    kern.ctx
+        .bind_to_thread()
+        .map_err(|e| format!("CUDA driver: {e}"))?;
     // A normed kernel's blocks normalise the input once each: no more of
     // them than the device runs at once, each taking several groups.
     let blocks = if norm {
-        groups.min(kern.sms * kern.norm_blocks_per_sm[kind])
+        groups.min(kern.sms * kern.norm_blocks_per_sm(kind, shared)?)
     } else {
         groups
     };
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (WARPS * 32, 1, 1),
-        shared_mem_bytes: if norm { (rows * k * 2) as u32 } else { 0 },
+        shared_mem_bytes: shared,
     };
     let args = Args::new(input, ws, outs, &ns, [rows as i32, k as i32, groups as i32]);
-    kern.ctx
-        .bind_to_thread()
-        .map_err(|e| format!("CUDA driver: {e}"))?;
     let pdl = kern.pdl && decode::pdl_enabled();
     // SAFETY: `args` holds the kernel's arguments in its parameter order
     // (csrc/gemv.cu, GEMV_PARAMS): x, the tensors of the norm and the
@@ -846,26 +856,27 @@ mod tests {
         }
     }
 
-    /// The modules built ahead hold the variant of every width's plain and
-    /// gated products, at the rows' bucket, each once.
+    /// The modules built ahead hold the variant of every plain and gated
+    /// product's width, at the rows' bucket, each once, and no other.
     #[test]
     fn the_modules_built_ahead_cover_every_width() {
-        let ks = [2048, 3072, 6144];
+        let (plain, gated) = ([2048, 3072, 6144], [2048, 4096]);
         for rows in [1, 2] {
-            let got = prebuilt(rows, &ks);
-            for &k in &ks {
-                for gated in [false, true] {
-                    let key = (rows, Variant::pick(gated, k));
-                    assert_eq!(got.iter().filter(|&&g| g == key).count(), 1, "{key:?}");
-                }
-            }
-            // SIGMA-1.5B's widths: the plain variant, the gated one at 2048, at 3072 and 6144.
-            assert_eq!(got.len(), 3, "{got:?}");
+            let got = prebuilt(rows, (&plain, &gated));
+            let want = [
+                Variant::new(4, 2), // every plain width
+                Variant::new(2, 4), // gated at 2048
+                Variant::new(4, 4), // gated at 4096
+            ];
+            assert_eq!(got, want.map(|v| (rows, v)).to_vec());
         }
+        // SIGMA-1.5B's: its gated products read 2048 wide only.
+        let got = prebuilt(1, (&plain, &[2048]));
+        assert_eq!(got, vec![(1, Variant::new(4, 2)), (1, Variant::new(2, 4))]);
         assert_eq!(
-            prebuilt(2, &[2048])[0].0,
-            2,
-            "two rows take the bucket of 2"
+            prebuilt(3, (&[8], &[]))[0].0,
+            4,
+            "three rows take the bucket of 4"
         );
     }
 
