@@ -8,9 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 # ones round differently): the golden losses reproduce bit for bit on any
 # x86-64 CI machine. The harness sets the same for every sigma it starts
 # (tests/it/lib.rs, CPU_PINS).
-# oneDNN capped below its AMX kernels, whose packing the AVX2-pinned libtorch
-# cannot do (bf16 attention on CPUs with AMX; tests/it/lib.rs, CPU_PINS).
-export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX512_CORE
+export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT
 # The integration tests run target/release/sigma, so it is built first (setup.sh)
 # and the tests share its release profile.
 cargo test --release --locked --workspace "$@"

@@ -49,18 +49,9 @@ pub fn sigma_bin() -> PathBuf {
 /// (`ATEN_CPU_CAPABILITY`) and MKL's to its AVX2 path in strict mode
 /// (`MKL_CBWR`; without it MKL's sgemm still differs between CPUs that both
 /// have AVX-512). AVX2 is on every x86-64 CPU CI runs on; `scripts/test.sh`
-/// exports the same for the test process itself. oneDNN is kept below its
-/// bf16 and AMX kernels (`ONEDNN_MAX_CPU_ISA`): on a CPU with AMX,
-/// libtorch's CPU flash attention in bf16 asks oneDNN whether to pack its
-/// operands for AMX, then packs them with its kernels of the pinned AVX2
-/// build, which cannot ("pack_vnni2 is only supported when avx512 is
-/// supported"); capped, oneDNN asks for no packing and the attention runs
-/// as on CPUs without AMX (the same values as unpinned).
-pub const CPU_PINS: [(&str, &str); 3] = [
-    ("ATEN_CPU_CAPABILITY", "avx2"),
-    ("MKL_CBWR", "AVX2,STRICT"),
-    ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE"),
-];
+/// exports the same for the test process itself.
+pub const CPU_PINS: [(&str, &str); 2] =
+    [("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2,STRICT")];
 
 /// A `sigma` command in the repository root, with the pinned CPU kernels.
 pub fn sigma_command() -> Command {
