@@ -7,6 +7,7 @@
 // autograd's grad with seeded outputs (csrc/autograd_grad.cpp), libtorch's
 // current CUDA stream for the NVRTC kernels (csrc/cuda_stream.cpp), the
 // FP8 linear layer over `_scaled_mm` and its emulation (csrc/fp8_linear.cpp),
+// scaled-dot-product attention clear of a CPU packing failure (csrc/sdpa.cpp),
 // and libtorch's CUDA graphs (csrc/cuda_graph.cpp, the one shim that needs the
 // CUDA runtime's headers: built without graphs where they are not found).
 #[path = "../build/libtorch.rs"]
@@ -78,6 +79,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/kernel_ops.cpp");
     println!("cargo:rerun-if-changed=csrc/autograd_grad.cpp");
     println!("cargo:rerun-if-changed=csrc/fp8_linear.cpp");
+    println!("cargo:rerun-if-changed=csrc/sdpa.cpp");
     println!("cargo:rerun-if-changed=csrc/wgrad.h");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     println!("cargo:rerun-if-changed=csrc/kernel_args.h");
@@ -91,6 +93,7 @@ fn main() {
         .file("csrc/kernel_ops.cpp")
         .file("csrc/autograd_grad.cpp")
         .file("csrc/fp8_linear.cpp")
+        .file("csrc/sdpa.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

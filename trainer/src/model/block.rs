@@ -449,12 +449,11 @@ impl Fwd<'_> {
         let (q, k, v) = (sdpa(q.shallow_clone()), sdpa(k), sdpa(v));
         let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
         note_sdpa_backend(&q, &k, &v, mask, scale, nq != kv_heads);
-        let o = Tensor::scaled_dot_product_attention::<&Tensor>(
+        let o = crate::kernels::sdpa::attention(
             &q,
             &k,
             &v,
             mask,
-            0.0,
             mask.is_none(),
             scale,
             nq != kv_heads,
