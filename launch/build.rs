@@ -1,13 +1,26 @@
 // The sigma binary's build script: libtorch's link flags (build/libtorch.rs,
 // shared with the trainer and the tests) and the commit the binary is built
 // from, which `sigma --version` prints (`SIGMA_COMMIT`: the checkout's HEAD,
-// short; "unknown" outside a git checkout or without git). Uncommitted
-// changes are not noted: build from a commit to name what a binary holds.
+// short, with "-dirty" where a tracked file the binary is built from differs
+// from it; "unknown" outside a git checkout or without git).
 #[path = "../build/libtorch.rs"]
 mod libtorch;
 
 use std::path::Path;
 use std::process::Command;
+
+/// What the binary is built from, relative to the workspace: the crates it
+/// links (sources, kernels, embedded assets and sample data), the shared
+/// build code, the manifests and lock file, and the embedded config.
+const SOURCES: [&str; 7] = [
+    "Cargo.toml",
+    "Cargo.lock",
+    "build",
+    "data",
+    "trainer",
+    "launch",
+    "configs/sigma-1.5b.toml",
+];
 
 fn main() {
     libtorch::link();
@@ -29,18 +42,30 @@ fn main() {
     let own = git(&["rev-parse", "--show-toplevel"])
         .and_then(|t| Path::new(&t).canonicalize().ok())
         .is_some_and(|t| root.canonicalize().is_ok_and(|r| r == t));
-    let commit = own
+    let head = own
         .then(|| git(&["rev-parse", "--short=7", "HEAD"]))
-        .flatten()
-        .unwrap_or_else(|| "unknown".into());
+        .flatten();
+    let commit = match head {
+        // `git status` prints nothing for a clean tree: `git` gives None then.
+        Some(h) => {
+            let mut args = vec!["status", "--porcelain", "--untracked-files=no", "--"];
+            args.extend(SOURCES);
+            match git(&args) {
+                Some(_) => format!("{h}-dirty"),
+                None => h,
+            }
+        }
+        None => "unknown".into(),
+    };
     println!("cargo:rustc-env=SIGMA_COMMIT={commit}");
     // Built again when HEAD moves: HEAD itself, its log (a line for every
     // commit and checkout), the branches (a directory is watched whole),
     // packed refs and reftable (only paths that exist: a missing one would
-    // rebuild every time).
+    // rebuild every time); and when a source changes (dirty or clean again).
     let watch = ["HEAD", "logs/HEAD", "refs/heads", "packed-refs", "reftable"]
         .map(|p| own.then(|| git(&["rev-parse", "--git-path", p])).flatten());
-    for p in watch.into_iter().flatten() {
+    let sources = SOURCES.map(|p| own.then(|| p.to_string()));
+    for p in watch.into_iter().chain(sources).flatten() {
         let p = root.join(p);
         if p.exists() {
             println!("cargo:rerun-if-changed={}", p.display());
