@@ -373,7 +373,7 @@ fn skip(x: &Tensor, ws: &[&Tensor], gated: bool) -> bool {
 
 /// The rows of `x` [.., k] (0 for an empty width).
 fn rows_of(x: &Tensor) -> i64 {
-    let k = x.size().last().copied().unwrap_or(0);
+    let k = width(x);
     if k == 0 {
         0
     } else {
