@@ -178,11 +178,26 @@ fn exclusive_times(events: &[Event]) -> Vec<(usize, u64, &'static str)> {
     out
 }
 
-/// A kernel's name up to its arguments or template parameters, at most 48
-/// characters (what the chain table prints).
+/// A kernel's name without its return type, template parameters and
+/// arguments, and without anonymous namespaces
+/// ("void at::native::(anonymous namespace)::k<4, F>(int)" is
+/// "at::native::k"); at most its last 48 characters (what the chain table
+/// prints; the end is the kernel's own name).
 fn short_name(name: &str) -> String {
-    let end = name.find(['(', '<']).unwrap_or(name.len());
-    name[..end].trim().chars().take(48).collect()
+    let name = name.replace("(anonymous namespace)::", "");
+    let (mut bare, mut depth) = (String::new(), 0usize);
+    for c in name.chars() {
+        match c {
+            '<' => depth += 1,
+            '>' if depth > 0 => depth -= 1,
+            '(' if depth == 0 => break,
+            _ if depth == 0 => bare.push(c),
+            _ => {}
+        }
+    }
+    let last = bare.split_whitespace().last().unwrap_or("");
+    let skip = last.chars().count().saturating_sub(48);
+    last.chars().skip(skip).collect()
 }
 
 /// What each kernel of a chain of dependent kernels (one stream: a kernel
@@ -573,8 +588,8 @@ mod tests {
         ];
         let got = chain_adds(&k);
         let want = [
-            ("(start) > void a", 20, 0),
-            ("void a > b", 5, 0),
+            ("(start) > a", 20, 0),
+            ("a > b", 5, 0),
             ("b > c", 20, 5),
             ("c > b", 5, 0),
         ];
@@ -585,6 +600,35 @@ mod tests {
         // The adds make up the span from the first start to the last end.
         assert_eq!(got.iter().map(|g| g.1).sum::<u64>(), 50);
         assert!(chain_adds(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_short_name_is_the_kernels_own_name() {
+        let cases = [
+            ("sigma_gemv_u4w2", "sigma_gemv_u4w2"),
+            ("void a(float*)", "a"),
+            (
+                "void at::native::(anonymous namespace)::vectorized_elementwise_kernel<4, \
+                 at::native::AddFunctor<float>, std::array<char*, 3ul> >(int, float)",
+                "at::native::vectorized_elementwise_kernel",
+            ),
+            // The return type is a template: cuBLAS's gemv.
+            (
+                "std::enable_if<!(false), void>::type internal::gemvx::kernel<int, int, \
+                 __nv_bfloat16, float, false, true>(cublasGemvParamsEx<int>)",
+                "internal::gemvx::kernel",
+            ),
+            (
+                "void cutlass::Kernel2<cutlass_80_tensorop_gemm>(Params)",
+                "cutlass::Kernel2",
+            ),
+            ("", ""),
+        ];
+        for (name, want) in cases {
+            assert_eq!(short_name(name), want, "{name}");
+        }
+        let long = format!("ns::{}", "k".repeat(60));
+        assert_eq!(short_name(&long), "k".repeat(48));
     }
 
     #[test]
