@@ -9,8 +9,10 @@
 // heuristic packs) fails with "pack_vnni2 is only supported when avx512 is
 // supported". For exactly
 // those calls oneDNN is switched off for the forward (the flag libtorch's
-// heuristic reads; the kernel then multiplies unpacked, with the same
-// values), and restored afterwards, also when the call throws. The backward
+// heuristic reads; the kernel then multiplies unpacked: against the packed
+// kernel of an unpinned run, in five shapes tried, three bit for bit and
+// the others in under 0.004 % of the outputs, by one bf16 unit), and
+// restored afterwards, also when the call throws. The backward
 // does not pack. Everything else is passed straight to libtorch.
 #include <ATen/Context.h>
 #include <ATen/Version.h>

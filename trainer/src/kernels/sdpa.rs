@@ -3,8 +3,9 @@
 //! fp16 operands and ATen's kernels below AVX-512 (the tests pin AVX2),
 //! libtorch 2.11's flash attention packs its operands for AMX tiles on CPUs
 //! that have them, with a routine only its AVX-512 build has, and fails. The
-//! shim turns oneDNN off for exactly those calls' forward (the values are
-//! the same) and passes every other call to libtorch's SDPA unchanged. On
+//! shim turns oneDNN off for exactly those calls' forward (unpacked, the
+//! values are the packed kernel's to within a bf16 rounding of a few
+//! outputs) and passes every other call to libtorch's SDPA unchanged. On
 //! GPUs it is tch's SDPA call.
 #![allow(unsafe_code)] // FFI: the C function of the shim.
 
