@@ -23,9 +23,9 @@ pub struct EvalArgs {
     /// Score raw text / JSONL / Parquet files instead (tokenized with the checkpoint's tokenizer).
     #[arg(long, num_args = 1..)]
     pub input: Vec<String>,
-    /// JSONL/Parquet field holding the text (with --input).
-    #[arg(long, default_value = "text")]
-    pub text_field: String,
+    /// JSONL/Parquet field holding the text (with --input) [default: text].
+    #[arg(long, requires = "input")]
+    pub text_field: Option<String>,
     /// Tokens to score per domain (default: what training validates on,
     /// train.eval_steps x train.micro_batch_size windows).
     #[arg(long)]
@@ -122,7 +122,12 @@ fn score(
             (Some(r), None) => r.data.seq_len,
             _ => bail!("--input needs the sequence length: give --config (or evaluate a checkpoint, which has it)"),
         };
-        let files = Files::read(&a.input, &loaded.tokenizer, seq, &a.text_field)?;
+        let files = Files::read(
+            &a.input,
+            &loaded.tokenizer,
+            seq,
+            a.text_field.as_deref().unwrap_or("text"),
+        )?;
         let windows = per_domain(seq);
         return Ok(evaluate(
             &files, rows, windows, device, &mut loss, tokenizer,

@@ -149,6 +149,9 @@ fn check_args(a: &GenerateArgs) -> Result<()> {
     if a.batch == 0 || a.max_new_tokens == 0 {
         bail!("--batch and --max-new-tokens must be positive");
     }
+    if a.max_context == Some(0) {
+        bail!("--max-context 0: must be positive");
+    }
     Ok(())
 }
 

@@ -179,9 +179,17 @@ fn plan_cmd(a: &RunArgs) -> Result<()> {
     let base = RunConfig::load(path, &a.overrides)?;
     sigma_trainer::plan::check_supported(&base)?;
     let t = &base.train;
-    let global = a
-        .global_batch
-        .unwrap_or(t.micro_batch_size * t.grad_accum_steps * base.parallel.dp * base.data.seq_len);
+    let global = match a.global_batch {
+        Some(g) => g,
+        None => t
+            .micro_batch_size
+            .checked_mul(t.grad_accum_steps)
+            .and_then(|n| n.checked_mul(base.parallel.dp))
+            .and_then(|n| n.checked_mul(base.data.seq_len))
+            .ok_or_else(|| {
+                anyhow!("{path}: train.micro_batch_size x train.grad_accum_steps x parallel.dp x data.seq_len is past any global batch sigma can plan")
+            })?,
+    };
     let machine = Machine {
         cal: &cal,
         gpus_per_node: a.gpus_per_node,

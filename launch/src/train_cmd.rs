@@ -46,9 +46,9 @@ pub enum CheckpointCommand {
         /// train.seed = --seed starts from.
         #[arg(long, value_name = "CONFIG.toml")]
         init: Option<std::path::PathBuf>,
-        /// --init: the seed of the initial draws.
-        #[arg(long, default_value_t = 0, requires = "init")]
-        seed: u64,
+        /// --init: the seed of the initial draws [default: 0].
+        #[arg(long, requires = "init")]
+        seed: Option<u64>,
         /// --init: the tokenizer.json the model is for (default: the config's data.tokenizer).
         #[arg(long, value_name = "PATH", requires = "init")]
         tokenizer: Option<String>,
@@ -119,6 +119,21 @@ pub fn checkpoint(cmd: CheckpointCommand) -> Result<()> {
             format,
         } => {
             let f = tools::ExportFormat::from(format);
+            // clap does not enforce `requires` on an argument whose target
+            // conflicts with a given one (here --init with the path).
+            if path.is_some() {
+                let given = [
+                    ("--seed", seed.is_some()),
+                    ("--tokenizer", tokenizer.is_some()),
+                    ("--set", !overrides.is_empty()),
+                ];
+                if let Some((flag, _)) = given.iter().find(|g| g.1) {
+                    anyhow::bail!(
+                        "{flag} applies to --init only: a checkpoint is exported with its own config, seed and tokenizer"
+                    );
+                }
+            }
+            let seed = seed.unwrap_or(0);
             let source = match (&path, &init) {
                 (Some(p), _) => {
                     tools::export(p, &output, dtype.into(), f)?;
@@ -418,11 +433,20 @@ pub fn model(cmd: ModelCommand) -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("config `{config}`: no [model] section"))?;
             let model: ModelConfig = typed(section, "model", &config, &overrides)?;
             model.validate()?;
-            let seq_len = doc
-                .get("data")
-                .and_then(|d| d.get("seq_len"))
-                .and_then(|v| v.as_integer())
-                .unwrap_or(4096) as usize;
+            // data.seq_len where the config has one (a model-only config: 4096).
+            let max = sigma_data::config::MAX_SEQ_LEN;
+            let seq_len = match doc.get("data").and_then(|d| d.get("seq_len")) {
+                None => 4096,
+                Some(v) => v
+                    .as_integer()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "config `{config}`: data.seq_len {v}: must be an integer from 1 to {max}"
+                        )
+                    })?,
+            };
             print!("{}", summarize(&model, seq_len));
         }
     }

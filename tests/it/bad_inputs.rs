@@ -150,6 +150,38 @@ fn ck(f: &Path) -> PathBuf {
     f.join("run/checkpoints/step-0000004")
 }
 
+/// Export the fixture's last checkpoint to `{F}/export` and replace `from`
+/// with `to` in the export's config.json.
+fn export_edited(f: &Path, from: &str, to: &str) {
+    let out = f.join("export");
+    let ck = ck(f).display().to_string();
+    let o = sigma(
+        &[
+            "checkpoint",
+            "export",
+            &ck,
+            "--output",
+            &out.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "export: {}", stderr(&o));
+    let c = out.join("config.json");
+    let text = std::fs::read_to_string(&c).expect("config.json");
+    let edited = text.replacen(from, to, 1);
+    assert_ne!(text, edited, "{from} in config.json");
+    std::fs::write(&c, edited).expect("write");
+}
+
+/// Replace `from` with `to` in the fixture checkpoint's metadata.json.
+fn metadata_edited(f: &Path, from: &str, to: &str) {
+    let m = ck(f).join("metadata.json");
+    let text = std::fs::read_to_string(&m).expect("metadata");
+    let edited = text.replacen(from, to, 1);
+    assert_ne!(text, edited, "{from} in metadata.json");
+    std::fs::write(&m, edited).expect("write");
+}
+
 /// Run one case; Err(why) when it fails any of its checks.
 fn run_case(c: &Case, args: Vec<String>) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("tmp");
@@ -346,6 +378,116 @@ fn cases() -> Vec<(Case, Vec<String>)> {
                 std::fs::write(&c, edited).expect("write");
             },
             &["model.safetensors", "config.json", "not one export"],
+        ),
+        raw(
+            "an export whose weights hold layers its config.json does not",
+            &[
+                "generate",
+                "--checkpoint",
+                "{F}/export",
+                "--prompt",
+                "hi",
+                "--device",
+                "cpu",
+            ],
+            &[],
+            |f| export_edited(f, "\"num_layers\": 2", "\"num_layers\": 1"),
+            &[
+                "model.safetensors",
+                "layers.1.",
+                "config.json",
+                "not one export",
+            ],
+        ),
+        raw(
+            "an export of another model type",
+            &["eval", "--checkpoint", "{F}/export", "--device", "cpu"],
+            &[],
+            |f| export_edited(f, "\"model_type\": \"sigma\"", "\"model_type\": \"llama\""),
+            &["config.json", "model_type \"llama\"", "not a sigma model"],
+        ),
+        raw(
+            "an export whose tokenizer has more tokens than the model",
+            &[
+                "generate",
+                "--checkpoint",
+                "{F}/export",
+                "--prompt",
+                "hi",
+                "--device",
+                "cpu",
+            ],
+            &[],
+            |f| export_edited(f, "\"vocab_size\": 8192", "\"vocab_size\": 100"),
+            &["tokenizer.json", "8192 tokens", "vocab_size of 100"],
+        ),
+        raw(
+            "export of a checkpoint whose config names more layers than it holds",
+            &[
+                "checkpoint",
+                "export",
+                "{F}/run/checkpoints/step-0000004",
+                "--output",
+                "{F}/out",
+            ],
+            &[],
+            |f| metadata_edited(f, "\"num_layers\": 2", "\"num_layers\": 3"),
+            &["step-0000004", "has no tensor", "layers.2."],
+        ),
+        raw(
+            "export of a checkpoint with an --init option",
+            &[
+                "checkpoint",
+                "export",
+                "{F}/run/checkpoints/step-0000004",
+                "--output",
+                "{F}/out",
+                "--set",
+                "model.num_layers=1",
+            ],
+            &[],
+            NONE,
+            &["--set applies to --init only"],
+        ),
+        raw(
+            "generation past any context",
+            &[
+                "generate",
+                "--checkpoint",
+                "{F}/run/checkpoints/step-0000004",
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "18446744073709551615",
+                "--device",
+                "cpu",
+            ],
+            &[],
+            NONE,
+            &[
+                "--max-new-tokens",
+                "18446744073709551615",
+                "maximum context",
+            ],
+        ),
+        raw(
+            "model summary of a negative sequence length",
+            &[
+                "model",
+                "summary",
+                "--config",
+                "{F}/config.toml",
+                "--set",
+                "data.seq_len=-1",
+            ],
+            &[],
+            NONE,
+            &["data.seq_len -1", "from 1 to"],
+        ),
+        t(
+            "more micro-batches a step than sigma schedules",
+            &["--set", "train.grad_accum_steps=100000000"],
+            &["train.grad_accum_steps", "larger than sigma supports"],
         ),
         t(
             "resume of a checkpoint of another model",

@@ -288,7 +288,15 @@ fn bench_decode_times_each_case_and_checks_its_arguments() {
         &["--n-k 5", "must divide --n-q 32"],
     );
     for (flag, value, says) in [
-        ("--n-q", "0", "--n-q 0: must be positive"),
+        ("--n-q", "0", "--n-q 0: must be 1 to 1024"),
+        ("--n-q", "99999999", "--n-q 99999999: must be 1 to 1024"),
+        ("--head-dim", "4096", "--head-dim 4096: must be 1 to 1024"),
+        ("--steps", "0", "--steps 0: must be 1 to 1000000"),
+        (
+            "--steps",
+            "4294967296",
+            "--steps 4294967296: must be 1 to 1000000",
+        ),
         ("--peak-gbps", "nan", "--peak-gbps NaN: must be a positive"),
         ("--peak-gbps", "0", "--peak-gbps 0: must be a positive"),
         ("--peak-gbps", "inf", "--peak-gbps inf: must be a positive"),
@@ -298,6 +306,30 @@ fn bench_decode_times_each_case_and_checks_its_arguments() {
             &[says],
         );
     }
+    // Caches past the machine's memory (or past i64 bytes) are skipped
+    // before anything is allocated, and the other cases still run.
+    let o = sigma(
+        &[
+            "bench",
+            "decode",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--context",
+            "8",
+            "--batch",
+            "1,9223372036854775807,1000000000000",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(
+        out.matches("(does not fit in memory: skipped)").count(),
+        2,
+        "{out}"
+    );
     // The kernel check needs a GPU and says so.
     assert_clean_failure(
         &sigma(&["bench", "decode", "--device", "cpu", "--check"], &[]),

@@ -246,6 +246,9 @@ impl ModelConfig {
 pub const MAX_MODEL_DIM: usize = 1 << 20;
 /// The most layers sigma accepts.
 pub const MAX_LAYERS: usize = 1 << 14;
+/// Largest `train.micro_batch_size` and `train.grad_accum_steps` (a step's
+/// pipeline schedule holds two passes per micro-batch and stage).
+pub const MAX_BATCH_COUNT: usize = 1 << 16;
 /// The largest vocabulary: token ids are 32-bit in the data pipeline.
 pub const MAX_VOCAB: usize = u32::MAX as usize;
 /// The most parameters sigma accepts (10^13: past any model that fits the
@@ -917,6 +920,17 @@ impl RunConfig {
                 "train",
                 "steps, micro_batch_size and grad_accum_steps must be positive",
             ));
+        }
+        for (key, n) in [
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+        ] {
+            if n > MAX_BATCH_COUNT {
+                return Err(TrainError::config(
+                    key,
+                    format!("{n} is larger than sigma supports ({MAX_BATCH_COUNT})"),
+                ));
+            }
         }
         if t.batch_ramp_steps > 0
             && (t.batch_ramp_start_accum == 0 || t.batch_ramp_start_accum > t.grad_accum_steps)

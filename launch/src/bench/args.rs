@@ -5,6 +5,21 @@ use anyhow::{bail, Result};
 
 use crate::device::DeviceArg;
 
+/// The most timed steps a bench takes per case (it keeps each step's time
+/// for the median).
+pub const MAX_STEPS: usize = 1_000_000;
+
+/// The most heads of each kind, and the widest head, `bench decode` takes.
+pub const MAX_HEADS: i64 = 1024;
+
+/// `--steps`: 1 to [`MAX_STEPS`].
+fn check_steps(steps: usize) -> Result<()> {
+    if steps == 0 || steps > MAX_STEPS {
+        bail!("--steps {steps}: must be 1 to {MAX_STEPS}");
+    }
+    Ok(())
+}
+
 #[derive(clap::Args)]
 pub struct FusedArgs {
     /// Timed runs per case (the median is reported), after 5 warm-up runs.
@@ -17,10 +32,7 @@ pub struct FusedArgs {
 
 impl FusedArgs {
     pub fn validate(&self) -> Result<()> {
-        if self.steps == 0 {
-            bail!("--steps must be positive");
-        }
-        Ok(())
+        check_steps(self.steps)
     }
 }
 
@@ -96,8 +108,8 @@ impl DecodeArgs {
                 ("--gqa-kv", self.gqa_kv),
             ]
         };
-        if self.model.is_none() && self.n_q <= 0 {
-            bail!("--n-q {}: must be positive", self.n_q);
+        if self.model.is_none() && !(1..=MAX_HEADS).contains(&self.n_q) {
+            bail!("--n-q {}: must be 1 to {MAX_HEADS}", self.n_q);
         }
         if let Some(p) = self.peak_gbps.filter(|p| !(p.is_finite() && *p > 0.0)) {
             bail!("--peak-gbps {p}: must be a positive number of GB/s");
@@ -107,8 +119,9 @@ impl DecodeArgs {
                 bail!("{name} {n}: must divide --n-q {}", self.n_q);
             }
         }
-        if self.steps == 0 || self.head_dim <= 0 {
-            bail!("--steps and --head-dim must be positive");
+        check_steps(self.steps)?;
+        if !(1..=MAX_HEADS).contains(&self.head_dim) {
+            bail!("--head-dim {}: must be 1 to {MAX_HEADS}", self.head_dim);
         }
         if let Some(&b) = self.batch.iter().chain(&self.context).find(|&&n| n <= 0) {
             bail!("--batch and --context must be positive, got {b}");

@@ -56,6 +56,31 @@ fn print_attention_header(a: &DecodeArgs, kind: Kind, device: Device) {
     );
 }
 
+/// Bytes of one attention case's query and caches (both sides), None past
+/// i64.
+fn case_bytes(a: &DecodeArgs, b: i64, s: i64, elt: i64) -> Option<i64> {
+    let heads = a
+        .n_k
+        .checked_add(a.n_v)?
+        .checked_add(a.gqa_kv.checked_mul(2)?)?;
+    let cache = s.checked_mul(heads)?;
+    let per_row = cache.checked_add(a.n_q)?.checked_mul(a.head_dim)?;
+    b.checked_mul(per_row)?.checked_mul(elt)
+}
+
+/// Whether `bytes` can be allocated on `device`: on the CPU within the
+/// memory available now (Linux lets a larger allocation succeed and kills
+/// the process as its pages fill); on a GPU the allocator refuses what
+/// does not fit, and the case is skipped then.
+fn fits(bytes: Option<i64>, device: Device) -> bool {
+    let Some(bytes) = bytes else { return false };
+    match device {
+        Device::Cpu => sigma_trainer::model::summary::host_memory_available()
+            .is_none_or(|have| (bytes as u64) < have / 10 * 9),
+        _ => true,
+    }
+}
+
 /// One row of the timing table: batch `b`, context `s` (a note instead
 /// when the caches do not fit).
 fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) -> Result<()> {
@@ -63,16 +88,20 @@ fn attention_case(a: &DecodeArgs, b: i64, s: i64, kind: Kind, device: Device) ->
     let scale = 1.0 / (d as f64).sqrt();
     let elt = kind.elt_size_in_bytes() as f64;
     let opts = (kind, device);
-    let q = Tensor::randn([b, a.n_q, 1, d], opts);
-    let alloc = || -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    if !fits(case_bytes(a, b, s, elt as i64), device) {
+        println!("{b:>6} {s:>8}  (does not fit in memory: skipped)");
+        return Ok(());
+    }
+    let alloc = || -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
         Ok((
+            Tensor::f_randn([b, a.n_q, 1, d], opts)?,
             Tensor::f_randn([b, a.n_k, s, d], opts)?,
             Tensor::f_randn([b, a.n_v, s, d], opts)?,
             Tensor::f_randn([b, a.gqa_kv, s, d], opts)?,
             Tensor::f_randn([b, a.gqa_kv, s, d], opts)?,
         ))
     };
-    let Ok((k, v, gk, gv)) = alloc() else {
+    let Ok((q, k, v, gk, gv)) = alloc() else {
         println!("{b:>6} {s:>8}  (does not fit in memory: skipped)");
         return Ok(());
     };

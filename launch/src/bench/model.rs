@@ -93,6 +93,12 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
         "of bound"
     );
     for (name, c) in variants {
+        // The model is drawn on the host in fp32 before any move to the GPU.
+        let params = sigma_trainer::model::summary::summarize(&c, 1).params;
+        sigma_trainer::model::summary::check_host_memory(
+            params as f64 * 4.0,
+            &format!("building {config}'s {name} model"),
+        )?;
         let model = build(&c, device);
         let heads = format!("{}/{}/{}", c.num_q_heads, c.num_k_heads, c.num_v_heads);
         let weights = weight_bytes_read(&c, if device.is_cuda() { 2 } else { 4 });

@@ -289,6 +289,9 @@ fn load_checkpoint(
     }
     let run = ck.meta.run_config()?;
     run.model.validate()?;
+    let tok_path = path.join(crate::checkpoint::TOKENIZER);
+    let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
+    check_vocab(&run.model, &tokenizer, &tok_path)?;
     on_config(&run.model);
     let n = run.model.param_count().unwrap_or(u64::MAX) as f64;
     check_host_memory(8.0 * n, "loading the checkpoint's model")?;
@@ -298,8 +301,6 @@ fn load_checkpoint(
     let w = ck.read_flat(crate::checkpoint::BUFFERS[0], &model.params, 0, n)?;
     tch::no_grad(|| model.params.flat.shallow_clone().copy_(&w));
     let model = move_model(model, device);
-    let tok_path = path.join(crate::checkpoint::TOKENIZER);
-    let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
     Ok(Loaded {
         model,
         opts: frozen(run.train.loss_chunk_tokens),
@@ -319,6 +320,8 @@ fn load_export(
     let tok_path = path.join(crate::checkpoint::TOKENIZER);
     let cfg = exported_model_config(&path.join("config.json"))?;
     check_export_tokenizer(&path.join("config.json"), &tok_path)?;
+    let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
+    check_vocab(&cfg, &tokenizer, &tok_path)?;
     let n = cfg.param_count().unwrap_or(u64::MAX) as f64;
     check_host_memory(8.0 * n, "loading the exported model")?;
     let mut r = crate::checkpoint::safetensors::Reader::open(weights)?;
@@ -335,7 +338,6 @@ fn load_export(
         Ok(())
     })?;
     let model = move_model(model, device);
-    let tokenizer = Tokenizer::load(&tok_path.to_string_lossy())?;
     Ok(Loaded {
         model,
         opts: frozen(0),
@@ -379,15 +381,48 @@ fn check_export_tokenizer(config: &Path, tokenizer: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every id of the tokenizer is a row of the model's embedding: a tokenizer
+/// with more tokens than `vocab_size` is not the model's (its high ids
+/// would fail inside the embedding).
+fn check_vocab(cfg: &ModelConfig, tok: &Tokenizer, tok_path: &Path) -> Result<()> {
+    if (cfg.vocab_size as u64) < tok.vocab_size as u64 {
+        return Err(TrainError::file(
+            tok_path.display(),
+            format!(
+                "has {} tokens, more than the model's vocab_size of {}: it is not the model's tokenizer",
+                tok.vocab_size, cfg.vocab_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Every weight `cfg` declares is in the export's safetensors file with the
-/// shape `cfg` gives it: an export whose config.json and weights do not
-/// belong together is refused, naming the first tensor that differs.
+/// shape `cfg` gives it, and the file holds no other tensor: an export
+/// whose config.json and weights do not belong together is refused,
+/// naming the first tensor that differs.
 fn check_export_shapes(
     cfg: &ModelConfig,
     r: &crate::checkpoint::safetensors::Reader,
     weights: &Path,
 ) -> Result<()> {
-    for spec in crate::model::params::whole_specs(cfg) {
+    let specs = crate::model::params::whole_specs(cfg);
+    let declared: std::collections::HashSet<String> = specs.iter().map(|s| s.name()).collect();
+    let extra: Vec<&String> = r
+        .entries
+        .keys()
+        .filter(|k| !declared.contains(*k))
+        .collect();
+    if let Some(name) = extra.first() {
+        return Err(TrainError::file(
+            weights.display(),
+            format!(
+                "has a tensor {name} (and {} more) that config.json's model does not have: the two are not one export",
+                extra.len() - 1
+            ),
+        ));
+    }
+    for spec in specs {
         let name = spec.name();
         let Some(e) = r.entries.get(&name) else {
             return Err(TrainError::file(
@@ -441,6 +476,12 @@ pub fn exported_model_config(path: &Path) -> Result<ModelConfig> {
     let text = std::fs::read(path).map_err(|e| TrainError::io(path.display().to_string(), e))?;
     let v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| TrainError::file(path.display(), format!("not JSON: {e}")))?;
+    if let Some(t) = v.get("model_type").filter(|t| t.as_str() != Some("sigma")) {
+        return Err(TrainError::file(
+            path.display(),
+            format!("model_type {t}: not a sigma model (sigma's exports say \"sigma\")"),
+        ));
+    }
     let keys = [
         "vocab_size",
         "d_model",

@@ -600,7 +600,10 @@ pub fn check_prompts(prompts: &[Vec<u32>], r: &Request) -> Result<()> {
                 "is empty (no tokens)",
             ));
         }
-        if p.len() + r.max_new_tokens > r.max_context {
+        if p.len()
+            .checked_add(r.max_new_tokens)
+            .is_none_or(|n| n > r.max_context)
+        {
             return Err(TrainError::input(
                 "--max-new-tokens",
                 format!(
