@@ -137,7 +137,11 @@ fn main() {
             let mut text = format!("{who}{e}");
             let mut src = e.source();
             while let Some(s) = src {
-                text.push_str(&format!("\n  caused by: {s}"));
+                // A cause the message already quotes is not repeated.
+                let cause = s.to_string();
+                if !text.contains(&cause) {
+                    text.push_str(&format!("\n  caused by: {cause}"));
+                }
                 src = s.source();
             }
             sigma_trainer::dist::abort::print_once(&text);

@@ -5,7 +5,8 @@
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 
 /// `--flag value: not a valid value (valid values: a, b, c)`, for a value
-/// outside a closed choice; None for every other error.
+/// outside a closed choice, and `--flag: needs a value` for an empty one;
+/// None for every other error.
 fn invalid_choice(e: &clap::Error) -> Option<String> {
     if e.kind() != ErrorKind::InvalidValue {
         return None;
@@ -21,6 +22,10 @@ fn invalid_choice(e: &clap::Error) -> Option<String> {
     };
     // clap names the argument with its placeholder: "--device <DEVICE>".
     let flag = arg.split_whitespace().next().unwrap_or(arg);
+    if valid.is_empty() {
+        // Not a choice: clap refuses an empty value of any argument so.
+        return Some(format!("{flag}: needs a value, got an empty one"));
+    }
     Some(format!(
         "{flag} {value}: not a valid value (valid values: {})",
         valid.join(", ")

@@ -450,6 +450,31 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             &["--set applies to --init only"],
         ),
         raw(
+            "an export written where a file stands",
+            &[
+                "checkpoint",
+                "export",
+                "--init",
+                "{F}/config.toml",
+                "--output",
+                "{F}/config.toml/x",
+            ],
+            &[],
+            NONE,
+            &[
+                "{F}/config.toml/x",
+                "cannot be written",
+                "{F}/config.toml is not a directory",
+            ],
+        ),
+        raw(
+            "an empty checkpoint path",
+            &["generate", "--checkpoint", "", "--prompt", "hi"],
+            &[],
+            NONE,
+            &["--checkpoint: needs a value, got an empty one"],
+        ),
+        raw(
             "generation past any context",
             &[
                 "generate",

@@ -160,6 +160,11 @@ fn bad_flags_are_refused_in_one_line_naming_the_flag() {
         (&["--gpus-per-node", "0"][..], "--gpus-per-node"),
         (&["--layout", "tp=two"][..], "--layout"),
         (&["--layout", "cp=2"][..], "--layout"),
+        (&["--layout", "tp=2,tp=4"][..], "tp is given twice"),
+        (
+            &["--set", "train.micro_batch_size=1000000000"][..],
+            "train.micro_batch_size",
+        ),
         (&["--global-batch", "0"][..], "--global-batch"),
         (&["--bogus"][..], "--bogus"),
     ] {

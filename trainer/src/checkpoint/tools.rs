@@ -346,7 +346,17 @@ fn publish(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent.display().to_string(), e))?;
+    // Failures before the rename name the output asked for, not the
+    // temporary directory beside it.
+    let unwritable = |e: std::io::Error| {
+        let why = if parent.exists() && !parent.is_dir() {
+            format!("{} is not a directory", parent.display())
+        } else {
+            e.to_string()
+        };
+        TrainError::file(out.display(), format!("cannot be written: {why}"))
+    };
+    std::fs::create_dir_all(parent).map_err(unwritable)?;
     let tmp = parent.join(format!(
         ".{}.tmp-{}",
         out.file_name()
@@ -355,7 +365,7 @@ fn publish(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(tmp.display().to_string(), e))?;
+    std::fs::create_dir_all(&tmp).map_err(unwritable)?;
     let written = write(&tmp);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

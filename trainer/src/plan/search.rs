@@ -32,11 +32,15 @@ impl Fixed {
     pub fn parse(spec: &str) -> Result<Fixed> {
         let bad = |m: String| TrainError::input("--layout", m);
         let mut f = Fixed::default();
+        let mut seen = std::collections::HashSet::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = item
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{item}` is not KEY=VALUE (keys: {LAYOUT_KEYS})")))?;
             let (k, v) = (k.trim(), v.trim());
+            if !seen.insert(k) {
+                return Err(bad(format!("{k} is given twice")));
+            }
             let num = || -> Result<usize> {
                 match v.parse::<usize>() {
                     Ok(n) if n > 0 || k == "chunk" => Ok(n),
