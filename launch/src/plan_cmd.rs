@@ -85,8 +85,9 @@ struct RunArgs {
     /// The kind of GPU: its shipped calibration.
     #[arg(long, value_enum, default_value = "h100")]
     gpu: Gpu,
-    /// A calibration file instead of the shipped one (`sigma plan calibrate` writes one).
-    #[arg(long)]
+    /// A calibration file instead of the shipped one (`sigma plan calibrate` writes one;
+    /// it names its GPU, so --gpu is refused with it).
+    #[arg(long, conflicts_with = "gpu")]
     calibration: Option<String>,
     /// Tokens per optimizer step over the job (default: the config's
     /// micro_batch_size x grad_accum_steps x dp x seq_len).
