@@ -150,9 +150,8 @@ fn ck(f: &Path) -> PathBuf {
     f.join("run/checkpoints/step-0000004")
 }
 
-/// Export the fixture's last checkpoint to `{F}/export` and replace `from`
-/// with `to` in the export's config.json.
-fn export_edited(f: &Path, from: &str, to: &str) {
+/// Export the fixture's last checkpoint to `{F}/export`, returned.
+fn export(f: &Path) -> PathBuf {
     let out = f.join("export");
     let ck = ck(f).display().to_string();
     let o = sigma(
@@ -166,7 +165,12 @@ fn export_edited(f: &Path, from: &str, to: &str) {
         &[],
     );
     assert!(o.status.success(), "export: {}", stderr(&o));
-    let c = out.join("config.json");
+    out
+}
+
+/// [`export`], then replace `from` with `to` in the export's config.json.
+fn export_edited(f: &Path, from: &str, to: &str) {
+    let c = export(f).join("config.json");
     let text = std::fs::read_to_string(&c).expect("config.json");
     let edited = text.replacen(from, to, 1);
     assert_ne!(text, edited, "{from} in config.json");
@@ -357,26 +361,7 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             "an export whose config.json does not match its weights",
             &["eval", "--checkpoint", "{F}/export", "--device", "cpu"],
             &[],
-            |f| {
-                let out = f.join("export");
-                let ck = ck(f).display().to_string();
-                let o = sigma(
-                    &[
-                        "checkpoint",
-                        "export",
-                        &ck,
-                        "--output",
-                        &out.display().to_string(),
-                    ],
-                    &[],
-                );
-                assert!(o.status.success(), "export: {}", stderr(&o));
-                let c = out.join("config.json");
-                let text = std::fs::read_to_string(&c).expect("config.json");
-                let edited = text.replacen("\"ffn_dim\": 64", "\"ffn_dim\": 96", 1);
-                assert_ne!(text, edited, "the ffn_dim field");
-                std::fs::write(&c, edited).expect("write");
-            },
+            |f| export_edited(f, "\"ffn_dim\": 64", "\"ffn_dim\": 96"),
             &["model.safetensors", "config.json", "not one export"],
         ),
         raw(
@@ -524,20 +509,7 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             &["eval", "--checkpoint", "{F}/export", "--device", "cpu"],
             &[],
             |f| {
-                let out = f.join("export");
-                let ck = ck(f).display().to_string();
-                let o = sigma(
-                    &[
-                        "checkpoint",
-                        "export",
-                        &ck,
-                        "--output",
-                        &out.display().to_string(),
-                    ],
-                    &[],
-                );
-                assert!(o.status.success(), "export: {}", stderr(&o));
-                let t = out.join("tokenizer.json");
+                let t = export(f).join("tokenizer.json");
                 let mut text = std::fs::read(&t).expect("tokenizer.json");
                 text.extend_from_slice(b"\n");
                 std::fs::write(&t, text).expect("write");

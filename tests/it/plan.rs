@@ -161,7 +161,10 @@ fn bad_flags_are_refused_in_one_line_naming_the_flag() {
         (&["--layout", "tp=two"][..], "--layout"),
         (&["--layout", "cp=2"][..], "--layout"),
         (&["--layout", "tp=2,tp=4"][..], "tp is given twice"),
-        (&["--gpu", "h200", "--calibration", "x.toml"][..], "--calibration"),
+        (
+            &["--gpu", "h200", "--calibration", "x.toml"][..],
+            "--calibration",
+        ),
         (
             &["--set", "train.micro_batch_size=1000000000"][..],
             "train.micro_batch_size",
