@@ -10,15 +10,18 @@ use std::path::Path;
 use std::process::Command;
 
 /// What the binary is built from, relative to the workspace: the crates it
-/// links (sources, kernels, embedded assets and sample data), the shared
-/// build code, the manifests and lock file, and the embedded config.
-const SOURCES: [&str; 7] = [
+/// links (sources, kernels, embedded assets), the shared build code, the
+/// manifests and lock file, and the embedded config.
+const SOURCES: [&str; 10] = [
     "Cargo.toml",
     "Cargo.lock",
     "build",
-    "data",
+    "data/src",
+    "data/Cargo.toml",
     "trainer",
-    "launch",
+    "launch/src",
+    "launch/build.rs",
+    "launch/Cargo.toml",
     "configs/sigma-1.5b.toml",
 ];
 
@@ -46,13 +49,17 @@ fn main() {
         .then(|| git(&["rev-parse", "--short=7", "HEAD"]))
         .flatten();
     let commit = match head {
-        // `git status` prints nothing for a clean tree: `git` gives None then.
+        // Clean: `git status` succeeds and prints nothing; a failure counts
+        // as changed (the binary cannot be said to be the commit's).
         Some(h) => {
-            let mut args = vec!["status", "--porcelain", "--untracked-files=no", "--"];
-            args.extend(SOURCES);
-            match git(&args) {
-                Some(_) => format!("{h}-dirty"),
-                None => h,
+            let status = Command::new("git")
+                .args(["status", "--porcelain", "--untracked-files=no", "--"])
+                .args(SOURCES)
+                .current_dir(root)
+                .output();
+            match status {
+                Ok(o) if o.status.success() && o.stdout.is_empty() => h,
+                _ => format!("{h}-dirty"),
             }
         }
         None => "unknown".into(),

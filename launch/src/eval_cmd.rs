@@ -55,8 +55,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
 }
 
-/// The counts a user gives must mean what they say: neither is replaced.
+/// The counts and options a user gives must mean what they say: none is
+/// replaced or ignored.
 fn check_counts(a: &EvalArgs) -> Result<()> {
+    // clap lets --text-field through with --data (which conflicts with
+    // --input, so --input's requirement counts as met).
+    if a.text_field.is_some() && a.input.is_empty() {
+        bail!("--text-field applies to --input only");
+    }
     if a.max_tokens == Some(0) {
         bail!("--max-tokens 0: nothing would be scored; give at least 1 (or leave it out for train.eval_steps x train.micro_batch_size windows)");
     }

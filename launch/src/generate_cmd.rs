@@ -149,8 +149,9 @@ fn check_args(a: &GenerateArgs) -> Result<()> {
     if a.batch == 0 || a.max_new_tokens == 0 {
         bail!("--batch and --max-new-tokens must be positive");
     }
-    if a.max_context == Some(0) {
-        bail!("--max-context 0: must be positive");
+    let most = sigma_data::config::MAX_SEQ_LEN;
+    if let Some(n) = a.max_context.filter(|n| !(1..=most).contains(n)) {
+        bail!("--max-context {n}: must be 1 to {most} tokens");
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 
 /// `--flag value: not a valid value (valid values: a, b, c)`, for a value
-/// outside a closed choice, and `--flag: needs a value` for an empty one;
+/// outside a closed choice, and `--flag: needs a value` for a missing or empty one;
 /// None for every other error.
 fn invalid_choice(e: &clap::Error) -> Option<String> {
     if e.kind() != ErrorKind::InvalidValue {
@@ -23,8 +23,9 @@ fn invalid_choice(e: &clap::Error) -> Option<String> {
     // clap names the argument with its placeholder: "--device <DEVICE>".
     let flag = arg.split_whitespace().next().unwrap_or(arg);
     if valid.is_empty() {
-        // Not a choice: clap refuses an empty value of any argument so.
-        return Some(format!("{flag}: needs a value, got an empty one"));
+        // Not a choice: a path (or another argument that refuses "") given
+        // none or an empty one.
+        return Some(format!("{flag}: needs a value"));
     }
     Some(format!(
         "{flag} {value}: not a valid value (valid values: {})",

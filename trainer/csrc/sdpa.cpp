@@ -5,41 +5,37 @@
 // build ATen dispatched to) and then packs them with `pack_vnni2`, which only
 // its AVX-512 build has. On a CPU with AMX whose ATen kernels run below
 // AVX-512 (`ATEN_CPU_CAPABILITY=avx2`, as the tests pin for reproducible
-// numbers) a bf16 attention over 64 or more tokens (where libtorch's size
-// heuristic packs) fails with "pack_vnni2 is only supported when avx512 is
-// supported". For exactly
-// those calls oneDNN is switched off for the forward (the flag libtorch's
-// heuristic reads; the kernel then multiplies unpacked: against the packed
-// kernel of an unpinned run, in five shapes tried, three bit for bit and
-// the others in under 0.004 % of the outputs, by one bf16 unit), and
-// restored afterwards, also when the call throws. The backward
-// does not pack. Everything else is passed straight to libtorch.
-#include <ATen/Context.h>
+// numbers) a bf16 attention over 64 or more tokens fails with "pack_vnni2 is
+// only supported when avx512 is supported". Those calls (x86, CPU, bf16 or
+// fp16, ATen below AVX-512) run libtorch's math attention instead: the same
+// softmax(q k^T) v, differentiable, its scores materialised, computed in
+// fp32 and rounded once to the inputs' dtype. No process-wide setting is touched, so other
+// threads' operations are not affected. Every other call is passed straight
+// to libtorch's SDPA.
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_scaled_dot_product_attention_math.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 
 #include <cstddef>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "shim_error.h"
 
 namespace {
-// Whether ATen's CPU kernels run below their AVX-512 build (the build that
-// has `pack_vnni2`). ATen picks its capability once per process.
-bool aten_below_avx512() {
+// Whether the flash kernel could take the packing path that fails: x86 (AMX
+// and oneDNN's packing are x86-only) with ATen's CPU kernels below their
+// AVX-512 build. ATen picks its capability once per process.
+bool flash_may_fail_to_pack() {
+#if defined(__x86_64__) || defined(_M_X64)
   static const bool below = at::get_cpu_capability() != "AVX512";
   return below;
+#else
+  return false;
+#endif
 }
-
-struct OneDnnOff {
-  bool was;
-  OneDnnOff() : was(at::globalContext().userEnabledMkldnn()) {
-    at::globalContext().setUserEnabledMkldnn(false);
-  }
-  ~OneDnnOff() { at::globalContext().setUserEnabledMkldnn(was); }
-};
 }  // namespace
 
 // out = scaled_dot_product_attention(q, k, v, mask (or null), dropout 0,
@@ -52,16 +48,14 @@ extern "C" int sigma_sdpa(void* q, void* k, void* v, void* mask, int causal, dou
     const auto& vt = *static_cast<const at::Tensor*>(v);
     std::optional<at::Tensor> m;
     if (mask != nullptr) m = *static_cast<const at::Tensor*>(mask);
-    auto call = [&] {
-      return at::scaled_dot_product_attention(qt, kt, vt, m, 0.0, causal != 0, scale, gqa != 0);
-    };
     const bool reduced =
         qt.scalar_type() == at::kBFloat16 || qt.scalar_type() == at::kHalf;
-    if (qt.is_cpu() && reduced && aten_below_avx512()) {
-      OneDnnOff off;
-      *static_cast<at::Tensor*>(out) = call();
+    auto& o = *static_cast<at::Tensor*>(out);
+    if (qt.is_cpu() && reduced && flash_may_fail_to_pack()) {
+      o = std::get<0>(at::_scaled_dot_product_attention_math(
+          qt, kt, vt, m, 0.0, causal != 0, std::nullopt, scale, gqa != 0));
     } else {
-      *static_cast<at::Tensor*>(out) = call();
+      o = at::scaled_dot_product_attention(qt, kt, vt, m, 0.0, causal != 0, scale, gqa != 0);
     }
   });
 }

@@ -391,12 +391,11 @@ pub fn export(dir: &Path, out: &Path, dtype: ExportDtype, format: ExportFormat) 
         // The tokenizer must be the one the checkpoint recorded, byte for byte.
         ck.verify(TOKENIZER)?;
     }
+    let origin = Origin::of_checkpoint(&meta)?;
     // The tensors must be the model its config describes (config.json says
     // that model): the check loading for generation or evaluation makes.
-    let run = meta.run_config()?;
-    run.model.validate()?;
-    ck.check_model(&run.model)?;
-    let origin = Origin::of_checkpoint(&meta)?;
+    origin.run.model.validate()?;
+    ck.check_model(&origin.run.model)?;
     publish(out, |tmp| {
         let mut tensors = Vec::new();
         for name in meta.tensors.keys().filter(|k| k.starts_with("model/")) {

@@ -1,11 +1,11 @@
-//! Scaled-dot-product attention: every call of sigma's goes through
-//! [`attention`]. On CPU it runs through a shim (csrc/sdpa.cpp): with bf16 or
-//! fp16 operands and ATen's kernels below AVX-512 (the tests pin AVX2),
-//! libtorch 2.11's flash attention packs its operands for AMX tiles on CPUs
-//! that have them, with a routine only its AVX-512 build has, and fails. The
-//! shim turns oneDNN off for exactly those calls' forward (unpacked, the
-//! values are the packed kernel's to within a bf16 rounding of a few
-//! outputs) and passes every other call to libtorch's SDPA unchanged. On
+//! Scaled-dot-product attention of the model (`model/block.rs`) and of the
+//! planner's calibration: [`attention`]. On CPU it runs through a shim
+//! (csrc/sdpa.cpp): with bf16 or fp16 operands and ATen's kernels below
+//! AVX-512 (the tests pin AVX2), libtorch 2.11's flash attention packs its
+//! operands for AMX tiles on CPUs that have them, with a routine only its
+//! AVX-512 build has, and fails; those calls run libtorch's math attention
+//! (the same function, its scores materialised, computed in fp32 and
+//! rounded once) and every other call is libtorch's SDPA unchanged. On
 //! GPUs it is tch's SDPA call.
 #![allow(unsafe_code)] // FFI: the C function of the shim.
 
@@ -102,9 +102,9 @@ mod tests {
     }
 
     /// A causal bf16 attention long enough for libtorch's CPU kernel to
-    /// pack (128 tokens), forward and backward, under whatever ATen
-    /// capability the process runs (the tests pin AVX2; on a CPU with AMX
-    /// libtorch's own call fails there): it runs and follows fp32.
+    /// pack (128 tokens; libtorch's own call failed so at 1 to 64 threads
+    /// on a CPU with AMX under the tests' AVX2 pin), forward and backward:
+    /// it runs and follows fp32.
     #[test]
     fn bf16_attention_runs_on_the_cpu_and_follows_fp32() {
         let (q, k, v) = qkv(Kind::BFloat16, 128);

@@ -38,9 +38,6 @@ impl Fixed {
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{item}` is not KEY=VALUE (keys: {LAYOUT_KEYS})")))?;
             let (k, v) = (k.trim(), v.trim());
-            if !seen.insert(k) {
-                return Err(bad(format!("{k} is given twice")));
-            }
             let num = || -> Result<usize> {
                 match v.parse::<usize>() {
                     Ok(n) if n > 0 || k == "chunk" => Ok(n),
@@ -64,6 +61,9 @@ impl Fixed {
                 "ckpt" => f.ckpt = Some(switch()?),
                 "chunk" => f.chunk = Some(num()?),
                 _ => return Err(bad(format!("unknown key `{k}` (keys: {LAYOUT_KEYS})"))),
+            }
+            if !seen.insert(k) {
+                return Err(bad(format!("{k} is given twice")));
             }
         }
         Ok(f)
