@@ -94,7 +94,8 @@ pub fn run(a: &DecodeArgs, config: &str, device: Device) -> Result<()> {
     );
     for (name, c) in variants {
         // The model is drawn on the host in fp32 before any move to the GPU.
-        let params = sigma_trainer::model::summary::summarize(&c, 1).params;
+        // (the config's checked count, as loading a checkpoint asks it).
+        let params = c.param_count().unwrap_or(u64::MAX);
         sigma_trainer::model::summary::check_host_memory(
             params as f64 * 4.0,
             &format!("building {config}'s {name} model"),
