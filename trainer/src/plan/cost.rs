@@ -47,6 +47,33 @@ pub struct Ctx<'a> {
     pub opts: PassOptions,
     /// `parallel.tp_comm_overlap` in effect.
     pub overlap: bool,
+    /// The model's attention FLOPs per token and layer (forward and
+    /// backward, all heads): [`attention_flops_per_layer`].
+    pub attn_flops: f64,
+    /// The positions in `share.specs` of each 2-D weight, by key
+    /// ([`matmul_index`]).
+    pub mats: std::collections::HashMap<ParamKey, Vec<usize>>,
+}
+
+/// The attention FLOPs per token of one layer of model `c` at `seq_len`
+/// (forward and backward, all heads), for [`Ctx::attn_flops`]: computed
+/// once per rank, not once per block (the model's summary declares every
+/// parameter).
+pub fn attention_flops_per_layer(c: &ModelConfig, seq_len: usize) -> f64 {
+    summarize(c, seq_len).attention_flops_per_token / c.num_layers as f64
+}
+
+/// The positions in `share.specs` of its 2-D weights, by key, for
+/// [`Ctx::mats`]: a segment finds its weights without a pass over every
+/// weight of the rank.
+pub fn matmul_index(share: &Share) -> std::collections::HashMap<ParamKey, Vec<usize>> {
+    let mut index: std::collections::HashMap<ParamKey, Vec<usize>> = Default::default();
+    for (i, s) in share.specs.iter().enumerate() {
+        if s.shape.len() == 2 {
+            index.entry(s.key).or_default().push(i);
+        }
+    }
+    index
 }
 
 /// One step's seconds: forward, backward, of which weight-gradient GEMMs.
@@ -82,10 +109,17 @@ impl Ctx<'_> {
             Seg::AttendOut(l) => vec![ParamKey::Layer(l, LayerWeight::OProj)],
             Seg::Embed | Seg::FinalNorm | Seg::AttendHeads(_) => vec![],
         };
-        self.share
-            .specs
+        // In the order of the rank's weights, as a pass over them would give.
+        let mut at: Vec<usize> = keys
             .iter()
-            .filter(|s| keys.contains(&s.key) && s.shape.len() == 2)
+            .filter_map(|k| self.mats.get(k))
+            .flatten()
+            .copied()
+            .collect();
+        at.sort_unstable();
+        at.dedup();
+        at.iter()
+            .map(|&i| &self.share.specs[i])
             .map(|s| {
                 let w = match s.key {
                     ParamKey::Layer(_, w) => w,
@@ -114,10 +148,8 @@ impl Ctx<'_> {
 
     /// Attention seconds (forward and backward) of one block on this rank.
     fn attention(&self) -> f64 {
-        let s = summarize(self.c, self.seq_len);
         let share = self.plan.q_heads as f64 / self.c.num_q_heads as f64;
-        let flops =
-            s.attention_flops_per_token / self.c.num_layers as f64 * share * self.tokens.all;
+        let flops = self.attn_flops * share * self.tokens.all;
         flops / self.cal.attention_flops(self.c.dot_dim())
     }
 

@@ -16,7 +16,7 @@ use crate::parallel::schedule::{simulate_timed, Action, Schedule};
 use crate::parallel::Layout;
 use crate::plan::acts::{pass_memory, PassMemory, PassOptions, Tokens, FP32};
 use crate::plan::calib::Calibration;
-use crate::plan::cost::{chunk_time, ChunkTime, Ctx};
+use crate::plan::cost::{attention_flops_per_layer, chunk_time, matmul_index, ChunkTime, Ctx};
 use crate::plan::layout::Candidate;
 use crate::plan::memory::{optimizer_extra, schedule_peak, single_peak, PassPeak, State};
 use crate::plan::net::Net;
@@ -174,6 +174,8 @@ fn rank_plan(
         seq_len: cfg.data.seq_len,
         opts: o,
         overlap: cfg.parallel.tp_comm_overlap && cfg.train.fused_weight_grad,
+        attn_flops: attention_flops_per_layer(c, cfg.data.seq_len),
+        mats: matmul_index(&share),
     };
     let chunks: Vec<ChunkTime> = progs.iter().map(|p| chunk_time(&ctx, p)).collect();
     let tied = tied_numel(cfg, &layout, &share);
