@@ -186,6 +186,15 @@ fn metadata_edited(f: &Path, from: &str, to: &str) {
     std::fs::write(&m, edited).expect("write");
 }
 
+/// Set `layout.{key}` in the fixture checkpoint's metadata.json.
+fn layout_edited(f: &Path, key: &str, value: u64) {
+    let m = ck(f).join("metadata.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&m).expect("metadata")).expect("json");
+    v["layout"][key] = serde_json::json!(value);
+    std::fs::write(&m, serde_json::to_vec_pretty(&v).expect("json")).expect("write");
+}
+
 /// Run one case; Err(why) when it fails any of its checks.
 fn run_case(c: &Case, args: Vec<String>) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("tmp");
@@ -418,6 +427,45 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             &[],
             |f| metadata_edited(f, "\"num_layers\": 2", "\"num_layers\": 3"),
             &["step-0000004", "has no tensor", "layers.2."],
+        ),
+        raw(
+            "inspect of a checkpoint whose layout names two tensor-parallel ranks over one shard",
+            &["checkpoint", "inspect", "{F}/run/checkpoints/step-0000004"],
+            &[],
+            |f| layout_edited(f, "tp", 2),
+            &[
+                "step-0000004",
+                "metadata.json",
+                "tp 2 x pp 1 is 2 rank(s), but it lists 1 shard file(s)",
+            ],
+        ),
+        raw(
+            "export of a checkpoint whose layout has no data-parallel rank",
+            &[
+                "checkpoint",
+                "export",
+                "{F}/run/checkpoints/step-0000004",
+                "--output",
+                "{F}/out",
+            ],
+            &[],
+            |f| layout_edited(f, "dp", 0),
+            &["metadata.json", "layout.dp is 0"],
+        ),
+        raw(
+            "generate from a checkpoint whose layout has ZeRO stage 3",
+            &[
+                "generate",
+                "--checkpoint",
+                "{F}/run/checkpoints/step-0000004",
+                "--prompt",
+                "hi",
+                "--device",
+                "cpu",
+            ],
+            &[],
+            |f| layout_edited(f, "zero", 3),
+            &["metadata.json", "layout.zero is 3; it is 0 or 1"],
         ),
         raw(
             "export of a checkpoint with an --init option",

@@ -65,6 +65,59 @@ fn check_step(dir: &Path, meta: &Metadata) -> Result<()> {
     }
 }
 
+/// The saved layout agrees with itself and with the files: every axis has
+/// a rank, ZeRO is 0 or 1, and the files are one shard per rank of the
+/// job (`shard-R-of-W`, W the ranks of the layout) and at most the
+/// tokenizer. Readers take each tensor by its recorded pieces, so an
+/// edited layout would otherwise pass unnoticed.
+fn check_layout(dir: &Path, meta: &Metadata) -> Result<()> {
+    let l = &meta.layout;
+    let bad = |m: String| err(dir, format!("metadata.json: {m} (edited or damaged)"));
+    for (axis, n) in [("dp", l.dp), ("cp", l.cp), ("tp", l.tp), ("pp", l.pp)] {
+        if n == 0 {
+            return Err(bad(format!(
+                "layout.{axis} is 0; every axis has at least one rank"
+            )));
+        }
+    }
+    if l.zero > 1 {
+        return Err(bad(format!("layout.zero is {}; it is 0 or 1", l.zero)));
+    }
+    let world = [l.cp, l.tp, l.pp]
+        .iter()
+        .try_fold(l.dp, |w, &n| w.checked_mul(n))
+        .ok_or_else(|| bad("layout's ranks overflow".into()))?;
+    let shards: Vec<&String> = meta.files.keys().filter(|f| *f != TOKENIZER).collect();
+    if shards.len() != world {
+        return Err(bad(format!(
+            "layout dp {} x cp {} x tp {} x pp {} is {world} rank(s), but it lists {} shard file(s)",
+            l.dp,
+            l.cp,
+            l.tp,
+            l.pp,
+            shards.len()
+        )));
+    }
+    // As many names as ranks, each a distinct rank's: every rank's file.
+    let mine =
+        |f: &str| parse_shard(f).is_some_and(|r| r < world && f == shard_file_name(r, world));
+    if let Some(f) = shards.iter().find(|f| !mine(f)) {
+        return Err(bad(format!(
+            "file {f} is not a shard of its {world}-rank layout (shard-R-of-{world:05}.safetensors)"
+        )));
+    }
+    Ok(())
+}
+
+/// The rank of a shard file's name (`shard-R-of-W.safetensors`).
+fn parse_shard(name: &str) -> Option<usize> {
+    name.strip_prefix("shard-")?
+        .split_once("-of-")?
+        .0
+        .parse()
+        .ok()
+}
+
 /// An opened, verified checkpoint.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -89,6 +142,7 @@ impl Checkpoint {
         }
         let meta = Metadata::read(dir)?;
         check_step(dir, &meta)?;
+        check_layout(dir, &meta)?;
         for (name, f) in &meta.files {
             let p = dir.join(name);
             let len = std::fs::metadata(&p)
