@@ -83,8 +83,17 @@ fn describe_state(o: &mut String, m: &Metadata) {
     );
     let _ = writeln!(
         o,
-        "layout       dp {} tp {} pp {} zero {}; {} elements in rank 0's local buffers",
-        l.dp, l.tp, l.pp, l.zero, l.flat_numel
+        "layout       dp {}{} tp {} pp {} zero {}; {} elements in rank 0's local buffers",
+        l.dp,
+        if l.cp > 1 {
+            format!(" cp {}", l.cp)
+        } else {
+            String::new()
+        },
+        l.tp,
+        l.pp,
+        l.zero,
+        l.flat_numel
     );
 }
 
