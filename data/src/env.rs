@@ -34,7 +34,6 @@ pub const TRAIN_KERNELS: &str = "SIGMA_TRAIN_KERNELS";
 pub const DECODE_KERNEL: &str = "SIGMA_DECODE_KERNEL";
 pub const GEMV_KERNEL: &str = "SIGMA_GEMV_KERNEL";
 pub const GEMV_NORM: &str = "SIGMA_GEMV_NORM";
-pub const GEMV_AHEAD: &str = "SIGMA_GEMV_AHEAD";
 pub const DECODE_PDL: &str = "SIGMA_DECODE_PDL";
 pub const DECODE_PREFETCH: &str = "SIGMA_DECODE_PREFETCH";
 pub const DECODE_ROPE: &str = "SIGMA_DECODE_ROPE";
@@ -96,11 +95,6 @@ pub const SIGMA_VARS: &[Var] = &[
         name: GEMV_NORM,
         kind: Kind::Switch,
         meaning: "let the matrix-vector kernels run the RMSNorm (and residual add) before a block's products (default on)",
-    },
-    Var {
-        name: GEMV_AHEAD,
-        kind: Kind::Number { min: 0, max: 2 },
-        meaning: "matrix-vector kernels that load a group of columns' weights while they sum the group before: 0 none, 1 the normed ones (default), 2 every one whose lanes read a column in one load, the plain ones then launched with the blocks that fit at once",
     },
     Var {
         name: DECODE_PDL,

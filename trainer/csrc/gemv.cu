@@ -137,15 +137,8 @@ __device__ __forceinline__ Group group_of(int group, int chunks, Pick pick) {
 
 // The block's groups of columns: blockIdx.x, then every gridDim.x-th up to
 // `groups` (one each, except for the normed kernels, which the host launches
-// with fewer blocks so that each normalises its input once for several, and
-// those that load ahead).
+// with fewer blocks so that each normalises its input once for several).
 // NORM: x is made from `nx` into shared memory first ([rows, k] bf16).
-// Ahead (GEMV_AHEAD 1: the normed kernels; 2: every kernel, the host then
-// launching the plain ones with fewer blocks too): where a lane's share of a
-// column is one load of U pieces (k <= 256 * WPC * U), the block loads the
-// next group's pieces before it sums the group it holds (the first two
-// before it waits for the kernels before it), so that the memory is not
-// idle while a group's sums are added and written.
 template <int R, bool GATED, int U, int WPC, bool NORM, typename Pick>
 __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int rows, int k,
                                            int groups, Pick pick) {
@@ -153,9 +146,8 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = k >> 3;
   const int first = (warp % WPC) * 32 + lane;
-  const bool ahead = (NORM ? GEMV_AHEAD >= 1 : GEMV_AHEAD >= 2) && chunks <= 32 * WPC * U;
-  Group g = group_of<GATED, WPC>(blockIdx.x, chunks, pick), gn{};
-  uint4 a[U], b[U], an[U], bn[U];
+  Group g = group_of<GATED, WPC>(blockIdx.x, chunks, pick);
+  uint4 a[U], b[U];
   if (g.active) {
     // The weights' first pieces, loaded while the kernel before drains
     // (weights are not written while decoding), the next ones asked of L2.
@@ -164,10 +156,6 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
       prefetch_l2(g.wa + c);
       if (GATED) prefetch_l2(g.wb + c);
     }
-  }
-  if (ahead && (int)(blockIdx.x + gridDim.x) < groups) {
-    gn = group_of<GATED, WPC>(blockIdx.x + gridDim.x, chunks, pick);
-    if (gn.active) load_pieces<GATED, U, WPC>(gn.wa, gn.wb, first, chunks, an, bn);
   }
   let_next_kernel_start();
   wait_for_prior_kernels();
@@ -184,17 +172,7 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
     x = reinterpret_cast<const bf16*>(xs);
   }
   for (int gi = blockIdx.x; gi < groups; gi += gridDim.x) {
-    if (gi != (int)blockIdx.x && ahead) {
-      // The pieces loaded during the last group's sums; the next group's go out now.
-      g = gn;
-#pragma unroll
-      for (int u = 0; u < U; ++u) { a[u] = an[u]; b[u] = bn[u]; }
-      gn.active = false;
-      if (gi + (int)gridDim.x < groups) {
-        gn = group_of<GATED, WPC>(gi + gridDim.x, chunks, pick);
-        if (gn.active) load_pieces<GATED, U, WPC>(gn.wa, gn.wb, first, chunks, an, bn);
-      }
-    } else if (gi != (int)blockIdx.x) {
+    if (gi != (int)blockIdx.x) {
       g = group_of<GATED, WPC>(gi, chunks, pick);
       if (g.active) load_pieces<GATED, U, WPC>(g.wa, g.wb, first, chunks, a, b);
     }
@@ -274,7 +252,7 @@ __device__ __forceinline__ void gemv_block(const bf16* x, const NormIn& nx, int 
       gemv_gated_norm_r##R##_u##U##_w##WPC(GEMV_PARAMS) GEMV_BODY(true, true, R, U, WPC)
 
 // One row bucket and variant per compilation: the host compiles those it
-// launches (-DGEMV_R=.. -DGEMV_U=.. -DGEMV_WPC=.., and -DGEMV_AHEAD=0, 1 or 2).
+// launches (-DGEMV_R=.. -DGEMV_U=.. -DGEMV_WPC=..).
 // (through one more macro, so that the numbers, not the macros' names, are pasted)
 #define GEMV_EXPAND(R, U, WPC) GEMV_KERNELS(R, U, WPC)
 GEMV_EXPAND(GEMV_R, GEMV_U, GEMV_WPC)

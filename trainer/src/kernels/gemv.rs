@@ -51,7 +51,7 @@ const NORM_SHARED_BYTES: i64 = 40 * 1024;
 /// Blocks per multiprocessor of a normed launch at most (each normalises
 /// the input once, then takes groups of columns in turn); fewer where the
 /// kernel's registers or the launch's shared memory let fewer run at once
-/// ([`Loaded::blocks_per_sm`]), so that every block starts at once: a
+/// ([`Loaded::norm_blocks_per_sm`]), so that every block starts at once: a
 /// second wave of blocks would each normalise and take their groups only
 /// after a first block ended (variant (4, 4)'s gated normed kernel, 80
 /// registers a thread, fits 3 blocks of 256 threads on an H100's
@@ -160,27 +160,27 @@ struct Loaded {
     pdl: bool,
     /// The device's multiprocessors.
     sms: i64,
-    /// The blocks a launch that takes several groups a block runs per
-    /// multiprocessor, by kernel ([`Kind4::index`]) and dynamic shared
-    /// memory, asked of the driver once each ([`Loaded::blocks_per_sm`]).
-    fit: std::sync::Mutex<std::collections::HashMap<(usize, u32), i64>>,
+    /// The blocks a normed launch runs per multiprocessor, by kernel
+    /// ([`Kind4::index`]) and dynamic shared memory, asked of the driver
+    /// once each ([`Loaded::norm_blocks_per_sm`]).
+    norm_fit: std::sync::Mutex<std::collections::HashMap<(usize, u32), i64>>,
 }
 
 impl Loaded {
-    /// The blocks per multiprocessor of a launch of kernel `kind` whose
-    /// blocks take several groups each ([`persistent`]), with `shared`
-    /// bytes of dynamic shared memory: as many as fit at once by the
-    /// driver's occupancy of the kernel, at most [`NORM_BLOCKS_PER_SM`] for
-    /// a normed kernel ([`resident_blocks`]). The context must be current.
-    fn blocks_per_sm(&self, kind: usize, shared: u32) -> Result<i64, String> {
-        let mut fit = self.fit.lock().unwrap_or_else(|e| e.into_inner());
+    /// The blocks per multiprocessor of a normed launch of kernel `kind`
+    /// with `shared` bytes of dynamic shared memory: as many as fit at once
+    /// by the driver's occupancy of the kernel, at most
+    /// [`NORM_BLOCKS_PER_SM`] ([`norm_blocks`]). The context must be
+    /// current.
+    fn norm_blocks_per_sm(&self, kind: usize, shared: u32) -> Result<i64, String> {
+        let mut fit = self.norm_fit.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&b) = fit.get(&(kind, shared)) {
             return Ok(b);
         }
         let n = self.funcs[kind]
             .occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, shared as usize, None)
             .map_err(|e| format!("CUDA driver: {e}"))?;
-        let b = resident_blocks(n as i64, Kind4::ALL[kind].norm)?;
+        let b = norm_blocks(n as i64)?;
         fit.insert((kind, shared), b);
         Ok(b)
     }
@@ -213,7 +213,7 @@ impl Kind4 {
 fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
     let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e}");
     let (ctx, arch, sms) = decode::device(ordinal)?;
-    let module = decode::load_module(&ctx, SOURCE, &defines(rows, v, ahead_mode()), arch)?;
+    let module = decode::load_module(&ctx, SOURCE, &defines(rows, v), arch)?;
     let funcs = Kind4::ALL
         .iter()
         .map(|&f| module.load_function(&kernel_name(f, rows, v)).map_err(drv))
@@ -223,59 +223,25 @@ fn load(ordinal: usize, rows: i64, v: Variant) -> Result<Arc<Loaded>, String> {
         ctx,
         pdl: arch >= 90,
         sms,
-        fit: Default::default(),
+        norm_fit: Default::default(),
     }))
 }
 
-/// A launch's blocks per multiprocessor where `fit` of them can run at
-/// once ([`Loaded::blocks_per_sm`]): all of them, at most
-/// [`NORM_BLOCKS_PER_SM`] for a normed kernel; an error where none fits.
-fn resident_blocks(fit: i64, norm: bool) -> Result<i64, String> {
+/// A normed launch's blocks per multiprocessor where `fit` of them can run
+/// at once: at most [`NORM_BLOCKS_PER_SM`]; an error where none fits.
+fn norm_blocks(fit: i64) -> Result<i64, String> {
     if fit < 1 {
-        return Err("a matrix-vector kernel's block does not fit a multiprocessor".into());
+        return Err("a normed kernel's block does not fit a multiprocessor".into());
     }
-    Ok(if norm {
-        fit.min(NORM_BLOCKS_PER_SM)
-    } else {
-        fit
-    })
+    Ok(fit.min(NORM_BLOCKS_PER_SM))
 }
 
-/// `SIGMA_GEMV_AHEAD`: which kernels load the next group of columns'
-/// weights while they sum the group before (csrc/gemv.cu): 0 none, 1 the
-/// normed ones (the default), 2 every one ([`persistent`]).
-fn ahead_mode() -> i64 {
-    static MODE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    // `sigma` checks the variable at start-up (a bad value is refused
-    // there); the default covers callers that did not.
-    *MODE.get_or_init(|| {
-        sigma_data::env::number(sigma_data::env::GEMV_AHEAD, 1, (0, 2)).map_or(1, |m| m as i64)
-    })
-}
-
-/// Whether a lane of variant `v` reads its share of a column of width `k`
-/// in one load of its pieces: where it does, a block may load a next
-/// group's weights ahead (csrc/gemv.cu, `ahead`).
-fn one_load(k: i64, v: Variant) -> bool {
-    k / 8 <= (32 * v.warps_per_column * v.unroll) as i64
-}
-
-/// Whether a launch's blocks take several groups of columns each (as many
-/// blocks as run at once): a normed launch always (each block normalises
-/// its input once), a plain one where `SIGMA_GEMV_AHEAD` is 2 and its lanes
-/// read a column in one load (ahead mode `ahead`); else a block a group.
-fn persistent(norm: bool, ahead: i64, k: i64, v: Variant) -> bool {
-    norm || (ahead >= 2 && one_load(k, v))
-}
-
-/// The source's macros for row bucket `rows`, variant `v` and ahead mode
-/// `ahead` ([`ahead_mode`]).
-fn defines(rows: i64, v: Variant, ahead: i64) -> [(&'static str, i64); 4] {
+/// The source's macros for row bucket `rows` and variant `v`.
+fn defines(rows: i64, v: Variant) -> [(&'static str, i64); 3] {
     [
         ("GEMV_R", rows),
         ("GEMV_U", v.unroll as i64),
         ("GEMV_WPC", v.warps_per_column as i64),
-        ("GEMV_AHEAD", ahead),
     ]
 }
 
@@ -664,11 +630,10 @@ fn launch_on(
     kern.ctx
         .bind_to_thread()
         .map_err(|e| format!("CUDA driver: {e}"))?;
-    // A normed kernel's blocks normalise the input once each, and blocks
-    // that load ahead go on to their next group: no more of them than the
-    // device runs at once, each taking several groups.
-    let blocks = if persistent(norm, ahead_mode(), k, v) {
-        groups.min(kern.sms * kern.blocks_per_sm(kind, shared)?)
+    // A normed kernel's blocks normalise the input once each: no more of
+    // them than the device runs at once, each taking several groups.
+    let blocks = if norm {
+        groups.min(kern.sms * kern.norm_blocks_per_sm(kind, shared)?)
     } else {
         groups
     };
@@ -783,7 +748,7 @@ mod tests {
         );
         for (r, v) in cases {
             for arch in [90, 80] {
-                let ptx = decode::compile(SOURCE, &defines(r, v, 1), arch)
+                let ptx = decode::compile(SOURCE, &defines(r, v), arch)
                     .unwrap_or_else(|e| panic!("{r} rows, {v:?}, sm_{arch}: {e}"));
                 for f in Kind4::ALL {
                     let k = kernel_name(f, r, v);
@@ -819,7 +784,7 @@ mod tests {
         let mut args = Args::new(&Input::Plain(&x), &[], &[], &[], [1, 64, 1]);
         let sizes: Vec<usize> = args.fields().iter().map(|&(_, n)| n).collect();
         let v = Variant::pick(true, 2048);
-        let ptx = decode::compile(SOURCE, &defines(2, v, 2), 90).expect("compiles");
+        let ptx = decode::compile(SOURCE, &defines(2, v), 90).expect("compiles");
         for f in Kind4::ALL {
             let name = kernel_name(f, 2, v);
             let params = decode::ptx_param_sizes(&ptx, &name).expect("the kernel");
@@ -915,80 +880,17 @@ mod tests {
         );
     }
 
-    /// A launch whose blocks take several groups takes as many blocks a
-    /// multiprocessor as fit, a normed one at most NORM_BLOCKS_PER_SM, and
-    /// none fitting is an error, not an empty launch.
+    /// A normed launch takes as many blocks a multiprocessor as fit, at
+    /// most NORM_BLOCKS_PER_SM, and none fitting is an error, not an
+    /// empty launch.
     #[test]
-    fn a_persistent_launch_takes_the_blocks_that_fit_at_once() {
-        assert_eq!(resident_blocks(3, true), Ok(3));
-        assert_eq!(resident_blocks(1, true), Ok(1));
-        assert_eq!(
-            resident_blocks(NORM_BLOCKS_PER_SM, true),
-            Ok(NORM_BLOCKS_PER_SM)
-        );
-        assert_eq!(resident_blocks(8, true), Ok(NORM_BLOCKS_PER_SM));
-        assert_eq!(resident_blocks(8, false), Ok(8));
-        for norm in [true, false] {
-            let e = resident_blocks(0, norm).unwrap_err();
-            assert!(e.contains("does not fit"), "{e}");
-        }
-    }
-
-    /// Which launches take several groups a block: every normed one; a
-    /// plain one only in ahead mode 2 and where a lane reads its share of
-    /// a column in one load (SIGMA-1.5B: the gated products at k = 2048
-    /// and the plain ones at 2,048, not the FFN's down product at 6,144).
-    #[test]
-    fn blocks_take_several_groups_where_they_load_ahead_or_norm() {
-        let (plain, gated) = (Variant::pick(false, 2048), Variant::pick(true, 2048));
-        assert!(one_load(2048, plain) && one_load(2048, gated));
-        assert!(!one_load(6144, Variant::pick(false, 6144)));
-        assert!(!one_load(2056, plain), "one piece past a load");
-        for ahead in 0..=2 {
-            assert!(persistent(true, ahead, 6144, Variant::pick(false, 6144)));
-            assert_eq!(persistent(false, ahead, 2048, gated), ahead == 2);
-            assert_eq!(persistent(false, ahead, 2048, plain), ahead == 2);
-            assert!(!persistent(false, ahead, 6144, Variant::pick(false, 6144)));
-        }
-    }
-
-    /// The ahead mode reaches the kernels: a kernel that loads ahead has
-    /// the next group's loads in its code (more streamed loads than
-    /// without), mode 1 in the normed kernels only, mode 2 in every one;
-    /// and in every mode the loads stay in registers.
-    #[test]
-    fn the_ahead_mode_adds_the_next_groups_loads() {
-        if !decode::cuda_build() {
-            decode::skip_unless_ci("libtorch is not a CUDA build (no NVRTC beside it)");
-            return;
-        }
-        for v in [Variant::pick(false, 2048), Variant::pick(true, 2048)] {
-            let loads: Vec<Vec<usize>> = (0..=2)
-                .map(|ahead| {
-                    let ptx = decode::compile(SOURCE, &defines(1, v, ahead), 90).expect("compiles");
-                    Kind4::ALL
-                        .iter()
-                        .map(|&f| {
-                            let body =
-                                decode::ptx_entry(&ptx, &kernel_name(f, 1, v)).expect("kernel");
-                            assert!(
-                                !body.contains(".local"),
-                                "{f:?}, {v:?}, ahead {ahead}: local memory"
-                            );
-                            body.matches("L1::no_allocate").count()
-                        })
-                        .collect()
-                })
-                .collect();
-            for (i, f) in Kind4::ALL.iter().enumerate() {
-                let (off, normed, all) = (loads[0][i], loads[1][i], loads[2][i]);
-                if f.norm {
-                    assert!(normed > off && all == normed, "{f:?}, {v:?}: {loads:?}");
-                } else {
-                    assert!(normed == off && all > normed, "{f:?}, {v:?}: {loads:?}");
-                }
-            }
-        }
+    fn a_normed_launch_takes_the_blocks_that_fit_at_once() {
+        assert_eq!(norm_blocks(3), Ok(3));
+        assert_eq!(norm_blocks(1), Ok(1));
+        assert_eq!(norm_blocks(NORM_BLOCKS_PER_SM), Ok(NORM_BLOCKS_PER_SM));
+        assert_eq!(norm_blocks(8), Ok(NORM_BLOCKS_PER_SM));
+        let e = norm_blocks(0).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
     }
 
     /// What the normed kernels refuse, said in words (CPU tensors, through
