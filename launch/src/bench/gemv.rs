@@ -219,10 +219,13 @@ pub fn check(device: Device, steps: usize) -> Result<f64> {
     Ok(worst)
 }
 
+/// (name, rows, columns, k, gated, with the add): [`NORMED`].
+type NormedCase = (&'static str, i64, &'static [i64], i64, bool, bool);
+
 /// A case of the normed kernels: rows, the weights' row counts (gated: one
 /// merged weight of 2 x `ns[0]`), k, and whether a branch output is added
 /// before the norm (a block's later norms) or not (the first block's).
-const NORMED: &[(&str, i64, &[i64], i64, bool, bool)] = &[
+const NORMED: &[NormedCase] = &[
     ("q,k,v", 1, &[2048, 256, 1024], 2048, false, true),
     ("ffn gate/up", 1, &[6144], 2048, true, true),
     ("q,k,v first", 1, &[2048, 256, 1024], 2048, false, false),

@@ -31,6 +31,9 @@ use crate::error::{Result, TrainError};
 use crate::model::params::{ParamSpec, Params};
 use crate::optim::AdamW;
 
+/// Values by tensor name (a shard's data and its pieces).
+type Named<T> = Vec<(String, T)>;
+
 /// Fault injection for tests: milliseconds each writer sleeps after writing
 /// its shard and before reporting it (widens the window in which a kill lands mid-save).
 pub use sigma_data::env::FAULT_SAVE_DELAY_MS;
@@ -268,11 +271,7 @@ impl Saver {
     /// buffers, and list its pieces as views of them: (tensor name, data)
     /// and (tensor name, piece) for every parameter this rank writes (a copy
     /// held by several ranks is written by one of them).
-    fn snapshot(
-        &mut self,
-        params: &Params,
-        optim: &AdamW,
-    ) -> (Vec<(String, Tensor)>, Vec<(String, Piece)>) {
+    fn snapshot(&mut self, params: &Params, optim: &AdamW) -> (Named<Tensor>, Named<Piece>) {
         let (start, len) = self.owned(params);
         self.allocate_host(params);
         let host = self.host.as_ref().expect("host buffers");
@@ -323,7 +322,7 @@ impl Saver {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
             progress: info.progress.clone(),
-            data: info.data.clone(),
+            data: info.data,
             optimizer: OptimizerState {
                 adam_steps: info.adam_steps,
             },

@@ -337,7 +337,7 @@ fn extent_refusal(x: &Tensor, ws: &[&Tensor], gated: bool) -> Option<String> {
         return Some(format!("an input width of {k} (a positive multiple of 8)"));
     }
     let rows = x.numel() as i64 / k;
-    if rows < 1 || rows > MAX_ROWS {
+    if !(1..=MAX_ROWS).contains(&rows) {
         return Some(format!("{rows} rows (1 to {MAX_ROWS})"));
     }
     let aligned = |t: &Tensor| (t.data_ptr() as usize).is_multiple_of(16);

@@ -175,8 +175,8 @@ pub fn simulate(s: &Schedule) -> std::result::Result<Simulation, String> {
         }
         // Every rank that can run its next pass runs it in this time step.
         let mut ran = Vec::new();
-        for r in 0..s.pp {
-            let Some(&a) = s.ranks[r].get(pc[r]) else {
+        for (r, (ops, &at)) in s.ranks.iter().zip(&pc).enumerate() {
+            let Some(&a) = ops.get(at) else {
                 continue;
             };
             let st = s.stage(r, a.chunk());

@@ -180,7 +180,7 @@ pub fn split_merge(
     (chunk, parts, by): (usize, usize, Merge),
     scale: f64,
 ) -> Vec<f64> {
-    assert!(chunk > 0 && d.n_q % d.n_k == 0 && d.n_q % d.n_v == 0);
+    assert!(chunk > 0 && d.n_q.is_multiple_of(d.n_k) && d.n_q.is_multiple_of(d.n_v));
     let splits = d.len.div_ceil(chunk);
     let mut out = Vec::with_capacity(d.b * d.n_q * d.d_v);
     for b in 0..d.b {
