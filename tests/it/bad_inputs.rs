@@ -436,7 +436,28 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             &[
                 "step-0000004",
                 "metadata.json",
-                "tp 2 x pp 1 is 2 rank(s), but it lists 1 shard file(s)",
+                "shard-00000-of-00001.safetensors is not a shard of its layout dp 1 x cp 1 x tp 2 x pp 1 = 2 rank(s)",
+            ],
+        ),
+        raw(
+            "inspect of a checkpoint whose layout and file table name two data-parallel ranks but one shard",
+            &["checkpoint", "inspect", "{F}/run/checkpoints/step-0000004"],
+            &[],
+            |f| {
+                layout_edited(f, "dp", 2);
+                let m = ck(f).join("metadata.json");
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&m).expect("metadata")).expect("json");
+                let files = v["files"].as_object_mut().expect("files");
+                let entry = files
+                    .remove("shard-00000-of-00001.safetensors")
+                    .expect("the fixture's shard");
+                files.insert("shard-00000-of-00002.safetensors".into(), entry);
+                std::fs::write(&m, serde_json::to_vec_pretty(&v).expect("json")).expect("write");
+            },
+            &[
+                "metadata.json",
+                "its layout dp 2 x cp 1 x tp 1 x pp 1 = 2 rank(s), but it lists 1 shard file(s)",
             ],
         ),
         raw(

@@ -87,23 +87,24 @@ fn check_layout(dir: &Path, meta: &Metadata) -> Result<()> {
         .iter()
         .try_fold(l.dp, |w, &n| w.checked_mul(n))
         .ok_or_else(|| bad("layout's ranks overflow".into()))?;
+    let ranks = format!(
+        "layout dp {} x cp {} x tp {} x pp {} = {world} rank(s)",
+        l.dp, l.cp, l.tp, l.pp
+    );
     let shards: Vec<&String> = meta.files.keys().filter(|f| *f != TOKENIZER).collect();
-    if shards.len() != world {
-        return Err(bad(format!(
-            "layout dp {} x cp {} x tp {} x pp {} is {world} rank(s), but it lists {} shard file(s)",
-            l.dp,
-            l.cp,
-            l.tp,
-            l.pp,
-            shards.len()
-        )));
-    }
-    // As many names as ranks, each a distinct rank's: every rank's file.
+    // Every name a rank's of this layout (each distinct: a map's keys) ...
     let mine =
         |f: &str| parse_shard(f).is_some_and(|r| r < world && f == shard_file_name(r, world));
     if let Some(f) = shards.iter().find(|f| !mine(f)) {
         return Err(bad(format!(
-            "file {f} is not a shard of its {world}-rank layout (shard-R-of-{world:05}.safetensors)"
+            "file {f} is not a shard of its {ranks} (shard-R-of-{world:05}.safetensors, R below {world})"
+        )));
+    }
+    // ... and as many as ranks: every rank's file.
+    if shards.len() != world {
+        return Err(bad(format!(
+            "its {ranks}, but it lists {} shard file(s)",
+            shards.len()
         )));
     }
     Ok(())
