@@ -118,6 +118,27 @@ struct Case {
 
 const NONE: fn(&Path) = |_| {};
 
+/// `sigma generate` of one short prompt on the CPU from the fixture's
+/// export, and from its last checkpoint.
+const GENERATE_EXPORT: &[&str] = &[
+    "generate",
+    "--checkpoint",
+    "{F}/export",
+    "--prompt",
+    "hi",
+    "--device",
+    "cpu",
+];
+const GENERATE_CHECKPOINT: &[&str] = &[
+    "generate",
+    "--checkpoint",
+    "{F}/run/checkpoints/step-0000004",
+    "--prompt",
+    "hi",
+    "--device",
+    "cpu",
+];
+
 fn train(extra: &'static [&'static str]) -> Vec<String> {
     let mut a: Vec<String> = ["train", "--config", "{F}/config.toml", "--quiet"]
         .iter()
@@ -375,15 +396,7 @@ fn cases() -> Vec<(Case, Vec<String>)> {
         ),
         raw(
             "an export whose weights hold layers its config.json does not",
-            &[
-                "generate",
-                "--checkpoint",
-                "{F}/export",
-                "--prompt",
-                "hi",
-                "--device",
-                "cpu",
-            ],
+            GENERATE_EXPORT,
             &[],
             |f| export_edited(f, "\"num_layers\": 2", "\"num_layers\": 1"),
             &[
@@ -402,15 +415,7 @@ fn cases() -> Vec<(Case, Vec<String>)> {
         ),
         raw(
             "an export whose tokenizer has more tokens than the model",
-            &[
-                "generate",
-                "--checkpoint",
-                "{F}/export",
-                "--prompt",
-                "hi",
-                "--device",
-                "cpu",
-            ],
+            GENERATE_EXPORT,
             &[],
             |f| export_edited(f, "\"vocab_size\": 8192", "\"vocab_size\": 100"),
             &["tokenizer.json", "8192 tokens", "vocab_size of 100"],
@@ -475,15 +480,7 @@ fn cases() -> Vec<(Case, Vec<String>)> {
         ),
         raw(
             "generate from a checkpoint whose layout has ZeRO stage 3",
-            &[
-                "generate",
-                "--checkpoint",
-                "{F}/run/checkpoints/step-0000004",
-                "--prompt",
-                "hi",
-                "--device",
-                "cpu",
-            ],
+            GENERATE_CHECKPOINT,
             &[],
             |f| layout_edited(f, "zero", 3),
             &["metadata.json", "layout.zero is 3; it is 0 or 1"],
