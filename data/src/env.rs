@@ -37,6 +37,7 @@ pub const GEMV_NORM: &str = "SIGMA_GEMV_NORM";
 pub const DECODE_PDL: &str = "SIGMA_DECODE_PDL";
 pub const DECODE_PREFETCH: &str = "SIGMA_DECODE_PREFETCH";
 pub const DECODE_ROPE: &str = "SIGMA_DECODE_ROPE";
+pub const DECODE_FOLD_APPEND: &str = "SIGMA_DECODE_FOLD_APPEND";
 /// The version of the decode kernel's tuning cache format, in one place:
 /// the file's default name and its first line (the trainer's
 /// `kernels::decode::plan`) both take it, so a new format gets a new file.
@@ -110,6 +111,11 @@ pub const SIGMA_VARS: &[Var] = &[
         name: DECODE_ROPE,
         kind: Kind::Switch,
         meaning: "let the decode attention kernel rotate the query by RoPE itself, instead of a kernel before it (default on)",
+    },
+    Var {
+        name: DECODE_FOLD_APPEND,
+        kind: Kind::Switch,
+        meaning: "let the decode attention kernel write a decoding step's new keys and values into the cache itself, instead of a kernel before it (default on)",
     },
     Var {
         name: DECODE_TUNING,

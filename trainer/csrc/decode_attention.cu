@@ -8,8 +8,10 @@
 // the combine kernel does, in a second launch. The split kernel can also
 // rotate the query by RoPE (one less launch before it) and ask L2 for its
 // chunk of the cache before it waits on the kernels before it (dependent
-// launch: the cache is read while they drain). A third kernel writes a
-// step's new keys (after RoPE) and values into the cache. Compiled at run
+// launch: the cache is read while they drain), and write the step's new
+// keys (after RoPE) and values into the cache itself, the block whose chunk
+// holds the new slot before it reads its chunk; a third kernel writes them
+// on its own, for callers that do not fold the write in. Compiled at run
 // time by NVRTC (trainer/src/kernels), once per shape, with these macros
 // defined by the caller:
 //   NQ, NK, NV   query, key and value heads (NK and NV divide NQ)
@@ -379,17 +381,48 @@ __device__ __forceinline__ void warp_local_phases(const bf16* kg, const bf16* vg
 }
 #endif
 
+// A new token's keys rotated by RoPE and its values written at slot p by
+// the block's threads: `nk` key heads from kn (DK apart) into kc, whose
+// heads are k_head apart (each head's slot 0 at kc + h * k_head), and `nv`
+// value heads from vn (DV apart) into vc likewise. cs = [cos, cos] and sn
+// = [-sin, sin], DK each: y_j = x_j c_j + x_{j +- DK/2} s_j in fp32, as the
+// training RoPE kernel, rounded to bf16. The append kernel and the split
+// kernel's folded append share it, so both write the same bits.
+__device__ __forceinline__ void write_token(const bf16* kn, const bf16* vn, const bf16* cs,
+                                            const bf16* sn, bf16* kc, bf16* vc, long long k_head,
+                                            long long v_head, long long p, int nk, int nv) {
+  const int half = DK / 2;
+  for (int i = threadIdx.x; i < nk * half; i += blockDim.x) {
+    const int h = i / half, j = i - (i / half) * half;
+    const bf16* kr = kn + (long long)h * DK;
+    const float x1 = bf2f(kr[j]), x2 = bf2f(kr[j + half]);
+    const float y1 = x1 * bf2f(cs[j]) + x2 * bf2f(sn[j]);
+    const float y2 = x2 * bf2f(cs[j + half]) + x1 * bf2f(sn[j + half]);
+    bf16* out = kc + h * k_head + p * DK;
+    out[j] = f2bf(y1);
+    out[j + half] = f2bf(y2);
+  }
+  for (int i = threadIdx.x; i < nv * DV; i += blockDim.x) {
+    const int h = i / DV, j = i - (i / DV) * DV;
+    vc[h * v_head + p * DV + j] = vn[i];
+  }
+}
+
 // Block (split, b, group): slots [split*chunk, min(len, (split+1)*chunk))
 // of sequence b for the heads of `group`. Computes the chunk's unnormalised
 // output (sum of p·v with p = 2^(score - m)), its max m and its sum l per
 // query head; writes the output itself when it is the only split, else the
 // partials (and, with `fold`, the last block of the group sequence merges
-// them).
+// them). With k_new set (and the RoPE rows), the step's new token is
+// written into the cache at slot *pos first (below len), by the block
+// whose chunk holds that slot, for its group's heads, before it reads its
+// chunk: no other block reads the slot, so no append kernel runs before.
 // Strides are in elements; a key row (DK) and a value row (DV) are contiguous.
+// k and v are not __restrict__: the folded append writes through them.
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
 diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
-                     const bf16* __restrict__ k,       // [B, NK, >=len, DK]
-                     const bf16* __restrict__ v,       // [B, NV, >=len, DV]
+                     const bf16* k,                    // [B, NK, >=len, DK]
+                     const bf16* v,                    // [B, NV, >=len, DV]
                      const unsigned char* __restrict__ valid,  // [B, >=len] or null
                      long long k_batch, long long k_head,
                      long long v_batch, long long v_head,
@@ -400,7 +433,10 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
                      unsigned int* __restrict__ done,  // [>= B * HG], zero between launches (fold)
                      const bf16* __restrict__ cs,      // [DK] RoPE row [cos, cos], or null
                      const bf16* __restrict__ sn,      // [DK] RoPE row [-sin, sin], or null
-                     int len, int chunk, float scale_log2, int fold, int prefetch) {
+                     int len, int chunk, float scale_log2, int fold, int prefetch,
+                     const bf16* __restrict__ k_new,   // [B, NK * DK] the new token's keys, or null
+                     const bf16* __restrict__ v_new,   // [B, NV * DV] its values (with k_new)
+                     const long long* __restrict__ pos) {  // [1] its slot (with k_new)
   extern __shared__ float smem[];
   float* qs = smem;              // [NQB][DK], scaled by scale * log2(e)
   float* os = qs + NQB * DK;     // [WSUB][NQB][DV] output accumulator (WL: each part's, merged into the first)
@@ -418,8 +454,9 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
 
   // The chunk's cached rows asked of L2 while the kernels before drain
   // (the host sets `prefetch` where the launch's K and V fit L2 with room).
-  // Only the slot that this step's append writes is being written, and L2
-  // holds whatever write lands: the loads after the wait see it.
+  // Only the slot that this step's append writes is being written (by an
+  // append kernel before this one, or below by this kernel's block that
+  // reads it), and L2 holds whatever write lands: the loads after see it.
   if (prefetch) {
     prefetch_rows<DK>(kg + (long long)s0 * DK, k_head, NKB, n);
     prefetch_rows<DV>(vg + (long long)s0 * DV, v_head, NVB, n);
@@ -427,6 +464,16 @@ diffqkv_decode_split(const bf16* __restrict__ q,       // [B, NQ, DK] contiguous
   // Dependent launch (bf16.cuh): the next kernel may start; nothing is read before the kernels before this one end.
   let_next_kernel_start();
   wait_for_prior_kernels();
+  if (k_new != nullptr) {  // the folded append: the same value in every thread of the block
+    const long long p = *pos;
+    if (p >= s0 && p < s0 + n) {
+      const int z = blockIdx.z;
+      write_token(k_new + ((long long)b * NK + z * NKB) * DK,
+                  v_new + ((long long)b * NV + z * NVB) * DV, cs, sn, const_cast<bf16*>(kg),
+                  const_cast<bf16*>(vg), k_head, v_head, p, NKB, NVB);
+      __syncthreads();  // the block's loads of the slot below see its writes
+    }
+  }
 #if !WL
   uint4 w0[UK];
   first_key_rows(w0, kg + (long long)s0 * DK, k_head, n);
@@ -649,20 +696,6 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS)
   let_next_kernel_start();
   wait_for_prior_kernels();
   const long long b = blockIdx.x;
-  const long long p = *pos;
-  const int half = DK / 2;
-  for (int i = threadIdx.x; i < NK * half; i += blockDim.x) {
-    const int h = i / half, j = i - (i / half) * half;
-    const bf16* kr = k_new + (b * NK + h) * DK;
-    const float x1 = bf2f(kr[j]), x2 = bf2f(kr[j + half]);
-    const float y1 = x1 * bf2f(cs[j]) + x2 * bf2f(sn[j]);
-    const float y2 = x2 * bf2f(cs[j + half]) + x1 * bf2f(sn[j + half]);
-    bf16* out = kc + b * k_batch + h * k_head + p * DK;
-    out[j] = f2bf(y1);
-    out[j + half] = f2bf(y2);
-  }
-  for (int i = threadIdx.x; i < NV * DV; i += blockDim.x) {
-    const int h = i / DV, j = i - (i / DV) * DV;
-    vc[b * v_batch + h * v_head + p * DV + j] = v_new[b * NV * DV + i];
-  }
+  write_token(k_new + b * NK * DK, v_new + b * NV * DV, cs, sn, kc + b * k_batch, vc + b * v_batch,
+              k_head, v_head, *pos, NK, NV);
 }

@@ -373,13 +373,84 @@ fn check_append(device: Device) -> Result<f64> {
                 .sum(Kind::Float)
                 .double_value(&[]);
         let untouched = others.abs() < 1e-3 * top && v_others.abs() < 1e-3 * top;
-        println!("  {nq}/{nk}/{nv} d {d} batch {b} slot {slot} of {cap}: keys err {err:.2e}, values exact {v_exact}, other slots untouched {untouched}");
+        let folded = if decode::fold_append_enabled() {
+            let n = check_folded_append(nq, (&k, &v), (&cos, &sin), &pos, cap)?;
+            format!("same bits by {n} plans")
+        } else {
+            "not checked (SIGMA_DECODE_FOLD_APPEND=off)".to_string()
+        };
+        println!("  {nq}/{nk}/{nv} d {d} batch {b} slot {slot} of {cap}: keys err {err:.2e}, values exact {v_exact}, other slots untouched {untouched}, folded into attention: {folded}");
         if !v_exact || !untouched {
             bail!("the cache append wrote wrong values or outside its slot");
         }
         worst = worst.max(if err.is_nan() { f64::INFINITY } else { err });
     }
     Ok(worst)
+}
+
+/// The new token written by the attention kernel (the folded append,
+/// `decode_attention_rotated` with a `NewToken`) against the append kernel
+/// followed by the same attention, by every candidate plan over `cap`
+/// slots of random cache with the new slot among them: the same caches
+/// (every slot) and the same outputs, bit for bit. Returns the plans run.
+fn check_folded_append(
+    nq: i64,
+    (k, v): (&Tensor, &Tensor),
+    rows: (&Tensor, &Tensor),
+    pos: &Tensor,
+    cap: i64,
+) -> Result<usize> {
+    let device = k.device();
+    let b = k.size()[0];
+    let d = rows.0.size()[1];
+    let (nk, nv) = (k.size()[2] / d, v.size()[2] / d);
+    let bf = (Kind::BFloat16, device);
+    let kc0 = Tensor::randn([b, nk, cap, d], bf);
+    let vc0 = Tensor::randn([b, nv, cap, d], bf);
+    let q = Tensor::randn([b, nq, 1, d], bf);
+    let valid = Tensor::ones([b, cap], (Kind::Bool, device));
+    let scale = 1.0 / (d as f64).sqrt();
+    let shape = decode::DecodeShape {
+        n_q: nq,
+        n_k: nk,
+        n_v: nv,
+        d_k: d,
+        d_v: d,
+    };
+    let plans = decode::plan::candidates(&shape, cap);
+    let token = decode::NewToken { k, v, pos };
+    for &p in &plans {
+        let (ka, va) = (kc0.copy(), vc0.copy());
+        if !decode::append(nq, k, v, rows, pos, (&ka, &va))? {
+            bail!("the cache append kernel did not run for {nq}/{nk}/{nv} d {d}");
+        }
+        let after = decode::decode_attention_rotated(
+            &q,
+            rows,
+            (&ka, &va),
+            Some(&valid),
+            scale,
+            Some(p),
+            None,
+        )?;
+        let (kb, vb) = (kc0.copy(), vc0.copy());
+        let folded = decode::decode_attention_rotated(
+            &q,
+            rows,
+            (&kb, &vb),
+            Some(&valid),
+            scale,
+            Some(p),
+            Some(token),
+        )?;
+        let (Some(after), Some(folded)) = (after, folded) else {
+            bail!("the decode kernel did not run with the new token for {nq}/{nk}/{nv} d {d} by {p:?}");
+        };
+        if !ka.equal(&kb) || !va.equal(&vb) || !after.equal(&folded) {
+            bail!("the append folded into the attention kernel gave other bits than the append kernel before it, for {nq}/{nk}/{nv} d {d} by {p:?}");
+        }
+    }
+    Ok(plans.len())
 }
 
 /// How the query rotated in the kernel compared with the query rotated first.
@@ -419,7 +490,7 @@ fn check_rotated(
     let mut worst: f64 = 0.0;
     for &p in plans {
         let rows = (&cos, &sin);
-        let Some(got) = decode::decode_attention_rotated(q, rows, (k, v), m, scale, Some(p))?
+        let Some(got) = decode::decode_attention_rotated(q, rows, (k, v), m, scale, Some(p), None)?
         else {
             return Ok(Rotated::NotTaken);
         };

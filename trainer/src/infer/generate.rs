@@ -27,6 +27,7 @@ use tch::{Device, Kind, Tensor};
 pub use super::cache::{KeyCache, KvCache};
 use super::decoder::{Decoder, StepMode};
 use crate::error::{Result, TrainError};
+use crate::kernels::decode::NewToken;
 use crate::model::block::{wiring, LayerWeight as W, Part, Val, Vals, QKV};
 use crate::model::key::ParamKey;
 use crate::model::positions::Positions;
@@ -232,12 +233,14 @@ impl Fwd<'_> {
         let mut stream = (self.embed(tokens), None::<Tensor>);
         for l in 0..n {
             let mut vals = Vals::default();
+            // A static step's new keys and values, where `Attend` writes them.
+            let mut new = None;
             for wire in &wires {
                 match wire.part {
                     Part::AttnNorm | Part::AddNorm => {} // with the products that follow
-                    Part::Qkv => self.qkv_cached(l, cache, &mut vals, &stream, &mode)?,
+                    Part::Qkv => new = self.qkv_cached(l, cache, &mut vals, &stream, &mode)?,
                     Part::Attend => {
-                        let o = self.attend_cached(l, cache, &vals, &mode)?;
+                        let o = self.attend_cached(l, cache, &vals, &mode, new.take())?;
                         vals.set(Val::O, o);
                     }
                     Part::Ffn => {
@@ -273,10 +276,11 @@ impl Fwd<'_> {
     /// the block's `X`): q0 and the values as training computes them, the
     /// keys before the projected reading's up-projection (what the cache
     /// keeps under it) and, otherwise, after RoPE at their positions; the
-    /// new keys and values written into the cache.
-    /// A static step's rotation and cache writes are one kernel where it
-    /// runs (`kernels::decode::append`: the keys as projected, no
-    /// up-projection, rotated and cached).
+    /// new keys and values written into the cache. A static step whose
+    /// cache keeps the keys as projected (no up-projection, not raw) writes
+    /// them by [`Fwd::append_static`], or, where the attention kernel may
+    /// write them itself (`kernels::decode::fold_append_enabled`), returns
+    /// them for `Attend` (one launch less).
     fn qkv_cached(
         &self,
         l: usize,
@@ -284,7 +288,7 @@ impl Fwd<'_> {
         vals: &mut Vals,
         (x, add): &(Tensor, Option<Tensor>),
         mode: &Mode<'_>,
-    ) -> Result<()> {
+    ) -> Result<Option<NewKv>> {
         // The norm, then q, k and v, which read its output: one launch while decoding.
         let norm = self.lid(l, W::AttnNorm);
         let ids = QKV.map(|w| self.lid(l, w));
@@ -292,16 +296,16 @@ impl Fwd<'_> {
         let t = x.size()[1];
         vals.set(Val::X, x);
         let [q0, raw, v]: [Tensor; 3] = qkv.try_into().expect("three products");
-        if let Mode::Static { pos, rope, .. } = mode {
-            let plain_keys = !cache.raw_keys && self.try_lid(l, W::KUp).is_none();
-            let caches = (&cache.k[l], &cache.v[l]);
-            let n_q = self.heads.q as i64;
-            let rows = (&rope.0, &rope.1);
-            if plain_keys && crate::kernels::decode::append(n_q, &raw, &v, rows, pos, caches)? {
-                vals.set(Val::Q0, q0);
-                vals.set(Val::V, self.value_heads(&v));
-                return Ok(());
+        let plain_keys = !cache.raw_keys && self.try_lid(l, W::KUp).is_none();
+        if matches!(mode, Mode::Static { .. }) && plain_keys {
+            vals.set(Val::Q0, q0);
+            vals.set(Val::V, self.value_heads(&v));
+            let new = NewKv { k: raw, v };
+            if crate::kernels::decode::fold_append_enabled() {
+                return Ok(Some(new));
             }
+            self.append_static(l, cache, &new, mode)?;
+            return Ok(None);
         }
         let (raw, v) = (self.key_heads_raw(&raw), self.value_heads(&v));
         let roped = (!cache.raw_keys || matches!(mode, Mode::Prefill { .. }))
@@ -329,40 +333,123 @@ impl Fwd<'_> {
             vals.set(Val::K, k);
         }
         vals.set(Val::V, v);
+        Ok(None)
+    }
+
+    /// A static step's new token written into layer `l`'s cache at the
+    /// step's slot (keys as projected, no up-projection): rotated and
+    /// written by one kernel where it runs (`kernels::decode::append`),
+    /// else RoPE and copies.
+    fn append_static(&self, l: usize, cache: &KvCache, new: &NewKv, mode: &Mode<'_>) -> Result<()> {
+        let Mode::Static { pos, rope, .. } = mode else {
+            return Err(TrainError::internal_state(
+                "a cache append at a device slot outside a static step".to_string(),
+            ));
+        };
+        let caches = (&cache.k[l], &cache.v[l]);
+        let n_q = self.heads.q as i64;
+        let rows = (&rope.0, &rope.1);
+        if crate::kernels::decode::append(n_q, &new.k, &new.v, rows, pos, caches)? {
+            return Ok(());
+        }
+        let k = self.keys_from_raw(l, &self.key_heads_raw(&new.k), mode.positions());
+        let _ = cache.k[l].shallow_clone().index_copy_(2, pos, &k);
+        let _ = cache.v[l]
+            .shallow_clone()
+            .index_copy_(2, pos, &self.value_heads(&new.v));
         Ok(())
     }
 
     /// The `Attend` part with a cache: prefill attends over the prompt under
     /// its mask; a decoding step attends one query per sequence against
-    /// every cached slot through the DiffQKV decode kernel.
+    /// every cached slot through the DiffQKV decode kernel. `new`: a static
+    /// step's new token not yet in the cache ([`Fwd::qkv_cached`]), which
+    /// the kernel writes, or else [`Fwd::append_static`] before the
+    /// attention's other paths.
     fn attend_cached(
         &self,
         l: usize,
         cache: &KvCache,
         vals: &Vals,
         mode: &Mode<'_>,
+        new: Option<NewKv>,
     ) -> Result<Tensor> {
         let q = if vals.has(Val::Q) {
             vals.get(Val::Q)
         } else {
             vals.get(Val::Q0)
         };
-        let n = match mode {
+        let (n, token) = match mode {
             Mode::Prefill { mask } => {
                 let (k, v) = (vals.get(Val::K), vals.get(Val::V));
                 return Ok(self.attend_masked(l, &self.query_heads(q), k, v, mask));
             }
-            Mode::Decode { pos } => pos + 1,
-            Mode::Static { span, .. } => *span,
+            Mode::Decode { pos } => (pos + 1, None),
+            Mode::Static { span, pos, .. } => {
+                let token = new.as_ref().map(|t| NewToken {
+                    k: &t.k,
+                    v: &t.v,
+                    pos,
+                });
+                (*span, token)
+            }
         };
-        let o = self.attend_step(l, cache, q, n, mode.positions())?;
+        let o = match self.attend_by_kernel(l, cache, q, n, mode.positions(), token)? {
+            Some(o) => o,
+            None => {
+                if let Some(t) = &new {
+                    self.append_static(l, cache, t, mode)?;
+                }
+                self.attend_step(l, cache, q, n, mode.positions())?
+            }
+        };
         Ok(self.linear(&o, self.lid(l, W::OProj)))
     }
 
     /// A decoding step's attention of the query features `q` [b, 1, n_q *
-    /// dot_dim] (before RoPE) at `at` against the first `n` cached slots:
-    /// the kernel rotates the query itself where it can (one launch less),
-    /// else the query is rotated first. -> [b, 1, n_q * d_v].
+    /// dot_dim] (before RoPE) at `at` against the first `n` cached slots
+    /// by the kernel that rotates the query itself (one launch less), and
+    /// writes `new` into the cache first where given: None where it does
+    /// not run (nothing written). -> [b, 1, n_q * d_v].
+    fn attend_by_kernel(
+        &self,
+        l: usize,
+        cache: &KvCache,
+        q: &Tensor,
+        n: i64,
+        at: Positions<'_>,
+        new: Option<NewToken<'_>>,
+    ) -> Result<Option<Tensor>> {
+        let dd = self.cfg.dot_dim() as i64;
+        // Where the model rotates by the training RoPE kernel, whose arithmetic the decode kernel's is.
+        let by_kernel = match q.device() {
+            Device::Cuda(ordinal) => crate::kernels::training::rope_kernel_runs(ordinal, dd),
+            _ => false,
+        };
+        if cache.raw_keys || !by_kernel {
+            return Ok(None);
+        }
+        let k = cache.k[l].narrow(2, 0, n);
+        let v = cache.v[l].narrow(2, 0, n);
+        let scale = 1.0 / (dd as f64).sqrt();
+        let valid = cache.valid.narrow(1, 0, n);
+        let (b, t) = (q.size()[0], q.size()[1]);
+        let q0 = q.view([b, t, -1, dd]).transpose(1, 2).to_kind(self.compute);
+        let (cos, sin) = self.rope_rows_at(at, dd, q.device(), self.compute);
+        crate::kernels::decode::decode_attention_rotated(
+            &q0,
+            (&cos, &sin),
+            (&k, &v),
+            Some(&valid),
+            scale,
+            None,
+            new,
+        )
+    }
+
+    /// A decoding step's attention as [`Fwd::attend_by_kernel`] where that
+    /// kernel does not run: the query rotated first, then the decode
+    /// kernel or tensor operations. -> [b, 1, n_q * d_v].
     fn attend_step(
         &self,
         l: usize,
@@ -375,29 +462,6 @@ impl Fwd<'_> {
         let v = cache.v[l].narrow(2, 0, n);
         let scale = 1.0 / (self.cfg.dot_dim() as f64).sqrt();
         let valid = cache.valid.narrow(1, 0, n);
-        let dd = self.cfg.dot_dim() as i64;
-        // Where the model rotates by the training RoPE kernel, whose arithmetic the decode kernel's is.
-        let by_kernel = match q.device() {
-            Device::Cuda(ordinal) => crate::kernels::training::rope_kernel_runs(ordinal, dd),
-            _ => false,
-        };
-        if !cache.raw_keys && by_kernel {
-            let (b, t) = (q.size()[0], q.size()[1]);
-            let q0 = q.view([b, t, -1, dd]).transpose(1, 2).to_kind(self.compute);
-            let (cos, sin) = self.rope_rows_at(at, dd, q.device(), self.compute);
-            let kv = (&k, &v);
-            let rotated = crate::kernels::decode::decode_attention_rotated(
-                &q0,
-                (&cos, &sin),
-                kv,
-                Some(&valid),
-                scale,
-                None,
-            )?;
-            if let Some(o) = rotated {
-                return Ok(o);
-            }
-        }
         let q = self.query_heads_at(q, at).to_kind(self.compute);
         let k = if cache.raw_keys {
             // Contiguous rows, as the decode kernel reads them (made anew each step anyway).
@@ -409,6 +473,13 @@ impl Fwd<'_> {
         };
         decode_attention(&q, &k, &v, Some(&valid), scale)
     }
+}
+
+/// A static step's new keys (as projected, [b, 1, n_k * d_k]) and values
+/// ([b, 1, n_v * d_v]), not yet in the cache.
+struct NewKv {
+    k: Tensor,
+    v: Tensor,
 }
 
 /// How to pick the next token.

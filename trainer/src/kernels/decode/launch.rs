@@ -185,7 +185,9 @@ fn workspace(ordinal: usize, stream: &CudaStream, batch: i64) -> Result<u64> {
 /// d_k] and v [b, n_v, S, d_v] with contiguous 16-byte aligned rows, valid
 /// [b, >=S] bool or None, out [b, 1, n_q * d_v] bf16; `rope`: RoPE's
 /// table rows (cos, sin), [d_k] each contiguous, to rotate q by in the
-/// kernel, or None where q comes rotated (checked by the caller).
+/// kernel, or None where q comes rotated; `new`: the step's new token, for
+/// the split kernel to write into k and v before it reads them (with
+/// `rope`; checked by the caller).
 pub struct Operands<'a> {
     pub q: &'a Tensor,
     pub rope: Option<(&'a Tensor, &'a Tensor)>,
@@ -194,6 +196,19 @@ pub struct Operands<'a> {
     pub valid: Option<&'a Tensor>,
     pub out: &'a Tensor,
     pub scale: f64,
+    pub new: Option<NewToken<'a>>,
+}
+
+/// A decoding step's new token, written into the cache by the split
+/// kernel's block whose chunk holds its slot (the folded append): keys `k`
+/// [b, 1, n_k * d_k] as projected (the kernel rotates them by the step's
+/// RoPE rows) and values `v` [b, 1, n_v * d_v], contiguous, and the slot
+/// `pos` ([1], int64, below the context the step reads).
+#[derive(Clone, Copy)]
+pub struct NewToken<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub pos: &'a Tensor,
 }
 
 /// One step's attention into `o.out` by `plan` on libtorch's current stream
@@ -308,6 +323,9 @@ fn split_args(
     let null = Arg::Ptr(0);
     let (valid, valid_batch) = o.valid.map_or((null, 0), |m| (ptr(m), m.stride()[0]));
     let (cs, sn) = o.rope.map_or((null, null), |(c, s)| (ptr(c), ptr(s)));
+    let (kn, vn, pos) = o
+        .new
+        .map_or((null, null, null), |t| (ptr(t.k), ptr(t.v), ptr(t.pos)));
     let (ks, vs) = (o.k.stride(), o.v.stride());
     let scale_log2 = (o.scale * std::f64::consts::LOG2_E) as f32;
     vec![
@@ -331,6 +349,9 @@ fn split_args(
         Arg::F32(scale_log2),
         Arg::I32(i32::from(plan.fold)),
         Arg::I32(i32::from(prefetch)),
+        kn,
+        vn,
+        pos,
     ]
 }
 
@@ -499,7 +520,7 @@ mod tests {
     /// The arguments each launch passes have the sizes of its kernel's
     /// parameters, in order (the PTX's `.param` list): a mismatch would be
     /// read as garbage on the GPU, with no error. With and without the
-    /// optional operands (mask, RoPE rows, partials), which change values,
+    /// optional operands (mask, RoPE rows, partials, the new token), which change values,
     /// never the list.
     #[test]
     fn the_arguments_match_every_kernels_parameters() {
@@ -522,7 +543,18 @@ mod tests {
         let valid = Tensor::ones([2, 9], (Kind::Bool, tch::Device::Cpu));
         let (cos, sin) = (bf(&[1, 64]), bf(&[1, 64]));
         let plan = Plan::new(32, 9, true);
-        for (m, rope) in [(None, None), (Some(&valid), Some((&cos, &sin)))] {
+        let pos = Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu));
+        let (k_new, v_new) = (bf(&[2, 1, 256]), bf(&[2, 1, 1024]));
+        let token = NewToken {
+            k: &k_new,
+            v: &v_new,
+            pos: &pos,
+        };
+        for (m, rope, new) in [
+            (None, None, None),
+            (Some(&valid), Some((&cos, &sin)), None),
+            (Some(&valid), Some((&cos, &sin)), Some(token)),
+        ] {
             let o = Operands {
                 q: &q,
                 rope,
@@ -531,6 +563,7 @@ mod tests {
                 valid: m,
                 out: &out,
                 scale: 0.125,
+                new,
             };
             for prefetch in [false, true] {
                 let args = split_args(&o, (1, 2, 3), plan, prefetch);
@@ -541,10 +574,9 @@ mod tests {
                 sizes("diffqkv_decode_combine")
             );
         }
-        let pos = Tensor::zeros([1], (Kind::Int64, tch::Device::Cpu));
         let a = Append {
-            k: &bf(&[2, 1, 256]),
-            v: &bf(&[2, 1, 1024]),
+            k: &k_new,
+            v: &v_new,
             cos: &cos,
             sin: &sin,
             pos: &pos,

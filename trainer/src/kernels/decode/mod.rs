@@ -36,7 +36,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 
-pub use launch::DECODE_SOURCE;
+pub use launch::{NewToken, DECODE_SOURCE};
 pub(crate) use modules::load_module;
 #[cfg(test)]
 pub(crate) use nvrtc::skip_unless_ci;
@@ -231,7 +231,24 @@ pub fn append(
 
 /// Why [`append`]'s kernel cannot take these operands (None: it can).
 fn append_refusal(a: &launch::Append) -> Option<String> {
-    let (k, v, cos, sin, pos, kc, vc) = (a.k, a.v, a.cos, a.sin, a.pos, a.kc, a.vc);
+    let (kc, vc) = (a.kc, a.vc);
+    let token = NewToken {
+        k: a.k,
+        v: a.v,
+        pos: a.pos,
+    };
+    token_refusal(&token, (a.cos, a.sin), (kc, vc))
+}
+
+/// Why a new token cannot be written into caches `kc` and `vc` (`[b,
+/// heads, slots, d]`, rows contiguous) with RoPE rows `cos` and `sin` by
+/// the append kernel or the split kernel's folded append (None: it can).
+fn token_refusal(
+    t: &NewToken,
+    (cos, sin): (&Tensor, &Tensor),
+    (kc, vc): (&Tensor, &Tensor),
+) -> Option<String> {
+    let (k, v, pos) = (t.k, t.v, t.pos);
     let dev = k.device();
     let all = [k, v, cos, sin, pos, kc, vc];
     if !dev.is_cuda() || all.iter().any(|t| t.device() != dev) {
@@ -274,12 +291,23 @@ pub fn decode_attention(
     valid: Option<&Tensor>,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    step((q, None), k, v, valid, scale, None)
+    step((q, None), k, v, valid, scale, None, None)
 }
 
 /// `SIGMA_DECODE_ROPE`.
 static ROPE: sigma_data::env::ProcessSwitch =
     sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_ROPE);
+
+/// `SIGMA_DECODE_FOLD_APPEND`.
+static FOLD_APPEND: sigma_data::env::ProcessSwitch =
+    sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_FOLD_APPEND);
+
+/// Whether a decoding step may leave its new token's cache write to the
+/// attention kernel ([`decode_attention_rotated`] with a [`NewToken`]):
+/// on unless `SIGMA_DECODE_FOLD_APPEND=off`, and only where the kernel is on.
+pub fn fold_append_enabled() -> bool {
+    FOLD_APPEND.get() && decode_kernel_enabled()
+}
 
 /// [`decode_attention`] of a query not yet rotated by RoPE: the kernel
 /// rotates it by the table rows `rows` (cos and sin, d_k each, bf16,
@@ -291,6 +319,14 @@ static ROPE: sigma_data::env::ProcessSwitch =
 /// it). Ok(None) where the kernel cannot take it (as [`decode_attention`],
 /// or rows of another shape, or `SIGMA_DECODE_ROPE=off`): the caller then
 /// rotates q itself.
+///
+/// With `new`, the step's new token (keys as projected, values, the slot,
+/// below k's length) is written into k and v (the cache, rotated by the
+/// same rows) by the split kernel's block whose chunk holds the slot,
+/// before it reads it: the same bits as [`append`] before the call, and one
+/// launch less. Ok(None) also where that write cannot be folded (operands
+/// [`append`] would refuse, or `SIGMA_DECODE_FOLD_APPEND=off`): then
+/// nothing was written, and the caller appends before it attends.
 pub fn decode_attention_rotated(
     q: &Tensor,
     rows: (&Tensor, &Tensor),
@@ -298,6 +334,7 @@ pub fn decode_attention_rotated(
     valid: Option<&Tensor>,
     scale: f64,
     plan: Option<Plan>,
+    new: Option<NewToken>,
 ) -> Result<Option<Tensor>> {
     let dev = q.device();
     let row_ok = |t: &Tensor| {
@@ -309,10 +346,15 @@ pub fn decode_attention_rotated(
     if !ROPE.get() || !row_ok(rows.0) || !row_ok(rows.1) {
         return Ok(None);
     }
+    if let Some(t) = &new {
+        if !fold_append_enabled() || token_refusal(t, rows, (k, v)).is_some() {
+            return Ok(None);
+        }
+    }
     if let Some(p) = plan {
         checked_plan(q, k, v, p)?;
     }
-    step((q, Some(rows)), k, v, valid, scale, plan)
+    step((q, Some(rows)), k, v, valid, scale, plan, new)
 }
 
 /// [`decode_attention`] by a given plan instead of the tuned one (for
@@ -327,7 +369,7 @@ pub fn decode_attention_by(
     plan: Plan,
 ) -> Result<Option<Tensor>> {
     checked_plan(q, k, v, plan)?;
-    step((q, None), k, v, valid, scale, Some(plan))
+    step((q, None), k, v, valid, scale, Some(plan), None)
 }
 
 /// A given plan must cover the context exactly and fit the kernel.
@@ -353,7 +395,8 @@ fn checked_plan(q: &Tensor, k: &Tensor, v: &Tensor, plan: Plan) -> Result<()> {
     Ok(())
 }
 
-/// One step by the kernel: q with or without RoPE's rows to rotate it by.
+/// One step by the kernel: q with or without RoPE's rows to rotate it by,
+/// and with the new token to write first where given (checked by the caller).
 fn step(
     (q, rope): (&Tensor, Option<(&Tensor, &Tensor)>),
     k: &Tensor,
@@ -361,6 +404,7 @@ fn step(
     valid: Option<&Tensor>,
     scale: f64,
     given: Option<Plan>,
+    new: Option<NewToken>,
 ) -> Result<Option<Tensor>> {
     let Ok((shape, ordinal)) = check(q, k, v, valid) else {
         return Ok(None);
@@ -381,6 +425,7 @@ fn step(
         valid,
         out: &out,
         scale,
+        new,
     };
     let (plan, written) = match given {
         Some(p) => (p, false),
