@@ -45,8 +45,9 @@
 #                  rounding, and near-ties of a tiny model, may differ)
 #   decode-graph-b1  the same one prompt at a time, where the steps' matmuls run
 #                  in sigma's matrix-vector kernels: graph = static byte for byte,
-#                  and = the graphs with the cache append kernel instead of the
-#                  append folded into the attention kernel (SIGMA_DECODE_FOLD_APPEND=off),
+#                  and the graphs with the append folded into the attention
+#                  kernel and with the cache append kernel before it
+#                  (SIGMA_DECODE_FOLD_APPEND on and off) give the same bytes,
 #                  and the agreement with cuBLAS's products (SIGMA_GEMV_KERNEL=off)
 #                  reported
 #   tp2, pp2       (2+ GPUs) tiny at tensor parallelism 2 (sequence parallel, the
@@ -222,18 +223,18 @@ else bad decode-graph "$(why "$out/gen-on.log")$(why "$out/gen-static.log")$(why
 # kernels (one row; the batch of 4 above takes cuBLAS's), recorded and not.
 if [ -z "$ckpt" ]; then bad decode-graph-b1 "no checkpoint from the resume check"
 elif gen on 1 -b1 && gen static 1 -b1 && SIGMA_GEMV_KERNEL=off gen static 1 -b1-cublas \
-    && SIGMA_DECODE_FOLD_APPEND=off gen on 1 -b1-append; then
+    && SIGMA_DECODE_FOLD_APPEND=on gen on 1 -b1-fold && SIGMA_DECODE_FOLD_APPEND=off gen on 1 -b1-append; then
   agree=$(python3 -c 'import json,sys; a,b=[[json.loads(l)["completion"] for l in open(p)] for p in sys.argv[1:3]]; print(sum(x==y for x,y in zip(a,b)), "of", len(a))' "$out/gen-static-b1.jsonl" "$out/gen-static-b1-cublas.jsonl")
   # where the kernels did not run (refused, failed, off) this check proves nothing
   launched=$(grep -o '"matvec_launches":[0-9]*' "$out/gen-on-b1.log" | tail -1 | cut -d: -f2)
   if [ "${launched:-0}" -eq 0 ] || grep -q "matrix-vector kernels" "$out/gen-on-b1.log" "$out/gen-static-b1.log"; then
     bad decode-graph-b1 "the matrix-vector kernels did not run (${launched:-no} launches): $(grep -h -m1 "matrix-vector kernels" "$out/gen-on-b1.log" "$out/gen-static-b1.log" | head -1 | cut -c1-200)"
-  elif ! cmp -s "$out/gen-on-b1.jsonl" "$out/gen-on-b1-append.jsonl"; then
-    bad decode-graph-b1 "the append folded into the attention kernel and the append kernel gave other completions: $(diff <(cut -c1-200 "$out/gen-on-b1.jsonl") <(cut -c1-200 "$out/gen-on-b1-append.jsonl") | head -3 | tr '\n' ' ')"
+  elif ! cmp -s "$out/gen-on-b1-fold.jsonl" "$out/gen-on-b1-append.jsonl" || ! cmp -s "$out/gen-on-b1.jsonl" "$out/gen-on-b1-append.jsonl"; then
+    bad decode-graph-b1 "the append folded into the attention kernel and the append kernel gave other completions: $(diff <(cut -c1-200 "$out/gen-on-b1-fold.jsonl") <(cut -c1-200 "$out/gen-on-b1-append.jsonl") | head -3 | tr '\n' ' ')"
   elif cmp -s "$out/gen-on-b1.jsonl" "$out/gen-static-b1.jsonl" && grep -q '"cuda_graphs":[1-9]' "$out/gen-on-b1.log"; then
-    ok decode-graph-b1 "graph = static one sequence at a time, 4 x 600 tokens ($launched matrix-vector launches recorded or run), and = the graphs with the append kernel (SIGMA_DECODE_FOLD_APPEND=off); with cuBLAS's products instead the same completion for $agree prompts"
+    ok decode-graph-b1 "graph = static one sequence at a time, 4 x 600 tokens ($launched matrix-vector launches recorded or run), and = the graphs with the append folded into the attention kernel and with the append kernel (SIGMA_DECODE_FOLD_APPEND on, off); with cuBLAS's products instead the same completion for $agree prompts"
   else bad decode-graph-b1 "graph and static completions differ, or no graph recorded: $(diff <(cut -c1-200 "$out/gen-on-b1.jsonl") <(cut -c1-200 "$out/gen-static-b1.jsonl") | head -3 | tr '\n' ' ')"; fi
-else bad decode-graph-b1 "$(why "$out/gen-on-b1.log")$(why "$out/gen-static-b1.log")$(why "$out/gen-static-b1-cublas.log")$(why "$out/gen-on-b1-append.log")"; fi
+else bad decode-graph-b1 "$(why "$out/gen-on-b1.log")$(why "$out/gen-static-b1.log")$(why "$out/gen-static-b1-cublas.log")$(why "$out/gen-on-b1-fold.log")$(why "$out/gen-on-b1-append.log")"; fi
 
 # two GPUs: tensor and pipeline parallelism against one GPU, NCCL
 if [ "$gpus" -ge 2 ]; then

@@ -115,7 +115,7 @@ pub const SIGMA_VARS: &[Var] = &[
     Var {
         name: DECODE_FOLD_APPEND,
         kind: Kind::Switch,
-        meaning: "let the decode attention kernel write a decoding step's new keys and values into the cache itself, instead of a kernel before it (default on)",
+        meaning: "let the decode attention kernel write a graph decoding step's new keys and values into the cache itself, instead of a kernel before it (default off: not yet run on a GPU)",
     },
     Var {
         name: DECODE_TUNING,
@@ -247,10 +247,12 @@ pub fn switch(name: &str, default: bool) -> bool {
 }
 
 /// A switch read from the environment at its first use (on unless set
-/// off), then held for the process, which may turn it on or off itself
-/// (benchmarks comparing both paths, a kernel that failed).
+/// off, or off unless set on: [`ProcessSwitch::off_by_default`]), then
+/// held for the process, which may turn it on or off itself (benchmarks
+/// and tests comparing both paths, a kernel that failed).
 pub struct ProcessSwitch {
     name: &'static str,
+    default: bool,
     /// 0: not yet read, 1: on, 2: off.
     state: std::sync::atomic::AtomicU8,
 }
@@ -259,7 +261,16 @@ impl ProcessSwitch {
     pub const fn new(name: &'static str) -> ProcessSwitch {
         ProcessSwitch {
             name,
+            default: true,
             state: std::sync::atomic::AtomicU8::new(0),
+        }
+    }
+
+    /// A switch that is off unless its variable turns it on.
+    pub const fn off_by_default(name: &'static str) -> ProcessSwitch {
+        ProcessSwitch {
+            default: false,
+            ..ProcessSwitch::new(name)
         }
     }
 
@@ -268,7 +279,7 @@ impl ProcessSwitch {
         use std::sync::atomic::Ordering::Relaxed;
         match self.state.load(Relaxed) {
             0 => {
-                let on = switch(self.name, true);
+                let on = switch(self.name, self.default);
                 self.state.store(if on { 1 } else { 2 }, Relaxed);
                 on
             }

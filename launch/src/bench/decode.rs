@@ -373,13 +373,8 @@ fn check_append(device: Device) -> Result<f64> {
                 .sum(Kind::Float)
                 .double_value(&[]);
         let untouched = others.abs() < 1e-3 * top && v_others.abs() < 1e-3 * top;
-        let folded = if decode::fold_append_enabled() {
-            let n = check_folded_append(nq, (&k, &v), (&cos, &sin), &pos, cap)?;
-            format!("same bits by {n} plans")
-        } else {
-            "not checked (SIGMA_DECODE_FOLD_APPEND=off)".to_string()
-        };
-        println!("  {nq}/{nk}/{nv} d {d} batch {b} slot {slot} of {cap}: keys err {err:.2e}, values exact {v_exact}, other slots untouched {untouched}, folded into attention: {folded}");
+        let folded = check_folded_append(nq, (&k, &v), (&cos, &sin), &pos, cap)?;
+        println!("  {nq}/{nk}/{nv} d {d} batch {b} slot {slot} of {cap}: keys err {err:.2e}, values exact {v_exact}, other slots untouched {untouched}, folded into the attention kernel: the same bits by {folded} plans");
         if !v_exact || !untouched {
             bail!("the cache append wrote wrong values or outside its slot");
         }

@@ -880,9 +880,20 @@ pub(crate) mod tests {
     /// attention over a bucket of slots under the slot mask) gives the eager
     /// step's logits at every step (f64: rounding only), so greedy
     /// generation picks the same tokens: every kind of model, both key
-    /// caches, a left-padded batch whose steps cross a bucket boundary.
+    /// caches, a left-padded batch whose steps cross a bucket boundary;
+    /// with the new token written where the qkv products run, and left to
+    /// the attention (`SIGMA_DECODE_FOLD_APPEND`: on the CPU, written by
+    /// the fallback before the attention's tensor path, which must see it).
     #[test]
     fn static_steps_decode_like_eager_steps() {
+        for fold in [false, true] {
+            crate::kernels::decode::set_fold_append(fold);
+            static_steps_like_eager();
+        }
+        crate::kernels::decode::set_fold_append(false);
+    }
+
+    fn static_steps_like_eager() {
         use crate::infer::decoder::{span_for, Decoder, StepMode, SPAN_BUCKET};
         let keys = [KeyCache::Expanded, KeyCache::Compressed];
         for ((name, c), keys) in configs()

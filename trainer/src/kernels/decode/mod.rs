@@ -298,16 +298,24 @@ pub fn decode_attention(
 static ROPE: sigma_data::env::ProcessSwitch =
     sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_ROPE);
 
-/// `SIGMA_DECODE_FOLD_APPEND`.
-static FOLD_APPEND: sigma_data::env::ProcessSwitch =
-    sigma_data::env::ProcessSwitch::new(sigma_data::env::DECODE_FOLD_APPEND);
-
-/// Whether a decoding step may leave its new token's cache write to the
+/// Whether a decoding step leaves its new token's cache write to the
 /// attention kernel ([`decode_attention_rotated`] with a [`NewToken`]):
-/// on unless `SIGMA_DECODE_FOLD_APPEND=off`, and only where the kernel is on.
+/// only with `SIGMA_DECODE_FOLD_APPEND=on` (off by default until it has
+/// been checked and timed on a GPU: docs/inference.md), and only where
+/// the kernel is on. The generator asks; the kernel folds whatever
+/// token it is given.
 pub fn fold_append_enabled() -> bool {
     FOLD_APPEND.get() && decode_kernel_enabled()
 }
+
+/// Turn the folded append on or off for this process (benchmarks and tests compare both).
+pub fn set_fold_append(on: bool) {
+    FOLD_APPEND.set(on);
+}
+
+/// `SIGMA_DECODE_FOLD_APPEND`.
+static FOLD_APPEND: sigma_data::env::ProcessSwitch =
+    sigma_data::env::ProcessSwitch::off_by_default(sigma_data::env::DECODE_FOLD_APPEND);
 
 /// [`decode_attention`] of a query not yet rotated by RoPE: the kernel
 /// rotates it by the table rows `rows` (cos and sin, d_k each, bf16,
@@ -325,8 +333,8 @@ pub fn fold_append_enabled() -> bool {
 /// same rows) by the split kernel's block whose chunk holds the slot,
 /// before it reads it: the same bits as [`append`] before the call, and one
 /// launch less. Ok(None) also where that write cannot be folded (operands
-/// [`append`] would refuse, or `SIGMA_DECODE_FOLD_APPEND=off`): then
-/// nothing was written, and the caller appends before it attends.
+/// [`append`] would refuse): then nothing was written, and the caller
+/// appends before it attends.
 pub fn decode_attention_rotated(
     q: &Tensor,
     rows: (&Tensor, &Tensor),
@@ -347,7 +355,7 @@ pub fn decode_attention_rotated(
         return Ok(None);
     }
     if let Some(t) = &new {
-        if !fold_append_enabled() || token_refusal(t, rows, (k, v)).is_some() {
+        if token_refusal(t, rows, (k, v)).is_some() {
             return Ok(None);
         }
     }
