@@ -18,6 +18,38 @@ pub fn parent_dir(path: &FsPath) -> &FsPath {
     }
 }
 
+/// Create `dir` and whatever parents it lacks. Where a file (anything but
+/// a directory) stands at `dir` or at one of its ancestors, the error names
+/// that path, not only `dir`; other failures are the system's.
+pub fn create_dir_all(dir: &FsPath) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| match file_in_the_way(dir) {
+        Some(f) => DataError::input(
+            dir.display().to_string(),
+            format!(
+                "cannot create this directory: {} is not a directory",
+                f.display()
+            ),
+        ),
+        None => DataError::io("create directory", dir, e),
+    })
+}
+
+/// The nearest of `dir` and its ancestors that exists, where it is not a
+/// directory (a file in the way of creating `dir`); None where the nearest
+/// existing one is a directory or none can be read.
+pub fn file_in_the_way(dir: &FsPath) -> Option<PathBuf> {
+    for p in dir.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        match std::fs::metadata(p) {
+            Ok(m) => return (!m.is_dir()).then(|| p.to_path_buf()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // A component that is a file reads as "not a directory": keep walking up to it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// `path` must name a file that may be replaced: it has a file name and is not a directory.
 pub fn check_file_target(path: &FsPath) -> Result<()> {
     let shown = path.display().to_string();
@@ -63,7 +95,7 @@ fn temp_beside(path: &FsPath, ext: Option<&str>) -> Result<(PathBuf, PathBuf)> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     check_file_target(path)?;
     let dir = parent_dir(path).to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(|e| DataError::io("create directory", &dir, e))?;
+    create_dir_all(&dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -130,7 +162,7 @@ pub fn copy_atomic(src: &FsPath, dst: &FsPath) -> Result<()> {
 /// Move the finished file `src` to `dst` (same file system) and fsync `dst`'s directory.
 pub fn rename_durable(src: &FsPath, dst: &FsPath) -> Result<()> {
     let dir = parent_dir(dst);
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io("create directory", dir, e))?;
+    create_dir_all(dir)?;
     std::fs::rename(src, dst).map_err(|e| DataError::io("rename into", dst, e))?;
     sync_dir(dir)
 }
@@ -190,6 +222,38 @@ mod tests {
         assert_eq!(parent_dir(FsPath::new("a/s.jsonl")), FsPath::new("a"));
         assert_eq!(parent_dir(FsPath::new("/s.jsonl")), FsPath::new("/"));
         sync_dir(FsPath::new("")).expect("the empty path is the current directory");
+    }
+
+    /// A file at any depth above a directory to create is named, whether
+    /// it is the directory itself, its parent or further up; nothing is
+    /// created; a directory in the way is no obstacle.
+    #[test]
+    fn a_file_in_the_way_of_a_directory_is_named() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = d.path().join("f.txt");
+        std::fs::write(&f, b"x").expect("write");
+        for (dir, blocker) in [(f.clone(), &f), (f.join("a"), &f), (f.join("a/b/c"), &f)] {
+            assert_eq!(
+                file_in_the_way(&dir).as_ref(),
+                Some(blocker),
+                "{}",
+                dir.display()
+            );
+            let e = create_dir_all(&dir)
+                .expect_err("created under a file")
+                .to_string();
+            assert!(
+                e.starts_with(&format!("{}: ", dir.display()))
+                    && e.contains(&format!("{} is not a directory", f.display())),
+                "{e}"
+            );
+        }
+        let free = d.path().join("new/deeper");
+        assert_eq!(file_in_the_way(&free), None);
+        create_dir_all(&free).expect("create");
+        assert!(free.is_dir());
+        assert_eq!(file_in_the_way(&free), None);
+        assert_eq!(names(d.path()), ["f.txt", "new"]);
     }
 
     #[test]

@@ -270,11 +270,27 @@ struct OldOutput {
 /// anything else only with `--overwrite`. Nothing is written here.
 async fn check_output(out: &Location, overwrite: bool) -> Result<OldOutput> {
     if let Some(p) = out.local_path() {
-        if p.exists() && !p.is_dir() {
-            return Err(DataError::flag(
-                "--output",
-                format!("{} is a file; give a directory to prepare into", out.url),
-            ));
+        match crate::fsutil::file_in_the_way(p) {
+            Some(f) if f == p => {
+                return Err(DataError::flag(
+                    "--output",
+                    format!("{} is a file; give a directory to prepare into", out.url),
+                ))
+            }
+            Some(f) => {
+                // Named as the user gave the output: as many components up from it.
+                let up = p.components().count() - f.components().count();
+                let given = std::path::Path::new(&out.url).ancestors().nth(up);
+                let shown = given.map_or(f.display().to_string(), |g| g.display().to_string());
+                return Err(DataError::flag(
+                    "--output",
+                    format!(
+                        "{} is inside {shown}, which is not a directory; give a directory to prepare into",
+                        out.url
+                    ),
+                ));
+            }
+            None => {}
         }
     }
     let manifest_loc = out.join(MANIFEST_FILE);
@@ -345,7 +361,7 @@ impl Staging {
                     created.push(d.to_path_buf());
                     missing = d.parent();
                 }
-                std::fs::create_dir_all(p).map_err(|e| DataError::io("create directory", p, e))?;
+                crate::fsutil::create_dir_all(p)?;
                 remove_stale_staging(p);
                 p.to_path_buf()
             }
@@ -357,8 +373,7 @@ impl Staging {
             .unwrap_or(0);
         let dir = parent.join(format!(".staging-{}-{}", std::process::id(), nanos));
         let staging = Staging { dir, created };
-        std::fs::create_dir_all(&staging.dir)
-            .map_err(|e| DataError::io("create directory", &staging.dir, e))?;
+        crate::fsutil::create_dir_all(&staging.dir)?;
         Ok(staging)
     }
 }

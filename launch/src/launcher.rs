@@ -424,8 +424,7 @@ pub fn launch(a: LaunchArgs) -> Result<i32> {
         None
     };
     let control = control_connection(&a, port, &secret)?;
-    std::fs::create_dir_all(&a.log_dir)
-        .with_context(|| format!("cannot create log dir {}", a.log_dir.display()))?;
+    sigma_data::fsutil::create_dir_all(&a.log_dir).context("--log-dir")?;
     let exe = std::env::current_exe().context("cannot find the sigma binary")?;
     let (stop, usr1) = install_signals()?;
     let mut l = Launcher {

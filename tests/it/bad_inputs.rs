@@ -337,6 +337,15 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             &["checkpoint.dir", "{F}/config.toml", "not a directory"],
         ),
         t(
+            "checkpoint directory below a file",
+            &["--set", "checkpoint.dir=\"{F}/config.toml/a/b\""],
+            &[
+                "checkpoint.dir",
+                "{F}/config.toml/a/b is inside {F}/config.toml",
+                "not a directory",
+            ],
+        ),
+        t(
             "zero CPU threads",
             &["--set", "train.cpu_threads=0"],
             &["train.cpu_threads", "at least 1"],
@@ -514,6 +523,24 @@ fn cases() -> Vec<(Case, Vec<String>)> {
             NONE,
             &[
                 "{F}/config.toml/x",
+                "cannot be written",
+                "{F}/config.toml is not a directory",
+            ],
+        ),
+        raw(
+            "an export written further below a file",
+            &[
+                "checkpoint",
+                "export",
+                "--init",
+                "{F}/config.toml",
+                "--output",
+                "{F}/config.toml/a/b/x",
+            ],
+            &[],
+            NONE,
+            &[
+                "{F}/config.toml/a/b/x",
                 "cannot be written",
                 "{F}/config.toml is not a directory",
             ],

@@ -258,7 +258,7 @@ fn prepare_refuses_a_directory_holding_the_users_own_shard() {
 }
 
 #[test]
-fn prepare_refuses_an_output_that_is_a_file() {
+fn prepare_refuses_an_output_that_is_or_is_below_a_file() {
     let d = tmp();
     write_file(&d.path().join("out"), b"a file");
     let input = sample("system.jsonl.zst");
@@ -277,6 +277,15 @@ fn prepare_refuses_an_output_that_is_a_file() {
         "--quiet",
     ];
     refused_unchanged(d.path(), &args, &[], &["--output", "out", "is a file"]);
+    // Further below the file: named as given, nothing created.
+    let mut deeper = args;
+    deeper[9] = "out/a/b";
+    refused_unchanged(
+        d.path(),
+        &deeper,
+        &[],
+        &["--output", "out/a/b is inside out,", "not a directory"],
+    );
 }
 
 #[test]

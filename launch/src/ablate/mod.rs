@@ -153,7 +153,7 @@ fn select(plan: &Plan, only: &[String], grid: &str) -> Result<(Vec<State>, Vec<u
 
 /// Create the output directory with plan.json; `--only` variants start over.
 fn start_output(plan: &Plan, out: &std::path::Path, only: &[String]) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    sigma_data::fsutil::create_dir_all(out)?;
     sigma_data::fsutil::write_atomic(
         &plan.plan_json(),
         serde_json::to_string_pretty(&plan.file)?.as_bytes(),

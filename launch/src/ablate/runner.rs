@@ -244,7 +244,7 @@ fn run_child(
 /// Train (or resume) and evaluate one variant on `slot`.
 fn run_variant(plan: &Plan, i: usize, slot: &Slot, shared: &Shared) -> Result<()> {
     let v = &plan.variants[i];
-    std::fs::create_dir_all(v.dir()).with_context(|| format!("{}", v.dir().display()))?;
+    sigma_data::fsutil::create_dir_all(&v.dir())?;
     let log = v.dir().join("train.log");
     let t0 = Instant::now();
     train_variant(plan, i, slot, shared, &log)?;

@@ -252,14 +252,14 @@ impl Saver {
     /// interrupted saves); every rank waits until it exists.
     fn stage(&self, tmp: &Path, step: u64, store: Option<&mut StoreClient>) -> Result<()> {
         if self.rank == 0 {
-            std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+            sigma_data::fsutil::create_dir_all(&self.root)?;
             for p in clean_leftovers(&self.root)? {
                 eprintln!(
                     "checkpoint: removed leftover of an interrupted save: {}",
                     p.display()
                 );
             }
-            std::fs::create_dir_all(tmp).map_err(io(tmp))?;
+            sigma_data::fsutil::create_dir_all(tmp)?;
         }
         if let Some(s) = store {
             s.barrier(&format!("ckpt/{step}/dir"), self.world)?;

@@ -358,10 +358,9 @@ fn publish(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     // Failures before the rename name the output asked for, not the
     // temporary directory beside it.
     let unwritable = |e: std::io::Error| {
-        let why = if parent.exists() && !parent.is_dir() {
-            format!("{} is not a directory", parent.display())
-        } else {
-            e.to_string()
+        let why = match sigma_data::fsutil::file_in_the_way(parent) {
+            Some(f) => format!("{} is not a directory", f.display()),
+            None => e.to_string(),
         };
         TrainError::file(out.display(), format!("cannot be written: {why}"))
     };

@@ -156,26 +156,16 @@ fn check_outputs(cfg: &RunConfig) -> Result<()> {
         ("checkpoint.dir", crate::checkpoint::save::root_dir(cfg)),
     ];
     for (key, dir) in dirs {
-        let mut p = dir.as_path();
-        loop {
-            if p.exists() {
-                if !p.is_dir() {
-                    let what = if p == dir { "is" } else { "is inside" };
-                    return Err(TrainError::config(
-                        key,
-                        format!(
-                            "{} {what} {}, which is a file, not a directory",
-                            dir.display(),
-                            p.display()
-                        ),
-                    ));
-                }
-                break;
-            }
-            match p.parent() {
-                Some(q) if !q.as_os_str().is_empty() => p = q,
-                _ => break,
-            }
+        if let Some(f) = sigma_data::fsutil::file_in_the_way(&dir) {
+            let what = if f == dir { "is" } else { "is inside" };
+            return Err(TrainError::config(
+                key,
+                format!(
+                    "{} {what} {}, which is not a directory",
+                    dir.display(),
+                    f.display()
+                ),
+            ));
         }
     }
     Ok(())

@@ -68,7 +68,7 @@ impl MetricsWriter {
     /// keeps the records up to that step and appends after them, so the file
     /// reads like one uninterrupted run; otherwise the file starts empty.
     pub fn create(dir: &Path, tensorboard: bool, keep_through: u64) -> Result<MetricsWriter> {
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir.display().to_string(), e))?;
+        sigma_data::fsutil::create_dir_all(dir)?;
         let p = dir.join("metrics.jsonl");
         let kept: String = if keep_through > 0 {
             std::fs::read_to_string(&p)
