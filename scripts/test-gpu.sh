@@ -47,7 +47,8 @@
 #                  in sigma's matrix-vector kernels: graph = static byte for byte,
 #                  and the graphs with the append folded into the attention
 #                  kernel and with the cache append kernel before it
-#                  (SIGMA_DECODE_FOLD_APPEND on and off) give the same bytes,
+#                  (SIGMA_DECODE_FOLD_APPEND on and off) give the same bytes
+#                  (the run with it on must report folded_appends > 0),
 #                  and the agreement with cuBLAS's products (SIGMA_GEMV_KERNEL=off)
 #                  reported
 #   tp2, pp2       (2+ GPUs) tiny at tensor parallelism 2 (sequence parallel, the
@@ -229,8 +230,12 @@ elif gen on 1 -b1 && gen static 1 -b1 && SIGMA_GEMV_KERNEL=off gen static 1 -b1-
   launched=$(grep -o '"matvec_launches":[0-9]*' "$out/gen-on-b1.log" | tail -1 | cut -d: -f2)
   if [ "${launched:-0}" -eq 0 ] || grep -q "matrix-vector kernels" "$out/gen-on-b1.log" "$out/gen-static-b1.log"; then
     bad decode-graph-b1 "the matrix-vector kernels did not run (${launched:-no} launches): $(grep -h -m1 "matrix-vector kernels" "$out/gen-on-b1.log" "$out/gen-static-b1.log" | head -1 | cut -c1-200)"
-  elif ! cmp -s "$out/gen-on-b1-fold.jsonl" "$out/gen-on-b1-append.jsonl" || ! cmp -s "$out/gen-on-b1.jsonl" "$out/gen-on-b1-append.jsonl"; then
+  elif ! grep -q '"cuda_graphs":[1-9]' "$out/gen-on-b1-fold.log" || ! grep -q '"folded_appends":[1-9]' "$out/gen-on-b1-fold.log"; then
+    bad decode-graph-b1 "with SIGMA_DECODE_FOLD_APPEND=on no graph was recorded or the attention kernel wrote no token: $(grep -o '"cuda_graphs":[0-9]*\|"folded_appends":[0-9]*' "$out/gen-on-b1-fold.log" | tr '\n' ' ')"
+  elif ! cmp -s "$out/gen-on-b1-fold.jsonl" "$out/gen-on-b1-append.jsonl"; then
     bad decode-graph-b1 "the append folded into the attention kernel and the append kernel gave other completions: $(diff <(cut -c1-200 "$out/gen-on-b1-fold.jsonl") <(cut -c1-200 "$out/gen-on-b1-append.jsonl") | head -3 | tr '\n' ' ')"
+  elif ! cmp -s "$out/gen-on-b1.jsonl" "$out/gen-on-b1-append.jsonl"; then
+    bad decode-graph-b1 "two graph runs with the append kernel (the default and SIGMA_DECODE_FOLD_APPEND=off) gave other completions"
   elif cmp -s "$out/gen-on-b1.jsonl" "$out/gen-static-b1.jsonl" && grep -q '"cuda_graphs":[1-9]' "$out/gen-on-b1.log"; then
     ok decode-graph-b1 "graph = static one sequence at a time, 4 x 600 tokens ($launched matrix-vector launches recorded or run), and = the graphs with the append folded into the attention kernel and with the append kernel (SIGMA_DECODE_FOLD_APPEND on, off); with cuBLAS's products instead the same completion for $agree prompts"
   else bad decode-graph-b1 "graph and static completions differ, or no graph recorded: $(diff <(cut -c1-200 "$out/gen-on-b1.jsonl") <(cut -c1-200 "$out/gen-static-b1.jsonl") | head -3 | tr '\n' ' ')"; fi

@@ -115,7 +115,7 @@ pub const SIGMA_VARS: &[Var] = &[
     Var {
         name: DECODE_FOLD_APPEND,
         kind: Kind::Switch,
-        meaning: "let the decode attention kernel write a graph decoding step's new keys and values into the cache itself, instead of a kernel before it (default off: not yet run on a GPU)",
+        meaning: "let the decode attention kernel write a static (graph) decoding step's new keys and values into the cache itself, instead of a kernel before it (default off: not yet run on a GPU)",
     },
     Var {
         name: DECODE_TUNING,

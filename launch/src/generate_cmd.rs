@@ -343,6 +343,7 @@ fn report(batch: &[Vec<u32>], t: &Timing) {
         "cuda_graphs": t.graphs,
         "recording_ms": t.recording_s * 1e3,
         "matvec_launches": sigma_trainer::kernels::gemv::launches(),
+        "folded_appends": sigma_trainer::kernels::decode::folded_appends(),
     });
     eprintln!("{row}");
 }

@@ -278,7 +278,9 @@ const CHECK_CASES: &[Case] = &[
 /// a folded launch that left its counters wrong spoils the next. Then the
 /// query rotated by RoPE in the kernel against the query rotated first by
 /// the training RoPE kernel, by the same plans: the same bits (where the
-/// kernel's sums have a fixed order: at least 4 V heads).
+/// kernel's sums have a fixed order: at least 4 V heads). Then the cache
+/// append kernel against RoPE in fp32, and the append folded into the
+/// attention kernel against that kernel, bit for bit.
 pub fn check(device: Device) -> Result<()> {
     if !device.is_cuda() {
         bail!("--check compares the GPU decode kernel with its reference: it needs --device cuda (or auto on a GPU machine)");
@@ -312,6 +314,7 @@ pub fn check(device: Device) -> Result<()> {
         }
     }
     worst = worst.max(check_append(device)?);
+    check_folded_append(device)?;
     if worst > CHECK_TOLERANCE {
         bail!(
             "the decode kernel is off by {worst:.3e} of the largest output (tolerance {CHECK_TOLERANCE})"
@@ -373,8 +376,7 @@ fn check_append(device: Device) -> Result<f64> {
                 .sum(Kind::Float)
                 .double_value(&[]);
         let untouched = others.abs() < 1e-3 * top && v_others.abs() < 1e-3 * top;
-        let folded = check_folded_append(nq, (&k, &v), (&cos, &sin), &pos, cap)?;
-        println!("  {nq}/{nk}/{nv} d {d} batch {b} slot {slot} of {cap}: keys err {err:.2e}, values exact {v_exact}, other slots untouched {untouched}, folded into the attention kernel: the same bits by {folded} plans");
+        println!("  {nq}/{nk}/{nv} d {d} batch {b} slot {slot} of {cap}: keys err {err:.2e}, values exact {v_exact}, other slots untouched {untouched}");
         if !v_exact || !untouched {
             bail!("the cache append wrote wrong values or outside its slot");
         }
@@ -383,69 +385,102 @@ fn check_append(device: Device) -> Result<f64> {
     Ok(worst)
 }
 
+/// One case of the folded append's check: (n_q, n_k, n_v, d_k, d_v,
+/// batch, cache capacity, slots read, the new slot).
+type FoldCase = (i64, i64, i64, i64, i64, i64, i64, i64, i64);
+
+/// Slots first, middle and last of what is read, K and V of other widths,
+/// and caches read through a larger capacity (head strides that are not
+/// the slots read times the width), as decoding reads them.
+const FOLD_CASES: &[FoldCase] = &[
+    (32, 4, 16, 64, 64, 1, 300, 300, 257),
+    (8, 2, 4, 128, 128, 3, 64, 64, 0),
+    (32, 4, 16, 32, 64, 2, 437, 400, 333),
+    (12, 3, 6, 64, 64, 2, 80, 40, 39),
+];
+
 /// The new token written by the attention kernel (the folded append,
 /// `decode_attention_rotated` with a `NewToken`) against the append kernel
-/// followed by the same attention, by every candidate plan over `cap`
-/// slots of random cache with the new slot among them: the same caches
-/// (every slot) and the same outputs, bit for bit. Returns the plans run.
-fn check_folded_append(
-    nq: i64,
-    (k, v): (&Tensor, &Tensor),
-    rows: (&Tensor, &Tensor),
-    pos: &Tensor,
-    cap: i64,
-) -> Result<usize> {
-    let device = k.device();
-    let b = k.size()[0];
-    let d = rows.0.size()[1];
-    let (nk, nv) = (k.size()[2] / d, v.size()[2] / d);
+/// followed by the same attention, by every candidate plan over a random
+/// cache with the new slot among the slots read: the same caches (every
+/// slot of the capacity) and the same outputs, bit for bit. Prints one line
+/// a case; where the kernel does not rotate the query (so does not take a
+/// token), says so instead of checking.
+fn check_folded_append(device: Device) -> Result<()> {
+    println!("cache append folded into the attention kernel, against the append kernel before it:");
+    for &case in FOLD_CASES {
+        let (nq, nk, nv, dk, dv, b, cap, len, slot) = case;
+        let name =
+            format!("{nq}/{nk}/{nv} {dk}/{dv} batch {b} slot {slot} of {len} read ({cap} cached)");
+        match check_fold_case(case, device, &name)? {
+            Some(n) => println!("  {name}: the same caches and outputs by {n} plans"),
+            None => println!("  {name}: not checked (the kernel does not rotate the query: SIGMA_DECODE_ROPE=off)"),
+        }
+    }
+    Ok(())
+}
+
+/// One case of [`check_folded_append`]: the plans checked, or None where
+/// the kernel does not rotate the query (so takes no token).
+fn check_fold_case(case: FoldCase, device: Device, name: &str) -> Result<Option<usize>> {
+    let (nq, nk, nv, dk, dv, b, cap, len, slot) = case;
     let bf = (Kind::BFloat16, device);
-    let kc0 = Tensor::randn([b, nk, cap, d], bf);
-    let vc0 = Tensor::randn([b, nv, cap, d], bf);
-    let q = Tensor::randn([b, nq, 1, d], bf);
-    let valid = Tensor::ones([b, cap], (Kind::Bool, device));
-    let scale = 1.0 / (d as f64).sqrt();
+    let k = Tensor::randn([b, 1, nk * dk], bf);
+    let v = Tensor::randn([b, 1, nv * dv], bf);
+    let ang = Tensor::rand([1, dk / 2], (Kind::Float, device)) * 6.0;
+    let cos = Tensor::cat(&[ang.cos(), ang.cos()], 1).to_kind(Kind::BFloat16);
+    let sin = Tensor::cat(&[-ang.sin(), ang.sin()], 1).to_kind(Kind::BFloat16);
+    let rows = (&cos, &sin);
+    let pos = Tensor::from_slice(&[slot]).to_device(device);
+    let kc0 = Tensor::randn([b, nk, cap, dk], bf);
+    let vc0 = Tensor::randn([b, nv, cap, dv], bf);
+    let q = Tensor::randn([b, nq, 1, dk], bf);
+    let valid = Tensor::ones([b, cap], (Kind::Bool, device)).narrow(1, 0, len);
+    let scale = 1.0 / (dk as f64).sqrt();
     let shape = decode::DecodeShape {
         n_q: nq,
         n_k: nk,
         n_v: nv,
-        d_k: d,
-        d_v: d,
+        d_k: dk,
+        d_v: dv,
     };
-    let plans = decode::plan::candidates(&shape, cap);
-    let token = decode::NewToken { k, v, pos };
+    let plans = decode::plan::candidates(&shape, len);
+    let token = decode::NewToken {
+        k: &k,
+        v: &v,
+        pos: &pos,
+    };
+    let read = |t: &Tensor| t.narrow(2, 0, len);
     for &p in &plans {
         let (ka, va) = (kc0.copy(), vc0.copy());
-        if !decode::append(nq, k, v, rows, pos, (&ka, &va))? {
-            bail!("the cache append kernel did not run for {nq}/{nk}/{nv} d {d}");
+        if !decode::append(nq, &k, &v, rows, &pos, (&ka, &va))? {
+            bail!("the cache append kernel did not run for {name}");
         }
-        let after = decode::decode_attention_rotated(
-            &q,
-            rows,
-            (&ka, &va),
-            Some(&valid),
-            scale,
-            Some(p),
-            None,
-        )?;
+        let kv = (&read(&ka), &read(&va));
+        let Some(after) =
+            decode::decode_attention_rotated(&q, rows, kv, Some(&valid), scale, Some(p), None)?
+        else {
+            return Ok(None);
+        };
         let (kb, vb) = (kc0.copy(), vc0.copy());
+        let kv = (&read(&kb), &read(&vb));
         let folded = decode::decode_attention_rotated(
             &q,
             rows,
-            (&kb, &vb),
+            kv,
             Some(&valid),
             scale,
             Some(p),
             Some(token),
-        )?;
-        let (Some(after), Some(folded)) = (after, folded) else {
-            bail!("the decode kernel did not run with the new token for {nq}/{nk}/{nv} d {d} by {p:?}");
-        };
+        )?
+        .ok_or_else(|| {
+            anyhow::anyhow!("the decode kernel did not take the new token for {name} by {p:?}")
+        })?;
         if !ka.equal(&kb) || !va.equal(&vb) || !after.equal(&folded) {
-            bail!("the append folded into the attention kernel gave other bits than the append kernel before it, for {nq}/{nk}/{nv} d {d} by {p:?}");
+            bail!("the append folded into the attention kernel gave other bits than the append kernel before it, for {name} by {p:?}");
         }
     }
-    Ok(plans.len())
+    Ok(Some(plans.len()))
 }
 
 /// How the query rotated in the kernel compared with the query rotated first.

@@ -397,7 +397,10 @@ fn launch(
     // batch); the tensors outlive the launches, which run on the stream
     // that any later use of them is ordered after. The partials are read
     // only when the plan has more than one split, the counters only when
-    // it folds, the RoPE rows (d_k each) only when given; the grid's third
+    // it folds, the RoPE rows (d_k each) only when given, the new token
+    // ([b, n_k * d_k] and [b, n_v * d_v] contiguous, its slot one int64
+    // below the length, checked by `token_refusal` and the decoder) only
+    // with the RoPE rows, and written only at that slot; the grid's third
     // dimension is the groups the kernel is compiled for. The arguments
     // are in the kernels' order and types (a test holds them to the PTX).
     unsafe {

@@ -308,6 +308,16 @@ pub fn fold_append_enabled() -> bool {
     FOLD_APPEND.get() && decode_kernel_enabled()
 }
 
+/// Steps whose new token the attention kernel wrote (the folded append)
+/// so far in this process, counted at launch from the host (a CUDA graph's
+/// replays launch nothing from the host: a recorded launch counts once).
+/// `sigma generate --timing` reports it, so a check can tell that it ran.
+pub fn folded_appends() -> u64 {
+    FOLDED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static FOLDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Turn the folded append on or off for this process (benchmarks and tests compare both).
 pub fn set_fold_append(on: bool) {
     FOLD_APPEND.set(on);
@@ -333,8 +343,9 @@ static FOLD_APPEND: sigma_data::env::ProcessSwitch =
 /// same rows) by the split kernel's block whose chunk holds the slot,
 /// before it reads it: the same bits as [`append`] before the call, and one
 /// launch less. Ok(None) also where that write cannot be folded (operands
-/// [`append`] would refuse): then nothing was written, and the caller
-/// appends before it attends.
+/// [`append`] would refuse): then the caller writes the token itself
+/// before it attends (the same bits again where a search had already run
+/// the kernel with it before giving up, so no harm).
 pub fn decode_attention_rotated(
     q: &Tensor,
     rows: (&Tensor, &Tensor),
@@ -459,6 +470,9 @@ fn step(
         }
     };
     if written || launch::run(&kern, ordinal, shape, &o, plan)? {
+        if o.new.is_some() {
+            FOLDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Some(out))
     } else {
         Ok(None)
